@@ -1,0 +1,38 @@
+# One entry point for every check, the same locally and in CI (.ci/run calls `make test`).
+# Each target installs what it needs into .venv first; that step is skipped when nothing changed.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kiln-installed
+
+.PHONY: setup test lint typecheck pytest demo dev clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[all,test]'
+	@touch $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check kiln tests migrations bench examples
+	$(BIN)/ruff format --check kiln tests migrations bench examples
+
+typecheck: setup
+	$(BIN)/mypy
+
+pytest: setup
+	$(BIN)/pytest -q
+
+test: lint typecheck pytest
+
+# The main job: the whole platform in the foreground (embedded services unless KILN_*_URL are set).
+demo: setup
+	$(BIN)/kiln dev
+
+dev: demo
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,175 @@
+"""The one exception tree of Kiln.
+
+Every error a user, a customer or an operator can see is a `KilnError`. Each class carries the
+HTTP status and the stable machine-readable `code` that the router puts in the one JSON error
+shape of the API, `{"error": {"code", "message", "request_id"}}`. The router maps errors to
+responses in exactly one place; nothing else builds error bodies.
+
+5xx errors never show their message to customers: `public_message` replaces it with a generic
+sentence so that internals (hostnames, SQL, tracebacks) cannot leak.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "ConfigError",
+    "Conflict",
+    "DevStackBusy",
+    "DevStackError",
+    "FunctionTimeout",
+    "InternalError",
+    "InvalidRequest",
+    "InvalidSpec",
+    "KilnError",
+    "NotFound",
+    "PayloadTooLarge",
+    "PaymentRequired",
+    "PermissionDenied",
+    "RateLimited",
+    "RequestTimeout",
+    "Unauthenticated",
+    "Unavailable",
+    "Unprocessable",
+    "WorkerLost",
+]
+
+_GENERIC_5XX = {
+    500: "Kiln hit an internal error; the request id identifies it in the logs.",
+    502: "The replica handling this call was lost; the call can be retried.",
+    503: "Kiln cannot take this request right now; retry after the indicated time.",
+    504: "The call did not finish within its timeout.",
+}
+
+
+class KilnError(Exception):
+    """Base of every Kiln error. Subclasses set `status` and `code`."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **fields: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+        self.fields = fields
+
+    @property
+    def public_message(self) -> str:
+        """The message a customer may see: the real one for 4xx, a generic one for 5xx."""
+        if self.status >= 500:
+            return _GENERIC_5XX.get(self.status, _GENERIC_5XX[500])
+        return self.message
+
+    def to_body(self, request_id: str) -> dict[str, Any]:
+        return {
+            "error": {"code": self.code, "message": self.public_message, "request_id": request_id}
+        }
+
+
+# Configuration and local tooling -----------------------------------------------------------------
+
+
+class ConfigError(KilnError):
+    """A KILN_* setting is missing or invalid. `problems` lists every one found, one per line."""
+
+    code = "config_invalid"
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class DevStackError(KilnError):
+    """An embedded service (NATS, PostgreSQL, Redis) failed to start, answer or stop."""
+
+    code = "devstack_failed"
+
+
+class DevStackBusy(DevStackError):
+    """Another process already runs the embedded services in this data directory."""
+
+    code = "devstack_busy"
+
+
+# Client errors -----------------------------------------------------------------------------------
+
+
+class InvalidRequest(KilnError):
+    status = 400
+    code = "invalid_request"
+
+
+class InvalidSpec(InvalidRequest):
+    """A function or class specification is invalid (raised at decoration or deploy time)."""
+
+    code = "invalid_spec"
+
+
+class Unauthenticated(KilnError):
+    status = 401
+    code = "unauthenticated"
+
+
+class PaymentRequired(KilnError):
+    status = 402
+    code = "insufficient_balance"
+
+
+class PermissionDenied(KilnError):
+    status = 403
+    code = "permission_denied"
+
+
+class NotFound(KilnError):
+    status = 404
+    code = "not_found"
+
+
+class RequestTimeout(KilnError):
+    status = 408
+    code = "request_timeout"
+
+
+class Conflict(KilnError):
+    status = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(KilnError):
+    status = 413
+    code = "payload_too_large"
+
+
+class Unprocessable(KilnError):
+    status = 422
+    code = "unprocessable"
+
+
+class RateLimited(KilnError):
+    status = 429
+    code = "rate_limited"
+
+
+# Server errors -----------------------------------------------------------------------------------
+
+
+class InternalError(KilnError):
+    status = 500
+    code = "internal_error"
+
+
+class WorkerLost(KilnError):
+    status = 502
+    code = "worker_lost"
+
+
+class Unavailable(KilnError):
+    status = 503
+    code = "unavailable"
+
+
+class FunctionTimeout(KilnError):
+    status = 504
+    code = "timeout"
