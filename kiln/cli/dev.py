@@ -1,0 +1,109 @@
+"""`kiln dev`: the whole platform in the foreground on this machine.
+
+Phases: take the data directory's lock, start the embedded services that no `KILN_*_URL`
+replaces, migrate the database, make sure an operator key exists, write config.toml, serve until
+SIGINT/SIGTERM/SIGHUP, then stop everything in reverse order. A second signal during the stop
+does not interrupt it; a SIGKILL still takes the servers down (see kiln.devstack.process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from types import FrameType
+
+from kiln.cli.config import ClientConfig, read_config, write_config
+from kiln.devstack import DevStack
+from kiln.devstack.secrets import with_dev_secrets
+from kiln.settings import Settings
+
+__all__ = ["run_dev"]
+
+_SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _Shutdown:
+    """Turns the first shutdown signal into KeyboardInterrupt and ignores the ones after it."""
+
+    def __init__(self, echo: Callable[[str], None]) -> None:
+        self.echo = echo
+        self.requested = threading.Event()
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested.is_set():
+            self.echo("kiln dev: already stopping, please wait")
+            return
+        self.requested.set()
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self.handle) for sig in _SHUTDOWN_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def run_dev(settings: Settings, echo: Callable[[str], None]) -> None:
+    from kiln.db import bootstrap, migrate
+
+    shutdown = _Shutdown(echo)
+    started = time.monotonic()
+    embedded = [
+        name
+        for name, url in (("nats", settings.nats_url), ("postgres", settings.database_url),
+                          ("redis", settings.redis_url))
+        if url is None
+    ]  # fmt: skip
+    stack = DevStack(settings)
+    with shutdown.installed():
+        try:
+            with stack as running:
+                running = with_dev_secrets(running)
+                migrate.upgrade(running)
+                config_path = running.config_file
+                known_key = read_config(config_path).api_key
+                api_key = bootstrap.ensure_operator_key(running, known_key)
+                url = f"http://{running.host}:{running.port}"
+                write_config(
+                    config_path,
+                    ClientConfig(
+                        url=url,
+                        api_key=api_key,
+                        services={
+                            "nats_url": running.nats_url or "",
+                            "database_url": running.database_url or "",
+                            "redis_url": running.redis_url or "",
+                        },
+                    ),
+                )
+                _print_banner(echo, running, embedded, url, time.monotonic() - started)
+                shutdown.requested.wait()
+        except KeyboardInterrupt:
+            pass
+    echo("kiln dev: stopped")
+
+
+def _print_banner(
+    echo: Callable[[str], None],
+    settings: Settings,
+    embedded: list[str],
+    url: str,
+    elapsed_s: float,
+) -> None:
+    def origin(name: str) -> str:
+        return "embedded" if name in embedded else "external"
+
+    echo(f"kiln dev: ready in {elapsed_s:.2f} s")
+    echo(f"  NATS        {settings.nats_url}  ({origin('nats')})")
+    echo(f"  PostgreSQL  {settings.database_url}  ({origin('postgres')})")
+    echo(f"  Redis       {settings.redis_url}  ({origin('redis')})")
+    echo(f"  Router      {url}  (reserved: the router is not part of this build yet)")
+    echo(f"  Config      {settings.config_file}  (router URL and an operator API key)")
+    echo(f"  Data        {settings.dev_dir}")
+    echo("Press Ctrl-C to stop.")

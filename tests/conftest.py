@@ -1,0 +1,151 @@
+"""Real NATS, PostgreSQL and Redis for every test session.
+
+Each service comes from `KILN_TEST_<NAME>_URL` when set, else the well-known local port; when it
+does not answer there (a fresh laptop, a bare CI image) the session starts the embedded server
+from kiln.devstack instead. `KILN_TEST_EMBEDDED=1` forces the embedded stack for all three.
+
+Sessions never see each other's data: each gets its own PostgreSQL database, its own namespace
+(the prefix of NATS streams and subjects and of Redis keys) and its own KILN_HOME, and removes
+them at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kiln.devstack import DevStack
+from kiln.devstack.probes import nats_answers, postgres_answers, redis_answers
+from kiln.settings import Settings
+
+DEFAULT_URLS = {
+    "nats_url": "nats://127.0.0.1:4222",
+    "database_url": "postgresql://postgres@127.0.0.1:5432/postgres",
+    "redis_url": "redis://127.0.0.1:6379/0",
+}
+_PROBES = {
+    "nats_url": nats_answers,
+    "database_url": postgres_answers,
+    "redis_url": redis_answers,
+}
+_TEST_VARS = {
+    "nats_url": "KILN_TEST_NATS_URL",
+    "database_url": "KILN_TEST_DATABASE_URL",
+    "redis_url": "KILN_TEST_REDIS_URL",
+}
+
+
+@dataclass(frozen=True)
+class ServiceUrls:
+    nats_url: str
+    database_url: str  # a maintenance database on the server; tests get their own database
+    redis_url: str
+    embedded: tuple[str, ...]
+
+
+@pytest.fixture(scope="session")
+def service_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceUrls]:
+    force_embedded = os.environ.get("KILN_TEST_EMBEDDED") == "1"
+    urls: dict[str, str | None] = {}
+    for attr, default in DEFAULT_URLS.items():
+        url = os.environ.get(_TEST_VARS[attr]) or default
+        urls[attr] = None if force_embedded or not _PROBES[attr](url) else url
+    missing = tuple(attr for attr, url in urls.items() if url is None)
+    if not missing:
+        yield ServiceUrls(**urls, embedded=())  # type: ignore[arg-type]
+        return
+    home = tmp_path_factory.mktemp("embedded-home")
+    base = Settings.from_env({"HOME": str(home)}).replace(**urls)
+    with DevStack(base, home / "dev", durable=False) as running:
+        yield ServiceUrls(
+            nats_url=running.nats_url or "",
+            database_url=running.database_url or "",
+            redis_url=running.redis_url or "",
+            embedded=missing,
+        )
+
+
+def _with_database(url: str, database: str) -> str:
+    head, _, _ = url.rpartition("/")
+    return f"{head}/{database}"
+
+
+async def _create_database(admin_url: str, name: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(admin_url, timeout=10)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+async def _drop_database(admin_url: str, name: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(admin_url, timeout=10)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def _clean_nats(url: str, namespace: str) -> None:
+    import nats
+
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        js = nc.jetstream()
+        owned = (namespace, f"KV_{namespace}", f"OBJ_{namespace}")
+        for info in await js.streams_info():
+            if info.config.name and info.config.name.startswith(owned):
+                await js.delete_stream(info.config.name)
+    finally:
+        await nc.close()
+
+
+def _clean_redis(url: str, prefix: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def settings(service_urls: ServiceUrls, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """Settings for this session: its own (empty, unmigrated) database, namespace and home."""
+    token = secrets.token_hex(5)
+    database = f"kiln_test_{token}"
+    namespace = f"t{token}"
+    home: Path = tmp_path_factory.mktemp("kiln-home")
+    asyncio.run(_create_database(service_urls.database_url, database))
+    built = Settings.from_env(
+        {
+            "HOME": str(home),
+            "KILN_ENV": "test",
+            "KILN_HOME": str(home),
+            "KILN_NAMESPACE": namespace,
+            "KILN_NATS_URL": service_urls.nats_url,
+            "KILN_DATABASE_URL": _with_database(service_urls.database_url, database),
+            "KILN_REDIS_URL": service_urls.redis_url,
+            "KILN_API_KEY_PEPPER": secrets.token_urlsafe(32),
+            "KILN_SNAPSHOT_SIGNING_KEY": secrets.token_urlsafe(32),
+        }
+    )
+    try:
+        yield built
+    finally:
+        asyncio.run(_drop_database(service_urls.database_url, database))
+        asyncio.run(_clean_nats(service_urls.nats_url, namespace))
+        _clean_redis(service_urls.redis_url, built.redis_prefix)

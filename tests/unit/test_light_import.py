@@ -1,0 +1,48 @@
+"""`import kiln`, the SDK and the CLI must not pull in heavy or server-side modules.
+
+A child interpreter makes those modules unimportable (as in a bare environment where they are
+not installed) and imports the light surface; any import of them fails the test.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+HEAVY = [
+    "torch", "transformers", "safetensors", "sqlalchemy", "alembic", "asyncpg", "redis",
+    "stripe", "nats", "starlette", "uvicorn", "prometheus_client", "pynvml", "numpy",
+]  # fmt: skip
+
+CHILD = """
+import sys
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} must not be imported by the light surface")
+        return None
+
+BLOCKED = set(sys.argv[1:])
+sys.meta_path.insert(0, Block())
+import kiln, kiln.settings, kiln.errors, kiln.cli.main, kiln.cli.config, kiln.router.apikeys
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+assert not loaded, loaded
+print("ok")
+"""
+
+
+def test_light_surface_imports_without_heavy_modules() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, *HEAVY], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_cli_help_runs_without_heavy_modules() -> None:
+    code = CHILD.replace('print("ok")', "from kiln.cli.main import app\nprint('ok')")
+    result = subprocess.run(
+        [sys.executable, "-c", code, *HEAVY], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr

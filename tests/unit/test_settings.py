@@ -1,0 +1,191 @@
+"""Settings: defaults, parsing, and the exact text of every kind of validation message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kiln.errors import ConfigError
+from kiln.settings import Environment, LogLevel, Settings
+
+SECRET = "s" * 32
+
+
+def problems(env: dict[str, str]) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"HOME": "/home/dev", **env})
+    return caught.value.problems
+
+
+def test_defaults_need_nothing_but_home() -> None:
+    settings = Settings.from_env({"HOME": "/home/dev"})
+    assert settings.env is Environment.DEV
+    assert settings.home == Path("/home/dev/.kiln")
+    assert settings.dev_dir == Path("/home/dev/.kiln/dev")
+    assert settings.config_file == Path("/home/dev/.kiln/config.toml")
+    assert (settings.nats_url, settings.database_url, settings.redis_url) == (None, None, None)
+    assert settings.port == 8000
+    assert settings.namespace == "kiln"
+    assert settings.redis_prefix == "kiln:"
+    assert settings.log_level is LogLevel.INFO
+
+
+def test_values_are_parsed_to_their_types() -> None:
+    settings = Settings.from_env(
+        {
+            "HOME": "/home/dev",
+            "KILN_HOME": "~/kiln-state",
+            "KILN_PORT": "9000",
+            "KILN_ENV": "TEST",
+            "KILN_LOG_LEVEL": "debug",
+            "KILN_SHUTDOWN_TIMEOUT": "2.5",
+            "KILN_NATS_URL": "nats://a:4222, nats://b:4222",
+            "KILN_DATABASE_URL": "postgres://u@db:5432/kiln",
+            "KILN_URL": "http://localhost:8000/",
+        }
+    )
+    assert settings.port == 9000
+    assert settings.env is Environment.TEST
+    assert settings.shutdown_timeout_s == 2.5
+    assert settings.nats_servers == ["nats://a:4222", "nats://b:4222"]
+    assert settings.sqlalchemy_url == "postgresql+asyncpg://u@db:5432/kiln"
+    assert settings.url == "http://localhost:8000"
+    assert settings.home == Path.home() / "kiln-state"
+
+
+def test_empty_value_means_unset() -> None:
+    assert Settings.from_env({"HOME": "/h", "KILN_PORT": ""}).port == 8000
+
+
+def test_bad_integer_names_variable_value_and_range() -> None:
+    assert problems({"KILN_PORT": "eighty"}) == [
+        "KILN_PORT='eighty' is not valid: expected an integer from 1 to 65535."
+    ]
+    assert problems({"KILN_PORT": "0"}) == [
+        "KILN_PORT='0' is not valid: expected an integer from 1 to 65535."
+    ]
+
+
+def test_bad_choice_lists_what_is_allowed() -> None:
+    assert problems({"KILN_ENV": "prod"}) == [
+        "KILN_ENV='prod' is not valid: expected one of: dev, test, production."
+    ]
+
+
+def test_bad_url_shows_an_example() -> None:
+    assert problems({"KILN_REDIS_URL": "localhost:6379"}) == [
+        "KILN_REDIS_URL='localhost:6379' is not valid: expected a redis:// or rediss:// or "
+        "unix:// URL such as redis://127.0.0.1:6379/0."
+    ]
+    assert problems({"KILN_DATABASE_URL": "mysql://db/kiln"}) == [
+        "KILN_DATABASE_URL='mysql://db/kiln' is not valid: expected a postgresql:// or "
+        "postgres:// or postgresql+asyncpg:// URL such as postgresql://127.0.0.1:5432/kiln."
+    ]
+
+
+def test_bad_port_in_url() -> None:
+    assert problems({"KILN_NATS_URL": "nats://host:99999"}) == [
+        "KILN_NATS_URL='nats://host:99999' is not valid: expected a comma-separated list of "
+        "nats:// or tls:// URLs with a port from 1 to 65535."
+    ]
+
+
+def test_seconds_range() -> None:
+    assert problems({"KILN_CONNECT_TIMEOUT": "-1"}) == [
+        "KILN_CONNECT_TIMEOUT='-1' is not valid: expected a number of seconds from 0.1 to 300."
+    ]
+
+
+def test_namespace_rules() -> None:
+    assert problems({"KILN_NAMESPACE": "Kiln.prod"}) == [
+        "KILN_NAMESPACE='Kiln.prod' is not valid: expected 1 to 31 characters of lowercase "
+        "letters, digits and underscores, starting with a letter."
+    ]
+
+
+def test_relative_home_is_refused() -> None:
+    assert problems({"KILN_HOME": "state"}) == [
+        "KILN_HOME='state' is not valid: expected an absolute path (or one starting with ~)."
+    ]
+
+
+def test_home_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    file = tmp_path / "file"
+    file.write_text("")
+    assert problems({"KILN_HOME": str(file)}) == [
+        f"KILN_HOME={str(file)!r} is not valid: expected a directory, but a file is there."
+    ]
+
+
+def test_secret_values_are_never_shown() -> None:
+    found = problems({"KILN_API_KEY_PEPPER": "hunter2"})
+    assert found == [
+        "KILN_API_KEY_PEPPER (value hidden, 7 characters) is not valid: expected at least 32 "
+        "characters; generate one with "
+        "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`."
+    ]
+    assert "hunter2" not in found[0]
+
+
+def test_secrets_are_not_in_repr() -> None:
+    settings = Settings.from_env({"HOME": "/h", "KILN_API_KEY_PEPPER": SECRET})
+    assert SECRET not in repr(settings)
+
+
+def test_unknown_variable_suggests_the_closest_name() -> None:
+    assert problems({"KILN_DATABSE_URL": "postgresql://db/kiln"}) == [
+        "KILN_DATABSE_URL is not a Kiln setting; did you mean KILN_DATABASE_URL?"
+    ]
+    assert problems({"KILN_FROBNICATE": "1"}) == [
+        "KILN_FROBNICATE is not a Kiln setting; see docs/operations.md for the list"
+    ]
+
+
+def test_test_suite_variables_are_not_settings() -> None:
+    Settings.from_env({"HOME": "/h", "KILN_TEST_NATS_URL": "nats://x:1"})
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    found = problems({"KILN_PORT": "x", "KILN_ENV": "y", "KILN_TYPO": "z"})
+    assert [line.split("=")[0].split(" ")[0] for line in found] == [
+        "KILN_TYPO",
+        "KILN_ENV",
+        "KILN_PORT",
+    ]
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"HOME": "/h", "KILN_PORT": "x", "KILN_ENV": "y"})
+    assert caught.value.message == "\n".join(caught.value.problems)
+
+
+def test_production_requires_services_and_secrets() -> None:
+    assert problems({"KILN_ENV": "production"}) == [
+        "KILN_NATS_URL is required when KILN_ENV=production: NATS server(s); unset under "
+        "`kiln dev` starts an embedded one.",
+        "KILN_DATABASE_URL is required when KILN_ENV=production: PostgreSQL URL; unset under "
+        "`kiln dev` starts an embedded one.",
+        "KILN_REDIS_URL is required when KILN_ENV=production: Redis URL; unset under "
+        "`kiln dev` starts an embedded one.",
+        "KILN_API_KEY_PEPPER is required when KILN_ENV=production: secret mixed into API-key "
+        "hashes; at least 32 random characters.",
+        "KILN_SNAPSHOT_SIGNING_KEY is required when KILN_ENV=production: HMAC key that signs "
+        "snapshots; at least 32 random characters.",
+    ]
+
+
+def test_require_names_the_variable() -> None:
+    settings = Settings.from_env({"HOME": "/h"})
+    with pytest.raises(ConfigError) as caught:
+        settings.require("database_url")
+    assert caught.value.message == (
+        "KILN_DATABASE_URL is required here: PostgreSQL URL; unset under `kiln dev` starts an "
+        "embedded one."
+    )
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings.from_env({"HOME": "/h"})
+    with pytest.raises(AttributeError):
+        settings.port = 1  # type: ignore[misc]
+    assert settings.replace(port=1).port == 1
+    assert settings.port == 8000
