@@ -259,9 +259,7 @@ class SettingSpec:
 
 SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("KILN_ENV", "env", _choice(Environment), "dev, test or production"),
-    SettingSpec(
-        "KILN_HOME", "home", _path, "directory for local state (default ~/.kiln)"
-    ),
+    SettingSpec("KILN_HOME", "home", _path, "directory for local state (default ~/.kiln)"),
     SettingSpec(
         "KILN_NATS_URL",
         "nats_url",

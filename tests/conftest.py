@@ -123,7 +123,9 @@ def _clean_redis(url: str, prefix: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def settings(service_urls: ServiceUrls, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+def settings(
+    service_urls: ServiceUrls, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Settings]:
     """Settings for this session: its own (empty, unmigrated) database, namespace and home."""
     token = secrets.token_hex(5)
     database = f"kiln_test_{token}"

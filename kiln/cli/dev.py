@@ -8,6 +8,7 @@ does not interrupt it; a SIGKILL still takes the servers down (see kiln.devstack
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import threading
@@ -68,7 +69,7 @@ def run_dev(settings: Settings, echo: Callable[[str], None]) -> None:
                 migrate.upgrade(running)
                 config_path = running.config_file
                 known_key = read_config(config_path).api_key
-                api_key = bootstrap.ensure_operator_key(running, known_key)
+                api_key = asyncio.run(bootstrap.ensure_operator_key(running, known_key))
                 url = f"http://{running.host}:{running.port}"
                 write_config(
                     config_path,

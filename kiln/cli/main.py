@@ -60,7 +60,9 @@ def version() -> None:
 
 @app.command()
 def dev(
-    port: Annotated[int | None, typer.Option(help="Router port (default: KILN_PORT or 8000).")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Router port (default: KILN_PORT or 8000).")
+    ] = None,
 ) -> None:
     """Run the whole platform in the foreground; Ctrl-C stops everything it started."""
     from kiln.cli.dev import run_dev

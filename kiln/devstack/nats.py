@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import urllib.error
 import urllib.request
+from typing import ClassVar
 
 from kiln.devstack.process import ProcessSpec
 from kiln.devstack.service import EmbeddedService, find_packaged_file
@@ -15,7 +16,7 @@ __all__ = ["EmbeddedNats"]
 class EmbeddedNats(EmbeddedService):
     name = "nats"
     setting_var = "KILN_NATS_URL"
-    default_ports = {"port": 4222, "monitor_port": 8222}
+    default_ports: ClassVar[dict[str, int]] = {"port": 4222, "monitor_port": 8222}
 
     @property
     def url(self) -> str:
@@ -39,7 +40,7 @@ class EmbeddedNats(EmbeddedService):
         # /healthz answers 200 only once JetStream has recovered its streams.
         url = f"http://127.0.0.1:{self.ports['monitor_port']}/healthz"
         try:
-            with urllib.request.urlopen(url, timeout=0.5) as reply:  # noqa: S310 - loopback
+            with urllib.request.urlopen(url, timeout=0.5) as reply:
                 return bool(reply.status == 200)
         except (urllib.error.URLError, OSError):
             return False

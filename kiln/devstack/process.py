@@ -95,7 +95,7 @@ class ManagedProcess:
                     env=self.spec.env,
                     **identity(self.spec.user),
                     start_new_session=True,
-                    preexec_fn=_die_with_parent(self.spec.stop_signal, os.getpid()),  # noqa: PLW1509
+                    preexec_fn=_die_with_parent(self.spec.stop_signal, os.getpid()),
                     close_fds=True,
                 )
             except OSError as exc:

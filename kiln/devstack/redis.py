@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from typing import ClassVar
 
 from kiln.devstack.probes import redis_answers
 from kiln.devstack.process import ProcessSpec
@@ -14,7 +15,7 @@ __all__ = ["EmbeddedRedis"]
 class EmbeddedRedis(EmbeddedService):
     name = "redis"
     setting_var = "KILN_REDIS_URL"
-    default_ports = {"port": 6379}
+    default_ports: ClassVar[dict[str, int]] = {"port": 6379}
 
     @property
     def url(self) -> str:

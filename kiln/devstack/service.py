@@ -8,6 +8,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
+from typing import ClassVar
 
 from kiln.devstack.process import ManagedProcess, ProcessSpec
 from kiln.errors import DevStackError
@@ -42,7 +43,7 @@ class EmbeddedService(ABC):
 
     name: str
     setting_var: str
-    default_ports: dict[str, int]
+    default_ports: ClassVar[dict[str, int]]
 
     def __init__(self, root: Path, ports: dict[str, int], *, durable: bool) -> None:
         self.root = root
@@ -78,7 +79,7 @@ class EmbeddedService(ABC):
     def probe(self) -> bool:
         """True once the server answers like a healthy one."""
 
-    def after_ready(self) -> None:
+    def after_ready(self) -> None:  # noqa: B027 - an optional hook, empty by default
         """Set-up that needs the running server (creating the database, for example)."""
 
     def start(self, timeout_s: float) -> None:

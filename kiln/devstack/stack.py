@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Any
 
 from kiln.devstack.nats import EmbeddedNats
 from kiln.devstack.ports import pick_port

@@ -12,14 +12,15 @@ Only HMAC-SHA256(pepper, key) and a short display prefix are ever stored.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import hmac
 import secrets
 import zlib
 from dataclasses import dataclass
 
-__all__ = ["KeyKind", "MintedKey", "display_prefix", "hash_key", "mint_key", "parse_key"]
+from kiln.db.enums import ApiKeyKind
+
+__all__ = ["MintedKey", "display_prefix", "hash_key", "mint_key", "parse_key"]
 
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _SECRET_CHARS = 32
@@ -27,23 +28,13 @@ _CHECKSUM_CHARS = 6
 _PREFIX_SECRET_CHARS = 8
 
 
-class KeyKind(enum.StrEnum):
-    OPERATOR = "operator"
-    ACCOUNT = "account"
-    FUNCTION = "function"
-
-    @property
-    def token(self) -> str:
-        return _TOKENS[self]
-
-
-_TOKENS = {KeyKind.OPERATOR: "op", KeyKind.ACCOUNT: "acct", KeyKind.FUNCTION: "fn"}
-_KINDS_BY_TOKEN = {token: kind for kind, token in _TOKENS.items()}
+TOKENS = {ApiKeyKind.OPERATOR: "op", ApiKeyKind.ACCOUNT: "acct", ApiKeyKind.FUNCTION: "fn"}
+_KINDS_BY_TOKEN = {token: kind for kind, token in TOKENS.items()}
 
 
 @dataclass(frozen=True)
 class MintedKey:
-    kind: KeyKind
+    kind: ApiKeyKind
     plaintext: str  # shown to its owner once, never stored
     prefix: str
 
@@ -63,14 +54,14 @@ def _checksum(body: str) -> str:
     return _base62(zlib.crc32(body.encode()), _CHECKSUM_CHARS)
 
 
-def mint_key(kind: KeyKind) -> MintedKey:
+def mint_key(kind: ApiKeyKind) -> MintedKey:
     secret = "".join(secrets.choice(_ALPHABET) for _ in range(_SECRET_CHARS))
-    body = f"kiln_{kind.token}_{secret}"
+    body = f"kiln_{TOKENS[kind]}_{secret}"
     plaintext = f"{body}_{_checksum(body)}"
     return MintedKey(kind, plaintext, display_prefix(plaintext))
 
 
-def parse_key(candidate: str) -> KeyKind | None:
+def parse_key(candidate: str) -> ApiKeyKind | None:
     """The key's kind if it is well formed and its checksum matches, else None."""
     parts = candidate.split("_")
     if len(parts) != 4 or parts[0] != "kiln":

@@ -1,0 +1,114 @@
+"""The closed sets stored in the database, as the lowercase strings the rows hold.
+
+This module imports nothing heavy, so code that only needs the values (wire messages, the CLI's
+output) can use them without SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "ApiKeyKind",
+    "AppState",
+    "CallStatus",
+    "CustomerStatus",
+    "CustomerTier",
+    "FunctionKind",
+    "InvocationKind",
+    "InvocationStatus",
+    "LedgerKind",
+    "NodeState",
+    "ReplicaState",
+    "ScalingSetting",
+]
+
+
+class CustomerTier(enum.StrEnum):
+    FREE = "free"
+    PRO = "pro"
+    ENTERPRISE = "enterprise"
+
+
+class CustomerStatus(enum.StrEnum):
+    ACTIVE = "active"
+    DISABLED = "disabled"
+
+
+class ApiKeyKind(enum.StrEnum):
+    OPERATOR = "operator"  # the whole platform; belongs to no customer
+    ACCOUNT = "account"  # everything one customer owns
+    FUNCTION = "function"  # calls to one function only
+
+
+class AppState(enum.StrEnum):
+    ACTIVE = "active"
+    STOPPED = "stopped"
+
+
+class FunctionKind(enum.StrEnum):
+    """How a function is called, which decides the routes that serve it."""
+
+    FUNCTION = "function"  # one reply per call
+    GENERATOR = "generator"  # a stream of chunks per call
+    WEBSOCKET = "websocket"  # a bidirectional session
+
+
+class ScalingSetting(enum.StrEnum):
+    """The function settings an operator may change live (see `Function.overridden`)."""
+
+    MIN_REPLICAS = "min_replicas"
+    MAX_REPLICAS = "max_replicas"
+    BUFFER_REPLICAS = "buffer_replicas"
+    IDLE_TIMEOUT_S = "idle_timeout_s"
+    CONCURRENCY = "concurrency"
+    TARGET_CONCURRENCY = "target_concurrency"
+    TIMEOUT_S = "timeout_s"
+    STARTUP_TIMEOUT_S = "startup_timeout_s"
+    RETRIES = "retries"
+    MEMORY_MB = "memory_mb"
+
+
+class NodeState(enum.StrEnum):
+    READY = "ready"
+    DRAINING = "draining"
+    LOST = "lost"
+
+
+class ReplicaState(enum.StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+    LOST = "lost"
+
+
+class CallStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+class InvocationKind(enum.StrEnum):
+    SYNC = "sync"
+    STREAM = "stream"
+    WEBSOCKET = "websocket"
+    JOB = "job"
+
+
+class InvocationStatus(enum.StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # `error_code` says why, in the API's error codes (timeout, worker_lost…)
+    CANCELLED = "cancelled"
+
+
+class LedgerKind(enum.StrEnum):
+    USAGE = "usage"
+    TOPUP = "topup"
+    REFUND = "refund"
+    ADJUSTMENT = "adjustment"
+    REFILL = "refill"

@@ -1,0 +1,26 @@
+"""Every table, importable from one place. Importing this module registers them all on
+`Base.metadata`, which Alembic compares against the database."""
+
+from __future__ import annotations
+
+from kiln.db.base import Base
+from kiln.db.models_access import ApiKey, Customer
+from kiln.db.models_apps import App, AppVersion, Function
+from kiln.db.models_billing import LedgerEntry, UsageEvent
+from kiln.db.models_calls import Call, Invocation
+from kiln.db.models_compute import Node, Replica
+
+__all__ = [
+    "ApiKey",
+    "App",
+    "AppVersion",
+    "Base",
+    "Call",
+    "Customer",
+    "Function",
+    "Invocation",
+    "LedgerEntry",
+    "Node",
+    "Replica",
+    "UsageEvent",
+]

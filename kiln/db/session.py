@@ -1,0 +1,47 @@
+"""Engines and sessions. One engine per process, built from `Settings`, disposed at shutdown."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
+
+from kiln.settings import Settings
+
+__all__ = ["create_engine", "session_factory", "transaction"]
+
+
+def create_engine(settings: Settings, *, application_name: str = "kiln") -> AsyncEngine:
+    """The process's async engine. `application_name` shows in `pg_stat_activity`."""
+    return _create_async_engine(
+        settings.sqlalchemy_url,
+        pool_size=settings.db_pool_size,
+        # KILN_DB_POOL_SIZE is documented as the connections per process, so it is a hard cap.
+        max_overflow=0,
+        # Waiting for a free pooled connection is a wait like any other: bound it.
+        pool_timeout=settings.connect_timeout_s,
+        # A failover or idle-timeout on the server leaves dead sockets in the pool.
+        pool_pre_ping=True,
+        connect_args={
+            "timeout": settings.connect_timeout_s,
+            "server_settings": {"application_name": application_name},
+        },
+    )
+
+
+def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    # expire_on_commit=False: objects stay readable after commit, since an async session cannot
+    # reload expired attributes on access.
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+@asynccontextmanager
+async def transaction(
+    sessions: async_sessionmaker[AsyncSession],
+) -> AsyncIterator[AsyncSession]:
+    """A session inside one transaction: committed when the block exits normally, rolled back
+    when it raises (cancellation included)."""
+    async with sessions() as session, session.begin():
+        yield session

@@ -1,0 +1,189 @@
+"""`kiln dev` as a user runs it: a real process, real signals, real servers, checked by pid."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kiln.devstack.ports import pick_port
+from kiln.devstack.probes import postgres_answers
+from kiln.devstack.process import is_gone
+
+pytestmark = pytest.mark.devstack
+
+READY = "kiln dev: ready"
+
+
+def clean_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
+    env.update(HOME=str(home), KILN_HOME=str(home), PYTHONUNBUFFERED="1")
+    return env
+
+
+class DevProcess:
+    """One `kiln dev` child whose output a reader thread collects line by line."""
+
+    def __init__(self, home: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.home = home
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kiln", "dev", *extra],
+            env=env or clean_env(home),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for(self, text: str, timeout_s: float = 60.0) -> None:
+        def seen() -> bool:
+            return any(text in line for line in self.lines) or not self._reader.is_alive()
+
+        with self._changed:
+            self._changed.wait_for(seen, timeout_s)
+            if not any(text in line for line in self.lines):
+                raise AssertionError(f"no {text!r} from kiln dev; output:\n{self.output}")
+
+    def finish(self, timeout_s: float = 30.0) -> int:
+        code = self.proc.wait(timeout_s)
+        self._reader.join(timeout_s)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return code
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def server_pids(self) -> list[int]:
+        state = json.loads((self.home / "dev" / "state.json").read_text())
+        return [record["pid"] for record in state["services"].values()]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.finish()
+
+
+@pytest.fixture
+def dev(tmp_path: Path) -> Iterator[DevProcess]:
+    process = DevProcess(tmp_path, "--port", str(pick_port([], set())))
+    try:
+        yield process
+    finally:
+        process.close()
+        for pid in process.server_pids() if (tmp_path / "dev" / "state.json").exists() else []:
+            if pid and not is_gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def wait_gone(pids: list[int], timeout_s: float = 15.0) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not all(is_gone(pid) for pid in pids):
+        time.sleep(0.05)
+    return [pid for pid in pids if not is_gone(pid)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_every_server(dev: DevProcess, sig: signal.Signals) -> None:
+    dev.wait_for(READY)
+    pids = dev.server_pids()
+    assert len(pids) == 3
+    assert all(not is_gone(pid) for pid in pids)
+    dev.proc.send_signal(sig)
+    assert dev.finish() == 0
+    assert "kiln dev: stopped" in dev.output
+    assert wait_gone(pids, timeout_s=1) == []
+
+
+def test_ready_banner_and_config(dev: DevProcess) -> None:
+    dev.wait_for("Press Ctrl-C to stop.")
+    config = tomllib.loads((dev.home / "config.toml").read_text())
+    port = dev.proc.args[-1]  # type: ignore[index]
+    assert config["kiln"]["url"] == f"http://127.0.0.1:{port}"
+    assert config["kiln"]["api_key"].startswith("kiln_op_")
+    assert config["kiln"]["api_key"] not in dev.output
+    assert postgres_answers(config["services"]["database_url"])
+    for name in ("NATS", "PostgreSQL", "Redis"):
+        line = next(line for line in dev.lines if line.strip().startswith(name))
+        assert "(embedded)" in line
+    assert (dev.home / "config.toml").stat().st_mode & 0o077 == 0
+
+
+def test_a_second_kiln_dev_is_refused_and_harms_nothing(dev: DevProcess) -> None:
+    dev.wait_for(READY)
+    pids = dev.server_pids()
+    second = DevProcess(dev.home, "--port", str(pick_port([], set())))
+    assert second.finish() == 1
+    assert f"error: another kiln process (pid {dev.proc.pid}) is already running" in second.output
+    assert all(not is_gone(pid) for pid in pids)
+    assert dev.proc.poll() is None
+
+
+def test_killed_kiln_dev_leaves_no_server(dev: DevProcess) -> None:
+    dev.wait_for(READY)
+    pids = dev.server_pids()
+    dev.proc.send_signal(signal.SIGKILL)
+    dev.proc.wait(10)
+    assert wait_gone(pids) == []
+
+
+def test_restart_finds_its_data_again(dev: DevProcess) -> None:
+    dev.wait_for(READY)
+    first_key = tomllib.loads((dev.home / "config.toml").read_text())["kiln"]["api_key"]
+    dev.proc.send_signal(signal.SIGINT)
+    assert dev.finish() == 0
+
+    again = DevProcess(dev.home, "--port", str(pick_port([], set())))
+    try:
+        again.wait_for(READY)
+        # The operator key is reused only if its hash is still in the database: the data
+        # directory, not just config.toml, survived.
+        second_key = tomllib.loads((dev.home / "config.toml").read_text())["kiln"]["api_key"]
+        assert second_key == first_key
+        again.proc.send_signal(signal.SIGINT)
+        assert again.finish() == 0
+    finally:
+        again.close()
+
+
+def test_bad_setting_fails_before_starting_anything(tmp_path: Path) -> None:
+    env = clean_env(tmp_path) | {"KILN_PORT": "eighty"}
+    bad = DevProcess(tmp_path, env=env)
+    assert bad.finish() == 2
+    assert bad.output.strip() == (
+        "error: KILN_PORT='eighty' is not valid: expected an integer from 1 to 65535."
+    )
+    assert not (tmp_path / "dev").exists()
+
+
+def test_version(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kiln", "version"],
+        env=clean_env(tmp_path),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.startswith("kiln 0.1.0 (Python ")
