@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,3 +151,19 @@ def settings(
         asyncio.run(_drop_database(service_urls.database_url, database))
         asyncio.run(_clean_nats(service_urls.nats_url, namespace))
         _clean_redis(service_urls.redis_url, built.redis_prefix)
+
+
+@pytest.fixture(scope="session")
+def fresh_database(service_urls: ServiceUrls) -> Iterator[Callable[[], str]]:
+    """Makes empty databases on the session's server (for sync tests); all dropped at the end."""
+    created: list[str] = []
+
+    def make() -> str:
+        name = f"kiln_fresh_{secrets.token_hex(5)}"
+        asyncio.run(_create_database(service_urls.database_url, name))
+        created.append(name)
+        return _with_database(service_urls.database_url, name)
+
+    yield make
+    for name in created:
+        asyncio.run(_drop_database(service_urls.database_url, name))

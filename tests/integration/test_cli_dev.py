@@ -35,6 +35,7 @@ class DevProcess:
 
     def __init__(self, home: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.home = home
+        self.port = extra[extra.index("--port") + 1] if "--port" in extra else None
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self.proc = subprocess.Popen(
@@ -120,8 +121,7 @@ def test_signal_stops_every_server(dev: DevProcess, sig: signal.Signals) -> None
 def test_ready_banner_and_config(dev: DevProcess) -> None:
     dev.wait_for("Press Ctrl-C to stop.")
     config = tomllib.loads((dev.home / "config.toml").read_text())
-    port = dev.proc.args[-1]  # type: ignore[index]
-    assert config["kiln"]["url"] == f"http://127.0.0.1:{port}"
+    assert config["kiln"]["url"] == f"http://127.0.0.1:{dev.port}"
     assert config["kiln"]["api_key"].startswith("kiln_op_")
     assert config["kiln"]["api_key"] not in dev.output
     assert postgres_answers(config["services"]["database_url"])

@@ -105,14 +105,14 @@ async def _write_everything(settings: Settings) -> None:
     await client.set("kept", "still here")
     await client.aclose()
 
-    nc = await nats.connect(settings.nats_url)
+    nc = await nats.connect(settings.nats_servers)
     js = nc.jetstream()
     await js.add_stream(name="kept", subjects=["kept.>"])
     await js.publish("kept.one", b"still here")
     await nc.close()
 
 
-async def _read_everything(settings: Settings) -> tuple[str, bytes, bytes]:
+async def _read_everything(settings: Settings) -> tuple[object, object, object]:
     import asyncpg
     import nats
     import redis.asyncio as aioredis
@@ -125,7 +125,7 @@ async def _read_everything(settings: Settings) -> tuple[str, bytes, bytes]:
     cached = await client.get("kept")
     await client.aclose()
 
-    nc = await nats.connect(settings.nats_url)
+    nc = await nats.connect(settings.nats_servers)
     message = await nc.jetstream().get_msg("kept", seq=1)
     await nc.close()
     return row, cached, message.data or b""
