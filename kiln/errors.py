@@ -18,6 +18,7 @@ __all__ = [
     "Conflict",
     "DevStackBusy",
     "DevStackError",
+    "DevStackPortTaken",
     "FunctionTimeout",
     "InternalError",
     "InvalidRequest",
@@ -85,6 +86,12 @@ class DevStackError(KilnError):
     """An embedded service (NATS, PostgreSQL, Redis) failed to start, answer or stop."""
 
     code = "devstack_failed"
+
+
+class DevStackPortTaken(DevStackError):
+    """A server could not bind its port: another program took it after Kiln chose it."""
+
+    code = "devstack_port_taken"
 
 
 class DevStackBusy(DevStackError):

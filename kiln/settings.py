@@ -18,11 +18,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
+from kiln.apikeys import parse_key
 from kiln.errors import ConfigError
 
-__all__ = ["SETTINGS", "Environment", "LogLevel", "Settings"]
+__all__ = ["SETTINGS", "Environment", "LogLevel", "Settings", "mask_url"]
 
 _PREFIX = "KILN_"
 # Variables under these prefixes belong to the test suite and tools, not to a running process.
@@ -45,7 +46,7 @@ class LogLevel(enum.StrEnum):
     ERROR = "error"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, repr=False)
 class Settings:
     """Process-wide configuration. Build it with `Settings.from_env`; never mutate it."""
 
@@ -89,16 +90,28 @@ class Settings:
                     values["home"] = _default_home(environ)
                 continue
             try:
+                if spec.attr == "home":
+                    raw = _expand_user(raw, environ)
                 values[spec.attr] = spec.parse(raw)
             except ValueError as exc:
-                shown = f" (value hidden, {len(raw)} characters)" if spec.secret else f"={raw!r}"
-                problems.append(f"{spec.var}{shown} is not valid: {exc}.")
+                problems.append(f"{spec.var}{_shown(spec, raw)} is not valid: {exc}.")
 
         if not problems:
             problems.extend(_cross_checks(values))
         if problems:
             raise ConfigError(problems)
         return cls(**values)
+
+    def __repr__(self) -> str:
+        shown = []
+        for spec in SETTINGS:
+            value = getattr(self, spec.attr)
+            if spec.secret and value is not None:
+                value = "***"
+            elif isinstance(value, str) and "://" in value:
+                value = mask_url(value)
+            shown.append(f"{spec.attr}={value!r}")
+        return f"Settings({', '.join(shown)})"
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -137,10 +150,44 @@ class Settings:
 
 
 def asyncpg_sqlalchemy_url(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    if scheme in ("postgres", "postgresql", "postgresql+asyncpg"):
-        return f"postgresql+asyncpg{sep}{rest}"
-    raise ValueError(f"not a PostgreSQL URL: {scheme}://")
+    """`url` for SQLAlchemy's asyncpg dialect, which passes query parameters to
+    `asyncpg.connect` as keywords: libpq's `sslmode` is spelled `ssl` there."""
+    split = urlsplit(url)
+    query = [
+        ("ssl" if key == "sslmode" else key, value)
+        for key, value in parse_qsl(split.query, keep_blank_values=True)
+    ]
+    return urlunsplit(split._replace(scheme="postgresql+asyncpg", query=urlencode(query)))
+
+
+def mask_url(url: str) -> str:
+    """`url` with any password replaced by ***, for messages and logs."""
+    masked = []
+    for part in url.split(","):
+        split = urlsplit(part.strip())
+        if split.password:
+            netloc = split.netloc.replace(f":{split.password}@", ":***@", 1)
+            part = urlunsplit(split._replace(netloc=netloc))
+        masked.append(part)
+    return ",".join(masked)
+
+
+def _shown(spec: SettingSpec, raw: str) -> str:
+    if spec.secret:
+        return f" (value hidden, {len(raw)} characters)"
+    return f"={mask_url(raw)!r}"
+
+
+def _expand_user(raw: str, environ: Mapping[str, str]) -> str:
+    """Expand a leading ~ with the HOME of `environ`, not of this process."""
+    if raw == "~" or raw.startswith("~/"):
+        home = environ.get("HOME")
+        if not home:
+            raise ValueError("starts with ~ but HOME is not set; use an absolute path")
+        return home + raw[1:]
+    if raw.startswith("~"):
+        raise ValueError("expected an absolute path or one starting with ~/")
+    return raw
 
 
 # Parsers: each returns the typed value or raises ValueError saying what is allowed. -------------
@@ -191,28 +238,35 @@ def _url(schemes: tuple[str, ...], example: str, *, many: bool = False) -> Calla
         parts = [p.strip() for p in raw.split(",")] if many else [raw.strip()]
         for part in parts:
             split = urlsplit(part)
-            if split.scheme not in schemes or not (split.hostname or split.path):
+            located = split.path if split.scheme == "unix" else split.hostname
+            if split.scheme not in schemes or not located:
                 raise ValueError(f"expected {what} such as {example}")
-            try:
-                split.port  # noqa: B018 - a bad port raises ValueError here
-            except ValueError:
-                raise ValueError(f"expected {what} with a port from 1 to 65535") from None
+            if not _port_ok(split):
+                raise ValueError(f"expected {what} with a port from 1 to 65535")
         return ",".join(parts)
 
     return parse
 
 
+def _port_ok(split: SplitResult) -> bool:
+    try:
+        port = split.port
+    except ValueError:
+        return False
+    return port is None or 1 <= port <= 65535
+
+
 def _http_url(raw: str) -> str:
     split = urlsplit(raw.strip())
-    if split.scheme not in ("http", "https") or not split.hostname:
+    if split.scheme not in ("http", "https") or not split.hostname or not _port_ok(split):
         raise ValueError("expected an http:// or https:// URL such as http://127.0.0.1:8000")
     return raw.strip().rstrip("/")
 
 
 def _path(raw: str) -> Path:
-    path = Path(raw).expanduser()
+    path = Path(raw)
     if not path.is_absolute():
-        raise ValueError("expected an absolute path (or one starting with ~)")
+        raise ValueError("expected an absolute path or one starting with ~/")
     if path.exists() and not path.is_dir():
         raise ValueError("expected a directory, but a file is there")
     return path
@@ -228,24 +282,32 @@ def _namespace(raw: str) -> str:
 
 
 def _host(raw: str) -> str:
-    if not raw.strip() or any(c.isspace() for c in raw.strip()):
-        raise ValueError("expected a host name or IP address such as 127.0.0.1 or 0.0.0.0")
-    return raw.strip()
+    host = raw.strip()
+    # A bare IPv6 address has several colons; one colon means someone appended a port.
+    if not host or "/" in host or host.count(":") == 1 or any(c.isspace() for c in host):
+        raise ValueError(
+            "expected a host name or IP address such as 127.0.0.1 or 0.0.0.0, without a "
+            "scheme or port (the port is KILN_PORT)"
+        )
+    return host
 
 
 def _secret(raw: str) -> str:
-    if len(raw) < _MIN_SECRET_CHARS:
+    if len(raw) < _MIN_SECRET_CHARS or any(c.isspace() for c in raw):
         raise ValueError(
-            f"expected at least {_MIN_SECRET_CHARS} characters; generate one with "
-            "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            f"expected at least {_MIN_SECRET_CHARS} characters and no whitespace; generate one "
+            "with `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
         )
     return raw
 
 
 def _api_key(raw: str) -> str:
-    if not raw.startswith("kiln_"):
-        raise ValueError("expected a Kiln API key, which starts with kiln_")
-    return raw
+    if parse_key(raw.strip()) is None:
+        raise ValueError(
+            "expected a Kiln API key (kiln_<kind>_<secret>_<checksum>); this one is malformed "
+            "or mistyped, copy it again"
+        )
+    return raw.strip()
 
 
 @dataclass(frozen=True)

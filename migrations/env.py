@@ -58,6 +58,9 @@ def _run_offline() -> None:
 def _run_sync(connection: Connection) -> None:
     _configure(connection=connection)
     with context.begin_transaction():
+        # Bounded waits: a stuck peer or a long-running query holding a table fails the
+        # migration with a message instead of hanging every starting process.
+        connection.execute(text("SET LOCAL lock_timeout = '60s'"))
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
         context.run_migrations()
 

@@ -49,13 +49,47 @@ class ServiceUrls:
     embedded: tuple[str, ...]
 
 
+async def _can_create_databases(url: str) -> bool:
+    """The tests log in and create databases: a server that answers is not enough."""
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(url, timeout=5)
+    except (OSError, asyncpg.PostgresError):
+        return False
+    try:
+        allowed = await conn.fetchval(
+            "SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user"
+        )
+    finally:
+        await conn.close()
+    return bool(allowed)
+
+
+def _usable(attr: str, url: str) -> bool:
+    if not _PROBES[attr](url):
+        return False
+    return attr != "database_url" or asyncio.run(_can_create_databases(url))
+
+
 @pytest.fixture(scope="session")
 def service_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceUrls]:
     force_embedded = os.environ.get("KILN_TEST_EMBEDDED") == "1"
     urls: dict[str, str | None] = {}
     for attr, default in DEFAULT_URLS.items():
-        url = os.environ.get(_TEST_VARS[attr]) or default
-        urls[attr] = None if force_embedded or not _PROBES[attr](url) else url
+        chosen = os.environ.get(_TEST_VARS[attr])
+        if force_embedded:
+            urls[attr] = None
+        elif chosen:
+            if not _usable(attr, chosen):
+                pytest.exit(
+                    f"{_TEST_VARS[attr]}={chosen} does not answer, or refuses to log in (or to "
+                    "create databases); fix it, unset it, or set KILN_TEST_EMBEDDED=1",
+                    returncode=3,
+                )
+            urls[attr] = chosen
+        else:
+            urls[attr] = default if _usable(attr, default) else None
     missing = tuple(attr for attr, url in urls.items() if url is None)
     if not missing:
         yield ServiceUrls(**urls, embedded=())  # type: ignore[arg-type]
@@ -72,8 +106,9 @@ def service_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceUr
 
 
 def _with_database(url: str, database: str) -> str:
-    head, _, _ = url.rpartition("/")
-    return f"{head}/{database}"
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).set(database=database).render_as_string(hide_password=False)
 
 
 async def _create_database(admin_url: str, name: str) -> None:

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +21,9 @@ from typing import Any
 
 import tomli_w
 
+from kiln._files import write_private
 from kiln.errors import ConfigError
-from kiln.settings import SETTINGS, Settings
+from kiln.settings import SETTINGS, Settings, mask_url
 
 __all__ = ["ClientConfig", "apply_client_config", "read_config", "write_config"]
 
@@ -44,12 +44,18 @@ def read_config(path: Path) -> ClientConfig:
         return ClientConfig()
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError([f"{path} is not valid TOML ({exc}); fix or delete it"]) from None
-    kiln: dict[str, Any] = data.get("kiln", {})
-    services: dict[str, Any] = data.get("services", {})
+    kiln = data.get("kiln", {})
+    services = data.get("services", {})
+    if not isinstance(kiln, dict) or not isinstance(services, dict):
+        raise ConfigError([f"{path}: [kiln] and [services] must be tables; fix or delete it"])
+    strings = {**{k: kiln.get(k) for k in ("url", "api_key")}, **services}
+    wrong = sorted(k for k, v in strings.items() if v is not None and not isinstance(v, str))
+    if wrong:
+        raise ConfigError([f"{path}: {', '.join(wrong)} must be strings; fix or delete it"])
     return ClientConfig(
         url=kiln.get("url"),
         api_key=kiln.get("api_key"),
-        services={k: str(v) for k, v in services.items() if k in _SERVICE_KEYS},
+        services={k: v for k, v in services.items() if k in _SERVICE_KEYS},
     )
 
 
@@ -60,12 +66,7 @@ def write_config(path: Path, config: ClientConfig) -> None:
         data["kiln"]["url"] = config.url
     if config.api_key:
         data["kiln"]["api_key"] = config.api_key
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        tomli_w.dump(data, out)
-    tmp.replace(path)
+    write_private(path, tomli_w.dumps(data).encode())
 
 
 def apply_client_config(settings: Settings) -> Settings:
@@ -82,10 +83,14 @@ def apply_client_config(settings: Settings) -> Settings:
     problems = []
     for spec in SETTINGS:
         if spec.attr in changes:
+            raw = changes[spec.attr]
             try:
-                changes[spec.attr] = spec.parse(changes[spec.attr])
+                changes[spec.attr] = spec.parse(raw)
             except ValueError as exc:
-                problems.append(f"{spec.attr} in {settings.config_file} is not valid: {exc}.")
+                shown = "(value hidden)" if spec.secret else f"= {mask_url(raw)!r}"
+                problems.append(
+                    f"{spec.attr} {shown} in {settings.config_file} is not valid: {exc}."
+                )
     if problems:
         raise ConfigError(problems)
     return settings.replace(**changes) if changes else settings

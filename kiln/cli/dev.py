@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 
 from kiln.cli.config import ClientConfig, read_config, write_config
-from kiln.devstack import DevStack
+from kiln.devstack import DevStack, embedded_services
 from kiln.devstack.secrets import with_dev_secrets
-from kiln.settings import Settings
+from kiln.settings import Settings, mask_url
 
 __all__ = ["run_dev"]
 
@@ -42,7 +42,9 @@ class _Shutdown:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        previous = {sig: signal.signal(sig, self.handle) for sig in _SHUTDOWN_SIGNALS}
+        # A SIGHUP ignored by our parent (`nohup kiln dev &`) stays ignored.
+        wanted = [s for s in _SHUTDOWN_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+        previous = {sig: signal.signal(sig, self.handle) for sig in wanted}
         try:
             yield
         finally:
@@ -55,12 +57,7 @@ def run_dev(settings: Settings, echo: Callable[[str], None]) -> None:
 
     shutdown = _Shutdown(echo)
     started = time.monotonic()
-    embedded = [
-        name
-        for name, url in (("nats", settings.nats_url), ("postgres", settings.database_url),
-                          ("redis", settings.redis_url))
-        if url is None
-    ]  # fmt: skip
+    embedded = embedded_services(settings)
     stack = DevStack(settings)
     with shutdown.installed():
         try:
@@ -101,9 +98,9 @@ def _print_banner(
         return "embedded" if name in embedded else "external"
 
     echo(f"kiln dev: ready in {elapsed_s:.2f} s")
-    echo(f"  NATS        {settings.nats_url}  ({origin('nats')})")
-    echo(f"  PostgreSQL  {settings.database_url}  ({origin('postgres')})")
-    echo(f"  Redis       {settings.redis_url}  ({origin('redis')})")
+    echo(f"  NATS        {mask_url(settings.nats_url or '')}  ({origin('nats')})")
+    echo(f"  PostgreSQL  {mask_url(settings.database_url or '')}  ({origin('postgres')})")
+    echo(f"  Redis       {mask_url(settings.redis_url or '')}  ({origin('redis')})")
     echo(f"  Router      {url}  (reserved: the router is not part of this build yet)")
     echo(f"  Config      {settings.config_file}  (router URL and an operator API key)")
     echo(f"  Data        {settings.dev_dir}")

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from kiln.apikeys import hash_key, mint_key, parse_key
 from kiln.db.enums import ApiKeyKind
 from kiln.db.models import ApiKey
 from kiln.db.session import create_engine, session_factory, transaction
-from kiln.router.apikeys import hash_key, mint_key, parse_key
 from kiln.settings import Settings
 
 __all__ = ["ensure_operator_key"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import urllib.error
 import urllib.request
 from typing import ClassVar
@@ -34,7 +33,7 @@ class EmbeddedNats(EmbeddedService):
             "--server_name", "kiln-dev",
         ]  # fmt: skip
         # SIGTERM makes nats-server flush JetStream and exit cleanly.
-        return ProcessSpec("nats", argv, self.log_path, stop_signal=signal.SIGTERM)
+        return ProcessSpec("nats", argv, self.log_path, stop_signal=self.stop_signal)
 
     def probe(self) -> bool:
         # /healthz answers 200 only once JetStream has recovered its streams.

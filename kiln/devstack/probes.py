@@ -20,7 +20,8 @@ def _address(url: str, default_port: int) -> tuple[str, int]:
 
 
 def nats_answers(url: str, timeout_s: float = 0.5) -> bool:
-    """True if a NATS server with JetStream enabled greets us at `url`."""
+    """True if a NATS server with JetStream enabled greets us at `url`, and does not demand
+    credentials that the URL lacks."""
     try:
         with socket.create_connection(_address(url, 4222), timeout=timeout_s) as sock:
             greeting = sock.makefile("rb").readline(64 * 1024)
@@ -31,6 +32,8 @@ def nats_answers(url: str, timeout_s: float = 0.5) -> bool:
     try:
         info = json.loads(greeting[5:])
     except ValueError:
+        return False
+    if info.get("auth_required") and not urlsplit(url.split(",")[0]).username:
         return False
     return bool(info.get("jetstream"))
 
@@ -46,10 +49,25 @@ def postgres_answers(url: str, timeout_s: float = 0.5) -> bool:
 
 
 def redis_answers(url: str, timeout_s: float = 0.5) -> bool:
-    """True if a Redis server answers PING at `url`."""
+    """True if a Redis server answers PING at `url` (after AUTH when the URL has a password)."""
+    split = urlsplit(url)
     try:
         with socket.create_connection(_address(url, 6379), timeout=timeout_s) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
+            reader = sock.makefile("rb")
+            if split.password:
+                auth = [b"AUTH", *([split.username.encode()] if split.username else []),
+                        split.password.encode()]  # fmt: skip
+                sock.sendall(_resp(auth))
+                if not reader.readline().startswith(b"+OK"):
+                    return False
+            sock.sendall(_resp([b"PING"]))
+            return reader.readline().startswith(b"+PONG")
     except OSError:
         return False
+
+
+def _resp(parts: list[bytes]) -> bytes:
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        out.append(b"$%d\r\n%s\r\n" % (len(part), part))
+    return b"".join(out)

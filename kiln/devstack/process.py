@@ -16,6 +16,7 @@ import pwd
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,9 +27,13 @@ import psutil
 
 from kiln.errors import DevStackError
 
-__all__ = ["ManagedProcess", "ProcessSpec", "identity", "is_gone", "stop_stray"]
+__all__ = ["SERVER_ENV", "ManagedProcess", "ProcessSpec", "identity", "is_gone", "stop_stray"]
 
 _PR_SET_PDEATHSIG = 1
+
+# Servers and their tools get a fixed, minimal environment: nothing of the user's (PGSSLMODE,
+# PGUSER, cloud credentials, Kiln's own secrets) leaks in or changes how they behave.
+SERVER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_ALL": "C", "LANG": "C", "TZ": "UTC"}
 
 
 @dataclass(frozen=True)
@@ -40,8 +45,6 @@ class ProcessSpec:
     # clean shutdown signal (PostgreSQL's is SIGINT; SIGTERM would wait for clients).
     stop_signal: signal.Signals = signal.SIGTERM
     user: str | None = None
-    env: dict[str, str] | None = None
-    cwd: Path | None = None
 
 
 def identity(user: str | None) -> dict[str, Any]:
@@ -54,12 +57,17 @@ def identity(user: str | None) -> dict[str, Any]:
 
 
 def _die_with_parent(sig: signal.Signals, parent_pid: int) -> Callable[[], None]:
-    """Runs in the child between fork and exec (after any uid change, which would clear it)."""
+    """Runs in the child between fork and exec (after any uid change, which would clear it).
+
+    The kernel sends the signal when the *thread* that forked the child ends, so servers must
+    be started from the main thread (ManagedProcess.start checks). `prctl` is looked up here,
+    in the parent: loading a library in the forked child of a threaded process can deadlock.
+    """
+    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
     def setup() -> None:
-        if sys.platform.startswith("linux"):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
         # The parent may have died between fork and prctl: then nobody would ever signal us.
         if os.getppid() != parent_pid:
             os._exit(1)
@@ -71,6 +79,7 @@ class ManagedProcess:
     def __init__(self, spec: ProcessSpec) -> None:
         self.spec = spec
         self._popen: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0  # the log is shared by every run; this run's part starts here
 
     @property
     def pid(self) -> int:
@@ -82,17 +91,31 @@ class ManagedProcess:
     def running(self) -> bool:
         return self._popen is not None and self._popen.poll() is None
 
+    @property
+    def create_time(self) -> float | None:
+        """The kernel's start time of the process: with the pid, it names this process even
+        after the pid has been reused."""
+        try:
+            return psutil.Process(self.pid).create_time()
+        except psutil.Error:
+            return None
+
     def start(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise DevStackError(
+                f"{self.spec.name} must be started from the main thread: its parent-death "
+                "signal fires when the starting thread ends"
+            )
         self.spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.spec.log_path, "ab") as log:
+            self._log_offset = log.tell()
             try:
                 self._popen = subprocess.Popen(
                     list(self.spec.argv),
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    cwd=self.spec.cwd,
-                    env=self.spec.env,
+                    env=SERVER_ENV,
                     **identity(self.spec.user),
                     start_new_session=True,
                     preexec_fn=_die_with_parent(self.spec.stop_signal, os.getpid()),
@@ -112,8 +135,11 @@ class ManagedProcess:
             )
 
     def log_tail(self, lines: int = 20) -> str:
+        """The last lines this run wrote to the log."""
         try:
-            text = self.spec.log_path.read_text(errors="replace")
+            with open(self.spec.log_path, "rb") as log:
+                log.seek(self._log_offset)
+                text = log.read().decode(errors="replace")
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
@@ -140,24 +166,35 @@ def is_gone(pid: int) -> bool:
         return True
 
 
-def stop_stray(pid: int, marker: str, timeout_s: float = 10.0) -> bool:
-    """Stop a process left behind by an earlier run, if `pid` is still that process.
+def stop_stray(
+    pid: int,
+    data_dir: str,
+    *,
+    create_time: float | None = None,
+    sig: signal.Signals = signal.SIGTERM,
+    timeout_s: float = 10.0,
+) -> bool:
+    """Stop a server left behind by an earlier run, if `pid` is still that server.
 
-    `marker` (the data directory) must appear in its command line, so a recycled pid that now
-    belongs to something else is never touched. Returns True if a process was stopped.
+    The process must have `data_dir` as one of its arguments and, when `create_time` is known,
+    have started at that time, so a recycled pid (or a `tail` of a log file) is never touched.
+    Returns True if a process was stopped.
     """
     try:
         proc = psutil.Process(pid)
-        if not any(marker in part for part in proc.cmdline()):
+        if create_time is not None and abs(proc.create_time() - create_time) > 0.01:
             return False
-        proc.terminate()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        if data_dir not in proc.cmdline():
+            return False
+        proc.send_signal(sig)
+    except psutil.Error:
         return False
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if is_gone(pid):
-            return True
-        time.sleep(0.05)
-    with contextlib.suppress(psutil.NoSuchProcess):
-        proc.kill()
-    return True
+    for _ in range(2):  # the requested signal, then SIGKILL
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if is_gone(pid):
+                return True
+            time.sleep(0.05)
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return is_gone(pid)

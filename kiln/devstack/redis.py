@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from typing import ClassVar
 
 from kiln.devstack.probes import redis_answers
@@ -36,7 +35,7 @@ class EmbeddedRedis(EmbeddedService):
             "--logfile", "",
         ]  # fmt: skip
         # On SIGTERM redis-server writes the append-only file out and exits.
-        return ProcessSpec("redis", argv, self.log_path, stop_signal=signal.SIGTERM)
+        return ProcessSpec("redis", argv, self.log_path, stop_signal=self.stop_signal)
 
     def probe(self) -> bool:
         return redis_answers(self.url)

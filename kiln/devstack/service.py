@@ -3,6 +3,7 @@ ports, a readiness probe and a URL."""
 
 from __future__ import annotations
 
+import signal
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from kiln.devstack.process import ManagedProcess, ProcessSpec
-from kiln.errors import DevStackError
+from kiln.errors import DevStackError, DevStackPortTaken
 
 __all__ = ["EmbeddedService", "find_packaged_file"]
 
@@ -44,6 +45,8 @@ class EmbeddedService(ABC):
     name: str
     setting_var: str
     default_ports: ClassVar[dict[str, int]]
+    # The server's clean, prompt shutdown; also what the kernel sends it if its parent dies.
+    stop_signal: ClassVar[signal.Signals] = signal.SIGTERM
 
     def __init__(self, root: Path, ports: dict[str, int], *, durable: bool) -> None:
         self.root = root
@@ -93,7 +96,12 @@ class EmbeddedService(ABC):
         assert self.process is not None
         deadline = time.monotonic() + timeout_s
         while True:
-            self.process.check_alive()
+            try:
+                self.process.check_alive()
+            except DevStackError as exc:
+                if "address already in use" in self.process.log_tail().lower():
+                    raise DevStackPortTaken(exc.message) from exc
+                raise
             if ready():
                 return
             if time.monotonic() > deadline:

@@ -75,7 +75,8 @@ def test_bad_config_toml_value_is_named(tmp_path: Path) -> None:
     result = kiln(tmp_path, "db", "current")
     assert result.returncode == 2
     assert result.stderr == (
-        f"error: database_url in {tmp_path / 'config.toml'} is not valid: expected a "
+        f"error: database_url = 'mysql://x' in {tmp_path / 'config.toml'} is not valid: "
+        "expected a "
         "postgresql:// or postgres:// or postgresql+asyncpg:// URL such as "
         "postgresql://127.0.0.1:5432/kiln.\n"
     )

@@ -9,18 +9,23 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 
 from kiln.devstack import DevStack
+from kiln.devstack.ports import pick_port
 from kiln.devstack.probes import nats_answers, postgres_answers, redis_answers
 from kiln.devstack.process import is_gone
-from kiln.errors import DevStackBusy
+from kiln.devstack.redis import EmbeddedRedis
+from kiln.errors import DevStackBusy, DevStackError
 from kiln.settings import Settings
 
 pytestmark = pytest.mark.devstack
@@ -40,32 +45,41 @@ def wait_gone(pids: list[int], timeout_s: float = 15.0) -> list[int]:
     return [pid for pid in pids if not is_gone(pid)]
 
 
+def recorded(home: Path) -> list[dict[str, Any]]:
+    state = home / "dev" / "state.json"
+    return json.loads(state.read_text())["services"] if state.exists() else []
+
+
+def still_running(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if not is_gone(pid)]
+
+
 @pytest.fixture
 def home(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
     # A failing test must not leave servers behind either.
-    state = tmp_path / "dev" / "state.json"
-    if state.exists():
-        for record in json.loads(state.read_text())["services"].values():
-            if record["pid"] and not is_gone(record["pid"]):
-                os.kill(record["pid"], signal.SIGKILL)
+    for entry in recorded(tmp_path):
+        if entry["pid"] and not is_gone(entry["pid"]):
+            os.kill(entry["pid"], signal.SIGKILL)
 
 
 def test_start_answers_and_stop_leaves_nothing(home: Path) -> None:
     stack = DevStack(bare_settings(home), durable=False)
     running = stack.start()
     try:
-        pids = [entry.pid for entry in stack.state()]
+        pids = [entry.pid for entry in stack.state() if entry.pid]
+        assert len(pids) == 3
         assert [entry.name for entry in stack.state()] == ["nats", "postgres", "redis"]
         assert nats_answers(running.nats_url or "")
         assert postgres_answers(running.database_url or "")
         assert redis_answers(running.redis_url or "")
-        assert (running.database_url or "").endswith("/kiln")
+        assert "/kiln?" in (running.database_url or "")
     finally:
         stack.stop()
-    assert wait_gone(pids, timeout_s=1) == []
-    recorded = json.loads((home / "dev" / "state.json").read_text())["services"]
-    assert all(record["pid"] is None for record in recorded.values())
+    # Gone the moment stop() returns: stopped and reaped by us, not later by the kernel's
+    # parent-death signal.
+    assert still_running(pids) == []
+    assert [entry["pid"] for entry in recorded(home)] == [None, None, None]
 
 
 def test_only_unset_services_are_started(home: Path) -> None:
@@ -88,7 +102,7 @@ def test_second_stack_on_the_same_directory_is_refused(home: Path) -> None:
             f"`kill {os.getpid()}`), or set KILN_HOME to use another directory"
         )
         assert second.services == []
-        assert all(not is_gone(entry.pid) for entry in first.state())
+        assert all(entry.pid and not is_gone(entry.pid) for entry in first.state())
 
 
 async def _write_everything(settings: Settings) -> None:
@@ -147,6 +161,7 @@ CRASHING_OWNER = """
 import json, sys, time
 from pathlib import Path
 from kiln.devstack import DevStack
+from kiln.devstack.redis import EmbeddedRedis
 from kiln.settings import Settings
 
 home = Path(sys.argv[1])
@@ -179,26 +194,107 @@ def test_killed_owner_takes_its_servers_down(home: Path) -> None:
         assert postgres_answers(running.database_url or "")
 
 
+SLEEPER = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_DFL); time.sleep(600)"
+
+
+def _shows(cmdline: list[str], args: tuple[str, ...]) -> bool:
+    """The child's command line is visible (it is empty until exec is done) and ends in args."""
+    return bool(cmdline) and cmdline[len(cmdline) - len(args) :] == list(args)
+
+
+def start_sleeper(*args: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-c", SLEEPER, *args])
+    deadline = time.monotonic() + 10
+    while not _shows(psutil.Process(proc.pid).cmdline(), args):
+        assert time.monotonic() < deadline, "sleeper never showed its command line"
+        time.sleep(0.01)
+    return proc
+
+
 def test_a_stray_server_from_an_earlier_run_is_stopped(home: Path) -> None:
     dev = (home / "dev").resolve()
     dev.mkdir(parents=True)
-    # Something that looks like a leaked server of this directory, and an unrelated process
-    # that happens to carry a recorded pid: only the first may be stopped.
-    stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", str(dev)])
-    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    # A leaked server of this directory, a process with a reused pid (wrong start time), and an
+    # unrelated process: only the first may be stopped.
+    stray = start_sleeper(str(dev / "nats"))
+    reused = start_sleeper(str(dev / "postgres"))
+    bystander = start_sleeper()
     try:
-        state = {
-            "owner_pid": 1,
-            "services": {
-                "nats": {"pid": stray.pid, "ports": {}, "url": ""},
-                "redis": {"pid": bystander.pid, "ports": {}, "url": ""},
-            },
-        }
-        (dev / "state.json").write_text(json.dumps(state))
+
+        def entry(name: str, proc: subprocess.Popen[bytes], create_time: float) -> object:
+            return {"name": name, "pid": proc.pid, "create_time": create_time, "ports": {},
+                    "url": ""}  # fmt: skip
+
+        services = [
+            entry("nats", stray, psutil.Process(stray.pid).create_time()),
+            entry("postgres", reused, psutil.Process(reused.pid).create_time() - 100),
+            entry("redis", bystander, psutil.Process(bystander.pid).create_time()),
+        ]
+        (dev / "state.json").write_text(json.dumps({"owner_pid": 1, "services": services}))
         with DevStack(bare_settings(home), durable=False):
             assert stray.wait(10) is not None
+            assert reused.poll() is None
             assert bystander.poll() is None
     finally:
-        for proc in (stray, bystander):
+        for proc in (stray, reused, bystander):
             proc.kill()
             proc.wait(10)
+
+
+def test_a_stale_postmaster_is_stopped(home: Path) -> None:
+    with DevStack(bare_settings(home), durable=False):
+        pass
+    data_dir = (home / "dev" / "postgres").resolve()
+    stale = start_sleeper("-D", str(data_dir))
+    try:
+        (data_dir / "postmaster.pid").write_text(f"{stale.pid}\n{data_dir}\n")
+        with DevStack(bare_settings(home), durable=False) as running:
+            assert stale.wait(10) is not None
+            assert postgres_answers(running.database_url or "")
+    finally:
+        stale.kill()
+        stale.wait(10)
+
+
+def test_failure_mid_start_stops_what_already_started(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[int] = []
+
+    def broken_start(self: EmbeddedRedis, timeout_s: float) -> None:
+        started.extend(entry["pid"] for entry in recorded(home))
+        raise DevStackError("redis would not start")
+
+    monkeypatch.setattr(EmbeddedRedis, "start", broken_start)
+    stack = DevStack(bare_settings(home), durable=False)
+    with pytest.raises(DevStackError, match="redis would not start"):
+        stack.start()
+    assert len(started) == 2
+    assert still_running(started) == []
+    assert stack.services == []
+    # The lock was released with the failure: the next start is not refused.
+    monkeypatch.undo()
+    with DevStack(bare_settings(home), durable=False) as running:
+        assert redis_answers(running.redis_url or "")
+
+
+def test_a_port_taken_after_it_was_chosen_is_replaced(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another program may bind a port between our choice and the server's bind."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        busy = squatter.getsockname()[1]
+
+        def first_choice_is_taken(preferred: list[int | None], taken: set[int]) -> int:
+            # First attempts (which pass preferred ports) all get the squatted port.
+            return busy if preferred else pick_port([], taken)
+
+        monkeypatch.setattr("kiln.devstack.stack.pick_port", first_choice_is_taken)
+        stack = DevStack(bare_settings(home), durable=False)
+        with stack as running:
+            assert all(busy not in entry.ports.values() for entry in stack.state())
+            assert nats_answers(running.nats_url or "")
+            assert postgres_answers(running.database_url or "")
+            assert redis_answers(running.redis_url or "")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from kiln.apikeys import TOKENS, display_prefix, hash_key, mint_key, parse_key
 from kiln.db.enums import ApiKeyKind
-from kiln.router.apikeys import TOKENS, display_prefix, hash_key, mint_key, parse_key
 
 PEPPER = "p" * 32
 

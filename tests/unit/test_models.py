@@ -12,12 +12,12 @@ import pytest
 import sqlalchemy as sa
 
 import kiln
+from kiln.apikeys import mint_key
 from kiln.db import migrate
 from kiln.db.base import NAMING_CONVENTION
 from kiln.db.enums import ApiKeyKind, ScalingSetting
 from kiln.db.models import Base
 from kiln.errors import InternalError
-from kiln.router.apikeys import mint_key
 from kiln.settings import Settings
 
 TABLES = {

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from kiln.apikeys import mint_key
+from kiln.db.enums import ApiKeyKind
 from kiln.errors import ConfigError
 from kiln.settings import Environment, LogLevel, Settings
 
@@ -51,7 +53,7 @@ def test_values_are_parsed_to_their_types() -> None:
     assert settings.nats_servers == ["nats://a:4222", "nats://b:4222"]
     assert settings.sqlalchemy_url == "postgresql+asyncpg://u@db:5432/kiln"
     assert settings.url == "http://localhost:8000"
-    assert settings.home == Path.home() / "kiln-state"
+    assert settings.home == Path("/home/dev/kiln-state")  # ~ is the given HOME, not ours
 
 
 def test_empty_value_means_unset() -> None:
@@ -106,7 +108,10 @@ def test_namespace_rules() -> None:
 
 def test_relative_home_is_refused() -> None:
     assert problems({"KILN_HOME": "state"}) == [
-        "KILN_HOME='state' is not valid: expected an absolute path (or one starting with ~)."
+        "KILN_HOME='state' is not valid: expected an absolute path or one starting with ~/."
+    ]
+    assert problems({"KILN_HOME": "~nosuchuser/x"}) == [
+        "KILN_HOME='~nosuchuser/x' is not valid: expected an absolute path or one starting with ~/."
     ]
 
 
@@ -122,7 +127,7 @@ def test_secret_values_are_never_shown() -> None:
     found = problems({"KILN_API_KEY_PEPPER": "hunter2"})
     assert found == [
         "KILN_API_KEY_PEPPER (value hidden, 7 characters) is not valid: expected at least 32 "
-        "characters; generate one with "
+        "characters and no whitespace; generate one with "
         "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`."
     ]
     assert "hunter2" not in found[0]
@@ -189,3 +194,88 @@ def test_settings_are_frozen() -> None:
         settings.port = 1  # type: ignore[misc]
     assert settings.replace(port=1).port == 1
     assert settings.port == 8000
+
+
+def test_whitespace_pepper_is_refused() -> None:
+    assert problems({"KILN_API_KEY_PEPPER": " " * 40})[0].startswith(
+        "KILN_API_KEY_PEPPER (value hidden, 40 characters) is not valid: expected at least 32 "
+        "characters and no whitespace"
+    )
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("KILN_DATABASE_URL", "postgresql:kiln"),
+        ("KILN_NATS_URL", "nats:foo"),
+        ("KILN_REDIS_URL", "redis:localhost"),
+    ],
+)
+def test_url_without_host_is_refused(var: str, value: str) -> None:
+    found = problems({var: value})
+    assert len(found) == 1
+    assert found[0].startswith(f"{var}={value!r} is not valid: expected a")
+
+
+def test_port_zero_and_bad_ports_are_refused() -> None:
+    assert problems({"KILN_REDIS_URL": "redis://h:0/0"}) == [
+        "KILN_REDIS_URL='redis://h:0/0' is not valid: expected a redis:// or rediss:// or "
+        "unix:// URL with a port from 1 to 65535."
+    ]
+    for url in ("http://h:abc", "http://h:99999"):
+        assert problems({"KILN_URL": url}) == [
+            f"KILN_URL={url!r} is not valid: expected an http:// or https:// URL such as "
+            "http://127.0.0.1:8000."
+        ]
+
+
+def test_unix_socket_redis_is_accepted() -> None:
+    settings = Settings.from_env({"HOME": "/h", "KILN_REDIS_URL": "unix:///run/redis.sock"})
+    assert settings.redis_url == "unix:///run/redis.sock"
+
+
+def test_passwords_are_masked_in_messages_and_repr() -> None:
+    found = problems({"KILN_DATABASE_URL": "mysql://u:supersecret@db/kiln"})
+    assert found == [
+        "KILN_DATABASE_URL='mysql://u:***@db/kiln' is not valid: expected a postgresql:// or "
+        "postgres:// or postgresql+asyncpg:// URL such as postgresql://127.0.0.1:5432/kiln."
+    ]
+    settings = Settings.from_env(
+        {
+            "HOME": "/h",
+            "KILN_DATABASE_URL": "postgresql://u:supersecret@db/kiln",
+            "KILN_REDIS_URL": "redis://:supersecret@cache:6379/0",
+            "KILN_SNAPSHOT_SIGNING_KEY": SECRET,
+        }
+    )
+    shown = repr(settings)
+    assert "supersecret" not in shown
+    assert SECRET not in shown
+    assert "postgresql://u:***@db/kiln" in shown
+    assert "snapshot_signing_key='***'" in shown
+
+
+def test_sslmode_is_translated_for_asyncpg() -> None:
+    settings = Settings.from_env(
+        {"HOME": "/h", "KILN_DATABASE_URL": "postgresql://u@db:5432/kiln?sslmode=require&x=1"}
+    )
+    assert settings.sqlalchemy_url == "postgresql+asyncpg://u@db:5432/kiln?ssl=require&x=1"
+
+
+def test_host_with_scheme_or_port_is_refused() -> None:
+    for value in ("http://x", "127.0.0.1:8000"):
+        assert problems({"KILN_HOST": value}) == [
+            f"KILN_HOST={value!r} is not valid: expected a host name or IP address such as "
+            "127.0.0.1 or 0.0.0.0, without a scheme or port (the port is KILN_PORT)."
+        ]
+    assert Settings.from_env({"HOME": "/h", "KILN_HOST": "::1"}).host == "::1"
+
+
+def test_api_key_checksum_is_verified() -> None:
+    key = mint_key(ApiKeyKind.ACCOUNT).plaintext
+    assert Settings.from_env({"HOME": "/h", "KILN_API_KEY": key}).api_key == key
+    mistyped = key[:-1] + ("A" if key[-1] != "A" else "B")
+    assert problems({"KILN_API_KEY": mistyped}) == [
+        f"KILN_API_KEY (value hidden, {len(key)} characters) is not valid: expected a Kiln API "
+        "key (kiln_<kind>_<secret>_<checksum>); this one is malformed or mistyped, copy it again."
+    ]
