@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -29,13 +30,14 @@ _SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 class _Shutdown:
     """Turns the first shutdown signal into KeyboardInterrupt and ignores the ones after it."""
 
-    def __init__(self, echo: Callable[[str], None]) -> None:
-        self.echo = echo
+    def __init__(self) -> None:
         self.requested = threading.Event()
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested.is_set():
-            self.echo("kiln dev: already stopping, please wait")
+            # os.write, not print: the handler may interrupt a print in progress.
+            with contextlib.suppress(OSError):
+                os.write(2, b"kiln dev: already stopping, please wait\n")
             return
         self.requested.set()
         raise KeyboardInterrupt
@@ -55,7 +57,7 @@ class _Shutdown:
 def run_dev(settings: Settings, echo: Callable[[str], None]) -> None:
     from kiln.db import bootstrap, migrate
 
-    shutdown = _Shutdown(echo)
+    shutdown = _Shutdown()
     started = time.monotonic()
     embedded = embedded_services(settings)
     stack = DevStack(settings)

@@ -197,3 +197,15 @@ def test_version(tmp_path: Path) -> None:
         check=True,
     )
     assert result.stdout.startswith("kiln 0.1.0 (Python ")
+
+
+def test_failed_start_reports_the_error_and_stops_the_servers(tmp_path: Path) -> None:
+    env = clean_env(tmp_path) | {"KILN_DATABASE_URL": "postgresql://u@127.0.0.1:1/kiln"}
+    failed = DevProcess(tmp_path, "--port", str(pick_port([], set())), env=env)
+    assert failed.finish() == 1
+    assert "error: cannot connect to PostgreSQL at postgresql+asyncpg://u@127.0.0.1:1/kiln" in (
+        failed.output
+    )
+    assert "Traceback" not in failed.output
+    # NATS and Redis were started (the database was external) and stopped again.
+    assert failed.server_pids() == [None, None]
