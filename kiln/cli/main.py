@@ -14,7 +14,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from kiln._version import __version__
-from kiln.errors import KilnError
+from kiln.errors import ConfigError, KilnError
 from kiln.settings import Settings
 
 app = typer.Typer(
@@ -28,28 +28,16 @@ db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
 
-def fail(error: KilnError, code: int = 1) -> NoReturn:
-    typer.echo(f"error: {error.message}", err=True)
-    raise typer.Exit(code)
-
-
 def load_settings() -> Settings:
     """The one place the CLI reads the environment."""
-    try:
-        return Settings.from_env(os.environ)
-    except KilnError as exc:
-        fail(exc, code=2)
+    return Settings.from_env(os.environ)
 
 
 def client_settings() -> Settings:
     """Settings for commands that talk to a running Kiln: config.toml fills the gaps."""
     from kiln.cli.config import apply_client_config
 
-    settings = load_settings()
-    try:
-        return apply_client_config(settings)
-    except KilnError as exc:
-        fail(exc, code=2)
+    return apply_client_config(load_settings())
 
 
 @app.command()
@@ -72,10 +60,7 @@ def dev(
         if not 1 <= port <= 65535:
             raise typer.BadParameter(f"{port} is not a port; use 1 to 65535", param_hint="--port")
         settings = settings.replace(port=port)
-    try:
-        run_dev(settings, echo=typer.echo)
-    except KilnError as exc:
-        fail(exc)
+    run_dev(settings, echo=typer.echo)
 
 
 @db_app.command("upgrade")
@@ -86,11 +71,8 @@ def db_upgrade(
     from kiln.db import migrate
 
     settings = client_settings()
-    try:
-        migrate.upgrade(settings, revision)
-        typer.echo(f"database at {migrate.current(settings) or 'base'}")
-    except KilnError as exc:
-        fail(exc)
+    migrate.upgrade(settings, revision)
+    typer.echo(f"database at {migrate.current(settings) or 'base'}")
 
 
 @db_app.command("downgrade")
@@ -101,11 +83,8 @@ def db_downgrade(
     from kiln.db import migrate
 
     settings = client_settings()
-    try:
-        migrate.downgrade(settings, revision)
-        typer.echo(f"database at {migrate.current(settings) or 'base'}")
-    except KilnError as exc:
-        fail(exc)
+    migrate.downgrade(settings, revision)
+    typer.echo(f"database at {migrate.current(settings) or 'base'}")
 
 
 @db_app.command("current")
@@ -113,15 +92,21 @@ def db_current() -> None:
     """Print the database's current revision."""
     from kiln.db import migrate
 
-    settings = client_settings()
+    typer.echo(migrate.current(client_settings()) or "base")
+
+
+def main() -> NoReturn:
+    """Run the CLI. Every Kiln error ends here, as one line on stderr and an exit status:
+    2 for invalid settings or config.toml, 1 for anything else."""
     try:
-        typer.echo(migrate.current(settings) or "base")
+        app()
+    except ConfigError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        sys.exit(2)
     except KilnError as exc:
-        fail(exc)
-
-
-def main() -> None:
-    app()
+        typer.echo(f"error: {exc.message}", err=True)
+        sys.exit(1)
+    sys.exit(0)
 
 
 if __name__ == "__main__":

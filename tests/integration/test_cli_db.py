@@ -63,7 +63,7 @@ def test_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_missing_database_url_names_the_variable(tmp_path: Path) -> None:
     result = kiln(tmp_path, "db", "upgrade")
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr == (
         "error: KILN_DATABASE_URL is required here: PostgreSQL URL; unset under `kiln dev` "
         "starts an embedded one.\n"

@@ -40,19 +40,6 @@ from kiln.settings import Settings
 
 pytestmark = pytest.mark.integration
 
-TABLES = {
-    "api_keys",
-    "app_versions",
-    "apps",
-    "calls",
-    "customers",
-    "functions",
-    "invocations",
-    "ledger_entries",
-    "nodes",
-    "replicas",
-    "usage_events",
-}
 
 Snapshot = dict[str, list[tuple[Any, ...]]]
 
@@ -154,8 +141,10 @@ async def test_upgrade_creates_every_table(blank: Settings, migration_db_url: st
     migrate.upgrade(blank)
 
     assert migrate.current(blank) == migrate.head(blank)
-    assert table_names(await snapshot(migration_db_url)) == TABLES | {"alembic_version"}
-    assert set(Base.metadata.tables) == TABLES
+    # test_models pins the list of tables; here the migration must create exactly those.
+    assert table_names(await snapshot(migration_db_url)) == set(Base.metadata.tables) | {
+        "alembic_version"
+    }
 
 
 async def test_migrations_build_exactly_the_models_schema(
