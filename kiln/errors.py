@@ -19,8 +19,11 @@ __all__ = [
     "DevStackBusy",
     "DevStackError",
     "DevStackPortTaken",
+    "FunctionError",
     "FunctionTimeout",
     "InternalError",
+    "InvalidArguments",
+    "InvalidJson",
     "InvalidRequest",
     "InvalidSpec",
     "KilnError",
@@ -33,6 +36,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Unprocessable",
+    "UnserializableResult",
     "WorkerLost",
 ]
 
@@ -108,6 +112,16 @@ class InvalidRequest(KilnError):
     code = "invalid_request"
 
 
+class InvalidJson(InvalidRequest):
+    code = "invalid_json"
+
+
+class InvalidArguments(InvalidRequest):
+    """A call's arguments do not match the function's signature."""
+
+    code = "invalid_arguments"
+
+
 class InvalidSpec(InvalidRequest):
     """A function or class specification is invalid (raised at decoration or deploy time)."""
 
@@ -165,6 +179,23 @@ class RateLimited(KilnError):
 class InternalError(KilnError):
     status = 500
     code = "internal_error"
+
+
+class FunctionError(KilnError):
+    """The customer's own code raised. Its type and message are the customer's, not Kiln's
+    internals, so unlike other 5xx errors the body shows them; the traceback goes to the
+    function's logs."""
+
+    status = 500
+    code = "function_error"
+
+    @property
+    def public_message(self) -> str:
+        return self.message
+
+
+class UnserializableResult(FunctionError):
+    code = "unserializable_result"
 
 
 class WorkerLost(KilnError):

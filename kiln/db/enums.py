@@ -52,6 +52,7 @@ class FunctionKind(enum.StrEnum):
     FUNCTION = "function"  # one reply per call
     GENERATOR = "generator"  # a stream of chunks per call
     WEBSOCKET = "websocket"  # a bidirectional session
+    CLASS = "class"  # a class whose methods are the entry points (kiln.functions.spec)
 
 
 class ScalingSetting(enum.StrEnum):

@@ -12,7 +12,10 @@ from sqlalchemy.orm import Mapped, mapped_column
 from kiln.db.base import Base, CreatedAt, Timestamps, str_enum, uuid_pk
 from kiln.db.enums import ApiKeyKind, CustomerStatus, CustomerTier
 
-__all__ = ["ApiKey", "Customer"]
+__all__ = ["DEFAULT_CUSTOMER_ID", "ApiKey", "Customer"]
+
+# Owns what operator keys deploy until customers come into play; created by migration 0002.
+DEFAULT_CUSTOMER_ID = uuid.UUID("00000000-0000-4000-8000-000000000001")
 
 KEY_HASH_BYTES = 32
 PREFIX_CHARS = 24

@@ -10,26 +10,23 @@ stopped by the next start.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import pwd
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from kiln._proc import die_with_parent
 from kiln.errors import DevStackError
 
 __all__ = ["SERVER_ENV", "ManagedProcess", "ProcessSpec", "identity", "is_gone", "stop_stray"]
-
-_PR_SET_PDEATHSIG = 1
 
 # Servers and their tools get a fixed, minimal environment: nothing of the user's (PGSSLMODE,
 # PGUSER, cloud credentials, Kiln's own secrets) leaks in or changes how they behave.
@@ -54,25 +51,6 @@ def identity(user: str | None) -> dict[str, Any]:
         return {}
     entry = pwd.getpwnam(user)
     return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
-
-
-def _die_with_parent(sig: signal.Signals, parent_pid: int) -> Callable[[], None]:
-    """Runs in the child between fork and exec (after any uid change, which would clear it).
-
-    The kernel sends the signal when the *thread* that forked the child ends, so servers must
-    be started from the main thread (ManagedProcess.start checks). `prctl` is looked up here,
-    in the parent: loading a library in the forked child of a threaded process can deadlock.
-    """
-    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
-
-    def setup() -> None:
-        if prctl is not None:
-            prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-        # The parent may have died between fork and prctl: then nobody would ever signal us.
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-    return setup
 
 
 class ManagedProcess:
@@ -118,7 +96,7 @@ class ManagedProcess:
                     env=SERVER_ENV,
                     **identity(self.spec.user),
                     start_new_session=True,
-                    preexec_fn=_die_with_parent(self.spec.stop_signal, os.getpid()),
+                    preexec_fn=die_with_parent(self.spec.stop_signal, os.getpid()),
                     close_fds=True,
                 )
             except OSError as exc:

@@ -34,6 +34,7 @@ from kiln.db.models import (
     Replica,
     UsageEvent,
 )
+from kiln.db.models_access import DEFAULT_CUSTOMER_ID
 from kiln.db.session import create_engine, session_factory, transaction
 from kiln.errors import InternalError
 from kiln.settings import Settings
@@ -498,4 +499,14 @@ async def test_transaction_rolls_back_on_error(
         await add_then_fail()
 
     async with transaction(sessions) as session:
-        assert await session.scalar(sa.select(sa.func.count()).select_from(Customer)) == 0
+        ghosts = sa.select(sa.func.count()).select_from(Customer).where(Customer.name == "Ghost")
+        assert await session.scalar(ghosts) == 0
+
+
+async def test_default_customer_exists_after_upgrade(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    async with transaction(sessions) as session:
+        default = await session.get(Customer, DEFAULT_CUSTOMER_ID)
+        assert default is not None
+        assert default.name == "default"

@@ -1,0 +1,220 @@
+"""NATS subjects, stream names and message formats: the one module that the router, the
+scheduler, node agents and replicas share. Standard library only.
+
+Everything lives under the deployment's namespace `ns` (`KILN_NAMESPACE`):
+
+| subject                          | kind          | from → to                  |
+|----------------------------------|---------------|----------------------------|
+| `ns.calls.<fid>`                 | JetStream WQ  | router → replicas          |
+| `ns.reply.<router>.<call>`       | core          | replica → router           |
+| `ns.demand.<fid>`                | core          | router → scheduler (hint)  |
+| `ns.hb.replica.<rid>`            | core          | replica → all (1 s)        |
+| `ns.hb.node.<node>`              | core          | node agent → scheduler     |
+| `ns.node.<node>.cmd`             | core req/rep  | scheduler → node agent     |
+| `ns.replica.<rid>.drain`         | core          | scheduler → replica        |
+| `ns.events.replica`              | core          | node agent → scheduler     |
+
+`<fid>` is a function's UUID in hex. Calls carry their parameters in headers and the caller's
+bytes untouched in the body, so large JSON is never parsed on the hot path more than needed.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+__all__ = [
+    "HEARTBEAT_INTERVAL_S",
+    "REPLICA_LOST_AFTER_S",
+    "WIRE_VERSION",
+    "CallHeaders",
+    "Event",
+    "H",
+    "NodeHeartbeat",
+    "ReplicaHeartbeat",
+    "StartReplica",
+    "Subjects",
+    "consumer_name",
+    "decode",
+    "encode",
+]
+
+_T = TypeVar("_T")
+
+WIRE_VERSION = "1"
+HEARTBEAT_INTERVAL_S = 1.0
+# A replica silent for this long is lost: its callers get worker_lost, the scheduler replaces it.
+REPLICA_LOST_AFTER_S = 3.5
+
+
+class H:
+    """Header names."""
+
+    WIRE = "Kiln-Wire"
+    CALL_ID = "Kiln-Call-Id"
+    REPLY = "Kiln-Reply"
+    METHOD = "Kiln-Method"
+    CONTENT_TYPE = "Kiln-Content-Type"
+    ACCEPT_BY = "Kiln-Accept-By"  # epoch seconds; a call not started by then is dropped
+    TIMEOUT = "Kiln-Timeout"  # seconds of execution allowed
+    EVENT = "Kiln-Event"
+    REPLICA = "Kiln-Replica"
+    REQUEST_ID = "Kiln-Request-Id"
+
+
+class Event(enum.StrEnum):
+    """What a message on a reply subject says."""
+
+    ACCEPTED = "accepted"  # a replica took the call; from now on its heartbeats matter
+    RESULT = "result"
+    ERROR = "error"  # body: {"code", "message", "status"}
+
+
+def consumer_name(function_id: uuid.UUID) -> str:
+    return f"fn_{function_id.hex}"
+
+
+@dataclass(frozen=True)
+class Subjects:
+    ns: str
+
+    @property
+    def calls_stream(self) -> str:
+        return f"{self.ns}_calls"
+
+    @property
+    def code_bucket(self) -> str:
+        return f"{self.ns}_code"
+
+    @property
+    def all_calls(self) -> str:
+        return f"{self.ns}.calls.>"
+
+    def calls(self, function_id: uuid.UUID) -> str:
+        return f"{self.ns}.calls.{function_id.hex}"
+
+    def replies(self, router_id: str) -> str:
+        return f"{self.ns}.reply.{router_id}.*"
+
+    def reply(self, router_id: str, call_id: str) -> str:
+        return f"{self.ns}.reply.{router_id}.{call_id}"
+
+    def demand(self, function_id: uuid.UUID) -> str:
+        return f"{self.ns}.demand.{function_id.hex}"
+
+    @property
+    def all_demand(self) -> str:
+        return f"{self.ns}.demand.*"
+
+    def replica_heartbeat(self, replica_id: uuid.UUID) -> str:
+        return f"{self.ns}.hb.replica.{replica_id.hex}"
+
+    @property
+    def all_replica_heartbeats(self) -> str:
+        return f"{self.ns}.hb.replica.*"
+
+    def node_heartbeat(self, node_id: str) -> str:
+        return f"{self.ns}.hb.node.{node_id}"
+
+    @property
+    def all_node_heartbeats(self) -> str:
+        return f"{self.ns}.hb.node.*"
+
+    def node_command(self, node_id: str) -> str:
+        return f"{self.ns}.node.{node_id}.cmd"
+
+    def drain(self, replica_id: uuid.UUID) -> str:
+        return f"{self.ns}.replica.{replica_id.hex}.drain"
+
+    @property
+    def replica_events(self) -> str:
+        return f"{self.ns}.events.replica"
+
+
+@dataclass(frozen=True)
+class CallHeaders:
+    call_id: str
+    reply: str
+    content_type: str
+    accept_by: float
+    timeout_s: float
+    method: str | None = None
+    request_id: str = ""
+
+    def to_headers(self) -> dict[str, str]:
+        headers = {
+            H.WIRE: WIRE_VERSION,
+            H.CALL_ID: self.call_id,
+            H.REPLY: self.reply,
+            H.CONTENT_TYPE: self.content_type,
+            H.ACCEPT_BY: f"{self.accept_by:.3f}",
+            H.TIMEOUT: f"{self.timeout_s:g}",
+            H.REQUEST_ID: self.request_id,
+        }
+        if self.method:
+            headers[H.METHOD] = self.method
+        return headers
+
+    @classmethod
+    def from_headers(cls, headers: dict[str, str]) -> CallHeaders:
+        if headers.get(H.WIRE) != WIRE_VERSION:
+            raise ValueError(f"call in wire format {headers.get(H.WIRE)!r}, expected 1")
+        return cls(
+            call_id=headers[H.CALL_ID],
+            reply=headers[H.REPLY],
+            content_type=headers.get(H.CONTENT_TYPE, "application/json"),
+            accept_by=float(headers[H.ACCEPT_BY]),
+            timeout_s=float(headers[H.TIMEOUT]),
+            method=headers.get(H.METHOD) or None,
+            request_id=headers.get(H.REQUEST_ID, ""),
+        )
+
+
+@dataclass(frozen=True)
+class ReplicaHeartbeat:
+    replica_id: str
+    function_id: str
+    version_id: str
+    node_id: str
+    state: str  # kiln.db.enums.ReplicaState values
+    in_flight: int
+    idle_since: float | None  # epoch seconds; None while busy
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeHeartbeat:
+    node_id: str
+    hostname: str
+    # Slots by GPU type ("none" = CPU slots): total and free.
+    slots: dict[str, int]
+    free: dict[str, int]
+    replicas: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StartReplica:
+    """The scheduler's order to a node agent."""
+
+    replica_id: str
+    function_id: str
+    version_id: str
+    app: str
+    function: str  # the function's or class's name
+    artifact_digest: str
+    entrypoint: str  # the app file's path inside the artifact
+    spec: dict[str, Any]  # FunctionSpec.to_dict()
+    gpu_type: str
+    gpu_count: int
+
+
+def encode(message: Any) -> bytes:
+    """Encode a wire dataclass as JSON."""
+    return json.dumps(asdict(message), separators=(",", ":")).encode()
+
+
+def decode(kind: type[_T], data: bytes) -> _T:
+    return kind(**json.loads(data))
