@@ -1,9 +1,20 @@
 """Kiln: serverless Python functions on GPUs, with hardware-speed cold starts.
 
-This module is the public SDK surface and stays light: it imports neither torch nor any
-database or messaging driver. Issue 3 adds `App`, `enter`, `exit`, `method` and friends here.
+This module is the public SDK surface:
+
+    import kiln
+
+    app = kiln.App("hello")
+
+    @app.function(gpu="none")
+    def shout(text: str) -> str:
+        return text.upper() + "!"
+
+It stays light: it imports neither torch nor any database or messaging driver.
 """
 
 from kiln._version import __version__
+from kiln.functions.app import App
+from kiln.functions.hooks import enter, exit, method
 
-__all__ = ["__version__"]
+__all__ = ["App", "__version__", "enter", "exit", "method"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
+    "AppImportError",
     "ConfigError",
     "Conflict",
     "DevStackBusy",
@@ -24,6 +25,7 @@ __all__ = [
     "InternalError",
     "InvalidArguments",
     "InvalidJson",
+    "InvalidPackage",
     "InvalidRequest",
     "InvalidSpec",
     "KilnError",
@@ -126,6 +128,19 @@ class InvalidSpec(InvalidRequest):
     """A function or class specification is invalid (raised at decoration or deploy time)."""
 
     code = "invalid_spec"
+
+
+class AppImportError(InvalidSpec):
+    """An app file raised while being imported; the message carries the user's traceback, with
+    only the frames from the user's own files."""
+
+    code = "app_import_failed"
+
+
+class InvalidPackage(InvalidRequest):
+    """A packaged app source is malformed or unsafe to unpack (links, absolute paths, `..`)."""
+
+    code = "invalid_package"
 
 
 class Unauthenticated(KilnError):

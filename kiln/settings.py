@@ -68,6 +68,8 @@ class Settings:
     shutdown_timeout_s: float = 30.0
     db_pool_size: int = 10
     metrics_port: int = 9464
+    node_id: str | None = None
+    node_gpus: dict[str, int] | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -301,6 +303,27 @@ def _secret(raw: str) -> str:
     return raw
 
 
+def _node_gpus(raw: str) -> dict[str, int]:
+    slots: dict[str, int] = {}
+    for part in raw.split(","):
+        kind, _, count = part.strip().partition(":")
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9-]{0,31}$", kind) or not count.isdigit():
+            raise ValueError(
+                "expected comma-separated TYPE:COUNT pairs such as A10G:2,none:8 (none means "
+                "CPU slots)"
+            )
+        if int(count) < 1:
+            raise ValueError("expected counts of at least 1, such as A10G:2,none:8")
+        slots[kind if kind == "none" else kind.upper()] = int(count)
+    return slots
+
+
+def _node_id(raw: str) -> str:
+    if not re.match(r"^[A-Za-z0-9_-]{1,64}$", raw):
+        raise ValueError("expected 1 to 64 letters, digits, hyphens and underscores")
+    return raw
+
+
 def _api_key(raw: str) -> str:
     if parse_key(raw.strip()) is None:
         raise ValueError(
@@ -388,6 +411,18 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "db_pool_size",
         _int_range(1, 1000),
         "PostgreSQL connections per process (default 10)",
+    ),
+    SettingSpec(
+        "KILN_NODE_ID",
+        "node_id",
+        _node_id,
+        "this node agent's name (default: the host name)",
+    ),
+    SettingSpec(
+        "KILN_NODE_GPUS",
+        "node_gpus",
+        _node_gpus,
+        "slots this node agent offers, e.g. A10G:2,none:8 (default: its GPUs, else its CPUs)",
     ),
     SettingSpec(
         "KILN_METRICS_PORT",

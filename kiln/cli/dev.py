@@ -1,8 +1,9 @@
 """`kiln dev`: the whole platform in the foreground on this machine.
 
 Phases: take the data directory's lock, start the embedded services that no `KILN_*_URL`
-replaces, migrate the database, make sure an operator key exists, write config.toml, serve until
-SIGINT/SIGTERM/SIGHUP, then stop everything in reverse order. A second signal during the stop
+replaces, migrate the database, make sure an operator key exists, write config.toml, run the
+router, scheduler and a node agent until SIGINT/SIGTERM/SIGHUP, then stop everything in reverse
+order. A second signal during the stop
 does not interrupt it; a SIGKILL still takes the servers down (see kiln.devstack.process).
 """
 
@@ -27,26 +28,38 @@ __all__ = ["run_dev"]
 _SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def _say_already_stopping() -> None:
+    # os.write, not print: a signal handler may interrupt a print in progress.
+    with contextlib.suppress(OSError):
+        os.write(2, b"kiln dev: already stopping, please wait\n")
+
+
 class _Shutdown:
     """Turns the first shutdown signal into KeyboardInterrupt and ignores the ones after it."""
 
     def __init__(self) -> None:
         self.requested = threading.Event()
+        self.signals: list[signal.Signals] = []
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested.is_set():
-            # os.write, not print: the handler may interrupt a print in progress.
-            with contextlib.suppress(OSError):
-                os.write(2, b"kiln dev: already stopping, please wait\n")
+            _say_already_stopping()
             return
         self.requested.set()
         raise KeyboardInterrupt
 
+    def reinstall(self) -> None:
+        """After the event loop ends (it resets the handlers it used), signals during the final
+        stop are ignored again."""
+        self.requested.set()
+        for sig in self.signals:
+            signal.signal(sig, self.handle)
+
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         # A SIGHUP ignored by our parent (`nohup kiln dev &`) stays ignored.
-        wanted = [s for s in _SHUTDOWN_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
-        previous = {sig: signal.signal(sig, self.handle) for sig in wanted}
+        self.signals = [s for s in _SHUTDOWN_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+        previous = {sig: signal.signal(sig, self.handle) for sig in self.signals}
         try:
             yield
         finally:
@@ -82,11 +95,34 @@ def run_dev(settings: Settings, echo: Callable[[str], None]) -> None:
                         },
                     ),
                 )
-                _print_banner(echo, running, embedded, url, time.monotonic() - started)
-                shutdown.requested.wait()
+
+                def ready() -> None:
+                    _print_banner(echo, running, embedded, url, time.monotonic() - started)
+
+                asyncio.run(_serve(running, shutdown, ready))
+                shutdown.reinstall()
         except KeyboardInterrupt:
             pass
     echo("kiln dev: stopped")
+
+
+async def _serve(settings: Settings, shutdown: _Shutdown, ready: Callable[[], None]) -> None:
+    """The serving phase: signals now set an event that stops the platform in order."""
+    from kiln.platform import serve_platform
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if shutdown.requested.is_set():
+            _say_already_stopping()
+            return
+        shutdown.requested.set()
+        stop.set()
+
+    for sig in shutdown.signals:
+        loop.add_signal_handler(sig, on_signal)
+    await serve_platform(settings, stop, on_ready=ready)
 
 
 def _print_banner(
@@ -103,7 +139,7 @@ def _print_banner(
     echo(f"  NATS        {mask_url(settings.nats_url or '')}  ({origin('nats')})")
     echo(f"  PostgreSQL  {mask_url(settings.database_url or '')}  ({origin('postgres')})")
     echo(f"  Redis       {mask_url(settings.redis_url or '')}  ({origin('redis')})")
-    echo(f"  Router      {url}  (reserved: the router is not part of this build yet)")
+    echo(f"  Router      {url}")
     echo(f"  Config      {settings.config_file}  (router URL and an operator API key)")
     echo(f"  Data        {settings.dev_dir}")
     echo("Press Ctrl-C to stop.")

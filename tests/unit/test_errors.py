@@ -23,6 +23,8 @@ def all_errors() -> list[type[KilnError]]:
     [
         (errors.InvalidRequest, 400, "invalid_request"),
         (errors.InvalidSpec, 400, "invalid_spec"),
+        (errors.AppImportError, 400, "app_import_failed"),
+        (errors.InvalidPackage, 400, "invalid_package"),
         (errors.InvalidJson, 400, "invalid_json"),
         (errors.InvalidArguments, 400, "invalid_arguments"),
         (errors.FunctionError, 500, "function_error"),

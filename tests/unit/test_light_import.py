@@ -26,6 +26,35 @@ class Block:
 BLOCKED = set(sys.argv[1:])
 sys.meta_path.insert(0, Block())
 import kiln, kiln.settings, kiln.errors, kiln.cli.main, kiln.cli.config, kiln.apikeys
+from kiln.functions import App, lifecycle
+from kiln.functions.loader import load_app, resolve
+from kiln.functions.package import package, unpack
+
+app = kiln.App("light")
+
+@app.function(gpu="A10G", max_containers=2)
+def shout(text: str) -> str:
+    return text.upper()
+
+@app.cls
+class Greeter:
+    @kiln.enter(snap=True)
+    def load(self): ...
+
+    @kiln.method()
+    def greet(self, name: str) -> str:
+        return name
+
+assert [s.to_dict()["name"] for s in app.spec()] == ["shout", "Greeter"]
+assert lifecycle(resolve(app, "Greeter")).enter_snap == ("load",)
+
+import tempfile
+from pathlib import Path
+
+built = package(Path(kiln.__file__).resolve().parents[1] / "examples" / "hello.py")
+with tempfile.TemporaryDirectory() as scratch:
+    assert unpack(built.archive, Path(scratch)) == ["hello.py"]
+    assert load_app(Path(scratch) / "hello.py").name == "hello"
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
 assert not loaded, loaded
 print("ok")

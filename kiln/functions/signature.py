@@ -1,0 +1,48 @@
+"""How an entry point is called, read from its Python definition: one reply or a stream, sync
+or async, and the signature shown to callers whose arguments do not match."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from kiln.functions.spec import CallKind, CallSpec
+
+__all__ = ["call_spec", "format_signature"]
+
+
+def call_spec(name: str, fn: Callable[..., Any], *, method: bool) -> CallSpec:
+    """The `CallSpec` of a function, or of a method (its signature then omits `self`)."""
+    if inspect.isasyncgenfunction(fn):
+        kind, is_async = CallKind.GENERATOR, True
+    elif inspect.isgeneratorfunction(fn):
+        kind, is_async = CallKind.GENERATOR, False
+    else:
+        kind, is_async = CallKind.FUNCTION, inspect.iscoroutinefunction(fn)
+    signature = format_signature(fn, drop_first=method)
+    return CallSpec(name=name, kind=kind, is_async=is_async, signature=signature)
+
+
+def format_signature(fn: Callable[..., Any], *, drop_first: bool = False) -> str:
+    """`str(inspect.signature(fn))`, but with postponed annotations (`from __future__ import
+    annotations`) shown as written rather than as quoted strings."""
+    signature = inspect.signature(fn)
+    params = list(signature.parameters.values())[1 if drop_first else 0 :]
+    params = [
+        p.replace(annotation=_Source(p.annotation)) if isinstance(p.annotation, str) else p
+        for p in params
+    ]
+    returns = signature.return_annotation
+    if isinstance(returns, str):
+        returns = _Source(returns)
+    return str(signature.replace(parameters=params, return_annotation=returns))
+
+
+class _Source(str):
+    """Annotation source text that prints bare: inspect shows a plain string with quotes."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return str(self)

@@ -1,0 +1,220 @@
+"""The node agent: one per host. It owns the host's GPU (or CPU) slots, starts replica processes
+when the scheduler says so, stops them (drain first, then signals), reports the host's free
+slots every second and tells the scheduler when a replica process exits.
+
+Replicas get a minimal environment: the NATS URL and namespace, never database or Stripe
+credentials, plus the function's own `env`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from kiln._proc import die_with_parent
+from kiln.invoker.inventory import node_slots
+from kiln.settings import Settings
+from kiln.wire import HEARTBEAT_INTERVAL_S, NodeHeartbeat, StartReplica, Subjects, encode
+
+__all__ = ["NodeAgent", "parse_gpu_request"]
+
+_log = logging.getLogger("kiln.agent")
+_BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def parse_gpu_request(gpu: str) -> tuple[str, int]:
+    """ "none" → ("none", 1); "any" → ("any", 1); "H100:2" → ("H100", 2)."""
+    kind, _, count = gpu.partition(":")
+    return (kind if kind in ("none", "any") else kind.upper()), int(count or 1)
+
+
+@dataclass
+class _Running:
+    launch: StartReplica
+    process: asyncio.subprocess.Process
+    gpu_type: str
+    indices: list[int]
+    waiter: asyncio.Task[None] | None = None
+    stopping: bool = False
+
+
+@dataclass
+class _Slots:
+    total: dict[str, int]
+    free: dict[str, list[int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.free = {kind: list(range(count)) for kind, count in self.total.items()}
+
+    def take(self, gpu: str) -> tuple[str, list[int]] | None:
+        kind, count = parse_gpu_request(gpu)
+        candidates = [k for k in self.free if k != "none"] if kind == "any" else [kind]
+        for candidate in candidates:
+            free = self.free.get(candidate, [])
+            if len(free) >= count:
+                taken, self.free[candidate] = free[:count], free[count:]
+                return candidate, taken
+        return None
+
+    def give_back(self, kind: str, indices: list[int]) -> None:
+        self.free.setdefault(kind, []).extend(indices)
+        self.free[kind].sort()
+
+
+class NodeAgent:
+    def __init__(self, settings: Settings, nc: NATS) -> None:
+        self.settings = settings
+        self.nc = nc
+        self.subjects = Subjects(settings.namespace)
+        self.node_id = settings.node_id or socket.gethostname().split(".")[0]
+        self.slots = _Slots(node_slots(settings))
+        self.replicas: dict[str, _Running] = {}
+        self.workdir = settings.home / "replicas"
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set, then stop every replica (drain first) and return."""
+        sub = await self.nc.subscribe(self.subjects.node_command(self.node_id), cb=self._on_command)
+        beat = asyncio.create_task(self._heartbeat(), name="kiln-agent-heartbeat")
+        try:
+            await stop.wait()
+        finally:
+            await sub.unsubscribe()
+            await asyncio.gather(
+                *(self.stop_replica(rid, grace_s=10) for rid in list(self.replicas)),
+                return_exceptions=True,
+            )
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
+
+    async def _on_command(self, msg: Msg) -> None:
+        try:
+            command = json.loads(msg.data)
+            op = command.pop("op")
+            if op == "start":
+                reply: dict[str, Any] = await self.start_replica(StartReplica(**command))
+            elif op == "stop":
+                task = asyncio.create_task(
+                    self.stop_replica(command["replica_id"], command["grace_s"])
+                )
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                reply = {"ok": True}
+            else:
+                reply = {"ok": False, "error": f"unknown command {op!r}"}
+        except Exception as exc:  # noqa: BLE001 - a bad command must not kill the agent
+            _log.exception("node command failed")
+            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        if msg.reply:
+            await self.nc.publish(msg.reply, json.dumps(reply).encode())
+
+    async def start_replica(self, launch: StartReplica) -> dict[str, Any]:
+        gpu = launch.spec["resources"]["gpu"]
+        slot = self.slots.take(gpu)
+        if slot is None:
+            return {"ok": False, "error": f"no free slot for gpu={gpu!r} on {self.node_id}"}
+        kind, indices = slot
+        directory = self.workdir / launch.replica_id
+        directory.mkdir(parents=True, exist_ok=True)
+        launch_file = directory / "launch.json"
+        launch_file.write_text(json.dumps({**asdict(launch), "node_id": self.node_id}))
+        env = self._replica_env(launch, directory, kind, indices)
+        # A local file opens at once; the child inherits it as stdout and stderr.
+        log = open(directory / "replica.log", "ab")  # noqa: SIM115, ASYNC230
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "kiln.invoker.replica",
+                str(launch_file),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                cwd=directory,
+                env=env,
+                start_new_session=True,
+                preexec_fn=die_with_parent(signal.SIGTERM, os.getpid()),
+            )
+        except OSError as exc:
+            self.slots.give_back(kind, indices)
+            return {"ok": False, "error": f"could not start the replica: {exc}"}
+        finally:
+            log.close()
+        running = _Running(launch, process, kind, indices)
+        self.replicas[launch.replica_id] = running
+        running.waiter = asyncio.create_task(self._watch(running))
+        return {"ok": True, "node_id": self.node_id, "gpu_type": kind, "gpu_indices": indices}
+
+    def _replica_env(
+        self, launch: StartReplica, directory: Path, kind: str, indices: list[int]
+    ) -> dict[str, str]:
+        env = dict(launch.spec["resources"].get("env") or {})
+        env.update(
+            PATH=f"{Path(sys.executable).parent}:{_BASE_PATH}",
+            HOME=str(directory),
+            PYTHONUNBUFFERED="1",
+            KILN_NATS_URL=",".join(self.settings.nats_servers),
+            KILN_NAMESPACE=self.settings.namespace,
+            KILN_HOME=str(self.settings.home),
+            KILN_LOG_LEVEL=self.settings.log_level.value,
+            CUDA_VISIBLE_DEVICES="" if kind == "none" else ",".join(map(str, indices)),
+        )
+        return env
+
+    async def _watch(self, running: _Running) -> None:
+        code = await running.process.wait()
+        self.replicas.pop(running.launch.replica_id, None)
+        self.slots.give_back(running.gpu_type, running.indices)
+        event = {
+            "replica_id": running.launch.replica_id,
+            "function_id": running.launch.function_id,
+            "node_id": self.node_id,
+            "exit_code": code,
+            "requested": running.stopping,
+        }
+        with contextlib.suppress(Exception):
+            await self.nc.publish(self.subjects.replica_events, json.dumps(event).encode())
+
+    async def stop_replica(self, replica_id: str, grace_s: float) -> None:
+        """Ask the replica to drain; signal it if it has not exited after `grace_s`."""
+        running = self.replicas.get(replica_id)
+        if running is None:
+            return
+        running.stopping = True
+        await self.nc.publish(self.subjects.drain(uuid.UUID(replica_id)), b"")
+        for sig, wait_s in ((None, grace_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            if sig is not None and running.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    running.process.send_signal(sig)
+            if running.waiter is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(running.waiter), wait_s)
+            if running.process.returncode is not None:
+                return
+
+    async def _heartbeat(self) -> None:
+        while True:
+            beat = NodeHeartbeat(
+                node_id=self.node_id,
+                hostname=socket.gethostname(),
+                slots=dict(self.slots.total),
+                free={kind: len(free) for kind, free in self.slots.free.items()},
+                replicas=list(self.replicas),
+            )
+            with contextlib.suppress(Exception):
+                await self.nc.publish(self.subjects.node_heartbeat(self.node_id), encode(beat))
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)

@@ -1,0 +1,296 @@
+"""A replica: one process bound to one function version.
+
+Life: connect to NATS and start heartbeating (state `starting`), fetch and unpack the code
+artifact, import the app, run the `@enter` hooks (`ready`), then pull calls — only as many as
+it has free slots — and reply to each caller's inbox. On a drain order or SIGTERM it fetches
+nothing new, finishes what it holds, runs `@exit` and exits.
+
+A sync call that overruns its timeout cannot be stopped inside its thread; the caller gets its
+504 at once and the replica drains and exits, so the scheduler replaces it (`poisoned`).
+
+Run as `python -m kiln.invoker.replica LAUNCH.json`; it holds no database or Stripe
+credentials and talks to the platform only over NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+import uuid
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+
+from kiln.codestore import CodeStore
+from kiln.db.enums import ReplicaState
+from kiln.errors import FunctionError, FunctionTimeout, KilnError
+from kiln.functions.loader import load_app, resolve
+from kiln.functions.package import unpack
+from kiln.functions.spec import FunctionSpec
+from kiln.invoker.target import Target, build_target
+from kiln.settings import Settings
+from kiln.wire import (
+    HEARTBEAT_INTERVAL_S,
+    CallHeaders,
+    Event,
+    H,
+    ReplicaHeartbeat,
+    StartReplica,
+    Subjects,
+    consumer_name,
+    encode,
+)
+
+__all__ = ["Replica", "main"]
+
+_log = logging.getLogger("kiln.replica")
+_FETCH_WAIT_S = 1.0
+
+
+class Replica:
+    def __init__(self, settings: Settings, launch: StartReplica, node_id: str) -> None:
+        self.settings = settings
+        self.launch = launch
+        self.node_id = node_id
+        self.replica_id = uuid.UUID(launch.replica_id)
+        self.function_id = uuid.UUID(launch.function_id)
+        self.spec = FunctionSpec.from_dict(launch.spec)
+        self.subjects = Subjects(settings.namespace)
+        self.state = ReplicaState.STARTING
+        self.error: str | None = None
+        self.in_flight: set[asyncio.Task[None]] = set()
+        self.idle_since: float | None = time.time()
+        self.draining = asyncio.Event()
+        self.slot_freed = asyncio.Event()
+        self.target: Target | None = None
+        self.nc: NATS | None = None
+
+    @property
+    def concurrency(self) -> int:
+        return self.spec.resources.concurrency
+
+    async def run(self) -> int:
+        self.nc = await nats.connect(
+            servers=self.settings.nats_servers,
+            connect_timeout=self.settings.connect_timeout_s,
+            name=f"kiln-replica-{self.replica_id.hex[:8]}",
+        )
+        js = self.nc.jetstream()
+        heartbeat = asyncio.create_task(self._heartbeat(), name="kiln-replica-heartbeat")
+        drain_sub = await self.nc.subscribe(self.subjects.drain(self.replica_id), cb=self._on_drain)
+        code = 0
+        try:
+            self.target = await self._load(js)
+            await self.target.enter()
+            self.state = ReplicaState.READY
+            await self._beat()
+            await self._serve(js)
+        except Exception as exc:  # noqa: BLE001 - any failure to start is reported, then exit 1
+            code = 1
+            self.state = ReplicaState.FAILED
+            self.error = f"{type(exc).__name__}: {exc}"
+            _log.error("replica failed: %s", "".join(traceback.format_exception(exc)))
+        finally:
+            await self._finish(heartbeat, drain_sub)
+        return code
+
+    async def _load(self, js: JetStreamContext) -> Target:
+        code_dir = self.settings.home / "code" / self.launch.artifact_digest
+        if not (code_dir / ".complete").exists():
+            archive = await CodeStore(js, self.subjects).get(self.launch.artifact_digest)
+            staging = code_dir.with_name(f"{code_dir.name}.{self.replica_id.hex}")
+            unpack(archive, staging)
+            (staging / ".complete").touch()
+            with contextlib.suppress(OSError):  # another replica may have won the race
+                staging.rename(code_dir)
+        app = load_app(code_dir / self.launch.entrypoint)
+        return build_target(self.spec, resolve(app, self.launch.function))
+
+    async def _serve(self, js: JetStreamContext) -> None:
+        psub = await js.pull_subscribe_bind(
+            durable=consumer_name(self.function_id), stream=self.subjects.calls_stream
+        )
+        try:
+            while not self.draining.is_set():
+                free = self.concurrency - len(self.in_flight)
+                if free <= 0:
+                    self.slot_freed.clear()
+                    await self._wait_any(self.slot_freed, self.draining)
+                    continue
+                try:
+                    messages = await psub.fetch(free, timeout=_FETCH_WAIT_S)
+                except NatsTimeout:
+                    continue
+                for msg in messages:
+                    # Taken: from here a crash surfaces to the caller as worker_lost (through
+                    # our missing heartbeats), never as a silent second run.
+                    await msg.ack()
+                    self._start_call(msg)
+        finally:
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()
+        if self.in_flight:
+            await asyncio.wait(set(self.in_flight), timeout=self.spec.resources.timeout_s + 5)
+
+    def _start_call(self, msg: Msg) -> None:
+        self.idle_since = None
+        task = asyncio.create_task(self._handle(msg))
+        self.in_flight.add(task)
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self.in_flight.discard(finished)
+            if not self.in_flight:
+                self.idle_since = time.time()
+            self.slot_freed.set()
+
+        task.add_done_callback(done)
+
+    async def _handle(self, msg: Msg) -> None:
+        assert self.nc is not None
+        assert self.target is not None
+        try:
+            call = CallHeaders.from_headers(dict(msg.headers or {}))
+        except (KeyError, ValueError) as exc:
+            _log.error("dropping a call with unreadable headers: %s", exc)
+            return
+        if time.time() > call.accept_by:
+            return  # the caller gave up before we got to it
+        await self.nc.publish(
+            call.reply, b"", headers={H.EVENT: Event.ACCEPTED, H.REPLICA: str(self.replica_id)}
+        )
+        try:
+            result = await asyncio.wait_for(
+                self.target.call(call.method, msg.data, call.content_type), call.timeout_s
+            )
+        except TimeoutError:
+            await self._reply_error(call, FunctionTimeout(
+                f"the call did not finish within the function's timeout ({call.timeout_s:g} s)"
+            ))  # fmt: skip
+            entry = self.spec.entry(call.method)
+            if entry is None or not entry.is_async:
+                self._poison("a sync call overran its timeout; its thread cannot be stopped")
+            return
+        except KilnError as exc:
+            await self._reply_error(call, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - the customer's code may raise anything
+            # The customer's exception: type and message to the caller, traceback to the logs.
+            _log.error(
+                "call %s (request %s) raised:\n%s",
+                call.call_id,
+                call.request_id,
+                "".join(traceback.format_exception(exc)),
+            )
+            await self._reply_error(call, FunctionError(f"{type(exc).__name__}: {exc}"))
+            return
+        await self.nc.publish(
+            call.reply,
+            result.body,
+            headers={
+                H.EVENT: Event.RESULT,
+                H.CONTENT_TYPE: result.content_type,
+                H.REPLICA: str(self.replica_id),
+            },
+        )
+
+    async def _reply_error(self, call: CallHeaders, error: KilnError) -> None:
+        assert self.nc is not None
+        body = json.dumps({"code": error.code, "message": error.message, "status": error.status})
+        await self.nc.publish(
+            call.reply,
+            body.encode(),
+            headers={H.EVENT: Event.ERROR, H.REPLICA: str(self.replica_id)},
+        )
+
+    def _poison(self, why: str) -> None:
+        _log.error("replica will be replaced: %s", why)
+        self.error = why
+        self.draining.set()
+
+    async def _on_drain(self, msg: Msg) -> None:
+        self.draining.set()
+
+    def request_drain(self) -> None:
+        self.draining.set()
+
+    async def _finish(self, heartbeat: asyncio.Task[None], drain_sub: Any) -> None:
+        if self.state is not ReplicaState.FAILED:
+            self.state = ReplicaState.DRAINING
+        if self.target is not None:
+            try:
+                await asyncio.wait_for(self.target.exit(), 30)
+            except Exception as exc:  # noqa: BLE001 - the user's @exit failing must not hang us
+                _log.error("@exit hook failed: %s", exc)
+        if self.state is not ReplicaState.FAILED:
+            self.state = ReplicaState.STOPPED
+        heartbeat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await heartbeat
+        with contextlib.suppress(Exception):
+            await self._beat()
+            await drain_sub.unsubscribe()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await self._beat()
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+    async def _beat(self) -> None:
+        assert self.nc is not None
+        beat = ReplicaHeartbeat(
+            replica_id=str(self.replica_id),
+            function_id=str(self.function_id),
+            version_id=self.launch.version_id,
+            node_id=self.node_id,
+            state=self.state.value,
+            in_flight=len(self.in_flight),
+            idle_since=self.idle_since,
+            error=self.error,
+        )
+        await self.nc.publish(self.subjects.replica_heartbeat(self.replica_id), encode(beat))
+
+    @staticmethod
+    async def _wait_any(*events: asyncio.Event) -> None:
+        waiters = [asyncio.create_task(e.wait()) for e in events]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    launch_path = Path(sys.argv[1])
+    data = json.loads(launch_path.read_text())
+    node_id = data.pop("node_id")
+    settings = Settings.from_env(os.environ)
+    replica = Replica(settings, StartReplica(**data), node_id)
+
+    async def serve() -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, replica.request_drain)
+        return await replica.run()
+
+    sys.exit(asyncio.run(serve()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""What a replica runs: the user's function, or an instance of the user's class, behind one
+`call(method, body, content_type)` interface that decodes arguments, runs sync code in threads
+(so the event loop keeps serving heartbeats and other calls) and encodes the result."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from kiln.errors import InvalidArguments, NotFound, UnserializableResult
+from kiln.functions.hooks import lifecycle
+from kiln.functions.spec import FunctionSpec, UnitKind
+
+__all__ = ["Encoded", "Target", "build_target"]
+
+BYTES = "application/octet-stream"
+JSON = "application/json"
+
+
+@dataclass(frozen=True)
+class Encoded:
+    body: bytes
+    content_type: str
+
+
+class Target:
+    def __init__(self, spec: FunctionSpec, obj: Any, concurrency: int) -> None:
+        self.spec = spec
+        self.obj = obj
+        self.instance: Any = None
+        # One thread per concurrent input: sync user code never waits for a free thread.
+        self.executor = ThreadPoolExecutor(
+            max_workers=max(1, concurrency), thread_name_prefix="kiln-call"
+        )
+
+    # Lifecycle ---------------------------------------------------------------------------------
+
+    async def enter(self) -> None:
+        """Instantiate the class and run its @enter hooks (snap=True ones too, until snapshots
+        exist: then they run at bake time instead)."""
+        if self.spec.kind is not UnitKind.CLASS:
+            return
+        cls = self.obj
+        self.instance = await self._run(cls)
+        hooks = lifecycle(cls)
+        for name in (*hooks.enter_snap, *hooks.enter):
+            await self._run(getattr(self.instance, name))
+
+    async def exit(self) -> None:
+        if self.instance is not None:
+            for name in lifecycle(self.obj).exit:
+                await self._run(getattr(self.instance, name))
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # Calls -------------------------------------------------------------------------------------
+
+    def callable_for(self, method: str | None) -> tuple[str, Callable[..., Any]]:
+        if self.spec.kind is UnitKind.CLASS:
+            if method is None or method not in self.spec.entries:
+                raise NotFound(f"class {self.spec.name} has no method {method!r}")
+            return f"{self.spec.name}.{method}", getattr(self.instance, method)
+        return self.spec.name, inspect.unwrap(self.obj)
+
+    async def call(self, method: str | None, body: bytes, content_type: str) -> Encoded:
+        label, fn = self.callable_for(method)
+        args, kwargs = _decode(label, fn, body, content_type)
+        return _encode(label, await self._run(fn, *args, **kwargs))
+
+    async def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if inspect.iscoroutinefunction(fn):
+            return await fn(*args, **kwargs)
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+        if inspect.isawaitable(result):  # a sync wrapper around async code
+            return await result
+        return result
+
+
+def build_target(spec: FunctionSpec, obj: Any) -> Target:
+    return Target(spec, obj, concurrency=spec.resources.concurrency)
+
+
+def _decode(
+    label: str, fn: Callable[..., Any], body: bytes, content_type: str
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    signature = inspect.signature(fn)
+    if content_type == BYTES:
+        args: tuple[Any, ...] = (body,)
+        kwargs: dict[str, Any] = {}
+    else:
+        try:
+            data = json.loads(body or b"{}")
+        except ValueError as exc:
+            raise InvalidArguments(f"the body is not valid JSON: {exc}") from None
+        if isinstance(data, dict):
+            args, kwargs = (), data
+        elif isinstance(data, list):
+            args, kwargs = tuple(data), {}
+        else:
+            raise InvalidArguments(
+                f"{label}{signature} takes a JSON object of keyword arguments (or an array of "
+                f"positional ones), not a JSON {type(data).__name__}"
+            )
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise InvalidArguments(f"{exc}; the signature is {label}{signature}") from None
+    return args, kwargs
+
+
+def _encode(label: str, result: Any) -> Encoded:
+    if isinstance(result, bytes | bytearray | memoryview):
+        return Encoded(bytes(result), BYTES)
+    try:
+        return Encoded(json.dumps(result, separators=(",", ":")).encode(), JSON)
+    except (TypeError, ValueError) as exc:
+        raise UnserializableResult(
+            f"{label} returned a value that cannot be sent as JSON ({exc}); return JSON types "
+            "(dict, list, str, int, float, bool, None) or bytes"
+        ) from None

@@ -1,0 +1,94 @@
+"""The whole platform in one process, as `kiln dev` and the end-to-end tests run it: the router
+(uvicorn), the scheduler and one node agent sharing an event loop, NATS connection and
+database pool. Replicas are child processes of the node agent.
+
+Shutdown is phased and bounded: the router stops taking requests and lets calls in flight
+finish, the node agent drains its replicas, the scheduler stops, then NATS and the database are
+closed in reverse order of opening.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Generator
+
+import nats
+import uvicorn
+
+from kiln.db.session import create_engine, session_factory
+from kiln.devstack.ports import is_free
+from kiln.errors import DevStackError
+from kiln.invoker.agent import NodeAgent
+from kiln.router.app import create_app
+from kiln.scheduler.scheduler import Scheduler
+from kiln.settings import Settings
+
+__all__ = ["serve_platform"]
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the platform owns signals and shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+async def serve_platform(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    if not is_free(settings.port, settings.host):
+        raise DevStackError(
+            f"port {settings.port} on {settings.host} is taken; stop what uses it or choose "
+            "another with --port or KILN_PORT"
+        )
+    async with contextlib.AsyncExitStack() as exits:
+        engine = create_engine(settings, application_name="kiln-platform")
+        exits.push_async_callback(engine.dispose)
+        nc = await nats.connect(
+            servers=settings.nats_servers,
+            connect_timeout=settings.connect_timeout_s,
+            name="kiln-platform",
+        )
+        exits.push_async_callback(nc.drain)
+
+        server = _Server(
+            uvicorn.Config(
+                create_app(settings),
+                host=settings.host,
+                port=settings.port,
+                log_level="warning",
+                lifespan="on",
+                timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+            )
+        )
+        router = asyncio.create_task(server.serve(), name="kiln-router")
+        while not server.started:
+            if router.done():
+                await router  # raises what went wrong
+                raise DevStackError("the router stopped while starting")
+            await asyncio.sleep(0.02)
+
+        scheduler = asyncio.create_task(
+            Scheduler(nc, session_factory(engine), settings.namespace).run(stop),
+            name="kiln-scheduler",
+        )
+        agent = asyncio.create_task(NodeAgent(settings, nc).run(stop), name="kiln-node-agent")
+        if on_ready is not None:
+            on_ready()
+        parts = [router, scheduler, agent]
+        stopped = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([*parts, stopped], return_when=asyncio.FIRST_COMPLETED)
+        stop.set()
+        server.should_exit = True
+        results = await asyncio.wait_for(
+            asyncio.gather(*parts, return_exceptions=True),
+            timeout=settings.shutdown_timeout_s + 30,
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures and stopped not in done:
+            raise failures[0]

@@ -1,0 +1,148 @@
+"""The router application: routes, error handling and the lifespan that connects it to NATS
+and PostgreSQL.
+
+`create_app(settings)` builds everything in its lifespan; the phases of shutdown (stop taking
+requests, let calls in flight finish, close NATS and the database) follow uvicorn's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kiln.codestore import CodeStore
+from kiln.db.session import create_engine, session_factory
+from kiln.errors import KilnError
+from kiln.router import control
+from kiln.router.auth import Authenticator
+from kiln.router.catalog import Catalog
+from kiln.router.deploy import Deployer
+from kiln.router.dispatch import Dispatcher, ensure_calls_stream
+from kiln.router.errors import handle_exception, handle_http_exception
+from kiln.router.metrics import CONTENT_TYPE_LATEST, RouterMetrics
+from kiln.router.openapi import openapi_document
+from kiln.router.run import run
+from kiln.router.services import RouterServices, services
+from kiln.settings import Settings
+from kiln.wire import Subjects
+
+__all__ = ["create_app"]
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    svc = services(request)
+    ready = svc.dispatcher.nc.is_connected
+    return JSONResponse(
+        {"status": "ready" if ready else "not ready", "nats": ready},
+        status_code=200 if ready else 503,
+    )
+
+
+async def metrics(request: Request) -> Response:
+    svc = services(request)
+    await svc.auth.authenticate(request)
+    return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(openapi_document())
+
+
+ROUTES = [
+    Route("/v1/run/{app}/{name}", run, methods=["POST"]),
+    Route("/v1/apps", control.deploy_app, methods=["POST"]),
+    Route("/v1/apps", control.list_apps, methods=["GET"]),
+    Route("/v1/apps/{app}", control.delete_app, methods=["DELETE"]),
+    Route("/v1/functions", control.list_functions, methods=["GET"]),
+    Route("/v1/functions/{app}/{name}", control.get_function, methods=["GET"]),
+    Route("/v1/functions/{app}/{name}", control.patch_function, methods=["PATCH"]),
+    Route("/v1/functions/{app}/{name}/replicas", control.list_replicas, methods=["GET"]),
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
+]
+
+
+class CountRequests:
+    """Counts responses by route family and status; a pure ASGI wrapper, so it costs almost
+    nothing on the warm path."""
+
+    def __init__(self, app: ASGIApp, counter: Any) -> None:
+        self.app = app
+        self.counter = counter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        parts = scope["path"].split("/")
+        family = "/".join(parts[:3]) if len(parts) > 2 else scope["path"]
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.counter.labels(family, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def create_app(settings: Settings) -> Starlette:
+    router_metrics = RouterMetrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        subjects = Subjects(settings.namespace)
+        engine = create_engine(settings, application_name="kiln-router")
+        nc = await nats.connect(
+            servers=settings.nats_servers,
+            connect_timeout=settings.connect_timeout_s,
+            name="kiln-router",
+        )
+        js = nc.jetstream()
+        await ensure_calls_stream(js, subjects)
+        sessions = session_factory(engine)
+        dispatcher = Dispatcher(nc, js, subjects)
+        await dispatcher.start()
+        app.state.services = RouterServices(
+            settings=settings,
+            sessions=sessions,
+            auth=Authenticator(sessions, settings.require("api_key_pepper")),
+            catalog=Catalog(sessions),
+            dispatcher=dispatcher,
+            deployer=Deployer(sessions, js, subjects, CodeStore(js, subjects)),
+            metrics=router_metrics,
+        )
+        try:
+            yield
+        finally:
+            await dispatcher.close()
+            await nc.drain()
+            await engine.dispose()
+
+    app = Starlette(
+        routes=ROUTES,
+        lifespan=lifespan,
+        # KilnError is an answer, handled inside the app; only other exceptions (bugs) reach
+        # Starlette's outermost handler, which also logs them.
+        exception_handlers={
+            HTTPException: handle_http_exception,
+            KilnError: handle_exception,
+            Exception: handle_exception,
+        },
+    )
+    app.add_middleware(CountRequests, counter=router_metrics.requests)
+    return app

@@ -1,0 +1,89 @@
+"""Resolving `APP/NAME` to a deployed function, cached briefly so the warm path does not touch
+PostgreSQL on every call."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from kiln.db.enums import AppState
+from kiln.db.models import App, AppVersion, Function
+from kiln.db.session import transaction
+from kiln.errors import NotFound
+from kiln.functions.spec import FunctionSpec
+
+__all__ = ["Catalog", "FunctionRoute", "spec_of"]
+
+# A redeploy or a scale change reaches other routers within this time; this router's own
+# changes invalidate at once.
+_TTL_S = 2.0
+
+
+@dataclass(frozen=True)
+class FunctionRoute:
+    function_id: uuid.UUID
+    app: str
+    spec: FunctionSpec
+    timeout_s: int
+    startup_timeout_s: int
+
+
+def spec_of(version: AppVersion, name: str) -> FunctionSpec:
+    for data in version.spec.get("functions", []):
+        if data.get("name") == name:
+            return FunctionSpec.from_dict(data)
+    raise NotFound(f"function {name!r} is not part of version {version.version}")
+
+
+class Catalog:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self.sessions = sessions
+        self._cache: dict[tuple[uuid.UUID, str, str], tuple[float, FunctionRoute]] = {}
+
+    def invalidate(self) -> None:
+        self._cache.clear()
+
+    async def resolve(self, owner_id: uuid.UUID, app: str, name: str) -> FunctionRoute:
+        key = (owner_id, app, name)
+        now = time.monotonic()
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        route = await self._load(owner_id, app, name)
+        self._cache[key] = (now + _TTL_S, route)
+        return route
+
+    async def _load(self, owner_id: uuid.UUID, app: str, name: str) -> FunctionRoute:
+        async with transaction(self.sessions) as session:
+            row = (
+                await session.execute(
+                    sa.select(Function, AppVersion)
+                    .join(App, Function.app_id == App.id)
+                    .join(AppVersion, Function.current_version_id == AppVersion.id)
+                    .where(
+                        App.customer_id == owner_id,
+                        App.name == app,
+                        App.state == AppState.ACTIVE,
+                        Function.name == name,
+                    )
+                )
+            ).first()
+            if row is None:
+                exists = await session.scalar(
+                    sa.select(App.id).where(App.customer_id == owner_id, App.name == app)
+                )
+                if exists is None:
+                    raise NotFound(f"app {app!r} not found; `kiln deploy` creates it")
+                raise NotFound(f"function {name!r} not found in app {app!r}")
+            function, version = row
+        return FunctionRoute(
+            function_id=function.id,
+            app=app,
+            spec=spec_of(version, name),
+            timeout_s=function.timeout_s,
+            startup_timeout_s=function.startup_timeout_s,
+        )

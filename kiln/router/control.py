@@ -1,0 +1,259 @@
+"""The control API: deploy, list and remove apps; inspect functions and their replicas; change
+scaling settings live."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from kiln.db.enums import ReplicaState, ScalingSetting
+from kiln.db.models import App, AppVersion, Function, Replica
+from kiln.db.session import transaction
+from kiln.errors import InvalidJson, InvalidRequest, NotFound, PermissionDenied
+from kiln.router.auth import Principal
+from kiln.router.deploy import DeployRequest
+from kiln.router.run import read_body
+from kiln.router.services import services
+
+__all__ = [
+    "delete_app",
+    "deploy_app",
+    "get_function",
+    "list_apps",
+    "list_functions",
+    "list_replicas",
+    "patch_function",
+]
+
+_LIVE_REPLICA_STATES = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.DRAINING)
+
+
+async def _control_principal(request: Request) -> Principal:
+    principal = await services(request).auth.authenticate(request)
+    if principal.function_id is not None:
+        raise PermissionDenied("a function-scoped key can only call its function")
+    return principal
+
+
+async def _json_body(request: Request, limit: int) -> Any:
+    body = await read_body(request, limit)
+    try:
+        return json.loads(body or b"{}")
+    except ValueError as exc:
+        raise InvalidJson(f"the body is not valid JSON: {exc}") from None
+
+
+def _url(request: Request, app: str, name: str) -> str:
+    return str(request.base_url).rstrip("/") + f"/v1/run/{app}/{name}"
+
+
+async def deploy_app(request: Request) -> Response:
+    svc = services(request)
+    principal = await _control_principal(request)
+    deploy = DeployRequest.from_json(await _json_body(request, svc.settings.max_request_bytes))
+    result = await svc.deployer.deploy(principal.owner_id, deploy)
+    svc.catalog.invalidate()
+    endpoints = []
+    for spec in result.functions:
+        names = (
+            [spec.name]
+            if spec.kind.value == "function"
+            else [f"{spec.name}.{method}" for method in spec.entries]
+        )
+        endpoints += [{"name": n, "url": _url(request, result.app, n)} for n in names]
+    return JSONResponse(
+        {
+            "app": result.app,
+            "version": result.version,
+            "unchanged": result.unchanged,
+            "endpoints": endpoints,
+        },
+        status_code=200 if result.unchanged else 201,
+    )
+
+
+async def list_apps(request: Request) -> Response:
+    svc = services(request)
+    principal = await _control_principal(request)
+    async with transaction(svc.sessions) as session:
+        rows = await session.execute(
+            sa.select(App, AppVersion)
+            .outerjoin(AppVersion, App.current_version_id == AppVersion.id)
+            .where(App.customer_id == principal.owner_id)
+            .order_by(App.name)
+        )
+        apps = [
+            {
+                "name": app.name,
+                "state": app.state.value,
+                "version": version.version if version else None,
+                "digest": version.source_digest if version else None,
+                "updated_at": app.updated_at.isoformat(),
+            }
+            for app, version in rows
+        ]
+    return JSONResponse({"apps": apps})
+
+
+async def delete_app(request: Request) -> Response:
+    svc = services(request)
+    principal = await _control_principal(request)
+    await svc.deployer.delete_app(principal.owner_id, request.path_params["app"])
+    svc.catalog.invalidate()
+    return Response(status_code=204)
+
+
+def _function_view(app: str, function: Function, live: int) -> dict[str, Any]:
+    return {
+        "app": app,
+        "name": function.name,
+        "kind": function.kind.value,
+        "gpu": function.gpu,
+        "min_replicas": function.min_replicas,
+        "max_replicas": function.max_replicas,
+        "buffer_replicas": function.buffer_replicas,
+        "idle_timeout": function.idle_timeout_s,
+        "concurrency": function.concurrency,
+        "target_concurrency": function.target_concurrency,
+        "timeout": function.timeout_s,
+        "startup_timeout": function.startup_timeout_s,
+        "overridden": list(function.overridden),
+        "replicas": live,
+    }
+
+
+def _live_count() -> sa.ScalarSelect[int]:
+    return (
+        sa.select(sa.func.count())
+        .where(Replica.function_id == Function.id, Replica.state.in_(_LIVE_REPLICA_STATES))
+        .scalar_subquery()
+    )
+
+
+async def list_functions(request: Request) -> Response:
+    svc = services(request)
+    principal = await _control_principal(request)
+    async with transaction(svc.sessions) as session:
+        rows = await session.execute(
+            sa.select(App.name, Function, _live_count())
+            .join(App, Function.app_id == App.id)
+            .where(App.customer_id == principal.owner_id)
+            .order_by(App.name, Function.name)
+        )
+        functions = [_function_view(app, fn, live) for app, fn, live in rows]
+    return JSONResponse({"functions": functions})
+
+
+def _find_function(
+    request: Request, principal: Principal, *, lock: bool = False
+) -> tuple[str, sa.Select[Function]]:
+    app = request.path_params["app"]
+    name = request.path_params["name"]
+    query = (
+        sa.select(Function)
+        .join(App, Function.app_id == App.id)
+        .where(App.customer_id == principal.owner_id, App.name == app, Function.name == name)
+    )
+    return app, query.with_for_update(of=Function) if lock else query
+
+
+async def get_function(request: Request) -> Response:
+    svc = services(request)
+    principal = await _control_principal(request)
+    app, query = _find_function(request, principal)
+    async with transaction(svc.sessions) as session:
+        function = await session.scalar(query)
+        if function is None:
+            raise NotFound(f"function {request.path_params['name']!r} not found in app {app!r}")
+        live = await session.scalar(
+            sa.select(sa.func.count()).where(
+                Replica.function_id == function.id, Replica.state.in_(_LIVE_REPLICA_STATES)
+            )
+        )
+        return JSONResponse(_function_view(app, function, live or 0))
+
+
+_PATCHABLE = {
+    "min_replicas": ScalingSetting.MIN_REPLICAS,
+    "max_replicas": ScalingSetting.MAX_REPLICAS,
+    "buffer_replicas": ScalingSetting.BUFFER_REPLICAS,
+    "idle_timeout": ScalingSetting.IDLE_TIMEOUT_S,
+    "concurrency": ScalingSetting.CONCURRENCY,
+    "target_concurrency": ScalingSetting.TARGET_CONCURRENCY,
+    "timeout": ScalingSetting.TIMEOUT_S,
+    "startup_timeout": ScalingSetting.STARTUP_TIMEOUT_S,
+}
+
+
+async def patch_function(request: Request) -> Response:
+    svc = services(request)
+    principal = await _control_principal(request)
+    changes = await _json_body(request, 64 * 1024)
+    if not isinstance(changes, dict) or not changes:
+        raise InvalidRequest(f"send a JSON object with any of: {', '.join(_PATCHABLE)}")
+    unknown = sorted(set(changes) - set(_PATCHABLE))
+    if unknown:
+        raise InvalidRequest(
+            f"cannot change {', '.join(unknown)}; changeable: {', '.join(_PATCHABLE)}"
+        )
+    for key, value in changes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidRequest(f"{key}={value!r} is not valid: expected an integer >= 0")
+    app, query = _find_function(request, principal, lock=True)
+    try:
+        async with transaction(svc.sessions) as session:
+            function = await session.scalar(query)
+            if function is None:
+                raise NotFound(f"function {request.path_params['name']!r} not found in app {app!r}")
+            for key, value in changes.items():
+                setting = _PATCHABLE[key]
+                setattr(function, setting.value, value)
+                if setting.value not in function.overridden:
+                    function.overridden = [*function.overridden, setting.value]
+            await session.flush()
+            view = _function_view(app, function, 0)
+    except IntegrityError as exc:
+        raise InvalidRequest(
+            f"the new settings contradict each other ({_constraint(exc)}): e.g. min_replicas "
+            "must not exceed max_replicas, and target_concurrency not exceed concurrency"
+        ) from None
+    svc.catalog.invalidate()
+    return JSONResponse(view)
+
+
+def _constraint(exc: IntegrityError) -> str:
+    name = getattr(getattr(exc.orig, "__cause__", None), "constraint_name", None)
+    return str(name or "a constraint failed")
+
+
+async def list_replicas(request: Request) -> Response:
+    svc = services(request)
+    principal = await _control_principal(request)
+    app, query = _find_function(request, principal)
+    async with transaction(svc.sessions) as session:
+        function = await session.scalar(query)
+        if function is None:
+            raise NotFound(f"function {request.path_params['name']!r} not found in app {app!r}")
+        replicas = await session.scalars(
+            sa.select(Replica)
+            .where(Replica.function_id == function.id, Replica.state.in_(_LIVE_REPLICA_STATES))
+            .order_by(Replica.started_at)
+        )
+        views = [
+            {
+                "id": str(r.id),
+                "state": r.state.value,
+                "node": r.node_id,
+                "gpu": r.gpu_type,
+                "in_flight": r.in_flight,
+                "started_at": r.started_at.isoformat(),
+                "ready_at": r.ready_at.isoformat() if r.ready_at else None,
+            }
+            for r in replicas
+        ]
+    return JSONResponse({"replicas": views})

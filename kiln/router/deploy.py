@@ -1,0 +1,238 @@
+"""Deploying an app version: store the code artifact, record the version and its functions, and
+make sure each function has its work-queue consumer.
+
+A deploy with the digest of a version the app already has changes nothing (or makes that
+version current again). Live scaling changes made by an operator (`Function.overridden`) survive
+a redeploy; everything else follows the new code.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from kiln.codestore import CodeStore
+from kiln.db.enums import FunctionKind
+from kiln.db.models import App, AppVersion, Function
+from kiln.db.session import transaction
+from kiln.errors import InvalidRequest, InvalidSpec, NotFound
+from kiln.functions.spec import FunctionSpec, UnitKind
+from kiln.wire import Subjects, consumer_name
+
+__all__ = ["DeployRequest", "DeployResult", "Deployer"]
+
+_APP_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+# Columns a deploy sets from Resources, and the Resources field each comes from.
+_SCALING = {
+    "min_replicas": "min_replicas",
+    "max_replicas": "max_replicas",
+    "buffer_replicas": "buffer_replicas",
+    "idle_timeout_s": "idle_timeout_s",
+    "concurrency": "concurrency",
+    "target_concurrency": "target_concurrency",
+    "timeout_s": "timeout_s",
+    "startup_timeout_s": "startup_timeout_s",
+    "retries": "retries",
+    "memory_mb": "memory_mb",
+}
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    app: str
+    digest: str
+    entrypoint: str
+    functions: list[FunctionSpec]
+    archive: bytes
+
+    @classmethod
+    def from_json(cls, data: Any) -> DeployRequest:
+        if not isinstance(data, dict):
+            raise InvalidRequest("a deploy body is a JSON object; use `kiln deploy FILE`")
+        missing = [
+            k for k in ("app", "digest", "entrypoint", "functions", "archive") if k not in data
+        ]
+        if missing:
+            raise InvalidRequest(f"the deploy body lacks {', '.join(missing)}")
+        app = data["app"]
+        if not isinstance(app, str) or not _APP_NAME.match(app):
+            raise InvalidSpec(
+                f"app name {app!r} is not valid: use 1 to 63 lowercase letters, digits and "
+                "hyphens, starting with a letter"
+            )
+        try:
+            archive = base64.b64decode(data["archive"], validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            raise InvalidRequest("archive is not valid base64") from None
+        digest = data["digest"]
+        if not isinstance(digest, str) or not _DIGEST.match(digest):
+            raise InvalidRequest("digest must be the sha256 of the archive in lowercase hex")
+        if hashlib.sha256(archive).hexdigest() != digest:
+            raise InvalidRequest("the archive does not match its digest; upload it again")
+        if not isinstance(data["functions"], list) or not data["functions"]:
+            raise InvalidSpec(f"app {app!r} defines no functions")
+        try:
+            functions = [FunctionSpec.from_dict(f) for f in data["functions"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidSpec(f"a function specification is not valid: {exc}") from None
+        names = [f.name for f in functions]
+        if len(set(names)) != len(names):
+            raise InvalidSpec(f"app {app!r} defines a name twice: {sorted(names)}")
+        return cls(app, digest, str(data["entrypoint"]), functions, archive)
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    app: str
+    version: int
+    unchanged: bool
+    functions: list[FunctionSpec]
+
+
+class Deployer:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        js: JetStreamContext,
+        subjects: Subjects,
+        code: CodeStore,
+    ) -> None:
+        self.sessions = sessions
+        self.js = js
+        self.subjects = subjects
+        self.code = code
+
+    async def deploy(self, owner_id: uuid.UUID, request: DeployRequest) -> DeployResult:
+        await self.code.put(request.digest, request.archive)
+        try:
+            async with transaction(self.sessions) as session:
+                result, function_ids = await self._record(session, owner_id, request)
+        except IntegrityError as exc:
+            raise InvalidSpec(
+                f"the database refused the specification of app {request.app!r}: "
+                f"{getattr(exc.orig, 'args', [exc])[0]}"
+            ) from None
+        for function_id, spec in function_ids:
+            await self._ensure_consumer(function_id, spec)
+        return result
+
+    async def _record(
+        self, session: AsyncSession, owner_id: uuid.UUID, request: DeployRequest
+    ) -> tuple[DeployResult, list[tuple[uuid.UUID, FunctionSpec]]]:
+        app = await session.scalar(
+            sa.select(App)
+            .where(App.customer_id == owner_id, App.name == request.app)
+            .with_for_update()
+        )
+        if app is None:
+            app = App(customer_id=owner_id, name=request.app)
+            session.add(app)
+            await session.flush()
+        version = await session.scalar(
+            sa.select(AppVersion).where(
+                AppVersion.app_id == app.id, AppVersion.source_digest == request.digest
+            )
+        )
+        unchanged = version is not None and version.id == app.current_version_id
+        if version is None:
+            latest = await session.scalar(
+                sa.select(sa.func.max(AppVersion.version)).where(AppVersion.app_id == app.id)
+            )
+            version = AppVersion(
+                app_id=app.id,
+                version=(latest or 0) + 1,
+                source_digest=request.digest,
+                artifact_key=request.digest,
+                spec={
+                    "entrypoint": request.entrypoint,
+                    "functions": [f.to_dict() for f in request.functions],
+                },
+            )
+            session.add(version)
+            await session.flush()
+        functions = await self._upsert_functions(session, app, version, request.functions)
+        app.current_version_id = version.id
+        return (
+            DeployResult(request.app, version.version, unchanged, request.functions),
+            functions,
+        )
+
+    async def _upsert_functions(
+        self, session: AsyncSession, app: App, version: AppVersion, specs: list[FunctionSpec]
+    ) -> list[tuple[uuid.UUID, FunctionSpec]]:
+        existing = {
+            f.name: f
+            for f in await session.scalars(sa.select(Function).where(Function.app_id == app.id))
+        }
+        wanted = {spec.name for spec in specs}
+        for name, gone in existing.items():
+            if name not in wanted:
+                await session.delete(gone)
+                await self._drop_consumer(gone.id)
+        result = []
+        for spec in specs:
+            function = existing.get(spec.name)
+            if function is None:
+                function = Function(app_id=app.id, name=spec.name, overridden=[])
+                session.add(function)
+            function.current_version_id = version.id
+            function.kind = _kind(spec)
+            function.gpu = spec.resources.gpu
+            for column, field_name in _SCALING.items():
+                if column not in function.overridden:
+                    setattr(function, column, getattr(spec.resources, field_name))
+            await session.flush()
+            result.append((function.id, spec))
+        return result
+
+    async def _ensure_consumer(self, function_id: uuid.UUID, spec: FunctionSpec) -> None:
+        config = ConsumerConfig(
+            durable_name=consumer_name(function_id),
+            filter_subject=self.subjects.calls(function_id),
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            # Sync calls are acked when a replica takes them; this bounds a crashed fetch.
+            ack_wait=30,
+            max_ack_pending=-1,
+        )
+        await self.js.add_consumer(self.subjects.calls_stream, config)
+
+    async def _drop_consumer(self, function_id: uuid.UUID) -> None:
+        with contextlib.suppress(NotFoundError):
+            await self.js.delete_consumer(self.subjects.calls_stream, consumer_name(function_id))
+
+    async def delete_app(self, owner_id: uuid.UUID, name: str) -> None:
+        async with transaction(self.sessions) as session:
+            app = await session.scalar(
+                sa.select(App).where(App.customer_id == owner_id, App.name == name)
+            )
+            if app is None:
+                raise NotFound(f"app {name!r} not found")
+            ids = list(
+                await session.scalars(sa.select(Function.id).where(Function.app_id == app.id))
+            )
+            # Functions first: they reference versions, which the app's cascade also removes.
+            await session.execute(sa.delete(Function).where(Function.app_id == app.id))
+            await session.delete(app)
+        for function_id in ids:
+            await self._drop_consumer(function_id)
+
+
+def _kind(spec: FunctionSpec) -> FunctionKind:
+    if spec.kind is UnitKind.CLASS:
+        return FunctionKind.CLASS
+    return FunctionKind(spec.entries[spec.name].kind.value)

@@ -1,0 +1,58 @@
+"""The one place where exceptions become HTTP responses, in the one JSON shape of the API."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from kiln.errors import InternalError, InvalidRequest, KilnError, NotFound
+
+__all__ = ["error_response", "handle_exception", "handle_http_exception", "request_id"]
+
+_log = logging.getLogger(__name__)
+
+
+def request_id(request: Request) -> str:
+    """The request's id: the caller's `X-Request-Id` if sane, else a new one (memoised)."""
+    existing = getattr(request.state, "request_id", None)
+    if existing:
+        return str(existing)
+    given = request.headers.get("x-request-id", "")
+    rid = given if 0 < len(given) <= 128 and given.isascii() else f"req_{secrets.token_hex(8)}"
+    request.state.request_id = rid
+    return rid
+
+
+def error_response(request: Request, error: KilnError) -> Response:
+    rid = request_id(request)
+    headers = {"X-Request-Id": rid}
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(error.retry_after)))
+    return JSONResponse(error.to_body(rid), status_code=error.status, headers=headers)
+
+
+async def handle_exception(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, KilnError):
+        return error_response(request, exc)
+    # Anything else is a bug in Kiln: log it with the request id, show nothing of it.
+    _log.exception("unhandled error in request %s", request_id(request))
+    return error_response(request, InternalError(repr(exc)))
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 (unknown route or method) in Kiln's shape."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        error: KilnError = NotFound(f"no route {request.method} {request.url.path}")
+    elif exc.status_code == 405:
+        error = InvalidRequest(f"{request.url.path} does not accept {request.method}")
+        return JSONResponse(
+            error.to_body(request_id(request)), status_code=405, headers=exc.headers
+        )
+    else:
+        error = InvalidRequest(str(exc.detail))
+    return error_response(request, error)

@@ -1,0 +1,34 @@
+"""The router's Prometheus metrics (one registry per application, so tests can build many)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "RouterMetrics"]
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "kiln_router_requests",
+            "HTTP requests handled, by route template and status code.",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.call_seconds = Histogram(
+            "kiln_router_call_duration_seconds",
+            "Time from request to reply for successful sync calls, by app.",
+            ["app"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def observe_call(self, app: str, seconds: float) -> None:
+        self.call_seconds.labels(app).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,102 @@
+"""`POST /v1/run/APP/NAME`: a synchronous call of a function or a class method."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from kiln.errors import InvalidJson, InvalidRequest, NotFound, PayloadTooLarge, PermissionDenied
+from kiln.functions.spec import CallKind, UnitKind
+from kiln.router.errors import request_id
+from kiln.router.services import services
+
+__all__ = ["read_body", "run"]
+
+JSON = "application/json"
+BYTES = "application/octet-stream"
+# Content types that clients send for JSON without saying so (curl -d sends form encoding).
+_MAYBE_JSON = ("", "application/x-www-form-urlencoded", "text/plain")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body has {declared} bytes; the limit is {limit}")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def classify(body: bytes, content_type: str) -> tuple[bytes, str]:
+    """Decide whether the body is JSON arguments or raw bytes for a one-parameter function."""
+    media = content_type.split(";")[0].strip().lower()
+    if not body:
+        return b"{}", JSON
+    is_json = media == JSON or media.endswith("+json")
+    if is_json or media in _MAYBE_JSON:
+        try:
+            json.loads(body)
+        except ValueError as exc:
+            if is_json:
+                raise InvalidJson(f"the body is not valid JSON: {exc}") from None
+            return body, BYTES
+        return body, JSON
+    return body, BYTES
+
+
+async def run(request: Request) -> Response:
+    started = time.perf_counter()
+    svc = services(request)
+    principal = await svc.auth.authenticate(request)
+    app = request.path_params["app"]
+    name, _, method = request.path_params["name"].partition(".")
+    route = await svc.catalog.resolve(principal.owner_id, app, name)
+    if principal.function_id is not None and principal.function_id != route.function_id:
+        raise PermissionDenied(f"this key may only call its own function, not {app}/{name}")
+    entry = route.spec.entry(method or None)
+    if entry is None:
+        raise NotFound(_no_entry(app, route.spec.name, method, route.spec.kind, route.spec.entries))
+    if entry.kind is not CallKind.FUNCTION:
+        raise InvalidRequest(
+            f"{app}/{request.path_params['name']} is a {entry.kind.value}; it is called through "
+            "its streaming or WebSocket route, not /v1/run"
+        )
+    body, content_type = classify(
+        await read_body(request, svc.settings.max_request_bytes),
+        request.headers.get("content-type", ""),
+    )
+    result = await svc.dispatcher.call(
+        route.function_id,
+        body,
+        content_type=content_type,
+        method=method or None,
+        timeout_s=route.timeout_s,
+        startup_timeout_s=route.startup_timeout_s,
+        request_id=request_id(request),
+    )
+    svc.metrics.observe_call(app, time.perf_counter() - started)
+    return Response(
+        result.body,
+        media_type=result.content_type,
+        headers={"X-Request-Id": request_id(request)},
+    )
+
+
+def _no_entry(
+    app: str, name: str, method: str, kind: UnitKind, entries: Mapping[str, object]
+) -> str:
+    if kind is UnitKind.CLASS:
+        methods = ", ".join(sorted(entries))
+        if not method:
+            return f"{app}/{name} is a class; call one of its methods: {methods}"
+        return f"class {name} in app {app!r} has no method {method!r}; its methods: {methods}"
+    return f"{app}/{name} is a function, not a class: call it without .{method}"

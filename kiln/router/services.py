@@ -1,0 +1,33 @@
+"""What the router's handlers use, built once per process by the application's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from starlette.requests import HTTPConnection
+
+from kiln.router.auth import Authenticator
+from kiln.router.catalog import Catalog
+from kiln.router.deploy import Deployer
+from kiln.router.dispatch import Dispatcher
+from kiln.router.metrics import RouterMetrics
+from kiln.settings import Settings
+
+__all__ = ["RouterServices", "services"]
+
+
+@dataclass
+class RouterServices:
+    settings: Settings
+    sessions: async_sessionmaker[AsyncSession]
+    auth: Authenticator
+    catalog: Catalog
+    dispatcher: Dispatcher
+    deployer: Deployer
+    metrics: RouterMetrics
+
+
+def services(conn: HTTPConnection) -> RouterServices:
+    svc: RouterServices = conn.app.state.services
+    return svc

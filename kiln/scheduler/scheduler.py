@@ -1,0 +1,399 @@
+"""The scheduler's reconcile loop: for every deployed function, compare the replicas it has
+with the replicas its demand calls for, start or drain the difference, and keep the `replicas`
+table true.
+
+Inputs: work-queue pending counts (JetStream consumer info), replica and node heartbeats, the
+node agents' exit events, and the router's wake hints (which make scale-from-zero immediate
+rather than waiting for the next periodic pass). The decisions themselves are the pure
+functions of `kiln.scheduler.policy`.
+
+This is the minimal scheduler of issue 3 (one process, first-fit placement); issue 5 adds
+leader election, placement preferences and crash-loop handling around the same seams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from kiln.db.enums import AppState, ReplicaState
+from kiln.db.models import App, AppVersion, Function, Node, Replica
+from kiln.db.session import transaction
+from kiln.scheduler.policy import ReplicaView, desired_replicas, idle_to_stop
+from kiln.wire import (
+    REPLICA_LOST_AFTER_S,
+    NodeHeartbeat,
+    ReplicaHeartbeat,
+    StartReplica,
+    Subjects,
+    consumer_name,
+    decode,
+)
+
+__all__ = ["Scheduler"]
+
+_log = logging.getLogger("kiln.scheduler")
+_PERIOD_S = 1.0
+_COMMAND_TIMEOUT_S = 5.0
+
+
+@dataclass
+class _FunctionRow:
+    id: uuid.UUID
+    app: str
+    name: str
+    version_id: uuid.UUID
+    digest: str
+    entrypoint: str
+    spec: dict[str, object]
+    gpu: str
+    min_replicas: int
+    max_replicas: int
+    buffer_replicas: int
+    idle_timeout_s: int
+    target_concurrency: int
+    startup_timeout_s: int
+    timeout_s: int
+
+
+@dataclass
+class _Tracked:
+    replica_id: str
+    function_id: str
+    version_id: str
+    node_id: str
+    launched_at: float
+    startup_timeout_s: float
+    last_seen: float | None = None
+    beat: ReplicaHeartbeat | None = None
+    draining: bool = False
+    recorded_ready: bool = False
+
+
+class Scheduler:
+    def __init__(
+        self, nc: NATS, sessions: async_sessionmaker[AsyncSession], namespace: str
+    ) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.sessions = sessions
+        self.subjects = Subjects(namespace)
+        self.replicas: dict[str, _Tracked] = {}
+        self.nodes: dict[str, tuple[NodeHeartbeat, float]] = {}
+        self.wake = asyncio.Event()
+        self.backoff_until: dict[uuid.UUID, float] = {}
+        self.failures: dict[uuid.UUID, int] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        subs = [
+            await self.nc.subscribe(self.subjects.all_demand, cb=self._on_demand),
+            await self.nc.subscribe(self.subjects.all_replica_heartbeats, cb=self._on_replica),
+            await self.nc.subscribe(self.subjects.all_node_heartbeats, cb=self._on_node),
+            await self.nc.subscribe(self.subjects.replica_events, cb=self._on_exit),
+        ]
+        try:
+            while not stop.is_set():
+                try:
+                    await self.reconcile()
+                except Exception:  # noqa: BLE001 - the loop must outlive any one bad pass
+                    _log.exception("reconcile pass failed")
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake_or_stop(stop), _PERIOD_S)
+        finally:
+            for sub in subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def _wake_or_stop(self, stop: asyncio.Event) -> None:
+        waiters = [asyncio.create_task(self.wake.wait()), asyncio.create_task(stop.wait())]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    # Observations ------------------------------------------------------------------------------
+
+    async def _on_demand(self, msg: Msg) -> None:
+        self.wake.set()
+
+    async def _on_replica(self, msg: Msg) -> None:
+        beat = decode(ReplicaHeartbeat, msg.data)
+        tracked = self.replicas.get(beat.replica_id)
+        if tracked is None:
+            if beat.state in (ReplicaState.STOPPED, ReplicaState.FAILED):
+                return
+            # A replica we did not start (this scheduler restarted): adopt it.
+            tracked = _Tracked(
+                beat.replica_id, beat.function_id, beat.version_id, beat.node_id,
+                launched_at=time.time(), startup_timeout_s=600,
+            )  # fmt: skip
+            self.replicas[beat.replica_id] = tracked
+        tracked.beat = beat
+        tracked.last_seen = time.monotonic()
+
+    async def _on_node(self, msg: Msg) -> None:
+        beat = decode(NodeHeartbeat, msg.data)
+        first = beat.node_id not in self.nodes
+        self.nodes[beat.node_id] = (beat, time.monotonic())
+        if first:
+            await self._record_node(beat)
+            self.wake.set()
+
+    async def _on_exit(self, msg: Msg) -> None:
+        event = json.loads(msg.data)
+        tracked = self.replicas.pop(event["replica_id"], None)
+        failed = event["exit_code"] != 0 and not event.get("requested")
+        error = tracked.beat.error if tracked and tracked.beat else None
+        if failed:
+            function_id = uuid.UUID(event["function_id"])
+            count = self.failures.get(function_id, 0) + 1
+            self.failures[function_id] = count
+            self.backoff_until[function_id] = time.monotonic() + min(60.0, 2.0**count)
+        await self._set_state(
+            event["replica_id"],
+            ReplicaState.FAILED if failed else ReplicaState.STOPPED,
+            error=error or (f"exited with status {event['exit_code']}" if failed else None),
+            stopped=True,
+        )
+        self.wake.set()
+
+    # Reconcile ---------------------------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        now_mono = time.monotonic()
+        await self._mark_lost(now_mono)
+        functions = await self._load_functions()
+        for function in functions.values():
+            await self._reconcile_function(function, now_mono)
+        # Replicas of functions that no longer exist (app deleted, function removed): drain.
+        for tracked in list(self.replicas.values()):
+            if uuid.UUID(tracked.function_id) not in functions and not tracked.draining:
+                await self._drain(tracked, grace_s=30)
+
+    async def _reconcile_function(self, function: _FunctionRow, now_mono: float) -> None:
+        mine = [r for r in self.replicas.values() if r.function_id == str(function.id)]
+        current = [r for r in mine if r.version_id == str(function.version_id) and not r.draining]
+        # Old versions drain as soon as they are idle; new replicas take the demand.
+        for old in mine:
+            outdated = old.version_id != str(function.version_id) and not old.draining
+            if outdated and (old.beat is None or old.beat.in_flight == 0):
+                await self._drain(old, grace_s=function.timeout_s + 10)
+        for tracked in current:
+            ready = tracked.beat is not None and tracked.beat.state == ReplicaState.READY
+            if ready and not tracked.recorded_ready:
+                tracked.recorded_ready = True
+                self.failures.pop(function.id, None)
+                await self._set_state(tracked.replica_id, ReplicaState.READY, ready=True)
+        pending = await self._pending(function.id)
+        running = sum(r.beat.in_flight for r in current if r.beat is not None)
+        want = desired_replicas(
+            pending=pending,
+            running=running,
+            target_concurrency=function.target_concurrency,
+            buffer_replicas=function.buffer_replicas,
+            min_replicas=function.min_replicas,
+            max_replicas=function.max_replicas,
+        )
+        if want > len(current):
+            if self.backoff_until.get(function.id, 0) > now_mono:
+                return
+            for _ in range(want - len(current)):
+                if not await self._launch(function):
+                    break
+        elif want < len(current):
+            views = [
+                ReplicaView(
+                    r.replica_id,
+                    r.beat.in_flight if r.beat else 0,
+                    r.beat.idle_since if r.beat else None,
+                    ready=r.beat is not None and r.beat.state == ReplicaState.READY,
+                )
+                for r in current
+            ]
+            for replica_id in idle_to_stop(
+                views, keep=want, idle_timeout_s=function.idle_timeout_s, now=time.time()
+            ):
+                await self._drain(self.replicas[replica_id], grace_s=function.timeout_s + 10)
+
+    async def _pending(self, function_id: uuid.UUID) -> int:
+        try:
+            info = await self.js.consumer_info(
+                self.subjects.calls_stream, consumer_name(function_id), timeout=2
+            )
+        except NotFoundError:
+            return 0
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+    async def _mark_lost(self, now_mono: float) -> None:
+        for tracked in list(self.replicas.values()):
+            silent_since = tracked.last_seen
+            if silent_since is None:
+                # Never heard from: allowed its startup time before it counts as lost.
+                if time.time() - tracked.launched_at < tracked.startup_timeout_s:
+                    continue
+            elif now_mono - silent_since < REPLICA_LOST_AFTER_S:
+                continue
+            del self.replicas[tracked.replica_id]
+            _log.warning("replica %s is lost (no heartbeat)", tracked.replica_id)
+            await self._set_state(
+                tracked.replica_id, ReplicaState.LOST, error="stopped heartbeating", stopped=True
+            )
+            await self._command(tracked.node_id, {"op": "stop", "replica_id": tracked.replica_id,
+                                                  "grace_s": 0})  # fmt: skip
+
+    # Actions -----------------------------------------------------------------------------------
+
+    async def _launch(self, function: _FunctionRow) -> bool:
+        kind = function.gpu.partition(":")[0]
+        candidates = sorted(
+            (beat for beat, seen in self.nodes.values()
+             if time.monotonic() - seen < REPLICA_LOST_AFTER_S),
+            key=lambda b: -sum(b.free.values()),
+        )  # fmt: skip
+        replica_id = str(uuid.uuid4())
+        launch = StartReplica(
+            replica_id=replica_id,
+            function_id=str(function.id),
+            version_id=str(function.version_id),
+            app=function.app,
+            function=function.name,
+            artifact_digest=function.digest,
+            entrypoint=function.entrypoint,
+            spec=function.spec,
+            gpu_type=kind,
+            gpu_count=int(function.gpu.partition(":")[2] or 1),
+        )
+        for node in candidates:
+            reply = await self._command(node.node_id, {"op": "start", **asdict(launch)})
+            if reply.get("ok"):
+                self.replicas[replica_id] = _Tracked(
+                    replica_id, str(function.id), str(function.version_id), node.node_id,
+                    launched_at=time.time(), startup_timeout_s=function.startup_timeout_s,
+                )  # fmt: skip
+                await self._record_replica(launch, node.node_id, reply)
+                return True
+        return False  # nothing fits now; the demand waits in the queue
+
+    async def _drain(self, tracked: _Tracked, grace_s: float) -> None:
+        tracked.draining = True
+        await self._set_state(tracked.replica_id, ReplicaState.DRAINING)
+        await self._command(tracked.node_id, {"op": "stop", "replica_id": tracked.replica_id,
+                                              "grace_s": grace_s})  # fmt: skip
+
+    async def _command(self, node_id: str, command: dict[str, object]) -> dict[str, object]:
+        try:
+            reply = await self.nc.request(
+                self.subjects.node_command(node_id),
+                json.dumps(command).encode(),
+                timeout=_COMMAND_TIMEOUT_S,
+            )
+        except Exception as exc:  # noqa: BLE001 - an unreachable node is an answer too
+            return {"ok": False, "error": str(exc)}
+        answer: dict[str, object] = json.loads(reply.data)
+        return answer
+
+    # Database ----------------------------------------------------------------------------------
+
+    async def _load_functions(self) -> dict[uuid.UUID, _FunctionRow]:
+        async with transaction(self.sessions) as session:
+            rows = await session.execute(
+                sa.select(App.name, Function, AppVersion)
+                .join(App, Function.app_id == App.id)
+                .join(AppVersion, Function.current_version_id == AppVersion.id)
+                .where(App.state == AppState.ACTIVE)
+            )
+            result = {}
+            for app, function, version in rows:
+                spec = next(
+                    (f for f in version.spec.get("functions", []) if f["name"] == function.name),
+                    None,
+                )
+                if spec is None:
+                    continue
+                result[function.id] = _FunctionRow(
+                    id=function.id, app=app, name=function.name, version_id=version.id,
+                    digest=version.artifact_key, entrypoint=version.spec["entrypoint"],
+                    spec=_with_live_settings(spec, function), gpu=function.gpu,
+                    min_replicas=function.min_replicas, max_replicas=function.max_replicas,
+                    buffer_replicas=function.buffer_replicas,
+                    idle_timeout_s=function.idle_timeout_s,
+                    target_concurrency=function.target_concurrency,
+                    startup_timeout_s=function.startup_timeout_s, timeout_s=function.timeout_s,
+                )  # fmt: skip
+        return result
+
+    async def _record_node(self, beat: NodeHeartbeat) -> None:
+        gpu_types = [k for k in beat.slots if k != "none"]
+        async with transaction(self.sessions) as session:
+            node = await session.get(Node, beat.node_id)
+            if node is None:
+                node = Node(id=beat.node_id, hostname=beat.hostname)
+                session.add(node)
+            node.gpu_type = gpu_types[0] if gpu_types else None
+            node.gpu_count = sum(v for k, v in beat.slots.items() if k != "none")
+            node.cpu_slots = beat.slots.get("none", 0)
+            node.last_heartbeat_at = datetime.now(UTC)
+
+    async def _record_replica(
+        self, launch: StartReplica, node_id: str, reply: dict[str, object]
+    ) -> None:
+        indices = reply.get("gpu_indices")
+        async with transaction(self.sessions) as session:
+            session.add(
+                Replica(
+                    id=uuid.UUID(launch.replica_id),
+                    function_id=uuid.UUID(launch.function_id),
+                    version_id=uuid.UUID(launch.version_id),
+                    node_id=node_id,
+                    state=ReplicaState.STARTING,
+                    gpu_type=None if launch.gpu_type == "none" else str(reply.get("gpu_type")),
+                    gpu_indices=list(indices) if isinstance(indices, list) else [],
+                )
+            )
+
+    async def _set_state(
+        self,
+        replica_id: str,
+        state: ReplicaState,
+        *,
+        error: str | None = None,
+        ready: bool = False,
+        stopped: bool = False,
+    ) -> None:
+        values: dict[str, object] = {"state": state}
+        now = datetime.now(UTC)
+        if error is not None:
+            values["error"] = error
+        if ready:
+            values["ready_at"] = now
+        if stopped:
+            values["stopped_at"] = now
+        async with transaction(self.sessions) as session:
+            await session.execute(
+                sa.update(Replica).where(Replica.id == uuid.UUID(replica_id)).values(**values)
+            )
+
+
+def _with_live_settings(spec: dict[str, object], function: Function) -> dict[str, object]:
+    """The spec a replica runs with: live changes (concurrency, timeout) override the code's."""
+    resources = dict(spec["resources"])  # type: ignore[call-overload]
+    resources.update(
+        concurrency=function.concurrency,
+        target_concurrency=function.target_concurrency,
+        timeout_s=function.timeout_s,
+    )
+    return {**spec, "resources": resources}
