@@ -57,8 +57,13 @@ class _Shutdown:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        # A SIGHUP ignored by our parent (`nohup kiln dev &`) stays ignored.
-        self.signals = [s for s in _SHUTDOWN_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+        # A SIGHUP ignored by our parent (`nohup kiln dev &`) stays ignored. SIGINT and SIGTERM
+        # always stop kiln dev, even when a shell started it in the background with SIGINT
+        # ignored.
+        self.signals = [
+            s for s in _SHUTDOWN_SIGNALS
+            if s is not signal.SIGHUP or signal.getsignal(s) is not signal.SIG_IGN
+        ]  # fmt: skip
         previous = {sig: signal.signal(sig, self.handle) for sig in self.signals}
         try:
             yield

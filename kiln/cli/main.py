@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
@@ -93,6 +94,90 @@ def db_current() -> None:
     from kiln.db import migrate
 
     typer.echo(migrate.current(client_settings()) or "base")
+
+
+@app.command()
+def deploy(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="The app file, e.g. app.py.", exists=True, dir_okay=False, readable=True
+        ),
+    ],
+) -> None:
+    """Package the app in FILE with its local modules, deploy it, and print its URLs."""
+    import base64
+
+    from kiln.cli.client import ApiClient
+    from kiln.functions.package import package
+
+    settings = client_settings()
+    pkg = package(file)
+    body = {
+        "app": pkg.app.name,
+        "digest": pkg.digest,
+        "entrypoint": pkg.entrypoint,
+        "functions": [spec.to_dict() for spec in pkg.app.spec()],
+        "archive": base64.b64encode(pkg.archive).decode(),
+    }
+    with ApiClient(settings) as api:
+        result = api.request("POST", "/v1/apps", json=body).json()
+    verb = "unchanged" if result["unchanged"] else "deployed"
+    typer.echo(f"{verb} {result['app']} version {result['version']} ({len(pkg.files)} files)")
+    for endpoint in result["endpoints"]:
+        typer.echo(f"  {endpoint['name']:<24} POST {endpoint['url']}")
+
+
+@app.command()
+def call(
+    target: Annotated[str, typer.Argument(help="APP/FUNCTION or APP/Class.method")],
+    data: Annotated[str, typer.Argument(help="JSON object of keyword arguments.")] = "{}",
+) -> None:
+    """Call a function and print its result."""
+    from kiln.cli.client import ApiClient
+
+    app_name, slash, name = target.partition("/")
+    if not slash or not app_name or not name:
+        raise typer.BadParameter(f"{target!r} is not APP/FUNCTION or APP/Class.method")
+    with ApiClient(client_settings()) as api:
+        response = api.request(
+            "POST",
+            f"/v1/run/{app_name}/{name}",
+            content=data.encode(),
+            headers={"Content-Type": "application/json"},
+        )
+    if response.headers.get("content-type", "").startswith("application/json"):
+        typer.echo(response.text)
+    else:
+        sys.stdout.buffer.write(response.content)
+
+
+@app.command()
+def ps() -> None:
+    """List functions with their replicas."""
+    from kiln.cli.client import ApiClient
+
+    with ApiClient(client_settings()) as api:
+        functions = api.request("GET", "/v1/functions").json()["functions"]
+        rows = [("FUNCTION", "KIND", "GPU", "REPLICAS", "MIN", "MAX", "IDLE")]
+        details = []
+        for fn in functions:
+            rows.append(
+                (f"{fn['app']}/{fn['name']}", fn["kind"], fn["gpu"], str(fn["replicas"]),
+                 str(fn["min_replicas"]), str(fn["max_replicas"]), f"{fn['idle_timeout']}s")
+            )  # fmt: skip
+            if fn["replicas"]:
+                path = f"/v1/functions/{fn['app']}/{fn['name']}/replicas"
+                for replica in api.request("GET", path).json()["replicas"]:
+                    details.append(
+                        f"  {fn['app']}/{fn['name']}  {replica['id'][:8]}  {replica['state']:<9}"
+                        f"  node {replica['node']}  in flight {replica['in_flight']}"
+                    )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    for line in details:
+        typer.echo(line)
 
 
 def main() -> NoReturn:

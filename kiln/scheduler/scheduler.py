@@ -186,7 +186,7 @@ class Scheduler:
 
     async def _reconcile_function(self, function: _FunctionRow, now_mono: float) -> None:
         mine = [r for r in self.replicas.values() if r.function_id == str(function.id)]
-        current = [r for r in mine if r.version_id == str(function.version_id) and not r.draining]
+        current = [r for r in mine if r.version_id == str(function.version_id) and _serving(r)]
         # Old versions drain as soon as they are idle; new replicas take the demand.
         for old in mine:
             outdated = old.version_id != str(function.version_id) and not old.draining
@@ -386,6 +386,14 @@ class Scheduler:
             await session.execute(
                 sa.update(Replica).where(Replica.id == uuid.UUID(replica_id)).values(**values)
             )
+
+
+def _serving(tracked: _Tracked) -> bool:
+    """Starting or ready, and not on its way out (a replica may drain itself, e.g. after a
+    sync call overran its timeout)."""
+    if tracked.draining:
+        return False
+    return tracked.beat is None or tracked.beat.state in (ReplicaState.STARTING, ReplicaState.READY)
 
 
 def _with_live_settings(spec: dict[str, object], function: Function) -> dict[str, object]:
