@@ -63,6 +63,7 @@ class H:
     EVENT = "Kiln-Event"
     REPLICA = "Kiln-Replica"
     REQUEST_ID = "Kiln-Request-Id"
+    VERSION = "Kiln-Version"  # the app version the router resolved; older replicas hand it back
 
 
 class Event(enum.StrEnum):
@@ -143,6 +144,7 @@ class CallHeaders:
     timeout_s: float
     method: str | None = None
     request_id: str = ""
+    version: int = 0
 
     def to_headers(self) -> dict[str, str]:
         headers = {
@@ -153,6 +155,7 @@ class CallHeaders:
             H.ACCEPT_BY: f"{self.accept_by:.3f}",
             H.TIMEOUT: f"{self.timeout_s:g}",
             H.REQUEST_ID: self.request_id,
+            H.VERSION: str(self.version),
         }
         if self.method:
             headers[H.METHOD] = self.method
@@ -170,6 +173,7 @@ class CallHeaders:
             timeout_s=float(headers[H.TIMEOUT]),
             method=headers.get(H.METHOD) or None,
             request_id=headers.get(H.REQUEST_ID, ""),
+            version=int(headers.get(H.VERSION, "0")),
         )
 
 
@@ -202,6 +206,7 @@ class StartReplica:
     replica_id: str
     function_id: str
     version_id: str
+    version: int  # the app version's number, to compare with calls' Kiln-Version
     app: str
     function: str  # the function's or class's name
     artifact_digest: str

@@ -15,6 +15,7 @@ from kiln.settings import Settings
 __all__ = ["gpu_type_of", "node_slots"]
 
 _log = logging.getLogger(__name__)
+_CPU_SLOTS_PER_CORE = 4
 # NVML reports marketing names ("NVIDIA H100 80GB HBM3"); Kiln schedules by short type.
 _KNOWN = ("B200", "H200", "H100", "L40S", "A100", "A10G", "L4", "T4")
 
@@ -35,7 +36,8 @@ def node_slots(settings: Settings) -> dict[str, int]:
     gpus = _nvml_inventory()
     if gpus:
         return gpus
-    return {"none": os.cpu_count() or 1}
+    # CPU replicas spend most of their life waiting for calls, so cores are oversubscribed.
+    return {"none": _CPU_SLOTS_PER_CORE * (os.cpu_count() or 1)}
 
 
 def _nvml_inventory() -> dict[str, int]:

@@ -134,6 +134,12 @@ class Replica:
                 except NatsTimeout:
                     continue
                 for msg in messages:
+                    if _call_version(msg) > self.launch.version:
+                        # Deployed code is newer than ours: hand the call back for a replica
+                        # of the new version, and step aside.
+                        await msg.nak()
+                        self.draining.set()
+                        continue
                     # Taken: from here a crash surfaces to the caller as worker_lost (through
                     # our missing heartbeats), never as a silent second run.
                     await msg.ack()
@@ -273,6 +279,13 @@ class Replica:
         finally:
             for waiter in waiters:
                 waiter.cancel()
+
+
+def _call_version(msg: Msg) -> int:
+    try:
+        return int((msg.headers or {}).get(H.VERSION, "0"))
+    except ValueError:
+        return 0
 
 
 def main() -> None:

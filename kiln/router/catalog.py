@@ -30,6 +30,7 @@ class FunctionRoute:
     spec: FunctionSpec
     timeout_s: int
     startup_timeout_s: int
+    version: int
 
 
 def spec_of(version: AppVersion, name: str) -> FunctionSpec:
@@ -86,4 +87,5 @@ class Catalog:
             spec=spec_of(version, name),
             timeout_s=function.timeout_s,
             startup_timeout_s=function.startup_timeout_s,
+            version=version.version,
         )

@@ -123,6 +123,7 @@ class Dispatcher:
         timeout_s: float,
         startup_timeout_s: float,
         request_id: str,
+        version: int = 0,
     ) -> CallResult:
         call_id = uuid.uuid4().hex
         loop = asyncio.get_running_loop()
@@ -136,6 +137,7 @@ class Dispatcher:
             timeout_s=timeout_s,
             method=method,
             request_id=request_id,
+            version=version,
         )
         try:
             # The PubAck and the reply race: waiting for the ack first would add a round trip

@@ -82,6 +82,7 @@ async def run(request: Request) -> Response:
         timeout_s=route.timeout_s,
         startup_timeout_s=route.startup_timeout_s,
         request_id=request_id(request),
+        version=route.version,
     )
     svc.metrics.observe_call(app, time.perf_counter() - started)
     return Response(

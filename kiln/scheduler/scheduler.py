@@ -55,6 +55,7 @@ class _FunctionRow:
     app: str
     name: str
     version_id: uuid.UUID
+    version: int
     digest: str
     entrypoint: str
     spec: dict[str, object]
@@ -76,6 +77,7 @@ class _Tracked:
     node_id: str
     launched_at: float
     startup_timeout_s: float
+    gpu: str = "none"
     last_seen: float | None = None
     beat: ReplicaHeartbeat | None = None
     draining: bool = False
@@ -213,6 +215,7 @@ class Scheduler:
                 return
             for _ in range(want - len(current)):
                 if not await self._launch(function):
+                    await self._free_slot_for(function)
                     break
         elif want < len(current):
             views = [
@@ -269,6 +272,7 @@ class Scheduler:
             replica_id=replica_id,
             function_id=str(function.id),
             version_id=str(function.version_id),
+            version=function.version,
             app=function.app,
             function=function.name,
             artifact_digest=function.digest,
@@ -283,10 +287,36 @@ class Scheduler:
                 self.replicas[replica_id] = _Tracked(
                     replica_id, str(function.id), str(function.version_id), node.node_id,
                     launched_at=time.time(), startup_timeout_s=function.startup_timeout_s,
+                    gpu=function.gpu,
                 )  # fmt: skip
                 await self._record_replica(launch, node.node_id, reply)
                 return True
         return False  # nothing fits now; the demand waits in the queue
+
+    async def _free_slot_for(self, function: _FunctionRow) -> None:
+        """Nothing fits: drain the replica of another function that has been idle longest, if
+        it needs the same kind of slot and its function keeps its minimum, so waiting demand
+        does not starve behind replicas that only wait for their idle timeout."""
+        minimums = await self._minimums()
+        live: dict[str, int] = {}
+        for tracked in self.replicas.values():
+            if _serving(tracked):
+                live[tracked.function_id] = live.get(tracked.function_id, 0) + 1
+        candidates = [
+            t for t in self.replicas.values()
+            if _serving(t) and t.function_id != str(function.id) and t.gpu == function.gpu
+            and t.beat is not None and t.beat.in_flight == 0 and t.beat.idle_since is not None
+            and live[t.function_id] > minimums.get(t.function_id, 0)
+        ]  # fmt: skip
+        if candidates:
+            victim = min(candidates, key=lambda t: (t.beat.idle_since or 0.0) if t.beat else 0.0)
+            _log.info("draining idle replica %s to make room", victim.replica_id)
+            await self._drain(victim, grace_s=30)
+
+    async def _minimums(self) -> dict[str, int]:
+        async with transaction(self.sessions) as session:
+            rows = await session.execute(sa.select(Function.id, Function.min_replicas))
+            return {str(fid): minimum for fid, minimum in rows}
 
     async def _drain(self, tracked: _Tracked, grace_s: float) -> None:
         tracked.draining = True
@@ -326,6 +356,7 @@ class Scheduler:
                     continue
                 result[function.id] = _FunctionRow(
                     id=function.id, app=app, name=function.name, version_id=version.id,
+                    version=version.version,
                     digest=version.artifact_key, entrypoint=version.spec["entrypoint"],
                     spec=_with_live_settings(spec, function), gpu=function.gpu,
                     min_replicas=function.min_replicas, max_replicas=function.max_replicas,

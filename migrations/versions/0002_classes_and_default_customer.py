@@ -10,6 +10,7 @@ Revises: 0001
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from alembic import op
 
 revision = "0002"
@@ -28,8 +29,10 @@ def upgrade() -> None:
         "kind IN ('function', 'generator', 'websocket', 'class')",
     )
     op.execute(
-        "INSERT INTO customers (id, name, tier) "
-        f"VALUES ('{DEFAULT_CUSTOMER_ID}', 'default', 'enterprise') ON CONFLICT (id) DO NOTHING"
+        sa.text(
+            "INSERT INTO customers (id, name, tier) "
+            "VALUES (CAST(:id AS uuid), 'default', 'enterprise') ON CONFLICT (id) DO NOTHING"
+        ).bindparams(id=DEFAULT_CUSTOMER_ID)
     )
 
 
@@ -42,4 +45,8 @@ def downgrade() -> None:
         "functions",
         "kind IN ('function', 'generator', 'websocket')",
     )
-    op.execute(f"DELETE FROM customers WHERE id = '{DEFAULT_CUSTOMER_ID}'")
+    op.execute(
+        sa.text("DELETE FROM customers WHERE id = CAST(:id AS uuid)").bindparams(
+            id=DEFAULT_CUSTOMER_ID
+        )
+    )

@@ -1,0 +1,388 @@
+"""End to end on the real stack: the router, scheduler and a node agent in this process, real
+replica processes, real NATS (JetStream), PostgreSQL and Redis. Apps are deployed the way
+`kiln deploy` does it and called over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from kiln.db import bootstrap, migrate
+from kiln.devstack.ports import pick_port
+from kiln.functions.package import package
+from kiln.platform import serve_platform
+from kiln.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+BODY_LIMIT = 256 * 1024
+
+TROUBLE = """
+import asyncio
+import time
+
+import kiln
+
+app = kiln.App("trouble")
+
+
+@app.function
+def divide(a: float, b: float) -> float:
+    return a / b
+
+
+@app.function
+def a_set() -> object:
+    return {1, 2}
+
+
+@app.function(timeout=1)
+def sleepy(seconds: float) -> str:
+    time.sleep(seconds)
+    return "rested"
+
+
+@app.function(timeout=1)
+async def async_sleepy(seconds: float) -> str:
+    await asyncio.sleep(seconds)
+    return "rested"
+
+
+@app.function(timeout=60)
+def hang(seconds: float) -> str:
+    time.sleep(seconds)
+    return "survived"
+
+
+@app.function
+def reverse(data: bytes) -> bytes:
+    return data[::-1]
+"""
+
+
+@dataclass
+class Platform:
+    url: str
+    key: str
+    settings: Settings
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {self.key}"},
+            timeout=httpx.Timeout(60.0),
+        )
+
+    async def deploy(self, file: Path) -> dict[str, Any]:
+        pkg = package(file)
+        body = {
+            "app": pkg.app.name,
+            "digest": pkg.digest,
+            "entrypoint": pkg.entrypoint,
+            "functions": [spec.to_dict() for spec in pkg.app.spec()],
+            "archive": base64.b64encode(pkg.archive).decode(),
+        }
+        async with self.client() as client:
+            response = await client.post("/v1/apps", json=body)
+        assert response.status_code in (200, 201), response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+
+@pytest.fixture(scope="module")
+async def platform(
+    settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Platform]:
+    home = tmp_path_factory.mktemp("platform-home")
+    running = settings.replace(
+        home=home,
+        port=pick_port([], set()),
+        node_id="e2e-node",
+        node_gpus={"none": 16},
+        max_request_bytes=BODY_LIMIT,
+        shutdown_timeout_s=5.0,
+    )
+    await asyncio.to_thread(migrate.upgrade, running)
+    key = await bootstrap.ensure_operator_key(running, None)
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+    task = asyncio.create_task(serve_platform(running, stop, on_ready=ready.set))
+    await asyncio.wait_for(ready.wait(), 30)
+    try:
+        yield Platform(f"http://127.0.0.1:{running.port}", key, running)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+
+@pytest.fixture(scope="module")
+async def hello(platform: Platform) -> dict[str, Any]:
+    return await platform.deploy(ROOT / "examples" / "hello.py")
+
+
+@pytest.fixture(scope="module")
+async def trouble(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    app_file = tmp_path_factory.mktemp("trouble") / "trouble.py"
+    app_file.write_text(TROUBLE)
+    return await platform.deploy(app_file)
+
+
+async def call(platform: Platform, target: str, **kwargs: Any) -> httpx.Response:
+    async with platform.client() as client:
+        return await client.post(f"/v1/run/{target}", **kwargs)
+
+
+def error_of(response: httpx.Response) -> dict[str, str]:
+    error: dict[str, str] = response.json()["error"]
+    assert error["request_id"] == response.headers["x-request-id"]
+    return error
+
+
+# The happy path ---------------------------------------------------------------------------------
+
+
+async def test_function_and_class_method_are_called_through_http(
+    platform: Platform, hello: dict[str, Any]
+) -> None:
+    assert [e["name"] for e in hello["endpoints"]] == ["shout", "Greeter.greet"]
+    assert hello["endpoints"][0]["url"] == f"{platform.url}/v1/run/hello/shout"
+    shout = await call(platform, "hello/shout", json={"text": "hi"})
+    assert shout.status_code == 200, shout.text
+    assert shout.json() == "HI!"
+    greet = await call(platform, "hello/Greeter.greet", json={"name": "Ada"})
+    assert greet.status_code == 200, greet.text
+    assert greet.json() == "Hello, Ada!"
+
+
+async def test_warm_calls_reuse_the_replica(platform: Platform, hello: dict[str, Any]) -> None:
+    results = await asyncio.gather(
+        *(call(platform, "hello/shout", json={"text": f"n{i}"}) for i in range(20))
+    )
+    assert [r.json() for r in results] == [f"N{i}!" for i in range(20)]
+    async with platform.client() as client:
+        replicas = (await client.get("/v1/functions/hello/shout/replicas")).json()["replicas"]
+    assert 1 <= len(replicas) <= 4
+    assert {r["state"] for r in replicas} <= {"starting", "ready"}
+
+
+async def test_positional_json_and_bytes_bodies(platform: Platform, trouble: Any) -> None:
+    positional = await call(platform, "trouble/divide", json=[6, 3])
+    assert positional.json() == 2.0
+    reversed_ = await call(
+        platform,
+        "trouble/reverse",
+        content=b"\x00\x01abc",
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert reversed_.status_code == 200
+    assert reversed_.headers["content-type"] == "application/octet-stream"
+    assert reversed_.content == b"cba\x01\x00"
+
+
+async def test_redeploy_unchanged_is_a_no_op_and_a_change_makes_a_version(
+    platform: Platform, tmp_path: Path
+) -> None:
+    app_file = tmp_path / "versions.py"
+    source = textwrap.dedent(
+        """
+        import kiln
+
+        app = kiln.App("versions")
+
+
+        @app.function
+        def which() -> str:
+            return "{label}"
+        """
+    )
+    app_file.write_text(source.format(label="one"))
+    first = await platform.deploy(app_file)
+    assert (first["version"], first["unchanged"]) == (1, False)
+    assert (await call(platform, "versions/which")).json() == "one"
+    again = await platform.deploy(app_file)
+    assert (again["version"], again["unchanged"]) == (1, True)
+    app_file.write_text(source.format(label="two"))
+    second = await platform.deploy(app_file)
+    assert (second["version"], second["unchanged"]) == (2, False)
+    assert (await call(platform, "versions/which")).json() == "two"
+
+
+# Bad input --------------------------------------------------------------------------------------
+
+
+async def test_malformed_json_is_400(platform: Platform, trouble: Any) -> None:
+    response = await call(
+        platform,
+        "trouble/divide",
+        content=b'{"a": 1,',
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["code"] == "invalid_json"
+    assert error["message"].startswith("the body is not valid JSON: ")
+
+
+async def test_arguments_that_do_not_match_show_the_signature(
+    platform: Platform, trouble: Any
+) -> None:
+    response = await call(platform, "trouble/divide", json={"a": 1, "c": 2})
+    assert response.status_code == 400
+    assert error_of(response) == {
+        "code": "invalid_arguments",
+        "message": "missing a required argument: 'b'; the signature is "
+        "divide(a: float, b: float) -> float",
+        "request_id": response.headers["x-request-id"],
+    }
+
+
+async def test_unknown_app_function_and_method_are_404(platform: Platform, hello: Any) -> None:
+    cases = {
+        "nope/shout": "app 'nope' not found; `kiln deploy` creates it",
+        "hello/whisper": "function 'whisper' not found in app 'hello'",
+        "hello/Greeter.wave": "class Greeter in app 'hello' has no method 'wave'; its methods: "
+        "greet",
+        "hello/Greeter": "hello/Greeter is a class; call one of its methods: greet",
+    }
+    for target, message in cases.items():
+        response = await call(platform, target, json={})
+        assert response.status_code == 404, target
+        assert error_of(response)["message"] == message
+
+
+async def test_a_function_that_raises_is_500_with_its_exception(
+    platform: Platform, trouble: Any
+) -> None:
+    response = await call(platform, "trouble/divide", json={"a": 1, "b": 0})
+    assert response.status_code == 500
+    error = error_of(response)
+    assert error["code"] == "function_error"
+    assert error["message"] == "ZeroDivisionError: division by zero"
+    assert "Traceback" not in response.text
+
+
+async def test_an_unserialisable_result_is_500(platform: Platform, trouble: Any) -> None:
+    response = await call(platform, "trouble/a_set")
+    assert response.status_code == 500
+    error = error_of(response)
+    assert error["code"] == "unserializable_result"
+    assert error["message"].startswith("a_set returned a value that cannot be sent as JSON")
+
+
+async def test_a_body_over_the_limit_is_413(platform: Platform, trouble: Any) -> None:
+    response = await call(
+        platform,
+        "trouble/reverse",
+        content=b"x" * (BODY_LIMIT + 1),
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert response.status_code == 413
+    assert error_of(response)["code"] == "payload_too_large"
+
+
+async def test_missing_and_wrong_keys_are_401(platform: Platform, hello: Any) -> None:
+    async with httpx.AsyncClient(base_url=platform.url) as client:
+        bare = await client.post("/v1/run/hello/shout", json={"text": "x"})
+        wrong = await client.post(
+            "/v1/run/hello/shout",
+            json={"text": "x"},
+            headers={"Authorization": "Bearer kiln_op_" + "A" * 32 + "_AAAAAA"},
+        )
+    assert bare.status_code == wrong.status_code == 401
+    assert error_of(bare)["code"] == "unauthenticated"
+    assert error_of(wrong)["message"] == "malformed API key: check that it was copied whole"
+
+
+# Deadlines and lost replicas --------------------------------------------------------------------
+
+
+async def test_async_call_over_its_timeout_is_504_and_the_replica_lives_on(
+    platform: Platform, trouble: Any
+) -> None:
+    started = time.monotonic()
+    late = await call(platform, "trouble/async_sleepy", json={"seconds": 5})
+    assert late.status_code == 504
+    assert error_of(late)["code"] == "timeout"
+    assert time.monotonic() - started < 4.5
+    quick = await call(platform, "trouble/async_sleepy", json={"seconds": 0})
+    assert quick.json() == "rested"
+
+
+async def test_sync_call_over_its_timeout_is_504_and_the_replica_is_replaced(
+    platform: Platform, trouble: Any
+) -> None:
+    late = await call(platform, "trouble/sleepy", json={"seconds": 3})
+    assert late.status_code == 504
+    assert error_of(late)["code"] == "timeout"
+    # The overrun thread cannot be stopped: that replica drains away and a new one serves.
+    again = await call(platform, "trouble/sleepy", json={"seconds": 0})
+    assert again.status_code == 200
+    assert again.json() == "rested"
+
+
+def replica_processes(function: str) -> Iterator[psutil.Process]:
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if "kiln.invoker.replica" in cmdline:
+            launch = Path(cmdline[-1])
+            if launch.exists() and f'"function": "{function}"' in launch.read_text():
+                yield proc
+
+
+async def test_a_replica_killed_mid_call_is_502_worker_lost_within_seconds(
+    platform: Platform, trouble: Any
+) -> None:
+    pending = asyncio.create_task(call(platform, "trouble/hang", json={"seconds": 30}))
+    deadline = time.monotonic() + 30
+    victims: list[psutil.Process] = []
+    while not victims:
+        assert time.monotonic() < deadline, "no replica started for trouble/hang"
+        await asyncio.sleep(0.2)
+        victims = list(replica_processes("hang"))
+    await asyncio.sleep(1.0)  # let it take the call
+    killed_at = time.monotonic()
+    for victim in victims:
+        os.kill(victim.pid, signal.SIGKILL)
+    response = await pending
+    assert response.status_code == 502
+    assert error_of(response)["code"] == "worker_lost"
+    assert time.monotonic() - killed_at < 8
+
+
+# Deploying --------------------------------------------------------------------------------------
+
+
+def test_a_deploy_whose_file_fails_to_import_shows_the_users_traceback(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.py"
+    broken.write_text("import kiln\n\napp = kiln.App('broken')\nRATIO = 1 / 0\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
+    env.update(HOME=str(tmp_path), KILN_HOME=str(tmp_path), KILN_URL="http://127.0.0.1:9")
+    result = subprocess.run(
+        [sys.executable, "-m", "kiln", "deploy", str(broken)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ")
+    assert "broken.py failed to import" in result.stderr
+    assert 'broken.py", line 4' in result.stderr
+    assert "ZeroDivisionError: division by zero" in result.stderr
+    assert "kiln/functions" not in result.stderr
