@@ -30,11 +30,14 @@ pytest: setup
 
 test: lint typecheck pytest
 
-# The main job: the whole platform in the foreground (embedded services unless KILN_*_URL are set).
+# The main job: the whole platform in the foreground (embedded services unless KILN_*_URL are
+# set), with examples/hello.py deployed and called once cold and several times warm.
 demo: setup
-	$(BIN)/kiln dev
+	$(BIN)/kiln demo examples/hello.py \
+		--call 'shout={"text": "hello from kiln"}' --call 'Greeter.greet={"name": "Ada"}'
 
-dev: demo
+dev: setup
+	$(BIN)/kiln dev
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from types import FrameType
 
 from kiln.cli.config import ClientConfig, read_config, write_config
@@ -28,10 +28,14 @@ __all__ = ["run_dev"]
 _SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def _say_already_stopping() -> None:
+def _say(line: str) -> None:
     # os.write, not print: a signal handler may interrupt a print in progress.
     with contextlib.suppress(OSError):
-        os.write(2, b"kiln dev: already stopping, please wait\n")
+        os.write(2, f"{line}\n".encode())
+
+
+def _say_already_stopping() -> None:
+    _say("kiln dev: already stopping, please wait")
 
 
 class _Shutdown:
@@ -72,7 +76,13 @@ class _Shutdown:
                 signal.signal(sig, handler)
 
 
-def run_dev(settings: Settings, echo: Callable[[str], None]) -> None:
+def run_dev(
+    settings: Settings,
+    echo: Callable[[str], None],
+    after_ready: Callable[[Settings, str], Awaitable[None]] | None = None,
+) -> None:
+    """Run the platform until a signal. `after_ready(settings, api_key)`, if given, runs once
+    the router answers (kiln demo deploys and calls an app there)."""
     from kiln.db import bootstrap, migrate
 
     shutdown = _Shutdown()
@@ -104,14 +114,20 @@ def run_dev(settings: Settings, echo: Callable[[str], None]) -> None:
                 def ready() -> None:
                     _print_banner(echo, running, embedded, url, time.monotonic() - started)
 
-                asyncio.run(_serve(running, shutdown, ready))
+                then = None if after_ready is None else after_ready(running, api_key)
+                asyncio.run(_serve(running, shutdown, ready, then))
                 shutdown.reinstall()
         except KeyboardInterrupt:
             pass
     echo("kiln dev: stopped")
 
 
-async def _serve(settings: Settings, shutdown: _Shutdown, ready: Callable[[], None]) -> None:
+async def _serve(
+    settings: Settings,
+    shutdown: _Shutdown,
+    ready: Callable[[], None],
+    then: Awaitable[None] | None,
+) -> None:
     """The serving phase: signals now set an event that stops the platform in order."""
     from kiln.platform import serve_platform
 
@@ -127,7 +143,25 @@ async def _serve(settings: Settings, shutdown: _Shutdown, ready: Callable[[], No
 
     for sig in shutdown.signals:
         loop.add_signal_handler(sig, on_signal)
-    await serve_platform(settings, stop, on_ready=ready)
+    extra: list[asyncio.Task[None]] = []
+
+    def started() -> None:
+        ready()
+        if then is not None:
+            extra.append(asyncio.ensure_future(_report_failure(then)))
+
+    try:
+        await serve_platform(settings, stop, on_ready=started)
+    finally:
+        for task in extra:
+            task.cancel()
+
+
+async def _report_failure(work: Awaitable[None]) -> None:
+    try:
+        await work
+    except Exception as exc:  # noqa: BLE001 - the platform keeps serving; say what failed
+        _say(f"kiln dev: {type(exc).__name__}: {exc}")
 
 
 def _print_banner(

@@ -64,6 +64,29 @@ def dev(
     run_dev(settings, echo=typer.echo)
 
 
+@app.command()
+def demo(
+    file: Annotated[Path, typer.Argument(help="The app to deploy.", exists=True, dir_okay=False)],
+    call: Annotated[
+        list[str] | None, typer.Option(help="NAME=JSON: an entry point to time, repeatable.")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Router port.")] = None,
+) -> None:
+    """Run `kiln dev`, deploy FILE, time one cold and several warm calls of each --call."""
+    from kiln.cli.demo import parse_calls, run_demo
+    from kiln.cli.dev import run_dev
+
+    calls = parse_calls(call or [])
+    settings = load_settings()
+    if port is not None:
+        settings = settings.replace(port=port)
+    run_dev(
+        settings,
+        echo=typer.echo,
+        after_ready=lambda running, key: run_demo(running, key, file, calls, typer.echo),
+    )
+
+
 @db_app.command("upgrade")
 def db_upgrade(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
