@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from types import FrameType
 
+from kiln import _loop
 from kiln.cli.config import ClientConfig, read_config, write_config
 from kiln.devstack import DevStack, embedded_services
 from kiln.devstack.secrets import with_dev_secrets
@@ -115,7 +116,7 @@ def run_dev(
                     _print_banner(echo, running, embedded, url, time.monotonic() - started)
 
                 then = None if after_ready is None else after_ready(running, api_key)
-                asyncio.run(_serve(running, shutdown, ready, then))
+                _loop.run(_serve(running, shutdown, ready, then))
                 shutdown.reinstall()
         except KeyboardInterrupt:
             pass

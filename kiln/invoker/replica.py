@@ -33,6 +33,7 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 
+from kiln import _loop
 from kiln.codestore import CodeStore
 from kiln.db.enums import ReplicaState
 from kiln.errors import FunctionError, FunctionTimeout, KilnError
@@ -302,7 +303,7 @@ def main() -> None:
             loop.add_signal_handler(sig, replica.request_drain)
         return await replica.run()
 
-    sys.exit(asyncio.run(serve()))
+    sys.exit(_loop.run(serve()))
 
 
 if __name__ == "__main__":

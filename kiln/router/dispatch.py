@@ -52,6 +52,7 @@ _REMOTE_ERRORS: dict[str, type[KilnError]] = {
 }
 # After a replica accepted a call it has `timeout` to answer; this covers the reply's trip.
 _REPLY_GRACE_S = 2.0
+_HINT_INTERVAL_S = 0.25
 
 
 @dataclass
@@ -91,6 +92,7 @@ class Dispatcher:
         self.router_id = secrets.token_hex(6)
         self._pending: dict[str, _Pending] = {}
         self._last_seen: dict[str, float] = {}
+        self._hinted: dict[uuid.UUID, float] = {}
         self._subscriptions: list[Subscription] = []
         self._watchdog: asyncio.Task[None] | None = None
 
@@ -147,7 +149,7 @@ class Dispatcher:
                     self.subjects.calls(function_id), body, headers=headers.to_headers()
                 )
             )
-            await self.nc.publish(self.subjects.demand(function_id), b"")
+            await self._hint_demand(function_id)
             try:
                 await asyncio.wait_for(asyncio.shield(pending.accepted.wait()), startup_timeout_s)
             except TimeoutError:
@@ -169,6 +171,14 @@ class Dispatcher:
                 ) from None
         finally:
             self._pending.pop(call_id, None)
+
+    async def _hint_demand(self, function_id: uuid.UUID) -> None:
+        """Wake the scheduler (scale from zero without waiting for its next pass). Once per
+        function per interval is enough: the queue itself carries the exact demand."""
+        now = time.monotonic()
+        if now - self._hinted.get(function_id, 0.0) >= _HINT_INTERVAL_S:
+            self._hinted[function_id] = now
+            await self.nc.publish(self.subjects.demand(function_id), b"")
 
     def _on_reply_event(self, pending: _Pending, msg: Msg) -> None:
         headers = msg.headers or {}

@@ -1,0 +1,262 @@
+"""Warm-path overhead: a trivial function called through Kiln against a bare Starlette app that
+calls the same function in-process, on the same machine, in one run.
+
+    .venv/bin/python bench/warm_path.py [--requests 3000]
+
+Both servers run as their own processes (uvicorn, loopback); Kiln's is `kiln dev` with its
+embedded NATS, PostgreSQL and Redis and one replica of the function. The load generator is a
+minimal keep-alive HTTP/1.1 client on asyncio, so its own cost stays far below a millisecond.
+Targets (design.md): overhead p50 <= 1 ms and p99 <= 5 ms at one client; throughput at least
+half of the bare app's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from kiln.devstack.ports import pick_port
+from kiln.functions.package import package
+
+ROOT = Path(__file__).resolve().parents[1]
+
+APP = """
+import kiln
+
+app = kiln.App("bench")
+
+
+@app.function(concurrency=64, min_replicas=1)
+def echo(x: int) -> int:
+    return x
+"""
+
+BARE = """
+import json
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+
+def echo(x: int) -> int:
+    return x
+
+
+async def run(request: Request) -> Response:
+    kwargs = json.loads(await request.body())
+    return Response(json.dumps(echo(**kwargs)), media_type="application/json")
+
+
+app = Starlette(routes=[Route("/v1/run/bench/echo", run, methods=["POST"])])
+"""
+
+
+@dataclass
+class Result:
+    target: str
+    clients: int
+    p50_ms: float
+    p99_ms: float
+    rps: float
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection; enough of the protocol for these two servers."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def post(self, request: bytes) -> bytes:
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = head.split(b" ", 2)[1]
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        body = await self.reader.readexactly(length)
+        if status != b"200":
+            raise RuntimeError(f"HTTP {status.decode()}: {body[:200]!r}")
+        return body
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def build_request(port: int, key: str | None) -> bytes:
+    body = b'{"x": 7}'
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    return (
+        f"POST /v1/run/bench/echo HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def measure(target: str, port: int, key: str | None, clients: int, requests: int) -> Result:
+    request = build_request(port, key)
+    connections = [await Connection.open(port) for _ in range(clients)]
+    latencies: list[float] = []
+    per_client = max(1, requests // clients)
+
+    async def worker(conn: Connection, count: int, record: bool) -> None:
+        for _ in range(count):
+            started = time.perf_counter()
+            await conn.post(request)
+            if record:
+                latencies.append(time.perf_counter() - started)
+
+    await asyncio.gather(*(worker(c, 50, record=False) for c in connections))  # warm up
+    began = time.perf_counter()
+    await asyncio.gather(*(worker(c, per_client, record=True) for c in connections))
+    elapsed = time.perf_counter() - began
+    for conn in connections:
+        conn.close()
+    latencies.sort()
+    return Result(
+        target,
+        clients,
+        statistics.median(latencies) * 1000,
+        latencies[int(len(latencies) * 0.99) - 1] * 1000,
+        len(latencies) / elapsed,
+    )
+
+
+def wait_http(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def start_kiln(home: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
+    env.update(KILN_HOME=str(home), KILN_LOG_LEVEL="warning")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kiln", "dev", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(home / "kiln.log", "wb"),  # noqa: SIM115 - the child owns it
+    )
+    wait_http(f"http://127.0.0.1:{port}/healthz")
+    key = next(
+        line.split('"')[1]
+        for line in (home / "config.toml").read_text().splitlines()
+        if line.startswith("api_key")
+    )
+    return proc, key
+
+
+def deploy(port: int, key: str, app_file: Path) -> None:
+    pkg = package(app_file)
+    body = {
+        "app": pkg.app.name,
+        "digest": pkg.digest,
+        "entrypoint": pkg.entrypoint,
+        "functions": [spec.to_dict() for spec in pkg.app.spec()],
+        "archive": base64.b64encode(pkg.archive).decode(),
+    }
+    headers = {"Authorization": f"Bearer {key}"}
+    url = f"http://127.0.0.1:{port}"
+    httpx.post(f"{url}/v1/apps", json=body, headers=headers, timeout=60).raise_for_status()
+    # The first call waits for the replica to start; after that the path is warm.
+    response = httpx.post(f"{url}/v1/run/bench/echo", json={"x": 1}, headers=headers, timeout=120)
+    response.raise_for_status()
+
+
+def start_bare(directory: Path, port: int) -> subprocess.Popen[bytes]:
+    (directory / "bare_app.py").write_text(BARE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "bare_app:app", "--port", str(port),
+         "--log-level", "warning", "--no-access-log"],
+        cwd=directory,
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.post(f"http://127.0.0.1:{port}/v1/run/bench/echo", json={"x": 1}, timeout=1)
+            return proc
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def report(results: list[Result]) -> None:
+    print(f"\n{'target':<8} {'clients':>7} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>9}")
+    for r in results:
+        print(f"{r.target:<8} {r.clients:>7} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {r.rps:>9.0f}")
+    by = {(r.target, r.clients): r for r in results}
+    print("\nKiln against the bare app (targets from design.md):")
+    for clients in sorted({r.clients for r in results}):
+        bare, kiln = by[("bare", clients)], by[("kiln", clients)]
+        p50 = kiln.p50_ms - bare.p50_ms
+        p99 = kiln.p99_ms - bare.p99_ms
+        ratio = kiln.rps / bare.rps
+        line = f"  {clients:>2} client(s): overhead p50 {p50:+.2f} ms, p99 {p99:+.2f} ms"
+        if clients == 1:
+            line += f" (targets <= 1 ms: {'met' if p50 <= 1 else 'missed'}, <= 5 ms: "
+            line += f"{'met' if p99 <= 5 else 'missed'})"
+        print(f"{line}; throughput {ratio:.2f}x of bare (target >= 0.5: "
+              f"{'met' if ratio >= 0.5 else 'missed'})")  # fmt: skip
+
+
+async def run_all(kiln_port: int, key: str, bare_port: int, requests: int) -> list[Result]:
+    results = []
+    for clients in (1, 16):
+        results.append(await measure("bare", bare_port, None, clients, requests))
+        results.append(await measure("kiln", kiln_port, key, clients, requests))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=3000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
+        home = Path(tmp)
+        app_file = home / "bench_app.py"
+        app_file.write_text(APP)
+        kiln_port = pick_port([], set())
+        bare_port = pick_port([], {kiln_port})
+        kiln, key = start_kiln(home, kiln_port)
+        bare = start_bare(home, bare_port)
+        try:
+            deploy(kiln_port, key, app_file)
+            print(f"machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; "
+                  f"{args.requests} requests per measurement")  # fmt: skip
+            report(asyncio.run(run_all(kiln_port, key, bare_port, args.requests)))
+        finally:
+            bare.send_signal(signal.SIGTERM)
+            kiln.send_signal(signal.SIGTERM)
+            bare.wait(30)
+            kiln.wait(60)
+
+
+if __name__ == "__main__":
+    main()
