@@ -34,6 +34,7 @@ class Target:
         self.spec = spec
         self.obj = obj
         self.instance: Any = None
+        self._signatures: dict[str, inspect.Signature] = {}
         # One thread per concurrent input: sync user code never waits for a free thread.
         self.executor = ThreadPoolExecutor(
             max_workers=max(1, concurrency), thread_name_prefix="kiln-call"
@@ -69,7 +70,10 @@ class Target:
 
     async def call(self, method: str | None, body: bytes, content_type: str) -> Encoded:
         label, fn = self.callable_for(method)
-        args, kwargs = _decode(label, fn, body, content_type)
+        signature = self._signatures.get(label)
+        if signature is None:
+            signature = self._signatures[label] = _signature(fn)
+        args, kwargs = _decode(label, signature, body, content_type)
         return _encode(label, await self._run(fn, *args, **kwargs))
 
     async def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -86,10 +90,18 @@ def build_target(spec: FunctionSpec, obj: Any) -> Target:
     return Target(spec, obj, concurrency=spec.resources.concurrency)
 
 
+def _signature(fn: Callable[..., Any]) -> inspect.Signature:
+    """The signature as the user wrote it: with `from __future__ import annotations` the
+    annotations are strings, and showing them evaluated avoids quotes in messages."""
+    try:
+        return inspect.signature(fn, eval_str=True)
+    except Exception:  # noqa: BLE001 - an annotation that cannot be evaluated: show it as text
+        return inspect.signature(fn)
+
+
 def _decode(
-    label: str, fn: Callable[..., Any], body: bytes, content_type: str
+    label: str, signature: inspect.Signature, body: bytes, content_type: str
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    signature = inspect.signature(fn)
     if content_type == BYTES:
         args: tuple[Any, ...] = (body,)
         kwargs: dict[str, Any] = {}

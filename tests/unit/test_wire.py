@@ -1,0 +1,42 @@
+"""Wire messages survive their encoding and name their subjects under the namespace."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from kiln.wire import CallHeaders, H, ReplicaHeartbeat, Subjects, consumer_name, decode, encode
+
+
+def test_call_headers_round_trip() -> None:
+    call = CallHeaders(
+        call_id="c1", reply="ns.reply.r.c1", content_type="application/json",
+        accept_by=1234.5, timeout_s=30, method="greet", request_id="req_1", version=3,
+    )  # fmt: skip
+    headers = call.to_headers()
+    assert headers[H.VERSION] == "3"
+    assert CallHeaders.from_headers(headers) == call
+
+
+def test_call_headers_refuse_another_wire_version() -> None:
+    headers = CallHeaders("c", "r", "application/json", 1.0, 1.0).to_headers()
+    headers[H.WIRE] = "2"
+    with pytest.raises(ValueError, match="wire format '2'"):
+        CallHeaders.from_headers(headers)
+
+
+def test_heartbeat_round_trip() -> None:
+    beat = ReplicaHeartbeat("r", "f", "v", "node", "ready", 2, None, None)
+    assert decode(ReplicaHeartbeat, encode(beat)) == beat
+
+
+def test_subjects_live_under_the_namespace() -> None:
+    fid = uuid.UUID(int=7)
+    subjects = Subjects("t1")
+    assert subjects.calls(fid) == f"t1.calls.{fid.hex}"
+    assert subjects.all_calls == "t1.calls.>"
+    assert subjects.calls_stream == "t1_calls"
+    assert subjects.code_bucket == "t1_code"
+    assert subjects.reply("r", "c") == "t1.reply.r.c"
+    assert consumer_name(fid) == f"fn_{fid.hex}"
