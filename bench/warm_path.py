@@ -245,7 +245,12 @@ def main() -> None:
         kiln_port = pick_port([], set())
         bare_port = pick_port([], {kiln_port})
         kiln, key = start_kiln(home, kiln_port)
-        bare = start_bare(home, bare_port)
+        try:
+            bare = start_bare(home, bare_port)
+        except BaseException:
+            kiln.send_signal(signal.SIGTERM)
+            kiln.wait(60)
+            raise
         try:
             deploy(kiln_port, key, app_file)
             print(f"machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; "

@@ -35,6 +35,7 @@ __all__ = [
     "PermissionDenied",
     "RateLimited",
     "RequestTimeout",
+    "ResultTooLarge",
     "Unauthenticated",
     "Unavailable",
     "Unprocessable",
@@ -211,6 +212,10 @@ class FunctionError(KilnError):
 
 class UnserializableResult(FunctionError):
     code = "unserializable_result"
+
+
+class ResultTooLarge(FunctionError):
+    code = "result_too_large"
 
 
 class WorkerLost(KilnError):

@@ -73,8 +73,11 @@ async def serve_platform(
                 raise DevStackError("the router stopped while starting")
             await asyncio.sleep(0.02)
 
+        # The scheduler stops last, so it still records the exits of the replicas the node
+        # agent drains on the way out.
+        scheduler_stop = asyncio.Event()
         scheduler = asyncio.create_task(
-            Scheduler(nc, session_factory(engine), settings.namespace).run(stop),
+            Scheduler(nc, session_factory(engine), settings.namespace).run(scheduler_stop),
             name="kiln-scheduler",
         )
         agent = asyncio.create_task(NodeAgent(settings, nc).run(stop), name="kiln-node-agent")
@@ -85,10 +88,13 @@ async def serve_platform(
         done, _ = await asyncio.wait([*parts, stopped], return_when=asyncio.FIRST_COMPLETED)
         stop.set()
         server.should_exit = True
-        results = await asyncio.wait_for(
-            asyncio.gather(*parts, return_exceptions=True),
-            timeout=settings.shutdown_timeout_s + 30,
+        deadline = settings.shutdown_timeout_s + 30
+        first = await asyncio.wait_for(
+            asyncio.gather(router, agent, return_exceptions=True), timeout=deadline
         )
+        await asyncio.sleep(0.2)  # the last exit events are on their way
+        scheduler_stop.set()
+        results = [*first, *await asyncio.gather(scheduler, return_exceptions=True)]
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures and stopped not in done:
             raise failures[0]

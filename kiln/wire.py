@@ -11,7 +11,7 @@ Everything lives under the deployment's namespace `ns` (`KILN_NAMESPACE`):
 | `ns.hb.replica.<rid>`            | core          | replica → all (1 s)        |
 | `ns.hb.node.<node>`              | core          | node agent → scheduler     |
 | `ns.node.<node>.cmd`             | core req/rep  | scheduler → node agent     |
-| `ns.replica.<rid>.drain`         | core          | scheduler → replica        |
+| `ns.replica.<rid>.drain`         | core          | node agent → replica       |
 | `ns.events.replica`              | core          | node agent → scheduler     |
 
 `<fid>` is a function's UUID in hex. Calls carry their parameters in headers and the caller's

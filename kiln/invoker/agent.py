@@ -128,6 +128,19 @@ class NodeAgent:
         if slot is None:
             return {"ok": False, "error": f"no free slot for gpu={gpu!r} on {self.node_id}"}
         kind, indices = slot
+        try:
+            process = await self._spawn(launch, kind, indices)
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the slot goes back
+            self.slots.give_back(kind, indices)
+            return {"ok": False, "error": f"could not start the replica: {exc}"}
+        running = _Running(launch, process, kind, indices)
+        self.replicas[launch.replica_id] = running
+        running.waiter = asyncio.create_task(self._watch(running))
+        return {"ok": True, "node_id": self.node_id, "gpu_type": kind, "gpu_indices": indices}
+
+    async def _spawn(
+        self, launch: StartReplica, kind: str, indices: list[int]
+    ) -> asyncio.subprocess.Process:
         directory = self.workdir / launch.replica_id
         directory.mkdir(parents=True, exist_ok=True)
         launch_file = directory / "launch.json"
@@ -136,7 +149,7 @@ class NodeAgent:
         # A local file opens at once; the child inherits it as stdout and stderr.
         log = open(directory / "replica.log", "ab")  # noqa: SIM115, ASYNC230
         try:
-            process = await asyncio.create_subprocess_exec(
+            return await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
                 "kiln.invoker.replica",
@@ -149,27 +162,22 @@ class NodeAgent:
                 start_new_session=True,
                 preexec_fn=die_with_parent(signal.SIGTERM, os.getpid()),
             )
-        except OSError as exc:
-            self.slots.give_back(kind, indices)
-            return {"ok": False, "error": f"could not start the replica: {exc}"}
         finally:
             log.close()
-        running = _Running(launch, process, kind, indices)
-        self.replicas[launch.replica_id] = running
-        running.waiter = asyncio.create_task(self._watch(running))
-        return {"ok": True, "node_id": self.node_id, "gpu_type": kind, "gpu_indices": indices}
 
     def _replica_env(
         self, launch: StartReplica, directory: Path, kind: str, indices: list[int]
     ) -> dict[str, str]:
-        env = dict(launch.spec["resources"].get("env") or {})
+        env = {str(k): str(v) for k, v in (launch.spec["resources"].get("env") or {}).items()}
         env.update(
             PATH=f"{Path(sys.executable).parent}:{_BASE_PATH}",
             HOME=str(directory),
             PYTHONUNBUFFERED="1",
             KILN_NATS_URL=",".join(self.settings.nats_servers),
             KILN_NAMESPACE=self.settings.namespace,
-            KILN_HOME=str(self.settings.home),
+            # Replicas run customers' code: they get their own home (the code cache lives
+            # there), never the platform's, which holds config.toml and the dev secrets.
+            KILN_HOME=str(self.settings.home / "node"),
             KILN_LOG_LEVEL=self.settings.log_level.value,
             CUDA_VISIBLE_DEVICES="" if kind == "none" else ",".join(map(str, indices)),
         )
@@ -198,8 +206,9 @@ class NodeAgent:
         await self.nc.publish(self.subjects.drain(uuid.UUID(replica_id)), b"")
         for sig, wait_s in ((None, grace_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
             if sig is not None and running.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    running.process.send_signal(sig)
+                # The whole process group: what the user's code started goes too.
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(running.process.pid, sig)
             if running.waiter is not None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(running.waiter), wait_s)

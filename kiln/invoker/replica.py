@@ -36,7 +36,7 @@ from nats.js import JetStreamContext
 from kiln import _loop
 from kiln.codestore import CodeStore
 from kiln.db.enums import ReplicaState
-from kiln.errors import FunctionError, FunctionTimeout, KilnError
+from kiln.errors import FunctionError, FunctionTimeout, KilnError, ResultTooLarge
 from kiln.functions.loader import load_app, resolve
 from kiln.functions.package import unpack
 from kiln.functions.spec import FunctionSpec
@@ -58,6 +58,7 @@ __all__ = ["Replica", "main"]
 
 _log = logging.getLogger("kiln.replica")
 _FETCH_WAIT_S = 1.0
+_HEADER_ROOM = 8 * 1024
 
 
 class Replica:
@@ -77,6 +78,8 @@ class Replica:
         self.slot_freed = asyncio.Event()
         self.target: Target | None = None
         self.nc: NATS | None = None
+        self.poisoned = False
+        self._tasks: set[asyncio.Future[None]] = set()
 
     @property
     def concurrency(self) -> int:
@@ -96,6 +99,7 @@ class Replica:
             self.target = await self._load(js)
             await self.target.enter()
             self.state = ReplicaState.READY
+            self.idle_since = time.time()
             await self._beat()
             await self._serve(js)
         except Exception as exc:  # noqa: BLE001 - any failure to start is reported, then exit 1
@@ -112,11 +116,13 @@ class Replica:
         if not (code_dir / ".complete").exists():
             archive = await CodeStore(js, self.subjects).get(self.launch.artifact_digest)
             staging = code_dir.with_name(f"{code_dir.name}.{self.replica_id.hex}")
-            unpack(archive, staging)
+            await asyncio.to_thread(unpack, archive, staging)
             (staging / ".complete").touch()
             with contextlib.suppress(OSError):  # another replica may have won the race
                 staging.rename(code_dir)
-        app = load_app(code_dir / self.launch.entrypoint)
+        # Importing user code can take seconds (torch, a model's library); off the event loop,
+        # so heartbeats keep flowing and the replica is not taken for dead while it starts.
+        app = await asyncio.to_thread(load_app, code_dir / self.launch.entrypoint)
         return build_target(self.spec, resolve(app, self.launch.function))
 
     async def _serve(self, js: JetStreamContext) -> None:
@@ -133,6 +139,10 @@ class Replica:
                 try:
                     messages = await psub.fetch(free, timeout=_FETCH_WAIT_S)
                 except NatsTimeout:
+                    continue
+                except Exception as exc:  # noqa: BLE001 - a NATS hiccup; the next fetch retries
+                    _log.warning("fetching calls failed (%s); retrying", exc)
+                    await asyncio.sleep(0.5)
                     continue
                 for msg in messages:
                     if _call_version(msg) > self.launch.version:
@@ -202,15 +212,25 @@ class Replica:
             )
             await self._reply_error(call, FunctionError(f"{type(exc).__name__}: {exc}"))
             return
-        await self.nc.publish(
-            call.reply,
-            result.body,
-            headers={
-                H.EVENT: Event.RESULT,
-                H.CONTENT_TYPE: result.content_type,
-                H.REPLICA: str(self.replica_id),
-            },
-        )
+        limit = int(self.nc.max_payload) - _HEADER_ROOM
+        if len(result.body) > limit:
+            await self._reply_error(call, ResultTooLarge(
+                f"the result has {len(result.body)} bytes; results are limited to {limit} bytes"
+            ))  # fmt: skip
+            return
+        try:
+            await self.nc.publish(
+                call.reply,
+                result.body,
+                headers={
+                    H.EVENT: Event.RESULT,
+                    H.CONTENT_TYPE: result.content_type,
+                    H.REPLICA: str(self.replica_id),
+                },
+            )
+        except Exception as exc:  # noqa: BLE001 - tell the caller rather than leave it waiting
+            _log.error("could not send the result of call %s: %s", call.call_id, exc)
+            await self._reply_error(call, FunctionError(f"the result could not be sent: {exc}"))
 
     async def _reply_error(self, call: CallHeaders, error: KilnError) -> None:
         assert self.nc is not None
@@ -224,13 +244,23 @@ class Replica:
     def _poison(self, why: str) -> None:
         _log.error("replica will be replaced: %s", why)
         self.error = why
-        self.draining.set()
+        self.poisoned = True
+        self.request_drain()
 
     async def _on_drain(self, msg: Msg) -> None:
-        self.draining.set()
+        self.request_drain()
 
     def request_drain(self) -> None:
+        """Stop taking calls; say so at once, so the scheduler stops counting on us."""
+        if self.draining.is_set():
+            return
         self.draining.set()
+        if self.state in (ReplicaState.STARTING, ReplicaState.READY):
+            self.state = ReplicaState.DRAINING
+            if self.nc is not None:
+                beat = asyncio.ensure_future(self._beat())
+                self._tasks.add(beat)
+                beat.add_done_callback(self._tasks.discard)
 
     async def _finish(self, heartbeat: asyncio.Task[None], drain_sub: Any) -> None:
         if self.state is not ReplicaState.FAILED:
@@ -238,8 +268,10 @@ class Replica:
         if self.target is not None:
             try:
                 await asyncio.wait_for(self.target.exit(), 30)
+            except TimeoutError:
+                _log.error("@exit hooks did not finish within 30 s; exiting without them")
             except Exception as exc:  # noqa: BLE001 - the user's @exit failing must not hang us
-                _log.error("@exit hook failed: %s", exc)
+                _log.error("@exit hook failed: %s: %s", type(exc).__name__, exc)
         if self.state is not ReplicaState.FAILED:
             self.state = ReplicaState.STOPPED
         heartbeat.cancel()
@@ -303,7 +335,13 @@ def main() -> None:
             loop.add_signal_handler(sig, replica.request_drain)
         return await replica.run()
 
-    sys.exit(_loop.run(serve()))
+    code = _loop.run(serve())
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Not sys.exit: interpreter shutdown would wait for a user thread still stuck in an
+    # overrun sync call, keeping a replica that already said goodbye alive.
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -54,10 +54,15 @@ class Target:
             await self._run(getattr(self.instance, name))
 
     async def exit(self) -> None:
+        # Not on the call threads: one may be stuck in an overrun call.
+        self.executor.shutdown(wait=False, cancel_futures=True)
         if self.instance is not None:
             for name in lifecycle(self.obj).exit:
-                await self._run(getattr(self.instance, name))
-        self.executor.shutdown(wait=False, cancel_futures=True)
+                hook = getattr(self.instance, name)
+                if inspect.iscoroutinefunction(hook):
+                    await hook()
+                else:
+                    await asyncio.to_thread(hook)
 
     # Calls -------------------------------------------------------------------------------------
 

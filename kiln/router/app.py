@@ -77,6 +77,11 @@ ROUTES = [
 ]
 
 
+_FAMILIES = frozenset(
+    {"/v1/run", "/v1/apps", "/v1/functions", "/healthz", "/readyz", "/metrics", "/openapi.json"}
+)
+
+
 class CountRequests:
     """Counts responses by route family and status; a pure ASGI wrapper, so it costs almost
     nothing on the warm path."""
@@ -91,6 +96,8 @@ class CountRequests:
             return
         parts = scope["path"].split("/")
         family = "/".join(parts[:3]) if len(parts) > 2 else scope["path"]
+        if family not in _FAMILIES:
+            family = "other"  # arbitrary paths must not grow the label set
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":

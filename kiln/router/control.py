@@ -3,6 +3,7 @@ scaling settings live."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -48,6 +49,14 @@ async def _json_body(request: Request, limit: int) -> Any:
         raise InvalidJson(f"the body is not valid JSON: {exc}") from None
 
 
+def _parse_deploy(body: bytes) -> DeployRequest:
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise InvalidJson(f"the body is not valid JSON: {exc}") from None
+    return DeployRequest.from_json(data)
+
+
 def _url(request: Request, app: str, name: str) -> str:
     return str(request.base_url).rstrip("/") + f"/v1/run/{app}/{name}"
 
@@ -55,7 +64,9 @@ def _url(request: Request, app: str, name: str) -> str:
 async def deploy_app(request: Request) -> Response:
     svc = services(request)
     principal = await _control_principal(request)
-    deploy = DeployRequest.from_json(await _json_body(request, svc.settings.max_request_bytes))
+    body = await read_body(request, svc.settings.max_request_bytes)
+    # Decoding and hashing an archive of megabytes would stall every other request.
+    deploy = await asyncio.to_thread(_parse_deploy, body)
     result = await svc.deployer.deploy(principal.owner_id, deploy)
     svc.catalog.invalidate()
     endpoints = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
 import hashlib
 import re
 import uuid
@@ -29,6 +30,7 @@ from kiln.db.enums import FunctionKind
 from kiln.db.models import App, AppVersion, Function
 from kiln.db.session import transaction
 from kiln.errors import InvalidRequest, InvalidSpec, NotFound
+from kiln.functions.options import parse_options
 from kiln.functions.spec import FunctionSpec, UnitKind
 from kiln.wire import Subjects, consumer_name
 
@@ -86,13 +88,24 @@ class DeployRequest:
         if not isinstance(data["functions"], list) or not data["functions"]:
             raise InvalidSpec(f"app {app!r} defines no functions")
         try:
-            functions = [FunctionSpec.from_dict(f) for f in data["functions"]]
-        except (ValueError, KeyError, TypeError) as exc:
+            functions = [_validated(FunctionSpec.from_dict(f)) for f in data["functions"]]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InvalidSpec(f"a function specification is not valid: {exc}") from None
+        entrypoint = data["entrypoint"]
+        if (
+            not isinstance(entrypoint, str)
+            or not entrypoint.endswith(".py")
+            or entrypoint.startswith("/")
+            or ".." in entrypoint.split("/")
+        ):
+            raise InvalidRequest(
+                f"entrypoint {entrypoint!r} is not valid: expected the app file's relative path "
+                "inside the archive, such as app.py"
+            )
         names = [f.name for f in functions]
         if len(set(names)) != len(names):
             raise InvalidSpec(f"app {app!r} defines a name twice: {sorted(names)}")
-        return cls(app, digest, str(data["entrypoint"]), functions, archive)
+        return cls(app, digest, entrypoint, functions, archive)
 
 
 @dataclass(frozen=True)
@@ -230,6 +243,31 @@ class Deployer:
             await session.delete(app)
         for function_id in ids:
             await self._drop_consumer(function_id)
+
+
+def _validated(spec: FunctionSpec) -> FunctionSpec:
+    """The server does not trust what a client sends: the SDK's own checks run again, so a
+    hand-made deploy cannot carry settings that `@app.function` would refuse."""
+    if not spec.name.isidentifier() or any(not m.isidentifier() for m in spec.entries):
+        raise InvalidSpec(f"function and method names must be Python identifiers: {spec.name!r}")
+    r = spec.resources
+    options = {
+        "gpu": r.gpu,
+        "min_replicas": r.min_replicas,
+        "max_replicas": r.max_replicas,
+        "buffer_replicas": r.buffer_replicas,
+        "idle_timeout": r.idle_timeout_s,
+        "concurrency": r.concurrency,
+        "target_concurrency": r.target_concurrency,
+        "timeout": r.timeout_s,
+        "startup_timeout": r.startup_timeout_s,
+        "retries": r.retries,
+        "memory_mb": r.memory_mb,
+        "env": r.env,
+        "secrets": list(r.secrets),
+    }
+    _, checked = parse_options(options, kind=spec.kind, default_name=spec.name)
+    return dataclasses.replace(spec, resources=checked)
 
 
 def _kind(spec: FunctionSpec) -> FunctionKind:

@@ -30,6 +30,7 @@ from kiln.errors import (
     InternalError,
     InvalidArguments,
     KilnError,
+    ResultTooLarge,
     Unavailable,
     UnserializableResult,
     WorkerLost,
@@ -48,11 +49,19 @@ __all__ = ["CallResult", "Dispatcher", "ensure_calls_stream"]
 # Errors a replica reports, by code, turned back into the router's exception classes.
 _REMOTE_ERRORS: dict[str, type[KilnError]] = {
     cls.code: cls
-    for cls in (FunctionError, UnserializableResult, InvalidArguments, FunctionTimeout, WorkerLost)
+    for cls in (
+        FunctionError,
+        UnserializableResult,
+        ResultTooLarge,
+        InvalidArguments,
+        FunctionTimeout,
+        WorkerLost,
+    )
 }
 # After a replica accepted a call it has `timeout` to answer; this covers the reply's trip.
 _REPLY_GRACE_S = 2.0
 _HINT_INTERVAL_S = 0.25
+_HEADER_ROOM = 8 * 1024
 
 
 @dataclass
@@ -96,6 +105,12 @@ class Dispatcher:
         self._subscriptions: list[Subscription] = []
         self._watchdog: asyncio.Task[None] | None = None
 
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest call body NATS carries (its max_payload, less room for headers); larger
+        payloads will travel through the object store (issue 6)."""
+        return max(1024, int(self.nc.max_payload) - _HEADER_ROOM)
+
     async def start(self) -> None:
         self._subscriptions = [
             await self.nc.subscribe(self.subjects.replies(self.router_id), cb=self._on_reply),
@@ -113,7 +128,10 @@ class Dispatcher:
                 await sub.unsubscribe()
         for pending in self._pending.values():
             if not pending.future.done():
-                pending.future.set_exception(Unavailable("the router is shutting down"))
+                pending.future.set_exception(
+                    Unavailable("the router is shutting down", retry_after=1)
+                )
+            pending.accepted.set()
 
     async def call(
         self,
@@ -141,26 +159,32 @@ class Dispatcher:
             request_id=request_id,
             version=version,
         )
+        accepted = asyncio.ensure_future(pending.accepted.wait())
         try:
             # The PubAck and the reply race: waiting for the ack first would add a round trip
-            # to every call, so the ack is checked alongside.
+            # to every call, so the ack is checked alongside; a failed publish answers at once.
             ack = asyncio.ensure_future(
                 self.js.publish(
                     self.subjects.calls(function_id), body, headers=headers.to_headers()
                 )
             )
+            ack.add_done_callback(_observe)
             await self._hint_demand(function_id)
-            try:
-                await asyncio.wait_for(asyncio.shield(pending.accepted.wait()), startup_timeout_s)
-            except TimeoutError:
-                if pending.future.done():
-                    return pending.future.result()
-                await _settle(ack)
+            done, _ = await asyncio.wait(
+                {ack, accepted}, timeout=startup_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if ack in done and not accepted.done() and ack.exception() is not None:
+                raise Unavailable(
+                    "the call queue did not accept the call", retry_after=1
+                ) from ack.exception()
+            if not accepted.done():
+                remaining = headers.accept_by - time.time()
+                await asyncio.wait({accepted}, timeout=max(0.0, remaining))
+            if not accepted.done():
                 raise FunctionTimeout(
                     f"no replica took the call within the function's startup_timeout "
                     f"({startup_timeout_s:g} s)"
-                ) from None
-            await _settle(ack)
+                )
             try:
                 return await asyncio.wait_for(
                     asyncio.shield(pending.future), timeout_s + _REPLY_GRACE_S
@@ -170,6 +194,7 @@ class Dispatcher:
                     f"the call did not finish within the function's timeout ({timeout_s:g} s)"
                 ) from None
         finally:
+            accepted.cancel()
             self._pending.pop(call_id, None)
 
     async def _hint_demand(self, function_id: uuid.UUID) -> None:
@@ -187,7 +212,7 @@ class Dispatcher:
             pending.replica_id = headers.get(H.REPLICA)
             if pending.replica_id:
                 # It just spoke: alive now, even if none of its heartbeats reached us yet.
-                self._last_seen.setdefault(uuid.UUID(pending.replica_id).hex, time.monotonic())
+                self._last_seen[uuid.UUID(pending.replica_id).hex] = time.monotonic()
             pending.accepted.set()
             return
         pending.accepted.set()
@@ -218,6 +243,11 @@ class Dispatcher:
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL_S / 2)
             now = time.monotonic()
+            if not self.nc.is_connected:
+                # Our own link is down, not the replicas: give everyone a fresh start.
+                for key in self._last_seen:
+                    self._last_seen[key] = now
+                continue
             for pending in list(self._pending.values()):
                 replica = pending.replica_id
                 if replica is None or pending.future.done():
@@ -232,12 +262,10 @@ class Dispatcher:
                     del self._last_seen[replica]
 
 
-async def _settle(ack: asyncio.Future[Any]) -> None:
-    """A call JetStream did not store never reaches a replica: report that, not a timeout."""
-    try:
-        await asyncio.wait_for(ack, 5)
-    except Exception as exc:
-        raise Unavailable("the call queue did not accept the call", retry_after=1) from exc
+def _observe(future: asyncio.Future[Any]) -> None:
+    """Mark a late PubAck failure as seen: once a replica accepted the call it is moot."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _remote_error(data: bytes) -> KilnError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Mapping
@@ -20,6 +21,13 @@ JSON = "application/json"
 BYTES = "application/octet-stream"
 # Content types that clients send for JSON without saying so (curl -d sends form encoding).
 _MAYBE_JSON = ("", "application/x-www-form-urlencoded", "text/plain")
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -71,19 +79,34 @@ async def run(request: Request) -> Response:
             "its streaming or WebSocket route, not /v1/run"
         )
     body, content_type = classify(
-        await read_body(request, svc.settings.max_request_bytes),
+        await read_body(
+            request, min(svc.settings.max_request_bytes, svc.dispatcher.max_body_bytes)
+        ),
         request.headers.get("content-type", ""),
     )
-    result = await svc.dispatcher.call(
-        route.function_id,
-        body,
-        content_type=content_type,
-        method=method or None,
-        timeout_s=route.timeout_s,
-        startup_timeout_s=route.startup_timeout_s,
-        request_id=request_id(request),
-        version=route.version,
+    call = asyncio.ensure_future(
+        svc.dispatcher.call(
+            route.function_id,
+            body,
+            content_type=content_type,
+            method=method or None,
+            timeout_s=route.timeout_s,
+            startup_timeout_s=route.startup_timeout_s,
+            request_id=request_id(request),
+            version=route.version,
+        )
     )
+    # The body is read, so the next message from the client can only be its disconnect: stop
+    # waiting for a caller who left (cancelling the call inside the replica is issue 6's).
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({call, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not call.done():
+        call.cancel()
+        return Response(status_code=499)
+    result = call.result()
     svc.metrics.observe_call(app, time.perf_counter() - started)
     return Response(
         result.body,

@@ -47,6 +47,10 @@ __all__ = ["Scheduler"]
 _log = logging.getLogger("kiln.scheduler")
 _PERIOD_S = 1.0
 _COMMAND_TIMEOUT_S = 5.0
+# Room is made only from replicas idle at least this long, so busy functions do not thrash.
+_MIN_IDLE_TO_PREEMPT_S = 10.0
+# After a restart, replicas that have not heartbeated within this time are gone.
+_ADOPTION_WINDOW_S = 2 * REPLICA_LOST_AFTER_S
 
 
 @dataclass
@@ -82,6 +86,7 @@ class _Tracked:
     beat: ReplicaHeartbeat | None = None
     draining: bool = False
     recorded_ready: bool = False
+    recorded_in_flight: int = -1
 
 
 class Scheduler:
@@ -97,6 +102,9 @@ class Scheduler:
         self.wake = asyncio.Event()
         self.backoff_until: dict[uuid.UUID, float] = {}
         self.failures: dict[uuid.UUID, int] = {}
+        self.pending: dict[uuid.UUID, int] = {}
+        self.started_at = time.monotonic()
+        self.swept = False
 
     async def run(self, stop: asyncio.Event) -> None:
         subs = [
@@ -178,9 +186,15 @@ class Scheduler:
     async def reconcile(self) -> None:
         now_mono = time.monotonic()
         await self._mark_lost(now_mono)
+        if not self.swept and now_mono - self.started_at > _ADOPTION_WINDOW_S:
+            await self._sweep_unadopted()
         functions = await self._load_functions()
         for function in functions.values():
-            await self._reconcile_function(function, now_mono)
+            try:
+                await self._reconcile_function(function, now_mono)
+            except Exception:  # noqa: BLE001 - one bad function must not stall the others
+                _log.exception("reconciling %s/%s failed", function.app, function.name)
+        await self._record_in_flight()
         # Replicas of functions that no longer exist (app deleted, function removed): drain.
         for tracked in list(self.replicas.values()):
             if uuid.UUID(tracked.function_id) not in functions and not tracked.draining:
@@ -190,9 +204,14 @@ class Scheduler:
         mine = [r for r in self.replicas.values() if r.function_id == str(function.id)]
         current = [r for r in mine if r.version_id == str(function.version_id) and _serving(r)]
         # Old versions drain as soon as they are idle; new replicas take the demand.
+        # Old versions drain once idle or once a replica of the current version is ready (a
+        # drain finishes what it holds); new replicas take the demand.
+        current_ready = any(
+            r.beat is not None and r.beat.state == ReplicaState.READY for r in current
+        )
         for old in mine:
             outdated = old.version_id != str(function.version_id) and not old.draining
-            if outdated and (old.beat is None or old.beat.in_flight == 0):
+            if outdated and (current_ready or old.beat is None or old.beat.in_flight == 0):
                 await self._drain(old, grace_s=function.timeout_s + 10)
         for tracked in current:
             ready = tracked.beat is not None and tracked.beat.state == ReplicaState.READY
@@ -200,7 +219,7 @@ class Scheduler:
                 tracked.recorded_ready = True
                 self.failures.pop(function.id, None)
                 await self._set_state(tracked.replica_id, ReplicaState.READY, ready=True)
-        pending = await self._pending(function.id)
+        pending = self.pending[function.id] = await self._pending(function.id)
         running = sum(r.beat.in_flight for r in current if r.beat is not None)
         want = desired_replicas(
             pending=pending,
@@ -230,7 +249,9 @@ class Scheduler:
             for replica_id in idle_to_stop(
                 views, keep=want, idle_timeout_s=function.idle_timeout_s, now=time.time()
             ):
-                await self._drain(self.replicas[replica_id], grace_s=function.timeout_s + 10)
+                idle = self.replicas.get(replica_id)
+                if idle is not None:
+                    await self._drain(idle, grace_s=function.timeout_s + 10)
 
     async def _pending(self, function_id: uuid.UUID) -> int:
         try:
@@ -243,6 +264,16 @@ class Scheduler:
 
     async def _mark_lost(self, now_mono: float) -> None:
         for tracked in list(self.replicas.values()):
+            starting = tracked.beat is not None and tracked.beat.state == ReplicaState.STARTING
+            if starting and time.time() - tracked.launched_at > tracked.startup_timeout_s:
+                # Alive but never ready (a hung import or @enter): replace it.
+                del self.replicas[tracked.replica_id]
+                await self._set_state(
+                    tracked.replica_id, ReplicaState.FAILED, stopped=True,
+                    error=f"not ready within startup_timeout ({tracked.startup_timeout_s:g} s)",
+                )  # fmt: skip
+                await self._stop_now(tracked)
+                continue
             silent_since = tracked.last_seen
             if silent_since is None:
                 # Never heard from: allowed its startup time before it counts as lost.
@@ -255,8 +286,7 @@ class Scheduler:
             await self._set_state(
                 tracked.replica_id, ReplicaState.LOST, error="stopped heartbeating", stopped=True
             )
-            await self._command(tracked.node_id, {"op": "stop", "replica_id": tracked.replica_id,
-                                                  "grace_s": 0})  # fmt: skip
+            await self._stop_now(tracked)
 
     # Actions -----------------------------------------------------------------------------------
 
@@ -302,10 +332,14 @@ class Scheduler:
         for tracked in self.replicas.values():
             if _serving(tracked):
                 live[tracked.function_id] = live.get(tracked.function_id, 0) + 1
+        now = time.time()
         candidates = [
             t for t in self.replicas.values()
             if _serving(t) and t.function_id != str(function.id) and t.gpu == function.gpu
-            and t.beat is not None and t.beat.in_flight == 0 and t.beat.idle_since is not None
+            and t.beat is not None and t.beat.state == ReplicaState.READY
+            and t.beat.in_flight == 0 and t.beat.idle_since is not None
+            and now - t.beat.idle_since >= _MIN_IDLE_TO_PREEMPT_S
+            and not self.pending.get(uuid.UUID(t.function_id))
             and live[t.function_id] > minimums.get(t.function_id, 0)
         ]  # fmt: skip
         if candidates:
@@ -317,6 +351,11 @@ class Scheduler:
         async with transaction(self.sessions) as session:
             rows = await session.execute(sa.select(Function.id, Function.min_replicas))
             return {str(fid): minimum for fid, minimum in rows}
+
+    async def _stop_now(self, tracked: _Tracked) -> None:
+        await self._command(
+            tracked.node_id, {"op": "stop", "replica_id": tracked.replica_id, "grace_s": 0}
+        )
 
     async def _drain(self, tracked: _Tracked, grace_s: float) -> None:
         tracked.draining = True
@@ -395,6 +434,39 @@ class Scheduler:
                     gpu_indices=list(indices) if isinstance(indices, list) else [],
                 )
             )
+
+    async def _sweep_unadopted(self) -> None:
+        """Rows of replicas this scheduler never heard from (they died with an earlier run)."""
+        self.swept = True
+        live = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.DRAINING)
+        known = [uuid.UUID(rid) for rid in self.replicas]
+        async with transaction(self.sessions) as session:
+            await session.execute(
+                sa.update(Replica)
+                .where(Replica.state.in_(live), Replica.id.not_in(known))
+                .values(
+                    state=ReplicaState.LOST,
+                    stopped_at=datetime.now(UTC),
+                    error="not running when the scheduler started",
+                )
+            )
+
+    async def _record_in_flight(self) -> None:
+        changed = [
+            t for t in self.replicas.values()
+            if t.beat is not None and t.beat.in_flight != t.recorded_in_flight
+        ]  # fmt: skip
+        if not changed:
+            return
+        async with transaction(self.sessions) as session:
+            for tracked in changed:
+                assert tracked.beat is not None
+                tracked.recorded_in_flight = tracked.beat.in_flight
+                await session.execute(
+                    sa.update(Replica)
+                    .where(Replica.id == uuid.UUID(tracked.replica_id))
+                    .values(in_flight=tracked.beat.in_flight, last_heartbeat_at=datetime.now(UTC))
+                )
 
     async def _set_state(
         self,

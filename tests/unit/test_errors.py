@@ -29,6 +29,7 @@ def all_errors() -> list[type[KilnError]]:
         (errors.InvalidArguments, 400, "invalid_arguments"),
         (errors.FunctionError, 500, "function_error"),
         (errors.UnserializableResult, 500, "unserializable_result"),
+        (errors.ResultTooLarge, 500, "result_too_large"),
         (errors.Unauthenticated, 401, "unauthenticated"),
         (errors.PaymentRequired, 402, "insufficient_balance"),
         (errors.PermissionDenied, 403, "permission_denied"),
