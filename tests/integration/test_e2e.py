@@ -72,6 +72,11 @@ def hang(seconds: float) -> str:
 @app.function
 def reverse(data: bytes) -> bytes:
     return data[::-1]
+
+
+@app.function
+def huge() -> bytes:
+    return b"x" * (4 * 1024 * 1024)
 """
 
 
@@ -308,6 +313,93 @@ async def test_missing_and_wrong_keys_are_401(platform: Platform, hello: Any) ->
     assert error_of(wrong)["message"] == "malformed API key: check that it was copied whole"
 
 
+async def test_a_result_over_the_message_limit_is_500_result_too_large(
+    platform: Platform, trouble: Any
+) -> None:
+    response = await call(platform, "trouble/huge")
+    assert response.status_code == 500
+    error = error_of(response)
+    assert error["code"] == "result_too_large"
+    assert error["message"].startswith("the result has 4194304 bytes; results are limited to ")
+
+
+async def raw_deploy(platform: Platform, app_file: Path, **override: Any) -> httpx.Response:
+    pkg = package(app_file)
+    body = {
+        "app": pkg.app.name,
+        "digest": pkg.digest,
+        "entrypoint": pkg.entrypoint,
+        "functions": [spec.to_dict() for spec in pkg.app.spec()],
+        "archive": base64.b64encode(pkg.archive).decode(),
+    }
+    body.update(override)
+    async with platform.client() as client:
+        return await client.post("/v1/apps", json=body)
+
+
+HANDMADE = """
+import kiln
+
+app = kiln.App("handmade")
+
+
+@app.function
+def f() -> int:
+    return 1
+"""
+
+
+async def test_the_server_checks_specs_a_client_made_by_hand(
+    platform: Platform, tmp_path: Path
+) -> None:
+    app_file = tmp_path / "handmade.py"
+    app_file.write_text(HANDMADE)
+    spec = package(app_file).app.spec()[0].to_dict()
+    spec["resources"]["gpu"] = "none:x"
+    bad_gpu = await raw_deploy(platform, app_file, functions=[spec])
+    assert bad_gpu.status_code == 400
+    assert error_of(bad_gpu)["code"] == "invalid_spec"
+    assert "gpu" in error_of(bad_gpu)["message"]
+    escape = await raw_deploy(platform, app_file, entrypoint="../../etc/passwd.py")
+    assert escape.status_code == 400
+    assert error_of(escape)["message"].startswith("entrypoint '../../etc/passwd.py' is not valid")
+    forged = await raw_deploy(platform, app_file, digest="0" * 64)
+    assert error_of(forged)["message"] == "the archive does not match its digest; upload it again"
+
+
+SLOW_START = """
+import time
+
+import kiln
+
+time.sleep(5)  # a heavy import
+app = kiln.App("slowstart")
+
+
+@app.function
+def ping() -> str:
+    return "pong"
+"""
+
+
+async def test_a_replica_with_a_slow_import_is_not_taken_for_dead(
+    platform: Platform, tmp_path: Path
+) -> None:
+    app_file = tmp_path / "slowstart.py"
+    app_file.write_text(SLOW_START)
+    await asyncio.to_thread(platform_deploy_sync, platform, app_file)
+    response = await call(platform, "slowstart/ping")
+    assert response.status_code == 200, response.text
+    assert response.json() == "pong"
+    async with platform.client() as client:
+        replicas = (await client.get("/v1/functions/slowstart/ping/replicas")).json()["replicas"]
+    assert len(replicas) == 1
+
+
+def platform_deploy_sync(platform: Platform, app_file: Path) -> None:
+    asyncio.run(platform.deploy(app_file))
+
+
 # Deadlines and lost replicas --------------------------------------------------------------------
 
 
@@ -326,9 +418,14 @@ async def test_async_call_over_its_timeout_is_504_and_the_replica_lives_on(
 async def test_sync_call_over_its_timeout_is_504_and_the_replica_is_replaced(
     platform: Platform, trouble: Any
 ) -> None:
-    late = await call(platform, "trouble/sleepy", json={"seconds": 3})
+    late = await call(platform, "trouble/sleepy", json={"seconds": 60})
     assert late.status_code == 504
     assert error_of(late)["code"] == "timeout"
+    # The replica whose thread is stuck for a minute leaves at once instead of waiting for it.
+    deadline = time.monotonic() + 10
+    while list(replica_processes("sleepy")):
+        assert time.monotonic() < deadline, "the poisoned replica did not exit"
+        await asyncio.sleep(0.2)
     # The overrun thread cannot be stopped: that replica drains away and a new one serves.
     again = await call(platform, "trouble/sleepy", json={"seconds": 0})
     assert again.status_code == 200
