@@ -63,7 +63,7 @@ class H:
     EVENT = "Kiln-Event"
     REPLICA = "Kiln-Replica"
     REQUEST_ID = "Kiln-Request-Id"
-    VERSION = "Kiln-Version"  # the app version the router resolved; older replicas hand it back
+    GENERATION = "Kiln-Generation"  # the function's deploy generation; older replicas hand it back
 
 
 class Event(enum.StrEnum):
@@ -144,7 +144,7 @@ class CallHeaders:
     timeout_s: float
     method: str | None = None
     request_id: str = ""
-    version: int = 0
+    generation: int = 0
 
     def to_headers(self) -> dict[str, str]:
         headers = {
@@ -155,7 +155,7 @@ class CallHeaders:
             H.ACCEPT_BY: f"{self.accept_by:.3f}",
             H.TIMEOUT: f"{self.timeout_s:g}",
             H.REQUEST_ID: self.request_id,
-            H.VERSION: str(self.version),
+            H.GENERATION: str(self.generation),
         }
         if self.method:
             headers[H.METHOD] = self.method
@@ -173,7 +173,7 @@ class CallHeaders:
             timeout_s=float(headers[H.TIMEOUT]),
             method=headers.get(H.METHOD) or None,
             request_id=headers.get(H.REQUEST_ID, ""),
-            version=int(headers.get(H.VERSION, "0")),
+            generation=int(headers.get(H.GENERATION, "0")),
         )
 
 
@@ -206,7 +206,7 @@ class StartReplica:
     replica_id: str
     function_id: str
     version_id: str
-    version: int  # the app version's number, to compare with calls' Kiln-Version
+    generation: int  # the function's deploy generation, compared with calls' Kiln-Generation
     app: str
     function: str  # the function's or class's name
     artifact_digest: str

@@ -108,6 +108,9 @@ class Function(Timestamps, Base):
     startup_timeout_s: Mapped[int] = int_default(600)
     retries: Mapped[int] = int_default(0)
     memory_mb: Mapped[int | None]
+    # Increases whenever current_version_id changes (rollbacks too); calls carry it and older
+    # replicas hand such calls back (kiln.wire, H.GENERATION).
+    generation: Mapped[int] = int_default(1)
     # The scaling settings an operator changed live: a redeploy keeps these and applies the
     # new version's values only to the rest.
     overridden: Mapped[list[str]] = mapped_column(
@@ -132,6 +135,7 @@ class Function(Timestamps, Base):
         sa.CheckConstraint("startup_timeout_s > 0", name="startup_timeout_positive"),
         sa.CheckConstraint("retries >= 0", name="retries_nonnegative"),
         sa.CheckConstraint("memory_mb > 0", name="memory_mb_positive"),
+        sa.CheckConstraint("generation >= 1", name="generation_positive"),
         sa.CheckConstraint(
             f"overridden <@ ARRAY[{_SCALING_NAMES}]::varchar[]", name="overridden_known"
         ),

@@ -145,9 +145,9 @@ class Replica:
                     await asyncio.sleep(0.5)
                     continue
                 for msg in messages:
-                    if _call_version(msg) > self.launch.version:
-                        # Deployed code is newer than ours: hand the call back for a replica
-                        # of the new version, and step aside.
+                    if _call_generation(msg) > self.launch.generation:
+                        # A deploy or rollback made other code current: hand the call back for
+                        # a replica of that generation, and step aside.
                         await msg.nak()
                         self.draining.set()
                         continue
@@ -314,9 +314,9 @@ class Replica:
                 waiter.cancel()
 
 
-def _call_version(msg: Msg) -> int:
+def _call_generation(msg: Msg) -> int:
     try:
-        return int((msg.headers or {}).get(H.VERSION, "0"))
+        return int((msg.headers or {}).get(H.GENERATION, "0"))
     except ValueError:
         return 0
 

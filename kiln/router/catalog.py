@@ -30,7 +30,7 @@ class FunctionRoute:
     spec: FunctionSpec
     timeout_s: int
     startup_timeout_s: int
-    version: int
+    generation: int
 
 
 def spec_of(version: AppVersion, name: str) -> FunctionSpec:
@@ -87,5 +87,5 @@ class Catalog:
             spec=spec_of(version, name),
             timeout_s=function.timeout_s,
             startup_timeout_s=function.startup_timeout_s,
-            version=version.version,
+            generation=function.generation,
         )

@@ -200,8 +200,10 @@ class Deployer:
         for spec in specs:
             function = existing.get(spec.name)
             if function is None:
-                function = Function(app_id=app.id, name=spec.name, overridden=[])
+                function = Function(app_id=app.id, name=spec.name, overridden=[], generation=1)
                 session.add(function)
+            elif function.current_version_id != version.id:
+                function.generation += 1
             function.current_version_id = version.id
             function.kind = _kind(spec)
             function.gpu = spec.resources.gpu

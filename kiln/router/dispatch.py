@@ -143,7 +143,7 @@ class Dispatcher:
         timeout_s: float,
         startup_timeout_s: float,
         request_id: str,
-        version: int = 0,
+        generation: int = 0,
     ) -> CallResult:
         call_id = uuid.uuid4().hex
         loop = asyncio.get_running_loop()
@@ -157,7 +157,7 @@ class Dispatcher:
             timeout_s=timeout_s,
             method=method,
             request_id=request_id,
-            version=version,
+            generation=generation,
         )
         accepted = asyncio.ensure_future(pending.accepted.wait())
         try:

@@ -93,7 +93,7 @@ async def run(request: Request) -> Response:
             timeout_s=route.timeout_s,
             startup_timeout_s=route.startup_timeout_s,
             request_id=request_id(request),
-            version=route.version,
+            generation=route.generation,
         )
     )
     # The body is read, so the next message from the client can only be its disconnect: stop

@@ -59,7 +59,7 @@ class _FunctionRow:
     app: str
     name: str
     version_id: uuid.UUID
-    version: int
+    generation: int
     digest: str
     entrypoint: str
     spec: dict[str, object]
@@ -302,7 +302,7 @@ class Scheduler:
             replica_id=replica_id,
             function_id=str(function.id),
             version_id=str(function.version_id),
-            version=function.version,
+            generation=function.generation,
             app=function.app,
             function=function.name,
             artifact_digest=function.digest,
@@ -395,7 +395,7 @@ class Scheduler:
                     continue
                 result[function.id] = _FunctionRow(
                     id=function.id, app=app, name=function.name, version_id=version.id,
-                    version=version.version,
+                    generation=function.generation,
                     digest=version.artifact_key, entrypoint=version.spec["entrypoint"],
                     spec=_with_live_settings(spec, function), gpu=function.gpu,
                     min_replicas=function.min_replicas, max_replicas=function.max_replicas,

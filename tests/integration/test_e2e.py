@@ -225,6 +225,12 @@ async def test_redeploy_unchanged_is_a_no_op_and_a_change_makes_a_version(
     second = await platform.deploy(app_file)
     assert (second["version"], second["unchanged"]) == (2, False)
     assert (await call(platform, "versions/which")).json() == "two"
+    # Rolling back to the first source makes version 1 current again, for every new call.
+    app_file.write_text(source.format(label="one"))
+    back = await platform.deploy(app_file)
+    assert (back["version"], back["unchanged"]) == (1, False)
+    answers = await asyncio.gather(*(call(platform, "versions/which") for _ in range(8)))
+    assert [a.json() for a in answers] == ["one"] * 8
 
 
 # Bad input --------------------------------------------------------------------------------------

@@ -12,10 +12,10 @@ from kiln.wire import CallHeaders, H, ReplicaHeartbeat, Subjects, consumer_name,
 def test_call_headers_round_trip() -> None:
     call = CallHeaders(
         call_id="c1", reply="ns.reply.r.c1", content_type="application/json",
-        accept_by=1234.5, timeout_s=30, method="greet", request_id="req_1", version=3,
+        accept_by=1234.5, timeout_s=30, method="greet", request_id="req_1", generation=3,
     )  # fmt: skip
     headers = call.to_headers()
-    assert headers[H.VERSION] == "3"
+    assert headers[H.GENERATION] == "3"
     assert CallHeaders.from_headers(headers) == call
 
 
