@@ -157,11 +157,11 @@ class Scheduler:
 
     async def _on_node(self, msg: Msg) -> None:
         beat = decode(NodeHeartbeat, msg.data)
-        first = beat.node_id not in self.nodes
-        self.nodes[beat.node_id] = (beat, time.monotonic())
-        if first:
+        if beat.node_id not in self.nodes:
+            # Recorded before it can be chosen: replica rows refer to their node.
             await self._record_node(beat)
             self.wake.set()
+        self.nodes[beat.node_id] = (beat, time.monotonic())
 
     async def _on_exit(self, msg: Msg) -> None:
         event = json.loads(msg.data)

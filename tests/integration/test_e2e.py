@@ -406,6 +406,46 @@ def platform_deploy_sync(platform: Platform, app_file: Path) -> None:
     asyncio.run(platform.deploy(app_file))
 
 
+IDLER = """
+import os
+
+import kiln
+
+app = kiln.App("idler")
+
+
+@app.cls(idle_timeout=1, env={"MARKER": "%s"})
+class Idler:
+    @kiln.method()
+    def hello(self) -> str:
+        return "hi"
+
+    @kiln.exit()
+    def goodbye(self) -> None:
+        with open(os.environ["MARKER"], "w") as marker:
+            marker.write("exited cleanly")
+"""
+
+
+async def test_an_idle_replica_scales_to_zero_and_runs_its_exit_hook(
+    platform: Platform, tmp_path: Path
+) -> None:
+    marker = tmp_path / "exited"
+    app_file = tmp_path / "idler.py"
+    app_file.write_text(IDLER % marker)
+    await platform.deploy(app_file)
+    assert (await call(platform, "idler/Idler.hello")).json() == "hi"
+    deadline = time.monotonic() + 20
+    async with platform.client() as client:
+        while True:
+            replicas = (await client.get("/v1/functions/idler/Idler/replicas")).json()
+            if not replicas["replicas"] and marker.exists():
+                break
+            assert time.monotonic() < deadline, f"still running: {replicas}"
+            await asyncio.sleep(0.25)
+    assert marker.read_text() == "exited cleanly"
+
+
 # Deadlines and lost replicas --------------------------------------------------------------------
 
 
