@@ -149,7 +149,7 @@ class Replica:
                         # A deploy or rollback made other code current: hand the call back for
                         # a replica of that generation, and step aside.
                         await msg.nak()
-                        self.draining.set()
+                        self.request_drain()
                         continue
                     # Taken: from here a crash surfaces to the caller as worker_lost (through
                     # our missing heartbeats), never as a silent second run.
