@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import os
 import signal
 import statistics
@@ -173,13 +172,7 @@ def start_kiln(home: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
 
 def deploy(port: int, key: str, app_file: Path) -> None:
     pkg = package(app_file)
-    body = {
-        "app": pkg.app.name,
-        "digest": pkg.digest,
-        "entrypoint": pkg.entrypoint,
-        "functions": [spec.to_dict() for spec in pkg.app.spec()],
-        "archive": base64.b64encode(pkg.archive).decode(),
-    }
+    body = pkg.deploy_body()
     headers = {"Authorization": f"Bearer {key}"}
     url = f"http://127.0.0.1:{port}"
     httpx.post(f"{url}/v1/apps", json=body, headers=headers, timeout=60).raise_for_status()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import statistics
 import time
@@ -48,14 +47,7 @@ async def run_demo(
     url = f"http://{settings.host}:{settings.port}"
     headers = {"Authorization": f"Bearer {api_key}"}
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120) as client:
-        body = {
-            "app": pkg.app.name,
-            "digest": pkg.digest,
-            "entrypoint": pkg.entrypoint,
-            "functions": [spec.to_dict() for spec in pkg.app.spec()],
-            "archive": base64.b64encode(pkg.archive).decode(),
-        }
-        deployed = (await client.post("/v1/apps", json=body)).raise_for_status().json()
+        deployed = (await client.post("/v1/apps", json=pkg.deploy_body())).raise_for_status().json()
         echo(f"demo: deployed {deployed['app']} version {deployed['version']}")
         for name, arguments in calls:
             path = f"/v1/run/{deployed['app']}/{name}"

@@ -129,20 +129,13 @@ def deploy(
     ],
 ) -> None:
     """Package the app in FILE with its local modules, deploy it, and print its URLs."""
-    import base64
 
     from kiln.cli.client import ApiClient
     from kiln.functions.package import package
 
     settings = client_settings()
     pkg = package(file)
-    body = {
-        "app": pkg.app.name,
-        "digest": pkg.digest,
-        "entrypoint": pkg.entrypoint,
-        "functions": [spec.to_dict() for spec in pkg.app.spec()],
-        "archive": base64.b64encode(pkg.archive).decode(),
-    }
+    body = pkg.deploy_body()
     with ApiClient(settings) as api:
         result = api.request("POST", "/v1/apps", json=body).json()
     verb = "unchanged" if result["unchanged"] else "deployed"

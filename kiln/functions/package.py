@@ -12,6 +12,7 @@ devices and oversized contents are refused before anything is written.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import io
@@ -21,6 +22,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from kiln.errors import InvalidPackage, PayloadTooLarge
 from kiln.functions.app import App
@@ -50,6 +52,16 @@ class Package:
     @property
     def size(self) -> int:
         return len(self.archive)
+
+    def deploy_body(self) -> dict[str, Any]:
+        """The JSON body of `POST /v1/apps` that deploys this package."""
+        return {
+            "app": self.app.name,
+            "digest": self.digest,
+            "entrypoint": self.entrypoint,
+            "functions": [spec.to_dict() for spec in self.app.spec()],
+            "archive": base64.b64encode(self.archive).decode(),
+        }
 
 
 def package(path: Path, *, max_bytes: int = MAX_PACKAGE_BYTES) -> Package:

@@ -9,6 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -173,14 +174,21 @@ def _find_function(
     return app, query.with_for_update(of=Function) if lock else query
 
 
+async def _one(
+    session: AsyncSession, query: sa.Select[Function], request: Request, app: str
+) -> Function:
+    function = await session.scalar(query)
+    if function is None:
+        raise NotFound(f"function {request.path_params['name']!r} not found in app {app!r}")
+    return function
+
+
 async def get_function(request: Request) -> Response:
     svc = services(request)
     principal = await _control_principal(request)
     app, query = _find_function(request, principal)
     async with transaction(svc.sessions) as session:
-        function = await session.scalar(query)
-        if function is None:
-            raise NotFound(f"function {request.path_params['name']!r} not found in app {app!r}")
+        function = await _one(session, query, request, app)
         live = await session.scalar(
             sa.select(sa.func.count()).where(
                 Replica.function_id == function.id, Replica.state.in_(_LIVE_REPLICA_STATES)
@@ -218,9 +226,7 @@ async def patch_function(request: Request) -> Response:
     app, query = _find_function(request, principal, lock=True)
     try:
         async with transaction(svc.sessions) as session:
-            function = await session.scalar(query)
-            if function is None:
-                raise NotFound(f"function {request.path_params['name']!r} not found in app {app!r}")
+            function = await _one(session, query, request, app)
             for key, value in changes.items():
                 setting = _PATCHABLE[key]
                 setattr(function, setting.value, value)
@@ -247,9 +253,7 @@ async def list_replicas(request: Request) -> Response:
     principal = await _control_principal(request)
     app, query = _find_function(request, principal)
     async with transaction(svc.sessions) as session:
-        function = await session.scalar(query)
-        if function is None:
-            raise NotFound(f"function {request.path_params['name']!r} not found in app {app!r}")
+        function = await _one(session, query, request, app)
         replicas = await session.scalars(
             sa.select(Replica)
             .where(Replica.function_id == function.id, Replica.state.in_(_LIVE_REPLICA_STATES))

@@ -5,7 +5,6 @@ replica processes, real NATS (JetStream), PostgreSQL and Redis. Apps are deploye
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import signal
 import subprocess
@@ -94,16 +93,8 @@ class Platform:
         )
 
     async def deploy(self, file: Path) -> dict[str, Any]:
-        pkg = package(file)
-        body = {
-            "app": pkg.app.name,
-            "digest": pkg.digest,
-            "entrypoint": pkg.entrypoint,
-            "functions": [spec.to_dict() for spec in pkg.app.spec()],
-            "archive": base64.b64encode(pkg.archive).decode(),
-        }
         async with self.client() as client:
-            response = await client.post("/v1/apps", json=body)
+            response = await client.post("/v1/apps", json=package(file).deploy_body())
         assert response.status_code in (200, 201), response.text
         result: dict[str, Any] = response.json()
         return result
@@ -330,15 +321,7 @@ async def test_a_result_over_the_message_limit_is_500_result_too_large(
 
 
 async def raw_deploy(platform: Platform, app_file: Path, **override: Any) -> httpx.Response:
-    pkg = package(app_file)
-    body = {
-        "app": pkg.app.name,
-        "digest": pkg.digest,
-        "entrypoint": pkg.entrypoint,
-        "functions": [spec.to_dict() for spec in pkg.app.spec()],
-        "archive": base64.b64encode(pkg.archive).decode(),
-    }
-    body.update(override)
+    body = {**package(app_file).deploy_body(), **override}
     async with platform.client() as client:
         return await client.post("/v1/apps", json=body)
 
