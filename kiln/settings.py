@@ -422,7 +422,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "KILN_NODE_GPUS",
         "node_gpus",
         _node_gpus,
-        "slots this node agent offers, e.g. A10G:2,none:8 (default: its GPUs, else its CPUs)",
+        "slots this node agent offers, e.g. A10G:2,none:8 (default: its GPUs and CPUs)",
     ),
     SettingSpec(
         "KILN_METRICS_PORT",

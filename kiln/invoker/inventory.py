@@ -1,4 +1,4 @@
-"""What a node offers: GPU slots by type, read through NVML, or CPU slots when there is no GPU.
+"""What a node offers: GPU slots by type, read through NVML, and CPU slots.
 
 `KILN_NODE_GPUS` overrides the inventory (simulated slots let several node agents on one
 machine stand for a GPU cluster in tests and demos).
@@ -33,11 +33,9 @@ def gpu_type_of(nvml_name: str) -> str:
 def node_slots(settings: Settings) -> dict[str, int]:
     if settings.node_gpus:
         return dict(settings.node_gpus)
-    gpus = _nvml_inventory()
-    if gpus:
-        return gpus
-    # CPU replicas spend most of their life waiting for calls, so cores are oversubscribed.
-    return {"none": _CPU_SLOTS_PER_CORE * (os.cpu_count() or 1)}
+    # A GPU host runs CPU functions too. CPU replicas spend most of their life waiting for
+    # calls, so cores are oversubscribed.
+    return {**_nvml_inventory(), "none": _CPU_SLOTS_PER_CORE * (os.cpu_count() or 1)}
 
 
 def _nvml_inventory() -> dict[str, int]:

@@ -46,3 +46,15 @@ def test_gpu_requests_and_names() -> None:
     assert gpu_type_of("NVIDIA H100 80GB HBM3") == "H100"
     assert gpu_type_of("NVIDIA A100-SXM4-80GB") == "A100-80GB"
     assert gpu_type_of("NVIDIA A10G") == "A10G"
+
+
+def test_a_gpu_host_offers_cpu_slots_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kiln.invoker import inventory
+    from kiln.settings import Settings
+
+    monkeypatch.setattr(inventory, "_nvml_inventory", lambda: {"H100": 8})
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    slots = inventory.node_slots(Settings.from_env({"HOME": "/h"}))
+    assert slots == {"H100": 8, "none": 64}
+    simulated = Settings.from_env({"HOME": "/h", "KILN_NODE_GPUS": "A10G:2"})
+    assert inventory.node_slots(simulated) == {"A10G": 2}
