@@ -6,7 +6,7 @@ it has free slots — and reply to each caller's inbox. On a drain order or SIGT
 nothing new, finishes what it holds, runs `@exit` and exits.
 
 A sync call that overruns its timeout cannot be stopped inside its thread; the caller gets its
-504 at once and the replica drains and exits, so the scheduler replaces it (`poisoned`).
+504 at once and the replica drains and exits, so the scheduler replaces it.
 
 Run as `python -m kiln.invoker.replica LAUNCH.json`; it holds no database or Stripe
 credentials and talks to the platform only over NATS.
@@ -78,7 +78,6 @@ class Replica:
         self.slot_freed = asyncio.Event()
         self.target: Target | None = None
         self.nc: NATS | None = None
-        self.poisoned = False
         self._tasks: set[asyncio.Future[None]] = set()
 
     @property
@@ -244,7 +243,6 @@ class Replica:
     def _poison(self, why: str) -> None:
         _log.error("replica will be replaced: %s", why)
         self.error = why
-        self.poisoned = True
         self.request_drain()
 
     async def _on_drain(self, msg: Msg) -> None:
