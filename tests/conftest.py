@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,3 +203,17 @@ def fresh_database(service_urls: ServiceUrls) -> Iterator[Callable[[], str]]:
     yield make
     for name in created:
         asyncio.run(_drop_database(service_urls.database_url, name))
+
+
+@pytest.fixture
+def isolated_imports(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test's app modules and sys.path entries disappear after it (for tests that import
+    apps from files; modules that use it opt in with `pytestmark`)."""
+    from kiln.functions import loader
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
+    loader._loaded_roots.clear()

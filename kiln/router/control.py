@@ -188,13 +188,11 @@ async def get_function(request: Request) -> Response:
     principal = await _control_principal(request)
     app, query = _find_function(request, principal)
     async with transaction(svc.sessions) as session:
-        function = await _one(session, query, request, app)
-        live = await session.scalar(
-            sa.select(sa.func.count()).where(
-                Replica.function_id == function.id, Replica.state.in_(_LIVE_REPLICA_STATES)
-            )
-        )
-        return JSONResponse(_function_view(app, function, live or 0))
+        row = (await session.execute(query.add_columns(_live_count()))).first()
+    if row is None:
+        raise NotFound(f"function {request.path_params['name']!r} not found in app {app!r}")
+    function, live = row
+    return JSONResponse(_function_view(app, function, live))
 
 
 _PATCHABLE = {

@@ -6,28 +6,19 @@ from __future__ import annotations
 import re
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import kiln
 from kiln.errors import AppImportError, InvalidSpec, NotFound
-from kiln.functions import Function, Lifecycle, lifecycle, loader
+from kiln.functions import Function, Lifecycle, lifecycle
 from kiln.functions.loader import import_app, load_app, resolve
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-@pytest.fixture(autouse=True)
-def isolated_imports(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Each test's app modules and sys.path entries disappear after it."""
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    before = set(sys.modules)
-    yield
-    for name in set(sys.modules) - before:
-        del sys.modules[name]
-    loader._loaded_roots.clear()
+pytestmark = pytest.mark.usefixtures("isolated_imports")
 
 
 def write(path: Path, source: str) -> Path:

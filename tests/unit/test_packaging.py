@@ -8,16 +8,14 @@ import hashlib
 import io
 import os
 import re
-import sys
 import tarfile
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from kiln.errors import InvalidPackage, PayloadTooLarge
-from kiln.functions import loader
 from kiln.functions.package import MAX_FILE_BYTES, package, unpack
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -33,15 +31,7 @@ def shout(text: str) -> str:
 """
 
 
-@pytest.fixture(autouse=True)
-def isolated_imports(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Each test's app modules and sys.path entries disappear after it."""
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    before = set(sys.modules)
-    yield
-    for name in set(sys.modules) - before:
-        del sys.modules[name]
-    loader._loaded_roots.clear()
+pytestmark = pytest.mark.usefixtures("isolated_imports")
 
 
 def write(path: Path, text: str = "") -> Path:
