@@ -6,7 +6,8 @@ Everything lives under the deployment's namespace `ns` (`KILN_NAMESPACE`):
 | subject                          | kind          | from → to                  |
 |----------------------------------|---------------|----------------------------|
 | `ns.calls.<fid>`                 | JetStream WQ  | router → replicas          |
-| `ns.reply.<router>.<call>`       | core          | replica → router           |
+| `ns.reply.<router>.<call>`       | core          | JetStream, replica → router|
+| `ns.accepted.<router>`           | core          | replica → router (batched) |
 | `ns.demand.<fid>`                | core          | router → scheduler (hint)  |
 | `ns.hb.replica.<rid>`            | core          | replica → all (1 s)        |
 | `ns.hb.node.<node>`              | core          | node agent → scheduler     |
@@ -44,7 +45,7 @@ __all__ = [
 
 _T = TypeVar("_T")
 
-WIRE_VERSION = "1"
+WIRE_VERSION = "2"
 HEARTBEAT_INTERVAL_S = 1.0
 # A replica silent for this long is lost: its callers get worker_lost, the scheduler replaces it.
 REPLICA_LOST_AFTER_S = 3.5
@@ -55,7 +56,7 @@ class H:
 
     WIRE = "Kiln-Wire"
     CALL_ID = "Kiln-Call-Id"
-    REPLY = "Kiln-Reply"
+    ROUTER = "Kiln-Router"  # the router waiting for the reply: subjects reply() and accepted()
     METHOD = "Kiln-Method"
     CONTENT_TYPE = "Kiln-Content-Type"
     ACCEPT_BY = "Kiln-Accept-By"  # epoch seconds; a call not started by then is dropped
@@ -69,7 +70,7 @@ class H:
 class Event(enum.StrEnum):
     """What a message on a reply subject says."""
 
-    ACCEPTED = "accepted"  # a replica took the call; from now on its heartbeats matter
+    # ACCEPTED travels on its own subject, batched: {"replica": id, "calls": [call ids]}.
     RESULT = "result"
     ERROR = "error"  # body: {"code", "message", "status"}
 
@@ -102,6 +103,10 @@ class Subjects:
 
     def reply(self, router_id: str, call_id: str) -> str:
         return f"{self.ns}.reply.{router_id}.{call_id}"
+
+    def accepted(self, router_id: str) -> str:
+        """Where replicas say which of this router's calls they took, several per message."""
+        return f"{self.ns}.accepted.{router_id}"
 
     def demand(self, function_id: uuid.UUID) -> str:
         return f"{self.ns}.demand.{function_id.hex}"
@@ -138,7 +143,7 @@ class Subjects:
 @dataclass(frozen=True)
 class CallHeaders:
     call_id: str
-    reply: str
+    router: str
     content_type: str
     accept_by: float
     timeout_s: float
@@ -150,7 +155,7 @@ class CallHeaders:
         headers = {
             H.WIRE: WIRE_VERSION,
             H.CALL_ID: self.call_id,
-            H.REPLY: self.reply,
+            H.ROUTER: self.router,
             H.CONTENT_TYPE: self.content_type,
             H.ACCEPT_BY: f"{self.accept_by:.3f}",
             H.TIMEOUT: f"{self.timeout_s:g}",
@@ -164,10 +169,12 @@ class CallHeaders:
     @classmethod
     def from_headers(cls, headers: dict[str, str]) -> CallHeaders:
         if headers.get(H.WIRE) != WIRE_VERSION:
-            raise ValueError(f"call in wire format {headers.get(H.WIRE)!r}, expected 1")
+            raise ValueError(
+                f"call in wire format {headers.get(H.WIRE)!r}, expected {WIRE_VERSION}"
+            )
         return cls(
             call_id=headers[H.CALL_ID],
-            reply=headers[H.REPLY],
+            router=headers[H.ROUTER],
             content_type=headers.get(H.CONTENT_TYPE, "application/json"),
             accept_by=float(headers[H.ACCEPT_BY]),
             timeout_s=float(headers[H.TIMEOUT]),

@@ -24,13 +24,13 @@ import sys
 import time
 import traceback
 import uuid
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 
 from kiln import _loop
@@ -40,6 +40,7 @@ from kiln.errors import FunctionError, FunctionTimeout, KilnError, ResultTooLarg
 from kiln.functions.loader import load_app, resolve
 from kiln.functions.package import unpack
 from kiln.functions.spec import FunctionSpec
+from kiln.invoker.feed import CallFeed
 from kiln.invoker.target import Target, build_target
 from kiln.settings import Settings
 from kiln.wire import (
@@ -57,7 +58,8 @@ from kiln.wire import (
 __all__ = ["Replica", "main"]
 
 _log = logging.getLogger("kiln.replica")
-_FETCH_WAIT_S = 1.0
+# How often the replica re-checks its pull requests (most top-ups happen as calls finish).
+_TOP_UP_EVERY_S = 1.0
 _HEADER_ROOM = 8 * 1024
 
 
@@ -75,9 +77,12 @@ class Replica:
         self.in_flight: set[asyncio.Task[None]] = set()
         self.idle_since: float | None = time.time()
         self.draining = asyncio.Event()
-        self.slot_freed = asyncio.Event()
         self.target: Target | None = None
         self.nc: NATS | None = None
+        self.feed: CallFeed | None = None
+        self._busy = 0  # calls taken and not finished (in_flight, counted before its tasks run)
+        self._accepts: dict[str, list[str]] = {}  # router id -> call ids taken, not yet told
+        self._replica_str = str(self.replica_id)
         self._tasks: set[asyncio.Future[None]] = set()
 
     @property
@@ -100,7 +105,7 @@ class Replica:
             self.state = ReplicaState.READY
             self.idle_since = time.time()
             await self._beat()
-            await self._serve(js)
+            await self._serve()
         except Exception as exc:  # noqa: BLE001 - any failure to start is reported, then exit 1
             code = 1
             self.state = ReplicaState.FAILED
@@ -124,44 +129,36 @@ class Replica:
         app = await asyncio.to_thread(load_app, code_dir / self.launch.entrypoint)
         return build_target(self.spec, resolve(app, self.launch.function))
 
-    async def _serve(self, js: JetStreamContext) -> None:
-        psub = await js.pull_subscribe_bind(
-            durable=consumer_name(self.function_id), stream=self.subjects.calls_stream
+    async def _serve(self) -> None:
+        assert self.nc is not None
+        self.feed = CallFeed(
+            self.nc,
+            self.subjects.calls_stream,
+            consumer_name(self.function_id),
+            free_slots=lambda: self.concurrency - self._busy,
+            on_call=self._start_call,
+            # Large replicas ask in batches rather than one message per freed slot.
+            threshold=max(1, self.concurrency // 4),
         )
+        await self.feed.start()
         try:
             while not self.draining.is_set():
-                free = self.concurrency - len(self.in_flight)
-                if free <= 0:
-                    self.slot_freed.clear()
-                    await self._wait_any(self.slot_freed, self.draining)
-                    continue
                 try:
-                    messages = await psub.fetch(free, timeout=_FETCH_WAIT_S)
-                except NatsTimeout:
-                    continue
-                except Exception as exc:  # noqa: BLE001 - a NATS hiccup; the next fetch retries
-                    _log.warning("fetching calls failed (%s); retrying", exc)
-                    await asyncio.sleep(0.5)
-                    continue
-                for msg in messages:
-                    if _call_generation(msg) > self.launch.generation:
-                        # A deploy or rollback made other code current: hand the call back for
-                        # a replica of that generation, and step aside.
-                        await msg.nak()
-                        self.request_drain()
-                        continue
-                    # Taken: from here a crash surfaces to the caller as worker_lost (through
-                    # our missing heartbeats), never as a silent second run.
-                    await msg.ack()
-                    self._start_call(msg)
+                    await self.feed.top_up()
+                except Exception as exc:  # noqa: BLE001 - a NATS hiccup; the next tick retries
+                    _log.warning("asking for calls failed (%s); retrying", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.draining.wait(), _TOP_UP_EVERY_S)
         finally:
-            with contextlib.suppress(Exception):
-                await psub.unsubscribe()
+            self.feed.close_intake()
         if self.in_flight:
             await asyncio.wait(set(self.in_flight), timeout=self.spec.resources.timeout_s + 5)
+        with contextlib.suppress(Exception):
+            await self.feed.close()
 
     def _start_call(self, msg: Msg) -> None:
         self.idle_since = None
+        self._busy += 1
         task = asyncio.create_task(self._handle(msg))
         self.in_flight.add(task)
 
@@ -169,28 +166,65 @@ class Replica:
             self.in_flight.discard(finished)
             if not self.in_flight:
                 self.idle_since = time.time()
-            self.slot_freed.set()
 
         task.add_done_callback(done)
 
     async def _handle(self, msg: Msg) -> None:
+        try:
+            if _call_generation(msg) > self.launch.generation:
+                # A deploy or rollback made other code current: hand the call back for a
+                # replica of that generation, and step aside.
+                await msg.nak()
+                self.request_drain()
+                return
+            # Taken: from here a crash surfaces to the caller as worker_lost (through our
+            # missing heartbeats), never as a silent second run.
+            await msg.ack()
+            try:
+                call = CallHeaders.from_headers(dict(msg.headers or {}))
+            except (KeyError, ValueError) as exc:
+                _log.error("dropping a call with unreadable headers: %s", exc)
+                return
+            if time.time() > call.accept_by:
+                return  # the caller gave up before we got to it
+            self._accept(call)
+            await self._execute(call, msg.data)
+        finally:
+            self._busy -= 1
+            if self.feed is not None:
+                with contextlib.suppress(Exception):
+                    await self.feed.top_up()
+
+    def _accept(self, call: CallHeaders) -> None:
+        """Tell the call's router we took it, batched with the other calls taken in this turn
+        of the event loop: one message instead of one per call."""
+        batch = self._accepts.setdefault(call.router, [])
+        batch.append(call.call_id)
+        if len(batch) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_accepts, call.router)
+
+    def _flush_accepts(self, router: str) -> None:
+        calls = self._accepts.pop(router, [])
+        if calls and self.nc is not None:
+            body = json.dumps({"replica": str(self.replica_id), "calls": calls}).encode()
+            self._spawn(self.nc.publish(self.subjects.accepted(router), body))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _execute(self, call: CallHeaders, body: bytes) -> None:
         assert self.nc is not None
         assert self.target is not None
+        deadline = asyncio.timeout(call.timeout_s)
         try:
-            call = CallHeaders.from_headers(dict(msg.headers or {}))
-        except (KeyError, ValueError) as exc:
-            _log.error("dropping a call with unreadable headers: %s", exc)
-            return
-        if time.time() > call.accept_by:
-            return  # the caller gave up before we got to it
-        await self.nc.publish(
-            call.reply, b"", headers={H.EVENT: Event.ACCEPTED, H.REPLICA: str(self.replica_id)}
-        )
-        try:
-            result = await asyncio.wait_for(
-                self.target.call(call.method, msg.data, call.content_type), call.timeout_s
-            )
-        except TimeoutError:
+            async with deadline:
+                result = await self.target.call(call.method, body, call.content_type)
+        except TimeoutError as exc:
+            if not deadline.expired():  # the user's own TimeoutError
+                await self._reply_user_error(call, exc)
+                return
             await self._reply_error(call, FunctionTimeout(
                 f"the call did not finish within the function's timeout ({call.timeout_s:g} s)"
             ))  # fmt: skip
@@ -202,14 +236,7 @@ class Replica:
             await self._reply_error(call, exc)
             return
         except Exception as exc:  # noqa: BLE001 - the customer's code may raise anything
-            # The customer's exception: type and message to the caller, traceback to the logs.
-            _log.error(
-                "call %s (request %s) raised:\n%s",
-                call.call_id,
-                call.request_id,
-                "".join(traceback.format_exception(exc)),
-            )
-            await self._reply_error(call, FunctionError(f"{type(exc).__name__}: {exc}"))
+            await self._reply_user_error(call, exc)
             return
         limit = int(self.nc.max_payload) - _HEADER_ROOM
         if len(result.body) > limit:
@@ -219,25 +246,35 @@ class Replica:
             return
         try:
             await self.nc.publish(
-                call.reply,
+                self.subjects.reply(call.router, call.call_id),
                 result.body,
                 headers={
                     H.EVENT: Event.RESULT,
                     H.CONTENT_TYPE: result.content_type,
-                    H.REPLICA: str(self.replica_id),
+                    H.REPLICA: self._replica_str,
                 },
             )
         except Exception as exc:  # noqa: BLE001 - tell the caller rather than leave it waiting
             _log.error("could not send the result of call %s: %s", call.call_id, exc)
             await self._reply_error(call, FunctionError(f"the result could not be sent: {exc}"))
 
+    async def _reply_user_error(self, call: CallHeaders, exc: Exception) -> None:
+        """The customer's exception: type and message to the caller, traceback to the logs."""
+        _log.error(
+            "call %s (request %s) raised:\n%s",
+            call.call_id,
+            call.request_id,
+            "".join(traceback.format_exception(exc)),
+        )
+        await self._reply_error(call, FunctionError(f"{type(exc).__name__}: {exc}"))
+
     async def _reply_error(self, call: CallHeaders, error: KilnError) -> None:
         assert self.nc is not None
         body = json.dumps({"code": error.code, "message": error.message, "status": error.status})
         await self.nc.publish(
-            call.reply,
+            self.subjects.reply(call.router, call.call_id),
             body.encode(),
-            headers={H.EVENT: Event.ERROR, H.REPLICA: str(self.replica_id)},
+            headers={H.EVENT: Event.ERROR, H.REPLICA: self._replica_str},
         )
 
     def _poison(self, why: str) -> None:
@@ -301,15 +338,6 @@ class Replica:
             error=self.error,
         )
         await self.nc.publish(self.subjects.replica_heartbeat(self.replica_id), encode(beat))
-
-    @staticmethod
-    async def _wait_any(*events: asyncio.Event) -> None:
-        waiters = [asyncio.create_task(e.wait()) for e in events]
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
 
 
 def _call_generation(msg: Msg) -> int:

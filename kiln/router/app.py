@@ -122,7 +122,7 @@ def create_app(settings: Settings) -> Starlette:
         js = nc.jetstream()
         await ensure_calls_stream(js, subjects)
         sessions = session_factory(engine)
-        dispatcher = Dispatcher(nc, js, subjects)
+        dispatcher = Dispatcher(nc, subjects)
         await dispatcher.start()
         app.state.services = RouterServices(
             settings=settings,

@@ -1,22 +1,28 @@
 """The router's side of NATS dispatch: publish a call into the function's work queue, wait for
 the replica's reply on this router's inbox, and notice a replica that dies mid-call.
 
-One subscription serves every call: replies arrive on `ns.reply.<router>.<call>` and are routed
-to the waiting request by call id. Each replica heartbeats every second; a call whose replica
-has been silent for `REPLICA_LOST_AFTER_S` fails with `worker_lost` at once instead of waiting
-for its deadline.
+One subscription serves every call: JetStream's PubAck and the replica's reply both arrive on
+`ns.reply.<router>.<call>` and are routed to the waiting request by call id; replicas say which
+calls they took on `ns.accepted.<router>`, several per message. A call is a future and one timer
+(the deadline of its phase: confirmed by JetStream, taken by a replica, answered), so the warm
+path creates no tasks. Each replica heartbeats every second; a call whose replica has been
+silent for `REPLICA_LOST_AFTER_S` fails with `worker_lost` at once instead of waiting for its
+deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import functools
 import itertools
 import json
+import logging
 import secrets
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -47,6 +53,8 @@ from kiln.wire import (
 
 __all__ = ["CallResult", "Dispatcher", "ensure_calls_stream"]
 
+_log = logging.getLogger(__name__)
+
 # Errors a replica reports, by code, turned back into the router's exception classes.
 _REMOTE_ERRORS: dict[str, type[KilnError]] = {
     cls.code: cls
@@ -62,6 +70,8 @@ _REMOTE_ERRORS: dict[str, type[KilnError]] = {
 # After a replica accepted a call it has `timeout` to answer; this covers the reply's trip.
 _REPLY_GRACE_S = 2.0
 _HINT_INTERVAL_S = 0.25
+# JetStream confirms a stored call within milliseconds; no confirmation at all means it is down.
+_PUBACK_WAIT_S = 5.0
 _HEADER_ROOM = 8 * 1024
 
 
@@ -72,11 +82,61 @@ class CallResult:
     replica_id: str
 
 
-@dataclass
-class _Pending:
-    future: asyncio.Future[CallResult]
-    accepted: asyncio.Event = field(default_factory=asyncio.Event)
-    replica_id: str | None = None
+class _Phase(enum.Enum):
+    PUBLISHED = "published"  # waiting for JetStream's PubAck
+    QUEUED = "queued"  # stored; waiting for a replica to take it
+    RUNNING = "running"  # a replica took it; waiting for the reply
+
+
+class _Call:
+    """One call in flight: a future for the answer and one timer for the current phase's
+    deadline. Cheaper than tasks: the warm path of a call creates none."""
+
+    __slots__ = (
+        "accept_by", "future", "phase", "replica_id", "startup_timeout_s", "timeout_s", "timer"
+    )  # fmt: skip
+
+    def __init__(self, future: asyncio.Future[CallResult], headers: CallHeaders, startup_s: float):
+        self.future = future
+        self.phase = _Phase.PUBLISHED
+        self.replica_id: str | None = None
+        self.accept_by = headers.accept_by
+        self.timeout_s = headers.timeout_s
+        self.startup_timeout_s = startup_s
+        self.timer: asyncio.TimerHandle | None = None
+
+    def fail(self, error: KilnError) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+    def on_deadline(self) -> None:
+        if self.phase is _Phase.PUBLISHED:
+            self.fail(Unavailable("the call queue did not confirm the call", retry_after=1))
+        elif self.phase is _Phase.QUEUED:
+            self.fail(FunctionTimeout(
+                f"no replica took the call within the function's startup_timeout "
+                f"({self.startup_timeout_s:g} s)"
+            ))  # fmt: skip
+        else:
+            self.fail(FunctionTimeout(
+                f"the call did not finish within the function's timeout ({self.timeout_s:g} s)"
+            ))  # fmt: skip
+
+    def enter(self, phase: _Phase, deadline_s: float) -> None:
+        """Move to `phase` with a deadline `deadline_s` from now; phases only move forward."""
+        if _ORDER[phase] <= _ORDER[self.phase]:
+            return
+        self.phase = phase
+        self.arm(deadline_s)
+
+    def arm(self, deadline_s: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        loop = self.future.get_loop()
+        self.timer = loop.call_later(max(0.0, deadline_s), self.on_deadline)
+
+
+_ORDER = {_Phase.PUBLISHED: 0, _Phase.QUEUED: 1, _Phase.RUNNING: 2}
 
 
 async def ensure_calls_stream(js: JetStreamContext, subjects: Subjects) -> None:
@@ -95,12 +155,11 @@ async def ensure_calls_stream(js: JetStreamContext, subjects: Subjects) -> None:
 
 
 class Dispatcher:
-    def __init__(self, nc: NATS, js: JetStreamContext, subjects: Subjects) -> None:
+    def __init__(self, nc: NATS, subjects: Subjects) -> None:
         self.nc = nc
-        self.js = js
         self.subjects = subjects
         self.router_id = secrets.token_hex(6)
-        self._pending: dict[str, _Pending] = {}
+        self._calls: dict[str, _Call] = {}
         self._last_seen: dict[str, float] = {}
         self._hinted: dict[uuid.UUID, float] = {}
         self._call_ids = itertools.count(1)
@@ -113,9 +172,14 @@ class Dispatcher:
         payloads will travel through the object store (issue 6)."""
         return max(1024, int(self.nc.max_payload) - _HEADER_ROOM)
 
+    @property
+    def in_flight(self) -> int:
+        return len(self._calls)
+
     async def start(self) -> None:
         self._subscriptions = [
             await self.nc.subscribe(self.subjects.replies(self.router_id), cb=self._on_reply),
+            await self.nc.subscribe(self.subjects.accepted(self.router_id), cb=self._on_accepted),
             await self.nc.subscribe(self.subjects.all_replica_heartbeats, cb=self._on_heartbeat),
         ]
         self._watchdog = asyncio.create_task(self._watch(), name="kiln-dispatch-watchdog")
@@ -128,14 +192,10 @@ class Dispatcher:
         for sub in self._subscriptions:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        for pending in self._pending.values():
-            if not pending.future.done():
-                pending.future.set_exception(
-                    Unavailable("the router is shutting down", retry_after=1)
-                )
-            pending.accepted.set()
+        for call in list(self._calls.values()):
+            call.fail(Unavailable("the router is shutting down", retry_after=1))
 
-    async def call(
+    async def submit(
         self,
         function_id: uuid.UUID,
         body: bytes,
@@ -146,16 +206,15 @@ class Dispatcher:
         startup_timeout_s: float,
         request_id: str,
         generation: int = 0,
-    ) -> CallResult:
+    ) -> asyncio.Future[CallResult]:
+        """Put a call into the function's queue; the future holds its result or its error
+        (a KilnError). Cancelling the future abandons the call."""
         # Unique within this router, whose id is in the reply subject; a counter spares the
         # urandom system call that uuid4 makes on every request.
         call_id = f"{next(self._call_ids):x}"
-        loop = asyncio.get_running_loop()
-        pending = _Pending(future=loop.create_future())
-        self._pending[call_id] = pending
         headers = CallHeaders(
             call_id=call_id,
-            reply=self.subjects.reply(self.router_id, call_id),
+            router=self.router_id,
             content_type=content_type,
             accept_by=time.time() + startup_timeout_s,
             timeout_s=timeout_s,
@@ -163,43 +222,39 @@ class Dispatcher:
             request_id=request_id,
             generation=generation,
         )
-        accepted = asyncio.ensure_future(pending.accepted.wait())
+        future: asyncio.Future[CallResult] = asyncio.get_running_loop().create_future()
+        call = _Call(future, headers, startup_timeout_s)
+        self._calls[call_id] = call
+        future.add_done_callback(functools.partial(self._forget, call_id))
+        call.arm(min(_PUBACK_WAIT_S, startup_timeout_s))
         try:
-            # The PubAck and the reply race: waiting for the ack first would add a round trip
-            # to every call, so the ack is checked alongside; a failed publish answers at once.
-            ack = asyncio.ensure_future(
-                self.js.publish(
-                    self.subjects.calls(function_id), body, headers=headers.to_headers()
-                )
+            # A plain publish whose reply subject is our inbox: the PubAck arrives like any
+            # reply, without the per-request inbox, future and timer of a JetStream request.
+            await self.nc.publish(
+                self.subjects.calls(function_id),
+                body,
+                reply=self.subjects.reply(self.router_id, call_id),
+                headers=headers.to_headers(),
             )
-            ack.add_done_callback(_observe)
             await self._hint_demand(function_id)
-            done, _ = await asyncio.wait(
-                {ack, accepted}, timeout=startup_timeout_s, return_when=asyncio.FIRST_COMPLETED
-            )
-            if ack in done and not accepted.done() and ack.exception() is not None:
-                raise Unavailable(
-                    "the call queue did not accept the call", retry_after=1
-                ) from ack.exception()
-            if not accepted.done():
-                remaining = headers.accept_by - time.time()
-                await asyncio.wait({accepted}, timeout=max(0.0, remaining))
-            if not accepted.done():
-                raise FunctionTimeout(
-                    f"no replica took the call within the function's startup_timeout "
-                    f"({startup_timeout_s:g} s)"
-                )
-            try:
-                return await asyncio.wait_for(
-                    asyncio.shield(pending.future), timeout_s + _REPLY_GRACE_S
-                )
-            except TimeoutError:
-                raise FunctionTimeout(
-                    f"the call did not finish within the function's timeout ({timeout_s:g} s)"
-                ) from None
-        finally:
-            accepted.cancel()
-            self._pending.pop(call_id, None)
+        except Exception as exc:  # noqa: BLE001 - NATS down or closing: the caller may retry
+            call.fail(Unavailable("the call queue is unreachable", retry_after=1))
+            _log.warning("publishing call %s failed: %s", call_id, exc)
+        return future
+
+    async def call(
+        self,
+        function_id: uuid.UUID,
+        body: bytes,
+        **options: Any,
+    ) -> CallResult:
+        """`submit` and wait for the result."""
+        return await (await self.submit(function_id, body, **options))
+
+    def _forget(self, call_id: str, future: asyncio.Future[CallResult]) -> None:
+        call = self._calls.pop(call_id, None)
+        if call is not None and call.timer is not None:
+            call.timer.cancel()
 
     async def _hint_demand(self, function_id: uuid.UUID) -> None:
         """Wake the scheduler (scale from zero without waiting for its next pass). Once per
@@ -209,35 +264,53 @@ class Dispatcher:
             self._hinted[function_id] = now
             await self.nc.publish(self.subjects.demand(function_id), b"")
 
-    def _on_reply_event(self, pending: _Pending, msg: Msg) -> None:
-        headers = msg.headers or {}
-        event = headers.get(H.EVENT)
-        if event == Event.ACCEPTED:
-            pending.replica_id = headers.get(H.REPLICA)
-            if pending.replica_id:
-                # It just spoke: alive now, even if none of its heartbeats reached us yet.
-                self._last_seen[uuid.UUID(pending.replica_id).hex] = time.monotonic()
-            pending.accepted.set()
-            return
-        pending.accepted.set()
-        if pending.future.done():
-            return
-        if event == Event.RESULT:
-            pending.future.set_result(
-                CallResult(
-                    body=msg.data,
-                    content_type=headers.get(H.CONTENT_TYPE, "application/json"),
-                    replica_id=headers.get(H.REPLICA, ""),
-                )
-            )
-        else:
-            pending.future.set_exception(_remote_error(msg.data))
-
     async def _on_reply(self, msg: Msg) -> None:
-        call_id = msg.subject.rsplit(".", 1)[-1]
-        pending = self._pending.get(call_id)
-        if pending is not None:
-            self._on_reply_event(pending, msg)
+        call = self._calls.get(msg.subject.rsplit(".", 1)[-1])
+        if call is None:
+            return
+        headers = msg.headers
+        event = headers.get(H.EVENT) if headers else None
+        if event is None:
+            self._on_puback(call, msg.data)
+        elif event == Event.RESULT:
+            assert headers is not None
+            if not call.future.done():
+                call.future.set_result(
+                    CallResult(
+                        body=msg.data,
+                        content_type=headers.get(H.CONTENT_TYPE, "application/json"),
+                        replica_id=headers.get(H.REPLICA, ""),
+                    )
+                )
+        else:
+            call.fail(_remote_error(msg.data))
+
+    def _on_puback(self, call: _Call, data: bytes) -> None:
+        try:
+            ack = json.loads(data)
+        except ValueError:
+            ack = {"error": {"description": "unreadable PubAck"}}
+        if isinstance(ack, dict) and "error" not in ack:
+            call.enter(_Phase.QUEUED, call.accept_by - time.time())
+            return
+        if call.phase is _Phase.PUBLISHED:
+            _log.warning("JetStream refused a call: %s", ack)
+            call.fail(Unavailable("the call queue did not accept the call", retry_after=1))
+
+    async def _on_accepted(self, msg: Msg) -> None:
+        try:
+            accepted = json.loads(msg.data)
+            replica, call_ids = str(accepted["replica"]), list(accepted["calls"])
+        except (ValueError, KeyError, TypeError):
+            _log.warning("ignoring an unreadable accepted message")
+            return
+        # It just spoke: alive now, even if none of its heartbeats reached us yet.
+        self._last_seen[uuid.UUID(replica).hex] = time.monotonic()
+        for call_id in call_ids:
+            call = self._calls.get(call_id)
+            if call is not None:
+                call.replica_id = replica
+                call.enter(_Phase.RUNNING, call.timeout_s + _REPLY_GRACE_S)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         self._last_seen[msg.subject.rsplit(".", 1)[-1]] = time.monotonic()
@@ -252,24 +325,16 @@ class Dispatcher:
                 for key in self._last_seen:
                     self._last_seen[key] = now
                 continue
-            for pending in list(self._pending.values()):
-                replica = pending.replica_id
-                if replica is None or pending.future.done():
+            for call in list(self._calls.values()):
+                replica = call.replica_id
+                if replica is None or call.future.done():
                     continue
                 seen = self._last_seen.get(uuid.UUID(replica).hex)
                 if seen is not None and now - seen > REPLICA_LOST_AFTER_S:
-                    pending.future.set_exception(
-                        WorkerLost(f"replica {replica} stopped responding during the call")
-                    )
+                    call.fail(WorkerLost(f"replica {replica} stopped responding during the call"))
             for replica, seen in list(self._last_seen.items()):
                 if now - seen > 60:
                     del self._last_seen[replica]
-
-
-def _observe(future: asyncio.Future[Any]) -> None:
-    """Mark a late PubAck failure as seen: once a replica accepted the call it is moot."""
-    if not future.cancelled():
-        future.exception()
 
 
 def _remote_error(data: bytes) -> KilnError:

@@ -12,6 +12,7 @@ from starlette.responses import Response
 
 from kiln.errors import InvalidJson, InvalidRequest, NotFound, PayloadTooLarge, PermissionDenied
 from kiln.functions.spec import CallKind, UnitKind
+from kiln.router.dispatch import CallResult
 from kiln.router.errors import request_id
 from kiln.router.services import services
 
@@ -23,11 +24,33 @@ BYTES = "application/octet-stream"
 _MAYBE_JSON = ("", "application/x-www-form-urlencoded", "text/plain")
 
 
-async def _disconnected(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
+_WATCH_AFTER_S = 0.05
+
+
+class _ClientGone(Exception):
+    """The caller disconnected before the answer: nobody is left to send it to."""
+
+
+class _DisconnectWatch:
+    def __init__(self, request: Request, call: asyncio.Future[CallResult]) -> None:
+        self.request = request
+        self.call = call
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.ensure_future(self._watch())
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self.request.receive()
+            if message["type"] == "http.disconnect":
+                if not self.call.done():
+                    self.call.set_exception(_ClientGone())
+                return
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -84,29 +107,28 @@ async def run(request: Request) -> Response:
         ),
         request.headers.get("content-type", ""),
     )
-    call = asyncio.ensure_future(
-        svc.dispatcher.call(
-            route.function_id,
-            body,
-            content_type=content_type,
-            method=method or None,
-            timeout_s=route.timeout_s,
-            startup_timeout_s=route.startup_timeout_s,
-            request_id=request_id(request),
-            generation=route.generation,
-        )
+    call = await svc.dispatcher.submit(
+        route.function_id,
+        body,
+        content_type=content_type,
+        method=method or None,
+        timeout_s=route.timeout_s,
+        startup_timeout_s=route.startup_timeout_s,
+        request_id=request_id(request),
+        generation=route.generation,
     )
     # The body is read, so the next message from the client can only be its disconnect: stop
-    # waiting for a caller who left (cancelling the call inside the replica is issue 6's).
-    gone = asyncio.ensure_future(_disconnected(request))
+    # waiting for a caller who left (cancelling the call inside the replica is issue 6's). Most
+    # calls finish before it would matter, so the watch starts only after a moment.
+    watch = _DisconnectWatch(request, call)
+    timer = asyncio.get_running_loop().call_later(_WATCH_AFTER_S, watch.start)
     try:
-        await asyncio.wait({call, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if not call.done():
-        call.cancel()
+        result = await call
+    except _ClientGone:
         return Response(status_code=499)
-    result = call.result()
+    finally:
+        timer.cancel()
+        watch.stop()
     svc.metrics.observe_call(app, time.perf_counter() - started)
     return Response(
         result.body,

@@ -11,7 +11,7 @@ from kiln.wire import CallHeaders, H, ReplicaHeartbeat, Subjects, consumer_name,
 
 def test_call_headers_round_trip() -> None:
     call = CallHeaders(
-        call_id="c1", reply="ns.reply.r.c1", content_type="application/json",
+        call_id="c1", router="r", content_type="application/json",
         accept_by=1234.5, timeout_s=30, method="greet", request_id="req_1", generation=3,
     )  # fmt: skip
     headers = call.to_headers()
@@ -21,8 +21,8 @@ def test_call_headers_round_trip() -> None:
 
 def test_call_headers_refuse_another_wire_version() -> None:
     headers = CallHeaders("c", "r", "application/json", 1.0, 1.0).to_headers()
-    headers[H.WIRE] = "2"
-    with pytest.raises(ValueError, match="wire format '2'"):
+    headers[H.WIRE] = "1"
+    with pytest.raises(ValueError, match="wire format '1', expected 2"):
         CallHeaders.from_headers(headers)
 
 
@@ -39,4 +39,5 @@ def test_subjects_live_under_the_namespace() -> None:
     assert subjects.calls_stream == "t1_calls"
     assert subjects.code_bucket == "t1_code"
     assert subjects.reply("r", "c") == "t1.reply.r.c"
+    assert subjects.accepted("r") == "t1.accepted.r"
     assert consumer_name(fid) == f"fn_{fid.hex}"

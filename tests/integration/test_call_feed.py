@@ -1,0 +1,163 @@
+"""A replica's call feed against a real JetStream work queue: it asks for exactly its free slots,
+keeps asking as slots free, replaces expired requests and hands back calls after intake closes."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
+
+from kiln.invoker import feed as feed_module
+from kiln.invoker.feed import CallFeed
+from kiln.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Queue:
+    nc: NATS
+    js: JetStreamContext
+    stream: str
+    consumer: str
+    subject: str
+
+    async def put(self, count: int) -> None:
+        for i in range(count):
+            await self.js.publish(self.subject, str(i).encode())
+
+    async def consumer_state(self) -> tuple[int, int, int]:
+        info = await self.js.consumer_info(self.stream, self.consumer)
+        return int(info.num_pending or 0), int(info.num_ack_pending or 0), int(info.num_waiting)
+
+
+@pytest.fixture
+async def queue(settings: Settings) -> AsyncIterator[Queue]:
+    nc = await nats.connect(settings.nats_servers)
+    js = nc.jetstream()
+    name = f"{settings.namespace}_feed_{secrets.token_hex(3)}"
+    subject = f"{settings.namespace}.feed.{secrets.token_hex(3)}"
+    await js.add_stream(
+        StreamConfig(name=name, subjects=[subject], retention=RetentionPolicy.WORK_QUEUE)
+    )
+    await js.add_consumer(
+        name, ConsumerConfig(durable_name="c", ack_policy=AckPolicy.EXPLICIT, ack_wait=30)
+    )
+    try:
+        yield Queue(nc, js, name, "c", subject)
+    finally:
+        await js.delete_stream(name)
+        await nc.close()
+
+
+async def eventually(check: Callable[[], bool], within_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within_s
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+async def test_the_feed_takes_only_as_many_calls_as_it_has_free_slots(queue: Queue) -> None:
+    held: list[Msg] = []
+    slots = 3
+    feed = CallFeed(
+        queue.nc, queue.stream, queue.consumer,
+        free_slots=lambda: slots - len(held), on_call=held.append,
+    )  # fmt: skip
+    await feed.start()
+    try:
+        await queue.put(5)
+        await feed.top_up()
+        await eventually(lambda: len(held) == 3)
+        await asyncio.sleep(0.2)
+        assert len(held) == 3  # no more than its slots
+        assert feed.outstanding == 0
+        pending, ack_pending, _ = await queue.consumer_state()
+        assert (pending, ack_pending) == (2, 3)
+        # Two slots free up: the feed asks for two more, and gets the last two.
+        for msg in held[:2]:
+            await msg.ack()
+        del held[:2]
+        await feed.top_up()
+        await eventually(lambda: len(held) == 3)
+        assert sorted(int(m.data) for m in held) == [2, 3, 4]
+    finally:
+        await feed.close()
+
+
+async def test_an_idle_feed_waits_for_calls_that_arrive_later(queue: Queue) -> None:
+    held: list[Msg] = []
+    feed = CallFeed(
+        queue.nc, queue.stream, queue.consumer,
+        free_slots=lambda: 2 - len(held), on_call=held.append,
+    )  # fmt: skip
+    await feed.start()
+    try:
+        await feed.top_up()
+        await eventually(lambda: feed.outstanding == 2)
+        await asyncio.sleep(0.1)
+        await queue.put(1)
+        await eventually(lambda: len(held) == 1)
+        assert feed.outstanding == 1
+    finally:
+        await feed.close()
+
+
+async def test_expired_requests_are_replaced(queue: Queue, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(feed_module, "_PULL_EXPIRES_S", 0.3)
+    held: list[Msg] = []
+    feed = CallFeed(
+        queue.nc, queue.stream, queue.consumer,
+        free_slots=lambda: 1 - len(held), on_call=held.append,
+    )  # fmt: skip
+    await feed.start()
+    try:
+        await feed.top_up()
+        await asyncio.sleep(0.8)  # the server said 408 and the feed asked again
+        _, _, waiting = await queue.consumer_state()
+        assert waiting == 1
+        assert feed.outstanding == 1
+        await queue.put(1)
+        await eventually(lambda: len(held) == 1)
+    finally:
+        await feed.close()
+
+
+async def test_calls_that_arrive_after_intake_closes_go_back_to_the_queue(queue: Queue) -> None:
+    held: list[Msg] = []
+    feed = CallFeed(
+        queue.nc, queue.stream, queue.consumer,
+        free_slots=lambda: 4 - len(held), on_call=held.append,
+    )  # fmt: skip
+    await feed.start()
+    try:
+        await feed.top_up()
+        await eventually(lambda: feed.outstanding == 4)
+        feed.close_intake()
+        await queue.put(2)
+        await asyncio.sleep(0.3)
+        assert held == []
+        await feed.close()
+        pending, ack_pending, _ = await queue.consumer_state()
+        assert pending + ack_pending == 2
+        # Naked, not parked until ack_wait: a new feed gets them at once.
+        other: list[Msg] = []
+        second = CallFeed(
+            queue.nc, queue.stream, queue.consumer,
+            free_slots=lambda: 4 - len(other), on_call=other.append,
+        )  # fmt: skip
+        await second.start()
+        await second.top_up()
+        await eventually(lambda: len(other) == 2, within_s=3)
+        await second.close()
+    finally:
+        await feed.close()
