@@ -36,6 +36,8 @@ __all__ = [
     "RateLimited",
     "RequestTimeout",
     "ResultTooLarge",
+    "SnapshotError",
+    "SnapshotTampered",
     "Unauthenticated",
     "Unavailable",
     "Unprocessable",
@@ -105,6 +107,19 @@ class DevStackBusy(DevStackError):
     """Another process already runs the embedded services in this data directory."""
 
     code = "devstack_busy"
+
+
+class SnapshotError(KilnError):
+    """A snapshot cannot be made or used: a value that cannot be captured, a damaged, tampered
+    or foreign file. The replica then runs the setup hooks the slow way; callers never see it."""
+
+    code = "snapshot_failed"
+
+
+class SnapshotTampered(SnapshotError):
+    """A snapshot's signature or checksum does not match: it is never loaded."""
+
+    code = "snapshot_tampered"
 
 
 # Client errors -----------------------------------------------------------------------------------
