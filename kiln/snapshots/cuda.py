@@ -23,9 +23,12 @@ from kiln.snapshots.blob import BlobEntry, read_index
 
 __all__ = ["Chunk", "CudaStorages", "StagingRing", "plan_chunks"]
 
-DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
-DEFAULT_SLOTS = 4
-DEFAULT_STREAMS = 2
+# Measured on an H100 host (16 cores, PCIe 5): a 2 GiB blob from the page cache restores at
+# 18.7 GiB/s with 4 x 64 MiB slots and 2 streams, 31.4 GiB/s with 16 x 16 MiB and 4 streams;
+# the readers alone reach 44 GiB/s with 16 threads and the copy engine 51 GiB/s.
+DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
+DEFAULT_SLOTS = 16
+DEFAULT_STREAMS = 4
 
 
 @dataclass(frozen=True)
