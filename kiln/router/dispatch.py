@@ -23,7 +23,6 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -242,15 +241,6 @@ class Dispatcher:
             _log.warning("publishing call %s failed: %s", call_id, exc)
         return future
 
-    async def call(
-        self,
-        function_id: uuid.UUID,
-        body: bytes,
-        **options: Any,
-    ) -> CallResult:
-        """`submit` and wait for the result."""
-        return await (await self.submit(function_id, body, **options))
-
     def _forget(self, call_id: str, future: asyncio.Future[CallResult]) -> None:
         call = self._calls.pop(call_id, None)
         if call is not None and call.timer is not None:
@@ -301,11 +291,12 @@ class Dispatcher:
         try:
             accepted = json.loads(msg.data)
             replica, call_ids = str(accepted["replica"]), list(accepted["calls"])
+            replica_hex = uuid.UUID(replica).hex
         except (ValueError, KeyError, TypeError):
             _log.warning("ignoring an unreadable accepted message")
             return
         # It just spoke: alive now, even if none of its heartbeats reached us yet.
-        self._last_seen[uuid.UUID(replica).hex] = time.monotonic()
+        self._last_seen[replica_hex] = time.monotonic()
         for call_id in call_ids:
             call = self._calls.get(call_id)
             if call is not None:
