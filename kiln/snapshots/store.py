@@ -80,7 +80,7 @@ class SnapshotCache:
         files = {}
         for name in names:
             path = staging / name
-            _fsync_file(path)  # what the signature vouches for is on disk before the rename
+            _fsync(path)  # what the signature vouches for is on disk before the rename
             files[name] = FileEntry(size=path.stat().st_size, sha256=sha256_file(path))
         manifest = Manifest(
             key=key,
@@ -103,7 +103,7 @@ class SnapshotCache:
             if not self.has(key):  # not a lost race: a real failure
                 raise
             shutil.rmtree(staging, ignore_errors=True)
-        _sync_dir(target.parent)
+        _fsync(target.parent)
         return self.open(key)
 
     def open(self, key: str, *, full: bool = False) -> Snapshot:
@@ -146,15 +146,8 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries, to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

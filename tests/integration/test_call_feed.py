@@ -58,6 +58,17 @@ async def queue(settings: Settings) -> AsyncIterator[Queue]:
         await nc.close()
 
 
+def make_feed(queue: Queue, slots: int, held: list[Msg]) -> CallFeed:
+    """A feed whose calls pile up in `held`: a slot frees when the test removes a call."""
+    return CallFeed(
+        queue.nc,
+        queue.stream,
+        queue.consumer,
+        free_slots=lambda: slots - len(held),
+        on_call=held.append,
+    )
+
+
 async def eventually(check: Callable[[], bool], within_s: float = 5.0) -> None:
     deadline = asyncio.get_running_loop().time() + within_s
     while not check():
@@ -69,10 +80,7 @@ async def eventually(check: Callable[[], bool], within_s: float = 5.0) -> None:
 async def test_the_feed_takes_only_as_many_calls_as_it_has_free_slots(queue: Queue) -> None:
     held: list[Msg] = []
     slots = 3
-    feed = CallFeed(
-        queue.nc, queue.stream, queue.consumer,
-        free_slots=lambda: slots - len(held), on_call=held.append,
-    )  # fmt: skip
+    feed = make_feed(queue, slots, held)
     await feed.start()
     try:
         await queue.put(5)
@@ -96,10 +104,7 @@ async def test_the_feed_takes_only_as_many_calls_as_it_has_free_slots(queue: Que
 
 async def test_an_idle_feed_waits_for_calls_that_arrive_later(queue: Queue) -> None:
     held: list[Msg] = []
-    feed = CallFeed(
-        queue.nc, queue.stream, queue.consumer,
-        free_slots=lambda: 2 - len(held), on_call=held.append,
-    )  # fmt: skip
+    feed = make_feed(queue, 2, held)
     await feed.start()
     try:
         await feed.top_up()
@@ -115,10 +120,7 @@ async def test_an_idle_feed_waits_for_calls_that_arrive_later(queue: Queue) -> N
 async def test_expired_requests_are_replaced(queue: Queue, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(feed_module, "_PULL_EXPIRES_S", 0.3)
     held: list[Msg] = []
-    feed = CallFeed(
-        queue.nc, queue.stream, queue.consumer,
-        free_slots=lambda: 1 - len(held), on_call=held.append,
-    )  # fmt: skip
+    feed = make_feed(queue, 1, held)
     await feed.start()
     try:
         await feed.top_up()
@@ -134,10 +136,7 @@ async def test_expired_requests_are_replaced(queue: Queue, monkeypatch: pytest.M
 
 async def test_calls_that_arrive_after_intake_closes_go_back_to_the_queue(queue: Queue) -> None:
     held: list[Msg] = []
-    feed = CallFeed(
-        queue.nc, queue.stream, queue.consumer,
-        free_slots=lambda: 4 - len(held), on_call=held.append,
-    )  # fmt: skip
+    feed = make_feed(queue, 4, held)
     await feed.start()
     try:
         await feed.top_up()
@@ -151,10 +150,7 @@ async def test_calls_that_arrive_after_intake_closes_go_back_to_the_queue(queue:
         assert pending + ack_pending == 2
         # Naked, not parked until ack_wait: a new feed gets them at once.
         other: list[Msg] = []
-        second = CallFeed(
-            queue.nc, queue.stream, queue.consumer,
-            free_slots=lambda: 4 - len(other), on_call=other.append,
-        )  # fmt: skip
+        second = make_feed(queue, 4, other)
         await second.start()
         await second.top_up()
         await eventually(lambda: len(other) == 2, within_s=3)
