@@ -20,6 +20,7 @@ from kiln.db.session import create_engine, session_factory
 from kiln.devstack.ports import is_free
 from kiln.errors import DevStackError
 from kiln.invoker.agent import NodeAgent
+from kiln.observability.coldstart import ColdStartMetrics
 from kiln.router.app import create_app
 from kiln.scheduler.scheduler import Scheduler
 from kiln.settings import Settings
@@ -56,9 +57,10 @@ async def serve_platform(
         )
         exits.push_async_callback(nc.drain)
 
+        cold_starts = ColdStartMetrics()
         server = _Server(
             uvicorn.Config(
-                create_app(settings),
+                create_app(settings, metrics_also=[cold_starts.registry]),
                 host=settings.host,
                 port=settings.port,
                 log_level="warning",
@@ -77,7 +79,9 @@ async def serve_platform(
         # agent drains on the way out.
         scheduler_stop = asyncio.Event()
         scheduler = asyncio.create_task(
-            Scheduler(nc, session_factory(engine), settings.namespace).run(scheduler_stop),
+            Scheduler(nc, session_factory(engine), settings.namespace, cold_starts).run(
+                scheduler_stop
+            ),
             name="kiln-scheduler",
         )
         agent = asyncio.create_task(NodeAgent(settings, nc).run(stop), name="kiln-node-agent")

@@ -23,7 +23,7 @@ from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 from kiln.apikeys import parse_key
 from kiln.errors import ConfigError
 
-__all__ = ["SETTINGS", "Environment", "LogLevel", "Settings", "mask_url"]
+__all__ = ["SETTINGS", "Environment", "LogLevel", "Settings", "Switch", "mask_url"]
 
 _PREFIX = "KILN_"
 # Variables under these prefixes belong to the test suite and tools, not to a running process.
@@ -37,6 +37,11 @@ class Environment(enum.StrEnum):
     DEV = "dev"
     TEST = "test"
     PRODUCTION = "production"
+
+
+class Switch(enum.StrEnum):
+    ON = "on"
+    OFF = "off"
 
 
 class LogLevel(enum.StrEnum):
@@ -70,6 +75,9 @@ class Settings:
     metrics_port: int = 9464
     node_id: str | None = None
     node_gpus: dict[str, int] | None = None
+    snapshots: Switch = Switch.ON
+    standby_processes: int = 1
+    standby_imports: tuple[str, ...] = ("torch",)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -318,6 +326,14 @@ def _node_gpus(raw: str) -> dict[str, int]:
     return slots
 
 
+def _modules(raw: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in raw.split(",") if name.strip())
+    for name in names:
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise ValueError(f"{name!r} is not a module name; expected e.g. torch,transformers")
+    return names
+
+
 def _node_id(raw: str) -> str:
     if not re.match(r"^[A-Za-z0-9_-]{1,64}$", raw):
         raise ValueError("expected 1 to 64 letters, digits, hyphens and underscores")
@@ -423,6 +439,24 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "node_gpus",
         _node_gpus,
         "slots this node agent offers, e.g. A10G:2,none:8 (default: its GPUs and CPUs)",
+    ),
+    SettingSpec(
+        "KILN_SNAPSHOTS",
+        "snapshots",
+        _choice(Switch),
+        "on: classes restore their setup state from snapshots (default); off: hooks every time",
+    ),
+    SettingSpec(
+        "KILN_STANDBY_PROCESSES",
+        "standby_processes",
+        _int_range(0, 64),
+        "pre-started replica processes a node agent keeps per slot kind (default 1; 0: none)",
+    ),
+    SettingSpec(
+        "KILN_STANDBY_IMPORTS",
+        "standby_imports",
+        _modules,
+        "modules a standby process imports ahead of time (default torch)",
     ),
     SettingSpec(
         "KILN_METRICS_PORT",

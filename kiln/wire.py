@@ -92,6 +92,24 @@ class Subjects:
         return f"{self.ns}_code"
 
     @property
+    def snapshot_bucket(self) -> str:
+        return f"{self.ns}_snapshots"
+
+    @property
+    def snapshot_leases(self) -> str:
+        """Key-value bucket: who is baking which snapshot."""
+        return f"{self.ns}_snapshot_bakes"
+
+    def snapshot_requests(self, node_id: str) -> str:
+        """Where a starting replica asks its node agent for its snapshot (or to bake it)."""
+        return f"{self.ns}.node.{node_id}.snapshots"
+
+    @property
+    def cold_starts(self) -> str:
+        """Replicas report how their cold start went (`ColdStartReport`)."""
+        return f"{self.ns}.events.coldstart"
+
+    @property
     def all_calls(self) -> str:
         return f"{self.ns}.calls.>"
 
@@ -196,6 +214,27 @@ class ReplicaHeartbeat:
     error: str | None = None
 
 
+class Origin(enum.StrEnum):
+    """How a replica's instance came to be."""
+
+    SNAPSHOT = "snapshot"  # restored from its snapshot
+    BAKED = "baked"  # setup hooks ran, and their result became the snapshot
+    HOOKS = "hooks"  # setup hooks ran (nothing to snapshot, snapshots off, or another baker)
+    FALLBACK = "fallback"  # a snapshot existed but failed; hooks ran and a re-bake was asked
+
+
+@dataclass(frozen=True)
+class ColdStartReport:
+    """Sent once a replica is ready, and again (with `first_call` only) after its first call."""
+
+    replica_id: str
+    function_id: str
+    origin: str
+    phases: dict[str, float]  # phase name -> seconds
+    snapshot_bytes: int = 0
+    fallback_reason: str | None = None
+
+
 @dataclass(frozen=True)
 class NodeHeartbeat:
     node_id: str
@@ -221,6 +260,9 @@ class StartReplica:
     spec: dict[str, Any]  # FunctionSpec.to_dict()
     gpu_type: str
     gpu_count: int
+    requested_at: float = 0.0  # epoch seconds: when the scheduler saw the demand it serves
+    received_at: float = 0.0  # epoch seconds: when the node agent got the order
+    snapshot_key: str | None = None  # set by the node agent for a class it can snapshot
 
 
 def encode(message: Any) -> bytes:

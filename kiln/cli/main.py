@@ -188,12 +188,24 @@ def ps() -> None:
                     details.append(
                         f"  {fn['app']}/{fn['name']}  {replica['id'][:8]}  {replica['state']:<9}"
                         f"  node {replica['node']}  in flight {replica['in_flight']}"
+                        f"{_origin(replica.get('origin'))}"
                     )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
     for line in details:
         typer.echo(line)
+
+
+def _origin(origin: str | None) -> str:
+    """How `kiln ps` says where a replica's state came from."""
+    shown = {
+        "snapshot": "from snapshot",
+        "baked": "hooks ran, snapshot baked",
+        "hooks": "hooks ran",
+        "fallback": "hooks ran (snapshot failed)",
+    }
+    return f"  {shown.get(origin or '', origin)}" if origin else ""
 
 
 def main() -> NoReturn:

@@ -67,6 +67,8 @@ class Replica(Base):
     stopped_at: Mapped[datetime | None]
     last_heartbeat_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(sa.Text)
+    # How its instance was built (kiln.wire.Origin): snapshot, baked, hooks or fallback.
+    origin: Mapped[str | None] = mapped_column(sa.String(16))
 
     __table_args__ = (
         sa.Index(None, "function_id", "state"),

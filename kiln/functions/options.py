@@ -38,6 +38,7 @@ class Options(TypedDict, total=False):
     memory_mb: int | None
     env: Mapping[str, str]
     secrets: Sequence[str]
+    snapshot: str
     # Modal's names for the same settings.
     memory: int | None
     min_containers: int
@@ -65,6 +66,7 @@ OPTIONS: tuple[str, ...] = (
     "memory_mb",
     "env",
     "secrets",
+    "snapshot",
 )
 ALIASES: Mapping[str, str] = {
     "memory": "memory_mb",
@@ -82,6 +84,12 @@ ALIASES: Mapping[str, str] = {
 MAX_NAME_CHARS = 63
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SECRET_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,62}")
+# How a class's replicas get the state its @enter(snap=True) hooks build.
+SNAPSHOT_MODES = {
+    "shared": "restore a read-only mapping that every replica on the node shares",
+    "private": "restore a private, writable copy",
+    "off": "run the hooks in every replica",
+}
 
 
 @dataclass(frozen=True)
@@ -138,6 +146,8 @@ def parse_options(
         fields["env"] = check.env(options[spelled["env"]])
     if "secrets" in spelled:
         fields["secrets"] = check.secrets(options[spelled["secrets"]])
+    if "snapshot" in spelled:
+        fields["snapshot"] = check.snapshot(options[spelled["snapshot"]], kind)
 
     fields.setdefault("target_concurrency", fields.get("concurrency", 1))
     resources = Resources(**fields)
@@ -282,3 +292,16 @@ class _Checker:
             if item not in names:
                 names.append(item)
         return tuple(names)
+
+    def snapshot(self, value: object, kind: UnitKind) -> str:
+        if kind is UnitKind.FUNCTION:
+            raise self.fail(
+                "snapshot",
+                value,
+                "snapshots keep what a class's @kiln.enter(snap=True) hooks build, so the "
+                "option belongs on @app.cls",
+            )
+        if value not in SNAPSHOT_MODES:
+            modes = "; ".join(f'"{mode}" to {what}' for mode, what in SNAPSHOT_MODES.items())
+            raise self.fail("snapshot", value, f"expected {modes}")
+        return str(value)

@@ -58,6 +58,9 @@ class Resources:
     memory_mb: int | None = None
     env: dict[str, str] = field(default_factory=dict)
     secrets: tuple[str, ...] = ()
+    # Classes: "shared" (restore a read-only mapping of the snapshot), "private" (a writable
+    # copy) or "off" (run the @enter(snap=True) hooks in every replica).
+    snapshot: str = "shared"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,7 +3,8 @@ when the scheduler says so, stops them (drain first, then signals), reports the 
 slots every second and tells the scheduler when a replica process exits.
 
 Replicas get a minimal environment: the NATS URL and namespace, never database or Stripe
-credentials, plus the function's own `env`.
+credentials (nor the snapshot signing key), plus the function's own `env`. The agent keeps the
+node's snapshot cache and answers its replicas' snapshot requests (`node_snapshots`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import os
 import signal
 import socket
 import sys
+import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from nats.aio.msg import Msg
 
 from kiln._proc import die_with_parent
 from kiln.invoker.inventory import node_slots
+from kiln.invoker.node_snapshots import NodeSnapshots
 from kiln.settings import Settings
 from kiln.wire import HEARTBEAT_INTERVAL_S, NodeHeartbeat, StartReplica, Subjects, encode
 
@@ -84,9 +87,20 @@ class NodeAgent:
         self.replicas: dict[str, _Running] = {}
         self.workdir = settings.home / "replicas"
         self._tasks: set[asyncio.Task[None]] = set()
+        self.snapshots = (
+            NodeSnapshots(settings, nc, self.node_id, self._launch_of)
+            if NodeSnapshots.enabled(settings)
+            else None
+        )
+
+    def _launch_of(self, replica_id: str) -> StartReplica | None:
+        running = self.replicas.get(replica_id)
+        return running.launch if running is not None else None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then stop every replica (drain first) and return."""
+        if self.snapshots is not None:
+            await self.snapshots.start()
         sub = await self.nc.subscribe(self.subjects.node_command(self.node_id), cb=self._on_command)
         beat = asyncio.create_task(self._heartbeat(), name="kiln-agent-heartbeat")
         try:
@@ -97,6 +111,8 @@ class NodeAgent:
                 *(self.stop_replica(rid, grace_s=10) for rid in list(self.replicas)),
                 return_exceptions=True,
             )
+            if self.snapshots is not None:
+                await self.snapshots.close()
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beat
@@ -123,6 +139,8 @@ class NodeAgent:
             await self.nc.publish(msg.reply, json.dumps(reply).encode())
 
     async def start_replica(self, launch: StartReplica) -> dict[str, Any]:
+        key = self.snapshots.key_for(launch) if self.snapshots is not None else None
+        launch = replace(launch, received_at=time.time(), snapshot_key=key)
         gpu = launch.spec["resources"]["gpu"]
         slot = self.slots.take(gpu)
         if slot is None:
@@ -136,6 +154,8 @@ class NodeAgent:
         running = _Running(launch, process, kind, indices)
         self.replicas[launch.replica_id] = running
         running.waiter = asyncio.create_task(self._watch(running))
+        if key is not None and self.snapshots is not None:
+            self.snapshots.prefetch(key)  # overlaps with the replica loading its code
         return {"ok": True, "node_id": self.node_id, "gpu_type": kind, "gpu_indices": indices}
 
     async def _spawn(
@@ -186,6 +206,8 @@ class NodeAgent:
     async def _watch(self, running: _Running) -> None:
         code = await running.process.wait()
         self.replicas.pop(running.launch.replica_id, None)
+        if self.snapshots is not None:
+            self.snapshots.forget(running.launch.replica_id)
         self.slots.give_back(running.gpu_type, running.indices)
         event = {
             "replica_id": running.launch.replica_id,

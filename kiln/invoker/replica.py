@@ -1,7 +1,9 @@
 """A replica: one process bound to one function version.
 
 Life: connect to NATS and start heartbeating (state `starting`), fetch and unpack the code
-artifact, import the app, run the `@enter` hooks (`ready`), then pull calls — only as many as
+artifact, import the app, build the instance — restored from its snapshot or by running the
+`@enter(snap=True)` hooks (see `coldstart`) — and run the plain `@enter` hooks (`ready`), report
+the cold start's phases, then pull calls — only as many as
 it has free slots — and reply to each caller's inbox. On a drain order or SIGTERM it fetches
 nothing new, finishes what it holds, runs `@exit` and exits.
 
@@ -40,12 +42,14 @@ from kiln.errors import FunctionError, FunctionTimeout, KilnError, ResultTooLarg
 from kiln.functions.loader import load_app, resolve
 from kiln.functions.package import unpack
 from kiln.functions.spec import FunctionSpec
+from kiln.invoker.coldstart import ColdStart, SnapshotLink, build_instance
 from kiln.invoker.feed import CallFeed
 from kiln.invoker.target import Target, build_target
 from kiln.settings import Settings
 from kiln.wire import (
     HEARTBEAT_INTERVAL_S,
     CallHeaders,
+    ColdStartReport,
     Event,
     H,
     ReplicaHeartbeat,
@@ -84,6 +88,8 @@ class Replica:
         self._accepts: dict[str, list[str]] = {}  # router id -> call ids taken, not yet told
         self._replica_str = str(self.replica_id)
         self._tasks: set[asyncio.Future[None]] = set()
+        self.cold_start = ColdStart()
+        self._first_call = True
 
     @property
     def concurrency(self) -> int:
@@ -100,11 +106,22 @@ class Replica:
         drain_sub = await self.nc.subscribe(self.subjects.drain(self.replica_id), cb=self._on_drain)
         code = 0
         try:
-            self.target = await self._load(js)
-            await self.target.enter()
+            record = self.cold_start
+            if self.launch.received_at:  # from the agent's order to this process running
+                record.phases["assign"] = max(0.0, time.time() - self.launch.received_at)
+            with record.phase("code_load"):
+                self.target = await self._load(js)
+            await build_instance(
+                self.target,
+                self._snapshot_link(),
+                record,
+                private=self.spec.resources.snapshot == "private",
+            )
             self.state = ReplicaState.READY
             self.idle_since = time.time()
             await self._beat()
+            _log.info("cold start: %s", record.summary())
+            self._report(record.phases)
             await self._serve()
         except Exception as exc:  # noqa: BLE001 - any failure to start is reported, then exit 1
             code = 1
@@ -114,6 +131,27 @@ class Replica:
         finally:
             await self._finish(heartbeat, drain_sub)
         return code
+
+    def _snapshot_link(self) -> SnapshotLink | None:
+        if self.launch.snapshot_key is None or self.spec.resources.snapshot == "off":
+            return None
+        assert self.nc is not None
+        subject = self.subjects.snapshot_requests(self.node_id)
+        return SnapshotLink(self.nc, subject, self.launch.replica_id)
+
+    def _report(self, phases: dict[str, float]) -> None:
+        """Tell the platform how the cold start went (its metrics and `kiln ps`)."""
+        if self.nc is None:
+            return
+        report = ColdStartReport(
+            replica_id=self._replica_str,
+            function_id=str(self.function_id),
+            origin=self.cold_start.origin.value,
+            phases=phases,
+            snapshot_bytes=self.cold_start.snapshot_bytes,
+            fallback_reason=self.cold_start.fallback_reason,
+        )
+        self._spawn(self.nc.publish(self.subjects.cold_starts, encode(report)))
 
     async def _load(self, js: JetStreamContext) -> Target:
         code_dir = self.settings.home / "code" / self.launch.artifact_digest
@@ -217,6 +255,14 @@ class Replica:
     async def _execute(self, call: CallHeaders, body: bytes) -> None:
         assert self.nc is not None
         assert self.target is not None
+        if self._first_call:
+            self._first_call = False
+            started = time.perf_counter()
+            try:
+                await self._execute(call, body)
+            finally:
+                self._report({"first_call": time.perf_counter() - started})
+            return
         deadline = asyncio.timeout(call.timeout_s)
         try:
             async with deadline:
@@ -309,6 +355,9 @@ class Replica:
                 _log.error("@exit hook failed: %s: %s", type(exc).__name__, exc)
         if self.state is not ReplicaState.FAILED:
             self.state = ReplicaState.STOPPED
+        if self.cold_start.sealing is not None:  # the agent may still be sealing our bake
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self.cold_start.sealing), 30)
         heartbeat.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await heartbeat

@@ -42,16 +42,19 @@ class Target:
 
     # Lifecycle ---------------------------------------------------------------------------------
 
-    async def enter(self) -> None:
-        """Instantiate the class and run its @enter hooks (snap=True ones too, until snapshots
-        exist: then they run at bake time instead)."""
-        if self.spec.kind is not UnitKind.CLASS:
-            return
-        cls = self.obj
-        self.instance = await self._run(cls)
-        hooks = lifecycle(cls)
-        for name in (*hooks.enter_snap, *hooks.enter):
+    async def instantiate(self) -> None:
+        """Create the class's instance (a plain function has none)."""
+        if self.spec.kind is UnitKind.CLASS:
+            self.instance = await self._run(self.obj)
+
+    async def run_hooks(self, names: tuple[str, ...]) -> None:
+        for name in names:
             await self._run(getattr(self.instance, name))
+
+    def adopt(self, state: dict[str, Any]) -> None:
+        """Give the instance the attributes restored from its snapshot: what its
+        @enter(snap=True) hooks built, without running them."""
+        vars(self.instance).update(state)
 
     async def exit(self) -> None:
         # Not on the call threads: one may be stuck in an overrun call.

@@ -8,10 +8,11 @@ requests, let calls in flight finish, close NATS and the database) follow uvicor
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import nats
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -107,8 +108,8 @@ class CountRequests:
         await self.app(scope, receive, counting_send)
 
 
-def create_app(settings: Settings) -> Starlette:
-    router_metrics = RouterMetrics()
+def create_app(settings: Settings, metrics_also: Sequence[CollectorRegistry] = ()) -> Starlette:
+    router_metrics = RouterMetrics(also=metrics_also)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

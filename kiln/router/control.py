@@ -264,6 +264,7 @@ async def list_replicas(request: Request) -> Response:
                 "node": r.node_id,
                 "gpu": r.gpu_type,
                 "in_flight": r.in_flight,
+                "origin": r.origin,
                 "started_at": r.started_at.isoformat(),
                 "ready_at": r.ready_at.isoformat() if r.ready_at else None,
             }

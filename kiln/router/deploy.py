@@ -268,6 +268,8 @@ def _validated(spec: FunctionSpec) -> FunctionSpec:
         "env": r.env,
         "secrets": list(r.secrets),
     }
+    if spec.kind is UnitKind.CLASS or r.snapshot != "shared":
+        options["snapshot"] = r.snapshot
     _, checked = parse_options(options, kind=spec.kind, default_name=spec.name)
     return dataclasses.replace(spec, resources=checked)
 

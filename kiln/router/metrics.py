@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -11,8 +13,11 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 
 
 class RouterMetrics:
-    def __init__(self) -> None:
+    def __init__(self, also: Sequence[CollectorRegistry] = ()) -> None:
+        """`also`: registries of other parts running in this process (the scheduler's under
+        `kiln dev`), rendered after the router's own."""
         self.registry = CollectorRegistry()
+        self.also = tuple(also)
         self.requests = Counter(
             "kiln_router_requests",
             "HTTP requests handled, by route template and status code.",
@@ -31,4 +36,4 @@ class RouterMetrics:
         self.call_seconds.labels(app).observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return b"".join(generate_latest(r) for r in (self.registry, *self.also))

@@ -4,8 +4,9 @@ table true.
 
 Inputs: work-queue pending counts (JetStream consumer info), replica and node heartbeats, the
 node agents' exit events, and the router's wake hints (which make scale-from-zero immediate
-rather than waiting for the next periodic pass). The decisions themselves are the pure
-functions of `kiln.scheduler.policy`.
+rather than waiting for the next periodic pass). Replicas' cold-start reports become the
+cold-start metrics and each replica's `origin` (restored from a snapshot or not). The decisions
+themselves are the pure functions of `kiln.scheduler.policy`.
 
 This is the minimal scheduler of issue 3 (one process, first-fit placement); issue 5 adds
 leader election, placement preferences and crash-loop handling around the same seams.
@@ -31,10 +32,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from kiln.db.enums import AppState, ReplicaState
 from kiln.db.models import App, AppVersion, Function, Node, Replica
 from kiln.db.session import transaction
+from kiln.observability.coldstart import ColdStartMetrics
 from kiln.scheduler.policy import ReplicaView, desired_replicas, idle_to_stop
 from kiln.wire import (
     REPLICA_LOST_AFTER_S,
+    ColdStartReport,
     NodeHeartbeat,
+    Origin,
     ReplicaHeartbeat,
     StartReplica,
     Subjects,
@@ -87,13 +91,20 @@ class _Tracked:
     draining: bool = False
     recorded_ready: bool = False
     recorded_in_flight: int = -1
+    requested_at: float = 0.0  # when the demand it serves was seen (epoch seconds)
+    schedule_s: float | None = None  # demand seen -> a node agent took the order
 
 
 class Scheduler:
     def __init__(
-        self, nc: NATS, sessions: async_sessionmaker[AsyncSession], namespace: str
+        self,
+        nc: NATS,
+        sessions: async_sessionmaker[AsyncSession],
+        namespace: str,
+        metrics: ColdStartMetrics | None = None,
     ) -> None:
         self.nc = nc
+        self.metrics = metrics or ColdStartMetrics()
         self.js = nc.jetstream()
         self.sessions = sessions
         self.subjects = Subjects(namespace)
@@ -103,6 +114,7 @@ class Scheduler:
         self.backoff_until: dict[uuid.UUID, float] = {}
         self.failures: dict[uuid.UUID, int] = {}
         self.pending: dict[uuid.UUID, int] = {}
+        self.demand_at: dict[uuid.UUID, float] = {}  # first unmet demand, for the schedule phase
         self.started_at = time.monotonic()
         self.swept = False
 
@@ -112,6 +124,7 @@ class Scheduler:
             await self.nc.subscribe(self.subjects.all_replica_heartbeats, cb=self._on_replica),
             await self.nc.subscribe(self.subjects.all_node_heartbeats, cb=self._on_node),
             await self.nc.subscribe(self.subjects.replica_events, cb=self._on_exit),
+            await self.nc.subscribe(self.subjects.cold_starts, cb=self._on_cold_start),
         ]
         try:
             while not stop.is_set():
@@ -138,7 +151,38 @@ class Scheduler:
     # Observations ------------------------------------------------------------------------------
 
     async def _on_demand(self, msg: Msg) -> None:
+        with contextlib.suppress(ValueError):
+            self.demand_at.setdefault(uuid.UUID(hex=msg.subject.rsplit(".", 1)[-1]), time.time())
         self.wake.set()
+
+    async def _on_cold_start(self, msg: Msg) -> None:
+        try:
+            report = decode(ColdStartReport, msg.data)
+            origin = Origin(report.origin)
+            phases = {str(k): float(v) for k, v in report.phases.items()}
+        except (ValueError, TypeError, KeyError):
+            _log.warning("ignoring an unreadable cold-start report")
+            return
+        if "first_call" in phases:  # the follow-up after the first call: one phase only
+            self.metrics.observe({"first_call": phases["first_call"]}, None)
+            return
+        tracked = self.replicas.get(report.replica_id)
+        if tracked is not None and tracked.schedule_s is not None:
+            phases["schedule"] = tracked.schedule_s
+            if tracked.requested_at:
+                phases["total"] = max(0.0, time.time() - tracked.requested_at)
+        self.metrics.observe(phases, origin.value)
+        if origin is Origin.FALLBACK:
+            _log.warning(
+                "replica %s ran its setup hooks because its snapshot failed: %s",
+                report.replica_id, report.fallback_reason,
+            )  # fmt: skip
+        async with transaction(self.sessions) as session:
+            await session.execute(
+                sa.update(Replica)
+                .where(Replica.id == uuid.UUID(report.replica_id))
+                .values(origin=origin.value)
+            )
 
     async def _on_replica(self, msg: Msg) -> None:
         beat = decode(ReplicaHeartbeat, msg.data)
@@ -229,6 +273,8 @@ class Scheduler:
             min_replicas=function.min_replicas,
             max_replicas=function.max_replicas,
         )
+        if want <= len(current):
+            self.demand_at.pop(function.id, None)  # met: the next cold start times anew
         if want > len(current):
             if self.backoff_until.get(function.id, 0) > now_mono:
                 return
@@ -298,6 +344,7 @@ class Scheduler:
             key=lambda b: -sum(b.free.values()),
         )  # fmt: skip
         replica_id = str(uuid.uuid4())
+        requested_at = self.demand_at.get(function.id) or time.time()
         launch = StartReplica(
             replica_id=replica_id,
             function_id=str(function.id),
@@ -310,14 +357,17 @@ class Scheduler:
             spec=function.spec,
             gpu_type=kind,
             gpu_count=int(function.gpu.partition(":")[2] or 1),
+            requested_at=requested_at,
         )
         for node in candidates:
             reply = await self._command(node.node_id, {"op": "start", **asdict(launch)})
             if reply.get("ok"):
+                self.demand_at.pop(function.id, None)
                 self.replicas[replica_id] = _Tracked(
                     replica_id, str(function.id), str(function.version_id), node.node_id,
                     launched_at=time.time(), startup_timeout_s=function.startup_timeout_s,
-                    gpu=function.gpu,
+                    gpu=function.gpu, requested_at=requested_at,
+                    schedule_s=max(0.0, time.time() - requested_at),
                 )  # fmt: skip
                 await self._record_replica(launch, node.node_id, reply)
                 return True

@@ -17,15 +17,9 @@ import torch
 
 from kiln.snapshots.blob import write_blob
 from kiln.snapshots.capture import capture
+from kiln.snapshots.manifest import BAKE_REPORT, GRAPH, blob_name
 
-__all__ = ["BAKE_REPORT", "GRAPH", "BakeReport", "bake", "blob_name"]
-
-GRAPH = "graph.pkl"
-BAKE_REPORT = "bake.json"
-
-
-def blob_name(device: str) -> str:
-    return f"{device}.safetensors"
+__all__ = ["BakeReport", "bake"]
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,15 @@ from kiln._version import __version__
 from kiln.errors import SnapshotError, SnapshotTampered
 
 __all__ = [
+    "BAKE_REPORT",
     "FORMAT_VERSION",
+    "GRAPH",
+    "MANIFEST",
+    "SIGNATURE",
     "FileEntry",
     "Manifest",
     "Runtime",
+    "blob_name",
     "sha256_file",
     "sign",
     "snapshot_key",
@@ -34,8 +39,16 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+# The files of a snapshot directory.
+GRAPH = "graph.pkl"  # the object graph, tensors replaced by references
+BAKE_REPORT = "bake.json"  # what the baker counted, read when sealing
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
+
+
+def blob_name(device: str) -> str:
+    """The tensor blob of one device kind: `cpu.safetensors`, `cuda.safetensors`."""
+    return f"{device}.safetensors"
 
 
 @dataclass(frozen=True)
@@ -59,12 +72,15 @@ class Runtime:
         )
 
 
-def snapshot_key(code_digest: str, function: str, runtime: Runtime) -> str:
+def snapshot_key(code_digest: str, function: str, runtime: Runtime, device: str = "cpu") -> str:
+    """The snapshot's name: what made it (code, function, versions) and where its tensors
+    live (`cpu`, or `cuda` for a function that runs on GPUs)."""
     identity = {
         "format": FORMAT_VERSION,
         "code_digest": code_digest,
         "function": function,
         "runtime": asdict(runtime),
+        "device": device,
     }
     text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()

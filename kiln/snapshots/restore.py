@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from kiln.errors import SnapshotError
-from kiln.snapshots.bake import GRAPH, blob_name
 from kiln.snapshots.blob import BlobEntry, read_index
 from kiln.snapshots.capture import rebuild
+from kiln.snapshots.manifest import GRAPH, blob_name
 from kiln.snapshots.store import Snapshot
 
 __all__ = ["Restored", "restore_state"]

@@ -2,13 +2,19 @@
 
 `seal` turns a baker's staging directory into a snapshot: it hashes every file, writes the
 manifest and its signature, and renames the directory into place in one step, so a reader sees
-a whole snapshot or none; a key already present is never sealed again. `open` checks the
-signature, the key and every file's size (and, with `full=True`, every file's sha256, which is
-what a copy fetched from a shared store gets) before anything is loaded.
+a whole snapshot or none; a key already present is never sealed again. `adopt` does the same for
+a copy fetched from the shared store, after checking its signature and every file's sha256.
+
+Hashing gigabytes on every cold start would cost more than the restore, so `open` checks the
+manifest's signature and a *stamp*: each file's inode, size and change times as sealed, signed
+too. Any later write, truncation, replacement or chmod changes a file's ctime, which no one
+can set back; a file whose stamp differs is hashed in full and refused if it changed. Sealed
+files are read-only.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import secrets
@@ -17,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.errors import SnapshotError, SnapshotTampered
-from kiln.snapshots.bake import BAKE_REPORT, GRAPH
 from kiln.snapshots.manifest import (
+    BAKE_REPORT,
+    GRAPH,
     MANIFEST,
     SIGNATURE,
     FileEntry,
@@ -31,6 +38,8 @@ from kiln.snapshots.manifest import (
 
 __all__ = ["Snapshot", "SnapshotCache"]
 
+STAMP = "stamp.json"  # local only: never uploaded, rewritten by each node that adopts a copy
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -39,6 +48,15 @@ class Snapshot:
 
     def file(self, name: str) -> Path:
         return self.directory / name
+
+    @classmethod
+    def at(cls, directory: Path) -> Snapshot:
+        """A snapshot that the node agent has already verified, as a replica (which holds no
+        signing key) opens it."""
+        try:
+            return cls(directory, Manifest.from_json((directory / MANIFEST).read_bytes()))
+        except FileNotFoundError:
+            raise SnapshotError(f"no snapshot in {directory}") from None
 
 
 class SnapshotCache:
@@ -66,7 +84,6 @@ class SnapshotCache:
         self, staging: Path, *, key: str, function: str, code_digest: str, runtime: Runtime
     ) -> Snapshot:
         """Hash, sign and move a baked staging directory into the cache as `key`."""
-        target = self.path(key)
         if self.has(key):
             shutil.rmtree(staging, ignore_errors=True)
             return self.open(key)
@@ -96,6 +113,35 @@ class SnapshotCache:
         body = manifest.to_json()
         _write_synced(staging / MANIFEST, body)
         _write_synced(staging / SIGNATURE, sign(body, self.signing_key).encode())
+        return self._install(staging, key)
+
+    def adopt(self, staging: Path, key: str) -> Snapshot:
+        """Move a copy of snapshot `key` (fetched from the shared store into `staging`) into
+        the cache once its signature and every file's sha256 check out; a copy that fails is
+        deleted and SnapshotTampered raised."""
+        try:
+            body = (staging / MANIFEST).read_bytes()
+            verify_signature(body, (staging / SIGNATURE).read_text(), self.signing_key)
+            manifest = Manifest.from_json(body)
+            if manifest.key != key:
+                raise SnapshotTampered(f"the copy of {key[:12]} is signed for {manifest.key[:12]}")
+            for name, entry in manifest.files.items():
+                _check_file(staging / name, name, entry, full=True)
+        except (OSError, SnapshotError) as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, SnapshotTampered):
+                raise
+            raise SnapshotTampered(
+                f"the copy of snapshot {key[:12]} is incomplete ({exc})"
+            ) from None
+        for name in manifest.files:
+            _fsync(staging / name)
+        return self._install(staging, key)
+
+    def _install(self, staging: Path, key: str) -> Snapshot:
+        target = self.path(key)
+        for path in staging.iterdir():
+            path.chmod(0o444)
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             staging.rename(target)
@@ -103,7 +149,9 @@ class SnapshotCache:
             if not self.has(key):  # not a lost race: a real failure
                 raise
             shutil.rmtree(staging, ignore_errors=True)
+            return self.open(key)
         _fsync(target.parent)
+        self._write_stamp(target)
         return self.open(key)
 
     def open(self, key: str, *, full: bool = False) -> Snapshot:
@@ -118,17 +166,40 @@ class SnapshotCache:
         manifest = Manifest.from_json(body)
         if manifest.key != key:
             raise SnapshotTampered(f"the snapshot in {key[:12]} is signed for {manifest.key[:12]}")
+        stamp = self._read_stamp(directory)
+        restamp = False
         for name, entry in manifest.files.items():
             path = directory / name
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                raise SnapshotTampered(f"the snapshot lost its file {name}") from None
-            if size != entry.size:
-                raise SnapshotTampered(f"{name} has {size} bytes; the manifest says {entry.size}")
-            if full and sha256_file(path) != entry.sha256:
-                raise SnapshotTampered(f"{name} does not match its checksum")
+            changed = stamp.get(name) != _stat_of(path)
+            _check_file(path, name, entry, full=full or changed)
+            restamp |= changed
+        if restamp:  # touched (a chmod, a copy back) but every byte is as signed
+            self._write_stamp(directory)
         return Snapshot(directory, manifest)
+
+    def _stamp_mac(self, stats: dict[str, list[int] | None]) -> str:
+        text = json.dumps(stats, sort_keys=True).encode()
+        return hmac.new(self.signing_key.encode(), b"stamp:" + text, "sha256").hexdigest()
+
+    def _write_stamp(self, directory: Path) -> None:
+        names = [p.name for p in directory.iterdir() if p.name != STAMP]
+        stats = {name: _stat_of(directory / name) for name in names}
+        body = json.dumps({"stats": stats, "mac": self._stamp_mac(stats)})
+        temp = directory.with_name(f".{directory.name}.{secrets.token_hex(4)}.stamp")
+        temp.write_text(body)
+        temp.replace(directory / STAMP)
+
+    def _read_stamp(self, directory: Path) -> dict[str, list[int] | None]:
+        """The sealed stats, or nothing (every file is then hashed) when the stamp is missing
+        or was not written with this key."""
+        try:
+            data = json.loads((directory / STAMP).read_text())
+            stats: dict[str, list[int] | None] = data["stats"]
+            if hmac.compare_digest(self._stamp_mac(stats), str(data["mac"])):
+                return stats
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return {}
 
     def discard(self, key: str) -> None:
         """Remove a snapshot that failed to restore, so it is baked again."""
@@ -137,6 +208,25 @@ class SnapshotCache:
             doomed = directory.with_name(f".{key}.discarded.{secrets.token_hex(4)}")
             directory.rename(doomed)
             shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _stat_of(path: Path) -> list[int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _check_file(path: Path, name: str, entry: FileEntry, *, full: bool) -> None:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise SnapshotTampered(f"the snapshot lost its file {name}") from None
+    if size != entry.size:
+        raise SnapshotTampered(f"{name} has {size} bytes; the manifest says {entry.size}")
+    if full and sha256_file(path) != entry.sha256:
+        raise SnapshotTampered(f"{name} does not match its checksum")
 
 
 def _write_synced(path: Path, data: bytes) -> None:

@@ -109,7 +109,7 @@ def test_unknown_option_without_a_close_name_lists_the_options() -> None:
     fails(
         "@app.function got an unknown option image='debian' for function 'shout'; the options "
         "are name, gpu, min_replicas, max_replicas, buffer_replicas, idle_timeout, concurrency, "
-        "target_concurrency, timeout, startup_timeout, retries, memory_mb, env, secrets.",
+        "target_concurrency, timeout, startup_timeout, retries, memory_mb, env, secrets, snapshot.",
         image="debian",
     )
 

@@ -10,7 +10,9 @@ import pytest
 import kiln
 from kiln.errors import InvalidArguments, UnserializableResult
 from kiln.functions.spec import FunctionSpec
+from kiln.invoker.coldstart import ColdStart, build_instance
 from kiln.invoker.target import Target, build_target
+from kiln.wire import Origin
 
 app = kiln.App("target-tests")
 STOPPED: list[int] = []
@@ -98,7 +100,10 @@ async def test_unserialisable_result() -> None:
 
 async def test_class_lifecycle() -> None:
     t = target("Counter")
-    await t.enter()
+    record = ColdStart()
+    await build_instance(t, None, record, private=False)
+    assert record.origin is Origin.HOOKS
+    assert set(record.phases) == {"enter"}
     assert (await t.call("bump", b'{"by": 5}', "application/json")).body == b"15"
     assert (await t.call("bump", b'{"by": 1}', "application/json")).body == b"16"
     await t.exit()

@@ -15,12 +15,12 @@ import torch
 from safetensors import safe_open
 
 from kiln.errors import SnapshotError, SnapshotTampered
-from kiln.snapshots.bake import GRAPH, bake, blob_name
+from kiln.snapshots.bake import bake
 from kiln.snapshots.blob import ALIGN, BlobEntry, read_index
 from kiln.snapshots.cuda import plan_chunks
-from kiln.snapshots.manifest import Runtime, snapshot_key
+from kiln.snapshots.manifest import GRAPH, Runtime, blob_name, snapshot_key
 from kiln.snapshots.restore import restore_state
-from kiln.snapshots.store import Snapshot, SnapshotCache
+from kiln.snapshots.store import STAMP, Snapshot, SnapshotCache
 
 RUNTIME = Runtime(python="3.11.7-x86_64", torch="2.13.0+cpu", kiln="0.1.0")
 
@@ -222,6 +222,59 @@ def test_a_changed_byte_in_the_blob_is_caught_by_the_full_check(cache: SnapshotC
     flip_byte(blob, blob.stat().st_size - ALIGN + 1)
     with pytest.raises(SnapshotTampered, match=r"cpu\.safetensors does not match its checksum"):
         cache.open(snapshot.manifest.key, full=True)
+
+
+def test_a_changed_byte_is_caught_by_a_plain_open_too(cache: SnapshotCache) -> None:
+    """An open hashes nothing for an untouched snapshot, but any write changes a file's ctime,
+    which its signed stamp records, and a file that differs from its stamp is hashed."""
+    snapshot = bake_and_seal(cache, make_holder())
+    blob = snapshot.file(blob_name("cpu"))
+    assert blob.stat().st_mode & 0o222 == 0  # sealed files are read-only
+    flip_byte(blob, blob.stat().st_size - ALIGN + 1)
+    with pytest.raises(SnapshotTampered, match=r"cpu\.safetensors does not match its checksum"):
+        cache.open(snapshot.manifest.key)
+
+
+def test_a_touched_but_intact_snapshot_is_accepted_and_restamped(cache: SnapshotCache) -> None:
+    snapshot = bake_and_seal(cache, make_holder())
+    stamp = snapshot.file(STAMP)
+    before = stamp.read_text()
+    snapshot.file(GRAPH).chmod(0o400)  # changes the ctime, not the bytes
+    cache.open(snapshot.manifest.key)
+    assert stamp.read_text() != before
+    forged = json.loads(stamp.read_text())
+    forged["stats"][GRAPH][3] += 1  # a stamp not signed with the key counts for nothing
+    stamp.write_text(json.dumps(forged))
+    cache.open(snapshot.manifest.key)  # hashes every file, all intact, and stamps them anew
+    assert json.loads(stamp.read_text())["stats"][GRAPH] != forged["stats"][GRAPH]
+
+
+def test_a_fetched_copy_is_adopted_only_when_every_checksum_matches(
+    cache: SnapshotCache, tmp_path: Path
+) -> None:
+    snapshot = bake_and_seal(cache, make_holder())
+    key = snapshot.manifest.key
+    node = SnapshotCache(tmp_path / "other-node", cache.signing_key)
+
+    def copy() -> Path:
+        staging = node.staging(key)
+        for path in snapshot.directory.iterdir():
+            if path.name != STAMP:
+                (staging / path.name).write_bytes(path.read_bytes())
+        return staging
+
+    bad = copy()
+    flip_byte(bad / blob_name("cpu"), (bad / blob_name("cpu")).stat().st_size - ALIGN + 1)
+    with pytest.raises(SnapshotTampered, match=r"cpu\.safetensors does not match its checksum"):
+        node.adopt(bad, key)
+    assert not bad.exists()
+    assert not node.has(key)
+    adopted = node.adopt(copy(), key)
+    assert adopted.manifest == snapshot.manifest
+    assert_same(make_holder().__dict__, restore_state(adopted).state)
+    foreign = SnapshotCache(tmp_path / "third-node", secrets.token_urlsafe(32))
+    with pytest.raises(SnapshotTampered, match="signature does not match"):
+        foreign.adopt(copy(), key)
 
 
 def test_an_edited_manifest_fails_its_signature(cache: SnapshotCache) -> None:

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kiln.snapshots.bake import bake, blob_name
+from kiln.snapshots.bake import bake
 from kiln.snapshots.cuda import StagingRing
-from kiln.snapshots.manifest import Runtime, snapshot_key
+from kiln.snapshots.manifest import Runtime, blob_name, snapshot_key
 from kiln.snapshots.restore import restore_state
 from kiln.snapshots.store import SnapshotCache
 
