@@ -19,6 +19,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from nats.aio.msg import Msg
 from kiln._proc import die_with_parent
 from kiln.invoker.inventory import node_slots
 from kiln.invoker.node_snapshots import NodeSnapshots
+from kiln.invoker.standby import Assignment, StandbyPool
 from kiln.settings import Settings
 from kiln.wire import HEARTBEAT_INTERVAL_S, NodeHeartbeat, StartReplica, Subjects, encode
 
@@ -62,13 +64,18 @@ class _Slots:
     def __post_init__(self) -> None:
         self.free = {kind: list(range(count)) for kind, count in self.total.items()}
 
-    def take(self, gpu: str) -> tuple[str, list[int]] | None:
+    def take(
+        self, gpu: str, prefer: Callable[[int], bool] = lambda _: False
+    ) -> tuple[str, list[int]] | None:
+        """Free slots for `gpu`; a single GPU is one that `prefer`s first (a ready standby)."""
         kind, count = parse_gpu_request(gpu)
         candidates = [k for k in self.free if k != "none"] if kind == "any" else [kind]
         for candidate in candidates:
             free = self.free.get(candidate, [])
             if len(free) >= count:
-                taken, self.free[candidate] = free[:count], free[count:]
+                if count == 1 and candidate != "none":
+                    free.sort(key=lambda index: not prefer(index))
+                taken, self.free[candidate] = free[:count], sorted(free[count:])
                 return candidate, taken
         return None
 
@@ -92,6 +99,11 @@ class NodeAgent:
             if NodeSnapshots.enabled(settings)
             else None
         )
+        self.standbys = StandbyPool(
+            size=settings.standby_processes,
+            env_for=self._standby_env,
+            log_file=self.workdir / "standby.log",
+        )
 
     def _launch_of(self, replica_id: str) -> StartReplica | None:
         running = self.replicas.get(replica_id)
@@ -101,6 +113,8 @@ class NodeAgent:
         """Serve until `stop` is set, then stop every replica (drain first) and return."""
         if self.snapshots is not None:
             await self.snapshots.start()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._plan_standbys()
         sub = await self.nc.subscribe(self.subjects.node_command(self.node_id), cb=self._on_command)
         beat = asyncio.create_task(self._heartbeat(), name="kiln-agent-heartbeat")
         try:
@@ -111,6 +125,7 @@ class NodeAgent:
                 *(self.stop_replica(rid, grace_s=10) for rid in list(self.replicas)),
                 return_exceptions=True,
             )
+            await self.standbys.close()
             if self.snapshots is not None:
                 await self.snapshots.close()
             beat.cancel()
@@ -142,7 +157,7 @@ class NodeAgent:
         key = self.snapshots.key_for(launch) if self.snapshots is not None else None
         launch = replace(launch, received_at=time.time(), snapshot_key=key)
         gpu = launch.spec["resources"]["gpu"]
-        slot = self.slots.take(gpu)
+        slot = self.slots.take(gpu, prefer=lambda index: self.standbys.has_ready(str(index)))
         if slot is None:
             return {"ok": False, "error": f"no free slot for gpu={gpu!r} on {self.node_id}"}
         kind, indices = slot
@@ -154,6 +169,7 @@ class NodeAgent:
         running = _Running(launch, process, kind, indices)
         self.replicas[launch.replica_id] = running
         running.waiter = asyncio.create_task(self._watch(running))
+        self._plan_standbys()
         if key is not None and self.snapshots is not None:
             self.snapshots.prefetch(key)  # overlaps with the replica loading its code
         return {"ok": True, "node_id": self.node_id, "gpu_type": kind, "gpu_indices": indices}
@@ -166,6 +182,18 @@ class NodeAgent:
         launch_file = directory / "launch.json"
         launch_file.write_text(json.dumps({**asdict(launch), "node_id": self.node_id}))
         env = self._replica_env(launch, directory, kind, indices)
+        device = "" if kind == "none" else ",".join(map(str, indices))
+        standby = self.standbys.take(device)
+        if standby is not None:
+            try:
+                await standby.assign(
+                    Assignment(
+                        str(launch_file), str(directory), env, str(directory / "replica.log")
+                    )
+                )
+                return standby.process
+            except (OSError, RuntimeError) as exc:  # it died meanwhile: start the slow way
+                _log.warning("standby process lost before its assignment: %s", exc)
         # A local file opens at once; the child inherits it as stdout and stderr.
         log = open(directory / "replica.log", "ab")  # noqa: SIM115, ASYNC230
         try:
@@ -185,13 +213,35 @@ class NodeAgent:
         finally:
             log.close()
 
+    def _plan_standbys(self) -> None:
+        """Standbys for CPU slots, and one on each of the first free GPUs of every kind."""
+        size = self.settings.standby_processes
+        wanted = {"": size if self.slots.total.get("none") else 0}
+        for kind, free in self.slots.free.items():
+            if kind != "none":
+                wanted.update({str(index): 1 for index in free[:size]})
+        for device in set(self.standbys.wanted) | set(wanted):
+            self.standbys.keep(device, wanted.get(device, 0))
+
+    def _standby_env(self, device: str) -> dict[str, str]:
+        """What a standby starts with: the platform part of a replica's environment."""
+        home = self.workdir / ".standby"
+        home.mkdir(parents=True, exist_ok=True)
+        return self._platform_env(home, device)
+
     def _replica_env(
         self, launch: StartReplica, directory: Path, kind: str, indices: list[int]
     ) -> dict[str, str]:
         env = {str(k): str(v) for k, v in (launch.spec["resources"].get("env") or {}).items()}
         env.update(
+            self._platform_env(directory, "" if kind == "none" else ",".join(map(str, indices)))
+        )
+        return env
+
+    def _platform_env(self, home: Path, devices: str) -> dict[str, str]:
+        return dict(
             PATH=f"{Path(sys.executable).parent}:{_BASE_PATH}",
-            HOME=str(directory),
+            HOME=str(home),
             PYTHONUNBUFFERED="1",
             KILN_NATS_URL=",".join(self.settings.nats_servers),
             KILN_NAMESPACE=self.settings.namespace,
@@ -199,9 +249,9 @@ class NodeAgent:
             # there), never the platform's, which holds config.toml and the dev secrets.
             KILN_HOME=str(self.settings.home / "node"),
             KILN_LOG_LEVEL=self.settings.log_level.value,
-            CUDA_VISIBLE_DEVICES="" if kind == "none" else ",".join(map(str, indices)),
+            KILN_STANDBY_IMPORTS=",".join(self.settings.standby_imports),
+            CUDA_VISIBLE_DEVICES=devices,
         )
-        return env
 
     async def _watch(self, running: _Running) -> None:
         code = await running.process.wait()
@@ -209,6 +259,7 @@ class NodeAgent:
         if self.snapshots is not None:
             self.snapshots.forget(running.launch.replica_id)
         self.slots.give_back(running.gpu_type, running.indices)
+        self._plan_standbys()
         event = {
             "replica_id": running.launch.replica_id,
             "function_id": running.launch.function_id,

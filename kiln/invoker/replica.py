@@ -28,7 +28,7 @@ import traceback
 import uuid
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import nats
 from nats.aio.client import Client as NATS
@@ -397,8 +397,13 @@ def _call_generation(msg: Msg) -> int:
 
 
 def main() -> None:
+    serve_launch(Path(sys.argv[1]))
+
+
+def serve_launch(launch_path: Path) -> NoReturn:
+    """Be the replica that `launch_path` describes, until it stops; then exit the process.
+    A fresh process (`main`) and an assigned standby (`kiln.invoker.standby`) both end here."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    launch_path = Path(sys.argv[1])
     data = json.loads(launch_path.read_text())
     node_id = data.pop("node_id")
     settings = Settings.from_env(os.environ)

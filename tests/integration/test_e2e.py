@@ -5,6 +5,7 @@ replica processes, real NATS (JetStream), PostgreSQL and Redis. Apps are deploye
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -468,10 +469,13 @@ async def test_sync_call_over_its_timeout_is_504_and_the_replica_is_replaced(
 
 
 def replica_processes(function: str) -> Iterator[psutil.Process]:
+    """Replica processes of `function`: fresh ones and assigned standbys alike run in their
+    replica directory, beside their launch file."""
     for proc in psutil.process_iter(["cmdline"]):
-        cmdline = proc.info["cmdline"] or []
-        if "kiln.invoker.replica" in cmdline:
-            launch = Path(cmdline[-1])
+        if not any(arg.startswith("kiln.invoker.") for arg in proc.info["cmdline"] or []):
+            continue
+        with contextlib.suppress(psutil.Error, OSError):
+            launch = Path(proc.cwd()) / "launch.json"
             if launch.exists() and f'"function": "{function}"' in launch.read_text():
                 yield proc
 
@@ -524,6 +528,7 @@ def test_a_deploy_whose_file_fails_to_import_shows_the_users_traceback(tmp_path:
 
 SNAPPY = """
 import os
+import sys
 
 import kiln
 
@@ -561,6 +566,7 @@ class Model:
             "built_in": self.built_in,
             "warmed_in": self.warmed_in,
             "pid": os.getpid(),
+            "program": sys.argv[0],
         }
 """
 
@@ -631,6 +637,8 @@ async def test_a_class_is_baked_on_its_first_cold_start_and_restored_on_the_next
     assert second["warmed_in"] == second["pid"]  # plain @enter hooks run after every restore
     assert second["out"] == first["out"]
     assert second["labels"] == ["a", "b"]
+    # It was a standby process: interpreter, torch and the runtime imported before the call.
+    assert second["program"].endswith("kiln/invoker/standby.py")
 
     async with platform.client() as client:
         metrics = (await client.get("/metrics")).text
