@@ -107,6 +107,11 @@ def _module_name(file: Path) -> str:
 
 
 def _forget_loaded_apps(root: Path) -> None:
+    if not _loaded_roots:
+        # The first app of this process (every replica's case): nothing to forget, and
+        # scanning thousands of modules (torch, transformers) would cost a cold start ~0.3 s.
+        importlib.invalidate_caches()
+        return
     roots = {*_loaded_roots, root}
     for mod_name, mod in list(sys.modules.items()):
         if any(_is_local_module(mod, old) for old in roots):

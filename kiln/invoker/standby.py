@@ -38,6 +38,9 @@ READY = b"ready\n"
 # Importing torch and creating a CUDA context take seconds, not minutes.
 _READY_TIMEOUT_S = 300.0
 _RETRY_AFTER_S = 30.0
+# A replacement starts after the cold start that took a standby has had the CPU to itself:
+# importing torch beside a restore and a first call slows both down on a small node.
+REFILL_DELAY_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ class StandbyPool:
         while ready:
             standby = ready.pop()
             if standby.process.returncode is None:
-                self._refill(device)
+                self._refill(device, delay_s=REFILL_DELAY_S)
                 return standby
         return None
 
@@ -109,17 +112,20 @@ class StandbyPool:
                 await standby.process.wait()
         self.ready.clear()
 
-    def _refill(self, device: str) -> None:
+    def _refill(self, device: str, delay_s: float = 0.0) -> None:
         if self._closed:
             return
         have = len(self.ready.get(device, [])) + self._starting.get(device, 0)
         for _ in range(self.wanted.get(device, 0) - have):
             self._starting[device] = self._starting.get(device, 0) + 1
-            task = asyncio.create_task(self._start(device), name=f"kiln-standby-{device or 'cpu'}")
+            task = asyncio.create_task(
+                self._start(device, delay_s), name=f"kiln-standby-{device or 'cpu'}"
+            )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _start(self, device: str) -> None:
+    async def _start(self, device: str, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
         try:
             standby = await self._spawn(device)
         except Exception as exc:  # noqa: BLE001 - replicas start the slow way meanwhile

@@ -1,0 +1,223 @@
+"""The end-to-end cold start of `bench/coldstart.py`: a request through the router to a class
+with zero replicas whose snapshot is cached on the node, until the response.
+
+It starts `kiln dev` (embedded services, one node agent with its standby pool), deploys a class
+whose `@kiln.enter(snap=True)` hook loads the benchmark's model with `from_pretrained`, makes
+the first call (which runs the hook and bakes the snapshot), and then, for each run: waits until
+the function has scaled to zero and a standby process is idle again, times one call (cold), and
+at once a second one (warm, same replica). The cold start's cost is cold minus warm: what the
+model's own forward pass costs (seconds for bf16 on a CPU without bf16 units) is not cold-start
+time. The phases come from the platform's own cold-start histograms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from warm_path import start_kiln  # noqa: E402
+
+from kiln.devstack.ports import pick_port  # noqa: E402
+from kiln.functions.package import package  # noqa: E402
+
+APP = """
+import os
+
+import kiln
+
+app = kiln.App("coldbench")
+
+
+@app.cls(idle_timeout=1, timeout=600, startup_timeout=3600, env={{"MODEL_DIR": "{model_dir}"}})
+class Model:
+    @kiln.enter(snap=True)
+    def load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(
+            os.environ["MODEL_DIR"], dtype=torch.bfloat16
+        ).eval()
+
+    @kiln.method()
+    def next_token(self) -> int:
+        import torch
+
+        with torch.inference_mode():
+            logits = self.model(torch.arange(8).unsqueeze(0)).logits
+        return int(logits[0, -1].argmax())
+"""
+_PHASES = ("schedule", "assign", "code_load", "restore", "enter", "first_call")
+
+
+@dataclass(frozen=True)
+class EndToEnd:
+    size: str
+    bake_s: float
+    cold_s: list[float]
+    warm_s: list[float]
+    phases: dict[str, float]  # mean seconds per restored cold start
+    origins: dict[str, float]
+
+
+def end_to_end(
+    args: argparse.Namespace, floors: dict[str, float], from_pretrained: dict[str, float]
+) -> None:
+    """`floors`: seconds to move each size's bytes (warm page cache); `from_pretrained`: the
+    median fresh-process `from_pretrained` time, each measured by the tables above."""
+    print("\n== end to end: a request through the router to a class with zero replicas whose "
+          "snapshot is on the node (warm page cache), until the response")  # fmt: skip
+    for size in args.sizes:
+        model_dir = args.workdir.expanduser() / size / "hf"
+        result = _measure(size, model_dir, args.runs)
+        cold = sorted(result.cold_s)
+        warm = statistics.median(result.warm_s)
+        extra = sorted(c - w for c, w in zip(result.cold_s, result.warm_s, strict=True))
+        median = statistics.median(extra)
+        print(f"\n  {size}: first call (runs the hook, bakes) {result.bake_s:.2f} s; over "
+              f"{len(cold)} runs: cold call median {statistics.median(cold):.3f} s, p90 "
+              f"{_p90(cold):.3f} s; warm call median {warm:.3f} s; cold-start cost (cold - "
+              f"warm) median {median:.3f} s, p90 {_p90(extra):.3f} s")  # fmt: skip
+        shown = ", ".join(f"{name} {result.phases[name] * 1000:.0f} ms"
+                          for name in _PHASES if name in result.phases)  # fmt: skip
+        print(f"  phases (mean of the restored starts): {shown}")
+        print(f"  replicas by origin: {result.origins}")
+        floor = floors.get(size)
+        if floor is not None:
+            limit = 1.5 * floor + 0.1
+            verdict = "met" if median <= limit else "missed"
+            print(f"  target: cold-start cost <= 1.5 x floor ({floor:.3f} s) + 100 ms = "
+                  f"{limit:.3f} s: {verdict}")  # fmt: skip
+        reference = from_pretrained.get(size)
+        if reference is not None:
+            speedup = reference / median
+            verdict = "met" if speedup >= 20 else "missed"
+            print(f"  target: cold-start cost >= 20x below from_pretrained in a fresh process "
+                  f"({reference:.2f} s): {speedup:.1f}x, {verdict}")  # fmt: skip
+
+
+def _measure(size: str, model_dir: Path, runs: int) -> EndToEnd:
+    with tempfile.TemporaryDirectory(prefix="kiln-coldstart-") as tmp:
+        home = Path(tmp)
+        app_file = home / "coldbench.py"
+        app_file.write_text(textwrap.dedent(APP.format(model_dir=model_dir)))
+        port = pick_port([], set())
+        # Unpickling the model's class imports its library: standbys import it ahead of time.
+        imports = "torch,transformers.models.gpt2.modeling_gpt2"
+        kiln, key = start_kiln(home, port, KILN_STANDBY_IMPORTS=imports)
+        try:
+            client = httpx.Client(
+                base_url=f"http://127.0.0.1:{port}",
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=httpx.Timeout(3600.0),
+            )
+            client.post("/v1/apps", json=package(app_file).deploy_body()).raise_for_status()
+            bake_s = _timed_call(client)
+            _wait_sealed(home)
+            before = _phase_sums(client)
+            cold, warm = [], []
+            for _ in range(runs):
+                _wait_for_zero(client)
+                _wait_for_idle_standby(kiln.pid)
+                cold.append(_timed_call(client))
+                warm.append(_timed_call(client))
+            after = _phase_sums(client)
+            phases = _mean_phases(before, after)
+            return EndToEnd(size, bake_s, cold, warm, phases, _origins(client))
+        finally:
+            kiln.terminate()
+            kiln.wait(120)
+
+
+def _p90(values: list[float]) -> float:
+    return sorted(values)[min(len(values) - 1, int(len(values) * 0.9))]
+
+
+def _timed_call(client: httpx.Client) -> float:
+    started = time.perf_counter()
+    response = client.post("/v1/run/coldbench/Model.next_token", json={})
+    elapsed = time.perf_counter() - started
+    response.raise_for_status()
+    return elapsed
+
+
+def _wait_sealed(home: Path, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    root = home / "snapshots"
+    while not (root.exists() and any((p / "manifest.sig").exists() for p in root.iterdir())):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the snapshot was never sealed; see the replica logs")
+        time.sleep(0.2)
+
+
+def _wait_for_zero(client: httpx.Client, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while client.get("/v1/functions/coldbench/Model/replicas").json()["replicas"]:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the function did not scale to zero")
+        time.sleep(0.1)
+
+
+def _wait_for_idle_standby(platform_pid: int, timeout_s: float = 120) -> None:
+    """A standby that finished its imports: an unassigned standby process at rest."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for proc in psutil.Process(platform_pid).children(recursive=True):
+            try:
+                if "kiln.invoker.standby" not in proc.cmdline():
+                    continue
+                if (Path(proc.cwd()) / "launch.json").exists():
+                    continue  # already a replica
+                if proc.cpu_percent(interval=0.3) < 5:
+                    return
+            except psutil.Error:
+                continue
+        time.sleep(0.2)
+    raise RuntimeError("no standby process became ready")
+
+
+_SAMPLE = re.compile(r'^kiln_cold_start_phase_seconds_(sum|count)\{phase="(\w+)"\} ([0-9.e+-]+)$')
+
+
+def _phase_sums(client: httpx.Client) -> dict[tuple[str, str], float]:
+    sums = {}
+    for line in client.get("/metrics").text.splitlines():
+        match = _SAMPLE.match(line)
+        if match:
+            sums[(match[2], match[1])] = float(match[3])
+    return sums
+
+
+def _mean_phases(
+    before: dict[tuple[str, str], float], after: dict[tuple[str, str], float]
+) -> dict[str, float]:
+    means = {}
+    for phase in _PHASES:
+        count = after.get((phase, "count"), 0) - before.get((phase, "count"), 0)
+        if count:
+            means[phase] = (after[(phase, "sum")] - before.get((phase, "sum"), 0)) / count
+    return means
+
+
+def _origins(client: httpx.Client) -> dict[str, Any]:
+    origins: dict[str, Any] = {}
+    pattern = re.compile(r'^kiln_cold_starts_total\{origin="(\w+)"\} ([0-9.e+-]+)$')
+    for line in client.get("/metrics").text.splitlines():
+        match = pattern.match(line)
+        if match:
+            origins[match[1]] = int(float(match[2]))
+    return origins
