@@ -75,10 +75,14 @@ class EndToEnd:
 
 
 def end_to_end(
-    args: argparse.Namespace, floors: dict[str, float], from_pretrained: dict[str, float]
+    args: argparse.Namespace,
+    floors: dict[str, float] | None = None,
+    from_pretrained: dict[str, float] | None = None,
 ) -> None:
     """`floors`: seconds to move each size's bytes (warm page cache); `from_pretrained`: the
     median fresh-process `from_pretrained` time, each measured by the tables above."""
+    floors = floors or {}
+    from_pretrained = from_pretrained or {}
     print("\n== end to end: a request through the router to a class with zero replicas whose "
           "snapshot is on the node (warm page cache), until the response")  # fmt: skip
     for size in args.sizes:

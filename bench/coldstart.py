@@ -1,0 +1,583 @@
+"""Cold start: Kiln's snapshot restore against the usual ways of loading a model, in fresh
+processes, on the same machine, in one run; one table per model size and page-cache state.
+
+    .venv/bin/pip install -e '.[worker,bench]'
+    .venv/bin/python bench/coldstart.py [--sizes 125m,355m,1.5b] [--runs 5] [--cache both]
+        [--workdir ~/.cache/kiln-bench/coldstart] [--methods from_pretrained,kiln-mapped,...]
+
+The models are GPT-2 (small, medium, XL: about 125M, 355M and 1.5B parameters) in bf16 with
+random weights, built once into the work directory (no downloads) as an HF `save_pretrained`
+directory, a tensorizer file and a sealed Kiln snapshot, and reused by later runs. Methods:
+
+    from_pretrained   AutoModelForCausalLM.from_pretrained(dir, dtype=torch.bfloat16)
+    safetensors       a meta-device skeleton + safetensors.torch.load_file + load_state_dict(assign)
+    runai             runai-model-streamer's SafetensorsStreamer into the skeleton
+    tensorizer        TensorDeserializer(...).load_into_module(skeleton)
+    fastsafetensors   fastsafe_open(device="cpu", nogds=True) into the skeleton
+    kiln-mapped       Kiln's restore_state, blob mapped copy-on-write (the default), into a standby
+    kiln-private      the same, read into private memory with parallel preadv
+    kiln-mapped-tf    kiln-mapped into a standby that had also imported transformers' GPT-2
+
+Every run is a fresh process, and the runs alternate between methods (each method's first run,
+then each one's second, ...). A Kiln standby is started ahead of its run and imports torch and
+kiln.snapshots before it says it is ready; the clock starts when the snapshot is assigned to it.
+With `--cache evicted` every file the method reads is dropped from the page cache first
+(fsync, then posix_fadvise DONTNEED), and mincore checks that the pages really left.
+
+Columns: `total` spawn (Kiln: assignment) until the model is usable, imports included; `load` the
+loading step alone, after the imports; `1st fwd` the first forward pass on 1x8 tokens right after,
+where a lazy loader (a mapping) pays for what it put off, so `total+1st` is the honest time to a
+first result; `peak RSS` the child's ru_maxrss after that forward; `base RSS` its resident set
+after the imports, before loading; `vs from_pretrained` the ratio of median totals. p90 is
+nearest-rank, so with 5 runs it is the slowest. The floor row is the weights' bytes over the best
+bandwidth measured here: reading the file from the page cache with parallel preadv, or memcpy
+(warm), and reading it right after eviction (evicted). Targets (issue 4): Kiln ahead of every
+other loader; peak RSS of a CPU restore at most the snapshot's size plus the process baseline;
+at least 20x faster than from_pretrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import mmap
+import os
+import select
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from _coldstart_worker import LOADERS, SIZES, snapshot_key, versions
+
+BENCH = Path(__file__).resolve().parent
+WORKER = BENCH / "_coldstart_worker.py"
+STANDBY = ("kiln-mapped", "kiln-private", "kiln-mapped-tf")
+CHILD_TIMEOUT_S = 900
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Built:
+    size: str
+    directory: Path
+    parameters: int
+    tensor_bytes: int
+    snapshot: Path
+    checksum: list[float]
+
+    @property
+    def snapshot_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.snapshot.iterdir())
+
+    def files(self, method: str) -> list[Path]:
+        """What `method` reads, to warm or evict before its run."""
+        if method in STANDBY:
+            return sorted(self.snapshot.iterdir())
+        if method == "tensorizer":
+            return [self.directory / "model.tensors", self.directory / "hf" / "config.json"]
+        return sorted((self.directory / "hf").iterdir())
+
+
+@dataclass(frozen=True)
+class Run:
+    total: float
+    load: float
+    first: float
+    baseline_rss: int
+    peak_rss_loaded: int
+    peak_rss: int
+    checksum: list[float]
+
+
+@dataclass
+class Row:
+    method: str
+    runs: list[Run] = field(default_factory=list)
+    error: str | None = None
+
+    def median(self, name: str) -> float:
+        return statistics.median(getattr(run, name) for run in self.runs)
+
+    def p90(self, name: str) -> float:
+        values = sorted(getattr(run, name) for run in self.runs)
+        return values[math.ceil(0.9 * len(values)) - 1]
+
+    def ready_first(self) -> float:
+        return statistics.median(run.total + run.first for run in self.runs)
+
+    def wrong(self, reference: list[float]) -> bool:
+        return any(
+            not math.isclose(got, want, rel_tol=1e-3, abs_tol=1e-3)
+            for run in self.runs
+            for got, want in zip(run.checksum, reference, strict=True)
+        )
+
+
+def child_env() -> dict[str, str]:
+    # Nothing is downloaded: every model is built locally.
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "RUNAI_STREAMER_LOG_LEVEL": "WARNING"}
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]  # fmt: skip
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def drop(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # DONTNEED leaves dirty pages where they are
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def resident(path: Path) -> float:
+    """The fraction of the file's pages in the page cache (mincore on a mapping that is never
+    touched, so the check itself reads nothing)."""
+    size = path.stat().st_size
+    if size == 0:
+        return 0.0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    finally:
+        os.close(fd)
+    if address in (None, _MAP_FAILED):
+        raise OSError(ctypes.get_errno(), f"mmap of {path} for mincore failed")
+    try:
+        pages = -(-size // mmap.PAGESIZE)
+        vector = (ctypes.c_ubyte * pages)()
+        if _libc.mincore(address, size, vector) != 0:
+            raise OSError(ctypes.get_errno(), f"mincore on {path} failed")
+        return (pages - bytes(vector).count(0)) / pages
+    finally:
+        _libc.munmap(address, size)
+
+
+def warm(paths: list[Path]) -> None:
+    chunk = bytearray(16 * MIB)
+    for path in paths:
+        with path.open("rb", buffering=0) as f:
+            while f.readinto(chunk):
+                pass
+
+
+@dataclass
+class Evictions:
+    """Whether DONTNEED did its work: some sandboxes ignore it, and then the evicted rows are
+    warm ones under another name."""
+
+    worst: float = 0.0  # the largest fraction of a file still cached right after eviction
+    checks: int = 0
+
+    def evict(self, paths: list[Path]) -> None:
+        for path in paths:
+            drop(path)
+            self.worst = max(self.worst, resident(path))
+            self.checks += 1
+
+    def describe(self) -> str:
+        if self.worst > 0.05:
+            return (f"EVICTION DID NOT WORK here: up to {self.worst:.0%} of a file stayed in the "
+                    "page cache after DONTNEED, so these rows are partly warm")  # fmt: skip
+        return (f"eviction checked with mincore after each of {self.checks} DONTNEEDs: at most "
+                f"{self.worst:.1%} of a file stayed in the page cache")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Floor:
+    nbytes: int
+    read_warm: float  # bytes per second: page cache to memory, parallel preadv
+    memcpy: float
+    read_evicted_sequential: float
+    read_evicted_parallel: float
+
+    def seconds(self, cache: str) -> float:
+        if cache == "warm":
+            return self.nbytes / max(self.read_warm, self.memcpy)
+        return self.nbytes / max(self.read_evicted_sequential, self.read_evicted_parallel)
+
+    def describe(self) -> str:
+        gib = 1024**3
+        return (f"bandwidth here: page cache to memory ({READERS} preadv threads) "
+                f"{self.read_warm / gib:.2f} GiB/s, memcpy {self.memcpy / gib:.2f} GiB/s; right "
+                f"after eviction: sequential read {self.read_evicted_sequential / gib:.2f} GiB/s, "
+                f"parallel {self.read_evicted_parallel / gib:.2f} GiB/s")  # fmt: skip
+
+
+READERS = 8
+CHUNK = 64 * MIB
+
+
+def _parallel_read(fd: int, buffer: memoryview) -> None:
+    def read(start: int) -> None:
+        end = min(start + CHUNK, len(buffer))
+        while start < end:
+            got = os.preadv(fd, [buffer[start:end]], start)
+            if got <= 0:
+                raise OSError(f"short read at byte {start}")
+            start += got
+
+    with ThreadPoolExecutor(READERS) as pool:
+        list(pool.map(read, range(0, len(buffer), CHUNK)))
+
+
+def _sequential_read(fd: int, buffer: memoryview) -> None:
+    position = 0
+    while position < len(buffer):
+        got = os.preadv(fd, [buffer[position : position + 16 * MIB]], position)
+        if got <= 0:
+            raise OSError(f"short read at byte {position}")
+        position += got
+
+
+def _parallel_copy(target: bytearray, source: bytearray) -> None:
+    to = ctypes.addressof(ctypes.c_char.from_buffer(target))
+    base = ctypes.addressof(ctypes.c_char.from_buffer(source))
+    size = len(source)
+
+    def copy(start: int) -> None:
+        ctypes.memmove(to + start, base + start, min(CHUNK, size - start))  # drops the GIL
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        list(pool.map(copy, range(0, size, CHUNK)))
+
+
+def _best(passes: int, setup: Callable[[], None], work: Callable[[], None], nbytes: int) -> float:
+    best = 0.0
+    for _ in range(passes):
+        setup()
+        started = time.perf_counter()
+        work()
+        best = max(best, nbytes / (time.perf_counter() - started))
+    return best
+
+
+def measure_floor(blob: Path, tensor_bytes: int) -> Floor:
+    """The bandwidths that bound any loader here, measured on the snapshot's blob."""
+    size = blob.stat().st_size
+    source = bytearray(size)  # written once before timing, so its pages are all there
+    view = memoryview(source)
+    fd = os.open(blob, os.O_RDONLY)
+    try:
+        warm([blob])
+        _parallel_read(fd, view)
+        read_warm = _best(3, lambda: None, lambda: _parallel_read(fd, view), size)
+        target = bytearray(size)
+        memcpy = _best(3, lambda: None, lambda: _parallel_copy(target, source), size)
+        sequential = _best(2, lambda: drop(blob), lambda: _sequential_read(fd, view), size)
+        parallel = _best(2, lambda: drop(blob), lambda: _parallel_read(fd, view), size)
+    finally:
+        os.close(fd)
+    return Floor(tensor_bytes, read_warm, memcpy, sequential, parallel)
+
+
+def import_costs(python: str) -> str:
+    """What a standby spares a request: spawn until the imports are done (as `total` counts
+    them; the interpreter's exit is not included), in fresh interpreters."""
+    costs = []
+    for modules in ("torch", "torch, transformers.models.gpt2.modeling_gpt2"):
+        seconds = []
+        for _ in range(3):
+            started = time.monotonic()
+            done = subprocess.run(
+                [python, "-c", f"import {modules}, time; print(time.monotonic())"],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            seconds.append(float(done.stdout.split()[-1]) - started)
+        costs.append(f"import {modules}: {statistics.median(seconds):.2f} s")
+    return "imports a standby pays before a request (spawn to imported, median of 3): " + (
+        "; ".join(costs)
+    )
+
+
+def memory_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+
+
+def ensure_built(size: str, workdir: Path) -> Built:
+    directory = workdir / size
+    marker = directory / "built.json"
+    key = snapshot_key(size)
+    if marker.exists():
+        built = json.loads(marker.read_text())
+        if Path(built["snapshot"]).name == key and built.get("versions") == versions():
+            return _built(built, directory)
+    for stale in ("hf", "model.tensors", "kiln", "built.json"):
+        path = directory / stale
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    print(f"building {size} in {directory} (once; later runs reuse it)", file=sys.stderr)
+    subprocess.run(
+        [sys.executable, str(WORKER), "build", size, str(directory)],
+        env=child_env(),
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return _built(json.loads(marker.read_text()), directory)
+
+
+def _built(raw: dict[str, Any], directory: Path) -> Built:
+    return Built(
+        size=str(raw["size"]),
+        directory=directory,
+        parameters=int(raw["parameters"]),
+        tensor_bytes=int(raw["tensor_bytes"]),
+        snapshot=Path(str(raw["snapshot"])),
+        checksum=list(raw["checksum"]),
+    )
+
+
+def _result(proc: subprocess.Popen[str], stdin: str | None = None) -> dict[str, Any]:
+    try:
+        out, err = proc.communicate(stdin, timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return {"error": f"failed: no result in {CHILD_TIMEOUT_S} s"}
+    for line in out.splitlines():
+        if line.startswith("RESULT "):
+            result: dict[str, Any] = json.loads(line.removeprefix("RESULT "))
+            return result
+    tail = " | ".join(err.strip().splitlines()[-3:])
+    return {"error": f"failed: exit status {proc.returncode}: {tail[-300:]}"}
+
+
+def prepare(paths: list[Path], cache: str, evictions: Evictions) -> None:
+    if cache == "warm":
+        warm(paths)
+    else:
+        evictions.evict(paths)
+
+
+def run_once(method: str, built: Built, cache: str, evictions: Evictions) -> Run | str:
+    paths = built.files(method)
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    if method in STANDBY:
+        proc = subprocess.Popen(
+            [sys.executable, str(WORKER), "standby", method, "-"],
+            stdin=subprocess.PIPE,
+            env=child_env(),
+            **pipes,
+        )
+        assert proc.stdout is not None
+        # The standby's imports, before any request.
+        readable, _, _ = select.select([proc.stdout], [], [], CHILD_TIMEOUT_S)
+        if not readable:
+            proc.kill()
+            proc.communicate()
+            return f"failed: the standby was not ready in {CHILD_TIMEOUT_S} s"
+        said = proc.stdout.readline().strip()
+        if said != "ready":
+            return str(_result(proc).get("error", said))
+        prepare(paths, cache, evictions)
+        started = time.monotonic()
+        result = _result(proc, f"{built.snapshot}\n")
+    else:
+        prepare(paths, cache, evictions)
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            [sys.executable, str(WORKER), "load", method, str(built.directory)],
+            stdin=subprocess.DEVNULL,
+            env=child_env(),
+            **pipes,
+        )
+        result = _result(proc)
+    if "error" in result:
+        return str(result["error"])
+    return Run(
+        total=float(result["usable"]) - started,
+        load=float(result["load"]),
+        first=float(result["first"]),
+        baseline_rss=int(result["baseline_rss"]),
+        peak_rss_loaded=int(result["peak_rss_loaded"]),
+        peak_rss=int(result["peak_rss"]),
+        checksum=list(result["checksum"]),
+    )
+
+
+def measure(
+    built: Built, methods: list[str], cache: str, runs: int
+) -> tuple[dict[str, Row], list[str]]:
+    """Every method `runs` times, alternating; and what was known about the conditions."""
+    rows = {method: Row(method) for method in methods}
+    evictions = Evictions()
+    load = 0.0
+    for number in range(1, runs + 1):
+        load = max(load, os.getloadavg()[0])
+        progress = []
+        for method in methods:
+            row = rows[method]
+            if row.error:
+                continue
+            outcome = run_once(method, built, cache, evictions)
+            if isinstance(outcome, str):
+                row.error = outcome
+                progress.append(f"{method} {outcome[:60]}")
+            else:
+                row.runs.append(outcome)
+                progress.append(f"{method} {outcome.total:.2f}s")
+        print(f"  [{built.size} {cache}] run {number}/{runs}: " + ", ".join(progress),
+              file=sys.stderr)  # fmt: skip
+    # The benchmark keeps about one CPU busy; much more means something else ran beside it.
+    notes = [f"machine load during the runs (1-minute average, sampled per round): up to "
+             f"{load:.1f} on {os.cpu_count()} CPUs"]  # fmt: skip
+    if cache == "evicted":
+        notes.append(evictions.describe())
+    return rows, notes
+
+
+def _s(seconds: float) -> str:
+    return f"{seconds:.3f}" if seconds < 10 else f"{seconds:.2f}"
+
+
+def table(built: Built, cache: str, rows: dict[str, Row], floor_s: float, runs: int) -> None:
+    print(f"\n{built.size}: {built.parameters / 1e6:.1f}M parameters, "
+          f"{built.tensor_bytes / MIB:.1f} MiB of bf16 weights; page cache {cache}; "
+          f"{runs} runs each; seconds, medians unless marked")  # fmt: skip
+    head = ("method", "total", "total p90", "load", "1st fwd", "total+1st", "peak RSS",
+            "base RSS", "vs from_pretrained")  # fmt: skip
+    print(f"{head[0]:<17}" + "".join(f"{h:>11}" for h in head[1:6])
+          + f"{head[6] + ' MiB':>14}{head[7] + ' MiB':>14}{head[8]:>20}")  # fmt: skip
+    reference = rows.get("from_pretrained")
+    base = reference.median("total") if reference and reference.runs else None
+    for row in rows.values():
+        name = row.method + (" *" if row.method in STANDBY else "")
+        if row.error or not row.runs:
+            print(f"{name:<17}  {row.error or 'no runs'}")
+            continue
+        cells = [row.median("total"), row.p90("total"), row.median("load"), row.median("first"),
+                 row.ready_first()]  # fmt: skip
+        speedup = f"{base / row.median('total'):.1f}x" if base else "-"
+        flag = "  WRONG OUTPUT" if row.wrong(built.checksum) else ""
+        print(f"{name:<17}" + "".join(f"{_s(c):>11}" for c in cells)
+              + f"{row.median('peak_rss') / MIB:>14.1f}{row.median('baseline_rss') / MIB:>14.1f}"
+              + f"{speedup:>20}{flag}")  # fmt: skip
+    print(f"{'floor':<17}{'-':>11}{'-':>11}{_s(floor_s):>11}")
+    print("  * total = snapshot assigned to a standby (torch, kiln.snapshots imported) until "
+          "usable; other rows: process spawn until usable")  # fmt: skip
+
+
+def targets(built: Built, rows: dict[str, Row], working: int | None) -> None:
+    others = [r for r in rows.values() if r.method not in STANDBY and r.runs and not r.error]
+    reference = rows.get("from_pretrained")
+    for kiln in (rows.get(m) for m in STANDBY):
+        if kiln is None or not kiln.runs:
+            continue
+        print(f"  {kiln.method}:")
+        for name, label in (("load", "load"), ("total", "total")):
+            mine = kiln.median(name)
+            if others:
+                best = min(others, key=lambda r, n=name: r.median(n))
+                verdict = "met" if mine < best.median(name) else "missed"
+                print(f"    ahead of every other loader ({label}): {_s(mine)} s against "
+                      f"{_s(best.median(name))} s ({best.method}): {verdict}")  # fmt: skip
+        if reference and reference.runs:
+            ratio = reference.median("total") / kiln.median("total")
+            print(f"    >= 20x faster than from_pretrained (total): {ratio:.1f}x: "
+                  f"{'met' if ratio >= 20 else 'missed'}")  # fmt: skip
+        peak = max(run.peak_rss for run in kiln.runs)
+        loaded = max(run.peak_rss_loaded for run in kiln.runs)
+        limit = built.snapshot_bytes + kiln.median("baseline_rss")
+        print(f"    peak RSS <= snapshot + baseline: worst run {peak / MIB:.1f} MiB after the "
+              f"first forward ({loaded / MIB:.1f} right after the restore) against "
+              f"{built.snapshot_bytes / MIB:.1f} + {kiln.median('baseline_rss') / MIB:.1f} = "
+              f"{limit / MIB:.1f} MiB: {'met' if peak <= limit else 'missed'}")  # fmt: skip
+        if working is not None and peak > limit:
+            verdict = "met" if peak - working <= limit else "missed"
+            print(
+                f"      less the forward's own working memory ({working / MIB:.1f} MiB, "
+                f"measured on a warmed-up model): {(peak - working) / MIB:.1f} MiB: {verdict}"
+            )
+
+
+def steady_forward(built: Built) -> dict[str, Any]:
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), "steady", "-", str(built.directory)],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return _result(proc)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default=",".join(SIZES))
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--cache", choices=("warm", "evicted", "both"), default="both")
+    parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache/kiln-bench/coldstart")
+    parser.add_argument("--methods", default=",".join(LOADERS))
+    args = parser.parse_args()
+    for option, allowed in (("sizes", SIZES), ("methods", LOADERS)):
+        chosen = [x.strip() for x in getattr(args, option).split(",") if x.strip()]
+        unknown = [x for x in chosen if x not in allowed]
+        if unknown or not chosen:
+            parser.error(f"--{option} {getattr(args, option)!r}: unknown {unknown}; "
+                         f"choose from {', '.join(allowed)}")  # fmt: skip
+        setattr(args, option, chosen)
+    if args.runs < 1:
+        parser.error(f"--runs {args.runs}: run each method at least once (5 for the issue)")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    states = ["warm", "evicted"] if args.cache == "both" else [args.cache]
+    workdir = args.workdir.expanduser()
+    print(f"machine: {os.cpu_count()} CPUs, {memory_gib():.0f} GiB RAM, "
+          f"Python {sys.version.split()[0]}; work directory {workdir}")  # fmt: skip
+    print(import_costs(sys.executable))
+    # For the end-to-end section: each size's warm floor and fresh-process from_pretrained total.
+    floors: dict[str, float] = {}
+    from_pretrained: dict[str, float] = {}
+    for size in args.sizes:
+        built = ensure_built(size, workdir)
+        floor = measure_floor(built.snapshot / "cpu.safetensors", built.tensor_bytes)
+        floors[size] = floor.seconds("warm")
+        print(f"\n== {size}: {floor.describe()}")
+        steady = steady_forward(built)
+        working = steady.get("working_memory")
+        if "forward" in steady:
+            print(f"   a warmed-up forward on 1x8 tokens takes {_s(steady['forward'])} s and "
+                  f"{working / MIB:.1f} MiB of working memory here: of `1st fwd`, only the "
+                  "excess over it is cold-start cost")  # fmt: skip
+        else:
+            print(f"   the warmed-up forward could not be measured: {steady.get('error')}")
+        for cache in states:
+            rows, notes = measure(built, args.methods, cache, args.runs)
+            usual = rows.get("from_pretrained")
+            if usual and usual.runs and (cache == "warm" or size not in from_pretrained):
+                from_pretrained[size] = usual.median("total")
+            table(built, cache, rows, floor.seconds(cache), args.runs)
+            for note in notes:
+                print(f"  {note}")
+            print("  targets:")
+            targets(built, rows, working)
+    if (BENCH / "_coldstart_e2e.py").exists():
+        from _coldstart_e2e import end_to_end
+
+        end_to_end(args, floors, from_pretrained)
+
+
+if __name__ == "__main__":
+    main()
