@@ -49,7 +49,12 @@ def _rss() -> int:
 
 
 def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    """This process's peak RSS. Not ru_maxrss: Linux carries the spawning parent's high-water
+    mark into it across fork (vfork here) and exec, so a child spawned by a parent that once
+    held a large buffer reports the parent's peak as its own."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
 
 def _shards(directory: Path) -> list[str]:
@@ -272,12 +277,6 @@ def build(size: str, directory: Path) -> None:
     (directory / "built.json").write_text(json.dumps(built, indent=1))
 
 
-def _high_water() -> int:
-    with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
-
-
 def steady(directory: Path) -> None:
     """The forward pass's own cost once warmed up, in time and in working memory: what a first
     forward costs beyond it is the cold start's."""
@@ -289,7 +288,7 @@ def steady(directory: Path) -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
     seconds = [_first_forward(model)[0] for _ in range(3)]
-    _result({"forward": min(seconds[1:]), "working_memory": _high_water() - before})
+    _result({"forward": min(seconds[1:]), "working_memory": _peak_rss() - before})
 
 
 def main() -> None:

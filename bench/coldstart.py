@@ -27,13 +27,14 @@ With `--cache evicted` every file the method reads is dropped from the page cach
 Columns: `total` spawn (Kiln: assignment) until the model is usable, imports included; `load` the
 loading step alone, after the imports; `1st fwd` the first forward pass on 1x8 tokens right after,
 where a lazy loader (a mapping) pays for what it put off, so `total+1st` is the honest time to a
-first result; `peak RSS` the child's ru_maxrss after that forward; `base RSS` its resident set
-after the imports, before loading; `vs from_pretrained` the ratio of median totals. p90 is
-nearest-rank, so with 5 runs it is the slowest. The floor row is the weights' bytes over the best
-bandwidth measured here: reading the file from the page cache with parallel preadv, or memcpy
-(warm), and reading it right after eviction (evicted). Targets (issue 4): Kiln ahead of every
-other loader; peak RSS of a CPU restore at most the snapshot's size plus the process baseline;
-at least 20x faster than from_pretrained.
+first result; `peak RSS` the child's peak resident set after that forward (VmHWM: ru_maxrss would
+include the parent's); `base RSS` its resident set after the imports, before loading; `vs
+from_pretrained` the ratio of median totals. p90 is nearest-rank, so with 5 runs it is the
+slowest. The floor row is the weights' bytes over the best bandwidth measured here: reading the
+file from the page cache with parallel preadv, or memcpy (warm), and reading it right after
+eviction (evicted). Targets (issue 4): Kiln ahead of every other loader; peak RSS of a CPU
+restore at most the snapshot's size plus the process baseline; at least 20x faster than
+from_pretrained.
 """
 
 from __future__ import annotations
@@ -550,9 +551,12 @@ def main() -> None:
     # For the end-to-end section: each size's warm floor and fresh-process from_pretrained total.
     floors: dict[str, float] = {}
     from_pretrained: dict[str, float] = {}
+    floors: dict[str, float] = {}
+    from_pretrained: dict[str, float] = {}
     for size in args.sizes:
         built = ensure_built(size, workdir)
         floor = measure_floor(built.snapshot / "cpu.safetensors", built.tensor_bytes)
+        floors[size] = floor.seconds("warm")
         floors[size] = floor.seconds("warm")
         print(f"\n== {size}: {floor.describe()}")
         steady = steady_forward(built)
@@ -565,6 +569,8 @@ def main() -> None:
             print(f"   the warmed-up forward could not be measured: {steady.get('error')}")
         for cache in states:
             rows, notes = measure(built, args.methods, cache, args.runs)
+            if cache == "warm" and "from_pretrained" in rows:
+                from_pretrained[size] = rows["from_pretrained"].median("total")
             usual = rows.get("from_pretrained")
             if usual and usual.runs and (cache == "warm" or size not in from_pretrained):
                 from_pretrained[size] = usual.median("total")
