@@ -7,10 +7,10 @@ from __future__ import annotations
 import hashlib
 
 from nats.js import JetStreamContext
-from nats.js.api import ObjectStoreConfig, StorageType
-from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
+from nats.js.errors import NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
+from kiln._jetstream import object_store
 from kiln.errors import InternalError, NotFound
 from kiln.wire import Subjects
 
@@ -25,12 +25,7 @@ class CodeStore:
 
     async def _open(self) -> ObjectStore:
         if self._store is None:
-            try:
-                self._store = await self.js.object_store(self.bucket)
-            except (BucketNotFoundError, NotFoundError):
-                self._store = await self.js.create_object_store(
-                    self.bucket, ObjectStoreConfig(storage=StorageType.FILE)
-                )
+            self._store = await object_store(self.js, self.bucket)
         return self._store
 
     async def put(self, digest: str, archive: bytes) -> None:

@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
+from nats.js.api import KeyValueConfig
 from nats.js.errors import (
     BucketNotFoundError,
     KeyWrongLastSequenceError,
@@ -27,6 +27,7 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
+from kiln._jetstream import object_store
 from kiln.snapshots.manifest import BAKE_REPORT, GRAPH, MANIFEST, SIGNATURE, Manifest, blob_name
 from kiln.snapshots.store import Snapshot, SnapshotCache
 
@@ -47,12 +48,7 @@ class SharedSnapshots:
 
     async def _objects(self) -> ObjectStore:
         if self._store is None:
-            try:
-                self._store = await self.js.object_store(self.bucket)
-            except (BucketNotFoundError, NotFoundError):
-                self._store = await self.js.create_object_store(
-                    self.bucket, ObjectStoreConfig(storage=StorageType.FILE)
-                )
+            self._store = await object_store(self.js, self.bucket)
         return self._store
 
     async def _lease_kv(self) -> KeyValue:

@@ -12,31 +12,20 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import nats
 import psutil
 import pytest
-import sqlalchemy as sa
+from stack import BODY_LIMIT, Platform, platform_fixture  # noqa: F401 - the fixture
 
-from kiln.db import bootstrap, migrate
-from kiln.db.models import Function, Replica
-from kiln.db.session import create_engine
-from kiln.devstack.ports import pick_port
 from kiln.functions.package import package
-from kiln.platform import serve_platform
-from kiln.settings import Settings
-from kiln.snapshots.shared import SharedSnapshots
-from kiln.wire import Subjects
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-BODY_LIMIT = 256 * 1024
 
 TROUBLE = """
 import asyncio
@@ -86,53 +75,6 @@ def huge() -> bytes:
 """
 
 
-@dataclass
-class Platform:
-    url: str
-    key: str
-    settings: Settings
-
-    def client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(
-            base_url=self.url,
-            headers={"Authorization": f"Bearer {self.key}"},
-            timeout=httpx.Timeout(60.0),
-        )
-
-    async def deploy(self, file: Path) -> dict[str, Any]:
-        async with self.client() as client:
-            response = await client.post("/v1/apps", json=package(file).deploy_body())
-        assert response.status_code in (200, 201), response.text
-        result: dict[str, Any] = response.json()
-        return result
-
-
-@pytest.fixture(scope="module")
-async def platform(
-    settings: Settings, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Platform]:
-    home = tmp_path_factory.mktemp("platform-home")
-    running = settings.replace(
-        home=home,
-        port=pick_port([], set()),
-        node_id="e2e-node",
-        node_gpus={"none": 16},
-        max_request_bytes=BODY_LIMIT,
-        shutdown_timeout_s=5.0,
-    )
-    await asyncio.to_thread(migrate.upgrade, running)
-    key = await bootstrap.ensure_operator_key(running, None)
-    stop = asyncio.Event()
-    ready = asyncio.Event()
-    task = asyncio.create_task(serve_platform(running, stop, on_ready=ready.set))
-    await asyncio.wait_for(ready.wait(), 30)
-    try:
-        yield Platform(f"http://127.0.0.1:{running.port}", key, running)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
-
-
 @pytest.fixture(scope="module")
 async def hello(platform: Platform) -> dict[str, Any]:
     return await platform.deploy(ROOT / "examples" / "hello.py")
@@ -146,8 +88,7 @@ async def trouble(platform: Platform, tmp_path_factory: pytest.TempPathFactory) 
 
 
 async def call(platform: Platform, target: str, **kwargs: Any) -> httpx.Response:
-    async with platform.client() as client:
-        return await client.post(f"/v1/run/{target}", **kwargs)
+    return await platform.call(target, **kwargs)
 
 
 def error_of(response: httpx.Response) -> dict[str, str]:
@@ -522,210 +463,3 @@ def test_a_deploy_whose_file_fails_to_import_shows_the_users_traceback(tmp_path:
     assert 'broken.py", line 4' in result.stderr
     assert "ZeroDivisionError: division by zero" in result.stderr
     assert "kiln/functions" not in result.stderr
-
-
-# Snapshots and cold starts ----------------------------------------------------------------------
-
-SNAPPY = """
-import os
-import sys
-
-import kiln
-
-app = kiln.App("snappy")
-
-
-@app.cls(idle_timeout=1)
-class Model:
-    @kiln.enter(snap=True)
-    def load(self) -> None:
-        import torch
-
-        torch.manual_seed(0)
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8)
-        )
-        self.net[2].weight = torch.nn.Parameter(self.net[2].weight.to(torch.float64).float())
-        self.scale = torch.tensor(0.5, dtype=torch.bfloat16)
-        self.labels = ["a", "b"]
-        self.built_in = os.getpid()
-
-    @kiln.enter()
-    def warm(self) -> None:
-        self.warmed_in = os.getpid()
-
-    @kiln.method()
-    def run(self) -> dict:
-        import torch
-
-        with torch.no_grad():
-            out = self.net(torch.ones(1, 256)) * self.scale.float()
-        return {
-            "out": out.tolist(),
-            "labels": self.labels,
-            "built_in": self.built_in,
-            "warmed_in": self.warmed_in,
-            "pid": os.getpid(),
-            "program": sys.argv[0],
-        }
-"""
-
-
-async def replica_origins(platform: Platform, function: str) -> list[str | None]:
-    """Every replica the function ever had, oldest first, with how it was built."""
-    engine = create_engine(platform.settings, application_name="kiln-test")
-    try:
-        async with engine.connect() as conn:
-            rows = await conn.execute(
-                sa.select(Replica.origin)
-                .join(Function, Function.id == Replica.function_id)
-                .where(Function.name == function)
-                .order_by(Replica.started_at)
-            )
-            return [origin for (origin,) in rows]
-    finally:
-        await engine.dispose()
-
-
-def idle_standby_ready() -> bool:
-    """A standby process of this test's node agent that finished its imports."""
-    for proc in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error, OSError):
-            if "kiln.invoker.standby" not in proc.cmdline():
-                continue
-            if (Path(proc.cwd()) / "launch.json").exists():
-                continue  # already assigned: a replica
-            if proc.cpu_percent(interval=0.2) < 5:
-                return True
-    return False
-
-
-async def cold_call(
-    platform: Platform, target: str, function: str, *, standby: bool = False
-) -> dict[str, Any]:
-    """Wait until the function has no replica (and, with `standby`, until a standby process
-    is ready), then call it (a cold start) and return the result with the origin its new
-    replica reported."""
-    app, _, name = target.partition("/")
-    deadline = time.monotonic() + 30
-    async with platform.client() as client:
-        path = f"/v1/functions/{app}/{name.partition('.')[0]}/replicas"
-        while (await client.get(path)).json()["replicas"]:
-            assert time.monotonic() < deadline, "the function did not scale to zero"
-            await asyncio.sleep(0.25)
-    while standby and not await asyncio.to_thread(idle_standby_ready):
-        assert time.monotonic() < deadline + 60, "no standby process became ready"
-        await asyncio.sleep(0.25)
-    before = len(await replica_origins(platform, function))
-    response = await call(platform, target)
-    assert response.status_code == 200, response.text
-    while True:  # the report that carries the origin travels beside the reply
-        origins = await replica_origins(platform, function)
-        if len(origins) > before and origins[-1] is not None:
-            break
-        assert time.monotonic() < deadline + 30, f"no origin recorded: {origins}"
-        await asyncio.sleep(0.1)
-    return {**response.json(), "origin": origins[-1]}
-
-
-def snapshot_dirs(platform: Platform) -> list[Path]:
-    root = platform.settings.home / "snapshots"
-    return [p for p in root.iterdir() if len(p.name) == 64] if root.exists() else []
-
-
-async def test_a_class_is_baked_on_its_first_cold_start_and_restored_on_the_next(
-    platform: Platform, tmp_path: Path
-) -> None:
-    app_file = tmp_path / "snappy.py"
-    app_file.write_text(SNAPPY)
-    await platform.deploy(app_file)
-
-    first = await cold_call(platform, "snappy/Model.run", "Model")
-    assert first["origin"] == "baked"
-    assert first["built_in"] == first["warmed_in"] == first["pid"]
-    deadline = time.monotonic() + 30
-    while not snapshot_dirs(platform):  # the agent seals what the replica baked
-        assert time.monotonic() < deadline, "the bake was never sealed"
-        await asyncio.sleep(0.1)
-
-    second = await cold_call(platform, "snappy/Model.run", "Model", standby=True)
-    assert second["origin"] == "snapshot"
-    assert second["pid"] != first["pid"]
-    # The setup hook did not run again: its state (and the pid it recorded) came back.
-    assert second["built_in"] == first["built_in"]
-    assert second["warmed_in"] == second["pid"]  # plain @enter hooks run after every restore
-    assert second["out"] == first["out"]
-    assert second["labels"] == ["a", "b"]
-    # It was a standby process: interpreter, torch and the runtime imported before the call.
-    assert second["program"].endswith("kiln/invoker/standby.py")
-
-    async with platform.client() as client:
-        metrics = (await client.get("/metrics")).text
-    assert 'kiln_cold_starts_total{origin="snapshot"}' in metrics
-    for phase in ("schedule", "assign", "code_load", "restore", "enter", "first_call"):
-        assert f'kiln_cold_start_phase_seconds_count{{phase="{phase}"}}' in metrics, phase
-
-
-def tamper(blob: Path) -> None:
-    """Flip one byte of a weight, keeping the size: only a checksum can tell."""
-    blob.chmod(0o644)
-    with blob.open("r+b") as f:
-        f.seek(blob.stat().st_size - 100)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0xFF]))
-
-
-async def wait_for(what: str, check: Callable[[], Awaitable[bool]], timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.1)
-
-
-async def test_a_tampered_snapshot_is_never_loaded_and_is_baked_again(
-    platform: Platform, tmp_path: Path
-) -> None:
-    app_file = tmp_path / "snappy.py"
-    app_file.write_text(SNAPPY.replace('"snappy"', '"tamper"').replace("class Model", "class Tm"))
-    await platform.deploy(app_file)
-    before = set(snapshot_dirs(platform))
-    nc = await nats.connect(platform.settings.nats_servers)
-    subjects = Subjects(platform.settings.namespace)
-    shared = SharedSnapshots(nc.jetstream(), subjects.snapshot_bucket, subjects.snapshot_leases)
-    try:
-        first = await cold_call(platform, "tamper/Tm.run", "Tm")
-
-        async def sealed_and_shared() -> bool:
-            new = set(snapshot_dirs(platform)) - before
-            return bool(new) and await shared.has(next(iter(new)).name)
-
-        await wait_for("the bake was never sealed and shared", sealed_and_shared)
-        (snapshot,) = set(snapshot_dirs(platform)) - before
-        key = snapshot.name
-
-        # Tampered here, intact in the shared store: the node fetches the good copy.
-        tamper(snapshot / "cpu.safetensors")
-        fetched = await cold_call(platform, "tamper/Tm.run", "Tm")
-        assert fetched["origin"] == "snapshot"
-        assert fetched["built_in"] == first["pid"]
-        assert fetched["out"] == first["out"]  # not the tampered weight
-
-        # Tampered here and gone from the shared store: the hooks run and bake it again.
-        tamper(snapshot / "cpu.safetensors")
-        await shared.delete(key)
-        fallback = await cold_call(platform, "tamper/Tm.run", "Tm")
-        assert fallback["origin"] == "fallback"
-        assert fallback["built_in"] == fallback["pid"]
-        assert fallback["out"] == first["out"]
-
-        async def rebaked() -> bool:
-            return (snapshot / "manifest.sig").exists() and await shared.has(key)
-
-        await wait_for("the snapshot was not baked again", rebaked)
-        restored = await cold_call(platform, "tamper/Tm.run", "Tm")
-        assert restored["origin"] == "snapshot"
-        assert restored["built_in"] == fallback["pid"]
-        assert restored["out"] == first["out"]
-    finally:
-        await nc.close()

@@ -1,0 +1,18 @@
+"""Small JetStream helpers shared by the parts that keep files in NATS."""
+
+from __future__ import annotations
+
+from nats.js import JetStreamContext
+from nats.js.api import ObjectStoreConfig, StorageType
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.object_store import ObjectStore
+
+__all__ = ["object_store"]
+
+
+async def object_store(js: JetStreamContext, bucket: str) -> ObjectStore:
+    """The file-backed object store `bucket`, created on first use."""
+    try:
+        return await js.object_store(bucket)
+    except (BucketNotFoundError, NotFoundError):
+        return await js.create_object_store(bucket, ObjectStoreConfig(storage=StorageType.FILE))
