@@ -109,7 +109,7 @@ class Function(Timestamps, Base):
     retries: Mapped[int] = int_default(0)
     memory_mb: Mapped[int | None]
     # Increases whenever current_version_id changes (rollbacks too); calls carry it and older
-    # replicas hand such calls back (kiln.wire, H.GENERATION).
+    # replicas hand such calls back (kiln.wire, the generation field of H.CALL).
     generation: Mapped[int] = int_default(1)
     # The scaling settings an operator changed live: a redeploy keeps these and applies the
     # new version's values only to the rest.

@@ -65,6 +65,8 @@ _log = logging.getLogger("kiln.replica")
 # How often the replica re-checks its pull requests (most top-ups happen as calls finish).
 _TOP_UP_EVERY_S = 1.0
 _HEADER_ROOM = 8 * 1024
+_JSON = "application/json"
+_RESULT_JSON: dict[str, str] = {H.EVENT: Event.RESULT}
 
 
 class Replica:
@@ -209,7 +211,13 @@ class Replica:
 
     async def _handle(self, msg: Msg) -> None:
         try:
-            if _call_generation(msg) > self.launch.generation:
+            try:
+                call = CallHeaders.from_headers(msg.headers or {})
+            except (KeyError, ValueError) as exc:
+                _log.error("dropping a call with unreadable headers: %s", exc)
+                await msg.ack()  # no replica could read it: redelivering it helps nobody
+                return
+            if call.generation > self.launch.generation:
                 # A deploy or rollback made other code current: hand the call back for a
                 # replica of that generation, and step aside.
                 await msg.nak()
@@ -218,11 +226,6 @@ class Replica:
             # Taken: from here a crash surfaces to the caller as worker_lost (through our
             # missing heartbeats), never as a silent second run.
             await msg.ack()
-            try:
-                call = CallHeaders.from_headers(dict(msg.headers or {}))
-            except (KeyError, ValueError) as exc:
-                _log.error("dropping a call with unreadable headers: %s", exc)
-                return
             if time.time() > call.accept_by:
                 return  # the caller gave up before we got to it
             self._accept(call)
@@ -294,11 +297,13 @@ class Replica:
             await self.nc.publish(
                 self.subjects.reply(call.router, call.call_id),
                 result.body,
-                headers={
-                    H.EVENT: Event.RESULT,
-                    H.CONTENT_TYPE: result.content_type,
-                    H.REPLICA: self._replica_str,
-                },
+                # The router knows the replica from the accepted message and takes JSON for
+                # granted: every header costs a parse on the router's hot path.
+                headers=(
+                    _RESULT_JSON
+                    if result.content_type == _JSON
+                    else {H.EVENT: Event.RESULT, H.CONTENT_TYPE: result.content_type}
+                ),
             )
         except Exception as exc:  # noqa: BLE001 - tell the caller rather than leave it waiting
             _log.error("could not send the result of call %s: %s", call.call_id, exc)
@@ -387,13 +392,6 @@ class Replica:
             error=self.error,
         )
         await self.nc.publish(self.subjects.replica_heartbeat(self.replica_id), encode(beat))
-
-
-def _call_generation(msg: Msg) -> int:
-    try:
-        return int((msg.headers or {}).get(H.GENERATION, "0"))
-    except ValueError:
-        return 0
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 import nats
 from prometheus_client import CollectorRegistry
@@ -87,9 +86,9 @@ class CountRequests:
     """Counts responses by route family and status; a pure ASGI wrapper, so it costs almost
     nothing on the warm path."""
 
-    def __init__(self, app: ASGIApp, counter: Any) -> None:
+    def __init__(self, app: ASGIApp, metrics: RouterMetrics) -> None:
         self.app = app
-        self.counter = counter
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -102,7 +101,7 @@ class CountRequests:
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                self.counter.labels(family, str(message["status"])).inc()
+                self.metrics.count_request(family, message["status"])
             await send(message)
 
         await self.app(scope, receive, counting_send)
@@ -152,5 +151,5 @@ def create_app(settings: Settings, metrics_also: Sequence[CollectorRegistry] = (
             Exception: handle_exception,
         },
     )
-    app.add_middleware(CountRequests, counter=router_metrics.requests)
+    app.add_middleware(CountRequests, metrics=router_metrics)
     return app

@@ -30,6 +30,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
+from kiln.db.enums import ReplicaState
 from kiln.errors import (
     FunctionError,
     FunctionTimeout,
@@ -47,7 +48,9 @@ from kiln.wire import (
     CallHeaders,
     Event,
     H,
+    ReplicaHeartbeat,
     Subjects,
+    decode,
 )
 
 __all__ = ["CallResult", "Dispatcher", "ensure_calls_stream"]
@@ -69,6 +72,8 @@ _REMOTE_ERRORS: dict[str, type[KilnError]] = {
 # After a replica accepted a call it has `timeout` to answer; this covers the reply's trip.
 _REPLY_GRACE_S = 2.0
 _HINT_INTERVAL_S = 0.25
+# A ready replica's heartbeat vouches for its function this long (a few missed beats).
+_SERVING_FOR_S = REPLICA_LOST_AFTER_S
 # JetStream confirms a stored call within milliseconds; no confirmation at all means it is down.
 _PUBACK_WAIT_S = 5.0
 _HEADER_ROOM = 8 * 1024
@@ -88,11 +93,14 @@ class _Phase(enum.Enum):
 
 
 class _Call:
-    """One call in flight: a future for the answer and one timer for the current phase's
-    deadline. Cheaper than tasks: the warm path of a call creates none."""
+    """One call in flight: a future for the answer and one timer. Each phase has its own
+    deadline, but the timer moves only when a phase's deadline is earlier than the one it is
+    set for; when it fires early it re-arms itself for what is left. So a call that finishes
+    quickly arms and cancels one timer, whatever phases it went through."""
 
     __slots__ = (
-        "accept_by", "future", "phase", "replica_id", "startup_timeout_s", "timeout_s", "timer"
+        "accept_by", "deadline", "future", "phase", "replica_id", "startup_timeout_s",
+        "timeout_s", "timer", "timer_at",
     )  # fmt: skip
 
     def __init__(self, future: asyncio.Future[CallResult], headers: CallHeaders, startup_s: float):
@@ -102,13 +110,20 @@ class _Call:
         self.accept_by = headers.accept_by
         self.timeout_s = headers.timeout_s
         self.startup_timeout_s = startup_s
+        self.deadline = 0.0  # loop time when the current phase runs out
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
 
     def fail(self, error: KilnError) -> None:
         if not self.future.done():
             self.future.set_exception(error)
 
-    def on_deadline(self) -> None:
+    def on_timer(self) -> None:
+        self.timer = None
+        left = self.deadline - self.future.get_loop().time()
+        if left > 0.001:
+            self._arm_at(self.deadline)
+            return
         if self.phase is _Phase.PUBLISHED:
             self.fail(Unavailable("the call queue did not confirm the call", retry_after=1))
         elif self.phase is _Phase.QUEUED:
@@ -126,13 +141,22 @@ class _Call:
         if _ORDER[phase] <= _ORDER[self.phase]:
             return
         self.phase = phase
-        self.arm(deadline_s)
+        self.set_deadline(deadline_s)
 
-    def arm(self, deadline_s: float) -> None:
+    def set_deadline(self, deadline_s: float) -> None:
+        self.deadline = self.future.get_loop().time() + max(0.0, deadline_s)
+        if self.timer is None or self.deadline < self.timer_at:
+            self._arm_at(self.deadline)
+
+    def cancel_timer(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        loop = self.future.get_loop()
-        self.timer = loop.call_later(max(0.0, deadline_s), self.on_deadline)
+            self.timer = None
+
+    def _arm_at(self, when: float) -> None:
+        self.cancel_timer()
+        self.timer_at = when
+        self.timer = self.future.get_loop().call_at(when, self.on_timer)
 
 
 _ORDER = {_Phase.PUBLISHED: 0, _Phase.QUEUED: 1, _Phase.RUNNING: 2}
@@ -161,6 +185,7 @@ class Dispatcher:
         self._calls: dict[str, _Call] = {}
         self._last_seen: dict[str, float] = {}
         self._hinted: dict[uuid.UUID, float] = {}
+        self._serving: dict[str, float] = {}  # function id (hex) -> last beat of a ready replica
         self._call_ids = itertools.count(1)
         self._subscriptions: list[Subscription] = []
         self._watchdog: asyncio.Task[None] | None = None
@@ -225,7 +250,7 @@ class Dispatcher:
         call = _Call(future, headers, startup_timeout_s)
         self._calls[call_id] = call
         future.add_done_callback(functools.partial(self._forget, call_id))
-        call.arm(min(_PUBACK_WAIT_S, startup_timeout_s))
+        call.set_deadline(min(_PUBACK_WAIT_S, startup_timeout_s))
         try:
             # A plain publish whose reply subject is our inbox: the PubAck arrives like any
             # reply, without the per-request inbox, future and timer of a JetStream request.
@@ -243,13 +268,17 @@ class Dispatcher:
 
     def _forget(self, call_id: str, future: asyncio.Future[CallResult]) -> None:
         call = self._calls.pop(call_id, None)
-        if call is not None and call.timer is not None:
-            call.timer.cancel()
+        if call is not None:
+            call.cancel_timer()
 
     async def _hint_demand(self, function_id: uuid.UUID) -> None:
-        """Wake the scheduler (scale from zero without waiting for its next pass). Once per
-        function per interval is enough: the queue itself carries the exact demand."""
+        """Wake the scheduler when the function has no ready replica (scale from zero without
+        waiting for its next pass). Once per function per interval is enough, and none while a
+        replica serves it: the queue itself carries the exact demand, which the scheduler's
+        periodic pass reads, and every hint costs it a reconcile pass."""
         now = time.monotonic()
+        if now - self._serving.get(function_id.hex, -_SERVING_FOR_S) < _SERVING_FOR_S:
+            return
         if now - self._hinted.get(function_id, 0.0) >= _HINT_INTERVAL_S:
             self._hinted[function_id] = now
             await self.nc.publish(self.subjects.demand(function_id), b"")
@@ -269,13 +298,17 @@ class Dispatcher:
                     CallResult(
                         body=msg.data,
                         content_type=headers.get(H.CONTENT_TYPE, "application/json"),
-                        replica_id=headers.get(H.REPLICA, ""),
+                        replica_id=call.replica_id or "",
                     )
                 )
         else:
             call.fail(_remote_error(msg.data))
 
     def _on_puback(self, call: _Call, data: bytes) -> None:
+        if data.startswith(b'{"stream":') and b'"error"' not in data:
+            # Stored; spares the JSON parse on every call (refusals carry an "error" object).
+            call.enter(_Phase.QUEUED, call.accept_by - time.time())
+            return
         try:
             ack = json.loads(data)
         except ValueError:
@@ -304,7 +337,14 @@ class Dispatcher:
                 call.enter(_Phase.RUNNING, call.timeout_s + _REPLY_GRACE_S)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
-        self._last_seen[msg.subject.rsplit(".", 1)[-1]] = time.monotonic()
+        now = time.monotonic()
+        self._last_seen[msg.subject.rsplit(".", 1)[-1]] = now
+        try:
+            beat = decode(ReplicaHeartbeat, msg.data)
+        except (ValueError, TypeError, KeyError):
+            return
+        if beat.state == ReplicaState.READY:
+            self._serving[uuid.UUID(beat.function_id).hex] = now
 
     async def _watch(self) -> None:
         """Fail the calls of replicas that stopped heartbeating; forget long-gone replicas."""

@@ -19,15 +19,18 @@ _log = logging.getLogger(__name__)
 
 def request_id(request: Request) -> str:
     """The request's id: the caller's `X-Request-Id` if sane, else a new one (memoised)."""
-    existing = getattr(request.state, "request_id", None)
+    # In the scope, not request.state: a missing attribute there costs a raised AttributeError.
+    scope = request.scope
+    existing: str | None = scope.get(_SCOPE_KEY)
     if existing:
-        return str(existing)
+        return existing
     given = request.headers.get("x-request-id", "")
     rid = given if 0 < len(given) <= 128 and given.isascii() else _new_request_id()
-    request.state.request_id = rid
+    scope[_SCOPE_KEY] = rid
     return rid
 
 
+_SCOPE_KEY = "kiln.request_id"
 _REQUEST_ID_PREFIX = f"req_{secrets.token_hex(4)}"
 _request_numbers = itertools.count(1)
 

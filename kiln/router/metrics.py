@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["CONTENT_TYPE_LATEST", "RouterMetrics"]
 
+_MAX_CACHED_APPS = 10_000
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -32,8 +34,23 @@ class RouterMetrics:
             registry=self.registry,
         )
 
+        # `labels()` takes a lock and builds a tuple; the warm path reuses the children.
+        self._requests_by: dict[tuple[str, int], Any] = {}
+        self._calls_by: dict[str, Any] = {}
+
+    def count_request(self, family: str, status: int) -> None:
+        child = self._requests_by.get((family, status))
+        if child is None:
+            child = self._requests_by[(family, status)] = self.requests.labels(family, str(status))
+        child.inc()
+
     def observe_call(self, app: str, seconds: float) -> None:
-        self.call_seconds.labels(app).observe(seconds)
+        child = self._calls_by.get(app)
+        if child is None:
+            if len(self._calls_by) >= _MAX_CACHED_APPS:
+                self._calls_by.clear()
+            child = self._calls_by[app] = self.call_seconds.labels(app)
+        child.observe(seconds)
 
     def render(self) -> bytes:
         return b"".join(generate_latest(r) for r in (self.registry, *self.also))

@@ -107,6 +107,7 @@ async def run(request: Request) -> Response:
         ),
         request.headers.get("content-type", ""),
     )
+    rid = request_id(request)
     call = await svc.dispatcher.submit(
         route.function_id,
         body,
@@ -114,7 +115,7 @@ async def run(request: Request) -> Response:
         method=method or None,
         timeout_s=route.timeout_s,
         startup_timeout_s=route.startup_timeout_s,
-        request_id=request_id(request),
+        request_id=rid,
         generation=route.generation,
     )
     # The body is read, so the next message from the client can only be its disconnect: stop
@@ -133,7 +134,7 @@ async def run(request: Request) -> Response:
     return Response(
         result.body,
         media_type=result.content_type,
-        headers={"X-Request-Id": request_id(request)},
+        headers={"X-Request-Id": rid},
     )
 
 

@@ -17,11 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 import psutil
 import pytest
+from nats.aio.msg import Msg
 from stack import BODY_LIMIT, Platform, platform_fixture  # noqa: F401 - the fixture
 
 from kiln.functions.package import package
+from kiln.wire import Subjects
 
 pytestmark = pytest.mark.integration
 
@@ -122,6 +125,32 @@ async def test_warm_calls_reuse_the_replica(platform: Platform, hello: dict[str,
         replicas = (await client.get("/v1/functions/hello/shout/replicas")).json()["replicas"]
     assert 1 <= len(replicas) <= 4
     assert {r["state"] for r in replicas} <= {"starting", "ready"}
+
+
+async def test_calls_to_a_serving_function_do_not_wake_the_scheduler(
+    platform: Platform, hello: dict[str, Any]
+) -> None:
+    """Demand hints are for functions without a ready replica; each one costs the scheduler a
+    reconcile pass, so a busy warm function must not send them (its queue is the signal)."""
+    assert (await call(platform, "hello/shout", json={"text": "warm"})).status_code == 200
+    await asyncio.sleep(1.5)  # a heartbeat of the ready replica reaches the router
+    nc = await nats.connect(servers=platform.settings.nats_servers)
+    hints = 0
+
+    async def count(msg: Msg) -> None:
+        nonlocal hints
+        hints += 1
+
+    try:
+        await nc.subscribe(Subjects(platform.settings.namespace).all_demand, cb=count)
+        await nc.flush()
+        for i in range(4):  # spaced wider than the router's hint interval
+            assert (await call(platform, "hello/shout", json={"text": f"{i}"})).status_code == 200
+            await asyncio.sleep(0.3)
+        await nc.flush()
+    finally:
+        await nc.close()
+    assert hints == 0
 
 
 async def test_positional_json_and_bytes_bodies(platform: Platform, trouble: Any) -> None:

@@ -15,15 +15,24 @@ def test_call_headers_round_trip() -> None:
         accept_by=1234.5, timeout_s=30, method="greet", request_id="req_1", generation=3,
     )  # fmt: skip
     headers = call.to_headers()
-    assert headers[H.GENERATION] == "3"
+    assert headers == {H.CALL: "3 c1 r 1234.500 30 3 greet req_1"}
+    assert CallHeaders.from_headers(headers) == call
+
+
+def test_call_headers_keep_spaces_in_request_ids_and_other_content_types() -> None:
+    call = CallHeaders("c", "r", "text/plain; charset=utf-8", 1.0, 1.0, request_id="a b c")
+    headers = call.to_headers()
+    assert headers[H.CONTENT_TYPE] == "text/plain; charset=utf-8"
     assert CallHeaders.from_headers(headers) == call
 
 
 def test_call_headers_refuse_another_wire_version() -> None:
     headers = CallHeaders("c", "r", "application/json", 1.0, 1.0).to_headers()
-    headers[H.WIRE] = "1"
-    with pytest.raises(ValueError, match="wire format '1', expected 2"):
+    headers[H.CALL] = "2" + headers[H.CALL][1:]
+    with pytest.raises(ValueError, match="wire format '2', expected 3"):
         CallHeaders.from_headers(headers)
+    with pytest.raises(ValueError, match="call header has 3 fields, expected 8"):
+        CallHeaders.from_headers({H.CALL: "3 c r"})
 
 
 def test_heartbeat_round_trip() -> None:
