@@ -551,12 +551,9 @@ def main() -> None:
     # For the end-to-end section: each size's warm floor and fresh-process from_pretrained total.
     floors: dict[str, float] = {}
     from_pretrained: dict[str, float] = {}
-    floors: dict[str, float] = {}
-    from_pretrained: dict[str, float] = {}
     for size in args.sizes:
         built = ensure_built(size, workdir)
         floor = measure_floor(built.snapshot / "cpu.safetensors", built.tensor_bytes)
-        floors[size] = floor.seconds("warm")
         floors[size] = floor.seconds("warm")
         print(f"\n== {size}: {floor.describe()}")
         steady = steady_forward(built)
@@ -569,8 +566,6 @@ def main() -> None:
             print(f"   the warmed-up forward could not be measured: {steady.get('error')}")
         for cache in states:
             rows, notes = measure(built, args.methods, cache, args.runs)
-            if cache == "warm" and "from_pretrained" in rows:
-                from_pretrained[size] = rows["from_pretrained"].median("total")
             usual = rows.get("from_pretrained")
             if usual and usual.runs and (cache == "warm" or size not in from_pretrained):
                 from_pretrained[size] = usual.median("total")

@@ -191,6 +191,35 @@ def test_writing_to_a_mapped_weight_never_changes_the_snapshot(cache: SnapshotCa
     cache.open(snapshot.manifest.key, full=True)  # the file is untouched
 
 
+def _mapping_of(address: int) -> dict[str, int]:
+    """The kB fields of /proc/self/smaps for the mapping that holds `address`."""
+    fields: dict[str, int] = {}
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start <= address < end
+        elif inside and line.split()[-1] == "kB":
+            fields[head.rstrip(":")] = int(line.split()[1])
+    return fields
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's smaps")
+def test_a_mapped_restore_is_resident_before_the_first_touch_and_copies_nothing(
+    cache: SnapshotCache,
+) -> None:
+    holder = Holder()
+    holder.weight = torch.arange(4 * 1024 * 1024, dtype=torch.int32)  # 16 MiB
+    snapshot = bake_and_seal(cache, holder)
+    weight = restore_state(snapshot).state["weight"]
+    region = _mapping_of(weight.data_ptr())
+    assert region["Rss"] >= 16 * 1024  # populated: no page fault waits for the first call
+    assert region["Anonymous"] == 0  # read in from the page cache, not copied
+    assert region["Private_Dirty"] == 0
+    assert torch.equal(weight, holder.weight)
+
+
 def test_the_manifest_records_versions_sizes_and_checksums(cache: SnapshotCache) -> None:
     snapshot = bake_and_seal(cache, make_holder())
     manifest = snapshot.manifest
