@@ -4,10 +4,17 @@ with zero replicas whose snapshot is cached on the node, until the response.
 It starts `kiln dev` (embedded services, one node agent with its standby pool), deploys a class
 whose `@kiln.enter(snap=True)` hook loads the benchmark's model with `from_pretrained`, makes
 the first call (which runs the hook and bakes the snapshot), and then, for each run: waits until
-the function has scaled to zero and a standby process is idle again, times one call (cold), and
+the function has scaled to zero, a standby process is idle again and the rest of the platform
+is at rest, times one call (cold), and
 at once a second one (warm, same replica). The cold start's cost is cold minus warm: what the
 model's own forward pass costs (seconds for bf16 on a CPU without bf16 units) is not cold-start
 time. The phases come from the platform's own cold-start histograms.
+
+The timed calls use `--e2e-call`: `touch` (the default) reads one byte of every page of every
+weight, which is everything a forward pass would fault in, without its arithmetic: on a CPU
+without bf16 units a 355M forward takes 15+ s, and its run-to-run noise would bury a cost of a
+tenth of a second. `forward` times `next_token` itself (on a GPU, or with patience). The first
+call, which bakes, always runs `next_token`.
 """
 
 from __future__ import annotations
@@ -60,6 +67,19 @@ class Model:
         with torch.inference_mode():
             logits = self.model(torch.arange(8).unsqueeze(0)).logits
         return int(logits[0, -1].argmax())
+
+    @kiln.method()
+    def touch(self) -> int:
+        # One byte of every 4 KiB page of every weight: all a forward pass would fault in,
+        # without its arithmetic.
+        import torch
+
+        total = 0
+        with torch.inference_mode():
+            for tensor in [*self.model.parameters(), *self.model.buffers()]:
+                flat = tensor.detach().reshape(-1).view(torch.uint8)
+                total += int(flat[::4096].sum())
+        return total
 """
 _PHASES = ("schedule", "assign", "code_load", "restore", "enter", "first_call")
 
@@ -87,7 +107,8 @@ def end_to_end(
           "snapshot is on the node (warm page cache), until the response")  # fmt: skip
     for size in args.sizes:
         model_dir = args.workdir.expanduser() / size / "hf"
-        result = _measure(size, model_dir, args.runs)
+        method = "next_token" if args.e2e_call == "forward" else "touch"
+        result = _measure(size, model_dir, args.runs, method)
         cold = sorted(result.cold_s)
         warm = statistics.median(result.warm_s)
         extra = sorted(c - w for c, w in zip(result.cold_s, result.warm_s, strict=True))
@@ -114,7 +135,7 @@ def end_to_end(
                   f"({reference:.2f} s): {speedup:.1f}x, {verdict}")  # fmt: skip
 
 
-def _measure(size: str, model_dir: Path, runs: int) -> EndToEnd:
+def _measure(size: str, model_dir: Path, runs: int, method: str) -> EndToEnd:
     with tempfile.TemporaryDirectory(prefix="kiln-coldstart-") as tmp:
         home = Path(tmp)
         app_file = home / "coldbench.py"
@@ -130,15 +151,15 @@ def _measure(size: str, model_dir: Path, runs: int) -> EndToEnd:
                 timeout=httpx.Timeout(3600.0),
             )
             client.post("/v1/apps", json=package(app_file).deploy_body()).raise_for_status()
-            bake_s = _timed_call(client)
+            bake_s = _timed_call(client, "next_token")
             _wait_sealed(home)
             before = _phase_sums(client)
             cold, warm = [], []
             for _ in range(runs):
                 _wait_for_zero(client)
-                _wait_for_idle_standby(kiln.pid)
-                cold.append(_timed_call(client))
-                warm.append(_timed_call(client))
+                _wait_for_quiet(kiln.pid)
+                cold.append(_timed_call(client, method))
+                warm.append(_timed_call(client, method))
             after = _phase_sums(client)
             phases = _mean_phases(before, after)
             return EndToEnd(size, bake_s, cold, warm, phases, _origins(client))
@@ -151,9 +172,9 @@ def _p90(values: list[float]) -> float:
     return sorted(values)[min(len(values) - 1, int(len(values) * 0.9))]
 
 
-def _timed_call(client: httpx.Client) -> float:
+def _timed_call(client: httpx.Client, method: str) -> float:
     started = time.perf_counter()
-    response = client.post("/v1/run/coldbench/Model.next_token", json={})
+    response = client.post(f"/v1/run/coldbench/Model.{method}", json={})
     elapsed = time.perf_counter() - started
     response.raise_for_status()
     return elapsed
@@ -176,22 +197,29 @@ def _wait_for_zero(client: httpx.Client, timeout_s: float = 120) -> None:
         time.sleep(0.1)
 
 
-def _wait_for_idle_standby(platform_pid: int, timeout_s: float = 120) -> None:
-    """A standby that finished its imports: an unassigned standby process at rest."""
+def _wait_for_quiet(platform_pid: int, timeout_s: float = 120) -> None:
+    """An idle standby that finished its imports, and every other process of the platform at
+    rest too (the last replica's exit, the pool's refill): a cold start measured while the
+    previous one is still being cleaned up measures the cleanup."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for proc in psutil.Process(platform_pid).children(recursive=True):
-            try:
-                if "kiln.invoker.standby" not in proc.cmdline():
-                    continue
-                if (Path(proc.cwd()) / "launch.json").exists():
-                    continue  # already a replica
-                if proc.cpu_percent(interval=0.3) < 5:
-                    return
-            except psutil.Error:
-                continue
-        time.sleep(0.2)
-    raise RuntimeError("no standby process became ready")
+        platform = psutil.Process(platform_pid)
+        processes = [platform, *platform.children(recursive=True)]
+        try:
+            for proc in processes:
+                proc.cpu_percent(None)
+            time.sleep(0.5)
+            busy = [p for p in processes if p.cpu_percent(None) >= 5]
+            standbys = [
+                p for p in processes
+                if "kiln.invoker.standby" in p.cmdline()
+                and not (Path(p.cwd()) / "launch.json").exists()  # not yet a replica
+            ]  # fmt: skip
+        except psutil.Error:
+            continue  # a process came or went: look again
+        if standbys and not busy:
+            return
+    raise RuntimeError("the platform did not come to rest with a standby ready")
 
 
 _SAMPLE = re.compile(r'^kiln_cold_start_phase_seconds_(sum|count)\{phase="(\w+)"\} ([0-9.e+-]+)$')

@@ -528,6 +528,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cache", choices=("warm", "evicted", "both"), default="both")
     parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache/kiln-bench/coldstart")
     parser.add_argument("--methods", default=",".join(LOADERS))
+    parser.add_argument(
+        "--e2e-call",
+        choices=("touch", "forward"),
+        default="touch",
+        help="the timed end-to-end call: read every weight page (touch) or a forward pass",
+    )
     args = parser.parse_args()
     for option, allowed in (("sizes", SIZES), ("methods", LOADERS)):
         chosen = [x.strip() for x in getattr(args, option).split(",") if x.strip()]

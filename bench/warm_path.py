@@ -166,7 +166,7 @@ def wait_http(url: str, timeout_s: float = 60) -> None:
 def start_kiln(home: Path, port: int, **settings: str) -> tuple[subprocess.Popen[bytes], str]:
     """`kiln dev` on `port` with its own home; `settings` are extra KILN_* variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
-    env.update(KILN_HOME=str(home), KILN_LOG_LEVEL="warning", **settings)
+    env.update({"KILN_HOME": str(home), "KILN_LOG_LEVEL": "warning", **settings})
     proc = subprocess.Popen(
         [sys.executable, *PROFILE, "-m", "kiln", "dev", "--port", str(port)],
         env=env,
