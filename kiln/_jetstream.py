@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from nats.js import JetStreamContext
-from nats.js.api import ObjectStoreConfig, StorageType
+from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
 from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-__all__ = ["object_store"]
+__all__ = ["key_value", "object_store"]
 
 
 async def object_store(js: JetStreamContext, bucket: str) -> ObjectStore:
@@ -16,3 +17,12 @@ async def object_store(js: JetStreamContext, bucket: str) -> ObjectStore:
         return await js.object_store(bucket)
     except (BucketNotFoundError, NotFoundError):
         return await js.create_object_store(bucket, ObjectStoreConfig(storage=StorageType.FILE))
+
+
+async def key_value(js: JetStreamContext, bucket: str, *, ttl_s: float) -> KeyValue:
+    """The key-value bucket `bucket` (entries expire `ttl_s` after their last write), created
+    on first use."""
+    try:
+        return await js.key_value(bucket)
+    except (BucketNotFoundError, NotFoundError):
+        return await js.create_key_value(KeyValueConfig(bucket=bucket, ttl=ttl_s, history=1))

@@ -79,9 +79,13 @@ async def serve_platform(
         # agent drains on the way out.
         scheduler_stop = asyncio.Event()
         scheduler = asyncio.create_task(
-            Scheduler(nc, session_factory(engine), settings.namespace, cold_starts).run(
-                scheduler_stop
-            ),
+            Scheduler(
+                nc,
+                session_factory(engine),
+                settings.namespace,
+                cold_starts,
+                lease_s=settings.scheduler_lease_s,
+            ).run(scheduler_stop),
             name="kiln-scheduler",
         )
         agent = asyncio.create_task(NodeAgent(settings, nc).run(stop), name="kiln-node-agent")

@@ -78,6 +78,7 @@ class Settings:
     snapshots: Switch = Switch.ON
     standby_processes: int = 1
     standby_imports: tuple[str, ...] = ("torch",)
+    scheduler_lease_s: float = 5.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -457,6 +458,13 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "standby_imports",
         _modules,
         "modules a standby process imports ahead of time (default torch)",
+    ),
+    SettingSpec(
+        "KILN_SCHEDULER_LEASE_S",
+        "scheduler_lease_s",
+        _seconds(1, 60),
+        "how long the leading scheduler's lease lasts unrenewed: a standby scheduler takes over "
+        "within about this long after the leader dies (default 5)",
     ),
     SettingSpec(
         "KILN_METRICS_PORT",

@@ -22,6 +22,7 @@ bytes untouched in the body, so large JSON is never parsed on the hot path more 
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import uuid
 from collections.abc import Mapping
@@ -51,6 +52,7 @@ _JSON = "application/json"
 HEARTBEAT_INTERVAL_S = 1.0
 # A replica silent for this long is lost: its callers get worker_lost, the scheduler replaces it.
 REPLICA_LOST_AFTER_S = 3.5
+MAX_ADVERTISED_SNAPSHOTS = 1024
 
 
 class H:
@@ -73,6 +75,14 @@ class Event(enum.StrEnum):
     # ACCEPTED travels on its own subject, batched: {"replica": id, "calls": [call ids]}.
     RESULT = "result"
     ERROR = "error"  # body: {"code", "message", "status"}
+
+
+def affinity_id(code_digest: str, function: str) -> str:
+    """A short name for "a snapshot of this function's code" (`function` as `APP/NAME`, as
+    snapshot manifests record it), whatever the node's runtime: what
+    node agents advertise in their heartbeats and the scheduler's placement looks for. (The
+    snapshot key also holds the node's Python and torch versions, which only the node knows.)"""
+    return hashlib.sha256(f"{code_digest}/{function}".encode()).hexdigest()[:16]
 
 
 def consumer_name(function_id: uuid.UUID) -> str:
@@ -99,6 +109,11 @@ class Subjects:
     def snapshot_leases(self) -> str:
         """Key-value bucket: who is baking which snapshot."""
         return f"{self.ns}_snapshot_bakes"
+
+    @property
+    def scheduler_lease(self) -> str:
+        """Key-value bucket: which scheduler process acts (kiln.scheduler.leader)."""
+        return f"{self.ns}_scheduler"
 
     def snapshot_requests(self, node_id: str) -> str:
         """Where a starting replica asks its node agent for its snapshot (or to bake it)."""
@@ -241,6 +256,10 @@ class NodeHeartbeat:
     slots: dict[str, int]
     free: dict[str, int]
     replicas: list[str] = field(default_factory=list)
+    standbys: dict[str, int] = field(default_factory=dict)  # ready standbys by slot kind
+    # affinity_id() of the snapshots cached on the node, most recent first, at most
+    # MAX_ADVERTISED_SNAPSHOTS: placement prefers nodes that need not fetch.
+    snapshots: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -250,7 +269,7 @@ class StartReplica:
     replica_id: str
     function_id: str
     version_id: str
-    generation: int  # the function's deploy generation, compared with calls' Kiln-Generation
+    generation: int  # the function's deploy generation, compared with each call's (H.CALL)
     app: str
     function: str  # the function's or class's name
     artifact_digest: str

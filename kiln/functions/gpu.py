@@ -7,7 +7,7 @@ canonical strings: `"h100:2"` becomes `"H100:2"` and a count of one is dropped (
 
 from __future__ import annotations
 
-__all__ = ["GPU_EXPECTED", "GPU_TYPES", "MAX_GPU_COUNT", "parse_gpu"]
+__all__ = ["GPU_EXPECTED", "GPU_TYPES", "MAX_GPU_COUNT", "gpu_request", "parse_gpu"]
 
 GPU_TYPES: tuple[str, ...] = (
     "T4",
@@ -52,3 +52,10 @@ def parse_gpu(value: object) -> str:
     if not (count.isascii() and count.isdigit()) or not 1 <= int(count) <= MAX_GPU_COUNT:
         raise ValueError(GPU_EXPECTED)
     return canonical if int(count) == 1 else f"{canonical}:{int(count)}"
+
+
+def gpu_request(gpu: str) -> tuple[str, int]:
+    """A canonical request as (slot kind, count): "none" → ("none", 1), "any" → ("any", 1),
+    "H100:2" → ("H100", 2)."""
+    kind, _, count = gpu.partition(":")
+    return (kind if kind in ("none", "any") else kind.upper()), int(count or 1)

@@ -28,22 +28,17 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from kiln._proc import die_with_parent
+from kiln.functions.gpu import gpu_request
 from kiln.invoker.inventory import node_slots
 from kiln.invoker.node_snapshots import NodeSnapshots
 from kiln.invoker.standby import Assignment, StandbyPool
 from kiln.settings import Settings
 from kiln.wire import HEARTBEAT_INTERVAL_S, NodeHeartbeat, StartReplica, Subjects, encode
 
-__all__ = ["NodeAgent", "parse_gpu_request"]
+__all__ = ["NodeAgent"]
 
 _log = logging.getLogger("kiln.agent")
 _BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
-
-
-def parse_gpu_request(gpu: str) -> tuple[str, int]:
-    """ "none" → ("none", 1); "any" → ("any", 1); "H100:2" → ("H100", 2)."""
-    kind, _, count = gpu.partition(":")
-    return (kind if kind in ("none", "any") else kind.upper()), int(count or 1)
 
 
 @dataclass
@@ -68,7 +63,7 @@ class _Slots:
         self, gpu: str, prefer: Callable[[int], bool] = lambda _: False
     ) -> tuple[str, list[int]] | None:
         """Free slots for `gpu`; a single GPU is one that `prefer`s first (a ready standby)."""
-        kind, count = parse_gpu_request(gpu)
+        kind, count = gpu_request(gpu)
         candidates = [k for k in self.free if k != "none"] if kind == "any" else [kind]
         for candidate in candidates:
             free = self.free.get(candidate, [])
@@ -223,6 +218,23 @@ class NodeAgent:
         for device in set(self.standbys.wanted) | set(wanted):
             self.standbys.keep(device, wanted.get(device, 0))
 
+    def _ready_standbys(self) -> dict[str, int]:
+        """Ready standbys by slot kind, for placement. A GPU standby sits on one free GPU,
+        whose kind is the one that lists the index as free."""
+        counts: dict[str, int] = {}
+        for device in self.standbys.wanted:
+            ready = self.standbys.ready_count(device)
+            if not ready:
+                continue
+            kind = "none" if device == "" else next(
+                (k for k, free in self.slots.free.items()
+                 if k != "none" and int(device) in free),
+                None,
+            )  # fmt: skip
+            if kind is not None:
+                counts[kind] = counts.get(kind, 0) + ready
+        return counts
+
     def _standby_env(self, device: str) -> dict[str, str]:
         """What a standby starts with: the platform part of a replica's environment."""
         home = self.workdir / ".standby"
@@ -296,6 +308,8 @@ class NodeAgent:
                 slots=dict(self.slots.total),
                 free={kind: len(free) for kind, free in self.slots.free.items()},
                 replicas=list(self.replicas),
+                standbys=self._ready_standbys(),
+                snapshots=self.snapshots.affinities() if self.snapshots is not None else [],
             )
             with contextlib.suppress(Exception):
                 await self.nc.publish(self.subjects.node_heartbeat(self.node_id), encode(beat))

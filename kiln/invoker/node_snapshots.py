@@ -33,7 +33,7 @@ from kiln.settings import Settings, Switch
 from kiln.snapshots.manifest import Runtime, snapshot_key
 from kiln.snapshots.shared import SharedSnapshots
 from kiln.snapshots.store import Snapshot, SnapshotCache
-from kiln.wire import StartReplica, Subjects
+from kiln.wire import MAX_ADVERTISED_SNAPSHOTS, StartReplica, Subjects
 
 __all__ = ["NodeSnapshots"]
 
@@ -64,6 +64,8 @@ class NodeSnapshots:
         self._unbakeable: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sub: Subscription | None = None
+        self._listed_at = -1
+        self._affinities: list[str] = []
 
     @staticmethod
     def enabled(settings: Settings) -> bool:
@@ -81,6 +83,19 @@ class NodeSnapshots:
             return None
         device = "cpu" if launch.gpu_type == "none" else "cuda"
         return snapshot_key(launch.artifact_digest, launch.function, self.runtime, device)
+
+    def affinities(self) -> list[str]:
+        """`affinity_id`s of the snapshots cached here, most recent first, for the heartbeat.
+        The cache directory is read again only when it changed (a seal, fetch or discard
+        renames an entry in it)."""
+        try:
+            changed = self.cache.root.stat().st_mtime_ns
+        except FileNotFoundError:
+            return []
+        if changed != self._listed_at:
+            self._listed_at = changed
+            self._affinities = self.cache.affinities(MAX_ADVERTISED_SNAPSHOTS)
+        return self._affinities
 
     def prefetch(self, key: str) -> None:
         """Start fetching `key` from the shared store while the replica starts, if the node

@@ -98,7 +98,10 @@ class StandbyPool:
         return None
 
     def has_ready(self, device: str) -> bool:
-        return any(s.process.returncode is None for s in self.ready.get(device, []))
+        return self.ready_count(device) > 0
+
+    def ready_count(self, device: str) -> int:
+        return sum(s.process.returncode is None for s in self.ready.get(device, []))
 
     async def close(self) -> None:
         self._closed = True

@@ -8,8 +8,9 @@ rather than waiting for the next periodic pass). Replicas' cold-start reports be
 cold-start metrics and each replica's `origin` (restored from a snapshot or not). The decisions
 themselves are the pure functions of `kiln.scheduler.policy`.
 
-This is the minimal scheduler of issue 3 (one process, first-fit placement); issue 5 adds
-leader election, placement preferences and crash-loop handling around the same seams.
+Placement is `kiln.scheduler.placement` (GPU type and count, then a node that caches the
+function's snapshot, then one with a ready standby, then the least loaded). Issue 5 goes on to
+leader election and crash-loop handling around the same seams.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -32,9 +35,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from kiln.db.enums import AppState, ReplicaState
 from kiln.db.models import App, AppVersion, Function, Node, Replica
 from kiln.db.session import transaction
+from kiln.functions.gpu import gpu_request
 from kiln.observability.coldstart import ColdStartMetrics
+from kiln.scheduler.leader import Leadership
+from kiln.scheduler.placement import NodeView, place
 from kiln.scheduler.policy import ReplicaView, desired_replicas, idle_to_stop
 from kiln.wire import (
+    HEARTBEAT_INTERVAL_S,
     REPLICA_LOST_AFTER_S,
     ColdStartReport,
     NodeHeartbeat,
@@ -42,6 +49,7 @@ from kiln.wire import (
     ReplicaHeartbeat,
     StartReplica,
     Subjects,
+    affinity_id,
     consumer_name,
     decode,
 )
@@ -55,6 +63,8 @@ _COMMAND_TIMEOUT_S = 5.0
 _MIN_IDLE_TO_PREEMPT_S = 10.0
 # After a restart, replicas that have not heartbeated within this time are gone.
 _ADOPTION_WINDOW_S = 2 * REPLICA_LOST_AFTER_S
+# A new leader waits this long before starting replicas: two heartbeats of every live one.
+_TAKEOVER_SETTLE_S = 2 * HEARTBEAT_INTERVAL_S
 
 
 @dataclass
@@ -102,7 +112,11 @@ class Scheduler:
         sessions: async_sessionmaker[AsyncSession],
         namespace: str,
         metrics: ColdStartMetrics | None = None,
+        *,
+        lease_s: float | None = None,
     ) -> None:
+        """`lease_s`: take part in leader election with a lease this long (several schedulers
+        may then run; one acts). None: act alone, unconditionally."""
         self.nc = nc
         self.metrics = metrics or ColdStartMetrics()
         self.js = nc.jetstream()
@@ -110,6 +124,7 @@ class Scheduler:
         self.subjects = Subjects(namespace)
         self.replicas: dict[str, _Tracked] = {}
         self.nodes: dict[str, tuple[NodeHeartbeat, float]] = {}
+        self.views: dict[str, NodeView] = {}  # for placement; slots taken since the last beat
         self.wake = asyncio.Event()
         self.backoff_until: dict[uuid.UUID, float] = {}
         self.failures: dict[uuid.UUID, int] = {}
@@ -117,6 +132,33 @@ class Scheduler:
         self.demand_at: dict[uuid.UUID, float] = {}  # first unmet demand, for the schedule phase
         self.started_at = time.monotonic()
         self.swept = False
+        self.settle_until = 0.0  # monotonic; no launches before (after a takeover)
+        self.leadership = (
+            Leadership(
+                self.js,
+                self.subjects.scheduler_lease,
+                f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+                ttl_s=lease_s,
+                on_change=self._on_leadership,
+            )
+            if lease_s is not None
+            else None
+        )
+
+    @property
+    def acting(self) -> bool:
+        return self.leadership is None or self.leadership.is_leader
+
+    def _on_leadership(self) -> None:
+        if self.acting:
+            # What this process saw while standing by is current (it observed all along), but
+            # a replica the old leader ordered just before it died may not have said hello
+            # yet: no launches until it has had time to, so none is started twice.
+            self.started_at = time.monotonic()
+            self.swept = False
+            if self.leadership is not None and self.leadership.contested:
+                self.settle_until = time.monotonic() + _TAKEOVER_SETTLE_S
+        self.wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         subs = [
@@ -126,16 +168,25 @@ class Scheduler:
             await self.nc.subscribe(self.subjects.replica_events, cb=self._on_exit),
             await self.nc.subscribe(self.subjects.cold_starts, cb=self._on_cold_start),
         ]
+        lease = (
+            asyncio.create_task(self.leadership.run(stop), name="kiln-scheduler-lease")
+            if self.leadership is not None
+            else None
+        )
         try:
             while not stop.is_set():
-                try:
-                    await self.reconcile()
-                except Exception:  # noqa: BLE001 - the loop must outlive any one bad pass
-                    _log.exception("reconcile pass failed")
+                if self.acting:
+                    try:
+                        await self.reconcile()
+                    except Exception:  # noqa: BLE001 - the loop must outlive any one bad pass
+                        _log.exception("reconcile pass failed")
                 self.wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake_or_stop(stop), _PERIOD_S)
         finally:
+            if lease is not None:  # it gives the lease up on `stop`
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(lease, 5)
             for sub in subs:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
@@ -206,6 +257,14 @@ class Scheduler:
             await self._record_node(beat)
             self.wake.set()
         self.nodes[beat.node_id] = (beat, time.monotonic())
+        # The agent's word replaces whatever this scheduler assumed since its last beat.
+        self.views[beat.node_id] = NodeView(
+            beat.node_id,
+            total=dict(beat.slots),
+            free=dict(beat.free),
+            standbys=dict(beat.standbys),
+            snapshots=frozenset(beat.snapshots),
+        )
 
     async def _on_exit(self, msg: Msg) -> None:
         event = json.loads(msg.data)
@@ -276,7 +335,7 @@ class Scheduler:
         if want <= len(current):
             self.demand_at.pop(function.id, None)  # met: the next cold start times anew
         if want > len(current):
-            if self.backoff_until.get(function.id, 0) > now_mono:
+            if self.backoff_until.get(function.id, 0) > now_mono or now_mono < self.settle_until:
                 return
             for _ in range(want - len(current)):
                 if not await self._launch(function):
@@ -337,14 +396,16 @@ class Scheduler:
     # Actions -----------------------------------------------------------------------------------
 
     async def _launch(self, function: _FunctionRow) -> bool:
-        kind = function.gpu.partition(":")[0]
-        candidates = sorted(
-            (beat for beat, seen in self.nodes.values()
-             if time.monotonic() - seen < REPLICA_LOST_AFTER_S),
-            key=lambda b: -sum(b.free.values()),
-        )  # fmt: skip
+        now = time.monotonic()
+        candidates = [
+            self.views[node_id]
+            for node_id, (_, seen) in self.nodes.items()
+            if now - seen < REPLICA_LOST_AFTER_S and node_id in self.views
+        ]
+        affinity = affinity_id(function.digest, f"{function.app}/{function.name}")
         replica_id = str(uuid.uuid4())
         requested_at = self.demand_at.get(function.id) or time.time()
+        kind, count = gpu_request(function.gpu)
         launch = StartReplica(
             replica_id=replica_id,
             function_id=str(function.id),
@@ -356,21 +417,28 @@ class Scheduler:
             entrypoint=function.entrypoint,
             spec=function.spec,
             gpu_type=kind,
-            gpu_count=int(function.gpu.partition(":")[2] or 1),
+            gpu_count=count,
             requested_at=requested_at,
         )
-        for node in candidates:
-            reply = await self._command(node.node_id, {"op": "start", **asdict(launch)})
-            if reply.get("ok"):
-                self.demand_at.pop(function.id, None)
-                self.replicas[replica_id] = _Tracked(
-                    replica_id, str(function.id), str(function.version_id), node.node_id,
-                    launched_at=time.time(), startup_timeout_s=function.startup_timeout_s,
-                    gpu=function.gpu, requested_at=requested_at,
-                    schedule_s=max(0.0, time.time() - requested_at),
-                )  # fmt: skip
-                await self._record_replica(launch, node.node_id, reply)
-                return True
+        while (placement := place(function.gpu, candidates, affinity)) is not None:
+            view = self.views[placement.node_id]
+            reply = await self._command(placement.node_id, {"op": "start", **asdict(launch)})
+            if not reply.get("ok"):
+                # Its slots went since its last beat: no more of that kind there, this pass.
+                view.free[placement.kind] = 0
+                continue
+            view.take(placement.kind, placement.count)
+            self.demand_at.pop(function.id, None)
+            self.replicas[replica_id] = _Tracked(
+                replica_id, str(function.id), str(function.version_id), placement.node_id,
+                launched_at=time.time(), startup_timeout_s=function.startup_timeout_s,
+                gpu=function.gpu, requested_at=requested_at,
+                schedule_s=max(0.0, time.time() - requested_at),
+            )  # fmt: skip
+            _log.info("placed replica %s of %s/%s on %s (%s)", replica_id, function.app,
+                      function.name, placement.node_id, placement.reason)  # fmt: skip
+            await self._record_replica(launch, placement.node_id, reply)
+            return True
         return False  # nothing fits now; the demand waits in the queue
 
     async def _free_slot_for(self, function: _FunctionRow) -> None:

@@ -17,9 +17,7 @@ import logging
 from pathlib import Path
 
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig
 from nats.js.errors import (
-    BucketNotFoundError,
     KeyWrongLastSequenceError,
     NotFoundError,
     ObjectNotFoundError,
@@ -27,7 +25,7 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from kiln._jetstream import object_store
+from kiln._jetstream import key_value, object_store
 from kiln.snapshots.manifest import BAKE_REPORT, GRAPH, MANIFEST, SIGNATURE, Manifest, blob_name
 from kiln.snapshots.store import Snapshot, SnapshotCache
 
@@ -53,12 +51,7 @@ class SharedSnapshots:
 
     async def _lease_kv(self) -> KeyValue:
         if self._leases is None:
-            try:
-                self._leases = await self.js.key_value(self.lease_bucket)
-            except (BucketNotFoundError, NotFoundError):
-                self._leases = await self.js.create_key_value(
-                    KeyValueConfig(bucket=self.lease_bucket, ttl=BAKE_LEASE_S, history=1)
-                )
+            self._leases = await key_value(self.js, self.lease_bucket, ttl_s=BAKE_LEASE_S)
         return self._leases
 
     # Bake leases -------------------------------------------------------------------------------

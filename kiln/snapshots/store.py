@@ -35,6 +35,7 @@ from kiln.snapshots.manifest import (
     sign,
     verify_signature,
 )
+from kiln.wire import affinity_id
 
 __all__ = ["Snapshot", "SnapshotCache"]
 
@@ -73,6 +74,22 @@ class SnapshotCache:
 
     def has(self, key: str) -> bool:
         return (self.path(key) / SIGNATURE).exists()
+
+    def affinities(self, limit: int) -> list[str]:
+        """`kiln.wire.affinity_id` of the sealed snapshots here, most recently sealed first (at
+        most `limit`). Read from the manifests without verifying them: this only steers
+        placement; every open still verifies."""
+        found: list[tuple[int, str]] = []
+        for directory in self.root.iterdir() if self.root.is_dir() else ():
+            signature = directory / SIGNATURE
+            try:
+                sealed_at = signature.stat().st_mtime_ns
+                raw = json.loads((directory / MANIFEST).read_bytes())
+                found.append((sealed_at, affinity_id(raw["code_digest"], raw["function"])))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # staging, half-removed or foreign: not advertised
+        found.sort(reverse=True)
+        return list(dict.fromkeys(a for _, a in found))[:limit]
 
     def staging(self, key: str) -> Path:
         """A fresh, private directory for a baker to write into."""

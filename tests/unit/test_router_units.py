@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kiln.errors import InvalidJson
-from kiln.invoker.agent import _Slots, parse_gpu_request
+from kiln.functions.gpu import gpu_request
+from kiln.invoker.agent import _Slots
 from kiln.invoker.inventory import gpu_type_of
 from kiln.router.run import classify
 
@@ -41,8 +42,8 @@ def test_slots_are_taken_and_returned() -> None:
 
 
 def test_gpu_requests_and_names() -> None:
-    assert parse_gpu_request("h100:2") == ("H100", 2)
-    assert parse_gpu_request("none") == ("none", 1)
+    assert gpu_request("h100:2") == ("H100", 2)
+    assert gpu_request("none") == ("none", 1)
     assert gpu_type_of("NVIDIA H100 80GB HBM3") == "H100"
     assert gpu_type_of("NVIDIA A100-SXM4-80GB") == "A100-80GB"
     assert gpu_type_of("NVIDIA A10G") == "A10G"

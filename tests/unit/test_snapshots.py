@@ -21,6 +21,7 @@ from kiln.snapshots.cuda import plan_chunks
 from kiln.snapshots.manifest import GRAPH, Runtime, blob_name, snapshot_key
 from kiln.snapshots.restore import restore_state
 from kiln.snapshots.store import STAMP, Snapshot, SnapshotCache
+from kiln.wire import affinity_id
 
 RUNTIME = Runtime(python="3.11.7-x86_64", torch="2.13.0+cpu", kiln="0.1.0")
 
@@ -218,6 +219,15 @@ def test_a_mapped_restore_is_resident_before_the_first_touch_and_copies_nothing(
     assert region["Anonymous"] == 0  # read in from the page cache, not copied
     assert region["Private_Dirty"] == 0
     assert torch.equal(weight, holder.weight)
+
+
+def test_the_cache_names_its_snapshots_for_placement_newest_first(cache: SnapshotCache) -> None:
+    assert cache.affinities(10) == []
+    bake_and_seal(cache, make_holder(), function="A")
+    bake_and_seal(cache, make_holder(), function="B")
+    cache.staging(snapshot_key("digest", "C", RUNTIME))  # unsealed: not advertised
+    assert cache.affinities(10) == [affinity_id("digest", "B"), affinity_id("digest", "A")]
+    assert cache.affinities(1) == [affinity_id("digest", "B")]
 
 
 def test_the_manifest_records_versions_sizes_and_checksums(cache: SnapshotCache) -> None:

