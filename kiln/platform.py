@@ -41,7 +41,10 @@ async def serve_platform(
     stop: asyncio.Event,
     *,
     on_ready: Callable[[], None] | None = None,
+    scheduler: bool = True,
 ) -> None:
+    """The router, a scheduler and a node agent in this process until `stop`. `scheduler=False`
+    leaves the scheduler out, for tests that run their own (several, electing a leader)."""
     if not is_free(settings.port, settings.host):
         raise DevStackError(
             f"port {settings.port} on {settings.host} is taken; stop what uses it or choose "
@@ -78,20 +81,19 @@ async def serve_platform(
         # The scheduler stops last, so it still records the exits of the replicas the node
         # agent drains on the way out.
         scheduler_stop = asyncio.Event()
-        scheduler = asyncio.create_task(
+        schedule = (
             Scheduler(
-                nc,
-                session_factory(engine),
-                settings.namespace,
-                cold_starts,
+                nc, session_factory(engine), settings.namespace, cold_starts,
                 lease_s=settings.scheduler_lease_s,
-            ).run(scheduler_stop),
-            name="kiln-scheduler",
-        )
+            ).run(scheduler_stop)
+            if scheduler
+            else scheduler_stop.wait()
+        )  # fmt: skip
+        scheduling = asyncio.create_task(schedule, name="kiln-scheduler")
         agent = asyncio.create_task(NodeAgent(settings, nc).run(stop), name="kiln-node-agent")
         if on_ready is not None:
             on_ready()
-        parts = [router, scheduler, agent]
+        parts = [router, scheduling, agent]
         stopped = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([*parts, stopped], return_when=asyncio.FIRST_COMPLETED)
         stop.set()
@@ -102,7 +104,7 @@ async def serve_platform(
         )
         await asyncio.sleep(0.2)  # the last exit events are on their way
         scheduler_stop.set()
-        results = [*first, *await asyncio.gather(scheduler, return_exceptions=True)]
+        results = [*first, *await asyncio.gather(scheduling, return_exceptions=True)]
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures and stopped not in done:
             raise failures[0]

@@ -30,6 +30,7 @@ import sqlalchemy as sa
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kiln.db.enums import AppState, ReplicaState
@@ -184,8 +185,10 @@ class Scheduler:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake_or_stop(stop), _PERIOD_S)
         finally:
-            if lease is not None:  # it gives the lease up on `stop`
-                with contextlib.suppress(Exception):
+            if lease is not None:  # it gives the lease up on `stop`, or when cancelled
+                if not stop.is_set():
+                    lease.cancel()
+                with contextlib.suppress(Exception, asyncio.CancelledError):
                     await asyncio.wait_for(lease, 5)
             for sub in subs:
                 with contextlib.suppress(Exception):
@@ -526,15 +529,19 @@ class Scheduler:
 
     async def _record_node(self, beat: NodeHeartbeat) -> None:
         gpu_types = [k for k in beat.slots if k != "none"]
+        values = {
+            "hostname": beat.hostname,
+            "gpu_type": gpu_types[0] if gpu_types else None,
+            "gpu_count": sum(v for k, v in beat.slots.items() if k != "none"),
+            "cpu_slots": beat.slots.get("none", 0),
+            "last_heartbeat_at": datetime.now(UTC),
+        }
+        # An upsert: every scheduler, leading or standing by, records the nodes it hears.
+        insert = pg_insert(Node).values(id=beat.node_id, **values)
         async with transaction(self.sessions) as session:
-            node = await session.get(Node, beat.node_id)
-            if node is None:
-                node = Node(id=beat.node_id, hostname=beat.hostname)
-                session.add(node)
-            node.gpu_type = gpu_types[0] if gpu_types else None
-            node.gpu_count = sum(v for k, v in beat.slots.items() if k != "none")
-            node.cpu_slots = beat.slots.get("none", 0)
-            node.last_heartbeat_at = datetime.now(UTC)
+            await session.execute(
+                insert.on_conflict_do_update(index_elements=[Node.id], set_=values)
+            )
 
     async def _record_replica(
         self, launch: StartReplica, node_id: str, reply: dict[str, object]

@@ -48,7 +48,9 @@ class Platform:
 
 
 @asynccontextmanager
-async def running_platform(settings: Settings, home: Path) -> AsyncIterator[Platform]:
+async def running_platform(
+    settings: Settings, home: Path, *, scheduler: bool = True
+) -> AsyncIterator[Platform]:
     running = settings.replace(
         home=home,
         port=pick_port([], set()),
@@ -61,7 +63,9 @@ async def running_platform(settings: Settings, home: Path) -> AsyncIterator[Plat
     key = await bootstrap.ensure_operator_key(running, None)
     stop = asyncio.Event()
     ready = asyncio.Event()
-    task = asyncio.create_task(serve_platform(running, stop, on_ready=ready.set))
+    task = asyncio.create_task(
+        serve_platform(running, stop, on_ready=ready.set, scheduler=scheduler)
+    )
     await asyncio.wait_for(ready.wait(), 30)
     try:
         yield Platform(f"http://127.0.0.1:{running.port}", key, running)

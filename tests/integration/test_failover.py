@@ -1,0 +1,125 @@
+"""Two schedulers on the real stack: one acts, and when it dies the other takes over within
+about a lease, adopts the replicas it finds instead of starting them again, and goes on
+scaling (issue 5: leader election)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import nats
+import pytest
+from stack import Platform, running_platform
+
+from kiln.db.session import create_engine, session_factory
+from kiln.scheduler.scheduler import Scheduler
+from kiln.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+LEASE_S = 2.0
+
+APP = """
+import kiln
+
+app = kiln.App("failover")
+
+
+@app.function(min_replicas=1, idle_timeout=60)
+def steady() -> str:
+    return "steady"
+
+
+@app.function(idle_timeout=60)
+def later() -> str:
+    return "later"
+"""
+
+
+@pytest.fixture(scope="module", name="platform")
+async def platform_without_scheduler(
+    settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Platform]:
+    home = tmp_path_factory.mktemp("failover-home")
+    lease = settings.replace(scheduler_lease_s=LEASE_S)
+    async with running_platform(lease, home, scheduler=False) as running:
+        yield running
+
+
+@asynccontextmanager
+async def scheduler(platform: Platform) -> AsyncIterator[tuple[Scheduler, Callable[[], None]]]:
+    """A scheduler with its own connections, and a way to kill it: its task is cancelled and
+    its connection dropped without giving the lease up, as when its process dies."""
+    settings = platform.settings
+    nc = await nats.connect(servers=settings.nats_servers)
+    engine = create_engine(settings, application_name="kiln-test-scheduler")
+    acting = Scheduler(nc, session_factory(engine), settings.namespace, lease_s=LEASE_S)
+    stop = asyncio.Event()
+    task = asyncio.create_task(acting.run(stop))
+
+    async def no_goodbye() -> None:
+        return None
+
+    def kill() -> None:
+        assert acting.leadership is not None
+        acting.leadership._give_up = no_goodbye  # type: ignore[method-assign]
+        task.cancel()
+
+    try:
+        yield acting, kill
+    finally:
+        stop.set()
+        await asyncio.gather(task, return_exceptions=True)
+        await nc.close()
+        await engine.dispose()
+
+
+async def replicas(platform: Platform, function: str) -> list[dict[str, object]]:
+    async with platform.client() as client:
+        response = await client.get(f"/v1/functions/failover/{function}/replicas")
+    assert response.status_code == 200, response.text
+    found: list[dict[str, object]] = response.json()["replicas"]
+    return found
+
+
+async def until(what: str, check: Callable[[], object], timeout_s: float) -> float:
+    began = time.monotonic()
+    while not check():
+        assert time.monotonic() - began < timeout_s, what
+        await asyncio.sleep(0.05)
+    return time.monotonic() - began
+
+
+async def test_a_standby_scheduler_takes_over_without_duplicating_replicas(
+    platform: Platform, tmp_path: Path
+) -> None:
+    app_file = tmp_path / "failover.py"
+    app_file.write_text(APP)
+    async with scheduler(platform) as (first, kill_first):
+        await until("the first scheduler never led", lambda: first.acting, 10)
+        async with scheduler(platform) as (second, _):
+            await platform.deploy(app_file)
+            deadline = time.monotonic() + 60
+            while not [r for r in await replicas(platform, "steady") if r["state"] == "ready"]:
+                assert time.monotonic() < deadline, "min_replicas=1 was never met"
+                await asyncio.sleep(0.2)
+            assert not second.acting
+            [original] = await replicas(platform, "steady")
+
+            kill_first()
+            waited = await until("no takeover", lambda: second.acting, 2 * LEASE_S + 2)
+            assert waited < 2 * LEASE_S + 2
+            # Several reconcile passes of the new leader: the replica is adopted, not doubled.
+            for _ in range(16):
+                assert [r["id"] for r in await replicas(platform, "steady")] == [original["id"]]
+                await asyncio.sleep(0.25)
+
+            # And it scales: a function with no replica gets one for its first call.
+            later = await platform.call("failover/later")
+            assert later.status_code == 200, later.text
+            assert later.json() == "later"
+            steady = await platform.call("failover/steady")
+            assert steady.json() == "steady"
