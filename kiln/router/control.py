@@ -120,7 +120,9 @@ async def delete_app(request: Request) -> Response:
     return Response(status_code=204)
 
 
-def _function_view(app: str, function: Function, live: int) -> dict[str, Any]:
+def _function_view(
+    app: str, function: Function, live: int, last_error: str | None = None
+) -> dict[str, Any]:
     return {
         "app": app,
         "name": function.name,
@@ -136,6 +138,10 @@ def _function_view(app: str, function: Function, live: int) -> dict[str, Any]:
         "startup_timeout": function.startup_timeout_s,
         "overridden": list(function.overridden),
         "replicas": live,
+        # Why its newest replica failed, while that is the newest news: a function that
+        # cannot start says so here instead of crash-looping silently (it is retried with
+        # backoff meanwhile).
+        "last_error": last_error,
     }
 
 
@@ -147,17 +153,28 @@ def _live_count() -> sa.ScalarSelect[int]:
     )
 
 
+def _last_error() -> sa.ScalarSelect[str | None]:
+    """The error of the function's most recently started replica, if that one failed."""
+    return (
+        sa.select(sa.case((Replica.state == ReplicaState.FAILED, Replica.error), else_=None))
+        .where(Replica.function_id == Function.id)
+        .order_by(Replica.started_at.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+
+
 async def list_functions(request: Request) -> Response:
     svc = services(request)
     principal = await _control_principal(request)
     async with transaction(svc.sessions) as session:
         rows = await session.execute(
-            sa.select(App.name, Function, _live_count())
+            sa.select(App.name, Function, _live_count(), _last_error())
             .join(App, Function.app_id == App.id)
             .where(App.customer_id == principal.owner_id)
             .order_by(App.name, Function.name)
         )
-        functions = [_function_view(app, fn, live) for app, fn, live in rows]
+        functions = [_function_view(*row) for row in rows]
     return JSONResponse({"functions": functions})
 
 
@@ -188,11 +205,11 @@ async def get_function(request: Request) -> Response:
     principal = await _control_principal(request)
     app, query = _find_function(request, principal)
     async with transaction(svc.sessions) as session:
-        row = (await session.execute(query.add_columns(_live_count()))).first()
+        row = (await session.execute(query.add_columns(_live_count(), _last_error()))).first()
     if row is None:
         raise NotFound(f"function {request.path_params['name']!r} not found in app {app!r}")
-    function, live = row
-    return JSONResponse(_function_view(app, function, live))
+    function, live, last_error = row
+    return JSONResponse(_function_view(app, function, live, last_error))
 
 
 _PATCHABLE = {

@@ -366,6 +366,9 @@ class Dispatcher:
             for replica, seen in list(self._last_seen.items()):
                 if now - seen > 60:
                     del self._last_seen[replica]
+            for function, seen in list(self._serving.items()):
+                if now - seen > 60:
+                    del self._serving[function]
 
 
 def _remote_error(data: bytes) -> KilnError:

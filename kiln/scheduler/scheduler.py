@@ -24,23 +24,19 @@ import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 
-import sqlalchemy as sa
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from kiln.db.enums import AppState, ReplicaState
-from kiln.db.models import App, AppVersion, Function, Node, Replica
-from kiln.db.session import transaction
+from kiln.db.enums import ReplicaState
 from kiln.functions.gpu import gpu_request
 from kiln.observability.coldstart import ColdStartMetrics
 from kiln.scheduler.leader import Leadership
 from kiln.scheduler.placement import NodeView, place
 from kiln.scheduler.policy import ReplicaView, desired_replicas, idle_to_stop
+from kiln.scheduler.records import ClusterRecords, FunctionRow
 from kiln.wire import (
     HEARTBEAT_INTERVAL_S,
     REPLICA_LOST_AFTER_S,
@@ -66,26 +62,6 @@ _MIN_IDLE_TO_PREEMPT_S = 10.0
 _ADOPTION_WINDOW_S = 2 * REPLICA_LOST_AFTER_S
 # A new leader waits this long before starting replicas: two heartbeats of every live one.
 _TAKEOVER_SETTLE_S = 2 * HEARTBEAT_INTERVAL_S
-
-
-@dataclass
-class _FunctionRow:
-    id: uuid.UUID
-    app: str
-    name: str
-    version_id: uuid.UUID
-    generation: int
-    digest: str
-    entrypoint: str
-    spec: dict[str, object]
-    gpu: str
-    min_replicas: int
-    max_replicas: int
-    buffer_replicas: int
-    idle_timeout_s: int
-    target_concurrency: int
-    startup_timeout_s: int
-    timeout_s: int
 
 
 @dataclass
@@ -121,7 +97,7 @@ class Scheduler:
         self.nc = nc
         self.metrics = metrics or ColdStartMetrics()
         self.js = nc.jetstream()
-        self.sessions = sessions
+        self.records = ClusterRecords(sessions)
         self.subjects = Subjects(namespace)
         self.replicas: dict[str, _Tracked] = {}
         self.nodes: dict[str, tuple[NodeHeartbeat, float]] = {}
@@ -231,12 +207,7 @@ class Scheduler:
                 "replica %s ran its setup hooks because its snapshot failed: %s",
                 report.replica_id, report.fallback_reason,
             )  # fmt: skip
-        async with transaction(self.sessions) as session:
-            await session.execute(
-                sa.update(Replica)
-                .where(Replica.id == uuid.UUID(report.replica_id))
-                .values(origin=origin.value)
-            )
+        await self.records.set_origin(report.replica_id, origin)
 
     async def _on_replica(self, msg: Msg) -> None:
         beat = decode(ReplicaHeartbeat, msg.data)
@@ -257,7 +228,7 @@ class Scheduler:
         beat = decode(NodeHeartbeat, msg.data)
         if beat.node_id not in self.nodes:
             # Recorded before it can be chosen: replica rows refer to their node.
-            await self._record_node(beat)
+            await self.records.record_node(beat)
             self.wake.set()
         self.nodes[beat.node_id] = (beat, time.monotonic())
         # The agent's word replaces whatever this scheduler assumed since its last beat.
@@ -279,7 +250,7 @@ class Scheduler:
             count = self.failures.get(function_id, 0) + 1
             self.failures[function_id] = count
             self.backoff_until[function_id] = time.monotonic() + min(60.0, 2.0**count)
-        await self._set_state(
+        await self.records.set_state(
             event["replica_id"],
             ReplicaState.FAILED if failed else ReplicaState.STOPPED,
             error=error or (f"exited with status {event['exit_code']}" if failed else None),
@@ -293,8 +264,9 @@ class Scheduler:
         now_mono = time.monotonic()
         await self._mark_lost(now_mono)
         if not self.swept and now_mono - self.started_at > _ADOPTION_WINDOW_S:
-            await self._sweep_unadopted()
-        functions = await self._load_functions()
+            self.swept = True
+            await self.records.sweep_unadopted(known=list(self.replicas))
+        functions = await self.records.load_functions()
         for function in functions.values():
             try:
                 await self._reconcile_function(function, now_mono)
@@ -306,10 +278,22 @@ class Scheduler:
             if uuid.UUID(tracked.function_id) not in functions and not tracked.draining:
                 await self._drain(tracked, grace_s=30)
 
-    async def _reconcile_function(self, function: _FunctionRow, now_mono: float) -> None:
+    async def _record_in_flight(self) -> None:
+        changed = [
+            t for t in self.replicas.values()
+            if t.beat is not None and t.beat.in_flight != t.recorded_in_flight
+        ]  # fmt: skip
+        for tracked in changed:
+            assert tracked.beat is not None
+            tracked.recorded_in_flight = tracked.beat.in_flight
+        if changed:
+            await self.records.record_in_flight(
+                {t.replica_id: t.recorded_in_flight for t in changed}
+            )
+
+    async def _reconcile_function(self, function: FunctionRow, now_mono: float) -> None:
         mine = [r for r in self.replicas.values() if r.function_id == str(function.id)]
         current = [r for r in mine if r.version_id == str(function.version_id) and _serving(r)]
-        # Old versions drain as soon as they are idle; new replicas take the demand.
         # Old versions drain once idle or once a replica of the current version is ready (a
         # drain finishes what it holds); new replicas take the demand.
         current_ready = any(
@@ -324,7 +308,7 @@ class Scheduler:
             if ready and not tracked.recorded_ready:
                 tracked.recorded_ready = True
                 self.failures.pop(function.id, None)
-                await self._set_state(tracked.replica_id, ReplicaState.READY, ready=True)
+                await self.records.set_state(tracked.replica_id, ReplicaState.READY, ready=True)
         pending = self.pending[function.id] = await self._pending(function.id)
         running = sum(r.beat.in_flight for r in current if r.beat is not None)
         want = desired_replicas(
@@ -376,7 +360,7 @@ class Scheduler:
             if starting and time.time() - tracked.launched_at > tracked.startup_timeout_s:
                 # Alive but never ready (a hung import or @enter): replace it.
                 del self.replicas[tracked.replica_id]
-                await self._set_state(
+                await self.records.set_state(
                     tracked.replica_id, ReplicaState.FAILED, stopped=True,
                     error=f"not ready within startup_timeout ({tracked.startup_timeout_s:g} s)",
                 )  # fmt: skip
@@ -391,14 +375,14 @@ class Scheduler:
                 continue
             del self.replicas[tracked.replica_id]
             _log.warning("replica %s is lost (no heartbeat)", tracked.replica_id)
-            await self._set_state(
+            await self.records.set_state(
                 tracked.replica_id, ReplicaState.LOST, error="stopped heartbeating", stopped=True
             )
             await self._stop_now(tracked)
 
     # Actions -----------------------------------------------------------------------------------
 
-    async def _launch(self, function: _FunctionRow) -> bool:
+    async def _launch(self, function: FunctionRow) -> bool:
         now = time.monotonic()
         candidates = [
             self.views[node_id]
@@ -440,15 +424,15 @@ class Scheduler:
             )  # fmt: skip
             _log.info("placed replica %s of %s/%s on %s (%s)", replica_id, function.app,
                       function.name, placement.node_id, placement.reason)  # fmt: skip
-            await self._record_replica(launch, placement.node_id, reply)
+            await self.records.record_replica(launch, placement.node_id, reply)
             return True
         return False  # nothing fits now; the demand waits in the queue
 
-    async def _free_slot_for(self, function: _FunctionRow) -> None:
+    async def _free_slot_for(self, function: FunctionRow) -> None:
         """Nothing fits: drain the replica of another function that has been idle longest, if
         it needs the same kind of slot and its function keeps its minimum, so waiting demand
         does not starve behind replicas that only wait for their idle timeout."""
-        minimums = await self._minimums()
+        minimums = await self.records.minimums()
         live: dict[str, int] = {}
         for tracked in self.replicas.values():
             if _serving(tracked):
@@ -468,11 +452,6 @@ class Scheduler:
             _log.info("draining idle replica %s to make room", victim.replica_id)
             await self._drain(victim, grace_s=30)
 
-    async def _minimums(self) -> dict[str, int]:
-        async with transaction(self.sessions) as session:
-            rows = await session.execute(sa.select(Function.id, Function.min_replicas))
-            return {str(fid): minimum for fid, minimum in rows}
-
     async def _stop_now(self, tracked: _Tracked) -> None:
         await self._command(
             tracked.node_id, {"op": "stop", "replica_id": tracked.replica_id, "grace_s": 0}
@@ -480,7 +459,7 @@ class Scheduler:
 
     async def _drain(self, tracked: _Tracked, grace_s: float) -> None:
         tracked.draining = True
-        await self._set_state(tracked.replica_id, ReplicaState.DRAINING)
+        await self.records.set_state(tracked.replica_id, ReplicaState.DRAINING)
         await self._command(tracked.node_id, {"op": "stop", "replica_id": tracked.replica_id,
                                               "grace_s": grace_s})  # fmt: skip
 
@@ -496,125 +475,6 @@ class Scheduler:
         answer: dict[str, object] = json.loads(reply.data)
         return answer
 
-    # Database ----------------------------------------------------------------------------------
-
-    async def _load_functions(self) -> dict[uuid.UUID, _FunctionRow]:
-        async with transaction(self.sessions) as session:
-            rows = await session.execute(
-                sa.select(App.name, Function, AppVersion)
-                .join(App, Function.app_id == App.id)
-                .join(AppVersion, Function.current_version_id == AppVersion.id)
-                .where(App.state == AppState.ACTIVE)
-            )
-            result = {}
-            for app, function, version in rows:
-                spec = next(
-                    (f for f in version.spec.get("functions", []) if f["name"] == function.name),
-                    None,
-                )
-                if spec is None:
-                    continue
-                result[function.id] = _FunctionRow(
-                    id=function.id, app=app, name=function.name, version_id=version.id,
-                    generation=function.generation,
-                    digest=version.artifact_key, entrypoint=version.spec["entrypoint"],
-                    spec=_with_live_settings(spec, function), gpu=function.gpu,
-                    min_replicas=function.min_replicas, max_replicas=function.max_replicas,
-                    buffer_replicas=function.buffer_replicas,
-                    idle_timeout_s=function.idle_timeout_s,
-                    target_concurrency=function.target_concurrency,
-                    startup_timeout_s=function.startup_timeout_s, timeout_s=function.timeout_s,
-                )  # fmt: skip
-        return result
-
-    async def _record_node(self, beat: NodeHeartbeat) -> None:
-        gpu_types = [k for k in beat.slots if k != "none"]
-        values = {
-            "hostname": beat.hostname,
-            "gpu_type": gpu_types[0] if gpu_types else None,
-            "gpu_count": sum(v for k, v in beat.slots.items() if k != "none"),
-            "cpu_slots": beat.slots.get("none", 0),
-            "last_heartbeat_at": datetime.now(UTC),
-        }
-        # An upsert: every scheduler, leading or standing by, records the nodes it hears.
-        insert = pg_insert(Node).values(id=beat.node_id, **values)
-        async with transaction(self.sessions) as session:
-            await session.execute(
-                insert.on_conflict_do_update(index_elements=[Node.id], set_=values)
-            )
-
-    async def _record_replica(
-        self, launch: StartReplica, node_id: str, reply: dict[str, object]
-    ) -> None:
-        indices = reply.get("gpu_indices")
-        async with transaction(self.sessions) as session:
-            session.add(
-                Replica(
-                    id=uuid.UUID(launch.replica_id),
-                    function_id=uuid.UUID(launch.function_id),
-                    version_id=uuid.UUID(launch.version_id),
-                    node_id=node_id,
-                    state=ReplicaState.STARTING,
-                    gpu_type=None if launch.gpu_type == "none" else str(reply.get("gpu_type")),
-                    gpu_indices=list(indices) if isinstance(indices, list) else [],
-                )
-            )
-
-    async def _sweep_unadopted(self) -> None:
-        """Rows of replicas this scheduler never heard from (they died with an earlier run)."""
-        self.swept = True
-        live = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.DRAINING)
-        known = [uuid.UUID(rid) for rid in self.replicas]
-        async with transaction(self.sessions) as session:
-            await session.execute(
-                sa.update(Replica)
-                .where(Replica.state.in_(live), Replica.id.not_in(known))
-                .values(
-                    state=ReplicaState.LOST,
-                    stopped_at=datetime.now(UTC),
-                    error="not running when the scheduler started",
-                )
-            )
-
-    async def _record_in_flight(self) -> None:
-        changed = [
-            t for t in self.replicas.values()
-            if t.beat is not None and t.beat.in_flight != t.recorded_in_flight
-        ]  # fmt: skip
-        if not changed:
-            return
-        async with transaction(self.sessions) as session:
-            for tracked in changed:
-                assert tracked.beat is not None
-                tracked.recorded_in_flight = tracked.beat.in_flight
-                await session.execute(
-                    sa.update(Replica)
-                    .where(Replica.id == uuid.UUID(tracked.replica_id))
-                    .values(in_flight=tracked.beat.in_flight, last_heartbeat_at=datetime.now(UTC))
-                )
-
-    async def _set_state(
-        self,
-        replica_id: str,
-        state: ReplicaState,
-        *,
-        error: str | None = None,
-        ready: bool = False,
-        stopped: bool = False,
-    ) -> None:
-        values: dict[str, object] = {"state": state}
-        now = datetime.now(UTC)
-        if error is not None:
-            values["error"] = error
-        if ready:
-            values["ready_at"] = now
-        if stopped:
-            values["stopped_at"] = now
-        async with transaction(self.sessions) as session:
-            await session.execute(
-                sa.update(Replica).where(Replica.id == uuid.UUID(replica_id)).values(**values)
-            )
-
 
 def _serving(tracked: _Tracked) -> bool:
     """Starting or ready, and not on its way out (a replica may drain itself, e.g. after a
@@ -622,14 +482,3 @@ def _serving(tracked: _Tracked) -> bool:
     if tracked.draining:
         return False
     return tracked.beat is None or tracked.beat.state in (ReplicaState.STARTING, ReplicaState.READY)
-
-
-def _with_live_settings(spec: dict[str, object], function: Function) -> dict[str, object]:
-    """The spec a replica runs with: live changes (concurrency, timeout) override the code's."""
-    resources = dict(spec["resources"])  # type: ignore[call-overload]
-    resources.update(
-        concurrency=function.concurrency,
-        target_concurrency=function.target_concurrency,
-        timeout_s=function.timeout_s,
-    )
-    return {**spec, "resources": resources}

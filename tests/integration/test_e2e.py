@@ -20,9 +20,12 @@ import httpx
 import nats
 import psutil
 import pytest
+import sqlalchemy as sa
 from nats.aio.msg import Msg
 from stack import BODY_LIMIT, Platform, platform_fixture  # noqa: F401 - the fixture
 
+from kiln.db.models import Function, Replica
+from kiln.db.session import create_engine
 from kiln.functions.package import package
 from kiln.wire import Subjects
 
@@ -492,3 +495,50 @@ def test_a_deploy_whose_file_fails_to_import_shows_the_users_traceback(tmp_path:
     assert 'broken.py", line 4' in result.stderr
     assert "ZeroDivisionError: division by zero" in result.stderr
     assert "kiln/functions" not in result.stderr
+
+
+CRASHING = """
+import kiln
+
+app = kiln.App("crashing")
+
+
+@app.cls(startup_timeout=4)
+class Broken:
+    @kiln.enter()
+    def load(self) -> None:
+        raise RuntimeError("the model file is missing")
+
+    @kiln.method()
+    def run(self) -> str:
+        return "never"
+"""
+
+
+async def test_a_function_that_cannot_start_shows_why_and_is_retried_with_backoff(
+    platform: Platform, tmp_path: Path
+) -> None:
+    app_file = tmp_path / "crashing.py"
+    app_file.write_text(CRASHING)
+    await platform.deploy(app_file)
+    response = await call(platform, "crashing/Broken.run", json={})
+    assert response.status_code == 504, response.text  # no replica ever took it
+    async with platform.client() as client:
+        function = (await client.get("/v1/functions/crashing/Broken")).json()
+        listed = (await client.get("/v1/functions")).json()["functions"]
+    assert "RuntimeError: the model file is missing" in function["last_error"]
+    assert [f["last_error"] for f in listed if f["app"] == "crashing"] == [function["last_error"]]
+    # Backoff, not a crash loop: a handful of attempts in those seconds, not dozens.
+    engine = create_engine(platform.settings, application_name="kiln-test")
+    try:
+        async with engine.connect() as conn:
+            attempts = await conn.scalar(
+                sa.select(sa.func.count())
+                .select_from(Replica)
+                .join(Function, Function.id == Replica.function_id)
+                .where(Function.name == "Broken")
+            )
+    finally:
+        await engine.dispose()
+    assert attempts is not None
+    assert 1 <= attempts <= 4

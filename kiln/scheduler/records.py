@@ -1,0 +1,182 @@
+"""What the scheduler reads from and writes to PostgreSQL: the deployed functions it reconciles,
+and the `nodes` and `replicas` rows that the control API and `kiln ps` show. The reconcile loop
+decides; this module only records."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from kiln.db.enums import AppState, ReplicaState
+from kiln.db.models import App, AppVersion, Function, Node, Replica
+from kiln.db.session import transaction
+from kiln.wire import NodeHeartbeat, Origin, StartReplica
+
+__all__ = ["ClusterRecords", "FunctionRow"]
+
+
+@dataclass
+class FunctionRow:
+    """A deployed function as the scheduler sees it: its current version and live settings."""
+
+    id: uuid.UUID
+    app: str
+    name: str
+    version_id: uuid.UUID
+    generation: int
+    digest: str
+    entrypoint: str
+    spec: dict[str, object]
+    gpu: str
+    min_replicas: int
+    max_replicas: int
+    buffer_replicas: int
+    idle_timeout_s: int
+    target_concurrency: int
+    startup_timeout_s: int
+    timeout_s: int
+
+
+class ClusterRecords:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self.sessions = sessions
+
+    async def load_functions(self) -> dict[uuid.UUID, FunctionRow]:
+        async with transaction(self.sessions) as session:
+            rows = await session.execute(
+                sa.select(App.name, Function, AppVersion)
+                .join(App, Function.app_id == App.id)
+                .join(AppVersion, Function.current_version_id == AppVersion.id)
+                .where(App.state == AppState.ACTIVE)
+            )
+            result = {}
+            for app, function, version in rows:
+                spec = next(
+                    (f for f in version.spec.get("functions", []) if f["name"] == function.name),
+                    None,
+                )
+                if spec is None:
+                    continue
+                result[function.id] = FunctionRow(
+                    id=function.id, app=app, name=function.name, version_id=version.id,
+                    generation=function.generation,
+                    digest=version.artifact_key, entrypoint=version.spec["entrypoint"],
+                    spec=_with_live_settings(spec, function), gpu=function.gpu,
+                    min_replicas=function.min_replicas, max_replicas=function.max_replicas,
+                    buffer_replicas=function.buffer_replicas,
+                    idle_timeout_s=function.idle_timeout_s,
+                    target_concurrency=function.target_concurrency,
+                    startup_timeout_s=function.startup_timeout_s, timeout_s=function.timeout_s,
+                )  # fmt: skip
+        return result
+
+    async def minimums(self) -> dict[str, int]:
+        """`min_replicas` by function id (as a string, like the replicas' heartbeats)."""
+        async with transaction(self.sessions) as session:
+            rows = await session.execute(sa.select(Function.id, Function.min_replicas))
+            return {str(fid): minimum for fid, minimum in rows}
+
+    async def record_node(self, beat: NodeHeartbeat) -> None:
+        gpu_types = [k for k in beat.slots if k != "none"]
+        values = {
+            "hostname": beat.hostname,
+            "gpu_type": gpu_types[0] if gpu_types else None,
+            "gpu_count": sum(v for k, v in beat.slots.items() if k != "none"),
+            "cpu_slots": beat.slots.get("none", 0),
+            "last_heartbeat_at": datetime.now(UTC),
+        }
+        # An upsert: every scheduler, leading or standing by, records the nodes it hears.
+        insert = pg_insert(Node).values(id=beat.node_id, **values)
+        async with transaction(self.sessions) as session:
+            await session.execute(
+                insert.on_conflict_do_update(index_elements=[Node.id], set_=values)
+            )
+
+    async def record_replica(
+        self, launch: StartReplica, node_id: str, reply: dict[str, object]
+    ) -> None:
+        indices = reply.get("gpu_indices")
+        async with transaction(self.sessions) as session:
+            session.add(
+                Replica(
+                    id=uuid.UUID(launch.replica_id),
+                    function_id=uuid.UUID(launch.function_id),
+                    version_id=uuid.UUID(launch.version_id),
+                    node_id=node_id,
+                    state=ReplicaState.STARTING,
+                    gpu_type=None if launch.gpu_type == "none" else str(reply.get("gpu_type")),
+                    gpu_indices=list(indices) if isinstance(indices, list) else [],
+                )
+            )
+
+    async def sweep_unadopted(self, known: list[str]) -> None:
+        """Mark lost the live rows of replicas not in `known` (they died with an earlier
+        scheduler and never heartbeated to this one)."""
+        live = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.DRAINING)
+        async with transaction(self.sessions) as session:
+            await session.execute(
+                sa.update(Replica)
+                .where(Replica.state.in_(live), Replica.id.not_in([uuid.UUID(k) for k in known]))
+                .values(
+                    state=ReplicaState.LOST,
+                    stopped_at=datetime.now(UTC),
+                    error="not running when the scheduler started",
+                )
+            )
+
+    async def record_in_flight(self, in_flight: dict[str, int]) -> None:
+        """Replica id -> calls in flight, as their last heartbeats said."""
+        now = datetime.now(UTC)
+        async with transaction(self.sessions) as session:
+            for replica_id, count in in_flight.items():
+                await session.execute(
+                    sa.update(Replica)
+                    .where(Replica.id == uuid.UUID(replica_id))
+                    .values(in_flight=count, last_heartbeat_at=now)
+                )
+
+    async def set_origin(self, replica_id: str, origin: Origin) -> None:
+        async with transaction(self.sessions) as session:
+            await session.execute(
+                sa.update(Replica)
+                .where(Replica.id == uuid.UUID(replica_id))
+                .values(origin=origin.value)
+            )
+
+    async def set_state(
+        self,
+        replica_id: str,
+        state: ReplicaState,
+        *,
+        error: str | None = None,
+        ready: bool = False,
+        stopped: bool = False,
+    ) -> None:
+        values: dict[str, object] = {"state": state}
+        now = datetime.now(UTC)
+        if error is not None:
+            values["error"] = error
+        if ready:
+            values["ready_at"] = now
+        if stopped:
+            values["stopped_at"] = now
+        async with transaction(self.sessions) as session:
+            await session.execute(
+                sa.update(Replica).where(Replica.id == uuid.UUID(replica_id)).values(**values)
+            )
+
+
+def _with_live_settings(spec: dict[str, object], function: Function) -> dict[str, object]:
+    """The spec a replica runs with: live changes (concurrency, timeout) override the code's."""
+    resources = dict(spec["resources"])  # type: ignore[call-overload]
+    resources.update(
+        concurrency=function.concurrency,
+        target_concurrency=function.target_concurrency,
+        timeout_s=function.timeout_s,
+    )
+    return {**spec, "resources": resources}
