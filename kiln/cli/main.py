@@ -10,7 +10,7 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -187,14 +187,37 @@ def ps() -> None:
                 for replica in api.request("GET", path).json()["replicas"]:
                     details.append(
                         f"  {fn['app']}/{fn['name']}  {replica['id'][:8]}  {replica['state']:<9}"
-                        f"  node {replica['node']}  in flight {replica['in_flight']}"
-                        f"{_origin(replica.get('origin'))}"
+                        f"  node {replica['node']}{_gpu(replica)}  in flight "
+                        f"{replica['in_flight']}  up {_duration(replica.get('uptime_s'))}"
+                        f"{_idle(replica.get('idle_s'))}{_origin(replica.get('origin'))}"
                     )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
     for line in details:
         typer.echo(line)
+
+
+def _gpu(replica: dict[str, Any]) -> str:
+    if not replica.get("gpu"):
+        return ""
+    indices = ",".join(str(i) for i in replica.get("gpu_indices") or [])
+    return f"  gpu {replica['gpu']}" + (f" [{indices}]" if indices else "")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    whole = int(seconds)
+    if whole < 120:
+        return f"{whole}s"
+    if whole < 7200:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+def _idle(seconds: float | None) -> str:
+    return "" if seconds is None else f"  idle {_duration(seconds)}"
 
 
 def _origin(origin: str | None) -> str:

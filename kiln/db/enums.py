@@ -78,6 +78,7 @@ class NodeState(enum.StrEnum):
 
 class ReplicaState(enum.StrEnum):
     STARTING = "starting"
+    RESTORING = "restoring"  # putting its snapshot back (kiln.invoker.coldstart)
     READY = "ready"
     DRAINING = "draining"
     STOPPED = "stopped"

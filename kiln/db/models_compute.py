@@ -66,6 +66,7 @@ class Replica(Base):
     ready_at: Mapped[datetime | None]
     stopped_at: Mapped[datetime | None]
     last_heartbeat_at: Mapped[datetime | None]
+    idle_since: Mapped[datetime | None]  # nothing in flight since then; NULL while busy
     error: Mapped[str | None] = mapped_column(sa.Text)
     # How its instance was built (kiln.wire.Origin): snapshot, baked, hooks or fallback.
     origin: Mapped[str | None] = mapped_column(sa.String(16))

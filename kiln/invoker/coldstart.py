@@ -22,7 +22,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,9 +51,11 @@ class ColdStart:
     snapshot_bytes: int = 0
     fallback_reason: str | None = None
     sealing: asyncio.Future[Any] | None = None  # the agent sealing what this replica baked
+    on_phase: Callable[[str], None] = lambda name: None  # told as each phase begins
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        self.on_phase(name)
         started = time.perf_counter()
         try:
             yield

@@ -90,7 +90,7 @@ class Replica:
         self._accepts: dict[str, list[str]] = {}  # router id -> call ids taken, not yet told
         self._replica_str = str(self.replica_id)
         self._tasks: set[asyncio.Future[None]] = set()
-        self.cold_start = ColdStart()
+        self.cold_start = ColdStart(on_phase=self._on_phase)
         self._first_call = True
 
     @property
@@ -333,6 +333,16 @@ class Replica:
         self.error = why
         self.request_drain()
 
+    def _on_phase(self, name: str) -> None:
+        """`kiln ps` shows a replica putting its snapshot back as restoring."""
+        if self.state in (ReplicaState.STARTING, ReplicaState.RESTORING):
+            restoring = name == "restore"
+            self.state = ReplicaState.RESTORING if restoring else ReplicaState.STARTING
+            if restoring and self.nc is not None:
+                beat = asyncio.ensure_future(self._beat())
+                self._tasks.add(beat)
+                beat.add_done_callback(self._tasks.discard)
+
     async def _on_drain(self, msg: Msg) -> None:
         self.request_drain()
 
@@ -341,7 +351,7 @@ class Replica:
         if self.draining.is_set():
             return
         self.draining.set()
-        if self.state in (ReplicaState.STARTING, ReplicaState.READY):
+        if self.state in (ReplicaState.STARTING, ReplicaState.RESTORING, ReplicaState.READY):
             self.state = ReplicaState.DRAINING
             if self.nc is not None:
                 beat = asyncio.ensure_future(self._beat())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -32,7 +33,9 @@ __all__ = [
     "patch_function",
 ]
 
-_LIVE_REPLICA_STATES = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.DRAINING)
+_LIVE_REPLICA_STATES = (
+    ReplicaState.STARTING, ReplicaState.RESTORING, ReplicaState.READY, ReplicaState.DRAINING,
+)  # fmt: skip
 
 
 async def _control_principal(request: Request) -> Principal:
@@ -274,16 +277,25 @@ async def list_replicas(request: Request) -> Response:
             .where(Replica.function_id == function.id, Replica.state.in_(_LIVE_REPLICA_STATES))
             .order_by(Replica.started_at)
         )
+        now = datetime.now(UTC)
         views = [
             {
                 "id": str(r.id),
                 "state": r.state.value,
                 "node": r.node_id,
                 "gpu": r.gpu_type,
+                "gpu_indices": list(r.gpu_indices),
                 "in_flight": r.in_flight,
                 "origin": r.origin,
                 "started_at": r.started_at.isoformat(),
                 "ready_at": r.ready_at.isoformat() if r.ready_at else None,
+                "uptime_s": round((now - r.started_at).total_seconds(), 1),
+                # As of its last heartbeat the scheduler recorded (within about a second).
+                "idle_s": (
+                    round((now - r.idle_since).total_seconds(), 1)
+                    if r.idle_since is not None and r.in_flight == 0
+                    else None
+                ),
             }
             for r in replicas
         ]

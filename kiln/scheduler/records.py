@@ -117,7 +117,10 @@ class ClusterRecords:
     async def sweep_unadopted(self, known: list[str]) -> None:
         """Mark lost the live rows of replicas not in `known` (they died with an earlier
         scheduler and never heartbeated to this one)."""
-        live = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.DRAINING)
+        live = (
+            ReplicaState.STARTING, ReplicaState.RESTORING, ReplicaState.READY,
+            ReplicaState.DRAINING,
+        )  # fmt: skip
         async with transaction(self.sessions) as session:
             await session.execute(
                 sa.update(Replica)
@@ -129,15 +132,27 @@ class ClusterRecords:
                 )
             )
 
-    async def record_in_flight(self, in_flight: dict[str, int]) -> None:
-        """Replica id -> calls in flight, as their last heartbeats said."""
+    async def record_beats(
+        self, beats: dict[str, tuple[int, float | None, ReplicaState | None]]
+    ) -> None:
+        """Replica id -> (calls in flight, idle since (epoch seconds), a state it reported or
+        None to leave the state alone), as their last heartbeats said."""
         now = datetime.now(UTC)
         async with transaction(self.sessions) as session:
-            for replica_id, count in in_flight.items():
+            for replica_id, (in_flight, idle_since, state) in beats.items():
+                values: dict[str, object] = {
+                    "in_flight": in_flight,
+                    "idle_since": (
+                        None if idle_since is None else datetime.fromtimestamp(idle_since, UTC)
+                    ),
+                    "last_heartbeat_at": now,
+                }
+                if state is not None:
+                    values["state"] = state
                 await session.execute(
                     sa.update(Replica)
-                    .where(Replica.id == uuid.UUID(replica_id))
-                    .values(in_flight=count, last_heartbeat_at=now)
+                    .where(Replica.id == uuid.UUID(replica_id), Replica.stopped_at.is_(None))
+                    .values(**values)
                 )
 
     async def set_origin(self, replica_id: str, origin: Origin) -> None:

@@ -62,6 +62,9 @@ _MIN_IDLE_TO_PREEMPT_S = 10.0
 _ADOPTION_WINDOW_S = 2 * REPLICA_LOST_AFTER_S
 # A new leader waits this long before starting replicas: two heartbeats of every live one.
 _TAKEOVER_SETTLE_S = 2 * HEARTBEAT_INTERVAL_S
+_STARTING = (ReplicaState.STARTING, ReplicaState.RESTORING)
+# States a replica reports on its own; the scheduler records READY (with its time) itself.
+_SELF_MOVED = (*_STARTING, ReplicaState.DRAINING)
 
 
 @dataclass
@@ -77,7 +80,8 @@ class _Tracked:
     beat: ReplicaHeartbeat | None = None
     draining: bool = False
     recorded_ready: bool = False
-    recorded_in_flight: int = -1
+    # (in flight, idle since, a state it moved to itself) as last written to its row
+    recorded: tuple[int, float | None, ReplicaState | None] | None = None
     requested_at: float = 0.0  # when the demand it serves was seen (epoch seconds)
     schedule_s: float | None = None  # demand seen -> a node agent took the order
 
@@ -272,24 +276,27 @@ class Scheduler:
                 await self._reconcile_function(function, now_mono)
             except Exception:  # noqa: BLE001 - one bad function must not stall the others
                 _log.exception("reconciling %s/%s failed", function.app, function.name)
-        await self._record_in_flight()
+        await self._record_beats()
         # Replicas of functions that no longer exist (app deleted, function removed): drain.
         for tracked in list(self.replicas.values()):
             if uuid.UUID(tracked.function_id) not in functions and not tracked.draining:
                 await self._drain(tracked, grace_s=30)
 
-    async def _record_in_flight(self) -> None:
-        changed = [
-            t for t in self.replicas.values()
-            if t.beat is not None and t.beat.in_flight != t.recorded_in_flight
-        ]  # fmt: skip
-        for tracked in changed:
-            assert tracked.beat is not None
-            tracked.recorded_in_flight = tracked.beat.in_flight
+    async def _record_beats(self) -> None:
+        """What the replicas' heartbeats say that `kiln ps` shows: calls in flight, idle since
+        when, and the states they move through on their own (restoring, draining)."""
+        changed: dict[str, tuple[int, float | None, ReplicaState | None]] = {}
+        for tracked in self.replicas.values():
+            beat = tracked.beat
+            if beat is None:
+                continue
+            state = ReplicaState(beat.state)
+            seen = (beat.in_flight, beat.idle_since, state if state in _SELF_MOVED else None)
+            if seen != tracked.recorded:
+                tracked.recorded = seen
+                changed[tracked.replica_id] = seen
         if changed:
-            await self.records.record_in_flight(
-                {t.replica_id: t.recorded_in_flight for t in changed}
-            )
+            await self.records.record_beats(changed)
 
     async def _reconcile_function(self, function: FunctionRow, now_mono: float) -> None:
         mine = [r for r in self.replicas.values() if r.function_id == str(function.id)]
@@ -356,7 +363,7 @@ class Scheduler:
 
     async def _mark_lost(self, now_mono: float) -> None:
         for tracked in list(self.replicas.values()):
-            starting = tracked.beat is not None and tracked.beat.state == ReplicaState.STARTING
+            starting = tracked.beat is not None and tracked.beat.state in _STARTING
             if starting and time.time() - tracked.launched_at > tracked.startup_timeout_s:
                 # Alive but never ready (a hung import or @enter): replace it.
                 del self.replicas[tracked.replica_id]
@@ -481,4 +488,4 @@ def _serving(tracked: _Tracked) -> bool:
     sync call overran its timeout)."""
     if tracked.draining:
         return False
-    return tracked.beat is None or tracked.beat.state in (ReplicaState.STARTING, ReplicaState.READY)
+    return tracked.beat is None or tracked.beat.state in (*_STARTING, ReplicaState.READY)

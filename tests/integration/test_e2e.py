@@ -128,6 +128,15 @@ async def test_warm_calls_reuse_the_replica(platform: Platform, hello: dict[str,
         replicas = (await client.get("/v1/functions/hello/shout/replicas")).json()["replicas"]
     assert 1 <= len(replicas) <= 4
     assert {r["state"] for r in replicas} <= {"starting", "ready"}
+    await asyncio.sleep(2.5)  # a heartbeat or two: idle since the last call
+    async with platform.client() as client:
+        replicas = (await client.get("/v1/functions/hello/shout/replicas")).json()["replicas"]
+    ready = [r for r in replicas if r["state"] == "ready"]
+    assert ready
+    for replica in ready:
+        assert replica["in_flight"] == 0
+        assert replica["idle_s"] is not None
+        assert 0 <= replica["idle_s"] <= replica["uptime_s"]
 
 
 async def test_calls_to_a_serving_function_do_not_wake_the_scheduler(

@@ -23,7 +23,7 @@ from kiln.db.models import Function, Replica
 from kiln.db.session import create_engine
 from kiln.functions.package import package
 from kiln.snapshots.shared import SharedSnapshots
-from kiln.wire import NodeHeartbeat, Subjects, affinity_id, decode
+from kiln.wire import NodeHeartbeat, ReplicaHeartbeat, Subjects, affinity_id, decode
 
 pytestmark = pytest.mark.integration
 
@@ -153,7 +153,19 @@ async def test_a_class_is_baked_on_its_first_cold_start_and_restored_on_the_next
     beat = await next_node_beat(platform, lambda b: wanted in b.snapshots)
     assert beat.node_id == platform.settings.node_id
 
-    second = await cold_call(platform, "snappy/Model.run", "Model", standby=True)
+    states: set[str] = set()
+    watcher = await nats.connect(platform.settings.nats_servers)
+
+    async def note_state(msg: Msg) -> None:
+        states.add(decode(ReplicaHeartbeat, msg.data).state)
+
+    subjects = Subjects(platform.settings.namespace)
+    await watcher.subscribe(subjects.all_replica_heartbeats, cb=note_state)
+    try:
+        second = await cold_call(platform, "snappy/Model.run", "Model", standby=True)
+    finally:
+        await watcher.close()
+    assert {"starting", "restoring", "ready"} <= states  # what `kiln ps` can show meanwhile
     assert second["origin"] == "snapshot"
     assert second["pid"] != first["pid"]
     # The setup hook did not run again: its state (and the pid it recorded) came back.

@@ -105,10 +105,12 @@ async def test_a_hit_restores_without_running_the_snap_hooks(
 ) -> None:
     directory = await bake_once(cache)
     runs = len(SNAP_RUNS)
-    restored, record = target("Model"), ColdStart()
+    began: list[str] = []
+    restored, record = target("Model"), ColdStart(on_phase=began.append)
     await build_instance(
         restored, Link({"open": {"path": str(directory)}}), record, private=private
     )
+    assert began == ["restore", "enter"]  # how a replica knows to say "restoring"
     assert record.origin is Origin.SNAPSHOT
     assert len(SNAP_RUNS) == runs
     assert record.snapshot_bytes == (32 * 4 + 4) * 4
