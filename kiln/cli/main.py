@@ -169,6 +169,51 @@ def call(
 
 
 @app.command()
+def scale(
+    target: Annotated[str, typer.Argument(help="APP/FUNCTION (a class: APP/Class)")],
+    min_replicas: Annotated[int | None, typer.Option("--min", help="min_replicas")] = None,
+    max_replicas: Annotated[int | None, typer.Option("--max", help="max_replicas")] = None,
+    buffer: Annotated[int | None, typer.Option("--buffer", help="buffer_replicas")] = None,
+    idle_timeout: Annotated[
+        int | None, typer.Option("--idle-timeout", help="seconds idle before scale-down")
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", help="calls in flight per replica")
+    ] = None,
+    target_concurrency: Annotated[
+        int | None, typer.Option("--target-concurrency", help="calls per replica to scale for")
+    ] = None,
+) -> None:
+    """Change a function's scaling live; it holds across restarts and redeploys."""
+    from kiln.cli.client import ApiClient
+
+    app_name, slash, name = target.partition("/")
+    if not slash or not app_name or not name or "/" in name:
+        raise typer.BadParameter(f"{target!r} is not APP/FUNCTION or APP/Class")
+    changes = {
+        key: value
+        for key, value in (
+            ("min_replicas", min_replicas), ("max_replicas", max_replicas),
+            ("buffer_replicas", buffer), ("idle_timeout", idle_timeout),
+            ("concurrency", concurrency), ("target_concurrency", target_concurrency),
+        )
+        if value is not None
+    }  # fmt: skip
+    if not changes:
+        raise typer.BadParameter(
+            "nothing to change: give one or more of --min, --max, --buffer, --idle-timeout, "
+            "--concurrency, --target-concurrency"
+        )
+    with ApiClient(client_settings()) as api:
+        fn = api.request("PATCH", f"/v1/functions/{app_name}/{name}", json=changes).json()
+    typer.echo(
+        f"{fn['app']}/{fn['name']}: min {fn['min_replicas']}, max {fn['max_replicas']}, "
+        f"buffer {fn['buffer_replicas']}, idle timeout {fn['idle_timeout']}s, concurrency "
+        f"{fn['concurrency']} (target {fn['target_concurrency']}); {fn['replicas']} live"
+    )
+
+
+@app.command()
 def ps() -> None:
     """List functions with their replicas."""
     from kiln.cli.client import ApiClient

@@ -250,8 +250,12 @@ async def patch_function(request: Request) -> Response:
                 setattr(function, setting.value, value)
                 if setting.value not in function.overridden:
                     function.overridden = [*function.overridden, setting.value]
+            problem = scaling_problem(function)
+            if problem is not None:
+                raise InvalidRequest(problem)  # the transaction rolls back: nothing changes
             await session.flush()
-            view = _function_view(app, function, 0)
+            live = await session.scalar(sa.select(_live_count()).where(Function.id == function.id))
+            view = _function_view(app, function, live or 0)
     except IntegrityError as exc:
         raise InvalidRequest(
             f"the new settings contradict each other ({_constraint(exc)}): e.g. min_replicas "
@@ -259,6 +263,30 @@ async def patch_function(request: Request) -> Response:
         ) from None
     svc.catalog.invalidate()
     return JSONResponse(view)
+
+
+def scaling_problem(function: Function) -> str | None:
+    """What is wrong with a function's scaling settings taken together, in words that name the
+    values; None when they fit. (The database's constraints say the same, less clearly.)"""
+    f = function
+    if f.max_replicas < 1:
+        return f"max_replicas={f.max_replicas} is not valid: a function needs at least 1"
+    if f.min_replicas > f.max_replicas:
+        return (
+            f"min_replicas={f.min_replicas} is above max_replicas={f.max_replicas}: raise "
+            "max_replicas or lower min_replicas"
+        )
+    if f.concurrency < 1:
+        return f"concurrency={f.concurrency} is not valid: a replica takes at least 1 call"
+    if not 1 <= f.target_concurrency <= f.concurrency:
+        return (
+            f"target_concurrency={f.target_concurrency} must be from 1 to concurrency="
+            f"{f.concurrency}"
+        )
+    for name, value in (("timeout", f.timeout_s), ("startup_timeout", f.startup_timeout_s)):
+        if value < 1:
+            return f"{name}={value} is not valid: expected at least 1 second"
+    return None
 
 
 def _constraint(exc: IntegrityError) -> str:

@@ -46,6 +46,14 @@ class Platform:
         async with self.client() as client:
             return await client.post(f"/v1/run/{target}", **kwargs)
 
+    async def replicas(self, target: str) -> list[dict[str, Any]]:
+        """The live replicas of `APP/FN`, as the replicas route lists them."""
+        async with self.client() as client:
+            response = await client.get(f"/v1/functions/{target}/replicas")
+        assert response.status_code == 200, response.text
+        found: list[dict[str, Any]] = response.json()["replicas"]
+        return found
+
 
 @asynccontextmanager
 async def running_platform(

@@ -23,7 +23,10 @@ import pytest
 import sqlalchemy as sa
 from nats.aio.msg import Msg
 from stack import BODY_LIMIT, Platform, platform_fixture  # noqa: F401 - the fixture
+from typer.testing import CliRunner, Result
 
+from kiln.cli.client import ApiError
+from kiln.cli.main import app as cli
 from kiln.db.models import Function, Replica
 from kiln.db.session import create_engine
 from kiln.functions.package import package
@@ -551,3 +554,82 @@ async def test_a_function_that_cannot_start_shows_why_and_is_retried_with_backof
         await engine.dispose()
     assert attempts is not None
     assert 1 <= attempts <= 4
+
+
+async def test_live_scaling_changes_apply_persist_and_refuse_contradictions(
+    platform: Platform, tmp_path: Path
+) -> None:
+    app_file = tmp_path / "scaled.py"
+    app_file.write_text(SCALED)
+    await platform.deploy(app_file)
+    path = "/v1/functions/scaled/work"
+    async with platform.client() as client:
+        refused = await client.patch(path, json={"min_replicas": 5, "max_replicas": 2})
+        assert refused.status_code == 400, refused.text
+        assert error_of(refused)["message"] == (
+            "min_replicas=5 is above max_replicas=2: raise max_replicas or lower min_replicas"
+        )
+        too_busy = await client.patch(path, json={"target_concurrency": 9})
+        assert (
+            error_of(too_busy)["message"] == "target_concurrency=9 must be from 1 to concurrency=4"
+        )
+        unchanged = (await client.get(path)).json()
+        assert (unchanged["min_replicas"], unchanged["max_replicas"]) == (0, 3)
+        assert unchanged["overridden"] == []
+
+        changed = await client.patch(path, json={"min_replicas": 1, "idle_timeout": 30})
+        assert changed.status_code == 200, changed.text
+        view = changed.json()
+        assert (view["min_replicas"], view["idle_timeout"]) == (1, 30)
+        assert sorted(view["overridden"]) == ["idle_timeout_s", "min_replicas"]
+
+    # Live: the scheduler starts the minimum without any call.
+    deadline = time.monotonic() + 30
+    while not [r for r in await platform.replicas("scaled/work") if r["state"] == "ready"]:
+        assert time.monotonic() < deadline, "min_replicas=1 was not applied"
+        await asyncio.sleep(0.2)
+
+    # A redeploy of changed code keeps the operator's settings.
+    app_file.write_text(SCALED.replace('"done"', '"done again"'))
+    await platform.deploy(app_file)
+    async with platform.client() as client:
+        after = (await client.get(path)).json()
+        assert (after["min_replicas"], after["idle_timeout"], after["max_replicas"]) == (1, 30, 3)
+        reset = await client.patch(path, json={"min_replicas": 0})
+        assert reset.status_code == 200, reset.text
+
+
+SCALED = """
+import kiln
+
+app = kiln.App("scaled")
+
+
+@app.function(max_replicas=3, concurrency=4)
+def work() -> str:
+    return "done"
+"""
+
+
+async def test_kiln_scale_changes_a_function_and_explains_what_it_refuses(
+    platform: Platform, tmp_path: Path
+) -> None:
+    app_file = tmp_path / "scaled2.py"
+    app_file.write_text(SCALED.replace('"scaled"', '"scaled2"'))
+    await platform.deploy(app_file)
+    env = {"KILN_URL": platform.url, "KILN_API_KEY": platform.key, "KILN_HOME": str(tmp_path)}
+
+    def kiln(*args: str) -> Result:
+        # In a thread: the CLI's client blocks, and the platform serves on this event loop.
+        return CliRunner().invoke(cli, list(args), env=env)
+
+    done = await asyncio.to_thread(kiln, "scale", "scaled2/work", "--max", "2", "--buffer", "1")
+    assert done.exit_code == 0, done.output
+    assert done.output.startswith("scaled2/work: min 0, max 2, buffer 1, idle timeout 300s")
+    refused = await asyncio.to_thread(kiln, "scale", "scaled2/work", "--min", "3")
+    # `kiln` (kiln.cli.main.main) prints this error as one line and exits 1.
+    assert isinstance(refused.exception, ApiError)
+    assert "min_replicas=3 is above max_replicas=2" in str(refused.exception)
+    nothing = await asyncio.to_thread(kiln, "scale", "scaled2/work")
+    assert nothing.exit_code == 2
+    assert "nothing to change" in nothing.output

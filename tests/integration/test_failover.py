@@ -21,6 +21,7 @@ from kiln.settings import Settings
 pytestmark = pytest.mark.integration
 
 LEASE_S = 2.0
+STEADY = "failover/steady"
 
 APP = """
 import kiln
@@ -77,14 +78,6 @@ async def scheduler(platform: Platform) -> AsyncIterator[tuple[Scheduler, Callab
         await engine.dispose()
 
 
-async def replicas(platform: Platform, function: str) -> list[dict[str, object]]:
-    async with platform.client() as client:
-        response = await client.get(f"/v1/functions/failover/{function}/replicas")
-    assert response.status_code == 200, response.text
-    found: list[dict[str, object]] = response.json()["replicas"]
-    return found
-
-
 async def until(what: str, check: Callable[[], object], timeout_s: float) -> float:
     began = time.monotonic()
     while not check():
@@ -103,23 +96,23 @@ async def test_a_standby_scheduler_takes_over_without_duplicating_replicas(
         async with scheduler(platform) as (second, _):
             await platform.deploy(app_file)
             deadline = time.monotonic() + 60
-            while not [r for r in await replicas(platform, "steady") if r["state"] == "ready"]:
+            while not [r for r in await platform.replicas(STEADY) if r["state"] == "ready"]:
                 assert time.monotonic() < deadline, "min_replicas=1 was never met"
                 await asyncio.sleep(0.2)
             assert not second.acting
-            [original] = await replicas(platform, "steady")
+            [original] = await platform.replicas(STEADY)
 
             kill_first()
             waited = await until("no takeover", lambda: second.acting, 2 * LEASE_S + 2)
             assert waited < 2 * LEASE_S + 2
             # Several reconcile passes of the new leader: the replica is adopted, not doubled.
             for _ in range(16):
-                assert [r["id"] for r in await replicas(platform, "steady")] == [original["id"]]
+                assert [r["id"] for r in await platform.replicas(STEADY)] == [original["id"]]
                 await asyncio.sleep(0.25)
 
             # And it scales: a function with no replica gets one for its first call.
             later = await platform.call("failover/later")
             assert later.status_code == 200, later.text
             assert later.json() == "later"
-            steady = await platform.call("failover/steady")
-            assert steady.json() == "steady"
+            answer = await platform.call(STEADY)
+            assert answer.json() == "steady"

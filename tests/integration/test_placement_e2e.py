@@ -59,14 +59,6 @@ async def gpu_node(platform: Platform, home: Path, node_id: str) -> AsyncIterato
         await nc.close()
 
 
-async def replicas_of(platform: Platform, function: str) -> list[dict[str, object]]:
-    async with platform.client() as client:
-        response = await client.get(f"/v1/functions/placed/{function}/replicas")
-    assert response.status_code == 200, response.text
-    replicas: list[dict[str, object]] = response.json()["replicas"]
-    return replicas
-
-
 async def test_replicas_land_on_nodes_with_their_gpu_type(
     platform: Platform, tmp_path: Path
 ) -> None:
@@ -81,9 +73,9 @@ async def test_replicas_land_on_nodes_with_their_gpu_type(
         assert gpu.json() == "0"  # the one simulated H100 it was given
         assert cpu.status_code == 200, cpu.text
         assert cpu.json() == ""
-        [on_gpu] = await replicas_of(platform, "on_gpu")
+        [on_gpu] = await platform.replicas("placed/on_gpu")
         assert (on_gpu["node"], on_gpu["gpu"]) == ("gpu-node", "H100")
-        [on_cpu] = await replicas_of(platform, "on_cpu")
+        [on_cpu] = await platform.replicas("placed/on_cpu")
         assert (on_cpu["node"], on_cpu["gpu"]) == (platform.settings.node_id, None)
 
         # No node has an A10G: the call waits for capacity (no replica, no error) until its
@@ -91,4 +83,4 @@ async def test_replicas_land_on_nodes_with_their_gpu_type(
         missing = await platform.call("placed/on_missing_gpu")
         assert missing.status_code == 504, missing.text
         assert missing.json()["error"]["code"] == "timeout"
-        assert await replicas_of(platform, "on_missing_gpu") == []
+        assert await platform.replicas("placed/on_missing_gpu") == []
