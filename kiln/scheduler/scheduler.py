@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from kiln.db.enums import ReplicaState
 from kiln.functions.gpu import gpu_request
 from kiln.observability.coldstart import ColdStartMetrics
+from kiln.observability.scheduling import SchedulingMetrics
 from kiln.scheduler.leader import Leadership
 from kiln.scheduler.placement import NodeView, place
 from kiln.scheduler.policy import ReplicaView, desired_replicas, idle_to_stop
@@ -100,6 +101,7 @@ class Scheduler:
         may then run; one acts). None: act alone, unconditionally."""
         self.nc = nc
         self.metrics = metrics or ColdStartMetrics()
+        self.scheduling = SchedulingMetrics(self.metrics.registry)
         self.js = nc.jetstream()
         self.records = ClusterRecords(sessions)
         self.subjects = Subjects(namespace)
@@ -156,6 +158,7 @@ class Scheduler:
         )
         try:
             while not stop.is_set():
+                self.scheduling.leading.set(1 if self.acting else 0)
                 if self.acting:
                     try:
                         await self.reconcile()
@@ -276,6 +279,7 @@ class Scheduler:
                 await self._reconcile_function(function, now_mono)
             except Exception:  # noqa: BLE001 - one bad function must not stall the others
                 _log.exception("reconciling %s/%s failed", function.app, function.name)
+        self.scheduling.keep_only({(f.app, f.name) for f in functions.values()})
         await self._record_beats()
         # Replicas of functions that no longer exist (app deleted, function removed): drain.
         for tracked in list(self.replicas.values()):
@@ -326,6 +330,9 @@ class Scheduler:
             min_replicas=function.min_replicas,
             max_replicas=function.max_replicas,
         )
+        self.scheduling.function(
+            function.app, function.name, desired=want, actual=len(current), pending=pending
+        )
         if want <= len(current):
             self.demand_at.pop(function.id, None)  # met: the next cold start times anew
         if want > len(current):
@@ -333,8 +340,10 @@ class Scheduler:
                 return
             for _ in range(want - len(current)):
                 if not await self._launch(function):
+                    self.scheduling.placement_failures.labels(function.gpu).inc()
                     await self._free_slot_for(function)
                     break
+                self.scheduling.decisions.labels("up").inc()
         elif want < len(current):
             views = [
                 ReplicaView(
@@ -350,6 +359,7 @@ class Scheduler:
             ):
                 idle = self.replicas.get(replica_id)
                 if idle is not None:
+                    self.scheduling.decisions.labels("down").inc()
                     await self._drain(idle, grace_s=function.timeout_s + 10)
 
     async def _pending(self, function_id: uuid.UUID) -> int:

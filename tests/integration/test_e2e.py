@@ -588,6 +588,11 @@ async def test_live_scaling_changes_apply_persist_and_refuse_contradictions(
     while not [r for r in await platform.replicas("scaled/work") if r["state"] == "ready"]:
         assert time.monotonic() < deadline, "min_replicas=1 was not applied"
         await asyncio.sleep(0.2)
+    async with platform.client() as client:
+        metrics = (await client.get("/metrics")).text
+    assert 'kiln_scheduler_desired_replicas{app="scaled",function="work"} 1.0' in metrics
+    assert 'kiln_scheduler_scale_decisions_total{direction="up"}' in metrics
+    assert "kiln_scheduler_leading 1.0" in metrics
 
     # A redeploy of changed code keeps the operator's settings.
     app_file.write_text(SCALED.replace('"done"', '"done again"'))

@@ -105,6 +105,8 @@ async def test_a_standby_scheduler_takes_over_without_duplicating_replicas(
             kill_first()
             waited = await until("no takeover", lambda: second.acting, 2 * LEASE_S + 2)
             assert waited < 2 * LEASE_S + 2
+            leading = second.metrics.registry.get_sample_value
+            await until("the new leader's gauge", lambda: leading("kiln_scheduler_leading"), 3)
             # Several reconcile passes of the new leader: the replica is adopted, not doubled.
             for _ in range(16):
                 assert [r["id"] for r in await platform.replicas(STEADY)] == [original["id"]]

@@ -84,3 +84,7 @@ async def test_replicas_land_on_nodes_with_their_gpu_type(
         assert missing.status_code == 504, missing.text
         assert missing.json()["error"]["code"] == "timeout"
         assert await platform.replicas("placed/on_missing_gpu") == []
+        async with platform.client() as client:
+            metrics = (await client.get("/metrics")).text
+        assert 'kiln_scheduler_placement_failures_total{gpu="A10G"}' in metrics
+        assert 'kiln_scheduler_replicas{app="placed",function="on_gpu"} 1.0' in metrics
