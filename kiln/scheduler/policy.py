@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["ReplicaView", "desired_replicas", "idle_to_stop"]
+__all__ = ["Plan", "ReplicaView", "Scaling", "desired_replicas", "idle_to_stop", "plan"]
 
 
 def desired_replicas(
@@ -47,3 +47,41 @@ def idle_to_stop(
     )  # fmt: skip
     surplus = max(0, len(replicas) - keep)
     return [r.replica_id for r in idle[:surplus]]
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """A function's live scaling settings."""
+
+    min_replicas: int
+    max_replicas: int
+    buffer_replicas: int
+    target_concurrency: int
+    idle_timeout_s: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    desired: int
+    start: int  # replicas to start now
+    drain: list[str]  # replicas to drain now (idle long enough, longest idle first)
+
+
+def plan(scaling: Scaling, replicas: list[ReplicaView], *, pending: int, now: float) -> Plan:
+    """One reconcile decision for one function: `replicas` are its current version's replicas
+    that serve (starting or ready), `pending` the calls waiting in its queue, `now` the clock
+    that `idle_since` is on. Used by the scheduler and by bench/autoscale_sim.py alike."""
+    want = desired_replicas(
+        pending=pending,
+        running=sum(r.in_flight for r in replicas),
+        target_concurrency=scaling.target_concurrency,
+        buffer_replicas=scaling.buffer_replicas,
+        min_replicas=scaling.min_replicas,
+        max_replicas=scaling.max_replicas,
+    )
+    if want > len(replicas):
+        return Plan(want, want - len(replicas), [])
+    if want < len(replicas):
+        stop = idle_to_stop(replicas, keep=want, idle_timeout_s=scaling.idle_timeout_s, now=now)
+        return Plan(want, 0, stop)
+    return Plan(want, 0, [])

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from kiln.db.enums import AppState, ReplicaState
 from kiln.db.models import App, AppVersion, Function, Node, Replica
 from kiln.db.session import transaction
+from kiln.scheduler.policy import Scaling
 from kiln.wire import NodeHeartbeat, Origin, StartReplica
 
 __all__ = ["ClusterRecords", "FunctionRow"]
@@ -40,6 +41,16 @@ class FunctionRow:
     target_concurrency: int
     startup_timeout_s: int
     timeout_s: int
+
+    @property
+    def scaling(self) -> Scaling:
+        return Scaling(
+            min_replicas=self.min_replicas,
+            max_replicas=self.max_replicas,
+            buffer_replicas=self.buffer_replicas,
+            target_concurrency=self.target_concurrency,
+            idle_timeout_s=self.idle_timeout_s,
+        )
 
 
 class ClusterRecords:

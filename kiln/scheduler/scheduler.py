@@ -36,7 +36,7 @@ from kiln.observability.coldstart import ColdStartMetrics
 from kiln.observability.scheduling import SchedulingMetrics
 from kiln.scheduler.leader import Leadership
 from kiln.scheduler.placement import NodeView, place
-from kiln.scheduler.policy import ReplicaView, desired_replicas, idle_to_stop
+from kiln.scheduler.policy import ReplicaView, plan
 from kiln.scheduler.records import ClusterRecords, FunctionRow
 from kiln.wire import (
     HEARTBEAT_INTERVAL_S,
@@ -321,46 +321,36 @@ class Scheduler:
                 self.failures.pop(function.id, None)
                 await self.records.set_state(tracked.replica_id, ReplicaState.READY, ready=True)
         pending = self.pending[function.id] = await self._pending(function.id)
-        running = sum(r.beat.in_flight for r in current if r.beat is not None)
-        want = desired_replicas(
-            pending=pending,
-            running=running,
-            target_concurrency=function.target_concurrency,
-            buffer_replicas=function.buffer_replicas,
-            min_replicas=function.min_replicas,
-            max_replicas=function.max_replicas,
-        )
+        views = [
+            ReplicaView(
+                r.replica_id,
+                r.beat.in_flight if r.beat else 0,
+                r.beat.idle_since if r.beat else None,
+                ready=r.beat is not None and r.beat.state == ReplicaState.READY,
+            )
+            for r in current
+        ]
+        decision = plan(function.scaling, views, pending=pending, now=time.time())
         self.scheduling.function(
-            function.app, function.name, desired=want, actual=len(current), pending=pending
-        )
-        if want <= len(current):
+            function.app, function.name, desired=decision.desired, actual=len(current),
+            pending=pending,
+        )  # fmt: skip
+        if decision.desired <= len(current):
             self.demand_at.pop(function.id, None)  # met: the next cold start times anew
-        if want > len(current):
+        if decision.start:
             if self.backoff_until.get(function.id, 0) > now_mono or now_mono < self.settle_until:
                 return
-            for _ in range(want - len(current)):
+            for _ in range(decision.start):
                 if not await self._launch(function):
                     self.scheduling.placement_failures.labels(function.gpu).inc()
                     await self._free_slot_for(function)
                     break
                 self.scheduling.decisions.labels("up").inc()
-        elif want < len(current):
-            views = [
-                ReplicaView(
-                    r.replica_id,
-                    r.beat.in_flight if r.beat else 0,
-                    r.beat.idle_since if r.beat else None,
-                    ready=r.beat is not None and r.beat.state == ReplicaState.READY,
-                )
-                for r in current
-            ]
-            for replica_id in idle_to_stop(
-                views, keep=want, idle_timeout_s=function.idle_timeout_s, now=time.time()
-            ):
-                idle = self.replicas.get(replica_id)
-                if idle is not None:
-                    self.scheduling.decisions.labels("down").inc()
-                    await self._drain(idle, grace_s=function.timeout_s + 10)
+        for replica_id in decision.drain:
+            idle = self.replicas.get(replica_id)
+            if idle is not None:
+                self.scheduling.decisions.labels("down").inc()
+                await self._drain(idle, grace_s=function.timeout_s + 10)
 
     async def _pending(self, function_id: uuid.UUID) -> int:
         try:

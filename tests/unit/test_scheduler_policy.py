@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from kiln.scheduler.policy import ReplicaView, desired_replicas, idle_to_stop
+from kiln.scheduler.policy import (
+    Plan,
+    ReplicaView,
+    Scaling,
+    desired_replicas,
+    idle_to_stop,
+    plan,
+)
 
 
 def want(**given: int) -> int:
@@ -50,3 +57,40 @@ def test_never_below_keep() -> None:
 def test_busy_or_starting_replicas_are_kept() -> None:
     replicas = [view("busy", 0.0, in_flight=2), view("starting", 0.0, ready=False)]
     assert idle_to_stop(replicas, keep=0, idle_timeout_s=1, now=100.0) == []
+
+
+SCALING = Scaling(
+    min_replicas=1, max_replicas=4, buffer_replicas=1, target_concurrency=2, idle_timeout_s=60
+)
+
+
+def views(*in_flight: int, idle_since: float | None = None) -> list[ReplicaView]:
+    return [
+        ReplicaView(f"r{i}", n, None if n else idle_since, ready=True)
+        for i, n in enumerate(in_flight)
+    ]
+
+
+def test_a_burst_scales_up_to_max_and_no_further() -> None:
+    decision = plan(SCALING, views(2), pending=50, now=0.0)
+    assert (decision.desired, decision.start, decision.drain) == (4, 3, [])
+
+
+def test_buffer_replicas_keep_headroom_under_load() -> None:
+    # 3 calls need 2 replicas at target 2; the buffer asks for a third.
+    decision = plan(SCALING, views(2, 1), pending=0, now=0.0)
+    assert (decision.desired, decision.start) == (3, 1)
+
+
+def test_idle_replicas_drain_after_the_timeout_and_never_below_min() -> None:
+    idle = views(0, 0, 0, idle_since=100.0)
+    assert plan(SCALING, idle, pending=0, now=159.0).drain == []  # not idle long enough
+    decision = plan(SCALING, idle, pending=0, now=160.0)
+    assert decision.desired == 1  # no demand: min_replicas, and no buffer without demand
+    assert decision.drain == ["r0", "r1"]  # one stays
+
+
+def test_a_function_at_zero_stays_there_until_demand() -> None:
+    quiet = Scaling(0, 4, 1, 1, 60)
+    assert plan(quiet, [], pending=0, now=0.0) == Plan(0, 0, [])
+    assert plan(quiet, [], pending=1, now=0.0) == Plan(2, 2, [])  # the call and the buffer
