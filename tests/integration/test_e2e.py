@@ -638,3 +638,55 @@ async def test_kiln_scale_changes_a_function_and_explains_what_it_refuses(
     nothing = await asyncio.to_thread(kiln, "scale", "scaled2/work")
     assert nothing.exit_code == 2
     assert "nothing to change" in nothing.output
+
+
+BURSTY = """
+import time
+
+import kiln
+
+app = kiln.App("bursty")
+
+
+@app.function(max_replicas=3, idle_timeout=2)
+def slow(i: int) -> int:
+    time.sleep(0.5)
+    return i
+"""
+
+
+async def test_a_burst_scales_to_max_replicas_and_drains_back_with_no_failures(
+    platform: Platform, tmp_path: Path
+) -> None:
+    app_file = tmp_path / "bursty.py"
+    app_file.write_text(BURSTY)
+    await platform.deploy(app_file)
+    seen: set[str] = set()
+    most = 0
+    burst_over = asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal most
+        while not burst_over.is_set():
+            live = await platform.replicas("bursty/slow")
+            seen.update(str(r["id"]) for r in live)
+            most = max(most, len(live))
+            await asyncio.sleep(0.1)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        results = await asyncio.gather(
+            *(call(platform, "bursty/slow", json={"i": i}) for i in range(24))
+        )
+    finally:
+        burst_over.set()
+        await watcher
+    assert [r.status_code for r in results] == [200] * 24
+    assert sorted(r.json() for r in results) == list(range(24))
+    assert most == 3  # up to max_replicas, never beyond
+    assert len(seen) == 3
+    # Idle for idle_timeout (2 s): back to min_replicas (0), nothing left running.
+    deadline = time.monotonic() + 20
+    while await platform.replicas("bursty/slow"):
+        assert time.monotonic() < deadline, "the replicas were never drained"
+        await asyncio.sleep(0.2)
