@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from kiln.db.enums import AppState, ReplicaState
+from kiln.db.enums import AppState, NodeState, ReplicaState
 from kiln.db.models import App, AppVersion, Function, Node, Replica
 from kiln.db.session import transaction
 from kiln.scheduler.policy import Scaling
@@ -101,12 +101,18 @@ class ClusterRecords:
             "cpu_slots": beat.slots.get("none", 0),
             "last_heartbeat_at": datetime.now(UTC),
         }
-        # An upsert: every scheduler, leading or standing by, records the nodes it hears.
+        # An upsert: every scheduler, leading or standing by, records the nodes it hears (and a
+        # node heard again is ready again).
+        values["state"] = NodeState.READY
         insert = pg_insert(Node).values(id=beat.node_id, **values)
         async with transaction(self.sessions) as session:
             await session.execute(
                 insert.on_conflict_do_update(index_elements=[Node.id], set_=values)
             )
+
+    async def set_node_state(self, node_id: str, state: NodeState) -> None:
+        async with transaction(self.sessions) as session:
+            await session.execute(sa.update(Node).where(Node.id == node_id).values(state=state))
 
     async def record_replica(
         self, launch: StartReplica, node_id: str, reply: dict[str, object]

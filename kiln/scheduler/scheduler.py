@@ -30,7 +30,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from kiln.db.enums import ReplicaState
+from kiln.db.enums import NodeState, ReplicaState
 from kiln.functions.gpu import gpu_request
 from kiln.observability.coldstart import ColdStartMetrics
 from kiln.observability.scheduling import SchedulingMetrics
@@ -108,6 +108,7 @@ class Scheduler:
         self.replicas: dict[str, _Tracked] = {}
         self.nodes: dict[str, tuple[NodeHeartbeat, float]] = {}
         self.views: dict[str, NodeView] = {}  # for placement; slots taken since the last beat
+        self.lost_nodes: set[str] = set()  # silent nodes, recorded as lost
         self.wake = asyncio.Event()
         self.backoff_until: dict[uuid.UUID, float] = {}
         self.failures: dict[uuid.UUID, int] = {}
@@ -233,7 +234,8 @@ class Scheduler:
 
     async def _on_node(self, msg: Msg) -> None:
         beat = decode(NodeHeartbeat, msg.data)
-        if beat.node_id not in self.nodes:
+        if beat.node_id not in self.nodes or beat.node_id in self.lost_nodes:
+            self.lost_nodes.discard(beat.node_id)
             # Recorded before it can be chosen: replica rows refer to their node.
             await self.records.record_node(beat)
             self.wake.set()
@@ -362,6 +364,12 @@ class Scheduler:
         return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 
     async def _mark_lost(self, now_mono: float) -> None:
+        for node_id, (_, seen) in self.nodes.items():
+            if now_mono - seen > REPLICA_LOST_AFTER_S and node_id not in self.lost_nodes:
+                # Placement already passes it by; its replicas go lost on their own silence.
+                _log.warning("node %s is lost (no heartbeat)", node_id)
+                self.lost_nodes.add(node_id)
+                await self.records.set_node_state(node_id, NodeState.LOST)
         for tracked in list(self.replicas.values()):
             starting = tracked.beat is not None and tracked.beat.state in _STARTING
             if starting and time.time() - tracked.launched_at > tracked.startup_timeout_s:

@@ -5,14 +5,19 @@ slots, and a node's standbys and cached snapshots reach the scheduler in its hea
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import nats
 import pytest
+import sqlalchemy as sa
 from stack import Platform, platform_fixture  # noqa: F401 - the fixture
 
+from kiln.db.enums import NodeState
+from kiln.db.models import Node
+from kiln.db.session import create_engine
 from kiln.invoker.agent import NodeAgent
 
 pytestmark = pytest.mark.integration
@@ -88,3 +93,17 @@ async def test_replicas_land_on_nodes_with_their_gpu_type(
             metrics = (await client.get("/metrics")).text
         assert 'kiln_scheduler_placement_failures_total{gpu="A10G"}' in metrics
         assert 'kiln_scheduler_replicas{app="placed",function="on_gpu"} 1.0' in metrics
+
+    # The GPU node's agent is gone: once it has been silent a few heartbeats, it is lost.
+    engine = create_engine(platform.settings, application_name="kiln-test")
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            async with engine.connect() as conn:
+                state = await conn.scalar(sa.select(Node.state).where(Node.id == "gpu-node"))
+            if state == NodeState.LOST:
+                break
+            assert time.monotonic() < deadline, f"gpu-node is still {state}"
+            await asyncio.sleep(0.25)
+    finally:
+        await engine.dispose()
