@@ -5,7 +5,6 @@ the setup hooks take over, and the snapshot is baked again."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -13,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import nats
-import psutil
 import pytest
 import sqlalchemy as sa
 from nats.aio.msg import Msg
@@ -88,19 +86,6 @@ async def replica_origins(platform: Platform, function: str) -> list[str | None]
         await engine.dispose()
 
 
-def idle_standby_ready() -> bool:
-    """A standby process of this test's node agent that finished its imports."""
-    for proc in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error, OSError):
-            if "kiln.invoker.standby" not in proc.cmdline():
-                continue
-            if (Path(proc.cwd()) / "launch.json").exists():
-                continue  # already assigned: a replica
-            if proc.cpu_percent(interval=0.2) < 5:
-                return True
-    return False
-
-
 async def cold_call(
     platform: Platform, target: str, function: str, *, standby: bool = False
 ) -> dict[str, Any]:
@@ -114,9 +99,8 @@ async def cold_call(
         while (await client.get(path)).json()["replicas"]:
             assert time.monotonic() < deadline, "the function did not scale to zero"
             await asyncio.sleep(0.25)
-    while standby and not await asyncio.to_thread(idle_standby_ready):
-        assert time.monotonic() < deadline + 60, "no standby process became ready"
-        await asyncio.sleep(0.25)
+    if standby:  # the node agent's own word: its heartbeat counts the standbys it holds ready
+        await next_node_beat(platform, lambda b: b.standbys.get("none", 0) >= 1, timeout_s=90)
     before = len(await replica_origins(platform, function))
     response = await platform.call(target)
     assert response.status_code == 200, response.text

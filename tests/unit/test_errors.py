@@ -9,11 +9,14 @@ from kiln.errors import KilnError
 
 
 def all_errors() -> list[type[KilnError]]:
+    """The tree as kiln.errors defines it (other modules may subclass it too, e.g. the CLI's
+    ApiError, which carries a status it was given)."""
     found: list[type[KilnError]] = []
     pending: list[type[KilnError]] = [KilnError]
     while pending:
         cls = pending.pop()
-        found.append(cls)
+        if cls.__module__ == errors.__name__:
+            found.append(cls)
         pending.extend(cls.__subclasses__())
     return found
 
