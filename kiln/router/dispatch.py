@@ -185,7 +185,8 @@ class Dispatcher:
         self._calls: dict[str, _Call] = {}
         self._last_seen: dict[str, float] = {}
         self._hinted: dict[uuid.UUID, float] = {}
-        self._serving: dict[str, float] = {}  # function id (hex) -> last beat of a ready replica
+        # function id (hex) -> its ready replicas (id hex) -> their last heartbeat
+        self._ready: dict[str, dict[str, float]] = {}
         self._call_ids = itertools.count(1)
         self._subscriptions: list[Subscription] = []
         self._watchdog: asyncio.Task[None] | None = None
@@ -277,7 +278,8 @@ class Dispatcher:
         replica serves it: the queue itself carries the exact demand, which the scheduler's
         periodic pass reads, and every hint costs it a reconcile pass."""
         now = time.monotonic()
-        if now - self._serving.get(function_id.hex, -_SERVING_FOR_S) < _SERVING_FOR_S:
+        ready = self._ready.get(function_id.hex)
+        if ready and any(now - seen < _SERVING_FOR_S for seen in ready.values()):
             return
         if now - self._hinted.get(function_id, 0.0) >= _HINT_INTERVAL_S:
             self._hinted[function_id] = now
@@ -338,13 +340,18 @@ class Dispatcher:
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         now = time.monotonic()
-        self._last_seen[msg.subject.rsplit(".", 1)[-1]] = now
+        replica = msg.subject.rsplit(".", 1)[-1]
+        self._last_seen[replica] = now
         try:
             beat = decode(ReplicaHeartbeat, msg.data)
+            function = uuid.UUID(beat.function_id).hex
         except (ValueError, TypeError, KeyError):
             return
+        ready = self._ready.setdefault(function, {})
         if beat.state == ReplicaState.READY:
-            self._serving[uuid.UUID(beat.function_id).hex] = now
+            ready[replica] = now
+        else:  # draining or gone: it vouches for its function no longer
+            ready.pop(replica, None)
 
     async def _watch(self) -> None:
         """Fail the calls of replicas that stopped heartbeating; forget long-gone replicas."""
@@ -366,9 +373,12 @@ class Dispatcher:
             for replica, seen in list(self._last_seen.items()):
                 if now - seen > 60:
                     del self._last_seen[replica]
-            for function, seen in list(self._serving.items()):
-                if now - seen > 60:
-                    del self._serving[function]
+            for function, replicas in list(self._ready.items()):
+                for replica, seen in list(replicas.items()):
+                    if now - seen > 60:
+                        del replicas[replica]
+                if not replicas:
+                    del self._ready[function]
 
 
 def _remote_error(data: bytes) -> KilnError:

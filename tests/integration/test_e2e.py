@@ -168,6 +168,48 @@ async def test_calls_to_a_serving_function_do_not_wake_the_scheduler(
     assert hints == 0
 
 
+QUICK_IDLE = """
+import kiln
+
+app = kiln.App("quickidle")
+
+
+@app.function(idle_timeout=1)
+def ping() -> str:
+    return "pong"
+"""
+
+
+async def test_a_function_whose_replica_just_drained_wakes_the_scheduler_again(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """A draining replica stops vouching for its function at once, so the next call after a
+    scale to zero hints the scheduler instead of waiting for its periodic pass."""
+    app_file = tmp_path / "quickidle.py"
+    app_file.write_text(QUICK_IDLE)
+    await platform.deploy(app_file)
+    assert (await call(platform, "quickidle/ping")).status_code == 200
+    deadline = time.monotonic() + 20
+    while await platform.replicas("quickidle/ping"):
+        assert time.monotonic() < deadline, "never scaled to zero"
+        await asyncio.sleep(0.05)
+    nc = await nats.connect(servers=platform.settings.nats_servers)
+    hints = 0
+
+    async def count(msg: Msg) -> None:
+        nonlocal hints
+        hints += 1
+
+    try:
+        await nc.subscribe(Subjects(platform.settings.namespace).all_demand, cb=count)
+        await nc.flush()
+        assert (await call(platform, "quickidle/ping")).status_code == 200
+        await nc.flush()
+    finally:
+        await nc.close()
+    assert hints >= 1
+
+
 async def test_positional_json_and_bytes_bodies(platform: Platform, trouble: Any) -> None:
     positional = await call(platform, "trouble/divide", json=[6, 3])
     assert positional.json() == 2.0
