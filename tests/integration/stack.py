@@ -11,13 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 import pytest
+from nats.aio.msg import Msg
 
 from kiln.db import bootstrap, migrate
 from kiln.devstack.ports import pick_port
 from kiln.functions.package import package
 from kiln.platform import serve_platform
 from kiln.settings import Settings
+from kiln.wire import Subjects
 
 BODY_LIMIT = 256 * 1024
 
@@ -46,6 +49,24 @@ class Platform:
         async with self.client() as client:
             return await client.post(f"/v1/run/{target}", **kwargs)
 
+    @asynccontextmanager
+    async def demand_hints(self) -> AsyncIterator[list[str]]:
+        """The subjects of the demand hints (the routers' wake-ups for the scheduler) sent
+        while inside."""
+        nc = await nats.connect(servers=self.settings.nats_servers)
+        seen: list[str] = []
+
+        async def note(msg: Msg) -> None:
+            seen.append(msg.subject)
+
+        try:
+            await nc.subscribe(Subjects(self.settings.namespace).all_demand, cb=note)
+            await nc.flush()
+            yield seen
+            await nc.flush()
+        finally:
+            await nc.close()
+
     async def replicas(self, target: str) -> list[dict[str, Any]]:
         """The live replicas of `APP/FN`, as the replicas route lists them."""
         async with self.client() as client:
@@ -53,6 +74,13 @@ class Platform:
         assert response.status_code == 200, response.text
         found: list[dict[str, Any]] = response.json()["replicas"]
         return found
+
+
+def error_of(response: httpx.Response) -> dict[str, str]:
+    """The error body's fields; checks that its request id is the response header's."""
+    error: dict[str, str] = response.json()["error"]
+    assert error["request_id"] == response.headers["x-request-id"]
+    return error
 
 
 @asynccontextmanager

@@ -1,0 +1,233 @@
+"""Scaling on the real stack: demand hints, live changes through PATCH and `kiln scale`, a burst
+up to max_replicas and back to zero, and a function that cannot start (issue 5)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from stack import Platform, error_of, platform_fixture  # noqa: F401 - the fixture
+from typer.testing import CliRunner, Result
+
+from kiln.cli.client import ApiError
+from kiln.cli.main import app as cli
+from kiln.db.models import Function, Replica
+from kiln.db.session import create_engine
+
+pytestmark = pytest.mark.integration
+
+
+QUICK_IDLE = """
+import kiln
+
+app = kiln.App("quickidle")
+
+
+@app.function(idle_timeout=1)
+def ping() -> str:
+    return "pong"
+"""
+
+
+async def test_a_function_whose_replica_just_drained_wakes_the_scheduler_again(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """A draining replica stops vouching for its function at once, so the next call after a
+    scale to zero hints the scheduler instead of waiting for its periodic pass."""
+    app_file = tmp_path / "quickidle.py"
+    app_file.write_text(QUICK_IDLE)
+    await platform.deploy(app_file)
+    assert (await platform.call("quickidle/ping")).status_code == 200
+    deadline = time.monotonic() + 20
+    while await platform.replicas("quickidle/ping"):
+        assert time.monotonic() < deadline, "never scaled to zero"
+        await asyncio.sleep(0.05)
+    async with platform.demand_hints() as hints:
+        assert (await platform.call("quickidle/ping")).status_code == 200
+    assert hints
+
+
+CRASHING = """
+import kiln
+
+app = kiln.App("crashing")
+
+
+@app.cls(startup_timeout=4)
+class Broken:
+    @kiln.enter()
+    def load(self) -> None:
+        raise RuntimeError("the model file is missing")
+
+    @kiln.method()
+    def run(self) -> str:
+        return "never"
+"""
+
+
+async def test_a_function_that_cannot_start_shows_why_and_is_retried_with_backoff(
+    platform: Platform, tmp_path: Path
+) -> None:
+    app_file = tmp_path / "crashing.py"
+    app_file.write_text(CRASHING)
+    await platform.deploy(app_file)
+    response = await platform.call("crashing/Broken.run", json={})
+    assert response.status_code == 504, response.text  # no replica ever took it
+    async with platform.client() as client:
+        function = (await client.get("/v1/functions/crashing/Broken")).json()
+        listed = (await client.get("/v1/functions")).json()["functions"]
+    assert "RuntimeError: the model file is missing" in function["last_error"]
+    assert [f["last_error"] for f in listed if f["app"] == "crashing"] == [function["last_error"]]
+    # Backoff, not a crash loop: a handful of attempts in those seconds, not dozens.
+    engine = create_engine(platform.settings, application_name="kiln-test")
+    try:
+        async with engine.connect() as conn:
+            attempts = await conn.scalar(
+                sa.select(sa.func.count())
+                .select_from(Replica)
+                .join(Function, Function.id == Replica.function_id)
+                .where(Function.name == "Broken")
+            )
+    finally:
+        await engine.dispose()
+    assert attempts is not None
+    assert 1 <= attempts <= 4
+
+
+async def test_live_scaling_changes_apply_persist_and_refuse_contradictions(
+    platform: Platform, tmp_path: Path
+) -> None:
+    app_file = tmp_path / "scaled.py"
+    app_file.write_text(SCALED)
+    await platform.deploy(app_file)
+    path = "/v1/functions/scaled/work"
+    async with platform.client() as client:
+        refused = await client.patch(path, json={"min_replicas": 5, "max_replicas": 2})
+        assert refused.status_code == 400, refused.text
+        assert error_of(refused)["message"] == (
+            "min_replicas=5 is above max_replicas=2: raise max_replicas or lower min_replicas"
+        )
+        too_busy = await client.patch(path, json={"target_concurrency": 9})
+        assert (
+            error_of(too_busy)["message"] == "target_concurrency=9 must be from 1 to concurrency=4"
+        )
+        unchanged = (await client.get(path)).json()
+        assert (unchanged["min_replicas"], unchanged["max_replicas"]) == (0, 3)
+        assert unchanged["overridden"] == []
+
+        changed = await client.patch(path, json={"min_replicas": 1, "idle_timeout": 30})
+        assert changed.status_code == 200, changed.text
+        view = changed.json()
+        assert (view["min_replicas"], view["idle_timeout"]) == (1, 30)
+        assert sorted(view["overridden"]) == ["idle_timeout_s", "min_replicas"]
+
+    # Live: the scheduler starts the minimum without any call.
+    deadline = time.monotonic() + 30
+    while not [r for r in await platform.replicas("scaled/work") if r["state"] == "ready"]:
+        assert time.monotonic() < deadline, "min_replicas=1 was not applied"
+        await asyncio.sleep(0.2)
+    async with platform.client() as client:
+        metrics = (await client.get("/metrics")).text
+    assert 'kiln_scheduler_desired_replicas{app="scaled",function="work"} 1.0' in metrics
+    assert 'kiln_scheduler_scale_decisions_total{direction="up"}' in metrics
+    assert "kiln_scheduler_leading 1.0" in metrics
+
+    # A redeploy of changed code keeps the operator's settings.
+    app_file.write_text(SCALED.replace('"done"', '"done again"'))
+    await platform.deploy(app_file)
+    async with platform.client() as client:
+        after = (await client.get(path)).json()
+        assert (after["min_replicas"], after["idle_timeout"], after["max_replicas"]) == (1, 30, 3)
+        reset = await client.patch(path, json={"min_replicas": 0})
+        assert reset.status_code == 200, reset.text
+
+
+SCALED = """
+import kiln
+
+app = kiln.App("scaled")
+
+
+@app.function(max_replicas=3, concurrency=4)
+def work() -> str:
+    return "done"
+"""
+
+
+async def test_kiln_scale_changes_a_function_and_explains_what_it_refuses(
+    platform: Platform, tmp_path: Path
+) -> None:
+    app_file = tmp_path / "scaled2.py"
+    app_file.write_text(SCALED.replace('"scaled"', '"scaled2"'))
+    await platform.deploy(app_file)
+    env = {"KILN_URL": platform.url, "KILN_API_KEY": platform.key, "KILN_HOME": str(tmp_path)}
+
+    def kiln(*args: str) -> Result:
+        # In a thread: the CLI's client blocks, and the platform serves on this event loop.
+        return CliRunner().invoke(cli, list(args), env=env)
+
+    done = await asyncio.to_thread(kiln, "scale", "scaled2/work", "--max", "2", "--buffer", "1")
+    assert done.exit_code == 0, done.output
+    assert done.output.startswith("scaled2/work: min 0, max 2, buffer 1, idle timeout 300s")
+    refused = await asyncio.to_thread(kiln, "scale", "scaled2/work", "--min", "3")
+    # `kiln` (kiln.cli.main.main) prints this error as one line and exits 1.
+    assert isinstance(refused.exception, ApiError)
+    assert "min_replicas=3 is above max_replicas=2" in str(refused.exception)
+    nothing = await asyncio.to_thread(kiln, "scale", "scaled2/work")
+    assert nothing.exit_code == 2
+    assert "nothing to change" in nothing.output
+
+
+BURSTY = """
+import time
+
+import kiln
+
+app = kiln.App("bursty")
+
+
+@app.function(max_replicas=3, idle_timeout=2)
+def slow(i: int) -> int:
+    time.sleep(0.5)
+    return i
+"""
+
+
+async def test_a_burst_scales_to_max_replicas_and_drains_back_with_no_failures(
+    platform: Platform, tmp_path: Path
+) -> None:
+    app_file = tmp_path / "bursty.py"
+    app_file.write_text(BURSTY)
+    await platform.deploy(app_file)
+    seen: set[str] = set()
+    most = 0
+    burst_over = asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal most
+        while not burst_over.is_set():
+            live = await platform.replicas("bursty/slow")
+            seen.update(str(r["id"]) for r in live)
+            most = max(most, len(live))
+            await asyncio.sleep(0.1)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        results = await asyncio.gather(
+            *(platform.call("bursty/slow", json={"i": i}) for i in range(24))
+        )
+    finally:
+        burst_over.set()
+        await watcher
+    assert [r.status_code for r in results] == [200] * 24
+    assert sorted(r.json() for r in results) == list(range(24))
+    assert most == 3  # up to max_replicas, never beyond
+    assert len(seen) == 3
+    # Idle for idle_timeout (2 s): back to min_replicas (0), nothing left running.
+    deadline = time.monotonic() + 20
+    while await platform.replicas("bursty/slow"):
+        assert time.monotonic() < deadline, "the replicas were never drained"
+        await asyncio.sleep(0.2)
