@@ -45,6 +45,13 @@ class Platform:
         result: dict[str, Any] = response.json()
         return result
 
+    async def deploy_source(self, directory: Path, name: str, source: str) -> Path:
+        """Write `source` as `directory/name` and deploy it; the file, for redeploys."""
+        app_file = directory / name
+        app_file.write_text(source)
+        await self.deploy(app_file)
+        return app_file
+
     async def call(self, target: str, **kwargs: Any) -> httpx.Response:
         async with self.client() as client:
             return await client.post(f"/v1/run/{target}", **kwargs)

@@ -37,9 +37,7 @@ async def test_a_function_whose_replica_just_drained_wakes_the_scheduler_again(
 ) -> None:
     """A draining replica stops vouching for its function at once, so the next call after a
     scale to zero hints the scheduler instead of waiting for its periodic pass."""
-    app_file = tmp_path / "quickidle.py"
-    app_file.write_text(QUICK_IDLE)
-    await platform.deploy(app_file)
+    await platform.deploy_source(tmp_path, "quickidle.py", QUICK_IDLE)
     assert (await platform.call("quickidle/ping")).status_code == 200
     deadline = time.monotonic() + 20
     while await platform.replicas("quickidle/ping"):
@@ -71,9 +69,7 @@ class Broken:
 async def test_a_function_that_cannot_start_shows_why_and_is_retried_with_backoff(
     platform: Platform, tmp_path: Path
 ) -> None:
-    app_file = tmp_path / "crashing.py"
-    app_file.write_text(CRASHING)
-    await platform.deploy(app_file)
+    await platform.deploy_source(tmp_path, "crashing.py", CRASHING)
     response = await platform.call("crashing/Broken.run", json={})
     assert response.status_code == 504, response.text  # no replica ever took it
     async with platform.client() as client:
@@ -100,9 +96,7 @@ async def test_a_function_that_cannot_start_shows_why_and_is_retried_with_backof
 async def test_live_scaling_changes_apply_persist_and_refuse_contradictions(
     platform: Platform, tmp_path: Path
 ) -> None:
-    app_file = tmp_path / "scaled.py"
-    app_file.write_text(SCALED)
-    await platform.deploy(app_file)
+    app_file = await platform.deploy_source(tmp_path, "scaled.py", SCALED)
     path = "/v1/functions/scaled/work"
     async with platform.client() as client:
         refused = await client.patch(path, json={"min_replicas": 5, "max_replicas": 2})
@@ -160,9 +154,7 @@ def work() -> str:
 async def test_kiln_scale_changes_a_function_and_explains_what_it_refuses(
     platform: Platform, tmp_path: Path
 ) -> None:
-    app_file = tmp_path / "scaled2.py"
-    app_file.write_text(SCALED.replace('"scaled"', '"scaled2"'))
-    await platform.deploy(app_file)
+    await platform.deploy_source(tmp_path, "scaled2.py", SCALED.replace('"scaled"', '"scaled2"'))
     env = {"KILN_URL": platform.url, "KILN_API_KEY": platform.key, "KILN_HOME": str(tmp_path)}
 
     def kiln(*args: str) -> Result:
@@ -199,9 +191,7 @@ def slow(i: int) -> int:
 async def test_a_burst_scales_to_max_replicas_and_drains_back_with_no_failures(
     platform: Platform, tmp_path: Path
 ) -> None:
-    app_file = tmp_path / "bursty.py"
-    app_file.write_text(BURSTY)
-    await platform.deploy(app_file)
+    await platform.deploy_source(tmp_path, "bursty.py", BURSTY)
     seen: set[str] = set()
     most = 0
     burst_over = asyncio.Event()
