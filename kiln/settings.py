@@ -79,6 +79,7 @@ class Settings:
     standby_processes: int = 1
     standby_imports: tuple[str, ...] = ("torch",)
     scheduler_lease_s: float = 5.0
+    max_replicas: int = 1000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -465,6 +466,13 @@ SETTINGS: tuple[SettingSpec, ...] = (
         _seconds(1, 60),
         "how long the leading scheduler's lease lasts unrenewed: a standby scheduler takes over "
         "within about this long after the leader dies (default 5)",
+    ),
+    SettingSpec(
+        "KILN_MAX_REPLICAS",
+        "max_replicas",
+        _int_range(1, 1000),
+        "the most replicas any one function may have: higher max_replicas in a deploy or a "
+        "live change is refused (default 1000)",
     ),
     SettingSpec(
         "KILN_METRICS_PORT",

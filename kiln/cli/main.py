@@ -127,6 +127,13 @@ def deploy(
             help="The app file, e.g. app.py.", exists=True, dir_okay=False, readable=True
         ),
     ],
+    reset_scaling: Annotated[
+        bool,
+        typer.Option(
+            "--reset-scaling",
+            help="Replace live scaling changes (kiln scale) with the values in the code.",
+        ),
+    ] = False,
 ) -> None:
     """Package the app in FILE with its local modules, deploy it, and print its URLs."""
 
@@ -135,13 +142,19 @@ def deploy(
 
     settings = client_settings()
     pkg = package(file)
-    body = pkg.deploy_body()
+    body = pkg.deploy_body(reset_scaling=reset_scaling)
     with ApiClient(settings) as api:
         result = api.request("POST", "/v1/apps", json=body).json()
     verb = "unchanged" if result["unchanged"] else "deployed"
     typer.echo(f"{verb} {result['app']} version {result['version']} ({len(pkg.files)} files)")
     for endpoint in result["endpoints"]:
         typer.echo(f"  {endpoint['name']:<24} POST {endpoint['url']}")
+    for name, kept in result.get("kept_settings", {}).items():
+        values = ", ".join(f"{k}={v}" for k, v in kept.items())
+        typer.echo(
+            f"  {name}: kept the live settings {values} (from kiln scale); "
+            "deploy with --reset-scaling to use the code's"
+        )
 
 
 @app.command()

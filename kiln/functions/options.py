@@ -150,6 +150,7 @@ def parse_options(
         fields["snapshot"] = check.snapshot(options[spelled["snapshot"]], kind)
 
     fields.setdefault("target_concurrency", fields.get("concurrency", 1))
+    fields["explicit"] = tuple(sorted(_FIELDS.get(o, o) for o in spelled if o != "name"))
     resources = Resources(**fields)
     check.at_most("min_replicas", resources.min_replicas, "max_replicas", resources.max_replicas)
     check.at_most(

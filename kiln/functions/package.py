@@ -53,14 +53,16 @@ class Package:
     def size(self) -> int:
         return len(self.archive)
 
-    def deploy_body(self) -> dict[str, Any]:
-        """The JSON body of `POST /v1/apps` that deploys this package."""
+    def deploy_body(self, *, reset_scaling: bool = False) -> dict[str, Any]:
+        """The JSON body of `POST /v1/apps` that deploys this package; `reset_scaling` replaces
+        the operator's live scaling changes with the code's values."""
         return {
             "app": self.app.name,
             "digest": self.digest,
             "entrypoint": self.entrypoint,
             "functions": [spec.to_dict() for spec in self.app.spec()],
             "archive": base64.b64encode(self.archive).decode(),
+            "reset_scaling": reset_scaling,
         }
 
 

@@ -61,6 +61,10 @@ class Resources:
     # Classes: "shared" (restore a read-only mapping of the snapshot), "private" (a writable
     # copy) or "off" (run the @enter(snap=True) hooks in every replica).
     snapshot: str = "shared"
+    # The fields the developer wrote in the decorator (the others are defaults). A redeploy
+    # replaces an operator's live scaling change only with a value written here; see
+    # `kiln.router.deploy`. Provenance, not a setting: equality ignores it.
+    explicit: tuple[str, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,6 +96,7 @@ class FunctionSpec:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["resources"]["secrets"] = list(self.resources.secrets)
+        data["resources"]["explicit"] = list(self.resources.explicit)
         return {"version": SPEC_VERSION, **data}
 
     @classmethod
@@ -103,6 +108,7 @@ class FunctionSpec:
             )
         resources = dict(data["resources"])
         resources["secrets"] = tuple(resources.get("secrets", ()))
+        resources["explicit"] = tuple(resources.get("explicit", ()))
         return cls(
             name=data["name"],
             kind=UnitKind(data["kind"]),

@@ -130,7 +130,9 @@ def create_app(settings: Settings, metrics_also: Sequence[CollectorRegistry] = (
             auth=Authenticator(sessions, settings.require("api_key_pepper")),
             catalog=Catalog(sessions),
             dispatcher=dispatcher,
-            deployer=Deployer(sessions, js, subjects, CodeStore(js, subjects)),
+            deployer=Deployer(
+                sessions, js, subjects, CodeStore(js, subjects), max_replicas=settings.max_replicas
+            ),
             metrics=router_metrics,
         )
         try:

@@ -87,6 +87,7 @@ async def deploy_app(request: Request) -> Response:
             "version": result.version,
             "unchanged": result.unchanged,
             "endpoints": endpoints,
+            "kept_settings": result.kept,
         },
         status_code=200 if result.unchanged else 201,
     )
@@ -250,7 +251,7 @@ async def patch_function(request: Request) -> Response:
                 setattr(function, setting.value, value)
                 if setting.value not in function.overridden:
                     function.overridden = [*function.overridden, setting.value]
-            problem = scaling_problem(function)
+            problem = scaling_problem(function, max_replicas=svc.settings.max_replicas)
             if problem is not None:
                 raise InvalidRequest(problem)  # the transaction rolls back: nothing changes
             await session.flush()
@@ -265,12 +266,18 @@ async def patch_function(request: Request) -> Response:
     return JSONResponse(view)
 
 
-def scaling_problem(function: Function) -> str | None:
+def scaling_problem(function: Function, *, max_replicas: int) -> str | None:
     """What is wrong with a function's scaling settings taken together, in words that name the
-    values; None when they fit. (The database's constraints say the same, less clearly.)"""
+    values; None when they fit. (The database's constraints say the same, less clearly.)
+    `max_replicas` is the most this platform allows one function."""
     f = function
     if f.max_replicas < 1:
         return f"max_replicas={f.max_replicas} is not valid: a function needs at least 1"
+    if f.max_replicas > max_replicas:
+        return (
+            f"max_replicas={f.max_replicas} is not valid: this platform allows at most "
+            f"{max_replicas} replicas per function"
+        )
     if f.min_replicas > f.max_replicas:
         return (
             f"min_replicas={f.min_replicas} is above max_replicas={f.max_replicas}: raise "

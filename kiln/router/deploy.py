@@ -3,7 +3,10 @@ make sure each function has its work-queue consumer.
 
 A deploy with the digest of a version the app already has changes nothing (or makes that
 version current again). Live scaling changes made by an operator (`Function.overridden`) survive
-a redeploy; everything else follows the new code.
+a redeploy, unless the deploy asks to reset them (`reset_scaling`) or the developer wrote a new
+value for that setting in the decorator (one the previous version did not write, or wrote
+differently): a value the code has always said does not undo the operator's change, an edited
+one does. Everything else follows the new code.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import dataclasses
 import hashlib
 import re
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +35,7 @@ from kiln.db.models import App, AppVersion, Function
 from kiln.db.session import transaction
 from kiln.errors import InvalidRequest, InvalidSpec, NotFound
 from kiln.functions.options import parse_options
-from kiln.functions.spec import FunctionSpec, UnitKind
+from kiln.functions.spec import FunctionSpec, Resources, UnitKind
 from kiln.wire import Subjects, consumer_name
 
 __all__ = ["DeployRequest", "DeployResult", "Deployer"]
@@ -52,6 +56,8 @@ _SCALING = {
     "memory_mb": "memory_mb",
 }
 
+_RESOURCE_FIELDS = {f.name for f in dataclasses.fields(Resources)} - {"explicit"}
+
 
 @dataclass(frozen=True)
 class DeployRequest:
@@ -60,6 +66,7 @@ class DeployRequest:
     entrypoint: str
     functions: list[FunctionSpec]
     archive: bytes
+    reset_scaling: bool = False
 
     @classmethod
     def from_json(cls, data: Any) -> DeployRequest:
@@ -105,7 +112,10 @@ class DeployRequest:
         names = [f.name for f in functions]
         if len(set(names)) != len(names):
             raise InvalidSpec(f"app {app!r} defines a name twice: {sorted(names)}")
-        return cls(app, digest, entrypoint, functions, archive)
+        reset = data.get("reset_scaling", False)
+        if not isinstance(reset, bool):
+            raise InvalidRequest(f"reset_scaling={reset!r} is not valid: expected true or false")
+        return cls(app, digest, entrypoint, functions, archive, reset)
 
 
 @dataclass(frozen=True)
@@ -114,6 +124,8 @@ class DeployResult:
     version: int
     unchanged: bool
     functions: list[FunctionSpec]
+    # Per function, the operator's live settings this deploy kept over the code's values.
+    kept: dict[str, dict[str, int | None]] = dataclasses.field(default_factory=dict)
 
 
 class Deployer:
@@ -123,13 +135,23 @@ class Deployer:
         js: JetStreamContext,
         subjects: Subjects,
         code: CodeStore,
+        *,
+        max_replicas: int = 1000,
     ) -> None:
         self.sessions = sessions
         self.js = js
         self.subjects = subjects
         self.code = code
+        self.max_replicas = max_replicas  # the platform's cap per function (KILN_MAX_REPLICAS)
 
     async def deploy(self, owner_id: uuid.UUID, request: DeployRequest) -> DeployResult:
+        for spec in request.functions:
+            asked = spec.resources.max_replicas
+            if asked > self.max_replicas:
+                raise InvalidSpec(
+                    f"max_replicas={asked} is not valid for {spec.kind.value} {spec.name!r}: "
+                    f"this platform allows at most {self.max_replicas} replicas per function"
+                )
         await self.code.put(request.digest, request.archive)
         try:
             async with transaction(self.sessions) as session:
@@ -177,27 +199,29 @@ class Deployer:
             )
             session.add(version)
             await session.flush()
-        functions = await self._upsert_functions(session, app, version, request.functions)
+        functions, kept = await self._upsert_functions(session, app, version, request)
         app.current_version_id = version.id
         return (
-            DeployResult(request.app, version.version, unchanged, request.functions),
+            DeployResult(request.app, version.version, unchanged, request.functions, kept),
             functions,
         )
 
     async def _upsert_functions(
-        self, session: AsyncSession, app: App, version: AppVersion, specs: list[FunctionSpec]
-    ) -> list[tuple[uuid.UUID, FunctionSpec]]:
+        self, session: AsyncSession, app: App, version: AppVersion, request: DeployRequest
+    ) -> tuple[list[tuple[uuid.UUID, FunctionSpec]], dict[str, dict[str, int | None]]]:
         existing = {
             f.name: f
             for f in await session.scalars(sa.select(Function).where(Function.app_id == app.id))
         }
-        wanted = {spec.name for spec in specs}
+        previous = await _previous_resources(session, existing.values())
+        wanted = {spec.name for spec in request.functions}
         for name, gone in existing.items():
             if name not in wanted:
                 await session.delete(gone)
                 await self._drop_consumer(gone.id)
         result = []
-        for spec in specs:
+        kept: dict[str, dict[str, int | None]] = {}
+        for spec in request.functions:
             function = existing.get(spec.name)
             if function is None:
                 function = Function(app_id=app.id, name=spec.name, overridden=[], generation=1)
@@ -207,12 +231,20 @@ class Deployer:
             function.current_version_id = version.id
             function.kind = _kind(spec)
             function.gpu = spec.resources.gpu
+            overridden = [] if request.reset_scaling else list(function.overridden)
             for column, field_name in _SCALING.items():
-                if column not in function.overridden:
+                if column in overridden and _code_changed(
+                    field_name, spec.resources, previous.get(spec.name)
+                ):
+                    overridden.remove(column)
+                if column in overridden:
+                    kept.setdefault(spec.name, {})[column] = getattr(function, column)
+                else:
                     setattr(function, column, getattr(spec.resources, field_name))
+            function.overridden = overridden
             await session.flush()
             result.append((function.id, spec))
-        return result
+        return result, kept
 
     async def _ensure_consumer(self, function_id: uuid.UUID, spec: FunctionSpec) -> None:
         config = ConsumerConfig(
@@ -247,6 +279,38 @@ class Deployer:
             await self._drop_consumer(function_id)
 
 
+async def _previous_resources(
+    session: AsyncSession, functions: Iterable[Function]
+) -> dict[str, dict[str, Any]]:
+    """The resources each function's current version declared, as stored with that version."""
+    by_version: dict[uuid.UUID, list[str]] = {}
+    for function in functions:
+        if function.current_version_id is not None:
+            by_version.setdefault(function.current_version_id, []).append(function.name)
+    if not by_version:
+        return {}
+    found: dict[str, dict[str, Any]] = {}
+    rows = await session.execute(
+        sa.select(AppVersion.id, AppVersion.spec).where(AppVersion.id.in_(by_version))
+    )
+    for version_id, stored in rows:
+        names = set(by_version[version_id])
+        for function in stored.get("functions", ()):
+            if function.get("name") in names:
+                found[function["name"]] = dict(function.get("resources", {}))
+    return found
+
+
+def _code_changed(field_name: str, new: Resources, old: dict[str, Any] | None) -> bool:
+    """Whether the developer wrote a new value for `field_name` in this deploy's decorator:
+    written now, and not written (or written differently) in the version it replaces."""
+    if field_name not in new.explicit:
+        return False
+    if old is None or field_name not in old.get("explicit", ()):
+        return True
+    return bool(old.get(field_name) != getattr(new, field_name))
+
+
 def _validated(spec: FunctionSpec) -> FunctionSpec:
     """The server does not trust what a client sends: the SDK's own checks run again, so a
     hand-made deploy cannot carry settings that `@app.function` would refuse."""
@@ -271,6 +335,11 @@ def _validated(spec: FunctionSpec) -> FunctionSpec:
     if spec.kind is UnitKind.CLASS or r.snapshot != "shared":
         options["snapshot"] = r.snapshot
     _, checked = parse_options(options, kind=spec.kind, default_name=spec.name)
+    # The options above are all spelled out; which ones the developer wrote is the client's word.
+    unknown = sorted(set(r.explicit) - _RESOURCE_FIELDS)
+    if unknown:
+        raise InvalidSpec(f"explicit names unknown settings {unknown} of {spec.name!r}")
+    checked = dataclasses.replace(checked, explicit=tuple(sorted(set(r.explicit))))
     return dataclasses.replace(spec, resources=checked)
 
 

@@ -84,6 +84,8 @@ class CallResult:
     body: bytes
     content_type: str
     replica_id: str
+    # From publishing the call until a replica took it: the time it waited for capacity.
+    queue_wait_s: float = 0.0
 
 
 class _Phase(enum.Enum):
@@ -99,8 +101,8 @@ class _Call:
     quickly arms and cancels one timer, whatever phases it went through."""
 
     __slots__ = (
-        "accept_by", "deadline", "future", "phase", "replica_id", "startup_timeout_s",
-        "timeout_s", "timer", "timer_at",
+        "accept_by", "deadline", "future", "phase", "published_at", "queue_wait_s", "replica_id",
+        "startup_timeout_s", "timeout_s", "timer", "timer_at",
     )  # fmt: skip
 
     def __init__(self, future: asyncio.Future[CallResult], headers: CallHeaders, startup_s: float):
@@ -113,6 +115,8 @@ class _Call:
         self.deadline = 0.0  # loop time when the current phase runs out
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0
+        self.published_at = future.get_loop().time()
+        self.queue_wait_s = 0.0
 
     def fail(self, error: KilnError) -> None:
         if not self.future.done():
@@ -301,6 +305,7 @@ class Dispatcher:
                         body=msg.data,
                         content_type=headers.get(H.CONTENT_TYPE, "application/json"),
                         replica_id=call.replica_id or "",
+                        queue_wait_s=call.queue_wait_s,
                     )
                 )
         else:
@@ -336,6 +341,7 @@ class Dispatcher:
             call = self._calls.get(call_id)
             if call is not None:
                 call.replica_id = replica
+                call.queue_wait_s = call.future.get_loop().time() - call.published_at
                 call.enter(_Phase.RUNNING, call.timeout_s + _REPLY_GRACE_S)
 
     async def _on_heartbeat(self, msg: Msg) -> None:

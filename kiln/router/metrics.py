@@ -33,10 +33,18 @@ class RouterMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.queue_wait_seconds = Histogram(
+            "kiln_router_queue_wait_seconds",
+            "Time successful sync calls waited in the queue for a replica to take them (for "
+            "capacity: a cold start, or a busy function), by app.",
+            ["app"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
 
         # `labels()` takes a lock and builds a tuple; the warm path reuses the children.
         self._requests_by: dict[tuple[str, int], Any] = {}
-        self._calls_by: dict[str, Any] = {}
+        self._calls_by: dict[str, tuple[Any, Any]] = {}
 
     def count_request(self, family: str, status: int) -> None:
         child = self._requests_by.get((family, status))
@@ -44,13 +52,15 @@ class RouterMetrics:
             child = self._requests_by[(family, status)] = self.requests.labels(family, str(status))
         child.inc()
 
-    def observe_call(self, app: str, seconds: float) -> None:
-        child = self._calls_by.get(app)
-        if child is None:
+    def observe_call(self, app: str, seconds: float, queue_wait_s: float) -> None:
+        children = self._calls_by.get(app)
+        if children is None:
             if len(self._calls_by) >= _MAX_CACHED_APPS:
                 self._calls_by.clear()
-            child = self._calls_by[app] = self.call_seconds.labels(app)
-        child.observe(seconds)
+            children = (self.call_seconds.labels(app), self.queue_wait_seconds.labels(app))
+            self._calls_by[app] = children
+        children[0].observe(seconds)
+        children[1].observe(queue_wait_s)
 
     def render(self) -> bytes:
         return b"".join(generate_latest(r) for r in (self.registry, *self.also))

@@ -130,7 +130,7 @@ async def run(request: Request) -> Response:
     finally:
         timer.cancel()
         watch.stop()
-    svc.metrics.observe_call(app, time.perf_counter() - started)
+    svc.metrics.observe_call(app, time.perf_counter() - started, result.queue_wait_s)
     return Response(
         result.body,
         media_type=result.content_type,

@@ -38,9 +38,10 @@ class Platform:
             timeout=httpx.Timeout(60.0),
         )
 
-    async def deploy(self, file: Path) -> dict[str, Any]:
+    async def deploy(self, file: Path, *, reset_scaling: bool = False) -> dict[str, Any]:
+        body = package(file).deploy_body(reset_scaling=reset_scaling)
         async with self.client() as client:
-            response = await client.post("/v1/apps", json=package(file).deploy_body())
+            response = await client.post("/v1/apps", json=body)
         assert response.status_code in (200, 201), response.text
         result: dict[str, Any] = response.json()
         return result

@@ -46,6 +46,14 @@ async def test_a_function_whose_replica_just_drained_wakes_the_scheduler_again(
     async with platform.demand_hints() as hints:
         assert (await platform.call("quickidle/ping")).status_code == 200
     assert hints
+    # Both calls waited for a cold start: the time shows as waiting for capacity.
+    async with platform.client() as client:
+        metrics = (await client.get("/metrics")).text
+    assert 'kiln_router_queue_wait_seconds_count{app="quickidle"} 2.0' in metrics
+    waited = float(
+        metrics.split('kiln_router_queue_wait_seconds_sum{app="quickidle"} ')[1].split()[0]
+    )
+    assert waited > 0.05
 
 
 CRASHING = """
@@ -129,14 +137,38 @@ async def test_live_scaling_changes_apply_persist_and_refuse_contradictions(
     assert 'kiln_scheduler_scale_decisions_total{direction="up"}' in metrics
     assert "kiln_scheduler_leading 1.0" in metrics
 
-    # A redeploy of changed code keeps the operator's settings.
+    # A redeploy of changed code keeps the operator's settings, and says so.
     app_file.write_text(SCALED.replace('"done"', '"done again"'))
-    await platform.deploy(app_file)
+    kept = await platform.deploy(app_file)
+    assert kept["kept_settings"] == {"work": {"min_replicas": 1, "idle_timeout_s": 30}}
     async with platform.client() as client:
         after = (await client.get(path)).json()
         assert (after["min_replicas"], after["idle_timeout"], after["max_replicas"]) == (1, 30, 3)
-        reset = await client.patch(path, json={"min_replicas": 0})
-        assert reset.status_code == 200, reset.text
+        over_cap = await client.patch(path, json={"max_replicas": 1001})
+        assert error_of(over_cap)["message"] == (
+            "max_replicas=1001 is not valid: this platform allows at most 1000 replicas per "
+            "function"
+        )
+
+    # A value the developer newly writes in the decorator replaces the operator's; the others
+    # stay.
+    app_file.write_text(SCALED.replace("concurrency=4)", "concurrency=4, idle_timeout=60)"))
+    edited = await platform.deploy(app_file)
+    assert edited["kept_settings"] == {"work": {"min_replicas": 1}}
+    async with platform.client() as client:
+        after = (await client.get(path)).json()
+    assert (after["min_replicas"], after["idle_timeout"], after["overridden"]) == (
+        1,
+        60,
+        ["min_replicas"],
+    )
+
+    # Asked to, a deploy puts every setting back to the code's.
+    reset = await platform.deploy(app_file, reset_scaling=True)
+    assert reset["kept_settings"] == {}
+    async with platform.client() as client:
+        after = (await client.get(path)).json()
+    assert (after["min_replicas"], after["idle_timeout"], after["overridden"]) == (0, 60, [])
 
 
 SCALED = """

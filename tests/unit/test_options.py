@@ -51,6 +51,15 @@ def test_defaults_follow_the_design() -> None:
     )
 
 
+def test_the_options_written_are_recorded_under_their_field_names() -> None:
+    """A redeploy replaces an operator's live change only with a value the developer wrote."""
+    assert resources().explicit == ()
+    written = resources(scaledown_window=60, max_replicas=2, name="loud", gpu="any")
+    assert written.explicit == ("gpu", "idle_timeout_s", "max_replicas")
+    # target_concurrency follows concurrency by default; only concurrency was written.
+    assert resources(concurrency=3).explicit == ("concurrency",)
+
+
 @pytest.mark.parametrize(
     ("alias", "option", "value", "field"),
     [

@@ -1,13 +1,21 @@
-"""Router pieces with no services behind them: body classification and node slot accounting."""
+"""Router pieces with no services behind them: body classification, deploy checks and node slot
+accounting."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import uuid
+from typing import Any
+
 import pytest
 
-from kiln.errors import InvalidJson
+import kiln
+from kiln.errors import InvalidJson, InvalidSpec
 from kiln.functions.gpu import gpu_request
 from kiln.invoker.agent import _Slots
 from kiln.invoker.inventory import gpu_type_of
+from kiln.router.deploy import Deployer, DeployRequest
 from kiln.router.run import classify
 
 
@@ -59,3 +67,44 @@ def test_a_gpu_host_offers_cpu_slots_too(monkeypatch: pytest.MonkeyPatch) -> Non
     assert slots == {"H100": 8, "none": 64}
     simulated = Settings.from_env({"HOME": "/h", "KILN_NODE_GPUS": "A10G:2"})
     assert inventory.node_slots(simulated) == {"A10G": 2}
+
+
+def _deploy_body(**options: Any) -> dict[str, Any]:
+    app = kiln.App("capped")
+
+    @app.function(**options)
+    def work() -> str:
+        return "done"
+
+    archive = b"source"
+    return {
+        "app": "capped",
+        "digest": hashlib.sha256(archive).hexdigest(),
+        "entrypoint": "app.py",
+        "functions": [spec.to_dict() for spec in app.spec()],
+        "archive": base64.b64encode(archive).decode(),
+    }
+
+
+async def test_a_deploy_above_the_platforms_replica_cap_is_refused_before_storing_anything() -> (
+    None
+):
+    # No code store, database or NATS behind it: the refusal must come first.
+    deployer = Deployer(None, None, None, None, max_replicas=2)  # type: ignore[arg-type]
+    request = DeployRequest.from_json(_deploy_body(max_replicas=3))
+    with pytest.raises(InvalidSpec) as caught:
+        await deployer.deploy(uuid.uuid4(), request)
+    assert str(caught.value) == (
+        "max_replicas=3 is not valid for function 'work': this platform allows at most 2 "
+        "replicas per function"
+    )
+
+
+def test_a_deploy_keeps_which_settings_the_developer_wrote() -> None:
+    request = DeployRequest.from_json(_deploy_body(max_replicas=3, scaledown_window=9))
+    assert request.functions[0].resources.explicit == ("idle_timeout_s", "max_replicas")
+    assert request.reset_scaling is False
+    body = _deploy_body()
+    body["functions"][0]["resources"]["explicit"] = ["colour"]
+    with pytest.raises(InvalidSpec, match=r"^explicit names unknown settings \['colour'\]"):
+        DeployRequest.from_json(body)

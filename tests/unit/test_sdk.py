@@ -254,7 +254,9 @@ def test_spec_round_trips_through_json_dicts() -> None:
             yield n
 
     for spec in app.spec():
-        assert FunctionSpec.from_dict(spec.to_dict()) == spec
+        back = FunctionSpec.from_dict(spec.to_dict())
+        assert back == spec
+        assert back.resources.explicit == spec.resources.explicit != ()
 
 
 @pytest.mark.parametrize(
