@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -115,7 +116,9 @@ class NodeAgent:
         try:
             await stop.wait()
         finally:
-            await sub.unsubscribe()
+            # NATS may be gone already: the replicas are stopped all the same.
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
             await asyncio.gather(
                 *(self.stop_replica(rid, grace_s=10) for rid in list(self.replicas)),
                 return_exceptions=True,
@@ -288,7 +291,10 @@ class NodeAgent:
         if running is None:
             return
         running.stopping = True
-        await self.nc.publish(self.subjects.drain(uuid.UUID(replica_id)), b"")
+        try:
+            await self.nc.publish(self.subjects.drain(uuid.UUID(replica_id)), b"")
+        except nats.errors.Error as exc:  # it cannot drain; the signals below still stop it
+            _log.warning("could not ask replica %s to drain: %s", replica_id, exc)
         for sig, wait_s in ((None, grace_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
             if sig is not None and running.process.returncode is None:
                 # The whole process group: what the user's code started goes too.

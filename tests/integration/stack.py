@@ -4,6 +4,9 @@ processes, NATS, PostgreSQL and Redis), as the end-to-end tests use it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -13,11 +16,13 @@ from typing import Any
 import httpx
 import nats
 import pytest
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from kiln.db import bootstrap, migrate
 from kiln.devstack.ports import pick_port
 from kiln.functions.package import package
+from kiln.invoker.agent import NodeAgent
 from kiln.platform import serve_platform
 from kiln.settings import Settings
 from kiln.wire import Subjects
@@ -89,6 +94,48 @@ def error_of(response: httpx.Response) -> dict[str, str]:
     error: dict[str, str] = response.json()["error"]
     assert error["request_id"] == response.headers["x-request-id"]
     return error
+
+
+@dataclass
+class ExtraNode:
+    """Another node agent in the test process, standing for another host."""
+
+    agent: NodeAgent
+    nc: NATS
+    task: asyncio.Task[None]
+
+    async def kill(self) -> None:
+        """Die as a host does: its connection drops without a word and its replica processes
+        are killed, so the platform learns of it only from the heartbeats that stop."""
+        await self.nc.close()
+        for running in list(self.agent.replicas.values()):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(running.process.pid, signal.SIGKILL)
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+@asynccontextmanager
+async def extra_node(
+    platform: Platform, home: Path, node_id: str, slots: dict[str, int]
+) -> AsyncIterator[ExtraNode]:
+    """A node agent with its own NATS connection offering `slots` (e.g. {"H100": 2}: simulated
+    GPUs), no standbys; stopped (replicas drained) on exit unless killed."""
+    settings = platform.settings.replace(
+        home=home, node_id=node_id, node_gpus=slots, standby_processes=0
+    )
+    nc = await nats.connect(servers=settings.nats_servers)
+    agent = NodeAgent(settings, nc)
+    stop = asyncio.Event()
+    node = ExtraNode(agent, nc, asyncio.create_task(agent.run(stop)))
+    try:
+        yield node
+    finally:
+        if not node.task.done():
+            stop.set()
+            await asyncio.wait_for(node.task, 60)
+        await nc.close()
 
 
 @asynccontextmanager

@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-import nats
 import pytest
 import sqlalchemy as sa
-from stack import Platform, platform_fixture  # noqa: F401 - the fixture
+from stack import Platform, extra_node, platform_fixture  # noqa: F401 - the fixture
 
 from kiln.db.enums import NodeState
 from kiln.db.models import Node
 from kiln.db.session import create_engine
-from kiln.invoker.agent import NodeAgent
 
 pytestmark = pytest.mark.integration
 
@@ -46,30 +42,12 @@ def on_cpu() -> str:
 """
 
 
-@asynccontextmanager
-async def gpu_node(platform: Platform, home: Path, node_id: str) -> AsyncIterator[NodeAgent]:
-    """A second node agent in this process with two simulated H100 slots and no CPU slots."""
-    settings = platform.settings.replace(
-        home=home, node_id=node_id, node_gpus={"H100": 2}, standby_processes=0
-    )
-    nc = await nats.connect(servers=settings.nats_servers)
-    agent = NodeAgent(settings, nc)
-    stop = asyncio.Event()
-    task = asyncio.create_task(agent.run(stop))
-    try:
-        yield agent
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
-        await nc.close()
-
-
 async def test_replicas_land_on_nodes_with_their_gpu_type(
     platform: Platform, tmp_path: Path
 ) -> None:
     app_file = tmp_path / "placed.py"
     app_file.write_text(PLACED)
-    async with gpu_node(platform, tmp_path / "gpu-home", "gpu-node"):
+    async with extra_node(platform, tmp_path / "gpu-home", "gpu-node", {"H100": 2}):
         await platform.deploy(app_file)
         gpu, cpu = await asyncio.gather(
             platform.call("placed/on_gpu"), platform.call("placed/on_cpu")
