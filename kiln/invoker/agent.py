@@ -275,6 +275,8 @@ class NodeAgent:
             self.snapshots.forget(running.launch.replica_id)
         self.slots.give_back(running.gpu_type, running.indices)
         self._plan_standbys()
+        # The freed slot is placeable now, not at the next periodic beat: say so first.
+        await self._beat()
         event = {
             "replica_id": running.launch.replica_id,
             "function_id": running.launch.function_id,
@@ -308,15 +310,18 @@ class NodeAgent:
 
     async def _heartbeat(self) -> None:
         while True:
-            beat = NodeHeartbeat(
-                node_id=self.node_id,
-                hostname=socket.gethostname(),
-                slots=dict(self.slots.total),
-                free={kind: len(free) for kind, free in self.slots.free.items()},
-                replicas=list(self.replicas),
-                standbys=self._ready_standbys(),
-                snapshots=self.snapshots.affinities() if self.snapshots is not None else [],
-            )
-            with contextlib.suppress(Exception):
-                await self.nc.publish(self.subjects.node_heartbeat(self.node_id), encode(beat))
+            await self._beat()
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+    async def _beat(self) -> None:
+        beat = NodeHeartbeat(
+            node_id=self.node_id,
+            hostname=socket.gethostname(),
+            slots=dict(self.slots.total),
+            free={kind: len(free) for kind, free in self.slots.free.items()},
+            replicas=list(self.replicas),
+            standbys=self._ready_standbys(),
+            snapshots=self.snapshots.affinities() if self.snapshots is not None else [],
+        )
+        with contextlib.suppress(Exception):
+            await self.nc.publish(self.subjects.node_heartbeat(self.node_id), encode(beat))

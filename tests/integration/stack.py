@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,7 @@ from kiln.functions.package import package
 from kiln.invoker.agent import NodeAgent
 from kiln.platform import serve_platform
 from kiln.settings import Settings
-from kiln.wire import Subjects
+from kiln.wire import NodeHeartbeat, Subjects, decode
 
 BODY_LIMIT = 256 * 1024
 
@@ -87,6 +87,24 @@ class Platform:
         assert response.status_code == 200, response.text
         found: list[dict[str, Any]] = response.json()["replicas"]
         return found
+
+
+async def next_node_beat(
+    platform: Platform, matches: Callable[[NodeHeartbeat], bool], timeout_s: float = 10
+) -> NodeHeartbeat:
+    nc = await nats.connect(platform.settings.nats_servers)
+    found: asyncio.Future[NodeHeartbeat] = asyncio.get_running_loop().create_future()
+
+    async def seen(msg: Msg) -> None:
+        beat = decode(NodeHeartbeat, msg.data)
+        if matches(beat) and not found.done():
+            found.set_result(beat)
+
+    try:
+        await nc.subscribe(Subjects(platform.settings.namespace).all_node_heartbeats, cb=seen)
+        return await asyncio.wait_for(found, timeout_s)
+    finally:
+        await nc.close()
 
 
 def error_of(response: httpx.Response) -> dict[str, str]:

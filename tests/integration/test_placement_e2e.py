@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from stack import Platform, extra_node, platform_fixture  # noqa: F401 - the fixture
+from stack import Platform, extra_node, next_node_beat, platform_fixture  # noqa: F401 - the fixture
 
 from kiln.db.enums import NodeState
 from kiln.db.models import Node
@@ -85,3 +85,63 @@ async def test_replicas_land_on_nodes_with_their_gpu_type(
             await asyncio.sleep(0.25)
     finally:
         await engine.dispose()
+
+
+CACHED = """
+import os
+
+import kiln
+
+app = kiln.App("cached")
+
+
+@app.cls(gpu="H100", idle_timeout=1)
+class Model:
+    @kiln.enter(snap=True)
+    def load(self) -> None:
+        import torch
+
+        self.weights = torch.arange(1024, dtype=torch.float32)
+
+    @kiln.method()
+    def total(self) -> float:
+        return float(self.weights.sum())
+"""
+
+
+async def test_a_cold_start_goes_to_the_node_that_caches_the_snapshot(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """Two empty nodes with a free H100 each: the cold start goes to the one holding the
+    function's snapshot, although the other would win every other tie (fewer replicas, and its
+    name sorts first)."""
+    app_file = tmp_path / "cached.py"
+    app_file.write_text(CACHED)
+    async with extra_node(platform, tmp_path / "z", "node-z", {"H100": 1}):
+        await platform.deploy(app_file)
+        first = await platform.call("cached/Model.total", json={})
+        assert first.status_code == 200, first.text
+        [baked] = await platform.replicas("cached/Model")
+        assert baked["node"] == "node-z"
+        # node-z's agent seals what its replica baked and advertises it.
+        beat = await next_node_beat(
+            platform, lambda b: b.node_id == "node-z" and bool(b.snapshots), timeout_s=60
+        )
+        async with extra_node(platform, tmp_path / "a", "node-a", {"H100": 1}):
+            await next_node_beat(platform, lambda b: b.node_id == "node-a")
+            deadline = time.monotonic() + 30
+            while await platform.replicas("cached/Model"):
+                assert time.monotonic() < deadline, "never scaled to zero"
+                await asyncio.sleep(0.2)
+            # Placement goes by the nodes' heartbeats: node-z's must show its GPU free again.
+            await next_node_beat(platform, lambda b: b.node_id == "node-z" and b.free["H100"] == 1)
+            second = await platform.call("cached/Model.total", json={})
+            assert second.status_code == 200, second.text
+            assert second.json() == first.json() == float(sum(range(1024)))
+            deadline = time.monotonic() + 15
+            # The report that carries the origin travels beside the reply.
+            while (restored := (await platform.replicas("cached/Model"))[0])["origin"] is None:
+                assert time.monotonic() < deadline, restored
+                await asyncio.sleep(0.1)
+            assert restored["node"] == "node-z", (restored, beat.snapshots)
+            assert restored["origin"] == "snapshot"

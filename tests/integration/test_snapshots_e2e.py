@@ -15,13 +15,13 @@ import nats
 import pytest
 import sqlalchemy as sa
 from nats.aio.msg import Msg
-from stack import Platform, platform_fixture  # noqa: F401 - the fixture
+from stack import Platform, next_node_beat, platform_fixture  # noqa: F401 - the fixture
 
 from kiln.db.models import Function, Replica
 from kiln.db.session import create_engine
 from kiln.functions.package import package
 from kiln.snapshots.shared import SharedSnapshots
-from kiln.wire import NodeHeartbeat, ReplicaHeartbeat, Subjects, affinity_id, decode
+from kiln.wire import ReplicaHeartbeat, Subjects, affinity_id, decode
 
 pytestmark = pytest.mark.integration
 
@@ -165,24 +165,6 @@ async def test_a_class_is_baked_on_its_first_cold_start_and_restored_on_the_next
     assert 'kiln_cold_starts_total{origin="snapshot"}' in metrics
     for phase in ("schedule", "assign", "code_load", "restore", "enter", "first_call"):
         assert f'kiln_cold_start_phase_seconds_count{{phase="{phase}"}}' in metrics, phase
-
-
-async def next_node_beat(
-    platform: Platform, matches: Callable[[NodeHeartbeat], bool], timeout_s: float = 10
-) -> NodeHeartbeat:
-    nc = await nats.connect(platform.settings.nats_servers)
-    found: asyncio.Future[NodeHeartbeat] = asyncio.get_running_loop().create_future()
-
-    async def seen(msg: Msg) -> None:
-        beat = decode(NodeHeartbeat, msg.data)
-        if matches(beat) and not found.done():
-            found.set_result(beat)
-
-    try:
-        await nc.subscribe(Subjects(platform.settings.namespace).all_node_heartbeats, cb=seen)
-        return await asyncio.wait_for(found, timeout_s)
-    finally:
-        await nc.close()
 
 
 def tamper(blob: Path) -> None:
