@@ -38,6 +38,7 @@ __all__ = [
     "ResultTooLarge",
     "SnapshotError",
     "SnapshotTampered",
+    "StreamBroken",
     "Unauthenticated",
     "Unavailable",
     "Unprocessable",
@@ -236,6 +237,13 @@ class ResultTooLarge(FunctionError):
 class WorkerLost(KilnError):
     status = 502
     code = "worker_lost"
+
+
+class StreamBroken(KilnError):
+    """A stream lost a chunk on the way: it ends with this error rather than skip it."""
+
+    status = 502
+    code = "stream_broken"
 
 
 class Unavailable(KilnError):

@@ -13,6 +13,7 @@ Everything lives under the deployment's namespace `ns` (`KILN_NAMESPACE`):
 | `ns.hb.node.<node>`              | core          | node agent → scheduler     |
 | `ns.node.<node>.cmd`             | core req/rep  | scheduler → node agent     |
 | `ns.replica.<rid>.drain`         | core          | node agent → replica       |
+| `ns.replica.<rid>.ctl`           | core          | router → replica (credits, cancel) |
 | `ns.events.replica`              | core          | node agent → scheduler     |
 
 `<fid>` is a function's UUID in hex. Calls carry their parameters in headers and the caller's
@@ -39,15 +40,18 @@ __all__ = [
     "NodeHeartbeat",
     "ReplicaHeartbeat",
     "StartReplica",
+    "StreamControl",
     "Subjects",
     "consumer_name",
     "decode",
     "encode",
+    "parse_event",
+    "stream_event",
 ]
 
 _T = TypeVar("_T")
 
-WIRE_VERSION = "3"
+WIRE_VERSION = "4"
 _JSON = "application/json"
 HEARTBEAT_INTERVAL_S = 1.0
 # A replica silent for this long is lost: its callers get worker_lost, the scheduler replaces it.
@@ -61,10 +65,14 @@ class H:
     # A call's fields in one header, space-separated: wire version, call id, router (the one
     # waiting for the reply: subjects reply() and accepted()), accept-by (epoch seconds; a call
     # not started by then is dropped), timeout (seconds of execution allowed), deploy
-    # generation (older replicas hand the call back), method ("-" for none), request id (last:
-    # it may hold spaces). Headers cost a parse on both ends of the hot path, so one, not eight.
+    # generation (older replicas hand the call back), stream window (chunks a streaming call
+    # may send before the router grants more; 0 for a plain call), method ("-" for none),
+    # request id (last: it may hold spaces). Headers cost a parse on both ends of the hot path,
+    # so one, not nine.
     CALL = "Kiln-Call"
     CONTENT_TYPE = "Kiln-Content-Type"  # only when not application/json
+    # What a reply says (Event), and for stream events their sequence number: "chunk 7",
+    # "end 12" (the number of chunks sent), "error 3" (chunks sent before the error).
     EVENT = "Kiln-Event"
     REPLICA = "Kiln-Replica"
 
@@ -75,6 +83,30 @@ class Event(enum.StrEnum):
     # ACCEPTED travels on its own subject, batched: {"replica": id, "calls": [call ids]}.
     RESULT = "result"
     ERROR = "error"  # body: {"code", "message", "status"}
+    CHUNK = "chunk"  # one item a generator yielded, as JSON
+    END = "end"  # the generator finished
+
+
+def stream_event(event: Event, seq: int) -> dict[str, str]:
+    """The headers of a stream message: its event and sequence number in one header."""
+    return {H.EVENT: f"{event} {seq}"}
+
+
+def parse_event(value: str) -> tuple[str, int]:
+    """`Kiln-Event`'s event and sequence number (-1 when it carries none)."""
+    event, _, seq = value.partition(" ")
+    return event, int(seq) if seq else -1
+
+
+@dataclass(frozen=True)
+class StreamControl:
+    """A router's word about one streaming call to the replica running it: the chunks it may
+    send (`limit`: sequence numbers below it), or stop (`cancel`: the caller left)."""
+
+    router: str
+    call: str
+    limit: int = 0
+    cancel: bool = False
 
 
 def affinity_id(code_digest: str, function: str) -> str:
@@ -168,6 +200,10 @@ class Subjects:
     def drain(self, replica_id: uuid.UUID) -> str:
         return f"{self.ns}.replica.{replica_id.hex}.drain"
 
+    def replica_control(self, replica_id: uuid.UUID) -> str:
+        """Where routers send a replica `StreamControl`s for the calls it runs."""
+        return f"{self.ns}.replica.{replica_id.hex}.ctl"
+
     @property
     def replica_events(self) -> str:
         return f"{self.ns}.events.replica"
@@ -183,12 +219,14 @@ class CallHeaders:
     method: str | None = None
     request_id: str = ""
     generation: int = 0
+    window: int = 0  # a streaming call's first credit, in chunks; 0: not a stream
 
     def to_headers(self) -> dict[str, str]:
         headers = {
             H.CALL: (
                 f"{WIRE_VERSION} {self.call_id} {self.router} {self.accept_by:.3f} "
-                f"{self.timeout_s:g} {self.generation} {self.method or '-'} {self.request_id}"
+                f"{self.timeout_s:g} {self.generation} {self.window} {self.method or '-'} "
+                f"{self.request_id}"
             )
         }
         if self.content_type != _JSON:
@@ -197,12 +235,12 @@ class CallHeaders:
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str]) -> CallHeaders:
-        fields = headers.get(H.CALL, "").split(" ", 7)
+        fields = headers.get(H.CALL, "").split(" ", 8)
         if fields[0] != WIRE_VERSION:
             raise ValueError(f"call in wire format {fields[0]!r}, expected {WIRE_VERSION}")
-        if len(fields) != 8:
-            raise ValueError(f"call header has {len(fields)} fields, expected 8")
-        _, call_id, router, accept_by, timeout_s, generation, method, request_id = fields
+        if len(fields) != 9:
+            raise ValueError(f"call header has {len(fields)} fields, expected 9")
+        _, call_id, router, accept_by, timeout_s, generation, window, method, request_id = fields
         return cls(
             call_id=call_id,
             router=router,
@@ -212,6 +250,7 @@ class CallHeaders:
             method=None if method == "-" else method,
             request_id=request_id,
             generation=int(generation),
+            window=int(window),
         )
 
 

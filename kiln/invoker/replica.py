@@ -41,9 +41,10 @@ from kiln.db.enums import ReplicaState
 from kiln.errors import FunctionError, FunctionTimeout, KilnError, ResultTooLarge
 from kiln.functions.loader import load_app, resolve
 from kiln.functions.package import unpack
-from kiln.functions.spec import FunctionSpec
+from kiln.functions.spec import CallKind, FunctionSpec
 from kiln.invoker.coldstart import ColdStart, SnapshotLink, build_instance
 from kiln.invoker.feed import CallFeed
+from kiln.invoker.streams import StreamCredits, send_stream
 from kiln.invoker.target import Target, build_target
 from kiln.settings import Settings
 from kiln.wire import (
@@ -54,8 +55,10 @@ from kiln.wire import (
     H,
     ReplicaHeartbeat,
     StartReplica,
+    StreamControl,
     Subjects,
     consumer_name,
+    decode,
     encode,
 )
 
@@ -88,6 +91,10 @@ class Replica:
         self.feed: CallFeed | None = None
         self._busy = 0  # calls taken and not finished (in_flight, counted before its tasks run)
         self._accepts: dict[str, list[str]] = {}  # router id -> call ids taken, not yet told
+        # Calls running, by (router, call id): what a router's StreamControl refers to.
+        self._running: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._credits: dict[tuple[str, str], StreamCredits] = {}
+        self._cancelled: dict[tuple[str, str], bool] = {}
         self._replica_str = str(self.replica_id)
         self._tasks: set[asyncio.Future[None]] = set()
         self.cold_start = ColdStart(on_phase=self._on_phase)
@@ -106,6 +113,7 @@ class Replica:
         js = self.nc.jetstream()
         heartbeat = asyncio.create_task(self._heartbeat(), name="kiln-replica-heartbeat")
         drain_sub = await self.nc.subscribe(self.subjects.drain(self.replica_id), cb=self._on_drain)
+        await self.nc.subscribe(self.subjects.replica_control(self.replica_id), cb=self._on_control)
         code = 0
         try:
             record = self.cold_start
@@ -229,7 +237,18 @@ class Replica:
             if time.time() > call.accept_by:
                 return  # the caller gave up before we got to it
             self._accept(call)
-            await self._execute(call, msg.data)
+            key = (call.router, call.call_id)
+            task = asyncio.current_task()
+            assert task is not None
+            self._running[key] = task
+            try:
+                await self._execute(call, msg.data)
+            except asyncio.CancelledError:
+                if not self._cancelled.pop(key, False):
+                    raise  # not the caller's cancel: the replica is stopping
+                _log.info("call %s cancelled: its caller left", call.call_id)
+            finally:
+                self._running.pop(key, None)
         finally:
             self._busy -= 1
             if self.feed is not None:
@@ -265,6 +284,10 @@ class Replica:
                 await self._execute(call, body)
             finally:
                 self._report({"first_call": time.perf_counter() - started})
+            return
+        entry = self.spec.entry(call.method)
+        if entry is not None and entry.kind is CallKind.GENERATOR and call.window > 0:
+            await self._execute_stream(call, body)
             return
         deadline = asyncio.timeout(call.timeout_s)
         try:
@@ -308,6 +331,53 @@ class Replica:
         except Exception as exc:  # noqa: BLE001 - tell the caller rather than leave it waiting
             _log.error("could not send the result of call %s: %s", call.call_id, exc)
             await self._reply_error(call, FunctionError(f"the result could not be sent: {exc}"))
+
+    async def _execute_stream(self, call: CallHeaders, body: bytes) -> None:
+        """Run a generator and stream what it yields; its timeout covers the whole stream."""
+        assert self.nc is not None
+        assert self.target is not None
+        key = (call.router, call.call_id)
+        credits = self._credits[key] = StreamCredits(call.window)
+        deadline = asyncio.timeout(call.timeout_s)
+        try:
+            async with deadline:
+                await send_stream(
+                    self.nc,
+                    self.subjects.reply(call.router, call.call_id),
+                    self.target.stream(call.method, body, call.content_type),
+                    credits,
+                    max_chunk_bytes=int(self.nc.max_payload) - _HEADER_ROOM,
+                )
+        except TimeoutError as exc:
+            if not deadline.expired():
+                await self._reply_user_error(call, exc)
+                return
+            await self._reply_error(call, FunctionTimeout(
+                f"the stream did not finish within the function's timeout ({call.timeout_s:g} s)"
+            ))  # fmt: skip
+        except KilnError as exc:
+            await self._reply_error(call, exc)
+        except Exception as exc:  # noqa: BLE001 - the customer's code may raise anything
+            await self._reply_user_error(call, exc)
+        finally:
+            self._credits.pop(key, None)
+
+    async def _on_control(self, msg: Msg) -> None:
+        try:
+            control = decode(StreamControl, msg.data)
+        except (ValueError, TypeError):
+            _log.warning("ignoring an unreadable stream control message")
+            return
+        key = (control.router, control.call)
+        if control.cancel:
+            task = self._running.get(key)
+            if task is not None and not task.done():
+                self._cancelled[key] = True
+                task.cancel()
+            return
+        credits = self._credits.get(key)
+        if credits is not None:
+            credits.grant(control.limit)
 
     async def _reply_user_error(self, call: CallHeaders, exc: Exception) -> None:
         """The customer's exception: type and message to the caller, traceback to the logs."""

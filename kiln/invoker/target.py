@@ -1,14 +1,17 @@
 """What a replica runs: the user's function, or an instance of the user's class, behind one
 `call(method, body, content_type)` interface that decodes arguments, runs sync code in threads
-(so the event loop keeps serving heartbeats and other calls) and encodes the result."""
+(so the event loop keeps serving heartbeats and other calls) and encodes the result; and
+`stream(...)` for generators, which yields each item encoded as it is produced."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import inspect
 import json
-from collections.abc import Callable
+import threading
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +87,46 @@ class Target:
         args, kwargs = _decode(label, signature, body, content_type)
         return _encode(label, await self._run(fn, *args, **kwargs))
 
+    async def stream(
+        self, method: str | None, body: bytes, content_type: str
+    ) -> AsyncGenerator[bytes, None]:
+        """Run a generator entry point, yielding each item as JSON (bytes as a base64 string).
+        A sync generator steps in the call threads, one item per step, so it is paused
+        between items while the caller is not ready for more; closing this iterator closes
+        the generator (its `finally` blocks run) once its current step is done."""
+        label, fn = self.callable_for(method)
+        signature = self._signatures.get(label)
+        if signature is None:
+            signature = self._signatures[label] = _signature(fn)
+        args, kwargs = _decode(label, signature, body, content_type)
+        if inspect.isasyncgenfunction(fn):
+            agen = fn(*args, **kwargs)
+            try:
+                async for item in agen:
+                    yield _encode_chunk(label, item)
+            finally:
+                await agen.aclose()
+            return
+        made = await self._run(fn, *args, **kwargs)
+        if not isinstance(made, Iterator):
+            raise UnserializableResult(
+                f"{label} is declared a generator but returned {type(made).__name__}"
+            )
+        steps = _Steps(made)
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                done, item = await loop.run_in_executor(self.executor, steps.next)
+                if done:
+                    return
+                yield _encode_chunk(label, item)
+        finally:
+            # Not awaited: a step may still be running in its thread; `close` waits for it.
+            try:
+                self.executor.submit(steps.close)
+            except RuntimeError:  # the executor is shut down: the replica is exiting
+                threading.Thread(target=steps.close, daemon=True).start()
+
     async def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if inspect.iscoroutinefunction(fn):
             return await fn(*args, **kwargs)
@@ -92,6 +135,28 @@ class Target:
         if inspect.isawaitable(result):  # a sync wrapper around async code
             return await result
         return result
+
+
+class _Steps:
+    """A sync generator stepped from several threads, one step at a time: closing it waits for
+    a step in progress (a running generator cannot be closed)."""
+
+    def __init__(self, generator: Iterator[Any]) -> None:
+        self.generator = generator
+        self.lock = threading.Lock()
+
+    def next(self) -> tuple[bool, Any]:
+        with self.lock:
+            try:
+                return False, next(self.generator)
+            except StopIteration:
+                return True, None
+
+    def close(self) -> None:
+        with self.lock:
+            close = getattr(self.generator, "close", None)
+            if close is not None:
+                close()
 
 
 def build_target(spec: FunctionSpec, obj: Any) -> Target:
@@ -132,6 +197,18 @@ def _decode(
     except TypeError as exc:
         raise InvalidArguments(f"{exc}; the signature is {label}{signature}") from None
     return args, kwargs
+
+
+def _encode_chunk(label: str, item: Any) -> bytes:
+    if isinstance(item, bytes | bytearray | memoryview):
+        return json.dumps(base64.b64encode(item).decode()).encode()
+    try:
+        return json.dumps(item, separators=(",", ":")).encode()
+    except (TypeError, ValueError) as exc:
+        raise UnserializableResult(
+            f"{label} yielded a value that cannot be sent as JSON ({exc}); yield JSON types "
+            "(dict, list, str, int, float, bool, None) or bytes"
+        ) from None
 
 
 def _encode(label: str, result: Any) -> Encoded:

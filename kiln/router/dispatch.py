@@ -38,10 +38,12 @@ from kiln.errors import (
     InvalidArguments,
     KilnError,
     ResultTooLarge,
+    StreamBroken,
     Unavailable,
     UnserializableResult,
     WorkerLost,
 )
+from kiln.router.streams import STREAM_WINDOW, CallAbandoned, CallStream
 from kiln.wire import (
     HEARTBEAT_INTERVAL_S,
     REPLICA_LOST_AFTER_S,
@@ -49,8 +51,11 @@ from kiln.wire import (
     Event,
     H,
     ReplicaHeartbeat,
+    StreamControl,
     Subjects,
     decode,
+    encode,
+    parse_event,
 )
 
 __all__ = ["CallResult", "Dispatcher", "ensure_calls_stream"]
@@ -67,6 +72,7 @@ _REMOTE_ERRORS: dict[str, type[KilnError]] = {
         InvalidArguments,
         FunctionTimeout,
         WorkerLost,
+        StreamBroken,
     )
 }
 # After a replica accepted a call it has `timeout` to answer; this covers the reply's trip.
@@ -102,7 +108,7 @@ class _Call:
 
     __slots__ = (
         "accept_by", "deadline", "future", "phase", "published_at", "queue_wait_s", "replica_id",
-        "startup_timeout_s", "timeout_s", "timer", "timer_at",
+        "startup_timeout_s", "stream", "timeout_s", "timer", "timer_at",
     )  # fmt: skip
 
     def __init__(self, future: asyncio.Future[CallResult], headers: CallHeaders, startup_s: float):
@@ -117,6 +123,7 @@ class _Call:
         self.timer_at = 0.0
         self.published_at = future.get_loop().time()
         self.queue_wait_s = 0.0
+        self.stream: CallStream | None = None
 
     def fail(self, error: KilnError) -> None:
         if not self.future.done():
@@ -194,6 +201,9 @@ class Dispatcher:
         self._call_ids = itertools.count(1)
         self._subscriptions: list[Subscription] = []
         self._watchdog: asyncio.Task[None] | None = None
+        # Calls abandoned before a replica took them: told to stop once one does.
+        self._abandoned: dict[str, float] = {}
+        self._controls: set[asyncio.Task[None]] = set()
 
     @property
     def max_body_bytes(self) -> int:
@@ -237,7 +247,49 @@ class Dispatcher:
         generation: int = 0,
     ) -> asyncio.Future[CallResult]:
         """Put a call into the function's queue; the future holds its result or its error
-        (a KilnError). Cancelling the future abandons the call."""
+        (a KilnError). Cancelling the future (or failing it with `CallAbandoned`) abandons
+        the call: its replica is told to stop."""
+        call = await self._publish(
+            function_id, body, content_type, method, timeout_s, startup_timeout_s, request_id,
+            generation, window=0,
+        )  # fmt: skip
+        return call.future
+
+    async def open_stream(
+        self,
+        function_id: uuid.UUID,
+        body: bytes,
+        *,
+        content_type: str,
+        method: str | None,
+        timeout_s: float,
+        startup_timeout_s: float,
+        request_id: str,
+        generation: int = 0,
+        window: int = STREAM_WINDOW,
+    ) -> CallStream:
+        """Put a call of a generator into the function's queue; its chunks arrive in the
+        returned stream, at most `window` ahead of the reader."""
+        call = await self._publish(
+            function_id, body, content_type, method, timeout_s, startup_timeout_s, request_id,
+            generation, window=window,
+        )  # fmt: skip
+        assert call.stream is not None
+        return call.stream
+
+    async def _publish(
+        self,
+        function_id: uuid.UUID,
+        body: bytes,
+        content_type: str,
+        method: str | None,
+        timeout_s: float,
+        startup_timeout_s: float,
+        request_id: str,
+        generation: int,
+        *,
+        window: int,
+    ) -> _Call:
         # Unique within this router, whose id is in the reply subject; a counter spares the
         # urandom system call that uuid4 makes on every request.
         call_id = f"{next(self._call_ids):x}"
@@ -250,9 +302,18 @@ class Dispatcher:
             method=method,
             request_id=request_id,
             generation=generation,
+            window=window,
         )
         future: asyncio.Future[CallResult] = asyncio.get_running_loop().create_future()
         call = _Call(future, headers, startup_timeout_s)
+        if window:
+            call.stream = CallStream(
+                future,
+                router=self.router_id,
+                call_id=call_id,
+                window=window,
+                send_control=functools.partial(self._control, call),
+            )
         self._calls[call_id] = call
         future.add_done_callback(functools.partial(self._forget, call_id))
         call.set_deadline(min(_PUBACK_WAIT_S, startup_timeout_s))
@@ -269,12 +330,27 @@ class Dispatcher:
         except Exception as exc:  # noqa: BLE001 - NATS down or closing: the caller may retry
             call.fail(Unavailable("the call queue is unreachable", retry_after=1))
             _log.warning("publishing call %s failed: %s", call_id, exc)
-        return future
+        return call
 
     def _forget(self, call_id: str, future: asyncio.Future[CallResult]) -> None:
         call = self._calls.pop(call_id, None)
-        if call is not None:
-            call.cancel_timer()
+        if call is None:
+            return
+        call.cancel_timer()
+        if future.cancelled() or isinstance(future.exception(), CallAbandoned):
+            if call.replica_id is None:
+                self._abandoned[call_id] = time.monotonic()
+            else:
+                self._control(call, StreamControl(self.router_id, call_id, cancel=True))
+
+    def _control(self, call: _Call, control: StreamControl) -> None:
+        """Send a replica word about a call it runs (not yet known: `_on_accepted` resends)."""
+        if call.replica_id is None:
+            return
+        subject = self.subjects.replica_control(uuid.UUID(call.replica_id))
+        task = asyncio.ensure_future(self.nc.publish(subject, encode(control)))
+        self._controls.add(task)
+        task.add_done_callback(self._controls.discard)
 
     async def _hint_demand(self, function_id: uuid.UUID) -> None:
         """Wake the scheduler when the function has no ready replica (scale from zero without
@@ -297,6 +373,9 @@ class Dispatcher:
         event = headers.get(H.EVENT) if headers else None
         if event is None:
             self._on_puback(call, msg.data)
+        elif call.stream is not None and event.startswith((Event.CHUNK, Event.END)):
+            kind, seq = parse_event(event)  # "chunk 7" or "end 12"
+            call.stream.on_event(kind, seq, msg.data)
         elif event == Event.RESULT:
             assert headers is not None
             if not call.future.done():
@@ -343,6 +422,14 @@ class Dispatcher:
                 call.replica_id = replica
                 call.queue_wait_s = call.future.get_loop().time() - call.published_at
                 call.enter(_Phase.RUNNING, call.timeout_s + _REPLY_GRACE_S)
+                if call.stream is not None:
+                    call.stream.grant()  # a grant due before we knew where to send it
+            elif self._abandoned.pop(call_id, None) is not None:
+                # Its caller left while it waited: the replica that took it should not run it.
+                stop = StreamControl(self.router_id, call_id, cancel=True)
+                await self.nc.publish(
+                    self.subjects.replica_control(uuid.UUID(replica)), encode(stop)
+                )
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         now = time.monotonic()
@@ -379,6 +466,9 @@ class Dispatcher:
             for replica, seen in list(self._last_seen.items()):
                 if now - seen > 60:
                     del self._last_seen[replica]
+            for call_id, abandoned_at in list(self._abandoned.items()):
+                if now - abandoned_at > 3600:  # past any startup_timeout: nobody will take it
+                    del self._abandoned[call_id]
             for function, replicas in list(self._ready.items()):
                 for replica, seen in list(replicas.items()):
                     if now - seen > 60:

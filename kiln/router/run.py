@@ -1,20 +1,22 @@
-"""`POST /v1/run/APP/NAME`: a synchronous call of a function or a class method."""
+"""`POST /v1/run/APP/NAME`: a synchronous call of a function or a class method, or a
+generator's results streamed (`kiln.router.stream_response`)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from kiln.errors import InvalidJson, InvalidRequest, NotFound, PayloadTooLarge, PermissionDenied
 from kiln.functions.spec import CallKind, UnitKind
-from kiln.router.dispatch import CallResult
 from kiln.router.errors import request_id
 from kiln.router.services import services
+from kiln.router.stream_response import stream_response
+from kiln.router.streams import CallAbandoned
 
 __all__ = ["read_body", "run"]
 
@@ -27,14 +29,12 @@ _MAYBE_JSON = ("", "application/x-www-form-urlencoded", "text/plain")
 _WATCH_AFTER_S = 0.05
 
 
-class _ClientGone(Exception):
-    """The caller disconnected before the answer: nobody is left to send it to."""
-
-
 class _DisconnectWatch:
-    def __init__(self, request: Request, call: asyncio.Future[CallResult]) -> None:
+    """Calls `on_gone` if the client disconnects while the call runs."""
+
+    def __init__(self, request: Request, on_gone: Callable[[], None]) -> None:
         self.request = request
-        self.call = call
+        self.on_gone = on_gone
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -48,9 +48,17 @@ class _DisconnectWatch:
         while True:
             message = await self.request.receive()
             if message["type"] == "http.disconnect":
-                if not self.call.done():
-                    self.call.set_exception(_ClientGone())
+                self.on_gone()
                 return
+
+
+def _watch_now(request: Request) -> Callable[[Callable[[], None]], Callable[[], None]]:
+    def watch(on_gone: Callable[[], None]) -> Callable[[], None]:
+        watcher = _DisconnectWatch(request, on_gone)
+        watcher.start()
+        return watcher.stop
+
+    return watch
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -96,10 +104,10 @@ async def run(request: Request) -> Response:
     entry = route.spec.entry(method or None)
     if entry is None:
         raise NotFound(_no_entry(app, route.spec.name, method, route.spec.kind, route.spec.entries))
-    if entry.kind is not CallKind.FUNCTION:
+    if entry.kind is CallKind.WEBSOCKET:
         raise InvalidRequest(
-            f"{app}/{request.path_params['name']} is a {entry.kind.value}; it is called through "
-            "its streaming or WebSocket route, not /v1/run"
+            f"{app}/{request.path_params['name']} is a WebSocket handler; open a WebSocket to "
+            f"/v1/ws/{app}/{request.path_params['name']} instead"
         )
     body, content_type = classify(
         await read_body(
@@ -108,6 +116,18 @@ async def run(request: Request) -> Response:
         request.headers.get("content-type", ""),
     )
     rid = request_id(request)
+    if entry.kind is CallKind.GENERATOR:
+        stream = await svc.dispatcher.open_stream(
+            route.function_id,
+            body,
+            content_type=content_type,
+            method=method or None,
+            timeout_s=route.timeout_s,
+            startup_timeout_s=route.startup_timeout_s,
+            request_id=rid,
+            generation=route.generation,
+        )
+        return await stream_response(request, stream, rid, _watch_now(request))
     call = await svc.dispatcher.submit(
         route.function_id,
         body,
@@ -118,14 +138,19 @@ async def run(request: Request) -> Response:
         request_id=rid,
         generation=route.generation,
     )
+
     # The body is read, so the next message from the client can only be its disconnect: stop
-    # waiting for a caller who left (cancelling the call inside the replica is issue 6's). Most
-    # calls finish before it would matter, so the watch starts only after a moment.
-    watch = _DisconnectWatch(request, call)
+    # waiting for a caller who left, and have the replica stop the call (the dispatcher tells
+    # it). Most calls finish before it would matter, so the watch starts only after a moment.
+    def gone() -> None:
+        if not call.done():
+            call.set_exception(CallAbandoned())
+
+    watch = _DisconnectWatch(request, gone)
     timer = asyncio.get_running_loop().call_later(_WATCH_AFTER_S, watch.start)
     try:
         result = await call
-    except _ClientGone:
+    except CallAbandoned:
         return Response(status_code=499)
     finally:
         timer.cancel()

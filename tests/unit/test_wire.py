@@ -6,7 +6,18 @@ import uuid
 
 import pytest
 
-from kiln.wire import CallHeaders, H, ReplicaHeartbeat, Subjects, consumer_name, decode, encode
+from kiln.wire import (
+    CallHeaders,
+    Event,
+    H,
+    ReplicaHeartbeat,
+    Subjects,
+    consumer_name,
+    decode,
+    encode,
+    parse_event,
+    stream_event,
+)
 
 
 def test_call_headers_round_trip() -> None:
@@ -15,7 +26,7 @@ def test_call_headers_round_trip() -> None:
         accept_by=1234.5, timeout_s=30, method="greet", request_id="req_1", generation=3,
     )  # fmt: skip
     headers = call.to_headers()
-    assert headers == {H.CALL: "3 c1 r 1234.500 30 3 greet req_1"}
+    assert headers == {H.CALL: "4 c1 r 1234.500 30 3 0 greet req_1"}
     assert CallHeaders.from_headers(headers) == call
 
 
@@ -29,10 +40,18 @@ def test_call_headers_keep_spaces_in_request_ids_and_other_content_types() -> No
 def test_call_headers_refuse_another_wire_version() -> None:
     headers = CallHeaders("c", "r", "application/json", 1.0, 1.0).to_headers()
     headers[H.CALL] = "2" + headers[H.CALL][1:]
-    with pytest.raises(ValueError, match="wire format '2', expected 3"):
+    with pytest.raises(ValueError, match="wire format '2', expected 4"):
         CallHeaders.from_headers(headers)
-    with pytest.raises(ValueError, match="call header has 3 fields, expected 8"):
-        CallHeaders.from_headers({H.CALL: "3 c r"})
+    with pytest.raises(ValueError, match="call header has 3 fields, expected 9"):
+        CallHeaders.from_headers({H.CALL: "4 c r"})
+
+
+def test_a_streaming_calls_window_and_its_events_sequence_numbers_travel() -> None:
+    call = CallHeaders("c", "r", "application/json", 1.0, 1.0, method="gen", window=32)
+    assert CallHeaders.from_headers(call.to_headers()) == call
+    assert parse_event(stream_event(Event.CHUNK, 7)[H.EVENT]) == ("chunk", 7)
+    assert parse_event(stream_event(Event.END, 12)[H.EVENT]) == ("end", 12)
+    assert parse_event(Event.RESULT) == ("result", -1)
 
 
 def test_heartbeat_round_trip() -> None:

@@ -1,0 +1,65 @@
+"""A replica's side of a streaming call: send each chunk a generator yields to the caller's
+router, numbered, and never more than the router has room for.
+
+The router says in the call how many chunks it can hold (`CallHeaders.window`) and raises that
+limit as its client reads (`StreamControl.limit`). A slow client so pauses the generator itself
+instead of piling chunks up anywhere; nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator
+
+from nats.aio.client import Client as NATS
+
+from kiln.errors import ResultTooLarge
+from kiln.wire import Event, stream_event
+
+__all__ = ["StreamCredits", "send_stream"]
+
+
+class StreamCredits:
+    """The chunks one streaming call may send: sequence numbers below `limit`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._raised = asyncio.Event()
+
+    def grant(self, limit: int) -> None:
+        if limit > self.limit:
+            self.limit = limit
+            self._raised.set()
+
+    async def wait_for(self, seq: int) -> None:
+        while seq >= self.limit:
+            self._raised.clear()
+            await self._raised.wait()
+
+
+async def send_stream(
+    nc: NATS,
+    subject: str,
+    chunks: AsyncGenerator[bytes, None],
+    credits: StreamCredits,
+    *,
+    max_chunk_bytes: int,
+) -> int:
+    """Publish every chunk to `subject` as it comes, then the end; the number of chunks sent.
+    The generator is asked for its next item only once the previous chunk is sent and the
+    credit allows one more."""
+    seq = 0
+    # Closed on every way out (an error, a cancel), so the generator's `finally` runs now.
+    async with contextlib.aclosing(chunks):
+        async for chunk in chunks:
+            if len(chunk) > max_chunk_bytes:
+                raise ResultTooLarge(
+                    f"chunk {seq} has {len(chunk)} bytes; stream chunks are limited to "
+                    f"{max_chunk_bytes} bytes"
+                )
+            await credits.wait_for(seq)
+            await nc.publish(subject, chunk, headers=stream_event(Event.CHUNK, seq))
+            seq += 1
+    await nc.publish(subject, b"", headers=stream_event(Event.END, seq))
+    return seq
