@@ -75,6 +75,8 @@ class H:
     # "end 12" (the number of chunks sent), "error 3" (chunks sent before the error).
     EVENT = "Kiln-Event"
     REPLICA = "Kiln-Replica"
+    # The message's bytes are in the payload object store under this name (kiln.payloads).
+    PAYLOAD = "Kiln-Payload"
 
 
 class Event(enum.StrEnum):
@@ -128,6 +130,11 @@ class Subjects:
     @property
     def calls_stream(self) -> str:
         return f"{self.ns}_calls"
+
+    @property
+    def payload_bucket(self) -> str:
+        """Object store: bodies and results too large for one message (kiln.payloads)."""
+        return f"{self.ns}_payloads"
 
     @property
     def code_bucket(self) -> str:
@@ -220,6 +227,7 @@ class CallHeaders:
     request_id: str = ""
     generation: int = 0
     window: int = 0  # a streaming call's first credit, in chunks; 0: not a stream
+    payload: str | None = None  # the body is in the payload store under this name
 
     def to_headers(self) -> dict[str, str]:
         headers = {
@@ -231,6 +239,8 @@ class CallHeaders:
         }
         if self.content_type != _JSON:
             headers[H.CONTENT_TYPE] = self.content_type
+        if self.payload is not None:
+            headers[H.PAYLOAD] = self.payload
         return headers
 
     @classmethod
@@ -251,6 +261,7 @@ class CallHeaders:
             request_id=request_id,
             generation=int(generation),
             window=int(window),
+            payload=headers.get(H.PAYLOAD),
         )
 
 

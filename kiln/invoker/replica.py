@@ -38,7 +38,13 @@ from nats.js import JetStreamContext
 from kiln import _loop
 from kiln.codestore import CodeStore
 from kiln.db.enums import ReplicaState
-from kiln.errors import FunctionError, FunctionTimeout, KilnError, ResultTooLarge
+from kiln.errors import (
+    FunctionError,
+    FunctionTimeout,
+    InvalidArguments,
+    KilnError,
+    ResultTooLarge,
+)
 from kiln.functions.loader import load_app, resolve
 from kiln.functions.package import unpack
 from kiln.functions.spec import CallKind, FunctionSpec
@@ -46,6 +52,7 @@ from kiln.invoker.coldstart import ColdStart, SnapshotLink, build_instance
 from kiln.invoker.feed import CallFeed
 from kiln.invoker.streams import StreamCredits, send_stream
 from kiln.invoker.target import Target, build_target
+from kiln.payloads import MAX_RESULT_BYTES, PayloadStore
 from kiln.settings import Settings
 from kiln.wire import (
     HEARTBEAT_INTERVAL_S,
@@ -95,6 +102,7 @@ class Replica:
         self._running: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._credits: dict[tuple[str, str], StreamCredits] = {}
         self._cancelled: dict[tuple[str, str], bool] = {}
+        self._payload_store: PayloadStore | None = None
         self._replica_str = str(self.replica_id)
         self._tasks: set[asyncio.Future[None]] = set()
         self.cold_start = ColdStart(on_phase=self._on_phase)
@@ -242,7 +250,17 @@ class Replica:
             assert task is not None
             self._running[key] = task
             try:
-                await self._execute(call, msg.data)
+                body = msg.data
+                if call.payload is not None:
+                    try:
+                        body = await self._payloads().take(call.payload)
+                    except Exception as exc:  # noqa: BLE001 - expired, or NATS trouble
+                        _log.error("call %s: its stored body is gone: %s", call.call_id, exc)
+                        await self._reply_error(
+                            call, InvalidArguments("the call's stored body could not be read")
+                        )
+                        return
+                await self._execute(call, body)
             except asyncio.CancelledError:
                 if not self._cancelled.pop(key, False):
                     raise  # not the caller's cancel: the replica is stopping
@@ -310,23 +328,26 @@ class Replica:
         except Exception as exc:  # noqa: BLE001 - the customer's code may raise anything
             await self._reply_user_error(call, exc)
             return
-        limit = int(self.nc.max_payload) - _HEADER_ROOM
-        if len(result.body) > limit:
+        if len(result.body) > MAX_RESULT_BYTES:
             await self._reply_error(call, ResultTooLarge(
-                f"the result has {len(result.body)} bytes; results are limited to {limit} bytes"
+                f"the result has {len(result.body)} bytes; results are limited to "
+                f"{MAX_RESULT_BYTES} bytes"
             ))  # fmt: skip
             return
+        # The router knows the replica from the accepted message and takes JSON for granted:
+        # every header costs a parse on the router's hot path.
+        headers = (
+            _RESULT_JSON
+            if result.content_type == _JSON
+            else {H.EVENT: Event.RESULT, H.CONTENT_TYPE: result.content_type}
+        )
+        body = result.body
         try:
+            if len(body) > int(self.nc.max_payload) - _HEADER_ROOM:
+                headers = {**headers, H.PAYLOAD: await self._payloads().put(body)}
+                body = b""
             await self.nc.publish(
-                self.subjects.reply(call.router, call.call_id),
-                result.body,
-                # The router knows the replica from the accepted message and takes JSON for
-                # granted: every header costs a parse on the router's hot path.
-                headers=(
-                    _RESULT_JSON
-                    if result.content_type == _JSON
-                    else {H.EVENT: Event.RESULT, H.CONTENT_TYPE: result.content_type}
-                ),
+                self.subjects.reply(call.router, call.call_id), body, headers=headers
             )
         except Exception as exc:  # noqa: BLE001 - tell the caller rather than leave it waiting
             _log.error("could not send the result of call %s: %s", call.call_id, exc)
@@ -346,7 +367,8 @@ class Replica:
                     self.subjects.reply(call.router, call.call_id),
                     self.target.stream(call.method, body, call.content_type),
                     credits,
-                    max_chunk_bytes=int(self.nc.max_payload) - _HEADER_ROOM,
+                    payloads=self._payloads(),
+                    inline_bytes=int(self.nc.max_payload) - _HEADER_ROOM,
                 )
         except TimeoutError as exc:
             if not deadline.expired():
@@ -397,6 +419,12 @@ class Replica:
             body.encode(),
             headers={H.EVENT: Event.ERROR, H.REPLICA: self._replica_str},
         )
+
+    def _payloads(self) -> PayloadStore:
+        if self._payload_store is None:
+            assert self.nc is not None
+            self._payload_store = PayloadStore(self.nc.jetstream(), self.subjects)
+        return self._payload_store
 
     def _poison(self, why: str) -> None:
         _log.error("replica will be replaced: %s", why)

@@ -15,7 +15,8 @@ from collections.abc import AsyncGenerator
 from nats.aio.client import Client as NATS
 
 from kiln.errors import ResultTooLarge
-from kiln.wire import Event, stream_event
+from kiln.payloads import MAX_RESULT_BYTES, PayloadStore
+from kiln.wire import Event, H, stream_event
 
 __all__ = ["StreamCredits", "send_stream"]
 
@@ -44,22 +45,27 @@ async def send_stream(
     chunks: AsyncGenerator[bytes, None],
     credits: StreamCredits,
     *,
-    max_chunk_bytes: int,
+    payloads: PayloadStore,
+    inline_bytes: int,
 ) -> int:
     """Publish every chunk to `subject` as it comes, then the end; the number of chunks sent.
     The generator is asked for its next item only once the previous chunk is sent and the
-    credit allows one more."""
+    credit allows one more. A chunk over `inline_bytes` goes through the payload store."""
     seq = 0
     # Closed on every way out (an error, a cancel), so the generator's `finally` runs now.
     async with contextlib.aclosing(chunks):
         async for chunk in chunks:
-            if len(chunk) > max_chunk_bytes:
+            if len(chunk) > MAX_RESULT_BYTES:
                 raise ResultTooLarge(
                     f"chunk {seq} has {len(chunk)} bytes; stream chunks are limited to "
-                    f"{max_chunk_bytes} bytes"
+                    f"{MAX_RESULT_BYTES} bytes"
                 )
             await credits.wait_for(seq)
-            await nc.publish(subject, chunk, headers=stream_event(Event.CHUNK, seq))
+            headers = stream_event(Event.CHUNK, seq)
+            if len(chunk) > inline_bytes:
+                headers[H.PAYLOAD] = await payloads.put(chunk)
+                chunk = b""
+            await nc.publish(subject, chunk, headers=headers)
             seq += 1
     await nc.publish(subject, b"", headers=stream_event(Event.END, seq))
     return seq

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import functools
 import itertools
@@ -43,6 +44,7 @@ from kiln.errors import (
     UnserializableResult,
     WorkerLost,
 )
+from kiln.payloads import PayloadStore
 from kiln.router.streams import STREAM_WINDOW, CallAbandoned, CallStream
 from kiln.wire import (
     HEARTBEAT_INTERVAL_S,
@@ -204,11 +206,12 @@ class Dispatcher:
         # Calls abandoned before a replica took them: told to stop once one does.
         self._abandoned: dict[str, float] = {}
         self._controls: set[asyncio.Task[None]] = set()
+        self.payloads = PayloadStore(nc.jetstream(), subjects)
 
     @property
     def max_body_bytes(self) -> int:
-        """The largest call body NATS carries (its max_payload, less room for headers); larger
-        payloads will travel through the object store (issue 6)."""
+        """The largest call body one NATS message carries (its max_payload, less room for
+        headers); larger ones travel through the payload object store."""
         return max(1024, int(self.nc.max_payload) - _HEADER_ROOM)
 
     @property
@@ -306,6 +309,13 @@ class Dispatcher:
         )
         future: asyncio.Future[CallResult] = asyncio.get_running_loop().create_future()
         call = _Call(future, headers, startup_timeout_s)
+        if len(body) > self.max_body_bytes:
+            try:
+                headers = dataclasses.replace(headers, payload=await self.payloads.put(body))
+            except Exception as exc:  # noqa: BLE001 - the store is NATS: down or full
+                _log.warning("storing the body of call %s failed: %s", call_id, exc)
+                raise Unavailable("the payload store is unreachable", retry_after=1) from None
+            body = b""
         if window:
             call.stream = CallStream(
                 future,
@@ -375,20 +385,44 @@ class Dispatcher:
             self._on_puback(call, msg.data)
         elif call.stream is not None and event.startswith((Event.CHUNK, Event.END)):
             kind, seq = parse_event(event)  # "chunk 7" or "end 12"
-            call.stream.on_event(kind, seq, msg.data)
+            assert headers is not None
+            stored = headers.get(H.PAYLOAD)
+            call.stream.on_event(kind, seq, msg.data if stored is None else self._take(stored))
         elif event == Event.RESULT:
             assert headers is not None
-            if not call.future.done():
+            content_type = headers.get(H.CONTENT_TYPE, "application/json")
+            stored = headers.get(H.PAYLOAD)
+            if stored is not None:
+                self._finish_stored(call, self._take(stored), content_type)
+            elif not call.future.done():
                 call.future.set_result(
                     CallResult(
                         body=msg.data,
-                        content_type=headers.get(H.CONTENT_TYPE, "application/json"),
+                        content_type=content_type,
                         replica_id=call.replica_id or "",
                         queue_wait_s=call.queue_wait_s,
                     )
                 )
         else:
             call.fail(_remote_error(msg.data))
+
+    def _take(self, name: str) -> asyncio.Future[bytes]:
+        """Fetch a stored payload without holding up the other replies meanwhile."""
+        return asyncio.ensure_future(self.payloads.take(name))
+
+    def _finish_stored(self, call: _Call, body: asyncio.Future[bytes], content_type: str) -> None:
+        def done(fetched: asyncio.Future[bytes]) -> None:
+            if call.future.done():
+                return
+            if fetched.exception() is not None:
+                _log.warning("fetching a stored result failed: %s", fetched.exception())
+                call.fail(InternalError("the result could not be fetched from the payload store"))
+                return
+            call.future.set_result(
+                CallResult(fetched.result(), content_type, call.replica_id or "", call.queue_wait_s)
+            )
+
+        body.add_done_callback(done)
 
     def _on_puback(self, call: _Call, data: bytes) -> None:
         if data.startswith(b'{"stream":') and b'"error"' not in data:

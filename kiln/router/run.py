@@ -110,9 +110,7 @@ async def run(request: Request) -> Response:
             f"/v1/ws/{app}/{request.path_params['name']} instead"
         )
     body, content_type = classify(
-        await read_body(
-            request, min(svc.settings.max_request_bytes, svc.dispatcher.max_body_bytes)
-        ),
+        await read_body(request, svc.settings.max_request_bytes),
         request.headers.get("content-type", ""),
     )
     rid = request_id(request)

@@ -49,14 +49,16 @@ class CallStream:
         self.limit = window
         self.sent = 0  # chunks received from the replica, in order
         self.read = 0  # chunks handed to the reader
-        self._chunks: deque[bytes] = deque()
+        self._chunks: deque[bytes | asyncio.Future[bytes]] = deque()
         self._send_control = send_control
         self._wake = asyncio.Event()
         future.add_done_callback(lambda _: self._wake.set())
 
     # Fed by the dispatcher -------------------------------------------------------------------
 
-    def on_event(self, event: str, seq: int, data: bytes) -> None:
+    def on_event(self, event: str, seq: int, data: bytes | asyncio.Future[bytes]) -> None:
+        """A message of the stream; `data` is a future when the chunk is being fetched from the
+        payload store (it is still read in its place)."""
         if self.future.done():
             return
         if event == Event.CHUNK:
@@ -88,6 +90,8 @@ class CallStream:
             self._wake.clear()
             await self._wake.wait()
         chunk = self._chunks.popleft()
+        if isinstance(chunk, asyncio.Future):
+            chunk = await chunk
         self.read += 1
         if self.limit - self.read <= self.window // 2 and not self.future.done():
             self.limit = self.read + self.window

@@ -158,14 +158,18 @@ async def extra_node(
 
 @asynccontextmanager
 async def running_platform(
-    settings: Settings, home: Path, *, scheduler: bool = True
+    settings: Settings,
+    home: Path,
+    *,
+    scheduler: bool = True,
+    max_request_bytes: int = BODY_LIMIT,
 ) -> AsyncIterator[Platform]:
     running = settings.replace(
         home=home,
         port=pick_port([], set()),
         node_id="e2e-node",
         node_gpus={"none": 16},
-        max_request_bytes=BODY_LIMIT,
+        max_request_bytes=max_request_bytes,
         shutdown_timeout_s=5.0,
     )
     await asyncio.to_thread(migrate.upgrade, running)
