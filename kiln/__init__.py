@@ -15,6 +15,16 @@ It stays light: it imports neither torch nor any database or messaging driver.
 
 from kiln._version import __version__
 from kiln.functions.app import App
-from kiln.functions.hooks import enter, exit, method
+from kiln.functions.hooks import enter, exit, method, websocket
+from kiln.functions.session import Session, SessionClosed
 
-__all__ = ["App", "__version__", "enter", "exit", "method"]
+__all__ = [
+    "App",
+    "Session",
+    "SessionClosed",
+    "__version__",
+    "enter",
+    "exit",
+    "method",
+    "websocket",
+]

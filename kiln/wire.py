@@ -14,6 +14,7 @@ Everything lives under the deployment's namespace `ns` (`KILN_NAMESPACE`):
 | `ns.node.<node>.cmd`             | core req/rep  | scheduler → node agent     |
 | `ns.replica.<rid>.drain`         | core          | node agent → replica       |
 | `ns.replica.<rid>.ctl`           | core          | router → replica (credits, cancel) |
+| `ns.replica.<rid>.in.<r>.<call>` | core          | router → replica (session frames) |
 | `ns.events.replica`              | core          | node agent → scheduler     |
 
 `<fid>` is a function's UUID in hex. Calls carry their parameters in headers and the caller's
@@ -33,6 +34,7 @@ from typing import Any, TypeVar
 __all__ = [
     "HEARTBEAT_INTERVAL_S",
     "REPLICA_LOST_AFTER_S",
+    "SESSION_WINDOW",
     "WIRE_VERSION",
     "CallHeaders",
     "Event",
@@ -86,7 +88,14 @@ class Event(enum.StrEnum):
     RESULT = "result"
     ERROR = "error"  # body: {"code", "message", "status"}
     CHUNK = "chunk"  # one item a generator yielded, as JSON
-    END = "end"  # the generator finished
+    END = "end"  # the generator finished; a session closed (body: {"code", "reason"})
+    TEXT = "text"  # a session's text frame (UTF-8)
+    BINARY = "binary"  # a session's binary frame
+    CREDIT = "credit"  # a session's receiver may take frames numbered below this one
+
+
+# Frames of a WebSocket session either side may have in flight before the other grants more.
+SESSION_WINDOW = 64
 
 
 def stream_event(event: Event, seq: int) -> dict[str, str]:
@@ -206,6 +215,13 @@ class Subjects:
 
     def drain(self, replica_id: uuid.UUID) -> str:
         return f"{self.ns}.replica.{replica_id.hex}.drain"
+
+    def session_frames(self, replica_id: uuid.UUID, router: str, call_id: str) -> str:
+        """Where a router sends the client's frames of one session to the replica holding it."""
+        return f"{self.ns}.replica.{replica_id.hex}.in.{router}.{call_id}"
+
+    def all_session_frames(self, replica_id: uuid.UUID) -> str:
+        return f"{self.ns}.replica.{replica_id.hex}.in.>"
 
     def replica_control(self, replica_id: uuid.UUID) -> str:
         """Where routers send a replica `StreamControl`s for the calls it runs."""

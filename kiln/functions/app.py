@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, Unpack, overload
 
 from kiln.errors import InvalidSpec
-from kiln.functions.hooks import describe, hook_of, lifecycle
+from kiln.functions.hooks import HookKind, describe, hook_of, lifecycle
 from kiln.functions.options import Options, parse_options
 from kiln.functions.signature import call_spec
 from kiln.functions.spec import FunctionSpec, UnitKind
@@ -129,7 +129,7 @@ class App:
                 f'{describe(fn)}; its options are keyword-only: @app.function(gpu="A10G").'
             )
         hook = hook_of(fn)
-        if hook is not None:
+        if hook is not None and hook.kind is not HookKind.WEBSOCKET:
             raise InvalidSpec(
                 f"function {fn.__name__!r} is marked {hook.label}, which only applies to methods "
                 "of a class registered with @app.cls."

@@ -1,4 +1,5 @@
-"""`@kiln.enter`, `@kiln.exit` and `@kiln.method`: the roles of a class's methods.
+"""`@kiln.enter`, `@kiln.exit`, `@kiln.method` and `@kiln.websocket`: the roles of a class's
+methods (`@kiln.websocket` also marks a plain function as a WebSocket handler).
 
 The decorators only mark the function (an attribute holding a `Hook`); `lifecycle(cls)` reads the
 marks back, in definition order, and checks them. The replica calls `lifecycle` to know what to
@@ -26,6 +27,7 @@ __all__ = [
     "hook_of",
     "lifecycle",
     "method",
+    "websocket",
 ]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -36,6 +38,7 @@ class HookKind(enum.StrEnum):
     ENTER = "enter"
     EXIT = "exit"
     METHOD = "method"
+    WEBSOCKET = "websocket"
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,8 @@ class Lifecycle:
     enter_snap: tuple[str, ...] = ()  # run once at bake time; their effect is in the snapshot
     enter: tuple[str, ...] = ()  # run after every start or restore
     exit: tuple[str, ...] = ()  # run once when the replica stops
-    methods: tuple[str, ...] = ()  # the entry points, addressed as APP/Class.method
+    # The entry points (methods and WebSocket handlers), addressed as APP/Class.method.
+    methods: tuple[str, ...] = ()
 
 
 @overload
@@ -86,6 +90,17 @@ def method(fn: None = None, /) -> Callable[[_F], _F]: ...
 def method(fn: _F | None = None, /) -> _F | Callable[[_F], _F]:
     """Mark a method of an `@app.cls` class as an entry point, called as `APP/Class.method`."""
     return _decorator(fn, Hook(HookKind.METHOD))
+
+
+@overload
+def websocket(fn: _F, /) -> _F: ...
+@overload
+def websocket(fn: None = None, /) -> Callable[[_F], _F]: ...
+def websocket(fn: _F | None = None, /) -> _F | Callable[[_F], _F]:
+    """Mark an `async def handler(session)` (a method of an `@app.cls` class, or a function
+    under `@app.function`) as a WebSocket handler, opened as `WS /v1/ws/APP/NAME`. It gets a
+    `kiln.Session` and runs for as long as the session lasts."""
+    return _decorator(fn, Hook(HookKind.WEBSOCKET))
 
 
 def hook_of(obj: object) -> Hook | None:
@@ -120,14 +135,17 @@ def lifecycle(cls: type) -> Lifecycle:
         enter_snap=named(HookKind.ENTER, snap=True),
         enter=named(HookKind.ENTER),
         exit=named(HookKind.EXIT),
-        methods=named(HookKind.METHOD),
+        methods=tuple(n for n, h in marked.items() if h.kind in _ENTRY_POINTS),
     )
     if not found.methods:
         raise InvalidSpec(
             f"class {cls.__name__!r} has no entry points: mark at least one method with "
-            "@kiln.method()."
+            "@kiln.method() (or @kiln.websocket())."
         )
     return found
+
+
+_ENTRY_POINTS = (HookKind.METHOD, HookKind.WEBSOCKET)
 
 
 def describe(obj: object) -> str:
@@ -183,7 +201,7 @@ def _check_parameters(cls: type, name: str, fn: Callable[..., Any], hook: Hook) 
             f"{hook.label} {where}{signature} has no self parameter: Kiln calls it on an "
             "instance of the class, so make self its first parameter."
         )
-    if hook.kind is HookKind.METHOD:
+    if hook.kind in _ENTRY_POINTS:
         return
     required = [
         p.name

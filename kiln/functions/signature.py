@@ -7,6 +7,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from kiln.errors import InvalidSpec
 from kiln.functions.spec import CallKind, CallSpec
 
 __all__ = ["call_spec", "format_signature"]
@@ -14,7 +15,10 @@ __all__ = ["call_spec", "format_signature"]
 
 def call_spec(name: str, fn: Callable[..., Any], *, method: bool) -> CallSpec:
     """The `CallSpec` of a function, or of a method (its signature then omits `self`)."""
-    if inspect.isasyncgenfunction(fn):
+    if getattr(getattr(fn, "__kiln_hook__", None), "kind", None) == "websocket":
+        _check_websocket(name, fn, method=method)
+        kind, is_async = CallKind.WEBSOCKET, True
+    elif inspect.isasyncgenfunction(fn):
         kind, is_async = CallKind.GENERATOR, True
     elif inspect.isgeneratorfunction(fn):
         kind, is_async = CallKind.GENERATOR, False
@@ -22,6 +26,26 @@ def call_spec(name: str, fn: Callable[..., Any], *, method: bool) -> CallSpec:
         kind, is_async = CallKind.FUNCTION, inspect.iscoroutinefunction(fn)
     signature = format_signature(fn, drop_first=method)
     return CallSpec(name=name, kind=kind, is_async=is_async, signature=signature)
+
+
+def _check_websocket(name: str, fn: Callable[..., Any], *, method: bool) -> None:
+    shown = f"{name}{format_signature(fn, drop_first=method)}"
+    if not inspect.iscoroutinefunction(fn):
+        raise InvalidSpec(
+            f"@kiln.websocket() handler {shown} must be defined with async def: a session "
+            "sends and receives with await."
+        )
+    params = list(inspect.signature(fn).parameters.values())[1 if method else 0 :]
+    required = [
+        p
+        for p in params
+        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if len(params) < 1 or len(required) > 1:
+        raise InvalidSpec(
+            f"@kiln.websocket() handler {shown} must take exactly one argument, the session: "
+            "async def talk(self, session: kiln.Session)."
+        )
 
 
 def format_signature(fn: Callable[..., Any], *, drop_first: bool = False) -> str:

@@ -3,9 +3,9 @@
 Life: connect to NATS and start heartbeating (state `starting`), fetch and unpack the code
 artifact, import the app, build the instance — restored from its snapshot or by running the
 `@enter(snap=True)` hooks (see `coldstart`) — and run the plain `@enter` hooks (`ready`), report
-the cold start's phases, then pull calls — only as many as
-it has free slots — and reply to each caller's inbox. On a drain order or SIGTERM it fetches
-nothing new, finishes what it holds, runs `@exit` and exits.
+the cold start's phases, then pull calls — only as many as it has free slots — and run them
+(`kiln.invoker.calls`: plain calls, streams and WebSocket sessions). On a drain order or
+SIGTERM it fetches nothing new, finishes what it holds, runs `@exit` and exits.
 
 A sync call that overruns its timeout cannot be stopped inside its thread; the caller gets its
 504 at once and the replica drains and exits, so the scheduler replaces it.
@@ -38,34 +38,22 @@ from nats.js import JetStreamContext
 from kiln import _loop
 from kiln.codestore import CodeStore
 from kiln.db.enums import ReplicaState
-from kiln.errors import (
-    FunctionError,
-    FunctionTimeout,
-    InvalidArguments,
-    KilnError,
-    ResultTooLarge,
-)
 from kiln.functions.loader import load_app, resolve
 from kiln.functions.package import unpack
-from kiln.functions.spec import CallKind, FunctionSpec
+from kiln.functions.spec import FunctionSpec
+from kiln.invoker.calls import CallRunner
 from kiln.invoker.coldstart import ColdStart, SnapshotLink, build_instance
 from kiln.invoker.feed import CallFeed
-from kiln.invoker.streams import StreamCredits, send_stream
 from kiln.invoker.target import Target, build_target
-from kiln.payloads import MAX_RESULT_BYTES, PayloadStore
 from kiln.settings import Settings
 from kiln.wire import (
     HEARTBEAT_INTERVAL_S,
     CallHeaders,
     ColdStartReport,
-    Event,
-    H,
     ReplicaHeartbeat,
     StartReplica,
-    StreamControl,
     Subjects,
     consumer_name,
-    decode,
     encode,
 )
 
@@ -74,9 +62,6 @@ __all__ = ["Replica", "main"]
 _log = logging.getLogger("kiln.replica")
 # How often the replica re-checks its pull requests (most top-ups happen as calls finish).
 _TOP_UP_EVERY_S = 1.0
-_HEADER_ROOM = 8 * 1024
-_JSON = "application/json"
-_RESULT_JSON: dict[str, str] = {H.EVENT: Event.RESULT}
 
 
 class Replica:
@@ -98,11 +83,7 @@ class Replica:
         self.feed: CallFeed | None = None
         self._busy = 0  # calls taken and not finished (in_flight, counted before its tasks run)
         self._accepts: dict[str, list[str]] = {}  # router id -> call ids taken, not yet told
-        # Calls running, by (router, call id): what a router's StreamControl refers to.
-        self._running: dict[tuple[str, str], asyncio.Task[None]] = {}
-        self._credits: dict[tuple[str, str], StreamCredits] = {}
-        self._cancelled: dict[tuple[str, str], bool] = {}
-        self._payload_store: PayloadStore | None = None
+        self.calls: CallRunner | None = None
         self._replica_str = str(self.replica_id)
         self._tasks: set[asyncio.Future[None]] = set()
         self.cold_start = ColdStart(on_phase=self._on_phase)
@@ -121,7 +102,6 @@ class Replica:
         js = self.nc.jetstream()
         heartbeat = asyncio.create_task(self._heartbeat(), name="kiln-replica-heartbeat")
         drain_sub = await self.nc.subscribe(self.subjects.drain(self.replica_id), cb=self._on_drain)
-        await self.nc.subscribe(self.subjects.replica_control(self.replica_id), cb=self._on_control)
         code = 0
         try:
             record = self.cold_start
@@ -135,6 +115,11 @@ class Replica:
                 record,
                 private=self.spec.resources.snapshot == "private",
             )
+            self.calls = CallRunner(
+                self.nc, self.subjects, self.spec, self.replica_id, self.target,
+                on_poison=self._poison,
+            )  # fmt: skip
+            await self.calls.start()
             self.state = ReplicaState.READY
             self.idle_since = time.time()
             await self._beat()
@@ -245,28 +230,7 @@ class Replica:
             if time.time() > call.accept_by:
                 return  # the caller gave up before we got to it
             self._accept(call)
-            key = (call.router, call.call_id)
-            task = asyncio.current_task()
-            assert task is not None
-            self._running[key] = task
-            try:
-                body = msg.data
-                if call.payload is not None:
-                    try:
-                        body = await self._payloads().take(call.payload)
-                    except Exception as exc:  # noqa: BLE001 - expired, or NATS trouble
-                        _log.error("call %s: its stored body is gone: %s", call.call_id, exc)
-                        await self._reply_error(
-                            call, InvalidArguments("the call's stored body could not be read")
-                        )
-                        return
-                await self._execute(call, body)
-            except asyncio.CancelledError:
-                if not self._cancelled.pop(key, False):
-                    raise  # not the caller's cancel: the replica is stopping
-                _log.info("call %s cancelled: its caller left", call.call_id)
-            finally:
-                self._running.pop(key, None)
+            await self._execute(call, msg.data)
         finally:
             self._busy -= 1
             if self.feed is not None:
@@ -293,138 +257,16 @@ class Replica:
         task.add_done_callback(self._tasks.discard)
 
     async def _execute(self, call: CallHeaders, body: bytes) -> None:
-        assert self.nc is not None
-        assert self.target is not None
-        if self._first_call:
-            self._first_call = False
-            started = time.perf_counter()
-            try:
-                await self._execute(call, body)
-            finally:
-                self._report({"first_call": time.perf_counter() - started})
+        assert self.calls is not None
+        if not self._first_call:
+            await self.calls.run(call, body)
             return
-        entry = self.spec.entry(call.method)
-        if entry is not None and entry.kind is CallKind.GENERATOR and call.window > 0:
-            await self._execute_stream(call, body)
-            return
-        deadline = asyncio.timeout(call.timeout_s)
+        self._first_call = False
+        started = time.perf_counter()
         try:
-            async with deadline:
-                result = await self.target.call(call.method, body, call.content_type)
-        except TimeoutError as exc:
-            if not deadline.expired():  # the user's own TimeoutError
-                await self._reply_user_error(call, exc)
-                return
-            await self._reply_error(call, FunctionTimeout(
-                f"the call did not finish within the function's timeout ({call.timeout_s:g} s)"
-            ))  # fmt: skip
-            entry = self.spec.entry(call.method)
-            if entry is None or not entry.is_async:
-                self._poison("a sync call overran its timeout; its thread cannot be stopped")
-            return
-        except KilnError as exc:
-            await self._reply_error(call, exc)
-            return
-        except Exception as exc:  # noqa: BLE001 - the customer's code may raise anything
-            await self._reply_user_error(call, exc)
-            return
-        if len(result.body) > MAX_RESULT_BYTES:
-            await self._reply_error(call, ResultTooLarge(
-                f"the result has {len(result.body)} bytes; results are limited to "
-                f"{MAX_RESULT_BYTES} bytes"
-            ))  # fmt: skip
-            return
-        # The router knows the replica from the accepted message and takes JSON for granted:
-        # every header costs a parse on the router's hot path.
-        headers = (
-            _RESULT_JSON
-            if result.content_type == _JSON
-            else {H.EVENT: Event.RESULT, H.CONTENT_TYPE: result.content_type}
-        )
-        body = result.body
-        try:
-            if len(body) > int(self.nc.max_payload) - _HEADER_ROOM:
-                headers = {**headers, H.PAYLOAD: await self._payloads().put(body)}
-                body = b""
-            await self.nc.publish(
-                self.subjects.reply(call.router, call.call_id), body, headers=headers
-            )
-        except Exception as exc:  # noqa: BLE001 - tell the caller rather than leave it waiting
-            _log.error("could not send the result of call %s: %s", call.call_id, exc)
-            await self._reply_error(call, FunctionError(f"the result could not be sent: {exc}"))
-
-    async def _execute_stream(self, call: CallHeaders, body: bytes) -> None:
-        """Run a generator and stream what it yields; its timeout covers the whole stream."""
-        assert self.nc is not None
-        assert self.target is not None
-        key = (call.router, call.call_id)
-        credits = self._credits[key] = StreamCredits(call.window)
-        deadline = asyncio.timeout(call.timeout_s)
-        try:
-            async with deadline:
-                await send_stream(
-                    self.nc,
-                    self.subjects.reply(call.router, call.call_id),
-                    self.target.stream(call.method, body, call.content_type),
-                    credits,
-                    payloads=self._payloads(),
-                    inline_bytes=int(self.nc.max_payload) - _HEADER_ROOM,
-                )
-        except TimeoutError as exc:
-            if not deadline.expired():
-                await self._reply_user_error(call, exc)
-                return
-            await self._reply_error(call, FunctionTimeout(
-                f"the stream did not finish within the function's timeout ({call.timeout_s:g} s)"
-            ))  # fmt: skip
-        except KilnError as exc:
-            await self._reply_error(call, exc)
-        except Exception as exc:  # noqa: BLE001 - the customer's code may raise anything
-            await self._reply_user_error(call, exc)
+            await self.calls.run(call, body)
         finally:
-            self._credits.pop(key, None)
-
-    async def _on_control(self, msg: Msg) -> None:
-        try:
-            control = decode(StreamControl, msg.data)
-        except (ValueError, TypeError):
-            _log.warning("ignoring an unreadable stream control message")
-            return
-        key = (control.router, control.call)
-        if control.cancel:
-            task = self._running.get(key)
-            if task is not None and not task.done():
-                self._cancelled[key] = True
-                task.cancel()
-            return
-        credits = self._credits.get(key)
-        if credits is not None:
-            credits.grant(control.limit)
-
-    async def _reply_user_error(self, call: CallHeaders, exc: Exception) -> None:
-        """The customer's exception: type and message to the caller, traceback to the logs."""
-        _log.error(
-            "call %s (request %s) raised:\n%s",
-            call.call_id,
-            call.request_id,
-            "".join(traceback.format_exception(exc)),
-        )
-        await self._reply_error(call, FunctionError(f"{type(exc).__name__}: {exc}"))
-
-    async def _reply_error(self, call: CallHeaders, error: KilnError) -> None:
-        assert self.nc is not None
-        body = json.dumps({"code": error.code, "message": error.message, "status": error.status})
-        await self.nc.publish(
-            self.subjects.reply(call.router, call.call_id),
-            body.encode(),
-            headers={H.EVENT: Event.ERROR, H.REPLICA: self._replica_str},
-        )
-
-    def _payloads(self) -> PayloadStore:
-        if self._payload_store is None:
-            assert self.nc is not None
-            self._payload_store = PayloadStore(self.nc.jetstream(), self.subjects)
-        return self._payload_store
+            self._report({"first_call": time.perf_counter() - started})
 
     def _poison(self, why: str) -> None:
         _log.error("replica will be replaced: %s", why)

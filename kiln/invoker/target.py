@@ -18,6 +18,7 @@ from typing import Any
 
 from kiln.errors import InvalidArguments, NotFound, UnserializableResult
 from kiln.functions.hooks import lifecycle
+from kiln.functions.session import Session
 from kiln.functions.spec import FunctionSpec, UnitKind
 
 __all__ = ["Encoded", "Target", "build_target"]
@@ -126,6 +127,11 @@ class Target:
                 self.executor.submit(steps.close)
             except RuntimeError:  # the executor is shut down: the replica is exiting
                 threading.Thread(target=steps.close, daemon=True).start()
+
+    async def session(self, method: str | None, session: Session) -> None:
+        """Run a WebSocket handler with its session, until it returns."""
+        _, fn = self.callable_for(method)
+        await fn(session)
 
     async def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if inspect.iscoroutinefunction(fn):

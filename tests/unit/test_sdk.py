@@ -20,7 +20,16 @@ def raises(message: str) -> Any:
 
 
 def test_public_surface() -> None:
-    assert kiln.__all__ == ["App", "__version__", "enter", "exit", "method"]
+    assert kiln.__all__ == [
+        "App",
+        "Session",
+        "SessionClosed",
+        "__version__",
+        "enter",
+        "exit",
+        "method",
+        "websocket",
+    ]
     assert isinstance(kiln.__version__, str)
 
 
@@ -411,7 +420,10 @@ def test_bare_exit_and_inherited_marks() -> None:
 
 
 def test_class_without_entry_points() -> None:
-    with raises("class 'Empty' has no entry points: mark at least one method with @kiln.method()."):
+    with raises(
+        "class 'Empty' has no entry points: mark at least one method with @kiln.method() (or "
+        "@kiln.websocket())."
+    ):
 
         @kiln.App("hello").cls
         class Empty:
@@ -597,3 +609,52 @@ def test_the_same_mark_twice_is_harmless() -> None:
         def greet(self) -> None: ...
 
     assert lifecycle(Greeter).methods == ("greet",)
+
+
+# WebSocket handlers ------------------------------------------------------------------------------
+
+
+def test_websocket_handlers_on_classes_and_functions() -> None:
+    app = kiln.App("voice")
+
+    @app.cls()
+    class Agent:
+        @kiln.websocket()
+        async def talk(self, session: kiln.Session) -> None: ...
+
+        @kiln.method
+        def ping(self) -> str:
+            return "pong"
+
+    @app.function
+    @kiln.websocket
+    async def echo(session: kiln.Session) -> None: ...
+
+    agent, plain = app.spec()
+    assert agent.entries["talk"].kind is CallKind.WEBSOCKET
+    assert agent.entries["ping"].kind is CallKind.FUNCTION
+    assert plain.entries["echo"].kind is CallKind.WEBSOCKET
+    assert plain.entries["echo"].signature == "(session: kiln.Session) -> None"
+
+
+def test_a_websocket_handler_must_be_async() -> None:
+    with raises(
+        "@kiln.websocket() handler talk(session) must be defined with async def: a session "
+        "sends and receives with await."
+    ):
+
+        @kiln.App("voice").cls
+        class Agent:
+            @kiln.websocket()
+            def talk(self, session): ...  # type: ignore[no-untyped-def]
+
+
+def test_a_websocket_handler_takes_the_session_only() -> None:
+    with raises(
+        "@kiln.websocket() handler echo(session, voice) must take exactly one argument, the "
+        "session: async def talk(self, session: kiln.Session)."
+    ):
+
+        @kiln.App("voice").function
+        @kiln.websocket
+        async def echo(session, voice): ...  # type: ignore[no-untyped-def]
