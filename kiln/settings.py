@@ -80,6 +80,8 @@ class Settings:
     standby_imports: tuple[str, ...] = ("torch",)
     scheduler_lease_s: float = 5.0
     max_replicas: int = 1000
+    ws_idle_timeout_s: float = 300.0
+    ws_max_session_s: float = 3600.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -473,6 +475,19 @@ SETTINGS: tuple[SettingSpec, ...] = (
         _int_range(1, 1000),
         "the most replicas any one function may have: higher max_replicas in a deploy or a "
         "live change is refused (default 1000)",
+    ),
+    SettingSpec(
+        "KILN_WS_IDLE_TIMEOUT_S",
+        "ws_idle_timeout_s",
+        _seconds(1, 86_400),
+        "a WebSocket session with no frame either way for this long is closed with 1001 "
+        "(default 300)",
+    ),
+    SettingSpec(
+        "KILN_WS_MAX_SESSION_S",
+        "ws_max_session_s",
+        _seconds(1, 86_400),
+        "the longest a WebSocket session lasts; then it is closed with 1001 (default 3600)",
     ),
     SettingSpec(
         "KILN_METRICS_PORT",

@@ -16,7 +16,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln.codestore import CodeStore
@@ -32,6 +32,7 @@ from kiln.router.metrics import CONTENT_TYPE_LATEST, RouterMetrics
 from kiln.router.openapi import openapi_document
 from kiln.router.run import run
 from kiln.router.services import RouterServices, services
+from kiln.router.websocket import ws_session
 from kiln.settings import Settings
 from kiln.wire import Subjects
 
@@ -63,6 +64,7 @@ async def openapi(request: Request) -> Response:
 
 ROUTES = [
     Route("/v1/run/{app}/{name}", run, methods=["POST"]),
+    WebSocketRoute("/v1/ws/{app}/{name}", ws_session),
     Route("/v1/apps", control.deploy_app, methods=["POST"]),
     Route("/v1/apps", control.list_apps, methods=["GET"]),
     Route("/v1/apps/{app}", control.delete_app, methods=["DELETE"]),

@@ -49,6 +49,7 @@ from kiln.router.streams import STREAM_WINDOW, CallAbandoned, CallStream
 from kiln.wire import (
     HEARTBEAT_INTERVAL_S,
     REPLICA_LOST_AFTER_S,
+    SESSION_WINDOW,
     CallHeaders,
     Event,
     H,
@@ -58,6 +59,7 @@ from kiln.wire import (
     decode,
     encode,
     parse_event,
+    stream_event,
 )
 
 __all__ = ["CallResult", "Dispatcher", "ensure_calls_stream"]
@@ -77,6 +79,7 @@ _REMOTE_ERRORS: dict[str, type[KilnError]] = {
         StreamBroken,
     )
 }
+_CALL_EVENTS = (Event.RESULT, Event.ERROR)
 # After a replica accepted a call it has `timeout` to answer; this covers the reply's trip.
 _REPLY_GRACE_S = 2.0
 _HINT_INTERVAL_S = 0.25
@@ -280,6 +283,34 @@ class Dispatcher:
         assert call.stream is not None
         return call.stream
 
+    async def open_session(
+        self,
+        function_id: uuid.UUID,
+        body: bytes,
+        *,
+        method: str | None,
+        timeout_s: float,
+        startup_timeout_s: float,
+        request_id: str,
+        generation: int = 0,
+    ) -> CallStream:
+        """Put a WebSocket session into the function's queue: the replica's frames arrive in
+        the returned stream; `send_frame` carries the client's."""
+        call = await self._publish(
+            function_id, body, "application/json", method, timeout_s, startup_timeout_s,
+            request_id, generation, window=SESSION_WINDOW,
+        )  # fmt: skip
+        assert call.stream is not None
+        return call.stream
+
+    async def send_frame(self, stream: CallStream, kind: Event, seq: int, data: bytes) -> None:
+        """One of the client's frames (or its close) to the replica holding the session."""
+        assert stream.replica_id is not None
+        subject = self.subjects.session_frames(
+            uuid.UUID(stream.replica_id), self.router_id, stream.call_id
+        )
+        await self.nc.publish(subject, data, headers=stream_event(kind, seq))
+
     async def _publish(
         self,
         function_id: uuid.UUID,
@@ -383,8 +414,8 @@ class Dispatcher:
         event = headers.get(H.EVENT) if headers else None
         if event is None:
             self._on_puback(call, msg.data)
-        elif call.stream is not None and event.startswith((Event.CHUNK, Event.END)):
-            kind, seq = parse_event(event)  # "chunk 7" or "end 12"
+        elif call.stream is not None and event not in _CALL_EVENTS:
+            kind, seq = parse_event(event)  # "chunk 7", "end 12", "text 3", "credit 64"
             assert headers is not None
             stored = headers.get(H.PAYLOAD)
             call.stream.on_event(kind, seq, msg.data if stored is None else self._take(stored))
@@ -457,7 +488,7 @@ class Dispatcher:
                 call.queue_wait_s = call.future.get_loop().time() - call.published_at
                 call.enter(_Phase.RUNNING, call.timeout_s + _REPLY_GRACE_S)
                 if call.stream is not None:
-                    call.stream.grant()  # a grant due before we knew where to send it
+                    call.stream.on_taken(replica)
             elif self._abandoned.pop(call_id, None) is not None:
                 # Its caller left while it waited: the replica that took it should not run it.
                 stop = StreamControl(self.router_id, call_id, cancel=True)

@@ -7,7 +7,7 @@ import logging
 import secrets
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 
 from kiln.errors import InternalError, InvalidRequest, KilnError, NotFound
@@ -17,7 +17,7 @@ __all__ = ["error_response", "handle_exception", "handle_http_exception", "reque
 _log = logging.getLogger(__name__)
 
 
-def request_id(request: Request) -> str:
+def request_id(request: HTTPConnection) -> str:
     """The request's id: the caller's `X-Request-Id` if sane, else a new one (memoised)."""
     # In the scope, not request.state: a missing attribute there costs a raised AttributeError.
     scope = request.scope
@@ -41,7 +41,7 @@ def _new_request_id() -> str:
     return f"{_REQUEST_ID_PREFIX}{next(_request_numbers):08x}"
 
 
-def error_response(request: Request, error: KilnError) -> Response:
+def error_response(request: HTTPConnection, error: KilnError) -> Response:
     rid = request_id(request)
     headers = {"X-Request-Id": rid}
     if error.retry_after is not None:

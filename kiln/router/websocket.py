@@ -1,0 +1,190 @@
+"""`WS /v1/ws/APP/NAME`: a WebSocket session with a `@kiln.websocket()` handler.
+
+The key is checked and the handler found before the upgrade: a refusal is an ordinary HTTP
+error response (401, 403, 404...). The session then goes through the function's work queue like
+any call, so it waits for capacity; the upgrade is accepted once a replica holds it, and the
+session stays pinned to that replica for its life. Frames flow both ways over NATS, numbered
+and paced by credits (`kiln.router.streams`, `kiln.invoker.sessions`). Close codes the client
+sees: the handler's own, 1001 after `KILN_WS_IDLE_TIMEOUT_S` without a frame or at
+`KILN_WS_MAX_SESSION_S`, 1011 when the replica dies or the handler fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from kiln.errors import InvalidRequest, KilnError, NotFound, PermissionDenied
+from kiln.functions.spec import CallKind
+from kiln.router.errors import error_response, request_id
+from kiln.router.services import RouterServices, services
+from kiln.router.streams import CallStream
+from kiln.wire import Event
+
+__all__ = ["ws_session"]
+
+_log = logging.getLogger(__name__)
+# After the client leaves, how long the handler has to see the close and return.
+_GOODBYE_S = 5.0
+
+
+async def ws_session(websocket: WebSocket) -> None:
+    svc = services(websocket)
+    rid = request_id(websocket)
+    try:
+        link = await _open(websocket, svc, rid)
+        await _wait_taken(link)
+    except KilnError as exc:
+        await websocket.send_denial_response(error_response(websocket, exc))
+        return
+    await websocket.accept(headers=[(b"x-request-id", rid.encode())])
+    await _Bridge(websocket, svc, link).run()
+
+
+async def _open(websocket: WebSocket, svc: RouterServices, rid: str) -> CallStream:
+    principal = await svc.auth.authenticate(websocket)
+    app = websocket.path_params["app"]
+    full = websocket.path_params["name"]
+    name, _, method = full.partition(".")
+    route = await svc.catalog.resolve(principal.owner_id, app, name)
+    if principal.function_id is not None and principal.function_id != route.function_id:
+        raise PermissionDenied(f"this key may only call its own function, not {app}/{name}")
+    entry = route.spec.entry(method or None)
+    if entry is None:
+        raise NotFound(f"{app}/{full} has no WebSocket handler")
+    if entry.kind is not CallKind.WEBSOCKET:
+        raise InvalidRequest(
+            f"{app}/{full} is not a WebSocket handler (mark it @kiln.websocket()); call it with "
+            f"POST /v1/run/{app}/{full}"
+        )
+    body = json.dumps({"params": dict(websocket.query_params)}).encode()
+    return await svc.dispatcher.open_session(
+        route.function_id,
+        body,
+        method=method or None,
+        timeout_s=svc.settings.ws_max_session_s,
+        startup_timeout_s=route.startup_timeout_s,
+        request_id=rid,
+        generation=route.generation,
+    )
+
+
+async def _wait_taken(link: CallStream) -> None:
+    """Until a replica holds the session; raises the call's error if it fails first."""
+    taken = asyncio.ensure_future(link.taken.wait())
+    try:
+        await asyncio.wait({taken, link.future}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        taken.cancel()
+    if not link.taken.is_set():
+        link.future.result()  # raises: no capacity in time, queue down...
+
+
+class _Bridge:
+    """Carries frames between the client's WebSocket and the replica until either side closes
+    or the session goes idle."""
+
+    def __init__(self, websocket: WebSocket, svc: RouterServices, link: CallStream) -> None:
+        self.ws = websocket
+        self.svc = svc
+        self.link = link
+        self.loop = asyncio.get_running_loop()
+        self.last_frame = self.loop.time()
+        self.sent = 0  # client frames sent to the replica
+
+    async def run(self) -> None:
+        inbound = asyncio.ensure_future(self._from_client())
+        outbound = asyncio.ensure_future(self._from_replica())
+        idle = asyncio.ensure_future(self._idle())
+        try:
+            done, _ = await asyncio.wait(
+                {inbound, outbound, idle}, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for task in (inbound, outbound, idle):
+                task.cancel()
+            await asyncio.gather(inbound, outbound, idle, return_exceptions=True)
+        if outbound in done:
+            await self._replica_ended(outbound)
+        elif inbound in done and inbound.exception() is None:
+            code, reason = inbound.result()
+            await self._say_goodbye(code, reason)
+        elif inbound in done:  # the client's side failed (sending to the replica, most likely)
+            _log.warning("session %s: %r", self.link.call_id, inbound.exception())
+            await self._close_client(1011, "internal_error")
+            await self._say_goodbye(1011, "the router lost the session")
+        else:
+            await self._close_client(1001, "idle timeout")
+            await self._say_goodbye(1001, "idle timeout")
+
+    async def _from_client(self) -> tuple[int, str]:
+        """Forward the client's frames until it closes; its close code and reason."""
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return int(message.get("code", 1000)), str(message.get("reason") or "")
+            self.last_frame = self.loop.time()
+            if message.get("text") is not None:
+                kind, data = Event.TEXT, message["text"].encode()
+            else:
+                kind, data = Event.BINARY, bytes(message.get("bytes") or b"")
+            await self.link.wait_for_peer(self.sent)
+            await self.svc.dispatcher.send_frame(self.link, kind, self.sent, data)
+            self.sent += 1
+
+    async def _from_replica(self) -> None:
+        """Forward the replica's frames until it ends the session (returns) or the call fails
+        (raises its error)."""
+        while True:
+            try:
+                kind, data = await self.link.next_frame()
+            except StopAsyncIteration:
+                return
+            self.last_frame = self.loop.time()
+            if kind == Event.TEXT:
+                await self.ws.send_text(data.decode())
+            else:
+                await self.ws.send_bytes(data)
+
+    async def _idle(self) -> None:
+        limit = self.svc.settings.ws_idle_timeout_s
+        while (left := self.last_frame + limit - self.loop.time()) > 0:  # noqa: ASYNC110 - a deadline that frames move
+            await asyncio.sleep(left)
+
+    async def _replica_ended(self, outbound: asyncio.Future[None]) -> None:
+        error = outbound.exception()
+        if error is None:
+            try:
+                close = json.loads(self.link.end_body or b"{}")
+                code, reason = int(close.get("code", 1000)), str(close.get("reason", ""))
+            except (ValueError, TypeError, AttributeError):
+                code, reason = 1000, ""
+            await self._close_client(code, reason)
+        elif isinstance(error, KilnError):
+            _log.info("session %s ended: %s", self.link.call_id, error.code)
+            await self._close_client(1011, error.code)
+        elif isinstance(error, WebSocketDisconnect | OSError):
+            await self._say_goodbye(1001, "the client went away")
+        elif error is not None:
+            _log.error("session %s failed: %r", self.link.call_id, error)
+            await self._close_client(1011, "internal_error")
+            self.link.abandon()
+
+    async def _say_goodbye(self, code: int, reason: str) -> None:
+        """Tell the replica the client is gone and give the handler a moment to return; then
+        abandon the call (the replica cancels the handler if it still runs)."""
+        if not self.link.future.done():
+            close = json.dumps({"code": code, "reason": reason}).encode()
+            with contextlib.suppress(Exception):
+                await self.svc.dispatcher.send_frame(self.link, Event.END, self.sent, close)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self.link.future), _GOODBYE_S)
+        self.link.abandon()
+
+    async def _close_client(self, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):  # it may have gone already
+            await self.ws.close(code, reason)
