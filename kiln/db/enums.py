@@ -21,6 +21,7 @@ __all__ = [
     "NodeState",
     "ReplicaState",
     "ScalingSetting",
+    "WebhookState",
 ]
 
 
@@ -93,6 +94,12 @@ class CallStatus(enum.StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     EXPIRED = "expired"
+
+
+class WebhookState(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
 
 
 class InvocationKind(enum.StrEnum):

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
 from kiln.db.base import Base, Timestamps, int_default, str_enum, uuid_pk
-from kiln.db.enums import CallStatus, InvocationKind, InvocationStatus
+from kiln.db.enums import CallStatus, InvocationKind, InvocationStatus, WebhookState
 
 __all__ = ["Call", "Invocation"]
 
@@ -44,7 +44,19 @@ class Call(Timestamps, Base):
     result: Mapped[bytes | None] = mapped_column(sa.LargeBinary)
     result_content_type: Mapped[str | None] = mapped_column(sa.String(255))
     result_ref: Mapped[str | None] = mapped_column(sa.Text)
+    # The entry point of a class (`Class.method`); None for a plain function.
+    method: Mapped[str | None] = mapped_column(sa.String(63))
+    # The replica running it now (cancel tells it); its body in the payload store, if large.
+    replica_id: Mapped[uuid.UUID | None]
+    body_ref: Mapped[str | None] = mapped_column(sa.Text)
     webhook_url: Mapped[str | None] = mapped_column(sa.Text)
+    # The completion webhook: pending until delivered (or failed after its retries).
+    webhook_state: Mapped[WebhookState | None] = mapped_column(
+        str_enum(WebhookState, "webhook_state")
+    )
+    webhook_attempts: Mapped[int] = int_default(0)
+    webhook_next_at: Mapped[datetime | None]
+    webhook_error: Mapped[str | None] = mapped_column(sa.Text)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     expires_at: Mapped[datetime | None]
@@ -55,6 +67,8 @@ class Call(Timestamps, Base):
         sa.Index(None, "function_id", "status"),
         # The sweeper that expires old calls scans by these.
         sa.Index(None, "status", "expires_at"),
+        # The webhook sender looks for due deliveries.
+        sa.Index(None, "webhook_state", "webhook_next_at"),
         sa.CheckConstraint("attempts >= 0", name="attempts_nonnegative"),
         sa.CheckConstraint("max_retries >= 0", name="max_retries_nonnegative"),
         sa.CheckConstraint("result IS NULL OR result_ref IS NULL", name="result_in_one_place"),
