@@ -47,11 +47,20 @@ class PayloadStore:
 
     async def take(self, name: str) -> bytes:
         """The bytes stored under `name`, which are then deleted."""
+        data = await self.get(name)
+        await self.delete(name)
+        return data
+
+    async def get(self, name: str) -> bytes:
+        """The bytes stored under `name` (kept: a job's body serves each of its attempts)."""
         store = await self._open()
         try:
             result = await store.get(name)
         except (ObjectNotFoundError, NotFoundError):
             raise InternalError(f"payload {name} is not in the store (expired?)") from None
+        return result.data or b""
+
+    async def delete(self, name: str) -> None:
+        store = await self._open()
         with contextlib.suppress(Exception):  # it expires anyway
             await store.delete(name)
-        return result.data or b""

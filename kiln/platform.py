@@ -1,6 +1,6 @@
 """The whole platform in one process, as `kiln dev` and the end-to-end tests run it: the router
-(uvicorn), the scheduler and one node agent sharing an event loop, NATS connection and
-database pool. Replicas are child processes of the node agent.
+(uvicorn), the scheduler, the job recorder and one node agent sharing an event loop, NATS
+connection and database pool. Replicas are child processes of the node agent.
 
 Shutdown is phased and bounded: the router stops taking requests and lets calls in flight
 finish, the node agent drains its replicas, the scheduler stops, then NATS and the database are
@@ -20,6 +20,7 @@ from kiln.db.session import create_engine, session_factory
 from kiln.devstack.ports import is_free
 from kiln.errors import DevStackError
 from kiln.invoker.agent import NodeAgent
+from kiln.jobs.recorder import JobRecorder
 from kiln.observability.coldstart import ColdStartMetrics
 from kiln.router.app import create_app
 from kiln.scheduler.scheduler import Scheduler
@@ -91,9 +92,14 @@ async def serve_platform(
         )  # fmt: skip
         scheduling = asyncio.create_task(schedule, name="kiln-scheduler")
         agent = asyncio.create_task(NodeAgent(settings, nc).run(stop), name="kiln-node-agent")
+        recorder_stop = asyncio.Event()
+        recording = asyncio.create_task(
+            JobRecorder(nc, session_factory(engine), settings).run(recorder_stop),
+            name="kiln-job-recorder",
+        )
         if on_ready is not None:
             on_ready()
-        parts = [router, scheduling, agent]
+        parts = [router, scheduling, agent, recording]
         stopped = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([*parts, stopped], return_when=asyncio.FIRST_COMPLETED)
         stop.set()
@@ -104,7 +110,8 @@ async def serve_platform(
         )
         await asyncio.sleep(0.2)  # the last exit events are on their way
         scheduler_stop.set()
-        results = [*first, *await asyncio.gather(scheduling, return_exceptions=True)]
+        recorder_stop.set()  # after the replicas: it records the jobs they finished draining
+        results = [*first, *await asyncio.gather(scheduling, recording, return_exceptions=True)]
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures and stopped not in done:
             raise failures[0]

@@ -67,6 +67,7 @@ class Settings:
     api_key: str | None = dataclasses.field(default=None, repr=False)
     api_key_pepper: str | None = dataclasses.field(default=None, repr=False)
     snapshot_signing_key: str | None = dataclasses.field(default=None, repr=False)
+    webhook_secret: str | None = dataclasses.field(default=None, repr=False)
     log_level: LogLevel = LogLevel.INFO
     max_request_bytes: int = 32 * 1024 * 1024
     connect_timeout_s: float = 5.0
@@ -82,6 +83,7 @@ class Settings:
     max_replicas: int = 1000
     ws_idle_timeout_s: float = 300.0
     ws_max_session_s: float = 3600.0
+    job_result_ttl_s: float = 7 * 24 * 3600.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -407,6 +409,13 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "HMAC key that signs snapshots; at least 32 random characters",
         secret=True,
     ),
+    SettingSpec(
+        "KILN_WEBHOOK_SECRET",
+        "webhook_secret",
+        _secret,
+        "HMAC key that signs job completion webhooks (Kiln-Signature); at least 32 characters",
+        secret=True,
+    ),
     SettingSpec("KILN_LOG_LEVEL", "log_level", _choice(LogLevel), "debug, info, warning, error"),
     SettingSpec(
         "KILN_MAX_REQUEST_BYTES",
@@ -490,6 +499,12 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "the longest a WebSocket session lasts; then it is closed with 1001 (default 3600)",
     ),
     SettingSpec(
+        "KILN_JOB_RESULT_TTL_S",
+        "job_result_ttl_s",
+        _seconds(60, 90 * 86_400),
+        "how long a finished job's status and result are kept (default 7 days)",
+    ),
+    SettingSpec(
         "KILN_METRICS_PORT",
         "metrics_port",
         _int_range(1, 65535),
@@ -524,4 +539,5 @@ _REQUIRED_IN_PRODUCTION = (
     "redis_url",
     "api_key_pepper",
     "snapshot_signing_key",
+    "webhook_secret",
 )

@@ -16,6 +16,7 @@ Everything lives under the deployment's namespace `ns` (`KILN_NAMESPACE`):
 | `ns.replica.<rid>.ctl`           | core          | router → replica (credits, cancel) |
 | `ns.replica.<rid>.in.<r>.<call>` | core          | router → replica (session frames) |
 | `ns.events.replica`              | core          | node agent → scheduler     |
+| `ns.jobevents.<job>`             | JetStream     | replica → job recorder     |
 
 `<fid>` is a function's UUID in hex. Calls carry their parameters in headers and the caller's
 bytes untouched in the body, so large JSON is never parsed on the hot path more than needed.
@@ -33,12 +34,15 @@ from typing import Any, TypeVar
 
 __all__ = [
     "HEARTBEAT_INTERVAL_S",
+    "JOB_ROUTER",
     "REPLICA_LOST_AFTER_S",
     "SESSION_WINDOW",
     "WIRE_VERSION",
     "CallHeaders",
     "Event",
     "H",
+    "JobEvent",
+    "JobEventKind",
     "NodeHeartbeat",
     "ReplicaHeartbeat",
     "StartReplica",
@@ -94,6 +98,34 @@ class Event(enum.StrEnum):
     CREDIT = "credit"  # a session's receiver may take frames numbered below this one
 
 
+# The `router` of a job's CallHeaders: no router waits for it; its outcome goes to the job
+# events stream (JobEvent), and its message is acked only when it is done.
+JOB_ROUTER = "job"
+
+
+class JobEventKind(enum.StrEnum):
+    STARTED = "started"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # final: no attempt is left; otherwise it is retried after a backoff
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """What a replica says about a job's attempt, for the job recorder to write down."""
+
+    job_id: str
+    kind: str  # JobEventKind
+    attempt: int
+    replica_id: str
+    final: bool = False
+    error_code: str | None = None
+    error_message: str | None = None
+    content_type: str | None = None
+    result_b64: str | None = None  # a small result, inline
+    result_ref: str | None = None  # a large one, in the job results bucket under this name
+
+
 # Frames of a WebSocket session either side may have in flight before the other grants more.
 SESSION_WINDOW = 64
 
@@ -144,6 +176,27 @@ class Subjects:
     def payload_bucket(self) -> str:
         """Object store: bodies and results too large for one message (kiln.payloads)."""
         return f"{self.ns}_payloads"
+
+    @property
+    def job_results_bucket(self) -> str:
+        """Object store: job results too large to record in PostgreSQL inline."""
+        return f"{self.ns}_job_results"
+
+    @property
+    def job_cancels_bucket(self) -> str:
+        """Key-value bucket: jobs cancelled before a replica started them."""
+        return f"{self.ns}_job_cancels"
+
+    @property
+    def job_events_stream(self) -> str:
+        return f"{self.ns}_job_events"
+
+    def job_events(self, job_id: str) -> str:
+        return f"{self.ns}.jobevents.{job_id}"
+
+    @property
+    def all_job_events(self) -> str:
+        return f"{self.ns}.jobevents.*"
 
     @property
     def code_bucket(self) -> str:

@@ -179,6 +179,7 @@ def settings(
             "KILN_REDIS_URL": service_urls.redis_url,
             "KILN_API_KEY_PEPPER": secrets.token_urlsafe(32),
             "KILN_SNAPSHOT_SIGNING_KEY": secrets.token_urlsafe(32),
+            "KILN_WEBHOOK_SECRET": secrets.token_urlsafe(32),
         }
     )
     try:

@@ -1,8 +1,9 @@
 """Secrets for a development installation.
 
-Production sets `KILN_API_KEY_PEPPER` and `KILN_SNAPSHOT_SIGNING_KEY` (settings refuse to start
-without them). `kiln dev` generates them once and keeps them beside the embedded data, so keys
-and snapshots made by one run stay valid in the next.
+Production sets `KILN_API_KEY_PEPPER`, `KILN_SNAPSHOT_SIGNING_KEY` and `KILN_WEBHOOK_SECRET`
+(settings refuse to start without them). `kiln dev` generates them once and keeps them beside
+the embedded data, so keys, snapshots and webhook signatures made by one run stay valid in the
+next.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from kiln.settings import Settings
 
 __all__ = ["with_dev_secrets"]
 
-_GENERATED = ("api_key_pepper", "snapshot_signing_key")
+_GENERATED = ("api_key_pepper", "snapshot_signing_key", "webhook_secret")
 
 
 def with_dev_secrets(settings: Settings, root: Path | None = None) -> Settings:

@@ -7,11 +7,12 @@ frames). The replica (`kiln.invoker.replica`) decides which calls to take; this 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -27,7 +28,7 @@ from kiln.functions.session import SessionClosed
 from kiln.functions.spec import CallKind, FunctionSpec
 from kiln.invoker.sessions import ReplicaSession
 from kiln.invoker.streams import StreamCredits, send_stream
-from kiln.invoker.target import Target
+from kiln.invoker.target import Encoded, Target
 from kiln.payloads import MAX_RESULT_BYTES, PayloadStore
 from kiln.wire import CallHeaders, Event, H, StreamControl, Subjects, decode, parse_event
 
@@ -75,64 +76,83 @@ class CallRunner:
     async def run(self, call: CallHeaders, body: bytes) -> None:
         """Run one call the replica took, until it is answered or its caller cancels it."""
         key = (call.router, call.call_id)
+        with self.cancellable(key):
+            try:
+                if call.payload is not None:
+                    try:
+                        body = await self.payloads.take(call.payload)
+                    except Exception as exc:  # noqa: BLE001 - expired, or NATS trouble
+                        _log.error("call %s: its stored body is gone: %s", call.call_id, exc)
+                        await self.reply_error(
+                            call, InvalidArguments("the call's stored body could not be read")
+                        )
+                        return
+                entry = self.spec.entry(call.method)
+                kind = entry.kind if entry is not None else CallKind.FUNCTION
+                if kind is CallKind.GENERATOR and call.window > 0:
+                    await self._stream(call, body)
+                elif kind is CallKind.WEBSOCKET and call.window > 0:
+                    await self._session(call, body)
+                else:
+                    await self._call(call, body)
+            except asyncio.CancelledError:
+                if not self.cancelled_by_caller(key):
+                    raise  # not the caller's cancel: the replica is stopping
+                _log.info("call %s cancelled: its caller left", call.call_id)
+
+    @contextlib.contextmanager
+    def cancellable(self, key: _Key) -> Iterator[None]:
+        """While inside, a router's cancel for `key` cancels the current task (then
+        `cancelled_by_caller(key)` tells that CancelledError from a shutdown)."""
         task = asyncio.current_task()
         assert task is not None
         self._running[key] = task
         try:
-            if call.payload is not None:
-                try:
-                    body = await self.payloads.take(call.payload)
-                except Exception as exc:  # noqa: BLE001 - expired, or NATS trouble
-                    _log.error("call %s: its stored body is gone: %s", call.call_id, exc)
-                    await self.reply_error(
-                        call, InvalidArguments("the call's stored body could not be read")
-                    )
-                    return
-            entry = self.spec.entry(call.method)
-            kind = entry.kind if entry is not None else CallKind.FUNCTION
-            if kind is CallKind.GENERATOR and call.window > 0:
-                await self._stream(call, body)
-            elif kind is CallKind.WEBSOCKET and call.window > 0:
-                await self._session(call, body)
-            else:
-                await self._call(call, body)
-        except asyncio.CancelledError:
-            if key not in self._cancelled:
-                raise  # not the caller's cancel: the replica is stopping
-            _log.info("call %s cancelled: its caller left", call.call_id)
+            yield
         finally:
-            self._cancelled.discard(key)
             self._running.pop(key, None)
+            self._cancelled.discard(key)
 
-    # The three kinds of call -------------------------------------------------------------------
+    def cancelled_by_caller(self, key: _Key) -> bool:
+        if key in self._cancelled:
+            self._cancelled.discard(key)
+            return True
+        return False
 
-    async def _call(self, call: CallHeaders, body: bytes) -> None:
+    async def compute(self, call: CallHeaders, body: bytes) -> Encoded:
+        """Run a plain call under its timeout: its encoded result, or a KilnError to send (the
+        customer's exception as FunctionError)."""
         deadline = asyncio.timeout(call.timeout_s)
         try:
             async with deadline:
                 result = await self.target.call(call.method, body, call.content_type)
         except TimeoutError as exc:
             if not deadline.expired():  # the user's own TimeoutError
-                await self._reply_user_error(call, exc)
-                return
-            await self.reply_error(call, FunctionTimeout(
-                f"the call did not finish within the function's timeout ({call.timeout_s:g} s)"
-            ))  # fmt: skip
+                raise FunctionError(_user_error_reason(call, exc)) from None
             entry = self.spec.entry(call.method)
             if entry is None or not entry.is_async:
                 self.on_poison("a sync call overran its timeout; its thread cannot be stopped")
-            return
-        except KilnError as exc:
-            await self.reply_error(call, exc)
-            return
+            raise FunctionTimeout(
+                f"the call did not finish within the function's timeout ({call.timeout_s:g} s)"
+            ) from None
+        except KilnError:
+            raise
         except Exception as exc:  # noqa: BLE001 - the customer's code may raise anything
-            await self._reply_user_error(call, exc)
-            return
+            raise FunctionError(_user_error_reason(call, exc)) from None
         if len(result.body) > MAX_RESULT_BYTES:
-            await self.reply_error(call, ResultTooLarge(
+            raise ResultTooLarge(
                 f"the result has {len(result.body)} bytes; results are limited to "
                 f"{MAX_RESULT_BYTES} bytes"
-            ))  # fmt: skip
+            )
+        return result
+
+    # The three kinds of call -------------------------------------------------------------------
+
+    async def _call(self, call: CallHeaders, body: bytes) -> None:
+        try:
+            result = await self.compute(call, body)
+        except KilnError as exc:
+            await self.reply_error(call, exc)
             return
         # The router knows the replica from the accepted message and takes JSON for granted:
         # every header costs a parse on the router's hot path.

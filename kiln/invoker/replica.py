@@ -44,10 +44,12 @@ from kiln.functions.spec import FunctionSpec
 from kiln.invoker.calls import CallRunner
 from kiln.invoker.coldstart import ColdStart, SnapshotLink, build_instance
 from kiln.invoker.feed import CallFeed
+from kiln.invoker.jobs import JobRunner
 from kiln.invoker.target import Target, build_target
 from kiln.settings import Settings
 from kiln.wire import (
     HEARTBEAT_INTERVAL_S,
+    JOB_ROUTER,
     CallHeaders,
     ColdStartReport,
     ReplicaHeartbeat,
@@ -84,6 +86,7 @@ class Replica:
         self._busy = 0  # calls taken and not finished (in_flight, counted before its tasks run)
         self._accepts: dict[str, list[str]] = {}  # router id -> call ids taken, not yet told
         self.calls: CallRunner | None = None
+        self.jobs: JobRunner | None = None
         self._replica_str = str(self.replica_id)
         self._tasks: set[asyncio.Future[None]] = set()
         self.cold_start = ColdStart(on_phase=self._on_phase)
@@ -120,6 +123,7 @@ class Replica:
                 on_poison=self._poison,
             )  # fmt: skip
             await self.calls.start()
+            self.jobs = JobRunner(self.nc, self.subjects, self.calls)
             self.state = ReplicaState.READY
             self.idle_since = time.time()
             await self._beat()
@@ -223,6 +227,10 @@ class Replica:
                 # replica of that generation, and step aside.
                 await msg.nak()
                 self.request_drain()
+                return
+            if call.router == JOB_ROUTER:
+                assert self.jobs is not None
+                await self.jobs.run(msg, call)  # acked when done: a crash means a retry
                 return
             # Taken: from here a crash surfaces to the caller as worker_lost (through our
             # missing heartbeats), never as a silent second run.

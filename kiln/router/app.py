@@ -22,7 +22,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kiln.codestore import CodeStore
 from kiln.db.session import create_engine, session_factory
 from kiln.errors import KilnError
-from kiln.router import control
+from kiln.jobs.streams import ensure_job_streams
+from kiln.router import control, jobs
 from kiln.router.auth import Authenticator
 from kiln.router.catalog import Catalog
 from kiln.router.deploy import Deployer
@@ -65,6 +66,10 @@ async def openapi(request: Request) -> Response:
 ROUTES = [
     Route("/v1/run/{app}/{name}", run, methods=["POST"]),
     WebSocketRoute("/v1/ws/{app}/{name}", ws_session),
+    Route("/v1/spawn/{app}/{name}", jobs.spawn, methods=["POST"]),
+    Route("/v1/calls/{call_id}", jobs.get_call, methods=["GET"]),
+    Route("/v1/calls/{call_id}/result", jobs.get_result, methods=["GET"]),
+    Route("/v1/calls/{call_id}/cancel", jobs.cancel_call, methods=["POST"]),
     Route("/v1/apps", control.deploy_app, methods=["POST"]),
     Route("/v1/apps", control.list_apps, methods=["GET"]),
     Route("/v1/apps/{app}", control.delete_app, methods=["DELETE"]),
@@ -123,6 +128,7 @@ def create_app(settings: Settings, metrics_also: Sequence[CollectorRegistry] = (
         )
         js = nc.jetstream()
         await ensure_calls_stream(js, subjects)
+        await ensure_job_streams(js, subjects, settings.job_result_ttl_s)
         sessions = session_factory(engine)
         dispatcher = Dispatcher(nc, subjects)
         await dispatcher.start()

@@ -48,6 +48,7 @@ from kiln.payloads import PayloadStore
 from kiln.router.streams import STREAM_WINDOW, CallAbandoned, CallStream
 from kiln.wire import (
     HEARTBEAT_INTERVAL_S,
+    JOB_ROUTER,
     REPLICA_LOST_AFTER_S,
     SESSION_WINDOW,
     CallHeaders,
@@ -80,6 +81,8 @@ _REMOTE_ERRORS: dict[str, type[KilnError]] = {
     )
 }
 _CALL_EVENTS = (Event.RESULT, Event.ERROR)
+# A job waits in the queue as long as the calls stream keeps messages (its max_age).
+_JOB_WAITS_S = 24 * 3600.0
 # After a replica accepted a call it has `timeout` to answer; this covers the reply's trip.
 _REPLY_GRACE_S = 2.0
 _HINT_INTERVAL_S = 0.25
@@ -282,6 +285,42 @@ class Dispatcher:
         )  # fmt: skip
         assert call.stream is not None
         return call.stream
+
+    async def enqueue_job(
+        self,
+        function_id: uuid.UUID,
+        job_id: str,
+        body: bytes,
+        *,
+        content_type: str,
+        method: str | None,
+        timeout_s: float,
+        request_id: str,
+        generation: int = 0,
+        payload: str | None = None,
+    ) -> None:
+        """Store a job in the function's queue (raises Unavailable if JetStream does not
+        confirm it). Its id is the message id, so a repeated publish is stored once."""
+        headers = CallHeaders(
+            call_id=job_id,
+            router=JOB_ROUTER,
+            content_type=content_type,
+            accept_by=time.time() + _JOB_WAITS_S,
+            timeout_s=timeout_s,
+            method=method,
+            request_id=request_id,
+            generation=generation,
+            payload=payload,
+        ).to_headers()
+        headers["Nats-Msg-Id"] = job_id
+        try:
+            await self.nc.jetstream().publish(
+                self.subjects.calls(function_id), body, headers=headers, timeout=_PUBACK_WAIT_S
+            )
+        except Exception as exc:  # noqa: BLE001 - NATS down, or the stream refused it
+            _log.warning("storing job %s failed: %s", job_id, exc)
+            raise Unavailable("the job queue did not accept the job", retry_after=1) from None
+        await self._hint_demand(function_id)
 
     async def open_session(
         self,

@@ -175,6 +175,8 @@ def test_production_requires_services_and_secrets() -> None:
         "hashes; at least 32 random characters.",
         "KILN_SNAPSHOT_SIGNING_KEY is required when KILN_ENV=production: HMAC key that signs "
         "snapshots; at least 32 random characters.",
+        "KILN_WEBHOOK_SECRET is required when KILN_ENV=production: HMAC key that signs job "
+        "completion webhooks (Kiln-Signature); at least 32 characters.",
     ]
 
 

@@ -1,0 +1,148 @@
+"""A replica's side of async jobs (`POST /v1/spawn`).
+
+A job is a call in the same work queue whose `router` is `JOB_ROUTER`: nobody waits for it.
+Its message is acked only when the job is done (with progress acks while it runs), so a replica
+that dies mid-job leaves it to be delivered again. Each attempt's outcome goes to the job
+events stream (`JobEvent`, published with a message id, so a repeat is dropped) before the
+message is acked; the job recorder writes it to PostgreSQL. A failed attempt is retried, up to
+the function's `retries`, after a backoff (a NAK with a delay); a job out of attempts ends
+`failed` with its last error and is terminated, so a poison job never blocks the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import logging
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
+
+from kiln.errors import KilnError
+from kiln.invoker.calls import CallRunner
+from kiln.wire import CallHeaders, JobEvent, JobEventKind, Subjects, encode
+
+__all__ = ["JobRunner", "retry_delay_s"]
+
+_log = logging.getLogger("kiln.replica")
+# Results up to this size travel in the job event (as base64) and are stored in PostgreSQL.
+_INLINE_RESULT_BYTES = 512 * 1024
+_PROGRESS_EVERY_S = 10.0  # well within the consumer's 30 s ack wait
+_PUBLISH_TRIES = 5
+
+
+def retry_delay_s(attempt: int) -> float:
+    """How long a job waits after its failed `attempt` (1, 2, ...) before the next one."""
+    return float(min(60, 2 ** (attempt - 1)))
+
+
+class JobRunner:
+    def __init__(self, nc: NATS, subjects: Subjects, calls: CallRunner) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.subjects = subjects
+        self.calls = calls
+        self.replica = str(calls.replica_id)
+
+    async def run(self, msg: Msg, call: CallHeaders) -> None:
+        """Run one delivery of a job, and settle its message: ack (done), NAK with a delay
+        (to be retried) or term (out of attempts)."""
+        job = call.call_id
+        attempt = msg.metadata.num_delivered
+        attempts = self.calls.spec.resources.retries + 1
+        if await self._cancelled(job):
+            await msg.ack()
+            return
+        if attempt > attempts:  # earlier attempts died with their replicas
+            await self._finish(msg, JobEvent(
+                job, JobEventKind.FAILED, attempt - 1, self.replica, final=True,
+                error_code="worker_lost",
+                error_message=f"the replica running the job stopped in each of its {attempts} "
+                "attempts",
+            ), term=True)  # fmt: skip
+            return
+        await self._publish(JobEvent(job, JobEventKind.STARTED, attempt, self.replica))
+        keepalive = asyncio.ensure_future(self._in_progress(msg))
+        key = (call.router, job)
+        try:
+            with self.calls.cancellable(key):
+                try:
+                    body = msg.data
+                    if call.payload is not None:
+                        body = await self.calls.payloads.get(call.payload)
+                    result = await self.calls.compute(call, body)
+                except asyncio.CancelledError:
+                    if not self.calls.cancelled_by_caller(key):
+                        raise  # the replica is stopping: the job is delivered again
+                    await self._finish(
+                        msg, JobEvent(job, JobEventKind.CANCELLED, attempt, self.replica, True)
+                    )
+                    return
+                except KilnError as exc:
+                    final = attempt >= attempts
+                    event = JobEvent(
+                        job, JobEventKind.FAILED, attempt, self.replica, final=final,
+                        error_code=exc.code, error_message=exc.message,
+                    )  # fmt: skip
+                    if final:
+                        await self._finish(msg, event, term=True)
+                    else:
+                        await self._publish(event)
+                        await msg.nak(delay=retry_delay_s(attempt))
+                    return
+            await self._finish(msg, await self._succeeded(job, attempt, result.body,
+                                                          result.content_type))  # fmt: skip
+        finally:
+            keepalive.cancel()
+
+    async def _succeeded(self, job: str, attempt: int, body: bytes, content_type: str) -> JobEvent:
+        event = JobEvent(
+            job, JobEventKind.SUCCEEDED, attempt, self.replica, final=True,
+            content_type=content_type,
+        )  # fmt: skip
+        if len(body) <= _INLINE_RESULT_BYTES:
+            return dataclasses.replace(event, result_b64=base64.b64encode(body).decode())
+        store = await self.js.object_store(self.subjects.job_results_bucket)
+        await store.put(job, body)
+        return dataclasses.replace(event, result_ref=job)
+
+    async def _finish(self, msg: Msg, event: JobEvent, *, term: bool = False) -> None:
+        """Record the outcome, then settle the message. If the outcome cannot be recorded the
+        message stays unacked, and the job is delivered again."""
+        await self._publish(event)
+        if term:
+            await msg.term()
+        else:
+            await msg.ack()
+
+    async def _publish(self, event: JobEvent) -> None:
+        # The message id makes a repeat (a retry here, or a redelivered job) a no-op.
+        headers = {"Nats-Msg-Id": f"{event.job_id}:{event.attempt}:{event.kind}"}
+        for tries_left in range(_PUBLISH_TRIES - 1, -1, -1):
+            try:
+                await self.js.publish(
+                    self.subjects.job_events(event.job_id), encode(event), headers=headers
+                )
+                return
+            except Exception as exc:
+                if not tries_left:
+                    raise
+                _log.warning("recording job %s failed (%s); retrying", event.job_id, exc)
+                await asyncio.sleep(0.5)
+
+    async def _cancelled(self, job: str) -> bool:
+        try:
+            kv = await self.js.key_value(self.subjects.job_cancels_bucket)
+            await kv.get(job)
+        except (KeyNotFoundError, BucketNotFoundError, NotFoundError):
+            return False
+        return True
+
+    async def _in_progress(self, msg: Msg) -> None:
+        while True:
+            await asyncio.sleep(_PROGRESS_EVERY_S)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()

@@ -1,0 +1,200 @@
+"""The job recorder: one per platform (several may run; JetStream shares the work). It writes the
+job events replicas publish into PostgreSQL, acking each only after its transaction commits (so
+an event is never lost, and a repeat changes nothing); expires old results; and delivers
+completion webhooks, claiming each due delivery for a minute so two recorders never send it
+at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import sqlalchemy as sa
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import FetchTimeoutError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from kiln.db.enums import WebhookState
+from kiln.db.models import App, Call, Function
+from kiln.db.session import transaction
+from kiln.jobs import webhooks
+from kiln.jobs.records import apply_event, call_target, call_view, expire_finished
+from kiln.jobs.streams import ensure_job_streams
+from kiln.payloads import PayloadStore
+from kiln.settings import Settings
+from kiln.wire import JobEvent, Subjects, decode
+
+__all__ = ["JobRecorder"]
+
+_log = logging.getLogger("kiln.jobs")
+_DURABLE = "recorder"
+_SWEEP_EVERY_S = 1.0
+_WEBHOOK_CLAIM_S = 60.0
+
+
+class JobRecorder:
+    def __init__(
+        self,
+        nc: NATS,
+        sessions: async_sessionmaker[AsyncSession],
+        settings: Settings,
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.sessions = sessions
+        self.settings = settings
+        self.subjects = Subjects(settings.namespace)
+        self.clock = clock
+        self.ttl_s = settings.job_result_ttl_s
+        self.payloads = PayloadStore(self.js, self.subjects)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await ensure_job_streams(self.js, self.subjects, self.ttl_s)
+        sub = await self.js.pull_subscribe(
+            self.subjects.all_job_events,
+            durable=_DURABLE,
+            stream=self.subjects.job_events_stream,
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30),
+        )
+        async with httpx.AsyncClient() as client:
+            loops = [
+                asyncio.create_task(self._forever(self._record, sub), name="kiln-jobs-events"),
+                asyncio.create_task(self._forever(self._sweep), name="kiln-jobs-sweep"),
+                asyncio.create_task(self._forever(self._webhooks, client), name="kiln-jobs-hooks"),
+            ]
+            try:
+                await stop.wait()
+            finally:
+                for task in loops:
+                    task.cancel()
+                await asyncio.gather(*loops, return_exceptions=True)
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def _forever(self, step: Callable[..., Awaitable[None]], *args: object) -> None:
+        """Run `step` again and again; a failure is logged and retried after a pause, never
+        the end of the loop."""
+        while True:
+            try:
+                await step(*args)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the loop outlives any one failure (DB, NATS)
+                _log.exception("job recorder step %s failed; retrying", step.__name__)
+                await asyncio.sleep(1.0)
+
+    # Events ------------------------------------------------------------------------------------
+
+    async def _record(self, sub: JetStreamContext.PullSubscription) -> None:
+        try:
+            messages = await sub.fetch(64, timeout=1.0)
+        except (TimeoutError, FetchTimeoutError):
+            return
+        for msg in messages:
+            try:
+                event = decode(JobEvent, msg.data)
+            except (ValueError, TypeError):
+                _log.error("dropping an unreadable job event")
+                await msg.term()
+                continue
+            await self.record(event)
+            await msg.ack()
+
+    async def record(self, event: JobEvent) -> None:
+        """Write one job event down (the caller acks it afterwards)."""
+        now = self.clock()
+        body_ref: str | None = None
+        async with transaction(self.sessions) as session:
+            call = await session.scalar(
+                sa.select(Call).where(Call.id == uuid.UUID(event.job_id)).with_for_update()
+            )
+            if call is None:
+                return  # spawned and withdrawn, or long forgotten
+            finished = apply_event(call, event, now, self.ttl_s)
+            if finished:
+                body_ref, call.body_ref = call.body_ref, None
+        if body_ref is not None:
+            await self.payloads.delete(body_ref)
+
+    # Expiry ------------------------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        await asyncio.sleep(_SWEEP_EVERY_S)
+        async with transaction(self.sessions) as session:
+            stored = await expire_finished(session, self.clock(), self.ttl_s)
+        if stored:
+            results = await self.js.object_store(self.subjects.job_results_bucket)
+            for name in stored:
+                with contextlib.suppress(Exception):  # the bucket's TTL gets it anyway
+                    await results.delete(name)
+
+    # Webhooks ----------------------------------------------------------------------------------
+
+    async def _webhooks(self, client: httpx.AsyncClient) -> None:
+        due = await self._claim_due()
+        if not due:
+            await asyncio.sleep(0.5)
+            return
+        await asyncio.gather(*(self._deliver(client, *item) for item in due))
+
+    async def _claim_due(self) -> list[tuple[uuid.UUID, str, bytes]]:
+        """Due deliveries, each claimed for a minute: (call id, url, body)."""
+        now = self.clock()
+        async with transaction(self.sessions) as session:
+            rows = (
+                await session.execute(
+                    sa.select(Call, App.name, Function.name)
+                    .join(Function, Function.id == Call.function_id)
+                    .join(App, App.id == Function.app_id)
+                    .where(Call.webhook_state == WebhookState.PENDING, Call.webhook_next_at <= now)
+                    .order_by(Call.webhook_next_at)
+                    .limit(20)
+                    .with_for_update(of=Call, skip_locked=True)
+                )
+            ).all()
+            due = []
+            for call, app, function in rows:
+                call.webhook_next_at = now + timedelta(seconds=_WEBHOOK_CLAIM_S)
+                view = call_view(call, call_target(app, function, call.method), now)
+                body = json.dumps(view, separators=(",", ":")).encode()
+                due.append((call.id, call.webhook_url or "", body))
+        return due
+
+    async def _deliver(
+        self, client: httpx.AsyncClient, call_id: uuid.UUID, url: str, body: bytes
+    ) -> None:
+        secret = self.settings.require("webhook_secret")
+        error: str | None = None
+        try:
+            await webhooks.deliver(client, url, body, secret, str(call_id))
+        except httpx.HTTPStatusError as exc:
+            error = f"the receiver answered {exc.response.status_code}"
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        async with transaction(self.sessions) as session:
+            call = await session.get(Call, call_id, with_for_update=True)
+            if call is None:
+                return
+            call.webhook_attempts += 1
+            call.webhook_error = error
+            if error is None:
+                call.webhook_state = WebhookState.DELIVERED
+                call.webhook_next_at = None
+            elif call.webhook_attempts >= webhooks.MAX_ATTEMPTS:
+                _log.warning("giving up the webhook of job %s: %s", call_id, error)
+                call.webhook_state = WebhookState.FAILED
+                call.webhook_next_at = None
+            else:
+                delay = webhooks.retry_delay_s(call.webhook_attempts)
+                call.webhook_next_at = self.clock() + timedelta(seconds=delay)
