@@ -17,14 +17,19 @@ from kiln._version import __version__
 from kiln.functions.app import App
 from kiln.functions.hooks import enter, exit, method, websocket
 from kiln.functions.session import Session, SessionClosed
+from kiln.remote import Job, RemoteError, RemoteFunction, lookup
 
 __all__ = [
     "App",
+    "Job",
+    "RemoteError",
+    "RemoteFunction",
     "Session",
     "SessionClosed",
     "__version__",
     "enter",
     "exit",
+    "lookup",
     "method",
     "websocket",
 ]

@@ -1,8 +1,10 @@
 """`kiln.App` and its decorators: the registry of what an app file deploys.
 
 Decorating validates everything at once and records a `FunctionSpec`; nothing runs remotely
-here. A decorated function stays an ordinary local callable (and `.local()` as in Modal); a
-decorated class is returned unchanged, so instances, type hints and subclassing keep working.
+here. A decorated function stays an ordinary local callable (and `.local()` as in Modal), and
+`.remote()`, `.spawn()` and `.remote_gen()` call its deployed copy (`kiln.remote`); a decorated
+class is returned unchanged, so instances, type hints and subclassing keep working (its
+methods are called remotely through `kiln.lookup("APP/Class.method")`).
 """
 
 from __future__ import annotations
@@ -10,15 +12,18 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
-from typing import Any, Generic, ParamSpec, Protocol, TypeVar, Unpack, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, Unpack, overload
 
 from kiln.errors import InvalidSpec
 from kiln.functions.hooks import HookKind, describe, hook_of, lifecycle
 from kiln.functions.options import Options, parse_options
 from kiln.functions.signature import call_spec
 from kiln.functions.spec import FunctionSpec, UnitKind
+
+if TYPE_CHECKING:
+    from kiln.remote import Job, RemoteFunction
 
 __all__ = ["App", "Function"]
 
@@ -62,6 +67,26 @@ class Function(Generic[P, R]):
     def local(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the function in this process, as Modal's `.local()` does."""
         return self._fn(*args, **kwargs)
+
+    def remote(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call the deployed function (`kiln deploy`) and return its result."""
+        result: R = self._deployed().remote(*args, **kwargs)
+        return result
+
+    def remote_gen(self, *args: P.args, **kwargs: P.kwargs) -> Iterator[Any]:
+        """Call the deployed generator and yield its items as they arrive."""
+        return self._deployed().remote_gen(*args, **kwargs)
+
+    def spawn(self, *args: P.args, **kwargs: P.kwargs) -> Job:
+        """Start the deployed function as an async job."""
+        deployed = self._deployed()
+        # RemoteFunction.spawn also takes idempotency_key=, which P cannot express.
+        return deployed.spawn(*args, **kwargs)  # type: ignore[arg-type]
+
+    def _deployed(self) -> RemoteFunction:
+        from kiln.remote import lookup
+
+        return lookup(f"{self._app_name}/{self._spec.name}")
 
     def __repr__(self) -> str:
         return f"<kiln function {self._app_name}/{self._spec.name}>"

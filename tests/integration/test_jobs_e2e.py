@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 from stack import Platform, error_of, running_platform
 
+import kiln
 from kiln.db.enums import CallStatus
 from kiln.db.models import Call
 from kiln.db.session import create_engine
@@ -53,6 +54,11 @@ def flaky(tally: str) -> str:
 @app.function(retries=1)
 def poison() -> None:
     raise ValueError("always")
+
+
+@app.function()
+def count(n: int):
+    yield from range(n)
 
 
 @app.function()
@@ -291,3 +297,50 @@ async def test_a_finished_jobs_result_expires(settings: Settings, tmp_path: Path
                 await asyncio.sleep(0.2)
         finally:
             await engine.dispose()
+
+
+async def test_python_code_calls_deployed_functions(
+    platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`kiln.lookup(...)` and a decorated function's `.remote()`, `.spawn()` and
+    `.remote_gen()`, from a process that only knows the URL and a key."""
+    monkeypatch.setenv("KILN_URL", platform.url)
+    monkeypatch.setenv("KILN_API_KEY", platform.key)
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    app = kiln.App("jobs")
+
+    @app.function
+    def echo(x: int) -> dict[str, int]:
+        raise AssertionError("runs remotely, not here")
+
+    def calls() -> dict[str, Any]:
+        echo_remote = kiln.lookup("jobs/echo", url=platform.url, api_key=platform.key)
+        job = echo.spawn(x=2)
+        waiting = kiln.lookup("jobs/slow").spawn(seconds=30)
+        with pytest.raises(TimeoutError):
+            waiting.get(timeout=0.2)
+        waiting.cancel()
+        with pytest.raises(kiln.RemoteError) as failed:
+            kiln.lookup("jobs/poison").spawn().get(timeout=60)
+        with pytest.raises(kiln.RemoteError) as bad:
+            echo_remote.remote(y=1)
+        return {
+            "remote": echo.remote(x=1),
+            "positional": echo_remote.remote(3),
+            "job": job.get(timeout=60),
+            "cancelled": waiting.status()["status"],
+            "gen": list(kiln.lookup("jobs/count").remote_gen(n=4)),
+            "failed": (failed.value.api_code, failed.value.api_message),
+            "bad": (bad.value.http_status, bad.value.api_code),
+        }
+
+    results = await asyncio.to_thread(calls)
+    assert results == {
+        "remote": {"x": 1},
+        "positional": {"x": 3},
+        "job": {"x": 2},
+        "cancelled": "cancelled",
+        "gen": [0, 1, 2, 3],
+        "failed": ("function_error", "the job failed: ValueError: always"),
+        "bad": (400, "invalid_arguments"),
+    }

@@ -22,11 +22,15 @@ def raises(message: str) -> Any:
 def test_public_surface() -> None:
     assert kiln.__all__ == [
         "App",
+        "Job",
+        "RemoteError",
+        "RemoteFunction",
         "Session",
         "SessionClosed",
         "__version__",
         "enter",
         "exit",
+        "lookup",
         "method",
         "websocket",
     ]
