@@ -3,6 +3,7 @@ Settings (env first, then config.toml), errors come back in Kiln's one shape."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -54,6 +55,20 @@ class ApiClient:
         if response.status_code >= 400:
             raise _error(response)
         return response
+
+    def stream_lines(self, method: str, path: str, **kwargs: Any) -> Iterator[str]:
+        """The lines of a streamed (NDJSON) answer, as they arrive."""
+        headers = {**kwargs.pop("headers", {}), "Accept": "application/x-ndjson"}
+        try:
+            with self._client.stream(method, path, headers=headers, **kwargs) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise _error(response)
+                yield from (line for line in response.iter_lines() if line)
+        except httpx.TransportError as exc:
+            raise Unavailable(
+                f"cannot reach Kiln at {self.url} ({exc}); is `kiln dev` running?"
+            ) from exc
 
 
 def _error(response: httpx.Response) -> ApiError:

@@ -6,6 +6,7 @@ so `kiln --help` and `kiln version` stay instant.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -161,20 +162,29 @@ def deploy(
 def call(
     target: Annotated[str, typer.Argument(help="APP/FUNCTION or APP/Class.method")],
     data: Annotated[str, typer.Argument(help="JSON object of keyword arguments.")] = "{}",
+    stream: Annotated[
+        bool, typer.Option("--stream", help="A generator: print each item as it arrives.")
+    ] = False,
 ) -> None:
     """Call a function and print its result."""
-    from kiln.cli.client import ApiClient
+    from kiln.cli.client import ApiClient, ApiError
 
     app_name, slash, name = target.partition("/")
     if not slash or not app_name or not name:
         raise typer.BadParameter(f"{target!r} is not APP/FUNCTION or APP/Class.method")
+    path = f"/v1/run/{app_name}/{name}"
+    headers = {"Content-Type": "application/json"}
     with ApiClient(client_settings()) as api:
-        response = api.request(
-            "POST",
-            f"/v1/run/{app_name}/{name}",
-            content=data.encode(),
-            headers={"Content-Type": "application/json"},
-        )
+        if stream:
+            for line in api.stream_lines("POST", path, content=data.encode(), headers=headers):
+                item = json.loads(line)
+                if "error" in item:
+                    raise ApiError(200, item["error"]["code"], item["error"]["message"],
+                                   item["error"]["request_id"])  # fmt: skip
+                if "data" in item:
+                    typer.echo(json.dumps(item["data"]))
+            return
+        response = api.request("POST", path, content=data.encode(), headers=headers)
     if response.headers.get("content-type", "").startswith("application/json"):
         typer.echo(response.text)
     else:

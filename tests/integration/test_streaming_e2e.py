@@ -18,6 +18,10 @@ from typing import Any
 import httpx
 import pytest
 from stack import Platform, platform_fixture  # noqa: F401 - the fixture
+from typer.testing import CliRunner, Result
+
+from kiln.cli.client import ApiError
+from kiln.cli.main import app as cli
 
 pytestmark = pytest.mark.integration
 
@@ -154,6 +158,20 @@ async def test_ndjson_is_the_default_and_async_generators_stream_too(deployed: P
     lines = [json.loads(line) for line in response.text.splitlines()]
     assert lines[:-1] == [{"seq": i, "data": i} for i in range(100)]
     assert lines[-1] == {"end": True, "chunks": 100}
+
+
+async def test_kiln_call_stream_prints_each_item(deployed: Platform, tmp_path: Path) -> None:
+    env = {"KILN_URL": deployed.url, "KILN_API_KEY": deployed.key, "KILN_HOME": str(tmp_path)}
+
+    def kiln(*args: str) -> Result:
+        return CliRunner().invoke(cli, list(args), env=env)
+
+    done = await asyncio.to_thread(kiln, "call", "streams/counted", '{"n": 3}', "--stream")
+    assert (done.exit_code, done.output) == (0, "0\n1\n2\n")
+    failed = await asyncio.to_thread(kiln, "call", "streams/fails_after", '{"n": 1}', "--stream")
+    assert failed.output == "0\n"
+    assert isinstance(failed.exception, ApiError)
+    assert "ValueError: ran out of tokens (function_error" in str(failed.exception)
 
 
 async def test_an_error_before_the_first_chunk_is_a_plain_error_response(
