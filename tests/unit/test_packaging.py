@@ -51,6 +51,21 @@ def test_packages_the_hello_example(tmp_path: Path) -> None:
     assert (tmp_path / "code" / "hello.py").read_bytes() == (EXAMPLES / "hello.py").read_bytes()
 
 
+@pytest.mark.parametrize(
+    ("example", "entries"),
+    [
+        ("streaming.py", {"tokens": ["tokens"], "countdown": ["countdown"]}),
+        ("voice.py", {"Agent": ["talk"]}),
+    ],
+)
+def test_the_other_examples_package_with_their_entry_points(
+    example: str, entries: dict[str, list[str]]
+) -> None:
+    built = package(EXAMPLES / example)
+    assert built.files == (example,)
+    assert {spec.name: list(spec.entries) for spec in built.app.spec()} == entries
+
+
 def test_archive_entries_carry_no_time_owner_or_odd_mode(tmp_path: Path) -> None:
     app = write(tmp_path / "app.py", APP)
     write(tmp_path / "tool" / "__init__.py")
