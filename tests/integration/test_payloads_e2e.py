@@ -66,6 +66,28 @@ async def test_a_50_mb_argument_and_result_travel_through_the_payload_store(
     assert await _stored_bytes(platform) < 10_000
 
 
+async def test_a_job_with_a_large_argument_and_result(platform: Platform) -> None:
+    data = os.urandom(3 * 1000 * 1000)
+    async with platform.client() as client:
+        spawned = await client.post(
+            "/v1/spawn/big/flip",
+            content=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        assert spawned.status_code == 202, spawned.text
+        call_id = spawned.json()["call_id"]
+        deadline = asyncio.get_running_loop().time() + 60
+        while (view := (await client.get(f"/v1/calls/{call_id}")).json())["status"] != (
+            "succeeded"
+        ):
+            assert view["status"] in ("queued", "running"), view
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.1)
+        result = await client.get(view["result_url"])
+    assert result.headers["content-type"] == "application/octet-stream"
+    assert result.content == hashlib.sha256(data).digest() + data[::-1]
+
+
 async def test_a_stream_chunk_of_megabytes_arrives_in_its_place(platform: Platform) -> None:
     size = 5 * 1000 * 1000
     response = await platform.call("big/blobs", json={"size": size})
