@@ -31,12 +31,13 @@ from kiln.jobs.records import apply_event, call_target, call_view, expire_finish
 from kiln.jobs.streams import ensure_job_streams
 from kiln.payloads import PayloadStore
 from kiln.settings import Settings
-from kiln.wire import JobEvent, Subjects, decode
+from kiln.wire import JobEvent, JobEventKind, Subjects, decode
 
 __all__ = ["JobRecorder"]
 
 _log = logging.getLogger("kiln.jobs")
 _DURABLE = "recorder"
+_BATCH = 128  # events written per transaction
 _SWEEP_EVERY_S = 1.0
 _WEBHOOK_CLAIM_S = 60.0
 
@@ -98,34 +99,45 @@ class JobRecorder:
 
     async def _record(self, sub: JetStreamContext.PullSubscription) -> None:
         try:
-            messages = await sub.fetch(64, timeout=1.0)
+            messages = await sub.fetch(_BATCH, timeout=1.0)
         except (TimeoutError, FetchTimeoutError):
             return
+        events = []
         for msg in messages:
             try:
-                event = decode(JobEvent, msg.data)
+                events.append(decode(JobEvent, msg.data))
             except (ValueError, TypeError):
                 _log.error("dropping an unreadable job event")
                 await msg.term()
-                continue
-            await self.record(event)
-            await msg.ack()
+        await self.record(events)
+        for msg in messages:
+            with contextlib.suppress(Exception):  # a lost ack: the event comes again, harmless
+                await msg.ack()
 
-    async def record(self, event: JobEvent) -> None:
-        """Write one job event down (the caller acks it afterwards)."""
+    async def record(self, events: list[JobEvent]) -> None:
+        """Write job events down, in order, in one transaction (the caller acks them after)."""
         now = self.clock()
-        body_ref: str | None = None
+        stored_bodies: list[str] = []
+        readable = [event for event in events if _readable(event)]
+        ids = {uuid.UUID(event.job_id) for event in readable}
+        if not ids:
+            return
         async with transaction(self.sessions) as session:
-            call = await session.scalar(
-                sa.select(Call).where(Call.id == uuid.UUID(event.job_id)).with_for_update()
-            )
-            if call is None:
-                return  # spawned and withdrawn, or long forgotten
-            finished = apply_event(call, event, now, self.ttl_s)
-            if finished:
-                body_ref, call.body_ref = call.body_ref, None
-        if body_ref is not None:
-            await self.payloads.delete(body_ref)
+            calls = {
+                call.id: call
+                for call in await session.scalars(
+                    sa.select(Call).where(Call.id.in_(ids)).order_by(Call.id).with_for_update()
+                )
+            }
+            for event in readable:
+                call = calls.get(uuid.UUID(event.job_id))
+                if call is None:
+                    continue  # spawned and withdrawn, or long forgotten
+                if apply_event(call, event, now, self.ttl_s) and call.body_ref is not None:
+                    stored_bodies.append(call.body_ref)
+                    call.body_ref = None
+        for name in stored_bodies:
+            await self.payloads.delete(name)
 
     # Expiry ------------------------------------------------------------------------------------
 
@@ -198,3 +210,16 @@ class JobRecorder:
             else:
                 delay = webhooks.retry_delay_s(call.webhook_attempts)
                 call.webhook_next_at = self.clock() + timedelta(seconds=delay)
+
+
+def _readable(event: JobEvent) -> bool:
+    """Whether the event's ids and kind parse: a malformed one is dropped (and logged), so it
+    cannot hold back the batch it came in."""
+    try:
+        uuid.UUID(event.job_id)
+        uuid.UUID(event.replica_id)
+        JobEventKind(event.kind)
+    except (ValueError, TypeError, AttributeError):
+        _log.error("dropping a malformed job event: %r", event)
+        return False
+    return True
