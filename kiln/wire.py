@@ -281,6 +281,11 @@ class Subjects:
         return f"{self.ns}.replica.{replica_id.hex}.ctl"
 
     @property
+    def access_revoked(self) -> str:
+        """Routers tell each other of revoked keys and disabled customers (kiln.router.auth)."""
+        return f"{self.ns}.access.revoked"
+
+    @property
     def replica_events(self) -> str:
         return f"{self.ns}.events.replica"
 

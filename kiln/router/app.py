@@ -8,9 +8,10 @@ requests, let calls in flight finish, close NATS and the database) follow uvicor
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import nats
+import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -23,7 +24,7 @@ from kiln.codestore import CodeStore
 from kiln.db.session import create_engine, session_factory
 from kiln.errors import KilnError
 from kiln.jobs.streams import ensure_job_streams
-from kiln.router import control, jobs
+from kiln.router import access, control, jobs
 from kiln.router.auth import Authenticator
 from kiln.router.catalog import Catalog
 from kiln.router.deploy import Deployer
@@ -67,6 +68,14 @@ ROUTES = [
     Route("/v1/run/{app}/{name}", run, methods=["POST"]),
     WebSocketRoute("/v1/ws/{app}/{name}", ws_session),
     Route("/v1/spawn/{app}/{name}", jobs.spawn, methods=["POST"]),
+    Route("/v1/customers", access.create_customer, methods=["POST"]),
+    Route("/v1/customers", access.list_customers, methods=["GET"]),
+    Route("/v1/customers/{customer_id}", access.get_customer, methods=["GET"]),
+    Route("/v1/customers/{customer_id}", access.patch_customer, methods=["PATCH"]),
+    Route("/v1/keys", access.create_key, methods=["POST"]),
+    Route("/v1/keys", access.list_keys, methods=["GET"]),
+    Route("/v1/keys/{key_id}", access.revoke_key, methods=["DELETE"]),
+    Route("/v1/keys/{key_id}/rotate", access.rotate_key, methods=["POST"]),
     Route("/v1/calls/{call_id}", jobs.get_call, methods=["GET"]),
     Route("/v1/calls/{call_id}/result", jobs.get_result, methods=["GET"]),
     Route("/v1/calls/{call_id}/cancel", jobs.cancel_call, methods=["POST"]),
@@ -121,10 +130,22 @@ def create_app(settings: Settings, metrics_also: Sequence[CollectorRegistry] = (
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         subjects = Subjects(settings.namespace)
         engine = create_engine(settings, application_name="kiln-router")
+        reconnected: list[Callable[[], None]] = []
+
+        async def on_reconnected() -> None:
+            for callback in reconnected:
+                callback()
+
         nc = await nats.connect(
             servers=settings.nats_servers,
             connect_timeout=settings.connect_timeout_s,
             name="kiln-router",
+            reconnected_cb=on_reconnected,
+        )
+        redis = (
+            aioredis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+            if settings.redis_url
+            else None
         )
         js = nc.jetstream()
         await ensure_calls_stream(js, subjects)
@@ -132,10 +153,19 @@ def create_app(settings: Settings, metrics_also: Sequence[CollectorRegistry] = (
         sessions = session_factory(engine)
         dispatcher = Dispatcher(nc, subjects)
         await dispatcher.start()
+        auth = Authenticator(
+            sessions,
+            settings.require("api_key_pepper"),
+            redis=redis,
+            redis_prefix=settings.redis_prefix,
+            on_reject=router_metrics.count_auth_rejection,
+        )
+        await auth.start(nc, subjects.access_revoked)
+        reconnected.append(auth.on_reconnected)
         app.state.services = RouterServices(
             settings=settings,
             sessions=sessions,
-            auth=Authenticator(sessions, settings.require("api_key_pepper")),
+            auth=auth,
             catalog=Catalog(sessions),
             dispatcher=dispatcher,
             deployer=Deployer(
@@ -148,6 +178,8 @@ def create_app(settings: Settings, metrics_also: Sequence[CollectorRegistry] = (
         finally:
             await dispatcher.close()
             await nc.drain()
+            if redis is not None:
+                await redis.aclose()
             await engine.dispose()
 
     app = Starlette(

@@ -1,30 +1,44 @@
 """Who is calling: bearer API keys, checked against their hash in PostgreSQL.
 
-A malformed key (wrong shape or checksum) is refused before any lookup. Verified keys are cached
-in-process for a few seconds, so the warm path costs a dictionary lookup; issue 7 adds the Redis
-cache, scopes and pushed revocation.
+A malformed key (wrong shape or checksum) is refused before any lookup, and counted. A
+verdict is cached in-process for five seconds (keyed by the key itself, so a warm call costs a
+dictionary lookup) and in Redis for a minute (keyed by the key's HMAC, so routers share it and
+Redis never holds a usable key). Revoking a key or disabling a customer is pushed to every
+router on `<ns>.access.revoked`, which drops the cached verdicts at once; a router whose NATS
+link is down keeps verdicts for one second instead of five, and forgets them all when the link
+comes back, since it may have missed a revocation meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.requests import HTTPConnection
 
 from kiln.apikeys import hash_key, parse_key
-from kiln.db.enums import ApiKeyKind
-from kiln.db.models import ApiKey
+from kiln.db.enums import ApiKeyKind, CustomerStatus
+from kiln.db.models import ApiKey, Customer
 from kiln.db.models_access import DEFAULT_CUSTOMER_ID
 from kiln.db.session import transaction
-from kiln.errors import Unauthenticated
+from kiln.errors import KilnError, PermissionDenied, Unauthenticated
 
 __all__ = ["Authenticator", "Principal"]
 
+_log = logging.getLogger(__name__)
 _CACHE_TTL_S = 5.0
+_CACHE_TTL_OFFLINE_S = 1.0  # while this router cannot hear revocations
+_REDIS_TTL_S = 60
 _CACHE_MAX = 10_000
 
 
@@ -41,41 +55,163 @@ class Principal:
         return self.customer_id or DEFAULT_CUSTOMER_ID
 
 
+_Verdict = Principal | KilnError
+
+
 class Authenticator:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], pepper: str) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        pepper: str,
+        *,
+        redis: Any = None,
+        redis_prefix: str = "kiln:",
+        on_reject: Callable[[str], None] = lambda reason: None,
+    ) -> None:
         self.sessions = sessions
         self.pepper = pepper
-        self._cache: dict[str, tuple[float, Principal]] = {}
+        self.redis = redis  # redis.asyncio.Redis, or None
+        self.redis_prefix = redis_prefix
+        self.on_reject = on_reject  # counts refusals by reason (metrics)
+        self.nc: NATS | None = None
+        self.subject = ""
+        self._cache: dict[str, tuple[float, _Verdict]] = {}
+
+    async def start(self, nc: NATS, subject: str) -> None:
+        """Listen for revocations on `subject` (`Subjects.access_revoked`)."""
+        self.nc = nc
+        self.subject = subject
+        await nc.subscribe(subject, cb=self._on_revoked)
+
+    def on_reconnected(self) -> None:
+        """NATS is back: revocations sent meanwhile were missed, so trust nothing cached."""
+        self._cache.clear()
 
     async def authenticate(self, conn: HTTPConnection) -> Principal:
         header = conn.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         token = token.strip()
         now = time.monotonic()
-        # Keyed by the key itself, so a warm call skips the checksum and the HMAC; the cache
-        # lives only in this process's memory, like the request that carried the key.
         cached = self._cache.get(token)
-        if cached is not None and cached[0] > now and scheme.lower() == "bearer":
-            return cached[1]
+        if cached is not None and scheme.lower() == "bearer":
+            cached_at, verdict = cached
+            ttl = _CACHE_TTL_S if self.nc is None or self.nc.is_connected else _CACHE_TTL_OFFLINE_S
+            if now - cached_at < ttl:
+                if isinstance(verdict, KilnError):
+                    raise type(verdict)(verdict.message)
+                return verdict
         if scheme.lower() != "bearer" or not token:
+            self.on_reject("missing")
             raise Unauthenticated("missing API key: send it as `Authorization: Bearer kiln_...`")
         if parse_key(token) is None:
+            self.on_reject("malformed")
             raise Unauthenticated("malformed API key: check that it was copied whole")
-        principal = await self._lookup(hash_key(token, self.pepper))
+        verdict = await self._verdict(hash_key(token, self.pepper))
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()
-        self._cache[token] = (now + _CACHE_TTL_S, principal)
-        return principal
+        self._cache[token] = (now, verdict)
+        if isinstance(verdict, KilnError):
+            raise type(verdict)(verdict.message)
+        return verdict
 
-    async def _lookup(self, digest: bytes) -> Principal:
+    async def forget(
+        self,
+        *,
+        key_id: uuid.UUID | None = None,
+        digests: Sequence[bytes] = (),
+        customer_id: uuid.UUID | None = None,
+    ) -> None:
+        """A key was revoked (or a customer disabled): drop the verdicts here and in Redis
+        (`digests`: the HMACs of the keys concerned), and tell every other router."""
+        self._drop(key_id, customer_id)
+        if self.redis is not None and digests:
+            with contextlib.suppress(Exception):  # they expire within a minute anyway
+                await self.redis.delete(*(self._redis_key(d) for d in digests))
+        if self.nc is not None:
+            message = {"key_id": str(key_id) if key_id else None,
+                       "customer_id": str(customer_id) if customer_id else None}  # fmt: skip
+            await self.nc.publish(self.subject, json.dumps(message).encode())
+
+    async def _on_revoked(self, msg: Msg) -> None:
+        try:
+            message = json.loads(msg.data)
+            key_id = uuid.UUID(message["key_id"]) if message.get("key_id") else None
+            customer = uuid.UUID(message["customer_id"]) if message.get("customer_id") else None
+        except (ValueError, KeyError, TypeError):
+            _log.warning("ignoring an unreadable revocation")
+            return
+        self._drop(key_id, customer)
+
+    def _drop(self, key_id: uuid.UUID | None, customer_id: uuid.UUID | None) -> None:
+        for token, (_, verdict) in list(self._cache.items()):
+            if isinstance(verdict, Principal) and (
+                verdict.key_id == key_id
+                or (customer_id is not None and verdict.customer_id == customer_id)
+            ):
+                del self._cache[token]
+        if customer_id is not None:  # its refusals may say "disabled" no longer
+            self._cache = {
+                t: v for t, v in self._cache.items() if not isinstance(v[1], PermissionDenied)
+            }
+
+    async def _verdict(self, digest: bytes) -> _Verdict:
+        if self.redis is not None:
+            try:
+                stored = await self.redis.get(self._redis_key(digest))
+            except Exception as exc:  # noqa: BLE001 - Redis down: PostgreSQL answers alone
+                _log.warning("API key cache unreachable: %s", exc)
+                stored = None
+            if stored is not None:
+                return _decode(stored)
+        verdict = await self._lookup(digest)
+        if self.redis is not None and not isinstance(verdict, Unauthenticated):
+            with contextlib.suppress(Exception):
+                await self.redis.set(self._redis_key(digest), _encode(verdict), ex=_REDIS_TTL_S)
+        if isinstance(verdict, Unauthenticated):
+            self.on_reject("unknown")
+        return verdict
+
+    async def _lookup(self, digest: bytes) -> _Verdict:
         async with transaction(self.sessions) as session:
-            row = await session.scalar(
-                sa.select(ApiKey).where(
-                    ApiKey.key_hash == digest,
-                    ApiKey.revoked_at.is_(None),
-                    sa.or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > sa.func.now()),
+            row = (
+                await session.execute(
+                    sa.select(ApiKey, Customer.status)
+                    .outerjoin(Customer, Customer.id == ApiKey.customer_id)
+                    .where(
+                        ApiKey.key_hash == digest,
+                        ApiKey.revoked_at.is_(None),
+                        sa.or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > sa.func.now()),
+                    )
                 )
-            )
+            ).first()
         if row is None:
-            raise Unauthenticated("unknown, revoked or expired API key")
-        return Principal(row.id, row.kind, row.customer_id, row.function_id)
+            return Unauthenticated("unknown, revoked or expired API key")
+        key, status = row
+        if status is CustomerStatus.DISABLED:
+            return PermissionDenied("this account is disabled; ask the platform's operator")
+        return Principal(key.id, key.kind, key.customer_id, key.function_id)
+
+    def _redis_key(self, digest: bytes) -> str:
+        return f"{self.redis_prefix}auth:{digest.hex()}"
+
+
+def _encode(verdict: _Verdict) -> str:
+    if isinstance(verdict, Principal):
+        return json.dumps({
+            "key_id": str(verdict.key_id), "kind": verdict.kind.value,
+            "customer_id": str(verdict.customer_id) if verdict.customer_id else None,
+            "function_id": str(verdict.function_id) if verdict.function_id else None,
+        })  # fmt: skip
+    return json.dumps({"disabled": verdict.message})
+
+
+def _decode(stored: bytes | str) -> _Verdict:
+    data = json.loads(stored)
+    if "disabled" in data:
+        return PermissionDenied(data["disabled"])
+    return Principal(
+        uuid.UUID(data["key_id"]),
+        ApiKeyKind(data["kind"]),
+        uuid.UUID(data["customer_id"]) if data["customer_id"] else None,
+        uuid.UUID(data["function_id"]) if data["function_id"] else None,
+    )

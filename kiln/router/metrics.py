@@ -41,6 +41,13 @@ class RouterMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.auth_rejected = Counter(
+            "kiln_router_auth_rejections",
+            "Requests refused before any call: missing, malformed (refused without a lookup) "
+            "or unknown keys.",
+            ["reason"],
+            registry=self.registry,
+        )
 
         # `labels()` takes a lock and builds a tuple; the warm path reuses the children.
         self._requests_by: dict[tuple[str, int], Any] = {}
@@ -51,6 +58,9 @@ class RouterMetrics:
         if child is None:
             child = self._requests_by[(family, status)] = self.requests.labels(family, str(status))
         child.inc()
+
+    def count_auth_rejection(self, reason: str) -> None:
+        self.auth_rejected.labels(reason).inc()
 
     def observe_call(self, app: str, seconds: float, queue_wait_s: float) -> None:
         children = self._calls_by.get(app)

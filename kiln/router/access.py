@@ -1,0 +1,367 @@
+"""Customers and API keys: `/v1/customers` (operator keys only) and `/v1/keys`.
+
+Operators manage every customer and key. An account key manages its own customer's keys (it
+may create account and function-scoped keys, never operator keys). A function-scoped key
+manages nothing. Another customer's keys answer 404. A new key's secret is in the answer to
+the request that made it, once; the database keeps only its HMAC and a short prefix.
+Revoking a key (or disabling a customer) is pushed to every router over NATS, so no router
+accepts it two seconds later.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from kiln.apikeys import mint_key
+from kiln.db.enums import ApiKeyKind, CustomerStatus, CustomerTier
+from kiln.db.models import ApiKey, App, Customer, Function
+from kiln.db.session import transaction
+from kiln.errors import InvalidJson, InvalidRequest, NotFound, PermissionDenied
+from kiln.router.auth import Principal
+from kiln.router.run import read_body
+from kiln.router.services import RouterServices, services
+
+__all__ = [
+    "create_customer",
+    "create_key",
+    "get_customer",
+    "list_customers",
+    "list_keys",
+    "patch_customer",
+    "revoke_key",
+    "rotate_key",
+]
+
+_BODY_LIMIT = 64 * 1024
+_TIERS = ", ".join(t.value for t in CustomerTier)
+_KINDS = {"operator": ApiKeyKind.OPERATOR, "account": ApiKeyKind.ACCOUNT,
+          "function": ApiKeyKind.FUNCTION}  # fmt: skip
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    raw = await read_body(request, _BODY_LIMIT)
+    try:
+        data = json.loads(raw or b"{}")
+    except ValueError as exc:
+        raise InvalidJson(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("send a JSON object")
+    return data
+
+
+async def _operator(request: Request) -> Principal:
+    principal = await services(request).auth.authenticate(request)
+    if principal.kind is not ApiKeyKind.OPERATOR:
+        raise PermissionDenied("managing customers needs an operator key")
+    return principal
+
+
+def _tier(value: object) -> CustomerTier:
+    try:
+        return CustomerTier(str(value))
+    except ValueError:
+        raise InvalidRequest(f"tier={value!r} is not valid: expected one of {_TIERS}") from None
+
+
+def _customer_id(raw: object) -> uuid.UUID:
+    try:
+        return uuid.UUID(str(raw))
+    except ValueError:
+        raise NotFound(f"customer {raw!r} not found") from None
+
+
+def _customer_view(customer: Customer, keys: int | None = None) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "id": str(customer.id),
+        "name": customer.name,
+        "tier": customer.tier.value,
+        "status": customer.status.value,
+        "created_at": customer.created_at.isoformat(),
+    }
+    if keys is not None:
+        view["active_keys"] = keys
+    return view
+
+
+# Customers -------------------------------------------------------------------------------------
+
+
+async def create_customer(request: Request) -> Response:
+    svc = services(request)
+    await _operator(request)
+    data = await _body(request)
+    name = data.get("name")
+    if not isinstance(name, str) or not 1 <= len(name.strip()) <= 200:
+        raise InvalidRequest(f"name={name!r} is not valid: expected 1 to 200 characters")
+    tier = _tier(data.get("tier", "free"))
+    async with transaction(svc.sessions) as session:
+        customer = Customer(name=name.strip(), tier=tier)
+        session.add(customer)
+        await session.flush()
+        await session.refresh(customer)
+        view = _customer_view(customer, 0)
+    return JSONResponse(view, status_code=201)
+
+
+async def list_customers(request: Request) -> Response:
+    svc = services(request)
+    await _operator(request)
+    async with transaction(svc.sessions) as session:
+        rows = await session.execute(
+            sa.select(Customer, _active_keys()).order_by(Customer.created_at)
+        )
+        views = [_customer_view(customer, keys) for customer, keys in rows]
+    return JSONResponse({"customers": views})
+
+
+async def get_customer(request: Request) -> Response:
+    svc = services(request)
+    await _operator(request)
+    customer_id = _customer_id(request.path_params["customer_id"])
+    async with transaction(svc.sessions) as session:
+        row = (
+            await session.execute(
+                sa.select(Customer, _active_keys()).where(Customer.id == customer_id)
+            )
+        ).first()
+        if row is None:
+            raise NotFound(f"customer {customer_id} not found")
+        view = _customer_view(*row)
+    return JSONResponse(view)
+
+
+async def patch_customer(request: Request) -> Response:
+    """Change a customer's tier, or disable (enable) it: `{"tier": "pro"}`,
+    `{"status": "disabled"}`."""
+    svc = services(request)
+    await _operator(request)
+    customer_id = _customer_id(request.path_params["customer_id"])
+    data = await _body(request)
+    unknown = sorted(set(data) - {"tier", "status", "name"})
+    if unknown or not data:
+        raise InvalidRequest(f"cannot change {', '.join(unknown) or 'nothing'}; changeable: "
+                             "tier, status, name")  # fmt: skip
+    async with transaction(svc.sessions) as session:
+        customer = await session.get(Customer, customer_id, with_for_update=True)
+        if customer is None:
+            raise NotFound(f"customer {customer_id} not found")
+        if "tier" in data:
+            customer.tier = _tier(data["tier"])
+        if "name" in data:
+            name = data["name"]
+            if not isinstance(name, str) or not 1 <= len(name.strip()) <= 200:
+                raise InvalidRequest(f"name={name!r} is not valid: expected 1 to 200 characters")
+            customer.name = name.strip()
+        if "status" in data:
+            try:
+                customer.status = CustomerStatus(data["status"])
+            except ValueError:
+                raise InvalidRequest(
+                    f"status={data['status']!r} is not valid: expected active or disabled"
+                ) from None
+        await session.flush()
+        await session.refresh(customer)
+        view = _customer_view(customer)
+        digests = list(
+            await session.scalars(
+                sa.select(ApiKey.key_hash).where(ApiKey.customer_id == customer_id)
+            )
+        )
+    if "status" in data:  # either way, verdicts cached before say the opposite
+        await svc.auth.forget(customer_id=customer_id, digests=digests)
+    return JSONResponse(view)
+
+
+def _active_keys() -> sa.ScalarSelect[int]:
+    return (
+        sa.select(sa.func.count())
+        .where(ApiKey.customer_id == Customer.id, ApiKey.revoked_at.is_(None))
+        .scalar_subquery()
+    )
+
+
+# Keys ------------------------------------------------------------------------------------------
+
+
+async def create_key(request: Request) -> Response:
+    svc = services(request)
+    principal = await svc.auth.authenticate(request)
+    data = await _body(request)
+    kind = _KINDS.get(str(data.get("kind", "account")))
+    if kind is None:
+        raise InvalidRequest(
+            f"kind={data.get('kind')!r} is not valid: expected account, function or operator"
+        )
+    name = data.get("name", "")
+    if not isinstance(name, str) or len(name) > 100:
+        raise InvalidRequest(f"name={name!r} is not valid: expected at most 100 characters")
+    expires_at = _expiry(data.get("expires_in_s"))
+    async with transaction(svc.sessions) as session:
+        customer_id, function_id, target = await _scope(session, principal, kind, data)
+        minted = mint_key(kind)
+        key = ApiKey(
+            kind=kind,
+            customer_id=customer_id,
+            function_id=function_id,
+            key_hash=minted.digest(svc.auth.pepper),
+            prefix=minted.prefix,
+            name=name,
+            expires_at=expires_at,
+        )
+        session.add(key)
+        await session.flush()
+        await session.refresh(key)
+        view = {**_key_view(key, target), "key": minted.plaintext}
+    return JSONResponse(view, status_code=201)
+
+
+async def list_keys(request: Request) -> Response:
+    svc = services(request)
+    principal = await _key_manager(request, svc)
+    query = (
+        sa.select(ApiKey, App.name, Function.name)
+        .outerjoin(Function, Function.id == ApiKey.function_id)
+        .outerjoin(App, App.id == Function.app_id)
+        .order_by(ApiKey.created_at)
+    )
+    if principal.kind is not ApiKeyKind.OPERATOR:
+        query = query.where(ApiKey.customer_id == principal.customer_id)
+    elif "customer_id" in request.query_params:
+        query = query.where(ApiKey.customer_id == _customer_id(request.query_params["customer_id"]))
+    async with transaction(svc.sessions) as session:
+        views = [
+            _key_view(key, f"{app}/{function}" if function else None)
+            for key, app, function in await session.execute(query)
+        ]
+    return JSONResponse({"keys": views})
+
+
+async def revoke_key(request: Request) -> Response:
+    svc = services(request)
+    principal = await _key_manager(request, svc)
+    async with transaction(svc.sessions) as session:
+        key = await _owned_key(session, principal, request.path_params["key_id"])
+        if key.revoked_at is None:
+            key.revoked_at = datetime.now(UTC)
+        key_id, digest = key.id, key.key_hash
+    await svc.auth.forget(key_id=key_id, digests=[digest])
+    return Response(status_code=204)
+
+
+async def rotate_key(request: Request) -> Response:
+    """A new key with the old one's kind, scope and name; the old one is revoked."""
+    svc = services(request)
+    principal = await _key_manager(request, svc)
+    async with transaction(svc.sessions) as session:
+        old = await _owned_key(session, principal, request.path_params["key_id"])
+        if old.revoked_at is not None:
+            raise InvalidRequest(f"key {old.id} is revoked already; create a new one instead")
+        minted = mint_key(old.kind)
+        new = ApiKey(
+            kind=old.kind,
+            customer_id=old.customer_id,
+            function_id=old.function_id,
+            key_hash=minted.digest(svc.auth.pepper),
+            prefix=minted.prefix,
+            name=old.name,
+            expires_at=old.expires_at,
+        )
+        old.revoked_at = datetime.now(UTC)
+        session.add(new)
+        await session.flush()
+        await session.refresh(new)
+        view = {**_key_view(new, None), "key": minted.plaintext, "replaces": str(old.id)}
+        old_id, old_digest = old.id, old.key_hash
+    await svc.auth.forget(key_id=old_id, digests=[old_digest])
+    return JSONResponse(view, status_code=201)
+
+
+async def _key_manager(request: Request, svc: RouterServices) -> Principal:
+    principal = await svc.auth.authenticate(request)
+    if principal.kind is ApiKeyKind.FUNCTION:
+        raise PermissionDenied("a function-scoped key cannot manage keys")
+    return principal
+
+
+async def _owned_key(session: Any, principal: Principal, raw: str) -> ApiKey:
+    try:
+        key_id = uuid.UUID(raw)
+    except ValueError:
+        raise NotFound(f"key {raw!r} not found") from None
+    key: ApiKey | None = await session.get(ApiKey, key_id, with_for_update=True)
+    if key is None or (
+        principal.kind is not ApiKeyKind.OPERATOR and key.customer_id != principal.customer_id
+    ):
+        raise NotFound(f"key {raw!r} not found")
+    return key
+
+
+async def _scope(
+    session: Any, principal: Principal, kind: ApiKeyKind, data: dict[str, Any]
+) -> tuple[uuid.UUID | None, uuid.UUID | None, str | None]:
+    """The customer and function a new key belongs to, as `principal` may grant."""
+    if principal.kind is ApiKeyKind.FUNCTION:
+        raise PermissionDenied("a function-scoped key cannot create keys")
+    if kind is ApiKeyKind.OPERATOR:
+        if principal.kind is not ApiKeyKind.OPERATOR:
+            raise PermissionDenied("only an operator key can create operator keys")
+        return None, None, None
+    if principal.kind is ApiKeyKind.OPERATOR:
+        if "customer_id" not in data:
+            raise InvalidRequest("say whose key it is: customer_id")
+        customer_id = _customer_id(data["customer_id"])
+        if await session.get(Customer, customer_id) is None:
+            raise NotFound(f"customer {customer_id} not found")
+    else:
+        assert principal.customer_id is not None
+        customer_id = principal.customer_id
+        if "customer_id" in data and _customer_id(data["customer_id"]) != customer_id:
+            raise NotFound(f"customer {data['customer_id']!r} not found")
+    if kind is ApiKeyKind.ACCOUNT:
+        return customer_id, None, None
+    target = data.get("function")
+    app, slash, name = str(target or "").partition("/")
+    if not slash or not app or not name:
+        raise InvalidRequest(
+            f"function={target!r} is not valid: a function-scoped key needs the APP/NAME it may "
+            "call (a class: APP/Class)"
+        )
+    function_id = await session.scalar(
+        sa.select(Function.id)
+        .join(App, App.id == Function.app_id)
+        .where(App.customer_id == customer_id, App.name == app, Function.name == name)
+    )
+    if function_id is None:
+        raise NotFound(f"function {app}/{name} not found")
+    return customer_id, function_id, f"{app}/{name}"
+
+
+def _expiry(value: object) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 60 <= value <= 10 * 365 * 86400:
+        raise InvalidRequest(
+            f"expires_in_s={value!r} is not valid: expected whole seconds from 60 to ten years"
+        )
+    return datetime.now(UTC) + timedelta(seconds=value)
+
+
+def _key_view(key: ApiKey, function: str | None) -> dict[str, Any]:
+    return {
+        "id": str(key.id),
+        "kind": key.kind.value,
+        "customer_id": str(key.customer_id) if key.customer_id else None,
+        "function": function,
+        "name": key.name,
+        "prefix": key.prefix,
+        "created_at": key.created_at.isoformat(),
+        "expires_at": key.expires_at.isoformat() if key.expires_at else None,
+        "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
+    }
