@@ -16,6 +16,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from kiln._version import __version__
+from kiln.cli.access import customers_app, keys_app
 from kiln.errors import ConfigError, KilnError
 from kiln.settings import Settings
 
@@ -28,6 +29,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+app.add_typer(customers_app, name="customers")
+app.add_typer(keys_app, name="keys")
 
 
 def load_settings() -> Settings:

@@ -16,7 +16,12 @@ import pytest
 import sqlalchemy as sa
 import uvicorn
 from stack import Platform, error_of, platform_fixture  # noqa: F401 - the fixture
+from typer.testing import CliRunner, Result
 
+from kiln.apikeys import parse_key
+from kiln.cli.client import ApiError
+from kiln.cli.main import app as cli
+from kiln.db.enums import ApiKeyKind
 from kiln.db.models import ApiKey
 from kiln.db.session import create_engine
 from kiln.devstack.ports import pick_port
@@ -220,3 +225,34 @@ def _metric(text: str, reason: str) -> float:
         if line.startswith(prefix):
             return float(line[len(prefix) :])
     return 0.0
+
+
+async def test_the_cli_manages_customers_and_keys(platform: Platform, tmp_path: Path) -> None:
+    env = {"KILN_URL": platform.url, "KILN_API_KEY": platform.key, "KILN_HOME": str(tmp_path)}
+
+    def kiln(*args: str) -> Result:
+        return CliRunner().invoke(cli, list(args), env=env)
+
+    created = await asyncio.to_thread(kiln, "customers", "create", "Fjord", "--tier", "pro")
+    assert created.exit_code == 0, created.output
+    customer_id, name, tier, status = created.output.split()[:4]
+    assert (name, tier, status) == ("Fjord", "pro", "active")
+    moved = await asyncio.to_thread(kiln, "customers", "set-tier", customer_id, "enterprise")
+    assert moved.output.split()[2] == "enterprise"
+    made = await asyncio.to_thread(kiln, "keys", "create", "--customer", customer_id)
+    assert made.exit_code == 0, made.output
+    key = made.stdout.strip().splitlines()[-1]
+    assert parse_key(key) is ApiKeyKind.ACCOUNT
+    listed = await asyncio.to_thread(kiln, "keys", "list", "--customer", customer_id)
+    assert key not in listed.output
+    key_id = listed.output.split()[0]
+    assert key[:12] in listed.output  # its prefix, to recognise it by
+    async with client(platform, key) as c:
+        assert (await c.get("/v1/apps")).status_code == 200
+    revoked = await asyncio.to_thread(kiln, "keys", "revoke", key_id)
+    assert revoked.output == f"revoked {key_id}\n"
+    async with client(platform, key) as c:
+        assert (await c.get("/v1/apps")).status_code == 401
+    bad = await asyncio.to_thread(kiln, "customers", "set-tier", customer_id, "gold")
+    assert isinstance(bad.exception, ApiError)
+    assert "tier='gold' is not valid: expected one of free, pro, enterprise" in str(bad.exception)
