@@ -22,6 +22,7 @@ from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 from kiln.apikeys import parse_key
 from kiln.errors import ConfigError
+from kiln.tiers import DEFAULT_TIERS, TierLimits, parse_tier_limits
 
 __all__ = ["SETTINGS", "Environment", "LogLevel", "Settings", "Switch", "mask_url"]
 
@@ -84,6 +85,7 @@ class Settings:
     ws_idle_timeout_s: float = 300.0
     ws_max_session_s: float = 3600.0
     job_result_ttl_s: float = 7 * 24 * 3600.0
+    tier_limits: Mapping[str, TierLimits] = dataclasses.field(default_factory=lambda: DEFAULT_TIERS)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -332,6 +334,13 @@ def _node_gpus(raw: str) -> dict[str, int]:
     return slots
 
 
+def _tier_limits(raw: str) -> dict[str, TierLimits]:
+    try:
+        return parse_tier_limits(raw)
+    except ValueError as exc:  # json.JSONDecodeError is one too
+        raise ValueError(f'{exc}; expected JSON such as {{"free": {{"per_minute": 20}}}}') from None
+
+
 def _modules(raw: str) -> tuple[str, ...]:
     names = tuple(name.strip() for name in raw.split(",") if name.strip())
     for name in names:
@@ -503,6 +512,13 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "job_result_ttl_s",
         _seconds(60, 90 * 86_400),
         "how long a finished job's status and result are kept (default 7 days)",
+    ),
+    SettingSpec(
+        "KILN_TIER_LIMITS",
+        "tier_limits",
+        _tier_limits,
+        'changes to the tiers\' limits as JSON, e.g. {"free": {"per_minute": 20}} (per_minute, '
+        "burst, per_day, per_month, concurrent, max_replicas)",
     ),
     SettingSpec(
         "KILN_METRICS_PORT",

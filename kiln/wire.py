@@ -281,6 +281,11 @@ class Subjects:
         return f"{self.ns}.replica.{replica_id.hex}.ctl"
 
     @property
+    def routers(self) -> str:
+        """Routers announce themselves every 2 s (the rate-limit fallback counts them)."""
+        return f"{self.ns}.routers"
+
+    @property
     def access_revoked(self) -> str:
         """Routers tell each other of revoked keys and disabled customers (kiln.router.auth)."""
         return f"{self.ns}.access.revoked"

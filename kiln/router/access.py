@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -27,6 +29,7 @@ from kiln.errors import InvalidJson, InvalidRequest, NotFound, PermissionDenied
 from kiln.router.auth import Principal
 from kiln.router.run import read_body
 from kiln.router.services import RouterServices, services
+from kiln.tiers import TierLimits, with_overrides
 
 __all__ = [
     "create_customer",
@@ -77,13 +80,21 @@ def _customer_id(raw: object) -> uuid.UUID:
         raise NotFound(f"customer {raw!r} not found") from None
 
 
-def _customer_view(customer: Customer, keys: int | None = None) -> dict[str, Any]:
+def _customer_view(
+    customer: Customer, tiers: Mapping[str, TierLimits], keys: int | None = None
+) -> dict[str, Any]:
+    try:
+        limits = with_overrides(tiers[customer.tier.value], customer.limit_overrides)
+    except ValueError:
+        limits = tiers[customer.tier.value]
     view: dict[str, Any] = {
         "id": str(customer.id),
         "name": customer.name,
         "tier": customer.tier.value,
         "status": customer.status.value,
         "created_at": customer.created_at.isoformat(),
+        "limits": {**asdict(limits), "burst": limits.burst_size},
+        "limit_overrides": customer.limit_overrides or {},
     }
     if keys is not None:
         view["active_keys"] = keys
@@ -106,7 +117,7 @@ async def create_customer(request: Request) -> Response:
         session.add(customer)
         await session.flush()
         await session.refresh(customer)
-        view = _customer_view(customer, 0)
+        view = _customer_view(customer, svc.settings.tier_limits, 0)
     return JSONResponse(view, status_code=201)
 
 
@@ -117,7 +128,9 @@ async def list_customers(request: Request) -> Response:
         rows = await session.execute(
             sa.select(Customer, _active_keys()).order_by(Customer.created_at)
         )
-        views = [_customer_view(customer, keys) for customer, keys in rows]
+        views = [
+            _customer_view(customer, svc.settings.tier_limits, keys) for customer, keys in rows
+        ]
     return JSONResponse({"customers": views})
 
 
@@ -133,7 +146,7 @@ async def get_customer(request: Request) -> Response:
         ).first()
         if row is None:
             raise NotFound(f"customer {customer_id} not found")
-        view = _customer_view(*row)
+        view = _customer_view(row[0], svc.settings.tier_limits, row[1])
     return JSONResponse(view)
 
 
@@ -144,16 +157,23 @@ async def patch_customer(request: Request) -> Response:
     await _operator(request)
     customer_id = _customer_id(request.path_params["customer_id"])
     data = await _body(request)
-    unknown = sorted(set(data) - {"tier", "status", "name"})
+    unknown = sorted(set(data) - {"tier", "status", "name", "limits"})
     if unknown or not data:
         raise InvalidRequest(f"cannot change {', '.join(unknown) or 'nothing'}; changeable: "
-                             "tier, status, name")  # fmt: skip
+                             "tier, status, name, limits")  # fmt: skip
     async with transaction(svc.sessions) as session:
         customer = await session.get(Customer, customer_id, with_for_update=True)
         if customer is None:
             raise NotFound(f"customer {customer_id} not found")
         if "tier" in data:
             customer.tier = _tier(data["tier"])
+        if "limits" in data:
+            # Checked against the tier now, so a bad override never reaches the routers.
+            try:
+                with_overrides(svc.settings.tier_limits[customer.tier.value], data["limits"])
+            except ValueError as exc:
+                raise InvalidRequest(f"limits are not valid: {exc}") from None
+            customer.limit_overrides = data["limits"] or None
         if "name" in data:
             name = data["name"]
             if not isinstance(name, str) or not 1 <= len(name.strip()) <= 200:
@@ -168,14 +188,14 @@ async def patch_customer(request: Request) -> Response:
                 ) from None
         await session.flush()
         await session.refresh(customer)
-        view = _customer_view(customer)
+        view = _customer_view(customer, svc.settings.tier_limits)
         digests = list(
             await session.scalars(
                 sa.select(ApiKey.key_hash).where(ApiKey.customer_id == customer_id)
             )
         )
-    if "status" in data:  # either way, verdicts cached before say the opposite
-        await svc.auth.forget(customer_id=customer_id, digests=digests)
+    # Whatever changed, the verdicts cached before say otherwise (status, tier, limits).
+    await svc.auth.forget(customer_id=customer_id, digests=digests)
     return JSONResponse(view)
 
 

@@ -30,6 +30,7 @@ from kiln.router.catalog import Catalog
 from kiln.router.deploy import Deployer
 from kiln.router.dispatch import Dispatcher, ensure_calls_stream
 from kiln.router.errors import handle_exception, handle_http_exception
+from kiln.router.limits import Limiter
 from kiln.router.metrics import CONTENT_TYPE_LATEST, RouterMetrics
 from kiln.router.openapi import openapi_document
 from kiln.router.run import run
@@ -153,12 +154,21 @@ def create_app(settings: Settings, metrics_also: Sequence[CollectorRegistry] = (
         sessions = session_factory(engine)
         dispatcher = Dispatcher(nc, subjects)
         await dispatcher.start()
+        limiter = Limiter(
+            redis,
+            settings.redis_prefix,
+            settings.tier_limits,
+            on_fallback=router_metrics.set_rate_limit_fallback,
+            on_limited=router_metrics.count_rate_limited,
+        )
+        await limiter.start(nc, subjects.routers)
         auth = Authenticator(
             sessions,
             settings.require("api_key_pepper"),
             redis=redis,
             redis_prefix=settings.redis_prefix,
             on_reject=router_metrics.count_auth_rejection,
+            limiter=limiter,
         )
         await auth.start(nc, subjects.access_revoked)
         reconnected.append(auth.on_reconnected)
@@ -177,6 +187,7 @@ def create_app(settings: Settings, metrics_also: Sequence[CollectorRegistry] = (
             yield
         finally:
             await dispatcher.close()
+            await limiter.close()
             await nc.drain()
             if redis is not None:
                 await redis.aclose()

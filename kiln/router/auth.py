@@ -17,7 +17,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -32,6 +32,8 @@ from kiln.db.models import ApiKey, Customer
 from kiln.db.models_access import DEFAULT_CUSTOMER_ID
 from kiln.db.session import transaction
 from kiln.errors import KilnError, PermissionDenied, Unauthenticated
+from kiln.router.limits import Limiter
+from kiln.tiers import TierLimits
 
 __all__ = ["Authenticator", "Principal"]
 
@@ -48,6 +50,8 @@ class Principal:
     kind: ApiKeyKind
     customer_id: uuid.UUID | None  # None for operator keys
     function_id: uuid.UUID | None
+    tier: str | None = None  # the customer's; None for operator keys (no limits)
+    limits: TierLimits | None = None
 
     @property
     def owner_id(self) -> uuid.UUID:
@@ -67,12 +71,14 @@ class Authenticator:
         redis: Any = None,
         redis_prefix: str = "kiln:",
         on_reject: Callable[[str], None] = lambda reason: None,
+        limiter: Limiter | None = None,
     ) -> None:
         self.sessions = sessions
         self.pepper = pepper
         self.redis = redis  # redis.asyncio.Redis, or None
         self.redis_prefix = redis_prefix
         self.on_reject = on_reject  # counts refusals by reason (metrics)
+        self.limiter = limiter
         self.nc: NATS | None = None
         self.subject = ""
         self._cache: dict[str, tuple[float, _Verdict]] = {}
@@ -87,7 +93,16 @@ class Authenticator:
         """NATS is back: revocations sent meanwhile were missed, so trust nothing cached."""
         self._cache.clear()
 
-    async def authenticate(self, conn: HTTPConnection) -> Principal:
+    async def authenticate(self, conn: HTTPConnection, *, count: bool = True) -> Principal:
+        """The key's principal; with `count`, the request is also counted against the
+        customer's limits (calls count when they take a slot: `Limiter.call_slot`)."""
+        principal = await self._principal(conn)
+        if count and self.limiter is not None and principal.limits is not None:
+            assert principal.tier is not None
+            await self.limiter.admit(str(principal.customer_id), principal.tier, principal.limits)
+        return principal
+
+    async def _principal(self, conn: HTTPConnection) -> Principal:
         header = conn.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         token = token.strip()
@@ -175,7 +190,7 @@ class Authenticator:
         async with transaction(self.sessions) as session:
             row = (
                 await session.execute(
-                    sa.select(ApiKey, Customer.status)
+                    sa.select(ApiKey, Customer.status, Customer.tier, Customer.limit_overrides)
                     .outerjoin(Customer, Customer.id == ApiKey.customer_id)
                     .where(
                         ApiKey.key_hash == digest,
@@ -186,10 +201,31 @@ class Authenticator:
             ).first()
         if row is None:
             return Unauthenticated("unknown, revoked or expired API key")
-        key, status = row
+        key, status, tier, overrides = row
         if status is CustomerStatus.DISABLED:
             return PermissionDenied("this account is disabled; ask the platform's operator")
-        return Principal(key.id, key.kind, key.customer_id, key.function_id)
+        return self._principal_of(
+            key.id, key.kind, key.customer_id, key.function_id,
+            tier.value if tier is not None else None, overrides,
+        )  # fmt: skip
+
+    def _principal_of(
+        self,
+        key_id: uuid.UUID,
+        kind: ApiKeyKind,
+        customer_id: uuid.UUID | None,
+        function_id: uuid.UUID | None,
+        tier: str | None,
+        overrides: Any,
+    ) -> Principal:
+        limits = None
+        if customer_id is not None and tier is not None and self.limiter is not None:
+            try:
+                limits = self.limiter.limits_for(tier, overrides)
+            except ValueError:  # stored overrides that no longer parse: the tier's own
+                _log.warning("ignoring the limit overrides of customer %s", customer_id)
+                limits = self.limiter.limits_for(tier, None)
+        return Principal(key_id, kind, customer_id, function_id, tier, limits)
 
     def _redis_key(self, digest: bytes) -> str:
         return f"{self.redis_prefix}auth:{digest.hex()}"
@@ -201,6 +237,8 @@ def _encode(verdict: _Verdict) -> str:
             "key_id": str(verdict.key_id), "kind": verdict.kind.value,
             "customer_id": str(verdict.customer_id) if verdict.customer_id else None,
             "function_id": str(verdict.function_id) if verdict.function_id else None,
+            "tier": verdict.tier,
+            "limits": asdict(verdict.limits) if verdict.limits is not None else None,
         })  # fmt: skip
     return json.dumps({"disabled": verdict.message})
 
@@ -214,4 +252,6 @@ def _decode(stored: bytes | str) -> _Verdict:
         ApiKeyKind(data["kind"]),
         uuid.UUID(data["customer_id"]) if data["customer_id"] else None,
         uuid.UUID(data["function_id"]) if data["function_id"] else None,
+        data.get("tier"),
+        TierLimits(**data["limits"]) if data.get("limits") else None,
     )

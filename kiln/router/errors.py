@@ -46,6 +46,9 @@ def error_response(request: HTTPConnection, error: KilnError) -> Response:
     headers = {"X-Request-Id": rid}
     if error.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(error.retry_after)))
+    extra = error.fields.get("headers")
+    if isinstance(extra, dict):  # e.g. a 429's X-RateLimit-*
+        headers.update(extra)
     return JSONResponse(error.to_body(rid), status_code=error.status, headers=headers)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["CONTENT_TYPE_LATEST", "RouterMetrics"]
@@ -48,6 +48,18 @@ class RouterMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.rate_limited = Counter(
+            "kiln_router_rate_limited",
+            "Requests refused with 429, by customer tier and the limit that refused them.",
+            ["tier", "limit"],
+            registry=self.registry,
+        )
+        self.rate_limit_fallback = Gauge(
+            "kiln_router_rate_limit_fallback",
+            "1 while Redis is unreachable and this router limits on its own (each limit "
+            "divided by the number of routers it hears), else 0.",
+            registry=self.registry,
+        )
 
         # `labels()` takes a lock and builds a tuple; the warm path reuses the children.
         self._requests_by: dict[tuple[str, int], Any] = {}
@@ -58,6 +70,12 @@ class RouterMetrics:
         if child is None:
             child = self._requests_by[(family, status)] = self.requests.labels(family, str(status))
         child.inc()
+
+    def count_rate_limited(self, tier: str, limit: str) -> None:
+        self.rate_limited.labels(tier, limit).inc()
+
+    def set_rate_limit_fallback(self, on: bool) -> None:
+        self.rate_limit_fallback.set(1 if on else 0)
 
     def count_auth_rejection(self, reason: str) -> None:
         self.auth_rejected.labels(reason).inc()

@@ -4,6 +4,7 @@ generator's results streamed (`kiln.router.stream_response`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -13,8 +14,10 @@ from starlette.responses import Response
 
 from kiln.errors import InvalidJson, InvalidRequest, NotFound, PayloadTooLarge, PermissionDenied
 from kiln.functions.spec import CallKind, UnitKind
+from kiln.router.auth import Principal
+from kiln.router.catalog import FunctionRoute
 from kiln.router.errors import request_id
-from kiln.router.services import services
+from kiln.router.services import RouterServices, services
 from kiln.router.stream_response import stream_response
 from kiln.router.streams import CallAbandoned
 
@@ -95,7 +98,7 @@ def classify(body: bytes, content_type: str) -> tuple[bytes, str]:
 async def run(request: Request) -> Response:
     started = time.perf_counter()
     svc = services(request)
-    principal = await svc.auth.authenticate(request)
+    principal = await svc.auth.authenticate(request, count=False)  # counted with its slot
     app = request.path_params["app"]
     name, _, method = request.path_params["name"].partition(".")
     route = await svc.catalog.resolve(principal.owner_id, app, name)
@@ -114,18 +117,55 @@ async def run(request: Request) -> Response:
         request.headers.get("content-type", ""),
     )
     rid = request_id(request)
-    if entry.kind is CallKind.GENERATOR:
-        stream = await svc.dispatcher.open_stream(
-            route.function_id,
-            body,
-            content_type=content_type,
-            method=method or None,
-            timeout_s=route.timeout_s,
-            startup_timeout_s=route.startup_timeout_s,
-            request_id=rid,
-            generation=route.generation,
-        )
-        return await stream_response(request, stream, rid, _watch_now(request))
+    # One of the customer's in-flight slots, from here until the answer is sent (a stream's
+    # when its last chunk is); held at most as long as the call may last.
+    slot = contextlib.AsyncExitStack()
+    await slot.enter_async_context(
+        call_slot(svc, principal, route.startup_timeout_s + route.timeout_s + 30)
+    )
+    async with contextlib.AsyncExitStack() as exits:
+        exits.push_async_exit(slot)
+        if entry.kind is CallKind.GENERATOR:
+            stream = await svc.dispatcher.open_stream(
+                route.function_id,
+                body,
+                content_type=content_type,
+                method=method or None,
+                timeout_s=route.timeout_s,
+                startup_timeout_s=route.startup_timeout_s,
+                request_id=rid,
+                generation=route.generation,
+            )
+            response = await stream_response(
+                request, stream, rid, _watch_now(request), on_end=slot.aclose
+            )
+            exits.pop_all()  # the stream's end releases the slot (or it was released already)
+            return response
+        return await _sync_call(request, svc, route, method, body, content_type, rid, app, started)
+
+
+def call_slot(
+    svc: RouterServices, principal: Principal, hold_s: float
+) -> contextlib.AbstractAsyncContextManager[None]:
+    """A slot of the customer's concurrency cap (counting the request), or nothing for an
+    operator key."""
+    limiter = svc.auth.limiter
+    if limiter is None or principal.limits is None or principal.tier is None:
+        return contextlib.nullcontext()
+    return limiter.call_slot(str(principal.customer_id), principal.tier, principal.limits, hold_s)
+
+
+async def _sync_call(
+    request: Request,
+    svc: RouterServices,
+    route: FunctionRoute,
+    method: str,
+    body: bytes,
+    content_type: str,
+    rid: str,
+    app: str,
+    started: float,
+) -> Response:
     call = await svc.dispatcher.submit(
         route.function_id,
         body,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -26,6 +26,11 @@ from kiln.errors import KilnError
 from kiln.router.streams import CallAbandoned, CallStream
 
 __all__ = ["NDJSON", "SSE", "stream_response", "wants_sse"]
+
+
+async def _nothing() -> None:
+    return None
+
 
 SSE = "text/event-stream"
 NDJSON = "application/x-ndjson"
@@ -62,23 +67,27 @@ async def stream_response(
     stream: CallStream,
     request_id: str,
     on_disconnect_watch: Callable[[Callable[[], None]], Callable[[], None]],
+    *,
+    on_end: Callable[[], Awaitable[None]] = _nothing,
 ) -> Response:
     """The response for `stream`, once its first chunk (or its end, or its error) is in.
     `on_disconnect_watch(abandon)` watches for the client leaving meanwhile and returns a
-    function that stops watching."""
+    function that stops watching. `on_end` runs once the stream is over, however it ends."""
     fmt = _Format(wants_sse(request))
     stop_watching = on_disconnect_watch(stream.abandon)
     try:
         first = await anext(stream, None)
     except CallAbandoned:
+        await on_end()
         return Response(status_code=499)
     except BaseException:
         stream.abandon()
+        await on_end()
         raise
     finally:
         stop_watching()
     return StreamingResponse(
-        _body(fmt, stream, first, request_id),
+        _body(fmt, stream, first, request_id, on_end),
         media_type=fmt.media_type,
         headers={
             "X-Request-Id": request_id,
@@ -90,7 +99,11 @@ async def stream_response(
 
 
 async def _body(
-    fmt: _Format, stream: CallStream, first: bytes | None, request_id: str
+    fmt: _Format,
+    stream: CallStream,
+    first: bytes | None,
+    request_id: str,
+    on_end: Callable[[], Awaitable[None]],
 ) -> AsyncIterator[bytes]:
     seq = 0
     try:
@@ -107,3 +120,4 @@ async def _body(
         raise  # the client left (Starlette cancels the response): the finally stops the call
     finally:
         stream.abandon()  # does nothing once the stream has ended
+        await on_end()

@@ -20,7 +20,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from kiln.errors import InvalidRequest, KilnError, NotFound, PermissionDenied
 from kiln.functions.spec import CallKind
+from kiln.router.auth import Principal
 from kiln.router.errors import error_response, request_id
+from kiln.router.run import call_slot
 from kiln.router.services import RouterServices, services
 from kiln.router.streams import CallStream
 from kiln.wire import Event
@@ -35,18 +37,24 @@ _GOODBYE_S = 5.0
 async def ws_session(websocket: WebSocket) -> None:
     svc = services(websocket)
     rid = request_id(websocket)
-    try:
-        link = await _open(websocket, svc, rid)
-        await _wait_taken(link)
-    except KilnError as exc:
-        await websocket.send_denial_response(error_response(websocket, exc))
-        return
-    await websocket.accept(headers=[(b"x-request-id", rid.encode())])
-    await _Bridge(websocket, svc, link).run()
+    async with contextlib.AsyncExitStack() as exits:
+        try:
+            principal = await svc.auth.authenticate(websocket, count=False)
+            # The session holds one of the customer's in-flight slots for its whole life.
+            hold_s = svc.settings.ws_max_session_s + 600
+            await exits.enter_async_context(call_slot(svc, principal, hold_s))
+            link = await _open(websocket, svc, principal, rid)
+            await _wait_taken(link)
+        except KilnError as exc:
+            await websocket.send_denial_response(error_response(websocket, exc))
+            return
+        await websocket.accept(headers=[(b"x-request-id", rid.encode())])
+        await _Bridge(websocket, svc, link).run()
 
 
-async def _open(websocket: WebSocket, svc: RouterServices, rid: str) -> CallStream:
-    principal = await svc.auth.authenticate(websocket)
+async def _open(
+    websocket: WebSocket, svc: RouterServices, principal: Principal, rid: str
+) -> CallStream:
     app = websocket.path_params["app"]
     full = websocket.path_params["name"]
     name, _, method = full.partition(".")

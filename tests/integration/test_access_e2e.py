@@ -53,7 +53,7 @@ def client(platform: Platform, key: str, url: str | None = None) -> httpx.AsyncC
     )
 
 
-async def make_customer(platform: Platform, name: str, tier: str = "free") -> tuple[str, str]:
+async def make_customer(platform: Platform, name: str, tier: str = "enterprise") -> tuple[str, str]:
     """A customer and an account key of theirs."""
     async with platform.client() as operator:
         created = await operator.post("/v1/customers", json={"name": name, "tier": tier})

@@ -1,0 +1,69 @@
+"""Customer tiers and their limits (standard library only: settings validate them).
+
+Defaults per tier (issue 7), changed platform-wide by `KILN_TIER_LIMITS` and per customer by
+its `limit_overrides`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+__all__ = ["DEFAULT_TIERS", "TierLimits", "parse_tier_limits", "with_overrides"]
+
+
+@dataclass(frozen=True)
+class TierLimits:
+    per_minute: int
+    per_day: int | None
+    per_month: int | None
+    concurrent: int
+    max_replicas: int
+    burst: int | None = None  # requests at once; default a minute's worth
+
+    @property
+    def burst_size(self) -> int:
+        return self.burst if self.burst is not None else self.per_minute
+
+
+DEFAULT_TIERS: Mapping[str, TierLimits] = {
+    "free": TierLimits(per_minute=10, per_day=1_000, per_month=10_000, concurrent=2,
+                       max_replicas=1),
+    "pro": TierLimits(per_minute=100, per_day=10_000, per_month=100_000, concurrent=20,
+                      max_replicas=10),
+    "enterprise": TierLimits(per_minute=1_000, per_day=100_000, per_month=None, concurrent=200,
+                             max_replicas=100),
+}  # fmt: skip
+_FIELDS = ("per_minute", "per_day", "per_month", "concurrent", "max_replicas", "burst")
+
+
+def parse_tier_limits(raw: str) -> dict[str, TierLimits]:
+    """`KILN_TIER_LIMITS`: JSON of changes to the defaults, e.g. `{"free": {"per_minute": 20}}`."""
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError("expected a JSON object of tiers")
+    tiers = dict(DEFAULT_TIERS)
+    for tier, changes in data.items():
+        if tier not in tiers:
+            raise ValueError(f"unknown tier {tier!r}; tiers are {', '.join(DEFAULT_TIERS)}")
+        tiers[tier] = with_overrides(tiers[tier], changes)
+    return tiers
+
+
+def with_overrides(limits: TierLimits, changes: Any) -> TierLimits:
+    """`limits` with `changes` (a customer's `limit_overrides`) applied; refuses nonsense."""
+    if not changes:
+        return limits
+    if not isinstance(changes, dict) or set(changes) - set(_FIELDS):
+        raise ValueError(f"limits take {', '.join(_FIELDS)}, got {changes!r}")
+    for name, value in changes.items():
+        nullable = name in ("per_day", "per_month", "burst")
+        ok = (value is None and nullable) or (
+            isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        )
+        if not ok:
+            allowed = "an integer >= 1" + (" or null (no limit)" if nullable else "")
+            raise ValueError(f"{name}={value!r} is not valid: expected {allowed}")
+    return replace(limits, **changes)
