@@ -19,9 +19,9 @@ from kiln.db.models import App, AppVersion, Function, Replica
 from kiln.db.session import transaction
 from kiln.errors import InvalidJson, InvalidRequest, NotFound, PermissionDenied
 from kiln.router.auth import Principal
-from kiln.router.deploy import DeployRequest
+from kiln.router.deploy import DeployRequest, ReplicaCap
 from kiln.router.run import read_body
-from kiln.router.services import services
+from kiln.router.services import RouterServices, services
 
 __all__ = [
     "delete_app",
@@ -71,7 +71,7 @@ async def deploy_app(request: Request) -> Response:
     body = await read_body(request, svc.settings.max_request_bytes)
     # Decoding and hashing an archive of megabytes would stall every other request.
     deploy = await asyncio.to_thread(_parse_deploy, body)
-    result = await svc.deployer.deploy(principal.owner_id, deploy)
+    result = await svc.deployer.deploy(principal.owner_id, deploy, cap=replica_cap(svc, principal))
     svc.catalog.invalidate()
     endpoints = []
     for spec in result.functions:
@@ -251,7 +251,7 @@ async def patch_function(request: Request) -> Response:
                 setattr(function, setting.value, value)
                 if setting.value not in function.overridden:
                     function.overridden = [*function.overridden, setting.value]
-            problem = scaling_problem(function, max_replicas=svc.settings.max_replicas)
+            problem = scaling_problem(function, cap=replica_cap(svc, principal))
             if problem is not None:
                 raise InvalidRequest(problem)  # the transaction rolls back: nothing changes
             await session.flush()
@@ -266,17 +266,27 @@ async def patch_function(request: Request) -> Response:
     return JSONResponse(view)
 
 
-def scaling_problem(function: Function, *, max_replicas: int) -> str | None:
+def replica_cap(svc: RouterServices, principal: Principal) -> ReplicaCap:
+    """The most replicas a function of this caller's may have: the platform's cap, or their
+    tier's when lower."""
+    platform = svc.settings.max_replicas
+    if principal.limits is not None and principal.limits.max_replicas < platform:
+        return ReplicaCap(principal.limits.max_replicas, f"the {principal.tier} tier allows")
+    return ReplicaCap(platform, "this platform allows")
+
+
+def scaling_problem(function: Function, *, cap: ReplicaCap) -> str | None:
     """What is wrong with a function's scaling settings taken together, in words that name the
     values; None when they fit. (The database's constraints say the same, less clearly.)
-    `max_replicas` is the most this platform allows one function."""
+    `cap` is the most replicas the caller may give one function."""
     f = function
     if f.max_replicas < 1:
         return f"max_replicas={f.max_replicas} is not valid: a function needs at least 1"
-    if f.max_replicas > max_replicas:
+    if f.max_replicas > cap.limit:
+        plural = "s" if cap.limit != 1 else ""
         return (
-            f"max_replicas={f.max_replicas} is not valid: this platform allows at most "
-            f"{max_replicas} replicas per function"
+            f"max_replicas={f.max_replicas} is not valid: {cap.who} at most {cap.limit} "
+            f"replica{plural} per function"
         )
     if f.min_replicas > f.max_replicas:
         return (

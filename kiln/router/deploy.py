@@ -38,7 +38,7 @@ from kiln.functions.options import parse_options
 from kiln.functions.spec import FunctionSpec, Resources, UnitKind
 from kiln.wire import Subjects, consumer_name
 
-__all__ = ["DeployRequest", "DeployResult", "Deployer"]
+__all__ = ["DeployRequest", "DeployResult", "Deployer", "ReplicaCap"]
 
 _APP_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
@@ -144,14 +144,18 @@ class Deployer:
         self.code = code
         self.max_replicas = max_replicas  # the platform's cap per function (KILN_MAX_REPLICAS)
 
-    async def deploy(self, owner_id: uuid.UUID, request: DeployRequest) -> DeployResult:
-        for spec in request.functions:
-            asked = spec.resources.max_replicas
-            if asked > self.max_replicas:
-                raise InvalidSpec(
-                    f"max_replicas={asked} is not valid for {spec.kind.value} {spec.name!r}: "
-                    f"this platform allows at most {self.max_replicas} replicas per function"
-                )
+    async def deploy(
+        self, owner_id: uuid.UUID, request: DeployRequest, *, cap: ReplicaCap | None = None
+    ) -> DeployResult:
+        """Deploy `request` for `owner_id`. `cap`: the most replicas the customer's tier allows
+        a function; a max_replicas the developer wrote above it is refused, the default one is
+        lowered to it."""
+        cap = cap or ReplicaCap(self.max_replicas, "this platform allows")
+        if cap.limit > self.max_replicas:
+            cap = ReplicaCap(self.max_replicas, "this platform allows")
+        request = dataclasses.replace(
+            request, functions=[_capped(spec, cap) for spec in request.functions]
+        )
         await self.code.put(request.digest, request.archive)
         try:
             async with transaction(self.sessions) as session:
@@ -309,6 +313,32 @@ def _code_changed(field_name: str, new: Resources, old: dict[str, Any] | None) -
     if old is None or field_name not in old.get("explicit", ()):
         return True
     return bool(old.get(field_name) != getattr(new, field_name))
+
+
+@dataclass(frozen=True)
+class ReplicaCap:
+    limit: int
+    who: str  # "this platform allows", "the free tier allows": what the refusal says
+
+    def refusal(self, asked: int, spec: FunctionSpec) -> str:
+        return (
+            f"max_replicas={asked} is not valid for {spec.kind.value} {spec.name!r}: {self.who} "
+            f"at most {self.limit} replica{'s' if self.limit != 1 else ''} per function"
+        )
+
+
+def _capped(spec: FunctionSpec, cap: ReplicaCap) -> FunctionSpec:
+    r = spec.resources
+    if r.max_replicas <= cap.limit:
+        return spec
+    if "max_replicas" in r.explicit:
+        raise InvalidSpec(cap.refusal(r.max_replicas, spec))
+    if r.min_replicas > cap.limit:
+        raise InvalidSpec(
+            f"min_replicas={r.min_replicas} is not valid for {spec.kind.value} {spec.name!r}: "
+            f"{cap.who} at most {cap.limit} replicas per function"
+        )
+    return dataclasses.replace(spec, resources=dataclasses.replace(r, max_replicas=cap.limit))
 
 
 def _validated(spec: FunctionSpec) -> FunctionSpec:

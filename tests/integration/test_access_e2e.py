@@ -256,3 +256,28 @@ async def test_the_cli_manages_customers_and_keys(platform: Platform, tmp_path: 
     bad = await asyncio.to_thread(kiln, "customers", "set-tier", customer_id, "gold")
     assert isinstance(bad.exception, ApiError)
     assert "tier='gold' is not valid: expected one of free, pro, enterprise" in str(bad.exception)
+
+
+async def test_a_tier_caps_the_replicas_of_each_function(
+    platform: Platform, tmp_path: Path
+) -> None:
+    _, key = await make_customer(platform, "Gale", tier="free")
+    app_file = tmp_path / "shop.py"
+    app_file.write_text(APP)
+    async with client(platform, key) as c:
+        # The default max_replicas (4) is lowered to the free tier's 1 ...
+        assert (await c.post("/v1/apps", json=package(app_file).deploy_body())).is_success
+        assert (await c.get("/v1/functions/shop/price")).json()["max_replicas"] == 1
+        # ... one the developer wrote is refused, and so is a live change above it.
+        app_file.write_text(APP.replace("@app.function()\ndef price", "@app.function("
+                                        "max_replicas=3)\ndef price"))  # fmt: skip
+        refused = await c.post("/v1/apps", json=package(app_file).deploy_body())
+        assert refused.status_code == 400
+        assert error_of(refused)["message"] == (
+            "max_replicas=3 is not valid for function 'price': the free tier allows at most 1 "
+            "replica per function"
+        )
+        patched = await c.patch("/v1/functions/shop/price", json={"max_replicas": 2})
+        assert error_of(patched)["message"] == (
+            "max_replicas=2 is not valid: the free tier allows at most 1 replica per function"
+        )
