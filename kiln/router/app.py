@@ -25,6 +25,7 @@ from kiln.db.session import create_engine, session_factory
 from kiln.errors import KilnError
 from kiln.jobs.streams import ensure_job_streams
 from kiln.router import access, control, jobs
+from kiln.router.abuse import SCOPE_CUSTOMER, AbuseSignals, list_abuse
 from kiln.router.auth import Authenticator
 from kiln.router.catalog import Catalog
 from kiln.router.deploy import Deployer
@@ -87,6 +88,7 @@ ROUTES = [
     Route("/v1/functions/{app}/{name}", control.get_function, methods=["GET"]),
     Route("/v1/functions/{app}/{name}", control.patch_function, methods=["PATCH"]),
     Route("/v1/functions/{app}/{name}/replicas", control.list_replicas, methods=["GET"]),
+    Route("/v1/abuse", list_abuse, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
@@ -103,9 +105,10 @@ class CountRequests:
     """Counts responses by route family and status; a pure ASGI wrapper, so it costs almost
     nothing on the warm path."""
 
-    def __init__(self, app: ASGIApp, metrics: RouterMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: RouterMetrics, abuse: list[AbuseSignals]) -> None:
         self.app = app
         self.metrics = metrics
+        self.abuse = abuse  # filled by the lifespan (Redis is connected there)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -118,7 +121,12 @@ class CountRequests:
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                self.metrics.count_request(family, message["status"])
+                status = message["status"]
+                self.metrics.count_request(family, status)
+                if status >= 400 and self.abuse:
+                    customer = scope.get(SCOPE_CUSTOMER)
+                    if customer is not None:
+                        self.abuse[0].record(customer[0], customer[1], status)
             await send(message)
 
         await self.app(scope, receive, counting_send)
@@ -126,6 +134,7 @@ class CountRequests:
 
 def create_app(settings: Settings, metrics_also: Sequence[CollectorRegistry] = ()) -> Starlette:
     router_metrics = RouterMetrics(also=metrics_also)
+    abuse: list[AbuseSignals] = []
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -172,7 +181,11 @@ def create_app(settings: Settings, metrics_also: Sequence[CollectorRegistry] = (
         )
         await auth.start(nc, subjects.access_revoked)
         reconnected.append(auth.on_reconnected)
+        abuse.append(
+            AbuseSignals(redis, settings.redis_prefix, router_metrics.count_customer_rejection)
+        )
         app.state.services = RouterServices(
+            abuse=abuse[0],
             settings=settings,
             sessions=sessions,
             auth=auth,
@@ -204,5 +217,5 @@ def create_app(settings: Settings, metrics_also: Sequence[CollectorRegistry] = (
             Exception: handle_exception,
         },
     )
-    app.add_middleware(CountRequests, metrics=router_metrics)
+    app.add_middleware(CountRequests, metrics=router_metrics, abuse=abuse)
     return app

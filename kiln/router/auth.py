@@ -35,7 +35,9 @@ from kiln.errors import KilnError, PermissionDenied, Unauthenticated
 from kiln.router.limits import Limiter
 from kiln.tiers import TierLimits
 
-__all__ = ["Authenticator", "Principal"]
+__all__ = ["SCOPE_CUSTOMER", "Authenticator", "Principal"]
+
+SCOPE_CUSTOMER = "kiln.customer"  # (customer id, tier) of the request's key, in the ASGI scope
 
 _log = logging.getLogger(__name__)
 _CACHE_TTL_S = 5.0
@@ -97,6 +99,8 @@ class Authenticator:
         """The key's principal; with `count`, the request is also counted against the
         customer's limits (calls count when they take a slot: `Limiter.call_slot`)."""
         principal = await self._principal(conn)
+        if principal.customer_id is not None:  # refusals from here on are the customer's
+            conn.scope[SCOPE_CUSTOMER] = (str(principal.customer_id), principal.tier or "")
         if count and self.limiter is not None and principal.limits is not None:
             assert principal.tier is not None
             await self.limiter.admit(str(principal.customer_id), principal.tier, principal.limits)
@@ -113,7 +117,7 @@ class Authenticator:
             ttl = _CACHE_TTL_S if self.nc is None or self.nc.is_connected else _CACHE_TTL_OFFLINE_S
             if now - cached_at < ttl:
                 if isinstance(verdict, KilnError):
-                    raise type(verdict)(verdict.message)
+                    raise _refusal(conn, verdict)
                 return verdict
         if scheme.lower() != "bearer" or not token:
             self.on_reject("missing")
@@ -126,7 +130,7 @@ class Authenticator:
             self._cache.clear()
         self._cache[token] = (now, verdict)
         if isinstance(verdict, KilnError):
-            raise type(verdict)(verdict.message)
+            raise _refusal(conn, verdict)
         return verdict
 
     async def forget(
@@ -200,10 +204,23 @@ class Authenticator:
                 )
             ).first()
         if row is None:
-            return Unauthenticated("unknown, revoked or expired API key")
+            # Whose it was, if anyone's: a revoked key still in use is an abuse signal.
+            async with transaction(self.sessions) as session:
+                owner = (
+                    await session.execute(
+                        sa.select(ApiKey.customer_id, Customer.tier)
+                        .join(Customer, Customer.id == ApiKey.customer_id)
+                        .where(ApiKey.key_hash == digest)
+                    )
+                ).first()
+            customer = (str(owner[0]), owner[1].value) if owner is not None else None
+            return Unauthenticated("unknown, revoked or expired API key", customer=customer)
         key, status, tier, overrides = row
         if status is CustomerStatus.DISABLED:
-            return PermissionDenied("this account is disabled; ask the platform's operator")
+            return PermissionDenied(
+                "this account is disabled; ask the platform's operator",
+                customer=(str(key.customer_id), tier.value),
+            )
         return self._principal_of(
             key.id, key.kind, key.customer_id, key.function_id,
             tier.value if tier is not None else None, overrides,
@@ -231,6 +248,14 @@ class Authenticator:
         return f"{self.redis_prefix}auth:{digest.hex()}"
 
 
+def _refusal(conn: HTTPConnection, verdict: KilnError) -> KilnError:
+    """A fresh copy of a cached refusal to raise; its customer (if known) goes in the scope."""
+    customer = verdict.fields.get("customer")
+    if customer is not None:
+        conn.scope[SCOPE_CUSTOMER] = tuple(customer)
+    return type(verdict)(verdict.message, **verdict.fields)
+
+
 def _encode(verdict: _Verdict) -> str:
     if isinstance(verdict, Principal):
         return json.dumps({
@@ -240,13 +265,13 @@ def _encode(verdict: _Verdict) -> str:
             "tier": verdict.tier,
             "limits": asdict(verdict.limits) if verdict.limits is not None else None,
         })  # fmt: skip
-    return json.dumps({"disabled": verdict.message})
+    return json.dumps({"disabled": verdict.message, "customer": verdict.fields.get("customer")})
 
 
 def _decode(stored: bytes | str) -> _Verdict:
     data = json.loads(stored)
     if "disabled" in data:
-        return PermissionDenied(data["disabled"])
+        return PermissionDenied(data["disabled"], customer=data.get("customer"))
     return Principal(
         uuid.UUID(data["key_id"]),
         ApiKeyKind(data["kind"]),

@@ -60,6 +60,13 @@ class RouterMetrics:
             "divided by the number of routers it hears), else 0.",
             registry=self.registry,
         )
+        self.customer_rejections = Counter(
+            "kiln_router_customer_rejections",
+            "Requests of known customers refused (401/403), rate-limited (429) or failed (5xx), "
+            "by tier; per customer: GET /v1/abuse.",
+            ["tier", "kind"],
+            registry=self.registry,
+        )
 
         # `labels()` takes a lock and builds a tuple; the warm path reuses the children.
         self._requests_by: dict[tuple[str, int], Any] = {}
@@ -70,6 +77,9 @@ class RouterMetrics:
         if child is None:
             child = self._requests_by[(family, status)] = self.requests.labels(family, str(status))
         child.inc()
+
+    def count_customer_rejection(self, tier: str, kind: str) -> None:
+        self.customer_rejections.labels(tier, kind).inc()
 
     def count_rate_limited(self, tier: str, limit: str) -> None:
         self.rate_limited.labels(tier, limit).inc()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.requests import HTTPConnection
@@ -14,11 +15,15 @@ from kiln.router.dispatch import Dispatcher
 from kiln.router.metrics import RouterMetrics
 from kiln.settings import Settings
 
+if TYPE_CHECKING:
+    from kiln.router.abuse import AbuseSignals
+
 __all__ = ["RouterServices", "services"]
 
 
 @dataclass
 class RouterServices:
+    abuse: AbuseSignals
     settings: Settings
     sessions: async_sessionmaker[AsyncSession]
     auth: Authenticator

@@ -281,3 +281,34 @@ async def test_a_tier_caps_the_replicas_of_each_function(
         assert error_of(patched)["message"] == (
             "max_replicas=2 is not valid: the free tier allows at most 1 replica per function"
         )
+
+
+async def test_operators_see_which_customers_are_refused_most(platform: Platform) -> None:
+    customer_id, key = await make_customer(platform, "Hail", tier="free")
+    async with platform.client() as operator:
+        await operator.patch(f"/v1/customers/{customer_id}", json={"limits": {"burst": 2}})
+    async with client(platform, key) as c:
+        statuses = [(await c.get("/v1/calls/nothing")).status_code for _ in range(6)]
+    assert statuses.count(429) >= 3, statuses
+    async with platform.client() as operator:
+        listed = await operator.get("/v1/keys", params={"customer_id": customer_id})
+        await operator.delete(f"/v1/keys/{listed.json()['keys'][0]['id']}")
+    async with client(platform, key) as c:
+        for _ in range(4):  # a revoked key, still being tried
+            assert (await c.get("/v1/apps")).status_code == 401
+    async with platform.client() as operator:
+        deadline = time.monotonic() + 5
+        while True:
+            report = (await operator.get("/v1/abuse", params={"window": 600})).json()
+            mine = [r for r in report["customers"] if r["customer_id"] == customer_id]
+            if mine and mine[0]["refused"] >= 4:
+                break
+            assert time.monotonic() < deadline, report
+            await asyncio.sleep(0.1)
+        metrics = (await operator.get("/metrics")).text
+    async with client(platform, key) as c:
+        refused = await c.get("/v1/abuse")
+    assert mine[0]["rate_limited"] >= 3
+    assert mine[0]["total"] == mine[0]["refused"] + mine[0]["rate_limited"] + mine[0]["errors"]
+    assert 'kiln_router_customer_rejections_total{kind="rate_limited",tier="free"}' in metrics
+    assert refused.status_code == 401
