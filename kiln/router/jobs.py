@@ -27,14 +27,13 @@ from kiln.errors import (
     Conflict,
     InvalidRequest,
     NotFound,
-    PermissionDenied,
     Unprocessable,
 )
 from kiln.functions.spec import CallKind
 from kiln.jobs.records import FINISHED, call_target, call_view, finish, is_expired
 from kiln.router.catalog import FunctionRoute
 from kiln.router.errors import request_id
-from kiln.router.run import classify, read_body
+from kiln.router.run import classify, read_body, resolve_entry
 from kiln.router.services import RouterServices, services
 from kiln.wire import JOB_ROUTER, StreamControl, encode
 
@@ -47,13 +46,7 @@ async def spawn(request: Request) -> Response:
     svc = services(request)
     principal = await svc.auth.authenticate(request)
     app = request.path_params["app"]
-    name, _, method = request.path_params["name"].partition(".")
-    route = await svc.catalog.resolve(principal.owner_id, app, name)
-    if principal.function_id is not None and principal.function_id != route.function_id:
-        raise PermissionDenied(f"this key may only call its own function, not {app}/{name}")
-    entry = route.spec.entry(method or None)
-    if entry is None:
-        raise NotFound(f"{app}/{request.path_params['name']} is not an entry point")
+    route, entry, method = await resolve_entry(svc, principal, app, request.path_params["name"])
     if entry.kind is not CallKind.FUNCTION:
         raise InvalidRequest(
             f"{app}/{request.path_params['name']} is a {entry.kind.value}; only plain functions "

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from kiln.errors import InvalidJson, InvalidRequest, NotFound, PayloadTooLarge, PermissionDenied
-from kiln.functions.spec import CallKind, UnitKind
+from kiln.functions.spec import CallKind, CallSpec, UnitKind
 from kiln.router.auth import Principal
 from kiln.router.catalog import FunctionRoute
 from kiln.router.errors import request_id
@@ -21,7 +21,7 @@ from kiln.router.services import RouterServices, services
 from kiln.router.stream_response import stream_response
 from kiln.router.streams import CallAbandoned
 
-__all__ = ["read_body", "run"]
+__all__ = ["call_slot", "read_body", "resolve_entry", "run"]
 
 JSON = "application/json"
 BYTES = "application/octet-stream"
@@ -100,13 +100,7 @@ async def run(request: Request) -> Response:
     svc = services(request)
     principal = await svc.auth.authenticate(request, count=False)  # counted with its slot
     app = request.path_params["app"]
-    name, _, method = request.path_params["name"].partition(".")
-    route = await svc.catalog.resolve(principal.owner_id, app, name)
-    if principal.function_id is not None and principal.function_id != route.function_id:
-        raise PermissionDenied(f"this key may only call its own function, not {app}/{name}")
-    entry = route.spec.entry(method or None)
-    if entry is None:
-        raise NotFound(_no_entry(app, route.spec.name, method, route.spec.kind, route.spec.entries))
+    route, entry, method = await resolve_entry(svc, principal, app, request.path_params["name"])
     if entry.kind is CallKind.WEBSOCKET:
         raise InvalidRequest(
             f"{app}/{request.path_params['name']} is a WebSocket handler; open a WebSocket to "
@@ -142,6 +136,22 @@ async def run(request: Request) -> Response:
             exits.pop_all()  # the stream's end releases the slot (or it was released already)
             return response
         return await _sync_call(request, svc, route, method, body, content_type, rid, app, started)
+
+
+async def resolve_entry(
+    svc: RouterServices, principal: Principal, app: str, target: str
+) -> tuple[FunctionRoute, CallSpec, str]:
+    """The function `APP/target` (`NAME` or `Class.method`) names for this caller, its entry
+    point and the method ("" for a plain function); 404 when there is none, 403 when a
+    function-scoped key asks for another function."""
+    name, _, method = target.partition(".")
+    route = await svc.catalog.resolve(principal.owner_id, app, name)
+    if principal.function_id is not None and principal.function_id != route.function_id:
+        raise PermissionDenied(f"this key may only call its own function, not {app}/{name}")
+    entry = route.spec.entry(method or None)
+    if entry is None:
+        raise NotFound(_no_entry(app, route.spec.name, method, route.spec.kind, route.spec.entries))
+    return route, entry, method
 
 
 def call_slot(

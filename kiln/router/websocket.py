@@ -18,11 +18,11 @@ import logging
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from kiln.errors import InvalidRequest, KilnError, NotFound, PermissionDenied
+from kiln.errors import InvalidRequest, KilnError
 from kiln.functions.spec import CallKind
 from kiln.router.auth import Principal
 from kiln.router.errors import error_response, request_id
-from kiln.router.run import call_slot
+from kiln.router.run import call_slot, resolve_entry
 from kiln.router.services import RouterServices, services
 from kiln.router.streams import CallStream
 from kiln.wire import Event
@@ -57,13 +57,7 @@ async def _open(
 ) -> CallStream:
     app = websocket.path_params["app"]
     full = websocket.path_params["name"]
-    name, _, method = full.partition(".")
-    route = await svc.catalog.resolve(principal.owner_id, app, name)
-    if principal.function_id is not None and principal.function_id != route.function_id:
-        raise PermissionDenied(f"this key may only call its own function, not {app}/{name}")
-    entry = route.spec.entry(method or None)
-    if entry is None:
-        raise NotFound(f"{app}/{full} has no WebSocket handler")
+    route, entry, method = await resolve_entry(svc, principal, app, full)
     if entry.kind is not CallKind.WEBSOCKET:
         raise InvalidRequest(
             f"{app}/{full} is not a WebSocket handler (mark it @kiln.websocket()); call it with "

@@ -55,7 +55,7 @@ def test_packages_the_hello_example(tmp_path: Path) -> None:
     ("example", "entries"),
     [
         ("streaming.py", {"tokens": ["tokens"], "countdown": ["countdown"]}),
-        ("voice.py", {"Agent": ["talk"]}),
+        ("voice_agent.py", {"Agent": ["talk"]}),
     ],
 )
 def test_the_other_examples_package_with_their_entry_points(

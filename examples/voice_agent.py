@@ -1,6 +1,6 @@
 """A voice agent over WebSocket: audio frames in, audio frames out, for as long as the call lasts.
 
-kiln deploy examples/voice.py
+kiln deploy examples/voice_agent.py
 Then open ws://127.0.0.1:8000/v1/ws/voice/Agent.talk?voice=calm with
 `Authorization: Bearer $KILN_API_KEY`, send 20 ms frames of 16 kHz 16-bit mono PCM (640 bytes)
 as binary messages, and text messages for control ("bye" ends the call).
