@@ -148,7 +148,14 @@ class Job:
         pause = 0.05
         with self._function._client() as client:
             while True:
-                view = _checked(client.get(f"/v1/calls/{self.call_id}")).json()
+                response = client.get(f"/v1/calls/{self.call_id}")
+                if response.status_code == 429:  # polling counts against the rate limit too
+                    wait = float(response.headers.get("retry-after", "1"))
+                    if deadline is not None and time.monotonic() + wait > deadline:
+                        raise TimeoutError(f"job {self.call_id} is still running (rate-limited)")
+                    time.sleep(wait)
+                    continue
+                view = _checked(response).json()
                 if view["status"] == "succeeded":
                     if "result" in view:
                         return view["result"]
