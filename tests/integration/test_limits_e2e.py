@@ -27,10 +27,18 @@ pytestmark = pytest.mark.integration
 
 APP = """
 import asyncio
+import os
+import time
 
 import kiln
 
 app = kiln.App("limited")
+
+
+@app.function()
+def die() -> None:
+    time.sleep(0.3)
+    os._exit(1)  # the replica is lost mid-call
 
 
 @app.function(concurrency=16, timeout=2)
@@ -147,7 +155,7 @@ async def test_a_flood_from_three_routers_gets_rate_times_time_plus_burst(
     assert abs(accepted - expected) <= 0.01 * expected, (accepted, expected)
 
 
-async def test_the_concurrency_cap_holds_and_is_released_after_timeouts_and_disconnects(
+async def test_the_concurrency_cap_holds_and_is_released_after_timeouts_disconnects_and_loss(
     platform: Platform,
 ) -> None:
     key = await customer_key(platform, {"concurrent": 2})
@@ -183,6 +191,13 @@ async def test_the_concurrency_cap_holds_and_is_released_after_timeouts_and_disc
             *(c.post("/v1/run/limited/hold", json={"seconds": 0}) for _ in range(2))
         )
         assert [r.status_code for r in again] == [200, 200]
+        # ... and when their replica is lost.
+        lost = await asyncio.gather(*(c.post("/v1/run/limited/die") for _ in range(2)))
+        assert [r.json()["error"]["code"] for r in lost] == ["worker_lost"] * 2
+        after = await asyncio.gather(
+            *(c.post("/v1/run/limited/hold", json={"seconds": 0}) for _ in range(2))
+        )
+        assert [r.status_code for r in after] == [200, 200]
 
 
 async def test_without_redis_each_router_limits_on_its_own(
