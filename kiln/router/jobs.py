@@ -168,9 +168,8 @@ def _webhook(request: Request) -> str | None:
     return url
 
 
-async def _owned_call(
-    request: Request, svc: RouterServices, *, lock: bool = False
-) -> tuple[Call, str]:
+async def _owned_query(request: Request, svc: RouterServices) -> sa.Select[Call, str, str]:
+    """The call the path names, with its app and function names, if the caller owns it."""
     principal = await svc.auth.authenticate(request)
     raw = request.path_params["call_id"]
     try:
@@ -185,12 +184,15 @@ async def _owned_call(
     )
     if principal.function_id is not None:
         query = query.where(Call.function_id == principal.function_id)
-    if lock:
-        query = query.with_for_update(of=Call)
+    return query
+
+
+async def _owned_call(request: Request, svc: RouterServices) -> tuple[Call, str]:
+    query = await _owned_query(request, svc)
     async with transaction(svc.sessions) as session:
         row = (await session.execute(query)).first()
         if row is None:
-            raise NotFound(f"call {raw!r} not found")
+            raise NotFound(f"call {request.path_params['call_id']!r} not found")
         call, app, function = row
         session.expunge(call)
     return call, call_target(app, function, call.method)
@@ -220,31 +222,16 @@ async def get_result(request: Request) -> Response:
 
 async def cancel_call(request: Request) -> Response:
     svc = services(request)
-    principal = await svc.auth.authenticate(request)
-    raw = request.path_params["call_id"]
-    try:
-        call_id = uuid.UUID(raw)
-    except ValueError:
-        raise NotFound(f"call {raw!r} not found") from None
+    query = (await _owned_query(request, svc)).with_for_update(of=Call)
     now = datetime.now(UTC)
     async with transaction(svc.sessions) as session:
-        row = (
-            await session.execute(
-                sa.select(Call, App.name, Function.name)
-                .join(Function, Function.id == Call.function_id)
-                .join(App, App.id == Function.app_id)
-                .where(Call.id == call_id, Call.customer_id == principal.owner_id)
-                .with_for_update(of=Call)
-            )
-        ).first()
-        if row is None or (
-            principal.function_id is not None and row[0].function_id != principal.function_id
-        ):
-            raise NotFound(f"call {raw!r} not found")
+        row = (await session.execute(query)).first()
+        if row is None:
+            raise NotFound(f"call {request.path_params['call_id']!r} not found")
         call, app, function = row
         if call.status in FINISHED:
             raise Conflict(f"call {call.id} is already {call.status.value}")
-        replica = call.replica_id
+        replica, call_id = call.replica_id, call.id
         finish(call, CallStatus.CANCELLED, now, svc.settings.job_result_ttl_s)
         view = call_view(call, call_target(app, function, call.method), now)
     # A replica about to start it skips it; one running it stops.
