@@ -85,6 +85,7 @@ class Replica:
         self.feed: CallFeed | None = None
         self._busy = 0  # calls taken and not finished (in_flight, counted before its tasks run)
         self._accepts: dict[str, list[str]] = {}  # router id -> call ids taken, not yet told
+        self._accepts_written: dict[str, asyncio.Future[None]] = {}
         self.calls: CallRunner | None = None
         self.jobs: JobRunner | None = None
         self._replica_str = str(self.replica_id)
@@ -237,7 +238,7 @@ class Replica:
             await msg.ack()
             if time.time() > call.accept_by:
                 return  # the caller gave up before we got to it
-            self._accept(call)
+            await self._accept(call)
             await self._execute(call, msg.data)
         finally:
             self._busy -= 1
@@ -245,19 +246,40 @@ class Replica:
                 with contextlib.suppress(Exception):
                     await self.feed.top_up()
 
-    def _accept(self, call: CallHeaders) -> None:
+    def _accept(self, call: CallHeaders) -> asyncio.Future[None]:
         """Tell the call's router we took it, batched with the other calls taken in this turn
-        of the event loop: one message instead of one per call."""
+        of the event loop: one message instead of one per call. The future is done once the
+        message (and the call's ack before it) is in the socket: from then on the router
+        learns of this replica even if the call's code kills the process at once, and answers
+        its caller with worker_lost instead of waiting for the call's startup deadline."""
         batch = self._accepts.setdefault(call.router, [])
         batch.append(call.call_id)
-        if len(batch) == 1:
+        written = self._accepts_written.get(call.router)
+        if written is None:
+            written = self._accepts_written[call.router] = asyncio.Future()
             asyncio.get_running_loop().call_soon(self._flush_accepts, call.router)
+        return written
 
     def _flush_accepts(self, router: str) -> None:
         calls = self._accepts.pop(router, [])
-        if calls and self.nc is not None:
-            body = json.dumps({"replica": str(self.replica_id), "calls": calls}).encode()
-            self._spawn(self.nc.publish(self.subjects.accepted(router), body))
+        written = self._accepts_written.pop(router)
+        self._spawn(self._send_accepts(router, calls, written))
+
+    async def _send_accepts(
+        self, router: str, calls: list[str], written: asyncio.Future[None]
+    ) -> None:
+        try:
+            if calls and self.nc is not None:
+                body = json.dumps({"replica": str(self.replica_id), "calls": calls}).encode()
+                await self.nc.publish(self.subjects.accepted(router), body)
+                # Into the socket now, not at the flusher's next turn (no round trip: the
+                # kernel sends it even if this process dies next).
+                await self.nc._flush_pending(force_flush=True)
+        except Exception as exc:  # noqa: BLE001 - NATS trouble: the call runs all the same
+            _log.warning("telling router %s of %d calls failed: %s", router, len(calls), exc)
+        finally:
+            if not written.done():
+                written.set_result(None)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 TROUBLE = """
 import asyncio
+import os
 import time
 
 import kiln
@@ -62,6 +63,11 @@ async def async_sleepy(seconds: float) -> str:
 def hang(seconds: float) -> str:
     time.sleep(seconds)
     return "survived"
+
+
+@app.function
+def crash() -> None:
+    os._exit(3)  # the moment it starts: before anything else this replica would send
 
 
 @app.function
@@ -455,6 +461,18 @@ async def test_a_replica_killed_mid_call_is_502_worker_lost_within_seconds(
     assert response.status_code == 502
     assert error_of(response)["code"] == "worker_lost"
     assert time.monotonic() - killed_at < 8
+
+
+async def test_a_replica_that_dies_as_the_call_starts_is_worker_lost_not_a_timeout(
+    platform: Platform, trouble: Any
+) -> None:
+    """The router learns which replica took the call before the call's code runs, so even a
+    crash at its first instruction is noticed from the missing heartbeats."""
+    started = time.monotonic()
+    response = await call(platform, "trouble/crash")
+    assert response.status_code == 502, response.text
+    assert error_of(response)["code"] == "worker_lost"
+    assert time.monotonic() - started < 30  # a cold start and a few heartbeats, not 600 s
 
 
 # Deploying --------------------------------------------------------------------------------------
