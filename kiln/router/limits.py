@@ -33,6 +33,7 @@ from kiln.tiers import TierLimits, with_overrides
 __all__ = ["Limiter"]
 
 _log = logging.getLogger(__name__)
+_REDIS_RETRY_S = 1.0  # while Redis fails, try it again at most this often
 
 
 # One round trip: check every limit, and only if all pass, count the request against them.
@@ -93,6 +94,7 @@ class Limiter:
         self._routers: dict[str, float] = {}
         self._router_id = secrets.token_hex(6)
         self._fallback = False
+        self._redis_retry_at = 0.0
         self._presence: asyncio.Task[None] | None = None
 
     def limits_for(self, tier: str, overrides: Any) -> TierLimits:
@@ -136,7 +138,7 @@ class Limiter:
         now = datetime.now(UTC)
         day_left = _seconds_to(now + timedelta(days=1), now, day=True)
         month_left = _seconds_to(_next_month(now), now, day=False)
-        if self._script is not None:
+        if self._script is not None and time.monotonic() >= self._redis_retry_at:
             try:
                 result = await self._script(
                     keys=[self._key(customer, "gcra"), self._key(customer, f"d:{now:%Y-%m-%d}"),
@@ -147,6 +149,8 @@ class Limiter:
                 )  # fmt: skip
             except Exception as exc:  # noqa: BLE001 - Redis down: limit locally instead
                 self._set_fallback(True, exc)
+                # Not every request should wait out a timeout while Redis is away.
+                self._redis_retry_at = time.monotonic() + _REDIS_RETRY_S
             else:
                 self._set_fallback(False)
                 allowed, which, retry_ms, _remaining, reset_ms = result
