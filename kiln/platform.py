@@ -16,6 +16,7 @@ from collections.abc import Callable, Generator
 import nats
 import uvicorn
 
+from kiln.billing.worker import BillingWorker
 from kiln.db.session import create_engine, session_factory
 from kiln.devstack.ports import is_free
 from kiln.errors import DevStackError
@@ -97,9 +98,15 @@ async def serve_platform(
             JobRecorder(nc, session_factory(engine), settings).run(recorder_stop),
             name="kiln-job-recorder",
         )
+        billing = asyncio.create_task(
+            BillingWorker(nc, session_factory(engine), settings.namespace, settings.gpu_prices).run(
+                recorder_stop
+            ),
+            name="kiln-billing",
+        )
         if on_ready is not None:
             on_ready()
-        parts = [router, scheduling, agent, recording]
+        parts = [router, scheduling, agent, recording, billing]
         stopped = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([*parts, stopped], return_when=asyncio.FIRST_COMPLETED)
         stop.set()
@@ -110,8 +117,12 @@ async def serve_platform(
         )
         await asyncio.sleep(0.2)  # the last exit events are on their way
         scheduler_stop.set()
-        recorder_stop.set()  # after the replicas: it records the jobs they finished draining
-        results = [*first, *await asyncio.gather(scheduling, recording, return_exceptions=True)]
+        # After the replicas: the recorder and billing write down their last jobs and usage.
+        recorder_stop.set()
+        results = [
+            *first,
+            *await asyncio.gather(scheduling, recording, billing, return_exceptions=True),
+        ]
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures and stopped not in done:
             raise failures[0]

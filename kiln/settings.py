@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 from kiln.apikeys import parse_key
+from kiln.billing.prices import DEFAULT_PRICES, parse_prices
 from kiln.errors import ConfigError
 from kiln.tiers import DEFAULT_TIERS, TierLimits, parse_tier_limits
 
@@ -86,6 +87,7 @@ class Settings:
     ws_max_session_s: float = 3600.0
     job_result_ttl_s: float = 7 * 24 * 3600.0
     tier_limits: Mapping[str, TierLimits] = dataclasses.field(default_factory=lambda: DEFAULT_TIERS)
+    gpu_prices: Mapping[str, int] = dataclasses.field(default_factory=lambda: DEFAULT_PRICES)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -334,6 +336,13 @@ def _node_gpus(raw: str) -> dict[str, int]:
     return slots
 
 
+def _gpu_prices(raw: str) -> dict[str, int]:
+    try:
+        return parse_prices(raw)
+    except ValueError as exc:
+        raise ValueError(f'{exc}; expected JSON such as {{"A10G": 1100000}}') from None
+
+
 def _tier_limits(raw: str) -> dict[str, TierLimits]:
     try:
         return parse_tier_limits(raw)
@@ -519,6 +528,13 @@ SETTINGS: tuple[SettingSpec, ...] = (
         _tier_limits,
         'changes to the tiers\' limits as JSON, e.g. {"free": {"per_minute": 20}} (per_minute, '
         "burst, per_day, per_month, concurrent, max_replicas)",
+    ),
+    SettingSpec(
+        "KILN_GPU_PRICES",
+        "gpu_prices",
+        _gpu_prices,
+        'prices per hour of replica time by GPU type ("none": a CPU slot) in micro-units, as '
+        'JSON changes to the defaults, e.g. {"A10G": 1100000}',
     ),
     SettingSpec(
         "KILN_METRICS_PORT",

@@ -17,6 +17,7 @@ Everything lives under the deployment's namespace `ns` (`KILN_NAMESPACE`):
 | `ns.replica.<rid>.in.<r>.<call>` | core          | router → replica (session frames) |
 | `ns.events.replica`              | core          | node agent → scheduler     |
 | `ns.jobevents.<job>`             | JetStream     | replica → job recorder     |
+| `ns.usage.<rid>`                 | JetStream     | replica → billing worker   |
 
 `<fid>` is a function's UUID in hex. Calls carry their parameters in headers and the caller's
 bytes untouched in the body, so large JSON is never parsed on the hot path more than needed.
@@ -48,6 +49,7 @@ __all__ = [
     "StartReplica",
     "StreamControl",
     "Subjects",
+    "UsageReport",
     "consumer_name",
     "decode",
     "encode",
@@ -197,6 +199,17 @@ class Subjects:
     @property
     def all_job_events(self) -> str:
         return f"{self.ns}.jobevents.*"
+
+    @property
+    def usage_stream(self) -> str:
+        return f"{self.ns}_usage"
+
+    def usage(self, replica_id: uuid.UUID) -> str:
+        return f"{self.ns}.usage.{replica_id.hex}"
+
+    @property
+    def all_usage(self) -> str:
+        return f"{self.ns}.usage.*"
 
     @property
     def code_bucket(self) -> str:
@@ -409,6 +422,24 @@ class StartReplica:
     requested_at: float = 0.0  # epoch seconds: when the scheduler saw the demand it serves
     received_at: float = 0.0  # epoch seconds: when the node agent got the order
     snapshot_key: str | None = None  # set by the node agent for a class it can snapshot
+    customer_id: str = ""  # who is billed for the replica's time (UsageReport)
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    """An interval of a replica's billable time: from when it held its slot (or its previous
+    report) to now. `event_id` is the replica id and a sequence number, so a report sent twice
+    is charged once."""
+
+    event_id: str
+    replica_id: str
+    customer_id: str
+    function_id: str
+    gpu_type: str  # "none" for a CPU slot
+    gpu_count: int
+    period_start: float  # epoch seconds
+    period_end: float
+    final: bool = False  # the replica released its slot
 
 
 def encode(message: Any) -> bytes:

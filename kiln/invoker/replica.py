@@ -46,6 +46,7 @@ from kiln.invoker.coldstart import ColdStart, SnapshotLink, build_instance
 from kiln.invoker.feed import CallFeed
 from kiln.invoker.jobs import JobRunner
 from kiln.invoker.target import Target, build_target
+from kiln.invoker.usage import UsageMeter
 from kiln.settings import Settings
 from kiln.wire import (
     HEARTBEAT_INTERVAL_S,
@@ -87,6 +88,7 @@ class Replica:
         self._accepts: dict[str, list[str]] = {}  # router id -> call ids taken, not yet told
         self._accepts_written: dict[str, asyncio.Future[None]] = {}
         self.calls: CallRunner | None = None
+        self.usage: UsageMeter | None = None
         self.jobs: JobRunner | None = None
         self._replica_str = str(self.replica_id)
         self._tasks: set[asyncio.Future[None]] = set()
@@ -105,6 +107,8 @@ class Replica:
         )
         js = self.nc.jetstream()
         heartbeat = asyncio.create_task(self._heartbeat(), name="kiln-replica-heartbeat")
+        self.usage = UsageMeter(self.nc, self.subjects, self.launch)
+        metering = asyncio.create_task(self.usage.run(), name="kiln-replica-usage")
         drain_sub = await self.nc.subscribe(self.subjects.drain(self.replica_id), cb=self._on_drain)
         code = 0
         try:
@@ -137,7 +141,7 @@ class Replica:
             self.error = f"{type(exc).__name__}: {exc}"
             _log.error("replica failed: %s", "".join(traceback.format_exception(exc)))
         finally:
-            await self._finish(heartbeat, drain_sub)
+            await self._finish(heartbeat, drain_sub, metering)
         return code
 
     def _snapshot_link(self) -> SnapshotLink | None:
@@ -328,7 +332,9 @@ class Replica:
                 self._tasks.add(beat)
                 beat.add_done_callback(self._tasks.discard)
 
-    async def _finish(self, heartbeat: asyncio.Task[None], drain_sub: Any) -> None:
+    async def _finish(
+        self, heartbeat: asyncio.Task[None], drain_sub: Any, metering: asyncio.Task[None]
+    ) -> None:
         if self.state is not ReplicaState.FAILED:
             self.state = ReplicaState.DRAINING
         if self.target is not None:
@@ -344,8 +350,13 @@ class Replica:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self.cold_start.sealing), 30)
         heartbeat.cancel()
+        metering.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await heartbeat
+        with contextlib.suppress(asyncio.CancelledError):
+            await metering
+        if self.usage is not None:  # the last interval, up to the slot's release
+            await self.usage.report(final=True)
         with contextlib.suppress(Exception):
             await self._beat()
             await drain_sub.unsubscribe()

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kiln.billing.worker import ensure_usage_stream
 from kiln.codestore import CodeStore
 from kiln.db.session import create_engine, session_factory
 from kiln.errors import KilnError
@@ -160,6 +161,7 @@ def create_app(settings: Settings, metrics_also: Sequence[CollectorRegistry] = (
         js = nc.jetstream()
         await ensure_calls_stream(js, subjects)
         await ensure_job_streams(js, subjects, settings.job_result_ttl_s)
+        await ensure_usage_stream(js, subjects)
         sessions = session_factory(engine)
         dispatcher = Dispatcher(nc, subjects)
         await dispatcher.start()

@@ -28,6 +28,7 @@ class FunctionRow:
     id: uuid.UUID
     app: str
     name: str
+    customer_id: uuid.UUID
     version_id: uuid.UUID
     generation: int
     digest: str
@@ -60,13 +61,13 @@ class ClusterRecords:
     async def load_functions(self) -> dict[uuid.UUID, FunctionRow]:
         async with transaction(self.sessions) as session:
             rows = await session.execute(
-                sa.select(App.name, Function, AppVersion)
+                sa.select(App.name, App.customer_id, Function, AppVersion)
                 .join(App, Function.app_id == App.id)
                 .join(AppVersion, Function.current_version_id == AppVersion.id)
                 .where(App.state == AppState.ACTIVE)
             )
             result = {}
-            for app, function, version in rows:
+            for app, customer_id, function, version in rows:
                 spec = next(
                     (f for f in version.spec.get("functions", []) if f["name"] == function.name),
                     None,
@@ -74,7 +75,8 @@ class ClusterRecords:
                 if spec is None:
                     continue
                 result[function.id] = FunctionRow(
-                    id=function.id, app=app, name=function.name, version_id=version.id,
+                    id=function.id, app=app, name=function.name, customer_id=customer_id,
+                    version_id=version.id,
                     generation=function.generation,
                     digest=version.artifact_key, entrypoint=version.spec["entrypoint"],
                     spec=_with_live_settings(spec, function), gpu=function.gpu,

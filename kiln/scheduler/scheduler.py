@@ -415,6 +415,7 @@ class Scheduler:
             generation=function.generation,
             app=function.app,
             function=function.name,
+            customer_id=str(function.customer_id),
             artifact_digest=function.digest,
             entrypoint=function.entrypoint,
             spec=function.spec,

@@ -1,0 +1,44 @@
+"""What replica time costs: a price per hour for each GPU type (and for a CPU slot, "none"),
+in integer micro-units of the platform's currency, charged per millisecond of a usage report.
+`KILN_GPU_PRICES` changes them: JSON such as {"A10G": 1100000}."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+__all__ = ["DEFAULT_PRICES", "cost_micros", "parse_prices"]
+
+# Micro-units per hour per GPU (per CPU slot for "none").
+DEFAULT_PRICES: Mapping[str, int] = {
+    "none": 50_000,
+    "T4": 600_000,
+    "L4": 800_000,
+    "A10G": 1_100_000,
+    "L40S": 1_900_000,
+    "A100": 2_500_000,
+    "A100-80GB": 3_400_000,
+    "H100": 3_900_000,
+    "H200": 4_500_000,
+    "B200": 6_250_000,
+}
+_MS_PER_HOUR = 3_600_000
+
+
+def cost_micros(prices: Mapping[str, int], gpu_type: str, gpu_count: int, duration_ms: int) -> int:
+    """The charge for `duration_ms` of a replica holding `gpu_count` of `gpu_type` (rounded
+    down to the micro-unit: a report never costs more than its time)."""
+    per_hour = prices.get(gpu_type, prices.get("none", 0))
+    return per_hour * max(1, gpu_count) * max(0, duration_ms) // _MS_PER_HOUR
+
+
+def parse_prices(raw: str) -> dict[str, int]:
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError("expected a JSON object of GPU types to prices per hour")
+    prices = dict(DEFAULT_PRICES)
+    for gpu, price in data.items():
+        if not isinstance(price, int) or isinstance(price, bool) or price < 0:
+            raise ValueError(f"the price of {gpu!r} is {price!r}: expected whole micro-units >= 0")
+        prices[str(gpu)] = price
+    return prices
