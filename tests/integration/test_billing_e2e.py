@@ -10,10 +10,12 @@ import json
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
 from stack import Platform, platform_fixture  # noqa: F401 - the fixture
 
 from kiln.billing.prices import cost_micros
@@ -35,6 +37,16 @@ app = kiln.App("metered")
 def work() -> str:
     return "done"
 """
+
+
+async def usage_events(engine: AsyncEngine, customer_id: uuid.UUID) -> list[Any]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            sa.select(UsageEvent)
+            .where(UsageEvent.customer_id == customer_id)
+            .order_by(UsageEvent.period_start)
+        )
+        return list(rows.all())
 
 
 async def live_replicas(platform: Platform, key: str) -> list[object]:
@@ -68,25 +80,11 @@ async def test_a_replicas_time_is_reported_and_charged_once(
         # Reports every 5 s, and a last one when the idle replica stops (after 6 s idle).
         deadline = time.monotonic() + 40
         while True:
-            async with engine.connect() as conn:
-                events = (
-                    await conn.execute(
-                        sa.select(UsageEvent)
-                        .where(UsageEvent.customer_id == customer_id)
-                        .order_by(UsageEvent.period_start)
-                    )
-                ).all()
+            events = await usage_events(engine, customer_id)
             replica_ids = {e.replica_id for e in events}
             if len(events) >= 2 and not await live_replicas(platform, key):
                 await asyncio.sleep(1.5)  # the last report, sent as the replica stopped
-                async with engine.connect() as conn:
-                    events = (
-                        await conn.execute(
-                            sa.select(UsageEvent)
-                            .where(UsageEvent.customer_id == customer_id)
-                            .order_by(UsageEvent.period_start)
-                        )
-                    ).all()
+                events = await usage_events(engine, customer_id)
                 break
             assert time.monotonic() < deadline, events
             await asyncio.sleep(0.5)
