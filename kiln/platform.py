@@ -16,12 +16,16 @@ from collections.abc import Callable, Generator
 import nats
 import uvicorn
 
+from kiln.billing.ledger import billing_rules
+from kiln.billing.outbox import OutboxWorker
+from kiln.billing.stripe_gateway import StripeGateway
 from kiln.billing.worker import BillingWorker
 from kiln.db.session import create_engine, session_factory
 from kiln.devstack.ports import is_free
 from kiln.errors import DevStackError
 from kiln.invoker.agent import NodeAgent
 from kiln.jobs.recorder import JobRecorder
+from kiln.observability.billing import BillingMetrics
 from kiln.observability.coldstart import ColdStartMetrics
 from kiln.router.app import create_app
 from kiln.scheduler.scheduler import Scheduler
@@ -63,9 +67,10 @@ async def serve_platform(
         exits.push_async_callback(nc.drain)
 
         cold_starts = ColdStartMetrics()
+        billing_metrics = BillingMetrics()
         server = _Server(
             uvicorn.Config(
-                create_app(settings, metrics_also=[cold_starts.registry]),
+                create_app(settings, metrics_also=[cold_starts.registry, billing_metrics.registry]),
                 host=settings.host,
                 port=settings.port,
                 log_level="warning",
@@ -98,15 +103,23 @@ async def serve_platform(
             JobRecorder(nc, session_factory(engine), settings).run(recorder_stop),
             name="kiln-job-recorder",
         )
+        rules = billing_rules(settings)
         billing = asyncio.create_task(
-            BillingWorker(nc, session_factory(engine), settings.namespace, settings.gpu_prices).run(
-                recorder_stop
-            ),
+            BillingWorker(
+                nc, session_factory(engine), settings.namespace, rules, billing_metrics
+            ).run(recorder_stop),
             name="kiln-billing",
         )
+        parts = [router, scheduling, agent, recording, billing]
+        if settings.stripe_enabled:
+            gateway = StripeGateway(settings)
+            exits.push_async_callback(gateway.close)
+            outbox = OutboxWorker(
+                nc, session_factory(engine), gateway, rules, settings.namespace, billing_metrics
+            )
+            parts.append(asyncio.create_task(outbox.run(recorder_stop), name="kiln-outbox"))
         if on_ready is not None:
             on_ready()
-        parts = [router, scheduling, agent, recording, billing]
         stopped = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([*parts, stopped], return_when=asyncio.FIRST_COMPLETED)
         stop.set()
@@ -121,7 +134,7 @@ async def serve_platform(
         recorder_stop.set()
         results = [
             *first,
-            *await asyncio.gather(scheduling, recording, billing, return_exceptions=True),
+            *await asyncio.gather(scheduling, *parts[3:], return_exceptions=True),
         ]
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures and stopped not in done:

@@ -88,6 +88,16 @@ class Settings:
     job_result_ttl_s: float = 7 * 24 * 3600.0
     tier_limits: Mapping[str, TierLimits] = dataclasses.field(default_factory=lambda: DEFAULT_TIERS)
     gpu_prices: Mapping[str, int] = dataclasses.field(default_factory=lambda: DEFAULT_PRICES)
+    stripe_api_key: str | None = dataclasses.field(default=None, repr=False)
+    stripe_api_base: str | None = None
+    stripe_webhook_secret: str | None = dataclasses.field(default=None, repr=False)
+    stripe_meter_event: str = "kiln_replica_ms"
+    currency: str = "usd"
+    refill_max_failures: int = 3
+
+    @property
+    def stripe_enabled(self) -> bool:
+        return self.stripe_api_key is not None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -350,6 +360,30 @@ def _tier_limits(raw: str) -> dict[str, TierLimits]:
         raise ValueError(f'{exc}; expected JSON such as {{"free": {{"per_minute": 20}}}}') from None
 
 
+def _stripe_key(raw: str) -> str:
+    if not re.match(r"^(sk|rk)_(live|test)_[A-Za-z0-9]{8,}$", raw.strip()):
+        raise ValueError("expected a Stripe secret or restricted key: sk_test_…, sk_live_…, rk_…")
+    return raw.strip()
+
+
+def _stripe_webhook_secret(raw: str) -> str:
+    if not raw.strip().startswith("whsec_"):
+        raise ValueError("expected the endpoint's signing secret, which starts with whsec_")
+    return raw.strip()
+
+
+def _meter_event(raw: str) -> str:
+    if not re.match(r"^[A-Za-z0-9_.-]{1,100}$", raw):
+        raise ValueError("expected a Stripe meter event name: letters, digits, _ . -")
+    return raw
+
+
+def _currency(raw: str) -> str:
+    if not re.match(r"^[a-z]{3}$", raw):
+        raise ValueError("expected a three-letter ISO currency code in lower case, such as usd")
+    return raw
+
+
 def _modules(raw: str) -> tuple[str, ...]:
     names = tuple(name.strip() for name in raw.split(",") if name.strip())
     for name in names:
@@ -535,6 +569,47 @@ SETTINGS: tuple[SettingSpec, ...] = (
         _gpu_prices,
         'prices per hour of replica time by GPU type ("none": a CPU slot) in micro-units, as '
         'JSON changes to the defaults, e.g. {"A10G": 1100000}',
+    ),
+    SettingSpec(
+        "KILN_STRIPE_API_KEY",
+        "stripe_api_key",
+        _stripe_key,
+        "Stripe secret key (sk_live_… or sk_test_…); unset: no payments and no meter events",
+        secret=True,
+    ),
+    SettingSpec(
+        "KILN_STRIPE_API_BASE",
+        "stripe_api_base",
+        _http_url,
+        "Stripe's API address (default https://api.stripe.com; tests point it at a fake)",
+    ),
+    SettingSpec(
+        "KILN_STRIPE_WEBHOOK_SECRET",
+        "stripe_webhook_secret",
+        _stripe_webhook_secret,
+        "the signing secret (whsec_…) of the Stripe webhook endpoint /v1/billing/stripe/webhook",
+        secret=True,
+    ),
+    SettingSpec(
+        "KILN_STRIPE_METER_EVENT",
+        "stripe_meter_event",
+        _meter_event,
+        "event name of the Stripe Billing meter that receives replica milliseconds "
+        "(default kiln_replica_ms)",
+    ),
+    SettingSpec(
+        "KILN_CURRENCY",
+        "currency",
+        _currency,
+        "ISO currency of balances and payments, lower case (default usd); money is counted in "
+        "micro-units of it",
+    ),
+    SettingSpec(
+        "KILN_REFILL_MAX_FAILURES",
+        "refill_max_failures",
+        _int_range(1, 100),
+        "auto-refill charges that may fail in a row before auto-refill turns itself off "
+        "(default 3)",
     ),
     SettingSpec(
         "KILN_METRICS_PORT",

@@ -22,6 +22,8 @@ class TierLimits:
     concurrent: int
     max_replicas: int
     burst: int | None = None  # requests at once; default a minute's worth
+    # Calls need a positive prepaid balance (else 402); False: usage is invoiced afterwards.
+    prepaid: bool = True
 
     @property
     def burst_size(self) -> int:
@@ -34,9 +36,11 @@ DEFAULT_TIERS: Mapping[str, TierLimits] = {
     "pro": TierLimits(per_minute=100, per_day=10_000, per_month=100_000, concurrent=20,
                       max_replicas=10),
     "enterprise": TierLimits(per_minute=1_000, per_day=100_000, per_month=None, concurrent=200,
-                             max_replicas=100),
+                             max_replicas=100, prepaid=False),
 }  # fmt: skip
-_FIELDS = ("per_minute", "per_day", "per_month", "concurrent", "max_replicas", "burst")
+_FIELDS = (
+    "per_minute", "per_day", "per_month", "concurrent", "max_replicas", "burst", "prepaid"
+)  # fmt: skip
 
 
 def parse_tier_limits(raw: str) -> dict[str, TierLimits]:
@@ -59,6 +63,10 @@ def with_overrides(limits: TierLimits, changes: Any) -> TierLimits:
     if not isinstance(changes, dict) or set(changes) - set(_FIELDS):
         raise ValueError(f"limits take {', '.join(_FIELDS)}, got {changes!r}")
     for name, value in changes.items():
+        if name == "prepaid":
+            if not isinstance(value, bool):
+                raise ValueError(f"prepaid={value!r} is not valid: expected true or false")
+            continue
         nullable = name in ("per_day", "per_month", "burst")
         ok = (value is None and nullable) or (
             isinstance(value, int) and not isinstance(value, bool) and value >= 1

@@ -17,7 +17,8 @@ Everything lives under the deployment's namespace `ns` (`KILN_NAMESPACE`):
 | `ns.replica.<rid>.in.<r>.<call>` | core          | router → replica (session frames) |
 | `ns.events.replica`              | core          | node agent → scheduler     |
 | `ns.jobevents.<job>`             | JetStream     | replica → job recorder     |
-| `ns.usage.<rid>`                 | JetStream     | replica → billing worker   |
+| `ns.usage.<rid>`                 | JetStream     | replica, node agent → billing worker |
+| `ns.billing.blocks`              | core          | billing → routers, scheduler |
 
 `<fid>` is a function's UUID in hex. Calls carry their parameters in headers and the caller's
 bytes untouched in the body, so large JSON is never parsed on the hot path more than needed.
@@ -299,6 +300,12 @@ class Subjects:
         return f"{self.ns}.routers"
 
     @property
+    def billing_blocks(self) -> str:
+        """The billing worker announces a customer's block set or lifted (JSON
+        `{"customer_id", "block"}`): routers answer 402, the scheduler scales to zero."""
+        return f"{self.ns}.billing.blocks"
+
+    @property
     def access_revoked(self) -> str:
         """Routers tell each other of revoked keys and disabled customers (kiln.router.auth)."""
         return f"{self.ns}.access.revoked"
@@ -440,6 +447,7 @@ class UsageReport:
     period_start: float  # epoch seconds
     period_end: float
     final: bool = False  # the replica released its slot
+    calls: int = 0  # calls the replica took in the interval (0 in a node agent's closing report)
 
 
 def encode(message: Any) -> bytes:

@@ -1,39 +1,46 @@
 """The billing worker: replicas' usage reports from the JetStream stream `<ns>_usage` into the
-PostgreSQL ledger, acked only after the transaction commits. Each report becomes a
-`usage_events` row (its id is the replica id and sequence number: a report delivered twice hits
-the primary key and is charged once) and a `usage` ledger entry that debits the customer's
-balance at the price of the replica's GPU type.
+PostgreSQL ledger, acked only after the transaction commits. Each report is charged by
+`kiln.billing.ledger.charge_usage`: a `usage_events` row (its id is the replica id and sequence
+number: a report delivered twice hits the primary key and is charged once), a `usage` ledger
+entry at the price of the replica's GPU type, the day's spend, a meter event for Stripe and,
+where the balance crossed the refill threshold, a refill.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import time
 import uuid
-from collections.abc import Mapping
-from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import FetchTimeoutError
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from kiln.billing.prices import cost_micros
-from kiln.db.enums import LedgerKind
-from kiln.db.models import Customer, LedgerEntry, UsageEvent
+from kiln.billing.ledger import (
+    BLOCK_SPEND_CAP,
+    BillingRules,
+    Changes,
+    charge_usage,
+    refresh_block,
+)
+from kiln.db.models import Customer
 from kiln.db.session import transaction
+from kiln.observability.billing import BillingMetrics
 from kiln.wire import Subjects, UsageReport, decode
 
-__all__ = ["BillingWorker", "ensure_usage_stream"]
+__all__ = ["BillingWorker", "announce_blocks", "ensure_usage_stream"]
 
 _log = logging.getLogger("kiln.billing")
 _DURABLE = "billing"
 _BATCH = 256
+_SWEEP_S = 30.0
 
 
 async def ensure_usage_stream(js: JetStreamContext, subjects: Subjects) -> None:
@@ -56,12 +63,15 @@ class BillingWorker:
         nc: NATS,
         sessions: async_sessionmaker[AsyncSession],
         namespace: str,
-        prices: Mapping[str, int],
+        rules: BillingRules,
+        metrics: BillingMetrics | None = None,
     ) -> None:
+        self.metrics = metrics or BillingMetrics()
+        self.nc = nc
         self.js = nc.jetstream()
         self.sessions = sessions
         self.subjects = Subjects(namespace)
-        self.prices = prices
+        self.rules = rules
 
     async def run(self, stop: asyncio.Event) -> None:
         await ensure_usage_stream(self.js, self.subjects)
@@ -72,14 +82,24 @@ class BillingWorker:
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30),
         )
         consume = asyncio.create_task(self._consume(sub), name="kiln-billing")
+        sweep = asyncio.create_task(self._sweep(), name="kiln-billing-blocks")
         try:
             await stop.wait()
         finally:
-            consume.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await consume
+            for task in (consume, sweep):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(_SWEEP_S)
+            try:
+                await self.sweep_blocks()
+            except Exception:  # noqa: BLE001 - tried again at the next sweep
+                _log.exception("sweeping billing blocks failed")
 
     async def _consume(self, sub: JetStreamContext.PullSubscription) -> None:
         while True:
@@ -109,63 +129,61 @@ class BillingWorker:
                     await msg.ack()
 
     async def record(self, reports: list[UsageReport]) -> int:
-        """Write the reports down in one transaction; how many were new."""
-        new = 0
+        """Write the reports down in one transaction; how many were new. Blocks the charges
+        set or lifted are announced after the commit."""
+        changes = Changes()
+        refused = 0
         async with transaction(self.sessions) as session:
             for report in reports:
+                if not _billable(report):
+                    refused += 1
+                    continue
                 try:
                     async with session.begin_nested():  # one bad report spoils no other
-                        if await self._charge(session, report):
-                            new += 1
+                        await charge_usage(session, report, self.rules, changes)
                 except IntegrityError as exc:
+                    refused += 1
                     _log.error("usage report %s refused by the ledger: %s", report.event_id, exc)
-        return new
+        await announce_blocks(self.nc, self.subjects, changes)
+        self.metrics.usage_reports.labels("charged").inc(changes.charged)
+        self.metrics.usage_reports.labels("duplicate").inc(len(reports) - changes.charged - refused)
+        self.metrics.usage_reports.labels("refused").inc(refused)
+        if reports:
+            newest = max(report.period_end for report in reports)
+            self.metrics.ledger_lag.set(max(0.0, time.time() - newest))
+        return changes.charged
 
-    async def _charge(self, session: AsyncSession, report: UsageReport) -> bool:
-        try:
-            customer_id = uuid.UUID(report.customer_id)
-            replica_id = uuid.UUID(report.replica_id)
-            function_id = uuid.UUID(report.function_id)
-        except ValueError:
-            _log.error("usage report %s names no customer; not billable", report.event_id)
-            return False
-        start = datetime.fromtimestamp(report.period_start, UTC)
-        end = datetime.fromtimestamp(max(report.period_start, report.period_end), UTC)
-        duration_ms = int((end - start).total_seconds() * 1000)
-        inserted = await session.scalar(
-            insert(UsageEvent)
-            .values(
-                id=report.event_id,
-                replica_id=replica_id,
-                customer_id=customer_id,
-                function_id=function_id,
-                gpu_type=None if report.gpu_type == "none" else report.gpu_type,
-                gpu_count=report.gpu_count,
-                period_start=start,
-                period_end=end,
-                duration_ms=duration_ms,
+    async def sweep_blocks(self) -> None:
+        """Lift spend-cap blocks whose day is over (nothing else would: no usage comes from a
+        customer whose replicas are gone)."""
+        changes = Changes()
+        async with transaction(self.sessions) as session:
+            blocked = await session.scalars(
+                sa.select(Customer.id).where(Customer.billing_block == BLOCK_SPEND_CAP)
             )
-            .on_conflict_do_nothing(index_elements=[UsageEvent.id])
-            .returning(UsageEvent.id)
-        )
-        if inserted is None:
-            return False  # charged before
-        cost = cost_micros(self.prices, report.gpu_type, report.gpu_count, duration_ms)
-        balance = await session.scalar(
-            sa.update(Customer)
-            .where(Customer.id == customer_id)
-            .values(balance_micros=Customer.balance_micros - cost)
-            .returning(Customer.balance_micros)
-        )
-        session.add(
-            LedgerEntry(
-                customer_id=customer_id,
-                kind=LedgerKind.USAGE,
-                amount_micros=-cost,
-                balance_after_micros=balance,
-                usage_event_id=report.event_id,
-                description=f"{duration_ms} ms of {report.gpu_count}x {report.gpu_type}",
+            for customer_id in list(blocked):
+                await refresh_block(session, customer_id, self.rules, changes)
+        await announce_blocks(self.nc, self.subjects, changes)
+
+
+def _billable(report: UsageReport) -> bool:
+    try:
+        uuid.UUID(report.customer_id)
+        uuid.UUID(report.replica_id)
+        uuid.UUID(report.function_id)
+    except ValueError:
+        _log.error("usage report %s names no customer; not billable", report.event_id)
+        return False
+    return True
+
+
+async def announce_blocks(nc: NATS, subjects: Subjects, changes: Changes) -> None:
+    """Tell routers and the scheduler whose calls are blocked or allowed again (they also
+    reread the blocks from PostgreSQL every few seconds, so a lost message only delays)."""
+    for customer_id, block in changes.blocks.items():
+        _log.info("customer %s billing block: %s", customer_id, block or "lifted")
+        with contextlib.suppress(Exception):
+            await nc.publish(
+                subjects.billing_blocks,
+                json.dumps({"customer_id": str(customer_id), "block": block}).encode(),
             )
-        )
-        await session.flush()
-        return True

@@ -121,3 +121,19 @@ class LedgerKind(enum.StrEnum):
     REFUND = "refund"
     ADJUSTMENT = "adjustment"
     REFILL = "refill"
+
+
+class PaymentKind(enum.StrEnum):
+    TOPUP = "topup"  # the customer pays, through Checkout or a PaymentIntent
+    REFILL = "refill"  # charged off-session when the balance fell below the threshold
+
+
+class PaymentStatus(enum.StrEnum):
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"  # final: credited once
+    FAILED = "failed"
+
+
+class OutboxKind(enum.StrEnum):
+    METER_EVENT = "meter_event"  # usage, for Stripe Billing meters
+    REFILL = "refill"  # an off-session PaymentIntent for an auto-refill

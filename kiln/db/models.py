@@ -6,7 +6,14 @@ from __future__ import annotations
 from kiln.db.base import Base
 from kiln.db.models_access import ApiKey, Customer
 from kiln.db.models_apps import App, AppVersion, Function
-from kiln.db.models_billing import LedgerEntry, UsageEvent
+from kiln.db.models_billing import (
+    DailySpend,
+    LedgerEntry,
+    Payment,
+    StripeEvent,
+    StripeOutbox,
+    UsageEvent,
+)
 from kiln.db.models_calls import Call, Invocation
 from kiln.db.models_compute import Node, Replica
 
@@ -17,10 +24,14 @@ __all__ = [
     "Base",
     "Call",
     "Customer",
+    "DailySpend",
     "Function",
     "Invocation",
     "LedgerEntry",
     "Node",
+    "Payment",
     "Replica",
+    "StripeEvent",
+    "StripeOutbox",
     "UsageEvent",
 ]

@@ -9,7 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
-from kiln.db.base import Base, CreatedAt, Timestamps, str_enum, uuid_pk
+from kiln.db.base import Base, CreatedAt, Timestamps, int_default, str_enum, uuid_pk
 from kiln.db.enums import ApiKeyKind, CustomerStatus, CustomerTier
 
 __all__ = ["DEFAULT_CUSTOMER_ID", "ApiKey", "Customer"]
@@ -44,6 +44,16 @@ class Customer(Timestamps, Base):
     refill_threshold_micros: Mapped[int | None] = mapped_column(sa.BigInteger)
     refill_amount_micros: Mapped[int | None] = mapped_column(sa.BigInteger)
     stripe_customer_id: Mapped[str | None] = mapped_column(sa.String(255), unique=True)
+    # The saved card auto-refills charge off-session.
+    payment_method_id: Mapped[str | None] = mapped_column(sa.String(255))
+    # How often the balance fell below the refill threshold: each crossing is charged once,
+    # under the idempotency key `refill:<customer>:<crossing>`.
+    refill_crossings: Mapped[int] = int_default(0)
+    # Refills that failed in a row; at REFILL_MAX_FAILURES auto-refill stops until reset.
+    refill_failures: Mapped[int] = int_default(0)
+    # Set while the customer may not start calls: "balance" (nothing left, nothing refilling
+    # it) or "spend_cap" (today's usage reached the cap). NULL when calls are allowed.
+    billing_block: Mapped[str | None] = mapped_column(sa.String(16))
     # Per-customer overrides of the tier's request limits; NULL means the tier's defaults.
     limit_overrides: Mapped[dict[str, Any] | None]
 
@@ -55,6 +65,7 @@ class Customer(Timestamps, Base):
         ),
         sa.CheckConstraint("refill_threshold_micros >= 0", name="refill_threshold_nonnegative"),
         sa.CheckConstraint("refill_amount_micros > 0", name="refill_amount_positive"),
+        sa.CheckConstraint("billing_block IN ('balance', 'spend_cap')", name="billing_block_known"),
     )
 
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
-from kiln.db.base import Base, CreatedAt, str_enum
-from kiln.db.enums import LedgerKind
+from kiln.db.base import Base, CreatedAt, Timestamps, int_default, str_enum
+from kiln.db.enums import LedgerKind, OutboxKind, PaymentKind, PaymentStatus
 
-__all__ = ["LedgerEntry", "UsageEvent"]
+__all__ = ["DailySpend", "LedgerEntry", "Payment", "StripeEvent", "StripeOutbox", "UsageEvent"]
 
 
 class UsageEvent(Base):
@@ -36,6 +37,7 @@ class UsageEvent(Base):
     period_start: Mapped[datetime]
     period_end: Mapped[datetime]
     duration_ms: Mapped[int]
+    calls: Mapped[int] = int_default(0)  # calls the replica took in the interval
     received_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
 
     __table_args__ = (
@@ -44,6 +46,7 @@ class UsageEvent(Base):
         sa.CheckConstraint("period_end >= period_start", name="period_ordered"),
         sa.CheckConstraint("duration_ms >= 0", name="duration_nonnegative"),
         sa.CheckConstraint("gpu_count >= 0", name="gpu_count_nonnegative"),
+        sa.CheckConstraint("calls >= 0", name="calls_nonnegative"),
     )
 
 
@@ -77,5 +80,80 @@ class LedgerEntry(CreatedAt, Base):
         sa.CheckConstraint("kind <> 'usage' OR amount_micros <= 0", name="usage_is_debit"),
         sa.CheckConstraint(
             "kind NOT IN ('topup', 'refill') OR amount_micros > 0", name="topup_is_credit"
+        ),
+    )
+
+
+class DailySpend(Base):
+    """What a customer's usage cost on a (UTC) day, kept beside the ledger in the same
+    transaction, so the spend cap is one row's read."""
+
+    __tablename__ = "daily_spend"
+
+    customer_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("customers.id", ondelete="CASCADE"), primary_key=True
+    )
+    day: Mapped[date] = mapped_column(primary_key=True)
+    spent_micros: Mapped[int] = mapped_column(sa.BigInteger)
+
+
+class Payment(Timestamps, Base):
+    """Money asked of Stripe: a top-up the customer pays (Checkout or a PaymentIntent) or an
+    auto-refill charged off-session. The id is Kiln's, sent to Stripe as the idempotency key
+    and in the metadata, so webhooks find the row whichever Stripe object they describe."""
+
+    __tablename__ = "payments"
+
+    id: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    customer_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("customers.id", ondelete="RESTRICT"), index=True
+    )
+    kind: Mapped[PaymentKind] = mapped_column(str_enum(PaymentKind, "kind"))
+    amount_micros: Mapped[int] = mapped_column(sa.BigInteger)
+    status: Mapped[PaymentStatus] = mapped_column(
+        str_enum(PaymentStatus, "status"), default=PaymentStatus.PENDING, server_default="pending"
+    )
+    payment_intent_id: Mapped[str | None] = mapped_column(sa.String(255), unique=True)
+    checkout_session_id: Mapped[str | None] = mapped_column(sa.String(255), unique=True)
+    error: Mapped[str | None] = mapped_column(sa.Text)
+
+    __table_args__ = (sa.CheckConstraint("amount_micros > 0", name="amount_positive"),)
+
+
+class StripeEvent(Base):
+    """A Stripe webhook event already processed: the same event delivered again does nothing."""
+
+    __tablename__ = "stripe_events"
+
+    id: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    type: Mapped[str] = mapped_column(sa.String(128))
+    processed_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+
+
+class StripeOutbox(CreatedAt, Base):
+    """A call Stripe must receive exactly once in effect: written in the transaction that
+    decided it, sent (and retried) by the Stripe worker with `identifier` as the idempotency
+    key (and as the meter event's identifier) until Stripe acknowledges it."""
+
+    __tablename__ = "stripe_outbox"
+
+    id: Mapped[int] = mapped_column(sa.BigInteger, sa.Identity(), primary_key=True)
+    kind: Mapped[OutboxKind] = mapped_column(str_enum(OutboxKind, "kind"))
+    identifier: Mapped[str] = mapped_column(sa.String(255), unique=True)
+    customer_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("customers.id", ondelete="RESTRICT")
+    )
+    payload: Mapped[dict[str, Any]]
+    attempts: Mapped[int] = int_default(0)
+    next_attempt_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+    sent_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(sa.Text)
+
+    __table_args__ = (
+        # The worker's queue: unsent rows by when they are due.
+        sa.Index(
+            "ix_stripe_outbox_unsent",
+            "next_attempt_at",
+            postgresql_where=sa.text("sent_at IS NULL"),
         ),
     )

@@ -33,6 +33,7 @@ from kiln.functions.gpu import gpu_request
 from kiln.invoker.inventory import node_slots
 from kiln.invoker.node_snapshots import NodeSnapshots
 from kiln.invoker.standby import Assignment, StandbyPool
+from kiln.invoker.usage import UsageCloser
 from kiln.settings import Settings
 from kiln.wire import HEARTBEAT_INTERVAL_S, NodeHeartbeat, StartReplica, Subjects, encode
 
@@ -90,6 +91,7 @@ class NodeAgent:
         self.replicas: dict[str, _Running] = {}
         self.workdir = settings.home / "replicas"
         self._tasks: set[asyncio.Task[None]] = set()
+        self.usage = UsageCloser(nc, self.subjects)
         self.snapshots = (
             NodeSnapshots(settings, nc, self.node_id, self._launch_of)
             if NodeSnapshots.enabled(settings)
@@ -113,6 +115,7 @@ class NodeAgent:
         self._plan_standbys()
         sub = await self.nc.subscribe(self.subjects.node_command(self.node_id), cb=self._on_command)
         beat = asyncio.create_task(self._heartbeat(), name="kiln-agent-heartbeat")
+        closing = asyncio.create_task(self.usage.run(), name="kiln-agent-usage")
         try:
             await stop.wait()
         finally:
@@ -126,6 +129,10 @@ class NodeAgent:
             await self.standbys.close()
             if self.snapshots is not None:
                 await self.snapshots.close()
+            closing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await closing
+            await self.usage.drain(within_s=5.0)
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beat
@@ -159,10 +166,12 @@ class NodeAgent:
         if slot is None:
             return {"ok": False, "error": f"no free slot for gpu={gpu!r} on {self.node_id}"}
         kind, indices = slot
+        await self.usage.watch(launch)  # before it runs: its first report may come at once
         try:
             process = await self._spawn(launch, kind, indices)
         except Exception as exc:  # noqa: BLE001 - whatever failed, the slot goes back
             self.slots.give_back(kind, indices)
+            self.usage.closing_reports(launch.replica_id, launch.received_at)  # nothing ran
             return {"ok": False, "error": f"could not start the replica: {exc}"}
         running = _Running(launch, process, kind, indices)
         self.replicas[launch.replica_id] = running
@@ -270,6 +279,8 @@ class NodeAgent:
 
     async def _watch(self, running: _Running) -> None:
         code = await running.process.wait()
+        # The slot is released now: the replica's time ends here, whatever it reported.
+        self.usage.closed(running.launch.replica_id, time.time())
         self.replicas.pop(running.launch.replica_id, None)
         if self.snapshots is not None:
             self.snapshots.forget(running.launch.replica_id)

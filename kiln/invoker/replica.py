@@ -235,6 +235,7 @@ class Replica:
                 return
             if call.router == JOB_ROUTER:
                 assert self.jobs is not None
+                self._count_call()
                 await self.jobs.run(msg, call)  # acked when done: a crash means a retry
                 return
             # Taken: from here a crash surfaces to the caller as worker_lost (through our
@@ -242,6 +243,7 @@ class Replica:
             await msg.ack()
             if time.time() > call.accept_by:
                 return  # the caller gave up before we got to it
+            self._count_call()
             await self._accept(call)
             await self._execute(call, msg.data)
         finally:
@@ -249,6 +251,10 @@ class Replica:
             if self.feed is not None:
                 with contextlib.suppress(Exception):
                     await self.feed.top_up()
+
+    def _count_call(self) -> None:
+        if self.usage is not None:
+            self.usage.count_call()
 
     def _accept(self, call: CallHeaders) -> asyncio.Future[None]:
         """Tell the call's router we took it, batched with the other calls taken in this turn
@@ -356,7 +362,7 @@ class Replica:
         with contextlib.suppress(asyncio.CancelledError):
             await metering
         if self.usage is not None:  # the last interval, up to the slot's release
-            await self.usage.report(final=True)
+            await self.usage.stop()
         with contextlib.suppress(Exception):
             await self._beat()
             await drain_sub.unsubscribe()

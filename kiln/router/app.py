@@ -20,14 +20,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kiln.billing.stripe_gateway import StripeGateway
 from kiln.billing.worker import ensure_usage_stream
 from kiln.codestore import CodeStore
 from kiln.db.session import create_engine, session_factory
 from kiln.errors import KilnError
 from kiln.jobs.streams import ensure_job_streams
-from kiln.router import access, control, jobs
+from kiln.router import access, billing, control, jobs
 from kiln.router.abuse import SCOPE_CUSTOMER, AbuseSignals, list_abuse
 from kiln.router.auth import Authenticator
+from kiln.router.billing_gate import BillingGate
 from kiln.router.catalog import Catalog
 from kiln.router.deploy import Deployer
 from kiln.router.dispatch import Dispatcher, ensure_calls_stream
@@ -90,6 +92,12 @@ ROUTES = [
     Route("/v1/functions/{app}/{name}", control.patch_function, methods=["PATCH"]),
     Route("/v1/functions/{app}/{name}/replicas", control.list_replicas, methods=["GET"]),
     Route("/v1/abuse", list_abuse, methods=["GET"]),
+    Route("/v1/billing/balance", billing.balance, methods=["GET"]),
+    Route("/v1/billing/settings", billing.patch_settings, methods=["PATCH"]),
+    Route("/v1/billing/credits", billing.credit, methods=["POST"]),
+    Route("/v1/billing/transactions", billing.transactions, methods=["GET"]),
+    Route("/v1/billing/topups", billing.create_topup, methods=["POST"]),
+    Route("/v1/billing/stripe/webhook", billing.stripe_webhook, methods=["POST"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
@@ -182,6 +190,8 @@ def create_app(settings: Settings, metrics_also: Sequence[CollectorRegistry] = (
             limiter=limiter,
         )
         await auth.start(nc, subjects.access_revoked)
+        gate = BillingGate(sessions)
+        await gate.start(nc, subjects.billing_blocks)
         reconnected.append(auth.on_reconnected)
         abuse.append(
             AbuseSignals(redis, settings.redis_prefix, router_metrics.count_customer_rejection)
@@ -191,17 +201,22 @@ def create_app(settings: Settings, metrics_also: Sequence[CollectorRegistry] = (
             settings=settings,
             sessions=sessions,
             auth=auth,
+            billing=gate,
             catalog=Catalog(sessions),
             dispatcher=dispatcher,
             deployer=Deployer(
                 sessions, js, subjects, CodeStore(js, subjects), max_replicas=settings.max_replicas
             ),
             metrics=router_metrics,
+            stripe=StripeGateway(settings) if settings.stripe_enabled else None,
         )
         try:
             yield
         finally:
+            if app.state.services.stripe is not None:
+                await app.state.services.stripe.close()
             await dispatcher.close()
+            await gate.close()
             await limiter.close()
             await nc.drain()
             if redis is not None:

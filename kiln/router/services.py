@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.requests import HTTPConnection
 
 from kiln.router.auth import Authenticator
+from kiln.router.billing_gate import BillingGate
 from kiln.router.catalog import Catalog
 from kiln.router.deploy import Deployer
 from kiln.router.dispatch import Dispatcher
@@ -16,6 +17,7 @@ from kiln.router.metrics import RouterMetrics
 from kiln.settings import Settings
 
 if TYPE_CHECKING:
+    from kiln.billing.stripe_gateway import StripeGateway
     from kiln.router.abuse import AbuseSignals
 
 __all__ = ["RouterServices", "services"]
@@ -27,10 +29,12 @@ class RouterServices:
     settings: Settings
     sessions: async_sessionmaker[AsyncSession]
     auth: Authenticator
+    billing: BillingGate
     catalog: Catalog
     dispatcher: Dispatcher
     deployer: Deployer
     metrics: RouterMetrics
+    stripe: StripeGateway | None = None  # None: payments are not set up
 
 
 def services(conn: HTTPConnection) -> RouterServices:

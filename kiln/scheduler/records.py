@@ -13,7 +13,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kiln.db.enums import AppState, NodeState, ReplicaState
-from kiln.db.models import App, AppVersion, Function, Node, Replica
+from kiln.db.models import App, AppVersion, Customer, Function, Node, Replica
 from kiln.db.session import transaction
 from kiln.scheduler.policy import Scaling
 from kiln.wire import NodeHeartbeat, Origin, StartReplica
@@ -42,6 +42,7 @@ class FunctionRow:
     target_concurrency: int
     startup_timeout_s: int
     timeout_s: int
+    billing_block: str | None = None  # the owner may not start calls (kiln.billing.ledger)
 
     @property
     def scaling(self) -> Scaling:
@@ -53,6 +54,17 @@ class FunctionRow:
             idle_timeout_s=self.idle_timeout_s,
         )
 
+    def blocked_scaling(self, serving: int) -> Scaling:
+        """While billing blocks the owner: no new replicas, and each one stops as soon as it
+        has finished the calls it was given."""
+        return Scaling(
+            min_replicas=0,
+            max_replicas=serving,
+            buffer_replicas=0,
+            target_concurrency=self.target_concurrency,
+            idle_timeout_s=0,
+        )
+
 
 class ClusterRecords:
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
@@ -61,13 +73,14 @@ class ClusterRecords:
     async def load_functions(self) -> dict[uuid.UUID, FunctionRow]:
         async with transaction(self.sessions) as session:
             rows = await session.execute(
-                sa.select(App.name, App.customer_id, Function, AppVersion)
+                sa.select(App.name, App.customer_id, Customer.billing_block, Function, AppVersion)
                 .join(App, Function.app_id == App.id)
+                .join(Customer, Customer.id == App.customer_id)
                 .join(AppVersion, Function.current_version_id == AppVersion.id)
                 .where(App.state == AppState.ACTIVE)
             )
             result = {}
-            for app, customer_id, function, version in rows:
+            for app, customer_id, block, function, version in rows:
                 spec = next(
                     (f for f in version.spec.get("functions", []) if f["name"] == function.name),
                     None,
@@ -85,6 +98,7 @@ class ClusterRecords:
                     idle_timeout_s=function.idle_timeout_s,
                     target_concurrency=function.target_concurrency,
                     startup_timeout_s=function.startup_timeout_s, timeout_s=function.timeout_s,
+                    billing_block=block,
                 )  # fmt: skip
         return result
 

@@ -332,7 +332,12 @@ class Scheduler:
             )
             for r in current
         ]
-        decision = plan(function.scaling, views, pending=pending, now=time.time())
+        scaling = (
+            function.scaling
+            if function.billing_block is None
+            else function.blocked_scaling(len(current))
+        )
+        decision = plan(scaling, views, pending=pending, now=time.time())
         self.scheduling.function(
             function.app, function.name, desired=decision.desired, actual=len(current),
             pending=pending,

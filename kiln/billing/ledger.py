@@ -1,0 +1,339 @@
+"""The money rules, each applied inside the caller's transaction so that a change and its
+consequences commit together or not at all:
+
+- a usage report is charged once (its event id is the key), debiting the balance, adding to the
+  day's spend and, with Stripe, queueing a meter event in the outbox;
+- the charge that takes the balance below the refill threshold queues exactly one refill for
+  that crossing (the customer row is locked by the debit, so concurrent charges take turns and
+  only one of them sees the crossing);
+- a customer whose prepaid balance is used up with nothing refilling it, or whose day's spend
+  reached the cap, is blocked: routers answer 402 and the scheduler scales their replicas to
+  zero. A credit, a new day or a raised cap lifts the block;
+- a payment is credited once, whichever of Stripe's events about it comes first or again.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from kiln.billing.prices import cost_micros
+from kiln.db.enums import LedgerKind, OutboxKind, PaymentKind, PaymentStatus
+from kiln.db.models import (
+    Customer,
+    DailySpend,
+    LedgerEntry,
+    Payment,
+    StripeOutbox,
+    UsageEvent,
+)
+from kiln.db.models_access import DEFAULT_CUSTOMER_ID
+from kiln.settings import Settings
+from kiln.tiers import TierLimits, with_overrides
+from kiln.wire import UsageReport
+
+__all__ = [
+    "BLOCK_BALANCE",
+    "BLOCK_SPEND_CAP",
+    "BillingRules",
+    "Changes",
+    "billing_rules",
+    "charge_usage",
+    "credit_payment",
+    "fail_payment",
+    "refresh_block",
+]
+
+BLOCK_BALANCE = "balance"
+BLOCK_SPEND_CAP = "spend_cap"
+
+
+@dataclass(frozen=True)
+class BillingRules:
+    prices: Mapping[str, int]
+    tiers: Mapping[str, TierLimits]
+    stripe: bool  # meter events and refills go to Stripe
+    meter_event: str = "kiln_replica_ms"
+    refill_max_failures: int = 3
+
+
+def billing_rules(settings: Settings) -> BillingRules:
+    return BillingRules(
+        prices=settings.gpu_prices,
+        tiers=settings.tier_limits,
+        stripe=settings.stripe_enabled,
+        meter_event=settings.stripe_meter_event,
+        refill_max_failures=settings.refill_max_failures,
+    )
+
+
+@dataclass
+class Changes:
+    """What a transaction changed that others must hear of once it commits."""
+
+    charged: int = 0
+    blocks: dict[uuid.UUID, str | None] = field(default_factory=dict)  # customer → new block
+    refills: list[str] = field(default_factory=list)  # payment ids queued
+
+
+def _utc_day(moment: datetime) -> date:
+    return moment.astimezone(UTC).date()
+
+
+async def charge_usage(
+    session: AsyncSession, report: UsageReport, rules: BillingRules, changes: Changes
+) -> bool:
+    """Charge `report` unless it was charged before; whether it was new. The caller has
+    checked that its ids parse."""
+    customer_id = uuid.UUID(report.customer_id)
+    start = datetime.fromtimestamp(report.period_start, UTC)
+    end = datetime.fromtimestamp(max(report.period_start, report.period_end), UTC)
+    duration_ms = round((end - start).total_seconds() * 1000)
+    inserted = await session.scalar(
+        insert(UsageEvent)
+        .values(
+            id=report.event_id,
+            replica_id=uuid.UUID(report.replica_id),
+            customer_id=customer_id,
+            function_id=uuid.UUID(report.function_id),
+            gpu_type=None if report.gpu_type == "none" else report.gpu_type,
+            gpu_count=report.gpu_count,
+            period_start=start,
+            period_end=end,
+            duration_ms=duration_ms,
+            calls=max(0, report.calls),
+        )
+        .on_conflict_do_nothing(index_elements=[UsageEvent.id])
+        .returning(UsageEvent.id)
+    )
+    if inserted is None:
+        return False  # charged before
+    cost = cost_micros(rules.prices, report.gpu_type, report.gpu_count, duration_ms)
+    # The debit locks the customer's row until commit: crossings are seen by one charge only.
+    customer = (
+        await session.execute(
+            sa.update(Customer)
+            .where(Customer.id == customer_id)
+            .values(balance_micros=Customer.balance_micros - cost)
+            .returning(Customer)
+        )
+    ).scalar_one()
+    session.add(
+        LedgerEntry(
+            customer_id=customer_id,
+            kind=LedgerKind.USAGE,
+            amount_micros=-cost,
+            balance_after_micros=customer.balance_micros,
+            usage_event_id=report.event_id,
+            description=f"{duration_ms} ms of {report.gpu_count}x {report.gpu_type}",
+        )
+    )
+    spent = await session.scalar(
+        insert(DailySpend)
+        .values(customer_id=customer_id, day=_utc_day(end), spent_micros=cost)
+        .on_conflict_do_update(
+            index_elements=[DailySpend.customer_id, DailySpend.day],
+            set_={"spent_micros": DailySpend.spent_micros + cost},
+        )
+        .returning(DailySpend.spent_micros)
+    )
+    if rules.stripe and duration_ms > 0:
+        await _queue(
+            session,
+            OutboxKind.METER_EVENT,
+            report.event_id,
+            customer_id,
+            {
+                "event_name": rules.meter_event,
+                "value": duration_ms,
+                "timestamp": int(end.timestamp()),
+                "gpu_type": report.gpu_type,
+            },
+        )
+    before = customer.balance_micros + cost
+    if _crossed_refill(customer, before, rules):
+        await _queue_refill(session, customer, changes)
+    await _set_block(session, customer, rules, changes, spent_today=spent or 0)
+    changes.charged += 1
+    return True
+
+
+def _crossed_refill(customer: Customer, before: int, rules: BillingRules) -> bool:
+    threshold = customer.refill_threshold_micros
+    return (
+        rules.stripe
+        and threshold is not None
+        and customer.refill_failures < rules.refill_max_failures
+        and customer.payment_method_id is not None
+        and before >= threshold > customer.balance_micros
+    )
+
+
+async def _queue_refill(session: AsyncSession, customer: Customer, changes: Changes) -> None:
+    customer.refill_crossings += 1
+    payment_id = f"refill:{customer.id}:{customer.refill_crossings}"
+    assert customer.refill_amount_micros is not None
+    session.add(
+        Payment(
+            id=payment_id,
+            customer_id=customer.id,
+            kind=PaymentKind.REFILL,
+            amount_micros=customer.refill_amount_micros,
+        )
+    )
+    await _queue(
+        session,
+        OutboxKind.REFILL,
+        payment_id,
+        customer.id,
+        {"amount_micros": customer.refill_amount_micros},
+    )
+    changes.refills.append(payment_id)
+
+
+async def _queue(
+    session: AsyncSession,
+    kind: OutboxKind,
+    identifier: str,
+    customer_id: uuid.UUID,
+    payload: dict[str, Any],
+) -> None:
+    await session.execute(
+        insert(StripeOutbox)
+        .values(kind=kind, identifier=identifier, customer_id=customer_id, payload=payload)
+        .on_conflict_do_nothing(index_elements=[StripeOutbox.identifier])
+    )
+
+
+def _limits(customer: Customer, rules: BillingRules) -> TierLimits | None:
+    tier = rules.tiers.get(customer.tier.value)
+    if tier is None:
+        return None
+    try:
+        return with_overrides(tier, customer.limit_overrides)
+    except ValueError:
+        return tier
+
+
+async def _refill_pending(session: AsyncSession, customer_id: uuid.UUID) -> bool:
+    pending = await session.scalar(
+        sa.select(sa.func.count())
+        .select_from(Payment)
+        .where(
+            Payment.customer_id == customer_id,
+            Payment.kind == PaymentKind.REFILL,
+            Payment.status == PaymentStatus.PENDING,
+        )
+    )
+    return bool(pending)
+
+
+async def _block_for(
+    session: AsyncSession, customer: Customer, rules: BillingRules, spent_today: int
+) -> str | None:
+    if customer.id == DEFAULT_CUSTOMER_ID:
+        return None  # the platform's own functions
+    if customer.spend_cap_micros is not None and spent_today >= customer.spend_cap_micros:
+        return BLOCK_SPEND_CAP
+    limits = _limits(customer, rules)
+    if limits is None or not limits.prepaid or customer.balance_micros > 0:
+        return None
+    if await _refill_pending(session, customer.id):
+        return None  # money is on its way; the overdraft stays bounded by one refill's wait
+    return BLOCK_BALANCE
+
+
+async def _set_block(
+    session: AsyncSession,
+    customer: Customer,
+    rules: BillingRules,
+    changes: Changes,
+    *,
+    spent_today: int,
+) -> None:
+    block = await _block_for(session, customer, rules, spent_today)
+    if block != customer.billing_block:
+        customer.billing_block = block
+        changes.blocks[customer.id] = block
+
+
+async def refresh_block(
+    session: AsyncSession, customer_id: uuid.UUID, rules: BillingRules, changes: Changes
+) -> None:
+    """Decide the customer's block again (after a credit, a failed refill, a new day or new
+    settings), locking their row."""
+    customer = await session.get(Customer, customer_id, with_for_update=True)
+    if customer is None:
+        return
+    spent = await session.scalar(
+        sa.select(DailySpend.spent_micros).where(
+            DailySpend.customer_id == customer_id,
+            DailySpend.day == _utc_day(datetime.now(UTC)),
+        )
+    )
+    await _set_block(session, customer, rules, changes, spent_today=spent or 0)
+
+
+async def credit_payment(
+    session: AsyncSession,
+    payment_id: str,
+    rules: BillingRules,
+    changes: Changes,
+    *,
+    payment_intent_id: str | None = None,
+) -> bool:
+    """Credit a succeeded payment once; whether this call credited it."""
+    payment = await session.get(Payment, payment_id, with_for_update=True)
+    if payment is None or payment.status is PaymentStatus.SUCCEEDED:
+        return False
+    payment.status = PaymentStatus.SUCCEEDED
+    payment.error = None
+    if payment_intent_id and payment.payment_intent_id is None:
+        payment.payment_intent_id = payment_intent_id
+    customer = await session.get(Customer, payment.customer_id, with_for_update=True)
+    assert customer is not None
+    customer.balance_micros += payment.amount_micros
+    if payment.kind is PaymentKind.REFILL:
+        customer.refill_failures = 0
+    kind = LedgerKind.REFILL if payment.kind is PaymentKind.REFILL else LedgerKind.TOPUP
+    session.add(
+        LedgerEntry(
+            customer_id=customer.id,
+            kind=kind,
+            amount_micros=payment.amount_micros,
+            balance_after_micros=customer.balance_micros,
+            external_id=payment_id,
+            description=f"{kind.value} {payment_intent_id or payment_id}",
+        )
+    )
+    await session.flush()
+    await refresh_block(session, customer.id, rules, changes)
+    return True
+
+
+async def fail_payment(
+    session: AsyncSession, payment_id: str, error: str, rules: BillingRules, changes: Changes
+) -> bool:
+    """A payment failed (declined card, expired checkout). A succeeded payment stays
+    succeeded whatever arrives after; a failed refill counts toward turning refills off."""
+    payment = await session.get(Payment, payment_id, with_for_update=True)
+    if payment is None or payment.status is not PaymentStatus.PENDING:
+        return False
+    payment.status = PaymentStatus.FAILED
+    payment.error = error[:2000]
+    if payment.kind is PaymentKind.REFILL:
+        await session.execute(
+            sa.update(Customer)
+            .where(Customer.id == payment.customer_id)
+            .values(refill_failures=Customer.refill_failures + 1)
+        )
+    await session.flush()
+    await refresh_block(session, payment.customer_id, rules, changes)
+    return True

@@ -1,0 +1,166 @@
+"""The Stripe outbox worker: sends what the ledger queued for Stripe (meter events, refill
+charges) until Stripe acknowledges each, and acts on the answers.
+
+Rows are claimed with `FOR UPDATE SKIP LOCKED`, so several workers never send one row at the
+same time; a row is marked sent in the transaction that claimed it. A crash between Stripe's
+answer and that commit sends the row again, under the same identifier and idempotency key:
+Stripe answers the repeat without acting twice. Failures back off (1 s doubling to 10 min) and
+never stop: the age of the oldest unsent row is a metric to alert on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import sqlalchemy as sa
+import stripe
+from nats.aio.client import Client as NATS
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from kiln.billing.ledger import BillingRules, Changes, credit_payment, fail_payment
+from kiln.billing.stripe_gateway import StripeGateway
+from kiln.billing.worker import announce_blocks
+from kiln.db.enums import OutboxKind
+from kiln.db.models import Customer, Payment, StripeOutbox
+from kiln.db.session import transaction
+from kiln.observability.billing import BillingMetrics
+from kiln.wire import Subjects
+
+__all__ = ["OutboxWorker", "ensure_stripe_customer"]
+
+_log = logging.getLogger("kiln.billing.outbox")
+_BATCH = 50
+_IDLE_S = 1.0
+_MAX_BACKOFF_S = 600.0
+
+
+async def ensure_stripe_customer(
+    session: AsyncSession, gateway: StripeGateway, customer_id: uuid.UUID
+) -> str:
+    """The customer's Stripe id, created (idempotently) the first time it is needed."""
+    customer = await session.get(Customer, customer_id)
+    assert customer is not None
+    if customer.stripe_customer_id is None:
+        customer.stripe_customer_id = await gateway.ensure_customer(str(customer.id), customer.name)
+        await session.flush()
+    return customer.stripe_customer_id
+
+
+class OutboxWorker:
+    def __init__(
+        self,
+        nc: NATS,
+        sessions: async_sessionmaker[AsyncSession],
+        gateway: StripeGateway,
+        rules: BillingRules,
+        namespace: str,
+        metrics: BillingMetrics | None = None,
+    ) -> None:
+        self.nc = nc
+        self.sessions = sessions
+        self.gateway = gateway
+        self.rules = rules
+        self.subjects = Subjects(namespace)
+        self.metrics = metrics or BillingMetrics()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                sent = await self.send_due()
+                await self._measure()
+            except Exception:  # noqa: BLE001 - the database is away: try again shortly
+                _log.exception("the Stripe outbox could not be read")
+                sent = 0
+            if sent < _BATCH:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), _IDLE_S)
+
+    async def send_due(self) -> int:
+        """Send the rows that are due; how many Stripe acknowledged."""
+        changes = Changes()
+        sent = 0
+        async with transaction(self.sessions) as session:
+            rows = (
+                await session.scalars(
+                    sa.select(StripeOutbox)
+                    .where(
+                        StripeOutbox.sent_at.is_(None),
+                        StripeOutbox.next_attempt_at <= sa.func.now(),
+                    )
+                    .order_by(StripeOutbox.next_attempt_at)
+                    .limit(_BATCH)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+            for row in rows:
+                if await self._send(session, row, changes):
+                    sent += 1
+        await announce_blocks(self.nc, self.subjects, changes)
+        return sent
+
+    async def _send(self, session: AsyncSession, row: StripeOutbox, changes: Changes) -> bool:
+        try:
+            async with session.begin_nested():
+                stripe_customer = await ensure_stripe_customer(
+                    session, self.gateway, row.customer_id
+                )
+                if row.kind is OutboxKind.METER_EVENT:
+                    await self.gateway.meter_event(
+                        row.identifier,
+                        stripe_customer,
+                        int(row.payload["value"]),
+                        int(row.payload["timestamp"]),
+                    )
+                else:
+                    await self._refill(session, row, stripe_customer, changes)
+        except (stripe.StripeError, OSError) as exc:
+            row.attempts += 1
+            delay = min(_MAX_BACKOFF_S, 2.0 ** min(row.attempts - 1, 20))
+            row.next_attempt_at = datetime.now(UTC) + timedelta(seconds=delay)
+            row.error = f"{type(exc).__name__}: {exc}"[:2000]
+            self.metrics.outbox_failures.labels(row.kind.value).inc()
+            _log.warning("Stripe %s %s failed (attempt %d): %s", row.kind.value, row.identifier,
+                         row.attempts, exc)  # fmt: skip
+            return False
+        row.sent_at = datetime.now(UTC)
+        row.attempts += 1
+        row.error = None
+        self.metrics.outbox_sent.labels(row.kind.value).inc()
+        return True
+
+    async def _refill(
+        self, session: AsyncSession, row: StripeOutbox, stripe_customer: str, changes: Changes
+    ) -> None:
+        payment = await session.get(Payment, row.identifier)
+        customer = await session.get(Customer, row.customer_id)
+        assert payment is not None
+        assert customer is not None
+        if customer.payment_method_id is None:
+            await fail_payment(session, payment.id, "no saved payment method", self.rules, changes)
+            return
+        charge = await self.gateway.payment_intent(
+            payment.id, stripe_customer, payment.amount_micros,
+            payment_method=customer.payment_method_id,
+        )  # fmt: skip
+        if charge.id:
+            payment.payment_intent_id = charge.id
+        if charge.status == "succeeded":
+            await credit_payment(session, payment.id, self.rules, changes)
+        elif charge.error is not None or charge.status in ("requires_payment_method", "canceled"):
+            await fail_payment(session, payment.id, charge.error or charge.status, self.rules,
+                               changes)  # fmt: skip
+        # Otherwise (processing, requires_action) Stripe's webhook settles it.
+
+    async def _measure(self) -> None:
+        async with transaction(self.sessions) as session:
+            oldest = await session.scalar(
+                sa.select(sa.func.min(StripeOutbox.created_at)).where(
+                    StripeOutbox.sent_at.is_(None)
+                )
+            )
+        age = 0.0 if oldest is None else (datetime.now(UTC) - oldest).total_seconds()
+        self.metrics.outbox_oldest.set(max(0.0, age))

@@ -1,0 +1,47 @@
+"""Billing metrics, recorded by the billing worker and the Stripe outbox worker."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+__all__ = ["BillingMetrics"]
+
+
+class BillingMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.usage_reports = Counter(
+            "kiln_billing_usage_reports",
+            "Usage reports consumed, by outcome (charged, duplicate, refused).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.ledger_lag = Gauge(
+            "kiln_billing_ledger_lag_seconds",
+            "Age of the newest usage interval end the ledger has charged, at its charge.",
+            registry=self.registry,
+        )
+        self.outbox_sent = Counter(
+            "kiln_billing_outbox_sent",
+            "Stripe calls from the outbox that Stripe acknowledged, by kind.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.outbox_failures = Counter(
+            "kiln_billing_outbox_failures",
+            "Stripe calls from the outbox that failed and wait for a retry, by kind.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.outbox_oldest = Gauge(
+            "kiln_billing_outbox_oldest_unsent_seconds",
+            "Age of the oldest outbox entry Stripe has not acknowledged (0 when none); "
+            "alert above 1800.",
+            registry=self.registry,
+        )
+        self.blocked_customers = Gauge(
+            "kiln_billing_blocked_customers",
+            "Customers whose calls get 402, by reason (balance, spend_cap).",
+            ["reason"],
+            registry=self.registry,
+        )
