@@ -149,8 +149,7 @@ async def patch_settings(request: Request) -> Response:
     svc = services(request)
     data = await _body(request)
     operator, customer_id = await account_of(request, data.pop("customer_id", None))
-    allowed = {"spend_cap_micros", "refill_threshold_micros", "refill_amount_micros",
-               "reset_refill_failures"} | ({"payment_method_id"} if operator else set())  # fmt: skip
+    allowed = set(_SETTINGS) | ({"payment_method_id"} if operator else set())
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise InvalidRequest(
