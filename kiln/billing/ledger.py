@@ -262,6 +262,7 @@ async def _set_block(
     if block != customer.billing_block:
         customer.billing_block = block
         changes.blocks[customer.id] = block
+        await session.flush()  # written now: a refresh of the row must not undo it
 
 
 async def refresh_block(

@@ -49,11 +49,23 @@ class Charge:
     error: str | None = None
 
 
+class _HTTPXClient(stripe.HTTPXClient):
+    """stripe's httpx client, sending its form body as `content`: passing text as `data`, as
+    stripe does, is deprecated by httpx 0.28 and headed for removal."""
+
+    def _get_request_args_kwargs(  # type: ignore[no-untyped-def]
+        self, method: str, url: str, headers: Any, post_data: Any
+    ):
+        args, kwargs = super()._get_request_args_kwargs(method, url, headers, post_data)
+        kwargs["content"] = kwargs.pop("data", None) or None
+        return args, kwargs
+
+
 class StripeGateway:
     def __init__(self, settings: Settings) -> None:
         self.currency = settings.currency
         self.meter_event_name = settings.stripe_meter_event
-        self._http = stripe.HTTPXClient()
+        self._http = _HTTPXClient()
         base = {"api": settings.stripe_api_base} if settings.stripe_api_base else None
         self._client = stripe.StripeClient(
             settings.require("stripe_api_key"),

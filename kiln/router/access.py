@@ -18,15 +18,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from kiln.apikeys import mint_key
+from kiln.billing.ledger import Changes, billing_rules, refresh_block
 from kiln.db.enums import ApiKeyKind, CustomerStatus, CustomerTier
 from kiln.db.models import ApiKey, App, Customer, Function
 from kiln.db.session import transaction
 from kiln.errors import InvalidJson, InvalidRequest, NotFound, PermissionDenied
 from kiln.router.auth import Principal
+from kiln.router.billing import announce
 from kiln.router.run import read_body
 from kiln.router.services import RouterServices, services
 from kiln.tiers import TierLimits, with_overrides
@@ -116,8 +119,10 @@ async def create_customer(request: Request) -> Response:
         customer = Customer(name=name.strip(), tier=tier)
         session.add(customer)
         await session.flush()
+        await _billing_check(svc, session, customer.id, changes := Changes())
         await session.refresh(customer)
         view = _customer_view(customer, svc.settings.tier_limits, 0)
+    await announce(svc, changes)
     return JSONResponse(view, status_code=201)
 
 
@@ -187,6 +192,7 @@ async def patch_customer(request: Request) -> Response:
                     f"status={data['status']!r} is not valid: expected active or disabled"
                 ) from None
         await session.flush()
+        await _billing_check(svc, session, customer_id, changes := Changes())
         await session.refresh(customer)
         view = _customer_view(customer, svc.settings.tier_limits)
         digests = list(
@@ -196,7 +202,15 @@ async def patch_customer(request: Request) -> Response:
         )
     # Whatever changed, the verdicts cached before say otherwise (status, tier, limits).
     await svc.auth.forget(customer_id=customer_id, digests=digests)
+    await announce(svc, changes)
     return JSONResponse(view)
+
+
+async def _billing_check(
+    svc: RouterServices, session: AsyncSession, customer_id: uuid.UUID, changes: Changes
+) -> None:
+    """A prepaid tier with nothing paid in may not call yet; a tier without prepayment may."""
+    await refresh_block(session, customer_id, billing_rules(svc.settings), changes)
 
 
 def _active_keys() -> sa.ScalarSelect[int]:

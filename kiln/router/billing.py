@@ -31,7 +31,15 @@ from kiln.router.run import read_body
 from kiln.router.services import RouterServices, services
 from kiln.wire import Subjects
 
-__all__ = ["balance", "create_topup", "credit", "patch_settings", "stripe_webhook", "transactions"]
+__all__ = [
+    "announce",
+    "balance",
+    "create_topup",
+    "credit",
+    "patch_settings",
+    "stripe_webhook",
+    "transactions",
+]
 
 _BODY_LIMIT = 64 * 1024
 _WEBHOOK_LIMIT = 1024 * 1024
@@ -91,7 +99,9 @@ async def _customer(session: Any, customer_id: uuid.UUID, *, lock: bool = False)
     return customer
 
 
-async def _announce(svc: RouterServices, changes: Changes) -> None:
+async def announce(svc: RouterServices, changes: Changes) -> None:
+    """Blocks set or lifted by a committed change: this router applies them at once, the
+    others and the scheduler hear of them over NATS."""
     for customer_id, block in changes.blocks.items():  # this router knows at once
         if block:
             svc.billing.blocked[customer_id] = block
@@ -183,7 +193,7 @@ async def patch_settings(request: Request) -> Response:
         view = _account_view(
             customer, await _spent_today(session, customer_id), svc.settings.currency
         )
-    await _announce(svc, changes)
+    await announce(svc, changes)
     return JSONResponse(view)
 
 
@@ -217,7 +227,7 @@ async def credit(request: Request) -> Response:
         view = _account_view(
             customer, await _spent_today(session, customer_id), svc.settings.currency
         )
-    await _announce(svc, changes)
+    await announce(svc, changes)
     return JSONResponse(view, status_code=201)
 
 
@@ -331,5 +341,5 @@ async def stripe_webhook(request: Request) -> Response:
     changes = Changes()
     async with transaction(svc.sessions) as session:
         new = await apply_event(session, event.to_dict(), billing_rules(svc.settings), changes)
-    await _announce(svc, changes)
+    await announce(svc, changes)
     return JSONResponse({"received": True, "duplicate": not new})

@@ -63,6 +63,11 @@ async def make_customer(platform: Platform, name: str, tier: str = "enterprise")
         key = await operator.post(
             "/v1/keys", json={"kind": "account", "customer_id": customer["id"], "name": "main"}
         )
+        # Prepaid tiers call nothing before money comes in.
+        paid = await operator.post(
+            "/v1/billing/credits", json={"customer_id": customer["id"], "amount_micros": 10**8}
+        )
+        assert paid.status_code == 201, paid.text
     assert key.status_code == 201, key.text
     return customer["id"], key.json()["key"]
 

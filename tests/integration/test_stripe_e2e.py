@@ -1,0 +1,341 @@
+"""Balances and payments against a fake Stripe on the real stack (issue 8): verified webhooks
+that count once in any order, top-ups, auto-refill charged exactly once per crossing, failed
+refills, 402 with scale to zero when the balance is gone, and usage sent to Stripe's meter."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from fakestripe import API_KEY, DECLINED, WEBHOOK_SECRET, FakeStripe, fake_stripe, sign
+from sqlalchemy.ext.asyncio import AsyncEngine
+from stack import Platform, error_of, running_platform
+
+from kiln.billing.ledger import billing_rules
+from kiln.billing.worker import BillingWorker
+from kiln.db.enums import LedgerKind, PaymentStatus
+from kiln.db.models import Customer, LedgerEntry, Payment, StripeEvent, UsageEvent
+from kiln.db.session import create_engine, session_factory
+from kiln.functions.package import package
+from kiln.settings import Settings
+from kiln.wire import UsageReport
+
+pytestmark = pytest.mark.integration
+
+UNIT = 1_000_000  # micro-units in one unit of the currency
+
+
+@pytest.fixture(scope="module")
+async def stripe_fake() -> AsyncIterator[FakeStripe]:
+    async with fake_stripe() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+async def platform(
+    settings: Settings, stripe_fake: FakeStripe, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Platform]:
+    paying = settings.replace(
+        stripe_api_key=API_KEY,
+        stripe_api_base=stripe_fake.url,
+        stripe_webhook_secret=WEBHOOK_SECRET,
+    )
+    async with running_platform(paying, tmp_path_factory.mktemp("stripe-home")) as running:
+        yield running
+
+
+@pytest.fixture
+async def engine(platform: Platform) -> AsyncIterator[AsyncEngine]:
+    built = create_engine(platform.settings, application_name="kiln-test")
+    yield built
+    await built.dispose()
+
+
+async def new_customer(platform: Platform, tier: str = "pro", credit: int = 0) -> tuple[str, str]:
+    """(customer id, account key)."""
+    async with platform.client() as operator:
+        customer = (
+            await operator.post("/v1/customers", json={"name": "Payer", "tier": tier})
+        ).json()
+        key = (
+            await operator.post("/v1/keys", json={"kind": "account", "customer_id": customer["id"]})
+        ).json()["key"]
+        if credit:
+            answer = await operator.post(
+                "/v1/billing/credits", json={"customer_id": customer["id"], "amount_micros": credit}
+            )
+            assert answer.status_code == 201, answer.text
+    return customer["id"], key
+
+
+async def balance_of(engine: AsyncEngine, customer_id: str) -> int:
+    async with engine.connect() as conn:
+        value = await conn.scalar(
+            sa.select(Customer.balance_micros).where(Customer.id == uuid.UUID(customer_id))
+        )
+    return int(value)
+
+
+async def until(check: Any, timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.2)
+
+
+def hour_of(customer_id: str, gpu: str, n: int) -> UsageReport:
+    """An hour of one `gpu` for `customer_id`, as a replica would report it."""
+    replica = str(uuid.uuid4())
+    start = time.time() - 3600 - n
+    return UsageReport(
+        event_id=f"{replica}:1", replica_id=replica, customer_id=customer_id,
+        function_id=str(uuid.uuid4()), gpu_type=gpu, gpu_count=1,
+        period_start=start, period_end=start + 3600,
+    )  # fmt: skip
+
+
+# Webhooks ------------------------------------------------------------------------------------
+
+
+async def test_webhooks_with_a_bad_signature_are_refused_and_change_nothing(
+    platform: Platform, stripe_fake: FakeStripe, engine: AsyncEngine
+) -> None:
+    customer_id, key = await new_customer(platform)
+    async with platform.client() as c:
+        c.headers["Authorization"] = f"Bearer {key}"
+        topup = (
+            await c.post("/v1/billing/topups", json={
+                "amount_micros": 25 * UNIT, "success_url": "https://example.com/ok",
+                "cancel_url": "https://example.com/no"})
+        ).json()  # fmt: skip
+    assert topup.get("checkout_url", "").startswith("https://checkout.fake/"), topup
+    completed, _ = stripe_fake.complete_checkout(topup["checkout_url"].rsplit("/", 1)[1])
+    payload = json.dumps(completed).encode()
+    tampered = payload.replace(b'"paid"', b'"PAID"')
+    cases = {
+        "tampered": (tampered, sign(payload)),
+        "missing": (payload, ""),
+        "stale": (payload, sign(payload, at=int(time.time()) - 3600)),
+        "other secret": (payload, sign(payload, secret="whsec_" + "x" * 32)),
+    }
+    async with platform.client() as c:
+        for name, (body, signature) in cases.items():
+            headers = {"stripe-signature": signature} if signature else {}
+            answer = await c.post("/v1/billing/stripe/webhook", content=body, headers=headers)
+            assert answer.status_code == 400, name
+            assert error_of(answer)["code"] == "invalid_request", name
+    async with engine.connect() as conn:
+        assert await conn.scalar(sa.select(sa.func.count()).select_from(StripeEvent).where(
+            StripeEvent.id == completed["id"])) == 0  # fmt: skip
+    assert await balance_of(engine, customer_id) == 0
+
+
+async def test_a_topup_is_credited_once_whatever_order_and_repeats_stripe_sends(
+    platform: Platform, stripe_fake: FakeStripe, engine: AsyncEngine
+) -> None:
+    customer_id, key = await new_customer(platform)
+    async with platform.client() as c:
+        c.headers["Authorization"] = f"Bearer {key}"
+        topup = (
+            await c.post("/v1/billing/topups", json={
+                "amount_micros": 25 * UNIT, "success_url": "https://example.com/ok",
+                "cancel_url": "https://example.com/no"})
+        ).json()  # fmt: skip
+    completed, succeeded = stripe_fake.complete_checkout(topup["checkout_url"].rsplit("/", 1)[1])
+    failed = stripe_fake.event(
+        "payment_intent.payment_failed",
+        {**succeeded["data"]["object"], "status": "requires_payment_method",
+         "last_payment_error": {"message": "an earlier attempt was declined"}},
+    )  # fmt: skip
+    # The intent's success first, then the session's, a stale failure, and a repeat.
+    for event in (succeeded, completed, failed, succeeded):
+        answer = await stripe_fake.deliver(platform.url, event)
+        assert answer.status_code == 200, answer.text
+    assert await balance_of(engine, customer_id) == 25 * UNIT
+    async with engine.connect() as conn:
+        credits = (await conn.execute(sa.select(LedgerEntry.kind, LedgerEntry.amount_micros).where(
+            LedgerEntry.customer_id == uuid.UUID(customer_id)))).all()  # fmt: skip
+        payment = (await conn.execute(sa.select(Payment).where(
+            Payment.id == topup["payment_id"]))).one()  # fmt: skip
+    assert credits == [(LedgerKind.TOPUP, 25 * UNIT)]
+    assert payment.status is PaymentStatus.SUCCEEDED
+    # The card paid with was saved for later: auto-refill can charge it.
+    async with platform.client() as c:
+        c.headers["Authorization"] = f"Bearer {key}"
+        account = (await c.get("/v1/billing/balance")).json()
+    assert account["payment_method"] is True
+    assert account["balance_micros"] == 25 * UNIT
+
+
+# Auto-refill ---------------------------------------------------------------------------------
+
+
+async def _refill_customer(platform: Platform, method: str, balance: int) -> str:
+    customer_id, _ = await new_customer(platform, credit=balance)
+    async with platform.client() as operator:
+        answer = await operator.patch("/v1/billing/settings", json={
+            "customer_id": customer_id, "payment_method_id": method,
+            "refill_threshold_micros": 5 * UNIT, "refill_amount_micros": 50 * UNIT})  # fmt: skip
+        assert answer.status_code == 200, answer.text
+    return customer_id
+
+
+def _worker(platform: Platform, engine: AsyncEngine) -> BillingWorker:
+    """A billing worker of the test's own, to charge reports at once and concurrently."""
+    return BillingWorker(
+        _NoNats(),  # type: ignore[arg-type]
+        session_factory(engine),
+        platform.settings.namespace,
+        billing_rules(platform.settings),
+    )
+
+
+class _NoNats:
+    """Stands in for the NATS connection of a worker that only records: block announcements
+    go nowhere (routers reread blocks from PostgreSQL)."""
+
+    def jetstream(self) -> None:
+        return None
+
+    async def publish(self, subject: str, payload: bytes) -> None:
+        return None
+
+
+async def test_concurrent_crossings_of_the_refill_threshold_charge_the_card_once(
+    platform: Platform, stripe_fake: FakeStripe, engine: AsyncEngine
+) -> None:
+    customer_id = await _refill_customer(platform, "pm_card_visa", 10 * UNIT)
+    workers = [_worker(platform, engine) for _ in range(4)]
+    # Eight H100 hours (3.9 units each) charged by four workers at once: the balance falls
+    # from 10 through the threshold of 5 once.
+    reports = [hour_of(customer_id, "H100", n) for n in range(8)]
+    await asyncio.gather(*(w.record(reports[i::4]) for i, w in enumerate(workers)))
+    refills = await until(lambda: _ledger(engine, customer_id, LedgerKind.REFILL))
+    await asyncio.sleep(1.5)  # a second refill, if there were one, would be here by now
+    assert await _ledger(engine, customer_id, LedgerKind.REFILL) == refills == [50 * UNIT]
+    charged = [i for i in stripe_fake.intents.values()
+               if (i["metadata"]["kiln_payment"] or "").startswith(f"refill:{customer_id}")]  # fmt: skip
+    assert len(charged) == 1
+    assert charged[0]["payment_method"] == "pm_card_visa"
+    assert await balance_of(engine, customer_id) == 10 * UNIT - 8 * 3_900_000 + 50 * UNIT
+    # Stripe's webhook for the same charge credits nothing more.
+    succeeded = stripe_fake.event("payment_intent.succeeded", charged[0])
+    assert (await stripe_fake.deliver(platform.url, succeeded)).status_code == 200
+    assert await _ledger(engine, customer_id, LedgerKind.REFILL) == [50 * UNIT]
+
+
+async def test_declined_refills_stop_after_the_limit_and_the_account_is_blocked(
+    platform: Platform, stripe_fake: FakeStripe, engine: AsyncEngine
+) -> None:
+    customer_id = await _refill_customer(platform, DECLINED, 6 * UNIT)
+    worker = _worker(platform, engine)
+    limit = platform.settings.refill_max_failures
+    for crossing in range(limit + 1):
+        await worker.record([hour_of(customer_id, "H100", crossing)])  # below the threshold
+        if crossing < limit:
+            await until(lambda: _failed_refills(engine, customer_id, crossing + 1))
+        async with platform.client() as operator:  # back above it for the next crossing
+            await operator.post("/v1/billing/credits", json={
+                "customer_id": customer_id, "amount_micros": 3_900_000})  # fmt: skip
+    await asyncio.sleep(1.5)
+    attempts = [i for i in stripe_fake.intents.values()
+                if (i["metadata"]["kiln_payment"] or "").startswith(f"refill:{customer_id}")]  # fmt: skip
+    assert len(attempts) == limit  # the crossing after the limit charged nothing
+    async with engine.connect() as conn:
+        customer = (await conn.execute(sa.select(Customer).where(
+            Customer.id == uuid.UUID(customer_id)))).one()  # fmt: skip
+    assert customer.refill_failures == limit
+    assert await _ledger(engine, customer_id, LedgerKind.REFILL) == []
+
+
+async def _ledger(engine: AsyncEngine, customer_id: str, kind: LedgerKind) -> list[int]:
+    async with engine.connect() as conn:
+        rows = await conn.scalars(
+            sa.select(LedgerEntry.amount_micros)
+            .where(LedgerEntry.customer_id == uuid.UUID(customer_id), LedgerEntry.kind == kind)
+            .order_by(LedgerEntry.id)
+        )
+        return list(rows)
+
+
+async def _failed_refills(engine: AsyncEngine, customer_id: str, count: int) -> bool:
+    async with engine.connect() as conn:
+        failed = await conn.scalar(
+            sa.select(sa.func.count())
+            .select_from(Payment)
+            .where(
+                Payment.customer_id == uuid.UUID(customer_id),
+                Payment.status == PaymentStatus.FAILED,
+            )
+        )
+    return bool(failed == count)
+
+
+# 402 and scale to zero; usage on Stripe's meter ----------------------------------------------
+
+APP = """
+import kiln
+
+app = kiln.App("prepaid")
+
+
+@app.function(idle_timeout=300)
+def work() -> str:
+    return "done"
+"""
+
+
+async def test_a_used_up_balance_answers_402_and_scales_to_zero_until_money_comes(
+    platform: Platform, stripe_fake: FakeStripe, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    customer_id, key = await new_customer(platform, credit=1 * UNIT)
+    app_file = tmp_path / "prepaid.py"
+    app_file.write_text(APP)
+    async with platform.client() as c:
+        c.headers["Authorization"] = f"Bearer {key}"
+        assert (await c.post("/v1/apps", json=package(app_file).deploy_body())).is_success
+        assert (await c.post("/v1/run/prepaid/work")).json() == "done"
+        assert len((await c.get("/v1/functions/prepaid/work/replicas")).json()["replicas"]) == 1
+
+        async with platform.client() as operator:  # the money is gone
+            await operator.post("/v1/billing/credits", json={
+                "customer_id": customer_id, "amount_micros": -2 * UNIT})  # fmt: skip
+        refused = await c.post("/v1/run/prepaid/work")
+        assert refused.status_code == 402
+        assert error_of(refused)["code"] == "insufficient_balance"
+        assert "add funds" in error_of(refused)["message"]
+        # Its replica scales to zero though its idle timeout is five minutes.
+        await until(lambda: _no_replicas(c), timeout=30)
+
+        async with platform.client() as operator:
+            await operator.post("/v1/billing/credits", json={
+                "customer_id": customer_id, "amount_micros": 5 * UNIT})  # fmt: skip
+        assert (await c.post("/v1/run/prepaid/work")).json() == "done"
+
+    # Every usage interval of that replica went to Stripe's meter once, to the millisecond.
+    async with engine.connect() as conn:
+        events = (await conn.execute(sa.select(UsageEvent.id, UsageEvent.duration_ms).where(
+            UsageEvent.customer_id == uuid.UUID(customer_id)))).all()  # fmt: skip
+    assert events
+    metered = await until(lambda: _metered(stripe_fake, {e.id for e in events}))
+    assert {i: int(m["payload"]["value"]) for i, m in metered.items()} == dict(events)
+
+
+async def _no_replicas(c: Any) -> bool:
+    answer = await c.get("/v1/functions/prepaid/work/replicas")
+    return not answer.json()["replicas"]
+
+
+async def _metered(fake: FakeStripe, ids: set[str]) -> dict[str, dict[str, Any]]:
+    found = {i: fake.meter_events[i] for i in ids if i in fake.meter_events}
+    return found if len(found) == len(ids) else {}
