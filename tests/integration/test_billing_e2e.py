@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -16,7 +18,7 @@ import nats
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
-from stack import Platform, platform_fixture  # noqa: F401 - the fixture
+from stack import Platform, extra_node, platform_fixture  # noqa: F401 - the fixture
 
 from kiln.billing.prices import cost_micros
 from kiln.db.enums import LedgerKind
@@ -141,5 +143,66 @@ async def test_a_replicas_time_is_reported_and_charged_once(
                 .where(LedgerEntry.customer_id == customer_id, LedgerEntry.kind == LedgerKind.USAGE)
             )
         assert count == len(events)
+    finally:
+        await engine.dispose()
+
+
+GPU_APP = """
+import kiln
+
+app = kiln.App("killed")
+
+
+@app.function(gpu="H100", idle_timeout=300)
+def work() -> str:
+    return "done"
+"""
+
+
+async def test_a_killed_replicas_time_is_closed_by_its_node_agent(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """No final report from a replica killed with SIGKILL: its node agent writes the intervals
+    it never reported, up to the moment the process was gone. Billed time covers the whole
+    life of the slot, and exceeds it by no more than the agent took to notice."""
+    async with platform.client() as operator:
+        customer = (
+            await operator.post("/v1/customers", json={"name": "Killed", "tier": "enterprise"})
+        ).json()
+        key = (
+            await operator.post("/v1/keys", json={"kind": "account", "customer_id": customer["id"]})
+        ).json()["key"]
+    app_file = tmp_path / "killed.py"
+    app_file.write_text(GPU_APP)
+    customer_id = uuid.UUID(customer["id"])
+    engine = create_engine(platform.settings, application_name="kiln-test")
+    try:
+        async with extra_node(platform, tmp_path / "gpu-node", "gpu-node", {"H100": 1}) as node:
+            async with platform.client() as c:
+                c.headers["Authorization"] = f"Bearer {key}"
+                assert (await c.post("/v1/apps", json=package(app_file).deploy_body())).is_success
+                assert (await c.post("/v1/run/killed/work")).json() == "done"
+            (running,) = node.agent.replicas.values()
+            since = running.launch.received_at
+            # Past one report (at 5 s) and into the next interval, then killed.
+            await asyncio.sleep(max(0.0, since + 7.5 - time.time()))
+            os.killpg(running.process.pid, signal.SIGKILL)
+            killed_at = time.time()
+            deadline = time.monotonic() + 20
+            while True:
+                events = await usage_events(engine, customer_id)
+                if events and events[-1].period_end.timestamp() >= killed_at:
+                    break
+                assert time.monotonic() < deadline, events
+                await asyncio.sleep(0.3)
+        assert [e.id.rsplit(":", 1)[1] for e in events] == ["1", "2"]
+        assert events[0].period_start.timestamp() == pytest.approx(since, abs=1e-3)
+        for earlier, later in itertools.pairwise(events):
+            assert later.period_start == earlier.period_end
+        billed_s = sum(e.duration_ms for e in events) / 1000
+        true_s = killed_at - since
+        assert true_s <= billed_s + 0.002 <= true_s + 1.0
+        assert {e.gpu_type for e in events} == {"H100"}
+        assert events[0].calls == 1  # the one call, in the interval it was taken
     finally:
         await engine.dispose()
