@@ -17,6 +17,7 @@ import typer
 
 from kiln._version import __version__
 from kiln.cli.access import customers_app, keys_app
+from kiln.cli.billing import billing_app
 from kiln.errors import ConfigError, KilnError
 from kiln.settings import Settings
 
@@ -31,6 +32,7 @@ db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(customers_app, name="customers")
 app.add_typer(keys_app, name="keys")
+app.add_typer(billing_app, name="billing")
 
 
 def load_settings() -> Settings:

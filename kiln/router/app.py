@@ -26,7 +26,7 @@ from kiln.codestore import CodeStore
 from kiln.db.session import create_engine, session_factory
 from kiln.errors import KilnError
 from kiln.jobs.streams import ensure_job_streams
-from kiln.router import access, billing, control, jobs
+from kiln.router import access, billing, billing_reports, control, jobs
 from kiln.router.abuse import SCOPE_CUSTOMER, AbuseSignals, list_abuse
 from kiln.router.auth import Authenticator
 from kiln.router.billing_gate import BillingGate
@@ -96,6 +96,8 @@ ROUTES = [
     Route("/v1/billing/settings", billing.patch_settings, methods=["PATCH"]),
     Route("/v1/billing/credits", billing.credit, methods=["POST"]),
     Route("/v1/billing/transactions", billing.transactions, methods=["GET"]),
+    Route("/v1/billing/usage", billing_reports.usage, methods=["GET"]),
+    Route("/v1/billing/revenue", billing_reports.revenue, methods=["GET"]),
     Route("/v1/billing/topups", billing.create_topup, methods=["POST"]),
     Route("/v1/billing/stripe/webhook", billing.stripe_webhook, methods=["POST"]),
     Route("/healthz", healthz, methods=["GET"]),
