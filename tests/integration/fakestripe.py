@@ -75,8 +75,9 @@ class FakeStripe:
 
     def _answer(self, path: str, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
         if path == "/v1/customers":
+            metadata = {"kiln_customer": form.get("metadata[kiln_customer]")}
             customer = {"id": self._id("cus"), "object": "customer", "name": form.get("name"),
-                        "metadata": {"kiln_customer": form.get("metadata[kiln_customer]")}}  # fmt: skip
+                        "metadata": metadata}  # fmt: skip
             self.customers[customer["id"]] = customer
             return 200, customer
         if path == "/v1/payment_intents":
@@ -122,7 +123,8 @@ class FakeStripe:
             if form.get("payment_method") == DECLINED:
                 intent["last_payment_error"] = {"message": "Your card was declined."}
                 error = {"type": "card_error", "code": "card_declined",
-                         "message": "Your card was declined.", "payment_intent": intent}  # fmt: skip
+                         "message": intent["last_payment_error"]["message"],
+                         "payment_intent": intent}  # fmt: skip
                 return 402, {"error": error}
             intent["status"] = "succeeded"
         return 200, intent

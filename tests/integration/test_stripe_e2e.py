@@ -9,6 +9,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,11 @@ import sqlalchemy as sa
 from fakestripe import API_KEY, DECLINED, WEBHOOK_SECRET, FakeStripe, fake_stripe, sign
 from sqlalchemy.ext.asyncio import AsyncEngine
 from stack import Platform, error_of, running_platform
+from typer.testing import CliRunner
 
 from kiln.billing.ledger import billing_rules
 from kiln.billing.worker import BillingWorker
+from kiln.cli.main import app as cli
 from kiln.db.enums import LedgerKind, PaymentStatus
 from kiln.db.models import Customer, LedgerEntry, Payment, StripeEvent, UsageEvent
 from kiln.db.session import create_engine, session_factory
@@ -83,8 +86,8 @@ async def balance_of(engine: AsyncEngine, customer_id: str) -> int:
     return int(value)
 
 
-async def until(check: Any, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
+async def until(check: Any, within_s: float = 20.0) -> Any:
+    deadline = time.monotonic() + within_s
     while True:
         result = await check()
         if result:
@@ -223,8 +226,7 @@ async def test_concurrent_crossings_of_the_refill_threshold_charge_the_card_once
     refills = await until(lambda: _ledger(engine, customer_id, LedgerKind.REFILL))
     await asyncio.sleep(1.5)  # a second refill, if there were one, would be here by now
     assert await _ledger(engine, customer_id, LedgerKind.REFILL) == refills == [50 * UNIT]
-    charged = [i for i in stripe_fake.intents.values()
-               if (i["metadata"]["kiln_payment"] or "").startswith(f"refill:{customer_id}")]  # fmt: skip
+    charged = _refill_intents(stripe_fake, customer_id)
     assert len(charged) == 1
     assert charged[0]["payment_method"] == "pm_card_visa"
     assert await balance_of(engine, customer_id) == 10 * UNIT - 8 * 3_900_000 + 50 * UNIT
@@ -243,19 +245,26 @@ async def test_declined_refills_stop_after_the_limit_and_the_account_is_blocked(
     for crossing in range(limit + 1):
         await worker.record([hour_of(customer_id, "H100", crossing)])  # below the threshold
         if crossing < limit:
-            await until(lambda: _failed_refills(engine, customer_id, crossing + 1))
+            failed = crossing + 1
+            await until(lambda: _failed_refills(engine, customer_id, failed))  # noqa: B023
         async with platform.client() as operator:  # back above it for the next crossing
             await operator.post("/v1/billing/credits", json={
                 "customer_id": customer_id, "amount_micros": 3_900_000})  # fmt: skip
     await asyncio.sleep(1.5)
-    attempts = [i for i in stripe_fake.intents.values()
-                if (i["metadata"]["kiln_payment"] or "").startswith(f"refill:{customer_id}")]  # fmt: skip
+    attempts = _refill_intents(stripe_fake, customer_id)
     assert len(attempts) == limit  # the crossing after the limit charged nothing
     async with engine.connect() as conn:
         customer = (await conn.execute(sa.select(Customer).where(
             Customer.id == uuid.UUID(customer_id)))).one()  # fmt: skip
     assert customer.refill_failures == limit
     assert await _ledger(engine, customer_id, LedgerKind.REFILL) == []
+
+
+def _refill_intents(fake: FakeStripe, customer_id: str) -> list[dict[str, Any]]:
+    prefix = f"refill:{customer_id}:"
+    return [
+        i for i in fake.intents.values() if (i["metadata"]["kiln_payment"] or "").startswith(prefix)
+    ]
 
 
 async def _ledger(engine: AsyncEngine, customer_id: str, kind: LedgerKind) -> list[int]:
@@ -315,7 +324,7 @@ async def test_a_used_up_balance_answers_402_and_scales_to_zero_until_money_come
         assert error_of(refused)["code"] == "insufficient_balance"
         assert "add funds" in error_of(refused)["message"]
         # Its replica scales to zero though its idle timeout is five minutes.
-        await until(lambda: _no_replicas(c), timeout=30)
+        await until(lambda: _no_replicas(c), within_s=30)
 
         async with platform.client() as operator:
             await operator.post("/v1/billing/credits", json={
@@ -339,3 +348,89 @@ async def _no_replicas(c: Any) -> bool:
 async def _metered(fake: FakeStripe, ids: set[str]) -> dict[str, dict[str, Any]]:
     found = {i: fake.meter_events[i] for i in ids if i in fake.meter_events}
     return found if len(found) == len(ids) else {}
+
+
+# Reports -------------------------------------------------------------------------------------
+
+
+def _interval(customer_id: str, function_id: str, gpu: str, start: datetime, seconds: float,
+              calls: int) -> UsageReport:  # fmt: skip
+    replica = str(uuid.uuid4())
+    return UsageReport(
+        event_id=f"{replica}:1", replica_id=replica, customer_id=customer_id,
+        function_id=function_id, gpu_type=gpu, gpu_count=1, period_start=start.timestamp(),
+        period_end=start.timestamp() + seconds, calls=calls,
+    )  # fmt: skip
+
+
+async def test_usage_and_revenue_reports_add_up_to_the_ledger(
+    platform: Platform, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    customer_id, key = await new_customer(platform, tier="enterprise")
+    f1, f2 = str(uuid.uuid4()), str(uuid.uuid4())
+    day1 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
+    day2 = datetime(2026, 3, 2, 23, 0, tzinfo=UTC)
+    reports = [
+        _interval(customer_id, f1, "H100", day1, 3600, 10),
+        _interval(customer_id, f1, "H100", day1.replace(hour=11), 1800, 5),
+        _interval(customer_id, f2, "none", day1, 60, 2),
+        _interval(customer_id, f1, "A10G", day2, 900, 1),
+    ]
+    assert await _worker(platform, engine).record(reports) == 4
+    h100 = platform.settings.gpu_prices["H100"]
+    window = {"since": "2026-03-01", "until": "2026-03-03"}
+    async with platform.client() as c:
+        c.headers["Authorization"] = f"Bearer {key}"
+        daily = (await c.get("/v1/billing/usage", params=window)).json()["rows"]
+        assert sorted(daily, key=lambda r: (r["period"], r["function"] != f1)) == [
+            {"period": "2026-03-01T00:00:00Z", "function": f1, "gpu_type": "H100",
+             "replica_seconds": 5400.0, "calls": 15, "cost_micros": h100 * 3 // 2},
+            {"period": "2026-03-01T00:00:00Z", "function": f2, "gpu_type": "none",
+             "replica_seconds": 60.0, "calls": 2,
+             "cost_micros": platform.settings.gpu_prices["none"] // 60},
+            {"period": "2026-03-02T00:00:00Z", "function": f1, "gpu_type": "A10G",
+             "replica_seconds": 900.0, "calls": 1,
+             "cost_micros": platform.settings.gpu_prices["A10G"] // 4},
+        ]  # fmt: skip
+        hourly = (
+            await c.get("/v1/billing/usage", params={**window, "granularity": "hour",
+                                                     "group_by": "gpu_type"})
+        ).json()["rows"]  # fmt: skip
+        assert [(r["period"], r["gpu_type"], r["replica_seconds"]) for r in hourly] == [
+            ("2026-03-01T10:00:00Z", "H100", 3600.0),
+            ("2026-03-01T10:00:00Z", "none", 60.0),
+            ("2026-03-01T11:00:00Z", "H100", 1800.0),
+            ("2026-03-02T23:00:00Z", "A10G", 900.0),
+        ]
+        total = (await c.get("/v1/billing/usage", params={**window, "group_by": "none"})).json()
+        charged = -sum(await _ledger(engine, customer_id, LedgerKind.USAGE))
+        assert sum(r["cost_micros"] for r in total["rows"]) == charged
+        csv_answer = await c.get("/v1/billing/usage", params={**window, "format": "csv"})
+        assert csv_answer.headers["content-type"].startswith("text/csv")
+        lines = csv_answer.text.splitlines()
+        assert lines[0] == "period,function,gpu_type,replica_seconds,calls,cost_micros"
+        assert len(lines) == 4
+        bad_queries = (({"granularity": "week"}, "granularity"), ({"group_by": "app"}, "group_by"),
+                       ({"since": "yesterday"}, "since"))  # fmt: skip
+        for bad, word in bad_queries:
+            refused = await c.get("/v1/billing/usage", params=bad)
+            assert refused.status_code == 400
+            assert word in error_of(refused)["message"]
+        assert (await c.get("/v1/billing/revenue")).status_code == 403
+
+    async with platform.client() as operator:  # charged today, so today's revenue has them
+        revenue = (await operator.get("/v1/billing/revenue")).json()["rows"]
+    enterprise = [r for r in revenue if r["tier"] == "enterprise"]
+    assert sum(r["usage_revenue_micros"] for r in enterprise) >= charged
+    assert sum(r["replica_seconds"] for r in enterprise) >= 6360.0
+
+    env = {"KILN_URL": platform.url, "KILN_API_KEY": key, "KILN_HOME": str(tmp_path)}
+    shown = await asyncio.to_thread(
+        CliRunner().invoke, cli, ["billing", "report", "--since", "2026-03-01", "--until",
+                                  "2026-03-03", "--csv"], env=env,
+    )  # fmt: skip
+    assert shown.exit_code == 0, shown.output
+    assert shown.output == csv_answer.text
+    account = await asyncio.to_thread(CliRunner().invoke, cli, ["billing", "balance"], env=env)
+    assert account.exit_code == 0, account.output
+    assert f"balance      {-charged / UNIT:,.2f} USD" in account.output
