@@ -153,19 +153,30 @@ class UsageCloser:
         self.outbox: list[UsageReport] = []
         self._wake = asyncio.Event()
 
+    def track(self, launch: StartReplica) -> _Seen:
+        seen = self.watched[launch.replica_id] = _Seen(launch, launch.received_at or time.time())
+        return seen
+
+    def saw(self, report: UsageReport) -> None:
+        """A report a replica published (the node agent hears them all)."""
+        seen = self.watched.get(report.replica_id)
+        if seen is None:
+            return
+        seq = int(report.event_id.rpartition(":")[2])
+        seen.seen.add(seq)
+        if seen.last is None or seq >= int(seen.last.event_id.rpartition(":")[2]):
+            seen.last = report
+
     async def watch(self, launch: StartReplica) -> None:
-        seen = _Seen(launch, launch.received_at or time.time())
-        self.watched[launch.replica_id] = seen
+        seen = self.track(launch)
 
         async def on_report(msg: Msg) -> None:
             try:
                 report = decode(UsageReport, msg.data)
+                int(report.event_id.rpartition(":")[2])
             except (ValueError, TypeError):
                 return
-            seq = int(report.event_id.rpartition(":")[2])
-            seen.seen.add(seq)
-            if seen.last is None or seq >= int(seen.last.event_id.rpartition(":")[2]):
-                seen.last = report
+            self.saw(report)
 
         with contextlib.suppress(Exception):  # without NATS it closes from the start
             seen.subscription = await self.nc.subscribe(

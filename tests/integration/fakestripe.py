@@ -76,9 +76,10 @@ class FakeStripe:
     def _answer(self, path: str, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
         if path == "/v1/customers":
             metadata = {"kiln_customer": form.get("metadata[kiln_customer]")}
-            customer = {"id": self._id("cus"), "object": "customer", "name": form.get("name"),
+            cid = self._id("cus")
+            customer = {"id": cid, "object": "customer", "name": form.get("name"),
                         "metadata": metadata}  # fmt: skip
-            self.customers[customer["id"]] = customer
+            self.customers[cid] = customer
             return 200, customer
         if path == "/v1/payment_intents":
             return self._payment_intent(form)
@@ -109,7 +110,7 @@ class FakeStripe:
 
     def _payment_intent(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
         pid = self._id("pi")
-        intent = {
+        intent: dict[str, Any] = {
             "id": pid, "object": "payment_intent", "amount": int(form["amount"]),
             "currency": form["currency"], "customer": form.get("customer"),
             "metadata": {"kiln_payment": form.get("metadata[kiln_payment]")},

@@ -83,7 +83,8 @@ async def balance_of(engine: AsyncEngine, customer_id: str) -> int:
         value = await conn.scalar(
             sa.select(Customer.balance_micros).where(Customer.id == uuid.UUID(customer_id))
         )
-    return int(value)
+    assert value is not None
+    return value
 
 
 async def until(check: Any, within_s: float = 20.0) -> Any:

@@ -281,3 +281,25 @@ def test_api_key_checksum_is_verified() -> None:
         f"KILN_API_KEY (value hidden, {len(key)} characters) is not valid: expected a Kiln API "
         "key (kiln_<kind>_<secret>_<checksum>); this one is malformed or mistyped, copy it again."
     ]
+
+
+def test_stripe_settings_are_checked_and_the_key_is_never_shown() -> None:
+    key = "sk_test_" + "a" * 24
+    settings = Settings.from_env({
+        "HOME": "/h", "KILN_STRIPE_API_KEY": key, "KILN_STRIPE_WEBHOOK_SECRET": "whsec_abc",
+        "KILN_STRIPE_API_BASE": "http://127.0.0.1:12111", "KILN_CURRENCY": "eur",
+    })  # fmt: skip
+    assert settings.stripe_enabled
+    assert (settings.stripe_api_base, settings.currency) == ("http://127.0.0.1:12111", "eur")
+    assert key not in repr(settings)
+    assert not Settings.from_env({"HOME": "/h"}).stripe_enabled
+    found = problems({"KILN_STRIPE_API_KEY": "pk_live_abcdefgh123", "KILN_CURRENCY": "USD",
+                      "KILN_STRIPE_WEBHOOK_SECRET": "secret"})  # fmt: skip
+    assert found == [
+        "KILN_STRIPE_API_KEY (value hidden, 19 characters) is not valid: expected a Stripe "
+        "secret or restricted key: sk_test_…, sk_live_…, rk_….",
+        "KILN_STRIPE_WEBHOOK_SECRET (value hidden, 6 characters) is not valid: expected the "
+        "endpoint's signing secret, which starts with whsec_.",
+        "KILN_CURRENCY='USD' is not valid: expected a three-letter ISO currency code in lower "
+        "case, such as usd.",
+    ]

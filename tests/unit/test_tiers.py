@@ -59,3 +59,12 @@ def test_the_local_limiter_splits_the_limits_between_the_routers() -> None:
     assert refused[0] == "concurrent"
     slots.release("c", "a")
     assert slots.check("c", limits, 2, "c", 60, NOW) is None
+
+
+def test_prepaid_tiers_and_overrides() -> None:
+    assert DEFAULT_TIERS["free"].prepaid
+    assert DEFAULT_TIERS["pro"].prepaid
+    assert not DEFAULT_TIERS["enterprise"].prepaid  # invoiced afterwards
+    assert not with_overrides(DEFAULT_TIERS["pro"], {"prepaid": False}).prepaid
+    with pytest.raises(ValueError, match=r"prepaid=1 is not valid: expected true or false"):
+        with_overrides(DEFAULT_TIERS["pro"], {"prepaid": 1})
