@@ -48,9 +48,12 @@ async def serve_platform(
     *,
     on_ready: Callable[[], None] | None = None,
     scheduler: bool = True,
+    billing: bool = True,
 ) -> None:
     """The router, a scheduler and a node agent in this process until `stop`. `scheduler=False`
-    leaves the scheduler out, for tests that run their own (several, electing a leader)."""
+    leaves the scheduler out, for tests that run their own (several, electing a leader);
+    `billing=False` the billing and outbox workers, for tests that run the billing service as
+    a process of its own (`python -m kiln.billing`)."""
     if not is_free(settings.port, settings.host):
         raise DevStackError(
             f"port {settings.port} on {settings.host} is taken; stop what uses it or choose "
@@ -104,14 +107,13 @@ async def serve_platform(
             name="kiln-job-recorder",
         )
         rules = billing_rules(settings)
-        billing = asyncio.create_task(
-            BillingWorker(
+        parts = [router, scheduling, agent, recording]
+        if billing:
+            worker = BillingWorker(
                 nc, session_factory(engine), settings.namespace, rules, billing_metrics
-            ).run(recorder_stop),
-            name="kiln-billing",
-        )
-        parts = [router, scheduling, agent, recording, billing]
-        if settings.stripe_enabled:
+            )
+            parts.append(asyncio.create_task(worker.run(recorder_stop), name="kiln-billing"))
+        if billing and settings.stripe_enabled:
             gateway = StripeGateway(settings)
             exits.push_async_callback(gateway.close)
             outbox = OutboxWorker(

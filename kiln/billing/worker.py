@@ -41,6 +41,8 @@ _log = logging.getLogger("kiln.billing")
 _DURABLE = "billing"
 _BATCH = 256
 _SWEEP_S = 30.0
+# A worker that died holding reports: they are delivered again after this long.
+_ACK_WAIT_S = 10.0
 
 
 async def ensure_usage_stream(js: JetStreamContext, subjects: Subjects) -> None:
@@ -79,7 +81,7 @@ class BillingWorker:
             self.subjects.all_usage,
             durable=_DURABLE,
             stream=self.subjects.usage_stream,
-            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30),
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=_ACK_WAIT_S),
         )
         consume = asyncio.create_task(self._consume(sub), name="kiln-billing")
         sweep = asyncio.create_task(self._sweep(), name="kiln-billing-blocks")

@@ -162,6 +162,7 @@ async def running_platform(
     home: Path,
     *,
     scheduler: bool = True,
+    billing: bool = True,
     max_request_bytes: int = BODY_LIMIT,
 ) -> AsyncIterator[Platform]:
     running = settings.replace(
@@ -177,7 +178,7 @@ async def running_platform(
     stop = asyncio.Event()
     ready = asyncio.Event()
     task = asyncio.create_task(
-        serve_platform(running, stop, on_ready=ready.set, scheduler=scheduler)
+        serve_platform(running, stop, on_ready=ready.set, scheduler=scheduler, billing=billing)
     )
     await asyncio.wait_for(ready.wait(), 30)
     try:

@@ -1,0 +1,3 @@
+from kiln.billing.service import main
+
+main()

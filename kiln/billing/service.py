@@ -1,0 +1,72 @@
+"""The billing service on its own, as production runs it beside the routers (`python -m
+kiln.billing`): the billing worker (usage → ledger) and, with Stripe set up, the outbox worker
+(ledger → Stripe), with Prometheus metrics on `KILN_METRICS_PORT`. Any number of copies may run:
+they share the usage stream's consumer and claim outbox rows with SKIP LOCKED.
+
+SIGTERM or SIGINT stops it: the workers finish the batch in hand, then NATS and the database
+close. A kill at any moment loses nothing: usage is acked only after its transaction commits,
+and an outbox row is marked sent in the transaction that sent it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+
+import nats
+from prometheus_client import start_http_server
+
+from kiln import _loop
+from kiln.billing.ledger import billing_rules
+from kiln.billing.outbox import OutboxWorker
+from kiln.billing.stripe_gateway import StripeGateway
+from kiln.billing.worker import BillingWorker
+from kiln.db.session import create_engine, session_factory
+from kiln.observability.billing import BillingMetrics
+from kiln.settings import Settings
+
+__all__ = ["main", "serve_billing"]
+
+_log = logging.getLogger("kiln.billing")
+
+
+async def serve_billing(settings: Settings, stop: asyncio.Event) -> None:
+    metrics = BillingMetrics()
+    start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+    rules = billing_rules(settings)
+    async with contextlib.AsyncExitStack() as exits:
+        engine = create_engine(settings, application_name="kiln-billing")
+        exits.push_async_callback(engine.dispose)
+        nc = await nats.connect(
+            servers=settings.nats_servers,
+            connect_timeout=settings.connect_timeout_s,
+            name="kiln-billing",
+            max_reconnect_attempts=-1,  # a service waits for NATS to come back, however long
+        )
+        exits.push_async_callback(nc.drain)
+        sessions = session_factory(engine)
+        workers = [BillingWorker(nc, sessions, settings.namespace, rules, metrics).run(stop)]
+        if settings.stripe_enabled:
+            gateway = StripeGateway(settings)
+            exits.push_async_callback(gateway.close)
+            outbox = OutboxWorker(nc, sessions, gateway, rules, settings.namespace, metrics)
+            workers.append(outbox.run(stop))
+        _log.info("billing service running (Stripe: %s)", settings.stripe_enabled)
+        await asyncio.gather(*workers)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = Settings.from_env(os.environ)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_billing(settings, stop)
+
+    _loop.run(run())
