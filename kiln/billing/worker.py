@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kiln.billing.ledger import (
+    BLOCK_BALANCE,
     BLOCK_SPEND_CAP,
     BillingRules,
     Changes,
@@ -97,11 +98,11 @@ class BillingWorker:
 
     async def _sweep(self) -> None:
         while True:
-            await asyncio.sleep(_SWEEP_S)
             try:
                 await self.sweep_blocks()
             except Exception:  # noqa: BLE001 - tried again at the next sweep
                 _log.exception("sweeping billing blocks failed")
+            await asyncio.sleep(_SWEEP_S)
 
     async def _consume(self, sub: JetStreamContext.PullSubscription) -> None:
         while True:
@@ -157,7 +158,7 @@ class BillingWorker:
 
     async def sweep_blocks(self) -> None:
         """Lift spend-cap blocks whose day is over (nothing else would: no usage comes from a
-        customer whose replicas are gone)."""
+        customer whose replicas are gone), and count the blocks for the metrics."""
         changes = Changes()
         async with transaction(self.sessions) as session:
             blocked = await session.scalars(
@@ -165,6 +166,17 @@ class BillingWorker:
             )
             for customer_id in list(blocked):
                 await refresh_block(session, customer_id, self.rules, changes)
+            counts = dict(
+                (
+                    await session.execute(
+                        sa.select(Customer.billing_block, sa.func.count())
+                        .where(Customer.billing_block.is_not(None))
+                        .group_by(Customer.billing_block)
+                    )
+                ).tuples()
+            )
+        for reason in (BLOCK_BALANCE, BLOCK_SPEND_CAP):
+            self.metrics.blocked_customers.labels(reason).set(counts.get(reason, 0))
         await announce_blocks(self.nc, self.subjects, changes)
 
 

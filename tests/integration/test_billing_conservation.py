@@ -276,9 +276,7 @@ async def test_every_replica_second_is_billed_once_through_kills_of_replicas_bil
         await engine.dispose()
 
 
-async def _converged(
-    engine: AsyncEngine, truth: Truth, within_s: float
-) -> dict[str, list[Any]]:
+async def _converged(engine: AsyncEngine, truth: Truth, within_s: float) -> dict[str, list[Any]]:
     """Each replica's intervals, once they reach its exit."""
     deadline = time.monotonic() + within_s
     while True:

@@ -9,13 +9,16 @@ import uuid
 from typing import Any
 
 import pytest
+from starlette.routing import Route
 
 import kiln
 from kiln.errors import InvalidJson, InvalidSpec
 from kiln.functions.gpu import gpu_request
 from kiln.invoker.agent import _Slots
 from kiln.invoker.inventory import gpu_type_of
+from kiln.router.app import ROUTES
 from kiln.router.deploy import Deployer, DeployRequest
+from kiln.router.openapi import openapi_document
 from kiln.router.run import classify
 
 
@@ -108,3 +111,11 @@ def test_a_deploy_keeps_which_settings_the_developer_wrote() -> None:
     body["functions"][0]["resources"]["explicit"] = ["colour"]
     with pytest.raises(InvalidSpec, match=r"^explicit names unknown settings \['colour'\]"):
         DeployRequest.from_json(body)
+
+
+def test_the_openapi_document_describes_every_http_route() -> None:
+    paths = openapi_document()["paths"]
+    for route in ROUTES:
+        if isinstance(route, Route):
+            assert route.path in paths, route.path
+            assert set(paths[route.path]) >= {m.lower() for m in route.methods or ()} - {"head"}
