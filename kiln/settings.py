@@ -94,6 +94,7 @@ class Settings:
     stripe_meter_event: str = "kiln_replica_ms"
     currency: str = "usd"
     refill_max_failures: int = 3
+    min_charge_s: int = 0
 
     @property
     def stripe_enabled(self) -> bool:
@@ -610,6 +611,13 @@ SETTINGS: tuple[SettingSpec, ...] = (
         _int_range(1, 100),
         "auto-refill charges that may fail in a row before auto-refill turns itself off "
         "(default 3)",
+    ),
+    SettingSpec(
+        "KILN_MIN_CHARGE_S",
+        "min_charge_s",
+        _int_range(0, 86_400),
+        "a replica is billed for at least this many seconds, however briefly it ran "
+        "(default 0: no minimum)",
     ),
     SettingSpec(
         "KILN_METRICS_PORT",

@@ -448,6 +448,7 @@ class UsageReport:
     period_end: float
     final: bool = False  # the replica released its slot
     calls: int = 0  # calls the replica took in the interval (0 in a node agent's closing report)
+    since: float = 0.0  # epoch seconds: when the replica's billable time began (its slot)
 
 
 def encode(message: Any) -> bytes:

@@ -62,6 +62,7 @@ class BillingRules:
     stripe: bool  # meter events and refills go to Stripe
     meter_event: str = "kiln_replica_ms"
     refill_max_failures: int = 3
+    min_charge_s: int = 0  # a replica is billed at least this long (0: no minimum)
 
 
 def billing_rules(settings: Settings) -> BillingRules:
@@ -71,6 +72,7 @@ def billing_rules(settings: Settings) -> BillingRules:
         stripe=settings.stripe_enabled,
         meter_event=settings.stripe_meter_event,
         refill_max_failures=settings.refill_max_failures,
+        min_charge_s=settings.min_charge_s,
     )
 
 
@@ -135,15 +137,9 @@ async def charge_usage(
             description=f"{duration_ms} ms of {report.gpu_count}x {report.gpu_type}",
         )
     )
-    spent = await session.scalar(
-        insert(DailySpend)
-        .values(customer_id=customer_id, day=_utc_day(end), spent_micros=cost)
-        .on_conflict_do_update(
-            index_elements=[DailySpend.customer_id, DailySpend.day],
-            set_={"spent_micros": DailySpend.spent_micros + cost},
-        )
-        .returning(DailySpend.spent_micros)
-    )
+    spent = await _add_spend(session, customer_id, _utc_day(end), cost)
+    if _utc_day(end) != _utc_day(datetime.now(UTC)):  # a late report: today decides the cap
+        spent = await _spent_on(session, customer_id, _utc_day(datetime.now(UTC)))
     if rules.stripe and duration_ms > 0:
         await _queue(
             session,
@@ -160,9 +156,53 @@ async def charge_usage(
     before = customer.balance_micros + cost
     if _crossed_refill(customer, before, rules):
         await _queue_refill(session, customer, changes)
-    await _set_block(session, customer, rules, changes, spent_today=spent or 0)
+    await _set_block(session, customer, rules, changes, spent_today=spent)
+    if report.final and rules.min_charge_s > 0 and report.since:
+        await _charge_minimum(session, report, rules, changes)
     changes.charged += 1
     return True
+
+
+async def _charge_minimum(
+    session: AsyncSession, report: UsageReport, rules: BillingRules, changes: Changes
+) -> None:
+    """A replica that lived less than the minimum charge is billed as if it lived that long:
+    one more interval, `<replica>:minimum`, from its end to the minimum (charged once, whichever
+    final report comes first)."""
+    lived = report.period_end - report.since
+    if lived >= rules.min_charge_s:
+        return
+    top_up = UsageReport(
+        event_id=f"{report.replica_id}:minimum", replica_id=report.replica_id,
+        customer_id=report.customer_id, function_id=report.function_id,
+        gpu_type=report.gpu_type, gpu_count=report.gpu_count,
+        period_start=report.period_end, period_end=report.since + rules.min_charge_s,
+        since=report.since,
+    )  # fmt: skip
+    if await charge_usage(session, top_up, rules, changes):
+        changes.charged -= 1  # counted with the report that caused it
+
+
+async def _add_spend(session: AsyncSession, customer_id: uuid.UUID, day: date, cost: int) -> int:
+    spent = await session.scalar(
+        insert(DailySpend)
+        .values(customer_id=customer_id, day=day, spent_micros=cost)
+        .on_conflict_do_update(
+            index_elements=[DailySpend.customer_id, DailySpend.day],
+            set_={"spent_micros": DailySpend.spent_micros + cost},
+        )
+        .returning(DailySpend.spent_micros)
+    )
+    return int(spent or 0)
+
+
+async def _spent_on(session: AsyncSession, customer_id: uuid.UUID, day: date) -> int:
+    spent = await session.scalar(
+        sa.select(DailySpend.spent_micros).where(
+            DailySpend.customer_id == customer_id, DailySpend.day == day
+        )
+    )
+    return int(spent or 0)
 
 
 def _crossed_refill(customer: Customer, before: int, rules: BillingRules) -> bool:
@@ -273,13 +313,8 @@ async def refresh_block(
     customer = await session.get(Customer, customer_id, with_for_update=True)
     if customer is None:
         return
-    spent = await session.scalar(
-        sa.select(DailySpend.spent_micros).where(
-            DailySpend.customer_id == customer_id,
-            DailySpend.day == _utc_day(datetime.now(UTC)),
-        )
-    )
-    await _set_block(session, customer, rules, changes, spent_today=spent or 0)
+    spent = await _spent_on(session, customer_id, _utc_day(datetime.now(UTC)))
+    await _set_block(session, customer, rules, changes, spent_today=spent)
 
 
 async def credit_payment(

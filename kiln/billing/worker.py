@@ -166,15 +166,12 @@ class BillingWorker:
             )
             for customer_id in list(blocked):
                 await refresh_block(session, customer_id, self.rules, changes)
-            counts = dict(
-                (
-                    await session.execute(
-                        sa.select(Customer.billing_block, sa.func.count())
-                        .where(Customer.billing_block.is_not(None))
-                        .group_by(Customer.billing_block)
-                    )
-                ).tuples()
+            rows = await session.execute(
+                sa.select(Customer.billing_block, sa.func.count())
+                .where(Customer.billing_block.is_not(None))
+                .group_by(Customer.billing_block)
             )
+            counts = {str(reason): int(count) for reason, count in rows}
         for reason in (BLOCK_BALANCE, BLOCK_SPEND_CAP):
             self.metrics.blocked_customers.labels(reason).set(counts.get(reason, 0))
         await announce_blocks(self.nc, self.subjects, changes)

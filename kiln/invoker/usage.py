@@ -52,6 +52,7 @@ def usage_report(
         period_end=end,
         final=final,
         calls=calls,
+        since=launch.received_at,
     )
 
 

@@ -144,9 +144,9 @@ async def resolve_entry(
     """The function `APP/target` (`NAME` or `Class.method`) names for this caller, its entry
     point and the method ("" for a plain function); 404 when there is none, 403 when a
     function-scoped key asks for another function, 402 when billing blocks the customer."""
+    svc.billing.check(principal.customer_id)  # 402 before any work
     name, _, method = target.partition(".")
     route = await svc.catalog.resolve(principal.owner_id, app, name)
-    svc.billing.check(principal.customer_id)  # 402 before any work
     if principal.function_id is not None and principal.function_id != route.function_id:
         raise PermissionDenied(f"this key may only call its own function, not {app}/{name}")
     entry = route.spec.entry(method or None)

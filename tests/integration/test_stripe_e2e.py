@@ -9,10 +9,12 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from fakestripe import API_KEY, DECLINED, WEBHOOK_SECRET, FakeStripe, fake_stripe, sign
@@ -24,7 +26,14 @@ from kiln.billing.ledger import billing_rules
 from kiln.billing.worker import BillingWorker
 from kiln.cli.main import app as cli
 from kiln.db.enums import LedgerKind, PaymentStatus
-from kiln.db.models import Customer, LedgerEntry, Payment, StripeEvent, UsageEvent
+from kiln.db.models import (
+    Customer,
+    DailySpend,
+    LedgerEntry,
+    Payment,
+    StripeEvent,
+    UsageEvent,
+)
 from kiln.db.session import create_engine, session_factory
 from kiln.functions.package import package
 from kiln.settings import Settings
@@ -435,3 +444,77 @@ async def test_usage_and_revenue_reports_add_up_to_the_ledger(
     account = await asyncio.to_thread(CliRunner().invoke, cli, ["billing", "balance"], env=env)
     assert account.exit_code == 0, account.output
     assert f"balance      {-charged / UNIT:,.2f} USD" in account.output
+
+
+# Spend cap and minimum charge ----------------------------------------------------------------
+
+
+async def test_the_daily_spend_cap_blocks_calls_until_raised_or_the_day_is_over(
+    platform: Platform, engine: AsyncEngine
+) -> None:
+    customer_id, key = await new_customer(platform, tier="enterprise")
+    async with platform.client() as operator:
+        capped = await operator.patch("/v1/billing/settings", json={
+            "customer_id": customer_id, "spend_cap_micros": 5 * UNIT})  # fmt: skip
+        assert capped.json()["blocked"] is None
+    worker = _worker(platform, engine)
+    await worker.record([_just_ended(customer_id, 3600)])
+    async with platform.client() as c:
+        c.headers["Authorization"] = f"Bearer {key}"
+        assert (await c.get("/v1/billing/balance")).json()["blocked"] is None  # 3.9 of 5
+        await worker.record([_just_ended(customer_id, 1800)])
+        account = (await c.get("/v1/billing/balance")).json()
+        assert account["blocked"] == "spend_cap"
+        assert account["spent_today_micros"] == 3_900_000 * 3 // 2
+        # The router heard of it: calls are refused before any lookup of the function.
+        refused = await until(lambda: _refused(c))
+        assert "daily spend cap" in error_of(refused)["message"]
+        # A late report for another day does not count toward today's cap.
+        raised = await c.patch("/v1/billing/settings", json={"spend_cap_micros": 20 * UNIT})
+        assert raised.json()["blocked"] is None
+        late = datetime.now(UTC) - timedelta(days=3)
+        await worker.record([_interval(customer_id, str(uuid.uuid4()), "H100", late, 36000, 1)])
+        assert (await c.get("/v1/billing/balance")).json()["blocked"] is None
+    # A block left from an earlier day is lifted by the worker's sweep.
+    async with engine.begin() as conn:
+        await conn.execute(sa.update(Customer).where(Customer.id == uuid.UUID(customer_id)).values(
+            billing_block="spend_cap", spend_cap_micros=6 * UNIT))  # fmt: skip
+        await conn.execute(sa.delete(DailySpend).where(
+            DailySpend.customer_id == uuid.UUID(customer_id)))  # fmt: skip
+    await worker.sweep_blocks()
+    async with engine.connect() as conn:
+        block = await conn.scalar(
+            sa.select(Customer.billing_block).where(Customer.id == uuid.UUID(customer_id))
+        )
+    assert block is None
+
+
+def _just_ended(customer_id: str, seconds: float) -> UsageReport:
+    """An H100 interval of `seconds` that ended a moment ago (today, in UTC)."""
+    start = datetime.now(UTC) - timedelta(seconds=seconds + 0.5)
+    return _interval(customer_id, str(uuid.uuid4()), "H100", start, seconds, 1)
+
+
+async def _refused(c: Any) -> httpx.Response | None:
+    answer: httpx.Response = await c.post("/v1/run/nothing/here")
+    return answer if answer.status_code == 402 else None
+
+
+async def test_a_minimum_charge_bills_a_short_replica_up_to_the_minimum_once(
+    platform: Platform, engine: AsyncEngine
+) -> None:
+    customer_id, _ = await new_customer(platform, tier="enterprise")
+    rules = replace(billing_rules(platform.settings), min_charge_s=60)
+    worker = BillingWorker(_NoNats(), session_factory(engine), platform.settings.namespace, rules)  # type: ignore[arg-type]
+    start = time.time() - 100
+    short = replace(_interval(customer_id, str(uuid.uuid4()), "none",
+                              datetime.fromtimestamp(start, UTC), 12.5, 3),
+                    final=True, since=start)  # fmt: skip
+    tail = replace(short, event_id=short.replica_id + ":2", period_start=start + 12.5,
+                   period_end=start + 12.52)  # the node agent's few ms to the exit  # fmt: skip
+    assert await worker.record([short, tail, short]) == 2
+    async with engine.connect() as conn:
+        rows = (await conn.execute(sa.select(UsageEvent.id, UsageEvent.duration_ms).where(
+            UsageEvent.replica_id == uuid.UUID(short.replica_id)))).all()  # fmt: skip
+    assert dict(rows) == {short.event_id: 12_500, tail.event_id: 20,
+                          f"{short.replica_id}:minimum": 47_500}  # fmt: skip
