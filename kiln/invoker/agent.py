@@ -179,7 +179,8 @@ class NodeAgent:
         self._plan_standbys()
         if key is not None and self.snapshots is not None:
             self.snapshots.prefetch(key)  # overlaps with the replica loading its code
-        return {"ok": True, "node_id": self.node_id, "gpu_type": kind, "gpu_indices": indices}
+        return {"ok": True, "node_id": self.node_id, "gpu_type": kind, "gpu_indices": indices,
+                "billable_since": launch.received_at}  # fmt: skip
 
     async def _spawn(
         self, launch: StartReplica, kind: str, indices: list[int]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,34 +28,16 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from kiln.metering import USAGE_INTERVAL_S, missing_reports, usage_report
 from kiln.wire import StartReplica, Subjects, UsageReport, decode, encode
 
-__all__ = ["USAGE_INTERVAL_S", "UsageCloser", "UsageMeter", "usage_report"]
+__all__ = ["UsageCloser", "UsageMeter", "publish_usage"]
 
 _log = logging.getLogger("kiln.usage")
-USAGE_INTERVAL_S = 5.0
 _PUBLISH_TIMEOUT_S = 2.0
 
 
-def usage_report(
-    launch: StartReplica, seq: int, start: float, end: float, *, calls: int = 0, final: bool = False
-) -> UsageReport:
-    return UsageReport(
-        event_id=f"{launch.replica_id}:{seq}",
-        replica_id=launch.replica_id,
-        customer_id=launch.customer_id,
-        function_id=launch.function_id,
-        gpu_type=launch.gpu_type,
-        gpu_count=launch.gpu_count,
-        period_start=start,
-        period_end=end,
-        final=final,
-        calls=calls,
-        since=launch.received_at,
-    )
-
-
-async def _publish(nc: NATS, subjects: Subjects, report: UsageReport) -> None:
+async def publish_usage(nc: NATS, subjects: Subjects, report: UsageReport) -> None:
     """Into the stream, or raise; the message id makes a retry harmless."""
     await nc.jetstream().publish(
         subjects.usage(uuid.UUID(report.replica_id)),
@@ -120,7 +101,7 @@ class UsageMeter:
         agent, having seen report n, knows every earlier one is stored."""
         while self.unsent:
             try:
-                await _publish(self.nc, self.subjects, self.unsent[0])
+                await publish_usage(self.nc, self.subjects, self.unsent[0])
             except Exception as exc:  # noqa: BLE001 - NATS trouble: kept for the next try
                 _log.warning("usage report %s not sent yet: %s", self.unsent[0].event_id, exc)
                 return False
@@ -201,16 +182,7 @@ class UsageCloser:
                 )
             return reports
         # Killed (or its final report unseen): every interval up to the exit it did not report.
-        last = max(1, math.ceil((exited_at - seen.since) / self.interval_s))
-        for seq in range(1, last + 1):
-            if seq in seen.seen:
-                continue
-            start = seen.since + (seq - 1) * self.interval_s
-            end = min(exited_at, seen.since + seq * self.interval_s)
-            reports.append(
-                usage_report(seen.launch, seq, start, max(start, end), final=seq == last)
-            )
-        return reports
+        return reports + missing_reports(seen.launch, exited_at, seen.seen, self.interval_s)
 
     def closed(self, replica_id: str, exited_at: float) -> None:
         """The replica's process exited: queue its closing reports."""
@@ -224,7 +196,7 @@ class UsageCloser:
             self._wake.clear()
             while self.outbox:
                 try:
-                    await _publish(self.nc, self.subjects, self.outbox[0])
+                    await publish_usage(self.nc, self.subjects, self.outbox[0])
                 except Exception as exc:  # noqa: BLE001 - kept until NATS takes it
                     _log.warning("closing usage report not sent yet: %s", exc)
                     await asyncio.sleep(1.0)
@@ -234,9 +206,9 @@ class UsageCloser:
     async def drain(self, within_s: float) -> None:
         """At the agent's stop: a last chance for the queued reports."""
         deadline = time.monotonic() + within_s
-        while self.outbox and time.monotonic() < deadline:
+        while self.outbox and time.monotonic() < deadline and not self.nc.is_closed:
             try:
-                await _publish(self.nc, self.subjects, self.outbox[0])
+                await publish_usage(self.nc, self.subjects, self.outbox[0])
                 self.outbox.pop(0)
             except Exception:  # noqa: BLE001
                 await asyncio.sleep(0.5)

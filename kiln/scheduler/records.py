@@ -13,7 +13,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kiln.db.enums import AppState, NodeState, ReplicaState
-from kiln.db.models import App, AppVersion, Customer, Function, Node, Replica
+from kiln.db.models import App, AppVersion, Customer, Function, Node, Replica, UsageEvent
 from kiln.db.session import transaction
 from kiln.scheduler.policy import Scaling
 from kiln.wire import NodeHeartbeat, Origin, StartReplica
@@ -129,6 +129,14 @@ class ClusterRecords:
     async def set_node_state(self, node_id: str, state: NodeState) -> None:
         async with transaction(self.sessions) as session:
             await session.execute(sa.update(Node).where(Node.id == node_id).values(state=state))
+
+    async def usage_seqs(self, replica_id: str) -> set[int]:
+        """The numbers of the replica's usage intervals the ledger has charged."""
+        async with transaction(self.sessions) as session:
+            ids = await session.scalars(
+                sa.select(UsageEvent.id).where(UsageEvent.replica_id == uuid.UUID(replica_id))
+            )
+            return {int(seq) for _, _, seq in (i.rpartition(":") for i in ids) if seq.isdigit()}
 
     async def record_replica(
         self, launch: StartReplica, node_id: str, reply: dict[str, object]

@@ -23,7 +23,7 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kiln.db.enums import NodeState, ReplicaState
 from kiln.functions.gpu import gpu_request
+from kiln.metering import missing_reports
 from kiln.observability.coldstart import ColdStartMetrics
 from kiln.observability.scheduling import SchedulingMetrics
 from kiln.scheduler.leader import Leadership
@@ -50,6 +51,7 @@ from kiln.wire import (
     affinity_id,
     consumer_name,
     decode,
+    encode,
 )
 
 __all__ = ["Scheduler"]
@@ -85,6 +87,7 @@ class _Tracked:
     recorded: tuple[int, float | None, ReplicaState | None] | None = None
     requested_at: float = 0.0  # when the demand it serves was seen (epoch seconds)
     schedule_s: float | None = None  # demand seen -> a node agent took the order
+    launch: StartReplica | None = None  # as the node agent took it (its billable start)
 
 
 class Scheduler:
@@ -395,10 +398,33 @@ class Scheduler:
                 continue
             del self.replicas[tracked.replica_id]
             _log.warning("replica %s is lost (no heartbeat)", tracked.replica_id)
+            if tracked.node_id in self.lost_nodes:
+                await self._close_usage(tracked, now_mono)
             await self.records.set_state(
                 tracked.replica_id, ReplicaState.LOST, error="stopped heartbeating", stopped=True
             )
             await self._stop_now(tracked)
+
+    async def _close_usage(self, tracked: _Tracked, now_mono: float) -> None:
+        """Its host is gone, and its node agent with it: write the replica's usage intervals
+        the ledger lacks, up to the host's last heartbeat (the copies of intervals the replica
+        did report collide with them and count once)."""
+        launch = tracked.launch
+        if launch is None or not launch.received_at:
+            return  # adopted from an earlier scheduler: where its time began is unknown
+        _, seen_mono = self.nodes[tracked.node_id]
+        ended = time.time() - (now_mono - seen_mono)
+        try:
+            reports = missing_reports(
+                launch, ended, await self.records.usage_seqs(launch.replica_id)
+            )
+            for report in reports:
+                await self.js.publish(
+                    self.subjects.usage(uuid.UUID(report.replica_id)), encode(report),
+                    timeout=2.0, headers={"Nats-Msg-Id": report.event_id},
+                )  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - at most the intervals since its last report
+            _log.error("could not close the usage of lost replica %s: %s", launch.replica_id, exc)
 
     # Actions -----------------------------------------------------------------------------------
 
@@ -442,6 +468,7 @@ class Scheduler:
                 launched_at=time.time(), startup_timeout_s=function.startup_timeout_s,
                 gpu=function.gpu, requested_at=requested_at,
                 schedule_s=max(0.0, time.time() - requested_at),
+                launch=replace(launch, received_at=_number(reply.get("billable_since"))),
             )  # fmt: skip
             _log.info("placed replica %s of %s/%s on %s (%s)", replica_id, function.app,
                       function.name, placement.node_id, placement.reason)  # fmt: skip
@@ -495,6 +522,10 @@ class Scheduler:
             return {"ok": False, "error": str(exc)}
         answer: dict[str, object] = json.loads(reply.data)
         return answer
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else 0.0
 
 
 def _serving(tracked: _Tracked) -> bool:

@@ -206,3 +206,47 @@ async def test_a_killed_replicas_time_is_closed_by_its_node_agent(
         assert events[0].calls == 1  # the one call, in the interval it was taken
     finally:
         await engine.dispose()
+
+
+async def test_a_lost_hosts_replica_time_is_closed_by_the_scheduler_at_its_last_heartbeat(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """The host dies with its node agent: nobody sees the replica exit, so the scheduler, when
+    it declares the node lost, writes the intervals the ledger lacks up to the node's last
+    heartbeat (at most a heartbeat before the death)."""
+    async with platform.client() as operator:
+        customer = (
+            await operator.post("/v1/customers", json={"name": "Lost", "tier": "enterprise"})
+        ).json()
+        key = (
+            await operator.post("/v1/keys", json={"kind": "account", "customer_id": customer["id"]})
+        ).json()["key"]
+    app_file = tmp_path / "lost.py"
+    app_file.write_text(GPU_APP.replace('"killed"', '"lost"'))
+    customer_id = uuid.UUID(customer["id"])
+    engine = create_engine(platform.settings, application_name="kiln-test")
+    try:
+        async with extra_node(platform, tmp_path / "doomed", "doomed-node", {"H100": 1}) as node:
+            async with platform.client() as c:
+                c.headers["Authorization"] = f"Bearer {key}"
+                assert (await c.post("/v1/apps", json=package(app_file).deploy_body())).is_success
+                assert (await c.post("/v1/run/lost/work")).json() == "done"
+            (running,) = node.agent.replicas.values()
+            since = running.launch.received_at
+            await asyncio.sleep(max(0.0, since + 7.5 - time.time()))
+            await node.kill()
+            died_at = time.time()
+        deadline = time.monotonic() + 30
+        while True:
+            events = await usage_events(engine, customer_id)
+            if events and events[-1].period_end.timestamp() >= died_at - 2.0:
+                break
+            assert time.monotonic() < deadline, events
+            await asyncio.sleep(0.3)
+        assert [e.id.rsplit(":", 1)[1] for e in events] == ["1", "2"]
+        for earlier, later in itertools.pairwise(events):
+            assert later.period_start == earlier.period_end
+        billed_s = sum(e.duration_ms for e in events) / 1000
+        assert died_at - since - 2.0 <= billed_s <= died_at - since
+    finally:
+        await engine.dispose()

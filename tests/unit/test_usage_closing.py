@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import uuid
 
-from kiln.invoker.usage import UsageCloser, UsageMeter, usage_report
+from kiln.invoker.usage import UsageCloser, UsageMeter
+from kiln.metering import usage_report
 from kiln.wire import StartReplica, Subjects
 
 SINCE = 1_000_000.0
