@@ -10,7 +10,6 @@ accepts it two seconds later.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -27,10 +26,10 @@ from kiln.billing.ledger import Changes, billing_rules, refresh_block
 from kiln.db.enums import ApiKeyKind, CustomerStatus, CustomerTier
 from kiln.db.models import ApiKey, App, Customer, Function
 from kiln.db.session import transaction
-from kiln.errors import InvalidJson, InvalidRequest, NotFound, PermissionDenied
+from kiln.errors import InvalidRequest, NotFound, PermissionDenied
 from kiln.router.auth import Principal
 from kiln.router.billing import announce
-from kiln.router.run import read_body
+from kiln.router.run import read_json_object
 from kiln.router.services import RouterServices, services
 from kiln.tiers import TierLimits, with_overrides
 
@@ -45,21 +44,9 @@ __all__ = [
     "rotate_key",
 ]
 
-_BODY_LIMIT = 64 * 1024
 _TIERS = ", ".join(t.value for t in CustomerTier)
 _KINDS = {"operator": ApiKeyKind.OPERATOR, "account": ApiKeyKind.ACCOUNT,
           "function": ApiKeyKind.FUNCTION}  # fmt: skip
-
-
-async def _body(request: Request) -> dict[str, Any]:
-    raw = await read_body(request, _BODY_LIMIT)
-    try:
-        data = json.loads(raw or b"{}")
-    except ValueError as exc:
-        raise InvalidJson(f"the body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("send a JSON object")
-    return data
 
 
 async def _operator(request: Request) -> Principal:
@@ -110,7 +97,7 @@ def _customer_view(
 async def create_customer(request: Request) -> Response:
     svc = services(request)
     await _operator(request)
-    data = await _body(request)
+    data = await read_json_object(request)
     name = data.get("name")
     if not isinstance(name, str) or not 1 <= len(name.strip()) <= 200:
         raise InvalidRequest(f"name={name!r} is not valid: expected 1 to 200 characters")
@@ -161,7 +148,7 @@ async def patch_customer(request: Request) -> Response:
     svc = services(request)
     await _operator(request)
     customer_id = _customer_id(request.path_params["customer_id"])
-    data = await _body(request)
+    data = await read_json_object(request)
     unknown = sorted(set(data) - {"tier", "status", "name", "limits"})
     if unknown or not data:
         raise InvalidRequest(f"cannot change {', '.join(unknown) or 'nothing'}; changeable: "
@@ -227,7 +214,7 @@ def _active_keys() -> sa.ScalarSelect[int]:
 async def create_key(request: Request) -> Response:
     svc = services(request)
     principal = await svc.auth.authenticate(request)
-    data = await _body(request)
+    data = await read_json_object(request)
     kind = _KINDS.get(str(data.get("kind", "account")))
     if kind is None:
         raise InvalidRequest(

@@ -8,7 +8,6 @@ parsed or stored.
 
 from __future__ import annotations
 
-import json
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -26,8 +25,8 @@ from kiln.billing.worker import announce_blocks
 from kiln.db.enums import ApiKeyKind, LedgerKind, PaymentKind
 from kiln.db.models import Customer, DailySpend, LedgerEntry, Payment
 from kiln.db.session import transaction
-from kiln.errors import InvalidJson, InvalidRequest, NotFound, PermissionDenied, Unavailable
-from kiln.router.run import read_body
+from kiln.errors import InvalidRequest, NotFound, PermissionDenied, Unavailable
+from kiln.router.run import read_body, read_json_object
 from kiln.router.services import RouterServices, services
 from kiln.wire import Subjects
 
@@ -41,7 +40,6 @@ __all__ = [
     "transactions",
 ]
 
-_BODY_LIMIT = 64 * 1024
 _WEBHOOK_LIMIT = 1024 * 1024
 _MIN_TOPUP_MICROS = 1_000_000  # one unit of the currency
 _MAX_TOPUP_MICROS = 100_000 * 1_000_000
@@ -49,17 +47,6 @@ _MAX_PAGE = 500
 _SETTINGS = (
     "spend_cap_micros", "refill_threshold_micros", "refill_amount_micros", "reset_refill_failures"
 )  # fmt: skip
-
-
-async def _body(request: Request) -> dict[str, Any]:
-    raw = await read_body(request, _BODY_LIMIT)
-    try:
-        data = json.loads(raw or b"{}")
-    except ValueError as exc:
-        raise InvalidJson(f"the body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("send a JSON object")
-    return data
 
 
 async def account_of(request: Request, named: object = None) -> tuple[bool, uuid.UUID]:
@@ -157,7 +144,7 @@ async def patch_settings(request: Request) -> Response:
     with `refill_amount_micros` (both null: off), `reset_refill_failures` (turns a refill that
     stopped after failures back on), and, for operators, `payment_method_id`."""
     svc = services(request)
-    data = await _body(request)
+    data = await read_json_object(request)
     operator, customer_id = await account_of(request, data.pop("customer_id", None))
     allowed = set(_SETTINGS) | ({"payment_method_id"} if operator else set())
     unknown = sorted(set(data) - allowed)
@@ -200,7 +187,7 @@ async def patch_settings(request: Request) -> Response:
 async def credit(request: Request) -> Response:
     """An operator's adjustment: credit (or, negative, debit) a customer's balance."""
     svc = services(request)
-    data = await _body(request)
+    data = await read_json_object(request)
     operator, customer_id = await account_of(request, data.get("customer_id"))
     if not operator:
         raise PermissionDenied("adjusting a balance needs an operator key")
@@ -276,7 +263,7 @@ async def create_topup(request: Request) -> Response:
     a Stripe Checkout page to send the customer to, or a PaymentIntent's client secret for
     Stripe.js. The balance is credited when Stripe's webhook says the payment succeeded."""
     svc = services(request)
-    data = await _body(request)
+    data = await read_json_object(request)
     _, customer_id = await account_of(request, data.get("customer_id"))
     gateway = svc.stripe
     if gateway is None:

@@ -8,6 +8,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -21,7 +22,7 @@ from kiln.router.services import RouterServices, services
 from kiln.router.stream_response import stream_response
 from kiln.router.streams import CallAbandoned
 
-__all__ = ["call_slot", "read_body", "resolve_entry", "run"]
+__all__ = ["call_slot", "read_body", "read_json_object", "resolve_entry", "run"]
 
 JSON = "application/json"
 BYTES = "application/octet-stream"
@@ -76,6 +77,18 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def read_json_object(request: Request, limit: int = 64 * 1024) -> dict[str, Any]:
+    """A control route's body: a JSON object (an empty body is `{}`)."""
+    raw = await read_body(request, limit)
+    try:
+        data = json.loads(raw or b"{}")
+    except ValueError as exc:
+        raise InvalidJson(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("send a JSON object")
+    return data
 
 
 def classify(body: bytes, content_type: str) -> tuple[bytes, str]:

@@ -5,12 +5,14 @@ the ledger at the GPU type's price, and a report delivered again is not charged 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
 import signal
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ import nats
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
-from stack import Platform, extra_node, platform_fixture  # noqa: F401 - the fixture
+from stack import ExtraNode, Platform, extra_node, platform_fixture  # noqa: F401 - the fixture
 
 from kiln.billing.prices import cost_micros
 from kiln.db.enums import LedgerKind
@@ -150,7 +152,7 @@ async def test_a_replicas_time_is_reported_and_charged_once(
 GPU_APP = """
 import kiln
 
-app = kiln.App("killed")
+app = kiln.App("NAME")
 
 
 @app.function(gpu="H100", idle_timeout=300)
@@ -159,30 +161,39 @@ def work() -> str:
 """
 
 
+@contextlib.asynccontextmanager
+async def gpu_replica(
+    platform: Platform, tmp_path: Path, name: str
+) -> AsyncIterator[tuple[uuid.UUID, ExtraNode, Any]]:
+    """A customer's app `name` with one replica on a node of its own (an H100 host), after one
+    call: (customer id, the node, the node agent's record of the replica)."""
+    async with platform.client() as operator:
+        customer = (
+            await operator.post("/v1/customers", json={"name": name, "tier": "enterprise"})
+        ).json()
+        key = (
+            await operator.post("/v1/keys", json={"kind": "account", "customer_id": customer["id"]})
+        ).json()["key"]
+    app_file = tmp_path / f"{name}.py"
+    app_file.write_text(GPU_APP.replace("NAME", name))
+    async with extra_node(platform, tmp_path / name, f"{name}-node", {"H100": 1}) as node:
+        async with platform.client() as c:
+            c.headers["Authorization"] = f"Bearer {key}"
+            assert (await c.post("/v1/apps", json=package(app_file).deploy_body())).is_success
+            assert (await c.post(f"/v1/run/{name}/work")).json() == "done"
+        (running,) = node.agent.replicas.values()
+        yield uuid.UUID(customer["id"]), node, running
+
+
 async def test_a_killed_replicas_time_is_closed_by_its_node_agent(
     platform: Platform, tmp_path: Path
 ) -> None:
     """No final report from a replica killed with SIGKILL: its node agent writes the intervals
     it never reported, up to the moment the process was gone. Billed time covers the whole
     life of the slot, and exceeds it by no more than the agent took to notice."""
-    async with platform.client() as operator:
-        customer = (
-            await operator.post("/v1/customers", json={"name": "Killed", "tier": "enterprise"})
-        ).json()
-        key = (
-            await operator.post("/v1/keys", json={"kind": "account", "customer_id": customer["id"]})
-        ).json()["key"]
-    app_file = tmp_path / "killed.py"
-    app_file.write_text(GPU_APP)
-    customer_id = uuid.UUID(customer["id"])
     engine = create_engine(platform.settings, application_name="kiln-test")
     try:
-        async with extra_node(platform, tmp_path / "gpu-node", "gpu-node", {"H100": 1}) as node:
-            async with platform.client() as c:
-                c.headers["Authorization"] = f"Bearer {key}"
-                assert (await c.post("/v1/apps", json=package(app_file).deploy_body())).is_success
-                assert (await c.post("/v1/run/killed/work")).json() == "done"
-            (running,) = node.agent.replicas.values()
+        async with gpu_replica(platform, tmp_path, "killed") as (customer_id, _, running):
             since = running.launch.received_at
             # Past one report (at 5 s) and into the next interval, then killed.
             await asyncio.sleep(max(0.0, since + 7.5 - time.time()))
@@ -214,24 +225,9 @@ async def test_a_lost_hosts_replica_time_is_closed_by_the_scheduler_at_its_last_
     """The host dies with its node agent: nobody sees the replica exit, so the scheduler, when
     it declares the node lost, writes the intervals the ledger lacks up to the node's last
     heartbeat (at most a heartbeat before the death)."""
-    async with platform.client() as operator:
-        customer = (
-            await operator.post("/v1/customers", json={"name": "Lost", "tier": "enterprise"})
-        ).json()
-        key = (
-            await operator.post("/v1/keys", json={"kind": "account", "customer_id": customer["id"]})
-        ).json()["key"]
-    app_file = tmp_path / "lost.py"
-    app_file.write_text(GPU_APP.replace('"killed"', '"lost"'))
-    customer_id = uuid.UUID(customer["id"])
     engine = create_engine(platform.settings, application_name="kiln-test")
     try:
-        async with extra_node(platform, tmp_path / "doomed", "doomed-node", {"H100": 1}) as node:
-            async with platform.client() as c:
-                c.headers["Authorization"] = f"Bearer {key}"
-                assert (await c.post("/v1/apps", json=package(app_file).deploy_body())).is_success
-                assert (await c.post("/v1/run/lost/work")).json() == "done"
-            (running,) = node.agent.replicas.values()
+        async with gpu_replica(platform, tmp_path, "lost") as (customer_id, node, running):
             since = running.launch.received_at
             await asyncio.sleep(max(0.0, since + 7.5 - time.time()))
             await node.kill()

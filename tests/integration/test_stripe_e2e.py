@@ -117,6 +117,18 @@ def hour_of(customer_id: str, gpu: str, n: int) -> UsageReport:
     )  # fmt: skip
 
 
+async def checkout(platform: Platform, key: str, amount: int) -> dict[str, Any]:
+    """A top-up through a Stripe Checkout page, as the customer starts it."""
+    async with platform.client() as c:
+        c.headers["Authorization"] = f"Bearer {key}"
+        answer = await c.post("/v1/billing/topups", json={
+            "amount_micros": amount, "success_url": "https://example.com/ok",
+            "cancel_url": "https://example.com/no"})  # fmt: skip
+    assert answer.status_code == 201, answer.text
+    topup: dict[str, Any] = answer.json()
+    return topup
+
+
 # Webhooks ------------------------------------------------------------------------------------
 
 
@@ -124,13 +136,7 @@ async def test_webhooks_with_a_bad_signature_are_refused_and_change_nothing(
     platform: Platform, stripe_fake: FakeStripe, engine: AsyncEngine
 ) -> None:
     customer_id, key = await new_customer(platform)
-    async with platform.client() as c:
-        c.headers["Authorization"] = f"Bearer {key}"
-        topup = (
-            await c.post("/v1/billing/topups", json={
-                "amount_micros": 25 * UNIT, "success_url": "https://example.com/ok",
-                "cancel_url": "https://example.com/no"})
-        ).json()  # fmt: skip
+    topup = await checkout(platform, key, 25 * UNIT)
     assert topup.get("checkout_url", "").startswith("https://checkout.fake/"), topup
     completed, _ = stripe_fake.complete_checkout(topup["checkout_url"].rsplit("/", 1)[1])
     payload = json.dumps(completed).encode()
@@ -157,13 +163,7 @@ async def test_a_topup_is_credited_once_whatever_order_and_repeats_stripe_sends(
     platform: Platform, stripe_fake: FakeStripe, engine: AsyncEngine
 ) -> None:
     customer_id, key = await new_customer(platform)
-    async with platform.client() as c:
-        c.headers["Authorization"] = f"Bearer {key}"
-        topup = (
-            await c.post("/v1/billing/topups", json={
-                "amount_micros": 25 * UNIT, "success_url": "https://example.com/ok",
-                "cancel_url": "https://example.com/no"})
-        ).json()  # fmt: skip
+    topup = await checkout(platform, key, 25 * UNIT)
     completed, succeeded = stripe_fake.complete_checkout(topup["checkout_url"].rsplit("/", 1)[1])
     failed = stripe_fake.event(
         "payment_intent.payment_failed",
