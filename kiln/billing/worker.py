@@ -23,6 +23,7 @@ from nats.js.errors import FetchTimeoutError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from kiln._tasks import cancel_and_wait
 from kiln.billing.ledger import (
     BLOCK_BALANCE,
     BLOCK_SPEND_CAP,
@@ -89,10 +90,7 @@ class BillingWorker:
         try:
             await stop.wait()
         finally:
-            for task in (consume, sweep):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(consume, sweep)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 

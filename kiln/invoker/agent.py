@@ -29,6 +29,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from kiln._proc import die_with_parent
+from kiln._tasks import cancel_and_wait
 from kiln.functions.gpu import gpu_request
 from kiln.invoker.inventory import node_slots
 from kiln.invoker.node_snapshots import NodeSnapshots
@@ -129,13 +130,9 @@ class NodeAgent:
             await self.standbys.close()
             if self.snapshots is not None:
                 await self.snapshots.close()
-            closing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await closing
+            await cancel_and_wait(closing)
             await self.usage.drain(within_s=5.0)
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beat
+            await cancel_and_wait(beat)
 
     async def _on_command(self, msg: Msg) -> None:
         try:

@@ -36,6 +36,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from kiln import _loop
+from kiln._tasks import cancel_and_wait
 from kiln.codestore import CodeStore
 from kiln.db.enums import ReplicaState
 from kiln.functions.loader import load_app, resolve
@@ -355,12 +356,7 @@ class Replica:
         if self.cold_start.sealing is not None:  # the agent may still be sealing our bake
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self.cold_start.sealing), 30)
-        heartbeat.cancel()
-        metering.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await heartbeat
-        with contextlib.suppress(asyncio.CancelledError):
-            await metering
+        await cancel_and_wait(heartbeat, metering)
         if self.usage is not None:  # the last interval, up to the slot's release
             await self.usage.stop()
         with contextlib.suppress(Exception):

@@ -23,6 +23,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import FetchTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from kiln._tasks import cancel_and_wait
 from kiln.db.enums import WebhookState
 from kiln.db.models import App, Call, Function
 from kiln.db.session import transaction
@@ -77,9 +78,7 @@ class JobRecorder:
             try:
                 await stop.wait()
             finally:
-                for task in loops:
-                    task.cancel()
-                await asyncio.gather(*loops, return_exceptions=True)
+                await cancel_and_wait(*loops)
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
 

@@ -19,6 +19,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from kiln._tasks import cancel_and_wait
 from kiln.db.models import Customer
 from kiln.db.session import transaction
 from kiln.errors import PaymentRequired
@@ -48,10 +49,7 @@ class BillingGate:
         self._task = asyncio.create_task(self._refresh_forever(), name="kiln-billing-gate")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     def check(self, customer_id: uuid.UUID | None) -> None:
         """Raise 402 when the customer may not start calls now."""

@@ -27,6 +27,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from kiln._tasks import cancel_and_wait
 from kiln.errors import RateLimited
 from kiln.tiers import TierLimits, with_overrides
 
@@ -106,10 +107,7 @@ class Limiter:
         self._presence = asyncio.create_task(self._announce(nc, subject), name="kiln-presence")
 
     async def close(self) -> None:
-        if self._presence is not None:
-            self._presence.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._presence
+        await cancel_and_wait(self._presence)
 
     async def admit(self, customer: str, tier: str, limits: TierLimits) -> None:
         """Count one request; RateLimited (429) when a limit says no."""
