@@ -187,7 +187,7 @@ def settings(
     finally:
         asyncio.run(_drop_database(service_urls.database_url, database))
         asyncio.run(_clean_nats(service_urls.nats_url, namespace))
-        _clean_redis(service_urls.redis_url, built.redis_prefix)
+        _clean_redis(service_urls.redis_url, built.namespace)  # and namespaces made from it
 
 
 @pytest.fixture(scope="session")

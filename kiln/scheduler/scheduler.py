@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -112,6 +113,7 @@ class Scheduler:
         self.nodes: dict[str, tuple[NodeHeartbeat, float]] = {}
         self.views: dict[str, NodeView] = {}  # for placement; slots taken since the last beat
         self.lost_nodes: set[str] = set()  # silent nodes, recorded as lost
+        self.deaf_at = -math.inf  # when this scheduler last found its NATS link down
         self.wake = asyncio.Event()
         self.backoff_until: dict[uuid.UUID, float] = {}
         self.failures: dict[uuid.UUID, int] = {}
@@ -372,6 +374,13 @@ class Scheduler:
         return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 
     async def _mark_lost(self, now_mono: float) -> None:
+        # Heartbeats this scheduler missed while its own link to NATS was down say nothing
+        # about the nodes and replicas: judge silence only once it has listened long enough.
+        if not self.nc.is_connected:
+            self.deaf_at = now_mono
+            return
+        if now_mono - self.deaf_at < REPLICA_LOST_AFTER_S:
+            return
         for node_id, (_, seen) in self.nodes.items():
             if now_mono - seen > REPLICA_LOST_AFTER_S and node_id not in self.lost_nodes:
                 # Placement already passes it by; its replicas go lost on their own silence.

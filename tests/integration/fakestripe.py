@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import itertools
 import json
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -52,10 +53,12 @@ class FakeStripe:
     fail_next: int = 0  # answer this many requests with a 500
     _idempotent: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=itertools.count)
+    _instance: str = field(default_factory=lambda: secrets.token_hex(4))
     _events: itertools.count[int] = field(default_factory=itertools.count)
 
     def _id(self, prefix: str) -> str:
-        return f"{prefix}_fake{next(self._ids):06d}"
+        # Unique across fakes: one database may see several in a test session.
+        return f"{prefix}_fake{self._instance}{next(self._ids):06d}"
 
     async def handle(self, request: Request) -> Response:
         form = dict(parse_qsl((await request.body()).decode(), keep_blank_values=True))
@@ -133,7 +136,8 @@ class FakeStripe:
     # Webhooks ----------------------------------------------------------------------------------
 
     def event(self, kind: str, obj: dict[str, Any]) -> dict[str, Any]:
-        return {"id": f"evt_fake{next(self._events):06d}", "object": "event", "type": kind,
+        event_id = f"evt_fake{self._instance}{next(self._events):06d}"
+        return {"id": event_id, "object": "event", "type": kind,
                 "created": int(time.time()), "api_version": "2025-01-01",
                 "data": {"object": obj}}  # fmt: skip
 

@@ -269,7 +269,9 @@ async def _appears(path: Path, timeout_s: float = 30) -> None:
 
 
 async def test_a_finished_jobs_result_expires(settings: Settings, tmp_path: Path) -> None:
-    async with running_platform(settings.replace(job_result_ttl_s=1.0), tmp_path) as short:
+    # A namespace of its own: the module's platform must not record this job with its TTL.
+    alone = settings.replace(job_result_ttl_s=1.0, namespace=f"{settings.namespace}ttl")
+    async with running_platform(alone, tmp_path) as short:
         await short.deploy_source(tmp_path, "jobs.py", JOBS)
         call_id = await spawn(short, "jobs/echo", json={"x": 9})
         assert (await finished(short, call_id))["result"] == {"x": 9}
