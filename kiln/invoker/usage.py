@@ -112,7 +112,6 @@ class UsageMeter:
 @dataclass
 class _Seen:
     launch: StartReplica
-    since: float
     seen: set[int] = field(default_factory=set)
     last: UsageReport | None = None  # the highest-numbered report seen
     subscription: Subscription | None = None
@@ -136,7 +135,7 @@ class UsageCloser:
         self._wake = asyncio.Event()
 
     def track(self, launch: StartReplica) -> _Seen:
-        seen = self.watched[launch.replica_id] = _Seen(launch, launch.received_at or time.time())
+        seen = self.watched[launch.replica_id] = _Seen(launch)
         return seen
 
     def saw(self, report: UsageReport) -> None:
@@ -153,12 +152,8 @@ class UsageCloser:
         seen = self.track(launch)
 
         async def on_report(msg: Msg) -> None:
-            try:
-                report = decode(UsageReport, msg.data)
-                int(report.event_id.rpartition(":")[2])
-            except (ValueError, TypeError):
-                return
-            self.saw(report)
+            with contextlib.suppress(ValueError, TypeError):
+                self.saw(decode(UsageReport, msg.data))
 
         with contextlib.suppress(Exception):  # without NATS it closes from the start
             seen.subscription = await self.nc.subscribe(

@@ -21,18 +21,12 @@ def launch() -> StartReplica:
 
 
 def closer_watching(start: StartReplica, seen: list[tuple[int, float, float, bool]]) -> UsageCloser:
+    """A node agent's closer that has heard the replica's reports `seen`."""
     closer = UsageCloser(nc=None, subjects=Subjects("t"))  # type: ignore[arg-type]
-    closer.watched[start.replica_id] = watched = _seen(start)
+    closer.track(start)
     for seq, begin, end, final in seen:
-        watched.seen.add(seq)
-        watched.last = usage_report(start, seq, begin, end, final=final)
+        closer.saw(usage_report(start, seq, begin, end, final=final))
     return closer
-
-
-def _seen(start: StartReplica):  # type: ignore[no-untyped-def]
-    from kiln.invoker.usage import _Seen
-
-    return _Seen(start, start.received_at)
 
 
 def spans(reports: list) -> list[tuple[str, float, float, bool]]:  # type: ignore[type-arg]
