@@ -18,8 +18,10 @@ billing_app = typer.Typer(
 )
 
 _MICROS = Decimal(1_000_000)
+Granularity = Annotated[str, typer.Option(help="hour or day.")]
 Since = Annotated[str | None, typer.Option(help="ISO date or time (default 30 days ago).")]
 Until = Annotated[str | None, typer.Option(help="ISO date or time (default now).")]
+Csv = Annotated[bool, typer.Option("--csv", help="CSV instead of a table.")]
 Customer = Annotated[
     str | None, typer.Option("--customer", help="The customer (operator keys only).")
 ]
@@ -59,6 +61,16 @@ def _params(customer: str | None, **more: Any) -> dict[str, Any]:
     if customer is not None:
         params["customer_id"] = customer
     return params
+
+
+def _rows(path: str, params: dict[str, Any], *, csv: bool) -> list[dict[str, Any]]:
+    """A report's rows to print as a table; with `csv`, the CSV is printed here instead."""
+    answer = _call("GET", path, params={**params, "format": "csv" if csv else "json"})
+    if csv:
+        typer.echo(answer, nl=False)
+        return []
+    rows: list[dict[str, Any]] = answer["rows"]
+    return rows
 
 
 def _show_account(account: dict[str, Any]) -> None:
@@ -164,21 +176,14 @@ def report(
     by: Annotated[str, typer.Option(help="function, gpu_type, both (comma) or none.")] = (
         "function,gpu_type"
     ),
-    granularity: Annotated[str, typer.Option(help="hour or day.")] = "day",
-    since: Annotated[
-        str | None, typer.Option(help="ISO date or time (default 30 days ago).")
-    ] = None,
-    until: Annotated[str | None, typer.Option(help="ISO date or time (default now).")] = None,
-    csv: Annotated[bool, typer.Option("--csv", help="CSV instead of a table.")] = False,
+    granularity: Granularity = "day",
+    since: Since = None,
+    until: Until = None,
+    csv: Csv = False,
 ) -> None:
     """Replica-seconds, calls and cost by period, function and GPU type."""
-    params = _params(customer, group_by=by, granularity=granularity, since=since, until=until,
-                     format="csv" if csv else "json")  # fmt: skip
-    answer = _call("GET", "/v1/billing/usage", params=params)
-    if csv:
-        typer.echo(answer, nl=False)
-        return
-    for row in answer["rows"]:
+    params = _params(customer, group_by=by, granularity=granularity, since=since, until=until)
+    for row in _rows("/v1/billing/usage", params, csv=csv):
         labels = "  ".join(str(row[k]) for k in ("function", "gpu_type") if k in row)
         typer.echo(f"{row['period'][:16]}  {labels:<40} {row['replica_seconds']:>12.1f} s "
                    f"{row['calls']:>8} calls {_money(row['cost_micros']):>12}")  # fmt: skip
@@ -186,21 +191,14 @@ def report(
 
 @billing_app.command("revenue")
 def revenue(
-    granularity: Annotated[str, typer.Option(help="hour or day.")] = "day",
-    since: Annotated[
-        str | None, typer.Option(help="ISO date or time (default 30 days ago).")
-    ] = None,
-    until: Annotated[str | None, typer.Option(help="ISO date or time (default now).")] = None,
-    csv: Annotated[bool, typer.Option("--csv", help="CSV instead of a table.")] = False,
+    granularity: Granularity = "day",
+    since: Since = None,
+    until: Until = None,
+    csv: Csv = False,
 ) -> None:
     """Revenue by tier (operator key)."""
-    params = _params(None, granularity=granularity, since=since, until=until,
-                     format="csv" if csv else "json")  # fmt: skip
-    answer = _call("GET", "/v1/billing/revenue", params=params)
-    if csv:
-        typer.echo(answer, nl=False)
-        return
-    for row in answer["rows"]:
+    params = _params(None, granularity=granularity, since=since, until=until)
+    for row in _rows("/v1/billing/revenue", params, csv=csv):
         typer.echo(f"{row['period'][:16]}  {row['tier']:<11} {row['customers']:>5} customers "
                    f"{row['replica_seconds']:>12.1f} s  usage {_money(row['usage_revenue_micros'])}"
                    f"  paid in {_money(row['payments_micros'])}")  # fmt: skip
