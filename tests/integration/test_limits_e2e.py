@@ -133,7 +133,7 @@ async def test_a_flood_from_three_routers_gets_rate_times_time_plus_burst(
         for c in clients:  # connections and key verdicts warm, then the burst refilled
             assert (await c.get(path)).status_code == 404
         await asyncio.sleep(burst / (per_minute / 60) + 0.2)
-        accepted_at: list[float] = []
+        accepted_at: list[tuple[float, float]] = []  # (sent, answered) per admission
         refused = 0
         stop_at = time.monotonic() + 4.0
 
@@ -143,7 +143,7 @@ async def test_a_flood_from_three_routers_gets_rate_times_time_plus_burst(
                 sent = time.monotonic()
                 status = (await c.get(path)).status_code
                 if status == 404:
-                    accepted_at.append(sent)
+                    accepted_at.append((sent, time.monotonic()))
                 else:
                     assert status == 429
                     refused += 1
@@ -152,12 +152,19 @@ async def test_a_flood_from_three_routers_gets_rate_times_time_plus_burst(
         for c in clients:
             await c.aclose()
     accepted = len(accepted_at)
-    # GCRA lets in `burst` at once, then one every 1/rate: over the window the accepted
-    # requests were sent in, burst + rate * window of them.
-    expected = burst + per_minute / 60 * (max(accepted_at) - min(accepted_at))
     assert refused > accepted / 2, (accepted, refused)  # it really was a flood
-    assert abs(accepted - expected) <= 0.01 * expected, (accepted, expected)
-
+    # GCRA lets in `burst` at once, then one every 1/rate. Redis admitted each request some
+    # time between its send and its answer, so the admissions spanned at most `outer` and at
+    # least `inner` seconds; on a loaded machine the two differ by a request's latency.
+    outer = max(a for _, a in accepted_at) - min(s for s, _ in accepted_at)
+    inner = max(s for s, _ in accepted_at) - min(a for _, a in accepted_at)
+    rate = per_minute / 60
+    assert burst + rate * inner - 1 <= accepted <= burst + rate * outer + 1, (
+        accepted,
+        burst + rate * inner,
+        burst + rate * outer,
+    )
+    assert outer - inner < 0.5, (outer, inner)  # the bracket stays tight enough to mean much
 
 async def test_the_concurrency_cap_holds_and_is_released_after_timeouts_disconnects_and_loss(
     platform: Platform,
