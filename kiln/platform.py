@@ -27,6 +27,7 @@ from kiln.invoker.agent import NodeAgent
 from kiln.jobs.recorder import JobRecorder
 from kiln.observability.billing import BillingMetrics
 from kiln.observability.coldstart import ColdStartMetrics
+from kiln.observability.nats import NatsMetrics, NatsProcess
 from kiln.router.app import create_app
 from kiln.scheduler.scheduler import Scheduler
 from kiln.settings import Settings
@@ -62,18 +63,24 @@ async def serve_platform(
     async with contextlib.AsyncExitStack() as exits:
         engine = create_engine(settings, application_name="kiln-platform")
         exits.push_async_callback(engine.dispose)
+        # One registry for this process's NATS connections (the router's and this one), so
+        # /metrics shows each family once.
+        nats_metrics = NatsMetrics()
         nc = await nats.connect(
             servers=settings.nats_servers,
             connect_timeout=settings.connect_timeout_s,
             name="kiln-platform",
+            **nats_metrics.callbacks(NatsProcess.PLATFORM),
         )
         exits.push_async_callback(nc.drain)
 
         cold_starts = ColdStartMetrics()
         billing_metrics = BillingMetrics()
+        node_agent = NodeAgent(settings, nc)
+        also = [cold_starts.registry, billing_metrics.registry, node_agent.metrics_registry]
         server = _Server(
             uvicorn.Config(
-                create_app(settings, metrics_also=[cold_starts.registry, billing_metrics.registry]),
+                create_app(settings, metrics_also=also, nats_metrics=nats_metrics),
                 host=settings.host,
                 port=settings.port,
                 log_level="warning",
@@ -100,7 +107,7 @@ async def serve_platform(
             else scheduler_stop.wait()
         )  # fmt: skip
         scheduling = asyncio.create_task(schedule, name="kiln-scheduler")
-        agent = asyncio.create_task(NodeAgent(settings, nc).run(stop), name="kiln-node-agent")
+        agent = asyncio.create_task(node_agent.run(stop), name="kiln-node-agent")
         recorder_stop = asyncio.Event()
         recording = asyncio.create_task(
             JobRecorder(nc, session_factory(engine), settings).run(recorder_stop),

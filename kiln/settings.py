@@ -92,6 +92,7 @@ class Settings:
     shutdown_timeout_s: float = 30.0
     db_pool_size: int = 10
     metrics_port: int = 9464
+    gpu_sample_interval_s: float = 5.0
     node_id: str | None = None
     node_gpus: dict[str, int] | None = None
     snapshots: Switch = Switch.ON
@@ -102,6 +103,10 @@ class Settings:
     ws_idle_timeout_s: float = 300.0
     ws_max_session_s: float = 3600.0
     job_result_ttl_s: float = 7 * 24 * 3600.0
+    invocation_log: Switch = Switch.ON
+    invocation_retention_s: float = 30 * 24 * 3600.0
+    function_logs_max_bytes: int = 1024 * 1024 * 1024
+    function_logs_max_age_s: float = 7 * 24 * 3600.0
     tier_limits: Mapping[str, TierLimits] = dataclasses.field(default_factory=lambda: DEFAULT_TIERS)
     gpu_prices: Mapping[str, int] = dataclasses.field(default_factory=lambda: DEFAULT_PRICES)
     stripe_api_key: str | None = dataclasses.field(default=None, repr=False)
@@ -387,6 +392,32 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "how long a finished job's status and result are kept (default 7 days)",
     ),
     SettingSpec(
+        "KILN_INVOCATION_LOG",
+        "invocation_log",
+        _choice(Switch),
+        "on: every call gets a row in the invocation log (default); off: none are written",
+    ),
+    SettingSpec(
+        "KILN_INVOCATION_RETENTION_S",
+        "invocation_retention_s",
+        _seconds(3600, 10 * 365 * 86_400),
+        "how long invocation log rows are kept; older ones are deleted in the background "
+        "(default 30 days)",
+    ),
+    SettingSpec(
+        "KILN_FUNCTION_LOGS_MAX_BYTES",
+        "function_logs_max_bytes",
+        _int_range(1024 * 1024, 1024**4),
+        "the most bytes of function output (prints and logging) the log stream keeps; the "
+        "oldest go first (default 1 GiB)",
+    ),
+    SettingSpec(
+        "KILN_FUNCTION_LOGS_MAX_AGE_S",
+        "function_logs_max_age_s",
+        _seconds(60, 365 * 86_400),
+        "how long function output is kept in the log stream (default 7 days)",
+    ),
+    SettingSpec(
         "KILN_TIER_LIMITS",
         "tier_limits",
         _tier_limits,
@@ -453,6 +484,13 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "metrics_port",
         _int_range(1, 65535),
         "Prometheus port of processes other than the router (default 9464)",
+    ),
+    SettingSpec(
+        "KILN_GPU_SAMPLE_INTERVAL_S",
+        "gpu_sample_interval_s",
+        _seconds(1, 3600),
+        "how often a node agent reads its GPUs' utilisation, memory, temperature, power and "
+        "ECC errors through NVML for its metrics (default 5)",
     ),
 )
 

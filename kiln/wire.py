@@ -19,6 +19,7 @@ Everything lives under the deployment's namespace `ns` (`KILN_NAMESPACE`):
 | `ns.jobevents.<job>`             | JetStream     | replica → job recorder     |
 | `ns.usage.<rid>`                 | JetStream     | replica, node agent → billing worker |
 | `ns.billing.blocks`              | core          | billing → routers, scheduler |
+| `ns.logs.<fid>`                  | JetStream     | replica → routers (`kiln logs`) |
 
 `<fid>` is a function's UUID in hex. Calls carry their parameters in headers and the caller's
 bytes untouched in the body, so large JSON is never parsed on the hot path more than needed.
@@ -127,6 +128,11 @@ class JobEvent:
     content_type: str | None = None
     result_b64: str | None = None  # a small result, inline
     result_ref: str | None = None  # a large one, in the job results bucket under this name
+    # For the invocation log, on an attempt's end: how long it ran, the result's size, and
+    # whether the job was stored before its replica was ready (it waited for a cold start).
+    run_s: float | None = None
+    bytes_out: int = 0
+    cold: bool = False
 
 
 # Frames of a WebSocket session either side may have in flight before the other grants more.
@@ -211,6 +217,17 @@ class Subjects:
     @property
     def all_usage(self) -> str:
         return f"{self.ns}.usage.*"
+
+    @property
+    def logs_stream(self) -> str:
+        return f"{self.ns}_logs"
+
+    def logs(self, function_id: uuid.UUID) -> str:
+        return f"{self.ns}.logs.{function_id.hex}"
+
+    @property
+    def all_logs(self) -> str:
+        return f"{self.ns}.logs.*"
 
     @property
     def code_bucket(self) -> str:

@@ -13,19 +13,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import signal
 
 import nats
-from prometheus_client import start_http_server
 
-from kiln import _loop
+from kiln._service import run_service
 from kiln.billing.ledger import billing_rules
 from kiln.billing.outbox import OutboxWorker
 from kiln.billing.stripe_gateway import StripeGateway
 from kiln.billing.worker import BillingWorker
 from kiln.db.session import create_engine, session_factory
 from kiln.observability.billing import BillingMetrics
+from kiln.observability.exposition import serve_metrics
+from kiln.observability.nats import NatsMetrics, NatsProcess
 from kiln.settings import Settings
 
 __all__ = ["main", "serve_billing"]
@@ -35,7 +34,7 @@ _log = logging.getLogger("kiln.billing")
 
 async def serve_billing(settings: Settings, stop: asyncio.Event) -> None:
     metrics = BillingMetrics()
-    start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+    nats_metrics = NatsMetrics()
     rules = billing_rules(settings)
     async with contextlib.AsyncExitStack() as exits:
         engine = create_engine(settings, application_name="kiln-billing")
@@ -45,8 +44,16 @@ async def serve_billing(settings: Settings, stop: asyncio.Event) -> None:
             connect_timeout=settings.connect_timeout_s,
             name="kiln-billing",
             max_reconnect_attempts=-1,  # a service waits for NATS to come back, however long
+            **nats_metrics.callbacks(NatsProcess.BILLING),
         )
         exits.push_async_callback(nc.drain)
+        await exits.enter_async_context(
+            serve_metrics(
+                [metrics.registry, nats_metrics.registry],
+                host=settings.host,
+                port=settings.metrics_port,
+            )
+        )
         sessions = session_factory(engine)
         workers = [BillingWorker(nc, sessions, settings.namespace, rules, metrics).run(stop)]
         if settings.stripe_enabled:
@@ -59,14 +66,4 @@ async def serve_billing(settings: Settings, stop: asyncio.Event) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    settings = Settings.from_env(os.environ)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve_billing(settings, stop)
-
-    _loop.run(run())
+    run_service(serve_billing)

@@ -49,6 +49,7 @@ class Call(Timestamps, Base):
     # The replica running it now (cancel tells it); its body in the payload store, if large.
     replica_id: Mapped[uuid.UUID | None]
     body_ref: Mapped[str | None] = mapped_column(sa.Text)
+    bytes_in: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default=sa.text("0"))
     webhook_url: Mapped[str | None] = mapped_column(sa.Text)
     # The completion webhook: pending until delivered (or failed after its retries).
     webhook_state: Mapped[WebhookState | None] = mapped_column(
@@ -90,13 +91,18 @@ class Invocation(Base):
     function_id: Mapped[uuid.UUID]
     version_id: Mapped[uuid.UUID | None]
     replica_id: Mapped[uuid.UUID | None]
-    call_id: Mapped[uuid.UUID | None]
+    # A sync, stream or session call: `<router>-<call>`; a job attempt: `<job id>:<attempt>`.
+    call_id: Mapped[str | None] = mapped_column(sa.String(64))
+    request_id: Mapped[str | None] = mapped_column(sa.String(64))
+    method: Mapped[str | None] = mapped_column(sa.String(63))
     kind: Mapped[InvocationKind] = mapped_column(str_enum(InvocationKind, "kind"))
     status: Mapped[InvocationStatus] = mapped_column(str_enum(InvocationStatus, "status"))
     error_code: Mapped[str | None] = mapped_column(sa.String(64))
     started_at: Mapped[datetime]
     queue_wait_ms: Mapped[int | None]
     duration_ms: Mapped[int | None]
+    # From a replica taking the call to its answer (for a stream, its last chunk).
+    execution_ms: Mapped[int | None]
     bytes_in: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default=sa.text("0"))
     bytes_out: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default=sa.text("0"))
     cold_start: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
@@ -104,4 +110,12 @@ class Invocation(Base):
     __table_args__ = (
         sa.Index(None, "function_id", "started_at"),
         sa.Index(None, "customer_id", "started_at"),
+        sa.Index(None, "started_at"),  # the retention sweep
+        # One row per job attempt, however often the recorder sees the attempt's end.
+        sa.Index(
+            "ix_invocations_job_attempt",
+            "call_id",
+            unique=True,
+            postgresql_where=sa.text("kind = 'job'"),
+        ),
     )

@@ -27,6 +27,7 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from prometheus_client import CollectorRegistry
 
 from kiln._proc import die_with_parent
 from kiln._tasks import cancel_and_wait
@@ -35,6 +36,7 @@ from kiln.invoker.inventory import node_slots
 from kiln.invoker.node_snapshots import NodeSnapshots
 from kiln.invoker.standby import Assignment, StandbyPool
 from kiln.invoker.usage import UsageCloser
+from kiln.observability.gpu import GpuTelemetry
 from kiln.settings import Settings
 from kiln.wire import HEARTBEAT_INTERVAL_S, NodeHeartbeat, StartReplica, Subjects, encode
 
@@ -103,6 +105,26 @@ class NodeAgent:
             env_for=self._standby_env,
             log_file=self.workdir / "standby.log",
         )
+        # What this agent exports (the node agent service serves it; `kiln dev` adds it to the
+        # router's /metrics).
+        self.metrics_registry = CollectorRegistry()
+        self.gpu_telemetry = GpuTelemetry(
+            self.node_id,
+            self._gpu_holders,
+            interval_s=settings.gpu_sample_interval_s,
+            registry=self.metrics_registry,
+        )
+
+    def _gpu_holders(self) -> dict[int, str]:
+        """GPU index -> the replica holding it, for the GPU metrics' `replica` label. Slot
+        indices are what a replica gets as CUDA_VISIBLE_DEVICES (device indices on a host of
+        one GPU type: slots are numbered per type)."""
+        return {
+            index: replica_id
+            for replica_id, running in self.replicas.items()
+            if running.gpu_type != "none"
+            for index in running.indices
+        }
 
     def _launch_of(self, replica_id: str) -> StartReplica | None:
         running = self.replicas.get(replica_id)
@@ -117,9 +139,11 @@ class NodeAgent:
         sub = await self.nc.subscribe(self.subjects.node_command(self.node_id), cb=self._on_command)
         beat = asyncio.create_task(self._heartbeat(), name="kiln-agent-heartbeat")
         closing = asyncio.create_task(self.usage.run(), name="kiln-agent-usage")
+        telemetry = asyncio.create_task(self.gpu_telemetry.run(), name="kiln-agent-gpu-telemetry")
         try:
             await stop.wait()
         finally:
+            await cancel_and_wait(telemetry)
             # NATS may be gone already: the replicas are stopped all the same.
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()

@@ -26,6 +26,7 @@ from kiln.errors import (
 )
 from kiln.functions.session import SessionClosed
 from kiln.functions.spec import CallKind, FunctionSpec
+from kiln.invoker.output import in_call
 from kiln.invoker.sessions import ReplicaSession
 from kiln.invoker.streams import StreamCredits, send_stream
 from kiln.invoker.target import Encoded, Target
@@ -76,7 +77,7 @@ class CallRunner:
     async def run(self, call: CallHeaders, body: bytes) -> None:
         """Run one call the replica took, until it is answered or its caller cancels it."""
         key = (call.router, call.call_id)
-        with self.cancellable(key):
+        with self.cancellable(key), in_call(f"{call.router}-{call.call_id}", call.request_id):
             try:
                 if call.payload is not None:
                     try:

@@ -16,6 +16,7 @@ import base64
 import contextlib
 import dataclasses
 import logging
+import time
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -23,6 +24,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
 from kiln.errors import KilnError
 from kiln.invoker.calls import CallRunner
+from kiln.invoker.output import in_call
 from kiln.wire import CallHeaders, JobEvent, JobEventKind, Subjects, encode
 
 __all__ = ["JobRunner", "retry_delay_s"]
@@ -40,12 +42,15 @@ def retry_delay_s(attempt: int) -> float:
 
 
 class JobRunner:
-    def __init__(self, nc: NATS, subjects: Subjects, calls: CallRunner) -> None:
+    def __init__(
+        self, nc: NATS, subjects: Subjects, calls: CallRunner, *, ready_at: float = 0.0
+    ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.subjects = subjects
         self.calls = calls
         self.replica = str(calls.replica_id)
+        self.ready_at = ready_at  # epoch seconds
 
     async def run(self, msg: Msg, call: CallHeaders) -> None:
         """Run one delivery of a job, and settle its message: ack (done), NAK with a delay
@@ -66,9 +71,16 @@ class JobRunner:
             return
         await self._publish(JobEvent(job, JobEventKind.STARTED, attempt, self.replica))
         keepalive = asyncio.ensure_future(self._in_progress(msg))
+        started = time.monotonic()
+        cold = msg.metadata.timestamp.timestamp() < self.ready_at
+
+        def ended(event: JobEvent, bytes_out: int = 0) -> JobEvent:
+            run_s = time.monotonic() - started
+            return dataclasses.replace(event, run_s=run_s, bytes_out=bytes_out, cold=cold)
+
         key = (call.router, job)
         try:
-            with self.calls.cancellable(key):
+            with self.calls.cancellable(key), in_call(job, call.request_id):
                 try:
                     body = msg.data
                     if call.payload is not None:
@@ -78,23 +90,24 @@ class JobRunner:
                     if not self.calls.cancelled_by_caller(key):
                         raise  # the replica is stopping: the job is delivered again
                     await self._finish(
-                        msg, JobEvent(job, JobEventKind.CANCELLED, attempt, self.replica, True)
+                        msg,
+                        ended(JobEvent(job, JobEventKind.CANCELLED, attempt, self.replica, True)),
                     )
                     return
                 except KilnError as exc:
                     final = attempt >= attempts
-                    event = JobEvent(
+                    event = ended(JobEvent(
                         job, JobEventKind.FAILED, attempt, self.replica, final=final,
                         error_code=exc.code, error_message=exc.message,
-                    )  # fmt: skip
+                    ))  # fmt: skip
                     if final:
                         await self._finish(msg, event, term=True)
                     else:
                         await self._publish(event)
                         await msg.nak(delay=retry_delay_s(attempt))
                     return
-            await self._finish(msg, await self._succeeded(job, attempt, result.body,
-                                                          result.content_type))  # fmt: skip
+            succeeded = await self._succeeded(job, attempt, result.body, result.content_type)
+            await self._finish(msg, ended(succeeded, len(result.body)))
         finally:
             keepalive.cancel()
 

@@ -46,6 +46,7 @@ from kiln.invoker.calls import CallRunner
 from kiln.invoker.coldstart import ColdStart, SnapshotLink, build_instance
 from kiln.invoker.feed import CallFeed
 from kiln.invoker.jobs import JobRunner
+from kiln.invoker.output import CallContextFilter, FunctionOutput
 from kiln.invoker.target import Target, build_target
 from kiln.invoker.usage import UsageMeter
 from kiln.settings import Settings
@@ -85,6 +86,7 @@ class Replica:
         self.target: Target | None = None
         self.nc: NATS | None = None
         self.feed: CallFeed | None = None
+        self.output: FunctionOutput | None = None
         self._busy = 0  # calls taken and not finished (in_flight, counted before its tasks run)
         self._accepts: dict[str, list[str]] = {}  # router id -> call ids taken, not yet told
         self._accepts_written: dict[str, asyncio.Future[None]] = {}
@@ -95,6 +97,8 @@ class Replica:
         self._tasks: set[asyncio.Future[None]] = set()
         self.cold_start = ColdStart(on_phase=self._on_phase)
         self._first_call = True
+        # When it became ready: routers count a call published before then as a cold one.
+        self.ready_at = 0.0
 
     @property
     def concurrency(self) -> int:
@@ -107,6 +111,11 @@ class Replica:
             name=f"kiln-replica-{self.replica_id.hex[:8]}",
         )
         js = self.nc.jetstream()
+        self.output = FunctionOutput(
+            self.nc, self.subjects.logs(self.function_id), self._replica_str
+        )
+        self.output.install()
+        shipping = asyncio.create_task(self.output.run(), name="kiln-replica-output")
         heartbeat = asyncio.create_task(self._heartbeat(), name="kiln-replica-heartbeat")
         self.usage = UsageMeter(self.nc, self.subjects, self.launch)
         metering = asyncio.create_task(self.usage.run(), name="kiln-replica-usage")
@@ -129,9 +138,10 @@ class Replica:
                 on_poison=self._poison,
             )  # fmt: skip
             await self.calls.start()
-            self.jobs = JobRunner(self.nc, self.subjects, self.calls)
+            self.ready_at = time.time()
+            self.jobs = JobRunner(self.nc, self.subjects, self.calls, ready_at=self.ready_at)
             self.state = ReplicaState.READY
-            self.idle_since = time.time()
+            self.idle_since = self.ready_at
             await self._beat()
             _log.info("cold start: %s", record.summary())
             self._report(record.phases)
@@ -142,7 +152,7 @@ class Replica:
             self.error = f"{type(exc).__name__}: {exc}"
             _log.error("replica failed: %s", "".join(traceback.format_exception(exc)))
         finally:
-            await self._finish(heartbeat, drain_sub, metering)
+            await self._finish(heartbeat, drain_sub, metering, shipping)
         return code
 
     def _snapshot_link(self) -> SnapshotLink | None:
@@ -281,7 +291,9 @@ class Replica:
     ) -> None:
         try:
             if calls and self.nc is not None:
-                body = json.dumps({"replica": str(self.replica_id), "calls": calls}).encode()
+                body = json.dumps(
+                    {"replica": self._replica_str, "calls": calls, "ready_at": self.ready_at}
+                ).encode()
                 await self.nc.publish(self.subjects.accepted(router), body)
                 # Into the socket now, not at the flusher's next turn (no round trip: the
                 # kernel sends it even if this process dies next).
@@ -340,7 +352,11 @@ class Replica:
                 beat.add_done_callback(self._tasks.discard)
 
     async def _finish(
-        self, heartbeat: asyncio.Task[None], drain_sub: Any, metering: asyncio.Task[None]
+        self,
+        heartbeat: asyncio.Task[None],
+        drain_sub: Any,
+        metering: asyncio.Task[None],
+        shipping: asyncio.Task[None],
     ) -> None:
         if self.state is not ReplicaState.FAILED:
             self.state = ReplicaState.DRAINING
@@ -356,7 +372,12 @@ class Replica:
         if self.cold_start.sealing is not None:  # the agent may still be sealing our bake
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self.cold_start.sealing), 30)
-        await cancel_and_wait(heartbeat, metering)
+        await cancel_and_wait(heartbeat, metering, shipping)
+        if self.output is not None:  # the last lines (the @exit hooks' too)
+            self.output.uninstall()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    await self.output.send()
         if self.usage is not None:  # the last interval, up to the slot's release
             await self.usage.stop()
         with contextlib.suppress(Exception):
@@ -394,7 +415,11 @@ def main() -> None:
 def serve_launch(launch_path: Path) -> NoReturn:
     """Be the replica that `launch_path` describes, until it stops; then exit the process.
     A fresh process (`main`) and an assigned standby (`kiln.invoker.standby`) both end here."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s [%(request_id)s] %(message)s"
+    )
+    for handler in logging.getLogger().handlers:  # the request id of the call being served
+        handler.addFilter(CallContextFilter())
     data = json.loads(launch_path.read_text())
     node_id = data.pop("node_id")
     settings = Settings.from_env(os.environ)

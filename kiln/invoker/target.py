@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import functools
 import inspect
 import json
@@ -117,7 +118,9 @@ class Target:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                done, item = await loop.run_in_executor(self.executor, steps.next)
+                done, item = await loop.run_in_executor(
+                    self.executor, contextvars.copy_context().run, steps.next
+                )
                 if done:
                     return
                 yield _encode_chunk(label, item)
@@ -137,7 +140,10 @@ class Target:
         if inspect.iscoroutinefunction(fn):
             return await fn(*args, **kwargs)
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+        # In a copy of this task's context: the code's prints know the call they belong to.
+        result = await loop.run_in_executor(
+            self.executor, contextvars.copy_context().run, functools.partial(fn, *args, **kwargs)
+        )
         if inspect.isawaitable(result):  # a sync wrapper around async code
             return await result
         return result

@@ -14,6 +14,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import sqlalchemy as sa
@@ -21,17 +22,25 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import FetchTimeoutError
+from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kiln._tasks import cancel_and_wait
 from kiln.db.enums import WebhookState
-from kiln.db.models import App, Call, Function
+from kiln.db.models import App, Call, Function, Invocation
 from kiln.db.session import transaction
 from kiln.jobs import webhooks
-from kiln.jobs.records import apply_event, call_target, call_view, expire_finished
+from kiln.jobs.records import (
+    FINISHED,
+    apply_event,
+    attempt_row,
+    call_target,
+    call_view,
+    expire_finished,
+)
 from kiln.jobs.streams import ensure_job_streams
 from kiln.payloads import PayloadStore
-from kiln.settings import Settings
+from kiln.settings import Settings, Switch
 from kiln.wire import JobEvent, JobEventKind, Subjects, decode
 
 __all__ = ["JobRecorder"]
@@ -128,13 +137,25 @@ class JobRecorder:
                     sa.select(Call).where(Call.id.in_(ids)).order_by(Call.id).with_for_update()
                 )
             }
+            attempts: list[dict[str, Any]] = []
             for event in readable:
                 call = calls.get(uuid.UUID(event.job_id))
                 if call is None:
                     continue  # spawned and withdrawn, or long forgotten
+                if call.status not in FINISHED and event.kind != JobEventKind.STARTED:
+                    attempts.append(attempt_row(call, event, now))
                 if apply_event(call, event, now, self.ttl_s) and call.body_ref is not None:
                     stored_bodies.append(call.body_ref)
                     call.body_ref = None
+            if attempts and self.settings.invocation_log is Switch.ON:
+                # One row per attempt: a replayed event's row is already there.
+                await session.execute(
+                    pg.insert(Invocation)
+                    .values(attempts)
+                    .on_conflict_do_nothing(
+                        index_elements=["call_id"], index_where=sa.text("kind = 'job'")
+                    )
+                )
         for name in stored_bodies:
             await self.payloads.delete(name)
 

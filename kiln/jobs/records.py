@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from kiln.db.enums import CallStatus, WebhookState
+from kiln.db.enums import CallStatus, InvocationKind, InvocationStatus, WebhookState
 from kiln.db.models import Call
 from kiln.wire import JobEvent, JobEventKind
 
@@ -93,6 +93,41 @@ def apply_event(call: Call, event: JobEvent, now: datetime, ttl_s: float) -> boo
         return True
     finish(call, CallStatus.CANCELLED, now, ttl_s)
     return True
+
+
+def attempt_row(call: Call, event: JobEvent, now: datetime) -> dict[str, Any]:
+    """The invocation log row of the job attempt that `event` ends. Its queue wait runs from
+    the spawn to the attempt's start (earlier attempts and their backoffs included), its
+    duration from the spawn to its end."""
+    run_s = event.run_s or 0.0
+    started = now - timedelta(seconds=run_s)
+    kind = JobEventKind(event.kind)
+    status = {
+        JobEventKind.SUCCEEDED: InvocationStatus.SUCCEEDED,
+        JobEventKind.CANCELLED: InvocationStatus.CANCELLED,
+    }.get(kind, InvocationStatus.FAILED)
+    return {
+        "customer_id": call.customer_id,
+        "function_id": call.function_id,
+        "version_id": call.version_id,
+        "replica_id": uuid.UUID(event.replica_id) if event.replica_id else None,
+        "call_id": f"{call.id}:{event.attempt}",
+        "method": call.method,
+        "kind": InvocationKind.JOB,
+        "status": status,
+        "error_code": event.error_code if status is InvocationStatus.FAILED else None,
+        "started_at": started,
+        "queue_wait_ms": _ms_between(call.created_at, started),
+        "execution_ms": None if event.run_s is None else round(run_s * 1000),
+        "duration_ms": _ms_between(call.created_at, now),
+        "bytes_in": call.bytes_in,
+        "bytes_out": event.bytes_out,
+        "cold_start": event.cold,
+    }
+
+
+def _ms_between(start: datetime, end: datetime) -> int:
+    return max(0, round((end - start).total_seconds() * 1000))
 
 
 def call_view(call: Call, target: str, now: datetime) -> dict[str, Any]:

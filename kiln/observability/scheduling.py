@@ -1,12 +1,26 @@
 """The scheduler's metrics: what each function wants and has, what waits, what the scheduler
 decided, and whether this scheduler is the one acting. Labels are bounded: functions by app and
-name (gone functions are removed), directions, GPU request strings, never replica ids."""
+name (gone functions are removed), directions, GPU request strings, replica states, never
+replica ids. Cluster-wide gauges (replicas by state, the oldest queued job) are set by the
+acting scheduler only and zeroed on standbys, so a sum over schedulers counts each once."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-__all__ = ["SchedulingMetrics"]
+from kiln.db.enums import ReplicaState
+
+__all__ = ["LIVE_STATES", "SchedulingMetrics"]
+
+# The states of the replicas the scheduler tracks; stopped, failed and lost ones it forgets.
+LIVE_STATES = (
+    ReplicaState.STARTING,
+    ReplicaState.RESTORING,
+    ReplicaState.READY,
+    ReplicaState.DRAINING,
+)
 
 
 class SchedulingMetrics:
@@ -49,7 +63,21 @@ class SchedulingMetrics:
             "1 while this scheduler process is the one acting, 0 while it stands by.",
             registry=registry,
         )
+        self.replicas_by_state = Gauge(
+            "kiln_scheduler_replicas_by_state",
+            "Live replicas of all functions by state (starting, restoring, ready, draining), "
+            "as the acting scheduler tracks them.",
+            ["state"],
+            registry=registry,
+        )
+        self.oldest_queued_job = Gauge(
+            "kiln_jobs_oldest_queued_seconds",
+            "Age of the oldest async job still queued (0 when none), refreshed by the acting "
+            "scheduler every few seconds.",
+            registry=registry,
+        )
         self._functions: set[tuple[str, str]] = set()
+        self.replica_states(())
 
     def function(self, app: str, name: str, *, desired: int, actual: int, pending: int) -> None:
         self._functions.add((app, name))
@@ -63,3 +91,17 @@ class SchedulingMetrics:
             for gauge in (self.desired, self.actual, self.pending):
                 gauge.remove(*gone)
         self._functions &= functions
+
+    def replica_states(self, states: Iterable[ReplicaState]) -> None:
+        """Count `states` (one per tracked replica); every live state gets a value, 0 too."""
+        counts = dict.fromkeys(LIVE_STATES, 0)
+        for state in states:
+            if state in counts:
+                counts[state] += 1
+        for state, count in counts.items():
+            self.replicas_by_state.labels(state.value).set(count)
+
+    def standing_by(self) -> None:
+        """This scheduler stopped acting: the acting one reports the cluster-wide gauges."""
+        self.replica_states(())
+        self.oldest_queued_job.set(0)

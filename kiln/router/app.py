@@ -26,7 +26,9 @@ from kiln.codestore import CodeStore
 from kiln.db.session import create_engine, session_factory
 from kiln.errors import KilnError
 from kiln.jobs.streams import ensure_job_streams
-from kiln.router import access, billing, billing_reports, control, jobs
+from kiln.observability.invocation_log import InvocationLog, InvocationLogMetrics
+from kiln.observability.nats import NatsMetrics, NatsProcess
+from kiln.router import access, billing, billing_reports, control, invocations, jobs
 from kiln.router.abuse import SCOPE_CUSTOMER, AbuseSignals, list_abuse
 from kiln.router.auth import Authenticator
 from kiln.router.billing_gate import BillingGate
@@ -40,7 +42,7 @@ from kiln.router.openapi import openapi_document
 from kiln.router.run import run
 from kiln.router.services import RouterServices, services
 from kiln.router.websocket import ws_session
-from kiln.settings import Settings
+from kiln.settings import Settings, Switch
 from kiln.wire import Subjects
 
 __all__ = ["create_app"]
@@ -91,6 +93,7 @@ ROUTES = [
     Route("/v1/functions/{app}/{name}", control.get_function, methods=["GET"]),
     Route("/v1/functions/{app}/{name}", control.patch_function, methods=["PATCH"]),
     Route("/v1/functions/{app}/{name}/replicas", control.list_replicas, methods=["GET"]),
+    Route("/v1/functions/{app}/{name}/calls", invocations.list_calls, methods=["GET"]),
     Route("/v1/abuse", list_abuse, methods=["GET"]),
     Route("/v1/billing/balance", billing.balance, methods=["GET"]),
     Route("/v1/billing/settings", billing.patch_settings, methods=["PATCH"]),
@@ -143,8 +146,15 @@ class CountRequests:
         await self.app(scope, receive, counting_send)
 
 
-def create_app(settings: Settings, metrics_also: Sequence[CollectorRegistry] = ()) -> Starlette:
-    router_metrics = RouterMetrics(also=metrics_also)
+def create_app(
+    settings: Settings,
+    metrics_also: Sequence[CollectorRegistry] = (),
+    nats_metrics: NatsMetrics | None = None,
+) -> Starlette:
+    """`nats_metrics`: the NATS connection metrics of the process, when the router shares it
+    with other parts (`kiln dev`); rendered at /metrics either way."""
+    nats_metrics = nats_metrics or NatsMetrics()
+    router_metrics = RouterMetrics(also=[*metrics_also, nats_metrics.registry])
     abuse: list[AbuseSignals] = []
 
     @contextlib.asynccontextmanager
@@ -161,7 +171,7 @@ def create_app(settings: Settings, metrics_also: Sequence[CollectorRegistry] = (
             servers=settings.nats_servers,
             connect_timeout=settings.connect_timeout_s,
             name="kiln-router",
-            reconnected_cb=on_reconnected,
+            **nats_metrics.callbacks(NatsProcess.ROUTER, reconnected=on_reconnected),
         )
         redis = (
             aioredis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
@@ -198,6 +208,13 @@ def create_app(settings: Settings, metrics_also: Sequence[CollectorRegistry] = (
         abuse.append(
             AbuseSignals(redis, settings.redis_prefix, router_metrics.count_customer_rejection)
         )
+        call_log = InvocationLog(
+            engine,
+            InvocationLogMetrics(router_metrics.registry),
+            retention_s=settings.invocation_retention_s,
+            enabled=settings.invocation_log is Switch.ON,
+        )
+        call_log.start()
         app.state.services = RouterServices(
             abuse=abuse[0],
             settings=settings,
@@ -210,6 +227,7 @@ def create_app(settings: Settings, metrics_also: Sequence[CollectorRegistry] = (
                 sessions, js, subjects, CodeStore(js, subjects), max_replicas=settings.max_replicas
             ),
             metrics=router_metrics,
+            invocations=call_log,
             stripe=StripeGateway(settings) if settings.stripe_enabled else None,
         )
         try:
@@ -218,6 +236,7 @@ def create_app(settings: Settings, metrics_also: Sequence[CollectorRegistry] = (
             if app.state.services.stripe is not None:
                 await app.state.services.stripe.close()
             await dispatcher.close()
+            await call_log.close()  # after the last calls were answered and recorded
             await gate.close()
             await limiter.close()
             await nc.drain()

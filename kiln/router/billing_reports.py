@@ -13,6 +13,7 @@ from kiln.db.enums import ApiKeyKind
 from kiln.db.session import transaction
 from kiln.errors import InvalidRequest, PermissionDenied
 from kiln.router.billing import account_of
+from kiln.router.moments import moment_param
 from kiln.router.services import services
 
 __all__ = ["revenue", "usage"]
@@ -21,24 +22,10 @@ _DEFAULT_DAYS = 30
 _MAX_HOURS = 24 * 93  # hourly rows for about three months at most
 
 
-def _moment(request: Request, name: str, default: datetime) -> datetime:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidRequest(
-            f"{name}={raw!r} is not valid: expected an ISO date or time such as 2026-11-01 or "
-            "2026-11-01T12:00:00Z"
-        ) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
 def _window(request: Request) -> tuple[datetime, datetime, Granularity]:
     now = datetime.now(UTC)
-    until = _moment(request, "until", now)
-    since = _moment(request, "since", until - timedelta(days=_DEFAULT_DAYS))
+    until = moment_param(request, "until", now)
+    since = moment_param(request, "since", until - timedelta(days=_DEFAULT_DAYS))
     raw = request.query_params.get("granularity", "day")
     try:
         granularity = Granularity(raw)

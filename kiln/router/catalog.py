@@ -31,6 +31,7 @@ class FunctionRoute:
     timeout_s: int
     startup_timeout_s: int
     generation: int
+    version_id: uuid.UUID | None = None
 
 
 def spec_of(version: AppVersion, name: str) -> FunctionSpec:
@@ -88,4 +89,5 @@ class Catalog:
             timeout_s=function.timeout_s,
             startup_timeout_s=function.startup_timeout_s,
             generation=function.generation,
+            version_id=version.id,
         )

@@ -24,12 +24,14 @@ from kiln.router.run import read_body
 from kiln.router.services import RouterServices, services
 
 __all__ = [
+    "control_principal",
     "delete_app",
     "deploy_app",
     "get_function",
     "list_apps",
     "list_functions",
     "list_replicas",
+    "owned_function",
     "patch_function",
 ]
 
@@ -38,7 +40,7 @@ _LIVE_REPLICA_STATES = (
 )  # fmt: skip
 
 
-async def _control_principal(request: Request) -> Principal:
+async def control_principal(request: Request) -> Principal:
     principal = await services(request).auth.authenticate(request)
     if principal.function_id is not None:
         raise PermissionDenied("a function-scoped key can only call its function")
@@ -67,7 +69,7 @@ def _url(request: Request, app: str, name: str) -> str:
 
 async def deploy_app(request: Request) -> Response:
     svc = services(request)
-    principal = await _control_principal(request)
+    principal = await control_principal(request)
     body = await read_body(request, svc.settings.max_request_bytes)
     # Decoding and hashing an archive of megabytes would stall every other request.
     deploy = await asyncio.to_thread(_parse_deploy, body)
@@ -95,7 +97,7 @@ async def deploy_app(request: Request) -> Response:
 
 async def list_apps(request: Request) -> Response:
     svc = services(request)
-    principal = await _control_principal(request)
+    principal = await control_principal(request)
     async with transaction(svc.sessions) as session:
         rows = await session.execute(
             sa.select(App, AppVersion)
@@ -118,7 +120,7 @@ async def list_apps(request: Request) -> Response:
 
 async def delete_app(request: Request) -> Response:
     svc = services(request)
-    principal = await _control_principal(request)
+    principal = await control_principal(request)
     await svc.deployer.delete_app(principal.owner_id, request.path_params["app"])
     svc.catalog.invalidate()
     return Response(status_code=204)
@@ -170,7 +172,7 @@ def _last_error() -> sa.ScalarSelect[str | None]:
 
 async def list_functions(request: Request) -> Response:
     svc = services(request)
-    principal = await _control_principal(request)
+    principal = await control_principal(request)
     async with transaction(svc.sessions) as session:
         rows = await session.execute(
             sa.select(App.name, Function, _live_count(), _last_error())
@@ -204,9 +206,16 @@ async def _one(
     return function
 
 
+async def owned_function(session: AsyncSession, request: Request, principal: Principal) -> Function:
+    """The function `{app}/{name}` of the request's path among the caller's own (404 if
+    none)."""
+    app, query = _find_function(request, principal)
+    return await _one(session, query, request, app)
+
+
 async def get_function(request: Request) -> Response:
     svc = services(request)
-    principal = await _control_principal(request)
+    principal = await control_principal(request)
     app, query = _find_function(request, principal)
     async with transaction(svc.sessions) as session:
         row = (await session.execute(query.add_columns(_live_count(), _last_error()))).first()
@@ -230,7 +239,7 @@ _PATCHABLE = {
 
 async def patch_function(request: Request) -> Response:
     svc = services(request)
-    principal = await _control_principal(request)
+    principal = await control_principal(request)
     changes = await _json_body(request, 64 * 1024)
     if not isinstance(changes, dict) or not changes:
         raise InvalidRequest(f"send a JSON object with any of: {', '.join(_PATCHABLE)}")
@@ -313,7 +322,7 @@ def _constraint(exc: IntegrityError) -> str:
 
 async def list_replicas(request: Request) -> Response:
     svc = services(request)
-    principal = await _control_principal(request)
+    principal = await control_principal(request)
     app, query = _find_function(request, principal)
     async with transaction(svc.sessions) as session:
         function = await _one(session, query, request, app)

@@ -45,6 +45,7 @@ from kiln.errors import (
     WorkerLost,
 )
 from kiln.payloads import PayloadStore
+from kiln.router.call_order import CallOrder, CallTrace
 from kiln.router.streams import STREAM_WINDOW, CallAbandoned, CallStream
 from kiln.wire import (
     HEARTBEAT_INTERVAL_S,
@@ -116,7 +117,7 @@ class _Call:
 
     __slots__ = (
         "accept_by", "deadline", "future", "phase", "published_at", "queue_wait_s", "replica_id",
-        "startup_timeout_s", "stream", "timeout_s", "timer", "timer_at",
+        "startup_timeout_s", "stream", "timeout_s", "timer", "timer_at", "trace",
     )  # fmt: skip
 
     def __init__(self, future: asyncio.Future[CallResult], headers: CallHeaders, startup_s: float):
@@ -132,6 +133,7 @@ class _Call:
         self.published_at = future.get_loop().time()
         self.queue_wait_s = 0.0
         self.stream: CallStream | None = None
+        self.trace: CallTrace | None = None
 
     def fail(self, error: KilnError) -> None:
         if not self.future.done():
@@ -243,46 +245,18 @@ class Dispatcher:
         for call in list(self._calls.values()):
             call.fail(Unavailable("the router is shutting down", retry_after=1))
 
-    async def submit(
-        self,
-        function_id: uuid.UUID,
-        body: bytes,
-        *,
-        content_type: str,
-        method: str | None,
-        timeout_s: float,
-        startup_timeout_s: float,
-        request_id: str,
-        generation: int = 0,
-    ) -> asyncio.Future[CallResult]:
+    async def submit(self, order: CallOrder, body: bytes) -> asyncio.Future[CallResult]:
         """Put a call into the function's queue; the future holds its result or its error
         (a KilnError). Cancelling the future (or failing it with `CallAbandoned`) abandons
         the call: its replica is told to stop."""
-        call = await self._publish(
-            function_id, body, content_type, method, timeout_s, startup_timeout_s, request_id,
-            generation, window=0,
-        )  # fmt: skip
-        return call.future
+        return (await self._publish(order, body, window=0)).future
 
     async def open_stream(
-        self,
-        function_id: uuid.UUID,
-        body: bytes,
-        *,
-        content_type: str,
-        method: str | None,
-        timeout_s: float,
-        startup_timeout_s: float,
-        request_id: str,
-        generation: int = 0,
-        window: int = STREAM_WINDOW,
+        self, order: CallOrder, body: bytes, *, window: int = STREAM_WINDOW
     ) -> CallStream:
         """Put a call of a generator into the function's queue; its chunks arrive in the
         returned stream, at most `window` ahead of the reader."""
-        call = await self._publish(
-            function_id, body, content_type, method, timeout_s, startup_timeout_s, request_id,
-            generation, window=window,
-        )  # fmt: skip
+        call = await self._publish(order, body, window=window)
         assert call.stream is not None
         return call.stream
 
@@ -322,23 +296,10 @@ class Dispatcher:
             raise Unavailable("the job queue did not accept the job", retry_after=1) from None
         await self._hint_demand(function_id)
 
-    async def open_session(
-        self,
-        function_id: uuid.UUID,
-        body: bytes,
-        *,
-        method: str | None,
-        timeout_s: float,
-        startup_timeout_s: float,
-        request_id: str,
-        generation: int = 0,
-    ) -> CallStream:
+    async def open_session(self, order: CallOrder, body: bytes) -> CallStream:
         """Put a WebSocket session into the function's queue: the replica's frames arrive in
         the returned stream; `send_frame` carries the client's."""
-        call = await self._publish(
-            function_id, body, "application/json", method, timeout_s, startup_timeout_s,
-            request_id, generation, window=SESSION_WINDOW,
-        )  # fmt: skip
+        call = await self._publish(order, body, window=SESSION_WINDOW)
         assert call.stream is not None
         return call.stream
 
@@ -350,35 +311,26 @@ class Dispatcher:
         )
         await self.nc.publish(subject, data, headers=stream_event(kind, seq))
 
-    async def _publish(
-        self,
-        function_id: uuid.UUID,
-        body: bytes,
-        content_type: str,
-        method: str | None,
-        timeout_s: float,
-        startup_timeout_s: float,
-        request_id: str,
-        generation: int,
-        *,
-        window: int,
-    ) -> _Call:
+    async def _publish(self, order: CallOrder, body: bytes, *, window: int) -> _Call:
         # Unique within this router, whose id is in the reply subject; a counter spares the
         # urandom system call that uuid4 makes on every request.
         call_id = f"{next(self._call_ids):x}"
         headers = CallHeaders(
             call_id=call_id,
             router=self.router_id,
-            content_type=content_type,
-            accept_by=time.time() + startup_timeout_s,
-            timeout_s=timeout_s,
-            method=method,
-            request_id=request_id,
-            generation=generation,
+            content_type=order.content_type,
+            accept_by=time.time() + order.startup_timeout_s,
+            timeout_s=order.timeout_s,
+            method=order.method,
+            request_id=order.request_id,
+            generation=order.generation,
             window=window,
         )
         future: asyncio.Future[CallResult] = asyncio.get_running_loop().create_future()
-        call = _Call(future, headers, startup_timeout_s)
+        call = _Call(future, headers, order.startup_timeout_s)
+        if order.trace is not None:
+            order.trace.call_id = call_id
+            call.trace = order.trace
         if len(body) > self.max_body_bytes:
             try:
                 headers = dataclasses.replace(headers, payload=await self.payloads.put(body))
@@ -396,17 +348,17 @@ class Dispatcher:
             )
         self._calls[call_id] = call
         future.add_done_callback(functools.partial(self._forget, call_id))
-        call.set_deadline(min(_PUBACK_WAIT_S, startup_timeout_s))
+        call.set_deadline(min(_PUBACK_WAIT_S, order.startup_timeout_s))
         try:
             # A plain publish whose reply subject is our inbox: the PubAck arrives like any
             # reply, without the per-request inbox, future and timer of a JetStream request.
             await self.nc.publish(
-                self.subjects.calls(function_id),
+                self.subjects.calls(order.function_id),
                 body,
                 reply=self.subjects.reply(self.router_id, call_id),
                 headers=headers.to_headers(),
             )
-            await self._hint_demand(function_id)
+            await self._hint_demand(order.function_id)
         except Exception as exc:  # noqa: BLE001 - NATS down or closing: the caller may retry
             call.fail(Unavailable("the call queue is unreachable", retry_after=1))
             _log.warning("publishing call %s failed: %s", call_id, exc)
@@ -515,6 +467,7 @@ class Dispatcher:
             accepted = json.loads(msg.data)
             replica, call_ids = str(accepted["replica"]), list(accepted["calls"])
             replica_hex = uuid.UUID(replica).hex
+            ready_at = float(accepted.get("ready_at") or 0.0)
         except (ValueError, KeyError, TypeError):
             _log.warning("ignoring an unreadable accepted message")
             return
@@ -524,7 +477,16 @@ class Dispatcher:
             call = self._calls.get(call_id)
             if call is not None:
                 call.replica_id = replica
-                call.queue_wait_s = call.future.get_loop().time() - call.published_at
+                now = call.future.get_loop().time()
+                call.queue_wait_s = now - call.published_at
+                if call.trace is not None:
+                    trace = call.trace
+                    trace.replica_id, trace.queue_wait_s, trace.taken_at = (
+                        replica, call.queue_wait_s, now,
+                    )  # fmt: skip
+                    # Published (wall clock) before its replica was ready: it waited for a
+                    # cold start.
+                    trace.cold = ready_at > call.accept_by - call.startup_timeout_s
                 call.enter(_Phase.RUNNING, call.timeout_s + _REPLY_GRACE_S)
                 if call.stream is not None:
                     call.stream.on_taken(replica)

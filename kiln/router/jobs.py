@@ -69,6 +69,8 @@ async def spawn(request: Request) -> Response:
                 id=job_id,
                 customer_id=principal.owner_id,
                 function_id=route.function_id,
+                version_id=route.version_id,
+                bytes_in=len(body),
                 status=CallStatus.QUEUED,
                 idempotency_key=key,
                 request_digest=digest,

@@ -26,18 +26,33 @@ class RouterMetrics:
             ["route", "status"],
             registry=self.registry,
         )
+        self.calls = Counter(
+            "kiln_router_calls",
+            "Calls finished, by function, kind (sync, stream, websocket), outcome (ok, "
+            "cancelled, or the error code) and the caller's tier (operator for operator keys).",
+            ["app", "function", "kind", "outcome", "tier"],
+            registry=self.registry,
+        )
+        by_function = ["app", "function"]
         self.call_seconds = Histogram(
             "kiln_router_call_duration_seconds",
-            "Time from request to reply for successful sync calls, by app.",
-            ["app"],
+            "Time from request to reply for successful sync calls, by function.",
+            by_function,
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.queue_wait_seconds = Histogram(
             "kiln_router_queue_wait_seconds",
             "Time successful sync calls waited in the queue for a replica to take them (for "
-            "capacity: a cold start, or a busy function), by app.",
-            ["app"],
+            "capacity: a cold start, or a busy function), by function.",
+            by_function,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.execution_seconds = Histogram(
+            "kiln_router_call_execution_seconds",
+            "Time from a replica taking a successful sync call to its reply, by function.",
+            by_function,
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -70,7 +85,8 @@ class RouterMetrics:
 
         # `labels()` takes a lock and builds a tuple; the warm path reuses the children.
         self._requests_by: dict[tuple[str, int], Any] = {}
-        self._calls_by: dict[str, tuple[Any, Any]] = {}
+        self._calls_by: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        self._counted_by: dict[tuple[str, str, str, str, str], Any] = {}
 
     def count_request(self, family: str, status: int) -> None:
         child = self._requests_by.get((family, status))
@@ -90,15 +106,32 @@ class RouterMetrics:
     def count_auth_rejection(self, reason: str) -> None:
         self.auth_rejected.labels(reason).inc()
 
-    def observe_call(self, app: str, seconds: float, queue_wait_s: float) -> None:
-        children = self._calls_by.get(app)
+    def count_call(self, app: str, function: str, kind: str, outcome: str, tier: str) -> None:
+        key = (app, function, kind, outcome, tier)
+        child = self._counted_by.get(key)
+        if child is None:
+            if len(self._counted_by) >= _MAX_CACHED_APPS:
+                self._counted_by.clear()
+            child = self._counted_by[key] = self.calls.labels(*key)
+        child.inc()
+
+    def observe_call(
+        self, app: str, function: str, seconds: float, queue_wait_s: float, execution_s: float
+    ) -> None:
+        key = (app, function)
+        children = self._calls_by.get(key)
         if children is None:
             if len(self._calls_by) >= _MAX_CACHED_APPS:
                 self._calls_by.clear()
-            children = (self.call_seconds.labels(app), self.queue_wait_seconds.labels(app))
-            self._calls_by[app] = children
+            children = (
+                self.call_seconds.labels(app, function),
+                self.queue_wait_seconds.labels(app, function),
+                self.execution_seconds.labels(app, function),
+            )
+            self._calls_by[key] = children
         children[0].observe(seconds)
         children[1].observe(queue_wait_s)
+        children[2].observe(execution_s)
 
     def render(self) -> bytes:
         return b"".join(generate_latest(r) for r in (self.registry, *self.also))

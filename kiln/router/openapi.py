@@ -120,6 +120,19 @@ def openapi_document() -> dict[str, Any]:
             "/v1/functions/{app}/{name}/replicas": {
                 "get": _op("A function's replicas.", params=(_APP, _NAME))
             },
+            "/v1/functions/{app}/{name}/calls": {
+                "get": _op(
+                    "A function's recent calls from the invocation log, newest first (limit, "
+                    "before, since, until, status, kind).",
+                    params=(_APP, _NAME),
+                )
+            },
+            "/v1/functions/{app}/{name}/logs": {
+                "get": _op(
+                    "What a function's replicas printed and logged, as NDJSON (since, follow).",
+                    params=(_APP, _NAME),
+                )
+            },
             "/healthz": {"get": {"summary": "Liveness (no key needed).", "security": [],
                                  "responses": {"200": {"description": "Alive."}}}},
             "/readyz": {"get": {"summary": "Readiness (no key needed).", "security": [],

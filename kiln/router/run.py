@@ -6,16 +6,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from kiln.errors import InvalidJson, InvalidRequest, NotFound, PayloadTooLarge, PermissionDenied
+from kiln.db.enums import InvocationKind
+from kiln.errors import (
+    InvalidJson,
+    InvalidRequest,
+    KilnError,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+)
 from kiln.functions.spec import CallKind, CallSpec, UnitKind
 from kiln.router.auth import Principal
+from kiln.router.call_log import CallWatch
+from kiln.router.call_order import CallOrder
 from kiln.router.catalog import FunctionRoute
 from kiln.router.errors import request_id
 from kiln.router.services import RouterServices, services
@@ -109,7 +118,7 @@ def classify(body: bytes, content_type: str) -> tuple[bytes, str]:
 
 
 async def run(request: Request) -> Response:
-    started = time.perf_counter()
+    started = asyncio.get_running_loop().time()
     svc = services(request)
     principal = await svc.auth.authenticate(request, count=False)  # counted with its slot
     app = request.path_params["app"]
@@ -119,11 +128,18 @@ async def run(request: Request) -> Response:
             f"{app}/{request.path_params['name']} is a WebSocket handler; open a WebSocket to "
             f"/v1/ws/{app}/{request.path_params['name']} instead"
         )
-    body, content_type = classify(
-        await read_body(request, svc.settings.max_request_bytes),
-        request.headers.get("content-type", ""),
-    )
+    raw = await read_body(request, svc.settings.max_request_bytes)
+    body, content_type = classify(raw, request.headers.get("content-type", ""))
     rid = request_id(request)
+    streaming = entry.kind is CallKind.GENERATOR
+    watch = CallWatch(
+        svc, principal, route, method, InvocationKind.STREAM if streaming else InvocationKind.SYNC,
+        rid, len(raw), started_loop=started,
+    )  # fmt: skip
+    order = CallOrder(
+        route.function_id, content_type, method or None, route.timeout_s,
+        route.startup_timeout_s, rid, route.generation, watch.trace,
+    )  # fmt: skip
     # One of the customer's in-flight slots, from here until the answer is sent (a stream's
     # when its last chunk is); held at most as long as the call may last.
     slot = contextlib.AsyncExitStack()
@@ -132,23 +148,18 @@ async def run(request: Request) -> Response:
     )
     async with contextlib.AsyncExitStack() as exits:
         exits.push_async_exit(slot)
-        if entry.kind is CallKind.GENERATOR:
-            stream = await svc.dispatcher.open_stream(
-                route.function_id,
-                body,
-                content_type=content_type,
-                method=method or None,
-                timeout_s=route.timeout_s,
-                startup_timeout_s=route.startup_timeout_s,
-                request_id=rid,
-                generation=route.generation,
-            )
+        if streaming:
+            try:
+                stream = await svc.dispatcher.open_stream(order, body)
+            except KilnError as exc:
+                watch.failed(exc.code)
+                raise
             response = await stream_response(
-                request, stream, rid, _watch_now(request), on_end=slot.aclose
+                request, stream, rid, _watch_now(request), watch, on_end=slot.aclose
             )
             exits.pop_all()  # the stream's end releases the slot (or it was released already)
             return response
-        return await _sync_call(request, svc, route, method, body, content_type, rid, app, started)
+        return await _sync_call(request, svc, order, body, watch)
 
 
 async def resolve_entry(
@@ -180,26 +191,13 @@ def call_slot(
 
 
 async def _sync_call(
-    request: Request,
-    svc: RouterServices,
-    route: FunctionRoute,
-    method: str,
-    body: bytes,
-    content_type: str,
-    rid: str,
-    app: str,
-    started: float,
+    request: Request, svc: RouterServices, order: CallOrder, body: bytes, watch: CallWatch
 ) -> Response:
-    call = await svc.dispatcher.submit(
-        route.function_id,
-        body,
-        content_type=content_type,
-        method=method or None,
-        timeout_s=route.timeout_s,
-        startup_timeout_s=route.startup_timeout_s,
-        request_id=rid,
-        generation=route.generation,
-    )
+    try:
+        call = await svc.dispatcher.submit(order, body)
+    except KilnError as exc:
+        watch.failed(exc.code)
+        raise
 
     # The body is read, so the next message from the client can only be its disconnect: stop
     # waiting for a caller who left, and have the replica stop the call (the dispatcher tells
@@ -208,20 +206,24 @@ async def _sync_call(
         if not call.done():
             call.set_exception(CallAbandoned())
 
-    watch = _DisconnectWatch(request, gone)
-    timer = asyncio.get_running_loop().call_later(_WATCH_AFTER_S, watch.start)
+    disconnect = _DisconnectWatch(request, gone)
+    timer = asyncio.get_running_loop().call_later(_WATCH_AFTER_S, disconnect.start)
     try:
         result = await call
     except CallAbandoned:
+        watch.cancelled()
         return Response(status_code=499)
+    except KilnError as exc:
+        watch.failed(exc.code)
+        raise
     finally:
         timer.cancel()
-        watch.stop()
-    svc.metrics.observe_call(app, time.perf_counter() - started, result.queue_wait_s)
+        disconnect.stop()
+    watch.succeeded(len(result.body))
     return Response(
         result.body,
         media_type=result.content_type,
-        headers={"X-Request-Id": rid},
+        headers={"X-Request-Id": order.request_id},
     )
 
 

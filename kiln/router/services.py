@@ -18,6 +18,7 @@ from kiln.settings import Settings
 
 if TYPE_CHECKING:
     from kiln.billing.stripe_gateway import StripeGateway
+    from kiln.observability.invocation_log import InvocationLog
     from kiln.router.abuse import AbuseSignals
 
 __all__ = ["RouterServices", "services"]
@@ -34,6 +35,7 @@ class RouterServices:
     dispatcher: Dispatcher
     deployer: Deployer
     metrics: RouterMetrics
+    invocations: InvocationLog
     stripe: StripeGateway | None = None  # None: payments are not set up
 
 

@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from kiln.errors import KilnError
+from kiln.router.call_log import CallWatch
 from kiln.router.streams import CallAbandoned, CallStream
 
 __all__ = ["NDJSON", "SSE", "stream_response", "wants_sse"]
@@ -67,27 +68,31 @@ async def stream_response(
     stream: CallStream,
     request_id: str,
     on_disconnect_watch: Callable[[Callable[[], None]], Callable[[], None]],
+    watch: CallWatch,
     *,
     on_end: Callable[[], Awaitable[None]] = _nothing,
 ) -> Response:
     """The response for `stream`, once its first chunk (or its end, or its error) is in.
     `on_disconnect_watch(abandon)` watches for the client leaving meanwhile and returns a
-    function that stops watching. `on_end` runs once the stream is over, however it ends."""
+    function that stops watching. `watch` records how the stream ended and what it sent;
+    `on_end` runs once the stream is over, however it ends."""
     fmt = _Format(wants_sse(request))
     stop_watching = on_disconnect_watch(stream.abandon)
     try:
         first = await anext(stream, None)
     except CallAbandoned:
+        watch.cancelled()
         await on_end()
         return Response(status_code=499)
-    except BaseException:
+    except BaseException as exc:
+        watch.failed(exc.code if isinstance(exc, KilnError) else "internal_error")
         stream.abandon()
         await on_end()
         raise
     finally:
         stop_watching()
     return StreamingResponse(
-        _body(fmt, stream, first, request_id, on_end),
+        _body(fmt, stream, first, request_id, watch, on_end),
         media_type=fmt.media_type,
         headers={
             "X-Request-Id": request_id,
@@ -103,21 +108,28 @@ async def _body(
     stream: CallStream,
     first: bytes | None,
     request_id: str,
+    watch: CallWatch,
     on_end: Callable[[], Awaitable[None]],
 ) -> AsyncIterator[bytes]:
     seq = 0
+    sent = 0  # bytes of the chunks' data
     try:
         if first is not None:
             yield fmt.chunk(0, first)
-            seq = 1
+            seq, sent = 1, len(first)
             async for chunk in stream:
                 yield fmt.chunk(seq, chunk)
                 seq += 1
+                sent += len(chunk)
         yield fmt.end(seq)
+        watch.succeeded(sent)
     except KilnError as exc:
+        watch.failed(exc.code, sent)
         yield fmt.error(exc.to_body(request_id))
     except (asyncio.CancelledError, GeneratorExit, CallAbandoned):
+        watch.cancelled(sent)
         raise  # the client left (Starlette cancels the response): the finally stops the call
     finally:
+        watch.failed("internal_error", sent)  # only if nothing above recorded it
         stream.abandon()  # does nothing once the stream has ended
         await on_end()

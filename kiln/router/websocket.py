@@ -18,9 +18,13 @@ import logging
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from kiln.errors import InvalidRequest, KilnError
+from kiln.db.enums import InvocationKind
+from kiln.errors import FunctionError, InvalidRequest, KilnError
 from kiln.functions.spec import CallKind
 from kiln.router.auth import Principal
+from kiln.router.call_log import CallWatch
+from kiln.router.call_order import CallOrder
+from kiln.router.catalog import FunctionRoute
 from kiln.router.errors import error_response, request_id
 from kiln.router.run import call_slot, resolve_entry
 from kiln.router.services import RouterServices, services
@@ -37,24 +41,47 @@ _GOODBYE_S = 5.0
 async def ws_session(websocket: WebSocket) -> None:
     svc = services(websocket)
     rid = request_id(websocket)
+    started = asyncio.get_running_loop().time()
+    watch: CallWatch | None = None
     async with contextlib.AsyncExitStack() as exits:
         try:
             principal = await svc.auth.authenticate(websocket, count=False)
             # The session holds one of the customer's in-flight slots for its whole life.
             hold_s = svc.settings.ws_max_session_s + 600
             await exits.enter_async_context(call_slot(svc, principal, hold_s))
-            link = await _open(websocket, svc, principal, rid)
+            route, method = await _resolve(websocket, svc, principal)
+            watch = CallWatch(
+                svc, principal, route, method, InvocationKind.WEBSOCKET, rid, 0,
+                started_loop=started,
+            )  # fmt: skip
+            body = json.dumps({"params": dict(websocket.query_params)}).encode()
+            order = CallOrder(
+                route.function_id, "application/json", method or None,
+                svc.settings.ws_max_session_s, route.startup_timeout_s, rid, route.generation,
+                watch.trace,
+            )  # fmt: skip
+            link = await svc.dispatcher.open_session(order, body)
             await _wait_taken(link)
         except KilnError as exc:
+            if watch is not None:
+                watch.failed(exc.code)
             await websocket.send_denial_response(error_response(websocket, exc))
             return
         await websocket.accept(headers=[(b"x-request-id", rid.encode())])
-        await _Bridge(websocket, svc, link).run()
+        bridge = _Bridge(websocket, svc, link)
+        try:
+            await bridge.run()
+        finally:
+            watch.bytes_in = bridge.bytes_in
+            if bridge.error_code is None:
+                watch.succeeded(bridge.bytes_out)
+            else:
+                watch.failed(bridge.error_code, bridge.bytes_out)
 
 
-async def _open(
-    websocket: WebSocket, svc: RouterServices, principal: Principal, rid: str
-) -> CallStream:
+async def _resolve(
+    websocket: WebSocket, svc: RouterServices, principal: Principal
+) -> tuple[FunctionRoute, str]:
     app = websocket.path_params["app"]
     full = websocket.path_params["name"]
     route, entry, method = await resolve_entry(svc, principal, app, full)
@@ -63,16 +90,7 @@ async def _open(
             f"{app}/{full} is not a WebSocket handler (mark it @kiln.websocket()); call it with "
             f"POST /v1/run/{app}/{full}"
         )
-    body = json.dumps({"params": dict(websocket.query_params)}).encode()
-    return await svc.dispatcher.open_session(
-        route.function_id,
-        body,
-        method=method or None,
-        timeout_s=svc.settings.ws_max_session_s,
-        startup_timeout_s=route.startup_timeout_s,
-        request_id=rid,
-        generation=route.generation,
-    )
+    return route, method
 
 
 async def _wait_taken(link: CallStream) -> None:
@@ -97,6 +115,9 @@ class _Bridge:
         self.loop = asyncio.get_running_loop()
         self.last_frame = self.loop.time()
         self.sent = 0  # client frames sent to the replica
+        self.bytes_in = 0  # of the client's frames
+        self.bytes_out = 0  # of the replica's frames
+        self.error_code: str | None = None  # how the session failed, if it did
 
     async def run(self) -> None:
         inbound = asyncio.ensure_future(self._from_client())
@@ -117,6 +138,7 @@ class _Bridge:
             await self._say_goodbye(code, reason)
         elif inbound in done:  # the client's side failed (sending to the replica, most likely)
             _log.warning("session %s: %r", self.link.call_id, inbound.exception())
+            self.error_code = "internal_error"
             await self._close_client(1011, "internal_error")
             await self._say_goodbye(1011, "the router lost the session")
         else:
@@ -137,6 +159,7 @@ class _Bridge:
             await self.link.wait_for_peer(self.sent)
             await self.svc.dispatcher.send_frame(self.link, kind, self.sent, data)
             self.sent += 1
+            self.bytes_in += len(data)
 
     async def _from_replica(self) -> None:
         """Forward the replica's frames until it ends the session (returns) or the call fails
@@ -147,6 +170,7 @@ class _Bridge:
             except StopAsyncIteration:
                 return
             self.last_frame = self.loop.time()
+            self.bytes_out += len(data)
             if kind == Event.TEXT:
                 await self.ws.send_text(data.decode())
             else:
@@ -165,14 +189,18 @@ class _Bridge:
                 code, reason = int(close.get("code", 1000)), str(close.get("reason", ""))
             except (ValueError, TypeError, AttributeError):
                 code, reason = 1000, ""
+            if code == 1011:  # the handler raised
+                self.error_code = FunctionError.code
             await self._close_client(code, reason)
         elif isinstance(error, KilnError):
             _log.info("session %s ended: %s", self.link.call_id, error.code)
+            self.error_code = error.code
             await self._close_client(1011, error.code)
         elif isinstance(error, WebSocketDisconnect | OSError):
             await self._say_goodbye(1001, "the client went away")
         elif error is not None:
             _log.error("session %s failed: %r", self.link.call_id, error)
+            self.error_code = "internal_error"
             await self._close_client(1011, "internal_error")
             self.link.abandon()
 

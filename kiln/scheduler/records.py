@@ -12,8 +12,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from kiln.db.enums import AppState, NodeState, ReplicaState
-from kiln.db.models import App, AppVersion, Customer, Function, Node, Replica, UsageEvent
+from kiln.db.enums import AppState, CallStatus, NodeState, ReplicaState
+from kiln.db.models import App, AppVersion, Call, Customer, Function, Node, Replica, UsageEvent
 from kiln.db.session import transaction
 from kiln.scheduler.policy import Scaling
 from kiln.wire import NodeHeartbeat, Origin, StartReplica
@@ -101,6 +101,17 @@ class ClusterRecords:
                     billing_block=block,
                 )  # fmt: skip
         return result
+
+    async def oldest_queued_job_s(self) -> float:
+        """Age in seconds of the oldest async job still queued, 0 when none. By the database's
+        clock, which also wrote `created_at`; the (status, ...) index finds the queued rows."""
+        async with transaction(self.sessions) as session:
+            age = await session.scalar(
+                sa.select(
+                    sa.func.extract("epoch", sa.func.now() - sa.func.min(Call.created_at))
+                ).where(Call.status == CallStatus.QUEUED)
+            )
+        return max(0.0, float(age)) if age is not None else 0.0
 
     async def minimums(self) -> dict[str, int]:
         """`min_replicas` by function id (as a string, like the replicas' heartbeats)."""

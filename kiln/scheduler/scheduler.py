@@ -69,6 +69,8 @@ _TAKEOVER_SETTLE_S = 2 * HEARTBEAT_INTERVAL_S
 _STARTING = (ReplicaState.STARTING, ReplicaState.RESTORING)
 # States a replica reports on its own; the scheduler records READY (with its time) itself.
 _SELF_MOVED = (*_STARTING, ReplicaState.DRAINING)
+# How often the acting scheduler measures the job queue's age (one indexed query).
+_JOB_AGE_EVERY_S = 5.0
 
 
 @dataclass
@@ -122,6 +124,7 @@ class Scheduler:
         self.started_at = time.monotonic()
         self.swept = False
         self.settle_until = 0.0  # monotonic; no launches before (after a takeover)
+        self.job_age_at = -math.inf  # monotonic; when the job queue's age was last measured
         self.leadership = (
             Leadership(
                 self.js,
@@ -147,6 +150,8 @@ class Scheduler:
             self.swept = False
             if self.leadership is not None and self.leadership.contested:
                 self.settle_until = time.monotonic() + _TAKEOVER_SETTLE_S
+        else:
+            self.scheduling.standing_by()
         self.wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -288,6 +293,10 @@ class Scheduler:
                 _log.exception("reconciling %s/%s failed", function.app, function.name)
         self.scheduling.keep_only({(f.app, f.name) for f in functions.values()})
         await self._record_beats()
+        self.scheduling.replica_states(_state_of(t) for t in self.replicas.values())
+        if now_mono - self.job_age_at >= _JOB_AGE_EVERY_S:
+            self.job_age_at = now_mono
+            self.scheduling.oldest_queued_job.set(await self.records.oldest_queued_job_s())
         # Replicas of functions that no longer exist (app deleted, function removed): drain.
         for tracked in list(self.replicas.values()):
             if uuid.UUID(tracked.function_id) not in functions and not tracked.draining:
@@ -535,6 +544,12 @@ class Scheduler:
 
 def _number(value: object) -> float:
     return float(value) if isinstance(value, int | float) else 0.0
+
+
+def _state_of(tracked: _Tracked) -> ReplicaState:
+    if tracked.draining:
+        return ReplicaState.DRAINING
+    return ReplicaState.STARTING if tracked.beat is None else ReplicaState(tracked.beat.state)
 
 
 def _serving(tracked: _Tracked) -> bool:

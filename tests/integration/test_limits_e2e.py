@@ -166,6 +166,7 @@ async def test_a_flood_from_three_routers_gets_rate_times_time_plus_burst(
     )
     assert outer - inner < 0.5, (outer, inner)  # the bracket stays tight enough to mean much
 
+
 async def test_the_concurrency_cap_holds_and_is_released_after_timeouts_disconnects_and_loss(
     platform: Platform,
 ) -> None:

@@ -1,0 +1,3 @@
+from kiln.invoker.service import main
+
+main()

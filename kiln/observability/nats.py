@@ -1,0 +1,79 @@
+"""Metrics of a process's NATS connections: whether each is up, and how often it came back.
+
+`NatsMetrics.callbacks(process)` gives the `disconnected_cb`/`reconnected_cb` keywords for
+`nats.connect(...)`. nats-py calls neither for the first connection, so the gauge starts at 1
+when the keywords are made: a process serves its metrics only after that connect succeeded
+(the services start their metrics server after it; the router renders `/metrics` only once its
+lifespan has connected), so a scrape never sees the 1 before it is true.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable
+from typing import TypedDict
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+__all__ = ["NatsCallbacks", "NatsMetrics", "NatsProcess"]
+
+Callback = Callable[[], Awaitable[None]]
+
+
+class NatsProcess(enum.StrEnum):
+    """Which part of the platform holds the connection (the `process` label)."""
+
+    ROUTER = "router"
+    SCHEDULER = "scheduler"
+    NODE_AGENT = "node_agent"
+    BILLING = "billing"
+    PLATFORM = "platform"  # `kiln dev`: scheduler, node agent, job recorder and billing
+
+
+class NatsCallbacks(TypedDict):
+    disconnected_cb: Callback
+    reconnected_cb: Callback
+
+
+class NatsMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.reconnects = Counter(
+            "kiln_nats_reconnects",
+            "Times a NATS connection came back after it was lost, by process.",
+            ["process"],
+            registry=self.registry,
+        )
+        self.connected = Gauge(
+            "kiln_nats_connected",
+            "1 while the process's NATS connection is up, 0 while it is lost or closed.",
+            ["process"],
+            registry=self.registry,
+        )
+
+    def callbacks(
+        self,
+        process: NatsProcess,
+        *,
+        reconnected: Callback | None = None,
+        disconnected: Callback | None = None,
+    ) -> NatsCallbacks:
+        """Keywords for `nats.connect(...)` that keep this process's series current; the
+        connection's own `reconnected`/`disconnected` callbacks, if any, run after them."""
+        # Both series exist from here on (the counter at 0), so rate() sees the first reconnect.
+        reconnects = self.reconnects.labels(process.value)
+        connected = self.connected.labels(process.value)
+        connected.set(1)
+
+        async def on_disconnected() -> None:
+            connected.set(0)
+            if disconnected is not None:
+                await disconnected()
+
+        async def on_reconnected() -> None:
+            reconnects.inc()
+            connected.set(1)
+            if reconnected is not None:
+                await reconnected()
+
+        return NatsCallbacks(disconnected_cb=on_disconnected, reconnected_cb=on_reconnected)

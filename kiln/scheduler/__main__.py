@@ -1,0 +1,3 @@
+from kiln.scheduler.service import main
+
+main()

@@ -1,0 +1,270 @@
+"""The platform's services as production runs them, each a process of its own (`python -m
+kiln.scheduler`, `kiln.invoker`, `kiln.billing`): each serves its metrics on
+`KILN_METRICS_PORT` and stops promptly on SIGTERM; a NATS outage shows in
+`kiln_nats_connected` and `kiln_nats_reconnects_total`; and under `kiln dev` the scheduler's
+replicas by state and the job queue's age are on the router's /metrics (issue 9)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from stack import Platform, platform_fixture  # noqa: F401 - the fixture
+
+from kiln.db import migrate
+from kiln.db.enums import CallStatus
+from kiln.db.models import App, Call, Function
+from kiln.db.session import create_engine
+from kiln.devstack.nats import EmbeddedNats
+from kiln.devstack.ports import pick_port
+from kiln.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+STOP_BOUND_S = 15.0
+NATS_METRICS = ['kiln_nats_connected{process="%s"} 1.0', 'kiln_nats_reconnects_total{process="%s"}']
+
+
+@pytest.fixture(scope="module")
+def own_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
+    """A NATS server of this module's own, since a test kills it."""
+    used: set[int] = set()
+    ports = {"port": pick_port([], used), "monitor_port": pick_port([], used)}
+    server = EmbeddedNats(tmp_path_factory.mktemp("nats"), ports, durable=False)
+    server.start(30)
+    try:
+        yield server
+    finally:
+        server.stop(10)
+
+
+@dataclass
+class Service:
+    """`python -m MODULE` with the test session's settings and a metrics port of its own."""
+
+    module: str
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @classmethod
+    def start(
+        cls, module: str, settings: Settings, home: Path, nats_url: str | None = None, **env: str
+    ) -> Service:
+        port = pick_port([], set())
+        log = home / f"{module}.log"
+        home.mkdir(parents=True, exist_ok=True)
+        environ = {
+            "PATH": os.environ.get("PATH", ""), "HOME": str(home), "KILN_ENV": "test",
+            "KILN_HOME": str(home),
+            # Its own namespace (cleaned with the session's), so no other test's scheduler
+            # hears this node agent, nor this scheduler the platforms' nodes.
+            "KILN_NAMESPACE": f"{settings.namespace}svc",
+            "KILN_NATS_URL": nats_url or str(settings.nats_url),
+            "KILN_DATABASE_URL": str(settings.database_url),
+            "KILN_METRICS_PORT": str(port), "KILN_SHUTDOWN_TIMEOUT": "5",
+            **env,
+        }  # fmt: skip
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", module], env=environ, stdout=out, stderr=subprocess.STDOUT
+            )
+        return cls(module, process, port, log)
+
+    async def metrics(self) -> str:
+        async with httpx.AsyncClient(timeout=5) as client:
+            return (await client.get(f"http://127.0.0.1:{self.port}/metrics")).text
+
+    async def wait_for(self, *wanted: str, within_s: float = 30) -> str:
+        """The metrics text once it holds every string in `wanted`."""
+        deadline = time.monotonic() + within_s
+        text = ""
+        while True:
+            assert self.process.poll() is None, f"{self.module} exited:\n{self.log.read_text()}"
+            try:
+                text = await self.metrics()
+            except httpx.HTTPError:
+                text = ""
+            if all(w in text for w in wanted):
+                return text
+            if time.monotonic() > deadline:
+                missing = [w for w in wanted if w not in text]
+                raise AssertionError(f"{self.module}: no {missing} in\n{text}")
+            await asyncio.sleep(0.1)
+
+    async def stop(self) -> float:
+        """SIGTERM; the seconds it took to exit (cleanly)."""
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(self.process.wait, STOP_BOUND_S + 5)
+        took = time.monotonic() - started
+        assert code == 0, f"{self.module} exited with {code}:\n{self.log.read_text()}"
+        return took
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.mark.parametrize(
+    ("module", "process", "env", "names"),
+    [
+        (
+            "kiln.scheduler", "scheduler", {},
+            ['kiln_scheduler_leading 1.0', 'kiln_scheduler_replicas_by_state{state="ready"} 0.0',
+             "kiln_jobs_oldest_queued_seconds 0.0", "kiln_cold_start_phase_seconds"],
+        ),
+        (
+            "kiln.invoker", "node_agent",
+            {"KILN_NODE_GPUS": "none:2", "KILN_STANDBY_PROCESSES": "0", "KILN_NODE_ID": "svc"},
+            [],
+        ),
+        ("kiln.billing", "billing", {}, ["kiln_billing_ledger_lag_seconds"]),
+    ],
+)  # fmt: skip
+async def test_each_service_serves_its_metrics_and_stops_on_sigterm(
+    settings: Settings,
+    tmp_path: Path,
+    module: str,
+    process: str,
+    env: dict[str, str],
+    names: list[str],
+) -> None:
+    await asyncio.to_thread(migrate.upgrade, settings)
+    service = Service.start(module, settings, tmp_path, **env)
+    try:
+        text = await service.wait_for(*names, *(n % process for n in NATS_METRICS))
+        assert f'kiln_nats_reconnects_total{{process="{process}"}} 0.0' in text
+        assert await service.stop() < STOP_BOUND_S
+    finally:
+        service.kill()
+    log = service.log.read_text()
+    assert "Traceback" not in log, log
+    if module == "kiln.invoker" and "kiln_gpu_" not in text:
+        # No GPU here: one line says so, and no GPU series are exported.
+        assert log.count("no GPU telemetry on node svc") == 1, log
+
+
+async def test_a_service_whose_metrics_port_is_taken_exits_with_status_2_and_says_why(
+    settings: Settings, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        service = Service.start(
+            "kiln.invoker", settings, tmp_path, KILN_METRICS_PORT=str(port),
+            KILN_NODE_GPUS="none:1", KILN_STANDBY_PROCESSES="0", KILN_NODE_ID="svc-taken",
+        )  # fmt: skip
+        try:
+            code = await asyncio.to_thread(service.process.wait, STOP_BOUND_S)
+        finally:
+            service.kill()
+    log = service.log.read_text()
+    assert code == 2, log
+    assert f"error: KILN_METRICS_PORT={port} cannot be served on 127.0.0.1: " in log
+    assert "Traceback" not in log
+
+
+def kill_nats(server: EmbeddedNats) -> None:
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while server.process.running and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+async def test_a_nats_outage_shows_in_connected_and_is_counted_as_a_reconnect(
+    settings: Settings, own_nats: EmbeddedNats, tmp_path: Path
+) -> None:
+    service = Service.start(
+        "kiln.invoker", settings, tmp_path, own_nats.url,
+        KILN_NODE_GPUS="none:1", KILN_STANDBY_PROCESSES="0", KILN_NODE_ID="svc-outage",
+    )  # fmt: skip
+    try:
+        await service.wait_for('kiln_nats_connected{process="node_agent"} 1.0')
+        await asyncio.to_thread(kill_nats, own_nats)
+        await service.wait_for('kiln_nats_connected{process="node_agent"} 0.0', within_s=15)
+        own_nats.start(30)  # from the main thread (its parent-death signal); brief
+        await service.wait_for(
+            'kiln_nats_connected{process="node_agent"} 1.0',
+            'kiln_nats_reconnects_total{process="node_agent"} 1.0',
+            within_s=30,
+        )
+        assert await service.stop() < STOP_BOUND_S
+    finally:
+        service.kill()
+
+
+PING = """
+import kiln
+
+app = kiln.App("bystate")
+
+
+@app.function()
+def ping() -> str:
+    return "pong"
+"""
+
+
+async def test_the_platform_metrics_show_replicas_by_state_and_the_oldest_queued_job(
+    platform: Platform, tmp_path: Path
+) -> None:
+    await platform.deploy_source(tmp_path, "bystate.py", PING)
+    assert (await platform.call("bystate/ping")).status_code == 200
+
+    async def metrics_with(wanted: str, within_s: float = 15) -> str:
+        deadline = time.monotonic() + within_s
+        async with platform.client() as client:
+            while wanted not in (text := (await client.get("/metrics")).text):
+                assert time.monotonic() < deadline, f"no {wanted!r} in\n{text}"
+                await asyncio.sleep(0.2)
+        return text
+
+    text = await metrics_with('kiln_scheduler_replicas_by_state{state="ready"} 1.0')
+    # The router's connection and the platform's share one registry: each family once.
+    assert text.count("# HELP kiln_nats_connected ") == 1
+    assert 'kiln_nats_connected{process="router"} 1.0' in text
+    assert 'kiln_nats_connected{process="platform"} 1.0' in text
+
+    # A job queued two minutes ago (no replica will take it: it is in no queue).
+    engine = create_engine(platform.settings, application_name="kiln-test")
+    call_id = uuid.uuid4()
+    try:
+        async with engine.begin() as conn:
+            function_id, customer_id = (
+                await conn.execute(
+                    sa.select(Function.id, App.customer_id)
+                    .join(App, Function.app_id == App.id)
+                    .where(App.name == "bystate", Function.name == "ping")
+                )
+            ).one()
+            await conn.execute(
+                sa.insert(Call).values(
+                    id=call_id, customer_id=customer_id, function_id=function_id,
+                    status=CallStatus.QUEUED, request_digest="0" * 64,
+                    created_at=sa.func.now() - sa.text("interval '120 seconds'"),
+                )
+            )  # fmt: skip
+        text = await metrics_with("\nkiln_jobs_oldest_queued_seconds 12")
+        age = float(text.split("\nkiln_jobs_oldest_queued_seconds ")[1].split()[0])
+        assert 120 <= age < 150
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(sa.delete(Call).where(Call.id == call_id))
+        await engine.dispose()
+    await metrics_with("\nkiln_jobs_oldest_queued_seconds 0.0")
