@@ -41,20 +41,37 @@ _MAX_QUEUED = 10_000
 _SEND_EVERY_S = 0.1
 
 
+# Threads the user's code starts itself do not inherit the context; while exactly one call
+# runs (the default concurrency), their lines are that call's.
+_running: list[tuple[str, str]] = []
+_sole: tuple[str, str] | None = None
+
+
 @contextlib.contextmanager
 def in_call(call_id: str, request_id: str) -> Iterator[None]:
-    token = CURRENT_CALL.set((call_id, request_id))
+    global _sole
+    call = (call_id, request_id)
+    token = CURRENT_CALL.set(call)
+    _running.append(call)
+    _sole = call if len(_running) == 1 else None
     try:
         yield
     finally:
         CURRENT_CALL.reset(token)
+        _running.remove(call)
+        _sole = _running[0] if len(_running) == 1 else None
+
+
+def current_call() -> tuple[str, str] | None:
+    """The call the running code serves, as far as can be told."""
+    return CURRENT_CALL.get() or _sole
 
 
 class CallContextFilter(logging.Filter):
     """Gives every record `request_id` (the current call's, or "-") for the log format."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        call = CURRENT_CALL.get()
+        call = current_call()
         record.request_id = call[1] if call is not None else "-"
         return True
 
@@ -73,18 +90,21 @@ class FunctionOutput:
         if len(self._lines) >= _MAX_QUEUED:
             self._dropped += 1
             return
+        self._lines.append(self._record(stream, text, level))
+
+    def _record(self, stream: str, text: str, level: str | None) -> bytes:
         record: dict[str, object] = {
             "t": round(time.time(), 6),
             "replica": self.replica_id,
             "stream": stream,
             "line": text[:MAX_LINE_CHARS],
         }
-        call = CURRENT_CALL.get()
+        call = current_call()
         if call is not None:
             record["call"], record["request_id"] = call
         if level is not None:
             record["level"] = level
-        self._lines.append(json.dumps(record, ensure_ascii=False).encode())
+        return json.dumps(record, ensure_ascii=False).encode()
 
     @property
     def queued(self) -> int:
@@ -116,7 +136,8 @@ class FunctionOutput:
     async def send(self) -> None:
         if self._dropped:
             dropped, self._dropped = self._dropped, 0
-            self.line("kiln", f"[kiln] {dropped} lines were dropped: output came too fast")
+            notice = f"[kiln] {dropped} lines were dropped: output came too fast"
+            self._lines.append(self._record("kiln", notice, None))  # past the bound: it is one
         while self._lines:
             batch: list[bytes] = []
             size = 0

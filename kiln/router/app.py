@@ -36,6 +36,7 @@ from kiln.router.catalog import Catalog
 from kiln.router.deploy import Deployer
 from kiln.router.dispatch import Dispatcher, ensure_calls_stream
 from kiln.router.errors import handle_exception, handle_http_exception
+from kiln.router.function_logs import ensure_logs_stream, function_logs
 from kiln.router.limits import Limiter
 from kiln.router.metrics import CONTENT_TYPE_LATEST, RouterMetrics
 from kiln.router.openapi import openapi_document
@@ -94,6 +95,7 @@ ROUTES = [
     Route("/v1/functions/{app}/{name}", control.patch_function, methods=["PATCH"]),
     Route("/v1/functions/{app}/{name}/replicas", control.list_replicas, methods=["GET"]),
     Route("/v1/functions/{app}/{name}/calls", invocations.list_calls, methods=["GET"]),
+    Route("/v1/functions/{app}/{name}/logs", function_logs, methods=["GET"]),
     Route("/v1/abuse", list_abuse, methods=["GET"]),
     Route("/v1/billing/balance", billing.balance, methods=["GET"]),
     Route("/v1/billing/settings", billing.patch_settings, methods=["PATCH"]),
@@ -182,6 +184,7 @@ def create_app(
         await ensure_calls_stream(js, subjects)
         await ensure_job_streams(js, subjects, settings.job_result_ttl_s)
         await ensure_usage_stream(js, subjects)
+        await ensure_logs_stream(js, subjects, settings)
         sessions = session_factory(engine)
         dispatcher = Dispatcher(nc, subjects)
         await dispatcher.start()
