@@ -1,13 +1,14 @@
 """Warm-path overhead: a trivial function called through Kiln against a bare Starlette app that
 calls the same function in-process, on the same machine, in one run.
 
-    .venv/bin/python bench/warm_path.py [--requests 3000]
+    .venv/bin/python bench/warm_path.py [--requests 3000] [--invocation-log compare]
 
 Both servers run as their own processes (uvicorn, loopback); Kiln's is `kiln dev` with its
 embedded NATS, PostgreSQL and Redis and one replica of the function. The load generator is a
 minimal keep-alive HTTP/1.1 client on asyncio, so its own cost stays far below a millisecond.
 Targets (design.md): overhead p50 <= 1 ms and p99 <= 5 ms at one client; throughput at least
-half of the bare app's.
+half of the bare app's. With `--invocation-log compare`, Kiln is measured a second time with
+the invocation log off (issue 9: the log must not slow the calls it records).
 """
 
 from __future__ import annotations
@@ -242,45 +243,91 @@ def report(results: list[Result]) -> None:
 
 
 async def run_all(
-    kiln: tuple[int, int], key: str, bare: tuple[int, int], requests: int
+    kiln: tuple[int, int], key: str, bare: tuple[int, int], requests: int, label: str = "kiln"
 ) -> list[Result]:
     """`kiln` and `bare` are (port, pid) of the two servers."""
     results = []
     for clients in (1, 16):
         results.append(await measure("bare", bare[0], None, clients, requests, bare[1]))
-        results.append(await measure("kiln", kiln[0], key, clients, requests, kiln[1]))
+        results.append(await measure(label, kiln[0], key, clients, requests, kiln[1]))
     return results
+
+
+def log_counts(port: int, key: str) -> dict[str, float]:
+    """The invocation log writer's counters, from the router's /metrics."""
+    text = httpx.get(
+        f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {key}"}
+    ).text
+    counts = {}
+    for line in text.splitlines():
+        for name in ("rows_written", "rows_dropped", "pending_rows"):
+            if line.startswith(f"kiln_invocation_log_{name}") and "_created" not in line:
+                counts[name] = float(line.split()[-1])
+    return counts
+
+
+def measure_kiln(
+    home: Path, app_file: Path, bare: tuple[int, int], requests: int, label: str, **settings: str
+) -> tuple[list[Result], dict[str, float]]:
+    """Start `kiln dev` with `settings`, measure it against the bare app, stop it."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = pick_port([], {bare[0]})
+    kiln, key = start_kiln(home, port, **settings)
+    try:
+        deploy(port, key, app_file)
+        results = asyncio.run(run_all((port, kiln.pid), key, bare, requests, label))
+        time.sleep(6)  # one flush interval: the last batch is written
+        return results, log_counts(port, key)
+    finally:
+        kiln.send_signal(signal.SIGTERM)
+        kiln.wait(60)
+
+
+def report_invocation_log(on: list[Result], off: list[Result], counts: dict[str, float]) -> None:
+    print("\nThe invocation log's cost (kiln: rows written; kiln-nolog: KILN_INVOCATION_LOG=off):")
+    by = {(r.target, r.clients): r for r in [*on, *off]}
+    for clients in (1, 16):
+        a, b = by[("kiln", clients)], by[("kiln-nolog", clients)]
+        print(f"  {clients:>2} client(s): p50 {a.p50_ms:.2f} vs {b.p50_ms:.2f} ms, p99 "
+              f"{a.p99_ms:.2f} vs {b.p99_ms:.2f} ms, {a.rps:.0f} vs {b.rps:.0f} req/s, router "
+              f"CPU {a.cpu_us:.0f} vs {b.cpu_us:.0f} us/req")  # fmt: skip
+    print(
+        f"  rows written {counts.get('rows_written', 0):.0f}, dropped "
+        f"{counts.get('rows_dropped', 0):.0f}, still pending {counts.get('pending_rows', 0):.0f}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument(
+        "--invocation-log",
+        choices=("on", "compare"),
+        default="on",
+        help="compare: measure Kiln again with KILN_INVOCATION_LOG=off and print both",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         home = Path(tmp)
         app_file = home / "bench_app.py"
         app_file.write_text(APP)
-        kiln_port = pick_port([], set())
-        bare_port = pick_port([], {kiln_port})
-        kiln, key = start_kiln(home, kiln_port)
+        bare_port = pick_port([], set())
+        bare_proc = start_bare(home, bare_port)
+        bare = (bare_port, bare_proc.pid)
         try:
-            bare = start_bare(home, bare_port)
-        except BaseException:
-            kiln.send_signal(signal.SIGTERM)
-            kiln.wait(60)
-            raise
-        try:
-            deploy(kiln_port, key, app_file)
             print(f"machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; "
                   f"{args.requests} requests per measurement")  # fmt: skip
-            report(asyncio.run(
-                run_all((kiln_port, kiln.pid), key, (bare_port, bare.pid), args.requests)
-            ))  # fmt: skip
+            on, counts = measure_kiln(home / "on", app_file, bare, args.requests, "kiln")
+            report(on)
+            if args.invocation_log == "compare":
+                off, _ = measure_kiln(
+                    home / "off", app_file, bare, args.requests, "kiln-nolog",
+                    KILN_INVOCATION_LOG="off",
+                )  # fmt: skip
+                report_invocation_log(on, off, counts)
         finally:
-            bare.send_signal(signal.SIGTERM)
-            kiln.send_signal(signal.SIGTERM)
-            bare.wait(30)
-            kiln.wait(60)
+            bare_proc.send_signal(signal.SIGTERM)
+            bare_proc.wait(30)
 
 
 if __name__ == "__main__":

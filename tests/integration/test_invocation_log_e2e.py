@@ -149,6 +149,9 @@ async def test_each_kind_of_call_gets_its_row(platform: Platform) -> None:
         sum(v for (name, _), v in after.items() if name == "kiln_cold_starts_total") >= 4
     )  # echo, boom, count, Talk
     assert value(after, "kiln_scheduler_scale_decisions_total", direction="up") >= 4
+    assert value(before, "kiln_scheduler_replicas", app="obs", function="echo") == 0
+    assert value(after, "kiln_scheduler_replicas", app="obs", function="echo") == 1
+    assert value(after, "kiln_scheduler_replicas_by_state", state="ready") >= 4
 
 
 async def test_a_burst_is_logged_whole_and_pages_back(platform: Platform) -> None:
