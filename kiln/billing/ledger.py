@@ -83,6 +83,8 @@ class Changes:
     charged: int = 0
     blocks: dict[uuid.UUID, str | None] = field(default_factory=dict)  # customer → new block
     refills: list[str] = field(default_factory=list)  # payment ids queued
+    # (tier, GPU type) → [milliseconds, micro-units] charged, for the metrics.
+    usage: dict[tuple[str, str], list[int]] = field(default_factory=dict)
 
 
 def _utc_day(moment: datetime) -> date:
@@ -159,6 +161,11 @@ async def charge_usage(
     await _set_block(session, customer, rules, changes, spent_today=spent)
     if report.final and rules.min_charge_s > 0 and report.since:
         await _charge_minimum(session, report, rules, changes)
+    # A GPU type without a price is charged as a CPU slot; one label value stands for them all.
+    gpu = report.gpu_type if report.gpu_type in rules.prices else "other"
+    totals = changes.usage.setdefault((str(customer.tier), gpu), [0, 0])
+    totals[0] += duration_ms
+    totals[1] += cost
     changes.charged += 1
     return True
 

@@ -149,6 +149,9 @@ class BillingWorker:
         self.metrics.usage_reports.labels("charged").inc(changes.charged)
         self.metrics.usage_reports.labels("duplicate").inc(len(reports) - changes.charged - refused)
         self.metrics.usage_reports.labels("refused").inc(refused)
+        for (tier, gpu), (ms, micros) in changes.usage.items():
+            self.metrics.replica_seconds.labels(tier, gpu).inc(ms / 1000)
+            self.metrics.charged.labels(tier, gpu).inc(micros)
         if reports:
             newest = max(report.period_end for report in reports)
             self.metrics.ledger_lag.set(max(0.0, time.time() - newest))

@@ -45,3 +45,18 @@ class BillingMetrics:
             ["reason"],
             registry=self.registry,
         )
+        # By tier and GPU type, never by customer: per customer, the ledger's tables answer.
+        self.replica_seconds = Counter(
+            "kiln_billing_replica_seconds",
+            "Replica time charged, by the customer's tier and the replica's GPU type (none: a CPU "
+            "slot; other: a type without a price).",
+            ["tier", "gpu"],
+            registry=self.registry,
+        )
+        self.charged = Counter(
+            "kiln_billing_charged_micros",
+            "Usage charged, in micro-units of KILN_CURRENCY, by the customer's tier and the "
+            "replica's GPU type.",
+            ["tier", "gpu"],
+            registry=self.registry,
+        )

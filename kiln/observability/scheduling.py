@@ -1,8 +1,9 @@
 """The scheduler's metrics: what each function wants and has, what waits, what the scheduler
 decided, and whether this scheduler is the one acting. Labels are bounded: functions by app and
-name (gone functions are removed), directions, GPU request strings, replica states, never
-replica ids. Cluster-wide gauges (replicas by state, the oldest queued job) are set by the
-acting scheduler only and zeroed on standbys, so a sum over schedulers counts each once."""
+name (gone functions are removed), directions, GPU request strings, replica and node states,
+never replica or node ids. Cluster-wide gauges (replicas and nodes by state, the oldest queued
+job) are set by the acting scheduler only and zeroed on standbys, so a sum over schedulers
+counts each once."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from kiln.db.enums import ReplicaState
+from kiln.db.enums import NodeState, ReplicaState
 
 __all__ = ["LIVE_STATES", "SchedulingMetrics"]
 
@@ -76,8 +77,21 @@ class SchedulingMetrics:
             "scheduler every few seconds.",
             registry=registry,
         )
+        self.nodes = Gauge(
+            "kiln_scheduler_nodes",
+            "Node agents the acting scheduler has heard from since it started, by state (ready: "
+            "heartbeating; lost: silent for longer than the heartbeat allows).",
+            ["state"],
+            registry=registry,
+        )
+        self.nodes_lost = Counter(
+            "kiln_scheduler_nodes_lost",
+            "Times a node agent fell silent and was recorded as lost.",
+            registry=registry,
+        )
         self._functions: set[tuple[str, str]] = set()
         self.replica_states(())
+        self.node_states(ready=0, lost=0)
 
     def function(self, app: str, name: str, *, desired: int, actual: int, pending: int) -> None:
         self._functions.add((app, name))
@@ -101,7 +115,12 @@ class SchedulingMetrics:
         for state, count in counts.items():
             self.replicas_by_state.labels(state.value).set(count)
 
+    def node_states(self, *, ready: int, lost: int) -> None:
+        self.nodes.labels(NodeState.READY.value).set(ready)
+        self.nodes.labels(NodeState.LOST.value).set(lost)
+
     def standing_by(self) -> None:
         """This scheduler stopped acting: the acting one reports the cluster-wide gauges."""
         self.replica_states(())
+        self.node_states(ready=0, lost=0)
         self.oldest_queued_job.set(0)

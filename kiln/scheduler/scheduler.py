@@ -282,6 +282,8 @@ class Scheduler:
     async def reconcile(self) -> None:
         now_mono = time.monotonic()
         await self._mark_lost(now_mono)
+        lost = len(self.lost_nodes)
+        self.scheduling.node_states(ready=len(self.nodes) - lost, lost=lost)
         if not self.swept and now_mono - self.started_at > _ADOPTION_WINDOW_S:
             self.swept = True
             await self.records.sweep_unadopted(known=list(self.replicas))
@@ -395,6 +397,7 @@ class Scheduler:
                 # Placement already passes it by; its replicas go lost on their own silence.
                 _log.warning("node %s is lost (no heartbeat)", node_id)
                 self.lost_nodes.add(node_id)
+                self.scheduling.nodes_lost.inc()
                 await self.records.set_node_state(node_id, NodeState.LOST)
         for tracked in list(self.replicas.values()):
             starting = tracked.beat is not None and tracked.beat.state in _STARTING
