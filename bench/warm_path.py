@@ -1,20 +1,22 @@
 """Warm-path overhead: a trivial function called through Kiln against a bare Starlette app that
 calls the same function in-process, on the same machine, in one run.
 
-    .venv/bin/python bench/warm_path.py [--requests 3000] [--invocation-log compare]
+    .venv/bin/python bench/warm_path.py [--requests 3000] [--rounds 1] [--invocation-log compare]
 
 Both servers run as their own processes (uvicorn, loopback); Kiln's is `kiln dev` with its
 embedded NATS, PostgreSQL and Redis and one replica of the function. The load generator is a
 minimal keep-alive HTTP/1.1 client on asyncio, so its own cost stays far below a millisecond.
 Targets (design.md): overhead p50 <= 1 ms and p99 <= 5 ms at one client; throughput at least
-half of the bare app's. With `--invocation-log compare`, Kiln is measured a second time with
-the invocation log off (issue 9: the log must not slow the calls it records).
+half of the bare app's. With `--invocation-log compare` a second `kiln dev` runs with the
+invocation log off and is measured alongside, round by round (issue 9: the log must not slow
+the calls it records).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import statistics
@@ -242,15 +244,34 @@ def report(results: list[Result]) -> None:
           f"{'met' if cpu_ratio >= 0.5 else 'missed'})")  # fmt: skip
 
 
-async def run_all(
-    kiln: tuple[int, int], key: str, bare: tuple[int, int], requests: int, label: str = "kiln"
-) -> list[Result]:
-    """`kiln` and `bare` are (port, pid) of the two servers."""
-    results = []
-    for clients in (1, 16):
-        results.append(await measure("bare", bare[0], None, clients, requests, bare[1]))
-        results.append(await measure(label, kiln[0], key, clients, requests, kiln[1]))
-    return results
+@dataclass
+class Server:
+    target: str
+    port: int
+    pid: int
+    key: str | None = None
+
+
+async def run_all(servers: list[Server], requests: int, rounds: int) -> list[Result]:
+    """Each server measured at 1 and 16 clients, interleaved round by round so that drift on
+    a busy machine hits them all alike; per target and clients, the median of the rounds."""
+    runs: dict[tuple[str, int], list[Result]] = {}
+    for _ in range(rounds):
+        for clients in (1, 16):
+            for s in servers:
+                result = await measure(s.target, s.port, s.key, clients, requests, s.pid)
+                runs.setdefault((s.target, clients), []).append(result)
+    return [
+        Result(
+            target,
+            clients,
+            statistics.median(r.p50_ms for r in rs),
+            statistics.median(r.p99_ms for r in rs),
+            statistics.median(r.rps for r in rs),
+            statistics.median(r.cpu_us for r in rs),
+        )
+        for (target, clients), rs in runs.items()
+    ]
 
 
 def log_counts(port: int, key: str) -> dict[str, float]:
@@ -266,26 +287,9 @@ def log_counts(port: int, key: str) -> dict[str, float]:
     return counts
 
 
-def measure_kiln(
-    home: Path, app_file: Path, bare: tuple[int, int], requests: int, label: str, **settings: str
-) -> tuple[list[Result], dict[str, float]]:
-    """Start `kiln dev` with `settings`, measure it against the bare app, stop it."""
-    home.mkdir(parents=True, exist_ok=True)
-    port = pick_port([], {bare[0]})
-    kiln, key = start_kiln(home, port, **settings)
-    try:
-        deploy(port, key, app_file)
-        results = asyncio.run(run_all((port, kiln.pid), key, bare, requests, label))
-        time.sleep(6)  # one flush interval: the last batch is written
-        return results, log_counts(port, key)
-    finally:
-        kiln.send_signal(signal.SIGTERM)
-        kiln.wait(60)
-
-
-def report_invocation_log(on: list[Result], off: list[Result], counts: dict[str, float]) -> None:
+def report_invocation_log(results: list[Result], counts: dict[str, float]) -> None:
     print("\nThe invocation log's cost (kiln: rows written; kiln-nolog: KILN_INVOCATION_LOG=off):")
-    by = {(r.target, r.clients): r for r in [*on, *off]}
+    by = {(r.target, r.clients): r for r in results}
     for clients in (1, 16):
         a, b = by[("kiln", clients)], by[("kiln-nolog", clients)]
         print(f"  {clients:>2} client(s): p50 {a.p50_ms:.2f} vs {b.p50_ms:.2f} ms, p99 "
@@ -300,34 +304,47 @@ def report_invocation_log(on: list[Result], off: list[Result], counts: dict[str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; medians")
     parser.add_argument(
         "--invocation-log",
         choices=("on", "compare"),
         default="on",
-        help="compare: measure Kiln again with KILN_INVOCATION_LOG=off and print both",
+        help="compare: also run Kiln with KILN_INVOCATION_LOG=off, measured alongside",
     )
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
+    kilns: list[tuple[str, dict[str, str]]] = [("kiln", {})]
+    if args.invocation_log == "compare":
+        kilns.append(("kiln-nolog", {"KILN_INVOCATION_LOG": "off"}))
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp, contextlib.ExitStack() as stop:
         home = Path(tmp)
         app_file = home / "bench_app.py"
         app_file.write_text(APP)
-        bare_port = pick_port([], set())
-        bare_proc = start_bare(home, bare_port)
-        bare = (bare_port, bare_proc.pid)
-        try:
-            print(f"machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; "
-                  f"{args.requests} requests per measurement")  # fmt: skip
-            on, counts = measure_kiln(home / "on", app_file, bare, args.requests, "kiln")
-            report(on)
-            if args.invocation_log == "compare":
-                off, _ = measure_kiln(
-                    home / "off", app_file, bare, args.requests, "kiln-nolog",
-                    KILN_INVOCATION_LOG="off",
-                )  # fmt: skip
-                report_invocation_log(on, off, counts)
-        finally:
-            bare_proc.send_signal(signal.SIGTERM)
-            bare_proc.wait(30)
+        taken: set[int] = set()
+        servers = []
+        for target, settings in kilns:
+            (home / target).mkdir()
+            port = pick_port([], taken)
+            taken.add(port)
+            proc, key = start_kiln(home / target, port, **settings)
+            stop.callback(_stop, proc, 60)
+            deploy(port, key, app_file)
+            servers.append(Server(target, port, proc.pid, key))
+        bare_port = pick_port([], taken)
+        bare = start_bare(home, bare_port)
+        stop.callback(_stop, bare, 30)
+        servers.insert(0, Server("bare", bare_port, bare.pid))
+        print(f"machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; "
+              f"{args.requests} requests per measurement, {args.rounds} round(s)")  # fmt: skip
+        results = asyncio.run(run_all(servers, args.requests, args.rounds))
+        report([r for r in results if r.target != "kiln-nolog"])
+        if args.invocation_log == "compare":
+            time.sleep(6)  # one flush interval: the last batch is written
+            report_invocation_log(results, log_counts(servers[1].port, servers[1].key or ""))
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout_s)
 
 
 if __name__ == "__main__":

