@@ -11,19 +11,26 @@ invalid settings (as the `kiln` command).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
 
 from kiln import _loop
 from kiln._tasks import cancel_and_wait
 from kiln.errors import ConfigError, KilnError
 from kiln.settings import Settings
 
-__all__ = ["run_service"]
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NATS
+    from prometheus_client import CollectorRegistry
+
+    from kiln.observability.nats import NatsMetrics, NatsProcess
+
+__all__ = ["open_metrics", "open_nats", "run_service"]
 
 _log = logging.getLogger("kiln.service")
 # Beyond the drain: closing NATS and the database pool, and the metrics server's last poll.
@@ -73,3 +80,35 @@ async def _serve_until_stopped(serve: Serve, settings: Settings) -> int:
         return 0
     finally:
         stopped.cancel()
+
+
+async def open_nats(
+    exits: contextlib.AsyncExitStack,
+    settings: Settings,
+    process: NatsProcess,
+    nats_metrics: NatsMetrics,
+) -> NATS:
+    """The service's NATS connection, drained by `exits`; it reconnects for as long as NATS
+    stays away (a service waits for it, however long), and its state is in `nats_metrics`."""
+    import nats
+
+    nc = await nats.connect(
+        servers=settings.nats_servers,
+        connect_timeout=settings.connect_timeout_s,
+        name=f"kiln-{process.value.replace('_', '-')}",
+        max_reconnect_attempts=-1,
+        **nats_metrics.callbacks(process),
+    )
+    exits.push_async_callback(nc.drain)
+    return nc
+
+
+async def open_metrics(
+    exits: contextlib.AsyncExitStack, settings: Settings, registries: Sequence[CollectorRegistry]
+) -> None:
+    """Serve `registries` on `KILN_METRICS_PORT` until `exits` closes."""
+    from kiln.observability.exposition import serve_metrics
+
+    await exits.enter_async_context(
+        serve_metrics(registries, host=settings.host, port=settings.metrics_port)
+    )

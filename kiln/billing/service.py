@@ -14,16 +14,13 @@ import asyncio
 import contextlib
 import logging
 
-import nats
-
-from kiln._service import run_service
+from kiln._service import open_metrics, open_nats, run_service
 from kiln.billing.ledger import billing_rules
 from kiln.billing.outbox import OutboxWorker
 from kiln.billing.stripe_gateway import StripeGateway
 from kiln.billing.worker import BillingWorker
 from kiln.db.session import create_engine, session_factory
 from kiln.observability.billing import BillingMetrics
-from kiln.observability.exposition import serve_metrics
 from kiln.observability.nats import NatsMetrics, NatsProcess
 from kiln.settings import Settings
 
@@ -39,21 +36,8 @@ async def serve_billing(settings: Settings, stop: asyncio.Event) -> None:
     async with contextlib.AsyncExitStack() as exits:
         engine = create_engine(settings, application_name="kiln-billing")
         exits.push_async_callback(engine.dispose)
-        nc = await nats.connect(
-            servers=settings.nats_servers,
-            connect_timeout=settings.connect_timeout_s,
-            name="kiln-billing",
-            max_reconnect_attempts=-1,  # a service waits for NATS to come back, however long
-            **nats_metrics.callbacks(NatsProcess.BILLING),
-        )
-        exits.push_async_callback(nc.drain)
-        await exits.enter_async_context(
-            serve_metrics(
-                [metrics.registry, nats_metrics.registry],
-                host=settings.host,
-                port=settings.metrics_port,
-            )
-        )
+        nc = await open_nats(exits, settings, NatsProcess.BILLING, nats_metrics)
+        await open_metrics(exits, settings, [metrics.registry, nats_metrics.registry])
         sessions = session_factory(engine)
         workers = [BillingWorker(nc, sessions, settings.namespace, rules, metrics).run(stop)]
         if settings.stripe_enabled:

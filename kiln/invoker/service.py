@@ -13,11 +13,8 @@ import asyncio
 import contextlib
 import logging
 
-import nats
-
-from kiln._service import run_service
+from kiln._service import open_metrics, open_nats, run_service
 from kiln.invoker.agent import NodeAgent
-from kiln.observability.exposition import serve_metrics
 from kiln.observability.nats import NatsMetrics, NatsProcess
 from kiln.settings import Settings
 
@@ -29,22 +26,9 @@ _log = logging.getLogger("kiln.agent")
 async def serve_node_agent(settings: Settings, stop: asyncio.Event) -> None:
     nats_metrics = NatsMetrics()
     async with contextlib.AsyncExitStack() as exits:
-        nc = await nats.connect(
-            servers=settings.nats_servers,
-            connect_timeout=settings.connect_timeout_s,
-            name="kiln-node-agent",
-            max_reconnect_attempts=-1,  # a service waits for NATS to come back, however long
-            **nats_metrics.callbacks(NatsProcess.NODE_AGENT),
-        )
-        exits.push_async_callback(nc.drain)
+        nc = await open_nats(exits, settings, NatsProcess.NODE_AGENT, nats_metrics)
         agent = NodeAgent(settings, nc)
-        await exits.enter_async_context(
-            serve_metrics(
-                [agent.metrics_registry, nats_metrics.registry],
-                host=settings.host,
-                port=settings.metrics_port,
-            )
-        )
+        await open_metrics(exits, settings, [agent.metrics_registry, nats_metrics.registry])
         _log.info("node agent %s running (slots %s)", agent.node_id, agent.slots.total)
         await agent.run(stop)
     _log.info("node agent stopped")

@@ -12,12 +12,9 @@ import asyncio
 import contextlib
 import logging
 
-import nats
-
-from kiln._service import run_service
+from kiln._service import open_metrics, open_nats, run_service
 from kiln.db.session import create_engine, session_factory
 from kiln.observability.coldstart import ColdStartMetrics
-from kiln.observability.exposition import serve_metrics
 from kiln.observability.nats import NatsMetrics, NatsProcess
 from kiln.scheduler.scheduler import Scheduler
 from kiln.settings import Settings
@@ -34,21 +31,8 @@ async def serve_scheduler(settings: Settings, stop: asyncio.Event) -> None:
     async with contextlib.AsyncExitStack() as exits:
         engine = create_engine(settings, application_name="kiln-scheduler")
         exits.push_async_callback(engine.dispose)
-        nc = await nats.connect(
-            servers=settings.nats_servers,
-            connect_timeout=settings.connect_timeout_s,
-            name="kiln-scheduler",
-            max_reconnect_attempts=-1,  # a service waits for NATS to come back, however long
-            **nats_metrics.callbacks(NatsProcess.SCHEDULER),
-        )
-        exits.push_async_callback(nc.drain)
-        await exits.enter_async_context(
-            serve_metrics(
-                [cold_starts.registry, nats_metrics.registry],
-                host=settings.host,
-                port=settings.metrics_port,
-            )
-        )
+        nc = await open_nats(exits, settings, NatsProcess.SCHEDULER, nats_metrics)
+        await open_metrics(exits, settings, [cold_starts.registry, nats_metrics.registry])
         scheduler = Scheduler(
             nc,
             session_factory(engine),
