@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from kiln.db import bootstrap, migrate
+from kiln.devstack.nats import EmbeddedNats
 from kiln.devstack.ports import pick_port
 from kiln.functions.package import package
 from kiln.invoker.agent import NodeAgent
@@ -186,6 +187,19 @@ async def running_platform(
     finally:
         stop.set()
         await asyncio.wait_for(task, 60)
+
+
+@pytest.fixture(scope="module", name="own_nats")
+def own_nats_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
+    """A NATS server of this module's own, since a test kills it."""
+    used: set[int] = set()
+    ports = {"port": pick_port([], used), "monitor_port": pick_port([], used)}
+    server = EmbeddedNats(tmp_path_factory.mktemp("nats"), ports, durable=False)
+    server.start(30)
+    try:
+        yield server
+    finally:
+        server.stop(10)
 
 
 @pytest.fixture(scope="module", name="platform")

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,12 @@ import pytest
 import sqlalchemy as sa
 from fakestripe import API_KEY, WEBHOOK_SECRET, FakeStripe, fake_stripe
 from sqlalchemy.ext.asyncio import AsyncEngine
-from stack import Platform, extra_node, running_platform
+from stack import (  # noqa: F401 - own_nats_fixture: a fixture
+    Platform,
+    extra_node,
+    own_nats_fixture,
+    running_platform,
+)
 
 from kiln.db.enums import LedgerKind
 from kiln.db.models import LedgerEntry, UsageEvent
@@ -58,19 +63,6 @@ def work(ms: int) -> int:
     time.sleep(ms / 1000)
     return ms
 """
-
-
-@pytest.fixture(scope="module")
-def own_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
-    """A NATS server of this module's own, since the test kills it."""
-    used: set[int] = set()
-    ports = {"port": pick_port([], used), "monitor_port": pick_port([], used)}
-    server = EmbeddedNats(tmp_path_factory.mktemp("nats"), ports, durable=False)
-    server.start(30)
-    try:
-        yield server
-    finally:
-        server.stop(10)
 
 
 def kill_nats(server: EmbeddedNats) -> None:

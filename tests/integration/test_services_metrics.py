@@ -14,14 +14,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 import sqlalchemy as sa
-from stack import Platform, platform_fixture  # noqa: F401 - the fixture
+from stack import Platform, own_nats_fixture, platform_fixture  # noqa: F401 - fixtures
 
 from kiln.db import migrate
 from kiln.db.enums import CallStatus
@@ -35,19 +34,6 @@ pytestmark = pytest.mark.integration
 
 STOP_BOUND_S = 15.0
 NATS_METRICS = ['kiln_nats_connected{process="%s"} 1.0', 'kiln_nats_reconnects_total{process="%s"}']
-
-
-@pytest.fixture(scope="module")
-def own_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
-    """A NATS server of this module's own, since a test kills it."""
-    used: set[int] = set()
-    ports = {"port": pick_port([], used), "monitor_port": pick_port([], used)}
-    server = EmbeddedNats(tmp_path_factory.mktemp("nats"), ports, durable=False)
-    server.start(30)
-    try:
-        yield server
-    finally:
-        server.stop(10)
 
 
 @dataclass
