@@ -98,9 +98,6 @@ _HEADER_ROOM = 8 * 1024
 class CallResult:
     body: bytes
     content_type: str
-    replica_id: str
-    # From publishing the call until a replica took it: the time it waited for capacity.
-    queue_wait_s: float = 0.0
 
 
 class _Phase(enum.Enum):
@@ -116,7 +113,7 @@ class _Call:
     quickly arms and cancels one timer, whatever phases it went through."""
 
     __slots__ = (
-        "accept_by", "deadline", "future", "phase", "published_at", "queue_wait_s", "replica_id",
+        "accept_by", "deadline", "future", "phase", "published_at", "replica_id",
         "startup_timeout_s", "stream", "timeout_s", "timer", "timer_at", "trace",
     )  # fmt: skip
 
@@ -131,7 +128,6 @@ class _Call:
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0
         self.published_at = future.get_loop().time()
-        self.queue_wait_s = 0.0
         self.stream: CallStream | None = None
         self.trace: CallTrace | None = None
 
@@ -417,14 +413,7 @@ class Dispatcher:
             if stored is not None:
                 self._finish_stored(call, self._take(stored), content_type)
             elif not call.future.done():
-                call.future.set_result(
-                    CallResult(
-                        body=msg.data,
-                        content_type=content_type,
-                        replica_id=call.replica_id or "",
-                        queue_wait_s=call.queue_wait_s,
-                    )
-                )
+                call.future.set_result(CallResult(body=msg.data, content_type=content_type))
         else:
             call.fail(_remote_error(msg.data))
 
@@ -440,9 +429,7 @@ class Dispatcher:
                 _log.warning("fetching a stored result failed: %s", fetched.exception())
                 call.fail(InternalError("the result could not be fetched from the payload store"))
                 return
-            call.future.set_result(
-                CallResult(fetched.result(), content_type, call.replica_id or "", call.queue_wait_s)
-            )
+            call.future.set_result(CallResult(fetched.result(), content_type))
 
         body.add_done_callback(done)
 
@@ -477,13 +464,11 @@ class Dispatcher:
             call = self._calls.get(call_id)
             if call is not None:
                 call.replica_id = replica
-                now = call.future.get_loop().time()
-                call.queue_wait_s = now - call.published_at
                 if call.trace is not None:
+                    now = call.future.get_loop().time()
                     trace = call.trace
-                    trace.replica_id, trace.queue_wait_s, trace.taken_at = (
-                        replica, call.queue_wait_s, now,
-                    )  # fmt: skip
+                    trace.replica_id, trace.taken_at = replica, now
+                    trace.queue_wait_s = now - call.published_at
                     # Published (wall clock) before its replica was ready: it waited for a
                     # cold start.
                     trace.cold = ready_at > call.accept_by - call.startup_timeout_s
