@@ -1,10 +1,16 @@
 """The child processes of bench/coldstart.py; never run by hand.
 
     _coldstart_worker.py build <size> <dir>       build the model's files once (random weights)
-    _coldstart_worker.py load <method> <dir>      a fresh process: import, load, first forward
-    _coldstart_worker.py standby <method> <dir>   a Kiln standby: import, print "ready", wait for
-                                                  the snapshot's directory on stdin, restore
-    _coldstart_worker.py steady - <dir>           the warmed-up forward pass's time
+    _coldstart_worker.py build <size> <dir> cuda  and its snapshot baked on the GPU, once
+    _coldstart_worker.py load <method> <dir> [cuda]      a fresh process: import, load, first
+                                                         forward (on the GPU with `cuda`)
+    _coldstart_worker.py standby <method> <dir> [cuda]   a Kiln standby: import (on a GPU: CUDA
+                                                         context, cuBLAS, staging ring), print
+                                                         "ready", read the snapshot's directory
+                                                         on stdin, restore
+    _coldstart_worker.py steady - <dir> [cuda]    the warmed-up forward pass's time
+    _coldstart_worker.py floor - <blob> cuda      pinned host-to-device and page-cache-to-pinned
+                                                  bandwidth, measured on the blob's bytes
 
 A loading child prints one line, `RESULT {json}`: the monotonic clock when the model became usable
 (CLOCK_MONOTONIC is system-wide, so the parent subtracts its own spawn or assignment time), the
@@ -29,18 +35,25 @@ SIGNING_KEY = "kiln-bench-coldstart-snapshot-signing"  # a local cache; nothing 
 TOKENS = 8
 
 
-def snapshot_key(size: str) -> str:
+def snapshot_key(size: str, device: str = "cpu") -> str:
     from kiln.snapshots.manifest import Runtime
     from kiln.snapshots.manifest import snapshot_key as key_for
 
-    return key_for(f"bench-{size}", "Model", Runtime.current())
+    return key_for(f"bench-{size}", "Model", Runtime.current(), device=device)
 
 
-def versions() -> dict[str, str]:
-    """What the built files depend on beyond the snapshot key (which has Python, torch, Kiln)."""
+def versions() -> dict[str, str | None]:
+    """What the built files depend on beyond the snapshot key (which has Python, torch, Kiln);
+    None for a package that is not installed (no tensorizer file is built without it)."""
     from importlib import metadata
 
-    return {name: metadata.version(name) for name in ("transformers", "tensorizer", "safetensors")}
+    found: dict[str, str | None] = {}
+    for name in ("transformers", "tensorizer", "safetensors"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def _rss() -> int:
@@ -127,6 +140,28 @@ def _fastsafetensors(directory: Path) -> Any:
     return _assign(_skeleton(directory), state)
 
 
+def _from_pretrained_cuda(directory: Path) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        directory / "hf", dtype=torch.bfloat16, device_map="cuda"
+    )
+
+
+def _from_pretrained_to_cuda(directory: Path) -> Any:
+    return _from_pretrained(directory).to("cuda")
+
+
+def _safetensors_cuda(directory: Path) -> Any:
+    from safetensors.torch import load_file
+
+    state: dict[str, Any] = {}
+    for shard in _shards(directory):
+        state.update(load_file(shard, device="cuda"))
+    return _assign(_skeleton(directory), state)
+
+
 def _kiln(private: bool) -> Callable[[Path], Any]:
     def load(snapshot_dir: Path) -> Any:
         from kiln.snapshots.restore import restore_state
@@ -154,6 +189,22 @@ LOADERS: dict[str, tuple[tuple[str, ...], Callable[[Path], Any]]] = {
 }
 
 
+# The same with CUDA as the target. Every process creates its CUDA context before the load is
+# timed (a Kiln standby before it is assigned, with its cuBLAS handle and staging ring too).
+_CUDA = "kiln.snapshots.cuda"
+CUDA_LOADERS: dict[str, tuple[tuple[str, ...], Callable[[Path], Any]]] = {
+    "from_pretrained": (("torch", "transformers", _GPT2), _from_pretrained_cuda),
+    "from_pretrained-to": (("torch", "transformers", _GPT2), _from_pretrained_to_cuda),
+    "safetensors": (("torch", "safetensors.torch", _GPT2), _safetensors_cuda),
+    "kiln-cuda": (("torch", "kiln.snapshots.restore", _CUDA), _kiln(private=False)),
+    "kiln-cuda-tf": (("torch", "kiln.snapshots.restore", _CUDA, _GPT2), _kiln(private=False)),
+}
+
+
+def loaders(device: str) -> dict[str, tuple[tuple[str, ...], Callable[[Path], Any]]]:
+    return CUDA_LOADERS if device == "cuda" else LOADERS
+
+
 def _import(modules: tuple[str, ...]) -> None:
     import importlib
 
@@ -161,37 +212,46 @@ def _import(modules: tuple[str, ...]) -> None:
         importlib.import_module(name)
 
 
-def _first_forward(model: Any) -> tuple[float, list[float]]:
+def _first_forward(model: Any, device: str = "cpu") -> tuple[float, list[float]]:
     import torch
 
-    tokens = torch.arange(TOKENS).unsqueeze(0)
+    tokens = torch.arange(TOKENS, device=device).unsqueeze(0)
     started = time.perf_counter()
     with torch.inference_mode():
         logits = model(tokens).logits
+    if device == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     flat = logits.float()
     return seconds, [flat.sum().item(), flat.abs().sum().item(), flat[0, -1, :4].sum().item()]
 
 
-def _measure(method: str, directory: Path) -> dict[str, Any]:
+def _measure(method: str, directory: Path, device: str = "cpu") -> dict[str, Any]:
     """Load with `method` (its imports are done), run the first forward, report."""
     import importlib
 
-    load = LOADERS[method][1]
+    import torch
+
+    load = loaders(device)[method][1]
     if method.startswith("kiln"):
         importlib.import_module(_GPT2)  # the function's import, as its replica would run it
     imported = time.monotonic()
     baseline = _rss()
     started = time.perf_counter()
     model = load(directory).eval()
+    if device == "cuda":
+        torch.cuda.synchronize()  # usable means the bytes are on the GPU
     loaded = time.perf_counter()
     usable = time.monotonic()
     on_meta = [name for name, p in model.named_parameters() if p.is_meta]
     if on_meta:
         raise RuntimeError(f"{len(on_meta)} weights were not loaded, e.g. {on_meta[0]}")
+    elsewhere = [name for name, p in model.named_parameters() if p.device.type != device]
+    if elsewhere:
+        raise RuntimeError(f"{len(elsewhere)} weights are not on {device}, e.g. {elsewhere[0]}")
     peak_loaded = _peak_rss()
-    first, checksum = _first_forward(model)
-    return {
+    first, checksum = _first_forward(model, device)
+    result = {
         "usable": usable,
         "imported": imported,
         "load": loaded - started,
@@ -201,33 +261,51 @@ def _measure(method: str, directory: Path) -> dict[str, Any]:
         "peak_rss": _peak_rss(),
         "checksum": checksum,
     }
+    if device == "cuda":
+        result["gpu_peak"] = torch.cuda.max_memory_allocated()
+    return result
 
 
 def _result(payload: dict[str, Any]) -> None:
     print("RESULT " + json.dumps(payload), flush=True)
 
 
-def _run(method: str, directory: Path, *, standby: bool) -> None:
-    modules = LOADERS[method][0]
+def _run(method: str, directory: Path, *, standby: bool, device: str = "cpu") -> None:
+    modules = loaders(device)[method][0]
     try:
         _import(modules)
     except (ImportError, OSError) as exc:
         _result({"error": f"unavailable: {type(exc).__name__}: {exc}"})
         return
+    if device == "cuda":
+        _cuda_context(standby=standby)
     if standby:
         print("ready", flush=True)
         directory = Path(sys.stdin.readline().strip())
     try:
-        _result(_measure(method, directory))
+        _result(_measure(method, directory, device))
     except Exception as exc:  # noqa: BLE001 - any loader failure becomes a row, not a crash
         _result({"error": f"failed: {type(exc).__name__}: {str(exc)[:300]}"})
+
+
+def _cuda_context(*, standby: bool) -> None:
+    """Before the clock: a fresh process creates its CUDA context (any GPU load must, and its
+    cost is in `total`, not `load`); a Kiln standby does what a GPU standby does."""
+    import torch
+
+    if standby:
+        from kiln.snapshots.cuda import prepare
+
+        prepare()
+    else:
+        torch.zeros(1, device="cuda")
+        torch.cuda.synchronize()
 
 
 def build(size: str, directory: Path) -> None:
     """The model with random bf16 weights, saved three ways: an HF directory (safetensors), a
     tensorizer file and a sealed Kiln snapshot; then `built.json`, which marks it complete."""
     import torch
-    from tensorizer import TensorSerializer
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from kiln.snapshots.bake import bake
@@ -252,11 +330,14 @@ def build(size: str, directory: Path) -> None:
     model = _tied(model).eval()
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory / "hf")
-    model.lm_head.weight = None  # tensorizer would store the tied weight twice
-    serializer = TensorSerializer(str(directory / "model.tensors"))
-    serializer.write_module(model)
-    serializer.close()
-    model = _tied(model)
+    if versions()["tensorizer"] is not None:  # else its row says it is not installed
+        from tensorizer import TensorSerializer
+
+        model.lm_head.weight = None  # tensorizer would store the tied weight twice
+        serializer = TensorSerializer(str(directory / "model.tensors"))
+        serializer.write_module(model)
+        serializer.close()
+        model = _tied(model)
     cache = SnapshotCache(directory / "kiln", SIGNING_KEY)
     key = snapshot_key(size)
     staging = cache.staging(key)
@@ -277,6 +358,118 @@ def build(size: str, directory: Path) -> None:
     (directory / "built.json").write_text(json.dumps(built, indent=1))
 
 
+def build_cuda(size: str, directory: Path) -> None:
+    """The built model's snapshot baked from the model on the GPU (a `cuda.safetensors` blob),
+    and the checksum of its first forward there; then `built-cuda.json`."""
+    from kiln.snapshots.bake import bake
+    from kiln.snapshots.manifest import Runtime
+    from kiln.snapshots.store import SnapshotCache
+
+    _import(CUDA_LOADERS["safetensors"][0])
+    model = _safetensors_cuda(directory).eval()
+    _, checksum = _first_forward(model, "cuda")
+    cache = SnapshotCache(directory / "kiln-cuda", SIGNING_KEY)
+    key = snapshot_key(size, "cuda")
+    staging = cache.staging(key)
+    bake(SimpleNamespace(model=model), staging)
+    snapshot = cache.seal(
+        staging, key=key, function="bench/Model", code_digest="bench", runtime=Runtime.current()
+    )
+    built = {
+        "size": size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "tensor_bytes": snapshot.manifest.tensor_bytes,
+        "snapshot": str(snapshot.directory),
+        "checksum": checksum,
+        "versions": versions(),
+    }
+    (directory / "built-cuda.json").write_text(json.dumps(built, indent=1))
+
+
+def floor_cuda(blob: Path) -> None:
+    """The two stages every loader to the GPU goes through, at their best here: reading the
+    bytes from the page cache into pinned memory (parallel preadv, the file warm) and copying
+    pinned memory to the GPU (one large copy, or 16 MiB copies on four streams)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from kiln.snapshots.blob import read_index
+    from kiln.snapshots.cuda import Chunk, _read
+
+    index, _ = read_index(blob)
+    start = min(e.offset for e in index.entries)
+    nbytes = index.size - start
+    pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+
+    def best(passes: int, work: Callable[[], None]) -> float:
+        work()
+        torch.cuda.synchronize()
+        fastest = float("inf")
+        for _ in range(passes):
+            started = time.perf_counter()
+            work()
+            torch.cuda.synchronize()
+            fastest = min(fastest, time.perf_counter() - started)
+        return nbytes / fastest
+
+    def one_copy() -> None:
+        device.copy_(pinned, non_blocking=True)
+
+    streams = [torch.cuda.Stream() for _ in range(4)]  # type: ignore[no-untyped-call]
+    step = 16 * 1024 * 1024
+
+    def chunked() -> None:
+        for number, at in enumerate(range(0, nbytes, step)):
+            with torch.cuda.stream(streams[number % len(streams)]):
+                device[at : at + step].copy_(pinned[at : at + step], non_blocking=True)
+        for stream in streams:
+            stream.synchronize()
+
+    reads: dict[str, float] = {}
+    fd = os.open(blob, os.O_RDONLY)
+    try:
+        for threads in (8, 16, 32):
+            for chunk in (4 * 1024 * 1024, 16 * 1024 * 1024):
+                jobs = [
+                    (Chunk("x", start + at, at, min(chunk, nbytes - at)), at)
+                    for at in range(0, nbytes, chunk)
+                ]
+                with ThreadPoolExecutor(threads) as pool:
+
+                    def read(pool: ThreadPoolExecutor = pool, jobs: Any = jobs) -> None:
+                        list(pool.map(lambda job: _read(fd, pinned[job[1] :], job[0]), jobs))
+
+                    reads[f"{threads}x{chunk >> 20}MiB"] = best(3, read)
+    finally:
+        os.close(fd)
+    _result(
+        {
+            "nbytes": nbytes,
+            "h2d_one": best(5, one_copy),
+            "h2d_chunked": best(5, chunked),
+            "reads": reads,
+        }
+    )
+
+
+def steady_cuda(directory: Path) -> None:
+    """`steady` on the GPU: the warmed-up forward, and the GPU memory it works in."""
+    import torch
+
+    _import(CUDA_LOADERS["safetensors"][0])
+    model = _safetensors_cuda(directory).eval()
+    _first_forward(model, "cuda")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    seconds = [_first_forward(model, "cuda")[0] for _ in range(3)]
+    working = torch.cuda.max_memory_allocated() - before
+    _result({"forward": min(seconds), "working_memory": working})
+
+
 def steady(directory: Path) -> None:
     """The forward pass's own cost once warmed up, in time and in working memory: what a first
     forward costs beyond it is the cold start's."""
@@ -293,12 +486,15 @@ def steady(directory: Path) -> None:
 
 def main() -> None:
     command, name, directory = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    device = sys.argv[4] if len(sys.argv) > 4 else "cpu"
     if command == "build":
-        build(name, directory)
+        (build_cuda if device == "cuda" else build)(name, directory)
     elif command == "steady":
-        steady(directory)
+        (steady_cuda if device == "cuda" else steady)(directory)
+    elif command == "floor":
+        floor_cuda(directory)
     else:
-        _run(name, directory, standby=command == "standby")
+        _run(name, directory, standby=command == "standby", device=device)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ processes, on the same machine, in one run; one table per model size and page-ca
     .venv/bin/pip install -e '.[worker,bench]'
     .venv/bin/python bench/coldstart.py [--sizes 125m,355m,1.5b] [--runs 5] [--cache both]
         [--workdir ~/.cache/kiln-bench/coldstart] [--methods from_pretrained,kiln-mapped,...]
+        [--device cpu|cuda]
 
 The models are GPT-2 (small, medium, XL: about 125M, 355M and 1.5B parameters) in bf16 with
 random weights, built once into the work directory (no downloads) as an HF `save_pretrained`
@@ -35,12 +36,32 @@ file from the page cache with parallel preadv, or memcpy (warm), and reading it 
 eviction (evicted). Targets (issue 4): Kiln ahead of every other loader; peak RSS of a CPU
 restore at most the snapshot's size plus the process baseline; at least 20x faster than
 from_pretrained.
+
+With `--device cuda` every method loads onto the GPU, and the snapshot is one baked from the
+model on the GPU (its `cuda.safetensors` blob, restored through the pinned staging ring):
+
+    from_pretrained     AutoModelForCausalLM.from_pretrained(dir, dtype=bf16, device_map="cuda")
+    from_pretrained-to  the CPU from_pretrained above, then .to("cuda")
+    safetensors         the meta skeleton + load_file(device="cuda") + load_state_dict(assign)
+    kiln-cuda           Kiln's restore_state into a standby that imported torch and
+                        kiln.snapshots and ran kiln.snapshots.cuda.prepare() (CUDA context,
+                        cuBLAS handle, pinned staging ring) before it was assigned
+    kiln-cuda-tf        the same, the standby having imported transformers' GPT-2 too
+
+A fresh process creates its CUDA context after its imports and before `load` is timed, so
+`load` is the loading step alone for every row and `total` has the context in it. runai,
+tensorizer and fastsafetensors have no CUDA rows yet. The floor is the weights' bytes over the
+slower of the two stages any loader to the GPU goes through: page cache to pinned memory
+(parallel preadv, measured on the blob) and pinned memory to the GPU (measured copies); a
+second floor row counts the host-to-device copy alone. `peak GPU` is the process's
+max_memory_allocated after the first forward. The end-to-end section runs on CPU only.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import json
 import math
 import mmap
@@ -57,11 +78,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _coldstart_worker import LOADERS, SIZES, snapshot_key, versions
+from _coldstart_worker import SIZES, loaders, snapshot_key, versions
 
 BENCH = Path(__file__).resolve().parent
 WORKER = BENCH / "_coldstart_worker.py"
-STANDBY = ("kiln-mapped", "kiln-private", "kiln-mapped-tf")
+STANDBY = ("kiln-mapped", "kiln-private", "kiln-mapped-tf", "kiln-cuda", "kiln-cuda-tf")
 CHILD_TIMEOUT_S = 900
 MIB = 1024 * 1024
 
@@ -74,6 +95,7 @@ class Built:
     tensor_bytes: int
     snapshot: Path
     checksum: list[float]
+    device: str = "cpu"  # where the methods load to; a cuda snapshot was baked on the GPU
 
     @property
     def snapshot_bytes(self) -> int:
@@ -83,8 +105,9 @@ class Built:
         """What `method` reads, to warm or evict before its run."""
         if method in STANDBY:
             return sorted(self.snapshot.iterdir())
-        if method == "tensorizer":
-            return [self.directory / "model.tensors", self.directory / "hf" / "config.json"]
+        if method == "tensorizer":  # no file where tensorizer is not installed: its row says so
+            files = [self.directory / "model.tensors", self.directory / "hf" / "config.json"]
+            return [path for path in files if path.exists()]
         return sorted((self.directory / "hf").iterdir())
 
 
@@ -97,6 +120,7 @@ class Run:
     peak_rss_loaded: int
     peak_rss: int
     checksum: list[float]
+    gpu_peak: int = 0
 
 
 @dataclass
@@ -268,8 +292,9 @@ def _best(passes: int, setup: Callable[[], None], work: Callable[[], None], nbyt
     return best
 
 
-def measure_floor(blob: Path, tensor_bytes: int) -> Floor:
-    """The bandwidths that bound any loader here, measured on the snapshot's blob."""
+def measure_floor(blob: Path, tensor_bytes: int, *, evicted: bool = True) -> Floor:
+    """The bandwidths that bound any loader here, measured on the snapshot's blob (without
+    `evicted`, the reads right after eviction are not measured and left at 0)."""
     size = blob.stat().st_size
     source = bytearray(size)  # written once before timing, so its pages are all there
     view = memoryview(source)
@@ -280,11 +305,70 @@ def measure_floor(blob: Path, tensor_bytes: int) -> Floor:
         read_warm = _best(3, lambda: None, lambda: _parallel_read(fd, view), size)
         target = bytearray(size)
         memcpy = _best(3, lambda: None, lambda: _parallel_copy(target, source), size)
-        sequential = _best(2, lambda: drop(blob), lambda: _sequential_read(fd, view), size)
-        parallel = _best(2, lambda: drop(blob), lambda: _parallel_read(fd, view), size)
+        sequential = parallel = 0.0
+        if evicted:
+            sequential = _best(2, lambda: drop(blob), lambda: _sequential_read(fd, view), size)
+            parallel = _best(2, lambda: drop(blob), lambda: _parallel_read(fd, view), size)
     finally:
         os.close(fd)
     return Floor(tensor_bytes, read_warm, memcpy, sequential, parallel)
+
+
+@dataclass(frozen=True)
+class CudaFloor:
+    """What bounds a load onto the GPU: the host's reads (page cache, or the disk right after
+    eviction) and the pinned host-to-device copy, which a perfect loader overlaps."""
+
+    host: Floor
+    read_pinned: float  # page cache to pinned memory, the best of the reads `floor` measured
+    h2d: float  # pinned memory to the GPU, the best of one large copy and chunked copies
+    detail: dict[str, Any]
+
+    def read(self, cache: str) -> float:
+        if cache == "warm":
+            return max(self.host.read_warm, self.read_pinned)
+        return max(self.host.read_evicted_sequential, self.host.read_evicted_parallel)
+
+    def seconds(self, cache: str) -> float:
+        return self.host.nbytes / min(self.read(cache), self.h2d)
+
+    def h2d_seconds(self) -> float:
+        return self.host.nbytes / self.h2d
+
+    def describe(self) -> str:
+        gib = 1024**3
+        reads = ", ".join(f"{k} {v / gib:.2f}" for k, v in self.detail["reads"].items())
+        text = (f"bandwidth here: pinned host-to-device copy {self.h2d / gib:.2f} GiB/s (one "
+                f"copy {self.detail['h2d_one'] / gib:.2f}, 16 MiB chunks on 4 streams "
+                f"{self.detail['h2d_chunked'] / gib:.2f}); page cache to pinned memory "
+                f"{self.read_pinned / gib:.2f} GiB/s (preadv threads x chunk: {reads} GiB/s), "
+                f"to pageable memory {self.host.read_warm / gib:.2f} GiB/s")  # fmt: skip
+        if self.host.read_evicted_parallel:
+            text += (f"; right after eviction: sequential read "
+                     f"{self.host.read_evicted_sequential / gib:.2f} GiB/s, parallel "
+                     f"{self.host.read_evicted_parallel / gib:.2f} GiB/s")  # fmt: skip
+        return text
+
+
+def measure_cuda_floor(built: Built, states: list[str]) -> CudaFloor:
+    blob = built.snapshot / "cuda.safetensors"
+    host = measure_floor(blob, built.tensor_bytes, evicted="evicted" in states)
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), "floor", "-", str(blob), "cuda"],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    found = _result(proc)
+    if "error" in found:
+        raise SystemExit(f"the GPU bandwidths could not be measured: {found['error']}")
+    return CudaFloor(
+        host=host,
+        read_pinned=max(found["reads"].values()),
+        h2d=max(found["h2d_one"], found["h2d_chunked"]),
+        detail=found,
+    )
 
 
 def import_costs(python: str) -> str:
@@ -308,6 +392,28 @@ def import_costs(python: str) -> str:
     )
 
 
+def cuda_costs(python: str) -> str:
+    """What a GPU standby also spares a request: the CUDA context, and the rest of `prepare`."""
+    costs = []
+    for label, code in (
+        ("import torch + CUDA context", "import torch; torch.zeros(1, device='cuda')"),
+        ("import torch, kiln.snapshots.restore + kiln.snapshots.cuda.prepare()",
+         "import torch, kiln.snapshots.restore, kiln.snapshots.cuda as c; c.prepare()"),
+    ):  # fmt: skip
+        seconds = []
+        for _ in range(3):
+            started = time.monotonic()
+            done = subprocess.run(
+                [python, "-c", f"{code}; import time; print(time.monotonic())"],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            seconds.append(float(done.stdout.split()[-1]) - started)
+        costs.append(f"{label}: {statistics.median(seconds):.2f} s")
+    return "and on the GPU (spawn to ready, median of 3): " + "; ".join(costs)
+
+
 def memory_gib() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
 
@@ -320,7 +426,7 @@ def ensure_built(size: str, workdir: Path) -> Built:
         built = json.loads(marker.read_text())
         if Path(built["snapshot"]).name == key and built.get("versions") == versions():
             return _built(built, directory)
-    for stale in ("hf", "model.tensors", "kiln", "built.json"):
+    for stale in ("hf", "model.tensors", "kiln", "built.json", "kiln-cuda", "built-cuda.json"):
         path = directory / stale
         if path.is_dir():
             shutil.rmtree(path)
@@ -334,6 +440,27 @@ def ensure_built(size: str, workdir: Path) -> Built:
         stdout=subprocess.DEVNULL,
     )
     return _built(json.loads(marker.read_text()), directory)
+
+
+def ensure_built_cuda(built: Built) -> Built:
+    """`built` with its snapshot baked from the model on the GPU (built once, then reused)."""
+    directory = built.directory
+    marker = directory / "built-cuda.json"
+    key = snapshot_key(built.size, "cuda")
+    if marker.exists():
+        raw = json.loads(marker.read_text())
+        if Path(raw["snapshot"]).name == key and raw.get("versions") == versions():
+            return dataclasses.replace(_built(raw, directory), device="cuda")
+    if (directory / "kiln-cuda").is_dir():
+        shutil.rmtree(directory / "kiln-cuda")
+    print(f"baking {built.size}'s snapshot on the GPU (once)", file=sys.stderr)
+    subprocess.run(
+        [sys.executable, str(WORKER), "build", built.size, str(directory), "cuda"],
+        env=child_env(),
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return dataclasses.replace(_built(json.loads(marker.read_text()), directory), device="cuda")
 
 
 def _built(raw: dict[str, Any], directory: Path) -> Built:
@@ -374,7 +501,7 @@ def run_once(method: str, built: Built, cache: str, evictions: Evictions) -> Run
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     if method in STANDBY:
         proc = subprocess.Popen(
-            [sys.executable, str(WORKER), "standby", method, "-"],
+            [sys.executable, str(WORKER), "standby", method, "-", built.device],
             stdin=subprocess.PIPE,
             env=child_env(),
             **pipes,
@@ -396,7 +523,7 @@ def run_once(method: str, built: Built, cache: str, evictions: Evictions) -> Run
         prepare(paths, cache, evictions)
         started = time.monotonic()
         proc = subprocess.Popen(
-            [sys.executable, str(WORKER), "load", method, str(built.directory)],
+            [sys.executable, str(WORKER), "load", method, str(built.directory), built.device],
             stdin=subprocess.DEVNULL,
             env=child_env(),
             **pipes,
@@ -412,6 +539,7 @@ def run_once(method: str, built: Built, cache: str, evictions: Evictions) -> Run
         peak_rss_loaded=int(result["peak_rss_loaded"]),
         peak_rss=int(result["peak_rss"]),
         checksum=list(result["checksum"]),
+        gpu_peak=int(result.get("gpu_peak", 0)),
     )
 
 
@@ -450,34 +578,54 @@ def _s(seconds: float) -> str:
     return f"{seconds:.3f}" if seconds < 10 else f"{seconds:.2f}"
 
 
-def table(built: Built, cache: str, rows: dict[str, Row], floor_s: float, runs: int) -> None:
+def table(
+    built: Built,
+    cache: str,
+    rows: dict[str, Row],
+    floor_s: float,
+    runs: int,
+    h2d_floor_s: float | None = None,
+) -> None:
+    cuda = built.device == "cuda"
     print(f"\n{built.size}: {built.parameters / 1e6:.1f}M parameters, "
-          f"{built.tensor_bytes / MIB:.1f} MiB of bf16 weights; page cache {cache}; "
+          f"{built.tensor_bytes / MIB:.1f} MiB of bf16 weights; "
+          + ("loaded onto the GPU; " if cuda else "") + f"page cache {cache}; "
           f"{runs} runs each; seconds, medians unless marked")  # fmt: skip
     head = ("method", "total", "total p90", "load", "1st fwd", "total+1st", "peak RSS",
             "base RSS", "vs from_pretrained")  # fmt: skip
-    print(f"{head[0]:<17}" + "".join(f"{h:>11}" for h in head[1:6])
-          + f"{head[6] + ' MiB':>14}{head[7] + ' MiB':>14}{head[8]:>20}")  # fmt: skip
+    width = 19 if cuda else 17
+    print(f"{head[0]:<{width}}" + "".join(f"{h:>11}" for h in head[1:6])
+          + f"{head[6] + ' MiB':>14}{head[7] + ' MiB':>14}{head[8]:>20}"
+          + (f"{'peak GPU MiB':>14}" if cuda else ""))  # fmt: skip
     reference = rows.get("from_pretrained")
     base = reference.median("total") if reference and reference.runs else None
     for row in rows.values():
         name = row.method + (" *" if row.method in STANDBY else "")
         if row.error or not row.runs:
-            print(f"{name:<17}  {row.error or 'no runs'}")
+            print(f"{name:<{width}}  {row.error or 'no runs'}")
             continue
         cells = [row.median("total"), row.p90("total"), row.median("load"), row.median("first"),
                  row.ready_first()]  # fmt: skip
         speedup = f"{base / row.median('total'):.1f}x" if base else "-"
         flag = "  WRONG OUTPUT" if row.wrong(built.checksum) else ""
-        print(f"{name:<17}" + "".join(f"{_s(c):>11}" for c in cells)
+        gpu = f"{row.median('gpu_peak') / MIB:>14.1f}" if cuda else ""
+        print(f"{name:<{width}}" + "".join(f"{_s(c):>11}" for c in cells)
               + f"{row.median('peak_rss') / MIB:>14.1f}{row.median('baseline_rss') / MIB:>14.1f}"
-              + f"{speedup:>20}{flag}")  # fmt: skip
-    print(f"{'floor':<17}{'-':>11}{'-':>11}{_s(floor_s):>11}")
-    print("  * total = snapshot assigned to a standby (torch, kiln.snapshots imported) until "
-          "usable; other rows: process spawn until usable")  # fmt: skip
+              + f"{speedup:>20}{gpu}{flag}")  # fmt: skip
+    print(f"{'floor':<{width}}{'-':>11}{'-':>11}{_s(floor_s):>11}")
+    if h2d_floor_s is not None:
+        print(f"{'floor (H2D alone)':<{width}}{'-':>11}{'-':>11}{_s(h2d_floor_s):>11}")
+    ready = "; CUDA context, cuBLAS, staging ring made" if cuda else ""
+    print(f"  * total = snapshot assigned to a standby (torch, kiln.snapshots imported{ready}) "
+          "until usable; other rows: process spawn until usable")  # fmt: skip
 
 
-def targets(built: Built, rows: dict[str, Row], working: int | None) -> None:
+def targets(
+    built: Built,
+    rows: dict[str, Row],
+    working: int | None,
+    floors: dict[str, float] | None = None,
+) -> None:
     others = [r for r in rows.values() if r.method not in STANDBY and r.runs and not r.error]
     reference = rows.get("from_pretrained")
     for kiln in (rows.get(m) for m in STANDBY):
@@ -495,6 +643,15 @@ def targets(built: Built, rows: dict[str, Row], working: int | None) -> None:
             ratio = reference.median("total") / kiln.median("total")
             print(f"    >= 20x faster than from_pretrained (total): {ratio:.1f}x: "
                   f"{'met' if ratio >= 20 else 'missed'}")  # fmt: skip
+        for label, floor_s in (floors or {}).items():
+            limit = 1.5 * floor_s + 0.1
+            for name, mine in (("total", kiln.median("total")), ("total+1st", kiln.ready_first())):
+                print(f"    within 1.5x the {label} floor + 100 ms ({name}): {_s(mine)} s against "
+                      f"1.5 x {_s(floor_s)} + 0.1 = {_s(limit)} s "
+                      f"({mine / floor_s:.1f}x the floor): "
+                      f"{'met' if mine <= limit else 'missed'}")  # fmt: skip
+        if built.device == "cuda":
+            continue  # the RSS target is a CPU restore's
         peak = max(run.peak_rss for run in kiln.runs)
         loaded = max(run.peak_rss_loaded for run in kiln.runs)
         limit = built.snapshot_bytes + kiln.median("baseline_rss")
@@ -512,7 +669,7 @@ def targets(built: Built, rows: dict[str, Row], working: int | None) -> None:
 
 def steady_forward(built: Built) -> dict[str, Any]:
     proc = subprocess.Popen(
-        [sys.executable, str(WORKER), "steady", "-", str(built.directory)],
+        [sys.executable, str(WORKER), "steady", "-", str(built.directory), built.device],
         env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -527,7 +684,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--cache", choices=("warm", "evicted", "both"), default="both")
     parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache/kiln-bench/coldstart")
-    parser.add_argument("--methods", default=",".join(LOADERS))
+    parser.add_argument("--methods", default=None, help="default: every method of --device")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--no-import-costs",
+        action="store_true",
+        help="skip the lines on what imports cost (each spawns a few interpreters)",
+    )
     parser.add_argument(
         "--e2e-call",
         choices=("touch", "forward"),
@@ -535,7 +698,9 @@ def parse_args() -> argparse.Namespace:
         help="the timed end-to-end call: read every weight page (touch) or a forward pass",
     )
     args = parser.parse_args()
-    for option, allowed in (("sizes", SIZES), ("methods", LOADERS)):
+    if args.methods is None:
+        args.methods = ",".join(loaders(args.device))
+    for option, allowed in (("sizes", SIZES), ("methods", loaders(args.device))):
         chosen = [x.strip() for x in getattr(args, option).split(",") if x.strip()]
         unknown = [x for x in chosen if x not in allowed]
         if unknown or not chosen:
@@ -547,13 +712,72 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def gpu_name() -> str:
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "a GPU nvidia-smi could not name"
+    return done.stdout.strip().splitlines()[0]
+
+
+def other_loaders() -> str:
+    from importlib import metadata
+
+    found = []
+    for name in ("runai-model-streamer", "tensorizer", "fastsafetensors"):
+        try:
+            found.append(f"{name} {metadata.version(name)} (installed)")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return "no CUDA rows yet for " + ", ".join(found)
+
+
+def main_cuda(args: argparse.Namespace, states: list[str], workdir: Path) -> None:
+    print(f"machine: {os.cpu_count()} CPUs, {memory_gib():.0f} GiB RAM, GPU {gpu_name()}, "
+          f"Python {sys.version.split()[0]}; work directory {workdir}")  # fmt: skip
+    if not args.no_import_costs:
+        print(import_costs(sys.executable))
+        print(cuda_costs(sys.executable))
+    print(other_loaders())
+    for size in args.sizes:
+        built = ensure_built_cuda(ensure_built(size, workdir))
+        floor = measure_cuda_floor(built, states)
+        print(f"\n== {size} on the GPU: {floor.describe()}")
+        steady = steady_forward(built)
+        if "forward" in steady:
+            print(f"   a warmed-up forward on 1x8 tokens takes {_s(steady['forward'])} s and "
+                  f"{steady['working_memory'] / MIB:.1f} MiB of GPU working memory here: of "
+                  "`1st fwd`, only the excess over it is cold-start cost")  # fmt: skip
+        else:
+            print(f"   the warmed-up forward could not be measured: {steady.get('error')}")
+        for cache in states:
+            rows, notes = measure(built, args.methods, cache, args.runs)
+            table(built, cache, rows, floor.seconds(cache), args.runs, floor.h2d_seconds())
+            for note in notes:
+                print(f"  {note}")
+            print("  targets:")
+            floors = {"read+H2D": floor.seconds(cache), "H2D-alone": floor.h2d_seconds()}
+            targets(built, rows, None, floors)
+    print("\nthe end-to-end cold start through the router is measured on CPU only "
+          "(--device cpu)")  # fmt: skip
+
+
 def main() -> None:
     args = parse_args()
     states = ["warm", "evicted"] if args.cache == "both" else [args.cache]
     workdir = args.workdir.expanduser()
+    if args.device == "cuda":
+        main_cuda(args, states, workdir)
+        return
     print(f"machine: {os.cpu_count()} CPUs, {memory_gib():.0f} GiB RAM, "
           f"Python {sys.version.split()[0]}; work directory {workdir}")  # fmt: skip
-    print(import_costs(sys.executable))
+    if not args.no_import_costs:
+        print(import_costs(sys.executable))
     # For the end-to-end section: each size's warm floor and fresh-process from_pretrained total.
     floors: dict[str, float] = {}
     from_pretrained: dict[str, float] = {}

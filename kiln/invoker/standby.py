@@ -190,10 +190,11 @@ def _prepare() -> None:
         importlib.import_module("kiln.snapshots.restore")
         torch = sys.modules["torch"]
         if os.environ.get("CUDA_VISIBLE_DEVICES") and torch.cuda.is_available():
-            from kiln.snapshots.cuda import staging_ring
+            from kiln.snapshots.cuda import prepare
 
-            torch.cuda.init()
-            staging_ring()  # pinned buffers and streams, made before any call waits for them
+            # CUDA context, cuBLAS handle, pinned staging ring and its reader threads: made
+            # before any call waits for them.
+            prepare()
 
 
 def main() -> None:

@@ -1,18 +1,21 @@
 """Restore a snapshot's CUDA blob: disk (or page cache) → pinned staging ring → GPU.
 
-The blob is cut into chunks of at most `chunk_bytes` (never across a storage). Reader threads
-fill the ring's pinned buffers with `preadv`; as each fills, its host-to-device copy is issued
-on one of several CUDA streams, and an event marks when the buffer may be refilled. Reads of
-later chunks overlap copies of earlier ones. The ring (pinned memory is slow to allocate) is made
-once per process, ahead of time in a standby process, and reused.
+The blob is cut into chunks of at most `chunk_bytes` (never across a storage). The ring has one
+pinned buffer per reader thread. Each reader takes the next chunk, fills its buffer with
+`preadv`, issues the buffer's host-to-device copy on one of several CUDA streams, waits for
+that copy to leave the buffer (the wait lets go of the GIL) and takes the next chunk, so the
+other readers' reads overlap every copy and the copy engine always has work queued. The ring
+(pinned memory is slow to allocate) is made once per process, ahead of time in a standby
+process, and reused; `prepare` does all of a GPU standby's work before it is assigned.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +24,13 @@ import torch
 from kiln.errors import SnapshotError
 from kiln.snapshots.blob import BlobEntry, read_index
 
-__all__ = ["Chunk", "CudaStorages", "StagingRing", "plan_chunks"]
+__all__ = ["Chunk", "CudaStorages", "StagingRing", "plan_chunks", "prepare", "staging_ring"]
 
-# Measured on an H100 host (16 cores, PCIe 5): a 2 GiB blob from the page cache restores at
-# 18.7 GiB/s with 4 x 64 MiB slots and 2 streams, 31.4 GiB/s with 16 x 16 MiB and 4 streams;
-# the readers alone reach 44 GiB/s with 16 threads and the copy engine 51 GiB/s.
+# Measured on a lent H100 (PCIe 5, 16 cores), a 2 GiB blob in the page cache: these defaults
+# restore at 39-40 GiB/s, against 51.5 GiB/s for one pinned host-to-device copy and 44-45 GiB/s
+# for 16 preadv threads reading into pinned memory. One sweep (4 loads each, not repeated) gave
+# 16 x 8 MiB 45.6 GiB/s, 16 x 4 MiB 31, 8 x 16 MiB 33, 24-32 slots 25-28, and 2 or 8 streams
+# instead of 4 about 37: worth a second sweep before changing the defaults.
 DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
 DEFAULT_SLOTS = 16
 DEFAULT_STREAMS = 4
@@ -52,7 +57,7 @@ def plan_chunks(entries: list[BlobEntry], chunk_bytes: int) -> list[Chunk]:
 
 
 class StagingRing:
-    """Pinned host buffers and CUDA streams for copies to one device."""
+    """Pinned host buffers (one per reader thread) and CUDA streams for copies to one device."""
 
     def __init__(
         self,
@@ -62,6 +67,8 @@ class StagingRing:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         streams: int = DEFAULT_STREAMS,
     ) -> None:
+        if slots <= 0 or streams <= 0:
+            raise ValueError("a staging ring needs at least one slot and one stream")
         self.device = device or torch.device("cuda", torch.cuda.current_device())
         self.chunk_bytes = chunk_bytes
         self.buffers = [
@@ -71,8 +78,12 @@ class StagingRing:
             torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
             for _ in range(streams)
         ]
-        self.events: list[torch.cuda.Event | None] = [None] * slots
+        self.events = [
+            torch.cuda.Event()  # type: ignore[no-untyped-call]
+            for _ in range(slots)
+        ]
         self.readers = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="kiln-stage")
+        self._busy = threading.Lock()  # one load at a time: the buffers are shared
 
     def load(self, path: Path, targets: dict[str, torch.Tensor]) -> None:
         """Fill each target (a uint8 device tensor per storage) with its bytes from `path`."""
@@ -81,52 +92,77 @@ class StagingRing:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            self._pipeline(fd, chunks, targets)
+            with self._busy:
+                self._pipeline(fd, chunks, targets)
         finally:
             os.close(fd)
 
     def _pipeline(self, fd: int, chunks: list[Chunk], targets: dict[str, torch.Tensor]) -> None:
-        slots = len(self.buffers)
-        pending: deque[tuple[int, Chunk, Future[None]]] = deque()
-        for number, chunk in enumerate(chunks):
-            slot = number % slots
-            if len(pending) == slots:
-                # The ring is full: the oldest read holds this slot; copy it out first.
-                self._copy(*pending.popleft(), targets)
-            event = self.events[slot]
-            if event is not None:
-                event.synchronize()  # the slot's previous copy has left the pinned buffer
-            future = self.readers.submit(self._read, fd, self.buffers[slot], chunk)
-            pending.append((slot, chunk, future))
-        while pending:
-            self._copy(*pending.popleft(), targets)
+        # The targets were allocated on the current stream; the copies run on the ring's own.
+        current = torch.cuda.current_stream(self.device)
+        for stream in self.streams:
+            stream.wait_stream(current)
+        work = iter(chunks)
+        take = threading.Lock()
+        failed = threading.Event()
+        readers = min(len(self.buffers), len(chunks))
+        futures = [
+            self.readers.submit(self._drain, slot, fd, work, take, failed, targets)
+            for slot in range(readers)
+        ]
+        errors = []
+        for future in futures:
+            try:
+                future.result()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the copies
+                errors.append(exc)
+        # Every copy issued must be finished before the buffers are reused or the targets read.
         for stream in self.streams:
             stream.synchronize()
+        if errors:
+            raise errors[0]
 
-    @staticmethod
-    def _read(fd: int, buffer: torch.Tensor, chunk: Chunk) -> None:
-        view = memoryview((ctypes.c_char * chunk.length).from_address(buffer.data_ptr())).cast("B")
-        done = 0
-        while done < chunk.length:
-            got = os.preadv(fd, [view[done:]], chunk.file_offset + done)
-            if got <= 0:
-                raise SnapshotError(f"the blob ended early, at byte {chunk.file_offset + done}")
-            done += got
-
-    def _copy(
-        self, slot: int, chunk: Chunk, read: Future[None], targets: dict[str, torch.Tensor]
+    def _drain(
+        self,
+        slot: int,
+        fd: int,
+        work: Iterator[Chunk],
+        take: threading.Lock,
+        failed: threading.Event,
+        targets: dict[str, torch.Tensor],
     ) -> None:
-        read.result()
+        """One reader: read a chunk into this slot's buffer, copy it out, repeat."""
+        buffer = self.buffers[slot]
+        event = self.events[slot]
         stream = self.streams[slot % len(self.streams)]
-        with torch.cuda.stream(stream):
-            target = targets[chunk.entry].narrow(0, chunk.start, chunk.length)
-            target.copy_(self.buffers[slot].narrow(0, 0, chunk.length), non_blocking=True)
-            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            event.record(stream)
-        self.events[slot] = event
+        try:
+            with torch.cuda.stream(stream):  # a thread's current stream (and device) is its own
+                while not failed.is_set():
+                    with take:
+                        chunk = next(work, None)
+                    if chunk is None:
+                        return
+                    _read(fd, buffer, chunk)
+                    target = targets[chunk.entry].narrow(0, chunk.start, chunk.length)
+                    target.copy_(buffer.narrow(0, 0, chunk.length), non_blocking=True)
+                    event.record(stream)
+                    event.synchronize()  # the copy has left the buffer: it may be refilled
+        except BaseException:
+            failed.set()
+            raise
 
     def close(self) -> None:
         self.readers.shutdown(wait=True)
+
+
+def _read(fd: int, buffer: torch.Tensor, chunk: Chunk) -> None:
+    view = memoryview((ctypes.c_char * chunk.length).from_address(buffer.data_ptr())).cast("B")
+    done = 0
+    while done < chunk.length:
+        got = os.preadv(fd, [view[done:]], chunk.file_offset + done)
+        if got <= 0:
+            raise SnapshotError(f"the blob ended early, at byte {chunk.file_offset + done}")
+        done += got
 
 
 _ring: StagingRing | None = None
@@ -138,6 +174,23 @@ def staging_ring() -> StagingRing:
     if _ring is None:
         _ring = StagingRing()
     return _ring
+
+
+def prepare() -> StagingRing:
+    """What a GPU standby does before it is assigned, so that a cold start pays for none of it:
+    create the CUDA context, the cuBLAS handle and workspace (the first matrix product's cost
+    otherwise), and this process's staging ring (pinned buffers, streams, reader threads)."""
+    torch.cuda.init()  # type: ignore[no-untyped-call]
+    ring = staging_ring()
+    with torch.cuda.device(ring.device):
+        torch.cuda.current_blas_handle()  # type: ignore[no-untyped-call]
+        a = torch.ones(64, 64, dtype=torch.bfloat16, device=ring.device)
+        (a @ a).sum().item()
+    # Start every reader thread now (a pool makes its threads on first use): each start waits
+    # at the barrier until all have started, so none is reused for another's start.
+    barrier = threading.Barrier(len(ring.buffers))
+    list(ring.readers.map(lambda _: barrier.wait(timeout=60), range(len(ring.buffers))))
+    return ring
 
 
 class CudaStorages:

@@ -154,7 +154,17 @@ def _read_private(
 
 
 def restore_state(snapshot: Snapshot, *, private: bool = False) -> Restored:
-    """The captured attributes, with every tensor in place. Raises SnapshotError."""
+    """The captured attributes, with every tensor in place. Raises SnapshotError.
+
+    The tensors come back as they were baked, plain tensors, even when the caller is inside
+    `torch.inference_mode()`: inference tensors could never be updated in place outside it,
+    and the CUDA path's reader threads (outside it, as every new thread is) could not even
+    fill them."""
+    with torch.inference_mode(False):
+        return _restore_state(snapshot, private=private)
+
+
+def _restore_state(snapshot: Snapshot, *, private: bool) -> Restored:
     started = time.perf_counter()
     graph = snapshot.file(GRAPH).read_bytes()
     devices: dict[str, Any] = {}

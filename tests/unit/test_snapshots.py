@@ -144,6 +144,21 @@ def test_everything_comes_back_bit_for_bit(cache: SnapshotCache, private: bool) 
     assert torch.equal(model(ids), holder.model(ids))
 
 
+@pytest.mark.parametrize("private", [False, True], ids=["mapped", "copied"])
+def test_a_restore_inside_inference_mode_gives_plain_tensors(
+    cache: SnapshotCache, private: bool
+) -> None:
+    holder = make_holder()
+    snapshot = bake_and_seal(cache, holder)
+    with torch.inference_mode():
+        state = restore_state(snapshot, private=private).state
+    weight = state["model"].body[0].weight
+    assert not weight.is_inference()
+    with torch.no_grad():
+        weight.mul_(2)  # an inference tensor would refuse this outside inference mode
+    assert_same(holder.tensors, state["tensors"])
+
+
 def test_the_blob_is_valid_safetensors_with_aligned_storages(cache: SnapshotCache) -> None:
     snapshot = bake_and_seal(cache, make_holder())
     path = snapshot.file(blob_name("cpu"))
