@@ -49,9 +49,11 @@ async def test_a_function_whose_replica_just_drained_wakes_the_scheduler_again(
     # Both calls waited for a cold start: the time shows as waiting for capacity.
     async with platform.client() as client:
         metrics = (await client.get("/metrics")).text
-    assert 'kiln_router_queue_wait_seconds_count{app="quickidle"} 2.0' in metrics
+    assert 'kiln_router_queue_wait_seconds_count{app="quickidle",function="ping"} 2.0' in metrics
     waited = float(
-        metrics.split('kiln_router_queue_wait_seconds_sum{app="quickidle"} ')[1].split()[0]
+        metrics.split('kiln_router_queue_wait_seconds_sum{app="quickidle",function="ping"} ')[
+            1
+        ].split()[0]
     )
     assert waited > 0.05
 
