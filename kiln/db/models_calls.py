@@ -93,7 +93,7 @@ class Invocation(Base):
     replica_id: Mapped[uuid.UUID | None]
     # A sync, stream or session call: `<router>-<call>`; a job attempt: `<job id>:<attempt>`.
     call_id: Mapped[str | None] = mapped_column(sa.String(64))
-    request_id: Mapped[str | None] = mapped_column(sa.String(64))
+    request_id: Mapped[str | None] = mapped_column(sa.String(128))  # a caller's X-Request-Id
     method: Mapped[str | None] = mapped_column(sa.String(63))
     kind: Mapped[InvocationKind] = mapped_column(str_enum(InvocationKind, "kind"))
     status: Mapped[InvocationStatus] = mapped_column(str_enum(InvocationStatus, "status"))

@@ -27,7 +27,7 @@ def upgrade() -> None:
         existing_type=sa.Uuid(),
         postgresql_using="call_id::text",
     )
-    op.add_column("invocations", sa.Column("request_id", sa.String(length=64), nullable=True))
+    op.add_column("invocations", sa.Column("request_id", sa.String(length=128), nullable=True))
     op.add_column("invocations", sa.Column("method", sa.String(length=63), nullable=True))
     op.add_column("invocations", sa.Column("execution_ms", sa.Integer(), nullable=True))
     op.create_index(op.f("ix_invocations_started_at"), "invocations", ["started_at"])

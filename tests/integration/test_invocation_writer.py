@@ -5,6 +5,7 @@ writes what is queued at shutdown, and deletes rows past the retention."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -199,3 +200,16 @@ async def test_rows_past_the_retention_are_deleted_and_newer_ones_kept(
             )
         )
     assert kept == ["router-3", "router-4"]
+
+
+async def test_a_row_the_database_refuses_is_dropped_alone(engine: AsyncEngine) -> None:
+    function_id = uuid.uuid4()
+    log, registry = writer(engine)
+    good = [record(function_id, n=n) for n in range(3)]
+    refused = dataclasses.replace(record(function_id, n=3), method="m" * 100)  # over 63
+    for call in (good[0], refused, *good[1:]):
+        log.record(call)
+    assert await log.flush() == 4  # taken off the queue, all of them
+    assert await rows_of(engine, function_id) == 3
+    assert sample(registry, "kiln_invocation_log_rows_written_total") == 3
+    assert sample(registry, "kiln_invocation_log_rows_dropped_total") == 1
