@@ -209,7 +209,10 @@ async def test_a_row_the_database_refuses_is_dropped_alone(engine: AsyncEngine) 
     refused = dataclasses.replace(record(function_id, n=3), method="m" * 100)  # over 63
     for call in (good[0], refused, *good[1:]):
         log.record(call)
-    assert await log.flush() == 4  # taken off the queue, all of them
+    try:
+        assert await log.flush() == 4  # taken off the queue, all of them
+    finally:
+        await log.close()
     assert await rows_of(engine, function_id) == 3
     assert sample(registry, "kiln_invocation_log_rows_written_total") == 3
     assert sample(registry, "kiln_invocation_log_rows_dropped_total") == 1
