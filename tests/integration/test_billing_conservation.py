@@ -198,9 +198,12 @@ async def test_every_replica_second_is_billed_once_through_kills_of_replicas_bil
             loading = asyncio.create_task(load(platform, key, stop, seed))
             kills = {"replica": 0, "billing": 0, "nats": 0}
             deadline = time.monotonic() + CHAOS_S
+            # Each kind of kill at least once, in a seeded order; then at random.
+            first = rng.sample(["replica", "billing", "nats"], 3)
             while time.monotonic() < deadline:
                 await asyncio.sleep(rng.uniform(2.0, 5.0))
-                what = rng.choice(["replica", "replica", "billing", "nats"])
+                unmet = [kind for kind in first if not kills[kind]]
+                what = unmet[0] if unmet else rng.choice(["replica", "replica", "billing", "nats"])
                 if what == "replica" and node.agent.replicas:
                     victim = rng.choice(list(node.agent.replicas.values()))
                     truth.crashes[victim.launch.replica_id] = (
