@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
+from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType, StreamConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-__all__ = ["key_value", "object_store"]
+__all__ = ["ensure_stream", "key_value", "object_store"]
 
 
 async def object_store(js: JetStreamContext, bucket: str) -> ObjectStore:
@@ -26,3 +26,11 @@ async def key_value(js: JetStreamContext, bucket: str, *, ttl_s: float) -> KeyVa
         return await js.key_value(bucket)
     except (BucketNotFoundError, NotFoundError):
         return await js.create_key_value(KeyValueConfig(bucket=bucket, ttl=ttl_s, history=1))
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    """Create the stream `config` describes, or bring an existing one's settings up to it."""
+    try:
+        await js.add_stream(config)
+    except Exception:  # noqa: BLE001 - exists already (maybe with other limits): update it
+        await js.update_stream(config)

@@ -23,6 +23,7 @@ from nats.js.errors import FetchTimeoutError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from kiln._jetstream import ensure_stream
 from kiln._tasks import cancel_and_wait
 from kiln.billing.ledger import (
     BLOCK_BALANCE,
@@ -55,10 +56,7 @@ async def ensure_usage_stream(js: JetStreamContext, subjects: Subjects) -> None:
         storage=StorageType.FILE,
         duplicate_window=300,  # a replica's retries of one report are stored once
     )
-    try:
-        await js.add_stream(config)
-    except Exception:  # noqa: BLE001 - exists already: bring its settings up to date
-        await js.update_stream(config)
+    await ensure_stream(js, config)
 
 
 class BillingWorker:

@@ -13,6 +13,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
+from kiln._jetstream import ensure_stream
 from kiln.wire import Subjects
 
 __all__ = ["ensure_job_streams"]
@@ -31,10 +32,7 @@ async def ensure_job_streams(js: JetStreamContext, subjects: Subjects, result_tt
         storage=StorageType.FILE,
         duplicate_window=120,
     )
-    try:
-        await js.add_stream(events)
-    except Exception:  # noqa: BLE001 - exists already: bring its settings up to date
-        await js.update_stream(events)
+    await ensure_stream(js, events)
     try:
         await js.object_store(subjects.job_results_bucket)
     except (BucketNotFoundError, NotFoundError):

@@ -31,6 +31,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
+from kiln._jetstream import ensure_stream
 from kiln.db.enums import ReplicaState
 from kiln.errors import (
     FunctionError,
@@ -188,10 +189,7 @@ async def ensure_calls_stream(js: JetStreamContext, subjects: Subjects) -> None:
         storage=StorageType.FILE,
         max_age=24 * 3600,
     )
-    try:
-        await js.add_stream(config)
-    except Exception:  # noqa: BLE001 - exists already (maybe with other limits): update it
-        await js.update_stream(config)
+    await ensure_stream(js, config)
 
 
 class Dispatcher:

@@ -31,6 +31,7 @@ from nats.js.errors import FetchTimeoutError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from kiln._jetstream import ensure_stream
 from kiln.db.session import transaction
 from kiln.errors import InvalidRequest
 from kiln.router.control import control_principal, owned_function
@@ -60,10 +61,7 @@ async def ensure_logs_stream(js: JetStreamContext, subjects: Subjects, settings:
         max_bytes=settings.function_logs_max_bytes,
         max_age=settings.function_logs_max_age_s,
     )
-    try:
-        await js.add_stream(config)
-    except Exception:  # noqa: BLE001 - exists already (maybe with other limits): update it
-        await js.update_stream(config)
+    await ensure_stream(js, config)
 
 
 async def function_logs(request: Request) -> Response:
