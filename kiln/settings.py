@@ -98,6 +98,8 @@ class Settings:
     snapshots: Switch = Switch.ON
     standby_processes: int = 1
     standby_imports: tuple[str, ...] = ("torch",)
+    standby_flavours: int = 8
+    standby_memory_mb: int = 0
     scheduler_lease_s: float = 5.0
     max_replicas: int = 1000
     ws_idle_timeout_s: float = 300.0
@@ -350,13 +352,32 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "KILN_STANDBY_PROCESSES",
         "standby_processes",
         _int_range(0, 64),
-        "pre-started replica processes a node agent keeps per slot kind (default 1; 0: none)",
+        "generic standbys (pre-started replica processes that imported only "
+        "KILN_STANDBY_IMPORTS) a node agent keeps per slot kind for functions it has not seen "
+        "start yet; those it has get standbys of their own flavour (default 1; 0: no standbys "
+        "at all)",
     ),
     SettingSpec(
         "KILN_STANDBY_IMPORTS",
         "standby_imports",
         _modules,
-        "modules a standby process imports ahead of time (default torch)",
+        "modules every standby imports ahead of time, beside those each function's snapshot "
+        "says it needs (default torch)",
+    ),
+    SettingSpec(
+        "KILN_STANDBY_FLAVOURS",
+        "standby_flavours",
+        _int_range(0, 64),
+        "the most distinct import sets (flavours) a node agent keeps standbys of, the most "
+        "recently used first (default 8)",
+    ),
+    SettingSpec(
+        "KILN_STANDBY_MEMORY_MB",
+        "standby_memory_mb",
+        _int_range(0, 16 * 1024 * 1024),
+        "the most memory a node's standbys may hold together, in MiB (default 0: a quarter of "
+        "the node's memory); a standby also never starts when it would leave less than a tenth "
+        "of the node's memory free",
     ),
     SettingSpec(
         "KILN_SCHEDULER_LEASE_S",

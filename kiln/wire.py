@@ -47,6 +47,8 @@ __all__ = [
     "JobEvent",
     "JobEventKind",
     "NodeHeartbeat",
+    "Origin",
+    "ProcessOrigin",
     "ReplicaHeartbeat",
     "StartReplica",
     "StreamControl",
@@ -67,6 +69,7 @@ HEARTBEAT_INTERVAL_S = 1.0
 # A replica silent for this long is lost: its callers get worker_lost, the scheduler replaces it.
 REPLICA_LOST_AFTER_S = 3.5
 MAX_ADVERTISED_SNAPSHOTS = 1024
+MAX_READY_FOR = 1024
 
 
 class H:
@@ -402,6 +405,14 @@ class Origin(enum.StrEnum):
     FALLBACK = "fallback"  # a snapshot existed but failed; hooks ran and a re-bake was asked
 
 
+class ProcessOrigin(enum.StrEnum):
+    """What process a replica's cold start ran in."""
+
+    STANDBY = "standby"  # a standby that had imported everything the function needed
+    PARTIAL = "partial"  # a standby that had not: the replica imported the rest (late_imports)
+    FRESH = "fresh"  # no standby was ready: a new interpreter, which imported everything
+
+
 @dataclass(frozen=True)
 class ColdStartReport:
     """Sent once a replica is ready, and again (with `first_call` only) after its first call."""
@@ -412,6 +423,10 @@ class ColdStartReport:
     phases: dict[str, float]  # phase name -> seconds
     snapshot_bytes: int = 0
     fallback_reason: str | None = None
+    process: str = ProcessOrigin.FRESH.value  # ProcessOrigin
+    # What the replica imported after it was assigned (module leaves, at most MAX_IMPORTS):
+    # its node agent adds them to what standbys for the function import.
+    late_imports: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -426,6 +441,9 @@ class NodeHeartbeat:
     # affinity_id() of the snapshots cached on the node, most recent first, at most
     # MAX_ADVERTISED_SNAPSHOTS: placement prefers nodes that need not fetch.
     snapshots: list[str] = field(default_factory=list)
+    # affinity_id() of the functions a ready standby here has imported everything for (at most
+    # MAX_READY_FOR): placement prefers nodes whose cold start imports nothing.
+    ready_for: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,12 @@ slots every second and tells the scheduler when a replica process exits.
 Replicas get a minimal environment: the NATS URL and namespace, never database or Stripe
 credentials (nor the snapshot signing key), plus the function's own `env`. The agent keeps the
 node's snapshot cache and answers its replicas' snapshot requests (`node_snapshots`).
+
+It also keeps the node's standby processes (`standby_pool`): it learns what each function
+needs imported (its snapshot's manifest, and what its replicas still imported late, as their
+cold-start reports say), plans flavours and depths from the node's recent cold starts
+(`flavours`), gives each cold start the standby that fits it best, and refills a take once
+that cold start's first call is done.
 """
 
 from __future__ import annotations
@@ -32,18 +38,35 @@ from prometheus_client import CollectorRegistry
 from kiln._proc import die_with_parent
 from kiln._tasks import cancel_and_wait
 from kiln.functions.gpu import gpu_request
+from kiln.invoker.flavours import BASE, Demand, Flavour
 from kiln.invoker.inventory import node_slots
 from kiln.invoker.node_snapshots import NodeSnapshots
-from kiln.invoker.standby import Assignment, StandbyPool
+from kiln.invoker.standby import Assignment
+from kiln.invoker.standby_pool import StandbyPool, memory_info
 from kiln.invoker.usage import UsageCloser
 from kiln.observability.gpu import GpuTelemetry
 from kiln.settings import Settings
-from kiln.wire import HEARTBEAT_INTERVAL_S, NodeHeartbeat, StartReplica, Subjects, encode
+from kiln.snapshots.imports import module_names
+from kiln.snapshots.manifest import Manifest
+from kiln.wire import (
+    HEARTBEAT_INTERVAL_S,
+    MAX_READY_FOR,
+    ColdStartReport,
+    NodeHeartbeat,
+    StartReplica,
+    Subjects,
+    affinity_id,
+    decode,
+    encode,
+)
 
 __all__ = ["NodeAgent"]
 
 _log = logging.getLogger("kiln.agent")
 _BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
+# How often the standby plan is looked at again without an event (rates decay, memory frees).
+_REPLAN_EVERY_S = 5.0
+_DEMAND_FILE = "standby-needs.json"
 
 
 @dataclass
@@ -52,6 +75,7 @@ class _Running:
     process: asyncio.subprocess.Process
     gpu_type: str
     indices: list[int]
+    need_key: str  # the function's affinity id: what the standby demand is kept by
     waiter: asyncio.Task[None] | None = None
     stopping: bool = False
 
@@ -65,16 +89,17 @@ class _Slots:
         self.free = {kind: list(range(count)) for kind, count in self.total.items()}
 
     def take(
-        self, gpu: str, prefer: Callable[[int], bool] = lambda _: False
+        self, gpu: str, prefer: Callable[[int], int] = lambda _: 0
     ) -> tuple[str, list[int]] | None:
-        """Free slots for `gpu`; a single GPU is one that `prefer`s first (a ready standby)."""
+        """Free slots for `gpu`; a single GPU is the one `prefer` scores highest (a ready
+        standby that fits)."""
         kind, count = gpu_request(gpu)
         candidates = [k for k in self.free if k != "none"] if kind == "any" else [kind]
         for candidate in candidates:
             free = self.free.get(candidate, [])
             if len(free) >= count:
                 if count == 1 and candidate != "none":
-                    free.sort(key=lambda index: not prefer(index))
+                    free.sort(key=lambda index: -prefer(index))
                 taken, self.free[candidate] = free[:count], sorted(free[count:])
                 return candidate, taken
         return None
@@ -96,18 +121,23 @@ class NodeAgent:
         self._tasks: set[asyncio.Task[None]] = set()
         self.usage = UsageCloser(nc, self.subjects)
         self.snapshots = (
-            NodeSnapshots(settings, nc, self.node_id, self._launch_of)
+            NodeSnapshots(
+                settings, nc, self.node_id, self._launch_of, on_manifest=self._learn_manifest
+            )
             if NodeSnapshots.enabled(settings)
             else None
-        )
-        self.standbys = StandbyPool(
-            size=settings.standby_processes,
-            env_for=self._standby_env,
-            log_file=self.workdir / "standby.log",
         )
         # What this agent exports (the node agent service serves it; `kiln dev` adds it to the
         # router's /metrics).
         self.metrics_registry = CollectorRegistry()
+        self.demand = Demand()
+        self.standbys = StandbyPool(
+            env_for=self._standby_env,
+            directory=self.workdir / ".standby",
+            memory_budget=_memory_budget(settings),
+            registry=self.metrics_registry,
+        )
+        self._replanned_at = 0.0
         self.gpu_telemetry = GpuTelemetry(
             self.node_id,
             self._gpu_holders,
@@ -135,8 +165,10 @@ class NodeAgent:
         if self.snapshots is not None:
             await self.snapshots.start()
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._load_demand()
         self._plan_standbys()
         sub = await self.nc.subscribe(self.subjects.node_command(self.node_id), cb=self._on_command)
+        reports = await self.nc.subscribe(self.subjects.cold_starts, cb=self._on_cold_start)
         beat = asyncio.create_task(self._heartbeat(), name="kiln-agent-heartbeat")
         closing = asyncio.create_task(self.usage.run(), name="kiln-agent-usage")
         telemetry = asyncio.create_task(self.gpu_telemetry.run(), name="kiln-agent-gpu-telemetry")
@@ -147,6 +179,7 @@ class NodeAgent:
             # NATS may be gone already: the replicas are stopped all the same.
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
+                await reports.unsubscribe()
             await asyncio.gather(
                 *(self.stop_replica(rid, grace_s=10) for rid in list(self.replicas)),
                 return_exceptions=True,
@@ -183,18 +216,19 @@ class NodeAgent:
         key = self.snapshots.key_for(launch) if self.snapshots is not None else None
         launch = replace(launch, received_at=time.time(), snapshot_key=key)
         gpu = launch.spec["resources"]["gpu"]
-        slot = self.slots.take(gpu, prefer=lambda index: self.standbys.has_ready(str(index)))
+        need = self._need_of(launch, key)
+        slot = self.slots.take(gpu, prefer=lambda index: self._prefer_gpu(str(index), need))
         if slot is None:
             return {"ok": False, "error": f"no free slot for gpu={gpu!r} on {self.node_id}"}
         kind, indices = slot
         await self.usage.watch(launch)  # before it runs: its first report may come at once
         try:
-            process = await self._spawn(launch, kind, indices)
+            process = await self._spawn(launch, kind, indices, need)
         except Exception as exc:  # noqa: BLE001 - whatever failed, the slot goes back
             self.slots.give_back(kind, indices)
             self.usage.closing_reports(launch.replica_id, launch.received_at)  # nothing ran
             return {"ok": False, "error": f"could not start the replica: {exc}"}
-        running = _Running(launch, process, kind, indices)
+        running = _Running(launch, process, kind, indices, _need_key(launch))
         self.replicas[launch.replica_id] = running
         running.waiter = asyncio.create_task(self._watch(running))
         self._plan_standbys()
@@ -203,8 +237,27 @@ class NodeAgent:
         return {"ok": True, "node_id": self.node_id, "gpu_type": kind, "gpu_indices": indices,
                 "billable_since": launch.received_at}  # fmt: skip
 
+    def _need_of(self, launch: StartReplica, snapshot_key: str | None) -> Flavour | None:
+        """Count this cold start in the node's demand; what its function needs imported, as
+        far as this node knows (its snapshot's manifest, its earlier replicas' reports)."""
+        now = time.monotonic()
+        need_key = _need_key(launch)
+        self.demand.started(need_key, _function_env(launch), gpu=launch.gpu_type != "none", now=now)
+        if snapshot_key is not None and self.snapshots is not None:
+            imports = self.snapshots.cache.imports(snapshot_key)
+            if imports is not None and self.demand.learn(need_key, imports, now=now):
+                self._save_demand()
+        return self.demand.need(need_key)
+
+    def _prefer_gpu(self, device: str, need: Flavour | None) -> int:
+        """How good GPU `device` is for a function needing `need`: 2 with a standby that covers
+        it, 1 with any standby, 0 with none."""
+        if need is not None and self.standbys.covers(device, need):
+            return 2
+        return 1 if self.standbys.has_ready(device) else 0
+
     async def _spawn(
-        self, launch: StartReplica, kind: str, indices: list[int]
+        self, launch: StartReplica, kind: str, indices: list[int], need: Flavour | None
     ) -> asyncio.subprocess.Process:
         directory = self.workdir / launch.replica_id
         directory.mkdir(parents=True, exist_ok=True)
@@ -212,7 +265,7 @@ class NodeAgent:
         launch_file.write_text(json.dumps({**asdict(launch), "node_id": self.node_id}))
         env = self._replica_env(launch, directory, kind, indices)
         device = "" if kind == "none" else ",".join(map(str, indices))
-        standby = self.standbys.take(device)
+        standby = self.standbys.take(device, need, holder=launch.replica_id)
         if standby is not None:
             try:
                 await standby.assign(
@@ -243,20 +296,101 @@ class NodeAgent:
             log.close()
 
     def _plan_standbys(self) -> None:
-        """Standbys for CPU slots, and one on each of the first free GPUs of every kind."""
-        size = self.settings.standby_processes
-        wanted = {"": size if self.slots.total.get("none") else 0}
-        for kind, free in self.slots.free.items():
-            if kind != "none":
-                wanted.update({str(index): 1 for index in free[:size]})
-        for device in set(self.standbys.wanted) | set(wanted):
-            self.standbys.keep(device, wanted.get(device, 0))
+        """What the pool keeps: on CPU slots, the generic standbys and each learned flavour at
+        its depth; on GPUs, one standby per free GPU, the flavours in order of demand first."""
+        now = time.monotonic()
+        self._replanned_at = now
+        if not self.settings.standby_processes:
+            self.standbys.keep({})
+            return
+        limit = self.settings.standby_flavours
+        plan: dict[str, list[tuple[Flavour, int]]] = {}
+        if self.slots.total.get("none"):
+            learned = self.demand.plan(
+                gpu=False, now=now, refill_s=self.standbys.refill_seconds, max_flavours=limit
+            )
+            plan[""] = [(BASE, self.settings.standby_processes), *learned]
+        free = sorted(i for kind, indices in self.slots.free.items() if kind != "none"
+                      for i in indices)  # fmt: skip
+        if free:
+            learned = self.demand.plan(
+                gpu=True, now=now, refill_s=self.standbys.refill_seconds, max_flavours=limit
+            )
+            wanted = [flavour for flavour, count in learned for _ in range(count)]
+            wanted += [BASE] * max(0, self.settings.standby_processes - len(wanted))
+            current = {device: flavour for (device, flavour), ready in self.standbys.ready.items()
+                       if device and ready}  # fmt: skip
+            for device, flavour in _assign_devices(free, wanted, current).items():
+                plan[device] = [(flavour, 1)]
+        self.standbys.keep(plan)
+
+    def _ready_for(self) -> list[str]:
+        """Functions (affinity ids) that a ready standby here has imported everything for, so
+        the scheduler can place their cold starts here."""
+        gpus = sorted({device for (device, _), ready in self.standbys.ready.items()
+                       if device and ready})  # fmt: skip
+        found = []
+        for key, need in self.demand.needs.items():
+            devices = gpus if need.gpu else [""]
+            if any(self.standbys.covers(device, need.flavour) for device in devices):
+                found.append(key)
+        return found[-MAX_READY_FOR:]
+
+    # Learning what functions need ---------------------------------------------------------------
+
+    def _learn_manifest(self, manifest: Manifest) -> None:
+        """A snapshot was sealed, opened or fetched here: what its function needs."""
+        key = affinity_id(manifest.code_digest, manifest.function)
+        if self.demand.learn(key, manifest.imports, now=time.monotonic()):
+            self._save_demand()
+            self._plan_standbys()
+
+    async def _on_cold_start(self, msg: Msg) -> None:
+        try:
+            report = decode(ColdStartReport, msg.data)
+            running = self.replicas.get(report.replica_id)
+            if running is None:
+                return  # another node's replica
+            late = module_names(report.late_imports)
+        except (ValueError, TypeError):
+            _log.warning("ignoring an unreadable cold-start report")
+            return
+        if late and self.demand.learn(running.need_key, late, now=time.monotonic()):
+            _log.info(
+                "replica %s imported %d modules after its assignment (%s); standbys for its "
+                "function will import them", report.replica_id, len(late), ", ".join(late[:3]),
+            )  # fmt: skip
+            self._save_demand()
+            self._plan_standbys()
+        if "first_call" in report.phases:
+            self.standbys.release(report.replica_id)
+
+    def _load_demand(self) -> None:
+        path = self.workdir / _DEMAND_FILE
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            _log.warning("ignoring %s (%s): what functions need is learned again", path, exc)
+            return
+        if isinstance(raw, dict):
+            self.demand.load(raw, now=time.monotonic())
+
+    def _save_demand(self) -> None:
+        path = self.workdir / _DEMAND_FILE
+        try:
+            temporary = path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(self.demand.to_json()))
+            temporary.replace(path)
+        except OSError as exc:
+            _log.warning("could not keep what functions need in %s: %s", path, exc)
 
     def _ready_standbys(self) -> dict[str, int]:
         """Ready standbys by slot kind, for placement. A GPU standby sits on one free GPU,
         whose kind is the one that lists the index as free."""
         counts: dict[str, int] = {}
-        for device in self.standbys.wanted:
+        for device in {device for device, _ in self.standbys.ready}:
             ready = self.standbys.ready_count(device)
             if not ready:
                 continue
@@ -269,16 +403,17 @@ class NodeAgent:
                 counts[kind] = counts.get(kind, 0) + ready
         return counts
 
-    def _standby_env(self, device: str) -> dict[str, str]:
-        """What a standby starts with: the platform part of a replica's environment."""
+    def _standby_env(self, device: str, flavour: Flavour) -> dict[str, str]:
+        """What a standby starts with: a replica's environment, with the env of the functions
+        its flavour is for (modules may read it as they are imported)."""
         home = self.workdir / ".standby"
         home.mkdir(parents=True, exist_ok=True)
-        return self._platform_env(home, device)
+        return {**dict(flavour.env), **self._platform_env(home, device)}
 
     def _replica_env(
         self, launch: StartReplica, directory: Path, kind: str, indices: list[int]
     ) -> dict[str, str]:
-        env = {str(k): str(v) for k, v in (launch.spec["resources"].get("env") or {}).items()}
+        env = _function_env(launch)
         env.update(
             self._platform_env(directory, "" if kind == "none" else ",".join(map(str, indices)))
         )
@@ -304,6 +439,7 @@ class NodeAgent:
         # The slot is released now: the replica's time ends here, whatever it reported.
         self.usage.closed(running.launch.replica_id, time.time())
         self.replicas.pop(running.launch.replica_id, None)
+        self.standbys.release(running.launch.replica_id)
         if self.snapshots is not None:
             self.snapshots.forget(running.launch.replica_id)
         self.slots.give_back(running.gpu_type, running.indices)
@@ -343,6 +479,8 @@ class NodeAgent:
 
     async def _heartbeat(self) -> None:
         while True:
+            if time.monotonic() - self._replanned_at >= _REPLAN_EVERY_S:
+                self._plan_standbys()
             await self._beat()
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
@@ -354,7 +492,43 @@ class NodeAgent:
             free={kind: len(free) for kind, free in self.slots.free.items()},
             replicas=list(self.replicas),
             standbys=self._ready_standbys(),
+            ready_for=self._ready_for(),
             snapshots=self.snapshots.affinities() if self.snapshots is not None else [],
         )
         with contextlib.suppress(Exception):
             await self.nc.publish(self.subjects.node_heartbeat(self.node_id), encode(beat))
+
+
+def _need_key(launch: StartReplica) -> str:
+    """What the node's standby demand is kept by: the function's code and name."""
+    return affinity_id(launch.artifact_digest, f"{launch.app}/{launch.function}")
+
+
+def _function_env(launch: StartReplica) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (launch.spec["resources"].get("env") or {}).items()}
+
+
+def _memory_budget(settings: Settings) -> int:
+    if settings.standby_memory_mb:
+        return settings.standby_memory_mb * 2**20
+    total, _ = memory_info()
+    return total // 4 if total else 8 * 2**30
+
+
+def _assign_devices(
+    free: list[int], wanted: list[Flavour], current: dict[str, str]
+) -> dict[str, Flavour]:
+    """Free GPUs for the wanted flavours, one each: a GPU keeps the flavour its standby already
+    has when that is still wanted (no restart), the others take the rest in order."""
+    devices = [str(index) for index in free]
+    left = list(wanted[: len(devices)])
+    chosen: dict[str, Flavour] = {}
+    for device in devices:
+        match = next((f for f in left if f.id == current.get(device)), None)
+        if match is not None:
+            chosen[device] = match
+            left.remove(match)
+    for device in devices:
+        if device not in chosen and left:
+            chosen[device] = left.pop(0)
+    return chosen

@@ -5,7 +5,9 @@ The instance's `@enter(snap=True)` state comes, in order of preference, from:
 
 1. its snapshot, which the node agent hands over verified (`restore`);
 2. running the hooks, after which the state is baked into a staging directory the agent gave
-   out and sealed by the agent (`snap_hooks`, `bake`), so the next replica restores it;
+   out and sealed by the agent (`snap_hooks`, `bake`), so the next replica restores it. The
+   seal is asked for once the plain hooks ran too, with the modules the function needed
+   (`kiln.snapshots.imports`): the manifest carries them, and standbys import them ahead;
 3. running the hooks only: snapshots off, nothing to snapshot, or another replica baking.
 
 A snapshot that fails (tampered, unreadable, refusing to restore) never fails the replica: the
@@ -32,9 +34,9 @@ from nats.aio.client import Client as NATS
 from kiln.functions.hooks import lifecycle
 from kiln.functions.spec import UnitKind
 from kiln.invoker.target import Target
-from kiln.wire import Origin
+from kiln.wire import Origin, ProcessOrigin
 
-__all__ = ["ColdStart", "SnapshotLink", "build_instance"]
+__all__ = ["ColdStart", "SnapshotLink", "build_instance", "classify_process"]
 
 _log = logging.getLogger("kiln.replica")
 # Opening may wait for the agent to fetch a snapshot from the shared store.
@@ -52,6 +54,13 @@ class ColdStart:
     fallback_reason: str | None = None
     sealing: asyncio.Future[Any] | None = None  # the agent sealing what this replica baked
     on_phase: Callable[[str], None] = lambda name: None  # told as each phase begins
+    # What the process had imported when it became this replica, and where the function's own
+    # code lives: what it imported since is what a standby could have imported for it.
+    preloaded: frozenset[str] = frozenset()
+    code_root: Path | None = None
+    baked: Path | None = None  # the staging directory this replica baked into, until sealed
+    process: ProcessOrigin = ProcessOrigin.FRESH
+    late_imports: tuple[str, ...] = ()  # imported after assignment (leaves)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -63,7 +72,11 @@ class ColdStart:
             self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - started
 
     def summary(self) -> str:
-        parts = [f"origin={self.origin.value}"]
+        parts = [f"origin={self.origin.value}", f"process={self.process.value}"]
+        if self.late_imports:
+            shown = ",".join(self.late_imports[:5])
+            more = f",+{len(self.late_imports) - 5}" if len(self.late_imports) > 5 else ""
+            parts.append(f"late_imports={len(self.late_imports)}[{shown}{more}]")
         parts += [f"{name}={seconds * 1000:.0f}ms" for name, seconds in self.phases.items()]
         if self.snapshot_bytes:
             parts.append(f"snapshot={self.snapshot_bytes / 2**20:.0f}MiB")
@@ -86,6 +99,21 @@ class SnapshotLink:
         return json.loads(reply.data)
 
 
+def classify_process(record: ColdStart, *, from_standby: bool) -> None:
+    """Say what kind of process this cold start ran in: a standby that had imported all the
+    function needed, one that had not (`late_imports` says what it had to import), or a fresh
+    interpreter (no standby was ready)."""
+    from kiln.snapshots.imports import imported_since, leaves
+
+    record.late_imports = leaves(imported_since(record.preloaded, record.code_root))
+    if not from_standby:
+        record.process = ProcessOrigin.FRESH
+    elif record.late_imports:
+        record.process = ProcessOrigin.PARTIAL
+    else:
+        record.process = ProcessOrigin.STANDBY
+
+
 async def build_instance(
     target: Target, link: SnapshotLink | None, record: ColdStart, *, private: bool
 ) -> None:
@@ -99,6 +127,10 @@ async def build_instance(
         await _snap_state(target, hooks.enter_snap, link, record, private=private)
     with record.phase("enter"):
         await target.run_hooks(hooks.enter)
+    if record.baked is not None and link is not None:
+        # The agent hashes and signs the files; the replica serves meanwhile.
+        imports = await asyncio.to_thread(_needs, record, record.baked)
+        record.sealing = asyncio.ensure_future(_ask_quietly(link, "seal", imports=list(imports)))
 
 
 async def _snap_state(
@@ -147,8 +179,7 @@ async def _bake(target: Target, link: SnapshotLink, staging: Path, record: ColdS
         return
     if record.origin is not Origin.FALLBACK:
         record.origin = Origin.BAKED
-    # The agent hashes and signs the files; the replica serves meanwhile.
-    record.sealing = asyncio.ensure_future(_ask_quietly(link, "seal"))
+    record.baked = staging
 
 
 async def _ask_quietly(
@@ -173,6 +204,18 @@ def _restore(directory: Path, private: bool) -> tuple[dict[str, Any], int]:
 
     restored = restore_state(Snapshot.at(directory), private=private)
     return restored.state, restored.tensor_bytes
+
+
+def _needs(record: ColdStart, staging: Path) -> tuple[str, ...]:
+    from kiln.snapshots.imports import function_needs
+    from kiln.snapshots.manifest import GRAPH
+
+    try:
+        graph = (staging / GRAPH).read_bytes()
+    except OSError as exc:  # the seal will say what is wrong with the staging directory
+        _log.warning("could not read the baked object graph for its imports: %s", exc)
+        graph = None
+    return function_needs(record.preloaded, record.code_root, graph)
 
 
 def _bake_into(instance: Any, staging: Path) -> None:

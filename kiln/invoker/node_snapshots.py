@@ -30,7 +30,8 @@ from nats.aio.subscription import Subscription
 
 from kiln.errors import SnapshotError
 from kiln.settings import Settings, Switch
-from kiln.snapshots.manifest import Runtime, snapshot_key
+from kiln.snapshots.imports import module_names
+from kiln.snapshots.manifest import Manifest, Runtime, snapshot_key
 from kiln.snapshots.shared import SharedSnapshots
 from kiln.snapshots.store import Snapshot, SnapshotCache
 from kiln.wire import MAX_ADVERTISED_SNAPSHOTS, StartReplica, Subjects
@@ -47,11 +48,16 @@ class NodeSnapshots:
         nc: NATS,
         node_id: str,
         launch_of: Callable[[str], StartReplica | None],
+        *,
+        on_manifest: Callable[[Manifest], None] = lambda manifest: None,
     ) -> None:
+        """`on_manifest` hears of every snapshot sealed, opened or fetched here (what its
+        function needs imported is in its manifest)."""
         self.nc = nc
         self.node_id = node_id
         self.subjects = Subjects(settings.namespace)
         self.launch_of = launch_of
+        self.on_manifest = on_manifest
         self.cache = SnapshotCache(
             settings.home / "snapshots", settings.require("snapshot_signing_key")
         )
@@ -146,7 +152,8 @@ class NodeSnapshots:
             elif op == "failed":
                 answer = await self._failed(replica_id, key, str(request.get("error", "")))
             elif op == "seal":
-                answer = await self._seal(replica_id, launch)
+                imports = module_names(request.get("imports", []))
+                answer = await self._seal(replica_id, launch, imports)
             elif op == "abandon":
                 answer = self._abandon(replica_id, str(request.get("error", "")))
             else:
@@ -163,6 +170,7 @@ class NodeSnapshots:
         if self.cache.has(key):
             try:
                 snapshot = await asyncio.to_thread(self.cache.open, key)
+                self.on_manifest(snapshot.manifest)
                 return {"path": str(snapshot.directory)}
             except SnapshotError as exc:
                 fallback = f"{exc.code}: {exc.message}"
@@ -180,6 +188,7 @@ class NodeSnapshots:
             await self._delete_shared(key)
             fetched = None
         if fetched is not None:
+            self.on_manifest(fetched.manifest)
             return {"path": str(fetched.directory)}
         answer = await self._grant_bake(replica_id, key)
         if fallback is not None:
@@ -204,7 +213,9 @@ class NodeSnapshots:
         self._bakes[replica_id] = (key, staging)
         return {"bake": str(staging)}
 
-    async def _seal(self, replica_id: str, launch: StartReplica) -> dict[str, Any]:
+    async def _seal(
+        self, replica_id: str, launch: StartReplica, imports: tuple[str, ...]
+    ) -> dict[str, Any]:
         bake = self._bakes.pop(replica_id, None)
         if bake is None:
             return {"error": "this replica was given no bake to seal"}
@@ -217,6 +228,7 @@ class NodeSnapshots:
                 function=f"{launch.app}/{launch.function}",
                 code_digest=launch.artifact_digest,
                 runtime=self.runtime,
+                imports=imports,
             )
         except (OSError, SnapshotError) as exc:
             shutil.rmtree(staging, ignore_errors=True)
@@ -228,6 +240,7 @@ class NodeSnapshots:
             key[:12], manifest.function, manifest.tensors, manifest.tensor_bytes / 2**20,
             manifest.bake_seconds,
         )  # fmt: skip
+        self.on_manifest(manifest)
         self._spawn(self._publish(snapshot))
         return {"ok": True, "key": key}
 

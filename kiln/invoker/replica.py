@@ -43,7 +43,7 @@ from kiln.functions.loader import load_app, resolve
 from kiln.functions.package import unpack
 from kiln.functions.spec import FunctionSpec
 from kiln.invoker.calls import CallRunner
-from kiln.invoker.coldstart import ColdStart, SnapshotLink, build_instance
+from kiln.invoker.coldstart import ColdStart, SnapshotLink, build_instance, classify_process
 from kiln.invoker.feed import CallFeed
 from kiln.invoker.jobs import JobRunner
 from kiln.invoker.output import CallContextFilter, FunctionOutput
@@ -70,7 +70,17 @@ _TOP_UP_EVERY_S = 1.0
 
 
 class Replica:
-    def __init__(self, settings: Settings, launch: StartReplica, node_id: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        launch: StartReplica,
+        node_id: str,
+        *,
+        preloaded: frozenset[str] = frozenset(),
+        from_standby: bool = False,
+    ) -> None:
+        """`preloaded`: the modules this process had imported when it was given `launch`;
+        `from_standby`: it was a standby process (not started for this replica)."""
         self.settings = settings
         self.launch = launch
         self.node_id = node_id
@@ -95,7 +105,8 @@ class Replica:
         self.jobs: JobRunner | None = None
         self._replica_str = str(self.replica_id)
         self._tasks: set[asyncio.Future[None]] = set()
-        self.cold_start = ColdStart(on_phase=self._on_phase)
+        self.cold_start = ColdStart(on_phase=self._on_phase, preloaded=preloaded)
+        self.from_standby = from_standby
         self._first_call = True
         # When it became ready: routers count a call published before then as a cold one.
         self.ready_at = 0.0
@@ -133,6 +144,7 @@ class Replica:
                 record,
                 private=self.spec.resources.snapshot == "private",
             )
+            classify_process(record, from_standby=self.from_standby)
             self.calls = CallRunner(
                 self.nc, self.subjects, self.spec, self.replica_id, self.target,
                 on_poison=self._poison,
@@ -163,7 +175,9 @@ class Replica:
         return SnapshotLink(self.nc, subject, self.launch.replica_id)
 
     def _report(self, phases: dict[str, float]) -> None:
-        """Tell the platform how the cold start went (its metrics and `kiln ps`)."""
+        """Tell the platform how the cold start went (its metrics and `kiln ps`; the node
+        agent learns from it what standbys for this function should import, and refills the
+        standby this replica took once the first call is done)."""
         if self.nc is None:
             return
         report = ColdStartReport(
@@ -173,11 +187,14 @@ class Replica:
             phases=phases,
             snapshot_bytes=self.cold_start.snapshot_bytes,
             fallback_reason=self.cold_start.fallback_reason,
+            process=self.cold_start.process.value,
+            late_imports=list(self.cold_start.late_imports),
         )
         self._spawn(self.nc.publish(self.subjects.cold_starts, encode(report)))
 
     async def _load(self, js: JetStreamContext) -> Target:
         code_dir = self.settings.home / "code" / self.launch.artifact_digest
+        self.cold_start.code_root = code_dir
         if not (code_dir / ".complete").exists():
             archive = await CodeStore(js, self.subjects).get(self.launch.artifact_digest)
             staging = code_dir.with_name(f"{code_dir.name}.{self.replica_id.hex}")
@@ -409,12 +426,15 @@ class Replica:
 
 
 def main() -> None:
-    serve_launch(Path(sys.argv[1]))
+    serve_launch(Path(sys.argv[1]), preloaded=frozenset(sys.modules))
 
 
-def serve_launch(launch_path: Path) -> NoReturn:
+def serve_launch(
+    launch_path: Path, *, preloaded: frozenset[str], from_standby: bool = False
+) -> NoReturn:
     """Be the replica that `launch_path` describes, until it stops; then exit the process.
-    A fresh process (`main`) and an assigned standby (`kiln.invoker.standby`) both end here."""
+    A fresh process (`main`) and an assigned standby (`kiln.invoker.standby`) both end here;
+    `preloaded` is what the process had imported by then."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s [%(request_id)s] %(message)s"
     )
@@ -423,7 +443,9 @@ def serve_launch(launch_path: Path) -> NoReturn:
     data = json.loads(launch_path.read_text())
     node_id = data.pop("node_id")
     settings = Settings.from_env(os.environ)
-    replica = Replica(settings, StartReplica(**data), node_id)
+    replica = Replica(
+        settings, StartReplica(**data), node_id, preloaded=preloaded, from_standby=from_standby
+    )
 
     async def serve() -> int:
         loop = asyncio.get_running_loop()

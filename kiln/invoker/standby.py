@@ -1,46 +1,31 @@
-"""Standby processes: replicas-to-be that did the slow part of starting before any call needs
-them, and the node agent's pool that keeps them ready.
+"""A standby process: a replica-to-be that did the slow part of starting before any call needs
+it (the node agent's pool, `kiln.invoker.standby_pool`, keeps them ready).
 
-A standby imports what `KILN_STANDBY_IMPORTS` lists (torch by default) and the replica runtime,
-and, when it sees a GPU, creates its CUDA context and the pinned staging ring that snapshot
-restores copy through. Then it says `ready` on stdout and waits for one line on stdin: its
-assignment (launch file, working directory, environment, log file). From there it is an
-ordinary replica (`replica.serve_launch`). A cold start that gets a standby skips the
-interpreter start, `import torch` and CUDA initialisation: "assign, load code, restore, serve".
+A standby imports what `KILN_STANDBY_IMPORTS` lists (torch by default), the modules of its
+flavour (what the functions it is kept for needed, learned at bake: `kiln.invoker.flavours`)
+and the replica runtime, and, when it sees a GPU, creates its CUDA context and the pinned
+staging ring that snapshot restores copy through. Then it says `ready` on stdout and waits for
+one line on stdin: its assignment (launch file, working directory, environment, log file). From
+there it is an ordinary replica (`replica.serve_launch`). A cold start that gets a standby of
+its flavour skips the interpreter start, every import and CUDA initialisation: "assign, load
+code, restore, serve".
 
-GPU standbys are bound to one device (`CUDA_VISIBLE_DEVICES` cannot change once CUDA is up), so
-the pool keeps them per device; CPU standbys are interchangeable. The pool refills itself in the
-background after every assignment.
-
-Run as `python -m kiln.invoker.standby` (by the node agent only).
+Run as `python -P -m kiln.invoker.standby [FLAVOUR.json]` (by the node agent only). A module
+that fails to import is reported on stderr and skipped: the replica imports it, late.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import importlib
 import json
-import logging
 import os
-import signal
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from kiln._proc import die_with_parent
+__all__ = ["READY", "Assignment", "main"]
 
-__all__ = ["Assignment", "Standby", "StandbyPool", "main"]
-
-_log = logging.getLogger("kiln.agent")
 READY = b"ready\n"
-# Importing torch and creating a CUDA context take seconds, not minutes.
-_READY_TIMEOUT_S = 300.0
-_RETRY_AFTER_S = 30.0
-# A replacement starts after the cold start that took a standby has had the CPU to itself:
-# importing torch beside a restore and a first call slows both down on a small node.
-REFILL_DELAY_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -51,141 +36,25 @@ class Assignment:
     log_file: str
 
 
-@dataclass(eq=False)
-class Standby:
-    device: str  # CUDA_VISIBLE_DEVICES: "" for CPU, else one GPU index
-    process: asyncio.subprocess.Process
-
-    async def assign(self, assignment: Assignment) -> None:
-        stdin = self.process.stdin
-        assert stdin is not None
-        stdin.write(json.dumps(assignment.__dict__).encode() + b"\n")
-        await stdin.drain()
-        stdin.close()
-
-
-@dataclass
-class StandbyPool:
-    """Per device key ("" for CPU slots, "3" for GPU 3): how many to keep and those ready."""
-
-    size: int
-    env_for: Callable[[str], dict[str, str]]  # the base environment of a standby on a device
-    log_file: Path
-    wanted: dict[str, int] = field(default_factory=dict)
-    ready: dict[str, list[Standby]] = field(default_factory=dict)
-    _starting: dict[str, int] = field(default_factory=dict)
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    _closed: bool = False
-
-    def keep(self, device: str, count: int) -> None:
-        """Keep `count` standbys ready on `device`; ready ones beyond it stop (a GPU that a
-        replica took without one must not keep a second CUDA context alive)."""
-        self.wanted[device] = count if self.size else 0
-        ready = self.ready.get(device, [])
-        while len(ready) > self.wanted[device]:
-            with contextlib.suppress(ProcessLookupError):
-                ready.pop().process.kill()  # reaped by its transport
-        self._refill(device)
-
-    def take(self, device: str) -> Standby | None:
-        """A ready standby for `device`, or None; the pool starts a replacement."""
-        ready = self.ready.get(device, [])
-        while ready:
-            standby = ready.pop()
-            if standby.process.returncode is None:
-                self._refill(device, delay_s=REFILL_DELAY_S)
-                return standby
-        return None
-
-    def has_ready(self, device: str) -> bool:
-        return self.ready_count(device) > 0
-
-    def ready_count(self, device: str) -> int:
-        return sum(s.process.returncode is None for s in self.ready.get(device, []))
-
-    async def close(self) -> None:
-        self._closed = True
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for standbys in self.ready.values():
-            for standby in standbys:
-                with contextlib.suppress(ProcessLookupError):
-                    standby.process.kill()
-                await standby.process.wait()
-        self.ready.clear()
-
-    def _refill(self, device: str, delay_s: float = 0.0) -> None:
-        if self._closed:
-            return
-        have = len(self.ready.get(device, [])) + self._starting.get(device, 0)
-        for _ in range(self.wanted.get(device, 0) - have):
-            self._starting[device] = self._starting.get(device, 0) + 1
-            task = asyncio.create_task(
-                self._start(device, delay_s), name=f"kiln-standby-{device or 'cpu'}"
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _start(self, device: str, delay_s: float) -> None:
-        await asyncio.sleep(delay_s)
-        try:
-            standby = await self._spawn(device)
-        except Exception as exc:  # noqa: BLE001 - replicas start the slow way meanwhile
-            _log.warning("a standby process failed to start (%s); retrying later", exc)
-            self._starting[device] -= 1
-            await asyncio.sleep(_RETRY_AFTER_S)
-            self._refill(device)
-            return
-        self._starting[device] -= 1
-        if self._closed or len(self.ready.get(device, [])) >= self.wanted.get(device, 0):
-            standby.process.kill()  # no longer wanted (the GPU got a replica meanwhile)
-            await standby.process.wait()
-            return
-        self.ready.setdefault(device, []).append(standby)
-
-    async def _spawn(self, device: str) -> Standby:
-        log = open(self.log_file, "ab")  # noqa: SIM115, ASYNC230 - a local file opens at once
-        try:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "kiln.invoker.standby",
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log,
-                env=self.env_for(device),
-                start_new_session=True,
-                preexec_fn=die_with_parent(signal.SIGTERM, os.getpid()),
-            )
-        finally:
-            log.close()
-        assert process.stdout is not None
-        try:
-            line = await asyncio.wait_for(process.stdout.readline(), _READY_TIMEOUT_S)
-        except TimeoutError:
-            line = b""
-        if line != READY:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
-            raise RuntimeError(f"it exited with status {process.returncode} before it was ready")
-        return Standby(device, process)
-
-
-# The standby process ------------------------------------------------------------------------------
-
-
-def _prepare() -> None:
+def _prepare(flavour: Path | None) -> None:
     from kiln.settings import Settings
 
     settings = Settings.from_env(os.environ)
-    for name in settings.standby_imports:
+    names = list(settings.standby_imports)
+    if flavour is not None:
+        names += json.loads(flavour.read_text())["imports"]
+    failed = []
+    for name in names:
         try:
             importlib.import_module(name)
-        except ImportError as exc:
-            print(f"standby: cannot import {name}: {exc}", file=sys.stderr, flush=True)
-    importlib.import_module("kiln.invoker.replica")
+        except Exception as exc:  # noqa: BLE001 - any import may fail; the replica retries it
+            failed.append(f"{name} ({type(exc).__name__}: {exc})")
+    if failed:
+        shown = "; ".join(failed[:5]) + (f"; and {len(failed) - 5} more" if len(failed) > 5 else "")
+        print(f"standby: could not import {len(failed)} modules: {shown}", file=sys.stderr)
+    # What every replica loads after its assignment: the runtime and its code's unpacking.
+    for name in ("kiln.invoker.replica", "kiln.functions.package", "kiln.codestore"):
+        importlib.import_module(name)
     if "torch" in sys.modules:
         importlib.import_module("kiln.snapshots.restore")
         torch = sys.modules["torch"]
@@ -198,13 +67,19 @@ def _prepare() -> None:
 
 
 def main() -> None:
-    _prepare()
-    sys.stdout.buffer.write(READY)
-    sys.stdout.buffer.flush()
+    # stdout is the agent's line to us: a module that prints while it is imported must not
+    # write there, so prints go to stderr (the standby log) until the word "ready".
+    agent = os.dup(1)
+    os.dup2(2, 1)
+    _prepare(Path(sys.argv[1]) if len(sys.argv) > 1 else None)
+    sys.stdout.flush()
+    os.write(agent, READY)
+    os.close(agent)
     line = sys.stdin.readline()
     if not line:  # the agent went away without assigning us
         os._exit(0)
     assignment = Assignment(**json.loads(line))
+    preloaded = frozenset(sys.modules)
     os.environ.clear()
     os.environ.update(assignment.env)
     os.chdir(assignment.cwd)
@@ -218,7 +93,7 @@ def main() -> None:
 
     from kiln.invoker.replica import serve_launch
 
-    serve_launch(Path(assignment.launch_file))
+    serve_launch(Path(assignment.launch_file), preloaded=preloaded, from_standby=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Cold-start metrics, recorded by the scheduler from the replicas' reports: each phase's
-duration, how each replica's instance was built, and snapshot fallbacks."""
+duration, how each replica's instance was built and in what process (a standby that had imported
+what the function needs, one that had not, a fresh one), and snapshot fallbacks."""
 
 from __future__ import annotations
 
@@ -34,9 +35,11 @@ class ColdStartMetrics:
         )
         self.cold_starts = Counter(
             "kiln_cold_starts",
-            "Replicas that became ready, by how their instance was built "
-            "(snapshot, baked, hooks, fallback).",
-            ["origin"],
+            "Replicas that became ready, by how their instance was built (origin: snapshot, "
+            "baked, hooks, fallback) and the process they started in (process: standby, one "
+            "that had imported what the function needs; partial, a standby that had not; "
+            "fresh, none was ready).",
+            ["origin", "process"],
             registry=self.registry,
         )
         self.snapshot_fallbacks = Counter(
@@ -45,11 +48,11 @@ class ColdStartMetrics:
             registry=self.registry,
         )
 
-    def observe(self, phases: dict[str, float], origin: str | None) -> None:
+    def observe(self, phases: dict[str, float], origin: str | None, process: str = "fresh") -> None:
         for phase, seconds in phases.items():
             if phase in PHASES and seconds >= 0:
                 self.phase_seconds.labels(phase).observe(seconds)
         if origin is not None:
-            self.cold_starts.labels(origin).inc()
+            self.cold_starts.labels(origin, process).inc()
             if origin == "fallback":
                 self.snapshot_fallbacks.inc()

@@ -4,7 +4,8 @@ and asks `place`; tests and the autoscaling simulation drive it without a cluste
 A replica needs a node with enough free slots of its GPU type: "none" takes CPU slots, "any" a
 GPU of any type, "H100:2" two H100s on one node. Among the nodes that fit, the scheduler prefers
 one that already caches the function's snapshot (no fetch from the shared store), then one with
-a ready standby process for that slot type (no `import torch`), then the least loaded (the
+a ready standby that imported everything the function needs (no import at all), then one with
+any ready standby process for that slot type (no `import torch`), then the least loaded (the
 largest share of its slots of that type free), then the node id, so equal views give equal
 answers. `take` updates the view at once, so two replicas placed in one pass never count the
 same free slot; the node agent's own slot table is the final word and refuses what it lacks.
@@ -26,6 +27,7 @@ class NodeView:
     free: dict[str, int]
     standbys: dict[str, int] = field(default_factory=dict)  # ready standbys by slot kind
     snapshots: frozenset[str] = frozenset()  # kiln.wire.affinity_id of the snapshots it caches
+    ready_for: frozenset[str] = frozenset()  # affinity ids a ready standby there has imported for
 
     def take(self, kind: str, count: int) -> None:
         self.free[kind] = self.free.get(kind, 0) - count
@@ -38,13 +40,13 @@ class Placement:
     node_id: str
     kind: str  # the slot kind it takes there
     count: int
-    reason: str  # "snapshot", "standby" or "least loaded": for logs and metrics
+    reason: str  # "snapshot", "flavour", "standby" or "least loaded": for logs and metrics
 
 
 def place(gpu: str, nodes: list[NodeView], affinity: str | None = None) -> Placement | None:
     """The best node for a replica asking for `gpu`, or None when nothing fits now."""
     kind, count = gpu_request(gpu)
-    options: list[tuple[tuple[bool, bool, float, str], NodeView, str]] = []
+    options: list[tuple[tuple[bool, bool, bool, float, str], NodeView, str]] = []
     for node in nodes:
         kinds = [k for k in node.free if k != "none"] if kind == "any" else [kind]
         for candidate in kinds:
@@ -52,10 +54,17 @@ def place(gpu: str, nodes: list[NodeView], affinity: str | None = None) -> Place
                 continue
             cached = affinity is not None and affinity in node.snapshots
             standby = node.standbys.get(candidate, 0) > 0
+            flavour = standby and affinity is not None and affinity in node.ready_for
             load = 1 - node.free[candidate] / max(1, node.total.get(candidate, 0))
-            options.append(((not cached, not standby, load, node.node_id), node, candidate))
+            rank = (not cached, not flavour, not standby, load, node.node_id)
+            options.append((rank, node, candidate))
     if not options:
         return None
-    (no_cache, no_standby, _, _), node, chosen = min(options, key=lambda o: o[0])
-    reason = "snapshot" if not no_cache else "standby" if not no_standby else "least loaded"
+    (no_cache, no_flavour, no_standby, _, _), node, chosen = min(options, key=lambda o: o[0])
+    reason = (
+        "snapshot" if not no_cache
+        else "flavour" if not no_flavour
+        else "standby" if not no_standby
+        else "least loaded"
+    )  # fmt: skip
     return Placement(node.node_id, chosen, count, reason)

@@ -46,6 +46,7 @@ from kiln.wire import (
     ColdStartReport,
     NodeHeartbeat,
     Origin,
+    ProcessOrigin,
     ReplicaHeartbeat,
     StartReplica,
     Subjects,
@@ -207,6 +208,7 @@ class Scheduler:
         try:
             report = decode(ColdStartReport, msg.data)
             origin = Origin(report.origin)
+            process = ProcessOrigin(report.process)
             phases = {str(k): float(v) for k, v in report.phases.items()}
         except (ValueError, TypeError, KeyError):
             _log.warning("ignoring an unreadable cold-start report")
@@ -219,7 +221,7 @@ class Scheduler:
             phases["schedule"] = tracked.schedule_s
             if tracked.requested_at:
                 phases["total"] = max(0.0, time.time() - tracked.requested_at)
-        self.metrics.observe(phases, origin.value)
+        self.metrics.observe(phases, origin.value, process.value)
         if origin is Origin.FALLBACK:
             _log.warning(
                 "replica %s ran its setup hooks because its snapshot failed: %s",
@@ -257,6 +259,7 @@ class Scheduler:
             free=dict(beat.free),
             standbys=dict(beat.standbys),
             snapshots=frozenset(beat.snapshots),
+            ready_for=frozenset(beat.ready_for),
         )
 
     async def _on_exit(self, msg: Msg) -> None:

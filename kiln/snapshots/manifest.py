@@ -21,6 +21,7 @@ from pathlib import Path
 
 from kiln._version import __version__
 from kiln.errors import SnapshotError, SnapshotTampered
+from kiln.snapshots.imports import module_names
 
 __all__ = [
     "BAKE_REPORT",
@@ -103,6 +104,9 @@ class Manifest:
     storages: int
     tensor_bytes: int
     bake_seconds: float
+    # What the function needed imported to restore and serve (`kiln.snapshots.imports`):
+    # standbys import it ahead of time. Leaves only; empty in snapshots from before Kiln learnt it.
+    imports: tuple[str, ...] = ()
     format: int = FORMAT_VERSION
     created_at: float = field(default_factory=time.time)
 
@@ -120,6 +124,7 @@ class Manifest:
                 )
             raw["runtime"] = Runtime(**raw["runtime"])
             raw["files"] = {name: FileEntry(**entry) for name, entry in raw["files"].items()}
+            raw["imports"] = module_names(raw.get("imports", []))
             return cls(**raw)
         except (ValueError, KeyError, TypeError) as exc:
             raise SnapshotError(f"the snapshot manifest is unreadable ({exc})") from None

@@ -91,6 +91,18 @@ class SnapshotCache:
         found.sort(reverse=True)
         return list(dict.fromkeys(a for _, a in found))[:limit]
 
+    def imports(self, key: str) -> tuple[str, ...] | None:
+        """The modules snapshot `key`'s function needed, from its signed manifest (the files
+        are not hashed: this only decides what standbys import); None when there is no such
+        snapshot here or its manifest does not verify."""
+        directory = self.path(key)
+        try:
+            body = (directory / MANIFEST).read_bytes()
+            verify_signature(body, (directory / SIGNATURE).read_text(), self.signing_key)
+            return Manifest.from_json(body).imports
+        except (OSError, SnapshotError):
+            return None
+
     def staging(self, key: str) -> Path:
         """A fresh, private directory for a baker to write into."""
         directory = self.root / ".staging" / f"{key}.{secrets.token_hex(4)}"
@@ -98,9 +110,17 @@ class SnapshotCache:
         return directory
 
     def seal(
-        self, staging: Path, *, key: str, function: str, code_digest: str, runtime: Runtime
+        self,
+        staging: Path,
+        *,
+        key: str,
+        function: str,
+        code_digest: str,
+        runtime: Runtime,
+        imports: tuple[str, ...] = (),
     ) -> Snapshot:
-        """Hash, sign and move a baked staging directory into the cache as `key`."""
+        """Hash, sign and move a baked staging directory into the cache as `key`; `imports`
+        are the modules the function needed (checked names, see `kiln.snapshots.imports`)."""
         if self.has(key):
             shutil.rmtree(staging, ignore_errors=True)
             return self.open(key)
@@ -126,6 +146,7 @@ class SnapshotCache:
             storages=int(report["storages"]),
             tensor_bytes=int(report["tensor_bytes"]),
             bake_seconds=float(report["seconds"]),
+            imports=imports,
         )
         body = manifest.to_json()
         _write_synced(staging / MANIFEST, body)

@@ -5,6 +5,7 @@ state that cannot be captured, without failing the replica."""
 from __future__ import annotations
 
 import secrets
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 import kiln
 from kiln.invoker.coldstart import ColdStart, SnapshotLink, build_instance
 from kiln.invoker.target import Target, build_target
+from kiln.snapshots.imports import expand
 from kiln.snapshots.manifest import GRAPH, Runtime, snapshot_key
 from kiln.snapshots.store import SnapshotCache
 from kiln.wire import Origin
@@ -34,7 +36,10 @@ class Model:
 
     @kiln.enter()
     def warm(self) -> None:
+        import fractions  # a plain hook's import counts too
+
         self.warm_thread = threading.current_thread().name
+        self.ratio = fractions.Fraction(1, 3)
 
     @kiln.method()
     def weight_sum(self) -> float:
@@ -80,16 +85,29 @@ KEY = snapshot_key("digest", "Model", Runtime.current())
 async def bake_once(cache: SnapshotCache) -> Path:
     staging = cache.staging(KEY)
     link = Link({"open": {"bake": str(staging)}, "seal": {"ok": True}})
-    record = ColdStart()
+    # As a standby that had imported everything but this test module's imports would start.
+    record = ColdStart(preloaded=frozenset(sys.modules) - {"fractions"})
     await build_instance(target("Model"), link, record, private=False)
     assert record.sealing is not None
     await record.sealing
     assert record.origin is Origin.BAKED
     assert [op for op, _ in link.asked] == ["open", "seal"]
     assert {"snap_hooks", "bake", "enter"} <= set(record.phases)
+    # The seal, asked for once the plain hooks ran, names what the function needed: what the
+    # hooks imported and what the object graph refers to, never Kiln's own modules.
+    imports = link.asked[1][1]["imports"]
+    assert {"fractions", "torch.nn.modules.linear"} <= expand(imports)
+    assert not [name for name in imports if name.startswith("kiln")]
     snapshot = cache.seal(
-        staging, key=KEY, function="t/Model", code_digest="digest", runtime=Runtime.current()
+        staging,
+        key=KEY,
+        function="t/Model",
+        code_digest="digest",
+        runtime=Runtime.current(),
+        imports=tuple(imports),
     )
+    assert snapshot.manifest.imports == tuple(imports)
+    assert cache.imports(KEY) == tuple(imports)
     return snapshot.directory
 
 
@@ -136,6 +154,8 @@ async def test_a_snapshot_that_fails_to_restore_falls_back_and_bakes_again(
     runs = len(SNAP_RUNS)
     fallen, record = target("Model"), ColdStart()
     await build_instance(fallen, link, record, private=False)
+    assert record.sealing is not None
+    await record.sealing
     assert record.origin is Origin.FALLBACK
     assert record.fallback_reason == (
         "SnapshotError: the snapshot's objects cannot be rebuilt (invalid load key, 'n'.)"

@@ -26,6 +26,7 @@ from kiln.observability.gpu import GpuTelemetry
 from kiln.observability.invocation_log import InvocationLogMetrics
 from kiln.observability.nats import NatsMetrics
 from kiln.observability.scheduling import SchedulingMetrics
+from kiln.observability.standbys import StandbyMetrics
 from kiln.router.metrics import RouterMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,6 +115,7 @@ def _registries() -> list[CollectorRegistry]:
         invocations,
         GpuTelemetry("node", dict, interval_s=5).registry,
         NatsMetrics().registry,
+        StandbyMetrics(CollectorRegistry()).registry,
     ]
 
 
