@@ -16,6 +16,7 @@ that fails to import is reported on stderr and skipped: the replica imports it, 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -52,9 +53,12 @@ def _prepare(flavour: Path | None) -> None:
     if failed:
         shown = "; ".join(failed[:5]) + (f"; and {len(failed) - 5} more" if len(failed) > 5 else "")
         print(f"standby: could not import {len(failed)} modules: {shown}", file=sys.stderr)
-    # What every replica loads after its assignment: the runtime and its code's unpacking.
+    # What every replica loads after its assignment: the runtime, its code's unpacking and its
+    # event loop (uvloop, where installed).
     for name in ("kiln.invoker.replica", "kiln.functions.package", "kiln.codestore"):
         importlib.import_module(name)
+    with contextlib.suppress(ImportError):
+        importlib.import_module("uvloop")
     if "torch" in sys.modules:
         importlib.import_module("kiln.snapshots.restore")
         torch = sys.modules["torch"]

@@ -53,7 +53,7 @@ def valid_module_name(name: str) -> bool:
 
 def platform_module(name: str) -> bool:
     """Kiln's own modules: every replica process imports the ones it needs itself."""
-    return name == "kiln" or name.startswith("kiln.") or name == "__main__"
+    return name == "kiln" or name.startswith(("kiln.", "__"))
 
 
 def leaves(names: Iterable[str]) -> tuple[str, ...]:
@@ -63,7 +63,7 @@ def leaves(names: Iterable[str]) -> tuple[str, ...]:
     # character a module name may hold), so one comparison with the next name decides.
     return tuple(
         name
-        for name, after in zip(ordered, [*ordered[1:], ""], strict=True)
+        for name, after in zip(ordered, [*ordered[1:], ""], strict=False)
         if not after.startswith(name + ".")
     )
 
