@@ -52,7 +52,8 @@ def valid_module_name(name: str) -> bool:
 
 
 def platform_module(name: str) -> bool:
-    """Kiln's own modules: every replica process imports the ones it needs itself."""
+    """Kiln's own modules (every replica process imports the ones it needs itself) and made-up
+    ones (`__main__`, multiprocessing's `__mp_main__`), which no import can find."""
     return name == "kiln" or name.startswith(("kiln.", "__"))
 
 

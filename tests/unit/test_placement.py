@@ -13,9 +13,15 @@ def node(
     total: dict[str, int] | None = None,
     standbys: dict[str, int] | None = None,
     snapshots: set[str] | None = None,
+    ready_for: set[str] | None = None,
 ) -> NodeView:
     return NodeView(
-        node_id, total or dict(free), dict(free), dict(standbys or {}), frozenset(snapshots or ())
+        node_id,
+        total or dict(free),
+        dict(free),
+        dict(standbys or {}),
+        frozenset(snapshots or ()),
+        frozenset(ready_for or ()),
     )
 
 
@@ -47,6 +53,26 @@ def test_a_cached_snapshot_beats_a_standby_which_beats_load() -> None:
     choice = place("H100", [node("busy", {"H100": 2}, total={"H100": 8}), idle])
     assert choice is not None
     assert (choice.node_id, choice.reason) == ("idle", "least loaded")
+
+
+def test_a_standby_that_imported_what_the_function_needs_beats_a_generic_one() -> None:
+    wanted = affinity_id("digest", "Model")
+    generic = node("generic", {"none": 8}, standbys={"none": 2})
+    flavoured = node("flavoured", {"none": 2}, total={"none": 8}, standbys={"none": 1},
+                     ready_for={wanted})  # fmt: skip
+    choice = place("none", [generic, flavoured], affinity=wanted)
+    assert choice is not None
+    assert (choice.node_id, choice.reason) == ("flavoured", "flavour")
+    # A cached snapshot still comes first: a fetch costs more than an import.
+    cached = node("cached", {"none": 8}, snapshots={wanted})
+    choice = place("none", [generic, flavoured, cached], affinity=wanted)
+    assert choice is not None
+    assert (choice.node_id, choice.reason) == ("cached", "snapshot")
+    # ready_for without a ready standby of the slot kind asked for counts for nothing.
+    stale = node("stale", {"none": 8}, ready_for={wanted})
+    choice = place("none", [stale, generic], affinity=wanted)
+    assert choice is not None
+    assert choice.node_id == "generic"
 
 
 def test_taking_slots_in_the_view_means_no_slot_is_counted_twice() -> None:
