@@ -70,7 +70,7 @@ def test_standbys_are_per_device_and_dead_ones_are_skipped(tmp_path: Path) -> No
     standbys = pool(tmp_path)
     (on_gpu1,) = ready(standbys, "1", GPT2)
     dead, alive = ready(standbys, "0", GPT2, GPT2)
-    dead.process.returncode = 1
+    cast(FakeProcess, dead.process).returncode = 1
     assert standbys.covers("1", GPT2)
     assert not standbys.covers("1", SYMPY)
     assert standbys.take("0", GPT2, holder="r1") is alive
