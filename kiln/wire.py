@@ -441,9 +441,10 @@ class NodeHeartbeat:
     # affinity_id() of the snapshots cached on the node, most recent first, at most
     # MAX_ADVERTISED_SNAPSHOTS: placement prefers nodes that need not fetch.
     snapshots: list[str] = field(default_factory=list)
-    # affinity_id() of the functions a ready standby here has imported everything for (at most
-    # MAX_READY_FOR): placement prefers nodes whose cold start imports nothing.
-    ready_for: list[str] = field(default_factory=list)
+    # affinity_id() of the functions that ready standbys here have imported everything for, and
+    # how many such standbys (at most MAX_READY_FOR functions): placement prefers nodes whose
+    # cold start imports nothing.
+    ready_for: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

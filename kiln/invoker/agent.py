@@ -252,7 +252,7 @@ class NodeAgent:
     def _prefer_gpu(self, device: str, need: Flavour | None) -> int:
         """How good GPU `device` is for a function needing `need`: 2 with a standby that covers
         it, 1 with any standby, 0 with none."""
-        if need is not None and self.standbys.covers(device, need):
+        if need is not None and self.standbys.covering(device, need):
             return 2
         return 1 if self.standbys.has_ready(device) else 0
 
@@ -324,17 +324,18 @@ class NodeAgent:
                 plan[device] = [(flavour, 1)]
         self.standbys.keep(plan)
 
-    def _ready_for(self) -> list[str]:
-        """Functions (affinity ids) that a ready standby here has imported everything for, so
-        the scheduler can place their cold starts here."""
+    def _ready_for(self) -> dict[str, int]:
+        """Functions (affinity ids) that ready standbys here have imported everything for, and
+        how many such standbys, so the scheduler can place their cold starts here."""
         gpus = sorted({device for (device, _), ready in self.standbys.ready.items()
                        if device and ready})  # fmt: skip
-        found = []
+        found = {}
         for key, need in self.demand.needs.items():
             devices = gpus if need.gpu else [""]
-            if any(self.standbys.covers(device, need.flavour) for device in devices):
-                found.append(key)
-        return found[-MAX_READY_FOR:]
+            count = sum(self.standbys.covering(device, need.flavour) for device in devices)
+            if count:
+                found[key] = count
+        return dict(list(found.items())[-MAX_READY_FOR:])
 
     # Learning what functions need ---------------------------------------------------------------
 

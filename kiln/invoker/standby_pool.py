@@ -195,9 +195,9 @@ class StandbyPool:
             for s in standbys
         )
 
-    def covers(self, device: str, need: Flavour) -> bool:
-        """Whether a ready standby on `device` has imported all that `need` lists."""
-        return any(
+    def covering(self, device: str, need: Flavour) -> int:
+        """How many ready standbys on `device` have imported all that `need` lists."""
+        return sum(
             s.process.returncode is None and s.flavour.covers(need)
             for (on, _), standbys in self.ready.items()
             if on == device

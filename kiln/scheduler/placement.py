@@ -27,12 +27,15 @@ class NodeView:
     free: dict[str, int]
     standbys: dict[str, int] = field(default_factory=dict)  # ready standbys by slot kind
     snapshots: frozenset[str] = frozenset()  # kiln.wire.affinity_id of the snapshots it caches
-    ready_for: frozenset[str] = frozenset()  # affinity ids a ready standby there has imported for
+    # affinity id -> ready standbys there that imported everything that function needs
+    ready_for: dict[str, int] = field(default_factory=dict)
 
-    def take(self, kind: str, count: int) -> None:
+    def take(self, kind: str, count: int, affinity: str | None = None) -> None:
         self.free[kind] = self.free.get(kind, 0) - count
         if self.standbys.get(kind):
             self.standbys[kind] -= 1
+        if affinity is not None and self.ready_for.get(affinity):
+            self.ready_for[affinity] -= 1
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ def place(gpu: str, nodes: list[NodeView], affinity: str | None = None) -> Place
                 continue
             cached = affinity is not None and affinity in node.snapshots
             standby = node.standbys.get(candidate, 0) > 0
-            flavour = standby and affinity is not None and affinity in node.ready_for
+            flavour = standby and affinity is not None and node.ready_for.get(affinity, 0) > 0
             load = 1 - node.free[candidate] / max(1, node.total.get(candidate, 0))
             rank = (not cached, not flavour, not standby, load, node.node_id)
             options.append((rank, node, candidate))

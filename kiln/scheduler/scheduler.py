@@ -259,7 +259,7 @@ class Scheduler:
             free=dict(beat.free),
             standbys=dict(beat.standbys),
             snapshots=frozenset(beat.snapshots),
-            ready_for=frozenset(beat.ready_for),
+            ready_for=dict(beat.ready_for),
         )
 
     async def _on_exit(self, msg: Msg) -> None:
@@ -485,7 +485,7 @@ class Scheduler:
                 # Its slots went since its last beat: no more of that kind there, this pass.
                 view.free[placement.kind] = 0
                 continue
-            view.take(placement.kind, placement.count)
+            view.take(placement.kind, placement.count, affinity)
             self.demand_at.pop(function.id, None)
             self.replicas[replica_id] = _Tracked(
                 replica_id, str(function.id), str(function.version_id), placement.node_id,

@@ -13,7 +13,7 @@ def node(
     total: dict[str, int] | None = None,
     standbys: dict[str, int] | None = None,
     snapshots: set[str] | None = None,
-    ready_for: set[str] | None = None,
+    ready_for: dict[str, int] | None = None,
 ) -> NodeView:
     return NodeView(
         node_id,
@@ -21,7 +21,7 @@ def node(
         dict(free),
         dict(standbys or {}),
         frozenset(snapshots or ()),
-        frozenset(ready_for or ()),
+        dict(ready_for or {}),
     )
 
 
@@ -59,7 +59,7 @@ def test_a_standby_that_imported_what_the_function_needs_beats_a_generic_one() -
     wanted = affinity_id("digest", "Model")
     generic = node("generic", {"none": 8}, standbys={"none": 2})
     flavoured = node("flavoured", {"none": 2}, total={"none": 8}, standbys={"none": 1},
-                     ready_for={wanted})  # fmt: skip
+                     ready_for={wanted: 1})  # fmt: skip
     choice = place("none", [generic, flavoured], affinity=wanted)
     assert choice is not None
     assert (choice.node_id, choice.reason) == ("flavoured", "flavour")
@@ -69,7 +69,7 @@ def test_a_standby_that_imported_what_the_function_needs_beats_a_generic_one() -
     assert choice is not None
     assert (choice.node_id, choice.reason) == ("cached", "snapshot")
     # ready_for without a ready standby of the slot kind asked for counts for nothing.
-    stale = node("stale", {"none": 8}, ready_for={wanted})
+    stale = node("stale", {"none": 8}, ready_for={wanted: 1})
     choice = place("none", [stale, generic], affinity=wanted)
     assert choice is not None
     assert choice.node_id == "generic"
@@ -95,3 +95,19 @@ def test_affinity_ids_are_short_and_tell_functions_and_code_apart() -> None:
     ids = {affinity_id(d, f) for d in ("d1", "d2") for f in ("A", "B")}
     assert len(ids) == 4
     assert all(len(i) == 16 for i in ids)
+
+
+def test_replicas_placed_in_one_pass_count_down_the_fitting_standbys() -> None:
+    wanted = affinity_id("digest", "Model")
+    one = node("one", {"none": 8}, standbys={"none": 1}, ready_for={wanted: 1})
+    two = node("two", {"none": 8}, standbys={"none": 2}, ready_for={wanted: 2})
+    nodes = [one, two]
+    chosen = []
+    for _ in range(4):
+        placed = place("none", nodes, affinity=wanted)
+        assert placed is not None
+        chosen.append((placed.node_id, placed.reason))
+        next(n for n in nodes if n.node_id == placed.node_id).take("none", 1, wanted)
+    assert chosen == [
+        ("one", "flavour"), ("two", "flavour"), ("two", "flavour"), ("one", "least loaded")
+    ]  # fmt: skip

@@ -71,8 +71,8 @@ def test_standbys_are_per_device_and_dead_ones_are_skipped(tmp_path: Path) -> No
     (on_gpu1,) = ready(standbys, "1", GPT2)
     dead, alive = ready(standbys, "0", GPT2, GPT2)
     cast(FakeProcess, dead.process).returncode = 1
-    assert standbys.covers("1", GPT2)
-    assert not standbys.covers("1", SYMPY)
+    assert standbys.covering("1", GPT2) == 1
+    assert standbys.covering("1", SYMPY) == 0
     assert standbys.take("0", GPT2, holder="r1") is alive
     assert standbys.take("0", GPT2, holder="r2") is None
     assert standbys.take("1", GPT2, holder="r3") is on_gpu1
