@@ -1,23 +1,31 @@
 """The end-to-end cold start of `bench/coldstart.py`: a request through the router to a class
-with zero replicas whose snapshot is cached on the node, until the response.
+with zero replicas whose snapshot is on the node, until the response, with Kiln's defaults (no
+KILN_STANDBY_IMPORTS: standbys import what the snapshot's manifest says the class needs).
 
-It starts `kiln dev` (embedded services, one node agent with its standby pool), deploys a class
-whose `@kiln.enter(snap=True)` hook loads the benchmark's model with `from_pretrained`, makes
-the first call (which runs the hook and bakes the snapshot), and waits until the node agent has
-also copied the snapshot to the shared store: that copy (the agent reads the whole blob, the
-embedded NATS writes it) competes with a cold start for this machine's cores, and the first
-restore after a bake took 0.43 s instead of 0.08 s while it ran. Then, for each run, it waits
-until the function has scaled to zero, a standby process is idle again and the rest of the
-platform is at rest, times one call (cold), and at once a second one (warm, same replica). The
-cold start's cost is cold minus warm: what the model's own forward pass costs (seconds for bf16
-on a CPU without bf16 units) is not cold-start time. The phases come from the platform's own
-cold-start histograms.
+It starts `kiln dev` (embedded services, one node agent with its standby pool), deploys three
+copies of a class (three functions, three snapshots) whose `@kiln.enter(snap=True)` hook loads
+the benchmark's model with `from_pretrained`, calls each once (which runs the hook and bakes its
+snapshot) and waits until the node agent has also copied each snapshot to the shared store (that
+copy competes with a cold start for this machine's cores). Then, with the page cache warm and
+then right after evicting the snapshots' files, it measures three cases:
 
-The timed calls use `--e2e-call`: `touch` (the default) reads one byte of every page of every
-weight, which is everything a forward pass would fault in, without its arithmetic: on a CPU
-without bf16 units a 355M forward takes 15+ s, and its run-to-run noise would bury a cost of a
-tenth of a second. `forward` times `next_token` itself (on a GPU, or with patience). The first
-call, which bakes, always runs `next_token`.
+    one at a time   the function has scaled to zero and the platform is at rest (the standby
+                    pool refilled): one cold call, then at once a warm one (same replica)
+    back to back    the next cold call right after the previous one's replica scaled to zero,
+                    without waiting for anything else
+    three at once   the three functions cold-start together; each then gets a warm call
+
+A cold start's cost is its cold call minus the warm call that follows: what the model's own work
+costs is not cold-start time. The timed call is `touch` (one byte of every page of every
+weight: all a forward pass faults in, without its arithmetic, which on a CPU without bf16 units
+takes seconds and would bury a cost of a tenth of one), or the forward itself with `--e2e-call
+forward`. Phases and the process each cold start ran in (standby, partial, fresh) come from the
+platform's own metrics.
+
+The floor is the bytes the cold starts move (one snapshot, or three for "three at once") over
+the bandwidth measured in the same run: page cache to memory (warm), or the disk right after
+eviction (evicted). The naive path's startup is a fresh process's `from_pretrained` and first
+forward minus one warm forward, from the tables above.
 """
 
 from __future__ import annotations
@@ -31,9 +39,11 @@ import tempfile
 import textwrap
 import time
 import tomllib
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import nats
@@ -54,7 +64,7 @@ import os
 
 import kiln
 
-app = kiln.App("coldbench")
+app = kiln.App("{app}")
 
 
 @app.cls(idle_timeout=1, timeout=600, startup_timeout=3600, env={{"MODEL_DIR": "{model_dir}"}})
@@ -89,122 +99,189 @@ class Model:
                 total += int(flat[::4096].sum())
         return total
 """
+APPS = ("coldbench0", "coldbench1", "coldbench2")
+CASES = ("one at a time", "back to back", "three at once")
 _PHASES = ("schedule", "assign", "code_load", "restore", "enter", "first_call")
 
 
-@dataclass(frozen=True)
-class EndToEnd:
+@dataclass
+class Case:
     size: str
-    bake_s: float
-    cold_s: list[float]
-    warm_s: list[float]
-    phases: dict[str, float]  # mean seconds per restored cold start
-    origins: dict[str, float]
+    cache: str
+    case: str
+    cold_s: list[float] = field(default_factory=list)
+    warm_s: list[float] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # mean seconds per cold start
+    processes: Counter[str] = field(default_factory=Counter)
+
+    def costs(self) -> list[float]:
+        return sorted(c - w for c, w in zip(self.cold_s, self.warm_s, strict=True))
 
 
 def end_to_end(
     args: argparse.Namespace,
-    floors: dict[str, float] | None = None,
-    from_pretrained: dict[str, float] | None = None,
+    floors: dict[str, dict[str, float]],
+    naive: dict[str, dict[str, float]],
+    evict: Callable[[list[Path]], None],
 ) -> None:
-    """`floors`: seconds to move each size's bytes (warm page cache); `from_pretrained`: the
-    median fresh-process `from_pretrained` time, each measured by the tables above."""
-    floors = floors or {}
-    from_pretrained = from_pretrained or {}
-    print("\n== end to end: a request through the router to a class with zero replicas whose "
-          "snapshot is on the node (warm page cache), until the response")  # fmt: skip
+    """`floors[size][cache]`: seconds to move one snapshot's bytes; `naive[size][cache]`: the
+    naive path's startup (fresh-process from_pretrained and first forward, less a warm
+    forward); `evict`: drops files from the page cache (checked with mincore)."""
+    states = ["warm", "evicted"] if args.cache == "both" else [args.cache]
+    method = "next_token" if args.e2e_call == "forward" else "touch"
+    print("\n== end to end, default settings: a request through the router to a class with zero "
+          f"replicas whose snapshot is on the node; timed call `{method}`")  # fmt: skip
+    results: list[Case] = []
     for size in args.sizes:
         model_dir = args.workdir.expanduser() / size / "hf"
-        method = "next_token" if args.e2e_call == "forward" else "touch"
-        result = _measure(size, model_dir, args.runs, method)
-        cold = sorted(result.cold_s)
-        warm = statistics.median(result.warm_s)
-        extra = sorted(c - w for c, w in zip(result.cold_s, result.warm_s, strict=True))
-        median = statistics.median(extra)
-        print(f"\n  {size}: first call (runs the hook, bakes) {result.bake_s:.2f} s; over "
-              f"{len(cold)} runs: cold call median {statistics.median(cold):.3f} s, p90 "
-              f"{_p90(cold):.3f} s; warm call median {warm:.3f} s; cold-start cost (cold - "
-              f"warm) median {median:.3f} s, p90 {_p90(extra):.3f} s")  # fmt: skip
-        shown = ", ".join(f"{name} {result.phases[name] * 1000:.0f} ms"
-                          for name in _PHASES if name in result.phases)  # fmt: skip
-        print(f"  phases (mean of the restored starts): {shown}")
-        print(f"  replicas by origin: {result.origins}")
-        floor = floors.get(size)
-        if floor is not None:
-            limit = 1.5 * floor + 0.1
-            verdict = "met" if median <= limit else "missed"
-            print(f"  target: cold-start cost <= 1.5 x floor ({floor:.3f} s) + 100 ms = "
-                  f"{limit:.3f} s: {verdict}")  # fmt: skip
-        reference = from_pretrained.get(size)
-        if reference is not None:
-            speedup = reference / median
-            verdict = "met" if speedup >= 20 else "missed"
-            print(f"  target: cold-start cost >= 20x below from_pretrained in a fresh process "
-                  f"({reference:.2f} s): {speedup:.1f}x, {verdict}")  # fmt: skip
+        results += _measure_size(size, model_dir, states, args.runs, method, evict)
+    _table(results, floors, naive)
 
 
-def _measure(size: str, model_dir: Path, runs: int, method: str) -> EndToEnd:
+def _measure_size(
+    size: str,
+    model_dir: Path,
+    states: list[str],
+    runs: int,
+    method: str,
+    evict: Callable[[list[Path]], None],
+) -> list[Case]:
     with tempfile.TemporaryDirectory(prefix="kiln-coldstart-") as tmp:
         home = Path(tmp)
-        app_file = home / "coldbench.py"
-        app_file.write_text(textwrap.dedent(APP.format(model_dir=model_dir)))
         port = pick_port([], set())
-        # Unpickling the model's class imports its library: standbys import it ahead of time.
-        imports = "torch,transformers.models.gpt2.modeling_gpt2"
-        kiln, key = start_kiln(home, port, KILN_STANDBY_IMPORTS=imports)
+        kiln, key = start_kiln(home, port)  # defaults: nothing about the model is configured
         try:
             client = httpx.Client(
                 base_url=f"http://127.0.0.1:{port}",
                 headers={"Authorization": f"Bearer {key}"},
                 timeout=httpx.Timeout(3600.0),
             )
-            client.post("/v1/apps", json=package(app_file).deploy_body()).raise_for_status()
-            bake_s = _timed_call(client, "next_token")
-            _wait_uploaded(home, _wait_sealed(home))
-            before = _phase_sums(client)
-            cold, warm = [], []
-            for _ in range(runs):
-                _wait_for_zero(client)
-                _wait_for_quiet(kiln.pid)
-                cold.append(_timed_call(client, method))
-                warm.append(_timed_call(client, method))
-            after = _phase_sums(client)
-            phases = _mean_phases(before, after)
-            return EndToEnd(size, bake_s, cold, warm, phases, _origins(client))
+            for app in APPS:
+                app_file = home / f"{app}.py"
+                app_file.write_text(textwrap.dedent(APP.format(app=app, model_dir=model_dir)))
+                client.post("/v1/apps", json=package(app_file).deploy_body()).raise_for_status()
+            bake_started = time.perf_counter()
+            for app in APPS:  # each bakes its snapshot (the hook and one touch)
+                _timed_call(client, app, "touch")
+            print(f"  [{size}] three snapshots baked in {time.perf_counter() - bake_started:.1f} s",
+                  file=sys.stderr)  # fmt: skip
+            snapshots = _wait_sealed(home, len(APPS))
+            _wait_uploaded(home, list(snapshots.values()))
+            files = {
+                app: sorted((home / "snapshots" / k).iterdir()) for app, k in snapshots.items()
+            }
+            cases = []
+            for cache in states:
+                for case in CASES:
+                    result = Case(size, cache, case)
+                    before = _metrics(client)
+                    for number in range(runs):
+                        _one_round(client, kiln.pid, case, method, result, files, cache, evict)
+                        print(f"  [{size} {cache} {case}] round {number + 1}/{runs}: cold "
+                              f"{result.cold_s[-1]:.3f} s, warm {result.warm_s[-1]:.3f} s",
+                              file=sys.stderr)  # fmt: skip
+                    after = _metrics(client)
+                    result.phases = _mean_phases(before, after)
+                    result.processes = _processes(before, after)
+                    cases.append(result)
+            return cases
         finally:
             kiln.terminate()
             kiln.wait(120)
 
 
-def _p90(values: list[float]) -> float:
-    return sorted(values)[min(len(values) - 1, int(len(values) * 0.9))]
+def _one_round(
+    client: httpx.Client,
+    platform_pid: int,
+    case: str,
+    method: str,
+    result: Case,
+    files: dict[str, list[Path]],
+    cache: str,
+    evict: Callable[[list[Path]], None],
+) -> None:
+    apps = list(APPS) if case == "three at once" else [APPS[0]]
+    for app in apps:
+        _wait_for_zero(client, app)
+    if case != "back to back":
+        _wait_for_quiet(platform_pid)
+    if cache == "evicted":
+        evict([path for app in apps for path in files[app]])
+    with ThreadPoolExecutor(len(apps)) as pool:
+        colds = list(pool.map(lambda app: _timed_call(client, app, method), apps))
+        warms = list(pool.map(lambda app: _timed_call(client, app, method), apps))
+    result.cold_s += colds
+    result.warm_s += warms
 
 
-def _timed_call(client: httpx.Client, method: str) -> float:
+def _table(
+    results: list[Case], floors: dict[str, dict[str, float]], naive: dict[str, dict[str, float]]
+) -> None:
+    head = ("size", "cache", "case", "n", "cold p50", "warm p50", "cost p50", "cost max",
+            "floor", "limit", "verdict", "naive", "x", "verdict", "processes",
+            "schedule", "assign", "restore")  # fmt: skip
+    widths = (5, 8, 14, 3, 9, 9, 9, 9, 7, 7, 8, 7, 6, 8, 22, 9, 7, 8)
+    print("\nseconds (phases in ms, means); cost = cold - warm; limit = 1.5 x floor + 0.1; "
+          "x = naive startup / cost p50 (target 20)")  # fmt: skip
+    print("".join(f"{h:<{w}} " if i < 3 else f"{h:>{w}} " for i, (h, w) in
+                  enumerate(zip(head, widths, strict=True))))  # fmt: skip
+    for case in results:
+        costs = case.costs()
+        scale = len(APPS) if case.case == "three at once" else 1
+        floor = floors.get(case.size, {}).get(case.cache)
+        cells: list[str] = [case.size, case.cache, case.case, str(len(costs)),
+                            f"{statistics.median(case.cold_s):.3f}",
+                            f"{statistics.median(case.warm_s):.3f}",
+                            f"{statistics.median(costs):.3f}", f"{costs[-1]:.3f}"]  # fmt: skip
+        if floor is not None:
+            limit = 1.5 * floor * scale + 0.1
+            cells += [f"{floor * scale:.3f}", f"{limit:.3f}", "met" if costs[-1] <= limit
+                      else "missed"]  # fmt: skip
+        else:
+            cells += ["-", "-", "-"]
+        startup = naive.get(case.size, {}).get(case.cache)
+        if startup is not None:
+            ratio = startup / max(statistics.median(costs), 1e-3)
+            cells += [f"{startup:.2f}", f"{ratio:.0f}", "met" if ratio >= 20 else "missed"]
+        else:
+            cells += ["-", "-", "-"]
+        cells.append(",".join(f"{k}:{v}" for k, v in sorted(case.processes.items())) or "-")
+        cells += [f"{case.phases.get(p, 0) * 1000:.0f}" for p in ("schedule", "assign", "restore")]
+        print("".join(f"{c:<{w}} " if i < 3 else f"{c:>{w}} " for i, (c, w) in
+                      enumerate(zip(cells, widths, strict=True))))  # fmt: skip
+    print("  verdict (limit): every cold start of the case, the slowest included, within the "
+          "limit; the floor of `three at once` moves three snapshots")  # fmt: skip
+
+
+def _timed_call(client: httpx.Client, app: str, method: str) -> float:
     started = time.perf_counter()
-    response = client.post(f"/v1/run/coldbench/Model.{method}", json={})
+    response = client.post(f"/v1/run/{app}/Model.{method}", json={})
     elapsed = time.perf_counter() - started
     response.raise_for_status()
     return elapsed
 
 
-def _wait_sealed(home: Path, timeout_s: float = 600) -> str:
-    """The key of the snapshot the node agent sealed."""
+def _wait_sealed(home: Path, count: int, timeout_s: float = 1800) -> dict[str, str]:
+    """App -> the key of its snapshot, once the node agent sealed all `count`."""
     deadline = time.monotonic() + timeout_s
     root = home / "snapshots"
     while True:
-        sealed = [p.parent.name for p in root.glob("*/manifest.sig")] if root.exists() else []
-        if sealed:
-            return sealed[0]
+        found = {}
+        for manifest in root.glob("*/manifest.sig") if root.exists() else ():
+            text = (manifest.parent / "manifest.json").read_text()
+            app = re.search(r'"function": "(\w+)/Model"', text)
+            if app:
+                found[app[1]] = manifest.parent.name
+        if len(found) >= count:
+            return found
         if time.monotonic() > deadline:
-            raise RuntimeError("the snapshot was never sealed; see the replica logs")
+            raise RuntimeError(f"only {len(found)} snapshots were sealed; see the replica logs")
         time.sleep(0.2)
 
 
-def _wait_uploaded(home: Path, key: str, timeout_s: float = 1800) -> None:
-    """Until the agent's copy to the shared store is done: it reads the whole blob and the
-    embedded NATS writes it, so a cold start timed meanwhile measures the upload too (which
-    is real for the first cold start after a bake on the same node, and noted as such)."""
+def _wait_uploaded(home: Path, keys: list[str], timeout_s: float = 1800) -> None:
+    """Until the agent's copies to the shared store are done: it reads each blob and the
+    embedded NATS writes it, which a cold start timed meanwhile would measure too."""
     nats_url = tomllib.loads((home / "config.toml").read_text())["services"]["nats_url"]
 
     async def wait() -> None:
@@ -213,28 +290,29 @@ def _wait_uploaded(home: Path, key: str, timeout_s: float = 1800) -> None:
         shared = SharedSnapshots(nc.jetstream(), subjects.snapshot_bucket, subjects.snapshot_leases)
         deadline = time.monotonic() + timeout_s
         try:
-            while not await shared.has(key):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the snapshot never reached the shared store")
-                await asyncio.sleep(0.5)
+            for key in keys:
+                while not await shared.has(key):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("a snapshot never reached the shared store")
+                    await asyncio.sleep(0.5)
         finally:
             await nc.close()
 
     asyncio.run(wait())
 
 
-def _wait_for_zero(client: httpx.Client, timeout_s: float = 120) -> None:
+def _wait_for_zero(client: httpx.Client, app: str, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
-    while client.get("/v1/functions/coldbench/Model/replicas").json()["replicas"]:
+    while client.get(f"/v1/functions/{app}/Model/replicas").json()["replicas"]:
         if time.monotonic() > deadline:
-            raise RuntimeError("the function did not scale to zero")
-        time.sleep(0.1)
+            raise RuntimeError(f"{app} did not scale to zero")
+        time.sleep(0.05)
 
 
-def _wait_for_quiet(platform_pid: int, timeout_s: float = 120) -> None:
-    """An idle standby that finished its imports, and every other process of the platform at
-    rest too (the last replica's exit, the pool's refill): a cold start measured while the
-    previous one is still being cleaned up measures the cleanup."""
+def _wait_for_quiet(platform_pid: int, timeout_s: float = 300) -> None:
+    """Every process of the platform at rest (the last replica's exit, the pool's refills
+    done), with idle standbys: a cold start measured while the previous one is still being
+    cleaned up measures the cleanup (that is the back-to-back case)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         platform = psutil.Process(platform_pid)
@@ -257,15 +335,17 @@ def _wait_for_quiet(platform_pid: int, timeout_s: float = 120) -> None:
 
 
 _SAMPLE = re.compile(r'^kiln_cold_start_phase_seconds_(sum|count)\{phase="(\w+)"\} ([0-9.e+-]+)$')
+_STARTS = re.compile(r'^kiln_cold_starts_total\{origin="(\w+)",process="(\w+)"\} ([0-9.e+-]+)$')
 
 
-def _phase_sums(client: httpx.Client) -> dict[tuple[str, str], float]:
-    sums = {}
+def _metrics(client: httpx.Client) -> dict[tuple[str, str], float]:
+    found = {}
     for line in client.get("/metrics").text.splitlines():
-        match = _SAMPLE.match(line)
-        if match:
-            sums[(match[2], match[1])] = float(match[3])
-    return sums
+        if match := _SAMPLE.match(line):
+            found[(match[2], match[1])] = float(match[3])
+        elif match := _STARTS.match(line):
+            found[("process", match[2])] = found.get(("process", match[2]), 0) + float(match[3])
+    return found
 
 
 def _mean_phases(
@@ -279,11 +359,11 @@ def _mean_phases(
     return means
 
 
-def _origins(client: httpx.Client) -> dict[str, Any]:
-    origins: dict[str, Any] = {}
-    pattern = re.compile(r'^kiln_cold_starts_total\{origin="(\w+)"\} ([0-9.e+-]+)$')
-    for line in client.get("/metrics").text.splitlines():
-        match = pattern.match(line)
-        if match:
-            origins[match[1]] = int(float(match[2]))
-    return origins
+def _processes(
+    before: dict[tuple[str, str], float], after: dict[tuple[str, str], float]
+) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for (kind, name), value in after.items():
+        if kind == "process":
+            counts[name] = int(value - before.get((kind, name), 0))
+    return +counts

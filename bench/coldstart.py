@@ -692,6 +692,12 @@ def parse_args() -> argparse.Namespace:
         help="skip the lines on what imports cost (each spawns a few interpreters)",
     )
     parser.add_argument(
+        "--e2e",
+        choices=("on", "off"),
+        default="on",
+        help="the end-to-end cold starts through a running platform (CPU only)",
+    )
+    parser.add_argument(
         "--e2e-call",
         choices=("touch", "forward"),
         default="touch",
@@ -778,13 +784,13 @@ def main() -> None:
           f"Python {sys.version.split()[0]}; work directory {workdir}")  # fmt: skip
     if not args.no_import_costs:
         print(import_costs(sys.executable))
-    # For the end-to-end section: each size's warm floor and fresh-process from_pretrained total.
-    floors: dict[str, float] = {}
-    from_pretrained: dict[str, float] = {}
+    # For the end-to-end section: each size's floors and the naive path's startup, by cache.
+    floors: dict[str, dict[str, float]] = {}
+    naive: dict[str, dict[str, float]] = {}
     for size in args.sizes:
         built = ensure_built(size, workdir)
         floor = measure_floor(built.snapshot / "cpu.safetensors", built.tensor_bytes)
-        floors[size] = floor.seconds("warm")
+        floors[size] = {cache: floor.seconds(cache) for cache in ("warm", "evicted")}
         print(f"\n== {size}: {floor.describe()}")
         steady = steady_forward(built)
         working = steady.get("working_memory")
@@ -797,17 +803,21 @@ def main() -> None:
         for cache in states:
             rows, notes = measure(built, args.methods, cache, args.runs)
             usual = rows.get("from_pretrained")
-            if usual and usual.runs and (cache == "warm" or size not in from_pretrained):
-                from_pretrained[size] = usual.median("total")
+            if usual and usual.runs and "forward" in steady:
+                # What the naive path adds before its first answer: all but the forward itself.
+                naive.setdefault(size, {})[cache] = usual.ready_first() - steady["forward"]
             table(built, cache, rows, floor.seconds(cache), args.runs)
             for note in notes:
                 print(f"  {note}")
             print("  targets:")
             targets(built, rows, working)
-    if (BENCH / "_coldstart_e2e.py").exists():
+    if args.e2e == "on":
         from _coldstart_e2e import end_to_end
 
-        end_to_end(args, floors, from_pretrained)
+        evictions = Evictions()
+        end_to_end(args, floors, naive, evictions.evict)
+        if args.cache != "warm":
+            print(f"  {evictions.describe()}")
 
 
 if __name__ == "__main__":

@@ -122,6 +122,11 @@ class Scheduler:
         self.failures: dict[uuid.UUID, int] = {}
         self.pending: dict[uuid.UUID, int] = {}
         self.demand_at: dict[uuid.UUID, float] = {}  # first unmet demand, for the schedule phase
+        # Functions a router hinted demand for since the last pass, and every function as the
+        # last full pass loaded it: a hinted one is reconciled first, from that row, so a cold
+        # start waits for one consumer lookup and the node agent, not for a pass over all.
+        self.hinted: set[uuid.UUID] = set()
+        self.functions: dict[uuid.UUID, FunctionRow] = {}
         self.started_at = time.monotonic()
         self.swept = False
         self.settle_until = 0.0  # monotonic; no launches before (after a takeover)
@@ -171,12 +176,13 @@ class Scheduler:
         try:
             while not stop.is_set():
                 self.scheduling.leading.set(1 if self.acting else 0)
+                # Cleared before the pass: a hint that comes while it runs wakes the next one.
+                self.wake.clear()
                 if self.acting:
                     try:
                         await self.reconcile()
                     except Exception:  # noqa: BLE001 - the loop must outlive any one bad pass
                         _log.exception("reconcile pass failed")
-                self.wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake_or_stop(stop), _PERIOD_S)
         finally:
@@ -201,7 +207,9 @@ class Scheduler:
 
     async def _on_demand(self, msg: Msg) -> None:
         with contextlib.suppress(ValueError):
-            self.demand_at.setdefault(uuid.UUID(hex=msg.subject.rsplit(".", 1)[-1]), time.time())
+            function_id = uuid.UUID(hex=msg.subject.rsplit(".", 1)[-1])
+            self.demand_at.setdefault(function_id, time.time())
+            self.hinted.add(function_id)
         self.wake.set()
 
     async def _on_cold_start(self, msg: Msg) -> None:
@@ -284,13 +292,14 @@ class Scheduler:
 
     async def reconcile(self) -> None:
         now_mono = time.monotonic()
+        await self._reconcile_hinted(now_mono)
         await self._mark_lost(now_mono)
         lost = len(self.lost_nodes)
         self.scheduling.node_states(ready=len(self.nodes) - lost, lost=lost)
         if not self.swept and now_mono - self.started_at > _ADOPTION_WINDOW_S:
             self.swept = True
             await self.records.sweep_unadopted(known=list(self.replicas))
-        functions = await self.records.load_functions()
+        functions = self.functions = await self.records.load_functions()
         for function in functions.values():
             try:
                 await self._reconcile_function(function, now_mono)
@@ -306,6 +315,19 @@ class Scheduler:
         for tracked in list(self.replicas.values()):
             if uuid.UUID(tracked.function_id) not in functions and not tracked.draining:
                 await self._drain(tracked, grace_s=30)
+
+    async def _reconcile_hinted(self, now_mono: float) -> None:
+        """The functions routers hinted demand for, first (a function deployed since the last
+        pass is not known yet: the full pass right after takes it)."""
+        hinted, self.hinted = self.hinted, set()
+        for function_id in hinted:
+            function = self.functions.get(function_id)
+            if function is None:
+                continue
+            try:
+                await self._reconcile_function(function, now_mono)
+            except Exception:  # noqa: BLE001 - the full pass tries it again at once
+                _log.exception("reconciling %s/%s failed", function.app, function.name)
 
     async def _record_beats(self) -> None:
         """What the replicas' heartbeats say that `kiln ps` shows: calls in flight, idle since
