@@ -13,7 +13,7 @@ need's flavour share it: functions built on the same library share standbys, and
 import set gets one flavour, at most `max_flavours` of them, the most recently used first.
 
 Depth follows demand: each flavour keeps enough standbys for the largest burst of cold starts
-it saw recently (several replicas at once), and one more than the cold starts its recent rate
+it saw recently (several replicas at once), and one more than the cold starts its current pace
 brings while a standby refills; a flavour with no recent cold start keeps one. The plan is a
 pure function of the needs and the times of their cold starts (the agent passes its clock).
 """
@@ -36,6 +36,8 @@ __all__ = ["BASE", "Demand", "Flavour", "depth"]
 # Cold starts counted for a flavour's rate, and the history kept per need.
 RATE_WINDOW_S = 300.0
 _HISTORY = 64
+# The pace of cold starts is that of the last few.
+_PACE_STARTS = 4
 # The most standbys of one flavour a plan asks for, whatever the bursts.
 MAX_DEPTH = 8
 # Functions remembered per node (the least recently seen are forgotten first).
@@ -173,8 +175,9 @@ class Demand:
 
 def depth(starts: list[float], now: float, refill_s: float) -> int:
     """How many standbys a flavour keeps, from the times (sorted) of its cold starts: enough for
-    the largest burst (starts closer together than a refill takes) and one more than the starts
-    its recent rate brings during one refill; one when nothing started recently."""
+    the largest burst (starts closer together than a refill takes), and one more than the
+    starts the current pace (that of the last few) brings while one standby refills; one when
+    nothing started recently."""
     recent = [t for t in starts if now - t <= RATE_WINDOW_S]
     if not recent:
         return 1
@@ -184,5 +187,7 @@ def depth(starts: list[float], now: float, refill_s: float) -> int:
         while at - recent[first] > span:
             first += 1
         burst = max(burst, last - first + 1)
-    expected = math.ceil(len(recent) * span / RATE_WINDOW_S)
-    return min(MAX_DEPTH, max(burst, expected + 1))
+    latest = recent[-_PACE_STARTS:]
+    pace = (len(latest) - 1) / max(latest[-1] - latest[0], span)  # starts per second
+    during_refill = max(1, math.ceil(pace * span))
+    return min(MAX_DEPTH, max(burst, during_refill + 1))

@@ -27,6 +27,7 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,7 +107,9 @@ class StandbyPool:
     _starting: dict[Key, int] = field(default_factory=dict)
     _holds: dict[str, tuple[Key, asyncio.TimerHandle | None]] = field(default_factory=dict)
     _rss: dict[str, int] = field(default_factory=dict)  # flavour id -> bytes, last measured
-    _ready_s: dict[str, float] = field(default_factory=dict)  # flavour id -> seconds to ready
+    # flavour id -> the last few spawn-to-ready times (a refill competing with cold starts for
+    # the CPU takes longer than one on an idle node: the slowest of them is planned for)
+    _ready_s: dict[str, deque[float]] = field(default_factory=dict)
     _failures: dict[str, int] = field(default_factory=dict)
     _short_of_memory: set[str] = field(default_factory=set)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -137,8 +140,9 @@ class StandbyPool:
         self._gauges()
 
     def refill_seconds(self, flavour: Flavour) -> float:
-        """How long a standby of `flavour` takes to be ready, as last measured."""
-        return self._ready_s.get(flavour.id, self._ready_s.get(BASE.id, _DEFAULT_READY_S))
+        """How long a standby of `flavour` takes to be ready: the slowest of the last few."""
+        measured = self._ready_s.get(flavour.id) or self._ready_s.get(BASE.id)
+        return max(measured) if measured else _DEFAULT_READY_S
 
     # Taking ------------------------------------------------------------------------------------
 
@@ -283,7 +287,7 @@ class StandbyPool:
             return
         self._starting[key] -= 1
         self._failures.pop(flavour_id, None)
-        self._ready_s[flavour_id] = self.clock() - started
+        self._ready_s.setdefault(flavour_id, deque(maxlen=5)).append(self.clock() - started)
         standby.rss = self._rss[flavour_id] = _resident(standby.process.pid)
         held = sum(1 for k, _ in self._holds.values() if k == key)
         if self._closed or len(self.ready.get(key, [])) + held >= self.wanted.get(key, 0):

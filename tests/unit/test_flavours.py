@@ -87,7 +87,10 @@ def test_depth_covers_bursts_and_the_rate_during_a_refill() -> None:
     assert depth([990.0, 995.0, 999.0], now=1000, refill_s=3) == 2  # apart: one at a time
     steady = [1000.0 - 2 * i for i in range(60)]  # one every 2 s, refills take 30 s
     assert depth(sorted(steady), now=1000, refill_s=30) == MAX_DEPTH
-    assert depth(sorted(steady), now=1000, refill_s=3) == 2
+    # One every 2 s, refills of 3 s: 1.5 starts come while one refills.
+    assert depth(sorted(steady), now=1000, refill_s=3) == 3
+    # The pace is the last few starts': an hour-old burst is not, a quiet spell is not.
+    assert depth([0.0, 1.0, 2.0, 3.0, 900.0], now=1000, refill_s=3) == 2
 
 
 def test_a_burst_deepens_the_flavour_of_the_function_it_came_from() -> None:
