@@ -103,6 +103,9 @@ class Demand:
         if need is None:
             return False
         need.seen = now
+        imports = list(imports)
+        if need.flavour.modules.issuperset(imports):  # every cold start of a known function
+            return False
         grown = Flavour(leaves([*need.flavour.imports, *imports]), need.flavour.env)
         if grown.modules == need.flavour.modules:
             return False
