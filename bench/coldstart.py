@@ -4,7 +4,11 @@ processes, on the same machine, in one run; one table per model size and page-ca
     .venv/bin/pip install -e '.[worker,bench]'
     .venv/bin/python bench/coldstart.py [--sizes 125m,355m,1.5b] [--runs 5] [--cache both]
         [--workdir ~/.cache/kiln-bench/coldstart] [--methods from_pretrained,kiln-mapped,...]
-        [--device cpu|cuda]
+        [--device cpu|cuda] [--e2e on|off] [--e2e-call touch|forward]
+
+On CPU the run ends with the end-to-end section (`_coldstart_e2e.py`): cold starts through a
+running `kiln dev` with default settings, one at a time, back to back and three at once, page
+cache warm and evicted, against the floor and the naive path's startup measured above.
 
 The models are GPT-2 (small, medium, XL: about 125M, 355M and 1.5B parameters) in bf16 with
 random weights, built once into the work directory (no downloads) as an HF `save_pretrained`

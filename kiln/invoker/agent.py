@@ -67,6 +67,7 @@ _BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
 # How often the standby plan is looked at again without an event (rates decay, memory frees).
 _REPLAN_EVERY_S = 5.0
 _DEMAND_FILE = "standby-needs.json"
+_MANIFESTS_REMEMBERED = 1024
 
 
 @dataclass
@@ -138,6 +139,7 @@ class NodeAgent:
             registry=self.metrics_registry,
         )
         self._replanned_at = 0.0
+        self._manifests_read: dict[str, None] = {}  # snapshot keys, least recently used first
         self.gpu_telemetry = GpuTelemetry(
             self.node_id,
             self._gpu_holders,
@@ -244,9 +246,18 @@ class NodeAgent:
         need_key = _need_key(launch)
         self.demand.started(need_key, _function_env(launch), gpu=launch.gpu_type != "none", now=now)
         if snapshot_key is not None and self.snapshots is not None:
-            imports = self.snapshots.cache.imports(snapshot_key)
-            if imports is not None and self.demand.learn(need_key, imports, now=now):
-                self._save_demand()
+            # A manifest read once is enough (a new one, a re-bake, comes through `seal`),
+            # unless the node forgot the function meanwhile.
+            known = self.demand.need(need_key)
+            read = snapshot_key in self._manifests_read
+            self._manifests_read.pop(snapshot_key, None)
+            if not read or known is None or not known.imports:
+                imports = self.snapshots.cache.imports(snapshot_key)
+                if imports is not None and self.demand.learn(need_key, imports, now=now):
+                    self._save_demand()
+            self._manifests_read[snapshot_key] = None
+            while len(self._manifests_read) > _MANIFESTS_REMEMBERED:
+                del self._manifests_read[next(iter(self._manifests_read))]
         return self.demand.need(need_key)
 
     def _prefer_gpu(self, device: str, need: Flavour | None) -> int:

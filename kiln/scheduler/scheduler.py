@@ -329,7 +329,9 @@ class Scheduler:
 
     async def _reconcile_hinted(self, function: FunctionRow) -> None:
         try:
-            await self._reconcile_function(function, time.monotonic())
+            # A hint means a call waits: with no replica, that is enough to start the first one
+            # without asking the queue; the full pass that follows counts the rest.
+            await self._reconcile_function(function, time.monotonic(), waiting=1)
         except Exception:  # noqa: BLE001 - the full pass that follows tries it again
             _log.exception("reconciling %s/%s failed", function.app, function.name)
 
@@ -349,12 +351,16 @@ class Scheduler:
         if changed:
             await self.records.record_beats(changed)
 
-    async def _reconcile_function(self, function: FunctionRow, now_mono: float) -> None:
+    async def _reconcile_function(
+        self, function: FunctionRow, now_mono: float, *, waiting: int = 0
+    ) -> None:
+        """`waiting`: calls known to wait for the function (a hint), used instead of asking
+        its queue while it has no replica."""
         lock = self._locks.setdefault(function.id, asyncio.Lock())
         async with lock:
-            await self._reconcile_locked(function, now_mono)
+            await self._reconcile_locked(function, now_mono, waiting)
 
-    async def _reconcile_locked(self, function: FunctionRow, now_mono: float) -> None:
+    async def _reconcile_locked(self, function: FunctionRow, now_mono: float, waiting: int) -> None:
         mine = [r for r in self.replicas.values() if r.function_id == str(function.id)]
         current = [r for r in mine if r.version_id == str(function.version_id) and _serving(r)]
         # Old versions drain once idle or once a replica of the current version is ready (a
@@ -372,7 +378,10 @@ class Scheduler:
                 tracked.recorded_ready = True
                 self.failures.pop(function.id, None)
                 await self.records.set_state(tracked.replica_id, ReplicaState.READY, ready=True)
-        pending = self.pending[function.id] = await self._pending(function.id)
+        if waiting and not current:
+            pending = waiting
+        else:
+            pending = self.pending[function.id] = await self._pending(function.id)
         views = [
             ReplicaView(
                 r.replica_id,
