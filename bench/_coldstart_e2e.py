@@ -180,7 +180,7 @@ def _measure_size(
                         print(f"  [{size} {cache} {case}] round {number + 1}/{runs}: cold "
                               f"{result.cold_s[-1]:.3f} s, warm {result.warm_s[-1]:.3f} s",
                               file=sys.stderr)  # fmt: skip
-                    after = _metrics(client)
+                    after = _settled_metrics(client, before, len(result.cold_s))
                     result.phases = _mean_phases(before, after)
                     result.processes = _processes(before, after)
                     cases.append(result)
@@ -346,6 +346,19 @@ def _metrics(client: httpx.Client) -> dict[tuple[str, str], float]:
         elif match := _STARTS.match(line):
             found[("process", match[2])] = found.get(("process", match[2]), 0) + float(match[3])
     return found
+
+
+def _settled_metrics(
+    client: httpx.Client, before: dict[tuple[str, str], float], cold_starts: int
+) -> dict[tuple[str, str], float]:
+    """The metrics once the scheduler has counted every cold start of the case (a replica's
+    report travels beside its reply, so the last one may still be on its way)."""
+    deadline = time.monotonic() + 10
+    while True:
+        after = _metrics(client)
+        if sum(_processes(before, after).values()) >= cold_starts or time.monotonic() > deadline:
+            return after
+        time.sleep(0.1)
 
 
 def _mean_phases(

@@ -38,24 +38,22 @@ from prometheus_client import CollectorRegistry
 from kiln._proc import die_with_parent
 from kiln._tasks import cancel_and_wait
 from kiln.functions.gpu import gpu_request
-from kiln.invoker.flavours import BASE, Demand, Flavour
+from kiln.invoker.flavours import Flavour
 from kiln.invoker.inventory import node_slots
 from kiln.invoker.node_snapshots import NodeSnapshots
+from kiln.invoker.node_standbys import NodeStandbys, function_env
 from kiln.invoker.standby import Assignment
 from kiln.invoker.standby_pool import StandbyPool, memory_info
 from kiln.invoker.usage import UsageCloser
 from kiln.observability.gpu import GpuTelemetry
 from kiln.settings import Settings
-from kiln.snapshots.imports import module_names
 from kiln.snapshots.manifest import Manifest
 from kiln.wire import (
     HEARTBEAT_INTERVAL_S,
-    MAX_READY_FOR,
     ColdStartReport,
     NodeHeartbeat,
     StartReplica,
     Subjects,
-    affinity_id,
     decode,
     encode,
 )
@@ -66,8 +64,6 @@ _log = logging.getLogger("kiln.agent")
 _BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
 # How often the standby plan is looked at again without an event (rates decay, memory frees).
 _REPLAN_EVERY_S = 5.0
-_DEMAND_FILE = "standby-needs.json"
-_MANIFESTS_REMEMBERED = 1024
 
 
 @dataclass
@@ -76,7 +72,6 @@ class _Running:
     process: asyncio.subprocess.Process
     gpu_type: str
     indices: list[int]
-    need_key: str  # the function's affinity id: what the standby demand is kept by
     waiter: asyncio.Task[None] | None = None
     stopping: bool = False
 
@@ -131,15 +126,19 @@ class NodeAgent:
         # What this agent exports (the node agent service serves it; `kiln dev` adds it to the
         # router's /metrics).
         self.metrics_registry = CollectorRegistry()
-        self.demand = Demand()
         self.standbys = StandbyPool(
             env_for=self._standby_env,
             directory=self.workdir / ".standby",
             memory_budget=_memory_budget(settings),
             registry=self.metrics_registry,
         )
-        self._replanned_at = 0.0
-        self._manifests_read: dict[str, None] = {}  # snapshot keys, least recently used first
+        self.needs = NodeStandbys(
+            self.standbys,
+            directory=self.workdir,
+            generic=settings.standby_processes,
+            max_flavours=settings.standby_flavours,
+            cache=lambda: self.snapshots.cache if self.snapshots is not None else None,
+        )
         self.gpu_telemetry = GpuTelemetry(
             self.node_id,
             self._gpu_holders,
@@ -167,7 +166,7 @@ class NodeAgent:
         if self.snapshots is not None:
             await self.snapshots.start()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._load_demand()
+        self.needs.load()
         self._plan_standbys()
         sub = await self.nc.subscribe(self.subjects.node_command(self.node_id), cb=self._on_command)
         reports = await self.nc.subscribe(self.subjects.cold_starts, cb=self._on_cold_start)
@@ -179,9 +178,9 @@ class NodeAgent:
         finally:
             await cancel_and_wait(telemetry)
             # NATS may be gone already: the replicas are stopped all the same.
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
-                await reports.unsubscribe()
+            for subscription in (sub, reports):
+                with contextlib.suppress(nats.errors.Error):
+                    await subscription.unsubscribe()
             await asyncio.gather(
                 *(self.stop_replica(rid, grace_s=10) for rid in list(self.replicas)),
                 return_exceptions=True,
@@ -218,8 +217,8 @@ class NodeAgent:
         key = self.snapshots.key_for(launch) if self.snapshots is not None else None
         launch = replace(launch, received_at=time.time(), snapshot_key=key)
         gpu = launch.spec["resources"]["gpu"]
-        need = self._need_of(launch, key)
-        slot = self.slots.take(gpu, prefer=lambda index: self._prefer_gpu(str(index), need))
+        need = self.needs.started(launch, key)
+        slot = self.slots.take(gpu, prefer=lambda index: self.needs.prefer_gpu(str(index), need))
         if slot is None:
             return {"ok": False, "error": f"no free slot for gpu={gpu!r} on {self.node_id}"}
         kind, indices = slot
@@ -230,7 +229,7 @@ class NodeAgent:
             self.slots.give_back(kind, indices)
             self.usage.closing_reports(launch.replica_id, launch.received_at)  # nothing ran
             return {"ok": False, "error": f"could not start the replica: {exc}"}
-        running = _Running(launch, process, kind, indices, _need_key(launch))
+        running = _Running(launch, process, kind, indices)
         self.replicas[launch.replica_id] = running
         running.waiter = asyncio.create_task(self._watch(running))
         self._plan_standbys()
@@ -238,34 +237,6 @@ class NodeAgent:
             self.snapshots.prefetch(key)  # overlaps with the replica loading its code
         return {"ok": True, "node_id": self.node_id, "gpu_type": kind, "gpu_indices": indices,
                 "billable_since": launch.received_at}  # fmt: skip
-
-    def _need_of(self, launch: StartReplica, snapshot_key: str | None) -> Flavour | None:
-        """Count this cold start in the node's demand; what its function needs imported, as
-        far as this node knows (its snapshot's manifest, its earlier replicas' reports)."""
-        now = time.monotonic()
-        need_key = _need_key(launch)
-        self.demand.started(need_key, _function_env(launch), gpu=launch.gpu_type != "none", now=now)
-        if snapshot_key is not None and self.snapshots is not None:
-            # A manifest read once is enough (a new one, a re-bake, comes through `seal`),
-            # unless the node forgot the function meanwhile.
-            known = self.demand.need(need_key)
-            read = snapshot_key in self._manifests_read
-            self._manifests_read.pop(snapshot_key, None)
-            if not read or known is None or not known.imports:
-                imports = self.snapshots.cache.imports(snapshot_key)
-                if imports is not None and self.demand.learn(need_key, imports, now=now):
-                    self._save_demand()
-            self._manifests_read[snapshot_key] = None
-            while len(self._manifests_read) > _MANIFESTS_REMEMBERED:
-                del self._manifests_read[next(iter(self._manifests_read))]
-        return self.demand.need(need_key)
-
-    def _prefer_gpu(self, device: str, need: Flavour | None) -> int:
-        """How good GPU `device` is for a function needing `need`: 2 with a standby that covers
-        it, 1 with any standby, 0 with none."""
-        if need is not None and self.standbys.covering(device, need):
-            return 2
-        return 1 if self.standbys.has_ready(device) else 0
 
     async def _spawn(
         self, launch: StartReplica, kind: str, indices: list[int], need: Flavour | None
@@ -307,96 +278,29 @@ class NodeAgent:
             log.close()
 
     def _plan_standbys(self) -> None:
-        """What the pool keeps: on CPU slots, the generic standbys and each learned flavour at
-        its depth; on GPUs, one standby per free GPU, the flavours in order of demand first."""
-        now = time.monotonic()
-        self._replanned_at = now
-        if not self.settings.standby_processes:
-            self.standbys.keep({})
-            return
-        limit = self.settings.standby_flavours
-        plan: dict[str, list[tuple[Flavour, int]]] = {}
-        if self.slots.total.get("none"):
-            learned = self.demand.plan(
-                gpu=False, now=now, refill_s=self.standbys.refill_seconds, max_flavours=limit
-            )
-            plan[""] = [(BASE, self.settings.standby_processes), *learned]
         free = sorted(i for kind, indices in self.slots.free.items() if kind != "none"
                       for i in indices)  # fmt: skip
-        if free:
-            learned = self.demand.plan(
-                gpu=True, now=now, refill_s=self.standbys.refill_seconds, max_flavours=limit
-            )
-            wanted = [flavour for flavour, count in learned for _ in range(count)]
-            wanted += [BASE] * max(0, self.settings.standby_processes - len(wanted))
-            current = {device: flavour for (device, flavour), ready in self.standbys.ready.items()
-                       if device and ready}  # fmt: skip
-            for device, flavour in _assign_devices(free, wanted, current).items():
-                plan[device] = [(flavour, 1)]
-        self.standbys.keep(plan)
-
-    def _ready_for(self) -> dict[str, int]:
-        """Functions (affinity ids) that ready standbys here have imported everything for, and
-        how many such standbys, so the scheduler can place their cold starts here."""
-        gpus = sorted({device for (device, _), ready in self.standbys.ready.items()
-                       if device and ready})  # fmt: skip
-        found = {}
-        for key, need in self.demand.needs.items():
-            devices = gpus if need.gpu else [""]
-            count = sum(self.standbys.covering(device, need.flavour) for device in devices)
-            if count:
-                found[key] = count
-        return dict(list(found.items())[-MAX_READY_FOR:])
-
-    # Learning what functions need ---------------------------------------------------------------
+        self.needs.plan(cpu_slots=bool(self.slots.total.get("none")), free_gpus=free)
 
     def _learn_manifest(self, manifest: Manifest) -> None:
-        """A snapshot was sealed, opened or fetched here: what its function needs."""
-        key = affinity_id(manifest.code_digest, manifest.function)
-        if self.demand.learn(key, manifest.imports, now=time.monotonic()):
-            self._save_demand()
+        if self.needs.learn_manifest(manifest):
             self._plan_standbys()
 
     async def _on_cold_start(self, msg: Msg) -> None:
+        """A replica of this node is ready (what it imported late is learned) or past its
+        first call (the standby it took is replaced)."""
         try:
             report = decode(ColdStartReport, msg.data)
             running = self.replicas.get(report.replica_id)
             if running is None:
                 return  # another node's replica
-            late = module_names(report.late_imports)
+            if self.needs.learn_report(report, running.launch):
+                self._plan_standbys()
         except (ValueError, TypeError):
             _log.warning("ignoring an unreadable cold-start report")
             return
-        if late and self.demand.learn(running.need_key, late, now=time.monotonic()):
-            _log.info(
-                "replica %s imported %d modules after its assignment (%s); standbys for its "
-                "function will import them", report.replica_id, len(late), ", ".join(late[:3]),
-            )  # fmt: skip
-            self._save_demand()
-            self._plan_standbys()
         if "first_call" in report.phases:
             self.standbys.release(report.replica_id)
-
-    def _load_demand(self) -> None:
-        path = self.workdir / _DEMAND_FILE
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as exc:
-            _log.warning("ignoring %s (%s): what functions need is learned again", path, exc)
-            return
-        if isinstance(raw, dict):
-            self.demand.load(raw, now=time.monotonic())
-
-    def _save_demand(self) -> None:
-        path = self.workdir / _DEMAND_FILE
-        try:
-            temporary = path.with_suffix(".tmp")
-            temporary.write_text(json.dumps(self.demand.to_json()))
-            temporary.replace(path)
-        except OSError as exc:
-            _log.warning("could not keep what functions need in %s: %s", path, exc)
 
     def _ready_standbys(self) -> dict[str, int]:
         """Ready standbys by slot kind, for placement. A GPU standby sits on one free GPU,
@@ -425,7 +329,7 @@ class NodeAgent:
     def _replica_env(
         self, launch: StartReplica, directory: Path, kind: str, indices: list[int]
     ) -> dict[str, str]:
-        env = _function_env(launch)
+        env = function_env(launch)
         env.update(
             self._platform_env(directory, "" if kind == "none" else ",".join(map(str, indices)))
         )
@@ -491,7 +395,7 @@ class NodeAgent:
 
     async def _heartbeat(self) -> None:
         while True:
-            if time.monotonic() - self._replanned_at >= _REPLAN_EVERY_S:
+            if time.monotonic() - self.needs.planned_at >= _REPLAN_EVERY_S:
                 self._plan_standbys()
             await self._beat()
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
@@ -504,20 +408,11 @@ class NodeAgent:
             free={kind: len(free) for kind, free in self.slots.free.items()},
             replicas=list(self.replicas),
             standbys=self._ready_standbys(),
-            ready_for=self._ready_for(),
+            ready_for=self.needs.ready_for(),
             snapshots=self.snapshots.affinities() if self.snapshots is not None else [],
         )
         with contextlib.suppress(Exception):
             await self.nc.publish(self.subjects.node_heartbeat(self.node_id), encode(beat))
-
-
-def _need_key(launch: StartReplica) -> str:
-    """What the node's standby demand is kept by: the function's code and name."""
-    return affinity_id(launch.artifact_digest, f"{launch.app}/{launch.function}")
-
-
-def _function_env(launch: StartReplica) -> dict[str, str]:
-    return {str(k): str(v) for k, v in (launch.spec["resources"].get("env") or {}).items()}
 
 
 def _memory_budget(settings: Settings) -> int:
@@ -525,22 +420,3 @@ def _memory_budget(settings: Settings) -> int:
         return settings.standby_memory_mb * 2**20
     total, _ = memory_info()
     return total // 4 if total else 8 * 2**30
-
-
-def _assign_devices(
-    free: list[int], wanted: list[Flavour], current: dict[str, str]
-) -> dict[str, Flavour]:
-    """Free GPUs for the wanted flavours, one each: a GPU keeps the flavour its standby already
-    has when that is still wanted (no restart), the others take the rest in order."""
-    devices = [str(index) for index in free]
-    left = list(wanted[: len(devices)])
-    chosen: dict[str, Flavour] = {}
-    for device in devices:
-        match = next((f for f in left if f.id == current.get(device)), None)
-        if match is not None:
-            chosen[device] = match
-            left.remove(match)
-    for device in devices:
-        if device not in chosen and left:
-            chosen[device] = left.pop(0)
-    return chosen

@@ -12,10 +12,12 @@ the same env whose every module is among its own or their packages. Needs covere
 need's flavour share it: functions built on the same library share standbys, and each distinct
 import set gets one flavour, at most `max_flavours` of them, the most recently used first.
 
-Depth follows demand: each flavour keeps enough standbys for the largest burst of cold starts
-it saw recently (several replicas at once), and one more than the cold starts its current pace
-brings while a standby refills; a flavour with no recent cold start keeps one. The plan is a
-pure function of the needs and the times of their cold starts (the agent passes its clock).
+Depth follows demand: each function keeps enough standbys of its flavour for the largest burst
+of its cold starts seen recently (several replicas at once), and one more than the cold starts
+its current pace brings while a standby refills, or one when its cold starts are rare; a
+flavour keeps what its functions call for together (they may cold-start at the same moment).
+The plan is a pure function of the needs and the times of their cold starts (the agent passes
+its clock).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ RATE_WINDOW_S = 300.0
 _HISTORY = 64
 # The pace of cold starts is that of the last few.
 _PACE_STARTS = 4
+_UNLIKELY = 0.25
 # The most standbys of one flavour a plan asks for, whatever the bursts.
 MAX_DEPTH = 8
 # Functions remembered per node (the least recently seen are forgotten first).
@@ -142,10 +145,14 @@ class Demand:
             else:
                 groups.append((flavour, [need]))
         groups.sort(key=lambda g: max(n.seen for n in g[1]), reverse=True)
-        return [
-            (flavour, depth(sorted(t for n in members for t in n.starts), now, refill_s(flavour)))
-            for flavour, members in groups[:max_flavours]
-        ]
+        # Each function of a flavour counts for what its own cold starts call for: functions
+        # that share a library may cold-start at the same moment.
+        planned = []
+        for flavour, members in groups[:max_flavours]:
+            refill = refill_s(flavour)
+            wanted = sum(depth(list(n.starts), now, refill) for n in members)
+            planned.append((flavour, min(MAX_DEPTH, wanted)))
+        return planned
 
     def to_json(self) -> dict[str, Any]:
         """What survives an agent restart: each function's needs (not its history)."""
@@ -180,7 +187,7 @@ def depth(starts: list[float], now: float, refill_s: float) -> int:
     """How many standbys a flavour keeps, from the times (sorted) of its cold starts: enough for
     the largest burst (starts closer together than a refill takes), and one more than the
     starts the current pace (that of the last few) brings while one standby refills; one when
-    nothing started recently."""
+    cold starts are rare."""
     recent = [t for t in starts if now - t <= RATE_WINDOW_S]
     if not recent:
         return 1
@@ -192,5 +199,7 @@ def depth(starts: list[float], now: float, refill_s: float) -> int:
         burst = max(burst, last - first + 1)
     latest = recent[-_PACE_STARTS:]
     pace = (len(latest) - 1) / max(latest[-1] - latest[0], span)  # starts per second
-    during_refill = max(1, math.ceil(pace * span))
+    # Starts expected while one standby refills; a small chance of one is no reason to keep
+    # a second standby.
+    during_refill = math.ceil(pace * span - _UNLIKELY)
     return min(MAX_DEPTH, max(burst, during_refill + 1))

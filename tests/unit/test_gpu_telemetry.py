@@ -306,7 +306,7 @@ def test_the_node_agent_labels_gpus_with_the_replicas_it_gave_them_to(tmp_path: 
     agent = NodeAgent(settings, cast(Any, None))
 
     def running(gpu_type: str, indices: list[int]) -> _Running:
-        return _Running(cast(Any, None), cast(Any, None), gpu_type, indices, "need")
+        return _Running(cast(Any, None), cast(Any, None), gpu_type, indices)
 
     agent.replicas["on-gpu"] = running("A10G", [1])
     agent.replicas["on-cpu"] = running("none", [0])

@@ -70,8 +70,8 @@ async def test_a_hint_starts_the_first_replica_beside_a_pass_in_progress() -> No
         asked_queue.append(function_id)
         return 1
 
-    async def command(node_id: str, body: dict[str, object]) -> dict[str, object]:
-        commands.append(body)
+    async def command(node_id: str, command: dict[str, object]) -> dict[str, object]:
+        commands.append(command)
         return {"ok": True, "node_id": node_id, "billable_since": time.time()}
 
     scheduler._pending = pending  # type: ignore[method-assign]
