@@ -99,13 +99,14 @@ class SnapshotLink:
         return json.loads(reply.data)
 
 
-def classify_process(record: ColdStart, *, from_standby: bool) -> None:
+def classify_process(record: ColdStart, from_standby: bool, loaded: frozenset[str]) -> None:
     """Say what kind of process this cold start ran in: a standby that had imported all the
     function needed, one that had not (`late_imports` says what it had to import), or a fresh
-    interpreter (no standby was ready)."""
+    interpreter (no standby was ready). `loaded`: the modules imported by the time it was
+    ready."""
     from kiln.snapshots.imports import imported_since, leaves
 
-    record.late_imports = leaves(imported_since(record.preloaded, record.code_root))
+    record.late_imports = leaves(imported_since(record.preloaded, record.code_root, loaded))
     if not from_standby:
         record.process = ProcessOrigin.FRESH
     elif record.late_imports:

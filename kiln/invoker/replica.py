@@ -144,7 +144,6 @@ class Replica:
                 record,
                 private=self.spec.resources.snapshot == "private",
             )
-            classify_process(record, from_standby=self.from_standby)
             self.calls = CallRunner(
                 self.nc, self.subjects, self.spec, self.replica_id, self.target,
                 on_poison=self._poison,
@@ -155,8 +154,7 @@ class Replica:
             self.state = ReplicaState.READY
             self.idle_since = self.ready_at
             await self._beat()
-            _log.info("cold start: %s", record.summary())
-            self._report(record.phases)
+            self._spawn(self._report_ready(frozenset(sys.modules)))
             await self._serve()
         except Exception as exc:  # noqa: BLE001 - any failure to start is reported, then exit 1
             code = 1
@@ -173,6 +171,14 @@ class Replica:
         assert self.nc is not None
         subject = self.subjects.snapshot_requests(self.node_id)
         return SnapshotLink(self.nc, subject, self.launch.replica_id)
+
+    async def _report_ready(self, loaded: frozenset[str]) -> None:
+        """Log and report the cold start, off the path to the first call: what the process had
+        imported by the time it was ready (`loaded`) says which process it started in."""
+        record = self.cold_start
+        await asyncio.to_thread(classify_process, record, self.from_standby, loaded)
+        _log.info("cold start: %s", record.summary())
+        self._report(record.phases)
 
     def _report(self, phases: dict[str, float]) -> None:
         """Tell the platform how the cold start went (its metrics and `kiln ps`; the node

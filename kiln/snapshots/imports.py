@@ -156,15 +156,19 @@ def user_modules(root: Path, modules: Mapping[str, ModuleType] | None = None) ->
     return found
 
 
-def imported_since(preloaded: Iterable[str], code_root: Path | None) -> set[str]:
-    """The modules this process imported since `preloaded` was taken, the function's own code
-    and Kiln's modules left out: what a standby could have imported ahead of time."""
+def imported_since(
+    preloaded: Iterable[str], code_root: Path | None, loaded: Iterable[str] | None = None
+) -> set[str]:
+    """The modules this process imported since `preloaded` was taken (up to when `loaded` was,
+    if given), the function's own code and Kiln's modules left out: what a standby could have
+    imported ahead of time."""
     before = set(preloaded)
     own = user_modules(code_root) if code_root is not None else set()
+    names = list(sys.modules) if loaded is None else loaded
     return {
         name
-        for name, module in list(sys.modules.items())
-        if name not in before and name not in own and _importable(name, module)
+        for name in names
+        if name not in before and name not in own and _importable(name, sys.modules.get(name))
     }
 
 
