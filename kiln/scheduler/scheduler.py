@@ -31,7 +31,6 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from kiln._tasks import cancel_and_wait
 from kiln.db.enums import NodeState, ReplicaState
 from kiln.functions.gpu import gpu_request
 from kiln.metering import missing_reports
@@ -123,13 +122,11 @@ class Scheduler:
         self.failures: dict[uuid.UUID, int] = {}
         self.pending: dict[uuid.UUID, int] = {}
         self.demand_at: dict[uuid.UUID, float] = {}  # first unmet demand, for the schedule phase
-        # Every function as the last full pass loaded it: a function a router hints demand for
-        # is reconciled at once from its row, beside any pass in progress, so a cold start
-        # waits for one queue lookup and the node agent, not for a pass over every function.
-        # One lock per function keeps the two from deciding for the same function at once.
+        # Functions a router hinted demand for since the last pass, and every function as the
+        # last full pass loaded it: a pass starts with the hinted ones, from those rows, so a
+        # cold start waits for the node agent, not for the database and every other function.
+        self.hinted: set[uuid.UUID] = set()
         self.functions: dict[uuid.UUID, FunctionRow] = {}
-        self._locks: dict[uuid.UUID, asyncio.Lock] = {}
-        self._hinted: dict[uuid.UUID, asyncio.Task[None]] = {}
         self.started_at = time.monotonic()
         self.swept = False
         self.settle_until = 0.0  # monotonic; no launches before (after a takeover)
@@ -197,7 +194,6 @@ class Scheduler:
             for sub in subs:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
-            await cancel_and_wait(*self._hinted.values())
 
     async def _wake_or_stop(self, stop: asyncio.Event) -> None:
         waiters = [asyncio.create_task(self.wake.wait()), asyncio.create_task(stop.wait())]
@@ -213,14 +209,7 @@ class Scheduler:
         with contextlib.suppress(ValueError):
             function_id = uuid.UUID(hex=msg.subject.rsplit(".", 1)[-1])
             self.demand_at.setdefault(function_id, time.time())
-            function = self.functions.get(function_id)
-            if self.acting and function is not None and function_id not in self._hinted:
-                task = asyncio.create_task(
-                    self._reconcile_hinted(function), name="kiln-scheduler-hinted"
-                )
-                self._hinted[function_id] = task
-                task.add_done_callback(lambda _: self._hinted.pop(function_id, None))
-        # The full pass follows: a function deployed since the last one is known only then.
+            self.hinted.add(function_id)
         self.wake.set()
 
     async def _on_cold_start(self, msg: Msg) -> None:
@@ -303,6 +292,7 @@ class Scheduler:
 
     async def reconcile(self) -> None:
         now_mono = time.monotonic()
+        await self._reconcile_hinted(now_mono)
         await self._mark_lost(now_mono)
         lost = len(self.lost_nodes)
         self.scheduling.node_states(ready=len(self.nodes) - lost, lost=lost)
@@ -310,7 +300,6 @@ class Scheduler:
             self.swept = True
             await self.records.sweep_unadopted(known=list(self.replicas))
         functions = self.functions = await self.records.load_functions()
-        self._locks = {k: lock for k, lock in self._locks.items() if k in functions}
         for function in functions.values():
             try:
                 await self._reconcile_function(function, now_mono)
@@ -327,13 +316,20 @@ class Scheduler:
             if uuid.UUID(tracked.function_id) not in functions and not tracked.draining:
                 await self._drain(tracked, grace_s=30)
 
-    async def _reconcile_hinted(self, function: FunctionRow) -> None:
-        try:
-            # A hint means a call waits: with no replica, that is enough to start the first one
-            # without asking the queue; the full pass that follows counts the rest.
-            await self._reconcile_function(function, time.monotonic(), waiting=1)
-        except Exception:  # noqa: BLE001 - the full pass that follows tries it again
-            _log.exception("reconciling %s/%s failed", function.app, function.name)
+    async def _reconcile_hinted(self, now_mono: float) -> None:
+        """The functions routers hinted demand for, first (one deployed since the last pass is
+        not known yet: the rest of this pass takes it)."""
+        hinted, self.hinted = self.hinted, set()
+        for function_id in hinted:
+            function = self.functions.get(function_id)
+            if function is None:
+                continue
+            try:
+                # A hint means a call waits: with no replica, that is enough to start the
+                # first one without asking the queue; the rest of the pass counts the others.
+                await self._reconcile_function(function, now_mono, waiting=1)
+            except Exception:  # noqa: BLE001 - the rest of the pass tries it again
+                _log.exception("reconciling %s/%s failed", function.app, function.name)
 
     async def _record_beats(self) -> None:
         """What the replicas' heartbeats say that `kiln ps` shows: calls in flight, idle since
@@ -356,11 +352,6 @@ class Scheduler:
     ) -> None:
         """`waiting`: calls known to wait for the function (a hint), used instead of asking
         its queue while it has no replica."""
-        lock = self._locks.setdefault(function.id, asyncio.Lock())
-        async with lock:
-            await self._reconcile_locked(function, now_mono, waiting)
-
-    async def _reconcile_locked(self, function: FunctionRow, now_mono: float, waiting: int) -> None:
         mine = [r for r in self.replicas.values() if r.function_id == str(function.id)]
         current = [r for r in mine if r.version_id == str(function.version_id) and _serving(r)]
         # Old versions drain once idle or once a replica of the current version is ready (a

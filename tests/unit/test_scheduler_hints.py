@@ -1,6 +1,6 @@
-"""A router's demand hint starts the first replica of a function with none at once: without
-asking the queue and without waiting for a full reconcile pass in progress (a stand-in NATS
-and database; the placement and the node agent's answer are real code paths)."""
+"""A router's demand hint starts the first replica of a function with none first thing in the
+next pass: without asking the queue and before the database is read for every function (a
+stand-in NATS and database; placement and the pass itself are the real code)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ class Records:
         self.row = row
         self.release = asyncio.Event()
         self.recorded: list[str] = []
+        self.launched = asyncio.Event()
 
     async def load_functions(self) -> dict[uuid.UUID, FunctionRow]:
         await self.release.wait()
@@ -29,6 +30,7 @@ class Records:
 
     async def record_replica(self, launch: Any, node_id: str, reply: Any) -> None:
         self.recorded.append(launch.replica_id)
+        self.launched.set()
 
     async def record_node(self, beat: Any) -> None: ...
 
@@ -52,7 +54,7 @@ def row() -> FunctionRow:
     )  # fmt: skip
 
 
-async def test_a_hint_starts_the_first_replica_beside_a_pass_in_progress() -> None:
+async def test_a_hint_starts_the_first_replica_before_the_pass_reads_the_database() -> None:
     function = row()
     js = SimpleNamespace()
     nc = SimpleNamespace(jetstream=lambda: js, is_connected=True)
@@ -77,19 +79,18 @@ async def test_a_hint_starts_the_first_replica_beside_a_pass_in_progress() -> No
     scheduler._pending = pending  # type: ignore[method-assign]
     scheduler._command = command  # type: ignore[method-assign]
 
-    full_pass = asyncio.create_task(scheduler.reconcile())  # stuck loading the functions
-    await asyncio.sleep(0)
-    hint = SimpleNamespace(subject=f"t.demand.{function.id.hex}")
-    await scheduler._on_demand(cast(Any, hint))
-    await asyncio.wait_for(asyncio.gather(*scheduler._hinted.values()), 5)
+    await scheduler._on_demand(cast(Any, SimpleNamespace(subject=f"t.demand.{function.id.hex}")))
+    assert scheduler.wake.is_set()
+    full_pass = asyncio.create_task(scheduler.reconcile())
+    await asyncio.wait_for(records.launched.wait(), 5)
+    assert not full_pass.done()  # the database read still hangs
     assert [c["op"] for c in commands] == ["start"]
     assert asked_queue == []  # a hint means a call waits; the queue is asked by the full pass
-    assert len(records.recorded) == 1
     tracked = scheduler.replicas[records.recorded[0]]
     assert tracked.schedule_s is not None
-    assert not full_pass.done()
 
-    records.release.set()  # the full pass goes on: one replica serves the one call, no second
+    records.release.set()  # the pass goes on: one replica serves the one call, no second
     await asyncio.wait_for(full_pass, 5)
     assert asked_queue == [function.id]
     assert [c["op"] for c in commands] == ["start"]
+    assert scheduler.hinted == set()
