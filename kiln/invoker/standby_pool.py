@@ -6,8 +6,11 @@ how many standbys of which flavours (`kiln.invoker.flavours`). GPU standbys are 
 device (`CUDA_VISIBLE_DEVICES` cannot change once CUDA is up); CPU standbys are interchangeable.
 
 A cold start `take`s the standby that covers its function's need with the fewest imports;
-failing that, a generic one (the base flavour); failing that, any standby under the same env;
-failing that, none (a fresh process, the slow way). The standby it took is replaced once the
+failing that, a generic one (the base flavour); failing that, none (a fresh process, the slow
+way). On a GPU, whose standby goes with the device anyway, any standby under the same env comes
+before none; on CPU slots another flavour's standby stays for the functions it is kept for (a
+function that keeps failing to start would otherwise use up every flavour's standbys). The
+standby it took is replaced once the
 agent `release`s the take, when that cold start's first call is done (or the replica exited, or
 `HOLD_MAX_S` passed): importing a library beside a restore and a first call slows both on a
 small node.
@@ -162,7 +165,7 @@ class StandbyPool:
                     rank = 0
                 elif flavour == BASE:
                     rank = 1
-                elif flavour.env == env:
+                elif device and flavour.env == env:
                     rank = 2
                 else:
                     continue

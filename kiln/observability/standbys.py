@@ -32,7 +32,8 @@ class StandbyMetrics:
         self.takes = Counter(
             "kiln_standby_takes",
             "Cold starts by the standby they got: covering (one that had imported what the "
-            "function needs), generic, other (another flavour), none (a fresh process).",
+            "function needs), generic, other (another flavour's, on a GPU), none (a fresh "
+            "process).",
             ["fit"],
             registry=registry,
         )

@@ -101,6 +101,11 @@ async def test_a_function_that_cannot_start_shows_why_and_is_retried_with_backof
         await engine.dispose()
     assert attempts is not None
     assert 1 <= attempts <= 4
+    # Stopped, so it does not go on failing under the later modules' platforms, which share
+    # this database and namespace (and whose standbys its retries would take).
+    async with platform.client() as client:
+        stopped = await client.delete("/v1/apps/crashing")
+    assert stopped.status_code in (200, 204), stopped.text
 
 
 async def test_live_scaling_changes_apply_persist_and_refuse_contradictions(

@@ -47,23 +47,31 @@ def ready(pool: StandbyPool, device: str, *flavours: Flavour) -> list[Standby]:
 
 def test_a_cold_start_gets_the_smallest_standby_that_covers_it(tmp_path: Path) -> None:
     standbys = pool(tmp_path)
-    big, exact, generic, sympy, other_env = ready(
+    big, exact, generic, _, other_env = ready(
         standbys, "", GPT2_AND_MORE, GPT2, BASE, SYMPY, OTHER_ENV
     )
     assert standbys.take("", GPT2, holder="r1") is exact
     assert standbys.take("", GPT2, holder="r2") is big
     assert standbys.take("", GPT2, holder="r3") is generic  # then a generic one
-    assert standbys.take("", GPT2, holder="r4") is sympy  # then any under the same env
-    assert standbys.take("", GPT2, holder="r5") is None  # never one imported under another env
-    assert standbys.ready_count("") == 1  # other_env's
+    # Never another flavour's on CPU slots: it stays for the functions it is kept for.
+    assert standbys.take("", GPT2, holder="r4") is None
+    assert standbys.ready_count("") == 2  # sympy's and other_env's
     assert other_env.process.returncode is None
 
 
-def test_a_function_not_yet_learned_takes_a_generic_standby_first(tmp_path: Path) -> None:
+def test_a_function_not_yet_learned_takes_only_a_generic_standby(tmp_path: Path) -> None:
     standbys = pool(tmp_path)
-    sympy, generic = ready(standbys, "", SYMPY, BASE)
+    _, generic = ready(standbys, "", SYMPY, BASE)
     assert standbys.take("", None, holder="r1") is generic
-    assert standbys.take("", None, holder="r2") is sympy
+    assert standbys.take("", None, holder="r2") is None
+
+
+def test_on_a_gpu_any_standby_under_the_same_env_beats_none(tmp_path: Path) -> None:
+    standbys = pool(tmp_path)
+    (sympy,) = ready(standbys, "0", SYMPY)
+    ready(standbys, "1", OTHER_ENV)
+    assert standbys.take("1", GPT2, holder="r1") is None  # imported under another env
+    assert standbys.take("0", GPT2, holder="r2") is sympy
 
 
 def test_standbys_are_per_device_and_dead_ones_are_skipped(tmp_path: Path) -> None:
