@@ -328,6 +328,10 @@ class StandbyPool:
             line = await asyncio.wait_for(process.stdout.readline(), _READY_TIMEOUT_S)
         except TimeoutError:
             line = b""
+        except BaseException:  # cancelled (the pool is closing): the process must not outlive it
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            raise
         if line != READY:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()

@@ -142,3 +142,29 @@ def _no_real_processes(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("a unit test started a real process")
 
     monkeypatch.setattr(asyncio, "create_subprocess_exec", refuse)
+
+
+async def test_a_standby_still_starting_when_the_pool_closes_is_killed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started = FakeProcess(pid=4242)
+    never = asyncio.Event()
+    spawned = asyncio.Event()
+
+    class Silent:
+        async def readline(self) -> bytes:
+            await never.wait()  # importing for ever
+            return b""
+
+    async def spawn(*args: object, **kwargs: object) -> Any:
+        cast(Any, started).stdout = Silent()
+        spawned.set()
+        return started
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", spawn)
+    standbys = pool(tmp_path)
+    standbys.keep({"": [(GPT2, 1)]})
+    await asyncio.wait_for(spawned.wait(), 5)  # its start now waits for the word "ready"
+    assert started.returncode is None
+    await standbys.close()
+    assert started.returncode == -9  # it does not outlive the pool
