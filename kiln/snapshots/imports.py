@@ -43,6 +43,7 @@ __all__ = [
 MAX_IMPORTS = 4000
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _MAX_NAME = 200
+_PLATFORM = frozenset({"kiln", "uvloop"})
 # Strings a pickle pushes before a STACK_GLOBAL (module, then qualified name).
 _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"}
 
@@ -52,9 +53,11 @@ def valid_module_name(name: str) -> bool:
 
 
 def platform_module(name: str) -> bool:
-    """Kiln's own modules (every replica process imports the ones it needs itself) and made-up
-    ones (`__main__`, multiprocessing's `__mp_main__`), which no import can find."""
-    return name == "kiln" or name.startswith(("kiln.", "__"))
+    """Kiln's own modules and its event loop's (every standby imports them), modules built
+    into the interpreter, and made-up ones (`__main__`, multiprocessing's `__mp_main__`), which
+    no import can find: none of them makes a function need a standby of its own."""
+    top = name.partition(".")[0]
+    return top in _PLATFORM or name.startswith("__") or name in sys.builtin_module_names
 
 
 def leaves(names: Iterable[str]) -> tuple[str, ...]:
