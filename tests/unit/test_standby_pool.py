@@ -45,6 +45,18 @@ def ready(pool: StandbyPool, device: str, *flavours: Flavour) -> list[Standby]:
     return made
 
 
+def fake_spawns(standbys: StandbyPool) -> list[Flavour]:
+    """Standbys started as stand-ins; the flavours started, in order."""
+    spawned: list[Flavour] = []
+
+    async def spawn(device: str, flavour: Flavour) -> Standby:
+        spawned.append(flavour)
+        return Standby(device, flavour, cast(Any, FakeProcess()))
+
+    standbys._spawn = spawn  # type: ignore[method-assign]
+    return spawned
+
+
 def test_a_cold_start_gets_the_smallest_standby_that_covers_it(tmp_path: Path) -> None:
     standbys = pool(tmp_path)
     big, exact, generic, _, other_env = ready(
@@ -88,13 +100,7 @@ def test_standbys_are_per_device_and_dead_ones_are_skipped(tmp_path: Path) -> No
 
 async def test_a_take_is_replaced_once_released_not_before(tmp_path: Path) -> None:
     standbys = pool(tmp_path)
-    spawned: list[Flavour] = []
-
-    async def spawn(device: str, flavour: Flavour) -> Standby:
-        spawned.append(flavour)
-        return Standby(device, flavour, cast(Any, FakeProcess()))
-
-    standbys._spawn = spawn  # type: ignore[method-assign]
+    spawned = fake_spawns(standbys)
     (taken,) = ready(standbys, "", GPT2)
     standbys.keep({"": [(GPT2, 1)]})
     assert standbys.take("", GPT2, holder="replica") is taken
@@ -112,13 +118,7 @@ async def test_a_take_is_replaced_once_released_not_before(tmp_path: Path) -> No
 
 async def test_standbys_beyond_the_memory_budget_do_not_start(tmp_path: Path) -> None:
     standbys = pool(tmp_path, budget=500 * 2**20)
-    spawned: list[Flavour] = []
-
-    async def spawn(device: str, flavour: Flavour) -> Standby:
-        spawned.append(flavour)
-        return Standby(device, flavour, cast(Any, FakeProcess()))
-
-    standbys._spawn = spawn  # type: ignore[method-assign]
+    spawned = fake_spawns(standbys)
     (one,) = ready(standbys, "", GPT2)
     one.rss = 400 * 2**20
     standbys._rss[GPT2.id] = one.rss
