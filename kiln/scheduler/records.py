@@ -207,13 +207,15 @@ class ClusterRecords:
                     .values(**values)
                 )
 
-    async def set_origin(self, replica_id: str, origin: Origin) -> None:
+    async def set_origin(self, replica_id: str, origin: Origin) -> bool:
+        """Whether the replica's row was there to take it."""
         async with transaction(self.sessions) as session:
-            await session.execute(
+            result = await session.execute(
                 sa.update(Replica)
                 .where(Replica.id == uuid.UUID(replica_id))
                 .values(origin=origin.value)
             )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
 
     async def set_state(
         self,

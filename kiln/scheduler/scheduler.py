@@ -72,6 +72,8 @@ _STARTING = (ReplicaState.STARTING, ReplicaState.RESTORING)
 _SELF_MOVED = (*_STARTING, ReplicaState.DRAINING)
 # How often the acting scheduler measures the job queue's age (one indexed query).
 _JOB_AGE_EVERY_S = 5.0
+# Origins kept for replicas whose rows are not written yet (a bound, for ones never written).
+_MAX_EARLY_ORIGINS = 1024
 
 
 @dataclass
@@ -127,6 +129,9 @@ class Scheduler:
         # cold start waits for the node agent, not for the database and every other function.
         self.hinted: set[uuid.UUID] = set()
         self.functions: dict[uuid.UUID, FunctionRow] = {}
+        # Origins reported before their replica's row was written (a standby restores a small
+        # snapshot faster than the launch is recorded): applied once it is.
+        self.early_origins: dict[str, Origin] = {}
         self.started_at = time.monotonic()
         self.swept = False
         self.settle_until = 0.0  # monotonic; no launches before (after a takeover)
@@ -235,7 +240,10 @@ class Scheduler:
                 "replica %s ran its setup hooks because its snapshot failed: %s",
                 report.replica_id, report.fallback_reason,
             )  # fmt: skip
-        await self.records.set_origin(report.replica_id, origin)
+        if not await self.records.set_origin(report.replica_id, origin):
+            self.early_origins[report.replica_id] = origin
+            while len(self.early_origins) > _MAX_EARLY_ORIGINS:  # of replicas never recorded
+                del self.early_origins[next(iter(self.early_origins))]
 
     async def _on_replica(self, msg: Msg) -> None:
         beat = decode(ReplicaHeartbeat, msg.data)
@@ -528,6 +536,8 @@ class Scheduler:
             _log.info("placed replica %s of %s/%s on %s (%s)", replica_id, function.app,
                       function.name, placement.node_id, placement.reason)  # fmt: skip
             await self.records.record_replica(launch, placement.node_id, reply)
+            if (origin := self.early_origins.pop(replica_id, None)) is not None:
+                await self.records.set_origin(replica_id, origin)
             return True
         return False  # nothing fits now; the demand waits in the queue
 

@@ -177,11 +177,6 @@ async def test_a_library_the_snapshot_needs_is_imported_before_the_cold_start(
     assert restored.late_imports == []  # sympy was imported before the assignment
 
 
-@pytest.mark.skip(
-    reason="passes alone and beside test_scaling_e2e, but in the full suite two of the three cold "
-    "starts find no standby of their shared flavour (fresh processes); cause not found yet, "
-    "see the closing note of issue 18"
-)
 async def test_a_burst_of_cold_starts_of_several_functions_each_gets_a_standby(
     platform: Platform, tmp_path: Path
 ) -> None:
@@ -201,7 +196,7 @@ async def test_a_burst_of_cold_starts_of_several_functions_each_gets_a_standby(
             [report] = await seen.of(function_id, 1, after=1)
             assert (report.origin, report.process, report.late_imports) == (
                 "snapshot", "standby", []
-            ), app  # fmt: skip
+            ), (app, seen.reports)  # fmt: skip
 
 
 async def test_a_burst_of_replicas_of_one_function_deepens_its_standbys(
