@@ -182,11 +182,27 @@ async def running_platform(
         serve_platform(running, stop, on_ready=ready.set, scheduler=scheduler, billing=billing)
     )
     await asyncio.wait_for(ready.wait(), 30)
+    platform = Platform(f"http://127.0.0.1:{running.port}", key, running)
     try:
-        yield Platform(f"http://127.0.0.1:{running.port}", key, running)
+        yield platform
     finally:
+        if not task.done():
+            with contextlib.suppress(httpx.HTTPError, AssertionError):
+                await _stop_every_app(platform)
         stop.set()
         await asyncio.wait_for(task, 60)
+
+
+async def _stop_every_app(platform: Platform) -> None:
+    """Every module's platform shares the session's database: apps a module leaves deployed
+    would start (and fail, and retry) under the next module's platform, taking its node's
+    slots, standbys and CPU."""
+    async with platform.client() as client:
+        listed = await client.get("/v1/apps")
+        assert listed.status_code == 200, listed.text
+        for app in listed.json()["apps"]:
+            if app["state"] == "active":
+                await client.delete(f"/v1/apps/{app['name']}")
 
 
 @pytest.fixture(scope="module", name="own_nats")

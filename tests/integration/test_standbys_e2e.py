@@ -27,18 +27,6 @@ from kiln.wire import ColdStartReport, Subjects, affinity_id, decode
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module", autouse=True)
-async def _only_this_modules_apps(platform: Platform) -> None:
-    """Every module's platform shares the session's database: apps earlier modules left
-    deployed would start (and fail, and retry) here too, and take the node's standbys and CPU
-    while these tests count who got which standby."""
-    async with platform.client() as client:
-        for app in (await client.get("/v1/apps")).json()["apps"]:
-            if app["state"] == "active":
-                stopped = await client.delete(f"/v1/apps/{app['name']}")
-                assert stopped.status_code in (200, 204), stopped.text
-
-
 CLASS = """
 import time
 
