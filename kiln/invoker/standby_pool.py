@@ -37,7 +37,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from kiln._proc import die_with_parent
+from kiln._proc import can_raise_priority, die_with_parent, raise_priority
 from kiln.invoker.flavours import BASE, Flavour
 from kiln.invoker.standby import READY, Assignment
 from kiln.observability.standbys import StandbyMetrics
@@ -56,6 +56,10 @@ _MAX_FAILURES = 3
 # Free memory the pool leaves to replicas, as a share of the node's memory.
 _RESERVE_SHARE = 0.10
 _DEFAULT_READY_S = 5.0
+# A standby imports (and waits) at this nice value, so a refill importing torch yields the CPU to
+# the cold start restoring beside it; assigned, it gets nice 0 back. Only where the node agent
+# may give it back (root, as in production; not a user's `kiln dev`).
+_WAITING_NICE = 10
 
 Key = tuple[str, str]  # (device, flavour id)
 
@@ -85,11 +89,14 @@ class Standby:
     flavour: Flavour
     process: asyncio.subprocess.Process
     rss: int = 0  # resident bytes when it said ready
+    niced: bool = False  # started at _WAITING_NICE
 
     async def assign(self, assignment: Assignment) -> None:
         stdin = self.process.stdin
         if stdin is None:
             raise RuntimeError("the standby has no stdin")
+        if self.niced:
+            raise_priority(self.process.pid)
         stdin.write(json.dumps(assignment.__dict__).encode() + b"\n")
         await stdin.drain()
         stdin.close()
@@ -309,6 +316,7 @@ class StandbyPool:
                 temporary.write_text(json.dumps({"imports": list(flavour.imports)}))
                 temporary.replace(file)
             command.append(str(file))
+        nice = _WAITING_NICE if can_raise_priority() else 0
         log = open(self.directory / "standby.log", "ab")  # noqa: SIM115, ASYNC230 - a local file
         try:
             process = await asyncio.create_subprocess_exec(
@@ -319,7 +327,7 @@ class StandbyPool:
                 cwd=self.directory,
                 env=self.env_for(device, flavour),
                 start_new_session=True,
-                preexec_fn=die_with_parent(signal.SIGTERM, os.getpid()),
+                preexec_fn=die_with_parent(signal.SIGTERM, os.getpid(), nice=nice),
             )
         finally:
             log.close()
@@ -337,7 +345,7 @@ class StandbyPool:
                 process.kill()
             await process.wait()
             raise RuntimeError(f"it exited with status {process.returncode} before it was ready")
-        return Standby(device, flavour, process)
+        return Standby(device, flavour, process, niced=bool(nice))
 
     def _gauges(self) -> None:
         ready = [s for standbys in self.ready.values() for s in standbys]

@@ -165,7 +165,9 @@ async def running_platform(
     scheduler: bool = True,
     billing: bool = True,
     max_request_bytes: int = BODY_LIMIT,
+    stop_apps: bool = False,
 ) -> AsyncIterator[Platform]:
+    """With `stop_apps` (a module's platform), every app still deployed is stopped first."""
     running = settings.replace(
         home=home,
         port=pick_port([], set()),
@@ -186,7 +188,7 @@ async def running_platform(
     try:
         yield platform
     finally:
-        if not task.done():
+        if stop_apps and not task.done():
             with contextlib.suppress(httpx.HTTPError, AssertionError):
                 await _stop_every_app(platform)
         stop.set()
@@ -196,7 +198,8 @@ async def running_platform(
 async def _stop_every_app(platform: Platform) -> None:
     """Every module's platform shares the session's database: apps a module leaves deployed
     would start (and fail, and retry) under the next module's platform, taking its node's
-    slots, standbys and CPU."""
+    slots, standbys and CPU. (Platforms a test starts itself keep theirs: the next platform
+    the test starts finds them.)"""
     async with platform.client() as client:
         listed = await client.get("/v1/apps")
         assert listed.status_code == 200, listed.text
@@ -223,5 +226,6 @@ async def platform_fixture(
     settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Platform]:
     """A platform per test module (import this fixture into the module)."""
-    async with running_platform(settings, tmp_path_factory.mktemp("platform-home")) as running:
+    home = tmp_path_factory.mktemp("platform-home")
+    async with running_platform(settings, home, stop_apps=True) as running:
         yield running

@@ -46,7 +46,7 @@ async def platform_without_scheduler(
 ) -> AsyncIterator[Platform]:
     home = tmp_path_factory.mktemp("failover-home")
     lease = settings.replace(scheduler_lease_s=LEASE_S)
-    async with running_platform(lease, home, scheduler=False) as running:
+    async with running_platform(lease, home, scheduler=False, stop_apps=True) as running:
         yield running
 
 

@@ -62,7 +62,9 @@ async def fails() -> None:
 async def platform_with_chatty(
     settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Platform]:
-    async with running_platform(settings, tmp_path_factory.mktemp("logs-home")) as running:
+    async with running_platform(
+        settings, tmp_path_factory.mktemp("logs-home"), stop_apps=True
+    ) as running:
         await running.deploy_source(tmp_path_factory.mktemp("chatty"), "chatty.py", CHATTY)
         yield running
 

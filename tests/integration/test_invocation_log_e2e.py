@@ -52,7 +52,9 @@ class Talk:
 async def platform_with_obs(
     settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Platform]:
-    async with running_platform(settings, tmp_path_factory.mktemp("obs-home")) as running:
+    async with running_platform(
+        settings, tmp_path_factory.mktemp("obs-home"), stop_apps=True
+    ) as running:
         await running.deploy_source(tmp_path_factory.mktemp("obs"), "obs.py", OBS)
         yield running
 

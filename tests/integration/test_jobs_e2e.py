@@ -89,7 +89,9 @@ async def platform_with_jobs(
     settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Platform]:
     home = tmp_path_factory.mktemp("jobs-home")
-    async with running_platform(settings.replace(job_result_ttl_s=30), home) as running:
+    async with running_platform(
+        settings.replace(job_result_ttl_s=30), home, stop_apps=True
+    ) as running:
         await running.deploy_source(tmp_path_factory.mktemp("jobs"), "jobs.py", JOBS)
         yield running
 

@@ -66,7 +66,9 @@ async def platform_on_private_redis(
     settings: Settings, redis_url: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Platform]:
     home = tmp_path_factory.mktemp("limits-home")
-    async with running_platform(settings.replace(redis_url=redis_url.url), home) as running:
+    async with running_platform(
+        settings.replace(redis_url=redis_url.url), home, stop_apps=True
+    ) as running:
         await running.deploy_source(tmp_path_factory.mktemp("limited"), "limited.py", APP)
         yield running
 

@@ -46,7 +46,7 @@ async def platform_with_a_large_limit(
     settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Platform]:
     home = tmp_path_factory.mktemp("payloads-home")
-    async with running_platform(settings, home, max_request_bytes=LIMIT) as running:
+    async with running_platform(settings, home, max_request_bytes=LIMIT, stop_apps=True) as running:
         await running.deploy_source(tmp_path_factory.mktemp("big"), "big.py", BIG)
         yield running
 

@@ -18,9 +18,12 @@ import sqlalchemy as sa
 from nats.aio.msg import Msg
 from stack import Platform, next_node_beat, platform_fixture  # noqa: F401 - the fixture
 
+from kiln._proc import can_raise_priority, raise_priority
 from kiln.db.models import App, Function
 from kiln.db.session import create_engine
 from kiln.functions.package import package
+from kiln.invoker.flavours import BASE
+from kiln.invoker.standby_pool import StandbyPool
 from kiln.snapshots.imports import expand
 from kiln.wire import ColdStartReport, Subjects, affinity_id, decode
 
@@ -206,3 +209,31 @@ async def test_a_burst_of_replicas_of_one_function_deepens_its_standbys(
         second_burst = await seen.of(function_id, 3, after=4)
     assert len({r.replica_id for r in first_burst + second_burst}) == 6
     assert [(r.origin, r.process) for r in second_burst] == [("snapshot", "standby")] * 3
+
+
+def _nice_of_threads(pid: int) -> set[int]:
+    """Each thread's nice value (field 19 of its stat line)."""
+    values = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rpartition(")")[2].split()
+        values.add(int(fields[16]))
+    return values
+
+
+@pytest.mark.skipif(not can_raise_priority(), reason="needs root (or RLIMIT_NICE) to renice")
+async def test_a_standby_waits_at_a_low_priority_and_gets_it_back_when_assigned(
+    tmp_path: Path,
+) -> None:
+    """A refill importing torch must not take the CPU from a cold start restoring beside it;
+    the replica it becomes runs at the usual priority, in every thread."""
+    standbys = StandbyPool(lambda device, flavour: {}, tmp_path, memory_budget=2**40)
+    standby = await standbys._spawn("", BASE)
+    try:
+        pid = standby.process.pid
+        assert standby.niced
+        assert _nice_of_threads(pid) == {10}
+        raise_priority(pid)
+        assert _nice_of_threads(pid) == {0}
+    finally:
+        standby.process.kill()
+        await standby.process.wait()

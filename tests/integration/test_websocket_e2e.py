@@ -59,7 +59,9 @@ async def platform_with_a_short_idle_timeout(
     settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Platform]:
     home = tmp_path_factory.mktemp("ws-home")
-    async with running_platform(settings.replace(ws_idle_timeout_s=IDLE_S), home) as running:
+    async with running_platform(
+        settings.replace(ws_idle_timeout_s=IDLE_S), home, stop_apps=True
+    ) as running:
         await running.deploy_source(tmp_path_factory.mktemp("voice"), "voice.py", VOICE)
         yield running
 
