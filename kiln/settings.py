@@ -62,6 +62,12 @@ class Switch(enum.StrEnum):
     OFF = "off"
 
 
+class SandboxMode(enum.StrEnum):
+    AUTO = "auto"  # bubblewrap where the node agent can use it (root, bwrap installed)
+    BWRAP = "bwrap"  # always; a node agent that cannot refuses to start
+    OFF = "off"
+
+
 class LogLevel(enum.StrEnum):
     DEBUG = "debug"
     INFO = "info"
@@ -100,6 +106,9 @@ class Settings:
     standby_imports: tuple[str, ...] = ("torch",)
     standby_flavours: int = 8
     standby_memory_mb: int = 0
+    sandbox: SandboxMode = SandboxMode.AUTO
+    sandbox_uid_base: int = 200_000
+    sandbox_cpus: float = 0.0
     scheduler_lease_s: float = 5.0
     max_replicas: int = 1000
     ws_idle_timeout_s: float = 300.0
@@ -378,6 +387,29 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "the most memory a node's standbys may hold together, in MiB (default 0: a quarter of "
         "the node's memory); a standby also never starts when it would leave less than a tenth "
         "of the node's memory free",
+    ),
+    SettingSpec(
+        "KILN_SANDBOX",
+        "sandbox",
+        _choice(SandboxMode),
+        "how replicas and standbys are isolated: bwrap (each in a bubblewrap sandbox under a uid "
+        "of its own, with a seccomp filter and a cgroup; the node agent must run as root), off "
+        "(plain processes: a trusted single-tenant node only), or auto (bwrap where the agent "
+        "can use it, else off with a warning; default)",
+    ),
+    SettingSpec(
+        "KILN_SANDBOX_UID_BASE",
+        "sandbox_uid_base",
+        _int_range(1000, 2**31 - 65_536),
+        "the first of the 65536 host uids the node agent gives its sandboxes, one each; no "
+        "user of the host may own files in that range (default 200000)",
+    ),
+    SettingSpec(
+        "KILN_SANDBOX_CPUS",
+        "sandbox_cpus",
+        _seconds(0, 4096),
+        "the most CPU cores each sandbox may use, fractions allowed (default 0: no cap; they "
+        "share the node's CPUs equally under load)",
     ),
     SettingSpec(
         "KILN_SCHEDULER_LEASE_S",

@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -37,16 +38,19 @@ from prometheus_client import CollectorRegistry
 
 from kiln._proc import die_with_parent
 from kiln._tasks import cancel_and_wait
+from kiln.codestore import CodeStore
 from kiln.functions.gpu import gpu_request
+from kiln.functions.package import unpack
 from kiln.invoker.flavours import Flavour
 from kiln.invoker.inventory import node_slots
 from kiln.invoker.node_snapshots import NodeSnapshots
 from kiln.invoker.node_standbys import NodeStandbys, function_env
+from kiln.invoker.sandbox import Box, Sandboxes, bwrap_path, gpu_devices, link_tree
 from kiln.invoker.standby import Assignment
-from kiln.invoker.standby_pool import StandbyPool, memory_info
+from kiln.invoker.standby_pool import Standby, StandbyPool, memory_info
 from kiln.invoker.usage import UsageCloser
 from kiln.observability.gpu import GpuTelemetry
-from kiln.settings import Settings
+from kiln.settings import SandboxMode, Settings
 from kiln.snapshots.manifest import Manifest
 from kiln.wire import (
     HEARTBEAT_INTERVAL_S,
@@ -74,6 +78,7 @@ class _Running:
     indices: list[int]
     waiter: asyncio.Task[None] | None = None
     stopping: bool = False
+    box: Box | None = None  # its sandbox
 
 
 @dataclass
@@ -115,10 +120,17 @@ class NodeAgent:
         self.replicas: dict[str, _Running] = {}
         self.workdir = settings.home / "replicas"
         self._tasks: set[asyncio.Task[None]] = set()
+        self.sandboxes = _sandboxes(settings)
+        self._code_fetches: dict[str, asyncio.Task[Path]] = {}
         self.usage = UsageCloser(nc, self.subjects)
         self.snapshots = (
             NodeSnapshots(
-                settings, nc, self.node_id, self._launch_of, on_manifest=self._learn_manifest
+                settings,
+                nc,
+                self.node_id,
+                self._launch_of,
+                on_manifest=self._learn_manifest,
+                box_of=self._box_of,
             )
             if NodeSnapshots.enabled(settings)
             else None
@@ -131,6 +143,7 @@ class NodeAgent:
             directory=self.workdir / ".standby",
             memory_budget=_memory_budget(settings),
             registry=self.metrics_registry,
+            sandboxes=self.sandboxes,
         )
         self.needs = NodeStandbys(
             self.standbys,
@@ -160,6 +173,10 @@ class NodeAgent:
     def _launch_of(self, replica_id: str) -> StartReplica | None:
         running = self.replicas.get(replica_id)
         return running.launch if running is not None else None
+
+    def _box_of(self, replica_id: str) -> Box | None:
+        running = self.replicas.get(replica_id)
+        return running.box if running is not None else None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then stop every replica (drain first) and return."""
@@ -224,12 +241,12 @@ class NodeAgent:
         kind, indices = slot
         await self.usage.watch(launch)  # before it runs: its first report may come at once
         try:
-            process = await self._spawn(launch, kind, indices, need)
+            process, box = await self._spawn(launch, kind, indices, need)
         except Exception as exc:  # noqa: BLE001 - whatever failed, the slot goes back
             self.slots.give_back(kind, indices)
             self.usage.closing_reports(launch.replica_id, launch.received_at)  # nothing ran
             return {"ok": False, "error": f"could not start the replica: {exc}"}
-        running = _Running(launch, process, kind, indices)
+        running = _Running(launch, process, kind, indices, box=box)
         self.replicas[launch.replica_id] = running
         running.waiter = asyncio.create_task(self._watch(running))
         self._plan_standbys()
@@ -240,42 +257,121 @@ class NodeAgent:
 
     async def _spawn(
         self, launch: StartReplica, kind: str, indices: list[int], need: Flavour | None
-    ) -> asyncio.subprocess.Process:
-        directory = self.workdir / launch.replica_id
-        directory.mkdir(parents=True, exist_ok=True)
-        launch_file = directory / "launch.json"
-        launch_file.write_text(json.dumps({**asdict(launch), "node_id": self.node_id}))
-        env = self._replica_env(launch, directory, kind, indices)
+    ) -> tuple[asyncio.subprocess.Process, Box | None]:
         device = "" if kind == "none" else ",".join(map(str, indices))
+        if self.sandboxes is None:
+            directory = self.workdir / launch.replica_id
+            directory.mkdir(parents=True, exist_ok=True)
+            launch_file = directory / "launch.json"
+            launch_file.write_text(json.dumps({**asdict(launch), "node_id": self.node_id}))
+            env = self._replica_env(launch, directory, kind, indices)
+            standby = self.standbys.take(device, need, holder=launch.replica_id)
+            if standby is not None and await self._assign(standby, launch_file, directory, env):
+                return standby.process, None
+            return await self._start_process(launch_file, directory, env), None
+        # Sandboxed: the code is unpacked here, by the agent, and shown to the replica read-only
+        # in its box, with its launch file; it writes only in its own work directory.
+        code = await self._code(launch.artifact_digest)
         standby = self.standbys.take(device, need, holder=launch.replica_id)
-        if standby is not None:
-            try:
-                await standby.assign(
-                    Assignment(
-                        str(launch_file), str(directory), env, str(directory / "replica.log")
-                    )
-                )
-                return standby.process
-            except (OSError, RuntimeError) as exc:  # it died meanwhile: start the slow way
-                _log.warning("standby process lost before its assignment: %s", exc)
+        box = standby.box if standby is not None and standby.box is not None else None
+        if box is None:
+            box = self.sandboxes.make(f"replica-{launch.replica_id}")
+        try:
+            launch_file = self._fill_box(box, launch, code)
+            env = self._replica_env(launch, box.work, kind, indices, home=box.ro)
+            box.limit_memory(launch.spec["resources"].get("memory_mb"))
+            if standby is not None and await self._assign(standby, launch_file, box.work, env):
+                return standby.process, box
+            if box is (standby.box if standby is not None else None):  # it died: a new box
+                self.sandboxes.remove(box)
+                box = self.sandboxes.make(f"replica-{launch.replica_id}")
+                launch_file = self._fill_box(box, launch, code)
+                box.limit_memory(launch.spec["resources"].get("memory_mb"))
+            return await self._start_process(launch_file, box.work, env, box, device), box
+        except BaseException:
+            self.sandboxes.remove(box)
+            raise
+
+    async def _assign(
+        self, standby: Standby, launch_file: Path, directory: Path, env: dict[str, str]
+    ) -> bool:
+        try:
+            await standby.assign(
+                Assignment(str(launch_file), str(directory), env, str(directory / "replica.log"))
+            )
+        except (OSError, RuntimeError) as exc:  # it died meanwhile: start the slow way
+            _log.warning("standby process lost before its assignment: %s", exc)
+            return False
+        return True
+
+    async def _start_process(
+        self,
+        launch_file: Path,
+        directory: Path,
+        env: dict[str, str],
+        box: Box | None = None,
+        device: str = "",
+    ) -> asyncio.subprocess.Process:
+        command = [sys.executable, "-m", "kiln.invoker.replica", str(launch_file)]
+        fds: list[int] = []
+        if box is not None and self.sandboxes is not None:
+            command, fds = self.sandboxes.command(box, command, devices=gpu_devices(device))
+            preexec = self.sandboxes.preexec(box, nice=0, parent_pid=os.getpid())
+        else:
+            preexec = die_with_parent(signal.SIGTERM, os.getpid())
         # A local file opens at once; the child inherits it as stdout and stderr.
         log = open(directory / "replica.log", "ab")  # noqa: SIM115, ASYNC230
         try:
             return await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "kiln.invoker.replica",
-                str(launch_file),
+                *command,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
                 cwd=directory,
                 env=env,
                 start_new_session=True,
-                preexec_fn=die_with_parent(signal.SIGTERM, os.getpid()),
+                pass_fds=fds,
+                preexec_fn=preexec,
             )
         finally:
             log.close()
+            for fd in fds:
+                os.close(fd)
+
+    def _fill_box(self, box: Box, launch: StartReplica, code: Path) -> Path:
+        """The function's code (hard links to the agent's unpacked copy) and launch file, in the
+        box's read-only directory, where the replica's KILN_HOME points."""
+        shown = box.ro / "code" / launch.artifact_digest
+        if not shown.exists():
+            link_tree(code, shown)
+        launch_file = box.ro / "launch.json"
+        launch_file.write_text(json.dumps({**asdict(launch), "node_id": self.node_id}))
+        launch_file.chmod(0o644)
+        return launch_file
+
+    async def _code(self, digest: str) -> Path:
+        """The function's code, unpacked once per node by the agent (one fetch per digest at a
+        time, shared by the cold starts that wait for it)."""
+        directory = self.settings.home / "node" / "code" / digest
+        if (directory / ".complete").exists():
+            return directory
+        task = self._code_fetches.get(digest)
+        if task is None:
+            task = asyncio.create_task(self._fetch_code(digest, directory))
+            self._code_fetches[digest] = task
+            task.add_done_callback(lambda _: self._code_fetches.pop(digest, None))
+        return await asyncio.shield(task)
+
+    async def _fetch_code(self, digest: str, directory: Path) -> Path:
+        archive = await CodeStore(self.nc.jetstream(), self.subjects).get(digest)
+        staging = directory.with_name(f"{directory.name}.{uuid.uuid4().hex}")
+        await asyncio.to_thread(unpack, archive, staging)
+        (staging / ".complete").touch()
+        try:
+            staging.rename(directory)
+        except OSError:  # another agent process won the race: theirs is the same code
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+        return directory
 
     def _plan_standbys(self) -> None:
         free = sorted(i for kind, indices in self.slots.free.items() if kind != "none"
@@ -327,15 +423,21 @@ class NodeAgent:
         return {**dict(flavour.env), **self._platform_env(home, device)}
 
     def _replica_env(
-        self, launch: StartReplica, directory: Path, kind: str, indices: list[int]
+        self,
+        launch: StartReplica,
+        directory: Path,
+        kind: str,
+        indices: list[int],
+        home: Path | None = None,
     ) -> dict[str, str]:
         env = function_env(launch)
-        env.update(
-            self._platform_env(directory, "" if kind == "none" else ",".join(map(str, indices)))
-        )
+        devices = "" if kind == "none" else ",".join(map(str, indices))
+        env.update(self._platform_env(directory, devices, kiln_home=home))
         return env
 
-    def _platform_env(self, home: Path, devices: str) -> dict[str, str]:
+    def _platform_env(
+        self, home: Path, devices: str, kiln_home: Path | None = None
+    ) -> dict[str, str]:
         return dict(
             PATH=f"{Path(sys.executable).parent}:{_BASE_PATH}",
             HOME=str(home),
@@ -343,8 +445,9 @@ class NodeAgent:
             KILN_NATS_URL=",".join(self.settings.nats_servers),
             KILN_NAMESPACE=self.settings.namespace,
             # Replicas run customers' code: they get their own home (the code cache lives
-            # there), never the platform's, which holds config.toml and the dev secrets.
-            KILN_HOME=str(self.settings.home / "node"),
+            # there), never the platform's, which holds config.toml and the dev secrets. In a
+            # sandbox it is the box's read-only directory, where the agent put the code.
+            KILN_HOME=str(kiln_home or self.settings.home / "node"),
             KILN_LOG_LEVEL=self.settings.log_level.value,
             KILN_STANDBY_IMPORTS=",".join(self.settings.standby_imports),
             CUDA_VISIBLE_DEVICES=devices,
@@ -352,6 +455,7 @@ class NodeAgent:
 
     async def _watch(self, running: _Running) -> None:
         code = await running.process.wait()
+        error = self._close_box(running)
         # The slot is released now: the replica's time ends here, whatever it reported.
         self.usage.closed(running.launch.replica_id, time.time())
         self.replicas.pop(running.launch.replica_id, None)
@@ -368,9 +472,28 @@ class NodeAgent:
             "node_id": self.node_id,
             "exit_code": code,
             "requested": running.stopping,
+            **({"error": error} if error else {}),
         }
         with contextlib.suppress(Exception):
             await self.nc.publish(self.subjects.replica_events, json.dumps(event).encode())
+
+    def _close_box(self, running: _Running) -> str | None:
+        """After the replica exited: why the kernel stopped it, if its memory cap did; its log
+        kept beside the other replicas' and its box removed."""
+        box = running.box
+        if box is None or self.sandboxes is None:
+            return None
+        error = None
+        if box.out_of_memory():
+            memory_mb = running.launch.spec["resources"].get("memory_mb")
+            error = f"out of memory: the replica used more than its memory_mb={memory_mb}"
+            _log.warning("replica %s was stopped: %s", running.launch.replica_id, error)
+        kept = self.workdir / running.launch.replica_id
+        with contextlib.suppress(OSError):
+            kept.mkdir(parents=True, exist_ok=True)
+            shutil.move(box.work / "replica.log", kept / "replica.log")
+        self.sandboxes.remove(box)
+        return error
 
     async def stop_replica(self, replica_id: str, grace_s: float) -> None:
         """Ask the replica to drain; signal it if it has not exited after `grace_s`."""
@@ -413,6 +536,37 @@ class NodeAgent:
         )
         with contextlib.suppress(Exception):
             await self.nc.publish(self.subjects.node_heartbeat(self.node_id), encode(beat))
+
+
+def _sandboxes(settings: Settings) -> Sandboxes | None:
+    """The node's sandboxes, as KILN_SANDBOX says (auto: where this agent can make them)."""
+    if settings.sandbox is SandboxMode.OFF:
+        return None
+    if settings.sandbox is SandboxMode.AUTO:
+        missing = [
+            what for what, present in (
+                ("bubblewrap (apt-get install bubblewrap)", bwrap_path()),
+                ("setpriv (util-linux)", shutil.which("setpriv")),
+                ("root (the agent gives each sandbox its own uid)", os.geteuid() == 0),
+                ("pyseccomp (pip install 'kiln[worker]')", _importable("pyseccomp")),
+            ) if not present
+        ]  # fmt: skip
+        if missing:
+            _log.warning("replicas run without sandboxes (KILN_SANDBOX=auto), for want of: %s; "
+                         "run only trusted code on this node", "; ".join(missing))  # fmt: skip
+            return None
+    return Sandboxes(
+        settings.home,
+        uid_base=settings.sandbox_uid_base,
+        uid_count=65_536,
+        cpus=settings.sandbox_cpus or None,
+    )
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
 
 
 def _memory_budget(settings: Settings) -> int:

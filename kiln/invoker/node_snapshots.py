@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -29,6 +30,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from kiln.errors import SnapshotError
+from kiln.invoker.sandbox import Box, link_tree
 from kiln.settings import Settings, Switch
 from kiln.snapshots.imports import module_names
 from kiln.snapshots.manifest import Manifest, Runtime, snapshot_key
@@ -50,14 +52,17 @@ class NodeSnapshots:
         launch_of: Callable[[str], StartReplica | None],
         *,
         on_manifest: Callable[[Manifest], None] = lambda manifest: None,
+        box_of: Callable[[str], Box | None] = lambda replica_id: None,
     ) -> None:
         """`on_manifest` hears of every snapshot sealed, opened or fetched here (what its
-        function needs imported is in its manifest)."""
+        function needs imported is in its manifest); `box_of` is a replica's sandbox, where it
+        is shown its snapshot and bakes (it sees nothing else of the node)."""
         self.nc = nc
         self.node_id = node_id
         self.subjects = Subjects(settings.namespace)
         self.launch_of = launch_of
         self.on_manifest = on_manifest
+        self.box_of = box_of
         self.cache = SnapshotCache(
             settings.home / "snapshots", settings.require("snapshot_signing_key")
         )
@@ -171,7 +176,7 @@ class NodeSnapshots:
             try:
                 snapshot = await asyncio.to_thread(self.cache.open, key)
                 self.on_manifest(snapshot.manifest)
-                return {"path": str(snapshot.directory)}
+                return {"path": str(await self._shown(replica_id, snapshot))}
             except SnapshotError as exc:
                 fallback = f"{exc.code}: {exc.message}"
                 _log.error(
@@ -189,7 +194,7 @@ class NodeSnapshots:
             fetched = None
         if fetched is not None:
             self.on_manifest(fetched.manifest)
-            return {"path": str(fetched.directory)}
+            return {"path": str(await self._shown(replica_id, fetched))}
         answer = await self._grant_bake(replica_id, key)
         if fallback is not None:
             answer["fallback"] = fallback
@@ -209,9 +214,26 @@ class NodeSnapshots:
             return {}
         if not await self.shared.lease(key, f"{self.node_id}/{replica_id}"):
             return {}  # another replica is baking it; this one runs its hooks
-        staging = self.cache.staging(key)
+        box = self.box_of(replica_id)
+        if box is None:
+            staging = self.cache.staging(key)
+        else:  # in its own writable directory; moved out of its reach before it is sealed
+            staging = box.work / f"bake-{key}"
+            staging.mkdir(mode=0o700)
+            os.chown(staging, box.uid, box.uid)
         self._bakes[replica_id] = (key, staging)
         return {"bake": str(staging)}
+
+    async def _shown(self, replica_id: str, snapshot: Snapshot) -> Path:
+        """Where the replica finds the snapshot: in the cache, or, sandboxed, as hard links in
+        its box's read-only directory (the cache itself is out of its sight)."""
+        box = self.box_of(replica_id)
+        if box is None:
+            return snapshot.directory
+        shown = box.ro / "snapshots" / snapshot.directory.name
+        if not shown.exists():
+            await asyncio.to_thread(link_tree, snapshot.directory, shown)
+        return shown
 
     async def _seal(
         self, replica_id: str, launch: StartReplica, imports: tuple[str, ...]
@@ -220,6 +242,12 @@ class NodeSnapshots:
         if bake is None:
             return {"error": "this replica was given no bake to seal"}
         key, staging = bake
+        if self.box_of(replica_id) is not None:
+            # Out of the sandbox first: what is hashed and signed can no longer be changed
+            # through its path (checksums guard what an open descriptor might still write).
+            moved = self.cache.staging(key)
+            await asyncio.to_thread(_take_over, staging, moved)
+            staging = moved
         try:
             snapshot = await asyncio.to_thread(
                 self.cache.seal,
@@ -295,3 +323,13 @@ class NodeSnapshots:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _take_over(staging: Path, target: Path) -> None:
+    """Move a sandbox's bake into the agent's `target` (made empty), owned by the agent."""
+    target.rmdir()
+    staging.rename(target)
+    for path in (target, *target.iterdir()):
+        os.chown(path, os.getuid(), os.getgid(), follow_symlinks=False)
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o644)

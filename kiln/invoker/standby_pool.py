@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -39,6 +40,7 @@ from prometheus_client import CollectorRegistry
 
 from kiln._proc import can_raise_priority, die_with_parent, raise_priority
 from kiln.invoker.flavours import BASE, Flavour
+from kiln.invoker.sandbox import Box, Sandboxes, gpu_devices
 from kiln.invoker.standby import READY, Assignment
 from kiln.observability.standbys import StandbyMetrics
 
@@ -90,13 +92,17 @@ class Standby:
     process: asyncio.subprocess.Process
     rss: int = 0  # resident bytes when it said ready
     niced: bool = False  # started at _WAITING_NICE
+    box: Box | None = None  # its sandbox; the replica it becomes keeps it
+    assigned: bool = False
 
     async def assign(self, assignment: Assignment) -> None:
         stdin = self.process.stdin
         if stdin is None:
             raise RuntimeError("the standby has no stdin")
         if self.niced:
-            raise_priority(self.process.pid)
+            for pid in self.box.pids() if self.box is not None else [self.process.pid]:
+                raise_priority(pid)
+        self.assigned = True
         stdin.write(json.dumps(assignment.__dict__).encode() + b"\n")
         await stdin.drain()
         stdin.close()
@@ -111,6 +117,7 @@ class StandbyPool:
     memory_budget: int  # bytes all standbys may hold together (0: no standbys start)
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     clock: Callable[[], float] = time.monotonic
+    sandboxes: Sandboxes | None = None  # standbys start in sandboxes of their own
     wanted: dict[Key, int] = field(default_factory=dict)
     ready: dict[Key, list[Standby]] = field(default_factory=dict)
     flavours: dict[str, Flavour] = field(default_factory=dict)
@@ -123,6 +130,7 @@ class StandbyPool:
     _failures: dict[str, int] = field(default_factory=dict)
     _short_of_memory: set[str] = field(default_factory=set)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _watchers: set[asyncio.Task[None]] = field(default_factory=set)  # sandboxes to remove
     _closed: bool = False
 
     def __post_init__(self) -> None:
@@ -235,6 +243,10 @@ class StandbyPool:
                     standby.process.kill()
                 await standby.process.wait()
         self.ready.clear()
+        if self._watchers:  # the killed standbys' sandboxes go; assigned ones wait no longer
+            _, late = await asyncio.wait(set(self._watchers), timeout=5)
+            for task in late:
+                task.cancel()
 
     # Starting ----------------------------------------------------------------------------------
 
@@ -298,7 +310,8 @@ class StandbyPool:
         self._starting[key] -= 1
         self._failures.pop(flavour_id, None)
         self._ready_s.setdefault(flavour_id, deque(maxlen=5)).append(self.clock() - started)
-        standby.rss = self._rss[flavour_id] = _resident(standby.process.pid)
+        measured = standby.box.memory_bytes() if standby.box is not None else None
+        standby.rss = self._rss[flavour_id] = measured or _resident(standby.process.pid)
         held = sum(1 for k, _ in self._holds.values() if k == key)
         if self._closed or len(self.ready.get(key, [])) + held >= self.wanted.get(key, 0):
             _stop(standby)  # no longer wanted (the GPU got a replica meanwhile)
@@ -308,15 +321,34 @@ class StandbyPool:
         self._gauges()
 
     async def _spawn(self, device: str, flavour: Flavour) -> Standby:
+        box = self.sandboxes.make(f"standby-{secrets.token_hex(6)}") if self.sandboxes else None
+        try:
+            return await self._spawn_in(box, device, flavour)
+        except BaseException:
+            if box is not None and self.sandboxes is not None:
+                self.sandboxes.remove(box)
+            raise
+
+    async def _spawn_in(self, box: Box | None, device: str, flavour: Flavour) -> Standby:
         command = [sys.executable, "-P", "-m", "kiln.invoker.standby"]
         if flavour.imports:
-            file = self.directory / f"flavour-{flavour.id}.json"
+            # In a sandbox, only its own read-only directory is there to read it from.
+            file = (box.ro if box else self.directory) / f"flavour-{flavour.id}.json"
             if not file.exists():
                 temporary = file.with_suffix(f".{os.getpid()}.tmp")
                 temporary.write_text(json.dumps({"imports": list(flavour.imports)}))
+                temporary.chmod(0o644)
                 temporary.replace(file)
             command.append(str(file))
         nice = _WAITING_NICE if can_raise_priority() else 0
+        env = self.env_for(device, flavour)
+        fds: list[int] = []
+        if box is not None and self.sandboxes is not None:
+            env["HOME"] = str(box.work)
+            command, fds = self.sandboxes.command(box, command, devices=gpu_devices(device))
+            preexec = self.sandboxes.preexec(box, nice=nice, parent_pid=os.getpid())
+        else:
+            preexec = die_with_parent(signal.SIGTERM, os.getpid(), nice=nice)
         log = open(self.directory / "standby.log", "ab")  # noqa: SIM115, ASYNC230 - a local file
         try:
             process = await asyncio.create_subprocess_exec(
@@ -325,12 +357,15 @@ class StandbyPool:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log,
                 cwd=self.directory,
-                env=self.env_for(device, flavour),
+                env=env,
                 start_new_session=True,
-                preexec_fn=die_with_parent(signal.SIGTERM, os.getpid(), nice=nice),
+                pass_fds=fds,
+                preexec_fn=preexec,
             )
         finally:
             log.close()
+            for fd in fds:
+                os.close(fd)
         assert process.stdout is not None
         try:
             line = await asyncio.wait_for(process.stdout.readline(), _READY_TIMEOUT_S)
@@ -345,7 +380,21 @@ class StandbyPool:
                 process.kill()
             await process.wait()
             raise RuntimeError(f"it exited with status {process.returncode} before it was ready")
-        return Standby(device, flavour, process, niced=bool(nice))
+        standby = Standby(device, flavour, process, niced=bool(nice), box=box)
+        if box is not None:
+            task = asyncio.create_task(self._remove_when_done(standby), name="kiln-standby-box")
+            self._watchers.add(task)
+            task.add_done_callback(self._watchers.discard)
+        return standby
+
+    async def _remove_when_done(self, standby: Standby) -> None:
+        """A standby that exits unassigned takes its sandbox with it (an assigned one's goes
+        when its replica exits: the agent removes it)."""
+        try:
+            await standby.process.wait()
+        finally:
+            if not standby.assigned and standby.box is not None and self.sandboxes is not None:
+                self.sandboxes.remove(standby.box)
 
     def _gauges(self) -> None:
         ready = [s for standbys in self.ready.values() for s in standbys]

@@ -282,7 +282,8 @@ class Scheduler:
         event = json.loads(msg.data)
         tracked = self.replicas.pop(event["replica_id"], None)
         failed = event["exit_code"] != 0 and not event.get("requested")
-        error = tracked.beat.error if tracked and tracked.beat else None
+        # The agent's word (its sandbox's memory cap stopped it) before the replica's own.
+        error = event.get("error") or (tracked.beat.error if tracked and tracked.beat else None)
         if failed:
             function_id = uuid.UUID(event["function_id"])
             count = self.failures.get(function_id, 0) + 1
