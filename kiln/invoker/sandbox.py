@@ -62,7 +62,7 @@ _DENIED_SYSCALLS = (
     "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "syslog", "quotactl",
     "lookup_dcookie", "vhangup", "iopl", "ioperm",
 )  # fmt: skip
-_DEFAULT_PIDS_MAX = 4096
+_DEFAULT_PIDS_MAX = 1024
 
 
 def gpu_devices(visible: str) -> list[str]:
