@@ -44,7 +44,7 @@ from kiln.billing.prices import DEFAULT_PRICES
 from kiln.errors import ConfigError
 from kiln.tiers import DEFAULT_TIERS, TierLimits
 
-__all__ = ["SETTINGS", "Environment", "LogLevel", "Settings", "Switch", "mask_url"]
+__all__ = ["SETTINGS", "Environment", "LogLevel", "SandboxMode", "Settings", "Switch", "mask_url"]
 
 _PREFIX = "KILN_"
 # Variables under these prefixes belong to the test suite and tools, not to a running process.

@@ -310,8 +310,10 @@ class StandbyPool:
         self._starting[key] -= 1
         self._failures.pop(flavour_id, None)
         self._ready_s.setdefault(flavour_id, deque(maxlen=5)).append(self.clock() - started)
-        measured = standby.box.memory_bytes() if standby.box is not None else None
-        standby.rss = self._rss[flavour_id] = measured or _resident(standby.process.pid)
+        # Resident memory of its processes (a sandbox's cgroup would also count the page cache
+        # its imports read, which other processes share).
+        pids = standby.box.pids() if standby.box is not None else [standby.process.pid]
+        standby.rss = self._rss[flavour_id] = sum(_resident(pid) for pid in pids)
         held = sum(1 for k, _ in self._holds.values() if k == key)
         if self._closed or len(self.ready.get(key, [])) + held >= self.wanted.get(key, 0):
             _stop(standby)  # no longer wanted (the GPU got a replica meanwhile)

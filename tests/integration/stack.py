@@ -25,7 +25,7 @@ from kiln.devstack.ports import pick_port
 from kiln.functions.package import package
 from kiln.invoker.agent import NodeAgent
 from kiln.platform import serve_platform
-from kiln.settings import Settings
+from kiln.settings import SandboxMode, Settings
 from kiln.wire import NodeHeartbeat, Subjects, decode
 
 BODY_LIMIT = 256 * 1024
@@ -228,4 +228,18 @@ async def platform_fixture(
     """A platform per test module (import this fixture into the module)."""
     home = tmp_path_factory.mktemp("platform-home")
     async with running_platform(settings, home, stop_apps=True) as running:
+        yield running
+
+
+@pytest.fixture(scope="module", name="platform")
+async def unsandboxed_platform_fixture(
+    settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Platform]:
+    """A platform per test module whose replicas run unsandboxed (import it instead of
+    `platform_fixture`): for tests that meet their functions through files on the host or signal
+    replica processes by pid, both of which a sandbox hides. tests/integration/test_sandbox_e2e.py
+    covers the sandbox; the snapshot and standby tests cold-start in it."""
+    home = tmp_path_factory.mktemp("platform-home")
+    unsandboxed = settings.replace(sandbox=SandboxMode.OFF)
+    async with running_platform(unsandboxed, home, stop_apps=True) as running:
         yield running

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from stack import BODY_LIMIT, Platform, error_of, platform_fixture  # noqa: F401 - the fixture
+from stack import BODY_LIMIT, Platform, error_of, unsandboxed_platform_fixture  # noqa: F401 - the fixture
 
 from kiln.functions.package import package
 

@@ -22,7 +22,7 @@ import kiln
 from kiln.db.enums import CallStatus
 from kiln.db.models import Call
 from kiln.db.session import create_engine
-from kiln.settings import Settings
+from kiln.settings import SandboxMode, Settings
 
 pytestmark = pytest.mark.integration
 
@@ -89,9 +89,9 @@ async def platform_with_jobs(
     settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Platform]:
     home = tmp_path_factory.mktemp("jobs-home")
-    async with running_platform(
-        settings.replace(job_result_ttl_s=30), home, stop_apps=True
-    ) as running:
+    # Unsandboxed: the tests meet their jobs through files on the host (see stack.py).
+    unsandboxed = settings.replace(job_result_ttl_s=30, sandbox=SandboxMode.OFF)
+    async with running_platform(unsandboxed, home, stop_apps=True) as running:
         await running.deploy_source(tmp_path_factory.mktemp("jobs"), "jobs.py", JOBS)
         yield running
 

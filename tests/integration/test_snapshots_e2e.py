@@ -27,11 +27,14 @@ pytestmark = pytest.mark.integration
 
 SNAPPY = """
 import os
+import secrets
 import sys
 
 import kiln
 
 app = kiln.App("snappy")
+# Which process this is (pids repeat: each sandbox numbers its own from 1).
+PROCESS = secrets.token_hex(8)
 
 
 @app.cls(idle_timeout=1)
@@ -47,11 +50,11 @@ class Model:
         self.net[2].weight = torch.nn.Parameter(self.net[2].weight.to(torch.float64).float())
         self.scale = torch.tensor(0.5, dtype=torch.bfloat16)
         self.labels = ["a", "b"]
-        self.built_in = os.getpid()
+        self.built_in = PROCESS
 
     @kiln.enter()
     def warm(self) -> None:
-        self.warmed_in = os.getpid()
+        self.warmed_in = PROCESS
 
     @kiln.method()
     def run(self) -> dict:
@@ -64,7 +67,7 @@ class Model:
             "labels": self.labels,
             "built_in": self.built_in,
             "warmed_in": self.warmed_in,
-            "pid": os.getpid(),
+            "pid": PROCESS,
             "program": sys.argv[0],
         }
 """

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from stack import Platform, platform_fixture  # noqa: F401 - the fixture
+from stack import Platform, unsandboxed_platform_fixture  # noqa: F401 - the fixture
 from typer.testing import CliRunner, Result
 
 from kiln.cli.client import ApiError
