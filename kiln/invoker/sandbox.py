@@ -362,14 +362,15 @@ class Sandboxes:
 
     def _system_paths(self) -> list[Path]:
         """The read-only part of the view: the system's programs and libraries and the Python
-        environment (with the kiln package, wherever it is installed)."""
+        environment (with the kiln package, wherever it is installed: only the package, not the
+        checkout around an editable install)."""
         import kiln
 
         paths = [Path("/usr")]
         candidates: list[str | Path] = [
             sys.base_prefix, sys.prefix, sysconfig.get_paths()["purelib"],
             sysconfig.get_paths()["platlib"], *site.getsitepackages(),
-            Path(kiln.__file__).resolve().parent.parent, *self.extra_ro,
+            Path(kiln.__file__).resolve().parent, *self.extra_ro,
         ]  # fmt: skip
         for candidate in candidates:
             path = Path(candidate).resolve()
