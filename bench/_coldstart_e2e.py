@@ -149,7 +149,9 @@ def _measure_size(
     with tempfile.TemporaryDirectory(prefix="kiln-coldstart-") as tmp:
         home = Path(tmp)
         port = pick_port([], set())
-        kiln, key = start_kiln(home, port)  # defaults: nothing about the model is configured
+        # Defaults: nothing about the model is configured. Its files are on this host (no hub to
+        # download from), so they are shared with the sandboxes as a node's model store is.
+        kiln, key = start_kiln(home, port, KILN_SANDBOX_SHARE=str(model_dir.parent))
         try:
             client = httpx.Client(
                 base_url=f"http://127.0.0.1:{port}",

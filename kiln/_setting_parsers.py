@@ -98,6 +98,21 @@ def _path(raw: str) -> Path:
     return path
 
 
+def _paths(raw: str) -> tuple[Path, ...]:
+    """Comma-separated absolute directories."""
+    found = []
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        path = Path(part)
+        if not path.is_absolute():
+            raise ValueError(f"expected absolute paths, got {part!r}")
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"expected directories, but {part!r} is a file")
+        found.append(path)
+    return tuple(found)
+
+
 def _namespace(raw: str) -> str:
     if not _NAMESPACE_RE.match(raw):
         raise ValueError(

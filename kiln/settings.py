@@ -33,6 +33,7 @@ from kiln._setting_parsers import (
     _node_gpus,
     _node_id,
     _path,
+    _paths,
     _seconds,
     _secret,
     _stripe_key,
@@ -109,6 +110,7 @@ class Settings:
     sandbox: SandboxMode = SandboxMode.AUTO
     sandbox_uid_base: int = 200_000
     sandbox_cpus: float = 0.0
+    sandbox_share: tuple[Path, ...] = ()
     scheduler_lease_s: float = 5.0
     max_replicas: int = 1000
     ws_idle_timeout_s: float = 300.0
@@ -410,6 +412,13 @@ SETTINGS: tuple[SettingSpec, ...] = (
         _seconds(0, 4096),
         "the most CPU cores each sandbox may use, fractions allowed (default 0: no cap; they "
         "share the node's CPUs equally under load)",
+    ),
+    SettingSpec(
+        "KILN_SANDBOX_SHARE",
+        "sandbox_share",
+        _paths,
+        "host directories every sandbox may read, comma-separated, shown read-only at the same "
+        "paths (a node's model store, for example); nothing by default",
     ),
     SettingSpec(
         "KILN_SCHEDULER_LEASE_S",

@@ -560,6 +560,7 @@ def _sandboxes(settings: Settings) -> Sandboxes | None:
         uid_base=settings.sandbox_uid_base,
         uid_count=65_536,
         cpus=settings.sandbox_cpus or None,
+        extra_ro=settings.sandbox_share,
     )
 
 

@@ -154,7 +154,7 @@ class Sandboxes:
     uid_count: int
     cpus: float | None = None  # CPU cap per sandbox, in cores (None: no cap)
     pids_max: int = _DEFAULT_PIDS_MAX
-    extra_ro: tuple[Path, ...] = ()  # more host paths to show read-only (the Python env's)
+    extra_ro: tuple[Path, ...] = ()  # more host paths to show read-only (KILN_SANDBOX_SHARE)
     bwrap: str = field(default_factory=lambda: bwrap_path() or "")
     setpriv: str = field(default_factory=lambda: shutil.which("setpriv") or "")
     cgroup: tuple[int, Path] | None = field(default_factory=cgroup_root)
