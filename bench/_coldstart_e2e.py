@@ -150,7 +150,10 @@ def _measure_size(
         home = Path(tmp)
         port = pick_port([], set())
         # Defaults: nothing about the model is configured. Its files are on this host (no hub to
-        # download from), so they are shared with the sandboxes as a node's model store is.
+        # download from), so they are shared with the sandboxes as a node's model store is:
+        # readable by every uid.
+        for path in (model_dir, *model_dir.rglob("*")):
+            path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
         kiln, key = start_kiln(home, port, KILN_SANDBOX_SHARE=str(model_dir.parent))
         try:
             client = httpx.Client(
