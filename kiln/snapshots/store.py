@@ -249,11 +249,15 @@ class SnapshotCache:
 
 
 def _stat_of(path: Path) -> list[int] | None:
+    """What a stamp records of a file: any write changes it. Not the ctime: the node agent
+    hard-links snapshot files into sandboxes, and every link and unlink changes it (a rehash of
+    the whole snapshot on every cold start); a write that keeps the mtime takes a deliberate
+    utime by someone who could also read the key that signs the stamp."""
     try:
         st = path.stat()
     except FileNotFoundError:
         return None
-    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
 
 
 def _check_file(path: Path, name: str, entry: FileEntry, *, full: bool) -> None:

@@ -4,7 +4,9 @@ compare every tensor bit for bit; damaged, tampered and foreign snapshots are re
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import shutil
 import struct
 import threading
 from pathlib import Path
@@ -15,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from kiln.errors import SnapshotError, SnapshotTampered
+from kiln.invoker.sandbox import link_tree
 from kiln.snapshots.bake import bake
 from kiln.snapshots.blob import ALIGN, BlobEntry, read_index
 from kiln.snapshots.cuda import plan_chunks
@@ -279,7 +282,7 @@ def test_a_changed_byte_in_the_blob_is_caught_by_the_full_check(cache: SnapshotC
 
 
 def test_a_changed_byte_is_caught_by_a_plain_open_too(cache: SnapshotCache) -> None:
-    """An open hashes nothing for an untouched snapshot, but any write changes a file's ctime,
+    """An open hashes nothing for an untouched snapshot, but any write changes a file's mtime,
     which its signed stamp records, and a file that differs from its stamp is hashed."""
     snapshot = bake_and_seal(cache, make_holder())
     blob = snapshot.file(blob_name("cpu"))
@@ -293,11 +296,13 @@ def test_a_touched_but_intact_snapshot_is_accepted_and_restamped(cache: Snapshot
     snapshot = bake_and_seal(cache, make_holder())
     stamp = snapshot.file(STAMP)
     before = stamp.read_text()
-    snapshot.file(GRAPH).chmod(0o400)  # changes the ctime, not the bytes
+    graph = snapshot.file(GRAPH)
+    mtime = graph.stat().st_mtime_ns
+    os.utime(graph, ns=(mtime, mtime + 1_000_000))  # changes the mtime, not the bytes
     cache.open(snapshot.manifest.key)
     assert stamp.read_text() != before
     forged = json.loads(stamp.read_text())
-    forged["stats"][GRAPH][3] += 1  # a stamp not signed with the key counts for nothing
+    forged["stats"][GRAPH][2] += 1  # a stamp not signed with the key counts for nothing
     stamp.write_text(json.dumps(forged))
     cache.open(snapshot.manifest.key)  # hashes every file, all intact, and stamps them anew
     assert json.loads(stamp.read_text())["stats"][GRAPH] != forged["stats"][GRAPH]
@@ -404,3 +409,16 @@ def test_chunks_never_cross_a_storage_and_cover_every_byte() -> None:
                for c in chunks)  # fmt: skip
     with pytest.raises(ValueError, match="chunk_bytes must be positive"):
         plan_chunks(entries, 0)
+
+
+def test_hard_links_to_a_snapshot_cost_no_rehash(cache: SnapshotCache, tmp_path: Path) -> None:
+    """The node agent shows snapshots to sandboxes as hard links: making and removing them
+    changes the files' ctime, which must not make every open hash the whole snapshot again."""
+    snapshot = bake_and_seal(cache, make_holder())
+    stamp = snapshot.file(STAMP)
+    before = stamp.read_text()
+    shown = tmp_path / "box" / "ro" / "snapshot"
+    link_tree(snapshot.directory, shown)
+    shutil.rmtree(shown)
+    cache.open(snapshot.manifest.key)
+    assert stamp.read_text() == before  # nothing was found changed, nothing restamped
