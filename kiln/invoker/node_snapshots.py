@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -242,13 +243,12 @@ class NodeSnapshots:
         if bake is None:
             return {"error": "this replica was given no bake to seal"}
         key, staging = bake
-        if self.box_of(replica_id) is not None:
-            # Out of the sandbox first: what is hashed and signed can no longer be changed
-            # through its path (checksums guard what an open descriptor might still write).
-            moved = self.cache.staging(key)
-            await asyncio.to_thread(_take_over, staging, moved)
-            staging = moved
         try:
+            if self.box_of(replica_id) is not None:
+                # Out of the sandbox first: what is hashed and signed can no longer be changed
+                # through its path (checksums guard what an open descriptor might still write).
+                source, staging = staging, self.cache.staging(key)
+                await asyncio.to_thread(_take_over, source, staging)
             snapshot = await asyncio.to_thread(
                 self.cache.seal,
                 staging,
@@ -326,10 +326,15 @@ class NodeSnapshots:
 
 
 def _take_over(staging: Path, target: Path) -> None:
-    """Move a sandbox's bake into the agent's `target` (made empty), owned by the agent."""
+    """Move a sandbox's bake into the agent's `target` (made empty), owned by the agent. Only
+    plain files of one link are taken: a symbolic link (or a hard link) planted by the bake
+    would have the agent read, sign and share a file of the host's."""
     target.rmdir()
     staging.rename(target)
+    for path in target.iterdir():
+        st = path.lstat()
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise SnapshotError(f"the bake left {path.name!r}, which is not a plain file")
     for path in (target, *target.iterdir()):
         os.chown(path, os.getuid(), os.getgid(), follow_symlinks=False)
-        if path.is_file() and not path.is_symlink():
-            path.chmod(0o644)
+        path.chmod(0o700 if path.is_dir() else 0o644)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from kiln.errors import SnapshotError
+from kiln.invoker.node_snapshots import _take_over
 from kiln.invoker.sandbox import Box, _compile_seccomp, gpu_devices, link_tree
 
 
@@ -82,3 +84,28 @@ def test_the_seccomp_filter_compiles_to_a_bpf_program() -> None:
     program = _compile_seccomp()
     assert program
     assert len(program) % 8 == 0  # sock_filter instructions, 8 bytes each
+
+
+def test_a_bake_is_taken_over_only_as_plain_files(tmp_path: Path) -> None:
+    """A hostile bake that leaves a link to a host file must not have the agent read, sign and
+    share that file."""
+    good, target = tmp_path / "bake", tmp_path / "cache" / "staging"
+    good.mkdir()
+    target.mkdir(parents=True)
+    (good / "graph.pkl").write_bytes(b"state")
+    _take_over(good, target)
+    assert (target / "graph.pkl").read_bytes() == b"state"
+    assert (target / "graph.pkl").stat().st_mode & 0o777 == 0o644
+
+    for planted in ("symlink", "hardlink"):
+        bad, into = tmp_path / f"bad-{planted}", tmp_path / "cache" / f"staging-{planted}"
+        bad.mkdir()
+        into.mkdir()
+        secret = tmp_path / f"secret-{planted}"
+        secret.write_text("host secret")
+        if planted == "symlink":
+            (bad / "graph.pkl").symlink_to(secret)
+        else:
+            os.link(secret, bad / "graph.pkl")
+        with pytest.raises(SnapshotError, match="not a plain file"):
+            _take_over(bad, into)
