@@ -548,7 +548,8 @@ def _sandboxes(settings: Settings) -> Sandboxes | None:
                 ("bubblewrap (apt-get install bubblewrap)", bwrap_path()),
                 ("setpriv (util-linux)", shutil.which("setpriv")),
                 ("root (the agent gives each sandbox its own uid)", os.geteuid() == 0),
-                ("pyseccomp (pip install 'kiln[worker]')", _importable("pyseccomp")),
+                ("pyseccomp and libseccomp (pip install 'kiln[worker]'; apt-get install "
+                 "libseccomp2)", _importable("pyseccomp")),
             ) if not present
         ]  # fmt: skip
         if missing:
@@ -565,9 +566,14 @@ def _sandboxes(settings: Settings) -> Sandboxes | None:
 
 
 def _importable(name: str) -> bool:
-    import importlib.util
+    """Whether `name` imports (pyseccomp also loads the system's libseccomp as it does)."""
+    import importlib
 
-    return importlib.util.find_spec(name) is not None
+    try:
+        importlib.import_module(name)
+    except (ImportError, OSError):
+        return False
+    return True
 
 
 def _memory_budget(settings: Settings) -> int:
