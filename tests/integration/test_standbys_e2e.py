@@ -190,6 +190,9 @@ async def test_a_burst_of_cold_starts_of_several_functions_each_gets_a_standby(
             ), (app, seen.reports)  # fmt: skip
 
 
+# Its waits add up past the suite's 120 s on two busy cores: two bursts, two scale-downs and
+# three standbys refilled at nice 10 in between (each wait keeps its own limit).
+@pytest.mark.timeout(300)
 async def test_a_burst_of_replicas_of_one_function_deepens_its_standbys(
     platform: Platform, tmp_path: Path
 ) -> None:
