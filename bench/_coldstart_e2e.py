@@ -287,10 +287,12 @@ def _wait_sealed(home: Path, count: int, timeout_s: float = 1800) -> dict[str, s
 def _wait_uploaded(home: Path, keys: list[str], timeout_s: float = 1800) -> None:
     """Until the agent's copies to the shared store are done: it reads each blob and the
     embedded NATS writes it, which a cold start timed meanwhile would measure too."""
-    nats_url = tomllib.loads((home / "config.toml").read_text())["services"]["nats_url"]
+    services = tomllib.loads((home / "config.toml").read_text())["services"]
 
     async def wait() -> None:
-        nc = await nats.connect(servers=[nats_url])
+        nc = await nats.connect(
+            servers=[services["nats_url"]], user_credentials=services.get("nats_creds")
+        )
         subjects = Subjects("kiln")
         shared = SharedSnapshots(nc.jetstream(), subjects.snapshot_bucket, subjects.snapshot_leases)
         deadline = time.monotonic() + timeout_s

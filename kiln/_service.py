@@ -20,6 +20,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kiln import _loop
+from kiln._nats import connect_options
 from kiln._tasks import cancel_and_wait
 from kiln.errors import ConfigError, KilnError
 from kiln.settings import Settings
@@ -93,9 +94,7 @@ async def open_nats(
     import nats
 
     nc = await nats.connect(
-        servers=settings.nats_servers,
-        connect_timeout=settings.connect_timeout_s,
-        name=f"kiln-{process.value.replace('_', '-')}",
+        **connect_options(settings, name=f"kiln-{process.value.replace('_', '-')}"),
         max_reconnect_attempts=-1,
         **nats_metrics.callbacks(process),
     )

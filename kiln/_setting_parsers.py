@@ -98,6 +98,25 @@ def _path(raw: str) -> Path:
     return path
 
 
+def _file(raw: str) -> Path:
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        raise ValueError("expected an absolute path or one starting with ~/")
+    if not path.is_file():
+        raise ValueError("expected an existing file, but there is none")
+    return path
+
+
+def _account_seed(raw: str) -> str:
+    """An nkey seed of a NATS account (what `nsc` and `kiln dev` make): 58 characters, SA..."""
+    if not re.fullmatch(r"SA[A-Z2-7]{56}", raw.strip()):
+        raise ValueError(
+            "expected a NATS account signing key seed: 58 characters starting with SA (see "
+            "docs/security.md for how to make one)"
+        )
+    return raw.strip()
+
+
 def _paths(raw: str) -> tuple[Path, ...]:
     """Comma-separated absolute directories."""
     found = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import uuid
 
 from nats.js import JetStreamContext
 from nats.js.api import ObjectStoreConfig, StorageType
@@ -16,7 +17,7 @@ from nats.js.object_store import ObjectStore
 from kiln.errors import InternalError
 from kiln.wire import Subjects
 
-__all__ = ["MAX_RESULT_BYTES", "PAYLOAD_TTL_S", "PayloadStore"]
+__all__ = ["MAX_RESULT_BYTES", "PAYLOAD_TTL_S", "PayloadStore", "ensure_payload_bucket"]
 
 # Longer than a call can wait and run, so a payload outlives its call; deleted when taken.
 PAYLOAD_TTL_S = 24 * 3600.0
@@ -25,42 +26,58 @@ MAX_RESULT_BYTES = 1 << 30
 
 
 class PayloadStore:
-    def __init__(self, js: JetStreamContext, subjects: Subjects) -> None:
+    """Each function's payloads, in a bucket of its own (a replica's credentials reach only its
+    function's). Platform processes create a bucket on first use; a replica (`create=False`)
+    finds it made by its node agent."""
+
+    def __init__(self, js: JetStreamContext, subjects: Subjects, *, create: bool = True) -> None:
         self.js = js
-        self.bucket = subjects.payload_bucket
-        self._store: ObjectStore | None = None
+        self.subjects = subjects
+        self.create = create
+        self._stores: dict[uuid.UUID, ObjectStore] = {}
 
-    async def _open(self) -> ObjectStore:
-        if self._store is None:
-            try:
-                self._store = await self.js.object_store(self.bucket)
-            except (BucketNotFoundError, NotFoundError):
-                config = ObjectStoreConfig(ttl=PAYLOAD_TTL_S, storage=StorageType.FILE)
-                self._store = await self.js.create_object_store(self.bucket, config)
-        return self._store
+    async def _open(self, function_id: uuid.UUID) -> ObjectStore:
+        store = self._stores.get(function_id)
+        if store is None:
+            bucket = self.subjects.payload_bucket(function_id)
+            if self.create:
+                store = await ensure_payload_bucket(self.js, bucket)
+            else:
+                store = await self.js.object_store(bucket)
+            self._stores[function_id] = store
+        return store
 
-    async def put(self, data: bytes) -> str:
+    async def put(self, function_id: uuid.UUID, data: bytes) -> str:
         """Store `data`; the name to send in its place."""
         name = secrets.token_hex(16)
-        await (await self._open()).put(name, data)
+        await (await self._open(function_id)).put(name, data)
         return name
 
-    async def take(self, name: str) -> bytes:
+    async def take(self, function_id: uuid.UUID, name: str) -> bytes:
         """The bytes stored under `name`, which are then deleted."""
-        data = await self.get(name)
-        await self.delete(name)
+        data = await self.get(function_id, name)
+        await self.delete(function_id, name)
         return data
 
-    async def get(self, name: str) -> bytes:
+    async def get(self, function_id: uuid.UUID, name: str) -> bytes:
         """The bytes stored under `name` (kept: a job's body serves each of its attempts)."""
-        store = await self._open()
+        store = await self._open(function_id)
         try:
             result = await store.get(name)
         except (ObjectNotFoundError, NotFoundError):
             raise InternalError(f"payload {name} is not in the store (expired?)") from None
         return result.data or b""
 
-    async def delete(self, name: str) -> None:
-        store = await self._open()
+    async def delete(self, function_id: uuid.UUID, name: str) -> None:
+        store = await self._open(function_id)
         with contextlib.suppress(Exception):  # it expires anyway
             await store.delete(name)
+
+
+async def ensure_payload_bucket(js: JetStreamContext, bucket: str) -> ObjectStore:
+    """The payload bucket `bucket`, created if missing."""
+    try:
+        return await js.object_store(bucket)
+    except (BucketNotFoundError, NotFoundError):
+        config = ObjectStoreConfig(ttl=PAYLOAD_TTL_S, storage=StorageType.FILE)
+        return await js.create_object_store(bucket, config)

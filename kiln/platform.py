@@ -16,6 +16,7 @@ from collections.abc import Callable, Generator
 import nats
 import uvicorn
 
+from kiln._nats import connect_options
 from kiln.billing.ledger import billing_rules
 from kiln.billing.outbox import OutboxWorker
 from kiln.billing.stripe_gateway import StripeGateway
@@ -67,9 +68,7 @@ async def serve_platform(
         # /metrics shows each family once.
         nats_metrics = NatsMetrics()
         nc = await nats.connect(
-            servers=settings.nats_servers,
-            connect_timeout=settings.connect_timeout_s,
-            name="kiln-platform",
+            **connect_options(settings, name="kiln-platform"),
             **nats_metrics.callbacks(NatsProcess.PLATFORM),
         )
         exits.push_async_callback(nc.drain)

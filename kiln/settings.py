@@ -20,9 +20,11 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from kiln._setting_parsers import (
+    _account_seed,
     _api_key,
     _choice,
     _currency,
+    _file,
     _gpu_prices,
     _host,
     _http_url,
@@ -83,6 +85,8 @@ class Settings:
     env: Environment = Environment.DEV
     home: Path
     nats_url: str | None = None
+    nats_creds: Path | None = None
+    nats_signing_key: str | None = dataclasses.field(default=None, repr=False)
     database_url: str | None = None
     redis_url: str | None = None
     namespace: str = "kiln"
@@ -272,6 +276,21 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "nats_url",
         _url(("nats", "tls"), "nats://127.0.0.1:4222", many=True),
         "NATS server(s); unset under `kiln dev` starts an embedded one",
+    ),
+    SettingSpec(
+        "KILN_NATS_CREDS",
+        "nats_creds",
+        _file,
+        "NATS credentials file (user JWT and seed) this process connects with; `kiln dev` "
+        "makes one",
+    ),
+    SettingSpec(
+        "KILN_NATS_SIGNING_KEY",
+        "nats_signing_key",
+        _account_seed,
+        "NATS account signing key seed (SA...) with which a node agent issues each replica "
+        "its own credentials; needed by agents when NATS requires credentials",
+        secret=True,
     ),
     SettingSpec(
         "KILN_DATABASE_URL",

@@ -56,6 +56,7 @@ __all__ = [
     "UsageReport",
     "consumer_name",
     "decode",
+    "decode_own",
     "encode",
     "parse_event",
     "stream_event",
@@ -184,15 +185,14 @@ class Subjects:
     def calls_stream(self) -> str:
         return f"{self.ns}_calls"
 
-    @property
-    def payload_bucket(self) -> str:
-        """Object store: bodies and results too large for one message (kiln.payloads)."""
-        return f"{self.ns}_payloads"
+    def payload_bucket(self, function_id: uuid.UUID) -> str:
+        """Object store: the function's call bodies and results too large for one message
+        (kiln.payloads). One per function, so a replica's credentials reach only its own."""
+        return f"{self.ns}_payloads_{function_id.hex}"
 
-    @property
-    def job_results_bucket(self) -> str:
-        """Object store: job results too large to record in PostgreSQL inline."""
-        return f"{self.ns}_job_results"
+    def job_results_bucket(self, function_id: uuid.UUID) -> str:
+        """Object store: the function's job results too large to record in PostgreSQL."""
+        return f"{self.ns}_jobresults_{function_id.hex}"
 
     @property
     def job_cancels_bucket(self) -> str:
@@ -203,12 +203,12 @@ class Subjects:
     def job_events_stream(self) -> str:
         return f"{self.ns}_job_events"
 
-    def job_events(self, job_id: str) -> str:
-        return f"{self.ns}.jobevents.{job_id}"
+    def job_events(self, function_id: uuid.UUID, job_id: str) -> str:
+        return f"{self.ns}.jobevents.{function_id.hex}.{job_id}"
 
     @property
     def all_job_events(self) -> str:
-        return f"{self.ns}.jobevents.*"
+        return f"{self.ns}.jobevents.>"
 
     @property
     def usage_stream(self) -> str:
@@ -250,14 +250,20 @@ class Subjects:
         """Key-value bucket: which scheduler process acts (kiln.scheduler.leader)."""
         return f"{self.ns}_scheduler"
 
-    def snapshot_requests(self, node_id: str) -> str:
+    def snapshot_requests(self, node_id: str, replica_id: uuid.UUID) -> str:
         """Where a starting replica asks its node agent for its snapshot (or to bake it)."""
-        return f"{self.ns}.node.{node_id}.snapshots"
+        return f"{self.ns}.node.{node_id}.snapshots.{replica_id.hex}"
+
+    def all_snapshot_requests(self, node_id: str) -> str:
+        return f"{self.ns}.node.{node_id}.snapshots.*"
+
+    def cold_start(self, replica_id: uuid.UUID) -> str:
+        """Where a replica reports how its cold start went (`ColdStartReport`)."""
+        return f"{self.ns}.events.coldstart.{replica_id.hex}"
 
     @property
-    def cold_starts(self) -> str:
-        """Replicas report how their cold start went (`ColdStartReport`)."""
-        return f"{self.ns}.events.coldstart"
+    def all_cold_starts(self) -> str:
+        return f"{self.ns}.events.coldstart.*"
 
     @property
     def all_calls(self) -> str:
@@ -267,14 +273,20 @@ class Subjects:
         return f"{self.ns}.calls.{function_id.hex}"
 
     def replies(self, router_id: str) -> str:
-        return f"{self.ns}.reply.{router_id}.*"
+        return f"{self.ns}.reply.{router_id}.>"
 
-    def reply(self, router_id: str, call_id: str) -> str:
-        return f"{self.ns}.reply.{router_id}.{call_id}"
+    def reply(self, router_id: str, function_id: uuid.UUID, call_id: str) -> str:
+        """Replies to one call (its PubAck, then the result or stream). The function is in
+        the subject so that a replica may answer only its own function's calls."""
+        return f"{self.ns}.reply.{router_id}.{function_id.hex}.{call_id}"
 
-    def accepted(self, router_id: str) -> str:
-        """Where replicas say which of this router's calls they took, several per message."""
-        return f"{self.ns}.accepted.{router_id}"
+    def accepted(self, router_id: str, function_id: uuid.UUID) -> str:
+        """Where replicas say which of this router's calls of the function they took, several
+        per message."""
+        return f"{self.ns}.accepted.{router_id}.{function_id.hex}"
+
+    def all_accepted(self, router_id: str) -> str:
+        return f"{self.ns}.accepted.{router_id}.*"
 
     def demand(self, function_id: uuid.UUID) -> str:
         return f"{self.ns}.demand.{function_id.hex}"
@@ -299,6 +311,11 @@ class Subjects:
 
     def node_command(self, node_id: str) -> str:
         return f"{self.ns}.node.{node_id}.cmd"
+
+    def replica(self, replica_id: uuid.UUID) -> str:
+        """Everything the platform sends one replica (its drain order, stream controls and
+        session frames)."""
+        return f"{self.ns}.replica.{replica_id.hex}.>"
 
     def drain(self, replica_id: uuid.UUID) -> str:
         return f"{self.ns}.replica.{replica_id.hex}.drain"
@@ -494,3 +511,13 @@ def encode(message: Any) -> bytes:
 
 def decode(kind: type[_T], data: bytes) -> _T:
     return kind(**json.loads(data))
+
+
+def decode_own(kind: type[_T], subject: str, data: bytes) -> _T:
+    """Decode what a replica sent on one of its own subjects (those ending in its id, the only
+    ones its credentials let it publish to), refusing a message that speaks for another."""
+    message = decode(kind, data)
+    sender = getattr(message, "replica_id", "")
+    if uuid.UUID(str(sender)).hex != subject.rsplit(".", 1)[-1]:
+        raise ValueError(f"a message on {subject} speaks for replica {sender}")
+    return message

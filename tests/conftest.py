@@ -4,6 +4,12 @@ Each service comes from `KILN_TEST_<NAME>_URL` when set, else the well-known loc
 does not answer there (a fresh laptop, a bare CI image) the session starts the embedded server
 from kiln.devstack instead. `KILN_TEST_EMBEDDED=1` forces the embedded stack for all three.
 
+NATS is the exception: the session starts the embedded one unless `KILN_TEST_NATS_URL` names
+another, because the embedded one runs with the platform's authorisation (every process with
+its own credentials, replicas with theirs), which the tests prove. A server named there is used
+with `KILN_TEST_NATS_CREDS` and `KILN_TEST_NATS_SIGNING_KEY` if set (else without credentials,
+and the tests of NATS authorisation skip).
+
 Sessions never see each other's data: each gets its own PostgreSQL database, its own namespace
 (the prefix of NATS streams and subjects and of Redis keys) and its own KILN_HOME, and removes
 them at the end.
@@ -48,6 +54,8 @@ class ServiceUrls:
     database_url: str  # a maintenance database on the server; tests get their own database
     redis_url: str
     embedded: tuple[str, ...]
+    nats_creds: str = ""  # the platform's NATS credentials file, when NATS requires them
+    nats_signing_key: str = ""
 
 
 async def _can_create_databases(url: str) -> bool:
@@ -79,7 +87,7 @@ def service_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceUr
     urls: dict[str, str | None] = {}
     for attr, default in DEFAULT_URLS.items():
         chosen = os.environ.get(_TEST_VARS[attr])
-        if force_embedded:
+        if force_embedded or (attr == "nats_url" and not chosen):
             urls[attr] = None
         elif chosen:
             if not _usable(attr, chosen):
@@ -93,7 +101,12 @@ def service_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceUr
             urls[attr] = default if _usable(attr, default) else None
     missing = tuple(attr for attr, url in urls.items() if url is None)
     if not missing:
-        yield ServiceUrls(**urls, embedded=())  # type: ignore[arg-type]
+        yield ServiceUrls(
+            **urls,  # type: ignore[arg-type]
+            embedded=(),
+            nats_creds=os.environ.get("KILN_TEST_NATS_CREDS", ""),
+            nats_signing_key=os.environ.get("KILN_TEST_NATS_SIGNING_KEY", ""),
+        )
         return
     home = tmp_path_factory.mktemp("embedded-home")
     base = Settings.from_env({"HOME": str(home)}).replace(**urls)
@@ -103,6 +116,10 @@ def service_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceUr
             database_url=running.database_url or "",
             redis_url=running.redis_url or "",
             embedded=missing,
+            nats_creds=str(running.nats_creds or os.environ.get("KILN_TEST_NATS_CREDS", "")),
+            nats_signing_key=(
+                running.nats_signing_key or os.environ.get("KILN_TEST_NATS_SIGNING_KEY", "")
+            ),
         )
 
 
@@ -132,10 +149,13 @@ async def _drop_database(admin_url: str, name: str) -> None:
         await conn.close()
 
 
-async def _clean_nats(url: str, namespace: str) -> None:
+async def _clean_nats(settings: Settings) -> None:
     import nats
 
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    from kiln._nats import connect_options
+
+    nc = await nats.connect(**connect_options(settings), max_reconnect_attempts=0)
+    namespace = settings.namespace
     try:
         js = nc.jetstream()
         owned = (namespace, f"KV_{namespace}", f"OBJ_{namespace}")
@@ -175,6 +195,12 @@ def settings(
             "KILN_HOME": str(home),
             "KILN_NAMESPACE": namespace,
             "KILN_NATS_URL": service_urls.nats_url,
+            **({"KILN_NATS_CREDS": service_urls.nats_creds} if service_urls.nats_creds else {}),
+            **(
+                {"KILN_NATS_SIGNING_KEY": service_urls.nats_signing_key}
+                if service_urls.nats_signing_key
+                else {}
+            ),
             "KILN_DATABASE_URL": _with_database(service_urls.database_url, database),
             "KILN_REDIS_URL": service_urls.redis_url,
             "KILN_API_KEY_PEPPER": secrets.token_urlsafe(32),
@@ -186,7 +212,7 @@ def settings(
         yield built
     finally:
         asyncio.run(_drop_database(service_urls.database_url, database))
-        asyncio.run(_clean_nats(service_urls.nats_url, namespace))
+        asyncio.run(_clean_nats(built))
         _clean_redis(service_urls.redis_url, built.namespace)  # and namespaces made from it
 
 

@@ -27,7 +27,7 @@ from kiln.settings import SETTINGS, Settings, mask_url
 
 __all__ = ["ClientConfig", "apply_client_config", "read_config", "write_config"]
 
-_SERVICE_KEYS = ("nats_url", "database_url", "redis_url")
+_SERVICE_KEYS = ("nats_url", "nats_creds", "database_url", "redis_url")
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,11 @@ def run_dev(
                         api_key=api_key,
                         services={
                             "nats_url": running.nats_url or "",
+                            **(
+                                {"nats_creds": str(running.nats_creds)}
+                                if running.nats_creds
+                                else {}
+                            ),
                             "database_url": running.database_url or "",
                             "redis_url": running.redis_url or "",
                         },

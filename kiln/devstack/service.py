@@ -9,7 +9,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from kiln.devstack.process import ManagedProcess, ProcessSpec
 from kiln.errors import DevStackError, DevStackPortTaken
@@ -81,6 +81,10 @@ class EmbeddedService(ABC):
     @abstractmethod
     def probe(self) -> bool:
         """True once the server answers like a healthy one."""
+
+    def settings(self) -> dict[str, Any]:
+        """Settings besides the URL that the platform needs to use the server."""
+        return {}
 
     def after_ready(self) -> None:  # noqa: B027 - an optional hook, empty by default
         """Set-up that needs the running server (creating the database, for example)."""

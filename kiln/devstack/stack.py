@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 from kiln.devstack.nats import EmbeddedNats
 from kiln.devstack.ports import pick_port
@@ -109,15 +109,16 @@ class DevStack:
         try:
             previous = {entry.name: entry for entry in self._read_state()}
             self._stop_strays(previous.values())
-            urls: dict[str, str] = {}
+            changes: dict[str, Any] = {}
             for attr, kind in _SERVICES:
                 if getattr(self.settings, attr) is None:
                     old = previous.get(kind.name)
-                    urls[attr] = self._start_service(kind, old.ports if old else {})
+                    changes[attr] = self._start_service(kind, old.ports if old else {})
+                    changes.update(self.services[-1].settings())
         except BaseException:
             self.stop()
             raise
-        return self.settings.replace(**urls)
+        return self.settings.replace(**changes)
 
     def _start_service(self, kind: type[EmbeddedService], old_ports: dict[str, int]) -> str:
         taken = {port for service in self.services for port in service.ports.values()}

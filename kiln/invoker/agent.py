@@ -41,6 +41,7 @@ from kiln._tasks import cancel_and_wait
 from kiln.codestore import CodeStore
 from kiln.functions.gpu import gpu_request
 from kiln.functions.package import unpack
+from kiln.invoker.credentials import ReplicaCredentials
 from kiln.invoker.flavours import Flavour
 from kiln.invoker.inventory import node_slots
 from kiln.invoker.node_snapshots import NodeSnapshots
@@ -49,6 +50,7 @@ from kiln.invoker.sandbox import Box, Sandboxes, bwrap_path, gpu_devices, link_t
 from kiln.invoker.standby import Assignment
 from kiln.invoker.standby_pool import Standby, StandbyPool, memory_info
 from kiln.invoker.usage import UsageCloser
+from kiln.jobs.streams import ensure_function_stores
 from kiln.observability.gpu import GpuTelemetry
 from kiln.settings import SandboxMode, Settings
 from kiln.snapshots.manifest import Manifest
@@ -58,7 +60,7 @@ from kiln.wire import (
     NodeHeartbeat,
     StartReplica,
     Subjects,
-    decode,
+    decode_own,
     encode,
 )
 
@@ -121,7 +123,9 @@ class NodeAgent:
         self.workdir = settings.home / "replicas"
         self._tasks: set[asyncio.Task[None]] = set()
         self.sandboxes = _sandboxes(settings)
+        self.credentials = ReplicaCredentials.from_settings(settings, node_id=self.node_id)
         self._code_fetches: dict[str, asyncio.Task[Path]] = {}
+        self._stores_made: set[str] = set()  # functions whose buckets are known to exist
         self.usage = UsageCloser(nc, self.subjects)
         self.snapshots = (
             NodeSnapshots(
@@ -186,7 +190,7 @@ class NodeAgent:
         self.needs.load()
         self._plan_standbys()
         sub = await self.nc.subscribe(self.subjects.node_command(self.node_id), cb=self._on_command)
-        reports = await self.nc.subscribe(self.subjects.cold_starts, cb=self._on_cold_start)
+        reports = await self.nc.subscribe(self.subjects.all_cold_starts, cb=self._on_cold_start)
         beat = asyncio.create_task(self._heartbeat(), name="kiln-agent-heartbeat")
         closing = asyncio.create_task(self.usage.run(), name="kiln-agent-usage")
         telemetry = asyncio.create_task(self.gpu_telemetry.run(), name="kiln-agent-gpu-telemetry")
@@ -259,19 +263,23 @@ class NodeAgent:
         self, launch: StartReplica, kind: str, indices: list[int], need: Flavour | None
     ) -> tuple[asyncio.subprocess.Process, Box | None]:
         device = "" if kind == "none" else ",".join(map(str, indices))
+        # The agent unpacks the code and makes the function's buckets: the replica's
+        # credentials reach neither the code store nor the JetStream API that creates buckets.
+        code, _ = await asyncio.gather(
+            self._code(launch.artifact_digest), self._function_stores(launch.function_id)
+        )
         if self.sandboxes is None:
             directory = self.workdir / launch.replica_id
             directory.mkdir(parents=True, exist_ok=True)
             launch_file = directory / "launch.json"
-            launch_file.write_text(json.dumps({**asdict(launch), "node_id": self.node_id}))
+            self._write_launch(launch_file, launch)
             env = self._replica_env(launch, directory, kind, indices)
             standby = self.standbys.take(device, need, holder=launch.replica_id)
             if standby is not None and await self._assign(standby, launch_file, directory, env):
                 return standby.process, None
             return await self._start_process(launch_file, directory, env), None
-        # Sandboxed: the code is unpacked here, by the agent, and shown to the replica read-only
-        # in its box, with its launch file; it writes only in its own work directory.
-        code = await self._code(launch.artifact_digest)
+        # Sandboxed: the code is shown to the replica read-only in its box, with its launch
+        # file; it writes only in its own work directory.
         standby = self.standbys.take(device, need, holder=launch.replica_id)
         box = standby.box if standby is not None and standby.box is not None else None
         if box is None:
@@ -345,9 +353,21 @@ class NodeAgent:
         if not shown.exists():
             link_tree(code, shown)
         launch_file = box.ro / "launch.json"
-        launch_file.write_text(json.dumps({**asdict(launch), "node_id": self.node_id}))
-        launch_file.chmod(0o644)
+        self._write_launch(launch_file, launch)
+        os.chown(launch_file, box.uid, box.uid)  # its credentials: for this replica's eyes
         return launch_file
+
+    def _write_launch(self, path: Path, launch: StartReplica) -> None:
+        """The replica's launch file: the order, this node, and its own NATS credentials."""
+        data: dict[str, Any] = {**asdict(launch), "node_id": self.node_id}
+        if self.credentials is not None:
+            data["nats_creds"] = self.credentials.issue(
+                function_id=uuid.UUID(launch.function_id),
+                replica_id=uuid.UUID(launch.replica_id),
+            )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as file:
+            json.dump(data, file)
 
     async def _code(self, digest: str) -> Path:
         """The function's code, unpacked once per node by the agent (one fetch per digest at a
@@ -361,6 +381,16 @@ class NodeAgent:
             self._code_fetches[digest] = task
             task.add_done_callback(lambda _: self._code_fetches.pop(digest, None))
         return await asyncio.shield(task)
+
+    async def _function_stores(self, function_id: str) -> None:
+        """The function's payload and job result buckets exist (checked once per agent)."""
+        if function_id in self._stores_made:
+            return
+        await ensure_function_stores(
+            self.nc.jetstream(), self.subjects, uuid.UUID(function_id),
+            self.settings.job_result_ttl_s,
+        )  # fmt: skip
+        self._stores_made.add(function_id)
 
     async def _fetch_code(self, digest: str, directory: Path) -> Path:
         archive = await CodeStore(self.nc.jetstream(), self.subjects).get(digest)
@@ -386,7 +416,7 @@ class NodeAgent:
         """A replica of this node is ready (what it imported late is learned) or past its
         first call (the standby it took is replaced)."""
         try:
-            report = decode(ColdStartReport, msg.data)
+            report = decode_own(ColdStartReport, msg.subject, msg.data)
             running = self.replicas.get(report.replica_id)
             if running is None:
                 return  # another node's replica

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import traceback
@@ -52,6 +53,7 @@ class CallRunner:
         replica_id: uuid.UUID,
         target: Target,
         *,
+        function_id: uuid.UUID,
         on_poison: Callable[[str], None],
     ) -> None:
         self.nc = nc
@@ -60,7 +62,9 @@ class CallRunner:
         self.replica_id = replica_id
         self.target = target
         self.on_poison = on_poison
-        self.payloads = PayloadStore(nc.jetstream(), subjects)
+        self.function_id = function_id
+        # Its node agent made the function's payload bucket; a replica may not create one.
+        self.payloads = PayloadStore(nc.jetstream(), subjects, create=False)
         self._running: dict[_Key, asyncio.Task[None]] = {}
         self._cancelled: set[_Key] = set()
         self._credits: dict[_Key, StreamCredits] = {}
@@ -81,7 +85,7 @@ class CallRunner:
             try:
                 if call.payload is not None:
                     try:
-                        body = await self.payloads.take(call.payload)
+                        body = await self.payloads.take(self.function_id, call.payload)
                     except Exception as exc:  # noqa: BLE001 - expired, or NATS trouble
                         _log.error("call %s: its stored body is gone: %s", call.call_id, exc)
                         await self.reply_error(
@@ -165,11 +169,9 @@ class CallRunner:
         body = result.body
         try:
             if len(body) > int(self.nc.max_payload) - _HEADER_ROOM:
-                headers = {**headers, H.PAYLOAD: await self.payloads.put(body)}
+                headers = {**headers, H.PAYLOAD: await self.payloads.put(self.function_id, body)}
                 body = b""
-            await self.nc.publish(
-                self.subjects.reply(call.router, call.call_id), body, headers=headers
-            )
+            await self.nc.publish(self.reply_subject(call), body, headers=headers)
         except Exception as exc:  # noqa: BLE001 - tell the caller rather than leave it waiting
             _log.error("could not send the result of call %s: %s", call.call_id, exc)
             await self.reply_error(call, FunctionError(f"the result could not be sent: {exc}"))
@@ -183,10 +185,10 @@ class CallRunner:
             async with deadline:
                 await send_stream(
                     self.nc,
-                    self.subjects.reply(call.router, call.call_id),
+                    self.reply_subject(call),
                     self.target.stream(call.method, body, call.content_type),
                     credits,
-                    payloads=self.payloads,
+                    store=functools.partial(self.payloads.put, self.function_id),
                     inline_bytes=int(self.nc.max_payload) - _HEADER_ROOM,
                 )
         except TimeoutError as exc:
@@ -214,7 +216,7 @@ class CallRunner:
         credits = self._credits[key] = StreamCredits(call.window)
         session = self._sessions[key] = ReplicaSession(
             self.nc,
-            self.subjects.reply(call.router, call.call_id),
+            self.reply_subject(call),
             credits=credits,
             params={str(k): str(v) for k, v in params.items()},
         )
@@ -246,10 +248,13 @@ class CallRunner:
         """The customer's exception: type and message to the caller, traceback to the logs."""
         await self.reply_error(call, FunctionError(_user_error_reason(call, exc)))
 
+    def reply_subject(self, call: CallHeaders) -> str:
+        return self.subjects.reply(call.router, self.function_id, call.call_id)
+
     async def reply_error(self, call: CallHeaders, error: KilnError) -> None:
         body = json.dumps({"code": error.code, "message": error.message, "status": error.status})
         await self.nc.publish(
-            self.subjects.reply(call.router, call.call_id),
+            self.reply_subject(call),
             body.encode(),
             headers={H.EVENT: Event.ERROR, H.REPLICA: self._replica_str},
         )

@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,7 +59,7 @@ class CallFeed:
         self.on_call = on_call
         self.threshold = max(1, threshold)
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
-        self._inbox = f"_INBOX.kiln.{secrets.token_hex(8)}"
+        self._inbox = nc.new_inbox()  # under the connection's prefix, which it may read
         self._pulls: dict[str, _Pull] = {}
         self._numbers = itertools.count(1)
         self._outstanding = 0

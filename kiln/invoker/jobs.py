@@ -84,7 +84,7 @@ class JobRunner:
                 try:
                     body = msg.data
                     if call.payload is not None:
-                        body = await self.calls.payloads.get(call.payload)
+                        body = await self.calls.payloads.get(self.calls.function_id, call.payload)
                     result = await self.calls.compute(call, body)
                 except asyncio.CancelledError:
                     if not self.calls.cancelled_by_caller(key):
@@ -118,7 +118,7 @@ class JobRunner:
         )  # fmt: skip
         if len(body) <= _INLINE_RESULT_BYTES:
             return dataclasses.replace(event, result_b64=base64.b64encode(body).decode())
-        store = await self.js.object_store(self.subjects.job_results_bucket)
+        store = await self.js.object_store(self.subjects.job_results_bucket(self.calls.function_id))
         await store.put(job, body)
         return dataclasses.replace(event, result_ref=job)
 
@@ -137,7 +137,9 @@ class JobRunner:
         for tries_left in range(_PUBLISH_TRIES - 1, -1, -1):
             try:
                 await self.js.publish(
-                    self.subjects.job_events(event.job_id), encode(event), headers=headers
+                    self.subjects.job_events(self.calls.function_id, event.job_id),
+                    encode(event),
+                    headers=headers,
                 )
                 return
             except Exception as exc:

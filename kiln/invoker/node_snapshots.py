@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import stat
+import uuid
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,7 @@ class NodeSnapshots:
             self._fetch(key)
 
     async def start(self) -> None:
-        subject = self.subjects.snapshot_requests(self.node_id)
+        subject = self.subjects.all_snapshot_requests(self.node_id)
         self._sub = await self.nc.subscribe(subject, cb=self._on_request)
 
     async def close(self) -> None:
@@ -147,7 +148,9 @@ class NodeSnapshots:
     async def _answer(self, msg: Msg) -> None:
         try:
             request = json.loads(msg.data)
-            replica_id = str(request["replica_id"])
+            # Who asks is the subject's last token, which only that replica may publish to
+            # (the replica id in the body is the replica's word).
+            replica_id = str(uuid.UUID(msg.subject.rsplit(".", 1)[-1]))
             launch = self.launch_of(replica_id)
             if launch is None or launch.snapshot_key is None:
                 raise SnapshotError(f"replica {replica_id} has no snapshot on this node")

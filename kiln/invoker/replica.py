@@ -1,7 +1,7 @@
 """A replica: one process bound to one function version.
 
-Life: connect to NATS and start heartbeating (state `starting`), fetch and unpack the code
-artifact, import the app, build the instance — restored from its snapshot or by running the
+Life: connect to NATS and start heartbeating (state `starting`), import the app from the code
+its node agent unpacked, build the instance — restored from its snapshot or by running the
 `@enter(snap=True)` hooks (see `coldstart`) — and run the plain `@enter` hooks (`ready`), report
 the cold start's phases, then pull calls — only as many as it has free slots — and run them
 (`kiln.invoker.calls`: plain calls, streams and WebSocket sessions). On a drain order or
@@ -32,18 +32,18 @@ from typing import Any, NoReturn
 
 import nats
 from nats.aio.client import Client as NATS
+from nats.aio.client import RawCredentials
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
 from kiln import _loop
 from kiln._tasks import cancel_and_wait
-from kiln.codestore import CodeStore
 from kiln.db.enums import ReplicaState
+from kiln.errors import InternalError
 from kiln.functions.loader import load_app, resolve
-from kiln.functions.package import unpack
 from kiln.functions.spec import FunctionSpec
 from kiln.invoker.calls import CallRunner
 from kiln.invoker.coldstart import ColdStart, SnapshotLink, build_instance, classify_process
+from kiln.invoker.credentials import replica_inbox
 from kiln.invoker.feed import CallFeed
 from kiln.invoker.jobs import JobRunner
 from kiln.invoker.output import CallContextFilter, FunctionOutput
@@ -78,10 +78,13 @@ class Replica:
         *,
         preloaded: frozenset[str] = frozenset(),
         from_standby: bool = False,
+        nats_creds: str | None = None,
     ) -> None:
         """`preloaded`: the modules this process had imported when it was given `launch`;
-        `from_standby`: it was a standby process (not started for this replica)."""
+        `from_standby`: it was a standby process (not started for this replica);
+        `nats_creds`: the credentials its node agent issued it, if NATS requires them."""
         self.settings = settings
+        self.nats_creds = nats_creds
         self.launch = launch
         self.node_id = node_id
         self.replica_id = uuid.UUID(launch.replica_id)
@@ -120,8 +123,9 @@ class Replica:
             servers=self.settings.nats_servers,
             connect_timeout=self.settings.connect_timeout_s,
             name=f"kiln-replica-{self.replica_id.hex[:8]}",
+            inbox_prefix=replica_inbox(self.replica_id),
+            user_credentials=RawCredentials(self.nats_creds) if self.nats_creds else None,
         )
-        js = self.nc.jetstream()
         self.output = FunctionOutput(
             self.nc, self.subjects.logs(self.function_id), self._replica_str
         )
@@ -137,7 +141,7 @@ class Replica:
             if self.launch.received_at:  # from the agent's order to this process running
                 record.phases["assign"] = max(0.0, time.time() - self.launch.received_at)
             with record.phase("code_load"):
-                self.target = await self._load(js)
+                self.target = await self._load()
             await build_instance(
                 self.target,
                 self._snapshot_link(),
@@ -146,7 +150,7 @@ class Replica:
             )
             self.calls = CallRunner(
                 self.nc, self.subjects, self.spec, self.replica_id, self.target,
-                on_poison=self._poison,
+                function_id=self.function_id, on_poison=self._poison,
             )  # fmt: skip
             await self.calls.start()
             self.ready_at = time.time()
@@ -169,7 +173,7 @@ class Replica:
         if self.launch.snapshot_key is None or self.spec.resources.snapshot == "off":
             return None
         assert self.nc is not None
-        subject = self.subjects.snapshot_requests(self.node_id)
+        subject = self.subjects.snapshot_requests(self.node_id, self.replica_id)
         return SnapshotLink(self.nc, subject, self.launch.replica_id)
 
     async def _report_ready(self, loaded: frozenset[str]) -> None:
@@ -196,18 +200,15 @@ class Replica:
             process=self.cold_start.process.value,
             late_imports=list(self.cold_start.late_imports),
         )
-        self._spawn(self.nc.publish(self.subjects.cold_starts, encode(report)))
+        self._spawn(self.nc.publish(self.subjects.cold_start(self.replica_id), encode(report)))
 
-    async def _load(self, js: JetStreamContext) -> Target:
+    async def _load(self) -> Target:
+        # The node agent unpacked the code before starting us (a replica cannot read the
+        # code store): in the box, or in the node's code cache, where KILN_HOME points.
         code_dir = self.settings.home / "code" / self.launch.artifact_digest
         self.cold_start.code_root = code_dir
         if not (code_dir / ".complete").exists():
-            archive = await CodeStore(js, self.subjects).get(self.launch.artifact_digest)
-            staging = code_dir.with_name(f"{code_dir.name}.{self.replica_id.hex}")
-            await asyncio.to_thread(unpack, archive, staging)
-            (staging / ".complete").touch()
-            with contextlib.suppress(OSError):  # another replica may have won the race
-                staging.rename(code_dir)
+            raise InternalError(f"the function's code is not at {code_dir}")
         # Importing user code can take seconds (torch, a model's library); off the event loop,
         # so heartbeats keep flowing and the replica is not taken for dead while it starts.
         app = await asyncio.to_thread(load_app, code_dir / self.launch.entrypoint)
@@ -317,7 +318,7 @@ class Replica:
                 body = json.dumps(
                     {"replica": self._replica_str, "calls": calls, "ready_at": self.ready_at}
                 ).encode()
-                await self.nc.publish(self.subjects.accepted(router), body)
+                await self.nc.publish(self.subjects.accepted(router, self.function_id), body)
                 # Into the socket now, not at the flusher's next turn (no round trip: the
                 # kernel sends it even if this process dies next).
                 await self.nc._flush_pending(force_flush=True)
@@ -448,10 +449,12 @@ def serve_launch(
         handler.addFilter(CallContextFilter())
     data = json.loads(launch_path.read_text())
     node_id = data.pop("node_id")
+    nats_creds = data.pop("nats_creds", None)
     settings = Settings.from_env(os.environ)
     replica = Replica(
-        settings, StartReplica(**data), node_id, preloaded=preloaded, from_standby=from_standby
-    )
+        settings, StartReplica(**data), node_id,
+        preloaded=preloaded, from_standby=from_standby, nats_creds=nats_creds,
+    )  # fmt: skip
 
     async def serve() -> int:
         loop = asyncio.get_running_loop()

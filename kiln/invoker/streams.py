@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from nats.aio.client import Client as NATS
 
 from kiln.errors import ResultTooLarge
-from kiln.payloads import MAX_RESULT_BYTES, PayloadStore
+from kiln.payloads import MAX_RESULT_BYTES
 from kiln.wire import Event, H, stream_event
 
 __all__ = ["StreamCredits", "send_stream"]
@@ -45,12 +45,13 @@ async def send_stream(
     chunks: AsyncGenerator[bytes, None],
     credits: StreamCredits,
     *,
-    payloads: PayloadStore,
+    store: Callable[[bytes], Awaitable[str]],
     inline_bytes: int,
 ) -> int:
     """Publish every chunk to `subject` as it comes, then the end; the number of chunks sent.
     The generator is asked for its next item only once the previous chunk is sent and the
-    credit allows one more. A chunk over `inline_bytes` goes through the payload store."""
+    credit allows one more. A chunk over `inline_bytes` goes through the payload store
+    (`store` keeps it and says its name)."""
     seq = 0
     # Closed on every way out (an error, a cancel), so the generator's `finally` runs now.
     async with contextlib.aclosing(chunks):
@@ -63,7 +64,7 @@ async def send_stream(
             await credits.wait_for(seq)
             headers = stream_event(Event.CHUNK, seq)
             if len(chunk) > inline_bytes:
-                headers[H.PAYLOAD] = await payloads.put(chunk)
+                headers[H.PAYLOAD] = await store(chunk)
                 chunk = b""
             await nc.publish(subject, chunk, headers=headers)
             seq += 1

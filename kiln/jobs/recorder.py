@@ -71,7 +71,7 @@ class JobRecorder:
         self.payloads = PayloadStore(self.js, self.subjects)
 
     async def run(self, stop: asyncio.Event) -> None:
-        await ensure_job_streams(self.js, self.subjects, self.ttl_s)
+        await ensure_job_streams(self.js, self.subjects)
         sub = await self.js.pull_subscribe(
             self.subjects.all_job_events,
             durable=_DURABLE,
@@ -113,7 +113,10 @@ class JobRecorder:
         events = []
         for msg in messages:
             try:
-                events.append(decode(JobEvent, msg.data))
+                # The subject names the function of the replica that sent it: its credentials
+                # let it publish events of its own function's jobs only.
+                function = msg.subject.split(".")[-2]
+                events.append((function, decode(JobEvent, msg.data)))
             except (ValueError, TypeError):
                 _log.error("dropping an unreadable job event")
                 await msg.term()
@@ -122,12 +125,13 @@ class JobRecorder:
             with contextlib.suppress(Exception):  # a lost ack: the event comes again, harmless
                 await msg.ack()
 
-    async def record(self, events: list[JobEvent]) -> None:
-        """Write job events down, in order, in one transaction (the caller acks them after)."""
+    async def record(self, events: list[tuple[str, JobEvent]]) -> None:
+        """Write job events (each with the function, in hex, whose subject it came on) down, in
+        order, in one transaction (the caller acks them after)."""
         now = self.clock()
-        stored_bodies: list[str] = []
-        readable = [event for event in events if _readable(event)]
-        ids = {uuid.UUID(event.job_id) for event in readable}
+        stored_bodies: list[tuple[uuid.UUID, str]] = []
+        readable = [(function, event) for function, event in events if _readable(event)]
+        ids = {uuid.UUID(event.job_id) for _, event in readable}
         if not ids:
             return
         async with transaction(self.sessions) as session:
@@ -138,14 +142,17 @@ class JobRecorder:
                 )
             }
             attempts: list[dict[str, Any]] = []
-            for event in readable:
+            for function, event in readable:
                 call = calls.get(uuid.UUID(event.job_id))
                 if call is None:
                     continue  # spawned and withdrawn, or long forgotten
+                if call.function_id.hex != function:
+                    _log.error("dropping an event of job %s sent by another function", call.id)
+                    continue
                 if call.status not in FINISHED and event.kind != JobEventKind.STARTED:
                     attempts.append(attempt_row(call, event, now))
                 if apply_event(call, event, now, self.ttl_s) and call.body_ref is not None:
-                    stored_bodies.append(call.body_ref)
+                    stored_bodies.append((call.function_id, call.body_ref))
                     call.body_ref = None
             if attempts and self.settings.invocation_log is Switch.ON:
                 # One row per attempt: a replayed event's row is already there.
@@ -156,8 +163,8 @@ class JobRecorder:
                         index_elements=["call_id"], index_where=sa.text("kind = 'job'")
                     )
                 )
-        for name in stored_bodies:
-            await self.payloads.delete(name)
+        for function_id, name in stored_bodies:
+            await self.payloads.delete(function_id, name)
 
     # Expiry ------------------------------------------------------------------------------------
 
@@ -165,11 +172,10 @@ class JobRecorder:
         await asyncio.sleep(_SWEEP_EVERY_S)
         async with transaction(self.sessions) as session:
             stored = await expire_finished(session, self.clock(), self.ttl_s)
-        if stored:
-            results = await self.js.object_store(self.subjects.job_results_bucket)
-            for name in stored:
-                with contextlib.suppress(Exception):  # the bucket's TTL gets it anyway
-                    await results.delete(name)
+        for function_id, name in stored:
+            with contextlib.suppress(Exception):  # the bucket's TTL gets it anyway
+                results = await self.js.object_store(self.subjects.job_results_bucket(function_id))
+                await results.delete(name)
 
     # Webhooks ----------------------------------------------------------------------------------
 

@@ -162,12 +162,14 @@ def call_view(call: Call, target: str, now: datetime) -> dict[str, Any]:
     return view
 
 
-async def expire_finished(session: AsyncSession, now: datetime, ttl_s: float) -> list[str]:
+async def expire_finished(
+    session: AsyncSession, now: datetime, ttl_s: float
+) -> list[tuple[uuid.UUID, str]]:
     """Mark expired the finished jobs past their time and drop their results (and forget jobs
-    expired a whole TTL ago); the names of the stored results to delete."""
+    expired a whole TTL ago); the stored results to delete, as (function id, name)."""
     rows = (
         await session.execute(
-            sa.select(Call.id, Call.result_ref)
+            sa.select(Call.id, Call.function_id, Call.result_ref)
             .where(Call.status.in_(FINISHED[:3]), Call.expires_at <= now)
             .with_for_update(skip_locked=True)
             .limit(1000)
@@ -185,7 +187,7 @@ async def expire_finished(session: AsyncSession, now: datetime, ttl_s: float) ->
             Call.expires_at <= now - timedelta(seconds=ttl_s),
         )
     )
-    return [row.result_ref for row in rows if row.result_ref]
+    return [(row.function_id, row.result_ref) for row in rows if row.result_ref]
 
 
 def _time(value: datetime | None) -> str | None:

@@ -1,7 +1,10 @@
-"""The JetStream pieces of async jobs, created on first use by the router and the recorder:
-the job events stream, the results object store and the cancellations key-value bucket."""
+"""The JetStream pieces of async jobs: the job events stream and the cancellations key-value
+bucket (created on first use by the router and the recorder), and each function's results
+object store (created by a node agent before the function's replicas start)."""
 
 from __future__ import annotations
+
+import uuid
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -14,16 +17,17 @@ from nats.js.api import (
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from kiln._jetstream import ensure_stream
+from kiln.payloads import ensure_payload_bucket
 from kiln.wire import Subjects
 
-__all__ = ["ensure_job_streams"]
+__all__ = ["ensure_function_stores", "ensure_job_streams"]
 
 # Queued jobs wait in the calls stream at most a day (its max_age): a cancellation need not
 # be remembered longer.
 _CANCELS_TTL_S = 25 * 3600.0
 
 
-async def ensure_job_streams(js: JetStreamContext, subjects: Subjects, result_ttl_s: float) -> None:
+async def ensure_job_streams(js: JetStreamContext, subjects: Subjects) -> None:
     events = StreamConfig(
         name=subjects.job_events_stream,
         subjects=[subjects.all_job_events],
@@ -34,15 +38,22 @@ async def ensure_job_streams(js: JetStreamContext, subjects: Subjects, result_tt
     )
     await ensure_stream(js, events)
     try:
-        await js.object_store(subjects.job_results_bucket)
-    except (BucketNotFoundError, NotFoundError):
-        await js.create_object_store(
-            subjects.job_results_bucket,
-            ObjectStoreConfig(ttl=result_ttl_s, storage=StorageType.FILE),
-        )
-    try:
         await js.key_value(subjects.job_cancels_bucket)
     except (BucketNotFoundError, NotFoundError):
         await js.create_key_value(
             KeyValueConfig(bucket=subjects.job_cancels_bucket, ttl=_CANCELS_TTL_S, history=1)
         )
+
+
+async def ensure_function_stores(
+    js: JetStreamContext, subjects: Subjects, function_id: uuid.UUID, result_ttl_s: float
+) -> None:
+    """The function's own buckets: its payloads and its jobs' large results. A node agent
+    makes them before a replica starts, since the replica's credentials cannot."""
+    await ensure_payload_bucket(js, subjects.payload_bucket(function_id))
+    bucket = subjects.job_results_bucket(function_id)
+    try:
+        await js.object_store(bucket)
+    except (BucketNotFoundError, NotFoundError):
+        config = ObjectStoreConfig(ttl=result_ttl_s, storage=StorageType.FILE)
+        await js.create_object_store(bucket, config)

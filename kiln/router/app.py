@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kiln._nats import connect_options
 from kiln.billing.stripe_gateway import StripeGateway
 from kiln.billing.worker import ensure_usage_stream
 from kiln.codestore import CodeStore
@@ -170,9 +171,7 @@ def create_app(
                 callback()
 
         nc = await nats.connect(
-            servers=settings.nats_servers,
-            connect_timeout=settings.connect_timeout_s,
-            name="kiln-router",
+            **connect_options(settings, name="kiln-router"),
             **nats_metrics.callbacks(NatsProcess.ROUTER, reconnected=on_reconnected),
         )
         redis = (
@@ -182,7 +181,7 @@ def create_app(
         )
         js = nc.jetstream()
         await ensure_calls_stream(js, subjects)
-        await ensure_job_streams(js, subjects, settings.job_result_ttl_s)
+        await ensure_job_streams(js, subjects)
         await ensure_usage_stream(js, subjects)
         await ensure_logs_stream(js, subjects, settings)
         sessions = session_factory(engine)

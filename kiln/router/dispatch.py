@@ -114,12 +114,19 @@ class _Call:
     quickly arms and cancels one timer, whatever phases it went through."""
 
     __slots__ = (
-        "accept_by", "deadline", "future", "phase", "published_at", "replica_id",
+        "accept_by", "deadline", "function", "future", "phase", "published_at", "replica_id",
         "startup_timeout_s", "stream", "timeout_s", "timer", "timer_at", "trace",
     )  # fmt: skip
 
-    def __init__(self, future: asyncio.Future[CallResult], headers: CallHeaders, startup_s: float):
+    def __init__(
+        self,
+        future: asyncio.Future[CallResult],
+        headers: CallHeaders,
+        startup_s: float,
+        function: str,
+    ) -> None:
         self.future = future
+        self.function = function  # its id in hex: only its replicas may answer
         self.phase = _Phase.PUBLISHED
         self.replica_id: str | None = None
         self.accept_by = headers.accept_by
@@ -206,7 +213,7 @@ class Dispatcher:
         self._subscriptions: list[Subscription] = []
         self._watchdog: asyncio.Task[None] | None = None
         # Calls abandoned before a replica took them: told to stop once one does.
-        self._abandoned: dict[str, float] = {}
+        self._abandoned: dict[str, tuple[str, float]] = {}  # call id -> (function, when)
         self._controls: set[asyncio.Task[None]] = set()
         self.payloads = PayloadStore(nc.jetstream(), subjects)
 
@@ -223,7 +230,9 @@ class Dispatcher:
     async def start(self) -> None:
         self._subscriptions = [
             await self.nc.subscribe(self.subjects.replies(self.router_id), cb=self._on_reply),
-            await self.nc.subscribe(self.subjects.accepted(self.router_id), cb=self._on_accepted),
+            await self.nc.subscribe(
+                self.subjects.all_accepted(self.router_id), cb=self._on_accepted
+            ),
             await self.nc.subscribe(self.subjects.all_replica_heartbeats, cb=self._on_heartbeat),
         ]
         self._watchdog = asyncio.create_task(self._watch(), name="kiln-dispatch-watchdog")
@@ -321,13 +330,15 @@ class Dispatcher:
             window=window,
         )
         future: asyncio.Future[CallResult] = asyncio.get_running_loop().create_future()
-        call = _Call(future, headers, order.startup_timeout_s)
+        call = _Call(future, headers, order.startup_timeout_s, order.function_id.hex)
         if order.trace is not None:
             order.trace.call_id = call_id
             call.trace = order.trace
         if len(body) > self.max_body_bytes:
             try:
-                headers = dataclasses.replace(headers, payload=await self.payloads.put(body))
+                headers = dataclasses.replace(
+                    headers, payload=await self.payloads.put(order.function_id, body)
+                )
             except Exception as exc:  # noqa: BLE001 - the store is NATS: down or full
                 _log.warning("storing the body of call %s failed: %s", call_id, exc)
                 raise Unavailable("the payload store is unreachable", retry_after=1) from None
@@ -349,7 +360,7 @@ class Dispatcher:
             await self.nc.publish(
                 self.subjects.calls(order.function_id),
                 body,
-                reply=self.subjects.reply(self.router_id, call_id),
+                reply=self.subjects.reply(self.router_id, order.function_id, call_id),
                 headers=headers.to_headers(),
             )
             await self._hint_demand(order.function_id)
@@ -365,7 +376,7 @@ class Dispatcher:
         call.cancel_timer()
         if future.cancelled() or isinstance(future.exception(), CallAbandoned):
             if call.replica_id is None:
-                self._abandoned[call_id] = time.monotonic()
+                self._abandoned[call_id] = (call.function, time.monotonic())
             else:
                 self._control(call, StreamControl(self.router_id, call_id, cancel=True))
 
@@ -392,9 +403,10 @@ class Dispatcher:
             await self.nc.publish(self.subjects.demand(function_id), b"")
 
     async def _on_reply(self, msg: Msg) -> None:
-        call = self._calls.get(msg.subject.rsplit(".", 1)[-1])
-        if call is None:
-            return
+        _, function, call_id = msg.subject.rsplit(".", 2)
+        call = self._calls.get(call_id)
+        if call is None or call.function != function:
+            return  # not ours, or a replica of another function speaking out of turn
         headers = msg.headers
         event = headers.get(H.EVENT) if headers else None
         if event is None:
@@ -403,21 +415,23 @@ class Dispatcher:
             kind, seq = parse_event(event)  # "chunk 7", "end 12", "text 3", "credit 64"
             assert headers is not None
             stored = headers.get(H.PAYLOAD)
-            call.stream.on_event(kind, seq, msg.data if stored is None else self._take(stored))
+            body = msg.data if stored is None else self._take(call, stored)
+            call.stream.on_event(kind, seq, body)
         elif event == Event.RESULT:
             assert headers is not None
             content_type = headers.get(H.CONTENT_TYPE, "application/json")
             stored = headers.get(H.PAYLOAD)
             if stored is not None:
-                self._finish_stored(call, self._take(stored), content_type)
+                self._finish_stored(call, self._take(call, stored), content_type)
             elif not call.future.done():
                 call.future.set_result(CallResult(body=msg.data, content_type=content_type))
         else:
             call.fail(_remote_error(msg.data))
 
-    def _take(self, name: str) -> asyncio.Future[bytes]:
-        """Fetch a stored payload without holding up the other replies meanwhile."""
-        return asyncio.ensure_future(self.payloads.take(name))
+    def _take(self, call: _Call, name: str) -> asyncio.Future[bytes]:
+        """Fetch a stored payload (from the call's function's bucket, whatever the reply
+        says) without holding up the other replies meanwhile."""
+        return asyncio.ensure_future(self.payloads.take(uuid.UUID(call.function), name))
 
     def _finish_stored(self, call: _Call, body: asyncio.Future[bytes], content_type: str) -> None:
         def done(fetched: asyncio.Future[bytes]) -> None:
@@ -448,6 +462,7 @@ class Dispatcher:
             call.fail(Unavailable("the call queue did not accept the call", retry_after=1))
 
     async def _on_accepted(self, msg: Msg) -> None:
+        function = msg.subject.rsplit(".", 1)[-1]  # a replica may publish only its function's
         try:
             accepted = json.loads(msg.data)
             replica, call_ids = str(accepted["replica"]), list(accepted["calls"])
@@ -460,7 +475,7 @@ class Dispatcher:
         self._last_seen[replica_hex] = time.monotonic()
         for call_id in call_ids:
             call = self._calls.get(call_id)
-            if call is not None:
+            if call is not None and call.function == function:
                 call.replica_id = replica
                 if call.trace is not None:
                     now = call.future.get_loop().time()
@@ -473,7 +488,8 @@ class Dispatcher:
                 call.enter(_Phase.RUNNING, call.timeout_s + _REPLY_GRACE_S)
                 if call.stream is not None:
                     call.stream.on_taken(replica)
-            elif self._abandoned.pop(call_id, None) is not None:
+            elif self._abandoned.get(call_id, ("", 0.0))[0] == function:
+                del self._abandoned[call_id]
                 # Its caller left while it waited: the replica that took it should not run it.
                 stop = StreamControl(self.router_id, call_id, cancel=True)
                 await self.nc.publish(
@@ -515,7 +531,7 @@ class Dispatcher:
             for replica, seen in list(self._last_seen.items()):
                 if now - seen > 60:
                     del self._last_seen[replica]
-            for call_id, abandoned_at in list(self._abandoned.items()):
+            for call_id, (_, abandoned_at) in list(self._abandoned.items()):
                 if now - abandoned_at > 3600:  # past any startup_timeout: nobody will take it
                     del self._abandoned[call_id]
             for function, replicas in list(self._ready.items()):

@@ -111,7 +111,7 @@ async def _enqueue(
     payload = None
     try:
         if len(body) > svc.dispatcher.max_body_bytes:
-            payload = await svc.dispatcher.payloads.put(body)
+            payload = await svc.dispatcher.payloads.put(function_id, body)
             body = b""
             async with transaction(svc.sessions) as session:
                 await session.execute(
@@ -133,7 +133,7 @@ async def _enqueue(
         async with transaction(svc.sessions) as session:
             await session.execute(sa.delete(Call).where(Call.id == job_id))
         if payload is not None:
-            await svc.dispatcher.payloads.delete(payload)
+            await svc.dispatcher.payloads.delete(function_id, payload)
         raise
 
 
@@ -216,7 +216,7 @@ async def get_result(request: Request) -> Response:
     body = call.result
     if body is None and call.result_ref is not None:
         results = await svc.dispatcher.nc.jetstream().object_store(
-            svc.dispatcher.subjects.job_results_bucket
+            svc.dispatcher.subjects.job_results_bucket(call.function_id)
         )
         body = (await results.get(call.result_ref)).data or b""
     return Response(body or b"", media_type=call.result_content_type or "application/json")

@@ -53,6 +53,7 @@ from kiln.wire import (
     affinity_id,
     consumer_name,
     decode,
+    decode_own,
     encode,
 )
 
@@ -171,7 +172,7 @@ class Scheduler:
             await self.nc.subscribe(self.subjects.all_replica_heartbeats, cb=self._on_replica),
             await self.nc.subscribe(self.subjects.all_node_heartbeats, cb=self._on_node),
             await self.nc.subscribe(self.subjects.replica_events, cb=self._on_exit),
-            await self.nc.subscribe(self.subjects.cold_starts, cb=self._on_cold_start),
+            await self.nc.subscribe(self.subjects.all_cold_starts, cb=self._on_cold_start),
         ]
         lease = (
             asyncio.create_task(self.leadership.run(stop), name="kiln-scheduler-lease")
@@ -219,7 +220,7 @@ class Scheduler:
 
     async def _on_cold_start(self, msg: Msg) -> None:
         try:
-            report = decode(ColdStartReport, msg.data)
+            report = decode_own(ColdStartReport, msg.subject, msg.data)
             origin = Origin(report.origin)
             process = ProcessOrigin(report.process)
             phases = {str(k): float(v) for k, v in report.phases.items()}
@@ -246,7 +247,11 @@ class Scheduler:
                 del self.early_origins[next(iter(self.early_origins))]
 
     async def _on_replica(self, msg: Msg) -> None:
-        beat = decode(ReplicaHeartbeat, msg.data)
+        try:
+            beat = decode_own(ReplicaHeartbeat, msg.subject, msg.data)
+        except (ValueError, TypeError):
+            _log.warning("ignoring an unreadable replica heartbeat on %s", msg.subject)
+            return
         tracked = self.replicas.get(beat.replica_id)
         if tracked is None:
             if beat.state in (ReplicaState.STOPPED, ReplicaState.FAILED):

@@ -19,6 +19,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from kiln._nats import connect_options
 from kiln.db import bootstrap, migrate
 from kiln.devstack.nats import EmbeddedNats
 from kiln.devstack.ports import pick_port
@@ -67,7 +68,7 @@ class Platform:
     async def demand_hints(self) -> AsyncIterator[list[str]]:
         """The subjects of the demand hints (the routers' wake-ups for the scheduler) sent
         while inside."""
-        nc = await nats.connect(servers=self.settings.nats_servers)
+        nc = await nats.connect(**connect_options(self.settings))
         seen: list[str] = []
 
         async def note(msg: Msg) -> None:
@@ -93,7 +94,7 @@ class Platform:
 async def next_node_beat(
     platform: Platform, matches: Callable[[NodeHeartbeat], bool], timeout_s: float = 10
 ) -> NodeHeartbeat:
-    nc = await nats.connect(platform.settings.nats_servers)
+    nc = await nats.connect(**connect_options(platform.settings))
     found: asyncio.Future[NodeHeartbeat] = asyncio.get_running_loop().create_future()
 
     async def seen(msg: Msg) -> None:
@@ -144,7 +145,7 @@ async def extra_node(
     settings = platform.settings.replace(
         home=home, node_id=node_id, node_gpus=slots, standby_processes=0
     )
-    nc = await nats.connect(servers=settings.nats_servers)
+    nc = await nats.connect(**connect_options(settings))
     agent = NodeAgent(settings, nc)
     stop = asyncio.Event()
     node = ExtraNode(agent, nc, asyncio.create_task(agent.run(stop)))

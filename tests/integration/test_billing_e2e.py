@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 from stack import ExtraNode, Platform, extra_node, platform_fixture  # noqa: F401 - the fixture
 
+from kiln._nats import connect_options
 from kiln.billing.prices import cost_micros
 from kiln.db.enums import LedgerKind
 from kiln.db.models import Customer, LedgerEntry, UsageEvent
@@ -127,7 +128,7 @@ async def test_a_replicas_time_is_reported_and_charged_once(
             "period_start": first.period_start.timestamp(),
             "period_end": first.period_end.timestamp(), "final": False,
         }  # fmt: skip
-        nc = await nats.connect(servers=platform.settings.nats_servers)
+        nc = await nats.connect(**connect_options(platform.settings))
         try:
             subjects = Subjects(platform.settings.namespace)
             await nc.jetstream().publish(

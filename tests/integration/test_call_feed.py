@@ -15,6 +15,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 
+from kiln._nats import connect_options
 from kiln.invoker import feed as feed_module
 from kiln.invoker.feed import CallFeed
 from kiln.settings import Settings
@@ -41,7 +42,7 @@ class Queue:
 
 @pytest.fixture
 async def queue(settings: Settings) -> AsyncIterator[Queue]:
-    nc = await nats.connect(settings.nats_servers)
+    nc = await nats.connect(**connect_options(settings))
     js = nc.jetstream()
     name = f"{settings.namespace}_feed_{secrets.token_hex(3)}"
     subject = f"{settings.namespace}.feed.{secrets.token_hex(3)}"

@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
+from kiln._nats import connect_options
 from kiln.devstack import DevStack
 from kiln.devstack.ports import pick_port
 from kiln.devstack.probes import nats_answers, postgres_answers, redis_answers
@@ -119,7 +120,7 @@ async def _write_everything(settings: Settings) -> None:
     await client.set("kept", "still here")
     await client.aclose()
 
-    nc = await nats.connect(settings.nats_servers)
+    nc = await nats.connect(**connect_options(settings))
     js = nc.jetstream()
     await js.add_stream(name="kept", subjects=["kept.>"])
     await js.publish("kept.one", b"still here")
@@ -139,7 +140,7 @@ async def _read_everything(settings: Settings) -> tuple[object, object, object]:
     cached = await client.get("kept")
     await client.aclose()
 
-    nc = await nats.connect(settings.nats_servers)
+    nc = await nats.connect(**connect_options(settings))
     message = await nc.jetstream().get_msg("kept", seq=1)
     await nc.close()
     return row, cached, message.data or b""

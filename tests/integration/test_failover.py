@@ -14,6 +14,7 @@ import nats
 import pytest
 from stack import Platform, running_platform
 
+from kiln._nats import connect_options
 from kiln.db.session import create_engine, session_factory
 from kiln.scheduler.scheduler import Scheduler
 from kiln.settings import Settings
@@ -55,7 +56,7 @@ async def scheduler(platform: Platform) -> AsyncIterator[tuple[Scheduler, Callab
     """A scheduler with its own connections, and a way to kill it: its task is cancelled and
     its connection dropped without giving the lease up, as when its process dies."""
     settings = platform.settings
-    nc = await nats.connect(servers=settings.nats_servers)
+    nc = await nats.connect(**connect_options(settings))
     engine = create_engine(settings, application_name="kiln-test-scheduler")
     acting = Scheduler(nc, session_factory(engine), settings.namespace, lease_s=LEASE_S)
     stop = asyncio.Event()

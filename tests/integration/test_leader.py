@@ -15,6 +15,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
+from kiln._nats import connect_options
 from kiln.scheduler.leader import Leadership
 from kiln.settings import Settings
 
@@ -29,7 +30,8 @@ import nats
 from kiln.scheduler.leader import Leadership
 
 async def main() -> None:
-    nc = await nats.connect(servers=sys.argv[1].split(","))
+    creds = sys.argv[4] or None
+    nc = await nats.connect(servers=sys.argv[1].split(","), user_credentials=creds)
     lead = Leadership(nc.jetstream(), sys.argv[2], "doomed", ttl_s=float(sys.argv[3]),
                       on_change=lambda: print("leads", flush=True))
     await lead.run(asyncio.Event())
@@ -60,7 +62,7 @@ async def until(what: str, check: object, timeout_s: float) -> float:
 
 @pytest.fixture
 async def nc(settings: Settings) -> AsyncIterator[NATS]:
-    client = await nats.connect(servers=settings.nats_servers)
+    client = await nats.connect(**connect_options(settings))
     yield client
     await client.close()
 
@@ -94,6 +96,7 @@ async def test_a_killed_leader_is_replaced_within_about_a_lease(
 ) -> None:
     holder = await asyncio.create_subprocess_exec(
         sys.executable, "-c", HOLDER, ",".join(settings.nats_servers), bucket, str(TTL_S),
+        str(settings.nats_creds or ""),
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -121,7 +124,7 @@ async def test_a_replaced_leader_stops_acting_even_without_nats(
         # Its renewals stop reaching NATS (a partition): it must not go on acting.
         await nc.close()
         await until("a went on acting", lambda: not a.is_leader, 2 * TTL_S)
-        other = await nats.connect(servers=settings.nats_servers)
+        other = await nats.connect(**connect_options(settings))
         try:
             async with candidate(other, bucket, "b") as b:
                 await until("b never led", lambda: b.is_leader, 3 * TTL_S)

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from stack import Platform, error_of, running_platform
 
+from kiln._nats import connect_options
 from kiln.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -137,7 +138,7 @@ async def _chunks(total: int) -> AsyncIterator[bytes]:
 async def _stored_bytes(platform: Platform) -> int:
     import nats
 
-    nc = await nats.connect(servers=platform.settings.nats_servers)
+    nc = await nats.connect(**connect_options(platform.settings))
     try:
         info = await nc.jetstream().stream_info(f"OBJ_{platform.settings.namespace}_payloads")
         return int(info.state.bytes)

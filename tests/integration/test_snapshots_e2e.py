@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from nats.aio.msg import Msg
 from stack import Platform, next_node_beat, platform_fixture  # noqa: F401 - the fixture
 
+from kiln._nats import connect_options
 from kiln.db.models import Function, Replica
 from kiln.db.session import create_engine
 from kiln.functions.package import package
@@ -141,7 +142,7 @@ async def test_a_class_is_baked_on_its_first_cold_start_and_restored_on_the_next
     assert beat.node_id == platform.settings.node_id
 
     states: set[str] = set()
-    watcher = await nats.connect(platform.settings.nats_servers)
+    watcher = await nats.connect(**connect_options(platform.settings))
 
     async def note_state(msg: Msg) -> None:
         states.add(decode(ReplicaHeartbeat, msg.data).state)
@@ -195,7 +196,7 @@ async def test_a_tampered_snapshot_is_never_loaded_and_is_baked_again(
     app_file.write_text(SNAPPY.replace('"snappy"', '"tamper"').replace("class Model", "class Tm"))
     await platform.deploy(app_file)
     before = set(snapshot_dirs(platform))
-    nc = await nats.connect(platform.settings.nats_servers)
+    nc = await nats.connect(**connect_options(platform.settings))
     subjects = Subjects(platform.settings.namespace)
     shared = SharedSnapshots(nc.jetstream(), subjects.snapshot_bucket, subjects.snapshot_leases)
     try:

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from nats.aio.msg import Msg
 from stack import Platform, next_node_beat, platform_fixture  # noqa: F401 - the fixture
 
+from kiln._nats import connect_options
 from kiln._proc import can_raise_priority, raise_priority
 from kiln.db.models import App, Function
 from kiln.db.session import create_engine
@@ -97,17 +98,21 @@ class ColdStarts:
             return [r for r in self.reports if r.function_id == str(function_id)][after:]
 
         async with self.arrived:
-            await asyncio.wait_for(self.arrived.wait_for(lambda: len(found()) >= count), 120)
+            try:
+                await asyncio.wait_for(self.arrived.wait_for(lambda: len(found()) >= count), 120)
+            except TimeoutError:
+                shown = [(r.replica_id[:8], r.origin, r.process) for r in found()]
+                raise AssertionError(f"{count} cold starts expected, these came: {shown}") from None
         return found()[:count]
 
 
 @asynccontextmanager
 async def cold_starts(platform: Platform) -> AsyncIterator[ColdStarts]:
     seen = ColdStarts()
-    nc = await nats.connect(platform.settings.nats_servers)
+    nc = await nats.connect(**connect_options(platform.settings))
     try:
         subjects = Subjects(platform.settings.namespace)
-        await nc.subscribe(subjects.cold_starts, cb=seen.note)
+        await nc.subscribe(subjects.all_cold_starts, cb=seen.note)
         await nc.subscribe(subjects.replica_events, cb=seen.note_exit)
         await nc.flush()
         yield seen
@@ -201,7 +206,7 @@ async def test_a_burst_of_replicas_of_one_function_deepens_its_standbys(
         await call(platform, "fanout")  # bakes
         await seen.scaled_to_zero()
         # Three calls held for a while at once: three replicas (concurrency 1, max 3).
-        await asyncio.gather(*(call(platform, "fanout", hold_s=2.0) for _ in range(3)))
+        await asyncio.gather(*(call(platform, "fanout", hold_s=6.0) for _ in range(3)))
         first_burst = await seen.of(function_id, 3, after=1)
         await seen.scaled_to_zero()
         # The node saw three at once: it keeps three standbys of the flavour from now on.

@@ -15,7 +15,7 @@ from kiln.wire import CallHeaders
 def new_call(startup_s: float, timeout_s: float) -> _Call:
     headers = CallHeaders("c", "r", "application/json", time.time() + startup_s, timeout_s)
     future: asyncio.Future[CallResult] = asyncio.get_running_loop().create_future()
-    return _Call(future, headers, startup_s)
+    return _Call(future, headers, startup_s, "f")
 
 
 async def failure(call: _Call) -> KilnError:

@@ -14,6 +14,7 @@ from kiln.wire import (
     Subjects,
     consumer_name,
     decode,
+    decode_own,
     encode,
     parse_event,
     stream_event,
@@ -66,6 +67,16 @@ def test_subjects_live_under_the_namespace() -> None:
     assert subjects.all_calls == "t1.calls.>"
     assert subjects.calls_stream == "t1_calls"
     assert subjects.code_bucket == "t1_code"
-    assert subjects.reply("r", "c") == "t1.reply.r.c"
-    assert subjects.accepted("r") == "t1.accepted.r"
+    assert subjects.reply("r", fid, "c") == f"t1.reply.r.{fid.hex}.c"
+    assert subjects.accepted("r", fid) == f"t1.accepted.r.{fid.hex}"
+    assert subjects.payload_bucket(fid) == f"t1_payloads_{fid.hex}"
     assert consumer_name(fid) == f"fn_{fid.hex}"
+
+
+def test_a_message_on_a_replicas_own_subject_may_speak_only_for_that_replica() -> None:
+    subjects = Subjects("t1")
+    me, other = uuid.UUID(int=1), uuid.UUID(int=2)
+    beat = ReplicaHeartbeat(str(me), "f", "v", "node", "ready", 0, None, None)
+    assert decode_own(ReplicaHeartbeat, subjects.replica_heartbeat(me), encode(beat)) == beat
+    with pytest.raises(ValueError, match=f"speaks for replica {me}"):
+        decode_own(ReplicaHeartbeat, subjects.replica_heartbeat(other), encode(beat))
