@@ -136,11 +136,14 @@ async def _chunks(total: int) -> AsyncIterator[bytes]:
 
 
 async def _stored_bytes(platform: Platform) -> int:
+    """What the payload store holds now, in bytes."""
     import nats
 
     nc = await nats.connect(**connect_options(platform.settings))
     try:
-        info = await nc.jetstream().stream_info(f"OBJ_{platform.settings.namespace}_payloads")
-        return int(info.state.bytes)
+        # Every function's payload bucket (one per function).
+        prefix = f"OBJ_{platform.settings.namespace}_payloads_"
+        streams = await nc.jetstream().streams_info()
+        return sum(int(s.state.bytes) for s in streams if (s.config.name or "").startswith(prefix))
     finally:
         await nc.close()

@@ -1,0 +1,184 @@
+"""A hostile function with its replica's own NATS credentials: every attempt to reach beyond
+its function and itself is refused by the server, and the platform keeps serving.
+
+The function reads the credentials its node agent issued it (they are in its launch file, as
+they must be for the replica to connect) and tries, one at a time, what a customer who wanted
+other customers' calls, or free compute, would try. The server answers each refused publish or
+subscription with a permissions violation; a publish it allows gets none, which the control
+attempts (the replica's own subjects) show."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from stack import Platform, platform_fixture  # noqa: F401 - the fixture
+
+from kiln.db.models import App, Function, Replica
+from kiln.db.session import create_engine
+
+pytestmark = pytest.mark.integration
+
+HOSTILE = """
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import nats
+from nats.aio.client import RawCredentials
+
+import kiln
+
+app = kiln.App("intruder")
+
+
+def _launch() -> dict:
+    # Sandboxed, the launch file is in its read-only home; otherwise in its working directory.
+    for place in (Path(os.environ["KILN_HOME"]), Path.cwd()):
+        if (place / "launch.json").exists():
+            return json.loads((place / "launch.json").read_text())
+    raise FileNotFoundError("launch.json")
+
+
+async def _attempt(attacks: list[list[str]]) -> dict:
+    launch = _launch()
+    url = os.environ["KILN_NATS_URL"]
+    outcome = {}
+    try:
+        anonymous = await nats.connect(url, max_reconnect_attempts=0, allow_reconnect=False)
+    except Exception as exc:
+        outcome["connect without credentials"] = f"refused: {exc}"
+    else:
+        outcome["connect without credentials"] = "allowed"
+        await anonymous.close()
+
+    violations = []
+
+    async def on_error(exc: Exception) -> None:
+        violations.append(str(exc).lower())
+
+    me = launch["replica_id"].replace("-", "")
+    nc = await nats.connect(
+        url, user_credentials=RawCredentials(launch["nats_creds"]), error_cb=on_error,
+        inbox_prefix=f"_INBOX_{me}",
+    )
+    try:
+        for name, kind, subject in attacks:
+            subject = subject.replace("{node}", launch["node_id"]).replace("{me}", me)
+            before = len(violations)
+            if kind == "sub":
+                await nc.subscribe(subject)
+            else:
+                await nc.publish(subject, b"{}", reply=f"_INBOX_{me}.x")
+            await nc.flush()
+            for _ in range(50):  # the error may trail the PONG that ends the flush
+                if len(violations) > before:
+                    break
+                await asyncio.sleep(0.02)
+            said = violations[before:]
+            outcome[name] = (
+                "refused" if any(subject.lower() in v and "permission" in v for v in said)
+                else "allowed"
+            )
+    finally:
+        await nc.close()
+    return outcome
+
+
+@app.function(idle_timeout=120)
+def attack(attacks: list[list[str]]) -> dict:
+    return asyncio.run(_attempt(attacks))
+"""
+
+BYSTANDER = """
+import kiln
+
+app = kiln.App("neighbour")
+
+
+@app.function(idle_timeout=120)
+def hello() -> str:
+    return "still here"
+"""
+
+
+async def _neighbour(platform: Platform) -> tuple[str, str]:
+    """The bystander function's id and its running replica's id, both in hex."""
+    engine = create_engine(platform.settings, application_name="kiln-test")
+    try:
+        async with engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(Function.id, Replica.id)
+                    .join(App, App.id == Function.app_id)
+                    .join(Replica, Replica.function_id == Function.id)
+                    .where(App.name == "neighbour", Replica.stopped_at.is_(None))
+                    .limit(1)
+                )
+            ).one()
+    finally:
+        await engine.dispose()
+    return uuid.UUID(str(row[0])).hex, uuid.UUID(str(row[1])).hex
+
+
+async def test_a_replica_reaches_nothing_beyond_its_function_and_itself(
+    platform: Platform, tmp_path: Path
+) -> None:
+    if platform.settings.nats_creds is None:
+        pytest.skip("NATS runs without authorisation here: unset KILN_TEST_NATS_URL")
+    await platform.deploy_source(tmp_path, "neighbour.py", BYSTANDER)
+    await platform.deploy_source(tmp_path, "intruder.py", HOSTILE)
+    assert (await platform.call("neighbour/hello")).json() == "still here"
+    other, other_replica = await _neighbour(platform)
+    ns = platform.settings.namespace
+    attacks: dict[str, tuple[str, str]] = {
+        "subscribe to everything": ("sub", ">"),
+        "subscribe to another function's calls": ("sub", f"{ns}.calls.{other}"),
+        "subscribe to the platform's inboxes": ("sub", "_INBOX.>"),
+        "subscribe to another replica's orders": ("sub", f"{ns}.replica.{other_replica}.>"),
+        "subscribe to usage": ("sub", f"{ns}.usage.*"),
+        "pull another function's calls": (
+            "pub", f"$JS.API.CONSUMER.MSG.NEXT.{ns}_calls.fn_{other}"
+        ),
+        "answer another function's call": ("pub", f"{ns}.reply.r1.{other}.1"),
+        "say it took another function's calls": ("pub", f"{ns}.accepted.r1.{other}"),
+        "publish a usage report for another replica": ("pub", f"{ns}.usage.{other_replica}"),
+        "beat in another replica's name": ("pub", f"{ns}.hb.replica.{other_replica}"),
+        "report another replica's cold start": (
+            "pub", f"{ns}.events.coldstart.{other_replica}"
+        ),
+        "ask for another replica's snapshot": (
+            "pub", f"{ns}.node.{{node}}.snapshots.{other_replica}"
+        ),
+        "publish a job event of another function": ("pub", f"{ns}.jobevents.{other}.1"),
+        "write another function's logs": ("pub", f"{ns}.logs.{other}"),
+        "create a JetStream consumer": ("pub", f"$JS.API.CONSUMER.CREATE.{ns}_calls"),
+        "delete the calls stream": ("pub", f"$JS.API.STREAM.DELETE.{ns}_calls"),
+        "read another function's payloads": (
+            "pub", f"$JS.API.STREAM.INFO.OBJ_{ns}_payloads_{other}"
+        ),
+        "read the code store": ("pub", f"$JS.API.STREAM.INFO.OBJ_{ns}_code"),
+        "block a customer": ("pub", f"{ns}.billing.blocks"),
+        "revoke a key": ("pub", f"{ns}.access.revoked"),
+        "order a node": ("pub", f"{ns}.node.{{node}}.cmd"),
+        # Controls: what its protocol needs is allowed, so a refusal above is not an accident.
+        "beat in its own name": ("pub", f"{ns}.hb.replica.{{me}}"),
+        "listen for its own orders": ("sub", f"{ns}.replica.{{me}}.>"),
+    }  # fmt: skip
+    response = await platform.call(
+        "intruder/attack",
+        json={"attacks": [[name, kind, subject] for name, (kind, subject) in attacks.items()]},
+    )
+    assert response.status_code == 200, response.text
+    outcome: dict[str, Any] = response.json()
+    assert outcome.pop("connect without credentials").startswith("refused")
+    assert outcome.pop("beat in its own name") == "allowed"
+    assert outcome.pop("listen for its own orders") == "allowed"
+    assert outcome == {name: "refused" for name in outcome}, outcome
+    assert len(outcome) == len(attacks) - 2
+    # The platform is unharmed: the neighbour answers, and so does the intruder.
+    assert (await platform.call("neighbour/hello")).json() == "still here"
