@@ -3,23 +3,29 @@ scheduler, node agents and replicas share. Standard library only.
 
 Everything lives under the deployment's namespace `ns` (`KILN_NAMESPACE`):
 
-| subject                          | kind          | from → to                  |
-|----------------------------------|---------------|----------------------------|
-| `ns.calls.<fid>`                 | JetStream WQ  | router → replicas          |
-| `ns.reply.<router>.<call>`       | core          | JetStream, replica → router|
-| `ns.accepted.<router>`           | core          | replica → router (batched) |
-| `ns.demand.<fid>`                | core          | router → scheduler (hint)  |
-| `ns.hb.replica.<rid>`            | core          | replica → all (1 s)        |
-| `ns.hb.node.<node>`              | core          | node agent → scheduler     |
-| `ns.node.<node>.cmd`             | core req/rep  | scheduler → node agent     |
-| `ns.replica.<rid>.drain`         | core          | node agent → replica       |
-| `ns.replica.<rid>.ctl`           | core          | router → replica (credits, cancel) |
-| `ns.replica.<rid>.in.<r>.<call>` | core          | router → replica (session frames) |
-| `ns.events.replica`              | core          | node agent → scheduler     |
-| `ns.jobevents.<job>`             | JetStream     | replica → job recorder     |
-| `ns.usage.<rid>`                 | JetStream     | replica, node agent → billing worker |
-| `ns.billing.blocks`              | core          | billing → routers, scheduler |
-| `ns.logs.<fid>`                  | JetStream     | replica → routers (`kiln logs`) |
+| subject                                | kind          | from → to                  |
+|----------------------------------------|---------------|----------------------------|
+| `ns.calls.<fid>`                       | JetStream WQ  | router → replicas          |
+| `ns.reply.<router>.<fid>.<call>`       | core          | JetStream, replica → router|
+| `ns.accepted.<router>.<fid>`           | core          | replica → router (batched) |
+| `ns.demand.<fid>`                      | core          | router → scheduler (hint)  |
+| `ns.hb.replica.<rid>`                  | core          | replica → all (1 s)        |
+| `ns.hb.node.<node>`                    | core          | node agent → scheduler     |
+| `ns.node.<node>.cmd`                   | core req/rep  | scheduler → node agent     |
+| `ns.node.<node>.snapshots.<rid>`       | core req/rep  | replica → its node agent   |
+| `ns.replica.<rid>.drain`               | core          | node agent → replica       |
+| `ns.replica.<rid>.ctl`                 | core          | router → replica (credits, cancel) |
+| `ns.replica.<rid>.in.<r>.<call>`       | core          | router → replica (session frames) |
+| `ns.events.replica`                    | core          | node agent → scheduler     |
+| `ns.events.coldstart.<rid>`            | core          | replica → scheduler, agent |
+| `ns.jobevents.<fid>.<job>`             | JetStream     | replica → job recorder     |
+| `ns.usage.<rid>`                       | JetStream     | node agent → billing worker |
+| `ns.billing.blocks`                    | core          | billing → routers, scheduler |
+| `ns.logs.<fid>`                        | JetStream     | replica → routers (`kiln logs`) |
+
+A replica's NATS credentials (kiln.invoker.credentials) allow exactly its part of this table:
+subjects of its own function (`<fid>`) and of itself (`<rid>`). Whoever receives a message on a
+replica's subject trusts the subject, not the body, for who sent it (`decode_own`).
 
 `<fid>` is a function's UUID in hex. Calls carry their parameters in headers and the caller's
 bytes untouched in the body, so large JSON is never parsed on the hot path more than needed.
@@ -411,6 +417,7 @@ class ReplicaHeartbeat:
     in_flight: int
     idle_since: float | None  # epoch seconds; None while busy
     error: str | None = None
+    calls: int = 0  # taken since it started (its node agent puts them in usage reports)
 
 
 class Origin(enum.StrEnum):

@@ -34,6 +34,7 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from prometheus_client import CollectorRegistry
 
 from kiln._proc import die_with_parent
@@ -49,7 +50,7 @@ from kiln.invoker.node_standbys import NodeStandbys, function_env
 from kiln.invoker.sandbox import Box, Sandboxes, bwrap_path, gpu_devices, link_tree
 from kiln.invoker.standby import Assignment
 from kiln.invoker.standby_pool import Standby, StandbyPool, memory_info
-from kiln.invoker.usage import UsageCloser
+from kiln.invoker.usage import NodeMeter
 from kiln.jobs.streams import ensure_function_stores
 from kiln.observability.gpu import GpuTelemetry
 from kiln.settings import SandboxMode, Settings
@@ -58,6 +59,7 @@ from kiln.wire import (
     HEARTBEAT_INTERVAL_S,
     ColdStartReport,
     NodeHeartbeat,
+    ReplicaHeartbeat,
     StartReplica,
     Subjects,
     decode_own,
@@ -81,6 +83,7 @@ class _Running:
     waiter: asyncio.Task[None] | None = None
     stopping: bool = False
     box: Box | None = None  # its sandbox
+    beats: Subscription | None = None  # its heartbeats (the calls it took, for usage)
 
 
 @dataclass
@@ -126,7 +129,7 @@ class NodeAgent:
         self.credentials = ReplicaCredentials.from_settings(settings, node_id=self.node_id)
         self._code_fetches: dict[str, asyncio.Task[Path]] = {}
         self._stores_made: set[str] = set()  # functions whose buckets are known to exist
-        self.usage = UsageCloser(nc, self.subjects)
+        self.usage = NodeMeter(nc, self.subjects)
         self.snapshots = (
             NodeSnapshots(
                 settings,
@@ -243,14 +246,19 @@ class NodeAgent:
         if slot is None:
             return {"ok": False, "error": f"no free slot for gpu={gpu!r} on {self.node_id}"}
         kind, indices = slot
-        await self.usage.watch(launch)  # before it runs: its first report may come at once
+        self.usage.start(launch)  # its time runs from its slot, not from its process
         try:
             process, box = await self._spawn(launch, kind, indices, need)
         except Exception as exc:  # noqa: BLE001 - whatever failed, the slot goes back
             self.slots.give_back(kind, indices)
-            self.usage.closing_reports(launch.replica_id, launch.received_at)  # nothing ran
+            self.usage.forget(launch.replica_id)  # nothing ran
             return {"ok": False, "error": f"could not start the replica: {exc}"}
         running = _Running(launch, process, kind, indices, box=box)
+        with contextlib.suppress(nats.errors.Error):
+            running.beats = await self.nc.subscribe(
+                self.subjects.replica_heartbeat(uuid.UUID(launch.replica_id)),
+                cb=self._on_replica_beat,
+            )
         self.replicas[launch.replica_id] = running
         running.waiter = asyncio.create_task(self._watch(running))
         self._plan_standbys()
@@ -412,6 +420,11 @@ class NodeAgent:
         if self.needs.learn_manifest(manifest):
             self._plan_standbys()
 
+    async def _on_replica_beat(self, msg: Msg) -> None:
+        with contextlib.suppress(ValueError, TypeError):
+            beat = decode_own(ReplicaHeartbeat, msg.subject, msg.data)
+            self.usage.count_calls(beat.replica_id, int(beat.calls))
+
     async def _on_cold_start(self, msg: Msg) -> None:
         """A replica of this node is ready (what it imported late is learned) or past its
         first call (the standby it took is replaced)."""
@@ -486,8 +499,11 @@ class NodeAgent:
     async def _watch(self, running: _Running) -> None:
         code = await running.process.wait()
         error = self._close_box(running)
-        # The slot is released now: the replica's time ends here, whatever it reported.
-        self.usage.closed(running.launch.replica_id, time.time())
+        # The slot is released now: the replica's time ends here.
+        self.usage.stopped(running.launch.replica_id, time.time())
+        if running.beats is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await running.beats.unsubscribe()
         self.replicas.pop(running.launch.replica_id, None)
         self.standbys.release(running.launch.replica_id)
         if self.snapshots is not None:

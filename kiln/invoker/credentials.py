@@ -67,7 +67,6 @@ def replica_permissions(
         subjects.logs(function_id),
         subjects.snapshot_requests(node_id, replica_id),
         subjects.job_events(function_id, "*"),
-        subjects.usage(replica_id),
         f"$JS.API.CONSUMER.MSG.NEXT.{calls}.{consumer}",
         f"$JS.ACK.{calls}.{consumer}.>",
         # nats-py finds a bucket's stream by subject before reading an object.

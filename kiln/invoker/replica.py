@@ -48,7 +48,6 @@ from kiln.invoker.feed import CallFeed
 from kiln.invoker.jobs import JobRunner
 from kiln.invoker.output import CallContextFilter, FunctionOutput
 from kiln.invoker.target import Target, build_target
-from kiln.invoker.usage import UsageMeter
 from kiln.settings import Settings
 from kiln.wire import (
     HEARTBEAT_INTERVAL_S,
@@ -104,7 +103,7 @@ class Replica:
         self._accepts: dict[str, list[str]] = {}  # router id -> call ids taken, not yet told
         self._accepts_written: dict[str, asyncio.Future[None]] = {}
         self.calls: CallRunner | None = None
-        self.usage: UsageMeter | None = None
+        self.calls_taken = 0  # in its heartbeats (its node agent shows them in usage)
         self.jobs: JobRunner | None = None
         self._replica_str = str(self.replica_id)
         self._tasks: set[asyncio.Future[None]] = set()
@@ -132,8 +131,6 @@ class Replica:
         self.output.install()
         shipping = asyncio.create_task(self.output.run(), name="kiln-replica-output")
         heartbeat = asyncio.create_task(self._heartbeat(), name="kiln-replica-heartbeat")
-        self.usage = UsageMeter(self.nc, self.subjects, self.launch)
-        metering = asyncio.create_task(self.usage.run(), name="kiln-replica-usage")
         drain_sub = await self.nc.subscribe(self.subjects.drain(self.replica_id), cb=self._on_drain)
         code = 0
         try:
@@ -166,7 +163,7 @@ class Replica:
             self.error = f"{type(exc).__name__}: {exc}"
             _log.error("replica failed: %s", "".join(traceback.format_exception(exc)))
         finally:
-            await self._finish(heartbeat, drain_sub, metering, shipping)
+            await self._finish(heartbeat, drain_sub, shipping)
         return code
 
     def _snapshot_link(self) -> SnapshotLink | None:
@@ -288,8 +285,7 @@ class Replica:
                     await self.feed.top_up()
 
     def _count_call(self) -> None:
-        if self.usage is not None:
-            self.usage.count_call()
+        self.calls_taken += 1
 
     def _accept(self, call: CallHeaders) -> asyncio.Future[None]:
         """Tell the call's router we took it, batched with the other calls taken in this turn
@@ -379,7 +375,6 @@ class Replica:
         self,
         heartbeat: asyncio.Task[None],
         drain_sub: Any,
-        metering: asyncio.Task[None],
         shipping: asyncio.Task[None],
     ) -> None:
         if self.state is not ReplicaState.FAILED:
@@ -396,14 +391,12 @@ class Replica:
         if self.cold_start.sealing is not None:  # the agent may still be sealing our bake
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self.cold_start.sealing), 30)
-        await cancel_and_wait(heartbeat, metering, shipping)
+        await cancel_and_wait(heartbeat, shipping)
         if self.output is not None:  # the last lines (the @exit hooks' too)
             self.output.uninstall()
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2):
                     await self.output.send()
-        if self.usage is not None:  # the last interval, up to the slot's release
-            await self.usage.stop()
         with contextlib.suppress(Exception):
             await self._beat()
             await drain_sub.unsubscribe()
@@ -428,6 +421,7 @@ class Replica:
             in_flight=len(self.in_flight),
             idle_since=self.idle_since,
             error=self.error,
+            calls=self.calls_taken,
         )
         await self.nc.publish(self.subjects.replica_heartbeat(self.replica_id), encode(beat))
 

@@ -209,6 +209,21 @@ async def _stop_every_app(platform: Platform) -> None:
                 await client.delete(f"/v1/apps/{app['name']}")
 
 
+def nats_env(settings: Settings) -> dict[str, str]:
+    """The NATS variables of `settings`, for a platform process started as a program."""
+    env = {"KILN_NATS_URL": ",".join(settings.nats_servers)}
+    if settings.nats_creds is not None:
+        env["KILN_NATS_CREDS"] = str(settings.nats_creds)
+    if settings.nats_signing_key is not None:
+        env["KILN_NATS_SIGNING_KEY"] = settings.nats_signing_key
+    return env
+
+
+def with_nats(settings: Settings, server: EmbeddedNats) -> Settings:
+    """`settings` for the NATS server `server` (with its credentials)."""
+    return settings.replace(nats_url=server.url, **server.settings())
+
+
 @pytest.fixture(scope="module", name="own_nats")
 def own_nats_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
     """A NATS server of this module's own, since a test kills it."""

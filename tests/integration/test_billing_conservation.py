@@ -31,8 +31,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from stack import (  # noqa: F401 - own_nats_fixture: a fixture
     Platform,
     extra_node,
+    nats_env,
     own_nats_fixture,
     running_platform,
+    with_nats,
 )
 
 from kiln.db.enums import LedgerKind
@@ -82,18 +84,18 @@ class Truth:
     crashes: dict[str, int] = field(default_factory=dict)  # kills of it, and NATS outages
 
     def watch(self, agent: NodeAgent) -> None:
-        track, closed = agent.usage.track, agent.usage.closed
+        start, stopped = agent.usage.start, agent.usage.stopped
 
-        def tracking(launch: StartReplica):  # type: ignore[no-untyped-def]
+        def starting(launch: StartReplica) -> None:
             self.since[launch.replica_id] = launch.received_at
-            return track(launch)
+            start(launch)
 
-        def closing(replica_id: str, exited_at: float) -> None:
-            self.exited[replica_id] = exited_at
-            closed(replica_id, exited_at)
+        def stopping(replica_id: str, at: float) -> None:
+            self.exited[replica_id] = at
+            stopped(replica_id, at)
 
-        agent.usage.track = tracking  # type: ignore[method-assign]
-        agent.usage.closed = closing  # type: ignore[method-assign]
+        agent.usage.start = starting  # type: ignore[method-assign]
+        agent.usage.stopped = stopping  # type: ignore[method-assign]
 
 
 class BillingProcess:
@@ -104,7 +106,7 @@ class BillingProcess:
             "PATH": os.environ.get("PATH", ""), "HOME": str(settings.home),
             "KILN_ENV": "test", "KILN_HOME": str(settings.home),
             "KILN_NAMESPACE": settings.namespace,
-            "KILN_NATS_URL": str(settings.nats_url),
+            **nats_env(settings),
             "KILN_DATABASE_URL": str(settings.database_url),
             "KILN_STRIPE_API_KEY": API_KEY,
             "KILN_STRIPE_API_BASE": str(settings.stripe_api_base),
@@ -166,8 +168,8 @@ async def test_every_replica_second_is_billed_once_through_kills_of_replicas_bil
     seed = int(os.environ.get("KILN_TEST_CHAOS_SEED", random.randrange(10**6)))
     print(f"chaos seed {seed} (KILN_TEST_CHAOS_SEED={seed} replays it)")
     rng = random.Random(seed)
-    paying = settings.replace(
-        nats_url=own_nats.url, stripe_api_key=API_KEY, stripe_api_base=stripe_fake.url,
+    paying = with_nats(settings, own_nats).replace(
+        stripe_api_key=API_KEY, stripe_api_base=stripe_fake.url,
         stripe_webhook_secret=WEBHOOK_SECRET,
     )  # fmt: skip
     truth = Truth()

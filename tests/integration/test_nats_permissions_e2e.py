@@ -147,6 +147,7 @@ async def test_a_replica_reaches_nothing_beyond_its_function_and_itself(
         "answer another function's call": ("pub", f"{ns}.reply.r1.{other}.1"),
         "say it took another function's calls": ("pub", f"{ns}.accepted.r1.{other}"),
         "publish a usage report for another replica": ("pub", f"{ns}.usage.{other_replica}"),
+        "publish a usage report of its own": ("pub", f"{ns}.usage.{{me}}"),
         "beat in another replica's name": ("pub", f"{ns}.hb.replica.{other_replica}"),
         "report another replica's cold start": (
             "pub", f"{ns}.events.coldstart.{other_replica}"

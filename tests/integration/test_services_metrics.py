@@ -20,7 +20,13 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
-from stack import Platform, own_nats_fixture, platform_fixture  # noqa: F401 - fixtures
+from stack import (  # noqa: F401 - fixtures
+    Platform,
+    nats_env,
+    own_nats_fixture,
+    platform_fixture,
+    with_nats,
+)
 
 from kiln.db import migrate
 from kiln.db.enums import CallStatus
@@ -46,9 +52,7 @@ class Service:
     log: Path
 
     @classmethod
-    def start(
-        cls, module: str, settings: Settings, home: Path, nats_url: str | None = None, **env: str
-    ) -> Service:
+    def start(cls, module: str, settings: Settings, home: Path, **env: str) -> Service:
         port = pick_port([], set())
         log = home / f"{module}.log"
         home.mkdir(parents=True, exist_ok=True)
@@ -58,7 +62,7 @@ class Service:
             # Its own namespace (cleaned with the session's), so no other test's scheduler
             # hears this node agent, nor this scheduler the platforms' nodes.
             "KILN_NAMESPACE": f"{settings.namespace}svc",
-            "KILN_NATS_URL": nats_url or str(settings.nats_url),
+            **nats_env(settings),
             "KILN_DATABASE_URL": str(settings.database_url),
             "KILN_METRICS_PORT": str(port), "KILN_SHUTDOWN_TIMEOUT": "5",
             **env,
@@ -177,7 +181,7 @@ async def test_a_nats_outage_shows_in_connected_and_is_counted_as_a_reconnect(
     settings: Settings, own_nats: EmbeddedNats, tmp_path: Path
 ) -> None:
     service = Service.start(
-        "kiln.invoker", settings, tmp_path, own_nats.url,
+        "kiln.invoker", with_nats(settings, own_nats), tmp_path,
         KILN_NODE_GPUS="none:1", KILN_STANDBY_PROCESSES="0", KILN_NODE_ID="svc-outage",
     )  # fmt: skip
     try:
