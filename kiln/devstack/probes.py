@@ -19,9 +19,9 @@ def _address(url: str, default_port: int) -> tuple[str, int]:
     return split.hostname or "127.0.0.1", split.port or default_port
 
 
-def nats_answers(url: str, timeout_s: float = 0.5) -> bool:
+def nats_answers(url: str, timeout_s: float = 0.5, *, have_credentials: bool = False) -> bool:
     """True if a NATS server with JetStream enabled greets us at `url`, and does not demand
-    credentials that the URL lacks."""
+    credentials that we lack (neither in the URL nor, `have_credentials`, in a file)."""
     try:
         with socket.create_connection(_address(url, 4222), timeout=timeout_s) as sock:
             greeting = sock.makefile("rb").readline(64 * 1024)
@@ -33,7 +33,7 @@ def nats_answers(url: str, timeout_s: float = 0.5) -> bool:
         info = json.loads(greeting[5:])
     except ValueError:
         return False
-    if info.get("auth_required") and not urlsplit(url.split(",")[0]).username:
+    if info.get("auth_required") and not (have_credentials or urlsplit(url.split(",")[0]).username):
         return False
     return bool(info.get("jetstream"))
 

@@ -53,9 +53,9 @@ def _prepare(flavour: Path | None) -> None:
     if failed:
         shown = "; ".join(failed[:5]) + (f"; and {len(failed) - 5} more" if len(failed) > 5 else "")
         print(f"standby: could not import {len(failed)} modules: {shown}", file=sys.stderr)
-    # What every replica loads after its assignment: the runtime, its code's unpacking and its
-    # event loop (uvloop, where installed).
-    for name in ("kiln.invoker.replica", "kiln.functions.package", "kiln.codestore"):
+    # What every replica loads after its assignment: the runtime, the signing of its NATS
+    # credentials and its event loop (uvloop, where installed).
+    for name in ("kiln.invoker.replica", "nkeys"):
         importlib.import_module(name)
     with contextlib.suppress(ImportError):
         importlib.import_module("uvloop")

@@ -71,7 +71,7 @@ def test_start_answers_and_stop_leaves_nothing(home: Path) -> None:
         pids = [entry.pid for entry in stack.state() if entry.pid]
         assert len(pids) == 3
         assert [entry.name for entry in stack.state()] == ["nats", "postgres", "redis"]
-        assert nats_answers(running.nats_url or "")
+        assert nats_answers(running.nats_url or "", have_credentials=True)
         assert postgres_answers(running.database_url or "")
         assert redis_answers(running.redis_url or "")
         assert "/kiln?" in (running.database_url or "")
@@ -296,6 +296,6 @@ def test_a_port_taken_after_it_was_chosen_is_replaced(
         stack = DevStack(bare_settings(home), durable=False)
         with stack as running:
             assert all(busy not in entry.ports.values() for entry in stack.state())
-            assert nats_answers(running.nats_url or "")
+            assert nats_answers(running.nats_url or "", have_credentials=True)
             assert postgres_answers(running.database_url or "")
             assert redis_answers(running.redis_url or "")
