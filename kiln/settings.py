@@ -47,7 +47,16 @@ from kiln.billing.prices import DEFAULT_PRICES
 from kiln.errors import ConfigError
 from kiln.tiers import DEFAULT_TIERS, TierLimits
 
-__all__ = ["SETTINGS", "Environment", "LogLevel", "SandboxMode", "Settings", "Switch", "mask_url"]
+__all__ = [
+    "SETTINGS",
+    "EgressMode",
+    "Environment",
+    "LogLevel",
+    "SandboxMode",
+    "Settings",
+    "Switch",
+    "mask_url",
+]
 
 _PREFIX = "KILN_"
 # Variables under these prefixes belong to the test suite and tools, not to a running process.
@@ -69,6 +78,11 @@ class SandboxMode(enum.StrEnum):
     AUTO = "auto"  # bubblewrap where the node agent can use it (root, bwrap installed)
     BWRAP = "bwrap"  # always; a node agent that cannot refuses to start
     OFF = "off"
+
+
+class EgressMode(enum.StrEnum):
+    ALLOW = "allow"  # NATS and what the host reaches, except the platform's own ports
+    DENY = "deny"  # NATS only
 
 
 class LogLevel(enum.StrEnum):
@@ -115,6 +129,7 @@ class Settings:
     sandbox_uid_base: int = 200_000
     sandbox_cpus: float = 0.0
     sandbox_share: tuple[Path, ...] = ()
+    sandbox_egress: EgressMode = EgressMode.ALLOW
     scheduler_lease_s: float = 5.0
     max_replicas: int = 1000
     ws_idle_timeout_s: float = 300.0
@@ -424,6 +439,13 @@ SETTINGS: tuple[SettingSpec, ...] = (
         _int_range(1000, 2**31 - 65_536),
         "the first of the 65536 host uids the node agent gives its sandboxes, one each; no "
         "user of the host may own files in that range (default 200000)",
+    ),
+    SettingSpec(
+        "KILN_SANDBOX_EGRESS",
+        "sandbox_egress",
+        _choice(EgressMode),
+        "what sandboxed replicas may connect to: allow (NATS and what the host reaches, but "
+        "never the platform's PostgreSQL, Redis or metrics ports; default) or deny (NATS only)",
     ),
     SettingSpec(
         "KILN_SANDBOX_CPUS",

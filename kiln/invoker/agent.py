@@ -40,9 +40,11 @@ from prometheus_client import CollectorRegistry
 from kiln._proc import die_with_parent
 from kiln._tasks import cancel_and_wait
 from kiln.codestore import CodeStore
+from kiln.errors import ConfigError
 from kiln.functions.gpu import gpu_request
 from kiln.functions.package import unpack
 from kiln.invoker.credentials import ReplicaCredentials
+from kiln.invoker.egress import Egress
 from kiln.invoker.flavours import Flavour
 from kiln.invoker.inventory import node_slots
 from kiln.invoker.node_snapshots import NodeSnapshots
@@ -53,7 +55,7 @@ from kiln.invoker.standby_pool import Standby, StandbyPool, memory_info
 from kiln.invoker.usage import NodeMeter
 from kiln.jobs.streams import ensure_function_stores
 from kiln.observability.gpu import GpuTelemetry
-from kiln.settings import SandboxMode, Settings
+from kiln.settings import EgressMode, SandboxMode, Settings
 from kiln.snapshots.manifest import Manifest
 from kiln.wire import (
     HEARTBEAT_INTERVAL_S,
@@ -127,6 +129,7 @@ class NodeAgent:
         self._tasks: set[asyncio.Task[None]] = set()
         self.sandboxes = _sandboxes(settings)
         self.credentials = ReplicaCredentials.from_settings(settings, node_id=self.node_id)
+        self.egress = _egress(settings, self.sandboxes, self.node_id)
         self._code_fetches: dict[str, asyncio.Task[Path]] = {}
         self._stores_made: set[str] = set()  # functions whose buckets are known to exist
         self.usage = NodeMeter(nc, self.subjects)
@@ -187,6 +190,8 @@ class NodeAgent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then stop every replica (drain first) and return."""
+        if self.egress is not None:  # before the first sandbox (a standby) starts
+            await asyncio.to_thread(self.egress.install)
         if self.snapshots is not None:
             await self.snapshots.start()
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -215,6 +220,8 @@ class NodeAgent:
             await cancel_and_wait(closing)
             await self.usage.drain(within_s=5.0)
             await cancel_and_wait(beat)
+            if self.egress is not None:
+                await asyncio.to_thread(self.egress.remove)
 
     async def _on_command(self, msg: Msg) -> None:
         try:
@@ -609,6 +616,31 @@ def _sandboxes(settings: Settings) -> Sandboxes | None:
         cpus=settings.sandbox_cpus or None,
         extra_ro=settings.sandbox_share,
     )
+
+
+def _egress(settings: Settings, sandboxes: Sandboxes | None, node_id: str) -> Egress | None:
+    """The sandboxes' egress policy (none without sandboxes: their uids are what it matches).
+    Under KILN_SANDBOX=auto a node without iptables warns and goes on; asked for explicitly
+    (KILN_SANDBOX=bwrap, or KILN_SANDBOX_EGRESS=deny) it refuses to start."""
+    if sandboxes is None:
+        if settings.sandbox_egress is EgressMode.DENY:
+            raise ConfigError([
+                "KILN_SANDBOX_EGRESS=deny needs sandboxes (their uids are what the firewall "
+                "matches), and this node runs replicas without them (KILN_SANDBOX)"
+            ])  # fmt: skip
+        return None
+    try:
+        return Egress.for_node(
+            settings,
+            first_uid=sandboxes.uid_base,
+            last_uid=sandboxes.uid_base + sandboxes.uid_count - 1,
+            tag=f"{settings.namespace}/{node_id}/{settings.home}",
+        )
+    except ConfigError as exc:
+        if settings.sandbox is SandboxMode.AUTO and settings.sandbox_egress is EgressMode.ALLOW:
+            _log.warning("%s; until then replicas reach every port the host reaches", exc.message)
+            return None
+        raise
 
 
 def _importable(name: str) -> bool:

@@ -7,10 +7,13 @@ memory and fork-bomb tests also need writable cgroups."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import sqlalchemy as sa
@@ -36,6 +39,7 @@ HOSTILE = """
 import ctypes
 import errno
 import os
+import socket
 import threading
 import time
 
@@ -53,8 +57,22 @@ def _look(path: str) -> str:
         return "denied"
 
 
+def _connect(host: str, port: int) -> str:
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except ConnectionRefusedError:
+        return "refused"
+    except OSError as exc:
+        return f"failed: {exc}"
+    return "connected"
+
+
 @app.function(memory_mb=256, idle_timeout=120, max_replicas=1)
-def probe(what: str, paths: list[str] | None = None, pid: int = 0) -> dict:
+def probe(
+    what: str, paths: list[str] | None = None, pid: int = 0, targets: list | None = None
+) -> dict:
+    if what == "connect":
+        return {f"{host}:{port}": _connect(host, port) for host, port in targets or []}
     if what == "whoami":
         return {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups()}
     if what == "files":
@@ -228,3 +246,26 @@ async def test_memory_past_its_cap_stops_the_replica_and_says_why(platform: Plat
     assert any("out of memory" in e and "memory_mb=256" in e for e in errors), errors
     # The function itself starts again for the next call.
     assert (await probe(platform, "whoami"))["uid"] >= platform.settings.sandbox_uid_base
+
+
+@pytest.mark.skipif(shutil.which("iptables") is None, reason="egress rules need iptables")
+async def test_it_cannot_reach_the_platforms_database_redis_or_metrics(platform: Platform) -> None:
+    settings = platform.settings
+    database, redis = urlsplit(str(settings.database_url)), urlsplit(str(settings.redis_url))
+    nats = urlsplit(settings.nats_servers[0])
+    with contextlib.ExitStack() as listeners:
+        elsewhere = listeners.enter_context(socket.create_server(("127.0.0.1", 0)))
+        with contextlib.suppress(OSError):  # something may serve the metrics port already
+            listeners.enter_context(socket.create_server(("127.0.0.1", settings.metrics_port)))
+        refused = {
+            f"{database.hostname}:{database.port or 5432}",
+            f"{redis.hostname}:{redis.port or 6379}",
+            f"127.0.0.1:{settings.metrics_port}",
+        }
+        allowed = {f"{nats.hostname}:{nats.port}", f"127.0.0.1:{elsewhere.getsockname()[1]}"}
+        targets = [(t.rpartition(":")[0], int(t.rpartition(":")[2])) for t in refused | allowed]
+        for host, port in targets:  # every one of them answers the platform
+            socket.create_connection((host, port), timeout=3).close()
+        found = await probe(platform, "connect", targets=targets)
+    assert found == {**dict.fromkeys(refused, "refused"), **dict.fromkeys(allowed, "connected")}
+    await bystander_answers(platform)
