@@ -27,11 +27,13 @@ import binascii
 import contextlib
 import functools
 import hashlib
+import ipaddress
 import json
 import math
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -346,11 +348,13 @@ def mint_user(
     name: str,
     permissions: Permissions,
     expires_at: float | None = None,
+    sources: Sequence[str] = (),
 ) -> Credentials:
     """Credentials for a new user of `account` (the account's public key), signed with
     `signing_seed`: one of the account's signing keys, or the account's own seed. `expires_at`
     (seconds since the epoch, rounded down) ends the user's authority: the server refuses
-    connections afterwards and closes those still open."""
+    connections afterwards and closes those still open. `sources`, when given, are the only
+    networks (CIDRs, such as ``10.0.0.7/32``) the user may connect from."""
     signer = _signer(signing_seed, "account", "signing_seed")
     _check_public_key(account, "account", "account")
     if not isinstance(permissions, Permissions):
@@ -368,6 +372,8 @@ def mint_user(
     }
     if signer.public_key != account:
         nats["issuer_account"] = account
+    if sources:
+        nats["src"] = [str(ipaddress.ip_network(cidr, strict=False)) for cidr in sources]
     claims: dict[str, Any] = {
         "name": name,
         "sub": nkeys.from_seed(user_seed.encode()).public_key.decode(),

@@ -17,7 +17,9 @@ authorisation) replicas connect as everything else does, with none.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
+import socket
 import uuid
 from pathlib import Path
 
@@ -85,13 +87,23 @@ def replica_permissions(
 
 
 class ReplicaCredentials:
-    """Issues replicas their credentials on a node, when NATS requires credentials."""
+    """Issues replicas their credentials on a node, when NATS requires credentials. They work
+    only from this host's addresses: copied out of a sandbox, they open nothing elsewhere."""
 
-    def __init__(self, signing_seed: str, *, account: str, subjects: Subjects, node_id: str):
+    def __init__(
+        self,
+        signing_seed: str,
+        *,
+        account: str,
+        subjects: Subjects,
+        node_id: str,
+        sources: tuple[str, ...] | None = None,
+    ) -> None:
         self.signing_seed = signing_seed
         self.account = account
         self.subjects = subjects
         self.node_id = node_id
+        self.sources = host_addresses() if sources is None else sources
 
     @classmethod
     def from_settings(cls, settings: Settings, *, node_id: str) -> ReplicaCredentials | None:
@@ -121,7 +133,23 @@ class ReplicaCredentials:
             account=self.account,
             name=f"replica-{replica_id.hex}",
             permissions=permissions,
+            sources=self.sources,
         ).creds_file_text()
+
+
+def host_addresses() -> tuple[str, ...]:
+    """This host's addresses (link-local ones aside), each as a network of one."""
+    import psutil
+
+    found = []
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            ip = ipaddress.ip_address(address.address.split("%")[0])
+            if not ip.is_link_local:
+                found.append(str(ipaddress.ip_network(ip)))
+    return tuple(dict.fromkeys(found))
 
 
 def account_of_creds(path: Path) -> str:

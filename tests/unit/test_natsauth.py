@@ -231,6 +231,24 @@ async def test_an_expired_user_is_refused(trust: Trust, connect: Connect) -> Non
     assert client.is_connected
 
 
+async def test_a_user_bound_to_networks_is_refused_from_elsewhere(
+    trust: Trust, connect: Connect
+) -> None:
+    def user(*sources: str) -> Credentials:
+        return mint_user(
+            trust.signing_seed,
+            account=trust.account_public_key,
+            name="bound",
+            permissions=Permissions.UNRESTRICTED,
+            sources=sources,
+        )
+
+    with pytest.raises(nats.errors.Error, match=REFUSED):
+        await connect(user("10.99.0.0/16"))  # the test connects from 127.0.0.1
+    client = await connect(user("10.99.0.0/16", "127.0.0.1"))
+    assert client.is_connected
+
+
 async def test_platform_user_may_do_anything(
     trust: Trust, connect: Connect, tmp_path: Path
 ) -> None:
