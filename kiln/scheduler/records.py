@@ -166,6 +166,19 @@ class ClusterRecords:
                 )
             )
 
+    async def live_replica(self, replica_id: str) -> tuple[str, str, str] | None:
+        """The function, version and node (ids as strings) of a replica whose row says it has
+        not stopped, or None."""
+        async with self.sessions() as session:
+            row = (
+                await session.execute(
+                    sa.select(Replica.function_id, Replica.version_id, Replica.node_id).where(
+                        Replica.id == uuid.UUID(replica_id), Replica.stopped_at.is_(None)
+                    )
+                )
+            ).first()
+        return None if row is None else (str(row[0]), str(row[1]), str(row[2]))
+
     async def sweep_unadopted(self, known: list[str]) -> None:
         """Mark lost the live rows of replicas not in `known` (they died with an earlier
         scheduler and never heartbeated to this one)."""

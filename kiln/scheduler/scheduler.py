@@ -256,9 +256,14 @@ class Scheduler:
         if tracked is None:
             if beat.state in (ReplicaState.STOPPED, ReplicaState.FAILED):
                 return
-            # A replica we did not start (this scheduler restarted): adopt it.
+            # A replica we did not start (this scheduler restarted): adopt it, as its row
+            # describes it (the beat is the replica's word, and it runs customers' code).
+            known = await self.records.live_replica(beat.replica_id)
+            if known is None or beat.replica_id in self.replicas:
+                return
+            function_id, version_id, node_id = known
             tracked = _Tracked(
-                beat.replica_id, beat.function_id, beat.version_id, beat.node_id,
+                beat.replica_id, function_id, version_id, node_id,
                 launched_at=time.time(), startup_timeout_s=600,
             )  # fmt: skip
             self.replicas[beat.replica_id] = tracked
