@@ -191,7 +191,7 @@ class NodeAgent:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then stop every replica (drain first) and return."""
         if self.egress is not None:  # before the first sandbox (a standby) starts
-            await asyncio.to_thread(self.egress.install)
+            await self._install_egress(self.egress)
         if self.snapshots is not None:
             await self.snapshots.start()
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -222,6 +222,17 @@ class NodeAgent:
             await cancel_and_wait(beat)
             if self.egress is not None:
                 await asyncio.to_thread(self.egress.remove)
+
+    async def _install_egress(self, egress: Egress) -> None:
+        try:
+            await asyncio.to_thread(egress.install)
+        except OSError as exc:  # iptables is there, but this node may not change the rules
+            if self.settings.sandbox is SandboxMode.AUTO and egress.mode is EgressMode.ALLOW:
+                _log.warning("no egress policy for sandboxes (%s); replicas reach every port "
+                             "the host reaches", exc)  # fmt: skip
+                self.egress = None
+                return
+            raise ConfigError([f"the sandboxes' egress policy cannot be set: {exc}"]) from None
 
     async def _on_command(self, msg: Msg) -> None:
         try:
