@@ -31,6 +31,7 @@ import os
 import shutil
 import site
 import stat
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -97,6 +98,7 @@ class Box:
     uid: int
     root: Path  # $KILN_HOME/sandboxes/<id>
     cgroups: list[Path] = field(default_factory=list)
+    userns: int | None = None  # a descriptor of its user namespace, while the box lives
 
     @property
     def ro(self) -> Path:
@@ -157,6 +159,7 @@ class Sandboxes:
     extra_ro: tuple[Path, ...] = ()  # more host paths to show read-only (KILN_SANDBOX_SHARE)
     bwrap: str = field(default_factory=lambda: bwrap_path() or "")
     setpriv: str = field(default_factory=lambda: shutil.which("setpriv") or "")
+    unshare: str = field(default_factory=lambda: shutil.which("unshare") or "")
     cgroup: tuple[int, Path] | None = field(default_factory=cgroup_root)
     _taken: set[int] = field(default_factory=set)
     _seccomp: bytes | None = None
@@ -170,11 +173,12 @@ class Sandboxes:
                     "KILN_SANDBOX=off on a trusted single-tenant node"
                 ]
             )
-        if not self.setpriv:
+        if not self.setpriv or not self.unshare:
             raise ConfigError(
                 [
-                    "KILN_SANDBOX=bwrap needs setpriv (util-linux) to give sandboxes their uid: "
-                    "install util-linux, or set KILN_SANDBOX=off on a trusted single-tenant node"
+                    "KILN_SANDBOX=bwrap needs setpriv and unshare (util-linux) to give sandboxes "
+                    "their user namespace and uid: install util-linux, or set KILN_SANDBOX=off on "
+                    "a trusted single-tenant node"
                 ]
             )
         if os.geteuid() != 0:
@@ -205,6 +209,7 @@ class Sandboxes:
         os.chown(work, uid, uid)
         box = Box(box_id, uid, root)
         box.cgroups = self._make_cgroups(box_id)
+        box.userns = self._user_namespace(uid)
         self._taken.add(uid)
         return box
 
@@ -214,7 +219,30 @@ class Sandboxes:
             with contextlib.suppress(OSError):
                 group.rmdir()
         shutil.rmtree(box.root, ignore_errors=True)
+        if box.userns is not None:
+            os.close(box.userns)
+            box.userns = None
         self._taken.discard(box.uid)
+
+    def _user_namespace(self, uid: int) -> int:
+        """A new user namespace in which the box's uid, and root, are themselves: its processes
+        run in it as that uid, with no capabilities there or anywhere. Root is mapped because
+        bubblewrap builds the sandbox inside the namespace as root (with its capabilities
+        there), reaching host directories an unprivileged user could not (a Python under
+        /root). A short-lived process makes it; the descriptor keeps it alive."""
+        with subprocess.Popen(
+            [self.unshare, "--user", "--", "/bin/sh", "-c", "echo; exec cat"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
+        ) as holder:  # fmt: skip
+            try:
+                assert holder.stdout is not None
+                if not holder.stdout.readline():  # it is in the namespace once it speaks
+                    raise ConfigError(["sandboxes need user namespaces; this kernel refused one"])
+                for name in ("uid_map", "gid_map"):
+                    _write(Path(f"/proc/{holder.pid}/{name}"), f"0 0 1\n{uid} {uid} 1\n")
+                return os.open(f"/proc/{holder.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+            finally:
+                holder.kill()
 
     def _free_uid(self) -> int:
         for uid in range(self.uid_base, self.uid_base + self.uid_count):
@@ -282,8 +310,12 @@ class Sandboxes:
             ]  # fmt: skip
 
         try:
+            userns: list[str] = []
+            if box.userns is not None:
+                fds.append(os.dup(box.userns))
+                userns = ["--userns", str(fds[-1])]
             args = [
-                self.bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-uts",
+                self.bwrap, *userns, "--unshare-ipc", "--unshare-pid", "--unshare-uts",
                 "--unshare-cgroup-try", "--die-with-parent", "--hostname", "kiln",
                 # the sandbox's own /tmp (and /var/tmp), not the host's
                 "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",  # noqa: S108

@@ -74,7 +74,13 @@ def probe(
     if what == "connect":
         return {f"{host}:{port}": _connect(host, port) for host, port in targets or []}
     if what == "whoami":
-        return {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups()}
+        status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+        return {
+            "uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(),
+            "uid_map": [line.split() for line in open("/proc/self/uid_map")],
+            "caps": [status[k].strip() for k in ("CapEff", "CapPrm", "CapBnd")],
+            "no_new_privs": status["NoNewPrivs"].strip(),
+        }
     if what == "files":
         return {path: _look(path) for path in paths or []}
     if what == "processes":
@@ -163,11 +169,19 @@ async def bystander_answers(platform: Platform) -> None:
     assert response.json() == "still here"
 
 
-async def test_it_runs_under_an_unprivileged_uid_of_its_own(platform: Platform) -> None:
+async def test_it_runs_under_an_unprivileged_uid_in_a_user_namespace_of_its_own(
+    platform: Platform,
+) -> None:
     found = await probe(platform, "whoami")
-    assert found["uid"] >= platform.settings.sandbox_uid_base
-    assert found["gid"] == found["uid"]
-    assert found["groups"] in ([], [found["gid"]])
+    uid = found["uid"]
+    assert uid >= platform.settings.sandbox_uid_base
+    assert found["gid"] == uid
+    assert found["groups"] in ([], [uid])
+    # A user namespace of its own: its uid and root (which only built the sandbox) are
+    # themselves, nothing else of the host's uids exists there; no capabilities, none to gain.
+    assert found["uid_map"] == [["0", "0", "1"], [str(uid), str(uid), "1"]]
+    assert found["caps"] == ["0000000000000000"] * 3
+    assert found["no_new_privs"] == "1"
     await bystander_answers(platform)
 
 
