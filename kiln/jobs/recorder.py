@@ -72,12 +72,17 @@ class JobRecorder:
 
     async def run(self, stop: asyncio.Event) -> None:
         await ensure_job_streams(self.js, self.subjects)
-        sub = await self.js.pull_subscribe(
-            self.subjects.all_job_events,
-            durable=_DURABLE,
-            stream=self.subjects.job_events_stream,
-            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30),
+        # Created, or brought up to this config (an older one may filter other subjects).
+        await self.js.add_consumer(
+            self.subjects.job_events_stream,
+            ConsumerConfig(
+                durable_name=_DURABLE,
+                filter_subject=self.subjects.all_job_events,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=30,
+            ),
         )
+        sub = await self.js.pull_subscribe_bind(_DURABLE, stream=self.subjects.job_events_stream)
         async with httpx.AsyncClient() as client:
             loops = [
                 asyncio.create_task(self._forever(self._record, sub), name="kiln-jobs-events"),
