@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import ipaddress
 import logging
+import shlex
 import shutil
 import socket
 import subprocess
@@ -32,7 +33,7 @@ from urllib.parse import urlsplit
 from kiln.errors import ConfigError
 from kiln.settings import EgressMode, Settings
 
-__all__ = ["Egress", "Endpoint", "egress_rules"]
+__all__ = ["Egress", "Endpoint", "egress_rules", "remove_chains_of"]
 
 _log = logging.getLogger("kiln.egress")
 _TIMEOUT_S = 10.0
@@ -115,6 +116,9 @@ class Egress:
         # Chain names are at most 28 characters; one per agent, so that agents sharing a host
         # (tests, a GPU host split between installations) never remove each other's.
         self.chain = "KILN-" + hashlib.sha256(tag.encode()).hexdigest()[:12]
+        # On the jump into it, so that whoever owns the namespace can find it again (a test
+        # session removing what its killed agents left).
+        self.comment = f"kiln {settings.namespace} {tag}"[:255]
         self.nats = _endpoints(settings.nats_url, 4222)
         self.refused = [
             *_endpoints(settings.database_url, 5432),
@@ -140,15 +144,14 @@ class Egress:
             if tool not in self.tools:
                 continue
             self._remove(tool)
-            self._run(tool, "-N", self.chain)
+            _run(tool, "-N", self.chain)
             rules = egress_rules(
                 self.mode, nats=self.nats, refused=self.refused,
                 metrics_port=self.metrics_port, family=family,
             )  # fmt: skip
             for rule in rules:
-                self._run(tool, "-A", self.chain, *rule)
-            self._run(tool, "-I", "OUTPUT", "-m", "owner", "--uid-owner", self.uids,
-                      "-j", self.chain)  # fmt: skip
+                _run(tool, "-A", self.chain, *rule)
+            _run(tool, "-I", "OUTPUT", *self._jump())
         _log.info("sandboxes' egress: %s (chain %s)", self.mode.value, self.chain)
 
     def remove(self) -> None:
@@ -158,23 +161,54 @@ class Egress:
             except OSError as exc:
                 _log.warning("could not remove the egress chain %s: %s", self.chain, exc)
 
+    def _jump(self) -> list[str]:
+        return ["-m", "owner", "--uid-owner", self.uids,
+                "-m", "comment", "--comment", self.comment, "-j", self.chain]  # fmt: skip
+
     def _remove(self, tool: str) -> None:
-        jump = ["OUTPUT", "-m", "owner", "--uid-owner", self.uids, "-j", self.chain]
-        while self._try(tool, "-D", *jump):
+        while _try(tool, "-D", "OUTPUT", *self._jump()):
             pass
-        if self._try(tool, "-F", self.chain):
-            self._try(tool, "-X", self.chain)
+        if _try(tool, "-F", self.chain):
+            _try(tool, "-X", self.chain)
 
-    def _run(self, tool: str, *args: str) -> None:
-        done = subprocess.run(
-            [tool, "-w", *args], capture_output=True, text=True, timeout=_TIMEOUT_S, check=False
-        )
-        if done.returncode != 0:
-            raise OSError(f"{tool} {' '.join(args)}: {done.stderr.strip()}")
 
-    def _try(self, tool: str, *args: str) -> bool:
+def remove_chains_of(namespace: str) -> int:
+    """Remove every egress chain of agents in `namespace` (or a namespace that starts with it),
+    live or dead: a test session's teardown, since agents it killed could not remove theirs.
+    How many it removed."""
+    removed = 0
+    for tool in ("iptables", "ip6tables"):
+        if not shutil.which(tool):
+            continue
         try:
-            self._run(tool, *args)
-        except OSError:
-            return False
-        return True
+            listed = subprocess.run(
+                [tool, "-w", "-S", "OUTPUT"], capture_output=True, text=True,
+                timeout=_TIMEOUT_S, check=True,
+            ).stdout  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            continue
+        for line in listed.splitlines():
+            if f'"kiln {namespace}' not in line or not line.startswith("-A OUTPUT "):
+                continue
+            args = shlex.split(line)[2:]
+            chain = args[args.index("-j") + 1]
+            if _try(tool, "-D", "OUTPUT", *args) and _try(tool, "-F", chain):
+                _try(tool, "-X", chain)
+                removed += 1
+    return removed
+
+
+def _run(tool: str, *args: str) -> None:
+    done = subprocess.run(
+        [tool, "-w", *args], capture_output=True, text=True, timeout=_TIMEOUT_S, check=False
+    )
+    if done.returncode != 0:
+        raise OSError(f"{tool} {' '.join(args)}: {done.stderr.strip()}")
+
+
+def _try(tool: str, *args: str) -> bool:
+    try:
+        _run(tool, *args)
+    except OSError:
+        return False
+    return True

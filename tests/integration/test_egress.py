@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.invoker.egress import Egress
+from kiln.invoker.egress import Egress, remove_chains_of
 from kiln.settings import EgressMode, Settings
 
 pytestmark = [
@@ -108,3 +108,15 @@ def test_a_chain_left_by_a_crashed_agent_is_replaced_not_doubled(
         assert reached(UIDS[0], listeners)[listeners[2]] == "connected"  # the new policy's
     finally:
         again.remove()
+
+
+def test_chains_a_killed_agent_left_are_found_by_namespace_and_removed(
+    settings: Settings, listeners: list[int]
+) -> None:
+    nats, database, _ = listeners
+    left = policy(settings, EgressMode.ALLOW, nats, database)
+    left.install()  # and never removed: its agent was killed
+    assert remove_chains_of(settings.namespace) >= 1
+    rules = subprocess.run(["iptables", "-w", "-S"], capture_output=True, text=True, check=True)
+    assert left.chain not in rules.stdout
+    assert set(reached(UIDS[0], listeners).values()) == {"connected"}
