@@ -228,6 +228,7 @@ class NodeAgent:
             await asyncio.to_thread(egress.install)
         except OSError as exc:  # iptables is there, but this node may not change the rules
             if self.settings.sandbox is SandboxMode.AUTO and egress.mode is EgressMode.ALLOW:
+                await asyncio.to_thread(egress.remove)  # what part of it was installed
                 _log.warning("no egress policy for sandboxes (%s); replicas reach every port "
                              "the host reaches", exc)  # fmt: skip
                 self.egress = None
@@ -264,13 +265,12 @@ class NodeAgent:
         if slot is None:
             return {"ok": False, "error": f"no free slot for gpu={gpu!r} on {self.node_id}"}
         kind, indices = slot
-        self.usage.start(launch)  # its time runs from its slot, not from its process
         try:
             process, box = await self._spawn(launch, kind, indices, need)
         except Exception as exc:  # noqa: BLE001 - whatever failed, the slot goes back
             self.slots.give_back(kind, indices)
-            self.usage.forget(launch.replica_id)  # nothing ran
             return {"ok": False, "error": f"could not start the replica: {exc}"}
+        self.usage.start(launch)  # its time runs from its slot (received_at), not its process
         running = _Running(launch, process, kind, indices, box=box)
         with contextlib.suppress(nats.errors.Error):
             running.beats = await self.nc.subscribe(
@@ -439,7 +439,7 @@ class NodeAgent:
             self._plan_standbys()
 
     async def _on_replica_beat(self, msg: Msg) -> None:
-        with contextlib.suppress(ValueError, TypeError):
+        with contextlib.suppress(ValueError, TypeError, OverflowError):
             beat = decode_own(ReplicaHeartbeat, msg.subject, msg.data)
             self.usage.count_calls(beat.replica_id, int(beat.calls))
 
@@ -516,9 +516,9 @@ class NodeAgent:
 
     async def _watch(self, running: _Running) -> None:
         code = await running.process.wait()
-        error = self._close_box(running)
-        # The slot is released now: the replica's time ends here.
+        # The replica's time ends with its process, before the clean-up of its box.
         self.usage.stopped(running.launch.replica_id, time.time())
+        error = self._close_box(running)
         if running.beats is not None:
             with contextlib.suppress(nats.errors.Error):
                 await running.beats.unsubscribe()

@@ -137,6 +137,11 @@ class Egress:
                 "platform's ports: apt-get install iptables (or set KILN_SANDBOX=off on a "
                 "trusted single-tenant node)"
             ])  # fmt: skip
+        if egress.mode is EgressMode.DENY and "ip6tables" not in egress.tools:
+            raise ConfigError([
+                "KILN_SANDBOX_EGRESS=deny needs ip6tables too, or IPv6 would stay open to "
+                "replicas: apt-get install iptables"
+            ])  # fmt: skip
         return egress
 
     def install(self) -> None:

@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import select
 import shutil
 import site
 import stat
@@ -64,6 +65,7 @@ _DENIED_SYSCALLS = (
     "lookup_dcookie", "vhangup", "iopl", "ioperm",
 )  # fmt: skip
 _DEFAULT_PIDS_MAX = 1024
+_USERNS_TIMEOUT_S = 5.0  # unshare(1) answers in about a millisecond
 
 
 def gpu_devices(visible: str) -> list[str]:
@@ -208,8 +210,12 @@ class Sandboxes:
         work.mkdir(mode=0o711)  # bubblewrap, without its capabilities, must enter it
         os.chown(work, uid, uid)
         box = Box(box_id, uid, root)
-        box.cgroups = self._make_cgroups(box_id)
-        box.userns = self._user_namespace(uid)
+        try:
+            box.cgroups = self._make_cgroups(box_id)
+            box.userns = self._user_namespace(uid)
+        except BaseException:
+            self.remove(box)
+            raise
         self._taken.add(uid)
         return box
 
@@ -236,7 +242,8 @@ class Sandboxes:
         ) as holder:  # fmt: skip
             try:
                 assert holder.stdout is not None
-                if not holder.stdout.readline():  # it is in the namespace once it speaks
+                ready, _, _ = select.select([holder.stdout], [], [], _USERNS_TIMEOUT_S)
+                if not ready or not holder.stdout.readline():  # in it once it speaks
                     raise ConfigError(["sandboxes need user namespaces; this kernel refused one"])
                 for name in ("uid_map", "gid_map"):
                     _write(Path(f"/proc/{holder.pid}/{name}"), f"0 0 1\n{uid} {uid} 1\n")

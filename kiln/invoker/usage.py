@@ -37,6 +37,7 @@ __all__ = ["NodeMeter", "publish_usage"]
 _log = logging.getLogger("kiln.usage")
 _PUBLISH_TIMEOUT_S = 2.0
 _RETRY_S = 1.0
+_MAX_CALLS = 2**31 - 1  # the ledger's column
 
 
 async def publish_usage(nc: NATS, subjects: Subjects, report: UsageReport) -> None:
@@ -89,14 +90,11 @@ class NodeMeter:
         self.metered[launch.replica_id] = _Metered(launch)
         self._wake.set()
 
-    def forget(self, replica_id: str) -> None:
-        """It never ran (its process could not start): nothing to bill."""
-        self.metered.pop(replica_id, None)
-
     def count_calls(self, replica_id: str, total: int) -> None:
-        """The calls the replica says it has taken so far."""
+        """The calls the replica says it has taken so far (its word: bounded, so that a
+        made-up count cannot overflow the ledger's column and hold up everyone's usage)."""
         metered = self.metered.get(replica_id)
-        if metered is not None and total > metered.calls:
+        if metered is not None and metered.calls < total <= _MAX_CALLS:
             metered.calls = total
 
     def stopped(self, replica_id: str, at: float) -> None:
@@ -104,7 +102,10 @@ class NodeMeter:
         metered = self.metered.pop(replica_id, None)
         if metered is None:
             return
-        self._cut_until(metered, at)
+        # An exit on a cut point ends the interval it closes (as kiln.metering writes it).
+        while metered.next_cut(self.interval_s) < at:
+            start = metered.since + metered.seq * self.interval_s
+            self._cut(metered, start, start + self.interval_s)
         start = metered.since + metered.seq * self.interval_s
         self._cut(metered, start, max(start, at), final=True)
         self._wake.set()

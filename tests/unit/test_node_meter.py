@@ -90,10 +90,20 @@ def test_calls_are_counted_in_the_interval_in_which_its_heartbeat_said_so() -> N
     assert [r.calls for r in meter.outbox] == [1, 2, 0]
 
 
-def test_a_replica_that_never_started_is_not_billed() -> None:
+def test_an_exit_on_a_cut_point_ends_the_interval_it_closes() -> None:
     meter = meter_at(Clock())
     start = launch()
     meter.start(start)
-    meter.forget(start.replica_id)
-    meter.stopped(start.replica_id, SINCE + 3)
-    assert meter.outbox == []
+    meter.stopped(start.replica_id, SINCE + 10)
+    assert spans(meter.outbox) == [("1", 0, 5, False), ("2", 5, 10, True)]
+    assert spans(meter.outbox) == spans(missing_reports(start, SINCE + 10, seen=()))
+
+
+def test_a_made_up_call_count_is_not_believed() -> None:
+    meter = meter_at(Clock())
+    start = launch()
+    meter.start(start)
+    meter.count_calls(start.replica_id, 3)
+    meter.count_calls(start.replica_id, 2**40)  # past the ledger's column
+    meter.stopped(start.replica_id, SINCE + 1)
+    assert [r.calls for r in meter.outbox] == [3]
