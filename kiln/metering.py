@@ -5,18 +5,60 @@ is lost. Standard library only.
 Report `n` of a replica covers `[since + (n-1)·interval, since + n·interval]`, where `since` is
 when its node agent gave it its slot; its event id is `<replica>:<n>`. Whoever writes a report,
 it has the same id and bounds, so copies collide instead of being charged twice.
+
+Reports carry a MAC (`Kiln-Usage-Mac`) made with a key derived from the platform's signing key
+(`KILN_SNAPSHOT_SIGNING_KEY`), which node agents, schedulers and billing workers hold and
+replicas never do: JetStream can be made to publish a replica's bytes on any subject of the
+account (docs/security.md), and the billing worker charges only what the platform wrote.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
+import uuid
 from collections.abc import Collection
+from typing import TYPE_CHECKING
 
-from kiln.wire import StartReplica, UsageReport
+from kiln.wire import StartReplica, Subjects, UsageReport, encode
 
-__all__ = ["USAGE_INTERVAL_S", "missing_reports", "usage_report"]
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NATS
+
+__all__ = [
+    "USAGE_INTERVAL_S",
+    "USAGE_MAC",
+    "missing_reports",
+    "publish_usage",
+    "usage_mac",
+    "usage_report",
+]
 
 USAGE_INTERVAL_S = 5.0
+USAGE_MAC = "Kiln-Usage-Mac"
+_PUBLISH_TIMEOUT_S = 2.0
+
+
+def usage_mac(secret: str, body: bytes) -> str:
+    """The MAC of a usage report's bytes, with a key of its own derived from `secret`."""
+    key = hmac.new(secret.encode(), b"kiln usage report", hashlib.sha256).digest()
+    return hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+async def publish_usage(
+    nc: NATS, subjects: Subjects, report: UsageReport, *, secret: str | None
+) -> None:
+    """Into the usage stream, or raise; the message id makes a retry harmless. With `secret`
+    (the platform's signing key) it carries the MAC the billing worker checks."""
+    body = encode(report)
+    headers = {"Nats-Msg-Id": report.event_id}
+    if secret is not None:
+        headers[USAGE_MAC] = usage_mac(secret, body)
+    await nc.jetstream().publish(
+        subjects.usage(uuid.UUID(report.replica_id)), body,
+        timeout=_PUBLISH_TIMEOUT_S, headers=headers,
+    )  # fmt: skip
 
 
 def usage_report(

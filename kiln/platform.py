@@ -100,7 +100,7 @@ async def serve_platform(
         schedule = (
             Scheduler(
                 nc, session_factory(engine), settings.namespace, cold_starts,
-                lease_s=settings.scheduler_lease_s,
+                lease_s=settings.scheduler_lease_s, usage_secret=settings.snapshot_signing_key,
             ).run(scheduler_stop)
             if scheduler
             else scheduler_stop.wait()
@@ -116,8 +116,9 @@ async def serve_platform(
         parts = [router, scheduling, agent, recording]
         if billing:
             worker = BillingWorker(
-                nc, session_factory(engine), settings.namespace, rules, billing_metrics
-            )
+                nc, session_factory(engine), settings.namespace, rules, billing_metrics,
+                usage_secret=settings.snapshot_signing_key,
+            )  # fmt: skip
             parts.append(asyncio.create_task(worker.run(recorder_stop), name="kiln-billing"))
         if billing and settings.stripe_enabled:
             gateway = StripeGateway(settings)

@@ -39,7 +39,12 @@ async def serve_billing(settings: Settings, stop: asyncio.Event) -> None:
         nc = await open_nats(exits, settings, NatsProcess.BILLING, nats_metrics)
         await open_metrics(exits, settings, [metrics.registry, nats_metrics.registry])
         sessions = session_factory(engine)
-        workers = [BillingWorker(nc, sessions, settings.namespace, rules, metrics).run(stop)]
+        workers = [
+            BillingWorker(
+                nc, sessions, settings.namespace, rules, metrics,
+                usage_secret=settings.snapshot_signing_key,
+            ).run(stop)
+        ]  # fmt: skip
         if settings.stripe_enabled:
             gateway = StripeGateway(settings)
             exits.push_async_callback(gateway.close)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import time
@@ -17,6 +18,7 @@ import uuid
 
 import sqlalchemy as sa
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import FetchTimeoutError
@@ -35,6 +37,7 @@ from kiln.billing.ledger import (
 )
 from kiln.db.models import Customer
 from kiln.db.session import transaction
+from kiln.metering import USAGE_MAC, usage_mac
 from kiln.observability.billing import BillingMetrics
 from kiln.wire import Subjects, UsageReport, decode
 
@@ -67,7 +70,12 @@ class BillingWorker:
         namespace: str,
         rules: BillingRules,
         metrics: BillingMetrics | None = None,
+        *,
+        usage_secret: str | None = None,
     ) -> None:
+        """`usage_secret`: the platform's signing key; with it, only reports that carry its MAC
+        are charged (kiln.metering)."""
+        self.usage_secret = usage_secret
         self.metrics = metrics or BillingMetrics()
         self.nc = nc
         self.js = nc.jetstream()
@@ -112,6 +120,10 @@ class BillingWorker:
                 continue
             reports = []
             for msg in messages:
+                if not self._from_the_platform(msg):
+                    _log.error("dropping a usage report without a valid MAC on %s", msg.subject)
+                    self.metrics.usage_reports.labels("refused").inc()
+                    continue
                 try:
                     reports.append(decode(UsageReport, msg.data))
                 except (ValueError, TypeError):
@@ -126,6 +138,12 @@ class BillingWorker:
             for msg in messages:
                 with contextlib.suppress(Exception):  # a lost ack: charged once all the same
                     await msg.ack()
+
+    def _from_the_platform(self, msg: Msg) -> bool:
+        if self.usage_secret is None:
+            return True
+        mac = (msg.headers or {}).get(USAGE_MAC, "")
+        return hmac.compare_digest(mac, usage_mac(self.usage_secret, msg.data))
 
     async def record(self, reports: list[UsageReport]) -> int:
         """Write the reports down in one transaction; how many were new. Blocks the charges

@@ -132,7 +132,7 @@ class NodeAgent:
         self.egress = _egress(settings, self.sandboxes, self.node_id)
         self._code_fetches: dict[str, asyncio.Task[Path]] = {}
         self._stores_made: set[str] = set()  # functions whose buckets are known to exist
-        self.usage = NodeMeter(nc, self.subjects)
+        self.usage = NodeMeter(nc, self.subjects, secret=settings.snapshot_signing_key)
         self.snapshots = (
             NodeSnapshots(
                 settings,

@@ -23,31 +23,19 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from nats.aio.client import Client as NATS
 
-from kiln.metering import USAGE_INTERVAL_S, usage_report
-from kiln.wire import StartReplica, Subjects, UsageReport, encode
+from kiln.metering import USAGE_INTERVAL_S, publish_usage, usage_report
+from kiln.wire import StartReplica, Subjects, UsageReport
 
-__all__ = ["NodeMeter", "publish_usage"]
+__all__ = ["NodeMeter"]
 
 _log = logging.getLogger("kiln.usage")
-_PUBLISH_TIMEOUT_S = 2.0
 _RETRY_S = 1.0
 _MAX_CALLS = 2**31 - 1  # the ledger's column
-
-
-async def publish_usage(nc: NATS, subjects: Subjects, report: UsageReport) -> None:
-    """Into the stream, or raise; the message id makes a retry harmless."""
-    await nc.jetstream().publish(
-        subjects.usage(uuid.UUID(report.replica_id)),
-        encode(report),
-        timeout=_PUBLISH_TIMEOUT_S,
-        headers={"Nats-Msg-Id": report.event_id},
-    )
 
 
 @dataclass
@@ -74,10 +62,13 @@ class NodeMeter:
         nc: NATS,
         subjects: Subjects,
         *,
+        secret: str | None = None,
         interval_s: float = USAGE_INTERVAL_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`secret`: the platform's signing key, for the reports' MAC (kiln.metering)."""
         self.nc = nc
+        self.secret = secret
         self.subjects = subjects
         self.interval_s = interval_s
         self.clock = clock
@@ -149,7 +140,7 @@ class NodeMeter:
 
     async def _send_one(self) -> bool:
         try:
-            await publish_usage(self.nc, self.subjects, self.outbox[0])
+            await publish_usage(self.nc, self.subjects, self.outbox[0], secret=self.secret)
         except Exception as exc:  # noqa: BLE001 - NATS trouble: kept until NATS takes it
             _log.warning("usage report %s not sent yet: %s", self.outbox[0].event_id, exc)
             return False

@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kiln.db.enums import NodeState, ReplicaState
 from kiln.functions.gpu import gpu_request
-from kiln.metering import missing_reports
+from kiln.metering import missing_reports, publish_usage
 from kiln.observability.coldstart import ColdStartMetrics
 from kiln.observability.scheduling import SchedulingMetrics
 from kiln.scheduler.leader import Leadership
@@ -54,7 +54,6 @@ from kiln.wire import (
     consumer_name,
     decode,
     decode_own,
-    encode,
 )
 
 __all__ = ["Scheduler"]
@@ -106,10 +105,13 @@ class Scheduler:
         metrics: ColdStartMetrics | None = None,
         *,
         lease_s: float | None = None,
+        usage_secret: str | None = None,
     ) -> None:
         """`lease_s`: take part in leader election with a lease this long (several schedulers
-        may then run; one acts). None: act alone, unconditionally."""
+        may then run; one acts). None: act alone, unconditionally. `usage_secret`: the
+        platform's signing key, for the MAC of the usage it writes for lost nodes."""
         self.nc = nc
+        self.usage_secret = usage_secret
         self.metrics = metrics or ColdStartMetrics()
         self.scheduling = SchedulingMetrics(self.metrics.registry)
         self.js = nc.jetstream()
@@ -493,10 +495,7 @@ class Scheduler:
                 launch, ended, await self.records.usage_seqs(launch.replica_id)
             )
             for report in reports:
-                await self.js.publish(
-                    self.subjects.usage(uuid.UUID(report.replica_id)), encode(report),
-                    timeout=2.0, headers={"Nats-Msg-Id": report.event_id},
-                )  # fmt: skip
+                await publish_usage(self.nc, self.subjects, report, secret=self.usage_secret)
         except Exception as exc:  # noqa: BLE001 - at most the intervals since its last report
             _log.error("could not close the usage of lost replica %s: %s", launch.replica_id, exc)
 

@@ -107,6 +107,8 @@ class BillingProcess:
             "KILN_ENV": "test", "KILN_HOME": str(settings.home),
             "KILN_NAMESPACE": settings.namespace,
             **nats_env(settings),
+            # The usage reports' MAC key: the billing service charges only what agents signed.
+            "KILN_SNAPSHOT_SIGNING_KEY": str(settings.snapshot_signing_key),
             "KILN_DATABASE_URL": str(settings.database_url),
             "KILN_STRIPE_API_KEY": API_KEY,
             "KILN_STRIPE_API_BASE": str(settings.stripe_api_base),

@@ -28,7 +28,8 @@ from kiln.db.enums import LedgerKind
 from kiln.db.models import Customer, LedgerEntry, UsageEvent
 from kiln.db.session import create_engine
 from kiln.functions.package import package
-from kiln.wire import Subjects
+from kiln.metering import publish_usage
+from kiln.wire import Subjects, UsageReport, encode
 
 pytestmark = pytest.mark.integration
 
@@ -247,3 +248,42 @@ async def test_a_lost_hosts_replica_time_is_closed_by_the_scheduler_at_its_last_
         assert died_at - since - 2.0 <= billed_s <= died_at - since
     finally:
         await engine.dispose()
+
+
+async def test_only_usage_the_platform_signed_is_charged(platform: Platform) -> None:
+    """Usage reports carry a MAC from the platform's signing key, which replicas never hold:
+    one without it (as a replica could get JetStream to publish) is refused, and one the
+    platform signed, sent after it, is charged."""
+    secret = platform.settings.snapshot_signing_key
+    assert secret is not None
+    async with platform.client() as operator:
+        customer = (
+            await operator.post("/v1/customers", json={"name": "Victim", "tier": "enterprise"})
+        ).json()
+    customer_id = uuid.UUID(customer["id"])
+
+    def report(seconds: float) -> UsageReport:
+        replica = str(uuid.uuid4())
+        start = time.time() - seconds - 1
+        return UsageReport(
+            event_id=f"{replica}:1", replica_id=replica, customer_id=str(customer_id),
+            function_id=str(uuid.uuid4()), gpu_type="none", gpu_count=1,
+            period_start=start, period_end=start + seconds,
+        )  # fmt: skip
+
+    subjects = Subjects(platform.settings.namespace)
+    nc = await nats.connect(**connect_options(platform.settings))
+    engine = create_engine(platform.settings, application_name="kiln-test")
+    try:
+        forged, signed = report(3600), report(2)
+        js = nc.jetstream()
+        await js.publish(subjects.usage(uuid.UUID(forged.replica_id)), encode(forged))
+        await publish_usage(nc, subjects, signed, secret=secret)
+        deadline = time.monotonic() + 20
+        while not (events := await usage_events(engine, customer_id)):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+        assert [e.id for e in events] == [signed.event_id]
+    finally:
+        await engine.dispose()
+        await nc.close()
