@@ -6,7 +6,7 @@ Everything lives under the deployment's namespace `ns` (`KILN_NAMESPACE`):
 | subject                                | kind          | from → to                  |
 |----------------------------------------|---------------|----------------------------|
 | `ns.calls.<fid>`                       | JetStream WQ  | router → replicas          |
-| `ns.reply.<router>.<fid>.<call>`       | core          | JetStream, replica → router|
+| `ns.reply.<router>.<fid>.<call>.<tok>` | core          | JetStream, replica → router|
 | `ns.accepted.<router>.<fid>`           | core          | replica → router (batched) |
 | `ns.demand.<fid>`                      | core          | router → scheduler (hint)  |
 | `ns.hb.replica.<rid>`                  | core          | replica → all (1 s)        |
@@ -70,7 +70,7 @@ __all__ = [
 
 _T = TypeVar("_T")
 
-WIRE_VERSION = "4"
+WIRE_VERSION = "5"
 _JSON = "application/json"
 HEARTBEAT_INTERVAL_S = 1.0
 # A replica silent for this long is lost: its callers get worker_lost, the scheduler replaces it.
@@ -86,9 +86,10 @@ class H:
     # waiting for the reply: subjects reply() and accepted()), accept-by (epoch seconds; a call
     # not started by then is dropped), timeout (seconds of execution allowed), deploy
     # generation (older replicas hand the call back), stream window (chunks a streaming call
-    # may send before the router grants more; 0 for a plain call), method ("-" for none),
-    # request id (last: it may hold spaces). Headers cost a parse on both ends of the hot path,
-    # so one, not nine.
+    # may send before the router grants more; 0 for a plain call), method ("-" for none), token
+    # (the call's secret: every reply subject carries it, so only the replica that took the
+    # call can answer it), request id (last: it may hold spaces). Headers cost a parse on both
+    # ends of the hot path, so one, not ten.
     CALL = "Kiln-Call"
     CONTENT_TYPE = "Kiln-Content-Type"  # only when not application/json
     # What a reply says (Event), and for stream events their sequence number: "chunk 7",
@@ -281,10 +282,12 @@ class Subjects:
     def replies(self, router_id: str) -> str:
         return f"{self.ns}.reply.{router_id}.>"
 
-    def reply(self, router_id: str, function_id: uuid.UUID, call_id: str) -> str:
+    def reply(self, router_id: str, function_id: uuid.UUID, call_id: str, token: str) -> str:
         """Replies to one call (its PubAck, then the result or stream). The function is in
-        the subject so that a replica may answer only its own function's calls."""
-        return f"{self.ns}.reply.{router_id}.{function_id.hex}.{call_id}"
+        the subject so that a replica may answer only its own function's calls, and the call's
+        token (a secret in the call's headers) so that only the replica that took the call can:
+        a replica can get JetStream to publish its bytes on any subject (docs/security.md)."""
+        return f"{self.ns}.reply.{router_id}.{function_id.hex}.{call_id}.{token}"
 
     def accepted(self, router_id: str, function_id: uuid.UUID) -> str:
         """Where replicas say which of this router's calls of the function they took, several
@@ -370,13 +373,14 @@ class CallHeaders:
     generation: int = 0
     window: int = 0  # a streaming call's first credit, in chunks; 0: not a stream
     payload: str | None = None  # the body is in the payload store under this name
+    token: str = "-"  # noqa: S105 - the call's secret, in its reply subject ("-": no replies)
 
     def to_headers(self) -> dict[str, str]:
         headers = {
             H.CALL: (
                 f"{WIRE_VERSION} {self.call_id} {self.router} {self.accept_by:.3f} "
                 f"{self.timeout_s:g} {self.generation} {self.window} {self.method or '-'} "
-                f"{self.request_id}"
+                f"{self.token} {self.request_id}"
             )
         }
         if self.content_type != _JSON:
@@ -387,12 +391,14 @@ class CallHeaders:
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str]) -> CallHeaders:
-        fields = headers.get(H.CALL, "").split(" ", 8)
+        fields = headers.get(H.CALL, "").split(" ", 9)
         if fields[0] != WIRE_VERSION:
             raise ValueError(f"call in wire format {fields[0]!r}, expected {WIRE_VERSION}")
-        if len(fields) != 9:
-            raise ValueError(f"call header has {len(fields)} fields, expected 9")
-        _, call_id, router, accept_by, timeout_s, generation, window, method, request_id = fields
+        if len(fields) != 10:
+            raise ValueError(f"call header has {len(fields)} fields, expected 10")
+        _, call_id, router, accept_by, timeout_s, generation, window, method, token, request_id = (
+            fields
+        )
         return cls(
             call_id=call_id,
             router=router,
@@ -404,6 +410,7 @@ class CallHeaders:
             generation=int(generation),
             window=int(window),
             payload=headers.get(H.PAYLOAD),
+            token=token,
         )
 
 

@@ -249,7 +249,7 @@ class CallRunner:
         await self.reply_error(call, FunctionError(_user_error_reason(call, exc)))
 
     def reply_subject(self, call: CallHeaders) -> str:
-        return self.subjects.reply(call.router, self.function_id, call.call_id)
+        return self.subjects.reply(call.router, self.function_id, call.call_id, call.token)
 
     async def reply_error(self, call: CallHeaders, error: KilnError) -> None:
         body = json.dumps({"code": error.code, "message": error.message, "status": error.status})

@@ -62,7 +62,7 @@ def replica_permissions(
     results = subjects.job_results_bucket(function_id)
     cancels = subjects.job_cancels_bucket
     publish = (
-        subjects.reply("*", function_id, "*"),  # results, stream chunks, session frames
+        subjects.reply("*", function_id, "*", "*"),  # results, stream chunks, session frames
         subjects.accepted("*", function_id),
         subjects.replica_heartbeat(replica_id),
         subjects.cold_start(replica_id),

@@ -100,7 +100,8 @@ class Replica:
         self.feed: CallFeed | None = None
         self.output: FunctionOutput | None = None
         self._busy = 0  # calls taken and not finished (in_flight, counted before its tasks run)
-        self._accepts: dict[str, list[str]] = {}  # router id -> call ids taken, not yet told
+        # router id -> (call id, token) of the calls taken, not yet told
+        self._accepts: dict[str, list[tuple[str, str]]] = {}
         self._accepts_written: dict[str, asyncio.Future[None]] = {}
         self.calls: CallRunner | None = None
         self.calls_taken = 0  # in its heartbeats (its node agent shows them in usage)
@@ -294,7 +295,7 @@ class Replica:
         learns of this replica even if the call's code kills the process at once, and answers
         its caller with worker_lost instead of waiting for the call's startup deadline."""
         batch = self._accepts.setdefault(call.router, [])
-        batch.append(call.call_id)
+        batch.append((call.call_id, call.token))
         written = self._accepts_written.get(call.router)
         if written is None:
             written = self._accepts_written[call.router] = asyncio.Future()
@@ -307,13 +308,15 @@ class Replica:
         self._spawn(self._send_accepts(router, calls, written))
 
     async def _send_accepts(
-        self, router: str, calls: list[str], written: asyncio.Future[None]
+        self, router: str, calls: list[tuple[str, str]], written: asyncio.Future[None]
     ) -> None:
         try:
             if calls and self.nc is not None:
-                body = json.dumps(
-                    {"replica": self._replica_str, "calls": calls, "ready_at": self.ready_at}
-                ).encode()
+                body = json.dumps({
+                    "replica": self._replica_str, "ready_at": self.ready_at,
+                    "calls": [call_id for call_id, _ in calls],
+                    "tokens": [token for _, token in calls],  # that it took them, not heard of
+                }).encode()  # fmt: skip
                 await self.nc.publish(self.subjects.accepted(router, self.function_id), body)
                 # Into the socket now, not at the flusher's next turn (no round trip: the
                 # kernel sends it even if this process dies next).

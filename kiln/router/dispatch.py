@@ -115,7 +115,7 @@ class _Call:
 
     __slots__ = (
         "accept_by", "deadline", "function", "future", "phase", "published_at", "replica_id",
-        "startup_timeout_s", "stream", "timeout_s", "timer", "timer_at", "trace",
+        "startup_timeout_s", "stream", "timeout_s", "timer", "timer_at", "token", "trace",
     )  # fmt: skip
 
     def __init__(
@@ -127,6 +127,7 @@ class _Call:
     ) -> None:
         self.future = future
         self.function = function  # its id in hex: only its replicas may answer
+        self.token = headers.token  # only the replica that took it knows this
         self.phase = _Phase.PUBLISHED
         self.replica_id: str | None = None
         self.accept_by = headers.accept_by
@@ -320,6 +321,7 @@ class Dispatcher:
         call_id = f"{next(self._call_ids):x}"
         headers = CallHeaders(
             call_id=call_id,
+            token=secrets.token_hex(8),
             router=self.router_id,
             content_type=order.content_type,
             accept_by=time.time() + order.startup_timeout_s,
@@ -360,7 +362,7 @@ class Dispatcher:
             await self.nc.publish(
                 self.subjects.calls(order.function_id),
                 body,
-                reply=self.subjects.reply(self.router_id, order.function_id, call_id),
+                reply=self.subjects.reply(self.router_id, order.function_id, call_id, call.token),
                 headers=headers.to_headers(),
             )
             await self._hint_demand(order.function_id)
@@ -403,10 +405,10 @@ class Dispatcher:
             await self.nc.publish(self.subjects.demand(function_id), b"")
 
     async def _on_reply(self, msg: Msg) -> None:
-        _, function, call_id = msg.subject.rsplit(".", 2)
+        _, function, call_id, token = msg.subject.rsplit(".", 3)
         call = self._calls.get(call_id)
-        if call is None or call.function != function:
-            return  # not ours, or a replica of another function speaking out of turn
+        if call is None or call.function != function or call.token != token:
+            return  # not ours, or not from the replica that took the call
         headers = msg.headers
         event = headers.get(H.EVENT) if headers else None
         if event is None:
@@ -466,6 +468,7 @@ class Dispatcher:
         try:
             accepted = json.loads(msg.data)
             replica, call_ids = str(accepted["replica"]), list(accepted["calls"])
+            tokens = [str(token) for token in accepted["tokens"]]
             replica_hex = uuid.UUID(replica).hex
             ready_at = float(accepted.get("ready_at") or 0.0)
         except (ValueError, KeyError, TypeError):
@@ -473,9 +476,9 @@ class Dispatcher:
             return
         # It just spoke: alive now, even if none of its heartbeats reached us yet.
         self._last_seen[replica_hex] = time.monotonic()
-        for call_id in call_ids:
+        for call_id, token in zip(call_ids, tokens, strict=False):
             call = self._calls.get(call_id)
-            if call is not None and call.function == function:
+            if call is not None and call.function == function and call.token == token:
                 call.replica_id = replica
                 if call.trace is not None:
                     now = call.future.get_loop().time()

@@ -25,9 +25,10 @@ def test_call_headers_round_trip() -> None:
     call = CallHeaders(
         call_id="c1", router="r", content_type="application/json",
         accept_by=1234.5, timeout_s=30, method="greet", request_id="req_1", generation=3,
+        token="5e3c",
     )  # fmt: skip
     headers = call.to_headers()
-    assert headers == {H.CALL: "4 c1 r 1234.500 30 3 0 greet req_1"}
+    assert headers == {H.CALL: "5 c1 r 1234.500 30 3 0 greet 5e3c req_1"}
     assert CallHeaders.from_headers(headers) == call
 
 
@@ -41,10 +42,10 @@ def test_call_headers_keep_spaces_in_request_ids_and_other_content_types() -> No
 def test_call_headers_refuse_another_wire_version() -> None:
     headers = CallHeaders("c", "r", "application/json", 1.0, 1.0).to_headers()
     headers[H.CALL] = "2" + headers[H.CALL][1:]
-    with pytest.raises(ValueError, match="wire format '2', expected 4"):
+    with pytest.raises(ValueError, match="wire format '2', expected 5"):
         CallHeaders.from_headers(headers)
-    with pytest.raises(ValueError, match="call header has 3 fields, expected 9"):
-        CallHeaders.from_headers({H.CALL: "4 c r"})
+    with pytest.raises(ValueError, match="call header has 3 fields, expected 10"):
+        CallHeaders.from_headers({H.CALL: "5 c r"})
 
 
 def test_a_streaming_calls_window_and_its_events_sequence_numbers_travel() -> None:
@@ -67,7 +68,7 @@ def test_subjects_live_under_the_namespace() -> None:
     assert subjects.all_calls == "t1.calls.>"
     assert subjects.calls_stream == "t1_calls"
     assert subjects.code_bucket == "t1_code"
-    assert subjects.reply("r", fid, "c") == f"t1.reply.r.{fid.hex}.c"
+    assert subjects.reply("r", fid, "c", "k") == f"t1.reply.r.{fid.hex}.c.k"
     assert subjects.accepted("r", fid) == f"t1.accepted.r.{fid.hex}"
     assert subjects.payload_bucket(fid) == f"t1_payloads_{fid.hex}"
     assert consumer_name(fid) == f"fn_{fid.hex}"
