@@ -215,9 +215,9 @@ def settings(
         asyncio.run(_clean_nats(built))
         _clean_redis(service_urls.redis_url, built.namespace)  # and namespaces made from it
         if os.geteuid() == 0:  # the egress chains of node agents the tests killed
-            from kiln.invoker.egress import remove_chains_of
+            from kiln.invoker.egress import remove_chains
 
-            remove_chains_of(namespace)
+            remove_chains(str(tmp_path_factory.getbasetemp()))
 
 
 @pytest.fixture(scope="session")

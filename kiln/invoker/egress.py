@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 from kiln.errors import ConfigError
 from kiln.settings import EgressMode, Settings
 
-__all__ = ["Egress", "Endpoint", "egress_rules", "remove_chains_of"]
+__all__ = ["Egress", "Endpoint", "egress_rules", "remove_chains"]
 
 _log = logging.getLogger("kiln.egress")
 _TIMEOUT_S = 10.0
@@ -177,10 +177,10 @@ class Egress:
             _try(tool, "-X", self.chain)
 
 
-def remove_chains_of(namespace: str) -> int:
-    """Remove every egress chain of agents in `namespace` (or a namespace that starts with it),
-    live or dead: a test session's teardown, since agents it killed could not remove theirs.
-    How many it removed."""
+def remove_chains(marker: str) -> int:
+    """Remove every egress chain whose comment holds `marker` (`kiln <namespace>`, or a part
+    of the agents' home), its agent live or dead: a test session's teardown, since agents it
+    killed could not remove theirs. How many it removed."""
     removed = 0
     for tool in ("iptables", "ip6tables"):
         if not shutil.which(tool):
@@ -193,7 +193,7 @@ def remove_chains_of(namespace: str) -> int:
         except (OSError, subprocess.SubprocessError):
             continue
         for line in listed.splitlines():
-            if f'"kiln {namespace}' not in line or not line.startswith("-A OUTPUT "):
+            if not line.startswith("-A OUTPUT ") or "-j KILN-" not in line or marker not in line:
                 continue
             args = shlex.split(line)[2:]
             chain = args[args.index("-j") + 1]
