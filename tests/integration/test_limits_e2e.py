@@ -166,7 +166,10 @@ async def test_a_flood_from_three_routers_gets_rate_times_time_plus_burst(
         burst + rate * inner,
         burst + rate * outer,
     )
-    assert outer - inner < 0.5, (outer, inner)  # the bracket stays tight enough to mean much
+    # The bracket stays tight enough to mean much: at most a second of latency (the first and
+    # the last request's) on two busy cores, 50 admissions of slack against the hundreds more
+    # that three routers counting alone would let in.
+    assert outer - inner < 1.0, (outer, inner)
 
 
 async def test_the_concurrency_cap_holds_and_is_released_after_timeouts_disconnects_and_loss(
