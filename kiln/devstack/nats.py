@@ -6,12 +6,12 @@ agent issues each replica its own."""
 
 from __future__ import annotations
 
-import os
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, ClassVar
 
+from kiln._files import write_private
 from kiln.devstack.process import ProcessSpec
 from kiln.devstack.service import EmbeddedService, find_packaged_file
 from kiln.natsauth import Trust
@@ -44,8 +44,8 @@ class EmbeddedNats(EmbeddedService):
             self.trust = Trust.from_json(trust_file.read_text())
         else:
             self.trust = Trust.generate()
-            _write_private(trust_file, self.trust.to_json())
-        _write_private(self.auth_dir / "server.conf", self.trust.server_config())
+            write_private(trust_file, self.trust.to_json().encode())
+        write_private(self.auth_dir / "server.conf", self.trust.server_config().encode())
         self.trust.platform_user("kiln-platform").write(self.creds_path)
 
     def settings(self) -> dict[str, Any]:
@@ -76,9 +76,3 @@ class EmbeddedNats(EmbeddedService):
                 return bool(reply.status == 200)
         except (urllib.error.URLError, OSError):
             return False
-
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as file:
-        file.write(text)
