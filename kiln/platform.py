@@ -100,7 +100,7 @@ async def serve_platform(
         schedule = (
             Scheduler(
                 nc, session_factory(engine), settings.namespace, cold_starts,
-                lease_s=settings.scheduler_lease_s, usage_secret=settings.snapshot_signing_key,
+                lease_s=settings.scheduler_lease_s, signing_key=settings.snapshot_signing_key,
             ).run(scheduler_stop)
             if scheduler
             else scheduler_stop.wait()
@@ -124,8 +124,9 @@ async def serve_platform(
             gateway = StripeGateway(settings)
             exits.push_async_callback(gateway.close)
             outbox = OutboxWorker(
-                nc, session_factory(engine), gateway, rules, settings.namespace, billing_metrics
-            )
+                nc, session_factory(engine), gateway, rules, settings.namespace, billing_metrics,
+                signing_key=settings.snapshot_signing_key,
+            )  # fmt: skip
             parts.append(asyncio.create_task(outbox.run(recorder_stop), name="kiln-outbox"))
         if on_ready is not None:
             on_ready()

@@ -28,6 +28,7 @@ from kiln.db.enums import OutboxKind
 from kiln.db.models import Customer, Payment, StripeOutbox
 from kiln.db.session import transaction
 from kiln.observability.billing import BillingMetrics
+from kiln.seal import Seals
 from kiln.wire import Subjects
 
 __all__ = ["OutboxWorker", "ensure_stripe_customer"]
@@ -59,7 +60,11 @@ class OutboxWorker:
         rules: BillingRules,
         namespace: str,
         metrics: BillingMetrics | None = None,
+        *,
+        signing_key: str | None = None,
     ) -> None:
+        """`signing_key`: the platform's, which seals the billing blocks it announces."""
+        self.seals = Seals(signing_key)
         self.nc = nc
         self.sessions = sessions
         self.gateway = gateway
@@ -99,7 +104,7 @@ class OutboxWorker:
             for row in rows:
                 if await self._send(session, row, changes):
                     sent += 1
-        await announce_blocks(self.nc, self.subjects, changes)
+        await announce_blocks(self.nc, self.subjects, changes, seals=self.seals)
         return sent
 
     async def _send(self, session: AsyncSession, row: StripeOutbox, changes: Changes) -> bool:

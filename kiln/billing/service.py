@@ -48,7 +48,10 @@ async def serve_billing(settings: Settings, stop: asyncio.Event) -> None:
         if settings.stripe_enabled:
             gateway = StripeGateway(settings)
             exits.push_async_callback(gateway.close)
-            outbox = OutboxWorker(nc, sessions, gateway, rules, settings.namespace, metrics)
+            outbox = OutboxWorker(
+                nc, sessions, gateway, rules, settings.namespace, metrics,
+                signing_key=settings.snapshot_signing_key,
+            )  # fmt: skip
             workers.append(outbox.run(stop))
         _log.info("billing service running (Stripe: %s)", settings.stripe_enabled)
         await asyncio.gather(*workers)

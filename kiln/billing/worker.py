@@ -39,6 +39,7 @@ from kiln.db.models import Customer
 from kiln.db.session import transaction
 from kiln.metering import USAGE_MAC, usage_mac
 from kiln.observability.billing import BillingMetrics
+from kiln.seal import Seals
 from kiln.wire import Subjects, UsageReport, decode
 
 __all__ = ["BillingWorker", "announce_blocks", "ensure_usage_stream"]
@@ -76,6 +77,7 @@ class BillingWorker:
         """`usage_secret`: the platform's signing key; with it, only reports that carry its MAC
         are charged (kiln.metering)."""
         self.usage_secret = usage_secret
+        self.seals = Seals(usage_secret)
         self.metrics = metrics or BillingMetrics()
         self.nc = nc
         self.js = nc.jetstream()
@@ -161,7 +163,7 @@ class BillingWorker:
                 except IntegrityError as exc:
                     refused += 1
                     _log.error("usage report %s refused by the ledger: %s", report.event_id, exc)
-        await announce_blocks(self.nc, self.subjects, changes)
+        await announce_blocks(self.nc, self.subjects, changes, seals=self.seals)
         self.metrics.usage_reports.labels("charged").inc(changes.charged)
         self.metrics.usage_reports.labels("duplicate").inc(len(reports) - changes.charged - refused)
         self.metrics.usage_reports.labels("refused").inc(refused)
@@ -191,7 +193,7 @@ class BillingWorker:
             counts = {str(reason): int(count) for reason, count in rows}
         for reason in (BLOCK_BALANCE, BLOCK_SPEND_CAP):
             self.metrics.blocked_customers.labels(reason).set(counts.get(reason, 0))
-        await announce_blocks(self.nc, self.subjects, changes)
+        await announce_blocks(self.nc, self.subjects, changes, seals=self.seals)
 
 
 def _billable(report: UsageReport) -> bool:
@@ -205,13 +207,13 @@ def _billable(report: UsageReport) -> bool:
     return True
 
 
-async def announce_blocks(nc: NATS, subjects: Subjects, changes: Changes) -> None:
-    """Tell routers and the scheduler whose calls are blocked or allowed again (they also
-    reread the blocks from PostgreSQL every few seconds, so a lost message only delays)."""
+async def announce_blocks(nc: NATS, subjects: Subjects, changes: Changes, *, seals: Seals) -> None:
+    """Tell routers whose calls are blocked or allowed again, under the platform's seal (they
+    also reread the blocks from PostgreSQL every few seconds, so a lost message only delays)."""
     for customer_id, block in changes.blocks.items():
         _log.info("customer %s billing block: %s", customer_id, block or "lifted")
+        body = json.dumps({"customer_id": str(customer_id), "block": block}).encode()
         with contextlib.suppress(Exception):
             await nc.publish(
-                subjects.billing_blocks,
-                json.dumps({"customer_id": str(customer_id), "block": block}).encode(),
+                subjects.billing_blocks, body, headers=seals.platform(subjects.billing_blocks, body)
             )

@@ -55,6 +55,7 @@ from kiln.invoker.standby_pool import Standby, StandbyPool, memory_info
 from kiln.invoker.usage import NodeMeter
 from kiln.jobs.streams import ensure_function_stores
 from kiln.observability.gpu import GpuTelemetry
+from kiln.seal import Seals
 from kiln.settings import EgressMode, SandboxMode, Settings
 from kiln.snapshots.manifest import Manifest
 from kiln.wire import (
@@ -133,6 +134,7 @@ class NodeAgent:
         self._code_fetches: dict[str, asyncio.Task[Path]] = {}
         self._stores_made: set[str] = set()  # functions whose buckets are known to exist
         self.usage = NodeMeter(nc, self.subjects, secret=settings.snapshot_signing_key)
+        self.seals = Seals(settings.snapshot_signing_key)
         self.snapshots = (
             NodeSnapshots(
                 settings,
@@ -236,6 +238,8 @@ class NodeAgent:
             raise ConfigError([f"the sandboxes' egress policy cannot be set: {exc}"]) from None
 
     async def _on_command(self, msg: Msg) -> None:
+        if not self.seals.platform_sent(msg, "a node command"):
+            return
         try:
             command = json.loads(msg.data)
             op = command.pop("op")
@@ -384,8 +388,12 @@ class NodeAgent:
         return launch_file
 
     def _write_launch(self, path: Path, launch: StartReplica) -> None:
-        """The replica's launch file: the order, this node, and its own NATS credentials."""
+        """The replica's launch file: the order, this node, its own NATS credentials and
+        the key it seals its messages with."""
         data: dict[str, Any] = {**asdict(launch), "node_id": self.node_id}
+        key = self.seals.function_key(uuid.UUID(launch.function_id))
+        if key is not None:
+            data["function_key"] = key.hex()
         if self.credentials is not None:
             data["nats_creds"] = self.credentials.issue(
                 function_id=uuid.UUID(launch.function_id),
@@ -441,7 +449,13 @@ class NodeAgent:
     async def _on_replica_beat(self, msg: Msg) -> None:
         with contextlib.suppress(ValueError, TypeError, OverflowError):
             beat = decode_own(ReplicaHeartbeat, msg.subject, msg.data)
-            self.usage.count_calls(beat.replica_id, int(beat.calls))
+            running = self.replicas.get(beat.replica_id)
+            if running is not None and self._sealed(msg, running, "a replica heartbeat"):
+                self.usage.count_calls(beat.replica_id, int(beat.calls))
+
+    def _sealed(self, msg: Msg, running: _Running, what: str) -> bool:
+        """Whether a replica of `running`'s function sent `msg` (kiln.seal)."""
+        return self.seals.function_sent(msg, uuid.UUID(running.launch.function_id), what)
 
     async def _on_cold_start(self, msg: Msg) -> None:
         """A replica of this node is ready (what it imported late is learned) or past its
@@ -451,6 +465,8 @@ class NodeAgent:
             running = self.replicas.get(report.replica_id)
             if running is None:
                 return  # another node's replica
+            if not self._sealed(msg, running, "a cold-start report"):
+                return
             if self.needs.learn_report(report, running.launch):
                 self._plan_standbys()
         except (ValueError, TypeError):
@@ -539,7 +555,7 @@ class NodeAgent:
             **({"error": error} if error else {}),
         }
         with contextlib.suppress(Exception):
-            await self.nc.publish(self.subjects.replica_events, json.dumps(event).encode())
+            await self._publish(self.subjects.replica_events, json.dumps(event).encode())
 
     def _close_box(self, running: _Running) -> str | None:
         """After the replica exited: why the kernel stopped it, if its memory cap did; its log
@@ -599,7 +615,10 @@ class NodeAgent:
             snapshots=self.snapshots.affinities() if self.snapshots is not None else [],
         )
         with contextlib.suppress(Exception):
-            await self.nc.publish(self.subjects.node_heartbeat(self.node_id), encode(beat))
+            await self._publish(self.subjects.node_heartbeat(self.node_id), encode(beat))
+
+    async def _publish(self, subject: str, body: bytes) -> None:
+        await self.nc.publish(subject, body, headers=self.seals.platform(subject, body))
 
 
 def _sandboxes(settings: Settings) -> Sandboxes | None:

@@ -34,6 +34,7 @@ from nats.aio.client import Client as NATS
 from kiln.functions.hooks import lifecycle
 from kiln.functions.spec import UnitKind
 from kiln.invoker.target import Target
+from kiln.seal import FunctionSealer
 from kiln.wire import Origin, ProcessOrigin
 
 __all__ = ["ColdStart", "SnapshotLink", "build_instance", "classify_process"]
@@ -88,14 +89,16 @@ class ColdStart:
 class SnapshotLink:
     """The replica's requests to its node agent about its snapshot."""
 
-    def __init__(self, nc: NATS, subject: str, replica_id: str) -> None:
+    def __init__(self, nc: NATS, subject: str, replica_id: str, *, sealer: FunctionSealer) -> None:
         self.nc = nc
         self.subject = subject
         self.replica_id = replica_id
+        self.sealer = sealer
 
     async def ask(self, op: str, timeout_s: float = _REQUEST_TIMEOUT_S, **fields: Any) -> Any:
         body = json.dumps({"op": op, "replica_id": self.replica_id, **fields}).encode()
-        reply = await self.nc.request(self.subject, body, timeout=timeout_s)
+        headers = self.sealer.headers(self.subject, body)
+        reply = await self.nc.request(self.subject, body, timeout=timeout_s, headers=headers)
         return json.loads(reply.data)
 
 

@@ -25,6 +25,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 from kiln.errors import KilnError
 from kiln.invoker.calls import CallRunner
 from kiln.invoker.output import in_call
+from kiln.seal import FunctionSealer
 from kiln.wire import CallHeaders, JobEvent, JobEventKind, Subjects, encode
 
 __all__ = ["JobRunner", "retry_delay_s"]
@@ -43,9 +44,16 @@ def retry_delay_s(attempt: int) -> float:
 
 class JobRunner:
     def __init__(
-        self, nc: NATS, subjects: Subjects, calls: CallRunner, *, ready_at: float = 0.0
+        self,
+        nc: NATS,
+        subjects: Subjects,
+        calls: CallRunner,
+        *,
+        sealer: FunctionSealer,
+        ready_at: float = 0.0,
     ) -> None:
         self.nc = nc
+        self.sealer = sealer
         self.js = nc.jetstream()
         self.subjects = subjects
         self.calls = calls
@@ -133,14 +141,15 @@ class JobRunner:
 
     async def _publish(self, event: JobEvent) -> None:
         # The message id makes a repeat (a retry here, or a redelivered job) a no-op.
-        headers = {"Nats-Msg-Id": f"{event.job_id}:{event.attempt}:{event.kind}"}
+        subject = self.subjects.job_events(self.calls.function_id, event.job_id)
+        body = encode(event)
+        headers = {
+            "Nats-Msg-Id": f"{event.job_id}:{event.attempt}:{event.kind}",
+            **(self.sealer.headers(subject, body) or {}),
+        }
         for tries_left in range(_PUBLISH_TRIES - 1, -1, -1):
             try:
-                await self.js.publish(
-                    self.subjects.job_events(self.calls.function_id, event.job_id),
-                    encode(event),
-                    headers=headers,
-                )
+                await self.js.publish(subject, body, headers=headers)
                 return
             except Exception as exc:
                 if not tries_left:

@@ -33,6 +33,7 @@ from nats.aio.subscription import Subscription
 
 from kiln.errors import SnapshotError
 from kiln.invoker.sandbox import Box, link_tree
+from kiln.seal import Seals
 from kiln.settings import Settings, Switch
 from kiln.snapshots.imports import module_names
 from kiln.snapshots.manifest import Manifest, Runtime, snapshot_key
@@ -68,6 +69,7 @@ class NodeSnapshots:
         self.cache = SnapshotCache(
             settings.home / "snapshots", settings.require("snapshot_signing_key")
         )
+        self.seals = Seals(settings.snapshot_signing_key)
         self.shared = SharedSnapshots(
             nc.jetstream(), self.subjects.snapshot_bucket, self.subjects.snapshot_leases
         )
@@ -154,6 +156,10 @@ class NodeSnapshots:
             launch = self.launch_of(replica_id)
             if launch is None or launch.snapshot_key is None:
                 raise SnapshotError(f"replica {replica_id} has no snapshot on this node")
+            if not self.seals.function_sent(
+                msg, uuid.UUID(launch.function_id), "a snapshot request"
+            ):
+                return
             key = launch.snapshot_key
             op = request.get("op")
             if op == "open":

@@ -28,6 +28,8 @@ from typing import TextIO
 
 from nats.aio.client import Client as NATS
 
+from kiln.seal import FunctionSealer
+
 __all__ = ["CURRENT_CALL", "CallContextFilter", "FunctionOutput", "in_call"]
 
 # The call the running code serves: (call id, request id). Calls run in tasks of their own and
@@ -77,10 +79,11 @@ class CallContextFilter(logging.Filter):
 
 
 class FunctionOutput:
-    def __init__(self, nc: NATS, subject: str, replica_id: str) -> None:
+    def __init__(self, nc: NATS, subject: str, replica_id: str, *, sealer: FunctionSealer) -> None:
         self.nc = nc
         self.subject = subject
         self.replica_id = replica_id
+        self.sealer = sealer
         self._lines: collections.deque[bytes] = collections.deque()
         self._dropped = 0
         self._restore: list[Callable[[], None]] = []
@@ -147,7 +150,10 @@ class FunctionOutput:
                 size += len(line) + 1
             if not batch:  # a record over the limit on its own (a long line of multi-byte text)
                 batch.append(self._lines.popleft()[: _MAX_MESSAGE_BYTES - 1])
-            await self.nc.publish(self.subject, b"\n".join(batch))
+            body = b"\n".join(batch)
+            await self.nc.publish(
+                self.subject, body, headers=self.sealer.headers(self.subject, body)
+            )
 
 
 class _Lines(io.TextIOBase):

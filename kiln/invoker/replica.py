@@ -48,12 +48,14 @@ from kiln.invoker.feed import CallFeed
 from kiln.invoker.jobs import JobRunner
 from kiln.invoker.output import CallContextFilter, FunctionOutput
 from kiln.invoker.target import Target, build_target
+from kiln.seal import FunctionSealer
 from kiln.settings import Settings
 from kiln.wire import (
     HEARTBEAT_INTERVAL_S,
     JOB_ROUTER,
     CallHeaders,
     ColdStartReport,
+    H,
     ReplicaHeartbeat,
     StartReplica,
     Subjects,
@@ -78,12 +80,15 @@ class Replica:
         preloaded: frozenset[str] = frozenset(),
         from_standby: bool = False,
         nats_creds: str | None = None,
+        function_key: bytes | None = None,
     ) -> None:
         """`preloaded`: the modules this process had imported when it was given `launch`;
         `from_standby`: it was a standby process (not started for this replica);
-        `nats_creds`: the credentials its node agent issued it, if NATS requires them."""
+        `nats_creds`: the credentials its node agent issued it, if NATS requires them;
+        `function_key`: what it seals its messages with (kiln.seal), from its node agent."""
         self.settings = settings
         self.nats_creds = nats_creds
+        self.sealer = FunctionSealer(function_key)
         self.launch = launch
         self.node_id = node_id
         self.replica_id = uuid.UUID(launch.replica_id)
@@ -127,7 +132,7 @@ class Replica:
             user_credentials=RawCredentials(self.nats_creds) if self.nats_creds else None,
         )
         self.output = FunctionOutput(
-            self.nc, self.subjects.logs(self.function_id), self._replica_str
+            self.nc, self.subjects.logs(self.function_id), self._replica_str, sealer=self.sealer
         )
         self.output.install()
         shipping = asyncio.create_task(self.output.run(), name="kiln-replica-output")
@@ -152,7 +157,9 @@ class Replica:
             )  # fmt: skip
             await self.calls.start()
             self.ready_at = time.time()
-            self.jobs = JobRunner(self.nc, self.subjects, self.calls, ready_at=self.ready_at)
+            self.jobs = JobRunner(
+                self.nc, self.subjects, self.calls, sealer=self.sealer, ready_at=self.ready_at
+            )
             self.state = ReplicaState.READY
             self.idle_since = self.ready_at
             await self._beat()
@@ -172,7 +179,7 @@ class Replica:
             return None
         assert self.nc is not None
         subject = self.subjects.snapshot_requests(self.node_id, self.replica_id)
-        return SnapshotLink(self.nc, subject, self.launch.replica_id)
+        return SnapshotLink(self.nc, subject, self.launch.replica_id, sealer=self.sealer)
 
     async def _report_ready(self, loaded: frozenset[str]) -> None:
         """Log and report the cold start, off the path to the first call: what the process had
@@ -198,7 +205,7 @@ class Replica:
             process=self.cold_start.process.value,
             late_imports=list(self.cold_start.late_imports),
         )
-        self._spawn(self.nc.publish(self.subjects.cold_start(self.replica_id), encode(report)))
+        self._spawn(self._publish(self.subjects.cold_start(self.replica_id), encode(report)))
 
     async def _load(self) -> Target:
         # The node agent unpacked the code before starting us (a replica cannot read the
@@ -259,6 +266,13 @@ class Replica:
             except (KeyError, ValueError) as exc:
                 _log.error("dropping a call with unreadable headers: %s", exc)
                 await msg.ack()  # no replica could read it: redelivering it helps nobody
+                return
+            headers = msg.headers or {}
+            if not self.sealer.opens(msg.subject, headers[H.CALL].encode(), headers):
+                # No router sent it here: another function's replica had the server deliver
+                # it (kiln.seal). Not acked: it is not this function's to settle.
+                _log.warning("ignoring call %s: it does not carry this function's seal",
+                             call.call_id)  # fmt: skip
                 return
             if call.generation > self.launch.generation:
                 # A deploy or rollback made other code current: hand the call back for a
@@ -426,7 +440,12 @@ class Replica:
             error=self.error,
             calls=self.calls_taken,
         )
-        await self.nc.publish(self.subjects.replica_heartbeat(self.replica_id), encode(beat))
+        await self._publish(self.subjects.replica_heartbeat(self.replica_id), encode(beat))
+
+    async def _publish(self, subject: str, body: bytes) -> None:
+        """A message for the platform, under its function's seal."""
+        assert self.nc is not None
+        await self.nc.publish(subject, body, headers=self.sealer.headers(subject, body))
 
 
 def main() -> None:
@@ -447,10 +466,12 @@ def serve_launch(
     data = json.loads(launch_path.read_text())
     node_id = data.pop("node_id")
     nats_creds = data.pop("nats_creds", None)
+    function_key = data.pop("function_key", None)
     settings = Settings.from_env(os.environ)
     replica = Replica(
         settings, StartReplica(**data), node_id,
         preloaded=preloaded, from_standby=from_standby, nats_creds=nats_creds,
+        function_key=bytes.fromhex(function_key) if function_key else None,
     )  # fmt: skip
 
     async def serve() -> int:

@@ -40,6 +40,7 @@ from kiln.jobs.records import (
 )
 from kiln.jobs.streams import ensure_job_streams
 from kiln.payloads import PayloadStore
+from kiln.seal import Seals
 from kiln.settings import Settings, Switch
 from kiln.wire import JobEvent, JobEventKind, Subjects, decode
 
@@ -69,6 +70,7 @@ class JobRecorder:
         self.clock = clock
         self.ttl_s = settings.job_result_ttl_s
         self.payloads = PayloadStore(self.js, self.subjects)
+        self.seals = Seals(settings.snapshot_signing_key)
 
     async def run(self, stop: asyncio.Event) -> None:
         await ensure_job_streams(self.js, self.subjects)
@@ -118,9 +120,12 @@ class JobRecorder:
         events = []
         for msg in messages:
             try:
-                # The subject names the function of the replica that sent it: its credentials
-                # let it publish events of its own function's jobs only.
+                # The subject names the function of the replica that sent it, and the seal
+                # proves it (a replica can have the server publish on any subject: kiln.seal).
                 function = msg.subject.split(".")[-2]
+                if not self.seals.function_sent(msg, uuid.UUID(hex=function), "a job event"):
+                    await msg.term()
+                    continue
                 events.append((function, decode(JobEvent, msg.data)))
             except (ValueError, TypeError):
                 _log.error("dropping an unreadable job event")

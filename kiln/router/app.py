@@ -44,6 +44,7 @@ from kiln.router.openapi import openapi_document
 from kiln.router.run import run
 from kiln.router.services import RouterServices, services
 from kiln.router.websocket import ws_session
+from kiln.seal import Seals
 from kiln.settings import Settings, Switch
 from kiln.wire import Subjects
 
@@ -185,7 +186,8 @@ def create_app(
         await ensure_usage_stream(js, subjects)
         await ensure_logs_stream(js, subjects, settings)
         sessions = session_factory(engine)
-        dispatcher = Dispatcher(nc, subjects)
+        seals = Seals(settings.snapshot_signing_key)
+        dispatcher = Dispatcher(nc, subjects, seals=seals)
         await dispatcher.start()
         limiter = Limiter(
             redis,
@@ -194,7 +196,7 @@ def create_app(
             on_fallback=router_metrics.set_rate_limit_fallback,
             on_limited=router_metrics.count_rate_limited,
         )
-        await limiter.start(nc, subjects.routers)
+        await limiter.start(nc, subjects.routers, seals=seals)
         auth = Authenticator(
             sessions,
             settings.require("api_key_pepper"),
@@ -203,9 +205,9 @@ def create_app(
             on_reject=router_metrics.count_auth_rejection,
             limiter=limiter,
         )
-        await auth.start(nc, subjects.access_revoked)
+        await auth.start(nc, subjects.access_revoked, seals=seals)
         gate = BillingGate(sessions)
-        await gate.start(nc, subjects.billing_blocks)
+        await gate.start(nc, subjects.billing_blocks, seals=seals)
         reconnected.append(auth.on_reconnected)
         abuse.append(
             AbuseSignals(redis, settings.redis_prefix, router_metrics.count_customer_rejection)

@@ -33,6 +33,7 @@ from kiln.db.models_access import DEFAULT_CUSTOMER_ID
 from kiln.db.session import transaction
 from kiln.errors import KilnError, PermissionDenied, Unauthenticated
 from kiln.router.limits import Limiter
+from kiln.seal import Seals
 from kiln.tiers import TierLimits
 
 __all__ = ["SCOPE_CUSTOMER", "Authenticator", "Principal"]
@@ -82,11 +83,14 @@ class Authenticator:
         self.on_reject = on_reject  # counts refusals by reason (metrics)
         self.limiter = limiter
         self.nc: NATS | None = None
+        self.seals = Seals(None)  # start() gives the platform's
         self.subject = ""
         self._cache: dict[str, tuple[float, _Verdict]] = {}
 
-    async def start(self, nc: NATS, subject: str) -> None:
-        """Listen for revocations on `subject` (`Subjects.access_revoked`)."""
+    async def start(self, nc: NATS, subject: str, *, seals: Seals) -> None:
+        """Listen for revocations on `subject` (`Subjects.access_revoked`), sent under the
+        platform's seal."""
+        self.seals = seals
         self.nc = nc
         self.subject = subject
         await nc.subscribe(subject, cb=self._on_revoked)
@@ -149,9 +153,14 @@ class Authenticator:
         if self.nc is not None:
             message = {"key_id": str(key_id) if key_id else None,
                        "customer_id": str(customer_id) if customer_id else None}  # fmt: skip
-            await self.nc.publish(self.subject, json.dumps(message).encode())
+            body = json.dumps(message).encode()
+            await self.nc.publish(
+                self.subject, body, headers=self.seals.platform(self.subject, body)
+            )
 
     async def _on_revoked(self, msg: Msg) -> None:
+        if not self.seals.platform_sent(msg, "a key revocation"):
+            return
         try:
             message = json.loads(msg.data)
             key_id = uuid.UUID(message["key_id"]) if message.get("key_id") else None

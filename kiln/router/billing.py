@@ -94,7 +94,8 @@ async def announce(svc: RouterServices, changes: Changes) -> None:
             svc.billing.blocked[customer_id] = block
         else:
             svc.billing.blocked.pop(customer_id, None)
-    await announce_blocks(svc.dispatcher.nc, Subjects(svc.settings.namespace), changes)
+    subjects = Subjects(svc.settings.namespace)
+    await announce_blocks(svc.dispatcher.nc, subjects, changes, seals=svc.dispatcher.seals)
 
 
 # Balance, settings, credits ----------------------------------------------------------------

@@ -23,6 +23,7 @@ from kiln._tasks import cancel_and_wait
 from kiln.db.models import Customer
 from kiln.db.session import transaction
 from kiln.errors import PaymentRequired
+from kiln.seal import Seals
 
 __all__ = ["BillingGate"]
 
@@ -41,8 +42,11 @@ class BillingGate:
         self.sessions = sessions
         self.blocked: dict[uuid.UUID, str] = {}
         self._task: asyncio.Task[None] | None = None
+        self.seals = Seals(None)  # start() gives the platform's
 
-    async def start(self, nc: NATS, subject: str) -> None:
+    async def start(self, nc: NATS, subject: str, *, seals: Seals) -> None:
+        """Hear blocks announced on `subject` under the platform's seal."""
+        self.seals = seals
         await nc.subscribe(subject, cb=self._on_block)
         with contextlib.suppress(Exception):  # the refresher tries again
             await self.refresh()
@@ -77,6 +81,8 @@ class BillingGate:
                 _log.warning("billing blocks not refreshed: %s", exc)
 
     async def _on_block(self, msg: Msg) -> None:
+        if not self.seals.platform_sent(msg, "a billing block"):
+            return
         try:
             data = json.loads(msg.data)
             customer_id = uuid.UUID(data["customer_id"])

@@ -48,6 +48,7 @@ from kiln.errors import (
 from kiln.payloads import PayloadStore
 from kiln.router.call_order import CallOrder, CallTrace
 from kiln.router.streams import STREAM_WINDOW, CallAbandoned, CallStream
+from kiln.seal import Seals
 from kiln.wire import (
     HEARTBEAT_INTERVAL_S,
     JOB_ROUTER,
@@ -59,7 +60,7 @@ from kiln.wire import (
     ReplicaHeartbeat,
     StreamControl,
     Subjects,
-    decode,
+    decode_own,
     encode,
     parse_event,
     stream_event,
@@ -201,12 +202,16 @@ async def ensure_calls_stream(js: JetStreamContext, subjects: Subjects) -> None:
 
 
 class Dispatcher:
-    def __init__(self, nc: NATS, subjects: Subjects) -> None:
+    def __init__(self, nc: NATS, subjects: Subjects, *, seals: Seals) -> None:
+        """`seals`: what calls and demand hints are sealed with, and heartbeats checked
+        with (kiln.seal)."""
         self.nc = nc
         self.subjects = subjects
+        self.seals = seals
         self.router_id = secrets.token_hex(6)
         self._calls: dict[str, _Call] = {}
-        self._last_seen: dict[str, float] = {}
+        # (function id, replica id), both hex -> when the replica last spoke
+        self._last_seen: dict[tuple[str, str], float] = {}
         self._hinted: dict[uuid.UUID, float] = {}
         # function id (hex) -> its ready replicas (id hex) -> their last heartbeat
         self._ready: dict[str, dict[str, float]] = {}
@@ -291,9 +296,11 @@ class Dispatcher:
             payload=payload,
         ).to_headers()
         headers["Nats-Msg-Id"] = job_id
+        subject = self.subjects.calls(function_id)
+        self._seal(function_id, subject, headers)
         try:
             await self.nc.jetstream().publish(
-                self.subjects.calls(function_id), body, headers=headers, timeout=_PUBACK_WAIT_S
+                subject, body, headers=headers, timeout=_PUBACK_WAIT_S
             )
         except Exception as exc:  # noqa: BLE001 - NATS down, or the stream refused it
             _log.warning("storing job %s failed: %s", job_id, exc)
@@ -359,17 +366,28 @@ class Dispatcher:
         try:
             # A plain publish whose reply subject is our inbox: the PubAck arrives like any
             # reply, without the per-request inbox, future and timer of a JetStream request.
+            subject = self.subjects.calls(order.function_id)
+            sealed = self._seal(order.function_id, subject, headers.to_headers())
             await self.nc.publish(
-                self.subjects.calls(order.function_id),
+                subject,
                 body,
                 reply=self.subjects.reply(self.router_id, order.function_id, call_id, call.token),
-                headers=headers.to_headers(),
+                headers=sealed,
             )
             await self._hint_demand(order.function_id)
         except Exception as exc:  # noqa: BLE001 - NATS down or closing: the caller may retry
             call.fail(Unavailable("the call queue is unreachable", retry_after=1))
             _log.warning("publishing call %s failed: %s", call_id, exc)
         return call
+
+    def _seal(
+        self, function_id: uuid.UUID, subject: str, headers: dict[str, str]
+    ) -> dict[str, str]:
+        """`headers` with the seal that tells the function's replicas a router sent the call."""
+        seal = self.seals.function(function_id, subject, headers[H.CALL].encode())
+        if seal is not None:
+            headers.update(seal)
+        return headers
 
     def _forget(self, call_id: str, future: asyncio.Future[CallResult]) -> None:
         call = self._calls.pop(call_id, None)
@@ -402,7 +420,8 @@ class Dispatcher:
             return
         if now - self._hinted.get(function_id, 0.0) >= _HINT_INTERVAL_S:
             self._hinted[function_id] = now
-            await self.nc.publish(self.subjects.demand(function_id), b"")
+            subject = self.subjects.demand(function_id)
+            await self.nc.publish(subject, b"", headers=self.seals.platform(subject, b""))
 
     async def _on_reply(self, msg: Msg) -> None:
         _, function, call_id, token = msg.subject.rsplit(".", 3)
@@ -474,11 +493,11 @@ class Dispatcher:
         except (ValueError, KeyError, TypeError):
             _log.warning("ignoring an unreadable accepted message")
             return
-        # It just spoke: alive now, even if none of its heartbeats reached us yet.
-        self._last_seen[replica_hex] = time.monotonic()
         for call_id, token in zip(call_ids, tokens, strict=False):
             call = self._calls.get(call_id)
             if call is not None and call.function == function and call.token == token:
+                # It just spoke: alive now, even if none of its heartbeats reached us yet.
+                self._last_seen[(function, replica_hex)] = time.monotonic()
                 call.replica_id = replica
                 if call.trace is not None:
                     now = call.future.get_loop().time()
@@ -501,13 +520,17 @@ class Dispatcher:
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         now = time.monotonic()
-        replica = msg.subject.rsplit(".", 1)[-1]
-        self._last_seen[replica] = now
         try:
-            beat = decode(ReplicaHeartbeat, msg.data)
-            function = uuid.UUID(beat.function_id).hex
+            beat = decode_own(ReplicaHeartbeat, msg.subject, msg.data)
+            function_id = uuid.UUID(beat.function_id)
         except (ValueError, TypeError, KeyError):
             return
+        # Sealed by a replica of the function it names: what it says counts for that
+        # function's calls and replicas only.
+        if not self.seals.function_sent(msg, function_id, "a replica heartbeat"):
+            return
+        function, replica = function_id.hex, uuid.UUID(beat.replica_id).hex
+        self._last_seen[(function, replica)] = now
         ready = self._ready.setdefault(function, {})
         if beat.state == ReplicaState.READY:
             ready[replica] = now
@@ -528,12 +551,12 @@ class Dispatcher:
                 replica = call.replica_id
                 if replica is None or call.future.done():
                     continue
-                seen = self._last_seen.get(uuid.UUID(replica).hex)
+                seen = self._last_seen.get((call.function, uuid.UUID(replica).hex))
                 if seen is not None and now - seen > REPLICA_LOST_AFTER_S:
                     call.fail(WorkerLost(f"replica {replica} stopped responding during the call"))
-            for replica, seen in list(self._last_seen.items()):
+            for speaker, seen in list(self._last_seen.items()):
                 if now - seen > 60:
-                    del self._last_seen[replica]
+                    del self._last_seen[speaker]
             for call_id, (_, abandoned_at) in list(self._abandoned.items()):
                 if now - abandoned_at > 3600:  # past any startup_timeout: nobody will take it
                     del self._abandoned[call_id]

@@ -13,10 +13,12 @@ its own that NATS deletes once the answer ends.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -88,8 +90,15 @@ async def function_logs(request: Request) -> Response:
     sub = await js.pull_subscribe_bind(
         stream=subjects.logs_stream, consumer=consumer.name, name=consumer.name
     )
+    sealed = functools.partial(
+        svc.dispatcher.seals.function_sent, function_id=function.id, what="log lines"
+    )
+    lines = _lines(
+        js, sub, (subjects.logs_stream, consumer.name),
+        follow=follow, request_id=only, sealed=sealed,
+    )  # fmt: skip
     return StreamingResponse(
-        _lines(js, sub, (subjects.logs_stream, consumer.name), follow=follow, request_id=only),
+        lines,
         media_type=_NDJSON,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -102,9 +111,11 @@ async def _lines(
     *,
     follow: bool,
     request_id: str | None,
+    sealed: Callable[[Msg], bool],
 ) -> AsyncIterator[bytes]:
     """The stored lines, oldest first; then, with `follow`, new ones until the client leaves
-    (Starlette cancels this generator)."""
+    (Starlette cancels this generator). Only lines the function's replicas `sealed` are shown
+    (a replica can have the server publish lines on any function's subject: kiln.seal)."""
     try:
         while True:
             try:
@@ -117,6 +128,8 @@ async def _lines(
                     continue
                 return
             for msg in messages:
+                if not sealed(msg):
+                    continue
                 lines = msg.data.split(b"\n")
                 if request_id is not None:
                     lines = [line for line in lines if _of_request(line, request_id)]

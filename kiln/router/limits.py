@@ -29,6 +29,7 @@ from nats.aio.msg import Msg
 
 from kiln._tasks import cancel_and_wait
 from kiln.errors import RateLimited
+from kiln.seal import Seals
 from kiln.tiers import TierLimits, with_overrides
 
 __all__ = ["Limiter"]
@@ -97,12 +98,15 @@ class Limiter:
         self._fallback = False
         self._redis_retry_at = 0.0
         self._presence: asyncio.Task[None] | None = None
+        self.seals = Seals(None)  # start() gives the platform's
 
     def limits_for(self, tier: str, overrides: Any) -> TierLimits:
         return with_overrides(self.tiers[tier], overrides)
 
-    async def start(self, nc: NATS, subject: str) -> None:
-        """Announce this router on `subject` and count the others (for the fallback)."""
+    async def start(self, nc: NATS, subject: str, *, seals: Seals) -> None:
+        """Announce this router on `subject` and count the others (for the fallback), under
+        the platform's seal."""
+        self.seals = seals
         await nc.subscribe(subject, cb=self._on_router)
         self._presence = asyncio.create_task(self._announce(nc, subject), name="kiln-presence")
 
@@ -200,11 +204,14 @@ class Limiter:
 
     async def _announce(self, nc: NATS, subject: str) -> None:
         while True:
+            body = self._router_id.encode()
             with contextlib.suppress(Exception):
-                await nc.publish(subject, self._router_id.encode())
+                await nc.publish(subject, body, headers=self.seals.platform(subject, body))
             await asyncio.sleep(2.0)
 
     async def _on_router(self, msg: Msg) -> None:
+        if not self.seals.platform_sent(msg, "a router's announcement"):
+            return
         self._routers[msg.data.decode(errors="replace")] = time.monotonic()
 
 

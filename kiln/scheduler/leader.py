@@ -10,6 +10,10 @@ whether or not it can reach NATS to hear so. A clean shutdown deletes the key, s
 takes over at its next try rather than after the TTL; a crashed leader is replaced within
 `ttl_s` plus one retry interval.
 
+A lease's value is its holder's name under the platform's seal (kiln.seal): a replica can have
+the server write into the bucket, and an entry without the seal is taken over at once instead
+of keeping every scheduler standing by.
+
 Standbys observe everything the leader observes (heartbeats, demand) all along, so a new leader
 starts with a current view of the cluster and adopts the replicas it finds instead of starting
 duplicates.
@@ -28,6 +32,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from kiln._jetstream import key_value
+from kiln.seal import SEAL, Seals
 
 __all__ = ["Leadership"]
 
@@ -45,8 +50,10 @@ class Leadership:
         *,
         ttl_s: float,
         on_change: Callable[[], None] = lambda: None,
+        seals: Seals | None = None,
     ) -> None:
         self.js = js
+        self.seals = seals or Seals(None)
         self.bucket = bucket
         self.holder = holder
         self.ttl_s = ttl_s
@@ -82,23 +89,38 @@ class Leadership:
 
     async def _try(self) -> None:
         kv = await self._bucket()
-        value = self.holder.encode()
+        value = self._value()
         started = time.monotonic()  # the lease runs from before the write, to be safe
-        if self._revision is not None:
-            try:
-                self._revision = await kv.update(_KEY, value, last=self._revision)
-                self._renewed_at = started
-                return
-            except KeyWrongLastSequenceError:  # someone else holds it now
-                self._revision = None
-                _log.warning("scheduler lease lost to another scheduler")
-                return
         try:
-            self._revision = await kv.create(_KEY, value)
-        except KeyWrongLastSequenceError:
-            self.contested = True  # held by another scheduler
+            if self._revision is not None:
+                self._revision = await kv.update(_KEY, value, last=self._revision)
+            else:
+                self._revision = await kv.create(_KEY, value)
+            self._renewed_at = started
             return
-        self._renewed_at = started
+        except KeyWrongLastSequenceError:
+            held = self._revision is not None
+            self._revision = None
+        entry = await kv.get(_KEY)
+        if entry.value is not None and not self._sealed(entry.value):
+            _log.warning("scheduler lease: replacing an entry without the platform's seal")
+            self._revision = await kv.update(_KEY, value, last=entry.revision)
+            self._renewed_at = started
+        elif held:
+            _log.warning("scheduler lease lost to another scheduler")
+        else:
+            self.contested = True  # held by another scheduler
+
+    def _value(self) -> bytes:
+        name = self.holder.encode()
+        sealed = self.seals.platform(self.bucket, name)
+        return name if sealed is None else name + b" " + sealed[SEAL].encode()
+
+    def _sealed(self, value: bytes) -> bool:
+        name, _, seal = value.rpartition(b" ")
+        if not self.seals.enabled:
+            return True
+        return self.seals.from_platform(self.bucket, name, {SEAL: seal.decode(errors="replace")})
 
     async def _give_up(self) -> None:
         revision, self._revision = self._revision, None

@@ -220,12 +220,12 @@ class ClusterRecords:
                     .values(**values)
                 )
 
-    async def set_origin(self, replica_id: str, origin: Origin) -> bool:
-        """Whether the replica's row was there to take it."""
+    async def set_origin(self, replica_id: str, function_id: uuid.UUID, origin: Origin) -> bool:
+        """Whether the replica's row, a replica of `function_id`, was there to take it."""
         async with transaction(self.sessions) as session:
             result = await session.execute(
                 sa.update(Replica)
-                .where(Replica.id == uuid.UUID(replica_id))
+                .where(Replica.id == uuid.UUID(replica_id), Replica.function_id == function_id)
                 .values(origin=origin.value)
             )
         return bool(result.rowcount)  # type: ignore[attr-defined]

@@ -40,6 +40,7 @@ from kiln.scheduler.leader import Leadership
 from kiln.scheduler.placement import NodeView, place
 from kiln.scheduler.policy import ReplicaView, plan
 from kiln.scheduler.records import ClusterRecords, FunctionRow
+from kiln.seal import Seals
 from kiln.wire import (
     HEARTBEAT_INTERVAL_S,
     REPLICA_LOST_AFTER_S,
@@ -105,13 +106,15 @@ class Scheduler:
         metrics: ColdStartMetrics | None = None,
         *,
         lease_s: float | None = None,
-        usage_secret: str | None = None,
+        signing_key: str | None = None,
     ) -> None:
         """`lease_s`: take part in leader election with a lease this long (several schedulers
-        may then run; one acts). None: act alone, unconditionally. `usage_secret`: the
-        platform's signing key, for the MAC of the usage it writes for lost nodes."""
+        may then run; one acts). None: act alone, unconditionally. `signing_key`: the
+        platform's, for the MAC of the usage it writes for lost nodes and the seals of what it
+        sends and hears (kiln.seal)."""
         self.nc = nc
-        self.usage_secret = usage_secret
+        self.signing_key = signing_key
+        self.seals = Seals(signing_key)
         self.metrics = metrics or ColdStartMetrics()
         self.scheduling = SchedulingMetrics(self.metrics.registry)
         self.js = nc.jetstream()
@@ -134,7 +137,7 @@ class Scheduler:
         self.functions: dict[uuid.UUID, FunctionRow] = {}
         # Origins reported before their replica's row was written (a standby restores a small
         # snapshot faster than the launch is recorded): applied once it is.
-        self.early_origins: dict[str, Origin] = {}
+        self.early_origins: dict[str, tuple[uuid.UUID, Origin]] = {}  # by replica id
         self.started_at = time.monotonic()
         self.swept = False
         self.settle_until = 0.0  # monotonic; no launches before (after a takeover)
@@ -146,6 +149,7 @@ class Scheduler:
                 f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
                 ttl_s=lease_s,
                 on_change=self._on_leadership,
+                seals=self.seals,
             )
             if lease_s is not None
             else None
@@ -214,6 +218,8 @@ class Scheduler:
     # Observations ------------------------------------------------------------------------------
 
     async def _on_demand(self, msg: Msg) -> None:
+        if not self.seals.platform_sent(msg, "a demand hint"):
+            return
         with contextlib.suppress(ValueError):
             function_id = uuid.UUID(hex=msg.subject.rsplit(".", 1)[-1])
             self.demand_at.setdefault(function_id, time.time())
@@ -223,16 +229,21 @@ class Scheduler:
     async def _on_cold_start(self, msg: Msg) -> None:
         try:
             report = decode_own(ColdStartReport, msg.subject, msg.data)
+            function_id = uuid.UUID(report.function_id)
             origin = Origin(report.origin)
             process = ProcessOrigin(report.process)
             phases = {str(k): float(v) for k, v in report.phases.items()}
         except (ValueError, TypeError, KeyError):
             _log.warning("ignoring an unreadable cold-start report")
             return
+        if not self.seals.function_sent(msg, function_id, "a cold-start report"):
+            return
         if "first_call" in phases:  # the follow-up after the first call: one phase only
             self.metrics.observe({"first_call": phases["first_call"]}, None)
             return
         tracked = self.replicas.get(report.replica_id)
+        if tracked is not None and uuid.UUID(tracked.function_id) != function_id:
+            return  # sealed by another function's replica
         if tracked is not None and tracked.schedule_s is not None:
             phases["schedule"] = tracked.schedule_s
             if tracked.requested_at:
@@ -243,18 +254,25 @@ class Scheduler:
                 "replica %s ran its setup hooks because its snapshot failed: %s",
                 report.replica_id, report.fallback_reason,
             )  # fmt: skip
-        if not await self.records.set_origin(report.replica_id, origin):
-            self.early_origins[report.replica_id] = origin
+        if not await self.records.set_origin(report.replica_id, function_id, origin):
+            self.early_origins[report.replica_id] = (function_id, origin)
             while len(self.early_origins) > _MAX_EARLY_ORIGINS:  # of replicas never recorded
                 del self.early_origins[next(iter(self.early_origins))]
 
     async def _on_replica(self, msg: Msg) -> None:
         try:
             beat = decode_own(ReplicaHeartbeat, msg.subject, msg.data)
+            function_id = uuid.UUID(beat.function_id)
         except (ValueError, TypeError):
             _log.warning("ignoring an unreadable replica heartbeat on %s", msg.subject)
             return
+        # Sealed by a replica of the function it names, which must be the replica's own (a
+        # replica could seal a beat naming another function's replica).
+        if not self.seals.function_sent(msg, function_id, "a replica heartbeat"):
+            return
         tracked = self.replicas.get(beat.replica_id)
+        if tracked is not None and uuid.UUID(tracked.function_id) != function_id:
+            return
         if tracked is None:
             if beat.state in (ReplicaState.STOPPED, ReplicaState.FAILED):
                 return
@@ -263,9 +281,11 @@ class Scheduler:
             known = await self.records.live_replica(beat.replica_id)
             if known is None or beat.replica_id in self.replicas:
                 return
-            function_id, version_id, node_id = known
+            function, version_id, node_id = known
+            if uuid.UUID(function) != function_id:
+                return
             tracked = _Tracked(
-                beat.replica_id, function_id, version_id, node_id,
+                beat.replica_id, function, version_id, node_id,
                 launched_at=time.time(), startup_timeout_s=600,
             )  # fmt: skip
             self.replicas[beat.replica_id] = tracked
@@ -273,6 +293,8 @@ class Scheduler:
         tracked.last_seen = time.monotonic()
 
     async def _on_node(self, msg: Msg) -> None:
+        if not self.seals.platform_sent(msg, "a node heartbeat"):
+            return
         beat = decode(NodeHeartbeat, msg.data)
         if beat.node_id not in self.nodes or beat.node_id in self.lost_nodes:
             self.lost_nodes.discard(beat.node_id)
@@ -291,6 +313,8 @@ class Scheduler:
         )
 
     async def _on_exit(self, msg: Msg) -> None:
+        if not self.seals.platform_sent(msg, "a replica's exit"):
+            return
         event = json.loads(msg.data)
         tracked = self.replicas.pop(event["replica_id"], None)
         failed = event["exit_code"] != 0 and not event.get("requested")
@@ -495,7 +519,7 @@ class Scheduler:
                 launch, ended, await self.records.usage_seqs(launch.replica_id)
             )
             for report in reports:
-                await publish_usage(self.nc, self.subjects, report, secret=self.usage_secret)
+                await publish_usage(self.nc, self.subjects, report, secret=self.signing_key)
         except Exception as exc:  # noqa: BLE001 - at most the intervals since its last report
             _log.error("could not close the usage of lost replica %s: %s", launch.replica_id, exc)
 
@@ -546,8 +570,8 @@ class Scheduler:
             _log.info("placed replica %s of %s/%s on %s (%s)", replica_id, function.app,
                       function.name, placement.node_id, placement.reason)  # fmt: skip
             await self.records.record_replica(launch, placement.node_id, reply)
-            if (origin := self.early_origins.pop(replica_id, None)) is not None:
-                await self.records.set_origin(replica_id, origin)
+            if (early := self.early_origins.pop(replica_id, None)) is not None:
+                await self.records.set_origin(replica_id, *early)
             return True
         return False  # nothing fits now; the demand waits in the queue
 
@@ -587,11 +611,13 @@ class Scheduler:
                                               "grace_s": grace_s})  # fmt: skip
 
     async def _command(self, node_id: str, command: dict[str, object]) -> dict[str, object]:
+        subject, body = self.subjects.node_command(node_id), json.dumps(command).encode()
         try:
             reply = await self.nc.request(
-                self.subjects.node_command(node_id),
-                json.dumps(command).encode(),
+                subject,
+                body,
                 timeout=_COMMAND_TIMEOUT_S,
+                headers=self.seals.platform(subject, body),
             )
         except Exception as exc:  # noqa: BLE001 - an unreachable node is an answer too
             return {"ok": False, "error": str(exc)}

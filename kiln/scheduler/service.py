@@ -39,7 +39,7 @@ async def serve_scheduler(settings: Settings, stop: asyncio.Event) -> None:
             settings.namespace,
             cold_starts,
             lease_s=settings.scheduler_lease_s,
-            usage_secret=settings.snapshot_signing_key,
+            signing_key=settings.snapshot_signing_key,
         )
         _log.info("scheduler running (lease %g s)", settings.scheduler_lease_s)
         await scheduler.run(stop)

@@ -15,8 +15,11 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
+from kiln._jetstream import key_value
 from kiln._nats import connect_options
+from kiln._tasks import cancel_and_wait
 from kiln.scheduler.leader import Leadership
+from kiln.seal import Seals
 from kiln.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -41,8 +44,10 @@ asyncio.run(main())
 
 
 @asynccontextmanager
-async def candidate(nc: NATS, bucket: str, name: str) -> AsyncIterator[Leadership]:
-    lead = Leadership(nc.jetstream(), bucket, name, ttl_s=TTL_S)
+async def candidate(
+    nc: NATS, bucket: str, name: str, seals: Seals | None = None
+) -> AsyncIterator[Leadership]:
+    lead = Leadership(nc.jetstream(), bucket, name, ttl_s=TTL_S, seals=seals)
     stop = asyncio.Event()
     task = asyncio.create_task(lead.run(stop))
     try:
@@ -131,3 +136,34 @@ async def test_a_replaced_leader_stops_acting_even_without_nats(
                 assert not a.is_leader
         finally:
             await other.close()
+
+
+async def test_a_lease_written_without_the_platforms_seal_does_not_hold_anyone_off(
+    nc: NATS, bucket: str
+) -> None:
+    """A replica can have the server write into the lease's bucket (kiln.seal). Rewritten
+    faster than it expires, an entry without the platform's seal would keep every scheduler
+    standing by; it is taken over instead, while sealed leases are respected."""
+    seals = Seals("k" * 40)
+    kv = await key_value(nc.jetstream(), bucket, ttl_s=TTL_S)
+    forging = asyncio.Event()
+
+    async def forge() -> None:
+        while True:
+            await kv.put("scheduler", b"intruder")
+            forging.set()
+            await asyncio.sleep(TTL_S / 5)
+
+    forger = asyncio.create_task(forge())
+    try:
+        await forging.wait()
+        async with candidate(nc, bucket, "a", seals) as a:
+            await until("a never led", lambda: a.is_leader, 5 * TTL_S)
+            await cancel_and_wait(forger)
+            async with candidate(nc, bucket, "b", seals) as b:
+                for _ in range(20):  # over two renewals: b respects a's sealed lease
+                    assert a.is_leader
+                    assert not b.is_leader
+                    await asyncio.sleep(TTL_S / 10)
+    finally:
+        await cancel_and_wait(forger)

@@ -9,7 +9,12 @@ attempts (the replica's own subjects) show."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +97,32 @@ async def _attempt(attacks: list[list[str]]) -> dict:
 @app.function(idle_timeout=120)
 def attack(attacks: list[list[str]]) -> dict:
     return asyncio.run(_attempt(attacks))
+
+
+async def _forge(namespace: str, target: str, body: str, headers: dict) -> str:
+    # The server publishes for it: an object of its own bucket, fetched by a direct get whose
+    # reply subject is the target, arrives there with the headers it was stored with.
+    launch = _launch()
+    me, function = (launch[k].replace("-", "") for k in ("replica_id", "function_id"))
+    bucket = f"{namespace}_payloads_{function}"
+    chunk = f"$O.{bucket}.C.forged"
+    nc = await nats.connect(
+        os.environ["KILN_NATS_URL"], user_credentials=RawCredentials(launch["nats_creds"]),
+        inbox_prefix=f"_INBOX_{me}",
+    )
+    try:
+        stored = await nc.request(chunk, body.encode(), headers=headers, timeout=5)
+        request = json.dumps({"last_by_subj": chunk}).encode()
+        await nc.publish(f"$JS.API.DIRECT.GET.OBJ_{bucket}", request, reply=target)
+        await nc.flush()
+    finally:
+        await nc.close()
+    return stored.data.decode()
+
+
+@app.function(idle_timeout=120)
+def forge(namespace: str, target: str, body: str, headers: dict) -> str:
+    return asyncio.run(_forge(namespace, target, body, headers))
 """
 
 BYSTANDER = """
@@ -183,3 +214,77 @@ async def test_a_replica_reaches_nothing_beyond_its_function_and_itself(
     assert len(outcome) == len(attacks) - 2
     # The platform is unharmed: the neighbour answers, and so does the intruder.
     assert (await platform.call("neighbour/hello")).json() == "still here"
+
+
+@contextmanager
+def heard(text: str) -> Iterator[asyncio.Event]:
+    """An event set once the platform (running in this process) logs a line containing
+    `text`."""
+    said = asyncio.Event()
+
+    class Listener(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if text in record.getMessage():
+                said.set()
+
+    listener, root = Listener(logging.WARNING), logging.getLogger()
+    root.addHandler(listener)
+    try:
+        yield said
+    finally:
+        root.removeHandler(listener)
+
+
+async def _replica_is_running(platform: Platform, replica: str) -> bool:
+    engine = create_engine(platform.settings, application_name="kiln-test")
+    try:
+        async with engine.connect() as conn:
+            stopped = await conn.scalar(
+                sa.select(Replica.stopped_at).where(Replica.id == uuid.UUID(hex=replica))
+            )
+    finally:
+        await engine.dispose()
+    return stopped is None
+
+
+async def test_what_a_replica_has_the_server_publish_for_it_is_not_acted_on(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """Its permissions let a replica read its own bucket; a direct get's reply subject is its
+    to choose, so the server publishes an object it wrote, headers and all, on any subject. The
+    platform acts only on what carries the seal of the platform or of the function it concerns
+    (kiln.seal), which a forger cannot make."""
+    if platform.settings.nats_creds is None:
+        pytest.skip("NATS runs without authorisation here: unset KILN_TEST_NATS_URL")
+    await platform.deploy_source(tmp_path, "neighbour.py", BYSTANDER)
+    await platform.deploy_source(tmp_path, "intruder.py", HOSTILE)
+    assert (await platform.call("neighbour/hello")).json() == "still here"
+    other, other_replica = await _neighbour(platform)
+    ns = platform.settings.namespace
+    forgeries = {
+        # Stopping another customer's replica (a start order would run its own code with
+        # that function's credentials).
+        "a node command": (
+            f"{ns}.node.{platform.settings.node_id}.cmd",
+            {"op": "stop", "replica_id": str(uuid.UUID(hex=other_replica)), "grace_s": 0},
+        ),
+        # Ending another function's job with a result of its choosing.
+        "a job event": (
+            f"{ns}.jobevents.{other}.{uuid.uuid4()}",
+            {"job_id": str(uuid.uuid4()), "kind": "succeeded", "attempt": 1, "replica": "x"},
+        ),
+    }
+    for what, (target, body) in forgeries.items():
+        with heard(f"ignoring {what} on {target} without its seal") as refused:
+            response = await platform.call(
+                "intruder/forge",
+                json={"namespace": ns, "target": target, "body": json.dumps(body),
+                      "headers": {"Kiln-Seal": "0" * 64}},
+            )  # fmt: skip
+            assert response.status_code == 200, response.text
+            assert '"seq"' in response.json()  # stored in its bucket, so the get finds it
+            await asyncio.wait_for(refused.wait(), 20)
+    # The stop came and was refused: the neighbour's replica still serves.
+    assert await _replica_is_running(platform, other_replica)
+    assert (await platform.call("neighbour/hello")).json() == "still here"
+    assert await _neighbour(platform) == (other, other_replica)

@@ -193,8 +193,10 @@ async def test_a_burst_of_cold_starts_of_several_functions_each_gets_a_standby(
         wanted = platform.settings.standby_processes + len(apps)
         await next_node_beat(
             platform,
-            lambda beat: all(a in beat.ready_for for a in affinities)
-            and beat.standbys.get("none", 0) >= wanted,
+            lambda beat: (
+                all(a in beat.ready_for for a in affinities)
+                and beat.standbys.get("none", 0) >= wanted
+            ),
             timeout_s=180,
         )
         results = await asyncio.gather(*(call(platform, app) for app in apps))

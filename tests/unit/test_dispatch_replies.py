@@ -12,6 +12,7 @@ from typing import Any, cast
 from nats.aio.msg import Msg
 
 from kiln.router.dispatch import Dispatcher, _Call
+from kiln.seal import Seals
 from kiln.wire import CallHeaders, Event, H, Subjects
 
 
@@ -26,7 +27,7 @@ def reply(subject: str, body: bytes) -> Msg:
 
 async def test_a_reply_without_the_calls_token_or_function_is_ignored() -> None:
     subjects = Subjects("t")
-    dispatcher = Dispatcher(cast(Any, _NoNats()), subjects)
+    dispatcher = Dispatcher(cast(Any, _NoNats()), subjects, seals=Seals(None))
     function, other = uuid.uuid4(), uuid.uuid4()
     headers = CallHeaders(
         "7", dispatcher.router_id, "application/json", time.time() + 5, 5.0, token="a1b2"

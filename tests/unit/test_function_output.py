@@ -16,6 +16,7 @@ from nats.aio.client import Client as NATS
 
 from kiln.invoker import output
 from kiln.invoker.output import CallContextFilter, FunctionOutput, in_call
+from kiln.seal import FunctionSealer
 
 
 class Published:
@@ -24,7 +25,9 @@ class Published:
     def __init__(self) -> None:
         self.messages: list[tuple[str, bytes]] = []
 
-    async def publish(self, subject: str, data: bytes) -> None:
+    async def publish(
+        self, subject: str, data: bytes, *, headers: dict[str, str] | None = None
+    ) -> None:
         self.messages.append((subject, data))
 
     def records(self) -> list[dict[str, Any]]:
@@ -33,7 +36,10 @@ class Published:
 
 def capture() -> tuple[FunctionOutput, Published]:
     published = Published()
-    return FunctionOutput(cast(NATS, published), "ns.logs.f", "replica-1"), published
+    output = FunctionOutput(
+        cast(NATS, published), "ns.logs.f", "replica-1", sealer=FunctionSealer(None)
+    )
+    return output, published
 
 
 def test_lines_are_split_per_thread_and_tagged_with_their_call() -> None:
