@@ -340,8 +340,9 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "KILN_SNAPSHOT_SIGNING_KEY",
         "snapshot_signing_key",
         _secret,
-        "HMAC key that signs snapshots and usage reports (node agents, schedulers and billing "
-        "workers need the same one); at least 32 random characters",
+        "HMAC key that signs snapshots and usage reports and seals what platform processes "
+        "send each other over NATS (routers, schedulers, node agents and billing workers need "
+        "the same one); at least 32 random characters",
         secret=True,
     ),
     SettingSpec(

@@ -58,7 +58,10 @@ async def scheduler(platform: Platform) -> AsyncIterator[tuple[Scheduler, Callab
     settings = platform.settings
     nc = await nats.connect(**connect_options(settings))
     engine = create_engine(settings, application_name="kiln-test-scheduler")
-    acting = Scheduler(nc, session_factory(engine), settings.namespace, lease_s=LEASE_S)
+    acting = Scheduler(
+        nc, session_factory(engine), settings.namespace,
+        lease_s=LEASE_S, signing_key=settings.snapshot_signing_key,
+    )  # fmt: skip
     stop = asyncio.Event()
     task = asyncio.create_task(acting.run(stop))
 

@@ -174,8 +174,9 @@ def test_production_requires_services_and_secrets() -> None:
         "KILN_API_KEY_PEPPER is required when KILN_ENV=production: secret mixed into API-key "
         "hashes; at least 32 random characters.",
         "KILN_SNAPSHOT_SIGNING_KEY is required when KILN_ENV=production: HMAC key that signs "
-        "snapshots and usage reports (node agents, schedulers and billing workers need the same "
-        "one); at least 32 random characters.",
+        "snapshots and usage reports and seals what platform processes send each other over NATS "
+        "(routers, schedulers, node agents and billing workers need the same one); at least 32 "
+        "random characters.",
         "KILN_WEBHOOK_SECRET is required when KILN_ENV=production: HMAC key that signs job "
         "completion webhooks (Kiln-Signature); at least 32 characters.",
     ]
