@@ -117,6 +117,16 @@ def _account_seed(raw: str) -> str:
     return raw.strip()
 
 
+def _operator_seed(raw: str) -> str:
+    """An nkey seed of a NATS operator signing key: 58 characters, SO..."""
+    if not re.fullmatch(r"SO[A-Z2-7]{56}", raw.strip()):
+        raise ValueError(
+            "expected a NATS operator signing key seed: 58 characters starting with SO (see "
+            "docs/security.md for how to make one)"
+        )
+    return raw.strip()
+
+
 def _paths(raw: str) -> tuple[Path, ...]:
     """Comma-separated absolute directories."""
     found = []

@@ -5,9 +5,20 @@ The chain of trust is the one nats-server 2.10+ verifies in operator mode:
 
 * the operator (self-signed JWT, written inline into the server configuration) signs
 * the system account and the Kiln account (JetStream enabled), preloaded into the server's
-  in-memory resolver; the Kiln account lists one account signing key, which signs
+  resolver; the operator's signing key signs
+* one account per function (`function_account_jwt`), made when its first replica starts and
+  pushed to the servers (`$SYS.REQ.CLAIMS.UPDATE`; the servers' "full" resolver keeps them):
+  no JetStream of its own, only imports of what that function's replicas use from the Kiln
+  account, which exports it (`KILN_EXPORTS`);
+* the Kiln account and every function account list one account signing key, which signs
 * user JWTs, each for a fresh user nkey, carrying that user's publish and subscribe permissions
   and, optionally, an expiry.
+
+Why an account per function: NATS checks what a client publishes, not what the server publishes
+for it, and JetStream answers a request (a direct get, a pull, an ack) on whatever reply subject
+the client named: in the Kiln account that could be `$JS.API.STREAM.DELETE.<any stream>`. A
+function account's replies stay in the function account, where nothing but that function's own
+imports listens (docs/security.md).
 
 A NATS JWT is ``b64url(header).b64url(claims).b64url(ed25519 signature of the first two parts by
 the issuer's key)``, unpadded. nats-server does not verify ``jti``; we set it to the unpadded
@@ -27,6 +38,7 @@ import binascii
 import contextlib
 import functools
 import hashlib
+import hmac
 import ipaddress
 import json
 import math
@@ -42,9 +54,14 @@ if TYPE_CHECKING:
     import nkeys  # type: ignore[import-untyped]
 
 __all__ = [
+    "KILN_EXPORTS",
+    "KILN_STREAM_EXPORTS",
     "Credentials",
+    "Import",
     "Permissions",
     "Trust",
+    "account_jwt",
+    "derived_account_seed",
     "mint_user",
     "public_key_of_seed",
 ]
@@ -78,6 +95,26 @@ _JETSTREAM_LIMITS: dict[str, int] = {
 # Subject that matches every subject: a deny of it (with no allow list) means "nothing", because
 # NATS reads an empty or missing allow list as "everything".
 _EVERYTHING = ">"
+
+# What the Kiln account offers function accounts: (subject, response type) of services (messages
+# a replica sends the platform or JetStream, and their answers), and streams (messages the
+# platform sends replicas). Public and namespace-free: only accounts this operator signed can
+# import, and each function account imports only its own function's subjects
+# (kiln.invoker.credentials.function_imports).
+KILN_EXPORTS: tuple[tuple[str, str], ...] = (
+    ("$JS.API.CONSUMER.MSG.NEXT.>", "Stream"),
+    ("$JS.ACK.>", "Singleton"),
+    ("$JS.API.DIRECT.GET.>", "Singleton"),
+    ("$O.>", "Singleton"),
+    ("*.reply.>", "Singleton"),
+    ("*.accepted.>", "Singleton"),
+    ("*.hb.replica.*", "Singleton"),
+    ("*.events.coldstart.*", "Singleton"),
+    ("*.logs.*", "Singleton"),
+    ("*.jobevents.>", "Singleton"),
+    ("*.node.*.snapshots.*", "Singleton"),
+)
+KILN_STREAM_EXPORTS: tuple[str, ...] = ("*.replica.>",)
 
 
 @dataclass(frozen=True)
@@ -203,13 +240,15 @@ class Trust:
     operator_seed: str = field(repr=False)
     system_account_seed: str = field(repr=False)
     account_seed: str = field(repr=False)  # the Kiln account, JetStream enabled
-    signing_seed: str = field(repr=False)  # an account signing key of the Kiln account
+    signing_seed: str = field(repr=False)  # an account signing key of every account but SYS
+    operator_signing_seed: str = field(repr=False)  # signs the function accounts
 
     _JSON_FIELDS: ClassVar[tuple[str, ...]] = (
         "operator_seed",
         "system_account_seed",
         "account_seed",
         "signing_seed",
+        "operator_signing_seed",
     )
 
     def __post_init__(self) -> None:
@@ -217,6 +256,7 @@ class Trust:
         _signer(self.system_account_seed, "account", "system_account_seed")
         _signer(self.account_seed, "account", "account_seed")
         _signer(self.signing_seed, "account", "signing_seed")
+        _signer(self.operator_signing_seed, "operator", "operator_signing_seed")
         keys = {self.system_account_public_key, self.account_public_key, self.signing_public_key}
         if len(keys) != 3:
             raise ValueError(
@@ -230,6 +270,7 @@ class Trust:
             system_account_seed=_new_seed("account"),
             account_seed=_new_seed("account"),
             signing_seed=_new_seed("account"),
+            operator_signing_seed=_new_seed("operator"),
         )
 
     def to_json(self) -> str:
@@ -243,6 +284,8 @@ class Trust:
             raise ValueError("NATS trust is not valid JSON") from None
         if not isinstance(data, dict):
             raise ValueError("NATS trust must be a JSON object")
+        # Written before function accounts existed: the operator gains a signing key.
+        data.setdefault("operator_signing_seed", _new_seed("operator"))
         missing = [name for name in cls._JSON_FIELDS if not isinstance(data.get(name), str)]
         if missing:
             raise ValueError(f"NATS trust lacks string field(s): {', '.join(missing)}")
@@ -264,6 +307,10 @@ class Trust:
     def signing_public_key(self) -> str:
         return public_key_of_seed(self.signing_seed)
 
+    @property
+    def operator_signing_public_key(self) -> str:
+        return public_key_of_seed(self.operator_signing_seed)
+
     def operator_jwt(self) -> str:
         operator = self.operator_public_key
         return _encode(
@@ -273,6 +320,7 @@ class Trust:
                 "sub": operator,
                 "nats": {
                     "system_account": self.system_account_public_key,
+                    "signing_keys": [self.operator_signing_public_key],
                     "type": "operator",
                     "version": 2,
                 },
@@ -298,23 +346,25 @@ class Trust:
                 "nats": {
                     "limits": {**_ACCOUNT_LIMITS, **_JETSTREAM_LIMITS},
                     "signing_keys": [self.signing_public_key],
+                    "exports": _kiln_exports(),
                     "type": "account",
                     "version": 2,
                 },
             },
         )
 
-    def server_config(self) -> str:
+    def server_config(self, resolver_dir: Path) -> str:
         """The trust part of a nats-server configuration: the operator JWT inline, the system
-        account and both account JWTs preloaded into the in-memory resolver. The caller adds
-        `listen`, `jetstream` and the rest. A replica's JWT lists every subject it may use,
-        so the CONNECT line that carries it outgrows the default 4 KiB limit: 32 KiB."""
+        account and the Kiln account preloaded into a "full" resolver that keeps, in
+        `resolver_dir`, the function accounts pushed to it. The caller adds `listen`,
+        `jetstream` and the rest. A replica's JWT lists every subject it may use, so the
+        CONNECT line that carries it outgrows the default 4 KiB limit: 32 KiB."""
         system_account = self.system_account_public_key
         return (
             "max_control_line: 32768\n"
             f'operator: "{self.operator_jwt()}"\n'
             f"system_account: {system_account}\n"
-            "resolver: MEMORY\n"
+            f"resolver: {{ type: full, dir: {json.dumps(str(resolver_dir))} }}\n"
             "resolver_preload: {\n"
             f'  {system_account}: "{self.system_account_jwt()}"\n'
             f'  {self.account_public_key}: "{self.account_jwt()}"\n'
@@ -384,6 +434,74 @@ def mint_user(
         claims["exp"] = math.floor(expires_at)
     claims["nats"] = nats
     return Credentials(jwt=_encode(signer, claims), seed=user_seed)
+
+
+@dataclass(frozen=True)
+class Import:
+    """A subject an account takes from another account's exports: a service (its messages go to
+    the exporter, answers come back) or, with `stream`, messages the exporter publishes."""
+
+    subject: str
+    account: str  # the exporting account's public key
+    stream: bool = False
+
+
+def account_jwt(
+    operator_signing_seed: str,
+    *,
+    account: str,
+    name: str,
+    signing_key: str,
+    imports: Sequence[Import],
+) -> str:
+    """The JWT of an account without JetStream (`account`: its public key) whose users are signed
+    by `signing_key` (a public key) and which imports `imports`, signed by the operator's
+    signing key."""
+    signer = _signer(operator_signing_seed, "operator", "operator_signing_seed")
+    _check_public_key(account, "account", "account")
+    _check_public_key(signing_key, "account", "signing_key")
+    claims = [
+        {"name": i.subject, "subject": i.subject, "account": i.account,
+         "type": "stream" if i.stream else "service"}
+        for i in imports
+    ]  # fmt: skip
+    for i in imports:
+        _check_subject(i.subject, "import")
+        _check_public_key(i.account, "account", "import account")
+    return _encode(
+        signer,
+        {
+            "name": name,
+            "sub": account,
+            "nats": {
+                "limits": _ACCOUNT_LIMITS,
+                "signing_keys": [signing_key],
+                "imports": claims,
+                "type": "account",
+                "version": 2,
+            },
+        },
+    )
+
+
+def derived_account_seed(secret_seed: str, label: str) -> str:
+    """An account seed derived from the seed `secret_seed` and `label`: every process that holds
+    `secret_seed` derives the same account for the same label (a function's id)."""
+    raw = hmac.new(_decode_checked(secret_seed, "secret_seed", "seed"), label.encode(), "sha256")
+    import nkeys
+
+    return str(nkeys.encode_seed(raw.digest(), _PREFIXES["account"]).decode())
+
+
+def _kiln_exports() -> list[dict[str, str]]:
+    services = [
+        {"name": subject, "subject": subject, "type": "service", "response_type": response}
+        for subject, response in KILN_EXPORTS
+    ]
+    streams = [
+        {"name": subject, "subject": subject, "type": "stream"} for subject in KILN_STREAM_EXPORTS
+    ]
+    return services + streams
 
 
 def public_key_of_seed(seed: str) -> str:

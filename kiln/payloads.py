@@ -15,9 +15,15 @@ from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundErr
 from nats.js.object_store import ObjectStore
 
 from kiln.errors import InternalError
+from kiln.objects import delete_object, put_object, read_object
 from kiln.wire import Subjects
 
-__all__ = ["MAX_RESULT_BYTES", "PAYLOAD_TTL_S", "PayloadStore", "ensure_payload_bucket"]
+__all__ = [
+    "MAX_RESULT_BYTES",
+    "PAYLOAD_TTL_S",
+    "PayloadStore",
+    "ensure_payload_bucket",
+]
 
 # Longer than a call can wait and run, so a payload outlives its call; deleted when taken.
 PAYLOAD_TTL_S = 24 * 3600.0
@@ -28,29 +34,26 @@ MAX_RESULT_BYTES = 1 << 30
 class PayloadStore:
     """Each function's payloads, in a bucket of its own (a replica's credentials reach only its
     function's). Platform processes create a bucket on first use; a replica (`create=False`)
-    finds it made by its node agent."""
+    finds it made by its node agent. Objects are written and read with kiln.objects, which a
+    replica's NATS account allows."""
 
     def __init__(self, js: JetStreamContext, subjects: Subjects, *, create: bool = True) -> None:
         self.js = js
         self.subjects = subjects
         self.create = create
-        self._stores: dict[uuid.UUID, ObjectStore] = {}
+        self._made: set[uuid.UUID] = set()
 
-    async def _open(self, function_id: uuid.UUID) -> ObjectStore:
-        store = self._stores.get(function_id)
-        if store is None:
-            bucket = self.subjects.payload_bucket(function_id)
-            if self.create:
-                store = await ensure_payload_bucket(self.js, bucket)
-            else:
-                store = await self.js.object_store(bucket)
-            self._stores[function_id] = store
-        return store
+    async def _bucket(self, function_id: uuid.UUID) -> str:
+        bucket = self.subjects.payload_bucket(function_id)
+        if self.create and function_id not in self._made:
+            await ensure_payload_bucket(self.js, bucket)
+            self._made.add(function_id)
+        return bucket
 
     async def put(self, function_id: uuid.UUID, data: bytes) -> str:
         """Store `data`; the name to send in its place."""
         name = secrets.token_hex(16)
-        await (await self._open(function_id)).put(name, data)
+        await put_object(self.js, await self._bucket(function_id), name, data)
         return name
 
     async def take(self, function_id: uuid.UUID, name: str) -> bytes:
@@ -61,17 +64,14 @@ class PayloadStore:
 
     async def get(self, function_id: uuid.UUID, name: str) -> bytes:
         """The bytes stored under `name` (kept: a job's body serves each of its attempts)."""
-        store = await self._open(function_id)
         try:
-            result = await store.get(name)
+            return await read_object(self.js, await self._bucket(function_id), name)
         except (ObjectNotFoundError, NotFoundError):
             raise InternalError(f"payload {name} is not in the store (expired?)") from None
-        return result.data or b""
 
     async def delete(self, function_id: uuid.UUID, name: str) -> None:
-        store = await self._open(function_id)
         with contextlib.suppress(Exception):  # it expires anyway
-            await store.delete(name)
+            await delete_object(self.js, await self._bucket(function_id), name)
 
 
 async def ensure_payload_bucket(js: JetStreamContext, bucket: str) -> ObjectStore:

@@ -34,6 +34,7 @@ from kiln._setting_parsers import (
     _namespace,
     _node_gpus,
     _node_id,
+    _operator_seed,
     _path,
     _paths,
     _seconds,
@@ -101,6 +102,8 @@ class Settings:
     nats_url: str | None = None
     nats_creds: Path | None = None
     nats_signing_key: str | None = dataclasses.field(default=None, repr=False)
+    nats_operator_signing_key: str | None = dataclasses.field(default=None, repr=False)
+    nats_system_creds: Path | None = None
     database_url: str | None = None
     redis_url: str | None = None
     namespace: str = "kiln"
@@ -306,6 +309,22 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "NATS account signing key seed (SA...) with which a node agent issues each replica "
         "its own credentials; needed by agents when NATS requires credentials",
         secret=True,
+    ),
+    SettingSpec(
+        "KILN_NATS_OPERATOR_SIGNING_KEY",
+        "nats_operator_signing_key",
+        _operator_seed,
+        "NATS operator signing key seed (SO...) with which a node agent makes each function's "
+        "NATS account; needed by agents when NATS requires credentials",
+        secret=True,
+    ),
+    SettingSpec(
+        "KILN_NATS_SYSTEM_CREDS",
+        "nats_system_creds",
+        _file,
+        "credentials file of a NATS system account user, with which a node agent pushes the "
+        "function accounts it makes to the servers; needed by agents when NATS requires "
+        "credentials",
     ),
     SettingSpec(
         "KILN_DATABASE_URL",

@@ -7,7 +7,8 @@ from kiln.devstack instead. `KILN_TEST_EMBEDDED=1` forces the embedded stack for
 NATS is the exception: the session starts the embedded one unless `KILN_TEST_NATS_URL` names
 another, because the embedded one runs with the platform's authorisation (every process with
 its own credentials, replicas with theirs), which the tests prove. A server named there is used
-with `KILN_TEST_NATS_CREDS` and `KILN_TEST_NATS_SIGNING_KEY` if set (else without credentials,
+with `KILN_TEST_NATS_CREDS`, `KILN_TEST_NATS_SIGNING_KEY`, `KILN_TEST_NATS_OPERATOR_SIGNING_KEY`
+and `KILN_TEST_NATS_SYSTEM_CREDS` if set (else without credentials,
 and the tests of NATS authorisation skip).
 
 Sessions never see each other's data: each gets its own PostgreSQL database, its own namespace
@@ -48,6 +49,14 @@ _TEST_VARS = {
 }
 
 
+# The settings a node agent needs when NATS requires credentials, and their variables.
+_NATS_KEYS = {
+    "nats_signing_key": "KILN_NATS_SIGNING_KEY",
+    "nats_operator_signing_key": "KILN_NATS_OPERATOR_SIGNING_KEY",
+    "nats_system_creds": "KILN_NATS_SYSTEM_CREDS",
+}
+
+
 @dataclass(frozen=True)
 class ServiceUrls:
     nats_url: str
@@ -55,7 +64,8 @@ class ServiceUrls:
     redis_url: str
     embedded: tuple[str, ...]
     nats_creds: str = ""  # the platform's NATS credentials file, when NATS requires them
-    nats_signing_key: str = ""
+    # What a node agent needs then: KILN_NATS_SIGNING_KEY and the rest (`_NATS_KEYS`).
+    nats_keys: tuple[tuple[str, str], ...] = ()
 
 
 async def _can_create_databases(url: str) -> bool:
@@ -105,7 +115,11 @@ def service_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceUr
             **urls,  # type: ignore[arg-type]
             embedded=(),
             nats_creds=os.environ.get("KILN_TEST_NATS_CREDS", ""),
-            nats_signing_key=os.environ.get("KILN_TEST_NATS_SIGNING_KEY", ""),
+            nats_keys=tuple(
+                (variable, os.environ[f"KILN_TEST_{variable[5:]}"])
+                for variable in _NATS_KEYS.values()
+                if os.environ.get(f"KILN_TEST_{variable[5:]}")
+            ),
         )
         return
     home = tmp_path_factory.mktemp("embedded-home")
@@ -116,9 +130,11 @@ def service_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceUr
             database_url=running.database_url or "",
             redis_url=running.redis_url or "",
             embedded=missing,
-            nats_creds=str(running.nats_creds or os.environ.get("KILN_TEST_NATS_CREDS", "")),
-            nats_signing_key=(
-                running.nats_signing_key or os.environ.get("KILN_TEST_NATS_SIGNING_KEY", "")
+            nats_creds=str(running.nats_creds or ""),
+            nats_keys=tuple(
+                (variable, str(getattr(running, field)))
+                for field, variable in _NATS_KEYS.items()
+                if getattr(running, field) is not None
             ),
         )
 
@@ -196,11 +212,7 @@ def settings(
             "KILN_NAMESPACE": namespace,
             "KILN_NATS_URL": service_urls.nats_url,
             **({"KILN_NATS_CREDS": service_urls.nats_creds} if service_urls.nats_creds else {}),
-            **(
-                {"KILN_NATS_SIGNING_KEY": service_urls.nats_signing_key}
-                if service_urls.nats_signing_key
-                else {}
-            ),
+            **dict(service_urls.nats_keys),
             "KILN_DATABASE_URL": _with_database(service_urls.database_url, database),
             "KILN_REDIS_URL": service_urls.redis_url,
             "KILN_API_KEY_PEPPER": secrets.token_urlsafe(32),

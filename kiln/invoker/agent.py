@@ -295,8 +295,10 @@ class NodeAgent:
         device = "" if kind == "none" else ",".join(map(str, indices))
         # The agent unpacks the code and makes the function's buckets: the replica's
         # credentials reach neither the code store nor the JetStream API that creates buckets.
-        code, _ = await asyncio.gather(
-            self._code(launch.artifact_digest), self._function_stores(launch.function_id)
+        code, _, _ = await asyncio.gather(
+            self._code(launch.artifact_digest),
+            self._function_stores(launch.function_id),
+            self._function_account(launch.function_id),
         )
         if self.sandboxes is None:
             directory = self.workdir / launch.replica_id
@@ -402,6 +404,12 @@ class NodeAgent:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as file:
             json.dump(data, file)
+
+    async def _function_account(self, function_id: str) -> None:
+        """The function's NATS account, which its replicas' credentials belong to, known to the
+        servers before a replica connects."""
+        if self.credentials is not None:
+            await self.credentials.prepare(uuid.UUID(function_id))
 
     async def _code(self, digest: str) -> Path:
         """The function's code, unpacked once per node by the agent (one fetch per digest at a

@@ -20,11 +20,13 @@ import time
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
+from nats.errors import NoRespondersError
+from nats.js.errors import NotFoundError
 
 from kiln.errors import KilnError
 from kiln.invoker.calls import CallRunner
 from kiln.invoker.output import in_call
+from kiln.objects import put_object
 from kiln.seal import FunctionSealer
 from kiln.wire import CallHeaders, JobEvent, JobEventKind, Subjects, encode
 
@@ -126,8 +128,8 @@ class JobRunner:
         )  # fmt: skip
         if len(body) <= _INLINE_RESULT_BYTES:
             return dataclasses.replace(event, result_b64=base64.b64encode(body).decode())
-        store = await self.js.object_store(self.subjects.job_results_bucket(self.calls.function_id))
-        await store.put(job, body)
+        bucket = self.subjects.job_results_bucket(self.calls.function_id)
+        await put_object(self.js, bucket, job, body)
         return dataclasses.replace(event, result_ref=job)
 
     async def _finish(self, msg: Msg, event: JobEvent, *, term: bool = False) -> None:
@@ -158,12 +160,16 @@ class JobRunner:
                 await asyncio.sleep(0.5)
 
     async def _cancelled(self, job: str) -> bool:
+        """Whether the job's key is in the cancellation bucket (read by direct get: a replica's
+        account reaches no other JetStream API)."""
+        bucket = self.subjects.job_cancels_bucket
         try:
-            kv = await self.js.key_value(self.subjects.job_cancels_bucket)
-            await kv.get(job)
-        except (KeyNotFoundError, BucketNotFoundError, NotFoundError):
+            entry = await self.js.get_msg(
+                f"KV_{bucket}", subject=f"$KV.{bucket}.{job}", direct=True
+            )
+        except (NotFoundError, NoRespondersError):
             return False
-        return True
+        return (entry.headers or {}).get("KV-Operation") not in ("DEL", "PURGE")
 
     async def _in_progress(self, msg: Msg) -> None:
         while True:

@@ -32,6 +32,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from kiln.errors import SnapshotError
+from kiln.invoker.credentials import replica_inbox
 from kiln.invoker.sandbox import Box, link_tree
 from kiln.seal import Seals
 from kiln.settings import Settings, Switch
@@ -176,7 +177,14 @@ class NodeSnapshots:
         except Exception as exc:  # noqa: BLE001 - a bad request must not hurt the agent
             _log.warning("snapshot request failed: %s", exc)
             answer = {"error": f"{type(exc).__name__}: {exc}"}
-        if msg.reply:
+        # Only to the asking replica's own inboxes, or to a reply subject the server mapped
+        # back into its function's account ("_R_."): the agent may publish anywhere in the Kiln
+        # account, and a reply subject is the asker's to choose (it could name the JetStream API).
+        try:
+            inbox = replica_inbox(uuid.UUID(hex=msg.subject.rsplit(".", 1)[-1])) + "."
+        except ValueError:
+            return
+        if msg.reply and msg.reply.startswith((inbox, "_R_.")):
             with contextlib.suppress(Exception):
                 await self.nc.publish(msg.reply, json.dumps(answer).encode())
 

@@ -39,6 +39,7 @@ from kiln.jobs.records import (
     expire_finished,
 )
 from kiln.jobs.streams import ensure_job_streams
+from kiln.objects import delete_object
 from kiln.payloads import PayloadStore
 from kiln.seal import Seals
 from kiln.settings import Settings, Switch
@@ -184,8 +185,8 @@ class JobRecorder:
             stored = await expire_finished(session, self.clock(), self.ttl_s)
         for function_id, name in stored:
             with contextlib.suppress(Exception):  # the bucket's TTL gets it anyway
-                results = await self.js.object_store(self.subjects.job_results_bucket(function_id))
-                await results.delete(name)
+                bucket = self.subjects.job_results_bucket(function_id)
+                await delete_object(self.js, bucket, name)
 
     # Webhooks ----------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from kiln.errors import (
 )
 from kiln.functions.spec import CallKind
 from kiln.jobs.records import FINISHED, call_target, call_view, finish, is_expired
+from kiln.objects import read_object
 from kiln.router.catalog import FunctionRoute
 from kiln.router.errors import request_id
 from kiln.router.run import classify, read_body, resolve_entry
@@ -215,10 +216,8 @@ async def get_result(request: Request) -> Response:
         raise Conflict(f"call {call.id} has no result: it is {call.status.value}")
     body = call.result
     if body is None and call.result_ref is not None:
-        results = await svc.dispatcher.nc.jetstream().object_store(
-            svc.dispatcher.subjects.job_results_bucket(call.function_id)
-        )
-        body = (await results.get(call.result_ref)).data or b""
+        bucket = svc.dispatcher.subjects.job_results_bucket(call.function_id)
+        body = await read_object(svc.dispatcher.nc.jetstream(), bucket, call.result_ref)
     return Response(body or b"", media_type=call.result_content_type or "application/json")
 
 

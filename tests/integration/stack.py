@@ -216,6 +216,10 @@ def nats_env(settings: Settings) -> dict[str, str]:
         env["KILN_NATS_CREDS"] = str(settings.nats_creds)
     if settings.nats_signing_key is not None:
         env["KILN_NATS_SIGNING_KEY"] = settings.nats_signing_key
+    if settings.nats_operator_signing_key is not None:
+        env["KILN_NATS_OPERATOR_SIGNING_KEY"] = settings.nats_operator_signing_key
+    if settings.nats_system_creds is not None:
+        env["KILN_NATS_SYSTEM_CREDS"] = str(settings.nats_system_creds)
     return env
 
 

