@@ -6,13 +6,16 @@ The chain of trust is the one nats-server 2.10+ verifies in operator mode:
 * the operator (self-signed JWT, written inline into the server configuration) signs
 * the system account and the Kiln account (JetStream enabled), preloaded into the server's
   resolver; the operator's signing key signs
-* one account per function (`function_account_jwt`), made when its first replica starts and
+* one account per function (`account_jwt`), made when its first replica starts and
   pushed to the servers (`$SYS.REQ.CLAIMS.UPDATE`; the servers' "full" resolver keeps them):
   no JetStream of its own, only imports of what that function's replicas use from the Kiln
   account, which exports it (`KILN_EXPORTS`);
-* the Kiln account and every function account list one account signing key, which signs
-* user JWTs, each for a fresh user nkey, carrying that user's publish and subscribe permissions
-  and, optionally, an expiry.
+* the platform's users of the Kiln account are signed by the Kiln account's own key; every
+  function account lists one account signing key (node agents hold it), which signs
+* replicas' user JWTs, each for a fresh user nkey, carrying that user's publish and subscribe
+  permissions and, optionally, an expiry. The Kiln account lists no signing key: a replica's
+  credentials can never be for the Kiln account (nor can those issued before function accounts
+  existed, which it used to list).
 
 Why an account per function: NATS checks what a client publishes, not what the server publishes
 for it, and JetStream answers a request (a direct get, a pull, an ack) on whatever reply subject
@@ -240,7 +243,7 @@ class Trust:
     operator_seed: str = field(repr=False)
     system_account_seed: str = field(repr=False)
     account_seed: str = field(repr=False)  # the Kiln account, JetStream enabled
-    signing_seed: str = field(repr=False)  # an account signing key of every account but SYS
+    signing_seed: str = field(repr=False)  # the function accounts' signing key (node agents)
     operator_signing_seed: str = field(repr=False)  # signs the function accounts
 
     _JSON_FIELDS: ClassVar[tuple[str, ...]] = (
@@ -345,7 +348,6 @@ class Trust:
                 "sub": self.account_public_key,
                 "nats": {
                     "limits": {**_ACCOUNT_LIMITS, **_JETSTREAM_LIMITS},
-                    "signing_keys": [self.signing_public_key],
                     "exports": _kiln_exports(),
                     "type": "account",
                     "version": 2,
@@ -375,7 +377,7 @@ class Trust:
         """A user of the Kiln account who may publish and subscribe to anything (JetStream API
         included)."""
         return mint_user(
-            self.signing_seed,
+            self.account_seed,
             account=self.account_public_key,
             name=name,
             permissions=Permissions.UNRESTRICTED,

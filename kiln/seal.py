@@ -59,6 +59,11 @@ def _mac(key: bytes, subject: str, body: bytes) -> str:
     return mac.hexdigest()
 
 
+def _same(seal: str, expected: str) -> bool:
+    # As bytes: compare_digest refuses a str that is not ASCII, and a header is anyone's text.
+    return hmac.compare_digest(seal.encode("utf-8", "replace"), expected.encode())
+
+
 def function_key(secret: str, function_id: uuid.UUID) -> bytes:
     """The key that a function's replicas seal with, and that routers seal its calls with."""
     message = b"kiln function " + function_id.hex.encode()
@@ -82,7 +87,7 @@ class FunctionSealer:
         if self.key is None:
             return True
         seal = (headers or {}).get(SEAL, "")
-        return hmac.compare_digest(seal, _mac(self.key, subject, body))
+        return _same(seal, _mac(self.key, subject, body))
 
 
 class Seals:
@@ -125,7 +130,7 @@ class Seals:
         if self.secret is None:
             return True
         seal = (headers or {}).get(SEAL, "")
-        return hmac.compare_digest(seal, _mac(self._platform, subject, body))
+        return _same(seal, _mac(self._platform, subject, body))
 
     # Function messages -------------------------------------------------------------------------
 
@@ -141,7 +146,7 @@ class Seals:
         if key is None:
             return True
         seal = (headers or {}).get(SEAL, "")
-        return hmac.compare_digest(seal, _mac(key, subject, body))
+        return _same(seal, _mac(key, subject, body))
 
     # Receiving ---------------------------------------------------------------------------------
 

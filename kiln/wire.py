@@ -532,6 +532,8 @@ def decode_own(kind: type[_T], subject: str, data: bytes) -> _T:
     ones its credentials let it publish to), refusing a message that speaks for another."""
     message = decode(kind, data)
     sender = getattr(message, "replica_id", "")
-    if uuid.UUID(str(sender)).hex != subject.rsplit(".", 1)[-1]:
+    # Exactly the id's canonical form: other spellings of the same id would count as other
+    # replicas in the maps keyed by it.
+    if sender != str(uuid.UUID(hex=subject.rsplit(".", 1)[-1])):
         raise ValueError(f"a message on {subject} speaks for replica {sender}")
     return message

@@ -209,7 +209,9 @@ class ReplicaCredentials:
         """Make sure the NATS servers know the function's account (once per function in this
         process; cold starts of one function share the push). Raises when they refuse it."""
         pushed = self._pushed.get(function_id)
-        if pushed is None or (pushed.done() and pushed.exception() is not None):
+        if pushed is None or (
+            pushed.done() and (pushed.cancelled() or pushed.exception() is not None)
+        ):
             pushed = self._pushed[function_id] = asyncio.ensure_future(
                 self.push(self.account_jwt(function_id))
             )

@@ -146,7 +146,9 @@ class JobRunner:
         subject = self.subjects.job_events(self.calls.function_id, event.job_id)
         body = encode(event)
         headers = {
-            "Nats-Msg-Id": f"{event.job_id}:{event.attempt}:{event.kind}",
+            # The function's too: the stream drops repeats across every function's events.
+            "Nats-Msg-Id": f"{self.calls.function_id.hex}:{event.job_id}:{event.attempt}:"
+            f"{event.kind}",
             **(self.sealer.headers(subject, body) or {}),
         }
         for tries_left in range(_PUBLISH_TRIES - 1, -1, -1):

@@ -66,6 +66,10 @@ from kiln.wire import (
 __all__ = ["Replica", "main"]
 
 _log = logging.getLogger("kiln.replica")
+_UNSEALED = (
+    "the call does not carry its function's seal: the router and the node agent must share "
+    "KILN_SNAPSHOT_SIGNING_KEY"
+)
 # How often the replica re-checks its pull requests (most top-ups happen as calls finish).
 _TOP_UP_EVERY_S = 1.0
 
@@ -269,10 +273,16 @@ class Replica:
                 return
             headers = msg.headers or {}
             if not self.sealer.opens(msg.subject, headers[H.CALL].encode(), headers):
-                # No router sent it here: another function's replica had the server deliver
-                # it (kiln.seal). Not acked: it is not this function's to settle.
-                _log.warning("ignoring call %s: it does not carry this function's seal",
+                # No router of this installation sent it (kiln.seal): one with another signing
+                # key, or a forgery. Ended, so that it does not come back (and keep the function
+                # scaled up) until it expires; a caller waiting for it is told why.
+                _log.warning("dropping call %s: it does not carry this function's seal",
                              call.call_id)  # fmt: skip
+                with contextlib.suppress(Exception):
+                    await msg.term()
+                if call.router != JOB_ROUTER and self.calls is not None:
+                    with contextlib.suppress(Exception):
+                        await self.calls.reply_error(call, InternalError(_UNSEALED))
                 return
             if call.generation > self.launch.generation:
                 # A deploy or rollback made other code current: hand the call back for a

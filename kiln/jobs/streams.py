@@ -4,6 +4,7 @@ object store (created by a node agent before the function's replicas start)."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 from nats.js import JetStreamContext
@@ -37,12 +38,19 @@ async def ensure_job_streams(js: JetStreamContext, subjects: Subjects) -> None:
         duplicate_window=120,
     )
     await ensure_stream(js, events)
+    # Replicas read it by direct get (their functions' accounts reach no other JetStream API).
+    cancels = f"KV_{subjects.job_cancels_bucket}"
     try:
-        await js.key_value(subjects.job_cancels_bucket)
-    except (BucketNotFoundError, NotFoundError):
+        info = await js.stream_info(cancels)
+    except NotFoundError:
         await js.create_key_value(
-            KeyValueConfig(bucket=subjects.job_cancels_bucket, ttl=_CANCELS_TTL_S, history=1)
+            KeyValueConfig(
+                bucket=subjects.job_cancels_bucket, ttl=_CANCELS_TTL_S, history=1, direct=True
+            )
         )
+    else:
+        if not info.config.allow_direct:  # made before replicas read it that way
+            await js.update_stream(dataclasses.replace(info.config, allow_direct=True))
 
 
 async def ensure_function_stores(

@@ -104,6 +104,7 @@ class Leadership:
         entry = await kv.get(_KEY)
         if entry.value is not None and not self._sealed(entry.value):
             _log.warning("scheduler lease: replacing an entry without the platform's seal")
+            self.contested = True  # maybe a scheduler of an older version, still acting
             self._revision = await kv.update(_KEY, value, last=entry.revision)
             self._renewed_at = started
         elif held:

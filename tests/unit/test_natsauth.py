@@ -225,7 +225,7 @@ async def test_connecting_without_valid_credentials_is_refused(connect: Connect)
 async def test_an_expired_user_is_refused(trust: Trust, connect: Connect) -> None:
     def user(expires_at: float) -> Credentials:
         return mint_user(
-            trust.signing_seed,
+            trust.account_seed,
             account=trust.account_public_key,
             name="temporary",
             permissions=Permissions.UNRESTRICTED,
@@ -243,7 +243,7 @@ async def test_a_user_bound_to_networks_is_refused_from_elsewhere(
 ) -> None:
     def user(*sources: str) -> Credentials:
         return mint_user(
-            trust.signing_seed,
+            trust.account_seed,
             account=trust.account_public_key,
             name="bound",
             permissions=Permissions.UNRESTRICTED,
@@ -288,7 +288,7 @@ async def test_restricted_user_is_held_to_its_subjects(trust: Trust, connect: Co
     errors = Errors()
     user = await connect(
         mint_user(
-            trust.signing_seed,
+            trust.account_seed,
             account=trust.account_public_key,
             name="restricted",
             permissions=Permissions(publish=("a.mine.>",), subscribe=("_INBOX_X.>",)),
@@ -318,7 +318,7 @@ async def test_empty_permissions_allow_nothing(trust: Trust, connect: Connect) -
     errors = Errors()
     idle = await connect(
         mint_user(
-            trust.signing_seed,
+            trust.account_seed,
             account=trust.account_public_key,
             name="idle",
             permissions=Permissions(),
@@ -335,7 +335,7 @@ async def test_nothing_allowed_but_responses(trust: Trust, connect: Connect) -> 
     errors = Errors()
     service = await connect(
         mint_user(
-            trust.signing_seed,
+            trust.account_seed,
             account=trust.account_public_key,
             name="service",
             permissions=Permissions(publish=(), subscribe=("svc.echo",), allow_responses=True),
@@ -358,7 +358,7 @@ async def test_nothing_allowed_but_responses(trust: Trust, connect: Connect) -> 
     await platform.flush()
     free = await connect(
         mint_user(
-            trust.signing_seed,
+            trust.account_seed,
             account=trust.account_public_key,
             name="free",
             permissions=Permissions(publish=None, subscribe=(), allow_responses=True),
@@ -383,7 +383,7 @@ async def test_pull_consumer_user_may_fetch_but_not_create_consumers(
     errors = Errors()
     worker = await connect(
         mint_user(
-            trust.signing_seed,
+            trust.account_seed,
             account=trust.account_public_key,
             name="worker",
             permissions=Permissions(
@@ -503,3 +503,20 @@ async def test_a_replica_in_its_functions_account_reaches_its_own_and_nothing_el
     assert info.num_pending == 1  # the other function's call is still there
     with pytest.raises(nats.errors.TimeoutError):
         await beats.next_msg(timeout=0.2)  # and no forged heartbeat reached the platform
+
+
+async def test_the_kiln_account_takes_no_user_its_agents_signing_key_signs(
+    trust: Trust, connect: Connect
+) -> None:
+    """Node agents hold the signing key to make replicas users of their functions' accounts;
+    a user of the Kiln account signed with it (as replicas were before function accounts) is
+    refused."""
+    with pytest.raises(nats.errors.Error, match=REFUSED):
+        await connect(
+            mint_user(
+                trust.signing_seed,
+                account=trust.account_public_key,
+                name="old-replica",
+                permissions=Permissions.UNRESTRICTED,
+            )
+        )
