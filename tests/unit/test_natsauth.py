@@ -18,7 +18,8 @@ import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import nats
 import nats.errors
@@ -29,9 +30,13 @@ from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy
 
 from kiln.devstack.service import find_packaged_file
 from kiln.errors import DevStackError
+from kiln.invoker.calls import CallRunner
 from kiln.invoker.credentials import ReplicaCredentials, replica_inbox
+from kiln.invoker.jobs import JobRunner
+from kiln.jobs.streams import ensure_job_streams
 from kiln.natsauth import Credentials, Permissions, Trust, mint_user
 from kiln.payloads import PayloadStore, ensure_payload_bucket
+from kiln.seal import FunctionSealer
 from kiln.wire import Subjects, consumer_name
 
 try:
@@ -485,6 +490,15 @@ async def test_a_replica_in_its_functions_account_reaches_its_own_and_nothing_el
     name = await payloads.put(mine, body)
     assert await payloads.get(mine, name) == body
     assert await PayloadStore(js, subjects).take(mine, name) == body
+    # Whether a job was cancelled before it started: a direct get of the cancellation bucket.
+    await ensure_job_streams(js, subjects)
+    await (await js.key_value(subjects.job_cancels_bucket)).put("job-1", b"1")
+    runner = JobRunner(
+        worker, subjects, cast(CallRunner, SimpleNamespace(replica_id=replica, function_id=mine)),
+        sealer=FunctionSealer(None),
+    )  # fmt: skip
+    assert await runner._cancelled("job-1")
+    assert not await runner._cancelled("job-2")
     # Answers it has JetStream send where it chooses stay in its function's account.
     stored = f"$O.{subjects.payload_bucket(mine)}.C.forged"
     await worker.request(stored, b"", timeout=WAIT_S)
