@@ -107,24 +107,23 @@ def _file(raw: str) -> Path:
     return path
 
 
-def _account_seed(raw: str) -> str:
-    """An nkey seed of a NATS account (what `nsc` and `kiln dev` make): 58 characters, SA..."""
-    if not re.fullmatch(r"SA[A-Z2-7]{56}", raw.strip()):
-        raise ValueError(
-            "expected a NATS account signing key seed: 58 characters starting with SA (see "
-            "docs/security.md for how to make one)"
-        )
-    return raw.strip()
+def _nkey_seed(prefix: str, role: str) -> Callable[[str], str]:
+    """A parser of the nkey seed of a NATS `role` signing key (what `nsc` and `kiln dev` make):
+    58 characters starting with `prefix`."""
+
+    def parse(raw: str) -> str:
+        if not re.fullmatch(prefix + r"[A-Z2-7]{56}", raw.strip()):
+            raise ValueError(
+                f"expected a NATS {role} signing key seed: 58 characters starting with {prefix} "
+                "(see docs/security.md for how to make one)"
+            )
+        return raw.strip()
+
+    return parse
 
 
-def _operator_seed(raw: str) -> str:
-    """An nkey seed of a NATS operator signing key: 58 characters, SO..."""
-    if not re.fullmatch(r"SO[A-Z2-7]{56}", raw.strip()):
-        raise ValueError(
-            "expected a NATS operator signing key seed: 58 characters starting with SO (see "
-            "docs/security.md for how to make one)"
-        )
-    return raw.strip()
+_account_seed = _nkey_seed("SA", "account")
+_operator_seed = _nkey_seed("SO", "operator")
 
 
 def _paths(raw: str) -> tuple[Path, ...]:

@@ -167,15 +167,20 @@ async def _neighbour(platform: Platform) -> tuple[str, str]:
     return uuid.UUID(str(row[0])).hex, uuid.UUID(str(row[1])).hex
 
 
-async def test_a_replica_reaches_nothing_beyond_its_function_and_itself(
-    platform: Platform, tmp_path: Path
-) -> None:
+async def _intruder_beside_neighbour(platform: Platform, tmp_path: Path) -> tuple[str, str]:
+    """Both functions deployed, the neighbour serving: its function's and replica's ids (hex)."""
     if platform.settings.nats_creds is None:
         pytest.skip("NATS runs without authorisation here: unset KILN_TEST_NATS_URL")
     await platform.deploy_source(tmp_path, "neighbour.py", BYSTANDER)
     await platform.deploy_source(tmp_path, "intruder.py", HOSTILE)
     assert (await platform.call("neighbour/hello")).json() == "still here"
-    other, other_replica = await _neighbour(platform)
+    return await _neighbour(platform)
+
+
+async def test_a_replica_reaches_nothing_beyond_its_function_and_itself(
+    platform: Platform, tmp_path: Path
+) -> None:
+    other, other_replica = await _intruder_beside_neighbour(platform, tmp_path)
     ns = platform.settings.namespace
     attacks: dict[str, tuple[str, str]] = {
         "subscribe to everything": ("sub", ">"),
@@ -266,12 +271,7 @@ async def test_what_a_replica_has_the_server_publish_for_it_reaches_nothing_of_t
     In the platform's account that could delete any stream; the replica's user lives in an
     account of its function's own, where the answer stays. What it may send the platform, its
     own heartbeat, counts only under its function's seal."""
-    if platform.settings.nats_creds is None:
-        pytest.skip("NATS runs without authorisation here: unset KILN_TEST_NATS_URL")
-    await platform.deploy_source(tmp_path, "neighbour.py", BYSTANDER)
-    await platform.deploy_source(tmp_path, "intruder.py", HOSTILE)
-    assert (await platform.call("neighbour/hello")).json() == "still here"
-    other, other_replica = await _neighbour(platform)
+    other, other_replica = await _intruder_beside_neighbour(platform, tmp_path)
     ns = platform.settings.namespace
     targets = [
         (f"$JS.API.STREAM.DELETE.{ns}_usage", ""),  # everyone's unbilled time
