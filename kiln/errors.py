@@ -36,6 +36,7 @@ __all__ = [
     "RateLimited",
     "RequestTimeout",
     "ResultTooLarge",
+    "ServiceStartFailed",
     "SnapshotError",
     "SnapshotTampered",
     "StreamBroken",
@@ -90,6 +91,12 @@ class ConfigError(KilnError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+class ServiceStartFailed(KilnError):
+    """A platform process could not start serving (its port, its lifespan)."""
+
+    code = "service_start_failed"
 
 
 class DevStackError(KilnError):

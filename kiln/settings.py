@@ -118,6 +118,9 @@ class Settings:
     max_request_bytes: int = 32 * 1024 * 1024
     connect_timeout_s: float = 5.0
     shutdown_timeout_s: float = 30.0
+    health_nats_down_s: float = 60.0
+    health_loop_stall_s: float = 10.0
+    stream_replicas: int = 1
     db_pool_size: int = 10
     metrics_port: int = 9464
     gpu_sample_interval_s: float = 5.0
@@ -389,6 +392,27 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "shutdown_timeout_s",
         _seconds(0, 3600),
         "seconds a process drains before cancelling what is left (default 30)",
+    ),
+    SettingSpec(
+        "KILN_HEALTH_NATS_DOWN_S",
+        "health_nats_down_s",
+        _seconds(1, 86400),
+        "/healthz fails once the process's NATS link has been down this many seconds, so an "
+        "orchestrator restarts it (default 60)",
+    ),
+    SettingSpec(
+        "KILN_HEALTH_LOOP_STALL_S",
+        "health_loop_stall_s",
+        _seconds(0.5, 3600),
+        "/healthz fails once the process's event loop has not run for this many seconds "
+        "(default 10)",
+    ),
+    SettingSpec(
+        "KILN_STREAM_REPLICAS",
+        "stream_replicas",
+        _int_range(1, 5),
+        "copies JetStream keeps of the streams that must not lose data (calls, jobs, job "
+        "events, usage): 3 on a 3-node NATS cluster (default 1)",
     ),
     SettingSpec(
         "KILN_DB_POOL_SIZE",

@@ -170,7 +170,7 @@ async def _clean_nats(settings: Settings) -> None:
 
     from kiln._nats import connect_options
 
-    nc = await nats.connect(**connect_options(settings), max_reconnect_attempts=0)
+    nc = await nats.connect(**{**connect_options(settings), "max_reconnect_attempts": 0})
     namespace = settings.namespace
     try:
         js = nc.jetstream()

@@ -14,12 +14,12 @@ import asyncio
 import contextlib
 import logging
 
-from kiln._service import open_metrics, open_nats, run_service
+from kiln._service import open_database, open_health, open_metrics, open_nats, run_service
 from kiln.billing.ledger import billing_rules
 from kiln.billing.outbox import OutboxWorker
 from kiln.billing.stripe_gateway import StripeGateway
 from kiln.billing.worker import BillingWorker
-from kiln.db.session import create_engine, session_factory
+from kiln.db.session import session_factory
 from kiln.observability.billing import BillingMetrics
 from kiln.observability.nats import NatsMetrics, NatsProcess
 from kiln.settings import Settings
@@ -34,15 +34,19 @@ async def serve_billing(settings: Settings, stop: asyncio.Event) -> None:
     nats_metrics = NatsMetrics()
     rules = billing_rules(settings)
     async with contextlib.AsyncExitStack() as exits:
-        engine = create_engine(settings, application_name="kiln-billing")
-        exits.push_async_callback(engine.dispose)
-        nc = await open_nats(exits, settings, NatsProcess.BILLING, nats_metrics)
-        await open_metrics(exits, settings, [metrics.registry, nats_metrics.registry])
+        health = await open_health(exits, settings)
+        engine = open_database(exits, settings, application_name="kiln-billing")
+        link = await open_nats(exits, settings, NatsProcess.BILLING, nats_metrics, health=health)
+        nc = link.client
+        await open_metrics(
+            exits, settings, [metrics.registry, nats_metrics.registry], health=health
+        )
         sessions = session_factory(engine)
         workers = [
             BillingWorker(
                 nc, sessions, settings.namespace, rules, metrics,
                 usage_secret=settings.snapshot_signing_key,
+                stream_replicas=settings.stream_replicas,
             ).run(stop)
         ]  # fmt: skip
         if settings.stripe_enabled:

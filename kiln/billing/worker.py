@@ -52,8 +52,11 @@ _SWEEP_S = 30.0
 _ACK_WAIT_S = 10.0
 
 
-async def ensure_usage_stream(js: JetStreamContext, subjects: Subjects) -> None:
+async def ensure_usage_stream(
+    js: JetStreamContext, subjects: Subjects, *, replicas: int = 1
+) -> None:
     config = StreamConfig(
+        num_replicas=replicas,
         name=subjects.usage_stream,
         subjects=[subjects.all_usage],
         retention=RetentionPolicy.WORK_QUEUE,  # a report leaves once it is in the ledger
@@ -73,10 +76,12 @@ class BillingWorker:
         metrics: BillingMetrics | None = None,
         *,
         usage_secret: str | None = None,
+        stream_replicas: int = 1,
     ) -> None:
         """`usage_secret`: the platform's signing key; with it, only reports that carry its MAC
-        are charged (kiln.metering)."""
+        are charged (kiln.metering). `stream_replicas`: `KILN_STREAM_REPLICAS`."""
         self.usage_secret = usage_secret
+        self.stream_replicas = stream_replicas
         self.seals = Seals(usage_secret)
         self.metrics = metrics or BillingMetrics()
         self.nc = nc
@@ -86,7 +91,7 @@ class BillingWorker:
         self.rules = rules
 
     async def run(self, stop: asyncio.Event) -> None:
-        await ensure_usage_stream(self.js, self.subjects)
+        await ensure_usage_stream(self.js, self.subjects, replicas=self.stream_replicas)
         sub = await self.js.pull_subscribe(
             self.subjects.all_usage,
             durable=_DURABLE,

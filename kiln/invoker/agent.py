@@ -405,6 +405,25 @@ class NodeAgent:
         with os.fdopen(fd, "w") as file:
             json.dump(data, file)
 
+    def on_nats_reconnected(self) -> None:
+        """NATS may have come back empty (a replaced host): make again, at the next start, the
+        buckets this agent made once, and push the running functions' accounts again now, so
+        their replicas log back in."""
+        self._stores_made.clear()
+        if self.credentials is None:
+            return
+        self.credentials.forget_pushed()
+        for function_id in {running.launch.function_id for running in self.replicas.values()}:
+            task = asyncio.create_task(self._push_again(function_id))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _push_again(self, function_id: str) -> None:
+        try:
+            await self._function_account(function_id)
+        except Exception as exc:  # noqa: BLE001 - the next start of the function tries again
+            _log.warning("could not push function %s's NATS account again: %s", function_id, exc)
+
     async def _function_account(self, function_id: str) -> None:
         """The function's NATS account, which its replicas' credentials belong to, known to the
         servers before a replica connects."""

@@ -217,6 +217,10 @@ class ReplicaCredentials:
             )
         await asyncio.shield(pushed)
 
+    def forget_pushed(self) -> None:
+        """After NATS came back: the servers may have lost the accounts pushed so far."""
+        self._pushed = {fid: f for fid, f in self._pushed.items() if not f.done()}
+
     def issue(self, *, function_id: uuid.UUID, replica_id: uuid.UUID) -> str:
         """The text of a credentials file for one replica (after `prepare`)."""
         permissions = replica_permissions(

@@ -81,6 +81,13 @@ class CallFeed:
             await self._sub.unsubscribe()
             self._sub = None
 
+    def forget_requests(self) -> None:
+        """The connection came back: the server forgot our pull requests (or we missed their
+        end), so count none as open, and the next `top_up` asks again at once."""
+        self._pulls.clear()
+        self._outstanding = 0
+        self._refused_at = 0.0
+
     def close_intake(self) -> None:
         """Ask for nothing more; whatever still arrives goes back to the queue."""
         self._open = False

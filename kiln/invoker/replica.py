@@ -30,12 +30,12 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, NoReturn
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.aio.client import RawCredentials
 from nats.aio.msg import Msg
 
 from kiln import _loop
+from kiln._nats import NatsLink
 from kiln._tasks import cancel_and_wait
 from kiln.db.enums import ReplicaState
 from kiln.errors import InternalError
@@ -128,10 +128,12 @@ class Replica:
         return self.spec.resources.concurrency
 
     async def run(self) -> int:
-        self.nc = await nats.connect(
-            servers=self.settings.nats_servers,
-            connect_timeout=self.settings.connect_timeout_s,
-            name=f"kiln-replica-{self.replica_id.hex[:8]}",
+        # Like every process, it reconnects forever; calls in progress go on meanwhile, and
+        # what they send waits in the client's buffer.
+        link = NatsLink(f"kiln-replica-{self.replica_id.hex[:8]}")
+        link.on_reconnected(self._ask_again)
+        self.nc = await link.connect(
+            self.settings,
             inbox_prefix=replica_inbox(self.replica_id),
             user_credentials=RawCredentials(self.nats_creds) if self.nats_creds else None,
         )
@@ -249,6 +251,14 @@ class Replica:
             await asyncio.wait(set(self.in_flight), timeout=self.spec.resources.timeout_s + 5)
         with contextlib.suppress(Exception):
             await self.feed.close()
+
+    async def _ask_again(self) -> None:
+        """Back from a lost connection: ask for calls now, not when the forgotten pull
+        requests would have expired."""
+        if self.feed is not None:
+            self.feed.forget_requests()
+            with contextlib.suppress(Exception):
+                await self.feed.top_up()
 
     def _start_call(self, msg: Msg) -> None:
         self.idle_since = None

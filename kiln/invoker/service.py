@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 
-from kiln._service import open_metrics, open_nats, run_service
+from kiln._service import open_health, open_metrics, open_nats, run_service
 from kiln.invoker.agent import NodeAgent
 from kiln.observability.nats import NatsMetrics, NatsProcess
 from kiln.settings import Settings
@@ -26,9 +26,13 @@ _log = logging.getLogger("kiln.agent")
 async def serve_node_agent(settings: Settings, stop: asyncio.Event) -> None:
     nats_metrics = NatsMetrics()
     async with contextlib.AsyncExitStack() as exits:
-        nc = await open_nats(exits, settings, NatsProcess.NODE_AGENT, nats_metrics)
-        agent = NodeAgent(settings, nc)
-        await open_metrics(exits, settings, [agent.metrics_registry, nats_metrics.registry])
+        health = await open_health(exits, settings)
+        link = await open_nats(exits, settings, NatsProcess.NODE_AGENT, nats_metrics, health=health)
+        agent = NodeAgent(settings, link.client)
+        link.on_reconnected(agent.on_nats_reconnected)
+        await open_metrics(
+            exits, settings, [agent.metrics_registry, nats_metrics.registry], health=health
+        )
         _log.info("node agent %s running (slots %s)", agent.node_id, agent.slots.total)
         await agent.run(stop)
     _log.info("node agent stopped")

@@ -74,7 +74,7 @@ class JobRecorder:
         self.seals = Seals(settings.snapshot_signing_key)
 
     async def run(self, stop: asyncio.Event) -> None:
-        await ensure_job_streams(self.js, self.subjects)
+        await ensure_job_streams(self.js, self.subjects, replicas=self.settings.stream_replicas)
         # Created, or brought up to this config (an older one may filter other subjects).
         await self.js.add_consumer(
             self.subjects.job_events_stream,

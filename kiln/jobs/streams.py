@@ -28,8 +28,12 @@ __all__ = ["ensure_function_stores", "ensure_job_streams"]
 _CANCELS_TTL_S = 25 * 3600.0
 
 
-async def ensure_job_streams(js: JetStreamContext, subjects: Subjects) -> None:
+async def ensure_job_streams(
+    js: JetStreamContext, subjects: Subjects, *, replicas: int = 1
+) -> None:
+    """The job events stream and the cancellations bucket, each with `replicas` copies."""
     events = StreamConfig(
+        num_replicas=replicas,
         name=subjects.job_events_stream,
         subjects=[subjects.all_job_events],
         # Each event is removed once the recorder has written it down.
@@ -45,12 +49,20 @@ async def ensure_job_streams(js: JetStreamContext, subjects: Subjects) -> None:
     except NotFoundError:
         await js.create_key_value(
             KeyValueConfig(
-                bucket=subjects.job_cancels_bucket, ttl=_CANCELS_TTL_S, history=1, direct=True
+                bucket=subjects.job_cancels_bucket,
+                ttl=_CANCELS_TTL_S,
+                history=1,
+                direct=True,
+                replicas=replicas,
             )
         )
     else:
-        if not info.config.allow_direct:  # made before replicas read it that way
-            await js.update_stream(dataclasses.replace(info.config, allow_direct=True))
+        config = info.config
+        # made before replicas read it that way, or before the cluster grew
+        if not config.allow_direct or (config.num_replicas or 1) != replicas:
+            await js.update_stream(
+                dataclasses.replace(config, allow_direct=True, num_replicas=replicas)
+            )
 
 
 async def ensure_function_stores(

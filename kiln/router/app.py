@@ -1,17 +1,16 @@
-"""The router application: routes, error handling and the lifespan that connects it to NATS
-and PostgreSQL.
+"""The router application: routes, error handling, health, and the lifespan that opens what
+the handlers use (kiln.router.services) on one exit stack and closes it in reverse.
 
-`create_app(settings)` builds everything in its lifespan; the phases of shutdown (stop taking
-requests, let calls in flight finish, close NATS and the database) follow uvicorn's.
+uvicorn runs the first phases of shutdown (stop accepting connections, let requests in flight
+finish within `KILN_SHUTDOWN_TIMEOUT`); the lifespan's exit stack then closes the rest, each
+step bounded.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 
-import nats
-import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -20,48 +19,33 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kiln._nats import connect_options
-from kiln.billing.stripe_gateway import StripeGateway
-from kiln.billing.worker import ensure_usage_stream
-from kiln.codestore import CodeStore
-from kiln.db.session import create_engine, session_factory
+from kiln._health import Health
+from kiln._service import open_health
 from kiln.errors import KilnError
-from kiln.jobs.streams import ensure_job_streams
-from kiln.observability.invocation_log import InvocationLog, InvocationLogMetrics
-from kiln.observability.nats import NatsMetrics, NatsProcess
+from kiln.observability.nats import NatsMetrics
 from kiln.router import access, billing, billing_reports, control, invocations, jobs
 from kiln.router.abuse import SCOPE_CUSTOMER, AbuseSignals, list_abuse
-from kiln.router.auth import Authenticator
-from kiln.router.billing_gate import BillingGate
-from kiln.router.catalog import Catalog
-from kiln.router.deploy import Deployer
-from kiln.router.dispatch import Dispatcher, ensure_calls_stream
 from kiln.router.errors import handle_exception, handle_http_exception
-from kiln.router.function_logs import ensure_logs_stream, function_logs
-from kiln.router.limits import Limiter
+from kiln.router.function_logs import function_logs
 from kiln.router.metrics import CONTENT_TYPE_LATEST, RouterMetrics
 from kiln.router.openapi import openapi_document
 from kiln.router.run import run
-from kiln.router.services import RouterServices, services
+from kiln.router.services import services
+from kiln.router.startup import open_services
 from kiln.router.websocket import ws_session
-from kiln.seal import Seals
-from kiln.settings import Settings, Switch
-from kiln.wire import Subjects
+from kiln.settings import Settings
 
 __all__ = ["create_app"]
 
 
 async def healthz(request: Request) -> Response:
-    return JSONResponse({"status": "ok"})
+    verdict = services(request).health.live()
+    return JSONResponse(verdict.body("ok", "unhealthy"), status_code=200 if verdict.ok else 503)
 
 
 async def readyz(request: Request) -> Response:
-    svc = services(request)
-    ready = svc.dispatcher.nc.is_connected
-    return JSONResponse(
-        {"status": "ready" if ready else "not ready", "nats": ready},
-        status_code=200 if ready else 503,
-    )
+    verdict = services(request).health.ready()
+    return JSONResponse(verdict.body("ready", "not ready"), status_code=200 if verdict.ok else 503)
 
 
 async def metrics(request: Request) -> Response:
@@ -154,99 +138,29 @@ def create_app(
     settings: Settings,
     metrics_also: Sequence[CollectorRegistry] = (),
     nats_metrics: NatsMetrics | None = None,
+    *,
+    health: Health | None = None,
 ) -> Starlette:
     """`nats_metrics`: the NATS connection metrics of the process, when the router shares it
-    with other parts (`kiln dev`); rendered at /metrics either way."""
+    with other parts (`kiln dev`); rendered at /metrics either way. `health`: the process's,
+    when the router is one part of it; else the router keeps its own."""
     nats_metrics = nats_metrics or NatsMetrics()
     router_metrics = RouterMetrics(also=[*metrics_also, nats_metrics.registry])
     abuse: list[AbuseSignals] = []
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        subjects = Subjects(settings.namespace)
-        engine = create_engine(settings, application_name="kiln-router")
-        reconnected: list[Callable[[], None]] = []
-
-        async def on_reconnected() -> None:
-            for callback in reconnected:
-                callback()
-
-        nc = await nats.connect(
-            **connect_options(settings, name="kiln-router"),
-            **nats_metrics.callbacks(NatsProcess.ROUTER, reconnected=on_reconnected),
-        )
-        redis = (
-            aioredis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
-            if settings.redis_url
-            else None
-        )
-        js = nc.jetstream()
-        await ensure_calls_stream(js, subjects)
-        await ensure_job_streams(js, subjects)
-        await ensure_usage_stream(js, subjects)
-        await ensure_logs_stream(js, subjects, settings)
-        sessions = session_factory(engine)
-        seals = Seals(settings.snapshot_signing_key)
-        dispatcher = Dispatcher(nc, subjects, seals=seals)
-        await dispatcher.start()
-        limiter = Limiter(
-            redis,
-            settings.redis_prefix,
-            settings.tier_limits,
-            on_fallback=router_metrics.set_rate_limit_fallback,
-            on_limited=router_metrics.count_rate_limited,
-        )
-        await limiter.start(nc, subjects.routers, seals=seals)
-        auth = Authenticator(
-            sessions,
-            settings.require("api_key_pepper"),
-            redis=redis,
-            redis_prefix=settings.redis_prefix,
-            on_reject=router_metrics.count_auth_rejection,
-            limiter=limiter,
-        )
-        await auth.start(nc, subjects.access_revoked, seals=seals)
-        gate = BillingGate(sessions)
-        await gate.start(nc, subjects.billing_blocks, seals=seals)
-        reconnected.append(auth.on_reconnected)
-        abuse.append(
-            AbuseSignals(redis, settings.redis_prefix, router_metrics.count_customer_rejection)
-        )
-        call_log = InvocationLog(
-            engine,
-            InvocationLogMetrics(router_metrics.registry),
-            retention_s=settings.invocation_retention_s,
-            enabled=settings.invocation_log is Switch.ON,
-        )
-        call_log.start()
-        app.state.services = RouterServices(
-            abuse=abuse[0],
-            settings=settings,
-            sessions=sessions,
-            auth=auth,
-            billing=gate,
-            catalog=Catalog(sessions),
-            dispatcher=dispatcher,
-            deployer=Deployer(
-                sessions, js, subjects, CodeStore(js, subjects), max_replicas=settings.max_replicas
-            ),
-            metrics=router_metrics,
-            invocations=call_log,
-            stripe=StripeGateway(settings) if settings.stripe_enabled else None,
-        )
-        try:
+        async with contextlib.AsyncExitStack() as exits:
+            try:
+                own = health or await open_health(exits, settings)
+                app.state.services = await open_services(
+                    exits, settings, metrics=router_metrics, nats_metrics=nats_metrics, health=own
+                )
+            except BaseException as exc:
+                app.state.startup_error = exc  # for whoever started the server (kiln.router.server)
+                raise
+            abuse.append(app.state.services.abuse)
             yield
-        finally:
-            if app.state.services.stripe is not None:
-                await app.state.services.stripe.close()
-            await dispatcher.close()
-            await call_log.close()  # after the last calls were answered and recorded
-            await gate.close()
-            await limiter.close()
-            await nc.drain()
-            if redis is not None:
-                await redis.aclose()
-            await engine.dispose()
 
     app = Starlette(
         routes=ROUTES,

@@ -189,14 +189,18 @@ class _Call:
 _ORDER = {_Phase.PUBLISHED: 0, _Phase.QUEUED: 1, _Phase.RUNNING: 2}
 
 
-async def ensure_calls_stream(js: JetStreamContext, subjects: Subjects) -> None:
-    """The work queue all calls go through: a message is removed once a replica acks it."""
+async def ensure_calls_stream(
+    js: JetStreamContext, subjects: Subjects, *, replicas: int = 1
+) -> None:
+    """The work queue all calls go through: a message is removed once a replica acks it.
+    `replicas`: copies kept on a cluster (`KILN_STREAM_REPLICAS`)."""
     config = StreamConfig(
         name=subjects.calls_stream,
         subjects=[subjects.all_calls],
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
         max_age=24 * 3600,
+        num_replicas=replicas,
     )
     await ensure_stream(js, config)
 

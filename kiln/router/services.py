@@ -1,4 +1,5 @@
-"""What the router's handlers use, built once per process by the application's lifespan."""
+"""What the router's handlers use, opened once per process by the application's lifespan
+(kiln.router.startup)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.requests import HTTPConnection
 
+from kiln._health import Health
+from kiln._nats import NatsLink
 from kiln.router.auth import Authenticator
 from kiln.router.billing_gate import BillingGate
 from kiln.router.catalog import Catalog
@@ -36,6 +39,8 @@ class RouterServices:
     deployer: Deployer
     metrics: RouterMetrics
     invocations: InvocationLog
+    health: Health
+    link: NatsLink
     stripe: StripeGateway | None = None  # None: payments are not set up
 
 

@@ -62,6 +62,7 @@ __all__ = ["Scheduler"]
 _log = logging.getLogger("kiln.scheduler")
 _PERIOD_S = 1.0
 _COMMAND_TIMEOUT_S = 5.0
+_DRAIN_S = 5.0
 # Room is made only from replicas idle at least this long, so busy functions do not thrash.
 _MIN_IDLE_TO_PREEMPT_S = 10.0
 # After a restart, replicas that have not heartbeated within this time are gone.
@@ -203,9 +204,11 @@ class Scheduler:
                     lease.cancel()
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await asyncio.wait_for(lease, 5)
+            # Drained, not dropped: the exits a node agent sent on its way out (before this
+            # stop, on this connection) are recorded first.
             for sub in subs:
                 with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+                    await asyncio.wait_for(sub.drain(), _DRAIN_S)  # type: ignore[no-untyped-call]
 
     async def _wake_or_stop(self, stop: asyncio.Event) -> None:
         waiters = [asyncio.create_task(self.wake.wait()), asyncio.create_task(stop.wait())]

@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import logging
 
-from kiln._service import open_metrics, open_nats, run_service
-from kiln.db.session import create_engine, session_factory
+from kiln._service import open_database, open_health, open_metrics, open_nats, run_service
+from kiln.db.session import session_factory
 from kiln.observability.coldstart import ColdStartMetrics
 from kiln.observability.nats import NatsMetrics, NatsProcess
 from kiln.scheduler.scheduler import Scheduler
@@ -29,10 +29,13 @@ async def serve_scheduler(settings: Settings, stop: asyncio.Event) -> None:
     # The scheduler's own metrics (replicas, decisions, leadership) share this registry.
     cold_starts = ColdStartMetrics()
     async with contextlib.AsyncExitStack() as exits:
-        engine = create_engine(settings, application_name="kiln-scheduler")
-        exits.push_async_callback(engine.dispose)
-        nc = await open_nats(exits, settings, NatsProcess.SCHEDULER, nats_metrics)
-        await open_metrics(exits, settings, [cold_starts.registry, nats_metrics.registry])
+        health = await open_health(exits, settings)
+        engine = open_database(exits, settings, application_name="kiln-scheduler")
+        link = await open_nats(exits, settings, NatsProcess.SCHEDULER, nats_metrics, health=health)
+        nc = link.client
+        await open_metrics(
+            exits, settings, [cold_starts.registry, nats_metrics.registry], health=health
+        )
         scheduler = Scheduler(
             nc,
             session_factory(engine),

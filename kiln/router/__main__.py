@@ -1,0 +1,3 @@
+from kiln.router.service import main
+
+main()
