@@ -187,10 +187,10 @@ class NatsLink:
 
     async def _error(self, exc: Exception) -> None:
         if self._down_since is None:
-            _log.warning("%s: NATS error: %s", self.name, exc or type(exc).__name__)
+            _log.warning("%s: NATS error: %s", self.name, str(exc) or type(exc).__name__)
         elif not self._said_waiting:
             self._said_waiting = True
             _log.warning(
                 "%s: waiting for NATS at %s (%s); retrying every second or so until it answers",
-                self.name, self.servers, exc or type(exc).__name__,
+                self.name, self.servers, str(exc) or type(exc).__name__,
             )  # fmt: skip

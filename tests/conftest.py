@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import secrets
 import sys
 from collections.abc import Callable, Iterator
@@ -31,6 +32,9 @@ import pytest
 from kiln.devstack import DevStack
 from kiln.devstack.probes import nats_answers, postgres_answers, redis_answers
 from kiln.settings import Settings
+
+# The platform harness (tests/integration/stack.py) serves the chaos suite (tests/chaos) too.
+sys.path.insert(0, str(Path(__file__).parent / "integration"))
 
 DEFAULT_URLS = {
     "nats_url": "nats://127.0.0.1:4222",
@@ -260,3 +264,12 @@ def isolated_imports(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for name in set(sys.modules) - before:
         del sys.modules[name]
     loader._loaded_roots.clear()
+
+
+@pytest.fixture
+def chaos(request: pytest.FixtureRequest) -> random.Random:
+    """The chaos tests' source of randomness: its seed is printed, and
+    `KILN_TEST_CHAOS_SEED=N` replays it."""
+    seed = int(os.environ.get("KILN_TEST_CHAOS_SEED") or random.randrange(10**6))
+    print(f"{request.node.name}: chaos seed {seed} (KILN_TEST_CHAOS_SEED={seed} replays it)")
+    return random.Random(seed)

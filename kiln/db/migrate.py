@@ -129,7 +129,7 @@ def _in_worker(settings: Settings, fn: Callable[[], _T]) -> _T:
             return pool.submit(fn).result()
     except (OSError, TimeoutError) as exc:
         raise Unavailable(
-            f"cannot connect to PostgreSQL at {where} ({exc or type(exc).__name__}); is it "
+            f"cannot connect to PostgreSQL at {where} ({str(exc) or type(exc).__name__}); is it "
             "running? `kiln dev` starts an embedded one, or set KILN_DATABASE_URL"
         ) from exc
     except DBAPIError as exc:

@@ -69,6 +69,15 @@ class ManagedProcess:
     def running(self) -> bool:
         return self._popen is not None and self._popen.poll() is None
 
+    def wait(self, timeout_s: float) -> int | None:
+        """Its exit status once it has exited, within `timeout_s`; None if it still runs."""
+        if self._popen is None:
+            return None
+        try:
+            return self._popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
     @property
     def create_time(self) -> float | None:
         """The kernel's start time of the process: with the pid, it names this process even

@@ -74,6 +74,7 @@ class NodeMeter:
         self.clock = clock
         self.metered: dict[str, _Metered] = {}
         self.outbox: list[UsageReport] = []
+        self._failing = False  # the last send failed: said once until one succeeds
         self._wake = asyncio.Event()
 
     def start(self, launch: StartReplica) -> None:
@@ -142,8 +143,17 @@ class NodeMeter:
         try:
             await publish_usage(self.nc, self.subjects, self.outbox[0], secret=self.secret)
         except Exception as exc:  # noqa: BLE001 - NATS trouble: kept until NATS takes it
-            _log.warning("usage report %s not sent yet: %s", self.outbox[0].event_id, exc)
+            if not self._failing:  # once per outage, not every try
+                _log.warning(
+                    "usage report %s not sent yet (%s); keeping it and the ones after it "
+                    "until the usage stream takes them",
+                    self.outbox[0].event_id, str(exc) or type(exc).__name__,
+                )  # fmt: skip
+            self._failing = True
             return False
+        if self._failing:
+            _log.warning("usage reports flow again (%d queued)", len(self.outbox) - 1)
+        self._failing = False
         self.outbox.pop(0)
         return True
 

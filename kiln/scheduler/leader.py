@@ -72,13 +72,20 @@ class Leadership:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Take or keep the lease until `stop`; then give it up."""
+        failing = False
         try:
             while not stop.is_set():
                 was = self.is_leader
                 try:
                     await asyncio.wait_for(self._try(), self.ttl_s / 4)
+                    failing = False
                 except Exception as exc:  # noqa: BLE001 - NATS trouble: retry; is_leader ages out
-                    _log.warning("scheduler lease: %s", exc or type(exc).__name__)
+                    if not failing:  # once per outage, not every try
+                        _log.warning(
+                            "scheduler lease: %s; retrying until NATS answers",
+                            str(exc) or type(exc).__name__,
+                        )
+                    failing = True
                 if self.is_leader != was:
                     _log.info("this scheduler %s", "leads" if self.is_leader else "stands by")
                     self.on_change()

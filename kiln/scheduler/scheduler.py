@@ -26,6 +26,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, replace
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
@@ -191,7 +192,11 @@ class Scheduler:
                 self.scheduling.leading.set(1 if self.acting else 0)
                 # Cleared before the pass: a hint that comes while it runs wakes the next one.
                 self.wake.clear()
-                if self.acting:
+                # While NATS is away there is nothing to learn or order: wait for it (and
+                # judge no silence heard meanwhile, see _mark_lost).
+                if not self.nc.is_connected:
+                    self.deaf_at = time.monotonic()
+                elif self.acting:
                     try:
                         await self.reconcile()
                     except Exception:  # noqa: BLE001 - the loop must outlive any one bad pass
@@ -351,6 +356,9 @@ class Scheduler:
         for function in functions.values():
             try:
                 await self._reconcile_function(function, now_mono)
+            except (nats.errors.Error, TimeoutError) as exc:  # NATS is away: the next pass retries
+                _log.warning("reconciling %s/%s: NATS did not answer (%s)", function.app,
+                             function.name, str(exc) or type(exc).__name__)  # fmt: skip
             except Exception:  # noqa: BLE001 - one bad function must not stall the others
                 _log.exception("reconciling %s/%s failed", function.app, function.name)
         self.scheduling.keep_only({(f.app, f.name) for f in functions.values()})
@@ -376,6 +384,9 @@ class Scheduler:
                 # A hint means a call waits: with no replica, that is enough to start the
                 # first one without asking the queue; the rest of the pass counts the others.
                 await self._reconcile_function(function, now_mono, waiting=1)
+            except (nats.errors.Error, TimeoutError) as exc:  # NATS is away: the next pass retries
+                _log.warning("reconciling %s/%s: NATS did not answer (%s)", function.app,
+                             function.name, str(exc) or type(exc).__name__)  # fmt: skip
             except Exception:  # noqa: BLE001 - the rest of the pass tries it again
                 _log.exception("reconciling %s/%s failed", function.app, function.name)
 
