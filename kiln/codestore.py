@@ -18,14 +18,15 @@ __all__ = ["CodeStore"]
 
 
 class CodeStore:
-    def __init__(self, js: JetStreamContext, subjects: Subjects) -> None:
+    def __init__(self, js: JetStreamContext, subjects: Subjects, *, replicas: int = 1) -> None:
         self.js = js
         self.bucket = subjects.code_bucket
+        self.replicas = replicas
         self._store: ObjectStore | None = None
 
     async def _open(self) -> ObjectStore:
         if self._store is None:
-            self._store = await object_store(self.js, self.bucket)
+            self._store = await object_store(self.js, self.bucket, replicas=self.replicas)
         return self._store
 
     async def put(self, digest: str, archive: bytes) -> None:

@@ -37,16 +37,19 @@ class PayloadStore:
     finds it made by its node agent. Objects are written and read with kiln.objects, which a
     replica's NATS account allows."""
 
-    def __init__(self, js: JetStreamContext, subjects: Subjects, *, create: bool = True) -> None:
+    def __init__(
+        self, js: JetStreamContext, subjects: Subjects, *, create: bool = True, replicas: int = 1
+    ) -> None:
         self.js = js
         self.subjects = subjects
         self.create = create
+        self.replicas = replicas
         self._made: set[uuid.UUID] = set()
 
     async def _bucket(self, function_id: uuid.UUID) -> str:
         bucket = self.subjects.payload_bucket(function_id)
         if self.create and function_id not in self._made:
-            await ensure_payload_bucket(self.js, bucket)
+            await ensure_payload_bucket(self.js, bucket, replicas=self.replicas)
             self._made.add(function_id)
         return bucket
 
@@ -74,10 +77,12 @@ class PayloadStore:
             await delete_object(self.js, await self._bucket(function_id), name)
 
 
-async def ensure_payload_bucket(js: JetStreamContext, bucket: str) -> ObjectStore:
-    """The payload bucket `bucket`, created if missing."""
+async def ensure_payload_bucket(
+    js: JetStreamContext, bucket: str, *, replicas: int = 1
+) -> ObjectStore:
+    """The payload bucket `bucket`, created if missing (with `replicas` copies)."""
     try:
         return await js.object_store(bucket)
     except (BucketNotFoundError, NotFoundError):
-        config = ObjectStoreConfig(ttl=PAYLOAD_TTL_S, storage=StorageType.FILE)
+        config = ObjectStoreConfig(ttl=PAYLOAD_TTL_S, storage=StorageType.FILE, replicas=replicas)
         return await js.create_object_store(bucket, config)

@@ -99,6 +99,7 @@ async def serve_platform(
             acting = Scheduler(
                 nc, sessions, settings.namespace, cold_starts,
                 lease_s=settings.scheduler_lease_s, signing_key=settings.snapshot_signing_key,
+                stream_replicas=settings.stream_replicas,
             )  # fmt: skip
             parts.append(start_part(exits, acting.run, "kiln-scheduler", within_s=within_s))
         node_agent = NodeAgent(settings, nc)

@@ -75,6 +75,10 @@ _JSON = "application/json"
 HEARTBEAT_INTERVAL_S = 1.0
 # A replica silent for this long is lost: its callers get worker_lost, the scheduler replaces it.
 REPLICA_LOST_AFTER_S = 3.5
+# How long the calls queue waits for a delivered call's ack before delivering it again. Sync
+# calls are acked when a replica takes them; jobs when done, with progress acks meanwhile. Short,
+# because a delivery lost in flight (its stream's leader died sending it) waits this long.
+CALL_ACK_WAIT_S = 6.0
 MAX_ADVERTISED_SNAPSHOTS = 1024
 MAX_READY_FOR = 1024
 

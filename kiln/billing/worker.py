@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kiln._jetstream import ensure_stream
 from kiln._tasks import cancel_and_wait
+from kiln._trouble import Trouble
 from kiln.billing.ledger import (
     BLOCK_BALANCE,
     BLOCK_SPEND_CAP,
@@ -116,13 +117,15 @@ class BillingWorker:
             await asyncio.sleep(_SWEEP_S)
 
     async def _consume(self, sub: JetStreamContext.PullSubscription) -> None:
+        trouble = Trouble(_log, "fetching usage reports")
         while True:
             try:
                 messages = await sub.fetch(_BATCH, timeout=1.0)
+                trouble.ok()
             except (TimeoutError, FetchTimeoutError):
-                continue
-            except Exception:  # noqa: BLE001 - NATS trouble: try again, never stop billing
-                _log.exception("fetching usage reports failed; retrying")
+                continue  # nothing to bill (or NATS is away: only a fetch that works says)
+            except Exception as exc:  # noqa: BLE001 - NATS trouble: try again, never stop billing
+                trouble.failed(exc)
                 await asyncio.sleep(1.0)
                 continue
             reports = []

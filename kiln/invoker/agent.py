@@ -449,12 +449,13 @@ class NodeAgent:
             return
         await ensure_function_stores(
             self.nc.jetstream(), self.subjects, uuid.UUID(function_id),
-            self.settings.job_result_ttl_s,
+            self.settings.job_result_ttl_s, replicas=self.settings.stream_replicas,
         )  # fmt: skip
         self._stores_made.add(function_id)
 
     async def _fetch_code(self, digest: str, directory: Path) -> Path:
-        archive = await CodeStore(self.nc.jetstream(), self.subjects).get(digest)
+        replicas = self.settings.stream_replicas
+        archive = await CodeStore(self.nc.jetstream(), self.subjects, replicas=replicas).get(digest)
         staging = directory.with_name(f"{directory.name}.{uuid.uuid4().hex}")
         await asyncio.to_thread(unpack, archive, staging)
         (staging / ".complete").touch()

@@ -23,20 +23,21 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.js.errors import NotFoundError
 
+from kiln._jetstream import MSG_ID, PUBLISH_RETRY_S, publish_durably
 from kiln.errors import KilnError
 from kiln.invoker.calls import CallRunner
 from kiln.invoker.output import in_call
 from kiln.objects import put_object
 from kiln.seal import FunctionSealer
-from kiln.wire import CallHeaders, JobEvent, JobEventKind, Subjects, encode
+from kiln.wire import CALL_ACK_WAIT_S, CallHeaders, JobEvent, JobEventKind, Subjects, encode
 
 __all__ = ["JobRunner", "retry_delay_s"]
 
 _log = logging.getLogger("kiln.replica")
 # Results up to this size travel in the job event (as base64) and are stored in PostgreSQL.
 _INLINE_RESULT_BYTES = 512 * 1024
-_PROGRESS_EVERY_S = 10.0  # well within the consumer's 30 s ack wait
-_PUBLISH_TRIES = 5
+_PROGRESS_EVERY_S = CALL_ACK_WAIT_S / 3  # well within the queue's ack wait
+_RECORD_OUTCOME_S = 600.0
 
 
 def retry_delay_s(attempt: int) -> float:
@@ -134,32 +135,27 @@ class JobRunner:
 
     async def _finish(self, msg: Msg, event: JobEvent, *, term: bool = False) -> None:
         """Record the outcome, then settle the message. If the outcome cannot be recorded the
-        message stays unacked, and the job is delivered again."""
-        await self._publish(event)
+        message stays unacked, and the job is delivered again. The outcome is known, and the
+        job stays ours meanwhile (its progress acks go on): try for as long as NATS might
+        reasonably be away."""
+        await self._publish(event, within_s=_RECORD_OUTCOME_S)
         if term:
             await msg.term()
         else:
             await msg.ack()
 
-    async def _publish(self, event: JobEvent) -> None:
+    async def _publish(self, event: JobEvent, *, within_s: float = PUBLISH_RETRY_S) -> None:
         # The message id makes a repeat (a retry here, or a redelivered job) a no-op.
         subject = self.subjects.job_events(self.calls.function_id, event.job_id)
         body = encode(event)
         headers = {
             # The function's too: the stream drops repeats across every function's events.
-            "Nats-Msg-Id": f"{self.calls.function_id.hex}:{event.job_id}:{event.attempt}:"
-            f"{event.kind}",
+            MSG_ID: f"{self.calls.function_id.hex}:{event.job_id}:{event.attempt}:{event.kind}",
             **(self.sealer.headers(subject, body) or {}),
         }
-        for tries_left in range(_PUBLISH_TRIES - 1, -1, -1):
-            try:
-                await self.js.publish(subject, body, headers=headers)
-                return
-            except Exception as exc:
-                if not tries_left:
-                    raise
-                _log.warning("recording job %s failed (%s); retrying", event.job_id, exc)
-                await asyncio.sleep(0.5)
+        # Through a leader election or a reconnect, for `within_s`; then the caller (the job's
+        # run) fails, and the job is delivered again.
+        await publish_durably(self.js, subject, body, headers=headers, within_s=within_s)
 
     async def _cancelled(self, job: str) -> bool:
         """Whether the job's key is in the cancellation bucket (read by direct get: a replica's

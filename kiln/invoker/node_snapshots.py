@@ -72,8 +72,9 @@ class NodeSnapshots:
         )
         self.seals = Seals(settings.snapshot_signing_key)
         self.shared = SharedSnapshots(
-            nc.jetstream(), self.subjects.snapshot_bucket, self.subjects.snapshot_leases
-        )
+            nc.jetstream(), self.subjects.snapshot_bucket, self.subjects.snapshot_leases,
+            replicas=settings.stream_replicas,
+        )  # fmt: skip
         self.runtime = Runtime.current()
         self._fetches: dict[str, asyncio.Task[Snapshot | None]] = {}
         self._bakes: dict[str, tuple[str, Path]] = {}  # replica id -> (key, staging)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from nats.aio.client import Client as NATS
 
+from kiln._trouble import Trouble
 from kiln.metering import USAGE_INTERVAL_S, publish_usage, usage_report
 from kiln.wire import StartReplica, Subjects, UsageReport
 
@@ -74,7 +75,7 @@ class NodeMeter:
         self.clock = clock
         self.metered: dict[str, _Metered] = {}
         self.outbox: list[UsageReport] = []
-        self._failing = False  # the last send failed: said once until one succeeds
+        self._trouble = Trouble(_log, "sending usage reports (kept until the stream takes them)")
         self._wake = asyncio.Event()
 
     def start(self, launch: StartReplica) -> None:
@@ -143,17 +144,9 @@ class NodeMeter:
         try:
             await publish_usage(self.nc, self.subjects, self.outbox[0], secret=self.secret)
         except Exception as exc:  # noqa: BLE001 - NATS trouble: kept until NATS takes it
-            if not self._failing:  # once per outage, not every try
-                _log.warning(
-                    "usage report %s not sent yet (%s); keeping it and the ones after it "
-                    "until the usage stream takes them",
-                    self.outbox[0].event_id, str(exc) or type(exc).__name__,
-                )  # fmt: skip
-            self._failing = True
+            self._trouble.failed(exc)
             return False
-        if self._failing:
-            _log.warning("usage reports flow again (%d queued)", len(self.outbox) - 1)
-        self._failing = False
+        self._trouble.ok()
         self.outbox.pop(0)
         return True
 

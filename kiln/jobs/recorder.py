@@ -26,6 +26,7 @@ from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kiln._tasks import cancel_and_wait
+from kiln._trouble import Trouble
 from kiln.db.enums import WebhookState
 from kiln.db.models import App, Call, Function, Invocation
 from kiln.db.session import transaction
@@ -70,7 +71,7 @@ class JobRecorder:
         self.subjects = Subjects(settings.namespace)
         self.clock = clock
         self.ttl_s = settings.job_result_ttl_s
-        self.payloads = PayloadStore(self.js, self.subjects)
+        self.payloads = PayloadStore(self.js, self.subjects, replicas=settings.stream_replicas)
         self.seals = Seals(settings.snapshot_signing_key)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -102,13 +103,15 @@ class JobRecorder:
     async def _forever(self, step: Callable[..., Awaitable[None]], *args: object) -> None:
         """Run `step` again and again; a failure is logged and retried after a pause, never
         the end of the loop."""
+        trouble = Trouble(_log, f"job recorder step {step.__name__}")
         while True:
             try:
                 await step(*args)
+                trouble.ok()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the loop outlives any one failure (DB, NATS)
-                _log.exception("job recorder step %s failed; retrying", step.__name__)
+            except Exception as exc:  # noqa: BLE001 - the loop outlives any one failure (DB, NATS)
+                trouble.failed(exc)
                 await asyncio.sleep(1.0)
 
     # Events ------------------------------------------------------------------------------------

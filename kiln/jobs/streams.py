@@ -66,14 +66,19 @@ async def ensure_job_streams(
 
 
 async def ensure_function_stores(
-    js: JetStreamContext, subjects: Subjects, function_id: uuid.UUID, result_ttl_s: float
+    js: JetStreamContext,
+    subjects: Subjects,
+    function_id: uuid.UUID,
+    result_ttl_s: float,
+    *,
+    replicas: int = 1,
 ) -> None:
     """The function's own buckets: its payloads and its jobs' large results. A node agent
     makes them before a replica starts, since the replica's credentials cannot."""
-    await ensure_payload_bucket(js, subjects.payload_bucket(function_id))
+    await ensure_payload_bucket(js, subjects.payload_bucket(function_id), replicas=replicas)
     bucket = subjects.job_results_bucket(function_id)
     try:
         await js.object_store(bucket)
     except (BucketNotFoundError, NotFoundError):
-        config = ObjectStoreConfig(ttl=result_ttl_s, storage=StorageType.FILE)
+        config = ObjectStoreConfig(ttl=result_ttl_s, storage=StorageType.FILE, replicas=replicas)
         await js.create_object_store(bucket, config)

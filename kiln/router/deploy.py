@@ -36,7 +36,7 @@ from kiln.db.session import transaction
 from kiln.errors import InvalidRequest, InvalidSpec, NotFound
 from kiln.functions.options import parse_options
 from kiln.functions.spec import FunctionSpec, Resources, UnitKind
-from kiln.wire import Subjects, consumer_name
+from kiln.wire import CALL_ACK_WAIT_S, Subjects, consumer_name
 
 __all__ = ["DeployRequest", "DeployResult", "Deployer", "ReplicaCap"]
 
@@ -256,8 +256,7 @@ class Deployer:
             filter_subject=self.subjects.calls(function_id),
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
-            # Sync calls are acked when a replica takes them; this bounds a crashed fetch.
-            ack_wait=30,
+            ack_wait=CALL_ACK_WAIT_S,
             max_ack_pending=-1,
         )
         await self.js.add_consumer(self.subjects.calls_stream, config)

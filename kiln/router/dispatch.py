@@ -23,6 +23,7 @@ import logging
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nats.aio.client import Client as NATS
@@ -31,7 +32,8 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
-from kiln._jetstream import ensure_stream
+from kiln._jetstream import MSG_ID, PUBLISH_RETRY_S, ensure_stream, publish_durably
+from kiln._nats import reconnect_delay
 from kiln.db.enums import ReplicaState
 from kiln.errors import (
     FunctionError,
@@ -93,6 +95,8 @@ _HINT_INTERVAL_S = 0.25
 _SERVING_FOR_S = REPLICA_LOST_AFTER_S
 # JetStream confirms a stored call within milliseconds; no confirmation at all means it is down.
 _PUBACK_WAIT_S = 5.0
+# After publishing a call again: how long to wait for that attempt's PubAck.
+_REPUBLISH_WAIT_S = 2.0
 _HEADER_ROOM = 8 * 1024
 
 
@@ -115,8 +119,9 @@ class _Call:
     quickly arms and cancels one timer, whatever phases it went through."""
 
     __slots__ = (
-        "accept_by", "deadline", "function", "future", "phase", "published_at", "replica_id",
-        "startup_timeout_s", "stream", "timeout_s", "timer", "timer_at", "token", "trace",
+        "accept_by", "deadline", "function", "future", "on_unconfirmed", "phase", "publish",
+        "publish_attempts", "publish_until", "published_at", "replica_id", "startup_timeout_s",
+        "stream", "timeout_s", "timer", "timer_at", "token", "trace",
     )  # fmt: skip
 
     def __init__(
@@ -140,6 +145,12 @@ class _Call:
         self.published_at = future.get_loop().time()
         self.stream: CallStream | None = None
         self.trace: CallTrace | None = None
+        # Until JetStream confirms it: what to publish again (subject, body, reply, headers),
+        # until when, and who does it (a stream leader election, a reconnect).
+        self.publish: tuple[str, bytes, str, dict[str, str]] | None = None
+        self.publish_until = 0.0
+        self.publish_attempts = 0
+        self.on_unconfirmed: Callable[[_Call], None] = _give_up
 
     def fail(self, error: KilnError) -> None:
         if not self.future.done():
@@ -152,7 +163,7 @@ class _Call:
             self._arm_at(self.deadline)
             return
         if self.phase is _Phase.PUBLISHED:
-            self.fail(Unavailable("the call queue did not confirm the call", retry_after=1))
+            self.on_unconfirmed(self)
         elif self.phase is _Phase.QUEUED:
             self.fail(FunctionTimeout(
                 f"no replica took the call within the function's startup_timeout "
@@ -189,6 +200,10 @@ class _Call:
 _ORDER = {_Phase.PUBLISHED: 0, _Phase.QUEUED: 1, _Phase.RUNNING: 2}
 
 
+def _give_up(call: _Call) -> None:
+    call.fail(Unavailable("the call queue did not confirm the call", retry_after=1))
+
+
 async def ensure_calls_stream(
     js: JetStreamContext, subjects: Subjects, *, replicas: int = 1
 ) -> None:
@@ -201,14 +216,19 @@ async def ensure_calls_stream(
         storage=StorageType.FILE,
         max_age=24 * 3600,
         num_replicas=replicas,
+        # Message ids (a call's or a job's) are remembered this long, so a publish retried
+        # through a leader election (kiln._jetstream.PUBLISH_RETRY_S) is stored once.
+        duplicate_window=2 * PUBLISH_RETRY_S,
     )
     await ensure_stream(js, config)
 
 
 class Dispatcher:
-    def __init__(self, nc: NATS, subjects: Subjects, *, seals: Seals) -> None:
+    def __init__(
+        self, nc: NATS, subjects: Subjects, *, seals: Seals, stream_replicas: int = 1
+    ) -> None:
         """`seals`: what calls and demand hints are sealed with, and heartbeats checked
-        with (kiln.seal)."""
+        with (kiln.seal). `stream_replicas`: copies of the payload buckets it makes."""
         self.nc = nc
         self.subjects = subjects
         self.seals = seals
@@ -225,7 +245,7 @@ class Dispatcher:
         # Calls abandoned before a replica took them: told to stop once one does.
         self._abandoned: dict[str, tuple[str, float]] = {}  # call id -> (function, when)
         self._controls: set[asyncio.Task[None]] = set()
-        self.payloads = PayloadStore(nc.jetstream(), subjects)
+        self.payloads = PayloadStore(nc.jetstream(), subjects, replicas=stream_replicas)
 
     @property
     def max_body_bytes(self) -> int:
@@ -299,13 +319,12 @@ class Dispatcher:
             generation=generation,
             payload=payload,
         ).to_headers()
-        headers["Nats-Msg-Id"] = job_id
+        headers[MSG_ID] = job_id
         subject = self.subjects.calls(function_id)
         self._seal(function_id, subject, headers)
         try:
-            await self.nc.jetstream().publish(
-                subject, body, headers=headers, timeout=_PUBACK_WAIT_S
-            )
+            # Through a leader election or a reconnect: the job id deduplicates retries.
+            await publish_durably(self.nc.jetstream(), subject, body, headers=headers)
         except Exception as exc:  # noqa: BLE001 - NATS down, or the stream refused it
             _log.warning("storing job %s failed: %s", job_id, exc)
             raise Unavailable("the job queue did not accept the job", retry_after=1) from None
@@ -367,22 +386,43 @@ class Dispatcher:
         self._calls[call_id] = call
         future.add_done_callback(functools.partial(self._forget, call_id))
         call.set_deadline(min(_PUBACK_WAIT_S, order.startup_timeout_s))
+        # A plain publish whose reply subject is our inbox: the PubAck arrives like any
+        # reply, without the per-request inbox, future and timer of a JetStream request.
+        subject = self.subjects.calls(order.function_id)
+        sealed = self._seal(order.function_id, subject, headers.to_headers())
+        sealed[MSG_ID] = f"{self.router_id}.{call_id}"  # a publish retried is stored once
+        reply = self.subjects.reply(self.router_id, order.function_id, call_id, call.token)
+        call.publish = (subject, body, reply, sealed)
+        call.publish_until = call.published_at + min(PUBLISH_RETRY_S, order.startup_timeout_s)
+        call.on_unconfirmed = self._unconfirmed
         try:
-            # A plain publish whose reply subject is our inbox: the PubAck arrives like any
-            # reply, without the per-request inbox, future and timer of a JetStream request.
-            subject = self.subjects.calls(order.function_id)
-            sealed = self._seal(order.function_id, subject, headers.to_headers())
-            await self.nc.publish(
-                subject,
-                body,
-                reply=self.subjects.reply(self.router_id, order.function_id, call_id, call.token),
-                headers=sealed,
-            )
+            await self.nc.publish(subject, body, reply=reply, headers=sealed)
             await self._hint_demand(order.function_id)
         except Exception as exc:  # noqa: BLE001 - NATS down or closing: the caller may retry
             call.fail(Unavailable("the call queue is unreachable", retry_after=1))
             _log.warning("publishing call %s failed: %s", call_id, exc)
         return call
+
+    def _unconfirmed(self, call: _Call) -> None:
+        """JetStream refused the call for now (no responders, 503) or did not answer: publish
+        it again after a pause, with the same message id, until the call's publish window
+        closes (a stream leader election, a reconnect); then the caller hears "retry"."""
+        loop = asyncio.get_running_loop()
+        call.publish_attempts += 1
+        pause = reconnect_delay(call.publish_attempts)
+        if call.publish is None or loop.time() + pause >= call.publish_until:
+            _give_up(call)
+            return
+        call.deadline = loop.time() + pause + _REPUBLISH_WAIT_S  # the timer re-arms for it
+        loop.call_later(pause, self._republish, call)
+
+    def _republish(self, call: _Call) -> None:
+        if call.future.done() or call.phase is not _Phase.PUBLISHED or call.publish is None:
+            return
+        subject, body, reply, headers = call.publish
+        task = asyncio.ensure_future(self.nc.publish(subject, body, reply=reply, headers=headers))
+        self._controls.add(task)
+        task.add_done_callback(self._controls.discard)
 
     def _seal(
         self, function_id: uuid.UUID, subject: str, headers: dict[str, str]
@@ -435,7 +475,7 @@ class Dispatcher:
         headers = msg.headers
         event = headers.get(H.EVENT) if headers else None
         if event is None:
-            self._on_puback(call, msg.data)
+            self._on_puback(call, msg.data, headers.get("Status") if headers else None)
         elif call.stream is not None and event not in _CALL_EVENTS:
             kind, seq = parse_event(event)  # "chunk 7", "end 12", "text 3", "credit 64"
             assert headers is not None
@@ -470,21 +510,31 @@ class Dispatcher:
 
         body.add_done_callback(done)
 
-    def _on_puback(self, call: _Call, data: bytes) -> None:
+    def _on_puback(self, call: _Call, data: bytes, status: str | None) -> None:
         if data.startswith(b'{"stream":') and b'"error"' not in data:
             # Stored; spares the JSON parse on every call (refusals carry an "error" object).
+            call.publish = None
             call.enter(_Phase.QUEUED, call.accept_by - time.time())
+            return
+        if call.phase is not _Phase.PUBLISHED:
+            return
+        if status == "503":  # no responders: the stream has no leader just now
+            call.on_unconfirmed(call)
             return
         try:
             ack = json.loads(data)
         except ValueError:
             ack = {"error": {"description": "unreadable PubAck"}}
         if isinstance(ack, dict) and "error" not in ack:
+            call.publish = None
             call.enter(_Phase.QUEUED, call.accept_by - time.time())
             return
-        if call.phase is _Phase.PUBLISHED:
-            _log.warning("JetStream refused a call: %s", ack)
-            call.fail(Unavailable("the call queue did not accept the call", retry_after=1))
+        error = ack.get("error") if isinstance(ack, dict) else None
+        if isinstance(error, dict) and error.get("code") == 503:  # JetStream not ready yet
+            call.on_unconfirmed(call)
+            return
+        _log.warning("JetStream refused a call: %s", ack)
+        call.fail(Unavailable("the call queue did not accept the call", retry_after=1))
 
     async def _on_accepted(self, msg: Msg) -> None:
         function = msg.subject.rsplit(".", 1)[-1]  # a replica may publish only its function's

@@ -62,6 +62,7 @@ async def ensure_logs_stream(js: JetStreamContext, subjects: Subjects, settings:
         storage=StorageType.FILE,
         max_bytes=settings.function_logs_max_bytes,
         max_age=settings.function_logs_max_age_s,
+        num_replicas=settings.stream_replicas,
     )
     await ensure_stream(js, config)
 

@@ -53,9 +53,10 @@ async def open_services(
     nc = link.client
     redis = open_redis(exits, settings)
     js = nc.jetstream()
-    await ensure_calls_stream(js, subjects, replicas=settings.stream_replicas)
-    await ensure_job_streams(js, subjects, replicas=settings.stream_replicas)
-    await ensure_usage_stream(js, subjects, replicas=settings.stream_replicas)
+    replicas = settings.stream_replicas
+    await ensure_calls_stream(js, subjects, replicas=replicas)
+    await ensure_job_streams(js, subjects, replicas=replicas)
+    await ensure_usage_stream(js, subjects, replicas=replicas)
     await ensure_logs_stream(js, subjects, settings)
 
     call_log = InvocationLog(
@@ -67,7 +68,7 @@ async def open_services(
     call_log.start()
     # After the last calls were answered: their rows are written before it stops.
     push_bounded(exits, call_log.close, "the invocation log", within_s=16)
-    dispatcher = Dispatcher(nc, subjects, seals=seals)
+    dispatcher = Dispatcher(nc, subjects, seals=seals, stream_replicas=replicas)
     await dispatcher.start()
     push_bounded(exits, dispatcher.close, "the call dispatcher")
     limiter = Limiter(
@@ -105,7 +106,11 @@ async def open_services(
         catalog=Catalog(sessions),
         dispatcher=dispatcher,
         deployer=Deployer(
-            sessions, js, subjects, CodeStore(js, subjects), max_replicas=settings.max_replicas
+            sessions,
+            js,
+            subjects,
+            CodeStore(js, subjects, replicas=replicas),
+            max_replicas=settings.max_replicas,
         ),
         metrics=metrics,
         invocations=call_log,

@@ -32,6 +32,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from kiln._jetstream import key_value
+from kiln._trouble import Trouble
 from kiln.seal import SEAL, Seals
 
 __all__ = ["Leadership"]
@@ -51,8 +52,10 @@ class Leadership:
         ttl_s: float,
         on_change: Callable[[], None] = lambda: None,
         seals: Seals | None = None,
+        replicas: int = 1,
     ) -> None:
         self.js = js
+        self.replicas = replicas  # copies of the lease bucket on a cluster
         self.seals = seals or Seals(None)
         self.bucket = bucket
         self.holder = holder
@@ -72,20 +75,15 @@ class Leadership:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Take or keep the lease until `stop`; then give it up."""
-        failing = False
+        trouble = Trouble(_log, "scheduler lease")
         try:
             while not stop.is_set():
                 was = self.is_leader
                 try:
                     await asyncio.wait_for(self._try(), self.ttl_s / 4)
-                    failing = False
+                    trouble.ok()
                 except Exception as exc:  # noqa: BLE001 - NATS trouble: retry; is_leader ages out
-                    if not failing:  # once per outage, not every try
-                        _log.warning(
-                            "scheduler lease: %s; retrying until NATS answers",
-                            str(exc) or type(exc).__name__,
-                        )
-                    failing = True
+                    trouble.failed(exc)
                 if self.is_leader != was:
                     _log.info("this scheduler %s", "leads" if self.is_leader else "stands by")
                     self.on_change()
@@ -142,5 +140,7 @@ class Leadership:
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
-            self._kv = await key_value(self.js, self.bucket, ttl_s=self.ttl_s)
+            self._kv = await key_value(
+                self.js, self.bucket, ttl_s=self.ttl_s, replicas=self.replicas
+            )
         return self._kv

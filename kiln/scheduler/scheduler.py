@@ -109,11 +109,12 @@ class Scheduler:
         *,
         lease_s: float | None = None,
         signing_key: str | None = None,
+        stream_replicas: int = 1,
     ) -> None:
         """`lease_s`: take part in leader election with a lease this long (several schedulers
         may then run; one acts). None: act alone, unconditionally. `signing_key`: the
         platform's, for the MAC of the usage it writes for lost nodes and the seals of what it
-        sends and hears (kiln.seal)."""
+        sends and hears (kiln.seal). `stream_replicas`: copies of the lease bucket."""
         self.nc = nc
         self.signing_key = signing_key
         self.seals = Seals(signing_key)
@@ -152,6 +153,7 @@ class Scheduler:
                 ttl_s=lease_s,
                 on_change=self._on_leadership,
                 seals=self.seals,
+                replicas=stream_replicas,
             )
             if lease_s is not None
             else None

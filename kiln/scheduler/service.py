@@ -43,6 +43,7 @@ async def serve_scheduler(settings: Settings, stop: asyncio.Event) -> None:
             cold_starts,
             lease_s=settings.scheduler_lease_s,
             signing_key=settings.snapshot_signing_key,
+            stream_replicas=settings.stream_replicas,
         )
         _log.info("scheduler running (lease %g s)", settings.scheduler_lease_s)
         await scheduler.run(stop)

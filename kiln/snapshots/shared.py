@@ -37,8 +37,11 @@ BAKE_LEASE_S = 30 * 60
 
 
 class SharedSnapshots:
-    def __init__(self, js: JetStreamContext, bucket: str, lease_bucket: str) -> None:
+    def __init__(
+        self, js: JetStreamContext, bucket: str, lease_bucket: str, *, replicas: int = 1
+    ) -> None:
         self.js = js
+        self.replicas = replicas
         self.bucket = bucket
         self.lease_bucket = lease_bucket
         self._store: ObjectStore | None = None
@@ -46,12 +49,14 @@ class SharedSnapshots:
 
     async def _objects(self) -> ObjectStore:
         if self._store is None:
-            self._store = await object_store(self.js, self.bucket)
+            self._store = await object_store(self.js, self.bucket, replicas=self.replicas)
         return self._store
 
     async def _lease_kv(self) -> KeyValue:
         if self._leases is None:
-            self._leases = await key_value(self.js, self.lease_bucket, ttl_s=BAKE_LEASE_S)
+            self._leases = await key_value(
+                self.js, self.lease_bucket, ttl_s=BAKE_LEASE_S, replicas=self.replicas
+            )
         return self._leases
 
     # Bake leases -------------------------------------------------------------------------------

