@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -27,9 +27,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kiln._tasks import cancel_and_wait
 from kiln._trouble import Trouble
-from kiln.db.enums import WebhookState
-from kiln.db.models import App, Call, Function, Invocation
+from kiln.db.enums import CallStatus, ReplicaState, WebhookState
+from kiln.db.models import App, Call, Function, Invocation, Replica
 from kiln.db.session import transaction
+from kiln.errors import WorkerLost
 from kiln.jobs import webhooks
 from kiln.jobs.records import (
     FINISHED,
@@ -38,6 +39,8 @@ from kiln.jobs.records import (
     call_target,
     call_view,
     expire_finished,
+    finish,
+    lost_verdict_waits,
 )
 from kiln.jobs.streams import ensure_job_streams
 from kiln.objects import delete_object
@@ -53,6 +56,7 @@ _DURABLE = "recorder"
 _BATCH = 128  # events written per transaction
 _SWEEP_EVERY_S = 1.0
 _WEBHOOK_CLAIM_S = 60.0
+_ALIVE = (ReplicaState.STARTING, ReplicaState.RESTORING, ReplicaState.READY, ReplicaState.DRAINING)
 
 
 class JobRecorder:
@@ -156,6 +160,7 @@ class JobRecorder:
                 )
             }
             attempts: list[dict[str, Any]] = []
+            alive = await _live_runners(session, calls.values())
             for function, event in readable:
                 call = calls.get(uuid.UUID(event.job_id))
                 if call is None:
@@ -163,9 +168,17 @@ class JobRecorder:
                 if call.function_id.hex != function:
                     _log.error("dropping an event of job %s sent by another function", call.id)
                     continue
-                if call.status not in FINISHED and event.kind != JobEventKind.STARTED:
+                runner_alive = call.replica_id in alive
+                if (
+                    call.status not in FINISHED
+                    and event.kind != JobEventKind.STARTED
+                    and not lost_verdict_waits(call, event, runner_alive=runner_alive)
+                ):
                     attempts.append(attempt_row(call, event, now))
-                if apply_event(call, event, now, self.ttl_s) and call.body_ref is not None:
+                if (
+                    apply_event(call, event, now, self.ttl_s, runner_alive=runner_alive)
+                    and call.body_ref is not None
+                ):
                     stored_bodies.append((call.function_id, call.body_ref))
                     call.body_ref = None
             if attempts and self.settings.invocation_log is Switch.ON:
@@ -185,11 +198,34 @@ class JobRecorder:
     async def _sweep(self) -> None:
         await asyncio.sleep(_SWEEP_EVERY_S)
         async with transaction(self.sessions) as session:
+            await self._settle_lost(session)
             stored = await expire_finished(session, self.clock(), self.ttl_s)
         for function_id, name in stored:
             with contextlib.suppress(Exception):  # the bucket's TTL gets it anyway
                 bucket = self.subjects.job_results_bucket(function_id)
                 await delete_object(self.js, bucket, name)
+
+    async def _settle_lost(self, session: AsyncSession) -> None:
+        """Fail the jobs whose `worker_lost` verdict waited (`lost_verdict_waits`) once the
+        replica that ran them is gone after all."""
+        waiting = (
+            await session.scalars(
+                sa.select(Call)
+                .outerjoin(Replica, Replica.id == Call.replica_id)
+                .where(
+                    Call.status == CallStatus.RUNNING,
+                    Call.error_code == WorkerLost.code,
+                    sa.or_(Replica.id.is_(None), Replica.state.not_in(_ALIVE)),
+                )
+                .with_for_update(of=Call, skip_locked=True)
+            )
+        ).all()
+        now = self.clock()
+        for call in waiting:
+            finish(call, CallStatus.FAILED, now, self.ttl_s, webhooks=True)
+            if call.body_ref is not None:
+                await self.payloads.delete(call.function_id, call.body_ref)
+                call.body_ref = None
 
     # Webhooks ----------------------------------------------------------------------------------
 
@@ -250,6 +286,17 @@ class JobRecorder:
             else:
                 delay = webhooks.retry_delay_s(call.webhook_attempts)
                 call.webhook_next_at = self.clock() + timedelta(seconds=delay)
+
+
+async def _live_runners(session: AsyncSession, calls: Iterable[Call]) -> set[uuid.UUID]:
+    """Of the replicas that last started these jobs, the ones still alive."""
+    runners = {call.replica_id for call in calls if call.replica_id is not None}
+    if not runners:
+        return set()
+    rows = await session.scalars(
+        sa.select(Replica.id).where(Replica.id.in_(runners), Replica.state.in_(_ALIVE))
+    )
+    return set(rows)
 
 
 def _readable(event: JobEvent) -> bool:

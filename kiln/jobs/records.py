@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from kiln.db.enums import CallStatus, InvocationKind, InvocationStatus, WebhookState
 from kiln.db.models import Call
+from kiln.errors import WorkerLost
 from kiln.wire import JobEvent, JobEventKind
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "expire_finished",
     "finish",
     "is_expired",
+    "lost_verdict_waits",
 ]
 
 FINISHED = (CallStatus.SUCCEEDED, CallStatus.FAILED, CallStatus.CANCELLED, CallStatus.EXPIRED)
@@ -60,8 +62,11 @@ def finish(
         call.webhook_next_at = now
 
 
-def apply_event(call: Call, event: JobEvent, now: datetime, ttl_s: float) -> bool:
-    """Change `call` as `event` says; whether it finished the call."""
+def apply_event(
+    call: Call, event: JobEvent, now: datetime, ttl_s: float, *, runner_alive: bool = False
+) -> bool:
+    """Change `call` as `event` says; whether it finished the call. `runner_alive`: the
+    replica that last started the job still lives (see `lost_verdict_waits`)."""
     if call.status in FINISHED:
         return False
     kind = JobEventKind(event.kind)
@@ -80,6 +85,8 @@ def apply_event(call: Call, event: JobEvent, now: datetime, ttl_s: float) -> boo
             call.status = CallStatus.QUEUED  # waits for its next attempt
             call.replica_id = None
             return False
+        if lost_verdict_waits(call, event, runner_alive=runner_alive):
+            return False  # still running; the recorder's sweep ends it if its replica dies
         finish(call, CallStatus.FAILED, now, ttl_s)
         return True
     if kind is JobEventKind.SUCCEEDED:
@@ -93,6 +100,21 @@ def apply_event(call: Call, event: JobEvent, now: datetime, ttl_s: float) -> boo
         return True
     finish(call, CallStatus.CANCELLED, now, ttl_s)
     return True
+
+
+def lost_verdict_waits(call: Call, event: JobEvent, *, runner_alive: bool) -> bool:
+    """Whether a `worker_lost` verdict must wait. A replica says so when it gets a job again
+    beyond its attempts: the queue's ack wait ran out, so the replicas that ran it were taken
+    for dead. But NATS away longer than that wait does the same to a job whose replica lives
+    and is finishing it. So while the replica that started the job lives, the job stays
+    running (with the verdict noted): its own outcome, or its replica's death, settles it."""
+    return (
+        runner_alive
+        and event.final
+        and event.error_code == WorkerLost.code
+        and call.replica_id is not None
+        and call.status is CallStatus.RUNNING
+    )
 
 
 def attempt_row(call: Call, event: JobEvent, now: datetime) -> dict[str, Any]:

@@ -71,6 +71,32 @@ def test_a_finished_job_never_changes_again() -> None:
     assert call_view(call, "jobs/echo", NOW)["result"] == {"ok": True}
 
 
+def test_a_lost_verdict_waits_while_the_replica_that_ran_the_job_lives() -> None:
+    # NATS was away longer than the queue's ack wait: it delivered the job again, beyond its
+    # one attempt, while the first replica was still finishing it.
+    call = job(max_retries=0)
+    apply_event(call, event(JobEventKind.STARTED, 1), NOW, 60)
+    lost = event(JobEventKind.FAILED, 1, final=True, error_code="worker_lost",
+                 error_message="the replica running the job stopped")  # fmt: skip
+    assert not apply_event(call, lost, NOW, 60, runner_alive=True)
+    assert (call.status, call.error_code) == (CallStatus.RUNNING, "worker_lost")
+    result = base64.b64encode(b"7").decode()
+    done = event(JobEventKind.SUCCEEDED, 1, final=True, content_type="application/json",
+                 result_b64=result)  # fmt: skip
+    assert apply_event(call, done, NOW, 60)
+    assert (call.status, call.error_code, call.result) == (CallStatus.SUCCEEDED, None, b"7")
+    # With its replica gone, the verdict stands at once; other failures never wait.
+    dead = job(max_retries=0)
+    apply_event(dead, event(JobEventKind.STARTED, 1), NOW, 60)
+    assert apply_event(dead, lost, NOW, 60, runner_alive=False)
+    assert dead.status is CallStatus.FAILED
+    failing = job(max_retries=0)
+    apply_event(failing, event(JobEventKind.STARTED, 1), NOW, 60)
+    boom = event(JobEventKind.FAILED, 1, final=True, error_code="function_error")
+    assert apply_event(failing, boom, NOW, 60, runner_alive=True)
+    assert failing.status is CallStatus.FAILED
+
+
 def test_a_result_expires_when_its_time_is_up_even_before_the_sweeper_runs() -> None:
     call = job(status=CallStatus.SUCCEEDED, expires_at=NOW, result=b"1",
                result_content_type="application/json")  # fmt: skip
