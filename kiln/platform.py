@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+from prometheus_client import CollectorRegistry
 
 from kiln._service import open_database, open_health, open_nats, start_part
 from kiln.billing.ledger import billing_rules
@@ -45,11 +47,13 @@ async def serve_platform(
     on_ready: Callable[[], None] | None = None,
     scheduler: bool = True,
     billing: bool = True,
+    registries: Sequence[CollectorRegistry] = (),
 ) -> None:
     """The router, a scheduler and a node agent in this process until `stop`. `scheduler=False`
     leaves the scheduler out, for tests that run their own (several, electing a leader);
     `billing=False` the billing and outbox workers, for tests that run the billing service as
-    a process of its own (`python -m kiln.billing`)."""
+    a process of its own (`python -m kiln.billing`). `registries`: more metrics for the
+    router's /metrics (`kiln dev`'s supervisor of its embedded servers)."""
     if not is_free(settings.port, settings.host):
         raise DevStackError(
             f"port {settings.port} on {settings.host} is taken; stop what uses it or choose "
@@ -105,7 +109,10 @@ async def serve_platform(
         node_agent = NodeAgent(settings, nc)
         link.on_reconnected(node_agent.on_nats_reconnected)
         parts.append(start_part(exits, node_agent.run, "kiln-node-agent", within_s=within_s))
-        also = [cold_starts.registry, billing_metrics.registry, node_agent.metrics_registry]
+        also = [
+            cold_starts.registry, billing_metrics.registry, node_agent.metrics_registry,
+            *registries,
+        ]  # fmt: skip
         app = create_app(settings, metrics_also=also, nats_metrics=nats_metrics, health=health)
         router = await open_router(exits, settings, app)
         assert router.task is not None

@@ -121,7 +121,7 @@ def run_dev(
                     _print_banner(echo, running, embedded, url, time.monotonic() - started)
 
                 then = None if after_ready is None else after_ready(running, api_key)
-                _loop.run(_serve(running, shutdown, ready, then))
+                _loop.run(_serve(running, stack, shutdown, ready, then))
                 shutdown.reinstall()
         except KeyboardInterrupt:
             pass
@@ -130,11 +130,15 @@ def run_dev(
 
 async def _serve(
     settings: Settings,
+    stack: DevStack,
     shutdown: _Shutdown,
     ready: Callable[[], None],
     then: Awaitable[None] | None,
 ) -> None:
-    """The serving phase: signals now set an event that stops the platform in order."""
+    """The serving phase: signals now set an event that stops the platform in order; the
+    embedded servers are restarted should one exit."""
+    from kiln._tasks import cancel_and_wait
+    from kiln.devstack.supervisor import Supervisor
     from kiln.platform import serve_platform
 
     stop = asyncio.Event()
@@ -156,11 +160,14 @@ async def _serve(
         if then is not None:
             extra.append(asyncio.ensure_future(_report_failure(then)))
 
+    supervisor = Supervisor(
+        stack.services, start_timeout_s=stack.start_timeout_s, on_restart=stack.record_state
+    )
+    watching = asyncio.create_task(supervisor.run(), name="kiln-dev-supervisor")
     try:
-        await serve_platform(settings, stop, on_ready=started)
+        await serve_platform(settings, stop, on_ready=started, registries=[supervisor.registry])
     finally:
-        for task in extra:
-            task.cancel()
+        await cancel_and_wait(watching, *extra)
 
 
 async def _report_failure(work: Awaitable[None]) -> None:

@@ -90,9 +90,17 @@ class EmbeddedService(ABC):
         """Set-up that needs the running server (creating the database, for example)."""
 
     def start(self, timeout_s: float) -> None:
+        self.spawn()
+        self.wait_ready(timeout_s)
+
+    def spawn(self) -> None:
+        """Start the server process (from the main thread: kiln.devstack.process)."""
         self.prepare()
         self.process = ManagedProcess(self.process_spec())
         self.process.start()
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Until the server answers, then its set-up (any thread may wait)."""
         self.wait_until(self.probe, timeout_s, "answer")
         self.after_ready()
 

@@ -170,6 +170,11 @@ class DevStack:
         if errors:
             raise DevStackError("could not stop every embedded service: " + "; ".join(errors))
 
+    def record_state(self) -> None:
+        """Write the servers' pids down again (after the supervisor restarted one)."""
+        with contextlib.suppress(OSError):
+            self._write_state()
+
     def state(self) -> list[StackState]:
         """The servers this stack started; pid None for one that no longer runs."""
         entries = []

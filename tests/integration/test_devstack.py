@@ -6,6 +6,7 @@ whatever services the machine runs, because the stack itself is what is under te
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -21,11 +22,13 @@ import psutil
 import pytest
 
 from kiln._nats import connect_options
+from kiln._tasks import cancel_and_wait
 from kiln.devstack import DevStack
 from kiln.devstack.ports import pick_port
 from kiln.devstack.probes import nats_answers, postgres_answers, redis_answers
 from kiln.devstack.process import is_gone
 from kiln.devstack.redis import EmbeddedRedis
+from kiln.devstack.supervisor import Supervisor
 from kiln.errors import DevStackBusy, DevStackError
 from kiln.settings import Settings
 
@@ -81,6 +84,34 @@ def test_start_answers_and_stop_leaves_nothing(home: Path) -> None:
     # parent-death signal.
     assert still_running(pids) == []
     assert [entry["pid"] for entry in recorded(home)] == [None, None, None]
+
+
+async def test_a_server_that_dies_is_started_again_on_its_data_and_counted(home: Path) -> None:
+    stack = DevStack(bare_settings(home), durable=False)
+    running = stack.start()
+    supervisor = Supervisor(stack.services, on_restart=stack.record_state)
+    watching = asyncio.create_task(supervisor.run())
+    answers = {
+        "nats": lambda: nats_answers(running.nats_url or "", have_credentials=True),
+        "postgres": lambda: postgres_answers(running.database_url or ""),
+        "redis": lambda: redis_answers(running.redis_url or ""),
+    }
+    try:
+        for service in stack.services:
+            assert service.process is not None
+            dead = service.process.pid
+            os.kill(dead, signal.SIGKILL)  # a crash: PostgreSQL leaves its postmaster.pid
+            restarts = supervisor.restarts.labels(service.name)
+            deadline = time.monotonic() + 60
+            while restarts._value.get() < 1 or not answers[service.name]():
+                assert time.monotonic() < deadline, f"{service.name} did not come back"
+                await asyncio.sleep(0.1)
+            entry = next(e for e in recorded(home) if e["name"] == service.name)
+            assert entry["pid"] == service.process.pid != dead  # the stray check knows it
+            assert service.url == next(e.url for e in stack.state() if e.name == service.name)
+    finally:
+        await cancel_and_wait(watching)
+        stack.stop()
 
 
 def test_only_unset_services_are_started(home: Path) -> None:
@@ -163,6 +194,7 @@ import json, sys, time
 from pathlib import Path
 from kiln.devstack import DevStack
 from kiln.devstack.redis import EmbeddedRedis
+from kiln.devstack.supervisor import Supervisor
 from kiln.settings import Settings
 
 home = Path(sys.argv[1])
