@@ -7,6 +7,9 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -30,6 +33,7 @@ from kiln.settings import SandboxMode, Settings
 from kiln.wire import NodeHeartbeat, Subjects, decode
 
 BODY_LIMIT = 256 * 1024
+STOP_BOUND_S = 15.0
 
 
 @dataclass
@@ -207,6 +211,82 @@ async def _stop_every_app(platform: Platform) -> None:
         for app in listed.json()["apps"]:
             if app["state"] == "active":
                 await client.delete(f"/v1/apps/{app['name']}")
+
+
+@dataclass
+class Service:
+    """`python -m MODULE` with the test session's settings and a metrics port of its own."""
+
+    module: str
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @classmethod
+    def start(
+        cls,
+        module: str,
+        settings: Settings,
+        home: Path,
+        *,
+        namespace: str | None = None,
+        **env: str,
+    ) -> Service:
+        """By default in a namespace of its own (cleaned with the session's), so no other
+        test's scheduler hears this node agent, nor this scheduler the platforms' nodes;
+        `namespace` joins it to a platform's instead."""
+        port = pick_port([], set())
+        log = home / f"{module}.log"
+        home.mkdir(parents=True, exist_ok=True)
+        environ = {
+            "PATH": os.environ.get("PATH", ""), "HOME": str(home), "KILN_ENV": "test",
+            "KILN_HOME": str(home),
+            "KILN_NAMESPACE": namespace or f"{settings.namespace}svc",
+            **nats_env(settings),
+            "KILN_DATABASE_URL": str(settings.database_url),
+            "KILN_METRICS_PORT": str(port), "KILN_SHUTDOWN_TIMEOUT": "5",
+            **env,
+        }  # fmt: skip
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", module], env=environ, stdout=out, stderr=subprocess.STDOUT
+            )
+        return cls(module, process, port, log)
+
+    async def metrics(self) -> str:
+        async with httpx.AsyncClient(timeout=5) as client:
+            return (await client.get(f"http://127.0.0.1:{self.port}/metrics")).text
+
+    async def wait_for(self, *wanted: str, within_s: float = 30) -> str:
+        """The metrics text once it holds every string in `wanted`."""
+        deadline = time.monotonic() + within_s
+        text = ""
+        while True:
+            assert self.process.poll() is None, f"{self.module} exited:\n{self.log.read_text()}"
+            try:
+                text = await self.metrics()
+            except httpx.HTTPError:
+                text = ""
+            if all(w in text for w in wanted):
+                return text
+            if time.monotonic() > deadline:
+                missing = [w for w in wanted if w not in text]
+                raise AssertionError(f"{self.module}: no {missing} in\n{text}")
+            await asyncio.sleep(0.1)
+
+    async def stop(self) -> float:
+        """SIGTERM; the seconds it took to exit (cleanly)."""
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(self.process.wait, STOP_BOUND_S + 5)
+        took = time.monotonic() - started
+        assert code == 0, f"{self.module} exited with {code}:\n{self.log.read_text()}"
+        return took
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
 
 
 def nats_env(settings: Settings) -> dict[str, str]:
