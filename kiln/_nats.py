@@ -187,7 +187,11 @@ class NatsLink:
 
     async def _error(self, exc: Exception) -> None:
         if self._down_since is None:
-            _log.warning("%s: NATS error: %s", self.name, str(exc) or type(exc).__name__)
+            # Also what a message handler raised (nats-py reports those here).
+            _log.warning(
+                "%s: error in the NATS client or a message handler: %s: %s",
+                self.name, type(exc).__name__, exc,
+            )  # fmt: skip
         elif not self._said_waiting:
             self._said_waiting = True
             _log.warning(

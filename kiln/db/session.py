@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 
 from kiln.settings import Settings
 
-__all__ = ["create_engine", "session_factory", "transaction"]
+__all__ = ["create_engine", "database_unreachable", "session_factory", "transaction"]
 
 
 def create_engine(settings: Settings, *, application_name: str = "kiln") -> AsyncEngine:
@@ -29,6 +29,19 @@ def create_engine(settings: Settings, *, application_name: str = "kiln") -> Asyn
             "server_settings": {"application_name": application_name},
         },
     )
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """Whether `exc` says PostgreSQL cannot be reached just now (down, restarting, out of
+    pooled connections), as opposed to a query it refused: callers then serve from a cache,
+    or answer "retry"."""
+    from sqlalchemy import exc as sa_exc
+
+    return isinstance(
+        exc,
+        (OSError, TimeoutError, sa_exc.OperationalError, sa_exc.InterfaceError,
+         sa_exc.TimeoutError),
+    )  # fmt: skip
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from kiln._tasks import cancel_and_wait
+from kiln._trouble import Trouble
 from kiln.db.enums import InvocationKind, InvocationStatus
 from kiln.db.models import Invocation
 
@@ -266,6 +267,7 @@ class InvocationLog:
                 return total
 
     async def _write_forever(self) -> None:
+        trouble = Trouble(_log, "writing the invocation log (rows are kept and retried)")
         backoff = 0.5
         while not (self._stopping and not self._queue):
             if not self._stopping:
@@ -278,9 +280,10 @@ class InvocationLog:
                 while await self.flush() == _STATEMENT_ROWS:
                     pass  # a backlog: keep writing
                 backoff = 0.5
+                trouble.ok()
             except Exception as exc:  # noqa: BLE001 - the database is down: keep the rows, retry
                 self.metrics.write_failures.inc()
-                _log.warning("invocation log: a batch insert failed, retrying: %s", exc)
+                trouble.failed(exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
                 self._full.set()  # retry at once after the backoff

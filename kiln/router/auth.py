@@ -26,11 +26,12 @@ from nats.aio.msg import Msg
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.requests import HTTPConnection
 
+from kiln._trouble import Trouble
 from kiln.apikeys import hash_key, parse_key
 from kiln.db.enums import ApiKeyKind, CustomerStatus
 from kiln.db.models import ApiKey, Customer
 from kiln.db.models_access import DEFAULT_CUSTOMER_ID
-from kiln.db.session import transaction
+from kiln.db.session import database_unreachable, transaction
 from kiln.errors import KilnError, PermissionDenied, Unauthenticated
 from kiln.router.limits import Limiter
 from kiln.seal import Seals
@@ -86,6 +87,7 @@ class Authenticator:
         self.seals = Seals(None)  # start() gives the platform's
         self.subject = ""
         self._cache: dict[str, tuple[float, _Verdict]] = {}
+        self._trouble = Trouble(_log, "checking API keys in PostgreSQL")
 
     async def start(self, nc: NATS, subject: str, *, seals: Seals) -> None:
         """Listen for revocations on `subject` (`Subjects.access_revoked`), sent under the
@@ -129,7 +131,19 @@ class Authenticator:
         if parse_key(token) is None:
             self.on_reject("malformed")
             raise Unauthenticated("malformed API key: check that it was copied whole")
-        verdict = await self._verdict(hash_key(token, self.pepper))
+        try:
+            verdict = await self._verdict(hash_key(token, self.pepper))
+        except Exception as exc:
+            # PostgreSQL is away: a key known before still answers (revocations keep arriving
+            # over NATS meanwhile); an unknown one is told to retry.
+            if cached is None or not database_unreachable(exc):
+                raise
+            self._trouble.failed(exc)
+            verdict = cached[1]
+            if isinstance(verdict, KilnError):
+                raise _refusal(conn, verdict) from None
+            return verdict
+        self._trouble.ok()
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()
         self._cache[token] = (now, verdict)

@@ -3,6 +3,7 @@ PostgreSQL on every call."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -10,13 +11,16 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from kiln._trouble import Trouble
 from kiln.db.enums import AppState
 from kiln.db.models import App, AppVersion, Function
-from kiln.db.session import transaction
-from kiln.errors import NotFound
+from kiln.db.session import database_unreachable, transaction
+from kiln.errors import NotFound, Unavailable
 from kiln.functions.spec import FunctionSpec
 
 __all__ = ["Catalog", "FunctionRoute", "spec_of"]
+
+_log = logging.getLogger("kiln.router")
 
 # A redeploy or a scale change reaches other routers within this time; this router's own
 # changes invalidate at once.
@@ -44,6 +48,7 @@ def spec_of(version: AppVersion, name: str) -> FunctionSpec:
 class Catalog:
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self.sessions = sessions
+        self._trouble = Trouble(_log, "reading the function catalog from PostgreSQL")
         self._cache: dict[tuple[uuid.UUID, str, str], tuple[float, FunctionRoute]] = {}
 
     def invalidate(self) -> None:
@@ -55,7 +60,18 @@ class Catalog:
         cached = self._cache.get(key)
         if cached is not None and cached[0] > now:
             return cached[1]
-        route = await self._load(owner_id, app, name)
+        try:
+            route = await self._load(owner_id, app, name)
+        except Exception as exc:
+            if not database_unreachable(exc):
+                raise
+            self._trouble.failed(exc)
+            if cached is not None:  # PostgreSQL is away: what we knew still routes calls
+                return cached[1]
+            raise Unavailable(
+                "the function catalog is unreachable; retry shortly", retry_after=1
+            ) from None
+        self._trouble.ok()
         self._cache[key] = (now + _TTL_S, route)
         return route
 

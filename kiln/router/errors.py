@@ -10,11 +10,15 @@ from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 
-from kiln.errors import InternalError, InvalidRequest, KilnError, NotFound
+from kiln._trouble import Trouble
+from kiln.db.session import database_unreachable
+from kiln.errors import InternalError, InvalidRequest, KilnError, NotFound, Unavailable
 
 __all__ = ["error_response", "handle_exception", "handle_http_exception", "request_id"]
 
 _log = logging.getLogger(__name__)
+# Said once while it lasts; each request that met it is answered 503.
+_trouble = Trouble(_log, "reaching PostgreSQL for a request")
 
 
 def request_id(request: HTTPConnection) -> str:
@@ -55,6 +59,9 @@ def error_response(request: HTTPConnection, error: KilnError) -> Response:
 async def handle_exception(request: Request, exc: Exception) -> Response:
     if isinstance(exc, KilnError):
         return error_response(request, exc)
+    if database_unreachable(exc):  # PostgreSQL is away (a restart): the caller may retry
+        _trouble.failed(exc)
+        return error_response(request, Unavailable("the database is unreachable", retry_after=1))
     # Anything else is a bug in Kiln: log it with the request id, show nothing of it.
     _log.exception("unhandled error in request %s", request_id(request))
     return error_response(request, InternalError(repr(exc)))

@@ -32,6 +32,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from kiln._trouble import Trouble
 from kiln.db.enums import NodeState, ReplicaState
 from kiln.functions.gpu import gpu_request
 from kiln.metering import missing_reports, publish_usage
@@ -189,6 +190,7 @@ class Scheduler:
             if self.leadership is not None
             else None
         )
+        trouble = Trouble(_log, "a reconcile pass")
         try:
             while not stop.is_set():
                 self.scheduling.leading.set(1 if self.acting else 0)
@@ -201,8 +203,9 @@ class Scheduler:
                 elif self.acting:
                     try:
                         await self.reconcile()
-                    except Exception:  # noqa: BLE001 - the loop must outlive any one bad pass
-                        _log.exception("reconcile pass failed")
+                        trouble.ok()
+                    except Exception as exc:  # noqa: BLE001 - the loop must outlive any pass
+                        trouble.failed(exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake_or_stop(stop), _PERIOD_S)
         finally:
