@@ -358,7 +358,10 @@ class NodeAgent:
             command, fds = self.sandboxes.command(box, command, devices=gpu_devices(device))
             preexec = self.sandboxes.preexec(box, nice=0, parent_pid=os.getpid())
         else:
-            preexec = die_with_parent(signal.SIGTERM, os.getpid())
+            # Its agent died (a crash, a SIGKILL): nobody meters it or can stop it any more, so
+            # it goes at once, as a sandboxed one does (bwrap --die-with-parent), and its
+            # callers hear worker_lost.
+            preexec = die_with_parent(signal.SIGKILL, os.getpid())
         # A local file opens at once; the child inherits it as stdout and stderr.
         log = open(directory / "replica.log", "ab")  # noqa: SIM115, ASYNC230
         try:

@@ -350,7 +350,9 @@ class StandbyPool:
             command, fds = self.sandboxes.command(box, command, devices=gpu_devices(device))
             preexec = self.sandboxes.preexec(box, nice=nice, parent_pid=os.getpid())
         else:
-            preexec = die_with_parent(signal.SIGTERM, os.getpid(), nice=nice)
+            # Killed with its agent: a standby may be serving as a replica by then, which
+            # nobody would meter or stop any more (kiln.invoker.agent says the same).
+            preexec = die_with_parent(signal.SIGKILL, os.getpid(), nice=nice)
         log = open(self.directory / "standby.log", "ab")  # noqa: SIM115, ASYNC230 - a local file
         try:
             process = await asyncio.create_subprocess_exec(
