@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry
 
-from kiln._service import open_database, open_health, open_nats, start_part
+from kiln._service import open_database, open_health, open_nats, push_bounded, start_part
 from kiln.billing.ledger import billing_rules
 from kiln.billing.outbox import OutboxWorker
 from kiln.billing.stripe_gateway import StripeGateway
@@ -93,7 +93,7 @@ async def serve_platform(
             parts.append(start_part(exits, worker.run, "kiln-billing", within_s=within_s))
         if billing and settings.stripe_enabled:
             gateway = StripeGateway(settings)
-            exits.push_async_callback(gateway.close)
+            push_bounded(exits, gateway.close, "the Stripe client")
             outbox = OutboxWorker(
                 nc, sessions, gateway, rules, settings.namespace, billing_metrics,
                 signing_key=settings.snapshot_signing_key,

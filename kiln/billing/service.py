@@ -14,7 +14,14 @@ import asyncio
 import contextlib
 import logging
 
-from kiln._service import open_database, open_health, open_metrics, open_nats, run_service
+from kiln._service import (
+    open_database,
+    open_health,
+    open_metrics,
+    open_nats,
+    push_bounded,
+    run_service,
+)
 from kiln.billing.ledger import billing_rules
 from kiln.billing.outbox import OutboxWorker
 from kiln.billing.stripe_gateway import StripeGateway
@@ -51,7 +58,7 @@ async def serve_billing(settings: Settings, stop: asyncio.Event) -> None:
         ]  # fmt: skip
         if settings.stripe_enabled:
             gateway = StripeGateway(settings)
-            exits.push_async_callback(gateway.close)
+            push_bounded(exits, gateway.close, "the Stripe client")
             outbox = OutboxWorker(
                 nc, sessions, gateway, rules, settings.namespace, metrics,
                 signing_key=settings.snapshot_signing_key,

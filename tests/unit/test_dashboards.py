@@ -20,6 +20,7 @@ import yaml  # type: ignore[import-untyped]  # PyYAML has no inline types; no st
 from prometheus_client import CollectorRegistry
 
 from kiln.db.models import Base
+from kiln.devstack.supervisor import Supervisor
 from kiln.observability.billing import BillingMetrics
 from kiln.observability.coldstart import ColdStartMetrics
 from kiln.observability.gpu import GpuTelemetry
@@ -116,6 +117,7 @@ def _registries() -> list[CollectorRegistry]:
         GpuTelemetry("node", dict, interval_s=5).registry,
         NatsMetrics().registry,
         StandbyMetrics(CollectorRegistry()).registry,
+        Supervisor([]).registry,  # `kiln dev`'s restarts of its embedded servers
     ]
 
 
