@@ -186,6 +186,15 @@ class NatsLink:
                 await result
 
     async def _error(self, exc: Exception) -> None:
+        import nats.errors
+
+        if self._down_since is None and isinstance(
+            exc, (nats.errors.UnexpectedEOF, nats.errors.StaleConnectionError)
+        ):
+            # The link is going down (nats-py says so before `disconnected_cb`): the outage
+            # starts here, and the "waiting" line below says it once. (Not any OSError: what
+            # a message handler raised, a database's refused connection say, lands here too.)
+            self._down_since = self.clock()
         if self._down_since is None:
             # Also what a message handler raised (nats-py reports those here).
             _log.warning(
