@@ -5,6 +5,7 @@ the message."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import nats.errors
@@ -27,6 +28,7 @@ __all__ = [
     "RETRYABLE_PUBLISH_ERRORS",
     "ensure_stream",
     "key_value",
+    "match_replicas",
     "object_store",
     "publish_durably",
 ]
@@ -81,10 +83,12 @@ async def object_store(js: JetStreamContext, bucket: str, *, replicas: int = 1) 
     """The file-backed object store `bucket`, created on first use with `replicas` copies
     (`KILN_STREAM_REPLICAS`)."""
     try:
-        return await js.object_store(bucket)
+        found = await js.object_store(bucket)
     except (BucketNotFoundError, NotFoundError):
         config = ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas)
         return await js.create_object_store(bucket, config)
+    await match_replicas(js, f"OBJ_{bucket}", replicas)
+    return found
 
 
 async def key_value(
@@ -93,10 +97,20 @@ async def key_value(
     """The key-value bucket `bucket` (entries expire `ttl_s` after their last write), created
     on first use with `replicas` copies."""
     try:
-        return await js.key_value(bucket)
+        found = await js.key_value(bucket)
     except (BucketNotFoundError, NotFoundError):
         config = KeyValueConfig(bucket=bucket, ttl=ttl_s, history=1, replicas=replicas)
         return await js.create_key_value(config)
+    await match_replicas(js, f"KV_{bucket}", replicas)
+    return found
+
+
+async def match_replicas(js: JetStreamContext, stream: str, replicas: int) -> None:
+    """Bring an existing stream (a bucket's) to `replicas` copies: `KILN_STREAM_REPLICAS` was
+    raised (a cluster grew) after the bucket was made."""
+    info = await js.stream_info(stream)
+    if (info.config.num_replicas or 1) != replicas:
+        await js.update_stream(dataclasses.replace(info.config, num_replicas=replicas))
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:

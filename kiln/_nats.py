@@ -161,6 +161,8 @@ class NatsLink:
         import nats
 
         self.nc = await nats.connect(**self.options(settings, **extra))
+        if self.metrics is not None and self.process is not None:
+            self.metrics.up(self.process)
         self._up()
         return self.nc
 
@@ -181,9 +183,12 @@ class NatsLink:
             self._said_waiting = True  # a blip: say that it happened, once
         self._up()
         for callback in self._reconnected:
-            result = callback()
-            if result is not None:
-                await result
+            try:
+                result = callback()
+                if result is not None:
+                    await result
+            except Exception:  # noqa: BLE001 - one part's trouble must not stop the others'
+                _log.exception("%s: a reconnect callback failed", self.name)
 
     async def _error(self, exc: Exception) -> None:
         import nats.errors

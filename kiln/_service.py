@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -32,6 +33,7 @@ from kiln.errors import ConfigError, KilnError
 from kiln.settings import Settings
 
 if TYPE_CHECKING:
+    from nats.aio.client import Client as NATS
     from prometheus_client import CollectorRegistry
     from redis.asyncio import Redis
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -39,6 +41,8 @@ if TYPE_CHECKING:
     from kiln.observability.nats import NatsMetrics, NatsProcess
 
 __all__ = [
+    "StoppedBeforeReady",
+    "close_nats",
     "open_database",
     "open_health",
     "open_metrics",
@@ -93,10 +97,30 @@ async def _serve_until_stopped(serve: Serve, settings: Settings) -> int:
                 _log.error("the service did not stop within %g s; cancelling it", bound)
                 await cancel_and_wait(serving)
                 return 1
-        await serving  # what it raised, if anything
+        try:
+            await serving  # what it raised, if anything
+        except StoppedBeforeReady:
+            _log.info("stopped before it was ready")
         return 0
     finally:
         stopped.cancel()
+
+
+class StoppedBeforeReady(Exception):
+    """Raised by `open_nats(stop=...)` when the service is told to stop while it still waits
+    for NATS; the service then ends cleanly."""
+
+
+async def close_nats(nc: NATS) -> None:
+    """Drain `nc` (let subscriptions finish what they hold); if that cannot happen (NATS is
+    away: drain refuses while reconnecting, or overruns), close it, so it stops reconnecting."""
+    try:
+        await asyncio.wait_for(nc.drain(), CLOSE_WITHIN_S)
+    except Exception as exc:  # noqa: BLE001 - closing anyway
+        _log.info("NATS connection closed without draining (%s: %s)", type(exc).__name__, exc)
+    finally:
+        if not nc.is_closed:
+            await nc.close()
 
 
 # A close that takes longer is abandoned (and logged), so the next ones still run.
@@ -167,17 +191,32 @@ async def open_nats(
     *,
     health: Health | None = None,
     name: str | None = None,
+    stop: asyncio.Event | None = None,
 ) -> NatsLink:
-    """The process's NATS connection (`link.client`), drained by `exits`. Opening it waits for
-    NATS however long it takes (saying so once); once open, it reconnects for as long as NATS
-    stays away. Its state is in `nats_metrics`, and in `health` when given."""
+    """The process's NATS connection (`link.client`), closed by `exits`. Opening it waits for
+    NATS however long it takes (saying so once), or until `stop` is set (then it raises
+    `StoppedBeforeReady`); once open, it reconnects for as long as NATS stays away. Its state
+    is in `nats_metrics`, and in `health` when given."""
     link = NatsLink(
         name or f"kiln-{process.value.replace('_', '-')}", metrics=nats_metrics, process=process
     )
     if health is not None:
         health.watch(link)
-    nc = await link.connect(settings)
-    push_bounded(exits, nc.drain, "the NATS connection", within_s=CLOSE_WITHIN_S + 1)
+    connecting = asyncio.ensure_future(link.connect(settings))
+    stopping = asyncio.ensure_future(stop.wait() if stop is not None else asyncio.Future())
+    try:
+        await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await cancel_and_wait(stopping)
+        if not connecting.done():
+            await cancel_and_wait(connecting)
+            if link.nc is not None and not link.nc.is_closed:
+                await link.nc.close()
+    if not connecting.done() or connecting.cancelled():
+        raise StoppedBeforeReady
+    nc = connecting.result()
+    push_bounded(exits, functools.partial(close_nats, nc), "the NATS connection",
+                 within_s=CLOSE_WITHIN_S + 2)  # fmt: skip
     return link
 
 

@@ -36,7 +36,7 @@ __all__ = [
     "RateLimited",
     "RequestTimeout",
     "ResultTooLarge",
-    "ServiceStartFailed",
+    "ServiceFailed",
     "SnapshotError",
     "SnapshotTampered",
     "StreamBroken",
@@ -93,10 +93,11 @@ class ConfigError(KilnError):
         self.problems = problems
 
 
-class ServiceStartFailed(KilnError):
-    """A platform process could not start serving (its port, its lifespan)."""
+class ServiceFailed(KilnError):
+    """A platform process could not start serving (its port, its lifespan), or stopped
+    serving by itself."""
 
-    code = "service_start_failed"
+    code = "service_failed"
 
 
 class DevStackError(KilnError):

@@ -14,6 +14,7 @@ from nats.js.api import ObjectStoreConfig, StorageType
 from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
+from kiln._jetstream import match_replicas
 from kiln.errors import InternalError
 from kiln.objects import delete_object, put_object, read_object
 from kiln.wire import Subjects
@@ -82,7 +83,9 @@ async def ensure_payload_bucket(
 ) -> ObjectStore:
     """The payload bucket `bucket`, created if missing (with `replicas` copies)."""
     try:
-        return await js.object_store(bucket)
+        found = await js.object_store(bucket)
     except (BucketNotFoundError, NotFoundError):
         config = ObjectStoreConfig(ttl=PAYLOAD_TTL_S, storage=StorageType.FILE, replicas=replicas)
         return await js.create_object_store(bucket, config)
+    await match_replicas(js, f"OBJ_{bucket}", replicas)
+    return found

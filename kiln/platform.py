@@ -16,7 +16,14 @@ from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry
 
-from kiln._service import open_database, open_health, open_nats, push_bounded, start_part
+from kiln._service import (
+    StoppedBeforeReady,
+    open_database,
+    open_health,
+    open_nats,
+    push_bounded,
+    start_part,
+)
 from kiln.billing.ledger import billing_rules
 from kiln.billing.outbox import OutboxWorker
 from kiln.billing.stripe_gateway import StripeGateway
@@ -68,10 +75,13 @@ async def serve_platform(
         # One registry for this process's NATS connections (the router's and this one), so
         # /metrics shows each family once.
         nats_metrics = NatsMetrics()
-        link = await open_nats(
-            exits, settings, NatsProcess.PLATFORM, nats_metrics, health=health,
-            name="kiln-platform",
-        )  # fmt: skip
+        try:
+            link = await open_nats(
+                exits, settings, NatsProcess.PLATFORM, nats_metrics, health=health,
+                name="kiln-platform", stop=stop,
+            )  # fmt: skip
+        except StoppedBeforeReady:
+            return
         nc = link.client
         cold_starts = ColdStartMetrics()
         billing_metrics = BillingMetrics()

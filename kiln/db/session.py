@@ -31,12 +31,26 @@ def create_engine(settings: Settings, *, application_name: str = "kiln") -> Asyn
     )
 
 
+# Connection exceptions, operator intervention (shutdown, starting up), insufficient resources.
+_UNREACHABLE_STATES = ("08", "57P", "53")
+
+
 def database_unreachable(exc: BaseException) -> bool:
     """Whether `exc` says PostgreSQL cannot be reached just now (down, restarting, out of
     pooled connections), as opposed to a query it refused: callers then serve from a cache,
     or answer "retry"."""
     from sqlalchemy import exc as sa_exc
 
+    if type(exc).__module__.partition(".")[0] == "nats":
+        return False  # nats-py's timeouts are TimeoutErrors too, and say nothing of PostgreSQL
+    if isinstance(exc, sa_exc.DBAPIError) and not isinstance(
+        exc, (sa_exc.OperationalError, sa_exc.InterfaceError)
+    ):
+        # What asyncpg raises while the server starts or stops ("the database system is
+        # starting up", an administrator's shutdown, too many connections) arrives as a plain
+        # DBAPIError: its SQLSTATE class tells.
+        state = str(getattr(exc.orig, "sqlstate", "") or "")
+        return exc.connection_invalidated or state.startswith(_UNREACHABLE_STATES)
     return isinstance(
         exc,
         (OSError, TimeoutError, sa_exc.OperationalError, sa_exc.InterfaceError,

@@ -81,9 +81,10 @@ class Supervisor:
         try:
             service.spawn()  # here, in the main thread (its parent-death signal)
             await asyncio.to_thread(service.wait_ready, self.start_timeout_s)
-        except DevStackError as exc:
-            _log.error("kiln dev: embedded %s did not come back: %s", name, exc.message)
-            return  # still not running: the next check tries again, after a longer pause
+        except Exception as exc:  # noqa: BLE001 - the next check tries again, after a longer pause
+            message = exc.message if isinstance(exc, DevStackError) else f"{exc!r}"
+            _log.error("kiln dev: embedded %s did not come back: %s", name, message)
+            return
         self.on_restart()
         self.restarts.labels(name).inc()
         _log.warning("kiln dev: embedded %s is back at %s", name, service.url)

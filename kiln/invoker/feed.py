@@ -123,7 +123,9 @@ class CallFeed:
             return
         # A delivery carries the call's own subject, not the request's: count it against all.
         self._outstanding = max(0, self._outstanding - 1)
-        if not self._open:
+        if not self._open or self.free_slots() <= 0:
+            # Draining; or more came than there are slots (requests from before a reconnect
+            # that the server still held, beside the ones asked again): back to the queue.
             await msg.nak()
             return
         self.on_call(msg)

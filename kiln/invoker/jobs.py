@@ -24,7 +24,7 @@ from nats.errors import NoRespondersError
 from nats.js.errors import NotFoundError
 
 from kiln._jetstream import MSG_ID, PUBLISH_RETRY_S, publish_durably
-from kiln.errors import KilnError
+from kiln.errors import KilnError, WorkerLost
 from kiln.invoker.calls import CallRunner
 from kiln.invoker.output import in_call
 from kiln.objects import put_object
@@ -66,6 +66,15 @@ class JobRunner:
     async def run(self, msg: Msg, call: CallHeaders) -> None:
         """Run one delivery of a job, and settle its message: ack (done), NAK with a delay
         (to be retried) or term (out of attempts)."""
+        # The job is ours from its delivery: progress acks keep it so while the checks and
+        # the STARTED event below wait on NATS (a leader election can take seconds).
+        keepalive = asyncio.ensure_future(self._in_progress(msg))
+        try:
+            await self._run(msg, call)
+        finally:
+            keepalive.cancel()
+
+    async def _run(self, msg: Msg, call: CallHeaders) -> None:
         job = call.call_id
         attempt = msg.metadata.num_delivered
         attempts = self.calls.spec.resources.retries + 1
@@ -75,13 +84,12 @@ class JobRunner:
         if attempt > attempts:  # earlier attempts died with their replicas
             await self._finish(msg, JobEvent(
                 job, JobEventKind.FAILED, attempt - 1, self.replica, final=True,
-                error_code="worker_lost",
+                error_code=WorkerLost.code,
                 error_message=f"the replica running the job stopped in each of its {attempts} "
                 "attempts",
             ), term=True)  # fmt: skip
             return
         await self._publish(JobEvent(job, JobEventKind.STARTED, attempt, self.replica))
-        keepalive = asyncio.ensure_future(self._in_progress(msg))
         started = time.monotonic()
         cold = msg.metadata.timestamp.timestamp() < self.ready_at
 
@@ -90,37 +98,34 @@ class JobRunner:
             return dataclasses.replace(event, run_s=run_s, bytes_out=bytes_out, cold=cold)
 
         key = (call.router, job)
-        try:
-            with self.calls.cancellable(key), in_call(job, call.request_id):
-                try:
-                    body = msg.data
-                    if call.payload is not None:
-                        body = await self.calls.payloads.get(self.calls.function_id, call.payload)
-                    result = await self.calls.compute(call, body)
-                except asyncio.CancelledError:
-                    if not self.calls.cancelled_by_caller(key):
-                        raise  # the replica is stopping: the job is delivered again
-                    await self._finish(
-                        msg,
-                        ended(JobEvent(job, JobEventKind.CANCELLED, attempt, self.replica, True)),
-                    )
-                    return
-                except KilnError as exc:
-                    final = attempt >= attempts
-                    event = ended(JobEvent(
-                        job, JobEventKind.FAILED, attempt, self.replica, final=final,
-                        error_code=exc.code, error_message=exc.message,
-                    ))  # fmt: skip
-                    if final:
-                        await self._finish(msg, event, term=True)
-                    else:
-                        await self._publish(event)
-                        await msg.nak(delay=retry_delay_s(attempt))
-                    return
-            succeeded = await self._succeeded(job, attempt, result.body, result.content_type)
-            await self._finish(msg, ended(succeeded, len(result.body)))
-        finally:
-            keepalive.cancel()
+        with self.calls.cancellable(key), in_call(job, call.request_id):
+            try:
+                body = msg.data
+                if call.payload is not None:
+                    body = await self.calls.payloads.get(self.calls.function_id, call.payload)
+                result = await self.calls.compute(call, body)
+            except asyncio.CancelledError:
+                if not self.calls.cancelled_by_caller(key):
+                    raise  # the replica is stopping: the job is delivered again
+                await self._finish(
+                    msg,
+                    ended(JobEvent(job, JobEventKind.CANCELLED, attempt, self.replica, True)),
+                )
+                return
+            except KilnError as exc:
+                final = attempt >= attempts
+                event = ended(JobEvent(
+                    job, JobEventKind.FAILED, attempt, self.replica, final=final,
+                    error_code=exc.code, error_message=exc.message,
+                ))  # fmt: skip
+                if final:
+                    await self._finish(msg, event, term=True)
+                else:
+                    await self._publish(event)
+                    await msg.nak(delay=retry_delay_s(attempt))
+                return
+        succeeded = await self._succeeded(job, attempt, result.body, result.content_type)
+        await self._finish(msg, ended(succeeded, len(result.body)))
 
     async def _succeeded(self, job: str, attempt: int, body: bytes, content_type: str) -> JobEvent:
         event = JobEvent(
@@ -150,7 +155,10 @@ class JobRunner:
         body = encode(event)
         headers = {
             # The function's too: the stream drops repeats across every function's events.
-            MSG_ID: f"{self.calls.function_id.hex}:{event.job_id}:{event.attempt}:{event.kind}",
+            # A verdict another replica reached about this attempt is not its own outcome:
+            # neither may be dropped as a repeat of the other.
+            MSG_ID: f"{self.calls.function_id.hex}:{event.job_id}:{event.attempt}:{event.kind}"
+            + (":lost" if event.error_code == WorkerLost.code else ""),
             **(self.sealer.headers(subject, body) or {}),
         }
         # Through a leader election or a reconnect, for `within_s`; then the caller (the job's

@@ -27,12 +27,16 @@ async def serve_node_agent(settings: Settings, stop: asyncio.Event) -> None:
     nats_metrics = NatsMetrics()
     async with contextlib.AsyncExitStack() as exits:
         health = await open_health(exits, settings)
-        link = await open_nats(exits, settings, NatsProcess.NODE_AGENT, nats_metrics, health=health)
+        # Health and metrics first: they answer (and say why) while NATS is awaited; the
+        # agent's own metrics join once it exists.
+        registries = [nats_metrics.registry]
+        await open_metrics(exits, settings, registries, health=health)
+        link = await open_nats(
+            exits, settings, NatsProcess.NODE_AGENT, nats_metrics, health=health, stop=stop
+        )
         agent = NodeAgent(settings, link.client)
         link.on_reconnected(agent.on_nats_reconnected)
-        await open_metrics(
-            exits, settings, [agent.metrics_registry, nats_metrics.registry], health=health
-        )
+        registries.append(agent.metrics_registry)
         _log.info("node agent %s running (slots %s)", agent.node_id, agent.slots.total)
         await agent.run(stop)
     _log.info("node agent stopped")

@@ -56,6 +56,9 @@ _DURABLE = "recorder"
 _BATCH = 128  # events written per transaction
 _SWEEP_EVERY_S = 1.0
 _WEBHOOK_CLAIM_S = 60.0
+# A job whose lost verdict waits, run this much longer than its function's timeout: its own
+# outcome is not coming (its replica's last report was lost with NATS).
+_LOST_VERDICT_GRACE_S = 600.0
 _ALIVE = (ReplicaState.STARTING, ReplicaState.RESTORING, ReplicaState.READY, ReplicaState.DRAINING)
 
 
@@ -160,7 +163,7 @@ class JobRecorder:
                 )
             }
             attempts: list[dict[str, Any]] = []
-            alive = await _live_runners(session, calls.values())
+            alive = await _live_runners(session, calls.values(), readable)
             for function, event in readable:
                 call = calls.get(uuid.UUID(event.job_id))
                 if call is None:
@@ -198,34 +201,41 @@ class JobRecorder:
     async def _sweep(self) -> None:
         await asyncio.sleep(_SWEEP_EVERY_S)
         async with transaction(self.sessions) as session:
-            await self._settle_lost(session)
+            bodies = await self._settle_lost(session)
             stored = await expire_finished(session, self.clock(), self.ttl_s)
+        for function_id, name in bodies:  # after the commit: NATS is not held in a transaction
+            await self.payloads.delete(function_id, name)
         for function_id, name in stored:
             with contextlib.suppress(Exception):  # the bucket's TTL gets it anyway
                 bucket = self.subjects.job_results_bucket(function_id)
                 await delete_object(self.js, bucket, name)
 
-    async def _settle_lost(self, session: AsyncSession) -> None:
+    async def _settle_lost(self, session: AsyncSession) -> list[tuple[uuid.UUID, str]]:
         """Fail the jobs whose `worker_lost` verdict waited (`lost_verdict_waits`) once the
-        replica that ran them is gone after all."""
+        replica that ran them is gone after all, or once the job has run longer than its
+        function's timeout allows (its own outcome was lost); the stored bodies to delete."""
+        now = self.clock()
         waiting = (
-            await session.scalars(
-                sa.select(Call)
+            await session.execute(
+                sa.select(Call, Replica.state, Function.timeout_s)
                 .outerjoin(Replica, Replica.id == Call.replica_id)
-                .where(
-                    Call.status == CallStatus.RUNNING,
-                    Call.error_code == WorkerLost.code,
-                    sa.or_(Replica.id.is_(None), Replica.state.not_in(_ALIVE)),
-                )
+                .join(Function, Function.id == Call.function_id)
+                .where(Call.status == CallStatus.RUNNING, Call.error_code == WorkerLost.code)
                 .with_for_update(of=Call, skip_locked=True)
             )
         ).all()
-        now = self.clock()
-        for call in waiting:
+        bodies = []
+        for call, state, timeout_s in waiting:
+            overdue = call.started_at is not None and now - call.started_at > timedelta(
+                seconds=timeout_s + _LOST_VERDICT_GRACE_S
+            )
+            if state in _ALIVE and not overdue:
+                continue
             finish(call, CallStatus.FAILED, now, self.ttl_s, webhooks=True)
             if call.body_ref is not None:
-                await self.payloads.delete(call.function_id, call.body_ref)
+                bodies.append((call.function_id, call.body_ref))
                 call.body_ref = None
+        return bodies
 
     # Webhooks ----------------------------------------------------------------------------------
 
@@ -288,9 +298,17 @@ class JobRecorder:
                 call.webhook_next_at = self.clock() + timedelta(seconds=delay)
 
 
-async def _live_runners(session: AsyncSession, calls: Iterable[Call]) -> set[uuid.UUID]:
-    """Of the replicas that last started these jobs, the ones still alive."""
+async def _live_runners(
+    session: AsyncSession, calls: Iterable[Call], events: Iterable[tuple[str, JobEvent]]
+) -> set[uuid.UUID]:
+    """Of the replicas that started these jobs (before, or in this batch of events), the ones
+    still alive."""
     runners = {call.replica_id for call in calls if call.replica_id is not None}
+    runners |= {
+        uuid.UUID(event.replica_id)
+        for _, event in events
+        if event.kind == JobEventKind.STARTED and event.replica_id
+    }
     if not runners:
         return set()
     rows = await session.scalars(

@@ -17,7 +17,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
-from kiln._jetstream import ensure_stream
+from kiln._jetstream import ensure_stream, match_replicas
 from kiln.payloads import ensure_payload_bucket
 from kiln.wire import Subjects
 
@@ -82,3 +82,5 @@ async def ensure_function_stores(
     except (BucketNotFoundError, NotFoundError):
         config = ObjectStoreConfig(ttl=result_ttl_s, storage=StorageType.FILE, replicas=replicas)
         await js.create_object_store(bucket, config)
+    else:
+        await match_replicas(js, f"OBJ_{bucket}", replicas)

@@ -34,7 +34,8 @@ class _Joined:
     metric families (the parts of one process never do)."""
 
     def __init__(self, registries: Sequence[CollectorRegistry]) -> None:
-        self.registries = tuple(registries)
+        # Not copied: a part made later (once NATS answers) adds its registry to the list.
+        self.registries = registries
 
     def collect(self) -> Iterable[Metric]:
         for registry in self.registries:

@@ -1,10 +1,9 @@
 """Metrics of a process's NATS connections: whether each is up, and how often it came back.
 
 `NatsMetrics.callbacks(process)` gives the `disconnected_cb`/`reconnected_cb` keywords for
-`nats.connect(...)`. nats-py calls neither for the first connection, so the gauge starts at 1
-when the keywords are made: a process serves its metrics only after that connect succeeded
-(the services start their metrics server after it; the router renders `/metrics` only once its
-lifespan has connected), so a scrape never sees the 1 before it is true.
+`nats.connect(...)`. nats-py calls neither for the first connection: the gauge starts at 0
+while it connects (a service serves its metrics and health meanwhile), and `up(process)`
+(kiln._nats.NatsLink calls it) sets it to 1 once connected.
 """
 
 from __future__ import annotations
@@ -63,7 +62,7 @@ class NatsMetrics:
         # Both series exist from here on (the counter at 0), so rate() sees the first reconnect.
         reconnects = self.reconnects.labels(process.value)
         connected = self.connected.labels(process.value)
-        connected.set(1)
+        connected.set(0)  # connecting
 
         async def on_disconnected() -> None:
             connected.set(0)
@@ -77,3 +76,7 @@ class NatsMetrics:
                 await reconnected()
 
         return NatsCallbacks(disconnected_cb=on_disconnected, reconnected_cb=on_reconnected)
+
+    def up(self, process: NatsProcess) -> None:
+        """The first connection of `process` succeeded."""
+        self.connected.labels(process.value).set(1)

@@ -413,7 +413,8 @@ class Dispatcher:
         if call.publish is None or loop.time() + pause >= call.publish_until:
             _give_up(call)
             return
-        call.deadline = loop.time() + pause + _REPUBLISH_WAIT_S  # the timer re-arms for it
+        # The attempt's own deadline: its timer brings us back here if it goes unanswered.
+        call.set_deadline(pause + _REPUBLISH_WAIT_S)
         loop.call_later(pause, self._republish, call)
 
     def _republish(self, call: _Call) -> None:
@@ -422,7 +423,13 @@ class Dispatcher:
         subject, body, reply, headers = call.publish
         task = asyncio.ensure_future(self.nc.publish(subject, body, reply=reply, headers=headers))
         self._controls.add(task)
-        task.add_done_callback(self._controls.discard)
+
+        def sent(task: asyncio.Future[None]) -> None:
+            self._controls.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                self._unconfirmed(call)  # not even sent (the connection is closing): again
+
+        task.add_done_callback(sent)
 
     def _seal(
         self, function_id: uuid.UUID, subject: str, headers: dict[str, str]
@@ -438,7 +445,10 @@ class Dispatcher:
         if call is None:
             return
         call.cancel_timer()
-        if future.cancelled() or isinstance(future.exception(), CallAbandoned):
+        # Given up before JetStream confirmed it: it may be stored all the same, and a replica
+        # that takes it later must be told to drop it (its caller was told to retry).
+        unconfirmed = call.phase is _Phase.PUBLISHED
+        if future.cancelled() or unconfirmed or isinstance(future.exception(), CallAbandoned):
             if call.replica_id is None:
                 self._abandoned[call_id] = (call.function, time.monotonic())
             else:

@@ -5,20 +5,20 @@ from __future__ import annotations
 import itertools
 import logging
 import secrets
+import time
 
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 
-from kiln._trouble import Trouble
 from kiln.db.session import database_unreachable
 from kiln.errors import InternalError, InvalidRequest, KilnError, NotFound, Unavailable
 
 __all__ = ["error_response", "handle_exception", "handle_http_exception", "request_id"]
 
 _log = logging.getLogger(__name__)
-# Said once while it lasts; each request that met it is answered 503.
-_trouble = Trouble(_log, "reaching PostgreSQL for a request")
+_SAY_UNREACHABLE_EVERY_S = 60.0
+_said_unreachable = [-_SAY_UNREACHABLE_EVERY_S]  # when it was last said (monotonic)
 
 
 def request_id(request: HTTPConnection) -> str:
@@ -60,7 +60,11 @@ async def handle_exception(request: Request, exc: Exception) -> Response:
     if isinstance(exc, KilnError):
         return error_response(request, exc)
     if database_unreachable(exc):  # PostgreSQL is away (a restart): the caller may retry
-        _trouble.failed(exc)
+        now = time.monotonic()
+        if now - _said_unreachable[0] > _SAY_UNREACHABLE_EVERY_S:  # not once per request
+            _said_unreachable[0] = now
+            _log.warning("answering 503: PostgreSQL is unreachable (%s: %s)",
+                         type(exc).__name__, exc)  # fmt: skip
         return error_response(request, Unavailable("the database is unreachable", retry_after=1))
     # Anything else is a bug in Kiln: log it with the request id, show nothing of it.
     _log.exception("unhandled error in request %s", request_id(request))

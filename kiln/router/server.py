@@ -19,7 +19,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from kiln._tasks import cancel_and_wait
-from kiln.errors import KilnError, ServiceStartFailed
+from kiln.errors import KilnError, ServiceFailed
 from kiln.settings import Settings
 
 __all__ = ["RouterServer", "open_router"]
@@ -75,7 +75,7 @@ async def open_router(
         failure = getattr(app.state, "startup_error", None)
         if isinstance(failure, KilnError):
             raise failure
-        raise ServiceStartFailed(
+        raise ServiceFailed(
             f"the router could not start on {settings.host}:{settings.port}"
             + (f": {type(failure).__name__}: {failure}" if failure is not None else "")
         )
@@ -87,7 +87,7 @@ async def open_router(
         if not done:
             _log.error("the router did not stop within %g s; cancelling it", bound)
             await cancel_and_wait(running)
-        elif running.exception() is not None:
+        elif not running.cancelled() and running.exception() is not None:
             _log.error("the router failed while stopping: %r", running.exception())
 
     exits.push_async_callback(stop)

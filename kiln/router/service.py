@@ -14,6 +14,7 @@ import contextlib
 import logging
 
 from kiln._service import open_health, run_service
+from kiln.errors import ServiceFailed
 from kiln.router.app import create_app
 from kiln.router.server import open_router
 from kiln.settings import Settings
@@ -33,6 +34,8 @@ async def serve_router(settings: Settings, stop: asyncio.Event) -> None:
         stopping = asyncio.create_task(stop.wait(), name="kiln-router-stop")
         await asyncio.wait({server.task, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
+        if not stop.is_set():  # the server ended by itself: a failure, for the supervisor
+            raise ServiceFailed("the router's HTTP server stopped by itself")
     _log.info("router stopped")
 
 

@@ -67,7 +67,7 @@ async def open_services(
     )
     call_log.start()
     # After the last calls were answered: their rows are written before it stops.
-    push_bounded(exits, call_log.close, "the invocation log", within_s=16)
+    push_bounded(exits, call_log.close, "the invocation log", within_s=6)
     dispatcher = Dispatcher(nc, subjects, seals=seals, stream_replicas=replicas)
     await dispatcher.start()
     push_bounded(exits, dispatcher.close, "the call dispatcher")

@@ -31,11 +31,14 @@ async def serve_scheduler(settings: Settings, stop: asyncio.Event) -> None:
     async with contextlib.AsyncExitStack() as exits:
         health = await open_health(exits, settings)
         engine = open_database(exits, settings, application_name="kiln-scheduler")
-        link = await open_nats(exits, settings, NatsProcess.SCHEDULER, nats_metrics, health=health)
-        nc = link.client
+        # Health and metrics first: they answer (and say why) while NATS is awaited.
         await open_metrics(
             exits, settings, [cold_starts.registry, nats_metrics.registry], health=health
         )
+        link = await open_nats(
+            exits, settings, NatsProcess.SCHEDULER, nats_metrics, health=health, stop=stop
+        )
+        nc = link.client
         scheduler = Scheduler(
             nc,
             session_factory(engine),

@@ -14,6 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from stack import (  # noqa: F401 - fixtures
@@ -30,6 +31,7 @@ from kiln.db.enums import CallStatus
 from kiln.db.models import App, Call, Function
 from kiln.db.session import create_engine
 from kiln.devstack.nats import EmbeddedNats
+from kiln.devstack.ports import pick_port
 from kiln.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -66,6 +68,12 @@ async def test_each_service_serves_its_metrics_and_stops_on_sigterm(
     try:
         text = await service.wait_for(*names, *(n % process for n in NATS_METRICS))
         assert f'kiln_nats_reconnects_total{{process="{process}"}} 0.0' in text
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{service.port}") as client:
+            for path, good in (("/healthz", "ok"), ("/readyz", "ready")):
+                answer = await client.get(path)
+                assert (answer.status_code, answer.json()) == (
+                    200, {"status": good, "problems": []}
+                )  # fmt: skip
         assert await service.stop() < STOP_BOUND_S
     finally:
         service.kill()
@@ -103,6 +111,28 @@ def kill_nats(server: EmbeddedNats) -> None:
     deadline = time.monotonic() + 10
     while server.process.running and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+async def test_a_service_waiting_for_nats_says_why_it_is_not_ready_and_stops_at_once(
+    settings: Settings, tmp_path: Path
+) -> None:
+    nowhere = settings.replace(nats_url=f"nats://127.0.0.1:{pick_port([], set())}")
+    service = Service.start("kiln.scheduler", nowhere, tmp_path)
+    try:
+        text = await service.wait_for('kiln_nats_connected{process="scheduler"} 0.0')
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{service.port}") as client:
+            ready = await client.get("/readyz")
+            live = await client.get("/healthz")
+        assert ready.status_code == 503
+        assert ready.json()["problems"] == ["kiln-scheduler: NATS is not connected"]
+        assert live.status_code == 200  # not yet KILN_HEALTH_NATS_DOWN_S
+        assert "kiln_scheduler_leading" not in text
+        assert await service.stop() < 5  # it was only waiting
+    finally:
+        service.kill()
+    log = service.log.read_text()
+    assert log.count("waiting for NATS at") == 1, log
+    assert "Traceback" not in log, log
 
 
 async def test_a_nats_outage_shows_in_connected_and_is_counted_as_a_reconnect(

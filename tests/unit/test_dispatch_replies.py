@@ -9,9 +9,13 @@ import time
 import uuid
 from typing import Any, cast
 
+import pytest
 from nats.aio.msg import Msg
 
-from kiln.router.dispatch import Dispatcher, _Call
+from kiln._jetstream import MSG_ID
+from kiln.router import dispatch
+from kiln.router.call_order import CallOrder
+from kiln.router.dispatch import Dispatcher, _Call, _Phase
 from kiln.seal import Seals
 from kiln.wire import CallHeaders, Event, H, Subjects
 
@@ -43,3 +47,56 @@ async def test_a_reply_without_the_calls_token_or_function_is_ignored() -> None:
         assert not future.done()
     await dispatcher._on_reply(reply(subjects.reply(router, function, "7", "a1b2"), b'"real"'))
     assert future.result().body == b'"real"'
+
+
+class _SilentStream:
+    """A NATS connection whose JetStream answers nothing (a stream electing a leader) until
+    told to, then acknowledges the publishes it gets."""
+
+    def __init__(self, dispatcher_box: list[Dispatcher], answer_after: int) -> None:
+        self.box = dispatcher_box
+        self.answer_after = answer_after
+        self.published: list[dict[str, str]] = []
+        self.max_payload = 1 << 20
+        self.is_connected = True
+
+    def jetstream(self) -> None:
+        return None
+
+    async def publish(
+        self, subject: str, body: bytes, *, reply: str = "", headers: dict[str, str]
+    ) -> None:
+        if not reply:
+            return  # a demand hint
+        self.published.append(headers)
+        if len(self.published) > self.answer_after:
+            ack = Msg(cast(Any, None), subject=reply, data=b'{"stream":"t_calls","seq":1}')
+            asyncio.get_running_loop().call_soon(
+                lambda: asyncio.ensure_future(self.box[0]._on_reply(ack))
+            )
+
+
+async def test_an_unanswered_call_is_published_again_with_its_message_id_until_stored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    box: list[Dispatcher] = []
+    nc = _SilentStream(box, answer_after=2)  # two publishes go unanswered
+    dispatcher = Dispatcher(cast(Any, nc), Subjects("t"), seals=Seals(None))
+    box.append(dispatcher)
+    order = CallOrder(
+        function_id=uuid.uuid4(), content_type="application/json", method=None, timeout_s=5.0,
+        startup_timeout_s=30.0, request_id="r",
+    )  # fmt: skip
+    # This test's patience for each PubAck, not the product's.
+    monkeypatch.setattr(dispatch, "_PUBACK_WAIT_S", 0.05)
+    monkeypatch.setattr(dispatch, "_REPUBLISH_WAIT_S", 0.05)
+    call = await dispatcher._publish(order, b"{}", window=0)
+    deadline = time.monotonic() + 10
+    while call.phase is _Phase.PUBLISHED:  # an event of its own would change the product
+        assert not call.future.done(), call.future
+        assert time.monotonic() < deadline, nc.published
+        await asyncio.sleep(0.01)
+    assert len(nc.published) == 3
+    assert len({headers[MSG_ID] for headers in nc.published}) == 1  # stored once, whatever
+    assert call.publish is None  # the body is let go once stored
+    call.future.cancel()

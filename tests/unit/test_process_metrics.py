@@ -32,6 +32,8 @@ async def test_nats_callbacks_track_the_connection_and_chain_the_callers_own() -
 
     callbacks = metrics.callbacks(NatsProcess.ROUTER, reconnected=reconnected)
     connected = ("kiln_nats_connected", {"process": "router"})
+    assert sample(metrics.registry, connected[0], **connected[1]) == 0.0  # connecting
+    metrics.up(NatsProcess.ROUTER)
     assert sample(metrics.registry, connected[0], **connected[1]) == 1.0
     assert sample(metrics.registry, "kiln_nats_reconnects_total", process="router") == 0.0
 
@@ -49,6 +51,8 @@ async def test_two_connections_of_one_process_have_a_series_each() -> None:
     metrics = NatsMetrics()
     router = metrics.callbacks(NatsProcess.ROUTER)
     metrics.callbacks(NatsProcess.PLATFORM)
+    metrics.up(NatsProcess.ROUTER)
+    metrics.up(NatsProcess.PLATFORM)
     await router["disconnected_cb"]()
     assert sample(metrics.registry, "kiln_nats_connected", process="router") == 0.0
     assert sample(metrics.registry, "kiln_nats_connected", process="platform") == 1.0
@@ -86,7 +90,9 @@ def _free_port() -> int:
 async def test_the_metrics_server_serves_several_registries_on_one_port_and_closes() -> None:
     first, second = CollectorRegistry(), CollectorRegistry()
     Counter("kiln_test_first", "one part's", registry=first).inc(3)
-    NatsMetrics(second).callbacks(NatsProcess.SCHEDULER)
+    nats_metrics = NatsMetrics(second)
+    nats_metrics.callbacks(NatsProcess.SCHEDULER)
+    nats_metrics.up(NatsProcess.SCHEDULER)
     port = _free_port()
     async with (
         serve_metrics([first, second], host="127.0.0.1", port=port),

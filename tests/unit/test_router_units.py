@@ -119,3 +119,21 @@ def test_the_openapi_document_describes_every_http_route() -> None:
         if isinstance(route, Route):
             assert route.path in paths, route.path
             assert set(paths[route.path]) >= {m.lower() for m in route.methods or ()} - {"head"}
+
+
+def test_what_counts_as_postgresql_being_away() -> None:
+    import asyncpg
+    import nats.errors
+    from sqlalchemy import exc as sa_exc
+
+    from kiln.db.session import database_unreachable
+
+    starting = asyncpg.exceptions.CannotConnectNowError("the database system is starting up")
+    assert database_unreachable(sa_exc.DBAPIError("SELECT 1", {}, starting))
+    assert database_unreachable(ConnectionRefusedError(111, "Connect call failed"))
+    assert database_unreachable(sa_exc.OperationalError("SELECT 1", {}, Exception("gone")))
+    # A query PostgreSQL refused is a bug, and a NATS timeout is not PostgreSQL's.
+    unique = asyncpg.exceptions.UniqueViolationError("duplicate key")
+    assert not database_unreachable(sa_exc.IntegrityError("INSERT", {}, unique))
+    assert not database_unreachable(nats.errors.TimeoutError())
+    assert not database_unreachable(ValueError("bad"))
