@@ -119,9 +119,10 @@ class _Call:
     quickly arms and cancels one timer, whatever phases it went through."""
 
     __slots__ = (
-        "accept_by", "deadline", "function", "future", "on_unconfirmed", "phase", "publish",
-        "publish_attempts", "publish_until", "published_at", "replica_id", "startup_timeout_s",
-        "stream", "timeout_s", "timer", "timer_at", "token", "trace",
+        "accept_by", "answered", "deadline", "function", "future", "on_unconfirmed", "phase",
+        "publish", "publish_attempts", "publish_until", "published_at", "replica_hex",
+        "replica_id", "startup_timeout_s", "stream", "timeout_s", "timer", "timer_at", "token",
+        "trace",
     )  # fmt: skip
 
     def __init__(
@@ -136,6 +137,8 @@ class _Call:
         self.token = headers.token  # only the replica that took it knows this
         self.phase = _Phase.PUBLISHED
         self.replica_id: str | None = None
+        self.replica_hex = ""  # the same, as the index of calls by replica keys it
+        self.answered = False  # its reply came (a stored result may still be fetched)
         self.accept_by = headers.accept_by
         self.timeout_s = headers.timeout_s
         self.startup_timeout_s = startup_s
@@ -245,6 +248,8 @@ class Dispatcher:
         # Calls abandoned before a replica took them: told to stop once one does.
         self._abandoned: dict[str, tuple[str, float]] = {}  # call id -> (function, when)
         self._controls: set[asyncio.Task[None]] = set()
+        # replica id (hex) -> the plain calls it took from us and has not answered yet
+        self._running_on: dict[str, set[str]] = {}
         self.payloads = PayloadStore(nc.jetstream(), subjects, replicas=stream_replicas)
 
     @property
@@ -445,6 +450,11 @@ class Dispatcher:
         if call is None:
             return
         call.cancel_timer()
+        running = self._running_on.get(call.replica_hex)
+        if running is not None:
+            running.discard(call_id)
+            if not running:
+                del self._running_on[call.replica_hex]
         # Given up before JetStream confirmed it: it may be stored all the same, and a replica
         # that takes it later must be told to drop it (its caller was told to retry).
         unconfirmed = call.phase is _Phase.PUBLISHED
@@ -494,6 +504,7 @@ class Dispatcher:
             call.stream.on_event(kind, seq, body)
         elif event == Event.RESULT:
             assert headers is not None
+            call.answered = True
             content_type = headers.get(H.CONTENT_TYPE, "application/json")
             stored = headers.get(H.PAYLOAD)
             if stored is not None:
@@ -501,6 +512,7 @@ class Dispatcher:
             elif not call.future.done():
                 call.future.set_result(CallResult(body=msg.data, content_type=content_type))
         else:
+            call.answered = True
             call.fail(_remote_error(msg.data))
 
     def _take(self, call: _Call, name: str) -> asyncio.Future[bytes]:
@@ -562,7 +574,9 @@ class Dispatcher:
             if call is not None and call.function == function and call.token == token:
                 # It just spoke: alive now, even if none of its heartbeats reached us yet.
                 self._last_seen[(function, replica_hex)] = time.monotonic()
-                call.replica_id = replica
+                call.replica_id, call.replica_hex = replica, replica_hex
+                if call.stream is None:
+                    self._running_on.setdefault(replica_hex, set()).add(call_id)
                 if call.trace is not None:
                     now = call.future.get_loop().time()
                     trace = call.trace
@@ -582,6 +596,19 @@ class Dispatcher:
                     self.subjects.replica_control(uuid.UUID(replica)), encode(stop)
                 )
 
+    def _replies_lost(self, replica: str) -> None:
+        """The replica says it runs nothing, yet calls it took from us have no answer. A
+        replica sends a call's answer before the heartbeat that no longer counts the call, on
+        one connection, so the answer was lost on the way: a NATS server between us died, or
+        our own link was coming back. Their callers hear so now, not at the call's deadline."""
+        for call_id in list(self._running_on.get(replica, ())):
+            call = self._calls.get(call_id)
+            if call is not None and call.phase is _Phase.RUNNING and not call.answered:
+                call.fail(WorkerLost(
+                    "the call's answer was lost on its way back (a NATS server or link went "
+                    "down meanwhile); the call ran, and may be retried"
+                ))  # fmt: skip
+
     async def _on_heartbeat(self, msg: Msg) -> None:
         now = time.monotonic()
         try:
@@ -595,6 +622,8 @@ class Dispatcher:
             return
         function, replica = function_id.hex, uuid.UUID(beat.replica_id).hex
         self._last_seen[(function, replica)] = now
+        if beat.in_flight == 0 and replica in self._running_on:
+            self._replies_lost(replica)
         ready = self._ready.setdefault(function, {})
         if beat.state == ReplicaState.READY:
             ready[replica] = now

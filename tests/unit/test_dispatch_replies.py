@@ -5,6 +5,8 @@ a call knows the call's token."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import time
 import uuid
 from typing import Any, cast
@@ -13,11 +15,12 @@ import pytest
 from nats.aio.msg import Msg
 
 from kiln._jetstream import MSG_ID
+from kiln.errors import WorkerLost
 from kiln.router import dispatch
 from kiln.router.call_order import CallOrder
 from kiln.router.dispatch import Dispatcher, _Call, _Phase
 from kiln.seal import Seals
-from kiln.wire import CallHeaders, Event, H, Subjects
+from kiln.wire import CallHeaders, Event, H, ReplicaHeartbeat, Subjects, encode
 
 
 class _NoNats:
@@ -100,3 +103,41 @@ async def test_an_unanswered_call_is_published_again_with_its_message_id_until_s
     assert len({headers[MSG_ID] for headers in nc.published}) == 1  # stored once, whatever
     assert call.publish is None  # the body is let go once stored
     call.future.cancel()
+
+
+async def test_a_call_whose_answer_was_lost_fails_when_its_replica_says_it_runs_nothing() -> None:
+    subjects = Subjects("t")
+    dispatcher = Dispatcher(cast(Any, _NoNats()), subjects, seals=Seals(None))
+    function, replica = uuid.uuid4(), uuid.uuid4()
+    calls = {}
+    for call_id in ("a", "b"):
+        headers = CallHeaders(
+            call_id, dispatcher.router_id, "application/json", time.time() + 5, 5.0, token="t"
+        )
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        calls[call_id] = dispatcher._calls[call_id] = _Call(future, headers, 5.0, function.hex)
+        future.add_done_callback(functools.partial(dispatcher._forget, call_id))
+    accepted = {"replica": str(replica), "calls": ["a", "b"], "tokens": ["t", "t"]}
+    await dispatcher._on_accepted(Msg(
+        cast(Any, None), subject=subjects.accepted(dispatcher.router_id, function),
+        data=json.dumps(accepted).encode(),
+    ))  # fmt: skip
+    # "a" is answered; then the replica reports, on the same connection, that it runs nothing.
+    await dispatcher._on_reply(reply(subjects.reply(dispatcher.router_id, function, "a", "t"),
+                                     b'"done"'))  # fmt: skip
+
+    def beat(in_flight: int) -> Msg:
+        data = encode(ReplicaHeartbeat(
+            str(replica), function.hex, "v", "node", "ready", in_flight, None
+        ))  # fmt: skip
+        return Msg(cast(Any, None), subject=subjects.replica_heartbeat(replica), data=data)
+
+    await dispatcher._on_heartbeat(beat(1))  # still busy with "b": nothing is lost
+    assert not calls["b"].future.done()
+    await dispatcher._on_heartbeat(beat(0))
+    assert calls["a"].future.result().body == b'"done"'
+    error = calls["b"].future.exception()
+    assert isinstance(error, WorkerLost)
+    assert "answer was lost on its way back" in error.message
+    await asyncio.sleep(0)  # the futures' done callbacks (the router forgets them) run
+    assert dispatcher._running_on == {}
