@@ -123,9 +123,10 @@ class CallFeed:
             return
         # A delivery carries the call's own subject, not the request's: count it against all.
         self._outstanding = max(0, self._outstanding - 1)
-        if not self._open or self.free_slots() <= 0:
-            # Draining; or more came than there are slots (requests from before a reconnect
-            # that the server still held, beside the ones asked again): back to the queue.
+        if not self._open:
+            # Draining. (More than the free slots may come after a reconnect, when the server
+            # still held requests from before it beside the ones asked again; they run: a NAK
+            # would count as a delivery, and a job has only so many.)
             await msg.nak()
             return
         self.on_call(msg)

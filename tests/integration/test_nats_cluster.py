@@ -200,7 +200,7 @@ async def test_killing_stream_leaders_loses_no_call_job_or_usage_second(
                     if view["status"] not in ("queued", "running"):
                         break
                     await asyncio.sleep(0.1)
-                assert view["status"] == "succeeded", view
+                assert view["status"] == "succeeded", str(view)
                 assert (await client.get(f"/v1/calls/{call_id}/result")).json() == x
 
         # Usage: each replica's intervals chain without a gap or an overlap.
