@@ -71,8 +71,12 @@ class NatsCluster:
                 break
             self.stop_all()
             self._choose_ports()
-        for index in range(self.size):
-            self.wait_healthy(index)
+        try:
+            for index in range(self.size):
+                self.wait_healthy(index)
+        except BaseException:
+            self.stop_all()  # none left behind by a cluster that never formed
+            raise
 
     def wait_healthy(self, index: int) -> None:
         """Until the member says JetStream is ready (its /healthz answers 200)."""
