@@ -12,11 +12,10 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import sqlalchemy as sa
 from kit import CHAOS_APP, RECOVERY_S, first_success
-from stack import Platform, running_platform
+from stack import Platform, own_server, running_platform
 
 from kiln.db.models import App, Function, Invocation, UsageEvent
 from kiln.db.session import create_engine
-from kiln.devstack.ports import pick_port
 from kiln.devstack.postgres import EmbeddedPostgres
 from kiln.settings import Settings
 
@@ -26,14 +25,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def own_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
     """A PostgreSQL server of this module's own, since the test restarts it."""
-    server = EmbeddedPostgres(
-        tmp_path_factory.mktemp("postgres"), {"port": pick_port([], set())}, durable=False
-    )
-    server.start(60)
-    try:
+    with own_server(EmbeddedPostgres, tmp_path_factory.mktemp("postgres"), start_s=60) as server:
         yield server
-    finally:
-        server.stop(15)
 
 
 @pytest.fixture(scope="module", name="platform")

@@ -10,9 +10,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from kit import CHAOS_APP, first_success
-from stack import Platform, running_platform
+from stack import Platform, own_server, running_platform
 
-from kiln.devstack.ports import pick_port
 from kiln.devstack.redis import EmbeddedRedis
 from kiln.settings import Settings
 
@@ -21,14 +20,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(
-        tmp_path_factory.mktemp("redis"), {"port": pick_port([], set())}, durable=False
-    )
-    server.start(30)
-    try:
+    """A Redis server of this module's own, since the test stops it."""
+    with own_server(EmbeddedRedis, tmp_path_factory.mktemp("redis")) as server:
         yield server
-    finally:
-        server.stop(10)
 
 
 @pytest.fixture(scope="module", name="platform")

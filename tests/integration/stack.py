@@ -11,10 +11,10 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import nats
@@ -26,6 +26,7 @@ from kiln._nats import connect_options
 from kiln.db import bootstrap, migrate
 from kiln.devstack.nats import EmbeddedNats
 from kiln.devstack.ports import pick_port
+from kiln.devstack.service import EmbeddedService
 from kiln.functions.package import package
 from kiln.invoker.agent import NodeAgent
 from kiln.platform import serve_platform
@@ -308,17 +309,31 @@ def with_nats(settings: Settings, server: EmbeddedNats) -> Settings:
     return settings.replace(nats_url=server.url, **server.settings())
 
 
-@pytest.fixture(scope="module", name="own_nats")
-def own_nats_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
-    """A NATS server of this module's own, since a test kills it."""
+_Server = TypeVar("_Server", bound=EmbeddedService)
+
+
+@contextmanager
+def own_server(kind: type[_Server], root: Path, *, start_s: float = 30) -> Iterator[_Server]:
+    """An embedded server of a test module's own, on fresh ports, since its tests stop or
+    kill it; stopped on the way out."""
     used: set[int] = set()
-    ports = {"port": pick_port([], used), "monitor_port": pick_port([], used)}
-    server = EmbeddedNats(tmp_path_factory.mktemp("nats"), ports, durable=False)
-    server.start(30)
+    ports = {}
+    for name in kind.default_ports:
+        ports[name] = pick_port([], used)
+        used.add(ports[name])
+    server = kind(root, ports, durable=False)
+    server.start(start_s)
     try:
         yield server
     finally:
-        server.stop(10)
+        server.stop(15)
+
+
+@pytest.fixture(scope="module", name="own_nats")
+def own_nats_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
+    """A NATS server of this module's own, since a test kills it."""
+    with own_server(EmbeddedNats, tmp_path_factory.mktemp("nats")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module", name="platform")
