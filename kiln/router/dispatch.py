@@ -97,6 +97,8 @@ _SERVING_FOR_S = REPLICA_LOST_AFTER_S
 _PUBACK_WAIT_S = 5.0
 # After publishing a call again: how long to wait for that attempt's PubAck.
 _REPUBLISH_WAIT_S = 2.0
+# A replica idle this long while a call it took has no answer: the answer was lost.
+_ANSWER_LOST_AFTER_S = REPLICA_LOST_AFTER_S
 _HEADER_ROOM = 8 * 1024
 
 
@@ -119,7 +121,8 @@ class _Call:
     quickly arms and cancels one timer, whatever phases it went through."""
 
     __slots__ = (
-        "accept_by", "answered", "deadline", "function", "future", "on_unconfirmed", "phase",
+        "accept_by", "answered", "deadline", "function", "future", "idle_seen", "on_unconfirmed",
+        "phase",
         "publish", "publish_attempts", "publish_until", "published_at", "replica_hex",
         "replica_id", "startup_timeout_s", "stream", "timeout_s", "timer", "timer_at", "token",
         "trace",
@@ -139,6 +142,7 @@ class _Call:
         self.replica_id: str | None = None
         self.replica_hex = ""  # the same, as the index of calls by replica keys it
         self.answered = False  # its reply came (a stored result may still be fetched)
+        self.idle_seen = 0.0  # when its replica first said it runs nothing, since it took it
         self.accept_by = headers.accept_by
         self.timeout_s = headers.timeout_s
         self.startup_timeout_s = startup_s
@@ -596,14 +600,20 @@ class Dispatcher:
                     self.subjects.replica_control(uuid.UUID(replica)), encode(stop)
                 )
 
-    def _replies_lost(self, replica: str) -> None:
+    def _replies_lost(self, replica: str, now: float) -> None:
         """The replica says it runs nothing, yet calls it took from us have no answer. A
         replica sends a call's answer before the heartbeat that no longer counts the call, on
-        one connection, so the answer was lost on the way: a NATS server between us died, or
-        our own link was coming back. Their callers hear so now, not at the call's deadline."""
+        one connection; but this client hands each subscription's messages to its own task,
+        so an answer may still wait behind the heartbeat here. Once the replica has said so
+        for `_ANSWER_LOST_AFTER_S`, the answer was lost on the way (a NATS server between us
+        died, or our own link was coming back): the caller hears so, not at the deadline."""
         for call_id in list(self._running_on.get(replica, ())):
             call = self._calls.get(call_id)
-            if call is not None and call.phase is _Phase.RUNNING and not call.answered:
+            if call is None or call.phase is not _Phase.RUNNING or call.answered:
+                continue
+            if not call.idle_seen:
+                call.idle_seen = now
+            elif now - call.idle_seen >= _ANSWER_LOST_AFTER_S:
                 call.fail(WorkerLost(
                     "the call's answer was lost on its way back (a NATS server or link went "
                     "down meanwhile); the call ran, and may be retried"
@@ -623,7 +633,7 @@ class Dispatcher:
         function, replica = function_id.hex, uuid.UUID(beat.replica_id).hex
         self._last_seen[(function, replica)] = now
         if beat.in_flight == 0 and replica in self._running_on:
-            self._replies_lost(replica)
+            self._replies_lost(replica, now)
         ready = self._ready.setdefault(function, {})
         if beat.state == ReplicaState.READY:
             ready[replica] = now
