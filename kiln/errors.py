@@ -34,6 +34,7 @@ __all__ = [
     "PaymentRequired",
     "PermissionDenied",
     "RateLimited",
+    "RemoteError",
     "RequestTimeout",
     "ResultTooLarge",
     "ServiceFailed",
@@ -78,6 +79,33 @@ class KilnError(Exception):
         return {
             "error": {"code": self.code, "message": self.public_message, "request_id": request_id}
         }
+
+
+# Answers from a Kiln, met by its client (the CLI and the SDK) ----------------------------------
+
+
+class RemoteError(KilnError):
+    """An error answer from Kiln's API: the HTTP status, `code` and message as the API sent
+    them. Unlike the errors below, its status is the one it was given."""
+
+    code = "remote_error"
+
+    def __init__(
+        self,
+        *,
+        status: int,
+        code: str,
+        message: str,
+        request_id: str = "-",
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(
+            f"{message} ({code}, HTTP {status}, request {request_id})", retry_after=retry_after
+        )
+        self.http_status = status
+        self.api_code = code
+        self.api_message = message
+        self.request_id = request_id
 
 
 # Configuration and local tooling -----------------------------------------------------------------

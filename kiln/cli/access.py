@@ -10,6 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
+from kiln.cli.output import JsonFlag, echo_json
+
 __all__ = ["customers_app", "keys_app"]
 
 customers_app = typer.Typer(help="Customers and their tiers (operator key).", no_args_is_help=True)
@@ -17,10 +19,9 @@ keys_app = typer.Typer(help="API keys: create, list, revoke, rotate.", no_args_i
 
 
 def _request(method: str, path: str, **kwargs: Any) -> Any:
-    from kiln.cli.client import ApiClient
-    from kiln.cli.main import client_settings
+    from kiln.client import connect
 
-    with ApiClient(client_settings()) as api:
+    with connect() as api:
         response = api.request(method, path, **kwargs)
     return response.json() if response.content else None
 
@@ -40,9 +41,13 @@ def customers_create(
 
 
 @customers_app.command("list")
-def customers_list() -> None:
+def customers_list(as_json: JsonFlag = False) -> None:
     """List customers."""
-    for customer in _request("GET", "/v1/customers")["customers"]:
+    customers = _request("GET", "/v1/customers")["customers"]
+    if as_json:
+        echo_json(customers)
+        return
+    for customer in customers:
         typer.echo(_customer_line(customer))
 
 
@@ -104,10 +109,15 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(
     customer: Annotated[str | None, typer.Option(help="Only this customer's (operators).")] = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """List keys (their prefixes; never the keys)."""
     params = {"customer_id": customer} if customer else {}
-    for key in _request("GET", "/v1/keys", params=params)["keys"]:
+    keys = _request("GET", "/v1/keys", params=params)["keys"]
+    if as_json:
+        echo_json(keys)
+        return
+    for key in keys:
         typer.echo(_key_line(key))
 
 

@@ -11,6 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
+from kiln.cli.output import JsonFlag, echo_json
+
 __all__ = ["billing_app", "parse_amount"]
 
 billing_app = typer.Typer(
@@ -46,10 +48,9 @@ def _money(micros: int | None) -> str:
 
 
 def _call(method: str, path: str, **kwargs: Any) -> Any:
-    from kiln.cli.client import ApiClient
-    from kiln.cli.main import client_settings
+    from kiln.client import connect
 
-    with ApiClient(client_settings()) as api:
+    with connect() as api:
         response = api.request(method, path, **kwargs)
     if response.headers.get("content-type", "").startswith("text/csv"):
         return response.text
@@ -162,9 +163,13 @@ def credit(
 def transactions(
     customer: Customer = None,
     limit: Annotated[int, typer.Option(help="How many, newest first.")] = 50,
+    as_json: JsonFlag = False,
 ) -> None:
     """The ledger: charges, top-ups, refills and adjustments."""
     answer = _call("GET", "/v1/billing/transactions", params=_params(customer, limit=limit))
+    if as_json:
+        echo_json(answer["transactions"])
+        return
     for t in answer["transactions"]:
         typer.echo(f"{t['created_at'][:19]}  {t['kind']:<10} {_money(t['amount_micros']):>12}  "
                    f"{_money(t['balance_after_micros']):>12}  {t['description']}")  # fmt: skip

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from types import FrameType
 
 from kiln import _loop
-from kiln.cli.config import ClientConfig, read_config, write_config
+from kiln.config_file import ClientConfig, read_config, write_config
 from kiln.devstack import DevStack, embedded_services
 from kiln.devstack.secrets import with_dev_secrets
 from kiln.settings import Settings, mask_url

@@ -19,6 +19,7 @@ from kiln._version import __version__
 from kiln.cli.access import customers_app, keys_app
 from kiln.cli.billing import billing_app
 from kiln.cli.observe import calls, logs
+from kiln.cli.output import JsonFlag, echo_json, echo_table
 from kiln.errors import ConfigError, KilnError
 from kiln.settings import Settings
 
@@ -44,10 +45,10 @@ def load_settings() -> Settings:
 
 
 def client_settings() -> Settings:
-    """Settings for commands that talk to a running Kiln: config.toml fills the gaps."""
-    from kiln.cli.config import apply_client_config
+    """Settings for commands that reach a running Kiln's services: config.toml fills the gaps."""
+    from kiln.client import client_settings as with_config
 
-    return apply_client_config(load_settings())
+    return with_config(load_settings())
 
 
 @app.command()
@@ -145,14 +146,12 @@ def deploy(
     ] = False,
 ) -> None:
     """Package the app in FILE with its local modules, deploy it, and print its URLs."""
-
-    from kiln.cli.client import ApiClient
+    from kiln.client import connect
     from kiln.functions.package import package
 
-    settings = client_settings()
     pkg = package(file)
     body = pkg.deploy_body(reset_scaling=reset_scaling)
-    with ApiClient(settings) as api:
+    with connect(settings=load_settings()) as api:
         result = api.request("POST", "/v1/apps", json=body).json()
     verb = "unchanged" if result["unchanged"] else "deployed"
     typer.echo(f"{verb} {result['app']} version {result['version']} ({len(pkg.files)} files)")
@@ -175,20 +174,16 @@ def call(
     ] = False,
 ) -> None:
     """Call a function and print its result."""
-    from kiln.cli.client import ApiClient, ApiError
+    from kiln.client import connect
 
     app_name, slash, name = target.partition("/")
     if not slash or not app_name or not name:
         raise typer.BadParameter(f"{target!r} is not APP/FUNCTION or APP/Class.method")
     path = f"/v1/run/{app_name}/{name}"
     headers = {"Content-Type": "application/json"}
-    with ApiClient(client_settings()) as api:
+    with connect(settings=load_settings()) as api:
         if stream:
-            for line in api.stream_lines("POST", path, content=data.encode(), headers=headers):
-                item = json.loads(line)
-                if "error" in item:
-                    raise ApiError(200, item["error"]["code"], item["error"]["message"],
-                                   item["error"]["request_id"])  # fmt: skip
+            for item in api.stream_items("POST", path, content=data.encode(), headers=headers):
                 if "data" in item:
                     typer.echo(json.dumps(item["data"]))
             return
@@ -216,7 +211,7 @@ def scale(
     ] = None,
 ) -> None:
     """Change a function's scaling live; it holds across restarts and redeploys."""
-    from kiln.cli.client import ApiClient
+    from kiln.client import connect
 
     app_name, slash, name = target.partition("/")
     if not slash or not app_name or not name or "/" in name:
@@ -235,7 +230,7 @@ def scale(
             "nothing to change: give one or more of --min, --max, --buffer, --idle-timeout, "
             "--concurrency, --target-concurrency"
         )
-    with ApiClient(client_settings()) as api:
+    with connect(settings=load_settings()) as api:
         fn = api.request("PATCH", f"/v1/functions/{app_name}/{name}", json=changes).json()
     typer.echo(
         f"{fn['app']}/{fn['name']}: min {fn['min_replicas']}, max {fn['max_replicas']}, "
@@ -245,33 +240,61 @@ def scale(
 
 
 @app.command()
-def ps() -> None:
-    """List functions with their replicas."""
-    from kiln.cli.client import ApiClient
+def apps(as_json: JsonFlag = False) -> None:
+    """List apps with their current version and state."""
+    from kiln.client import connect
 
-    with ApiClient(client_settings()) as api:
+    with connect(settings=load_settings()) as api:
+        found = api.request("GET", "/v1/apps").json()["apps"]
+    if as_json:
+        echo_json(found)
+        return
+    rows = [
+        (a["name"], str(a["version"] or "-"), a["state"], (a["digest"] or "-")[:12],
+         a["updated_at"][:19].replace("T", " "))
+        for a in found
+    ]  # fmt: skip
+    echo_table(("APP", "VERSION", "STATE", "DIGEST", "UPDATED"), rows)
+
+
+@app.command()
+def stop(app_name: Annotated[str, typer.Argument(metavar="APP", help="The app to stop.")]) -> None:
+    """Stop an app and remove it: its replicas drain (calls in flight finish), its routes go."""
+    from kiln.client import connect
+
+    with connect(settings=load_settings()) as api:
+        api.request("DELETE", f"/v1/apps/{app_name}")
+    typer.echo(f"stopped {app_name}: its replicas drain and its routes are gone")
+
+
+@app.command()
+def ps(as_json: JsonFlag = False) -> None:
+    """List functions with their replicas."""
+    from kiln.client import connect
+
+    with connect(settings=load_settings()) as api:
         functions = api.request("GET", "/v1/functions").json()["functions"]
-        rows = [("FUNCTION", "KIND", "GPU", "REPLICAS", "MIN", "MAX", "IDLE")]
-        details = []
         for fn in functions:
-            rows.append(
-                (f"{fn['app']}/{fn['name']}", fn["kind"], fn["gpu"], str(fn["replicas"]),
-                 str(fn["min_replicas"]), str(fn["max_replicas"]), f"{fn['idle_timeout']}s")
-            )  # fmt: skip
-            if fn["replicas"]:
-                path = f"/v1/functions/{fn['app']}/{fn['name']}/replicas"
-                for replica in api.request("GET", path).json()["replicas"]:
-                    details.append(
-                        f"  {fn['app']}/{fn['name']}  {replica['id'][:8]}  {replica['state']:<9}"
-                        f"  node {replica['node']}{_gpu(replica)}  in flight "
-                        f"{replica['in_flight']}  up {_duration(replica.get('uptime_s'))}"
-                        f"{_idle(replica.get('idle_s'))}{_origin(replica.get('origin'))}"
-                    )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
-    for line in details:
-        typer.echo(line)
+            path = f"/v1/functions/{fn['app']}/{fn['name']}/replicas"
+            fn_replicas = api.request("GET", path).json()["replicas"] if fn["replicas"] else []
+            fn["live_replicas"] = fn_replicas
+    if as_json:
+        echo_json(functions)
+        return
+    rows = [
+        (f"{fn['app']}/{fn['name']}", fn["kind"], fn["gpu"], str(fn["replicas"]),
+         str(fn["min_replicas"]), str(fn["max_replicas"]), f"{fn['idle_timeout']}s")
+        for fn in functions
+    ]  # fmt: skip
+    echo_table(("FUNCTION", "KIND", "GPU", "REPLICAS", "MIN", "MAX", "IDLE"), rows)
+    for fn in functions:
+        for replica in fn["live_replicas"]:
+            typer.echo(
+                f"  {fn['app']}/{fn['name']}  {replica['id'][:8]}  {replica['state']:<9}"
+                f"  node {replica['node']}{_gpu(replica)}  in flight "
+                f"{replica['in_flight']}  up {_duration(replica.get('uptime_s'))}"
+                f"{_idle(replica.get('idle_s'))}{_origin(replica.get('origin'))}"
+            )
 
 
 def _gpu(replica: dict[str, Any]) -> str:

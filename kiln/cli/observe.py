@@ -3,11 +3,12 @@ them (`/v1/functions/APP/FN/logs` and `/calls`)."""
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
+
+from kiln.cli.output import JsonFlag, echo_json, echo_table
 
 __all__ = ["calls", "logs"]
 
@@ -34,15 +35,14 @@ def logs(
     ] = None,
 ) -> None:
     """Print what a function printed and logged: time, replica, request and stream per line."""
-    from kiln.cli.client import ApiClient
-    from kiln.cli.main import client_settings
+    from kiln.client import connect
 
     params = {"since": since, "follow": "true" if follow else "false"}
     if request_id is not None:
         params["request_id"] = request_id
-    with ApiClient(client_settings()) as api:
-        for raw in api.stream_lines("GET", _path(target, "logs"), params=params):
-            typer.echo(format_line(json.loads(raw)))
+    with connect() as api:
+        for record in api.stream_items("GET", _path(target, "logs"), params=params):
+            typer.echo(format_line(record))
 
 
 def format_line(record: dict[str, Any]) -> str:
@@ -62,27 +62,28 @@ def calls(
     status: Annotated[
         str | None, typer.Option(help="Only succeeded, failed or cancelled calls.")
     ] = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """List a function's recent calls from the invocation log."""
-    from kiln.cli.client import ApiClient
-    from kiln.cli.main import client_settings
+    from kiln.client import connect
 
     params: dict[str, str | int] = {"limit": limit}
     if status is not None:
         params["status"] = status
-    with ApiClient(client_settings()) as api:
+    with connect() as api:
         found = api.request("GET", _path(target, "calls"), params=params).json()["calls"]
-    rows = [("STARTED", "KIND", "STATUS", "QUEUE", "RUN", "TOTAL", "COLD", "REQUEST")]
-    for call in found:
-        rows.append(
-            (call["started_at"][:23].replace("T", " "), call["kind"],
-             call["error_code"] or call["status"], _ms(call["queue_wait_ms"]),
-             _ms(call["execution_ms"]), _ms(call["duration_ms"]),
-             "cold" if call["cold_start"] else "", call["request_id"] or "-")
-        )  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    if as_json:
+        echo_json(found)
+        return
+    header = ("STARTED", "KIND", "STATUS", "QUEUE", "RUN", "TOTAL", "COLD", "REQUEST")
+    rows = [
+        (call["started_at"][:23].replace("T", " "), call["kind"],
+         call["error_code"] or call["status"], _ms(call["queue_wait_ms"]),
+         _ms(call["execution_ms"]), _ms(call["duration_ms"]),
+         "cold" if call["cold_start"] else "", call["request_id"] or "-")
+        for call in found
+    ]  # fmt: skip
+    echo_table(header, rows)
 
 
 def _ms(value: int | None) -> str:

@@ -19,12 +19,12 @@ from stack import Platform, error_of, platform_fixture  # noqa: F401 - the fixtu
 from typer.testing import CliRunner, Result
 
 from kiln.apikeys import parse_key
-from kiln.cli.client import ApiError
 from kiln.cli.main import app as cli
 from kiln.db.enums import ApiKeyKind
 from kiln.db.models import ApiKey
 from kiln.db.session import create_engine
 from kiln.devstack.ports import pick_port
+from kiln.errors import RemoteError
 from kiln.functions.package import package
 from kiln.router.app import create_app
 
@@ -259,7 +259,7 @@ async def test_the_cli_manages_customers_and_keys(platform: Platform, tmp_path: 
     async with client(platform, key) as c:
         assert (await c.get("/v1/apps")).status_code == 401
     bad = await asyncio.to_thread(kiln, "customers", "set-tier", customer_id, "gold")
-    assert isinstance(bad.exception, ApiError)
+    assert isinstance(bad.exception, RemoteError)
     assert "tier='gold' is not valid: expected one of free, pro, enterprise" in str(bad.exception)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.cli.config import ClientConfig, write_config
+from kiln.config_file import ClientConfig, write_config
 
 pytestmark = pytest.mark.integration
 

@@ -12,10 +12,10 @@ import sqlalchemy as sa
 from stack import Platform, error_of, platform_fixture  # noqa: F401 - the fixture
 from typer.testing import CliRunner, Result
 
-from kiln.cli.client import ApiError
 from kiln.cli.main import app as cli
 from kiln.db.models import Function, Replica
 from kiln.db.session import create_engine
+from kiln.errors import RemoteError
 
 pytestmark = pytest.mark.integration
 
@@ -205,7 +205,7 @@ async def test_kiln_scale_changes_a_function_and_explains_what_it_refuses(
     assert done.output.startswith("scaled2/work: min 0, max 2, buffer 1, idle timeout 300s")
     refused = await asyncio.to_thread(kiln, "scale", "scaled2/work", "--min", "3")
     # `kiln` (kiln.cli.main.main) prints this error as one line and exits 1.
-    assert isinstance(refused.exception, ApiError)
+    assert isinstance(refused.exception, RemoteError)
     assert "min_replicas=3 is above max_replicas=2" in str(refused.exception)
     nothing = await asyncio.to_thread(kiln, "scale", "scaled2/work")
     assert nothing.exit_code == 2

@@ -20,8 +20,8 @@ import pytest
 from stack import Platform, unsandboxed_platform_fixture  # noqa: F401 - the fixture
 from typer.testing import CliRunner, Result
 
-from kiln.cli.client import ApiError
 from kiln.cli.main import app as cli
+from kiln.errors import RemoteError
 
 pytestmark = pytest.mark.integration
 
@@ -170,7 +170,7 @@ async def test_kiln_call_stream_prints_each_item(deployed: Platform, tmp_path: P
     assert (done.exit_code, done.output) == (0, "0\n1\n2\n")
     failed = await asyncio.to_thread(kiln, "call", "streams/fails_after", '{"n": 1}', "--stream")
     assert failed.output == "0\n"
-    assert isinstance(failed.exception, ApiError)
+    assert isinstance(failed.exception, RemoteError)
     assert "ValueError: ran out of tokens (function_error" in str(failed.exception)
 
 

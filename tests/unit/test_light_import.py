@@ -25,7 +25,7 @@ class Block:
 
 BLOCKED = set(sys.argv[1:])
 sys.meta_path.insert(0, Block())
-import kiln, kiln.settings, kiln.errors, kiln.cli.main, kiln.cli.config, kiln.apikeys
+import kiln, kiln.settings, kiln.errors, kiln.cli.main, kiln.config_file, kiln.client, kiln.apikeys
 from kiln.functions import App, lifecycle
 from kiln.functions.loader import load_app, resolve
 from kiln.functions.package import package, unpack
@@ -80,3 +80,26 @@ def test_cli_help_runs_without_heavy_modules() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "upgrade" in result.stdout
+
+
+SDK_ONLY = """
+import sys
+import kiln
+
+function = kiln.lookup("hello/shout", url="http://127.0.0.1:9", api_key="kiln_test_key")
+client = function.client()
+assert function.client() is client  # one session per handle, kept for its later calls
+client.close()
+cli = sorted(m for m in sys.modules if m.split(".")[:2] == ["kiln", "cli"] or m.split(".")[0] == "typer")
+assert not cli, cli
+print("ok")
+"""
+
+
+def test_the_sdk_calls_kiln_without_importing_the_cli() -> None:
+    """The SDK's remote calls use kiln.client; the CLI (typer, every command) is not theirs."""
+    result = subprocess.run(
+        [sys.executable, "-c", SDK_ONLY], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

@@ -9,7 +9,8 @@
     database_url = "postgresql://postgres@127.0.0.1:5432/kiln"
     redis_url = "redis://127.0.0.1:6379/0"
 
-`KILN_URL`, `KILN_API_KEY` and `KILN_*_URL` take precedence over this file.
+`KILN_URL`, `KILN_API_KEY` and `KILN_*_URL` take precedence over this file. Both the CLI and
+the SDK's remote calls read it (through `kiln.client`), so it lives beside them, not in the CLI.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomli_w
 
 from kiln._files import write_private
 from kiln.errors import ConfigError
@@ -61,6 +60,8 @@ def read_config(path: Path) -> ClientConfig:
 
 def write_config(path: Path, config: ClientConfig) -> None:
     """Write atomically and readable by the owner only: the file holds an admin key."""
+    import tomli_w  # only `kiln dev` writes the file; readers (the SDK) need not load it
+
     data: dict[str, Any] = {"kiln": {}, "services": dict(config.services)}
     if config.url:
         data["kiln"]["url"] = config.url
