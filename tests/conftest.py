@@ -23,15 +23,23 @@ import os
 import random
 import secrets
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from kiln.devstack import DevStack
 from kiln.devstack.probes import nats_answers, postgres_answers, redis_answers
-from kiln.settings import Settings
+from kiln.settings import SandboxMode, Settings
+
+if TYPE_CHECKING:
+    from fakestripe import FakeStripe
+    from sqlalchemy.ext.asyncio import AsyncEngine
+    from stack import Platform
+
+    from kiln.devstack.nats import EmbeddedNats
 
 # The platform harness (tests/integration/stack.py) serves the chaos suite (tests/chaos) too.
 sys.path.insert(0, str(Path(__file__).parent / "integration"))
@@ -59,6 +67,12 @@ _NATS_KEYS = {
     "nats_operator_signing_key": "KILN_NATS_OPERATOR_SIGNING_KEY",
     "nats_system_creds": "KILN_NATS_SYSTEM_CREDS",
 }
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "unsandboxed: the module's `platform` runs its replicas unsandboxed"
+    )
 
 
 @dataclass(frozen=True)
@@ -273,3 +287,55 @@ def chaos(request: pytest.FixtureRequest) -> random.Random:
     seed = int(os.environ.get("KILN_TEST_CHAOS_SEED") or random.randrange(10**6))
     print(f"{request.node.name}: chaos seed {seed} (KILN_TEST_CHAOS_SEED={seed} replays it)")
     return random.Random(seed)
+
+
+# The platform and what tests meet it with. Their harness is imported when a test asks for
+# them, so unit tests never load it.
+
+
+@pytest.fixture(scope="module")
+async def platform(
+    settings: Settings, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> AsyncIterator[Platform]:
+    """A platform per test module (tests/integration/stack.py), sandboxed unless the module is
+    marked `unsandboxed`: for tests that meet their functions through files on the host or
+    signal replica processes by pid, both of which a sandbox hides.
+    tests/integration/test_sandbox_e2e.py covers the sandbox; the snapshot and standby tests
+    cold-start in it. A module with a platform of its own defines its own `platform`."""
+    from stack import running_platform
+
+    if request.node.get_closest_marker("unsandboxed"):
+        settings = settings.replace(sandbox=SandboxMode.OFF)
+    home = tmp_path_factory.mktemp("platform-home")
+    async with running_platform(settings, home, stop_apps=True) as running:
+        yield running
+
+
+@pytest.fixture
+async def engine(platform: Platform) -> AsyncIterator[AsyncEngine]:
+    """A connection pool on the platform's database."""
+    from kiln.db.session import create_engine
+
+    built = create_engine(platform.settings, application_name="kiln-test")
+    yield built
+    await built.dispose()
+
+
+@pytest.fixture(scope="module")
+def own_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
+    """A NATS server of the module's own, for modules whose tests stop or kill it."""
+    from stack import own_server
+
+    from kiln.devstack.nats import EmbeddedNats
+
+    with own_server(EmbeddedNats, tmp_path_factory.mktemp("nats")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+async def stripe_fake() -> AsyncIterator[FakeStripe]:
+    """Stripe's HTTP API, faked on a loopback port (tests/integration/fakestripe.py)."""
+    from fakestripe import fake_stripe
+
+    async with fake_stripe() as fake:
+        yield fake

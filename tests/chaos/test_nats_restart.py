@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from kit import CHAOS_APP, RECOVERY_S, first_success, job_outcomes, spawn_jobs
-from stack import Platform, own_nats_fixture, running_platform, with_nats  # noqa: F401
+from stack import Platform, running_platform, with_nats
 
 from kiln.devstack.nats import EmbeddedNats
 from kiln.settings import Settings

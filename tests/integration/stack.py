@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 import httpx
 import nats
-import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -30,7 +29,7 @@ from kiln.devstack.service import EmbeddedService
 from kiln.functions.package import package
 from kiln.invoker.agent import NodeAgent
 from kiln.platform import serve_platform
-from kiln.settings import SandboxMode, Settings
+from kiln.settings import Settings
 from kiln.wire import NodeHeartbeat, Subjects, decode
 
 BODY_LIMIT = 256 * 1024
@@ -327,34 +326,3 @@ def own_server(kind: type[_Server], root: Path, *, start_s: float = 30) -> Itera
         yield server
     finally:
         server.stop(15)
-
-
-@pytest.fixture(scope="module", name="own_nats")
-def own_nats_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
-    """A NATS server of this module's own, since a test kills it."""
-    with own_server(EmbeddedNats, tmp_path_factory.mktemp("nats")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module", name="platform")
-async def platform_fixture(
-    settings: Settings, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Platform]:
-    """A platform per test module (import this fixture into the module)."""
-    home = tmp_path_factory.mktemp("platform-home")
-    async with running_platform(settings, home, stop_apps=True) as running:
-        yield running
-
-
-@pytest.fixture(scope="module", name="platform")
-async def unsandboxed_platform_fixture(
-    settings: Settings, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Platform]:
-    """A platform per test module whose replicas run unsandboxed (import it instead of
-    `platform_fixture`): for tests that meet their functions through files on the host or signal
-    replica processes by pid, both of which a sandbox hides. tests/integration/test_sandbox_e2e.py
-    covers the sandbox; the snapshot and standby tests cold-start in it."""
-    home = tmp_path_factory.mktemp("platform-home")
-    unsandboxed = settings.replace(sandbox=SandboxMode.OFF)
-    async with running_platform(unsandboxed, home, stop_apps=True) as running:
-        yield running

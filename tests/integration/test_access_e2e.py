@@ -15,7 +15,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 import uvicorn
-from stack import Platform, error_of, platform_fixture  # noqa: F401 - the fixture
+from stack import Platform, error_of
 from typer.testing import CliRunner, Result
 
 from kiln.apikeys import parse_key

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,16 +25,9 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from fakestripe import API_KEY, WEBHOOK_SECRET, FakeStripe, fake_stripe
+from fakestripe import API_KEY, WEBHOOK_SECRET, FakeStripe
 from sqlalchemy.ext.asyncio import AsyncEngine
-from stack import (  # noqa: F401 - own_nats_fixture: a fixture
-    Platform,
-    extra_node,
-    nats_env,
-    own_nats_fixture,
-    running_platform,
-    with_nats,
-)
+from stack import Platform, extra_node, nats_env, running_platform, with_nats
 
 from kiln.db.enums import LedgerKind
 from kiln.db.models import LedgerEntry, UsageEvent
@@ -136,12 +128,6 @@ class BillingProcess:
                 self.process.wait(20)
             except subprocess.TimeoutExpired:
                 self.kill()
-
-
-@pytest.fixture(scope="module")
-async def stripe_fake() -> AsyncIterator[FakeStripe]:
-    async with fake_stripe() as fake:
-        yield fake
 
 
 async def load(platform: Platform, key: str, stop: asyncio.Event, seed: int) -> None:

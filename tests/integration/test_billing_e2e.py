@@ -20,7 +20,7 @@ import nats
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
-from stack import ExtraNode, Platform, extra_node, platform_fixture  # noqa: F401 - the fixture
+from stack import ExtraNode, Platform, extra_node
 
 from kiln._nats import connect_options
 from kiln.billing.prices import cost_micros

@@ -19,11 +19,11 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from stack import BODY_LIMIT, Platform, error_of, unsandboxed_platform_fixture  # noqa: F401 - the fixture
+from stack import BODY_LIMIT, Platform, error_of
 
 from kiln.functions.package import package
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.unsandboxed]
 
 ROOT = Path(__file__).resolve().parents[2]
 

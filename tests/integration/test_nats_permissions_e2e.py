@@ -21,7 +21,7 @@ from typing import Any
 import nats
 import pytest
 import sqlalchemy as sa
-from stack import Platform, platform_fixture  # noqa: F401 - the fixture
+from stack import Platform
 
 from kiln._nats import connect_options
 from kiln.db.models import App, Function, Replica

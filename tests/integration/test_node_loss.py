@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
-from stack import Platform, extra_node, platform_fixture  # noqa: F401 - the fixture
+from stack import Platform, extra_node
 
 from kiln.db.enums import NodeState, ReplicaState
 from kiln.db.models import Function, Node, Replica

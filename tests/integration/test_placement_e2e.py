@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from stack import Platform, extra_node, next_node_beat, platform_fixture  # noqa: F401 - the fixture
+from stack import Platform, extra_node, next_node_beat
 
 from kiln.db.enums import NodeState
 from kiln.db.models import Node

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import sqlalchemy as sa
-from stack import Platform, platform_fixture  # noqa: F401 - the fixture
+from stack import Platform
 
 from kiln.db.models import Function, Replica
 from kiln.db.session import create_engine

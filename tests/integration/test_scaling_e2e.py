@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from stack import Platform, error_of, platform_fixture  # noqa: F401 - the fixture
+from stack import Platform, error_of
 from typer.testing import CliRunner, Result
 
 from kiln.cli.main import app as cli

@@ -17,14 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
-from stack import (  # noqa: F401 - fixtures
-    STOP_BOUND_S,
-    Platform,
-    Service,
-    own_nats_fixture,
-    platform_fixture,
-    with_nats,
-)
+from stack import STOP_BOUND_S, Platform, Service, with_nats
 
 from kiln.db import migrate
 from kiln.db.enums import CallStatus

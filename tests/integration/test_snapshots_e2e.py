@@ -15,7 +15,7 @@ import nats
 import pytest
 import sqlalchemy as sa
 from nats.aio.msg import Msg
-from stack import Platform, next_node_beat, platform_fixture  # noqa: F401 - the fixture
+from stack import Platform, next_node_beat
 
 from kiln._nats import connect_options
 from kiln.db.models import Function, Replica

@@ -17,13 +17,13 @@ from typing import Any
 
 import httpx
 import pytest
-from stack import Platform, unsandboxed_platform_fixture  # noqa: F401 - the fixture
+from stack import Platform
 from typer.testing import CliRunner, Result
 
 from kiln.cli.main import app as cli
 from kiln.errors import RemoteError
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.unsandboxed]
 
 STREAMS = """
 import asyncio

@@ -11,13 +11,15 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import sqlalchemy as sa
-from fakestripe import API_KEY, DECLINED, WEBHOOK_SECRET, FakeStripe, fake_stripe, sign
+from eventually import eventually
+from fakestripe import API_KEY, DECLINED, WEBHOOK_SECRET, FakeStripe, sign
 from sqlalchemy.ext.asyncio import AsyncEngine
 from stack import Platform, error_of, running_platform
 from typer.testing import CliRunner
@@ -32,9 +34,10 @@ from kiln.db.models import (
     LedgerEntry,
     Payment,
     StripeEvent,
+    StripeOutbox,
     UsageEvent,
 )
-from kiln.db.session import create_engine, session_factory
+from kiln.db.session import session_factory
 from kiln.functions.package import package
 from kiln.settings import Settings
 from kiln.wire import UsageReport
@@ -42,12 +45,6 @@ from kiln.wire import UsageReport
 pytestmark = pytest.mark.integration
 
 UNIT = 1_000_000  # micro-units in one unit of the currency
-
-
-@pytest.fixture(scope="module")
-async def stripe_fake() -> AsyncIterator[FakeStripe]:
-    async with fake_stripe() as fake:
-        yield fake
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +58,6 @@ async def platform(
     )
     async with running_platform(paying, tmp_path_factory.mktemp("stripe-home")) as running:
         yield running
-
-
-@pytest.fixture
-async def engine(platform: Platform) -> AsyncIterator[AsyncEngine]:
-    built = create_engine(platform.settings, application_name="kiln-test")
-    yield built
-    await built.dispose()
 
 
 async def new_customer(platform: Platform, tier: str = "pro", credit: int = 0) -> tuple[str, str]:
@@ -94,16 +84,6 @@ async def balance_of(engine: AsyncEngine, customer_id: str) -> int:
         )
     assert value is not None
     return value
-
-
-async def until(check: Any, within_s: float = 20.0) -> Any:
-    deadline = time.monotonic() + within_s
-    while True:
-        result = await check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.2)
 
 
 def hour_of(customer_id: str, gpu: str, n: int) -> UsageReport:
@@ -233,8 +213,8 @@ async def test_concurrent_crossings_of_the_refill_threshold_charge_the_card_once
     # from 10 through the threshold of 5 once.
     reports = [hour_of(customer_id, "H100", n) for n in range(8)]
     await asyncio.gather(*(w.record(reports[i::4]) for i, w in enumerate(workers)))
-    refills = await until(lambda: _ledger(engine, customer_id, LedgerKind.REFILL))
-    await asyncio.sleep(1.5)  # a second refill, if there were one, would be here by now
+    refills = await eventually(lambda: _ledger(engine, customer_id, LedgerKind.REFILL), within_s=20)
+    await eventually(lambda: _all_sent(engine, customer_id), within_s=20)  # a 2nd refill too
     assert await _ledger(engine, customer_id, LedgerKind.REFILL) == refills == [50 * UNIT]
     charged = _refill_intents(stripe_fake, customer_id)
     assert len(charged) == 1
@@ -255,12 +235,12 @@ async def test_declined_refills_stop_after_the_limit_and_the_account_is_blocked(
     for crossing in range(limit + 1):
         await worker.record([hour_of(customer_id, "H100", crossing)])  # below the threshold
         if crossing < limit:
-            failed = crossing + 1
-            await until(lambda: _failed_refills(engine, customer_id, failed))  # noqa: B023
+            failed = partial(_failed_refills, engine, customer_id, crossing + 1)
+            await eventually(failed, within_s=20)
         async with platform.client() as operator:  # back above it for the next crossing
             await operator.post("/v1/billing/credits", json={
                 "customer_id": customer_id, "amount_micros": 3_900_000})  # fmt: skip
-    await asyncio.sleep(1.5)
+    await eventually(lambda: _all_sent(engine, customer_id), within_s=20)  # the last one's too
     attempts = _refill_intents(stripe_fake, customer_id)
     assert len(attempts) == limit  # the crossing after the limit charged nothing
     async with engine.connect() as conn:
@@ -285,6 +265,20 @@ async def _ledger(engine: AsyncEngine, customer_id: str, kind: LedgerKind) -> li
             .order_by(LedgerEntry.id)
         )
         return list(rows)
+
+
+async def _all_sent(engine: AsyncEngine, customer_id: str) -> bool:
+    """Stripe was sent all that the customer's charges queued for it (a refill is queued with
+    the charge that crosses the threshold, in its transaction)."""
+    async with engine.connect() as conn:
+        unsent = await conn.scalar(
+            sa.select(sa.func.count())
+            .select_from(StripeOutbox)
+            .where(StripeOutbox.customer_id == uuid.UUID(customer_id))
+            .where(StripeOutbox.sent_at.is_(None))
+        )
+    assert unsent == 0, f"{unsent} outbox rows unsent"
+    return True
 
 
 async def _failed_refills(engine: AsyncEngine, customer_id: str, count: int) -> bool:
@@ -334,7 +328,7 @@ async def test_a_used_up_balance_answers_402_and_scales_to_zero_until_money_come
         assert error_of(refused)["code"] == "insufficient_balance"
         assert "add funds" in error_of(refused)["message"]
         # Its replica scales to zero though its idle timeout is five minutes.
-        await until(lambda: _no_replicas(c), within_s=30)
+        await eventually(lambda: _no_replicas(c), within_s=30)
 
         async with platform.client() as operator:
             await operator.post("/v1/billing/credits", json={
@@ -346,7 +340,7 @@ async def test_a_used_up_balance_answers_402_and_scales_to_zero_until_money_come
         events = (await conn.execute(sa.select(UsageEvent.id, UsageEvent.duration_ms).where(
             UsageEvent.customer_id == uuid.UUID(customer_id)))).all()  # fmt: skip
     assert events
-    metered = await until(lambda: _metered(stripe_fake, {e.id for e in events}))
+    metered = await eventually(lambda: _metered(stripe_fake, {e.id for e in events}), within_s=20)
     assert {i: int(m["payload"]["value"]) for i, m in metered.items()} == dict(events)
 
 
@@ -467,7 +461,7 @@ async def test_the_daily_spend_cap_blocks_calls_until_raised_or_the_day_is_over(
         assert account["blocked"] == "spend_cap"
         assert account["spent_today_micros"] == 3_900_000 * 3 // 2
         # The router heard of it: calls are refused before any lookup of the function.
-        refused = await until(lambda: _refused(c))
+        refused = await eventually(lambda: _refused(c), within_s=20)
         assert "daily spend cap" in error_of(refused)["message"]
         # A late report for another day does not count toward today's cap.
         raised = await c.patch("/v1/billing/settings", json={"spend_cap_micros": 20 * UNIT})
@@ -495,9 +489,10 @@ def _just_ended(customer_id: str, seconds: float) -> UsageReport:
     return _interval(customer_id, str(uuid.uuid4()), "H100", start, seconds, 1)
 
 
-async def _refused(c: Any) -> httpx.Response | None:
+async def _refused(c: Any) -> httpx.Response:
     answer: httpx.Response = await c.post("/v1/run/nothing/here")
-    return answer if answer.status_code == 402 else None
+    assert answer.status_code == 402, answer.text
+    return answer
 
 
 async def test_a_minimum_charge_bills_a_short_replica_up_to_the_minimum_once(
