@@ -3,13 +3,13 @@ keeps asking as slots free, replaces expired requests and hands back calls after
 
 from __future__ import annotations
 
-import asyncio
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import nats
 import pytest
+from eventually import eventually
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -38,6 +38,21 @@ class Queue:
     async def consumer_state(self) -> tuple[int, int, int]:
         info = await self.js.consumer_info(self.stream, self.consumer)
         return int(info.num_pending or 0), int(info.num_ack_pending or 0), int(info.num_waiting)
+
+    async def waiting(self) -> int:
+        """Pull requests parked at the server."""
+        return (await self.consumer_state())[2]
+
+    async def requests(self) -> list[Msg]:
+        """The pull requests sent for the consumer from now on."""
+        seen: list[Msg] = []
+
+        async def note(msg: Msg) -> None:
+            seen.append(msg)
+
+        await self.nc.subscribe(f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.consumer}", cb=note)
+        await self.nc.flush()
+        return seen
 
 
 @pytest.fixture
@@ -70,14 +85,6 @@ def make_feed(queue: Queue, slots: int, held: list[Msg]) -> CallFeed:
     )
 
 
-async def eventually(check: Callable[[], bool], within_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
-
-
 async def test_the_feed_takes_only_as_many_calls_as_it_has_free_slots(queue: Queue) -> None:
     held: list[Msg] = []
     slots = 3
@@ -86,18 +93,17 @@ async def test_the_feed_takes_only_as_many_calls_as_it_has_free_slots(queue: Que
     try:
         await queue.put(5)
         await feed.top_up()
-        await eventually(lambda: len(held) == 3)
-        await asyncio.sleep(0.2)
-        assert len(held) == 3  # no more than its slots
-        assert feed.outstanding == 0
+        await eventually(lambda: len(held) == 3, within_s=5)
+        assert feed.outstanding == 0  # nothing more is coming
         pending, ack_pending, _ = await queue.consumer_state()
-        assert (pending, ack_pending) == (2, 3)
+        assert (pending, ack_pending) == (2, 3)  # as the server counts what it delivered
+        assert len(held) == 3  # no more than its slots
         # Two slots free up: the feed asks for two more, and gets the last two.
         for msg in held[:2]:
             await msg.ack()
         del held[:2]
         await feed.top_up()
-        await eventually(lambda: len(held) == 3)
+        await eventually(lambda: len(held) == 3, within_s=5)
         assert sorted(int(m.data) for m in held) == [2, 3, 4]
     finally:
         await feed.close()
@@ -109,10 +115,10 @@ async def test_an_idle_feed_waits_for_calls_that_arrive_later(queue: Queue) -> N
     await feed.start()
     try:
         await feed.top_up()
-        await eventually(lambda: feed.outstanding == 2)
-        await asyncio.sleep(0.1)
+        await eventually(lambda: feed.outstanding == 2, within_s=5)
+        await eventually(queue.waiting, within_s=5)  # the request is parked at the server
         await queue.put(1)
-        await eventually(lambda: len(held) == 1)
+        await eventually(lambda: len(held) == 1, within_s=5)
         assert feed.outstanding == 1
     finally:
         await feed.close()
@@ -124,13 +130,13 @@ async def test_expired_requests_are_replaced(queue: Queue, monkeypatch: pytest.M
     feed = make_feed(queue, 1, held)
     await feed.start()
     try:
+        asked = await queue.requests()
         await feed.top_up()
-        await asyncio.sleep(0.8)  # the server said 408 and the feed asked again
-        _, _, waiting = await queue.consumer_state()
-        assert waiting == 1
+        await eventually(lambda: len(asked) == 2, within_s=5)  # a 408, and the feed asked again
+        assert await queue.waiting() == 1
         assert feed.outstanding == 1
         await queue.put(1)
-        await eventually(lambda: len(held) == 1)
+        await eventually(lambda: len(held) == 1, within_s=5)
     finally:
         await feed.close()
 
@@ -141,10 +147,11 @@ async def test_calls_that_arrive_after_intake_closes_go_back_to_the_queue(queue:
     await feed.start()
     try:
         await feed.top_up()
-        await eventually(lambda: feed.outstanding == 4)
+        await eventually(lambda: feed.outstanding == 4, within_s=5)
         feed.close_intake()
         await queue.put(2)
-        await asyncio.sleep(0.3)
+        # Delivered (and NAKed, and delivered again) until its requests were used up.
+        await eventually(lambda: feed.outstanding == 0, within_s=5)
         assert held == []
         await feed.close()
         pending, ack_pending, _ = await queue.consumer_state()
