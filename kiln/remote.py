@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +95,8 @@ class RemoteFunction:
                 self._client = connect(
                     url=self._url, api_key=self._api_key, timeout_s=self._timeout_s
                 )
+                # Its connections close with the handle, not at interpreter exit.
+                weakref.finalize(self, self._client.close)
             return self._client
 
     def __repr__(self) -> str:
