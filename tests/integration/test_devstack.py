@@ -13,13 +13,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
+from eventually import eventually
 
 from kiln._nats import connect_options
 from kiln._tasks import cancel_and_wait
@@ -39,16 +39,6 @@ def bare_settings(home: Path) -> Settings:
     return Settings.from_env({"HOME": str(home), "KILN_HOME": str(home)})
 
 
-def wait_gone(pids: list[int], timeout_s: float = 15.0) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        alive = [pid for pid in pids if not is_gone(pid)]
-        if not alive:
-            return []
-        time.sleep(0.05)
-    return [pid for pid in pids if not is_gone(pid)]
-
-
 def recorded(home: Path) -> list[dict[str, Any]]:
     state = home / "dev" / "state.json"
     return json.loads(state.read_text())["services"] if state.exists() else []
@@ -56,6 +46,12 @@ def recorded(home: Path) -> list[dict[str, Any]]:
 
 def still_running(pids: list[int]) -> list[int]:
     return [pid for pid in pids if not is_gone(pid)]
+
+
+def all_gone(pids: list[int]) -> bool:
+    """A check for `eventually`."""
+    assert still_running(pids) == []
+    return True
 
 
 @pytest.fixture
@@ -102,10 +98,12 @@ async def test_a_server_that_dies_is_started_again_on_its_data_and_counted(home:
             dead = service.process.pid
             os.kill(dead, signal.SIGKILL)  # a crash: PostgreSQL leaves its postmaster.pid
             restarts = supervisor.restarts.labels(service.name)
-            deadline = time.monotonic() + 60
-            while restarts._value.get() < 1 or not answers[service.name]():
-                assert time.monotonic() < deadline, f"{service.name} did not come back"
-                await asyncio.sleep(0.1)
+            back = answers[service.name]
+            await eventually(
+                lambda: restarts._value.get() >= 1 and back(),  # noqa: B023
+                within_s=60,
+                what=f"{service.name} came back",
+            )
             entry = next(e for e in recorded(home) if e["name"] == service.name)
             assert entry["pid"] == service.process.pid != dead  # the stray check knows it
             assert service.url == next(e.url for e in stack.state() if e.name == service.name)
@@ -216,7 +214,7 @@ def test_killed_owner_takes_its_servers_down(home: Path) -> None:
         assert all(not is_gone(pid) for pid in pids)
         owner.send_signal(signal.SIGKILL)
         owner.wait(10)
-        assert wait_gone(pids) == []
+        asyncio.run(eventually(lambda: all_gone(pids), within_s=15))
     finally:
         owner.kill()
         owner.wait(10)
@@ -237,10 +235,7 @@ def _shows(cmdline: list[str], args: tuple[str, ...]) -> bool:
 
 def start_sleeper(*args: str) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen([sys.executable, "-c", SLEEPER, *args])
-    deadline = time.monotonic() + 10
-    while not _shows(psutil.Process(proc.pid).cmdline(), args):
-        assert time.monotonic() < deadline, "sleeper never showed its command line"
-        time.sleep(0.01)
+    asyncio.run(eventually(lambda: _shows(psutil.Process(proc.pid).cmdline(), args), within_s=10))
     return proc
 
 
