@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import sqlalchemy as sa
+from eventually import eventually
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -82,13 +83,6 @@ def writer(
     return log, registry
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        assert time.monotonic() < deadline, "not within the time allowed"
-        await asyncio.sleep(0.05)
-
-
 def has_rows(
     engine: AsyncEngine, function_id: uuid.UUID, count: int
 ) -> Callable[[], Awaitable[bool]]:
@@ -118,12 +112,12 @@ async def test_a_full_batch_is_written_at_once_and_a_small_one_on_the_timer(
             log.record(record(function_id, n=n))
         # 100 rows: written without waiting for the timer.
         started = time.monotonic()
-        await eventually(has_rows(engine, function_id, 100), timeout_s=0.9)
+        await eventually(has_rows(engine, function_id, 100), within_s=0.9)
         assert time.monotonic() - started < 0.9
         log.record(record(function_id, n=100))
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # the time under test: less than the timer's
         assert await rows_of(engine, function_id) == 100  # a lone row waits for the timer
-        await eventually(has_rows(engine, function_id, 101), timeout_s=2.0)
+        await eventually(has_rows(engine, function_id, 101), within_s=2.0)
     finally:
         await log.close()
     assert sample(registry, "kiln_invocation_log_rows_written_total") == 101
@@ -153,11 +147,13 @@ async def test_rows_wait_out_a_database_outage_and_the_queue_stays_bounded(
     try:
         for n in range(160):
             log.record(record(function_id, n=n))
-        await eventually(counted(registry, "kiln_invocation_log_write_failures_total", 2))
+        await eventually(
+            counted(registry, "kiln_invocation_log_write_failures_total", 2), within_s=5
+        )
         assert log.pending == 150  # nothing lost while it retries, and no more than the bound
         assert sample(registry, "kiln_invocation_log_rows_dropped_total") == 10
         log.engine = engine  # the database is back
-        await eventually(has_rows(engine, function_id, 150), timeout_s=10)
+        await eventually(has_rows(engine, function_id, 150), within_s=10)
     finally:
         await log.close()
         await unreachable.dispose()
@@ -188,7 +184,7 @@ async def test_rows_past_the_retention_are_deleted_and_newer_ones_kept(
     # Started with the writer, the sweep runs at once.
     log.start()
     try:
-        await eventually(has_rows(engine, function_id, 2))
+        await eventually(has_rows(engine, function_id, 2), within_s=5)
     finally:
         await log.close()
     assert sample(registry, "kiln_invocation_log_rows_deleted_total") >= 3
