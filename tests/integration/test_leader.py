@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 
 import nats
 import pytest
+from eventually import eventually
 from nats.aio.client import Client as NATS
 
 from kiln._jetstream import key_value
@@ -57,14 +58,6 @@ async def candidate(
         await asyncio.wait_for(task, 10)
 
 
-async def until(what: str, check: object, timeout_s: float) -> float:
-    began = time.monotonic()
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() - began < timeout_s, what
-        await asyncio.sleep(0.05)
-    return time.monotonic() - began
-
-
 @pytest.fixture
 async def nc(settings: Settings) -> AsyncIterator[NATS]:
     client = await nats.connect(**connect_options(settings))
@@ -79,7 +72,7 @@ def bucket(settings: Settings) -> str:
 
 async def test_one_leads_and_a_clean_shutdown_hands_over_at_once(nc: NATS, bucket: str) -> None:
     async with candidate(nc, bucket, "a") as a:
-        await until("a never led", lambda: a.is_leader, 5)
+        await eventually(lambda: a.is_leader, within_s=5)
         async with candidate(nc, bucket, "b") as b:
             for _ in range(20):  # over two lease renewals: never both, never neither
                 assert a.is_leader != b.is_leader
@@ -87,13 +80,14 @@ async def test_one_leads_and_a_clean_shutdown_hands_over_at_once(nc: NATS, bucke
             assert a.is_leader
             assert b.contested
         async with candidate(nc, bucket, "c") as c:
-            await asyncio.sleep(0.5)
+            await eventually(lambda: c.contested, within_s=TTL_S)  # it found a's lease
             assert a.is_leader  # "b" left without ever leading: nothing changes
             assert not c.is_leader
     async with candidate(nc, bucket, "d") as d:
         # "a" deleted its lease on the way out: no waiting for it to expire.
-        waited = await until("d never led", lambda: d.is_leader, TTL_S)
-        assert waited < TTL_S / 2
+        began = time.monotonic()
+        await eventually(lambda: d.is_leader, within_s=TTL_S)
+        assert time.monotonic() - began < TTL_S / 2
 
 
 async def test_a_killed_leader_is_replaced_within_about_a_lease(
@@ -109,12 +103,13 @@ async def test_a_killed_leader_is_replaced_within_about_a_lease(
         line = await asyncio.wait_for(holder.stdout.readline(), 30)
         assert line.strip() == b"leads"
         async with candidate(nc, bucket, "standby") as standby:
-            await asyncio.sleep(TTL_S)
+            await eventually(lambda: standby.contested, within_s=TTL_S)  # it found the lease
             assert not standby.is_leader
             holder.send_signal(signal.SIGKILL)  # no goodbye: the lease must run out
             await asyncio.wait_for(holder.wait(), 10)
-            waited = await until("the standby never took over", lambda: standby.is_leader, 15)
-            assert waited < 2 * TTL_S + 1
+            began = time.monotonic()
+            await eventually(lambda: standby.is_leader, within_s=15)
+            assert time.monotonic() - began < 2 * TTL_S + 1
     finally:
         if holder.returncode is None:
             holder.kill()
@@ -125,14 +120,14 @@ async def test_a_replaced_leader_stops_acting_even_without_nats(
     nc: NATS, bucket: str, settings: Settings
 ) -> None:
     async with candidate(nc, bucket, "a") as a:
-        await until("a never led", lambda: a.is_leader, 5)
+        await eventually(lambda: a.is_leader, within_s=5)
         # Its renewals stop reaching NATS (a partition): it must not go on acting.
         await nc.close()
-        await until("a went on acting", lambda: not a.is_leader, 2 * TTL_S)
+        await eventually(lambda: not a.is_leader, within_s=2 * TTL_S)  # a stops acting
         other = await nats.connect(**connect_options(settings))
         try:
             async with candidate(other, bucket, "b") as b:
-                await until("b never led", lambda: b.is_leader, 3 * TTL_S)
+                await eventually(lambda: b.is_leader, within_s=3 * TTL_S)
                 assert not a.is_leader
         finally:
             await other.close()
@@ -158,7 +153,7 @@ async def test_a_lease_written_without_the_platforms_seal_does_not_hold_anyone_o
     try:
         await forging.wait()
         async with candidate(nc, bucket, "a", seals) as a:
-            await until("a never led", lambda: a.is_leader, 5 * TTL_S)
+            await eventually(lambda: a.is_leader, within_s=5 * TTL_S)
             await cancel_and_wait(forger)
             async with candidate(nc, bucket, "b", seals) as b:
                 for _ in range(20):  # over two renewals: b respects a's sealed lease
