@@ -21,13 +21,16 @@ from starlette.responses import JSONResponse, Response
 from kiln.db.enums import ApiKeyKind
 from kiln.errors import InvalidRequest, PermissionDenied
 from kiln.router.auth import SCOPE_CUSTOMER
+from kiln.router.bodies import ABUSE_BUCKET_S, ABUSE_KEEP_S, AbuseQuery
 from kiln.router.services import services
+from kiln.router.validation import read_query
+from kiln.router.views import AbuseCount, AbuseReport, dump
 
 __all__ = ["SCOPE_CUSTOMER", "AbuseSignals", "list_abuse"]
 
 _log = logging.getLogger(__name__)
-_BUCKET_S = 60
-_KEEP_S = 2 * 3600
+_BUCKET_S = ABUSE_BUCKET_S
+_KEEP_S = ABUSE_KEEP_S
 _TOP = 20
 
 
@@ -104,15 +107,12 @@ async def list_abuse(request: Request) -> Response:
     principal = await svc.auth.authenticate(request)
     if principal.kind is not ApiKeyKind.OPERATOR:
         raise PermissionDenied("abuse reports need an operator key")
-    raw = request.query_params.get("window", "3600")
-    if not raw.isdigit() or not _BUCKET_S <= int(raw) <= _KEEP_S:
-        raise InvalidRequest(
-            f"window={raw!r} is not valid: expected seconds from {_BUCKET_S} to {_KEEP_S}"
-        )
+    window = read_query(request, AbuseQuery).window
     if svc.abuse.redis is None:
         raise InvalidRequest("abuse reports need Redis (KILN_REDIS_URL)")
-    customers = await svc.abuse.top(int(raw))
-    return JSONResponse({"window_s": int(raw), "customers": customers})
+    customers = await svc.abuse.top(window)
+    report = AbuseReport(window_s=window, customers=[AbuseCount(**c) for c in customers])
+    return JSONResponse(dump(report))
 
 
 def _text(value: Any) -> str:

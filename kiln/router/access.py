@@ -23,14 +23,25 @@ from starlette.responses import JSONResponse, Response
 
 from kiln.apikeys import mint_key
 from kiln.billing.ledger import Changes, billing_rules, refresh_block
-from kiln.db.enums import ApiKeyKind, CustomerStatus, CustomerTier
+from kiln.db.enums import ApiKeyKind
 from kiln.db.models import ApiKey, App, Customer, Function
 from kiln.db.session import transaction
 from kiln.errors import InvalidRequest, NotFound, PermissionDenied
 from kiln.router.auth import Principal
 from kiln.router.billing import announce
-from kiln.router.run import read_json_object
+from kiln.router.bodies import CustomerBody, CustomerPatch, KeyBody, KeysQuery
 from kiln.router.services import RouterServices, services
+from kiln.router.validation import read_model, read_query
+from kiln.router.views import (
+    CustomerList,
+    CustomerView,
+    Key,
+    KeyList,
+    Limits,
+    NewKey,
+    RotatedKey,
+    dump,
+)
 from kiln.tiers import TierLimits, with_overrides
 
 __all__ = [
@@ -44,23 +55,12 @@ __all__ = [
     "rotate_key",
 ]
 
-_TIERS = ", ".join(t.value for t in CustomerTier)
-_KINDS = {"operator": ApiKeyKind.OPERATOR, "account": ApiKeyKind.ACCOUNT,
-          "function": ApiKeyKind.FUNCTION}  # fmt: skip
-
 
 async def _operator(request: Request) -> Principal:
     principal = await services(request).auth.authenticate(request)
     if principal.kind is not ApiKeyKind.OPERATOR:
         raise PermissionDenied("managing customers needs an operator key")
     return principal
-
-
-def _tier(value: object) -> CustomerTier:
-    try:
-        return CustomerTier(str(value))
-    except ValueError:
-        raise InvalidRequest(f"tier={value!r} is not valid: expected one of {_TIERS}") from None
 
 
 def _customer_id(raw: object) -> uuid.UUID:
@@ -70,25 +70,21 @@ def _customer_id(raw: object) -> uuid.UUID:
         raise NotFound(f"customer {raw!r} not found") from None
 
 
-def _customer_view(
-    customer: Customer, tiers: Mapping[str, TierLimits], keys: int | None = None
-) -> dict[str, Any]:
+def _customer_view(customer: Customer, tiers: Mapping[str, TierLimits], keys: int) -> CustomerView:
     try:
         limits = with_overrides(tiers[customer.tier.value], customer.limit_overrides)
     except ValueError:
         limits = tiers[customer.tier.value]
-    view: dict[str, Any] = {
-        "id": str(customer.id),
-        "name": customer.name,
-        "tier": customer.tier.value,
-        "status": customer.status.value,
-        "created_at": customer.created_at.isoformat(),
-        "limits": {**asdict(limits), "burst": limits.burst_size},
-        "limit_overrides": customer.limit_overrides or {},
-    }
-    if keys is not None:
-        view["active_keys"] = keys
-    return view
+    return CustomerView(
+        id=str(customer.id),
+        name=customer.name,
+        tier=customer.tier,
+        status=customer.status,
+        created_at=customer.created_at.isoformat(),
+        limits=Limits(**{**asdict(limits), "burst": limits.burst_size}),
+        limit_overrides=customer.limit_overrides or {},
+        active_keys=keys,
+    )
 
 
 # Customers -------------------------------------------------------------------------------------
@@ -97,20 +93,16 @@ def _customer_view(
 async def create_customer(request: Request) -> Response:
     svc = services(request)
     await _operator(request)
-    data = await read_json_object(request)
-    name = data.get("name")
-    if not isinstance(name, str) or not 1 <= len(name.strip()) <= 200:
-        raise InvalidRequest(f"name={name!r} is not valid: expected 1 to 200 characters")
-    tier = _tier(data.get("tier", "free"))
+    body = await read_model(request, CustomerBody)
     async with transaction(svc.sessions) as session:
-        customer = Customer(name=name.strip(), tier=tier)
+        customer = Customer(name=body.name, tier=body.tier)
         session.add(customer)
         await session.flush()
         await _billing_check(svc, session, customer.id, changes := Changes())
         await session.refresh(customer)
         view = _customer_view(customer, svc.settings.tier_limits, 0)
     await announce(svc, changes)
-    return JSONResponse(view, status_code=201)
+    return JSONResponse(dump(view), status_code=201)
 
 
 async def list_customers(request: Request) -> Response:
@@ -123,7 +115,7 @@ async def list_customers(request: Request) -> Response:
         views = [
             _customer_view(customer, svc.settings.tier_limits, keys) for customer, keys in rows
         ]
-    return JSONResponse({"customers": views})
+    return JSONResponse(dump(CustomerList(customers=views)))
 
 
 async def get_customer(request: Request) -> Response:
@@ -139,7 +131,7 @@ async def get_customer(request: Request) -> Response:
         if row is None:
             raise NotFound(f"customer {customer_id} not found")
         view = _customer_view(row[0], svc.settings.tier_limits, row[1])
-    return JSONResponse(view)
+    return JSONResponse(dump(view))
 
 
 async def patch_customer(request: Request) -> Response:
@@ -148,40 +140,30 @@ async def patch_customer(request: Request) -> Response:
     svc = services(request)
     await _operator(request)
     customer_id = _customer_id(request.path_params["customer_id"])
-    data = await read_json_object(request)
-    unknown = sorted(set(data) - {"tier", "status", "name", "limits"})
-    if unknown or not data:
-        raise InvalidRequest(f"cannot change {', '.join(unknown) or 'nothing'}; changeable: "
-                             "tier, status, name, limits")  # fmt: skip
+    patch = await read_model(request, CustomerPatch)
+    sent = patch.model_fields_set
     async with transaction(svc.sessions) as session:
         customer = await session.get(Customer, customer_id, with_for_update=True)
         if customer is None:
             raise NotFound(f"customer {customer_id} not found")
-        if "tier" in data:
-            customer.tier = _tier(data["tier"])
-        if "limits" in data:
+        if "tier" in sent:
+            customer.tier = patch.tier
+        if "limits" in sent:
             # Checked against the tier now, so a bad override never reaches the routers.
             try:
-                with_overrides(svc.settings.tier_limits[customer.tier.value], data["limits"])
+                with_overrides(svc.settings.tier_limits[customer.tier.value], patch.limits)
             except ValueError as exc:
                 raise InvalidRequest(f"limits are not valid: {exc}") from None
-            customer.limit_overrides = data["limits"] or None
-        if "name" in data:
-            name = data["name"]
-            if not isinstance(name, str) or not 1 <= len(name.strip()) <= 200:
-                raise InvalidRequest(f"name={name!r} is not valid: expected 1 to 200 characters")
-            customer.name = name.strip()
-        if "status" in data:
-            try:
-                customer.status = CustomerStatus(data["status"])
-            except ValueError:
-                raise InvalidRequest(
-                    f"status={data['status']!r} is not valid: expected active or disabled"
-                ) from None
+            customer.limit_overrides = patch.limits or None
+        if "name" in sent:
+            customer.name = patch.name
+        if "status" in sent:
+            customer.status = patch.status
         await session.flush()
         await _billing_check(svc, session, customer_id, changes := Changes())
         await session.refresh(customer)
-        view = _customer_view(customer, svc.settings.tier_limits)
+        keys = await session.scalar(sa.select(_active_keys()).where(Customer.id == customer_id))
+        view = _customer_view(customer, svc.settings.tier_limits, keys or 0)
         digests = list(
             await session.scalars(
                 sa.select(ApiKey.key_hash).where(ApiKey.customer_id == customer_id)
@@ -190,7 +172,7 @@ async def patch_customer(request: Request) -> Response:
     # Whatever changed, the verdicts cached before say otherwise (status, tier, limits).
     await svc.auth.forget(customer_id=customer_id, digests=digests)
     await announce(svc, changes)
-    return JSONResponse(view)
+    return JSONResponse(dump(view))
 
 
 async def _billing_check(
@@ -214,33 +196,25 @@ def _active_keys() -> sa.ScalarSelect[int]:
 async def create_key(request: Request) -> Response:
     svc = services(request)
     principal = await svc.auth.authenticate(request)
-    data = await read_json_object(request)
-    kind = _KINDS.get(str(data.get("kind", "account")))
-    if kind is None:
-        raise InvalidRequest(
-            f"kind={data.get('kind')!r} is not valid: expected account, function or operator"
-        )
-    name = data.get("name", "")
-    if not isinstance(name, str) or len(name) > 100:
-        raise InvalidRequest(f"name={name!r} is not valid: expected at most 100 characters")
-    expires_at = _expiry(data.get("expires_in_s"))
+    body = await read_model(request, KeyBody)
+    expires_at = _expiry(body.expires_in_s)
     async with transaction(svc.sessions) as session:
-        customer_id, function_id, target = await _scope(session, principal, kind, data)
-        minted = mint_key(kind)
+        customer_id, function_id, target = await _scope(session, principal, body)
+        minted = mint_key(body.kind)
         key = ApiKey(
-            kind=kind,
+            kind=body.kind,
             customer_id=customer_id,
             function_id=function_id,
             key_hash=minted.digest(svc.auth.pepper),
             prefix=minted.prefix,
-            name=name,
+            name=body.name,
             expires_at=expires_at,
         )
         session.add(key)
         await session.flush()
         await session.refresh(key)
-        view = {**_key_view(key, target), "key": minted.plaintext}
-    return JSONResponse(view, status_code=201)
+        view = NewKey(**_key_fields(key, target), key=minted.plaintext)
+    return JSONResponse(dump(view), status_code=201)
 
 
 async def list_keys(request: Request) -> Response:
@@ -252,16 +226,17 @@ async def list_keys(request: Request) -> Response:
         .outerjoin(App, App.id == Function.app_id)
         .order_by(ApiKey.created_at)
     )
+    asked = read_query(request, KeysQuery).customer_id
     if principal.kind is not ApiKeyKind.OPERATOR:
         query = query.where(ApiKey.customer_id == principal.customer_id)
-    elif "customer_id" in request.query_params:
-        query = query.where(ApiKey.customer_id == _customer_id(request.query_params["customer_id"]))
+    elif asked is not None:
+        query = query.where(ApiKey.customer_id == asked)
     async with transaction(svc.sessions) as session:
         views = [
-            _key_view(key, f"{app}/{function}" if function else None)
+            Key(**_key_fields(key, f"{app}/{function}" if function else None))
             for key, app, function in await session.execute(query)
         ]
-    return JSONResponse({"keys": views})
+    return JSONResponse(dump(KeyList(keys=views)))
 
 
 async def revoke_key(request: Request) -> Response:
@@ -298,10 +273,10 @@ async def rotate_key(request: Request) -> Response:
         session.add(new)
         await session.flush()
         await session.refresh(new)
-        view = {**_key_view(new, None), "key": minted.plaintext, "replaces": str(old.id)}
+        view = RotatedKey(**_key_fields(new, None), key=minted.plaintext, replaces=str(old.id))
         old_id, old_digest = old.id, old.key_hash
     await svc.auth.forget(key_id=old_id, digests=[old_digest])
-    return JSONResponse(view, status_code=201)
+    return JSONResponse(dump(view), status_code=201)
 
 
 async def _key_manager(request: Request, svc: RouterServices) -> Principal:
@@ -325,9 +300,10 @@ async def _owned_key(session: Any, principal: Principal, raw: str) -> ApiKey:
 
 
 async def _scope(
-    session: Any, principal: Principal, kind: ApiKeyKind, data: dict[str, Any]
+    session: Any, principal: Principal, body: KeyBody
 ) -> tuple[uuid.UUID | None, uuid.UUID | None, str | None]:
     """The customer and function a new key belongs to, as `principal` may grant."""
+    kind = body.kind
     if principal.kind is ApiKeyKind.FUNCTION:
         raise PermissionDenied("a function-scoped key cannot create keys")
     if kind is ApiKeyKind.OPERATOR:
@@ -335,19 +311,19 @@ async def _scope(
             raise PermissionDenied("only an operator key can create operator keys")
         return None, None, None
     if principal.kind is ApiKeyKind.OPERATOR:
-        if "customer_id" not in data:
+        if body.customer_id is None:
             raise InvalidRequest("say whose key it is: customer_id")
-        customer_id = _customer_id(data["customer_id"])
+        customer_id = body.customer_id
         if await session.get(Customer, customer_id) is None:
             raise NotFound(f"customer {customer_id} not found")
     else:
         assert principal.customer_id is not None
         customer_id = principal.customer_id
-        if "customer_id" in data and _customer_id(data["customer_id"]) != customer_id:
-            raise NotFound(f"customer {data['customer_id']!r} not found")
+        if body.customer_id is not None and body.customer_id != customer_id:
+            raise NotFound(f"customer {str(body.customer_id)!r} not found")
     if kind is ApiKeyKind.ACCOUNT:
         return customer_id, None, None
-    target = data.get("function")
+    target = body.function
     app, slash, name = str(target or "").partition("/")
     if not slash or not app or not name:
         raise InvalidRequest(
@@ -364,20 +340,15 @@ async def _scope(
     return customer_id, function_id, f"{app}/{name}"
 
 
-def _expiry(value: object) -> datetime | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 60 <= value <= 10 * 365 * 86400:
-        raise InvalidRequest(
-            f"expires_in_s={value!r} is not valid: expected whole seconds from 60 to ten years"
-        )
-    return datetime.now(UTC) + timedelta(seconds=value)
+def _expiry(seconds: int | None) -> datetime | None:
+    return None if seconds is None else datetime.now(UTC) + timedelta(seconds=seconds)
 
 
-def _key_view(key: ApiKey, function: str | None) -> dict[str, Any]:
+def _key_fields(key: ApiKey, function: str | None) -> dict[str, Any]:
+    """A key's view (`kiln.router.views.Key`), as fields its subclasses add to."""
     return {
         "id": str(key.id),
-        "kind": key.kind.value,
+        "kind": key.kind,
         "customer_id": str(key.customer_id) if key.customer_id else None,
         "function": function,
         "name": key.name,

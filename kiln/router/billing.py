@@ -26,13 +26,27 @@ from kiln.db.enums import ApiKeyKind, LedgerKind, PaymentKind
 from kiln.db.models import Customer, DailySpend, LedgerEntry, Payment
 from kiln.db.session import transaction
 from kiln.errors import InvalidRequest, NotFound, PermissionDenied, Unavailable
-from kiln.router.run import read_body, read_json_object
+from kiln.router.auth import Principal
+from kiln.router.bodies import (
+    MICROS,
+    AccountQuery,
+    CreditBody,
+    OperatorSettingsPatch,
+    SettingsPatch,
+    TopupBody,
+    TransactionsQuery,
+)
 from kiln.router.services import RouterServices, services
+from kiln.router.validation import read_body, read_model, read_query
+from kiln.router.views import Account, Topup, Transaction, Transactions, WebhookReceived, dump
 from kiln.wire import Subjects
 
 __all__ = [
+    "account_for",
+    "account_of",
     "announce",
     "balance",
+    "billing_principal",
     "create_topup",
     "credit",
     "patch_settings",
@@ -41,41 +55,34 @@ __all__ = [
 ]
 
 _WEBHOOK_LIMIT = 1024 * 1024
-_MIN_TOPUP_MICROS = 1_000_000  # one unit of the currency
-_MAX_TOPUP_MICROS = 100_000 * 1_000_000
 _MAX_PAGE = 500
-_SETTINGS = (
-    "spend_cap_micros", "refill_threshold_micros", "refill_amount_micros", "reset_refill_failures"
-)  # fmt: skip
 
 
-async def account_of(request: Request, named: object = None) -> tuple[bool, uuid.UUID]:
-    """(whether an operator asks, the customer the request is about)."""
+async def billing_principal(request: Request) -> Principal:
+    """The caller of a billing route: an account or operator key."""
     principal = await services(request).auth.authenticate(request)
     if principal.kind is ApiKeyKind.FUNCTION:
         raise PermissionDenied("a function-scoped key cannot see or change billing")
-    named = named if named is not None else request.query_params.get("customer_id")
+    return principal
+
+
+def account_for(principal: Principal, named: uuid.UUID | None) -> tuple[bool, uuid.UUID]:
+    """(whether an operator asks, the customer the request is about): the one an operator
+    names, or the account key's own."""
     if principal.kind is ApiKeyKind.OPERATOR:
         if named is None:
             raise InvalidRequest("an operator key must say which customer: customer_id=...")
-        try:
-            return True, uuid.UUID(str(named))
-        except ValueError:
-            raise NotFound(f"customer {named!r} not found") from None
+        return True, named
     assert principal.customer_id is not None
-    if named is not None and str(named) != str(principal.customer_id):
-        raise NotFound(f"customer {named!r} not found")
+    if named is not None and named != principal.customer_id:
+        raise NotFound(f"customer {str(named)!r} not found")
     return False, principal.customer_id
 
 
-def _micros(data: dict[str, Any], name: str, *, low: int, high: int, nullable: bool) -> int | None:
-    value = data.get(name)
-    if value is None and nullable:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        allowed = f"whole micro-units from {low} to {high}" + (" or null" if nullable else "")
-        raise InvalidRequest(f"{name}={value!r} is not valid: expected {allowed}")
-    return value
+async def account_of(request: Request) -> tuple[bool, uuid.UUID]:
+    """`account_for` the caller, with the customer named in the query (`customer_id`)."""
+    principal = await billing_principal(request)
+    return account_for(principal, read_query(request, AccountQuery).customer_id)
 
 
 async def _customer(session: Any, customer_id: uuid.UUID, *, lock: bool = False) -> Customer:
@@ -101,23 +108,19 @@ async def announce(svc: RouterServices, changes: Changes) -> None:
 # Balance, settings, credits ----------------------------------------------------------------
 
 
-def _account_view(customer: Customer, spent_today: int, currency: str) -> dict[str, Any]:
-    return {
-        "customer_id": str(customer.id),
-        "currency": currency,
-        "balance_micros": customer.balance_micros,
-        "spent_today_micros": spent_today,
-        "spend_cap_micros": customer.spend_cap_micros,
-        "refill_threshold_micros": customer.refill_threshold_micros,
-        "refill_amount_micros": customer.refill_amount_micros,
-        "refill_failures": customer.refill_failures,
-        "payment_method": customer.payment_method_id is not None,
-        "blocked": customer.billing_block,
-    }
-
-
-async def _view(svc: RouterServices, session: Any, customer: Customer) -> dict[str, Any]:
-    return _account_view(customer, await _spent_today(session, customer.id), svc.settings.currency)
+def _account_view(customer: Customer, spent_today: int, currency: str) -> Account:
+    return Account(
+        customer_id=str(customer.id),
+        currency=currency,
+        balance_micros=customer.balance_micros,
+        spent_today_micros=spent_today,
+        spend_cap_micros=customer.spend_cap_micros,
+        refill_threshold_micros=customer.refill_threshold_micros,
+        refill_amount_micros=customer.refill_amount_micros,
+        refill_failures=customer.refill_failures,
+        payment_method=customer.payment_method_id is not None,
+        blocked=customer.billing_block,
+    )
 
 
 async def _spent_today(session: Any, customer_id: uuid.UUID) -> int:
@@ -137,7 +140,7 @@ async def balance(request: Request) -> Response:
         view = _account_view(
             customer, await _spent_today(session, customer_id), svc.settings.currency
         )
-    return JSONResponse(view)
+    return JSONResponse(dump(view))
 
 
 async def patch_settings(request: Request) -> Response:
@@ -145,61 +148,50 @@ async def patch_settings(request: Request) -> Response:
     with `refill_amount_micros` (both null: off), `reset_refill_failures` (turns a refill that
     stopped after failures back on), and, for operators, `payment_method_id`."""
     svc = services(request)
-    data = await read_json_object(request)
-    operator, customer_id = await account_of(request, data.pop("customer_id", None))
-    allowed = set(_SETTINGS) | ({"payment_method_id"} if operator else set())
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise InvalidRequest(
-            f"unknown setting {unknown[0]!r}; settings are {', '.join(sorted(allowed))}"
-        )
+    principal = await billing_principal(request)
+    operator = principal.kind is ApiKeyKind.OPERATOR
+    patch = await read_model(request, OperatorSettingsPatch if operator else SettingsPatch)
+    _, customer_id = account_for(principal, patch.customer_id)
+    sent = patch.model_fields_set
     changes = Changes()
     async with transaction(svc.sessions) as session:
         customer = await _customer(session, customer_id, lock=True)
-        if "spend_cap_micros" in data:
-            customer.spend_cap_micros = _micros(data, "spend_cap_micros", low=0, high=2**62,
-                                                nullable=True)  # fmt: skip
-        if "refill_threshold_micros" in data or "refill_amount_micros" in data:
-            threshold = _micros(data, "refill_threshold_micros", low=0, high=2**62, nullable=True)
-            amount = _micros(data, "refill_amount_micros", low=_MIN_TOPUP_MICROS,
-                             high=_MAX_TOPUP_MICROS, nullable=True)  # fmt: skip
-            if (threshold is None) != (amount is None):
-                raise InvalidRequest(
-                    "refill_threshold_micros and refill_amount_micros go together: give both "
-                    "(auto-refill on) or both null (off)"
-                )
-            customer.refill_threshold_micros, customer.refill_amount_micros = threshold, amount
-        if data.get("reset_refill_failures"):
+        if "spend_cap_micros" in sent:
+            customer.spend_cap_micros = patch.spend_cap_micros
+        if sent & {"refill_threshold_micros", "refill_amount_micros"}:
+            customer.refill_threshold_micros = patch.refill_threshold_micros
+            customer.refill_amount_micros = patch.refill_amount_micros
+        if patch.reset_refill_failures:
             customer.refill_failures = 0
-        if "payment_method_id" in data:
-            method = data["payment_method_id"]
-            if method is not None and not (isinstance(method, str) and method.startswith("pm_")):
-                raise InvalidRequest(f"payment_method_id={method!r} is not valid: expected pm_...")
-            customer.payment_method_id = method
+        if isinstance(patch, OperatorSettingsPatch) and "payment_method_id" in sent:
+            customer.payment_method_id = patch.payment_method_id
         await session.flush()
         await refresh_block(session, customer_id, billing_rules(svc.settings), changes)
         view = _account_view(
             customer, await _spent_today(session, customer_id), svc.settings.currency
         )
     await announce(svc, changes)
-    return JSONResponse(view)
+    return JSONResponse(dump(view))
 
 
 async def credit(request: Request) -> Response:
     """An operator's adjustment: credit (or, negative, debit) a customer's balance."""
     svc = services(request)
-    data = await read_json_object(request)
-    operator, customer_id = await account_of(request, data.get("customer_id"))
-    if not operator:
+    principal = await billing_principal(request)
+    if principal.kind is not ApiKeyKind.OPERATOR:
         raise PermissionDenied("adjusting a balance needs an operator key")
-    amount = _micros(data, "amount_micros", low=-(2**62), high=2**62, nullable=False)
-    assert amount is not None
-    if amount == 0:
-        raise InvalidRequest("amount_micros=0 is not valid: expected a non-zero amount")
-    description = str(data.get("description") or "adjustment")[:500]
+    body = await read_model(request, CreditBody)
+    _, customer_id = account_for(principal, body.customer_id)
+    amount = body.amount_micros
+    description = (body.description or "adjustment")[:500]
     changes = Changes()
     async with transaction(svc.sessions) as session:
         customer = await _customer(session, customer_id, lock=True)
+        if not -MICROS <= customer.balance_micros + amount <= MICROS:
+            raise InvalidRequest(
+                f"amount_micros={amount} is not valid: the balance would pass {MICROS:,} "
+                "micro-units either way"
+            )
         customer.balance_micros += amount
         session.add(
             LedgerEntry(
@@ -216,19 +208,17 @@ async def credit(request: Request) -> Response:
             customer, await _spent_today(session, customer_id), svc.settings.currency
         )
     await announce(svc, changes)
-    return JSONResponse(view, status_code=201)
+    return JSONResponse(dump(view), status_code=201)
 
 
 async def transactions(request: Request) -> Response:
     """Ledger entries, newest first; `before` (an entry id) pages back."""
     svc = services(request)
-    _, customer_id = await account_of(request)
-    try:
-        limit = min(_MAX_PAGE, max(1, int(request.query_params.get("limit", "100"))))
-        before = request.query_params.get("before")
-        before_id = int(before) if before is not None else None
-    except ValueError:
-        raise InvalidRequest("limit and before must be integers") from None
+    principal = await billing_principal(request)
+    asked = read_query(request, TransactionsQuery)
+    _, customer_id = account_for(principal, asked.customer_id)
+    limit = min(_MAX_PAGE, max(1, asked.limit))
+    before_id = asked.before
     query = (
         sa.select(LedgerEntry)
         .where(LedgerEntry.customer_id == customer_id)
@@ -239,21 +229,18 @@ async def transactions(request: Request) -> Response:
         query = query.where(LedgerEntry.id < before_id)
     async with transaction(svc.sessions) as session:
         entries = (await session.scalars(query)).all()
-    return JSONResponse(
-        {
-            "transactions": [
-                {
-                    "id": e.id,
-                    "kind": e.kind.value,
-                    "amount_micros": e.amount_micros,
-                    "balance_after_micros": e.balance_after_micros,
-                    "description": e.description,
-                    "created_at": e.created_at.isoformat(),
-                }
-                for e in entries
-            ]
-        }
-    )
+    views = [
+        Transaction(
+            id=e.id,
+            kind=e.kind,
+            amount_micros=e.amount_micros,
+            balance_after_micros=e.balance_after_micros,
+            description=e.description,
+            created_at=e.created_at.isoformat(),
+        )
+        for e in entries
+    ]
+    return JSONResponse(dump(Transactions(transactions=views)))
 
 
 # Top-ups and Stripe's webhook --------------------------------------------------------------
@@ -264,22 +251,13 @@ async def create_topup(request: Request) -> Response:
     a Stripe Checkout page to send the customer to, or a PaymentIntent's client secret for
     Stripe.js. The balance is credited when Stripe's webhook says the payment succeeded."""
     svc = services(request)
-    data = await read_json_object(request)
-    _, customer_id = await account_of(request, data.get("customer_id"))
+    principal = await billing_principal(request)
+    body = await read_model(request, TopupBody)
+    _, customer_id = account_for(principal, body.customer_id)
     gateway = svc.stripe
     if gateway is None:
         raise Unavailable("payments are not set up on this platform (KILN_STRIPE_API_KEY)")
-    amount = _micros(data, "amount_micros", low=_MIN_TOPUP_MICROS, high=_MAX_TOPUP_MICROS,
-                     nullable=False)  # fmt: skip
-    assert amount is not None
-    method = data.get("method", "checkout")
-    if method not in ("checkout", "payment_intent"):
-        raise InvalidRequest(f"method={method!r} is not valid: expected checkout or payment_intent")
-    urls = {name: data.get(name) for name in ("success_url", "cancel_url")}
-    if method == "checkout":
-        for name, url in urls.items():
-            if not (isinstance(url, str) and url.startswith(("https://", "http://"))):
-                raise InvalidRequest(f"{name}={url!r} is not valid: Checkout needs an http(s) URL")
+    amount, method = body.amount_micros, body.method
     payment_id = f"topup:{uuid.uuid4()}"
     # The payment exists before Stripe hears of it, so no webhook can find nothing.
     async with transaction(svc.sessions) as session:
@@ -291,23 +269,25 @@ async def create_topup(request: Request) -> Response:
             stripe_customer = await ensure_stripe_customer(session, gateway, customer_id)
             payment = await session.get(Payment, payment_id)
             assert payment is not None
-            answer: dict[str, Any] = {"payment_id": payment_id, "amount_micros": amount}
             if method == "checkout":
                 session_id, url = await gateway.checkout_session(
-                    payment_id, stripe_customer, amount, str(urls["success_url"]),
-                    str(urls["cancel_url"]),
+                    payment_id, stripe_customer, amount, str(body.success_url),
+                    str(body.cancel_url),
                 )  # fmt: skip
                 payment.checkout_session_id = session_id
-                answer["checkout_url"] = url
+                answer = Topup(payment_id=payment_id, amount_micros=amount, checkout_url=url)
             else:
                 charge = await gateway.payment_intent(payment_id, stripe_customer, amount)
                 payment.payment_intent_id = charge.id
-                answer["client_secret"] = charge.client_secret
+                answer = Topup(
+                    payment_id=payment_id, amount_micros=amount,
+                    client_secret=charge.client_secret,
+                )  # fmt: skip
     except stripe.StripeError as exc:
         raise Unavailable(
             f"Stripe did not take the payment request: {exc.user_message or 'try again'}"
         ) from None
-    return JSONResponse(answer, status_code=201)
+    return JSONResponse(dump(answer, exclude_none=True), status_code=201)
 
 
 async def stripe_webhook(request: Request) -> Response:
@@ -330,4 +310,4 @@ async def stripe_webhook(request: Request) -> Response:
     async with transaction(svc.sessions) as session:
         new = await apply_event(session, event.to_dict(), billing_rules(svc.settings), changes)
     await announce(svc, changes)
-    return JSONResponse({"received": True, "duplicate": not new})
+    return JSONResponse(dump(WebhookReceived(received=True, duplicate=not new)))

@@ -4,9 +4,7 @@ scaling settings live."""
 from __future__ import annotations
 
 import asyncio
-import json
 from datetime import UTC, datetime
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -17,11 +15,24 @@ from starlette.responses import JSONResponse, Response
 from kiln.db.enums import ReplicaState, ScalingSetting
 from kiln.db.models import App, AppVersion, Function, Replica
 from kiln.db.session import transaction
-from kiln.errors import InvalidJson, InvalidRequest, NotFound, PermissionDenied
+from kiln.errors import InvalidRequest, NotFound, PermissionDenied
 from kiln.router.auth import Principal
+from kiln.router.bodies import FunctionPatch
 from kiln.router.deploy import DeployRequest, ReplicaCap
 from kiln.router.run import read_body
 from kiln.router.services import RouterServices, services
+from kiln.router.validation import parse_json, read_model
+from kiln.router.views import (
+    AppList,
+    AppView,
+    Deployed,
+    Endpoint,
+    FunctionList,
+    FunctionView,
+    ReplicaList,
+    ReplicaView,
+    dump,
+)
 
 __all__ = [
     "control_principal",
@@ -47,20 +58,8 @@ async def control_principal(request: Request) -> Principal:
     return principal
 
 
-async def _json_body(request: Request, limit: int) -> Any:
-    body = await read_body(request, limit)
-    try:
-        return json.loads(body or b"{}")
-    except ValueError as exc:
-        raise InvalidJson(f"the body is not valid JSON: {exc}") from None
-
-
 def _parse_deploy(body: bytes) -> DeployRequest:
-    try:
-        data = json.loads(body)
-    except ValueError as exc:
-        raise InvalidJson(f"the body is not valid JSON: {exc}") from None
-    return DeployRequest.from_json(data)
+    return DeployRequest.from_json(parse_json(body))
 
 
 def _url(request: Request, app: str, name: str) -> str:
@@ -82,17 +81,15 @@ async def deploy_app(request: Request) -> Response:
             if spec.kind.value == "function"
             else [f"{spec.name}.{method}" for method in spec.entries]
         )
-        endpoints += [{"name": n, "url": _url(request, result.app, n)} for n in names]
-    return JSONResponse(
-        {
-            "app": result.app,
-            "version": result.version,
-            "unchanged": result.unchanged,
-            "endpoints": endpoints,
-            "kept_settings": result.kept,
-        },
-        status_code=200 if result.unchanged else 201,
+        endpoints += [Endpoint(name=n, url=_url(request, result.app, n)) for n in names]
+    deployed = Deployed(
+        app=result.app,
+        version=result.version,
+        unchanged=result.unchanged,
+        endpoints=endpoints,
+        kept_settings=result.kept,
     )
+    return JSONResponse(dump(deployed), status_code=200 if result.unchanged else 201)
 
 
 async def list_apps(request: Request) -> Response:
@@ -106,16 +103,16 @@ async def list_apps(request: Request) -> Response:
             .order_by(App.name)
         )
         apps = [
-            {
-                "name": app.name,
-                "state": app.state.value,
-                "version": version.version if version else None,
-                "digest": version.source_digest if version else None,
-                "updated_at": app.updated_at.isoformat(),
-            }
+            AppView(
+                name=app.name,
+                state=app.state,
+                version=version.version if version else None,
+                digest=version.source_digest if version else None,
+                updated_at=app.updated_at.isoformat(),
+            )
             for app, version in rows
         ]
-    return JSONResponse({"apps": apps})
+    return JSONResponse(dump(AppList(apps=apps)))
 
 
 async def delete_app(request: Request) -> Response:
@@ -128,27 +125,27 @@ async def delete_app(request: Request) -> Response:
 
 def _function_view(
     app: str, function: Function, live: int, last_error: str | None = None
-) -> dict[str, Any]:
-    return {
-        "app": app,
-        "name": function.name,
-        "kind": function.kind.value,
-        "gpu": function.gpu,
-        "min_replicas": function.min_replicas,
-        "max_replicas": function.max_replicas,
-        "buffer_replicas": function.buffer_replicas,
-        "idle_timeout": function.idle_timeout_s,
-        "concurrency": function.concurrency,
-        "target_concurrency": function.target_concurrency,
-        "timeout": function.timeout_s,
-        "startup_timeout": function.startup_timeout_s,
-        "overridden": list(function.overridden),
-        "replicas": live,
+) -> FunctionView:
+    return FunctionView(
+        app=app,
+        name=function.name,
+        kind=function.kind,
+        gpu=function.gpu,
+        min_replicas=function.min_replicas,
+        max_replicas=function.max_replicas,
+        buffer_replicas=function.buffer_replicas,
+        idle_timeout=function.idle_timeout_s,
+        concurrency=function.concurrency,
+        target_concurrency=function.target_concurrency,
+        timeout=function.timeout_s,
+        startup_timeout=function.startup_timeout_s,
+        overridden=list(function.overridden),
+        replicas=live,
         # Why its newest replica failed, while that is the newest news: a function that
         # cannot start says so here instead of crash-looping silently (it is retried with
         # backoff meanwhile).
-        "last_error": last_error,
-    }
+        last_error=last_error,
+    )
 
 
 def _live_count() -> sa.ScalarSelect[int]:
@@ -181,7 +178,7 @@ async def list_functions(request: Request) -> Response:
             .order_by(App.name, Function.name)
         )
         functions = [_function_view(*row) for row in rows]
-    return JSONResponse({"functions": functions})
+    return JSONResponse(dump(FunctionList(functions=functions)))
 
 
 def _find_function(
@@ -222,7 +219,7 @@ async def get_function(request: Request) -> Response:
     if row is None:
         raise NotFound(f"function {request.path_params['name']!r} not found in app {app!r}")
     function, live, last_error = row
-    return JSONResponse(_function_view(app, function, live, last_error))
+    return JSONResponse(dump(_function_view(app, function, live, last_error)))
 
 
 _PATCHABLE = {
@@ -240,17 +237,8 @@ _PATCHABLE = {
 async def patch_function(request: Request) -> Response:
     svc = services(request)
     principal = await control_principal(request)
-    changes = await _json_body(request, 64 * 1024)
-    if not isinstance(changes, dict) or not changes:
-        raise InvalidRequest(f"send a JSON object with any of: {', '.join(_PATCHABLE)}")
-    unknown = sorted(set(changes) - set(_PATCHABLE))
-    if unknown:
-        raise InvalidRequest(
-            f"cannot change {', '.join(unknown)}; changeable: {', '.join(_PATCHABLE)}"
-        )
-    for key, value in changes.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise InvalidRequest(f"{key}={value!r} is not valid: expected an integer >= 0")
+    patch = await read_model(request, FunctionPatch)
+    changes = {key: getattr(patch, key) for key in patch.model_fields_set}
     app, query = _find_function(request, principal, lock=True)
     try:
         async with transaction(svc.sessions) as session:
@@ -272,7 +260,7 @@ async def patch_function(request: Request) -> Response:
             "must not exceed max_replicas, and target_concurrency not exceed concurrency"
         ) from None
     svc.catalog.invalidate()
-    return JSONResponse(view)
+    return JSONResponse(dump(view))
 
 
 def replica_cap(svc: RouterServices, principal: Principal) -> ReplicaCap:
@@ -333,24 +321,24 @@ async def list_replicas(request: Request) -> Response:
         )
         now = datetime.now(UTC)
         views = [
-            {
-                "id": str(r.id),
-                "state": r.state.value,
-                "node": r.node_id,
-                "gpu": r.gpu_type,
-                "gpu_indices": list(r.gpu_indices),
-                "in_flight": r.in_flight,
-                "origin": r.origin,
-                "started_at": r.started_at.isoformat(),
-                "ready_at": r.ready_at.isoformat() if r.ready_at else None,
-                "uptime_s": round((now - r.started_at).total_seconds(), 1),
+            ReplicaView(
+                id=str(r.id),
+                state=r.state,
+                node=r.node_id,
+                gpu=r.gpu_type,
+                gpu_indices=list(r.gpu_indices),
+                in_flight=r.in_flight,
+                origin=r.origin,
+                started_at=r.started_at.isoformat(),
+                ready_at=r.ready_at.isoformat() if r.ready_at else None,
+                uptime_s=round((now - r.started_at).total_seconds(), 1),
                 # As of its last heartbeat the scheduler recorded (within about a second).
-                "idle_s": (
+                idle_s=(
                     round((now - r.idle_since).total_seconds(), 1)
                     if r.idle_since is not None and r.in_flight == 0
                     else None
                 ),
-            }
+            )
             for r in replicas
         ]
-    return JSONResponse({"replicas": views})
+    return JSONResponse(dump(ReplicaList(replicas=views)))

@@ -16,7 +16,6 @@ import binascii
 import contextlib
 import dataclasses
 import hashlib
-import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,12 +35,12 @@ from kiln.db.session import transaction
 from kiln.errors import InvalidRequest, InvalidSpec, NotFound
 from kiln.functions.options import parse_options
 from kiln.functions.spec import FunctionSpec, Resources, UnitKind
+from kiln.router.bodies import DeployBody
+from kiln.router.validation import validated
 from kiln.wire import CALL_ACK_WAIT_S, Subjects, consumer_name
 
 __all__ = ["DeployRequest", "DeployResult", "Deployer", "ReplicaCap"]
 
-_APP_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 # Columns a deploy sets from Resources, and the Resources field each comes from.
 _SCALING = {
     "min_replicas": "min_replicas",
@@ -70,38 +69,25 @@ class DeployRequest:
 
     @classmethod
     def from_json(cls, data: Any) -> DeployRequest:
-        if not isinstance(data, dict):
-            raise InvalidRequest("a deploy body is a JSON object; use `kiln deploy FILE`")
-        missing = [
-            k for k in ("app", "digest", "entrypoint", "functions", "archive") if k not in data
-        ]
-        if missing:
-            raise InvalidRequest(f"the deploy body lacks {', '.join(missing)}")
-        app = data["app"]
-        if not isinstance(app, str) or not _APP_NAME.match(app):
-            raise InvalidSpec(
-                f"app name {app!r} is not valid: use 1 to 63 lowercase letters, digits and "
-                "hyphens, starting with a letter"
-            )
+        """A deploy body (decoded JSON): its shape is `DeployBody`'s; what it means (the
+        archive, its digest, each specification) is checked here."""
+        body = validated(DeployBody, data)
+        app = body.app
         try:
-            archive = base64.b64decode(data["archive"], validate=True)
-        except (binascii.Error, TypeError, ValueError):
+            archive = base64.b64decode(body.archive, validate=True)
+        except (binascii.Error, ValueError):
             raise InvalidRequest("archive is not valid base64") from None
-        digest = data["digest"]
-        if not isinstance(digest, str) or not _DIGEST.match(digest):
-            raise InvalidRequest("digest must be the sha256 of the archive in lowercase hex")
-        if hashlib.sha256(archive).hexdigest() != digest:
+        if hashlib.sha256(archive).hexdigest() != body.digest:
             raise InvalidRequest("the archive does not match its digest; upload it again")
-        if not isinstance(data["functions"], list) or not data["functions"]:
+        if not body.functions:
             raise InvalidSpec(f"app {app!r} defines no functions")
         try:
-            functions = [_validated(FunctionSpec.from_dict(f)) for f in data["functions"]]
+            functions = [_validated(FunctionSpec.from_dict(f)) for f in body.functions]
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InvalidSpec(f"a function specification is not valid: {exc}") from None
-        entrypoint = data["entrypoint"]
+        entrypoint = body.entrypoint
         if (
-            not isinstance(entrypoint, str)
-            or not entrypoint.endswith(".py")
+            not entrypoint.endswith(".py")
             or entrypoint.startswith("/")
             or ".." in entrypoint.split("/")
         ):
@@ -112,10 +98,7 @@ class DeployRequest:
         names = [f.name for f in functions]
         if len(set(names)) != len(names):
             raise InvalidSpec(f"app {app!r} defines a name twice: {sorted(names)}")
-        reset = data.get("reset_scaling", False)
-        if not isinstance(reset, bool):
-            raise InvalidRequest(f"reset_scaling={reset!r} is not valid: expected true or false")
-        return cls(app, digest, entrypoint, functions, archive, reset)
+        return cls(app, body.digest, entrypoint, functions, archive, body.reset_scaling)
 
 
 @dataclass(frozen=True)

@@ -24,25 +24,19 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
-    DiscardPolicy,
-    RetentionPolicy,
-    StorageType,
-    StreamConfig,
 )
 from nats.js.errors import FetchTimeoutError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from kiln._jetstream import ensure_stream
 from kiln.db.session import transaction
-from kiln.errors import InvalidRequest
+from kiln.router.bodies import LogsQuery
 from kiln.router.control import control_principal, owned_function
-from kiln.router.moments import moment_param
 from kiln.router.services import services
-from kiln.settings import Settings
+from kiln.router.validation import read_query
 from kiln.wire import Subjects
 
-__all__ = ["ensure_logs_stream", "function_logs"]
+__all__ = ["function_logs"]
 
 _NDJSON = "application/x-ndjson"
 _DEFAULT_SINCE = timedelta(hours=1)
@@ -52,27 +46,12 @@ _FOLLOW_WAIT_S = 5.0
 _CONSUMER_IDLE_S = 30.0  # NATS deletes a reader's consumer this long after it stops asking
 
 
-async def ensure_logs_stream(js: JetStreamContext, subjects: Subjects, settings: Settings) -> None:
-    """The stream that keeps function output: bounded in bytes and age, oldest dropped."""
-    config = StreamConfig(
-        name=subjects.logs_stream,
-        subjects=[subjects.all_logs],
-        retention=RetentionPolicy.LIMITS,
-        discard=DiscardPolicy.OLD,
-        storage=StorageType.FILE,
-        max_bytes=settings.function_logs_max_bytes,
-        max_age=settings.function_logs_max_age_s,
-        num_replicas=settings.stream_replicas,
-    )
-    await ensure_stream(js, config)
-
-
 async def function_logs(request: Request) -> Response:
     svc = services(request)
     principal = await control_principal(request)
-    since = moment_param(request, "since", datetime.now(UTC) - _DEFAULT_SINCE, spans=True)
-    follow = _flag(request, "follow")
-    only = request.query_params.get("request_id")
+    asked = read_query(request, LogsQuery)
+    since = asked.since or datetime.now(UTC) - _DEFAULT_SINCE
+    follow, only = asked.follow, asked.request_id
     async with transaction(svc.sessions) as session:
         function = await owned_function(session, request, principal)
     subjects = Subjects(svc.settings.namespace)
@@ -151,12 +130,3 @@ def _of_request(line: bytes, request_id: str) -> bool:
         return bool(json.loads(line).get("request_id") == request_id)
     except ValueError:
         return False
-
-
-def _flag(request: Request, name: str) -> bool:
-    raw = request.query_params.get(name, "false").lower()
-    if raw in ("1", "true", "yes"):
-        return True
-    if raw in ("0", "false", "no", ""):
-        return False
-    raise InvalidRequest(f"{name}={raw!r} is not valid: expected true or false")

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
@@ -32,10 +33,13 @@ from kiln.errors import (
 from kiln.functions.spec import CallKind
 from kiln.jobs.records import FINISHED, call_target, call_view, finish, is_expired
 from kiln.objects import read_object
+from kiln.router.bodies import SpawnQuery
 from kiln.router.catalog import FunctionRoute
 from kiln.router.errors import request_id
 from kiln.router.run import classify, read_body, resolve_entry
 from kiln.router.services import RouterServices, services
+from kiln.router.validation import read_query
+from kiln.router.views import CallView, Spawned, dump
 from kiln.wire import JOB_ROUTER, StreamControl, encode
 
 __all__ = ["cancel_call", "get_call", "get_result", "spawn"]
@@ -140,7 +144,7 @@ async def _enqueue(
 
 def _accepted(job_id: uuid.UUID, status: CallStatus) -> Response:
     return JSONResponse(
-        {"call_id": str(job_id), "status": status.value},
+        dump(Spawned(call_id=str(job_id), status=status)),
         status_code=202,
         headers={"Location": f"/v1/calls/{job_id}"},
     )
@@ -159,11 +163,11 @@ def _idempotency_key(request: Request) -> str | None:
 
 
 def _webhook(request: Request) -> str | None:
-    url = request.query_params.get("webhook")
+    url = read_query(request, SpawnQuery).webhook
     if url is None:
         return None
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc or len(url) > 2048:
+    if parts.scheme not in ("http", "https") or not parts.netloc:
         raise InvalidRequest(
             f"webhook={url!r} is not valid: expected an http:// or https:// URL of at most "
             "2048 characters"
@@ -204,7 +208,13 @@ async def _owned_call(request: Request, svc: RouterServices) -> tuple[Call, str]
 async def get_call(request: Request) -> Response:
     svc = services(request)
     call, target = await _owned_call(request, svc)
-    return JSONResponse(call_view(call, target, datetime.now(UTC)))
+    return _call_answer(call_view(call, target, datetime.now(UTC)))
+
+
+def _call_answer(view: dict[str, Any]) -> Response:
+    """A job's view (`kiln.jobs.records.call_view`, which its webhook also sends), checked
+    against its declared shape; `result_url` and `result` only where the view has them."""
+    return JSONResponse(dump(CallView.model_validate(view), exclude_unset=True))
 
 
 async def get_result(request: Request) -> Response:
@@ -246,4 +256,4 @@ async def cancel_call(request: Request) -> Response:
             await svc.dispatcher.nc.publish(
                 svc.dispatcher.subjects.replica_control(replica), encode(stop)
             )
-    return JSONResponse(view)
+    return _call_answer(view)

@@ -1,144 +1,260 @@
-"""The OpenAPI document served at `/openapi.json`."""
+"""The OpenAPI document served at `/openapi.json`.
+
+Request bodies, query parameters and answers are the JSON Schemas of the models the handlers
+validate and build (`kiln.router.bodies`, `kiln.router.views`), so the document cannot drift
+from what the server accepts. The bodies of `/v1/run` and `/v1/spawn` are the user function's
+arguments, and Stripe's webhook is Stripe's: those stay open.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
+
 from kiln._version import __version__
+from kiln.router import bodies as b
+from kiln.router import views as v
+from kiln.router.validation import Body, Query, View
 
 __all__ = ["openapi_document"]
 
+_REF = "#/components/schemas/{model}"
 _ERROR = {
     "description": "An error in Kiln's one shape.",
-    "content": {
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "properties": {
-                    "error": {
-                        "type": "object",
-                        "properties": {
-                            "code": {"type": "string"},
-                            "message": {"type": "string"},
-                            "request_id": {"type": "string"},
-                        },
-                        "required": ["code", "message", "request_id"],
-                    }
-                },
-            }
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+}
+_ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "code": {"type": "string"},
+                "message": {"type": "string"},
+                "request_id": {"type": "string"},
+            },
+            "required": ["code", "message", "request_id"],
         }
     },
+    "required": ["error"],
 }
-_APP = {"name": "app", "in": "path", "required": True, "schema": {"type": "string"}}
-_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
-_CALL = {"name": "call_id", "in": "path", "required": True, "schema": {"type": "string"}}
-_CUSTOMER = {"name": "customer_id", "in": "path", "required": True, "schema": {"type": "string"}}
-_KEY = {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
-def _op(
-    summary: str, *, params: tuple[dict[str, Any], ...] = (), ok: str = "200"
-) -> dict[str, Any]:
-    return {
-        "summary": summary,
-        "parameters": list(params),
-        "responses": {ok: {"description": "Success."}, "default": _ERROR},
+def _path(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+_APP, _NAME, _CALL = _path("app"), _path("name"), _path("call_id")
+_CUSTOMER, _KEY = _path("customer_id"), _path("key_id")
+_IDEMPOTENCY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "The same key and request give the same job.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
+}
+_ARGUMENTS = {
+    "description": "The function's own arguments: a JSON object (keyword arguments) or array "
+    "(positional ones), or raw bytes for a one-parameter function.",
+    "required": False,
+    "content": {"application/json": {"schema": {}}, "application/octet-stream": {"schema": {}}},
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Op:
+    summary: str
+    params: tuple[dict[str, Any], ...] = ()
+    ok: str = "200"
+    body: type[Body] | None = None
+    query: type[Query] | None = None
+    answer: type[View] | None = None
+    media: dict[str, Any] | None = None  # the answer's content when no `answer` model says it
+    public: bool = False
+    arguments: bool = False  # the body is the user function's arguments (`_ARGUMENTS`)
+
+
+_OPS: dict[str, dict[str, _Op]] = {
+    "/v1/run/{app}/{name}": {"post": _Op(
+        summary="Call a function (NAME) or a class method (Class.method). A JSON object body "
+        "maps to keyword arguments; another body is passed as bytes.", params=(_APP, _NAME),
+        media={"application/json": {"schema": {}}, "application/octet-stream": {"schema": {}},
+               "application/x-ndjson": {"schema": {"type": "string"}},
+               "text/event-stream": {"schema": {"type": "string"}}}, arguments=True)},
+    "/v1/spawn/{app}/{name}": {"post": _Op(
+        summary="Start an async job; Idempotency-Key makes it safe to repeat.",
+        params=(_APP, _NAME, _IDEMPOTENCY), ok="202", query=b.SpawnQuery, answer=v.Spawned,
+        arguments=True)},
+    "/v1/calls/{call_id}": {"get": _Op(
+        summary="A job's status and result.", params=(_CALL,), answer=v.CallView)},
+    "/v1/calls/{call_id}/result": {"get": _Op(
+        summary="A job's raw result, with its content type.", params=(_CALL,),
+        media={"application/json": {"schema": {}}, "application/octet-stream": {"schema": {}}})},
+    "/v1/calls/{call_id}/cancel": {"post": _Op(
+        summary="Cancel a job.", params=(_CALL,), answer=v.CallView)},
+    "/v1/customers": {
+        "get": _Op(summary="List customers (operator keys).", answer=v.CustomerList),
+        "post": _Op(summary="Create a customer (operator keys).", ok="201", body=b.CustomerBody,
+                    answer=v.CustomerView),
+    },
+    "/v1/customers/{customer_id}": {
+        "get": _Op(summary="One customer (operator keys).", params=(_CUSTOMER,),
+                   answer=v.CustomerView),
+        "patch": _Op(summary="Change a customer's tier, limits, name or status.",
+                     params=(_CUSTOMER,), body=b.CustomerPatch, answer=v.CustomerView),
+    },
+    "/v1/keys": {
+        "get": _Op(summary="List API keys.", query=b.KeysQuery, answer=v.KeyList),
+        "post": _Op(summary="Create an API key; its secret is in this answer only.", ok="201",
+                    body=b.KeyBody, answer=v.NewKey),
+    },
+    "/v1/keys/{key_id}": {"delete": _Op(summary="Revoke a key.", params=(_KEY,), ok="204")},
+    "/v1/keys/{key_id}/rotate": {"post": _Op(
+        summary="Replace a key with a new one.", params=(_KEY,), ok="201", answer=v.RotatedKey)},
+    "/v1/abuse": {"get": _Op(summary="Customers refused most often (operator keys).",
+                             query=b.AbuseQuery, answer=v.AbuseReport)},
+    "/v1/billing/balance": {"get": _Op(summary="Balance, spend, cap, auto-refill and block.",
+                                       query=b.AccountQuery, answer=v.Account)},
+    "/v1/billing/settings": {"patch": _Op(
+        summary="Spend cap and auto-refill; operators name the customer and may set its "
+        "payment_method_id.", body=b.OperatorSettingsPatch, answer=v.Account)},
+    "/v1/billing/credits": {"post": _Op(summary="Adjust a balance (operator keys).", ok="201",
+                                        body=b.CreditBody, answer=v.Account)},
+    "/v1/billing/transactions": {"get": _Op(summary="Ledger entries, newest first.",
+                                            query=b.TransactionsQuery, answer=v.Transactions)},
+    "/v1/billing/topups": {"post": _Op(
+        summary="Start a top-up: a Stripe Checkout page or PaymentIntent.", ok="201",
+        body=b.TopupBody, answer=v.Topup)},
+    "/v1/billing/usage": {"get": _Op(
+        summary="Replica-seconds, calls and cost by period, function and GPU type.",
+        query=b.UsageQuery, answer=v.Report)},
+    "/v1/billing/revenue": {"get": _Op(summary="Revenue by tier (operator keys).",
+                                       query=b.RevenueQuery, answer=v.Report)},
+    "/v1/billing/stripe/webhook": {"post": _Op(
+        summary="Stripe's webhook, authenticated by its Stripe-Signature.", public=True,
+        answer=v.WebhookReceived)},
+    "/v1/apps": {
+        "get": _Op(summary="List apps.", answer=v.AppList),
+        "post": _Op(summary="Deploy an app version (what `kiln deploy` sends); 200 when "
+                    "unchanged.", ok="201", body=b.DeployBody, answer=v.Deployed),
+    },
+    "/v1/apps/{app}": {"delete": _Op(summary="Stop and remove an app.", params=(_APP,),
+                                     ok="204")},
+    "/v1/functions": {"get": _Op(summary="List functions with their scaling settings.",
+                                 answer=v.FunctionList)},
+    "/v1/functions/{app}/{name}": {
+        "get": _Op(summary="One function's settings.", params=(_APP, _NAME),
+                   answer=v.FunctionView),
+        "patch": _Op(summary="Change scaling settings live; they persist across redeploys.",
+                     params=(_APP, _NAME), body=b.FunctionPatch, answer=v.FunctionView),
+    },
+    "/v1/functions/{app}/{name}/replicas": {"get": _Op(
+        summary="A function's replicas.", params=(_APP, _NAME), answer=v.ReplicaList)},
+    "/v1/functions/{app}/{name}/calls": {"get": _Op(
+        summary="A function's recent calls from the invocation log, newest first.",
+        params=(_APP, _NAME), query=b.CallsQuery, answer=v.Invocations)},
+    "/v1/functions/{app}/{name}/logs": {"get": _Op(
+        summary="What a function's replicas printed and logged, as NDJSON.",
+        params=(_APP, _NAME), query=b.LogsQuery,
+        media={"application/x-ndjson": {"schema": {"type": "string"}}})},
+    "/healthz": {"get": _Op(summary="Liveness (no key needed).", public=True)},
+    "/readyz": {"get": _Op(summary="Readiness (no key needed).", public=True)},
+    "/metrics": {"get": _Op(summary="Prometheus metrics.",
+                            media={"text/plain": {"schema": {"type": "string"}}})},
+    "/openapi.json": {"get": _Op(summary="This document (OpenAPI 3.1).", public=True,
+                                 media={"application/json": {"schema": {"type": "object"}}})},
+}  # fmt: skip
+
+
+def _models() -> list[type[BaseModel]]:
+    found: dict[type[BaseModel], None] = {}
+    for ops in _OPS.values():
+        for op in ops.values():
+            for model in (op.body, op.query, op.answer):
+                if model is not None:
+                    found[model] = None
+    return list(found)
+
+
+def _query_parameters(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    required = set(schema.get("required", ()))
+    params = []
+    for name, prop in schema["properties"].items():
+        prop = {k: value for k, value in prop.items() if k != "title"}
+        # A query parameter is absent or a string, never null.
+        branches = [x for x in prop.pop("anyOf", []) if x != {"type": "null"}]
+        if len(branches) == 1:
+            prop.update(branches[0])
+        elif branches:
+            prop["anyOf"] = branches
+        if prop.get("default", 0) is None:
+            del prop["default"]
+        param: dict[str, Any] = {"name": name, "in": "query", "required": name in required}
+        if "description" in prop:
+            param["description"] = prop.pop("description")
+        param["schema"] = prop
+        params.append(param)
+    return params
+
+
+def _operation(op: _Op, refs: dict[type[BaseModel], Any], defs: dict[str, Any]) -> dict[str, Any]:
+    params = list(op.params)
+    if op.query is not None:
+        params += _query_parameters(defs[refs[op.query]["$ref"].rsplit("/", 1)[1]])
+    if op.ok == "204":
+        ok: dict[str, Any] = {"description": "Done; no body."}
+    elif op.answer is not None:
+        ok = {
+            "description": "Success.",
+            "content": {"application/json": {"schema": refs[op.answer]}},
+        }
+    elif op.media is not None:
+        ok = {"description": "Success.", "content": op.media}
+    else:
+        ok = {"description": "Success."}
+    operation: dict[str, Any] = {
+        "summary": op.summary,
+        "parameters": params,
+        "responses": {op.ok: ok, "default": _ERROR},
     }
+    if op.body is not None:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": refs[op.body]}},
+        }
+    elif op.arguments:
+        operation["requestBody"] = _ARGUMENTS
+    if op.public:
+        operation["security"] = []
+    return operation
 
 
 @cache
 def openapi_document() -> dict[str, Any]:
+    models = _models()
+    modes: list[tuple[type[BaseModel], JsonSchemaMode]] = [
+        (m, "serialization" if issubclass(m, View) else "validation") for m in models
+    ]
+    keyed, top = models_json_schema(modes, ref_template=_REF)
+    refs = {model: keyed[(model, mode)] for model, mode in modes}
+    defs: dict[str, Any] = dict(top.get("$defs", {}))
+    paths: dict[str, Any] = {}
+    for path, ops in _OPS.items():
+        paths[path] = {method: _operation(op, refs, defs) for method, op in ops.items()}
+    for model in models:  # a query's schema lives on in its parameters
+        if issubclass(model, Query):
+            defs.pop(refs[model]["$ref"].rsplit("/", 1)[1], None)
     return {
         "openapi": "3.1.0",
         "info": {"title": "Kiln", "version": __version__},
         "components": {
             "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
+            "schemas": {**defs, "Error": _ERROR_SCHEMA},
         },
         "security": [{"apiKey": []}],
-        "paths": {
-            "/v1/run/{app}/{name}": {
-                "post": _op(
-                    "Call a function (NAME) or a class method (Class.method). A JSON object body "
-                    "maps to keyword arguments; another body is passed as bytes.",
-                    params=(_APP, _NAME),
-                )
-            },
-            "/v1/spawn/{app}/{name}": {
-                "post": _op("Start an async job; Idempotency-Key makes it safe to repeat.",
-                            params=(_APP, _NAME), ok="202"),
-            },
-            "/v1/calls/{call_id}": {"get": _op("A job's status and result.", params=(_CALL,))},
-            "/v1/calls/{call_id}/result": {"get": _op("A job's raw result.", params=(_CALL,))},
-            "/v1/calls/{call_id}/cancel": {"post": _op("Cancel a job.", params=(_CALL,))},
-            "/v1/customers": {
-                "get": _op("List customers (operator keys)."),
-                "post": _op("Create a customer (operator keys).", ok="201"),
-            },
-            "/v1/customers/{customer_id}": {
-                "get": _op("One customer (operator keys).", params=(_CUSTOMER,)),
-                "patch": _op("Change a customer's tier, limits, name or status.",
-                             params=(_CUSTOMER,)),
-            },
-            "/v1/keys": {
-                "get": _op("List API keys."),
-                "post": _op("Create an API key; its secret is in this answer only.", ok="201"),
-            },
-            "/v1/keys/{key_id}": {"delete": _op("Revoke a key.", params=(_KEY,), ok="204")},
-            "/v1/keys/{key_id}/rotate": {
-                "post": _op("Replace a key with a new one.", params=(_KEY,), ok="201")
-            },
-            "/v1/abuse": {"get": _op("Customers refused most often (operator keys).")},
-            "/v1/billing/balance": {"get": _op("Balance, spend, cap, auto-refill and block.")},
-            "/v1/billing/settings": {"patch": _op("Spend cap and auto-refill.")},
-            "/v1/billing/credits": {"post": _op("Adjust a balance (operator keys).", ok="201")},
-            "/v1/billing/transactions": {"get": _op("Ledger entries, newest first.")},
-            "/v1/billing/topups": {
-                "post": _op("Start a top-up: a Stripe Checkout page or PaymentIntent.", ok="201")
-            },
-            "/v1/billing/usage": {
-                "get": _op("Replica-seconds, calls and cost by period, function and GPU type.")
-            },
-            "/v1/billing/revenue": {"get": _op("Revenue by tier (operator keys).")},
-            "/v1/billing/stripe/webhook": {"post": {
-                "summary": "Stripe's webhook, authenticated by its Stripe-Signature.",
-                "security": [], "responses": {"200": {"description": "Applied."},
-                                              "default": _ERROR}}},
-            "/v1/apps": {
-                "get": _op("List apps."),
-                "post": _op("Deploy an app version (what `kiln deploy` sends).", ok="201"),
-            },
-            "/v1/apps/{app}": {"delete": _op("Stop and remove an app.", params=(_APP,), ok="204")},
-            "/v1/functions": {"get": _op("List functions with their scaling settings.")},
-            "/v1/functions/{app}/{name}": {
-                "get": _op("One function's settings.", params=(_APP, _NAME)),
-                "patch": _op(
-                    "Change scaling settings live; they persist across redeploys.",
-                    params=(_APP, _NAME),
-                ),
-            },
-            "/v1/functions/{app}/{name}/replicas": {
-                "get": _op("A function's replicas.", params=(_APP, _NAME))
-            },
-            "/v1/functions/{app}/{name}/calls": {
-                "get": _op(
-                    "A function's recent calls from the invocation log, newest first (limit, "
-                    "before, since, until, status, kind).",
-                    params=(_APP, _NAME),
-                )
-            },
-            "/v1/functions/{app}/{name}/logs": {
-                "get": _op(
-                    "What a function's replicas printed and logged, as NDJSON (since, follow).",
-                    params=(_APP, _NAME),
-                )
-            },
-            "/healthz": {"get": {"summary": "Liveness (no key needed).", "security": [],
-                                 "responses": {"200": {"description": "Alive."}}}},
-            "/readyz": {"get": {"summary": "Readiness (no key needed).", "security": [],
-                                "responses": {"200": {"description": "Ready."}}}},
-            "/metrics": {"get": _op("Prometheus metrics.")},
-            "/openapi.json": {"get": {"summary": "This document.", "security": [],
-                                      "responses": {"200": {"description": "OpenAPI 3.1."}}}},
-        },
-    }  # fmt: skip
+        "paths": paths,
+    }

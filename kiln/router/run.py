@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -18,7 +17,6 @@ from kiln.errors import (
     InvalidRequest,
     KilnError,
     NotFound,
-    PayloadTooLarge,
     PermissionDenied,
 )
 from kiln.functions.spec import CallKind, CallSpec, UnitKind
@@ -30,8 +28,9 @@ from kiln.router.errors import request_id
 from kiln.router.services import RouterServices, services
 from kiln.router.stream_response import stream_response
 from kiln.router.streams import CallAbandoned
+from kiln.router.validation import read_body
 
-__all__ = ["call_slot", "read_body", "read_json_object", "resolve_entry", "run"]
+__all__ = ["call_slot", "read_body", "resolve_entry", "run"]
 
 JSON = "application/json"
 BYTES = "application/octet-stream"
@@ -72,32 +71,6 @@ def _watch_now(request: Request) -> Callable[[Callable[[], None]], Callable[[], 
         return watcher.stop
 
     return watch
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the body has {declared} bytes; the limit is {limit}")
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def read_json_object(request: Request, limit: int = 64 * 1024) -> dict[str, Any]:
-    """A control route's body: a JSON object (an empty body is `{}`)."""
-    raw = await read_body(request, limit)
-    try:
-        data = json.loads(raw or b"{}")
-    except ValueError as exc:
-        raise InvalidJson(f"the body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("send a JSON object")
-    return data
 
 
 def classify(body: bytes, content_type: str) -> tuple[bytes, str]:

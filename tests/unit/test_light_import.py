@@ -12,6 +12,7 @@ import sys
 HEAVY = [
     "torch", "transformers", "safetensors", "sqlalchemy", "alembic", "asyncpg", "redis",
     "stripe", "nats", "starlette", "uvicorn", "prometheus_client", "pynvml", "numpy",
+    "pydantic",
 ]  # fmt: skip
 
 CHILD = """

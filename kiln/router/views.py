@@ -1,0 +1,294 @@
+"""The response bodies of the customer and control API, declared once: the handlers build these
+and `/openapi.json` shows their schemas. Times are ISO 8601 strings as the handlers write them
+(`datetime.isoformat()`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from kiln.db.enums import (
+    ApiKeyKind,
+    AppState,
+    CallStatus,
+    CustomerStatus,
+    CustomerTier,
+    FunctionKind,
+    InvocationKind,
+    InvocationStatus,
+    LedgerKind,
+    ReplicaState,
+)
+from kiln.router.validation import View
+
+__all__ = [
+    "AbuseReport",
+    "Account",
+    "AppList",
+    "AppView",
+    "CallView",
+    "CustomerList",
+    "CustomerView",
+    "Deployed",
+    "FunctionList",
+    "FunctionView",
+    "InvocationView",
+    "Invocations",
+    "Key",
+    "KeyList",
+    "NewKey",
+    "ReplicaList",
+    "Report",
+    "RotatedKey",
+    "Spawned",
+    "Topup",
+    "Transactions",
+    "WebhookReceived",
+]
+
+Time = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
+
+
+def dump(view: View, *, exclude_none: bool = False, exclude_unset: bool = False) -> dict[str, Any]:
+    """`view` as the JSON an answer carries."""
+    return view.model_dump(mode="json", exclude_none=exclude_none, exclude_unset=exclude_unset)
+
+
+# Customers and keys --------------------------------------------------------------------------
+
+
+class Limits(View):
+    per_minute: int
+    per_day: int | None
+    per_month: int | None
+    concurrent: int
+    max_replicas: int
+    burst: int = Field(description="Requests at once (a minute's worth unless set).")
+    prepaid: bool
+
+
+class CustomerView(View):
+    id: str
+    name: str
+    tier: CustomerTier
+    status: CustomerStatus
+    created_at: Time
+    limits: Limits = Field(description="The tier's limits with this customer's overrides.")
+    limit_overrides: dict[str, Any]
+    active_keys: int
+
+
+class CustomerList(View):
+    customers: list[CustomerView]
+
+
+class Key(View):
+    id: str
+    kind: ApiKeyKind
+    customer_id: str | None
+    function: str | None = Field(description="APP/NAME, for a function-scoped key.")
+    name: str
+    prefix: str
+    created_at: Time
+    expires_at: Time | None
+    revoked_at: Time | None
+
+
+class NewKey(Key):
+    key: str = Field(description="The key itself, shown in this answer only.")
+
+
+class RotatedKey(NewKey):
+    replaces: str = Field(description="The id of the key revoked.")
+
+
+class KeyList(View):
+    keys: list[Key]
+
+
+# Apps and functions --------------------------------------------------------------------------
+
+
+class Endpoint(View):
+    name: str
+    url: str
+
+
+class Deployed(View):
+    app: str
+    version: int
+    unchanged: bool
+    endpoints: list[Endpoint]
+    kept_settings: dict[str, dict[str, int | None]] = Field(
+        description="Per function, the live settings the deploy kept over the code's values."
+    )
+
+
+class AppView(View):
+    name: str
+    state: AppState
+    version: int | None
+    digest: str | None
+    updated_at: Time
+
+
+class AppList(View):
+    apps: list[AppView]
+
+
+class FunctionView(View):
+    app: str
+    name: str
+    kind: FunctionKind
+    gpu: str
+    min_replicas: int
+    max_replicas: int
+    buffer_replicas: int
+    idle_timeout: int
+    concurrency: int
+    target_concurrency: int
+    timeout: int
+    startup_timeout: int
+    overridden: list[str]
+    replicas: int
+    last_error: str | None = Field(description="Why the newest replica failed, if it did.")
+
+
+class FunctionList(View):
+    functions: list[FunctionView]
+
+
+class ReplicaView(View):
+    id: str
+    state: ReplicaState
+    node: str
+    gpu: str | None
+    gpu_indices: list[int]
+    in_flight: int
+    origin: str | None
+    started_at: Time
+    ready_at: Time | None
+    uptime_s: float
+    idle_s: float | None
+
+
+class ReplicaList(View):
+    replicas: list[ReplicaView]
+
+
+class InvocationView(View):
+    id: int
+    call_id: str | None
+    request_id: str | None
+    kind: InvocationKind
+    method: str | None
+    status: InvocationStatus
+    error_code: str | None
+    customer_id: str | None
+    version_id: str | None
+    replica_id: str | None
+    started_at: Time
+    queue_wait_ms: int | None
+    execution_ms: int | None
+    duration_ms: int | None
+    bytes_in: int
+    bytes_out: int
+    cold_start: bool
+
+
+class Invocations(View):
+    calls: list[InvocationView]
+    next_before: int | None
+
+
+# Jobs ----------------------------------------------------------------------------------------
+
+
+class Spawned(View):
+    call_id: str
+    status: CallStatus
+
+
+class CallError(View):
+    code: str
+    message: str | None
+
+
+class CallView(View):
+    """A job (`kiln.jobs.records.call_view`); `result_url` and `result` once it succeeded."""
+
+    call_id: str
+    function: str
+    status: CallStatus
+    attempts: int
+    max_attempts: int
+    created_at: Time | None
+    started_at: Time | None
+    finished_at: Time | None
+    expires_at: Time | None
+    error: CallError | None
+    result_url: str | None = None
+    result: Any = Field(default=None, description="A JSON result of up to 1 MiB.")
+
+
+# Abuse and billing ---------------------------------------------------------------------------
+
+
+class AbuseCount(View):
+    customer_id: str
+    total: int
+    refused: int
+    rate_limited: int
+    errors: int
+
+
+class AbuseReport(View):
+    window_s: int
+    customers: list[AbuseCount]
+
+
+class Account(View):
+    customer_id: str
+    currency: str
+    balance_micros: int
+    spent_today_micros: int
+    spend_cap_micros: int | None
+    refill_threshold_micros: int | None
+    refill_amount_micros: int | None
+    refill_failures: int
+    payment_method: bool
+    blocked: str | None = Field(description='null, "balance" or "spend_cap".')
+
+
+class Transaction(View):
+    id: int
+    kind: LedgerKind
+    amount_micros: int
+    balance_after_micros: int | None
+    description: str
+    created_at: Time
+
+
+class Transactions(View):
+    transactions: list[Transaction]
+
+
+class Topup(View):
+    payment_id: str
+    amount_micros: int
+    checkout_url: str | None = Field(default=None, description="Checkout: the page to pay on.")
+    client_secret: str | None = Field(default=None, description="A PaymentIntent's, for Stripe.js.")
+
+
+class Report(View):
+    """Usage (`period`, `function`, `gpu_type` as grouped, `replica_seconds`, `calls`,
+    `cost_micros`) or revenue (`period`, `tier`, `customers`, `replica_seconds`,
+    `usage_revenue_micros`, `payments_micros`) rows; `format=csv` gives them as CSV."""
+
+    rows: list[dict[str, Any]]
+
+
+class WebhookReceived(View):
+    received: bool
+    duplicate: bool
