@@ -10,8 +10,8 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
-from kiln._jetstream import object_store
 from kiln.errors import InternalError, NotFound
+from kiln.streams import CODE, object_store
 from kiln.wire import Subjects
 
 __all__ = ["CodeStore"]
@@ -26,7 +26,7 @@ class CodeStore:
 
     async def _open(self) -> ObjectStore:
         if self._store is None:
-            self._store = await object_store(self.js, self.bucket, replicas=self.replicas)
+            self._store = await object_store(self.js, CODE, self.bucket, replicas=self.replicas)
         return self._store
 
     async def put(self, digest: str, archive: bytes) -> None:

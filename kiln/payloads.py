@@ -10,24 +10,18 @@ import secrets
 import uuid
 
 from nats.js import JetStreamContext
-from nats.js.api import ObjectStoreConfig, StorageType
-from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
-from nats.js.object_store import ObjectStore
+from nats.js.errors import NotFoundError, ObjectNotFoundError
 
-from kiln._jetstream import match_replicas
 from kiln.errors import InternalError
 from kiln.objects import delete_object, put_object, read_object
+from kiln.streams import PAYLOADS, object_store
 from kiln.wire import Subjects
 
 __all__ = [
     "MAX_RESULT_BYTES",
-    "PAYLOAD_TTL_S",
     "PayloadStore",
-    "ensure_payload_bucket",
 ]
 
-# Longer than a call can wait and run, so a payload outlives its call; deleted when taken.
-PAYLOAD_TTL_S = 24 * 3600.0
 # The largest result (or stream chunk) a replica sends: a router holds it in memory.
 MAX_RESULT_BYTES = 1 << 30
 
@@ -50,7 +44,7 @@ class PayloadStore:
     async def _bucket(self, function_id: uuid.UUID) -> str:
         bucket = self.subjects.payload_bucket(function_id)
         if self.create and function_id not in self._made:
-            await ensure_payload_bucket(self.js, bucket, replicas=self.replicas)
+            await object_store(self.js, PAYLOADS, bucket, replicas=self.replicas)
             self._made.add(function_id)
         return bucket
 
@@ -76,16 +70,3 @@ class PayloadStore:
     async def delete(self, function_id: uuid.UUID, name: str) -> None:
         with contextlib.suppress(Exception):  # it expires anyway
             await delete_object(self.js, await self._bucket(function_id), name)
-
-
-async def ensure_payload_bucket(
-    js: JetStreamContext, bucket: str, *, replicas: int = 1
-) -> ObjectStore:
-    """The payload bucket `bucket`, created if missing (with `replicas` copies)."""
-    try:
-        found = await js.object_store(bucket)
-    except (BucketNotFoundError, NotFoundError):
-        config = ObjectStoreConfig(ttl=PAYLOAD_TTL_S, storage=StorageType.FILE, replicas=replicas)
-        return await js.create_object_store(bucket, config)
-    await match_replicas(js, f"OBJ_{bucket}", replicas)
-    return found

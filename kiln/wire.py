@@ -41,6 +41,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
+from kiln import streams
+
 __all__ = [
     "HEARTBEAT_INTERVAL_S",
     "JOB_ROUTER",
@@ -75,10 +77,6 @@ _JSON = "application/json"
 HEARTBEAT_INTERVAL_S = 1.0
 # A replica silent for this long is lost: its callers get worker_lost, the scheduler replaces it.
 REPLICA_LOST_AFTER_S = 3.5
-# How long the calls queue waits for a delivered call's ack before delivering it again. Sync
-# calls are acked when a replica takes them; jobs when done, with progress acks meanwhile. Short,
-# because a delivery lost in flight (its stream's leader died sending it) waits this long.
-CALL_ACK_WAIT_S = 6.0
 MAX_ADVERTISED_SNAPSHOTS = 1024
 MAX_READY_FOR = 1024
 
@@ -185,7 +183,7 @@ def affinity_id(code_digest: str, function: str) -> str:
 
 
 def consumer_name(function_id: uuid.UUID) -> str:
-    return f"fn_{function_id.hex}"
+    return streams.FUNCTION_CALLS.named(function_id.hex)
 
 
 @dataclass(frozen=True)
@@ -194,72 +192,72 @@ class Subjects:
 
     @property
     def calls_stream(self) -> str:
-        return f"{self.ns}_calls"
+        return streams.CALLS.named(self.ns)
 
     def payload_bucket(self, function_id: uuid.UUID) -> str:
         """Object store: the function's call bodies and results too large for one message
         (kiln.payloads). One per function, so a replica's credentials reach only its own."""
-        return f"{self.ns}_payloads_{function_id.hex}"
+        return streams.PAYLOADS.named(self.ns, function_id.hex)
 
     def job_results_bucket(self, function_id: uuid.UUID) -> str:
         """Object store: the function's job results too large to record in PostgreSQL."""
-        return f"{self.ns}_jobresults_{function_id.hex}"
+        return streams.JOB_RESULTS.named(self.ns, function_id.hex)
 
     @property
     def job_cancels_bucket(self) -> str:
         """Key-value bucket: jobs cancelled before a replica started them."""
-        return f"{self.ns}_job_cancels"
+        return streams.JOB_CANCELS.named(self.ns)
 
     @property
     def job_events_stream(self) -> str:
-        return f"{self.ns}_job_events"
+        return streams.JOB_EVENTS.named(self.ns)
 
     def job_events(self, function_id: uuid.UUID, job_id: str) -> str:
         return f"{self.ns}.jobevents.{function_id.hex}.{job_id}"
 
     @property
     def all_job_events(self) -> str:
-        return f"{self.ns}.jobevents.>"
+        return streams.JOB_EVENTS.subjects_in(self.ns)
 
     @property
     def usage_stream(self) -> str:
-        return f"{self.ns}_usage"
+        return streams.USAGE.named(self.ns)
 
     def usage(self, replica_id: uuid.UUID) -> str:
         return f"{self.ns}.usage.{replica_id.hex}"
 
     @property
     def all_usage(self) -> str:
-        return f"{self.ns}.usage.*"
+        return streams.USAGE.subjects_in(self.ns)
 
     @property
     def logs_stream(self) -> str:
-        return f"{self.ns}_logs"
+        return streams.LOGS.named(self.ns)
 
     def logs(self, function_id: uuid.UUID) -> str:
         return f"{self.ns}.logs.{function_id.hex}"
 
     @property
     def all_logs(self) -> str:
-        return f"{self.ns}.logs.*"
+        return streams.LOGS.subjects_in(self.ns)
 
     @property
     def code_bucket(self) -> str:
-        return f"{self.ns}_code"
+        return streams.CODE.named(self.ns)
 
     @property
     def snapshot_bucket(self) -> str:
-        return f"{self.ns}_snapshots"
+        return streams.SNAPSHOTS.named(self.ns)
 
     @property
     def snapshot_leases(self) -> str:
         """Key-value bucket: who is baking which snapshot."""
-        return f"{self.ns}_snapshot_bakes"
+        return streams.SNAPSHOT_BAKES.named(self.ns)
 
     @property
     def scheduler_lease(self) -> str:
         """Key-value bucket: which scheduler process acts (kiln.scheduler.leader)."""
-        return f"{self.ns}_scheduler"
+        return streams.SCHEDULER_LEASE.named(self.ns)
 
     def snapshot_requests(self, node_id: str, replica_id: uuid.UUID) -> str:
         """Where a starting replica asks its node agent for its snapshot (or to bake it)."""
@@ -278,7 +276,7 @@ class Subjects:
 
     @property
     def all_calls(self) -> str:
-        return f"{self.ns}.calls.>"
+        return streams.CALLS.subjects_in(self.ns)
 
     def calls(self, function_id: uuid.UUID) -> str:
         return f"{self.ns}.calls.{function_id.hex}"

@@ -20,12 +20,10 @@ import sqlalchemy as sa
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import FetchTimeoutError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from kiln._jetstream import ensure_stream
 from kiln._tasks import cancel_and_wait
 from kiln._trouble import Trouble
 from kiln.billing.ledger import (
@@ -41,30 +39,14 @@ from kiln.db.session import transaction
 from kiln.metering import USAGE_MAC, usage_mac
 from kiln.observability.billing import BillingMetrics
 from kiln.seal import Seals
+from kiln.streams import USAGE, USAGE_BILLING, ensure_consumer, ensure_stream
 from kiln.wire import Subjects, UsageReport, decode
 
-__all__ = ["BillingWorker", "announce_blocks", "ensure_usage_stream"]
+__all__ = ["BillingWorker", "announce_blocks"]
 
 _log = logging.getLogger("kiln.billing")
-_DURABLE = "billing"
 _BATCH = 256
 _SWEEP_S = 30.0
-# A worker that died holding reports: they are delivered again after this long.
-_ACK_WAIT_S = 10.0
-
-
-async def ensure_usage_stream(
-    js: JetStreamContext, subjects: Subjects, *, replicas: int = 1
-) -> None:
-    config = StreamConfig(
-        num_replicas=replicas,
-        name=subjects.usage_stream,
-        subjects=[subjects.all_usage],
-        retention=RetentionPolicy.WORK_QUEUE,  # a report leaves once it is in the ledger
-        storage=StorageType.FILE,
-        duplicate_window=300,  # a replica's retries of one report are stored once
-    )
-    await ensure_stream(js, config)
 
 
 class BillingWorker:
@@ -92,13 +74,10 @@ class BillingWorker:
         self.rules = rules
 
     async def run(self, stop: asyncio.Event) -> None:
-        await ensure_usage_stream(self.js, self.subjects, replicas=self.stream_replicas)
-        sub = await self.js.pull_subscribe(
-            self.subjects.all_usage,
-            durable=_DURABLE,
-            stream=self.subjects.usage_stream,
-            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=_ACK_WAIT_S),
-        )
+        ns = self.subjects.ns
+        await ensure_stream(self.js, USAGE, ns, replicas=self.stream_replicas)
+        durable = await ensure_consumer(self.js, USAGE_BILLING, ns)
+        sub = await self.js.pull_subscribe_bind(durable, stream=self.subjects.usage_stream)
         consume = asyncio.create_task(self._consume(sub), name="kiln-billing")
         sweep = asyncio.create_task(self._sweep(), name="kiln-billing-blocks")
         try:

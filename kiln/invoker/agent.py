@@ -53,11 +53,11 @@ from kiln.invoker.sandbox import Box, Sandboxes, bwrap_path, gpu_devices, link_t
 from kiln.invoker.standby import Assignment
 from kiln.invoker.standby_pool import Standby, StandbyPool, memory_info
 from kiln.invoker.usage import NodeMeter
-from kiln.jobs.streams import ensure_function_stores
 from kiln.observability.gpu import GpuTelemetry
 from kiln.seal import Seals
 from kiln.settings import EgressMode, SandboxMode, Settings
 from kiln.snapshots.manifest import Manifest
+from kiln.streams import ensure_function_buckets
 from kiln.wire import (
     HEARTBEAT_INTERVAL_S,
     ColdStartReport,
@@ -450,9 +450,9 @@ class NodeAgent:
         """The function's payload and job result buckets exist (checked once per agent)."""
         if function_id in self._stores_made:
             return
-        await ensure_function_stores(
-            self.nc.jetstream(), self.subjects, uuid.UUID(function_id),
-            self.settings.job_result_ttl_s, replicas=self.settings.stream_replicas,
+        await ensure_function_buckets(
+            self.nc.jetstream(), self.subjects.ns, uuid.UUID(function_id).hex,
+            replicas=self.settings.stream_replicas, result_ttl_s=self.settings.job_result_ttl_s,
         )  # fmt: skip
         self._stores_made.add(function_id)
 

@@ -29,7 +29,8 @@ from kiln.invoker.calls import CallRunner
 from kiln.invoker.output import in_call
 from kiln.objects import put_object
 from kiln.seal import FunctionSealer
-from kiln.wire import CALL_ACK_WAIT_S, CallHeaders, JobEvent, JobEventKind, Subjects, encode
+from kiln.streams import CALL_ACK_WAIT_S
+from kiln.wire import CallHeaders, JobEvent, JobEventKind, Subjects, encode
 
 __all__ = ["JobRunner", "retry_delay_s"]
 

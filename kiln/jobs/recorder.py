@@ -20,7 +20,6 @@ import httpx
 import sqlalchemy as sa
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import FetchTimeoutError
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -42,17 +41,16 @@ from kiln.jobs.records import (
     finish,
     lost_verdict_waits,
 )
-from kiln.jobs.streams import ensure_job_streams
 from kiln.objects import delete_object
 from kiln.payloads import PayloadStore
 from kiln.seal import Seals
 from kiln.settings import Settings, Switch
+from kiln.streams import JOB_RECORDER, ensure_consumer, ensure_job_streams
 from kiln.wire import JobEvent, JobEventKind, Subjects, decode
 
 __all__ = ["JobRecorder"]
 
 _log = logging.getLogger("kiln.jobs")
-_DURABLE = "recorder"
 _BATCH = 128  # events written per transaction
 _SWEEP_EVERY_S = 1.0
 _WEBHOOK_CLAIM_S = 60.0
@@ -82,18 +80,11 @@ class JobRecorder:
         self.seals = Seals(settings.snapshot_signing_key)
 
     async def run(self, stop: asyncio.Event) -> None:
-        await ensure_job_streams(self.js, self.subjects, replicas=self.settings.stream_replicas)
-        # Created, or brought up to this config (an older one may filter other subjects).
-        await self.js.add_consumer(
-            self.subjects.job_events_stream,
-            ConsumerConfig(
-                durable_name=_DURABLE,
-                filter_subject=self.subjects.all_job_events,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=30,
-            ),
-        )
-        sub = await self.js.pull_subscribe_bind(_DURABLE, stream=self.subjects.job_events_stream)
+        ns = self.settings.namespace
+        await ensure_job_streams(self.js, ns, replicas=self.settings.stream_replicas)
+        # Created, or brought up to its declaration (an older one may filter other subjects).
+        durable = await ensure_consumer(self.js, JOB_RECORDER, ns)
+        sub = await self.js.pull_subscribe_bind(durable, stream=self.subjects.job_events_stream)
         async with httpx.AsyncClient() as client:
             loops = [
                 asyncio.create_task(self._forever(self._record, sub), name="kiln-jobs-events"),

@@ -23,7 +23,6 @@ from typing import Any
 
 import sqlalchemy as sa
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -37,7 +36,8 @@ from kiln.functions.options import parse_options
 from kiln.functions.spec import FunctionSpec, Resources, UnitKind
 from kiln.router.bodies import DeployBody
 from kiln.router.validation import validated
-from kiln.wire import CALL_ACK_WAIT_S, Subjects, consumer_name
+from kiln.streams import FUNCTION_CALLS, ensure_consumer
+from kiln.wire import Subjects, consumer_name
 
 __all__ = ["DeployRequest", "DeployResult", "Deployer", "ReplicaCap"]
 
@@ -234,15 +234,7 @@ class Deployer:
         return result, kept
 
     async def _ensure_consumer(self, function_id: uuid.UUID, spec: FunctionSpec) -> None:
-        config = ConsumerConfig(
-            durable_name=consumer_name(function_id),
-            filter_subject=self.subjects.calls(function_id),
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=CALL_ACK_WAIT_S,
-            max_ack_pending=-1,
-        )
-        await self.js.add_consumer(self.subjects.calls_stream, config)
+        await ensure_consumer(self.js, FUNCTION_CALLS, self.subjects.ns, function_id.hex)
 
     async def _drop_consumer(self, function_id: uuid.UUID) -> None:
         with contextlib.suppress(NotFoundError):

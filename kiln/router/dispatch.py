@@ -29,10 +29,8 @@ from dataclasses import dataclass
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js import JetStreamContext
-from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
-from kiln._jetstream import MSG_ID, PUBLISH_RETRY_S, ensure_stream, publish_durably
+from kiln._jetstream import MSG_ID, PUBLISH_RETRY_S, publish_durably
 from kiln._nats import reconnect_delay
 from kiln.db.enums import ReplicaState
 from kiln.errors import (
@@ -68,7 +66,7 @@ from kiln.wire import (
     stream_event,
 )
 
-__all__ = ["CallResult", "Dispatcher", "ensure_calls_stream"]
+__all__ = ["CallResult", "Dispatcher"]
 
 _log = logging.getLogger(__name__)
 
@@ -209,25 +207,6 @@ _ORDER = {_Phase.PUBLISHED: 0, _Phase.QUEUED: 1, _Phase.RUNNING: 2}
 
 def _give_up(call: _Call) -> None:
     call.fail(Unavailable("the call queue did not confirm the call", retry_after=1))
-
-
-async def ensure_calls_stream(
-    js: JetStreamContext, subjects: Subjects, *, replicas: int = 1
-) -> None:
-    """The work queue all calls go through: a message is removed once a replica acks it.
-    `replicas`: copies kept on a cluster (`KILN_STREAM_REPLICAS`)."""
-    config = StreamConfig(
-        name=subjects.calls_stream,
-        subjects=[subjects.all_calls],
-        retention=RetentionPolicy.WORK_QUEUE,
-        storage=StorageType.FILE,
-        max_age=24 * 3600,
-        num_replicas=replicas,
-        # Message ids (a call's or a job's) are remembered this long, so a publish retried
-        # through a leader election (kiln._jetstream.PUBLISH_RETRY_S) is stored once.
-        duplicate_window=2 * PUBLISH_RETRY_S,
-    )
-    await ensure_stream(js, config)
 
 
 class Dispatcher:

@@ -8,10 +8,8 @@ import contextlib
 from kiln._health import Health
 from kiln._service import open_database, open_nats, open_redis, push_bounded
 from kiln.billing.stripe_gateway import StripeGateway
-from kiln.billing.worker import ensure_usage_stream
 from kiln.codestore import CodeStore
 from kiln.db.session import session_factory
-from kiln.jobs.streams import ensure_job_streams
 from kiln.observability.invocation_log import InvocationLog, InvocationLogMetrics
 from kiln.observability.nats import NatsMetrics, NatsProcess
 from kiln.router.abuse import AbuseSignals
@@ -19,13 +17,13 @@ from kiln.router.auth import Authenticator
 from kiln.router.billing_gate import BillingGate
 from kiln.router.catalog import Catalog
 from kiln.router.deploy import Deployer
-from kiln.router.dispatch import Dispatcher, ensure_calls_stream
-from kiln.router.function_logs import ensure_logs_stream
+from kiln.router.dispatch import Dispatcher
 from kiln.router.limits import Limiter
 from kiln.router.metrics import RouterMetrics
 from kiln.router.services import RouterServices
 from kiln.seal import Seals
 from kiln.settings import Settings, Switch
+from kiln.streams import CALLS, LOGS, USAGE, ensure_job_streams, ensure_stream
 from kiln.wire import Subjects
 
 __all__ = ["open_services"]
@@ -54,10 +52,18 @@ async def open_services(
     redis = open_redis(exits, settings)
     js = nc.jetstream()
     replicas = settings.stream_replicas
-    await ensure_calls_stream(js, subjects, replicas=replicas)
-    await ensure_job_streams(js, subjects, replicas=replicas)
-    await ensure_usage_stream(js, subjects, replicas=replicas)
-    await ensure_logs_stream(js, subjects, settings)
+    ns = settings.namespace
+    await ensure_stream(js, CALLS, ns, replicas=replicas)
+    await ensure_job_streams(js, ns, replicas=replicas)
+    await ensure_stream(js, USAGE, ns, replicas=replicas)
+    await ensure_stream(
+        js,
+        LOGS,
+        ns,
+        replicas=replicas,
+        max_bytes=settings.function_logs_max_bytes,
+        max_age_s=settings.function_logs_max_age_s,
+    )
 
     call_log = InvocationLog(
         engine,

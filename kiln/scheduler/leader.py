@@ -31,9 +31,9 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from kiln._jetstream import key_value
 from kiln._trouble import Trouble
 from kiln.seal import SEAL, Seals
+from kiln.streams import SCHEDULER_LEASE, key_value
 
 __all__ = ["Leadership"]
 
@@ -141,6 +141,6 @@ class Leadership:
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
             self._kv = await key_value(
-                self.js, self.bucket, ttl_s=self.ttl_s, replicas=self.replicas
+                self.js, SCHEDULER_LEASE, self.bucket, ttl_s=self.ttl_s, replicas=self.replicas
             )
         return self._kv

@@ -25,15 +25,13 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from kiln._jetstream import key_value, object_store
 from kiln.snapshots.manifest import BAKE_REPORT, GRAPH, MANIFEST, SIGNATURE, Manifest, blob_name
 from kiln.snapshots.store import Snapshot, SnapshotCache
+from kiln.streams import SNAPSHOT_BAKES, SNAPSHOTS, key_value, object_store
 
-__all__ = ["BAKE_LEASE_S", "SharedSnapshots"]
+__all__ = ["SharedSnapshots"]
 
 _log = logging.getLogger(__name__)
-# The longest a bake may hold its lease; a baker that dies releases it by expiry.
-BAKE_LEASE_S = 30 * 60
 
 
 class SharedSnapshots:
@@ -49,13 +47,15 @@ class SharedSnapshots:
 
     async def _objects(self) -> ObjectStore:
         if self._store is None:
-            self._store = await object_store(self.js, self.bucket, replicas=self.replicas)
+            self._store = await object_store(
+                self.js, SNAPSHOTS, self.bucket, replicas=self.replicas
+            )
         return self._store
 
     async def _lease_kv(self) -> KeyValue:
         if self._leases is None:
             self._leases = await key_value(
-                self.js, self.lease_bucket, ttl_s=BAKE_LEASE_S, replicas=self.replicas
+                self.js, SNAPSHOT_BAKES, self.lease_bucket, replicas=self.replicas
             )
         return self._leases
 

@@ -16,12 +16,12 @@ import pytest
 from eventually import eventually
 from nats.aio.client import Client as NATS
 
-from kiln._jetstream import key_value
 from kiln._nats import connect_options
 from kiln._tasks import cancel_and_wait
 from kiln.scheduler.leader import Leadership
 from kiln.seal import Seals
 from kiln.settings import Settings
+from kiln.streams import SCHEDULER_LEASE, key_value
 
 pytestmark = pytest.mark.integration
 
@@ -140,7 +140,7 @@ async def test_a_lease_written_without_the_platforms_seal_does_not_hold_anyone_o
     faster than it expires, an entry without the platform's seal would keep every scheduler
     standing by; it is taken over instead, while sealed leases are respected."""
     seals = Seals("k" * 40)
-    kv = await key_value(nc.jetstream(), bucket, ttl_s=TTL_S)
+    kv = await key_value(nc.jetstream(), SCHEDULER_LEASE, bucket, ttl_s=TTL_S, replicas=1)
     forging = asyncio.Event()
 
     async def forge() -> None:

@@ -26,7 +26,8 @@ from kiln._nats import connect_options
 from kiln.db.models import App, Function, UsageEvent
 from kiln.db.session import create_engine
 from kiln.settings import Settings
-from kiln.wire import CALL_ACK_WAIT_S, Subjects
+from kiln.streams import CALL_ACK_WAIT_S
+from kiln.wire import Subjects
 
 pytestmark = pytest.mark.integration
 

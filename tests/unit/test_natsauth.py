@@ -33,10 +33,10 @@ from kiln.errors import DevStackError
 from kiln.invoker.calls import CallRunner
 from kiln.invoker.credentials import ReplicaCredentials, replica_inbox
 from kiln.invoker.jobs import JobRunner
-from kiln.jobs.streams import ensure_job_streams
 from kiln.natsauth import Credentials, Permissions, Trust, mint_user
-from kiln.payloads import PayloadStore, ensure_payload_bucket
+from kiln.payloads import PayloadStore
 from kiln.seal import FunctionSealer
+from kiln.streams import PAYLOADS, ensure_job_streams, object_store
 from kiln.wire import Subjects, consumer_name
 
 try:
@@ -448,7 +448,7 @@ async def test_a_replica_in_its_functions_account_reaches_its_own_and_nothing_el
             ),
         )
         await js.publish(subjects.calls(function), f"call for {function}".encode())
-    await ensure_payload_bucket(js, subjects.payload_bucket(mine))
+    await object_store(js, PAYLOADS, subjects.payload_bucket(mine), replicas=1)
     system = await connect(trust.system_user())
 
     async def push(jwt: str) -> None:
@@ -491,7 +491,7 @@ async def test_a_replica_in_its_functions_account_reaches_its_own_and_nothing_el
     assert await payloads.get(mine, name) == body
     assert await PayloadStore(js, subjects).take(mine, name) == body
     # Whether a job was cancelled before it started: a direct get of the cancellation bucket.
-    await ensure_job_streams(js, subjects)
+    await ensure_job_streams(js, subjects.ns, replicas=1)
     await (await js.key_value(subjects.job_cancels_bucket)).put("job-1", b"1")
     runner = JobRunner(
         worker, subjects, cast(CallRunner, SimpleNamespace(replica_id=replica, function_id=mine)),
