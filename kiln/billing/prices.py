@@ -7,21 +7,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
+from kiln.gpus import default_prices
+
 __all__ = ["DEFAULT_PRICES", "cost_micros", "parse_prices"]
 
-# Micro-units per hour per GPU (per CPU slot for "none").
-DEFAULT_PRICES: Mapping[str, int] = {
-    "none": 50_000,
-    "T4": 600_000,
-    "L4": 800_000,
-    "A10G": 1_100_000,
-    "L40S": 1_900_000,
-    "A100": 2_500_000,
-    "A100-80GB": 3_400_000,
-    "H100": 3_900_000,
-    "H200": 4_500_000,
-    "B200": 6_250_000,
-}
+# Micro-units per hour per GPU (per CPU slot for "none"), from the GPU catalogue.
+DEFAULT_PRICES: Mapping[str, int] = default_prices()
 _MS_PER_HOUR = 3_600_000
 
 

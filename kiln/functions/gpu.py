@@ -1,25 +1,16 @@
 """How a function asks for GPUs: `"none"`, `"any"`, or a type with an optional count (`"H100:2"`).
 
-The spelling is normalised here, once, so the scheduler, the node agent and the database compare
-canonical strings: `"h100:2"` becomes `"H100:2"` and a count of one is dropped (`"A10G:1"` is
-`"A10G"`).
+The types are kiln/gpus.py's catalogue. The spelling is normalised here, once, so the
+scheduler, the node agent and the database compare canonical strings: `"h100:2"` becomes
+`"H100:2"` and a count of one is dropped (`"A10G:1"` is `"A10G"`).
 """
 
 from __future__ import annotations
 
+from kiln.gpus import GPU_TYPES
+
 __all__ = ["GPU_EXPECTED", "GPU_TYPES", "MAX_GPU_COUNT", "gpu_request", "parse_gpu"]
 
-GPU_TYPES: tuple[str, ...] = (
-    "T4",
-    "L4",
-    "A10G",
-    "A100",
-    "A100-80GB",
-    "L40S",
-    "H100",
-    "H200",
-    "B200",
-)
 MAX_GPU_COUNT = 8
 
 GPU_EXPECTED = (

@@ -8,26 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 
+from kiln.gpus import gpu_type_of
 from kiln.settings import Settings
 
-__all__ = ["gpu_type_of", "node_slots"]
+__all__ = ["node_slots"]
 
 _log = logging.getLogger(__name__)
 _CPU_SLOTS_PER_CORE = 4
-# NVML reports marketing names ("NVIDIA H100 80GB HBM3"); Kiln schedules by short type.
-_KNOWN = ("B200", "H200", "H100", "L40S", "A100", "A10G", "L4", "T4")
-
-
-def gpu_type_of(nvml_name: str) -> str:
-    upper = nvml_name.upper()
-    for known in _KNOWN:
-        if re.search(rf"\b{known}\b", upper):
-            if known == "A100" and "80GB" in upper:
-                return "A100-80GB"
-            return known
-    return re.sub(r"[^A-Z0-9-]+", "-", upper.removeprefix("NVIDIA ")).strip("-")[:32] or "GPU"
 
 
 def node_slots(settings: Settings) -> dict[str, int]:
