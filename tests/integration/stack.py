@@ -18,11 +18,17 @@ from typing import Any, TypeVar
 
 import httpx
 import nats
+import pytest
+import sqlalchemy as sa
+from eventually import eventually
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kiln._nats import connect_options
 from kiln.db import bootstrap, migrate
+from kiln.db.enums import NodeState
+from kiln.db.models import Node
 from kiln.devstack.nats import EmbeddedNats
 from kiln.devstack.ports import pick_port
 from kiln.devstack.service import EmbeddedService
@@ -94,6 +100,16 @@ class Platform:
         found: list[dict[str, Any]] = response.json()["replicas"]
         return found
 
+    async def ready_replicas(self, target: str) -> list[dict[str, Any]]:
+        """The ready ones among `replicas(target)`."""
+        return [r for r in await self.replicas(target) if r["state"] == "ready"]
+
+    async def scaled_to_zero(self, target: str) -> bool:
+        """Whether `APP/FN` has no live replica: a check for `eventually`."""
+        live = await self.replicas(target)
+        assert not live, f"{target} still has {[r['state'] for r in live]}"
+        return True
+
 
 async def next_node_beat(
     platform: Platform, matches: Callable[[NodeHeartbeat], bool], timeout_s: float = 10
@@ -111,6 +127,14 @@ async def next_node_beat(
         return await asyncio.wait_for(found, timeout_s)
     finally:
         await nc.close()
+
+
+async def node_lost(engine: AsyncEngine, node_id: str) -> bool:
+    """Whether the scheduler has recorded the node lost: a check for `eventually`."""
+    async with engine.connect() as conn:
+        state = await conn.scalar(sa.select(Node.state).where(Node.id == node_id))
+    assert state == NodeState.LOST, f"{node_id} is {state}"
+    return True
 
 
 def error_of(response: httpx.Response) -> dict[str, str]:
@@ -259,20 +283,18 @@ class Service:
 
     async def wait_for(self, *wanted: str, within_s: float = 30) -> str:
         """The metrics text once it holds every string in `wanted`."""
-        deadline = time.monotonic() + within_s
-        text = ""
-        while True:
-            assert self.process.poll() is None, f"{self.module} exited:\n{self.log.read_text()}"
+
+        async def holds() -> str:
+            if self.process.poll() is not None:
+                pytest.fail(f"{self.module} exited:\n{self.log.read_text()}")
             try:
                 text = await self.metrics()
             except httpx.HTTPError:
                 text = ""
-            if all(w in text for w in wanted):
-                return text
-            if time.monotonic() > deadline:
-                missing = [w for w in wanted if w not in text]
-                raise AssertionError(f"{self.module}: no {missing} in\n{text}")
-            await asyncio.sleep(0.1)
+            assert all(w in text for w in wanted), f"no {[w for w in wanted if w not in text]}"
+            return text
+
+        return await eventually(holds, within_s=within_s, what=f"{self.module}'s metrics")
 
     async def stop(self) -> float:
         """SIGTERM; the seconds it took to exit (cleanly)."""
@@ -287,6 +309,14 @@ class Service:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+
+
+def kill_nats(server: EmbeddedNats) -> None:
+    """SIGKILL, and wait (in a thread of its own: it blocks) until it is gone."""
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGKILL)
+    process = server.process
+    asyncio.run(eventually(lambda: not process.running, within_s=10))
 
 
 def nats_env(settings: Settings) -> dict[str, str]:

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from eventually import eventually
 
 from kiln.devstack.ports import pick_port
 from kiln.devstack.probes import postgres_answers
@@ -107,13 +108,6 @@ def running_pids(dev: DevProcess) -> list[int]:
     return pids
 
 
-def wait_gone(pids: list[int], timeout_s: float = 15.0) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not all(is_gone(pid) for pid in pids):
-        time.sleep(0.05)
-    return [pid for pid in pids if not is_gone(pid)]
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_stops_every_server(dev: DevProcess, sig: signal.Signals) -> None:
     dev.wait_for(READY)
@@ -156,7 +150,7 @@ def test_killed_kiln_dev_leaves_no_server(dev: DevProcess) -> None:
     pids = running_pids(dev)
     dev.proc.send_signal(signal.SIGKILL)
     dev.proc.wait(10)
-    assert wait_gone(pids) == []
+    asyncio.run(eventually(lambda: all(is_gone(pid) for pid in pids), within_s=15))
 
 
 def test_restart_finds_its_data_again(dev: DevProcess) -> None:

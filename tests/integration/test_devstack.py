@@ -98,12 +98,11 @@ async def test_a_server_that_dies_is_started_again_on_its_data_and_counted(home:
             dead = service.process.pid
             os.kill(dead, signal.SIGKILL)  # a crash: PostgreSQL leaves its postmaster.pid
             restarts = supervisor.restarts.labels(service.name)
-            back = answers[service.name]
-            await eventually(
-                lambda: restarts._value.get() >= 1 and back(),  # noqa: B023
-                within_s=60,
-                what=f"{service.name} came back",
-            )
+
+            def back() -> bool:
+                return restarts._value.get() >= 1 and answers[service.name]()  # noqa: B023
+
+            await eventually(back, within_s=60, what=f"{service.name} came back")
             entry = next(e for e in recorded(home) if e["name"] == service.name)
             assert entry["pid"] == service.process.pid != dead  # the stray check knows it
             assert service.url == next(e.url for e in stack.state() if e.name == service.name)

@@ -5,13 +5,13 @@ scaling (issue 5: leader election)."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import nats
 import pytest
+from eventually import eventually
 from stack import Platform, running_platform
 
 from kiln._nats import connect_options
@@ -82,35 +82,23 @@ async def scheduler(platform: Platform) -> AsyncIterator[tuple[Scheduler, Callab
         await engine.dispose()
 
 
-async def until(what: str, check: Callable[[], object], timeout_s: float) -> float:
-    began = time.monotonic()
-    while not check():
-        assert time.monotonic() - began < timeout_s, what
-        await asyncio.sleep(0.05)
-    return time.monotonic() - began
-
-
 async def test_a_standby_scheduler_takes_over_without_duplicating_replicas(
     platform: Platform, tmp_path: Path
 ) -> None:
     app_file = tmp_path / "failover.py"
     app_file.write_text(APP)
     async with scheduler(platform) as (first, kill_first):
-        await until("the first scheduler never led", lambda: first.acting, 10)
+        await eventually(lambda: first.acting, within_s=10)
         async with scheduler(platform) as (second, _):
             await platform.deploy(app_file)
-            deadline = time.monotonic() + 60
-            while not [r for r in await platform.replicas(STEADY) if r["state"] == "ready"]:
-                assert time.monotonic() < deadline, "min_replicas=1 was never met"
-                await asyncio.sleep(0.2)
+            await eventually(lambda: platform.ready_replicas(STEADY), within_s=60)
             assert not second.acting
             [original] = await platform.replicas(STEADY)
 
             kill_first()
-            waited = await until("no takeover", lambda: second.acting, 2 * LEASE_S + 2)
-            assert waited < 2 * LEASE_S + 2
+            await eventually(lambda: second.acting, within_s=2 * LEASE_S + 2)  # a takeover
             leading = second.metrics.registry.get_sample_value
-            await until("the new leader's gauge", lambda: leading("kiln_scheduler_leading"), 3)
+            await eventually(lambda: leading("kiln_scheduler_leading"), within_s=3)
             # Several reconcile passes of the new leader: the replica is adopted, not doubled.
             for _ in range(16):
                 assert [r["id"] for r in await platform.replicas(STEADY)] == [original["id"]]

@@ -9,13 +9,13 @@ import asyncio
 import hashlib
 import hmac
 import json
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from eventually import eventually
 from stack import Platform, error_of, running_platform
 
 import kiln
@@ -105,15 +105,19 @@ async def spawn(platform: Platform, target: str, **kwargs: Any) -> str:
     return call_id
 
 
-async def finished(platform: Platform, call_id: str, timeout_s: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
+FINAL = ("succeeded", "failed", "cancelled", "expired")
+
+
+async def finished(platform: Platform, call_id: str) -> dict[str, Any]:
+    return await eventually(lambda: view_of(platform, call_id, *FINAL), within_s=60)
+
+
+async def view_of(platform: Platform, call_id: str, *statuses: str) -> dict[str, Any]:
+    """The call's view, once in one of `statuses`: a check for `eventually`."""
     async with platform.client() as client:
-        while True:
-            view: dict[str, Any] = (await client.get(f"/v1/calls/{call_id}")).json()
-            if view["status"] in ("succeeded", "failed", "cancelled", "expired"):
-                return view
-            assert time.monotonic() < deadline, view
-            await asyncio.sleep(0.1)
+        view: dict[str, Any] = (await client.get(f"/v1/calls/{call_id}")).json()
+    assert view["status"] in statuses, view
+    return view
 
 
 async def test_a_job_runs_and_its_result_is_kept(platform: Platform) -> None:
@@ -175,12 +179,12 @@ async def test_cancelling_a_running_job_stops_it_in_the_replica(
     call_id = await spawn(
         platform, "jobs/waits", json={"started": str(started), "cancelled": str(cancelled)}
     )
-    await _appears(started)
+    await eventually(started.exists, within_s=30)
     async with platform.client() as client:
         response = await client.post(f"/v1/calls/{call_id}/cancel")
         assert response.status_code == 200, response.text
         assert response.json()["status"] == "cancelled"
-        await _appears(cancelled)
+        await eventually(cancelled.exists, within_s=30)
         again = await client.post(f"/v1/calls/{call_id}/cancel")
     assert again.status_code == 409
     assert error_of(again)["message"] == f"call {call_id} is already cancelled"
@@ -212,10 +216,8 @@ async def test_a_completion_webhook_is_signed_and_retried_until_delivered(
             json={"x": 5},
             params={"webhook": f"http://127.0.0.1:{port}/done"},
         )
-        deadline = time.monotonic() + 30
-        while len(received) < 2:  # the first delivery is refused: it is sent again
-            assert time.monotonic() < deadline, received
-            await asyncio.sleep(0.1)
+        # The first delivery is refused: it is sent again.
+        await eventually(lambda: len(received) >= 2, within_s=30)
     finally:
         server.close()
     headers, body = received[1]
@@ -252,22 +254,11 @@ async def test_a_job_outlives_the_router_that_took_it(settings: Settings, tmp_pa
     async with running_platform(settings, home) as first:
         await first.deploy_source(tmp_path, "jobs.py", JOBS)
         call_id = await spawn(first, "jobs/slow", json={"seconds": 2})
-        deadline = time.monotonic() + 60
-        async with first.client() as client:
-            while (await client.get(f"/v1/calls/{call_id}")).json()["status"] != "running":
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.1)
+        await eventually(lambda: view_of(first, call_id, "running"), within_s=60)
     # That platform (router, recorder and node agent) is gone; another one finds the job done.
     async with running_platform(settings, home) as second:
         view = await finished(second, call_id)
     assert (view["status"], view["result"]) == ("succeeded", "slept")
-
-
-async def _appears(path: Path, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():  # noqa: ASYNC240 - a stat, in a test
-        assert time.monotonic() < deadline, f"{path.name} never appeared"
-        await asyncio.sleep(0.05)
 
 
 async def test_a_finished_jobs_result_expires(settings: Settings, tmp_path: Path) -> None:
@@ -277,28 +268,23 @@ async def test_a_finished_jobs_result_expires(settings: Settings, tmp_path: Path
         await short.deploy_source(tmp_path, "jobs.py", JOBS)
         call_id = await spawn(short, "jobs/echo", json={"x": 9})
         assert (await finished(short, call_id))["result"] == {"x": 9}
-        await asyncio.sleep(1.5)
+        view = await eventually(lambda: view_of(short, call_id, "expired"), within_s=1.5)
         async with short.client() as client:
-            view = (await client.get(f"/v1/calls/{call_id}")).json()
             gone = await client.get(f"/v1/calls/{call_id}/result")
-        assert view["status"] == "expired"
         assert "result" not in view
         assert gone.status_code == 404
         # The sweeper drops the stored result too.
         engine = create_engine(short.settings, application_name="kiln-test")
+
+        async def dropped() -> bool:
+            async with engine.connect() as conn:
+                query = sa.select(Call.status, Call.result).where(Call.id == call_id)
+                row = (await conn.execute(query)).one()
+            assert (row.status, row.result) == (CallStatus.EXPIRED, None), row
+            return True
+
         try:
-            deadline = time.monotonic() + 10
-            while True:
-                async with engine.connect() as conn:
-                    row = (
-                        await conn.execute(
-                            sa.select(Call.status, Call.result).where(Call.id == call_id)
-                        )
-                    ).one()
-                if row.status == CallStatus.EXPIRED and row.result is None:
-                    break
-                assert time.monotonic() < deadline, row
-                await asyncio.sleep(0.2)
+            await eventually(dropped, within_s=10)
         finally:
             await engine.dispose()
 

@@ -4,16 +4,14 @@ the setup hooks take over, and the snapshot is baked again."""
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import nats
 import pytest
 import sqlalchemy as sa
+from eventually import eventually
 from nats.aio.msg import Msg
 from stack import Platform, next_node_beat
 
@@ -97,24 +95,20 @@ async def cold_call(
     is ready), then call it (a cold start) and return the result with the origin its new
     replica reported."""
     app, _, name = target.partition("/")
-    deadline = time.monotonic() + 30
-    async with platform.client() as client:
-        path = f"/v1/functions/{app}/{name.partition('.')[0]}/replicas"
-        while (await client.get(path)).json()["replicas"]:
-            assert time.monotonic() < deadline, "the function did not scale to zero"
-            await asyncio.sleep(0.25)
+    await eventually(
+        lambda: platform.scaled_to_zero(f"{app}/{name.partition('.')[0]}"), within_s=30
+    )
     if standby:  # the node agent's own word: its heartbeat counts the standbys it holds ready
         await next_node_beat(platform, lambda b: b.standbys.get("none", 0) >= 1, timeout_s=90)
     before = len(await replica_origins(platform, function))
     response = await platform.call(target)
     assert response.status_code == 200, response.text
-    while True:  # the report that carries the origin travels beside the reply
+
+    async def origin() -> str | None:  # the report that carries it travels beside the reply
         origins = await replica_origins(platform, function)
-        if len(origins) > before and origins[-1] is not None:
-            break
-        assert time.monotonic() < deadline + 30, f"no origin recorded: {origins}"
-        await asyncio.sleep(0.1)
-    return {**response.json(), "origin": origins[-1]}
+        return origins[-1] if len(origins) > before else None
+
+    return {**response.json(), "origin": await eventually(origin, within_s=30)}
 
 
 def snapshot_dirs(platform: Platform) -> list[Path]:
@@ -132,10 +126,7 @@ async def test_a_class_is_baked_on_its_first_cold_start_and_restored_on_the_next
     first = await cold_call(platform, "snappy/Model.run", "Model")
     assert first["origin"] == "baked"
     assert first["built_in"] == first["warmed_in"] == first["pid"]
-    deadline = time.monotonic() + 30
-    while not snapshot_dirs(platform):  # the agent seals what the replica baked
-        assert time.monotonic() < deadline, "the bake was never sealed"
-        await asyncio.sleep(0.1)
+    await eventually(lambda: snapshot_dirs(platform), within_s=30)  # sealed by the agent
     # The node tells the scheduler it has it, so placement can prefer it.
     wanted = affinity_id(package(app_file).digest, "snappy/Model")
     beat = await next_node_beat(platform, lambda b: wanted in b.snapshots)
@@ -182,13 +173,6 @@ def tamper(blob: Path) -> None:
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
-async def wait_for(what: str, check: Callable[[], Awaitable[bool]], timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.1)
-
-
 async def test_a_tampered_snapshot_is_never_loaded_and_is_baked_again(
     platform: Platform, tmp_path: Path
 ) -> None:
@@ -206,7 +190,7 @@ async def test_a_tampered_snapshot_is_never_loaded_and_is_baked_again(
             new = set(snapshot_dirs(platform)) - before
             return bool(new) and await shared.has(next(iter(new)).name)
 
-        await wait_for("the bake was never sealed and shared", sealed_and_shared)
+        await eventually(sealed_and_shared, within_s=30)
         (snapshot,) = set(snapshot_dirs(platform)) - before
         key = snapshot.name
 
@@ -228,7 +212,7 @@ async def test_a_tampered_snapshot_is_never_loaded_and_is_baked_again(
         async def rebaked() -> bool:
             return (snapshot / "manifest.sig").exists() and await shared.has(key)
 
-        await wait_for("the snapshot was not baked again", rebaked)
+        await eventually(rebaked, within_s=30)
         restored = await cold_call(platform, "tamper/Tm.run", "Tm")
         assert restored["origin"] == "snapshot"
         assert restored["built_in"] == fallback["pid"]

@@ -10,13 +10,13 @@ import json
 import os
 import signal
 import socket
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from eventually import eventually
 from stack import Platform
 from typer.testing import CliRunner, Result
 
@@ -36,18 +36,10 @@ import kiln
 app = kiln.App("streams")
 
 
-def wait_for(path: str) -> None:
-    deadline = time.monotonic() + 30
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} never appeared")
-        time.sleep(0.01)
-
-
 @app.function()
 def tokens(gate: str):
     yield "first"
-    wait_for(gate)  # the test opens the gate only once it has read the first chunk
+    Path(gate).read_text()  # a FIFO: the test opens it only once it has read the first chunk
     yield {"second": 2}
     yield b"\\x00\\x01"
 
@@ -96,7 +88,8 @@ async def endless_async(closed: str):
 
 
 @app.function()
-async def slow_call(cancelled: str) -> str:
+async def slow_call(started: str, cancelled: str) -> str:
+    Path(started).touch()
     try:
         await asyncio.sleep(60)
     except asyncio.CancelledError:
@@ -128,6 +121,7 @@ async def test_chunks_arrive_as_they_are_produced_as_sse(
     deployed: Platform, tmp_path: Path
 ) -> None:
     gate = tmp_path / "gate"
+    os.mkfifo(gate)
     async with (
         deployed.client() as client,
         client.stream(
@@ -142,7 +136,7 @@ async def test_chunks_arrive_as_they_are_produced_as_sse(
         events = sse_events(response)
         # The generator is stuck until the gate opens: this chunk came before it finished.
         assert await anext(events) == {"id": "0", "data": '"first"'}
-        gate.touch()
+        await eventually(lambda: _open(gate), within_s=30)
         rest = [event async for event in events]
     assert rest == [
         {"id": "1", "data": '{"second":2}'},
@@ -241,7 +235,7 @@ async def test_a_client_that_leaves_stops_the_generator_and_frees_its_slot(
             await anext(lines)
             await anext(lines)
         # The connection is closed: the generator's finally runs in the replica.
-        await _appears(closed)
+        await eventually(closed.exists, within_s=10)
     # endless has concurrency 1: its slot is free again for the next call.
     closed = tmp_path / "again.closed"
     async with (
@@ -249,22 +243,21 @@ async def test_a_client_that_leaves_stops_the_generator_and_frees_its_slot(
         client.stream("POST", "/v1/run/streams/endless", json={"closed": str(closed)}) as response,
     ):
         assert json.loads(await anext(response.aiter_lines()))["seq"] == 0
-    await _appears(closed)
+    await eventually(closed.exists, within_s=10)
 
 
 async def test_a_client_that_leaves_cancels_a_plain_call_in_the_replica(
     deployed: Platform, tmp_path: Path
 ) -> None:
-    cancelled = tmp_path / "cancelled"
+    started, cancelled = tmp_path / "started", tmp_path / "cancelled"
+    body = {"started": str(started), "cancelled": str(cancelled)}
     async with deployed.client() as client:
-        call = asyncio.create_task(
-            client.post("/v1/run/streams/slow_call", json={"cancelled": str(cancelled)})
-        )
-        await asyncio.sleep(1.0)  # taken by a replica, and sleeping
+        call = asyncio.create_task(client.post("/v1/run/streams/slow_call", json=body))
+        await eventually(started.exists, within_s=10)  # taken by a replica, and sleeping
         call.cancel()  # closes the connection
         with pytest.raises(asyncio.CancelledError):
             await call
-    await _appears(cancelled)
+    await eventually(cancelled.exists, within_s=10)
 
 
 async def test_a_replica_that_dies_mid_stream_ends_it_with_worker_lost(
@@ -295,11 +288,13 @@ def _send_buffer_bytes() -> int:
     return int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
 
 
-async def _appears(path: Path, timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():  # noqa: ASYNC240 - a stat, in a test
-        assert time.monotonic() < deadline, f"{path.name} never appeared"
-        await asyncio.sleep(0.02)
+def _open(fifo: Path) -> bool:
+    """Open `fifo` and close it at once: its reader reads to the end."""
+    try:  # without blocking, which fails until the reader has it open
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError as error:
+        raise AssertionError(f"no reader at {fifo.name}: {error}") from error
+    return True
 
 
 class _SlowReader:
