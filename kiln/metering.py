@@ -1,6 +1,6 @@
-"""The cut points of a replica's billable time, shared by the replica that reports it, the node
-agent that closes it when the process exits, and the scheduler that closes it when a whole node
-is lost. Standard library only.
+"""The cut points of a replica's billable time, shared by the node agent that reports it and
+closes it when the process exits, and the scheduler that has it closed here
+(`close_lost_usage`) when a whole node is lost. Standard library only.
 
 Report `n` of a replica covers `[since + (n-1)·interval, since + n·interval]`, where `since` is
 when its node agent gave it its slot; its event id is `<replica>:<n>`. Whoever writes a report,
@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import math
 import uuid
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING
 
 from kiln.wire import StartReplica, Subjects, UsageReport, encode
@@ -29,11 +30,14 @@ if TYPE_CHECKING:
 __all__ = [
     "USAGE_INTERVAL_S",
     "USAGE_MAC",
+    "close_lost_usage",
     "missing_reports",
     "publish_usage",
     "usage_mac",
     "usage_report",
 ]
+
+_log = logging.getLogger("kiln.metering")
 
 USAGE_INTERVAL_S = 5.0
 USAGE_MAC = "Kiln-Usage-Mac"
@@ -97,3 +101,33 @@ def missing_reports(
         stop = max(start, min(end, since + seq * interval_s))
         reports.append(usage_report(launch, seq, start, stop, final=seq == last))
     return reports
+
+
+async def close_lost_usage(
+    nc: NATS,
+    subjects: Subjects,
+    launch: StartReplica | None,
+    *,
+    ended: float,
+    charged: Callable[[str], Awaitable[Collection[int]]],
+    secret: str | None,
+) -> int:
+    """A replica's node agent died with it, so nobody will report the rest of its time: write
+    the intervals the ledger lacks (`charged(replica_id)`: the numbers it has) up to `ended`,
+    the node's last heartbeat in epoch seconds. Copies of intervals the agent did report
+    collide with them and count once. Returns how many it wrote.
+
+    A replica whose billable start is unknown (`launch` None, or never taken by an agent: one
+    adopted from an earlier scheduler) is left alone. A failure is logged, not raised: it loses
+    at most the intervals since the agent's last report, and the caller goes on with the rest.
+    """
+    if launch is None or not launch.received_at:
+        return 0
+    written = 0
+    try:
+        for report in missing_reports(launch, ended, await charged(launch.replica_id)):
+            await publish_usage(nc, subjects, report, secret=secret)
+            written += 1
+    except Exception as exc:  # noqa: BLE001 - at most the intervals since its last report
+        _log.error("could not close the usage of lost replica %s: %s", launch.replica_id, exc)
+    return written

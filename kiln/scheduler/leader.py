@@ -14,6 +14,9 @@ A lease's value is its holder's name under the platform's seal (kiln.seal): a re
 the server write into the bucket, and an entry without the seal is taken over at once instead
 of keeping every scheduler standing by.
 
+Time is read through a `Clock` (kiln._clock) and one attempt is `step()`, so a unit test walks
+a takeover with a fake clock and a stand-in bucket; `run` only repeats `step` until stopped.
+
 Standbys observe everything the leader observes (heartbeats, demand) all along, so a new leader
 starts with a current view of the cluster and adopts the replicas it finds instead of starting
 duplicates.
@@ -24,13 +27,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 
 from nats.js import JetStreamContext
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from kiln._clock import SYSTEM_CLOCK, Clock
 from kiln._trouble import Trouble
 from kiln.seal import SEAL, Seals
 from kiln.streams import SCHEDULER_LEASE, key_value
@@ -53,49 +56,67 @@ class Leadership:
         on_change: Callable[[], None] = lambda: None,
         seals: Seals | None = None,
         replicas: int = 1,
+        clock: Clock = SYSTEM_CLOCK,
+        kv: KeyValue | None = None,
     ) -> None:
+        """`kv`: the lease's bucket, already open (by default it is opened, or made, in
+        `js` on the first attempt)."""
         self.js = js
+        self.clock = clock
         self.replicas = replicas  # copies of the lease bucket on a cluster
         self.seals = seals or Seals(None)
         self.bucket = bucket
         self.holder = holder
         self.ttl_s = ttl_s
         self.on_change = on_change  # called whenever this process gains or loses the lead
-        self._kv: KeyValue | None = None
+        self._kv = kv
         self._revision: int | None = None  # of our last write, while we hold the lease
         self._renewed_at = 0.0  # monotonic time of that write
         # Another scheduler held the lease at some point since this one started: taking it
         # now is a takeover, and that leader's last orders may still be in flight.
         self.contested = False
+        self._trouble = Trouble(_log, "scheduler lease")
+        self._announced = False  # whether on_change last said this process leads
 
     @property
     def is_leader(self) -> bool:
-        fresh = time.monotonic() - self._renewed_at < self.ttl_s * (1 - _MARGIN)
+        fresh = self.clock.monotonic() - self._renewed_at < self.ttl_s * (1 - _MARGIN)
         return self._revision is not None and fresh
 
     async def run(self, stop: asyncio.Event) -> None:
         """Take or keep the lease until `stop`; then give it up."""
-        trouble = Trouble(_log, "scheduler lease")
         try:
             while not stop.is_set():
-                was = self.is_leader
-                try:
-                    await asyncio.wait_for(self._try(), self.ttl_s / 4)
-                    trouble.ok()
-                except Exception as exc:  # noqa: BLE001 - NATS trouble: retry; is_leader ages out
-                    trouble.failed(exc)
-                if self.is_leader != was:
-                    _log.info("this scheduler %s", "leads" if self.is_leader else "stands by")
-                    self.on_change()
+                await self.step()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.ttl_s / 4)
         finally:
             await self._give_up()
 
+    async def step(self) -> None:
+        """One attempt to take or renew the lease, bounded by a quarter lease; `on_change` is
+        called when it changed who leads. NATS trouble is logged (once per run of failures),
+        not raised: the next attempt retries, and meanwhile `is_leader` ages out on its own."""
+        try:
+            await asyncio.wait_for(self._try(), self.ttl_s / 4)
+            self._trouble.ok()
+        except Exception as exc:  # noqa: BLE001 - NATS trouble: retry; is_leader ages out
+            self._trouble.failed(exc)
+        self._announce()
+
+    def _announce(self) -> None:
+        """Call `on_change` if who leads changed since it was last called, a lease that aged
+        out between two attempts (a stall, a partition) included."""
+        leading = self.is_leader
+        if leading != self._announced:
+            self._announced = leading
+            _log.info("this scheduler %s", "leads" if leading else "stands by")
+            self.on_change()
+
     async def _try(self) -> None:
         kv = await self._bucket()
         value = self._value()
-        started = time.monotonic()  # the lease runs from before the write, to be safe
+        started = self.clock.monotonic()  # the lease runs from before the write, to be safe
         try:
             if self._revision is not None:
                 self._revision = await kv.update(_KEY, value, last=self._revision)
@@ -130,9 +151,9 @@ class Leadership:
 
     async def _give_up(self) -> None:
         revision, self._revision = self._revision, None
+        self._announce()
         if revision is None:
             return
-        self.on_change()
         # Only if it is still ours (compare-and-set on our revision): never a successor's.
         with contextlib.suppress(Exception):
             kv = await self._bucket()

@@ -1,6 +1,7 @@
 """What the scheduler reads from and writes to PostgreSQL: the deployed functions it reconciles,
 and the `nodes` and `replicas` rows that the control API and `kiln ps` show. The reconcile loop
-decides; this module only records."""
+decides; this module only records. The times it writes come from the scheduler's clock
+(kiln._clock), except where the database compares with its own."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from kiln._clock import SYSTEM_CLOCK, Clock
 from kiln.db.enums import AppState, CallStatus, NodeState, ReplicaState
 from kiln.db.models import App, AppVersion, Call, Customer, Function, Node, Replica, UsageEvent
 from kiln.db.session import transaction
@@ -67,8 +69,14 @@ class FunctionRow:
 
 
 class ClusterRecords:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], *, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self.sessions = sessions
+        self.clock = clock
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock.wall(), UTC)
 
     async def load_functions(self) -> dict[uuid.UUID, FunctionRow]:
         async with transaction(self.sessions) as session:
@@ -126,7 +134,7 @@ class ClusterRecords:
             "gpu_type": gpu_types[0] if gpu_types else None,
             "gpu_count": sum(v for k, v in beat.slots.items() if k != "none"),
             "cpu_slots": beat.slots.get("none", 0),
-            "last_heartbeat_at": datetime.now(UTC),
+            "last_heartbeat_at": self._now(),
         }
         # An upsert: every scheduler, leading or standing by, records the nodes it hears (and a
         # node heard again is ready again).
@@ -192,7 +200,7 @@ class ClusterRecords:
                 .where(Replica.state.in_(live), Replica.id.not_in([uuid.UUID(k) for k in known]))
                 .values(
                     state=ReplicaState.LOST,
-                    stopped_at=datetime.now(UTC),
+                    stopped_at=self._now(),
                     error="not running when the scheduler started",
                 )
             )
@@ -202,7 +210,7 @@ class ClusterRecords:
     ) -> None:
         """Replica id -> (calls in flight, idle since (epoch seconds), a state it reported or
         None to leave the state alone), as their last heartbeats said."""
-        now = datetime.now(UTC)
+        now = self._now()
         async with transaction(self.sessions) as session:
             for replica_id, (in_flight, idle_since, state) in beats.items():
                 values: dict[str, object] = {
@@ -240,7 +248,7 @@ class ClusterRecords:
         stopped: bool = False,
     ) -> None:
         values: dict[str, object] = {"state": state}
-        now = datetime.now(UTC)
+        now = self._now()
         if error is not None:
             values["error"] = error
         if ready:
