@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
+from eventually import eventually
 
 from kiln.devstack.ports import is_free, pick_port
 from kiln.devstack.process import is_gone, stop_stray
@@ -63,10 +64,8 @@ def sleeper(*args: str) -> Iterator[subprocess.Popen[bytes]]:
     """A child whose command line ends with `args`, visible before this yields."""
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *args])
     try:
-        deadline = time.monotonic() + 10
-        while not _shows(psutil.Process(proc.pid).cmdline(), args):
-            assert time.monotonic() < deadline, "the child never showed its command line"
-            time.sleep(0.01)
+        shown = eventually(lambda: _shows(psutil.Process(proc.pid).cmdline(), args), within_s=10)
+        asyncio.run(shown)
         yield proc
     finally:
         proc.kill()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from eventually import eventually
 from prometheus_client import CollectorRegistry
 
 from kiln._tasks import cancel_and_wait
@@ -290,10 +291,7 @@ async def test_run_samples_until_cancelled_then_shuts_nvml_down() -> None:
     nvml = FakeNvml()
     t = telemetry(nvml, interval_s=1.0)
     running = asyncio.create_task(t.run())
-    for _ in range(100):
-        if series(t.registry):
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: series(t.registry), within_s=2, every_s=0.02)
     assert len(series(t.registry)) == 2 * 7
     await cancel_and_wait(running)
     assert nvml.calls == ["init", "shutdown"]
