@@ -4,8 +4,10 @@ Only entry points (the CLI, a service's `main`) call `Settings.from_env(os.envir
 below them receives the object. Every problem found is reported at once, each line naming the
 variable, showing its value (never a secret's) and saying what is allowed.
 
-Precedence: an explicit `KILN_*` variable, then the default documented in `SETTINGS` below.
-`docs/operations.md` lists the same table for operators.
+Precedence: an explicit `KILN_*` variable, then the default. Each default is written once, as
+the value of its `Settings` field (or, where unset means something computed, in its spec's
+`unset`); `default_text` shows it, and `docs/operations.md` lists the same table for operators,
+defaults included, which tests/unit/test_docs.py keeps equal to this module.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ __all__ = [
     "SandboxMode",
     "Settings",
     "Switch",
+    "default_text",
     "mask_url",
 ]
 
@@ -287,11 +290,53 @@ class SettingSpec:
     parse: Callable[[str], Any]
     help: str
     secret: bool = False
+    # What an unset variable means, where that is not a value of the field: a computed default
+    # (the host name) or another party's (Stripe's address). The default itself lives only in
+    # the Settings field; `default_text` shows it.
+    unset: str | None = None
+
+
+def default_text(spec: SettingSpec) -> str:
+    """The default of `spec` as docs/operations.md shows it, read from the Settings field."""
+    if spec.unset is not None:
+        return spec.unset
+    field = next(f for f in dataclasses.fields(Settings) if f.name == spec.attr)
+    if field.default is not dataclasses.MISSING:
+        value = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        value = field.default_factory()
+    else:
+        return "required"
+    if isinstance(value, Mapping):
+        return "; ".join(
+            f"{key} {item.describe() if isinstance(item, TierLimits) else f'{item:,}'}"
+            for key, item in value.items()
+        )
+    if value is None or value == ():
+        return "unset"
+    if isinstance(value, enum.Enum):
+        return f"`{value.value}`"
+    if isinstance(value, tuple):
+        return "`" + ",".join(str(item) for item in value) + "`"
+    if isinstance(value, float):
+        value = int(value) if value.is_integer() else value
+    if isinstance(value, int) and spec.attr.endswith("_bytes") and value >= 1 << 20:
+        return f"{value} ({_binary(value)})"
+    if isinstance(value, int) and spec.attr.endswith("_s") and value >= 86400:
+        return f"{value} ({value // 86400} days)"
+    return f"`{value}`" if isinstance(value, str) else str(value)
+
+
+def _binary(count: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20)):
+        if count % size == 0:
+            return f"{count // size} {unit}"
+    return f"{count} bytes"
 
 
 SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("KILN_ENV", "env", _choice(Environment), "dev, test or production"),
-    SettingSpec("KILN_HOME", "home", _path, "directory for local state (default ~/.kiln)"),
+    SettingSpec("KILN_HOME", "home", _path, "directory for local state", unset="`~/.kiln`"),
     SettingSpec(
         "KILN_NATS_URL",
         "nats_url",
@@ -345,10 +390,10 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "KILN_NAMESPACE",
         "namespace",
         _namespace,
-        "prefix of NATS subjects and streams and of Redis keys (default kiln)",
+        "prefix of NATS subjects and streams and of Redis keys",
     ),
-    SettingSpec("KILN_HOST", "host", _host, "address the router binds (default 127.0.0.1)"),
-    SettingSpec("KILN_PORT", "port", _int_range(1, 65535), "router port (default 8000)"),
+    SettingSpec("KILN_HOST", "host", _host, "address the router binds"),
+    SettingSpec("KILN_PORT", "port", _int_range(1, 65535), "router port"),
     SettingSpec("KILN_URL", "url", _http_url, "router URL the CLI talks to"),
     SettingSpec("KILN_API_KEY", "api_key", _api_key, "API key the CLI sends", secret=True),
     SettingSpec(
@@ -379,64 +424,65 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "KILN_MAX_REQUEST_BYTES",
         "max_request_bytes",
         _int_range(1024, 2**40),
-        "largest request body the router accepts (default 32 MiB)",
+        "largest request body the router accepts, in bytes",
     ),
     SettingSpec(
         "KILN_CONNECT_TIMEOUT",
         "connect_timeout_s",
         _seconds(0.1, 300),
-        "seconds to wait when connecting to NATS, PostgreSQL or Redis (default 5)",
+        "seconds to wait when connecting to NATS, PostgreSQL or Redis",
     ),
     SettingSpec(
         "KILN_SHUTDOWN_TIMEOUT",
         "shutdown_timeout_s",
         _seconds(0, 3600),
-        "seconds a process drains before cancelling what is left (default 30)",
+        "seconds a process drains before cancelling what is left",
     ),
     SettingSpec(
         "KILN_HEALTH_NATS_DOWN_S",
         "health_nats_down_s",
         _seconds(1, 86400),
         "/healthz fails once the process's NATS link has been down this many seconds, so an "
-        "orchestrator restarts it (default 60)",
+        "orchestrator restarts it",
     ),
     SettingSpec(
         "KILN_HEALTH_LOOP_STALL_S",
         "health_loop_stall_s",
         _seconds(0.5, 3600),
-        "/healthz fails once the process's event loop has not run for this many seconds "
-        "(default 10)",
+        "/healthz fails once the process's event loop has not run for this many seconds",
     ),
     SettingSpec(
         "KILN_STREAM_REPLICAS",
         "stream_replicas",
         _int_range(1, 5),
         "copies JetStream keeps of the streams that must not lose data (calls, jobs, job "
-        "events, usage): 3 on a 3-node NATS cluster (default 1)",
+        "events, usage): 3 on a 3-node NATS cluster",
     ),
     SettingSpec(
         "KILN_DB_POOL_SIZE",
         "db_pool_size",
         _int_range(1, 1000),
-        "PostgreSQL connections per process (default 10)",
+        "PostgreSQL connections per process",
     ),
     SettingSpec(
         "KILN_NODE_ID",
         "node_id",
         _node_id,
-        "this node agent's name (default: the host name)",
+        "this node agent's name",
+        unset="the host name",
     ),
     SettingSpec(
         "KILN_NODE_GPUS",
         "node_gpus",
         _node_gpus,
-        "slots this node agent offers, e.g. A10G:2,none:8 (default: its GPUs and CPUs)",
+        "slots this node agent offers, e.g. A10G:2,none:8",
+        unset="its GPUs (through NVML) and four CPU slots per core",
     ),
     SettingSpec(
         "KILN_SNAPSHOTS",
         "snapshots",
         _choice(Switch),
-        "on: classes restore their setup state from snapshots (default); off: hooks every time",
+        "on: classes restore their setup state from snapshots; off: hooks every time",
     ),
     SettingSpec(
         "KILN_STANDBY_PROCESSES",
@@ -444,29 +490,28 @@ SETTINGS: tuple[SettingSpec, ...] = (
         _int_range(0, 64),
         "generic standbys (pre-started replica processes that imported only "
         "KILN_STANDBY_IMPORTS) a node agent keeps per slot kind for functions it has not seen "
-        "start yet; those it has get standbys of their own flavour (default 1; 0: no standbys "
-        "at all)",
+        "start yet; those it has get standbys of their own flavour (0: no standbys at all)",
     ),
     SettingSpec(
         "KILN_STANDBY_IMPORTS",
         "standby_imports",
         _modules,
         "modules every standby imports ahead of time, beside those each function's snapshot "
-        "says it needs (default torch)",
+        "says it needs",
     ),
     SettingSpec(
         "KILN_STANDBY_FLAVOURS",
         "standby_flavours",
         _int_range(0, 64),
         "the most distinct import sets (flavours) a node agent keeps standbys of, the most "
-        "recently used first (default 8)",
+        "recently used first",
     ),
     SettingSpec(
         "KILN_STANDBY_MEMORY_MB",
         "standby_memory_mb",
         _int_range(0, 16 * 1024 * 1024),
-        "the most memory a node's standbys may hold together, in MiB (default 0: a quarter of "
-        "the node's memory); a standby also never starts when it would leave less than a tenth "
+        "the most memory a node's standbys may hold together, in MiB (0: a quarter of the "
+        "node's memory); a standby also never starts when it would leave less than a tenth "
         "of the node's memory free",
     ),
     SettingSpec(
@@ -476,94 +521,92 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "how replicas and standbys are isolated: bwrap (each in a bubblewrap sandbox under a uid "
         "of its own, with a seccomp filter and a cgroup; the node agent must run as root), off "
         "(plain processes: a trusted single-tenant node only), or auto (bwrap where the agent "
-        "can use it, else off with a warning; default)",
+        "can use it, else off with a warning)",
     ),
     SettingSpec(
         "KILN_SANDBOX_UID_BASE",
         "sandbox_uid_base",
         _int_range(1000, 2**31 - 65_536),
         "the first of the 65536 host uids the node agent gives its sandboxes, one each; no "
-        "user of the host may own files in that range (default 200000)",
+        "user of the host may own files in that range",
     ),
     SettingSpec(
         "KILN_SANDBOX_EGRESS",
         "sandbox_egress",
         _choice(EgressMode),
         "what sandboxed replicas may connect to: allow (NATS and what the host reaches, but "
-        "never the platform's PostgreSQL, Redis or metrics ports; default) or deny (NATS only)",
+        "never the platform's PostgreSQL, Redis or metrics ports) or deny (NATS only)",
     ),
     SettingSpec(
         "KILN_SANDBOX_CPUS",
         "sandbox_cpus",
         _seconds(0, 4096),
-        "the most CPU cores each sandbox may use, fractions allowed (default 0: no cap; they "
-        "share the node's CPUs equally under load)",
+        "the most CPU cores each sandbox may use, fractions allowed (0: no cap; they share the "
+        "node's CPUs equally under load)",
     ),
     SettingSpec(
         "KILN_SANDBOX_SHARE",
         "sandbox_share",
         _paths,
         "host directories every sandbox may read, comma-separated, shown read-only at the same "
-        "paths (a node's model store, for example); nothing by default",
+        "paths (a node's model store, for example)",
     ),
     SettingSpec(
         "KILN_SCHEDULER_LEASE_S",
         "scheduler_lease_s",
         _seconds(1, 60),
         "how long the leading scheduler's lease lasts unrenewed: a standby scheduler takes over "
-        "within about this long after the leader dies (default 5)",
+        "within about this long after the leader dies",
     ),
     SettingSpec(
         "KILN_MAX_REPLICAS",
         "max_replicas",
         _int_range(1, 1000),
         "the most replicas any one function may have: higher max_replicas in a deploy or a "
-        "live change is refused (default 1000)",
+        "live change is refused",
     ),
     SettingSpec(
         "KILN_WS_IDLE_TIMEOUT_S",
         "ws_idle_timeout_s",
         _seconds(1, 86_400),
-        "a WebSocket session with no frame either way for this long is closed with 1001 "
-        "(default 300)",
+        "a WebSocket session with no frame either way for this long is closed with 1001",
     ),
     SettingSpec(
         "KILN_WS_MAX_SESSION_S",
         "ws_max_session_s",
         _seconds(1, 86_400),
-        "the longest a WebSocket session lasts; then it is closed with 1001 (default 3600)",
+        "the longest a WebSocket session lasts; then it is closed with 1001",
     ),
     SettingSpec(
         "KILN_JOB_RESULT_TTL_S",
         "job_result_ttl_s",
         _seconds(60, 90 * 86_400),
-        "how long a finished job's status and result are kept (default 7 days)",
+        "how long a finished job's status and result are kept",
     ),
     SettingSpec(
         "KILN_INVOCATION_LOG",
         "invocation_log",
         _choice(Switch),
-        "on: every call gets a row in the invocation log (default); off: none are written",
+        "on: every call gets a row in the invocation log; off: none are written",
     ),
     SettingSpec(
         "KILN_INVOCATION_RETENTION_S",
         "invocation_retention_s",
         _seconds(3600, 10 * 365 * 86_400),
-        "how long invocation log rows are kept; older ones are deleted in the background "
-        "(default 30 days)",
+        "how long invocation log rows are kept; older ones are deleted in the background",
     ),
     SettingSpec(
         "KILN_FUNCTION_LOGS_MAX_BYTES",
         "function_logs_max_bytes",
         _int_range(1024 * 1024, 1024**4),
         "the most bytes of function output (prints and logging) the log stream keeps; the "
-        "oldest go first (default 1 GiB)",
+        "oldest go first",
     ),
     SettingSpec(
         "KILN_FUNCTION_LOGS_MAX_AGE_S",
         "function_logs_max_age_s",
         _seconds(60, 365 * 86_400),
-        "how long function output is kept in the log stream (default 7 days)",
+        "how long function output is kept in the log stream",
     ),
     SettingSpec(
         "KILN_TIER_LIMITS",
@@ -577,7 +620,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "gpu_prices",
         _gpu_prices,
         'prices per hour of replica time by GPU type ("none": a CPU slot) in micro-units, as '
-        'JSON changes to the defaults, e.g. {"A10G": 1100000}',
+        'JSON changes to the built-in prices, e.g. {"A10G": 1100000}',
     ),
     SettingSpec(
         "KILN_STRIPE_API_KEY",
@@ -590,7 +633,8 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "KILN_STRIPE_API_BASE",
         "stripe_api_base",
         _http_url,
-        "Stripe's API address (default https://api.stripe.com; tests point it at a fake)",
+        "Stripe's API address (tests point it at a fake)",
+        unset="Stripe's own, `https://api.stripe.com`",
     ),
     SettingSpec(
         "KILN_STRIPE_WEBHOOK_SECRET",
@@ -603,42 +647,39 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "KILN_STRIPE_METER_EVENT",
         "stripe_meter_event",
         _meter_event,
-        "event name of the Stripe Billing meter that receives replica milliseconds "
-        "(default kiln_replica_ms)",
+        "event name of the Stripe Billing meter that receives replica milliseconds",
     ),
     SettingSpec(
         "KILN_CURRENCY",
         "currency",
         _currency,
-        "ISO currency of balances and payments, lower case (default usd); money is counted in "
-        "micro-units of it",
+        "ISO currency of balances and payments, lower case; money is counted in micro-units of it",
     ),
     SettingSpec(
         "KILN_REFILL_MAX_FAILURES",
         "refill_max_failures",
         _int_range(1, 100),
-        "auto-refill charges that may fail in a row before auto-refill turns itself off "
-        "(default 3)",
+        "auto-refill charges that may fail in a row before auto-refill turns itself off",
     ),
     SettingSpec(
         "KILN_MIN_CHARGE_S",
         "min_charge_s",
         _int_range(0, 86_400),
-        "a replica is billed for at least this many seconds, however briefly it ran "
-        "(default 0: no minimum)",
+        "a replica is billed for at least this many seconds, however briefly it ran (0: no "
+        "minimum)",
     ),
     SettingSpec(
         "KILN_METRICS_PORT",
         "metrics_port",
         _int_range(1, 65535),
-        "Prometheus port of processes other than the router (default 9464)",
+        "Prometheus port of processes other than the router",
     ),
     SettingSpec(
         "KILN_GPU_SAMPLE_INTERVAL_S",
         "gpu_sample_interval_s",
         _seconds(1, 3600),
         "how often a node agent reads its GPUs' utilisation, memory, temperature, power and "
-        "ECC errors through NVML for its metrics (default 5)",
+        "ECC errors through NVML for its metrics",
     ),
 )
 

@@ -29,6 +29,20 @@ class TierLimits:
     def burst_size(self) -> int:
         return self.burst if self.burst is not None else self.per_minute
 
+    def describe(self) -> str:
+        """`10/min, 1,000/day, 10,000/month, 2 at once, 1 replica, prepaid`, for the docs."""
+        parts = [f"{self.per_minute:,}/min"]
+        if self.burst is not None:
+            parts.append(f"bursts of {self.burst:,}")
+        parts.append(f"{self.per_day:,}/day" if self.per_day is not None else "no daily cap")
+        parts.append(
+            f"{self.per_month:,}/month" if self.per_month is not None else "no monthly cap"
+        )
+        replicas = "replica" if self.max_replicas == 1 else "replicas"
+        parts += [f"{self.concurrent:,} at once", f"{self.max_replicas:,} {replicas}"]
+        parts.append("prepaid" if self.prepaid else "invoiced")
+        return ", ".join(parts)
+
 
 DEFAULT_TIERS: Mapping[str, TierLimits] = {
     "free": TierLimits(per_minute=10, per_day=1_000, per_month=10_000, concurrent=2,
