@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from eventually import eventually
 from stack import BODY_LIMIT, Platform, error_of
 
 from kiln.functions.package import package
@@ -60,7 +61,8 @@ async def async_sleepy(seconds: float) -> str:
 
 
 @app.function(timeout=60)
-def hang(seconds: float) -> str:
+def hang(seconds: float, started: str) -> str:
+    open(started, "w").close()
     time.sleep(seconds)
     return "survived"
 
@@ -122,14 +124,13 @@ async def test_warm_calls_reuse_the_replica(platform: Platform, hello: dict[str,
         replicas = (await client.get("/v1/functions/hello/shout/replicas")).json()["replicas"]
     assert 1 <= len(replicas) <= 4
     assert {r["state"] for r in replicas} <= {"starting", "ready"}
-    await asyncio.sleep(2.5)  # a heartbeat or two: idle since the last call
-    async with platform.client() as client:
-        replicas = (await client.get("/v1/functions/hello/shout/replicas")).json()["replicas"]
-    ready = [r for r in replicas if r["state"] == "ready"]
-    assert ready
-    for replica in ready:
-        assert replica["in_flight"] == 0
-        assert replica["idle_s"] is not None
+
+    async def idle() -> list[dict[str, Any]]:  # a heartbeat since the last call says so
+        ready = await platform.ready_replicas("hello/shout")
+        assert all(r["in_flight"] == 0 and r["idle_s"] is not None for r in ready), ready
+        return ready
+
+    for replica in await eventually(idle, within_s=2.5):
         assert 0 <= replica["idle_s"] <= replica["uptime_s"]
 
 
@@ -388,14 +389,12 @@ async def test_an_idle_replica_scales_to_zero_and_runs_its_exit_hook(
     app_file.write_text(IDLER % marker)
     await platform.deploy(app_file)
     assert (await call(platform, "idler/Idler.hello")).json() == "hi"
-    deadline = time.monotonic() + 20
-    async with platform.client() as client:
-        while True:
-            replicas = (await client.get("/v1/functions/idler/Idler/replicas")).json()
-            if not replicas["replicas"] and marker.exists():
-                break
-            assert time.monotonic() < deadline, f"still running: {replicas}"
-            await asyncio.sleep(0.25)
+
+    async def gone() -> bool:
+        assert marker.exists(), "the exit hook has not run"
+        return await platform.scaled_to_zero("idler/Idler")
+
+    await eventually(gone, within_s=20)
     assert marker.read_text() == "exited cleanly"
 
 
@@ -421,10 +420,7 @@ async def test_sync_call_over_its_timeout_is_504_and_the_replica_is_replaced(
     assert late.status_code == 504
     assert error_of(late)["code"] == "timeout"
     # The replica whose thread is stuck for a minute leaves at once instead of waiting for it.
-    deadline = time.monotonic() + 10
-    while list(replica_processes("sleepy")):
-        assert time.monotonic() < deadline, "the poisoned replica did not exit"
-        await asyncio.sleep(0.2)
+    await eventually(lambda: not list(replica_processes("sleepy")), within_s=10)
     # The overrun thread cannot be stopped: that replica drains away and a new one serves.
     again = await call(platform, "trouble/sleepy", json={"seconds": 0})
     assert again.status_code == 200
@@ -444,16 +440,14 @@ def replica_processes(function: str) -> Iterator[psutil.Process]:
 
 
 async def test_a_replica_killed_mid_call_is_502_worker_lost_within_seconds(
-    platform: Platform, trouble: Any
+    platform: Platform, trouble: Any, tmp_path: Path
 ) -> None:
-    pending = asyncio.create_task(call(platform, "trouble/hang", json={"seconds": 30}))
-    deadline = time.monotonic() + 30
-    victims: list[psutil.Process] = []
-    while not victims:
-        assert time.monotonic() < deadline, "no replica started for trouble/hang"
-        await asyncio.sleep(0.2)
-        victims = list(replica_processes("hang"))
-    await asyncio.sleep(1.0)  # let it take the call
+    started = tmp_path / "started"
+    body = {"seconds": 30, "started": str(started)}
+    pending = asyncio.create_task(call(platform, "trouble/hang", json=body))
+    await eventually(started.exists, within_s=30)  # a replica took the call
+    victims = list(replica_processes("hang"))
+    assert victims
     killed_at = time.monotonic()
     for victim in victims:
         os.kill(victim.pid, signal.SIGKILL)

@@ -13,11 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
-from stack import Platform, extra_node
+from eventually import eventually
+from sqlalchemy.ext.asyncio import AsyncEngine
+from stack import Platform, extra_node, node_lost
 
-from kiln.db.enums import NodeState, ReplicaState
-from kiln.db.models import Function, Node, Replica
-from kiln.db.session import create_engine
+from kiln.db.enums import ReplicaState
+from kiln.db.models import Function, Replica
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +40,7 @@ CALL_S = 1.0
 
 
 async def test_a_node_lost_mid_burst_costs_only_its_calls_and_its_replicas_are_replaced(
-    platform: Platform, tmp_path: Path
+    platform: Platform, engine: AsyncEngine, tmp_path: Path
 ) -> None:
     app_file = tmp_path / "burst.py"
     app_file.write_text(BURST)
@@ -56,7 +57,7 @@ async def test_a_node_lost_mid_burst_costs_only_its_calls_and_its_replicas_are_r
                 for _ in range(CALLS)
             ]
             # Once the burst has its replicas and they are busy, the host of one of them dies.
-            victim, held = await _busy_node(platform)
+            victim, held = await eventually(lambda: _busy_node(platform), within_s=60)
             killed_at = time.monotonic()
             await nodes[victim].kill()
             responses: list[httpx.Response] = await asyncio.gather(*burst)
@@ -72,18 +73,17 @@ async def test_a_node_lost_mid_burst_costs_only_its_calls_and_its_replicas_are_r
         assert finished_at - killed_at < 30
 
         # The platform knows: the node is lost, so are its replicas; replacements ran elsewhere.
-        deadline = time.monotonic() + 15
-        while True:
-            rows = await _replica_rows(platform)
-            states = {state for node, state, _ in rows if node == victim}
-            if states == {ReplicaState.LOST} or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.25)
-        assert states == {ReplicaState.LOST}
+
+        async def replicas_lost() -> list[tuple[str, ReplicaState, float]]:
+            rows = await _replica_rows(engine)
+            assert {state for node, state, _ in rows if node == victim} == {ReplicaState.LOST}
+            return rows
+
+        rows = await eventually(replicas_lost, within_s=15)
         later = [node for node, _, started in rows if started > killed_at]
         assert later, "no replica was started after the node died"
         assert victim not in later
-        assert await _node_state(platform, victim) == NodeState.LOST
+        await eventually(lambda: node_lost(engine, victim), within_s=15)
 
         # And the function keeps serving on the nodes that are left.
         after = await asyncio.gather(
@@ -95,17 +95,14 @@ async def test_a_node_lost_mid_burst_costs_only_its_calls_and_its_replicas_are_r
 
 async def _busy_node(platform: Platform) -> tuple[str, int]:
     """The node of a ready replica with a call in flight, once the burst reached every node it
-    will, and how many ready replicas it has."""
-    deadline = time.monotonic() + 60
-    while True:
-        replicas = await platform.replicas("burst/work")
-        ready = [r for r in replicas if r["state"] == "ready"]
-        busy = [r for r in ready if r["in_flight"] > 0]
-        if len(ready) >= 3 and busy:
-            node = busy[0]["node"]
-            return node, sum(1 for r in ready if r["node"] == node)
-        assert time.monotonic() < deadline, f"the burst never got going: {replicas}"
-        await asyncio.sleep(0.1)
+    will, and how many ready replicas it has: a check for `eventually`."""
+    replicas = await platform.replicas("burst/work")
+    ready = [r for r in replicas if r["state"] == "ready"]
+    busy = [r for r in ready if r["in_flight"] > 0]
+    assert len(ready) >= 3, f"the burst never got going: {replicas}"
+    assert busy, f"the burst never got going: {replicas}"
+    node = busy[0]["node"]
+    return node, sum(1 for r in ready if r["node"] == node)
 
 
 def _outcome(response: httpx.Response) -> str:
@@ -115,37 +112,19 @@ def _outcome(response: httpx.Response) -> str:
     return code
 
 
-async def _replica_rows(platform: Platform) -> list[tuple[str, ReplicaState, float]]:
+async def _replica_rows(engine: AsyncEngine) -> list[tuple[str, ReplicaState, float]]:
     """(node, state, start in this process's monotonic clock) of every replica of burst/work."""
-    engine = create_engine(platform.settings, application_name="kiln-test")
-    try:
-        async with engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(
-                        Replica.node_id,
-                        Replica.state,
-                        sa.func.extract("epoch", sa.func.now() - Replica.started_at),
-                    )
-                    .join(Function, Function.id == Replica.function_id)
-                    .where(Function.name == "work")
+    async with engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                sa.select(
+                    Replica.node_id,
+                    Replica.state,
+                    sa.func.extract("epoch", sa.func.now() - Replica.started_at),
                 )
-            ).all()
-    finally:
-        await engine.dispose()
+                .join(Function, Function.id == Replica.function_id)
+                .where(Function.name == "work")
+            )
+        ).all()
     now = time.monotonic()
     return [(node, state, now - float(age)) for node, state, age in rows]
-
-
-async def _node_state(platform: Platform, node_id: str) -> NodeState | None:
-    engine = create_engine(platform.settings, application_name="kiln-test")
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            async with engine.connect() as conn:
-                state = await conn.scalar(sa.select(Node.state).where(Node.id == node_id))
-            if state == NodeState.LOST or time.monotonic() > deadline:
-                return state
-            await asyncio.sleep(0.25)
-    finally:
-        await engine.dispose()
