@@ -14,7 +14,15 @@ import dataclasses
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, StrictBool, StrictInt, StrictStr, StringConstraints, model_validator
+from pydantic import (
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    StringConstraints,
+    WithJsonSchema,
+    model_validator,
+)
 
 from kiln.billing.reports import Granularity
 from kiln.db.enums import ApiKeyKind, CustomerStatus, CustomerTier, InvocationKind, InvocationStatus
@@ -52,8 +60,18 @@ _TEN_YEARS_S = 10 * 365 * 86400
 ABUSE_BUCKET_S = 60  # abuse counters' resolution, and the shortest window asked of them
 ABUSE_KEEP_S = 2 * 3600  # how long they are kept: the longest window
 
+
 CustomerId = Annotated[
-    uuid.UUID, Expect(message="customer {value!r} not found", error=NotFound)
+    uuid.UUID | None,
+    # null is taken as absent, and not offered
+    WithJsonSchema(
+        {
+            "type": "string",
+            "format": "uuid",
+            "description": "The customer (operator keys; an account key's own by default).",
+        }
+    ),
+    Expect(message="customer {value!r} not found", error=NotFound),
 ]  # a malformed id names no customer: 404, as an unknown one
 
 
@@ -125,7 +143,7 @@ class KeyBody(Body):
     """`POST /v1/keys`. Operator keys name the customer of an account or function key."""
 
     kind: Annotated[ApiKeyKind, Expect("account, function or operator")] = ApiKeyKind.ACCOUNT
-    customer_id: CustomerId | None = None
+    customer_id: CustomerId = None
     function: Annotated[
         StrictStr | None,
         Field(description="APP/NAME (a class: APP/Class): the function a function key calls."),
@@ -145,7 +163,7 @@ class KeyBody(Body):
 class KeysQuery(Query):
     """`GET /v1/keys`: operators may list one customer's."""
 
-    customer_id: CustomerId | None = None
+    customer_id: CustomerId = None
 
 
 # Apps and functions --------------------------------------------------------------------------
@@ -322,7 +340,7 @@ class AbuseQuery(Query):
 class AccountQuery(Query):
     """A billing route's query: operator keys name the customer."""
 
-    customer_id: CustomerId | None = None
+    customer_id: CustomerId = None
 
 
 class SettingsPatch(Patch):
@@ -331,7 +349,7 @@ class SettingsPatch(Patch):
     unknown: ClassVar[str] = "unknown setting {first!r}; settings are {known}"
     unlisted: ClassVar[frozenset[str]] = frozenset({"customer_id"})
 
-    customer_id: CustomerId | None = None
+    customer_id: CustomerId = None
     spend_cap_micros: Annotated[
         StrictInt | None, Field(ge=0, le=MICROS), _micros(0, MICROS, nullable=True)
     ] = None
@@ -379,7 +397,7 @@ class OperatorSettingsPatch(SettingsPatch):
 class CreditBody(Body):
     """`POST /v1/billing/credits` (operators): credit, or with a negative amount debit."""
 
-    customer_id: CustomerId | None = None
+    customer_id: CustomerId = None
     amount_micros: Annotated[
         StrictInt,
         Field(ge=-MICROS, le=MICROS, json_schema_extra={"not": {"const": 0}}),
@@ -409,7 +427,7 @@ class TopupBody(Body):
     """`POST /v1/billing/topups`: a Stripe Checkout page (with its two URLs) or a
     PaymentIntent's client secret."""
 
-    customer_id: CustomerId | None = None
+    customer_id: CustomerId = None
     amount_micros: Annotated[
         StrictInt,
         Field(ge=MIN_TOPUP_MICROS, le=MAX_TOPUP_MICROS),
@@ -433,7 +451,7 @@ class TopupBody(Body):
 class TransactionsQuery(Query):
     """`GET /v1/billing/transactions`: newest first; `before` (an entry id) pages back."""
 
-    customer_id: CustomerId | None = None
+    customer_id: CustomerId = None
     limit: Annotated[
         int,
         Field(description="At most this many (1 to 500; beyond is clamped)."),
@@ -465,7 +483,7 @@ class _Window(Query):
 class UsageQuery(_Window):
     """`GET /v1/billing/usage`."""
 
-    customer_id: CustomerId | None = None
+    customer_id: CustomerId = None
     group_by: Annotated[
         str,
         Field(

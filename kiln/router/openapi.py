@@ -70,6 +70,7 @@ class _Op:
     summary: str
     params: tuple[dict[str, Any], ...] = ()
     ok: str = "200"
+    also: tuple[str, ...] = ()  # other success statuses, with the same answer
     body: type[Body] | None = None
     query: type[Query] | None = None
     answer: type[View] | None = None
@@ -140,7 +141,8 @@ _OPS: dict[str, dict[str, _Op]] = {
     "/v1/apps": {
         "get": _Op(summary="List apps.", answer=v.AppList),
         "post": _Op(summary="Deploy an app version (what `kiln deploy` sends); 200 when "
-                    "unchanged.", ok="201", body=b.DeployBody, answer=v.Deployed),
+                    "unchanged.", ok="201", also=("200",), body=b.DeployBody,
+                    answer=v.Deployed),
     },
     "/v1/apps/{app}": {"delete": _Op(summary="Stop and remove an app.", params=(_APP,),
                                      ok="204")},
@@ -219,7 +221,7 @@ def _operation(op: _Op, refs: dict[type[BaseModel], Any], defs: dict[str, Any]) 
     operation: dict[str, Any] = {
         "summary": op.summary,
         "parameters": params,
-        "responses": {op.ok: ok, "default": _ERROR},
+        "responses": {op.ok: ok, **{status: ok for status in op.also}, "default": _ERROR},
     }
     if op.body is not None:
         operation["requestBody"] = {
