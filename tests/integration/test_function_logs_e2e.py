@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from eventually import eventually
 from stack import Platform, running_platform
 
 from kiln.settings import Settings
@@ -73,18 +74,17 @@ async def logged(
     platform: Platform, target: str, matching: str, count: int, query: str = ""
 ) -> list[dict[str, Any]]:
     """The function's log records whose line contains `matching`, once there are `count`."""
-    deadline = time.monotonic() + 15
-    async with platform.client() as client:
-        while True:
+
+    async def found() -> list[dict[str, Any]]:
+        async with platform.client() as client:
             response = await client.get(f"/v1/functions/{target}/logs?since=10m{query}")
-            assert response.status_code == 200, response.text
-            assert response.headers["content-type"].startswith("application/x-ndjson")
-            records = [json.loads(line) for line in response.text.splitlines() if line]
-            found = [r for r in records if matching in r["line"]]
-            if len(found) >= count:
-                return found
-            assert time.monotonic() < deadline, records
-            await asyncio.sleep(0.2)
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"].startswith("application/x-ndjson")
+        records = [json.loads(line) for line in response.text.splitlines() if line]
+        assert len([r for r in records if matching in r["line"]]) >= count, records
+        return [r for r in records if matching in r["line"]]
+
+    return await eventually(found, within_s=15)
 
 
 async def test_prints_and_logs_come_back_tagged_with_their_call(platform: Platform) -> None:
@@ -145,20 +145,19 @@ async def test_kiln_logs_follow_shows_prints_as_they_happen(
     try:
         await asyncio.sleep(1.5)  # the follower is connected
         call = asyncio.ensure_future(platform.call("chatty/ticks", json={"n": 6, "pause": 0.5}))
-        deadline = time.monotonic() + 30
-        while not any(line.endswith("tick 0") for _, line in seen):
-            assert time.monotonic() < deadline, seen
-            assert not call.done() or (await call).status_code == 200
-            await asyncio.sleep(0.05)
+
+        def first_tick() -> bool:
+            assert not call.done() or call.result().status_code == 200, call.result().text
+            return any(line.endswith("tick 0") for _, line in seen)
+
+        await eventually(first_tick, within_s=30)
         first_seen = time.monotonic()
         # The first tick is on screen while the call still runs (it lasts 3 s).
         assert not call.done()
         reply = await call
         finished = time.monotonic()
         assert reply.status_code == 200
-        while sum("tick" in line for _, line in seen) < 6:
-            assert time.monotonic() < deadline, seen
-            await asyncio.sleep(0.05)
+        await eventually(lambda: sum("tick" in line for _, line in seen) >= 6, within_s=15)
     finally:
         follower.terminate()
         await asyncio.wait_for(follower.wait(), 10)

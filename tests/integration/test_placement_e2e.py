@@ -5,16 +5,13 @@ slots, and a node's standbys and cached snapshots reach the scheduler in its hea
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-import sqlalchemy as sa
-from stack import Platform, extra_node, next_node_beat
-
-from kiln.db.enums import NodeState
-from kiln.db.models import Node
-from kiln.db.session import create_engine
+from eventually import eventually
+from sqlalchemy.ext.asyncio import AsyncEngine
+from stack import Platform, extra_node, next_node_beat, node_lost
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +40,7 @@ def on_cpu() -> str:
 
 
 async def test_replicas_land_on_nodes_with_their_gpu_type(
-    platform: Platform, tmp_path: Path
+    platform: Platform, engine: AsyncEngine, tmp_path: Path
 ) -> None:
     app_file = tmp_path / "placed.py"
     app_file.write_text(PLACED)
@@ -73,18 +70,7 @@ async def test_replicas_land_on_nodes_with_their_gpu_type(
         assert 'kiln_scheduler_replicas{app="placed",function="on_gpu"} 1.0' in metrics
 
     # The GPU node's agent is gone: once it has been silent a few heartbeats, it is lost.
-    engine = create_engine(platform.settings, application_name="kiln-test")
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            async with engine.connect() as conn:
-                state = await conn.scalar(sa.select(Node.state).where(Node.id == "gpu-node"))
-            if state == NodeState.LOST:
-                break
-            assert time.monotonic() < deadline, f"gpu-node is still {state}"
-            await asyncio.sleep(0.25)
-    finally:
-        await engine.dispose()
+    await eventually(lambda: node_lost(engine, "gpu-node"), within_s=15)
 
 
 CACHED = """
@@ -129,19 +115,19 @@ async def test_a_cold_start_goes_to_the_node_that_caches_the_snapshot(
         )
         async with extra_node(platform, tmp_path / "a", "node-a", {"H100": 1}):
             await next_node_beat(platform, lambda b: b.node_id == "node-a")
-            deadline = time.monotonic() + 30
-            while await platform.replicas("cached/Model"):
-                assert time.monotonic() < deadline, "never scaled to zero"
-                await asyncio.sleep(0.2)
+            await eventually(lambda: platform.scaled_to_zero("cached/Model"), within_s=30)
             # Placement goes by the nodes' heartbeats: node-z's must show its GPU free again.
             await next_node_beat(platform, lambda b: b.node_id == "node-z" and b.free["H100"] == 1)
             second = await platform.call("cached/Model.total", json={})
             assert second.status_code == 200, second.text
             assert second.json() == first.json() == float(sum(range(1024)))
-            deadline = time.monotonic() + 15
             # The report that carries the origin travels beside the reply.
-            while (restored := (await platform.replicas("cached/Model"))[0])["origin"] is None:
-                assert time.monotonic() < deadline, restored
-                await asyncio.sleep(0.1)
+            restored = await eventually(lambda: _with_origin(platform, "cached/Model"), within_s=15)
             assert restored["node"] == "node-z", (restored, beat.snapshots)
             assert restored["origin"] == "snapshot"
+
+
+async def _with_origin(platform: Platform, target: str) -> dict[str, Any] | None:
+    """The function's replica once it has reported its origin."""
+    [replica] = await platform.replicas(target)
+    return replica if replica["origin"] is not None else None
