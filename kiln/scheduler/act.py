@@ -40,10 +40,10 @@ class Orders:
     def __init__(
         self,
         nc: NATS,
+        *,
         subjects: Subjects,
         cluster: ClusterView,
         records: ClusterRecords,
-        *,
         seals: Seals,
         clock: Clock,
         signing_key: str | None,

@@ -99,7 +99,7 @@ class Scheduler:
             crash_loops=self.crash_loops, metrics=self.metrics, wake=self.wake,
         )  # fmt: skip
         self.orders = Orders(
-            nc, self.subjects, self.cluster, self.records,
+            nc, subjects=self.subjects, cluster=self.cluster, records=self.records,
             seals=self.seals, clock=clock, signing_key=signing_key,
         )  # fmt: skip
         # Every function as the last full pass loaded it: a hinted pass starts from these rows,

@@ -6,15 +6,26 @@ while the scheduler itself was cut off from NATS proves nothing."""
 from __future__ import annotations
 
 import uuid
+from typing import Any, cast
 
-from scheduler_fakes import Records, function_row, make_scheduler, node_beat, replica_beat
+import pytest
+from scheduler_fakes import (
+    KEY,
+    SUBJECTS,
+    Nats,
+    Records,
+    function_row,
+    make_scheduler,
+    node_beat,
+    replica_beat,
+)
 
 from kiln._clock import FakeClock
 from kiln.db.enums import NodeState, ReplicaState
-from kiln.metering import USAGE_INTERVAL_S
+from kiln.metering import USAGE_INTERVAL_S, close_lost_usage
 from kiln.scheduler.cluster import ClusterView, TrackedReplica
 from kiln.scheduler.reconcile import Silence, judge_silence
-from kiln.wire import REPLICA_LOST_AFTER_S, NodeHeartbeat, ReplicaHeartbeat
+from kiln.wire import REPLICA_LOST_AFTER_S, NodeHeartbeat, ReplicaHeartbeat, StartReplica
 
 # Pure: judge_silence -------------------------------------------------------------------------
 
@@ -188,3 +199,45 @@ async def test_a_scheduler_cut_off_from_nats_does_not_declare_the_cluster_lost()
     clock.advance(REPLICA_LOST_AFTER_S)
     await scheduler.reconcile()  # it has listened long enough, and heard nothing
     assert records.nodes == {"n1": NodeState.LOST}
+
+
+# Closing a lost replica's usage (kiln.metering) ----------------------------------------------
+
+
+async def test_usage_is_not_closed_for_a_replica_whose_billable_start_is_unknown() -> None:
+    clock = FakeClock()
+    nc = Nats(clock)
+
+    async def charged(replica_id: str) -> set[int]:
+        raise AssertionError("not asked: nothing to close")
+
+    for launch in (None, start_order(received_at=0.0)):  # adopted; or never taken by an agent
+        written = await close_lost_usage(
+            cast(Any, nc), SUBJECTS, launch, ended=clock.wall(), charged=charged, secret=KEY
+        )
+        assert written == 0
+    assert nc.usage == []
+
+
+async def test_a_failure_to_close_usage_is_logged_not_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    launch = start_order(received_at=clock.wall() - 12)
+
+    async def charged(replica_id: str) -> set[int]:
+        raise ConnectionError("the database is away")
+
+    written = await close_lost_usage(
+        cast(Any, Nats(clock)), SUBJECTS, launch, ended=clock.wall(), charged=charged, secret=KEY
+    )
+    assert written == 0
+    assert f"could not close the usage of lost replica {launch.replica_id}" in caplog.text
+
+
+def start_order(*, received_at: float) -> StartReplica:
+    return StartReplica(
+        replica_id=str(uuid.uuid4()), function_id=str(uuid.uuid4()), version_id="v",
+        generation=1, app="app", function="fn", artifact_digest="d", entrypoint="app.py",
+        spec={}, gpu_type="none", gpu_count=0, received_at=received_at,
+    )  # fmt: skip
