@@ -132,8 +132,9 @@ def test_a_deploy_with_a_bad_app_name_is_a_bad_spec() -> None:
 def test_what_a_body_accepts() -> None:
     customer = validated(bodies.CustomerBody, {"name": "  Ada  "})
     assert (customer.name, customer.tier.value) == ("Ada", "free")
-    patch = validated(bodies.FunctionPatch, {"min_replicas": 2})
+    patch = validated(bodies.FunctionPatch, {"min_replicas": 2.0})  # JSON Schema's integer
     assert patch.model_fields_set == {"min_replicas"}
+    assert patch.min_replicas == 2
     who = uuid.uuid4()
     assert validated(bodies.KeyBody, {"customer_id": str(who)}).customer_id == who
     logs = validated(bodies.LogsQuery, {"follow": "", "since": "10m"})
