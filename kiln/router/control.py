@@ -21,7 +21,7 @@ from kiln.router.bodies import FunctionPatch
 from kiln.router.deploy import DeployRequest, ReplicaCap
 from kiln.router.run import read_body
 from kiln.router.services import RouterServices, services
-from kiln.router.validation import parse_json, read_model
+from kiln.router.validation import parse_json, path_text, read_model
 from kiln.router.views import (
     AppList,
     AppView,
@@ -118,7 +118,7 @@ async def list_apps(request: Request) -> Response:
 async def delete_app(request: Request) -> Response:
     svc = services(request)
     principal = await control_principal(request)
-    await svc.deployer.delete_app(principal.owner_id, request.path_params["app"])
+    await svc.deployer.delete_app(principal.owner_id, path_text(request, "app"))
     svc.catalog.invalidate()
     return Response(status_code=204)
 
@@ -184,8 +184,8 @@ async def list_functions(request: Request) -> Response:
 def _find_function(
     request: Request, principal: Principal, *, lock: bool = False
 ) -> tuple[str, sa.Select[Function]]:
-    app = request.path_params["app"]
-    name = request.path_params["name"]
+    app = path_text(request, "app")
+    name = path_text(request, "name")
     query = (
         sa.select(Function)
         .join(App, Function.app_id == App.id)

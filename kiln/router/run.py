@@ -28,7 +28,7 @@ from kiln.router.errors import request_id
 from kiln.router.services import RouterServices, services
 from kiln.router.stream_response import stream_response
 from kiln.router.streams import CallAbandoned
-from kiln.router.validation import read_body
+from kiln.router.validation import read_body, storable_text
 
 __all__ = ["call_slot", "read_body", "resolve_entry", "run"]
 
@@ -142,6 +142,9 @@ async def resolve_entry(
     point and the method ("" for a plain function); 404 when there is none, 403 when a
     function-scoped key asks for another function, 402 when billing blocks the customer."""
     svc.billing.check(principal.customer_id)  # 402 before any work
+    for param, value in (("app", app), ("name", target)):
+        if not storable_text(value):  # PostgreSQL could not even look it up
+            raise InvalidRequest(f"{param}={value!r} is not valid: expected a name")
     name, _, method = target.partition(".")
     route = await svc.catalog.resolve(principal.owner_id, app, name)
     if principal.function_id is not None and principal.function_id != route.function_id:

@@ -28,9 +28,11 @@ __all__ = [
     "Query",
     "View",
     "parse_json",
+    "path_text",
     "read_body",
     "read_model",
     "read_query",
+    "storable_text",
     "validated",
 ]
 
@@ -111,12 +113,47 @@ def validated(model: type[_M], data: Any) -> _M:
         raise model.error(model.not_object)
     if not data and model.empty is not None:
         raise model.error(model.empty)
+    for key, value in data.items():
+        if not _storable(value):
+            raise InvalidRequest(f"{key}={value!r} is not valid: {_UNSTORABLE}")
     if not issubclass(model, Query):
         data = {key: _integral(value) for key, value in data.items()}
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise refusal(model, exc.errors(include_url=False)) from None
+
+
+_UNSTORABLE = "expected text without NUL characters or unpaired surrogates"
+
+
+def storable_text(text: str) -> bool:
+    """Whether PostgreSQL can store `text` (and compare with it): no NUL, valid UTF-8."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate, which JSON's \ud800 escapes can make
+        return False
+    return True
+
+
+def _storable(value: Any) -> bool:
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, list):
+        return all(_storable(v) for v in value)
+    if isinstance(value, dict):
+        return all(_storable(k) and _storable(v) for k, v in value.items())
+    return True
+
+
+def path_text(request: Request, name: str) -> str:
+    """The path parameter `name`, refused when PostgreSQL could not compare with it."""
+    value: str = request.path_params[name]
+    if not storable_text(value):
+        raise InvalidRequest(f"{name}={value!r} is not valid: {_UNSTORABLE}")
+    return value
 
 
 def _integral(value: Any) -> Any:
