@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl
 
 import httpx
 import uvicorn
+from eventually import eventually
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -175,10 +176,9 @@ async def fake_stripe() -> AsyncIterator[FakeStripe]:
     app = Starlette(routes=[Route("/{path:path}", fake.handle, methods=["GET", "POST"])])
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            await task
-        await asyncio.sleep(0.02)
+    await eventually(lambda: server.started or task.done(), within_s=30)
+    if task.done():
+        await task  # its error
     fake.url = f"http://127.0.0.1:{port}"
     try:
         yield fake

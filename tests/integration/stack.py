@@ -294,7 +294,9 @@ class Service:
             assert all(w in text for w in wanted), f"no {[w for w in wanted if w not in text]}"
             return text
 
-        return await eventually(holds, within_s=within_s, what=f"{self.module}'s metrics")
+        return await eventually(
+            holds, within_s=within_s, every_s=0.1, what=f"{self.module}'s metrics"
+        )
 
     async def stop(self) -> float:
         """SIGTERM; the seconds it took to exit (cleanly)."""

@@ -25,9 +25,10 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from eventually import eventually
 from fakestripe import API_KEY, WEBHOOK_SECRET, FakeStripe
 from sqlalchemy.ext.asyncio import AsyncEngine
-from stack import Platform, extra_node, nats_env, running_platform, with_nats
+from stack import Platform, extra_node, kill_nats, nats_env, running_platform, with_nats
 
 from kiln.db.enums import LedgerKind
 from kiln.db.models import LedgerEntry, UsageEvent
@@ -57,14 +58,6 @@ def work(ms: int) -> int:
     time.sleep(ms / 1000)
     return ms
 """
-
-
-def kill_nats(server: EmbeddedNats) -> None:
-    assert server.process is not None
-    os.kill(server.process.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while server.process.running and time.monotonic() < deadline:
-        time.sleep(0.02)
 
 
 @dataclass
@@ -222,7 +215,7 @@ async def test_every_replica_second_is_billed_once_through_kills_of_replicas_bil
         assert set(truth.exited) == set(truth.since)
 
         # The ledger catches up (a killed worker's reports come again after the ack wait).
-        events = await _converged(engine, truth, within_s=90)
+        events = await eventually(lambda: _converged(engine, truth), within_s=90)
         for replica_id, mine in events.items():
             since, exited = truth.since[replica_id], truth.exited[replica_id]
             assert mine[0].period_start.timestamp() == pytest.approx(since, abs=1e-3)
@@ -245,10 +238,7 @@ async def test_every_replica_second_is_billed_once_through_kills_of_replicas_bil
         # Stripe's meter (deduplicated by identifier) holds the ledger's time to the millisecond.
         # (An interval of 0 ms has nothing to meter.)
         durations = {e.id: e.duration_ms for mine in events.values() for e in mine if e.duration_ms}
-        deadline = time.monotonic() + 60
-        while not set(durations) <= set(stripe_fake.meter_events):
-            assert time.monotonic() < deadline, set(durations) - set(stripe_fake.meter_events)
-            await asyncio.sleep(0.5)
+        await eventually(lambda: set(durations) <= set(stripe_fake.meter_events), within_s=60)
         mine_metered = {
             i: int(m["payload"]["value"]) for i, m in stripe_fake.meter_events.items()
             if i.rsplit(":", 1)[0] in truth.since
@@ -261,23 +251,19 @@ async def test_every_replica_second_is_billed_once_through_kills_of_replicas_bil
         await engine.dispose()
 
 
-async def _converged(engine: AsyncEngine, truth: Truth, within_s: float) -> dict[str, list[Any]]:
-    """Each replica's intervals, once they reach its exit."""
-    deadline = time.monotonic() + within_s
-    while True:
-        async with engine.connect() as conn:
-            rows = (await conn.execute(
-                sa.select(*UsageEvent.__table__.c).where(UsageEvent.replica_id.in_(
-                    [uuid.UUID(r) for r in truth.since])).order_by(UsageEvent.period_start)
-            )).all()  # fmt: skip
-        events: dict[str, list[Any]] = {r: [] for r in truth.since}
-        for row in rows:
-            events[str(row.replica_id)].append(row)
-        short = [
-            r for r, mine in events.items()
-            if not mine or mine[-1].period_end.timestamp() < truth.exited[r] - SLACK_S
-        ]  # fmt: skip
-        if not short:
-            return events
-        assert time.monotonic() < deadline, {r: events[r] for r in short}
-        await asyncio.sleep(1.0)
+async def _converged(engine: AsyncEngine, truth: Truth) -> dict[str, list[Any]]:
+    """Each replica's intervals, once they reach its exit: a check for `eventually`."""
+    async with engine.connect() as conn:
+        rows = (await conn.execute(
+            sa.select(*UsageEvent.__table__.c).where(UsageEvent.replica_id.in_(
+                [uuid.UUID(r) for r in truth.since])).order_by(UsageEvent.period_start)
+        )).all()  # fmt: skip
+    events: dict[str, list[Any]] = {r: [] for r in truth.since}
+    for row in rows:
+        events[str(row.replica_id)].append(row)
+    short = [
+        r for r, mine in events.items()
+        if not mine or mine[-1].period_end.timestamp() < truth.exited[r] - SLACK_S
+    ]  # fmt: skip
+    assert not short, {r: events[r] for r in short}
+    return events

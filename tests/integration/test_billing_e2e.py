@@ -19,6 +19,7 @@ from typing import Any
 import nats
 import pytest
 import sqlalchemy as sa
+from eventually import eventually
 from sqlalchemy.ext.asyncio import AsyncEngine
 from stack import ExtraNode, Platform, extra_node
 
@@ -55,6 +56,14 @@ async def usage_events(engine: AsyncEngine, customer_id: uuid.UUID) -> list[Any]
         return list(rows.all())
 
 
+async def closed_by(engine: AsyncEngine, customer_id: uuid.UUID, moment: float) -> list[Any]:
+    """The customer's usage events once they reach `moment` (a time.time())."""
+    events = await usage_events(engine, customer_id)
+    assert events, "no usage"
+    assert events[-1].period_end.timestamp() >= moment, events
+    return events
+
+
 async def live_replicas(platform: Platform, key: str) -> list[object]:
     async with platform.client() as c:
         c.headers["Authorization"] = f"Bearer {key}"
@@ -84,16 +93,16 @@ async def test_a_replicas_time_is_reported_and_charged_once(
     engine = create_engine(platform.settings, application_name="kiln-test")
     try:
         # Reports every 5 s, and a last one when the idle replica stops (after 6 s idle).
-        deadline = time.monotonic() + 40
-        while True:
+
+        async def stopped() -> list[Any]:
             events = await usage_events(engine, customer_id)
-            replica_ids = {e.replica_id for e in events}
-            if len(events) >= 2 and not await live_replicas(platform, key):
-                await asyncio.sleep(1.5)  # the last report, sent as the replica stopped
-                events = await usage_events(engine, customer_id)
-                break
-            assert time.monotonic() < deadline, events
-            await asyncio.sleep(0.5)
+            assert len(events) >= 2, events
+            assert not await live_replicas(platform, key)
+            return events
+
+        replica_ids = {e.replica_id for e in await eventually(stopped, within_s=40)}
+        await asyncio.sleep(1.5)  # the last report, sent as the replica stopped
+        events = await usage_events(engine, customer_id)
         assert len(replica_ids) == 1
         # One interval after the other: no second lost, none counted twice.
         for earlier, later in itertools.pairwise(events):
@@ -201,13 +210,9 @@ async def test_a_killed_replicas_time_is_closed_by_its_node_agent(
             await asyncio.sleep(max(0.0, since + 7.5 - time.time()))
             os.killpg(running.process.pid, signal.SIGKILL)
             killed_at = time.time()
-            deadline = time.monotonic() + 20
-            while True:
-                events = await usage_events(engine, customer_id)
-                if events and events[-1].period_end.timestamp() >= killed_at:
-                    break
-                assert time.monotonic() < deadline, events
-                await asyncio.sleep(0.3)
+            events = await eventually(
+                lambda: closed_by(engine, customer_id, killed_at), within_s=20
+            )
         assert [e.id.rsplit(":", 1)[1] for e in events] == ["1", "2"]
         assert events[0].period_start.timestamp() == pytest.approx(since, abs=1e-3)
         for earlier, later in itertools.pairwise(events):
@@ -234,13 +239,9 @@ async def test_a_lost_hosts_replica_time_is_closed_by_the_scheduler_at_its_last_
             await asyncio.sleep(max(0.0, since + 7.5 - time.time()))
             await node.kill()
             died_at = time.time()
-        deadline = time.monotonic() + 30
-        while True:
-            events = await usage_events(engine, customer_id)
-            if events and events[-1].period_end.timestamp() >= died_at - 2.0:
-                break
-            assert time.monotonic() < deadline, events
-            await asyncio.sleep(0.3)
+        events = await eventually(
+            lambda: closed_by(engine, customer_id, died_at - 2.0), within_s=30
+        )
         assert [e.id.rsplit(":", 1)[1] for e in events] == ["1", "2"]
         for earlier, later in itertools.pairwise(events):
             assert later.period_start == earlier.period_end
@@ -279,10 +280,7 @@ async def test_only_usage_the_platform_signed_is_charged(platform: Platform) -> 
         js = nc.jetstream()
         await js.publish(subjects.usage(uuid.UUID(forged.replica_id)), encode(forged))
         await publish_usage(nc, subjects, signed, secret=secret)
-        deadline = time.monotonic() + 20
-        while not (events := await usage_events(engine, customer_id)):
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.2)
+        events = await eventually(lambda: usage_events(engine, customer_id), within_s=20)
         assert [e.id for e in events] == [signed.event_id]
     finally:
         await engine.dispose()

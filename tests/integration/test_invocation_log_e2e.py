@@ -5,11 +5,11 @@ burst is recorded whole, only a function's owner lists its calls, and the metric
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from eventually import eventually
 from prometheus_client.parser import text_string_to_metric_families
 from stack import Platform, running_platform
 from websockets.asyncio.client import connect
@@ -60,20 +60,20 @@ async def platform_with_obs(
 
 
 async def calls_of(
-    platform: Platform, target: str, count: int, query: str = "", timeout_s: float = 15
+    platform: Platform, target: str, count: int, query: str = ""
 ) -> list[dict[str, Any]]:
     """The function's logged calls once there are `count` of them (rows are written in
     batches: at 100 rows or every 5 s)."""
-    deadline = time.monotonic() + timeout_s
-    async with platform.client() as client:
-        while True:
+
+    async def logged() -> list[dict[str, Any]]:
+        async with platform.client() as client:
             response = await client.get(f"/v1/functions/{target}/calls?limit=1000{query}")
-            assert response.status_code == 200, response.text
-            calls: list[dict[str, Any]] = response.json()["calls"]
-            if len(calls) >= count:
-                return calls
-            assert time.monotonic() < deadline, calls
-            await asyncio.sleep(0.25)
+        assert response.status_code == 200, response.text
+        calls: list[dict[str, Any]] = response.json()["calls"]
+        assert len(calls) >= count, calls
+        return calls
+
+    return await eventually(logged, within_s=15)
 
 
 async def metrics(platform: Platform) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

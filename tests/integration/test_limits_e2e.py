@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from eventually import eventually
 from stack import Platform, error_of, running_platform
 
 from kiln.devstack.ports import pick_port
@@ -113,9 +114,8 @@ async def more_routers(platform: Platform, count: int) -> AsyncIterator[list[str
         tasks.append(asyncio.create_task(server.serve()))
         urls.append(f"http://127.0.0.1:{settings.port}")
     for server, task in zip(servers, tasks, strict=True):
-        while not server.started:
-            assert not task.done()
-            await asyncio.sleep(0.02)
+        await eventually(lambda: server.started or task.done(), within_s=30)  # noqa: B023
+        assert not task.done()
     try:
         yield urls
     finally:

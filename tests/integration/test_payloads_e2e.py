@@ -9,9 +9,11 @@ import hashlib
 import json
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
+from eventually import eventually
 from stack import Platform, error_of, running_platform
 
 from kiln._nats import connect_options
@@ -77,13 +79,14 @@ async def test_a_job_with_a_large_argument_and_result(platform: Platform) -> Non
         )
         assert spawned.status_code == 202, spawned.text
         call_id = spawned.json()["call_id"]
-        deadline = asyncio.get_running_loop().time() + 60
-        while (view := (await client.get(f"/v1/calls/{call_id}")).json())["status"] != (
-            "succeeded"
-        ):
-            assert view["status"] in ("queued", "running"), view
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.1)
+
+        async def succeeded() -> dict[str, Any]:
+            view: dict[str, Any] = (await client.get(f"/v1/calls/{call_id}")).json()
+            if view["status"] not in ("queued", "running", "succeeded"):
+                pytest.fail(f"the job did not succeed: {view}")
+            return view if view["status"] == "succeeded" else {}
+
+        view = await eventually(succeeded, within_s=60)
         result = await client.get(view["result_url"])
     assert result.headers["content-type"] == "application/octet-stream"
     assert result.content == hashlib.sha256(data).digest() + data[::-1]

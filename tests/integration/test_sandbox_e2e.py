@@ -6,7 +6,6 @@ memory and fork-bomb tests also need writable cgroups."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
@@ -17,10 +16,11 @@ from urllib.parse import urlsplit
 
 import pytest
 import sqlalchemy as sa
+from eventually import eventually
+from sqlalchemy.ext.asyncio import AsyncEngine
 from stack import Platform
 
 from kiln.db.models import Function, Replica
-from kiln.db.session import create_engine
 from kiln.invoker.sandbox import cgroup_root
 
 pytestmark = [
@@ -236,27 +236,25 @@ async def test_a_fork_bomb_is_capped(platform: Platform) -> None:
 
 
 @needs_cgroups
-async def test_memory_past_its_cap_stops_the_replica_and_says_why(platform: Platform) -> None:
+async def test_memory_past_its_cap_stops_the_replica_and_says_why(
+    platform: Platform, engine: AsyncEngine
+) -> None:
     response = await platform.call("hostile/probe", json={"what": "memory"})
     assert response.status_code >= 500, response.text
     await bystander_answers(platform)
-    engine = create_engine(platform.settings, application_name="kiln-test")
-    try:
-        for _ in range(100):
-            async with engine.connect() as conn:
-                errors = [
-                    str(error)
-                    for error in await conn.scalars(
-                        sa.select(Replica.error)
-                        .join(Function, Function.id == Replica.function_id)
-                        .where(Function.name == "probe", Replica.error.is_not(None))
-                    )
-                ]
-            if errors:
-                break
-            await asyncio.sleep(0.1)
-    finally:
-        await engine.dispose()
+
+    async def errors_recorded() -> list[str]:
+        async with engine.connect() as conn:
+            return [
+                str(error)
+                for error in await conn.scalars(
+                    sa.select(Replica.error)
+                    .join(Function, Function.id == Replica.function_id)
+                    .where(Function.name == "probe", Replica.error.is_not(None))
+                )
+            ]
+
+    errors = await eventually(errors_recorded, within_s=10)
     assert any("out of memory" in e and "memory_mb=256" in e for e in errors), errors
     # The function itself starts again for the next call.
     assert (await probe(platform, "whoami"))["uid"] >= platform.settings.sandbox_uid_base

@@ -4,11 +4,11 @@ up to max_replicas and back to zero, and a function that cannot start (issue 5).
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from eventually import eventually
 from stack import Platform, error_of
 from typer.testing import CliRunner, Result
 
@@ -39,10 +39,7 @@ async def test_a_function_whose_replica_just_drained_wakes_the_scheduler_again(
     scale to zero hints the scheduler instead of waiting for its periodic pass."""
     await platform.deploy_source(tmp_path, "quickidle.py", QUICK_IDLE)
     assert (await platform.call("quickidle/ping")).status_code == 200
-    deadline = time.monotonic() + 20
-    while await platform.replicas("quickidle/ping"):
-        assert time.monotonic() < deadline, "never scaled to zero"
-        await asyncio.sleep(0.05)
+    await eventually(lambda: platform.scaled_to_zero("quickidle/ping"), within_s=20)
     async with platform.demand_hints() as hints:
         assert (await platform.call("quickidle/ping")).status_code == 200
     assert hints
@@ -134,10 +131,7 @@ async def test_live_scaling_changes_apply_persist_and_refuse_contradictions(
         assert sorted(view["overridden"]) == ["idle_timeout_s", "min_replicas"]
 
     # Live: the scheduler starts the minimum without any call.
-    deadline = time.monotonic() + 30
-    while not [r for r in await platform.replicas("scaled/work") if r["state"] == "ready"]:
-        assert time.monotonic() < deadline, "min_replicas=1 was not applied"
-        await asyncio.sleep(0.2)
+    await eventually(lambda: platform.ready_replicas("scaled/work"), within_s=30)
     async with platform.client() as client:
         metrics = (await client.get("/metrics")).text
     assert 'kiln_scheduler_desired_replicas{app="scaled",function="work"} 1.0' in metrics
@@ -256,7 +250,4 @@ async def test_a_burst_scales_to_max_replicas_and_drains_back_with_no_failures(
     assert most == 3  # up to max_replicas, never beyond
     assert len(seen) == 3
     # Idle for idle_timeout (2 s): back to min_replicas (0), nothing left running.
-    deadline = time.monotonic() + 20
-    while await platform.replicas("bursty/slow"):
-        assert time.monotonic() < deadline, "the replicas were never drained"
-        await asyncio.sleep(0.2)
+    await eventually(lambda: platform.scaled_to_zero("bursty/slow"), within_s=20)

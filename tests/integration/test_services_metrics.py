@@ -7,17 +7,15 @@ replicas by state and the job queue's age are on the router's /metrics (issue 9)
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import socket
-import time
 import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 import sqlalchemy as sa
-from stack import STOP_BOUND_S, Platform, Service, with_nats
+from eventually import eventually
+from stack import STOP_BOUND_S, Platform, Service, kill_nats, with_nats
 
 from kiln.db import migrate
 from kiln.db.enums import CallStatus
@@ -98,14 +96,6 @@ async def test_a_service_whose_metrics_port_is_taken_exits_with_status_2_and_say
     assert "Traceback" not in log
 
 
-def kill_nats(server: EmbeddedNats) -> None:
-    assert server.process is not None
-    os.kill(server.process.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while server.process.running and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-
 async def test_a_service_waiting_for_nats_says_why_it_is_not_ready_and_stops_at_once(
     settings: Settings, tmp_path: Path
 ) -> None:
@@ -168,13 +158,14 @@ async def test_the_platform_metrics_show_replicas_by_state_and_the_oldest_queued
     await platform.deploy_source(tmp_path, "bystate.py", PING)
     assert (await platform.call("bystate/ping")).status_code == 200
 
-    async def metrics_with(wanted: str, within_s: float = 15) -> str:
-        deadline = time.monotonic() + within_s
-        async with platform.client() as client:
-            while wanted not in (text := (await client.get("/metrics")).text):
-                assert time.monotonic() < deadline, f"no {wanted!r} in\n{text}"
-                await asyncio.sleep(0.2)
-        return text
+    async def metrics_with(wanted: str) -> str:
+        async def holds() -> str:
+            async with platform.client() as client:
+                text = (await client.get("/metrics")).text
+            assert wanted in text, f"no {wanted!r} in\n{text}"
+            return text
+
+        return await eventually(holds, within_s=15)
 
     text = await metrics_with('kiln_scheduler_replicas_by_state{state="ready"} 1.0')
     # The router's connection and the platform's share one registry: each family once.
