@@ -93,7 +93,8 @@ function = kiln.lookup("hello/shout", url="http://127.0.0.1:9", api_key="kiln_te
 client = function.client()
 assert function.client() is client  # one session per handle, kept for its later calls
 client.close()
-cli = sorted(m for m in sys.modules if m.split(".")[:2] == ["kiln", "cli"] or m.split(".")[0] == "typer")
+parts = [m.split(".") for m in sys.modules]
+cli = sorted(".".join(p) for p in parts if p[:2] == ["kiln", "cli"] or p[0] == "typer")
 assert not cli, cli
 print("ok")
 """
