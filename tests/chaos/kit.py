@@ -3,12 +3,13 @@ whose every run is counted."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
 import httpx
-from stack import Platform
+import pytest
+from eventually import eventually
+from stack import Platform, finished_jobs
 
 # The promise (docs/operations.md): after a dependency is back, the first call through an
 # existing router succeeds within this.
@@ -45,21 +46,24 @@ async def first_success(
     began = time.monotonic()
     failures: list[int] = []
     async with platform.client() as client:
-        while True:
+
+        async def served() -> httpx.Response:
             try:
                 response = await client.post(f"/v1/run/{target}", json=body, timeout=within_s)
             except httpx.TimeoutException:
                 failures.append(0)
             else:
                 if response.status_code == 200:
-                    assert response.json() == body["x"], response.text
-                    return time.monotonic() - began, failures
+                    return response
                 failures.append(response.status_code)
-                assert response.status_code in RETRYABLE, response.text
-            assert time.monotonic() - began < within_s, (
-                f"no call succeeded within {within_s} s: {failures}"
-            )
-            await asyncio.sleep(0.05)
+                if response.status_code not in RETRYABLE:
+                    pytest.fail(response.text)
+            raise AssertionError(f"failed so far: {failures}")
+
+        response = await eventually(served, within_s=within_s, what=f"a call of {target}")
+    took = time.monotonic() - began
+    assert response.json() == body["x"], response.text
+    return took, failures
 
 
 async def spawn_jobs(platform: Platform, count: int, *, start: int = 0) -> dict[str, int]:
@@ -75,15 +79,9 @@ async def spawn_jobs(platform: Platform, count: int, *, start: int = 0) -> dict[
 
 async def job_outcomes(platform: Platform, jobs: dict[str, int], *, within_s: float) -> None:
     """Every job succeeds, once, with its own result."""
-    deadline = time.monotonic() + within_s
+    views = await finished_jobs(platform, list(jobs), within_s=within_s)
     async with platform.client() as client:
-        for call_id, x in jobs.items():
-            while True:
-                view = (await client.get(f"/v1/calls/{call_id}")).json()
-                if view["status"] not in ("queued", "running"):
-                    break
-                assert time.monotonic() < deadline, view
-                await asyncio.sleep(0.1)
+        for view, (call_id, x) in zip(views, jobs.items(), strict=True):
             assert view["status"] == "succeeded", view
             assert view["attempts"] == 1, view
             result = await client.get(f"/v1/calls/{call_id}/result")

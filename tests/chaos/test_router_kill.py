@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
+from eventually import eventually
 from kit import CHAOS_APP, RETRYABLE
 from stack import STOP_BOUND_S, Platform, Service, running_platform
 
@@ -44,21 +44,23 @@ def second_router(platform: Platform, home: Path) -> tuple[Service, str]:
 
 
 async def ready(service: Service, url: str) -> dict[str, object]:
-    deadline = time.monotonic() + 60
     async with httpx.AsyncClient(base_url=url, timeout=5) as client:
-        while True:
-            assert service.process.poll() is None, service.log.read_text()
+
+        async def readyz() -> httpx.Response:
+            if service.process.poll() is not None:
+                pytest.fail(service.log.read_text())
             try:
                 response = await client.get("/readyz")
-                if response.status_code == 200:
-                    health = (await client.get("/healthz")).json()
-                    assert health == {"status": "ok", "problems": []}, health
-                    body: dict[str, object] = response.json()
-                    return body
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, service.log.read_text()
-            await asyncio.sleep(0.1)
+            except httpx.HTTPError as exc:
+                raise AssertionError(f"{exc!r}\n{service.log.read_text()}") from None
+            assert response.status_code == 200, service.log.read_text()
+            return response
+
+        response = await eventually(readyz, within_s=60, every_s=0.1)
+        health = (await client.get("/healthz")).json()
+    assert health == {"status": "ok", "problems": []}, health
+    body: dict[str, object] = response.json()
+    return body
 
 
 async def test_killing_one_of_two_routers_loses_no_call_of_a_retrying_client(

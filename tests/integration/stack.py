@@ -358,3 +358,17 @@ def own_server(kind: type[_Server], root: Path, *, start_s: float = 30) -> Itera
         yield server
     finally:
         server.stop(15)
+
+
+async def finished_jobs(
+    platform: Platform, call_ids: list[str], *, within_s: float
+) -> list[dict[str, Any]]:
+    """The views of the jobs `call_ids`, in order, once none is queued or running."""
+    async with platform.client() as client:
+
+        async def finished() -> list[dict[str, Any]]:
+            views = [(await client.get(f"/v1/calls/{call_id}")).json() for call_id in call_ids]
+            assert not (left := [v for v in views if v["status"] in ("queued", "running")]), left
+            return views
+
+        return await eventually(finished, within_s=within_s, every_s=0.1, what="the jobs' ends")

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+from eventually import eventually
 
 from kiln.errors import FunctionTimeout, KilnError, Unavailable
 from kiln.router.dispatch import CallResult, _Call, _Phase
@@ -38,7 +39,7 @@ async def test_a_later_phase_deadline_keeps_the_timer_and_it_re_arms_when_it_fir
     timer = call.timer
     call.enter(_Phase.QUEUED, 0.15)
     assert call.timer is timer  # not moved: its deadline is later
-    await asyncio.sleep(0.05)
+    await eventually(lambda: call.timer is not timer, within_s=0.1, every_s=0.005)
     assert not call.future.done()  # fired early, re-armed for what is left
     assert call.timer is not None
     assert call.timer is not timer
@@ -65,6 +66,9 @@ async def test_phases_only_move_forward() -> None:
     call.enter(_Phase.RUNNING, 60)
     call.enter(_Phase.QUEUED, 0.01)
     assert call.phase is _Phase.RUNNING
-    await asyncio.sleep(0.05)
+    marker = new_call(startup_s=60, timeout_s=60)  # the deadline it ignored, kept by another
+    marker.set_deadline(5)
+    marker.enter(_Phase.QUEUED, 0.01)
+    await failure(marker)
     assert not call.future.done()
     call.cancel_timer()

@@ -282,9 +282,13 @@ async def test_a_hung_nvml_times_out_logs_once_and_never_piles_up_threads(
     finally:
         nvml.release.set()
     nvml.hang.clear()
-    await asyncio.sleep(0.1)
-    await t.sample()
-    assert value(t, "kiln_gpu_utilization_ratio", 0) == pytest.approx(0.10)
+    nvml.utilization[0] = 55.0
+
+    async def reads_again() -> bool:  # once the stuck reading has returned
+        await t.sample()
+        return bool(value(t, "kiln_gpu_utilization_ratio", 0) == pytest.approx(0.55))
+
+    await eventually(reads_again, within_s=5)
 
 
 async def test_run_samples_until_cancelled_then_shuts_nvml_down() -> None:

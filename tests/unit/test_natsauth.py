@@ -13,7 +13,6 @@ import os
 import stat
 import subprocess
 import time
-import urllib.error
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -24,6 +23,7 @@ from typing import Any, cast
 import nats
 import nats.errors
 import pytest
+from eventually import eventually
 from nats.aio.client import Client, RawCredentials
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy
@@ -126,22 +126,24 @@ def trust() -> Trust:
 def _wait_ready(process: subprocess.Popen[bytes], root: Path, log: Path) -> dict[str, Any]:
     """The server's ports (from its ports file), once /healthz says it (JetStream included) is
     ready; bounded by READY_TIMEOUT_S."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
+
+    def ready() -> dict[str, Any]:
         if process.poll() is not None:
             pytest.fail(f"nats-server exited with {process.returncode}:\n{log.read_text()}")
-        ports_files = glob.glob(str(root / "*.ports"))
-        if ports_files:
-            try:
-                ports: dict[str, Any] = json.loads(Path(ports_files[0]).read_text())
-                monitor = str(ports["monitoring"][0]).removeprefix("http://")
-                with urllib.request.urlopen(f"http://{monitor}/healthz", timeout=1) as r:
-                    if r.status == 200:
-                        return ports
-            except (ValueError, KeyError, urllib.error.URLError, OSError):
-                pass  # the ports file is half written, or the server is not ready yet
-        time.sleep(0.02)
-    pytest.fail(f"nats-server not ready within {READY_TIMEOUT_S} s:\n{log.read_text()}")
+        try:  # the ports file may be missing or half written, or the server not ready yet
+            [ports_file] = glob.glob(str(root / "*.ports"))
+            ports: dict[str, Any] = json.loads(Path(ports_file).read_text())
+            monitor = str(ports["monitoring"][0]).removeprefix("http://")
+            with urllib.request.urlopen(f"http://{monitor}/healthz", timeout=1) as r:
+                assert r.status == 200, r.status
+        except (ValueError, KeyError, OSError) as exc:
+            raise AssertionError(repr(exc)) from None
+        return ports
+
+    try:
+        return asyncio.run(eventually(ready, within_s=READY_TIMEOUT_S, every_s=0.02))
+    except AssertionError as exc:
+        pytest.fail(f"nats-server not ready: {exc}\n{log.read_text()}")
 
 
 @pytest.fixture(scope="module")
