@@ -5,17 +5,23 @@ kept across a kill so a restarted member rejoins with its state."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
+
+from eventually import eventually
 
 from kiln.devstack.ports import pick_port
 from kiln.devstack.service import find_packaged_file
 
 _START_S = 30.0
+
+
+class MemberExited(Exception):
+    """A member of the cluster exited (e.g. its port was taken before it could bind it)."""
 
 
 class NatsCluster:
@@ -66,37 +72,32 @@ class NatsCluster:
         for attempt in range(3):
             for index in range(self.size):
                 self.start(index)
-            time.sleep(0.3)
-            if all(p is not None and p.poll() is None for p in self.processes) or attempt == 2:
-                break
-            self.stop_all()
+            try:
+                for index in range(self.size):
+                    self.wait_healthy(index)
+                return
+            except BaseException as exc:
+                self.stop_all()  # none left behind by a cluster that never formed
+                if attempt == 2 or not isinstance(exc, MemberExited):
+                    raise
             self._choose_ports()
-        try:
-            for index in range(self.size):
-                self.wait_healthy(index)
-        except BaseException:
-            self.stop_all()  # none left behind by a cluster that never formed
-            raise
 
     def wait_healthy(self, index: int) -> None:
         """Until the member says JetStream is ready (its /healthz answers 200)."""
         url = f"http://127.0.0.1:{self.monitors[index]}/healthz"
-        deadline = time.monotonic() + _START_S
-        while True:
+        log = self.root / f"{self.name(index)}.log"
+
+        def healthy() -> bool:
             process = self.processes[index]
             if process is None or process.poll() is not None:
-                log = (self.root / f"{self.name(index)}.log").read_text()[-2000:]
-                raise AssertionError(f"NATS member {self.name(index)} exited:\n{log}")
+                raise MemberExited(f"{self.name(index)} exited:\n{log.read_text()[-2000:]}")
             try:
                 with urllib.request.urlopen(url, timeout=1) as reply:
-                    if reply.status == 200:
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                log = (self.root / f"{self.name(index)}.log").read_text()[-2000:]
-                raise AssertionError(f"NATS member {self.name(index)} never got healthy:\n{log}")
-            time.sleep(0.1)
+                    return bool(reply.status == 200)
+            except OSError as exc:
+                raise AssertionError(f"{exc}\n{log.read_text()[-2000:]}") from None
+
+        asyncio.run(eventually(healthy, within_s=_START_S, what=f"{self.name(index)} healthy"))
 
     def kill(self, name: str) -> None:
         index = int(name.removeprefix("n"))

@@ -18,9 +18,10 @@ import httpx
 import nats
 import pytest
 import sqlalchemy as sa
+from eventually import eventually
 from nats.aio.client import Client as NATS
 from nats_cluster import NatsCluster
-from stack import Platform, running_platform
+from stack import Platform, finished_jobs, running_platform
 
 from kiln._nats import connect_options
 from kiln.db.models import App, Function, UsageEvent
@@ -155,9 +156,12 @@ async def kill_leader(nc: NATS, cluster: NatsCluster, stream: str) -> tuple[str,
     assert leader is not None, f"{stream} has no leader"
     cluster.kill(leader)
     killed = time.monotonic()
-    while await stream_leader(nc, stream) in (None, leader):
-        assert time.monotonic() - killed < 30, f"{stream} elected no new leader"
-        await asyncio.sleep(0.1)
+
+    async def elected() -> bool:
+        assert (now := await stream_leader(nc, stream)) not in (None, leader), now
+        return True
+
+    await eventually(elected, within_s=30, every_s=0.1, what=f"a new leader of {stream}")
     return leader, time.monotonic() - killed
 
 
@@ -170,11 +174,11 @@ async def test_killing_stream_leaders_loses_no_call_job_or_usage_second(
     nc = await nats.connect(**connect_options(platform.settings))
     engine = create_engine(platform.settings, application_name="kiln-test")
     try:
-        async with platform.client() as client:  # the app's replicas serve
-            for _ in range(600):
-                if (await client.post("/v1/run/clustered/echo", json={"x": 0})).status_code == 200:
-                    break
-                await asyncio.sleep(0.1)
+
+        async def serving() -> bool:  # the app's replicas serve
+            return (await platform.call("clustered/echo", json={"x": 0})).status_code == 200
+
+        await eventually(serving, within_s=60, every_s=0.1)
         workers = [
             *(asyncio.create_task(load.caller(platform, numbers)) for _ in range(CLIENTS)),
             asyncio.create_task(load.spawner(platform, numbers)),
@@ -186,7 +190,7 @@ async def test_killing_stream_leaders_loses_no_call_job_or_usage_second(
             await asyncio.sleep(2)  # load on the remaining two
             cluster.start(int(killed.removeprefix("n")))
             await asyncio.to_thread(cluster.wait_healthy, int(killed.removeprefix("n")))
-        await asyncio.sleep(1)
+        await asyncio.sleep(1)  # load on the whole cluster again
         load.stop.set()
         await asyncio.wait_for(asyncio.gather(*workers), 60)
 
@@ -203,13 +207,9 @@ async def test_killing_stream_leaders_loses_no_call_job_or_usage_second(
             assert longest <= max(elections.values()) + CALL_ACK_WAIT_S + 2.0, (longest, elections)
 
         # Every job accepted ran, and its result is its own.
+        views = await finished_jobs(platform, list(load.jobs), within_s=60)
         async with platform.client() as client:
-            for call_id, x in load.jobs.items():
-                for _ in range(600):
-                    view = (await client.get(f"/v1/calls/{call_id}")).json()
-                    if view["status"] not in ("queued", "running"):
-                        break
-                    await asyncio.sleep(0.1)
+            for view, (call_id, x) in zip(views, load.jobs.items(), strict=True):
                 assert view["status"] == "succeeded", str(view)
                 assert (await client.get(f"/v1/calls/{call_id}/result")).json() == x
 
