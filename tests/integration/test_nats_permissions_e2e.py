@@ -64,9 +64,13 @@ async def _attempt(attacks: list[list[str]]) -> dict:
         await anonymous.close()
 
     violations = []
+    marked = asyncio.Event()  # the server refused the marker
+    marker = "marker.refused"  # a subject no replica may publish to
 
     async def on_error(exc: Exception) -> None:
         violations.append(str(exc).lower())
+        if marker in violations[-1]:
+            marked.set()
 
     me = launch["replica_id"].replace("-", "")
     nc = await nats.connect(
@@ -77,16 +81,16 @@ async def _attempt(attacks: list[list[str]]) -> dict:
         for name, kind, subject in attacks:
             subject = subject.replace("{node}", launch["node_id"]).replace("{me}", me)
             before = len(violations)
+            marked.clear()
             if kind == "sub":
                 await nc.subscribe(subject)
             else:
                 await nc.publish(subject, b"{}", reply=f"_INBOX_{me}.x")
-            await nc.flush()
-            for _ in range(50):  # the error may trail the PONG that ends the flush
-                if len(violations) > before:
-                    break
-                await asyncio.sleep(0.02)
-            said = violations[before:]
+            # The server answers in order: once it refused the marker, sent after the attempt,
+            # it has said whatever it had to say about the attempt.
+            await nc.publish(marker, b"")
+            await asyncio.wait_for(marked.wait(), 1)
+            said = [v for v in violations[before:] if marker not in v]
             outcome[name] = (
                 "refused" if any(subject.lower() in v and "permission" in v for v in said)
                 else "allowed"

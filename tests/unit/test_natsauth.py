@@ -137,13 +137,10 @@ def _wait_ready(process: subprocess.Popen[bytes], root: Path, log: Path) -> dict
             with urllib.request.urlopen(f"http://{monitor}/healthz", timeout=1) as r:
                 assert r.status == 200, r.status
         except (ValueError, KeyError, OSError) as exc:
-            raise AssertionError(repr(exc)) from None
+            raise AssertionError(f"{exc!r}\n{log.read_text()}") from None
         return ports
 
-    try:
-        return asyncio.run(eventually(ready, within_s=READY_TIMEOUT_S, every_s=0.02))
-    except AssertionError as exc:
-        pytest.fail(f"nats-server not ready: {exc}\n{log.read_text()}")
+    return asyncio.run(eventually(ready, within_s=READY_TIMEOUT_S, every_s=0.02))
 
 
 @pytest.fixture(scope="module")
