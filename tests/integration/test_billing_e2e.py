@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import os
 import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from kiln.db.enums import LedgerKind
 from kiln.db.models import Customer, LedgerEntry, UsageEvent
 from kiln.db.session import create_engine
 from kiln.functions.package import package
-from kiln.metering import publish_usage
+from kiln.metering import USAGE_INTERVAL_S, USAGE_MAC, publish_usage, usage_mac
 from kiln.wire import Subjects, UsageReport, encode
 
 pytestmark = pytest.mark.integration
@@ -92,18 +92,18 @@ async def test_a_replicas_time_is_reported_and_charged_once(
     customer_id = uuid.UUID(customer["id"])
     engine = create_engine(platform.settings, application_name="kiln-test")
     try:
-        # Reports every 5 s, and a last one when the idle replica stops (after 6 s idle).
+        # Reports every 5 s, and a last one when the idle replica stops (after 6 s idle): the
+        # one cut short, at the moment the process exited.
 
         async def stopped() -> list[Any]:
             events = await usage_events(engine, customer_id)
             assert len(events) >= 2, events
             assert not await live_replicas(platform, key)
+            assert events[-1].duration_ms < USAGE_INTERVAL_S * 1000, "no last report yet"
             return events
 
-        replica_ids = {e.replica_id for e in await eventually(stopped, within_s=40)}
-        await asyncio.sleep(1.5)  # the last report, sent as the replica stopped
-        events = await usage_events(engine, customer_id)
-        assert len(replica_ids) == 1
+        events = await eventually(stopped, within_s=40)
+        assert len({e.replica_id for e in events}) == 1
         # One interval after the other: no second lost, none counted twice.
         for earlier, later in itertools.pairwise(events):
             assert later.period_start == earlier.period_end
@@ -129,31 +129,35 @@ async def test_a_replicas_time_is_reported_and_charged_once(
         assert {event_id for _, event_id in entries} == {e.id for e in events}
         assert balance == sum(expected) < 0
 
-        # The same report delivered again (a new message, the same event id) is not charged.
-        first = events[0]
-        again = {
-            "event_id": first.id, "replica_id": str(first.replica_id),
-            "customer_id": str(customer_id), "function_id": str(first.function_id),
-            "gpu_type": "none", "gpu_count": first.gpu_count,
-            "period_start": first.period_start.timestamp(),
-            "period_end": first.period_end.timestamp(), "final": False,
-        }  # fmt: skip
+        # The same report delivered again (a new message, signed, the same event id) is not
+        # charged; a new report sent after it (the marker) is: once it is, the replay was read.
+        first, secret = events[0], str(platform.settings.snapshot_signing_key)
+        again = UsageReport(
+            event_id=first.id, replica_id=str(first.replica_id), customer_id=str(customer_id),
+            function_id=str(first.function_id), gpu_type="none", gpu_count=first.gpu_count,
+            period_start=first.period_start.timestamp(), period_end=first.period_end.timestamp(),
+        )  # fmt: skip
+        marker = replace(again, event_id=f"{uuid.uuid4()}:1", replica_id=str(uuid.uuid4()))
         nc = await nats.connect(**connect_options(platform.settings))
         try:
             subjects = Subjects(platform.settings.namespace)
-            await nc.jetstream().publish(
-                subjects.usage(first.replica_id),
-                json.dumps(again).encode(),
-                headers={"Nats-Msg-Id": f"replay-{uuid.uuid4()}"},
-            )
+            body, mac = encode(again), usage_mac(secret, encode(again))
+            replay = {"Nats-Msg-Id": f"replay-{uuid.uuid4()}", USAGE_MAC: mac}
+            await nc.jetstream().publish(subjects.usage(first.replica_id), body, headers=replay)
+            await publish_usage(nc, subjects, marker, secret=secret)
         finally:
             await nc.close()
-        await asyncio.sleep(2.0)  # the worker fetches every second
+
+        async def marker_charged() -> bool:
+            return marker.event_id in {e.id for e in await usage_events(engine, customer_id)}
+
+        await eventually(marker_charged, within_s=10)
         async with engine.connect() as conn:
             count = await conn.scalar(
                 sa.select(sa.func.count())
                 .select_from(LedgerEntry)
                 .where(LedgerEntry.customer_id == customer_id, LedgerEntry.kind == LedgerKind.USAGE)
+                .where(LedgerEntry.usage_event_id != marker.event_id)
             )
         assert count == len(events)
     finally:

@@ -14,11 +14,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 from eventually import eventually
 from stack import Platform, running_platform
 
+from kiln._nats import connect_options
 from kiln.settings import Settings
+from kiln.wire import Subjects
 
 pytestmark = pytest.mark.integration
 
@@ -125,6 +128,13 @@ async def test_a_failed_calls_traceback_is_in_its_logs(platform: Platform) -> No
 async def test_kiln_logs_follow_shows_prints_as_they_happen(
     platform: Platform, tmp_path: Path
 ) -> None:
+    nc = await nats.connect(**connect_options(platform.settings))
+    js, stream = nc.jetstream(), Subjects(platform.settings.namespace).logs_stream
+    readers = {c.name for c in await js.consumers_info(stream)}
+
+    async def following() -> bool:  # the follower's reader (a consumer) is on the stream
+        return bool({c.name for c in await js.consumers_info(stream)} - readers)
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
     env.update(
         HOME=str(tmp_path), KILN_HOME=str(tmp_path), KILN_URL=platform.url,
@@ -143,7 +153,7 @@ async def test_kiln_logs_follow_shows_prints_as_they_happen(
 
     reader = asyncio.ensure_future(read())
     try:
-        await asyncio.sleep(1.5)  # the follower is connected
+        await eventually(following, within_s=30)
         call = asyncio.ensure_future(platform.call("chatty/ticks", json={"n": 6, "pause": 0.5}))
 
         def first_tick() -> bool:
@@ -159,6 +169,7 @@ async def test_kiln_logs_follow_shows_prints_as_they_happen(
         assert reply.status_code == 200
         await eventually(lambda: sum("tick" in line for _, line in seen) >= 6, within_s=15)
     finally:
+        await nc.close()
         follower.terminate()
         await asyncio.wait_for(follower.wait(), 10)
         await asyncio.wait_for(reader, 10)

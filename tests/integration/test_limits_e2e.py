@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio
 import uvicorn
 from eventually import eventually
 from stack import Platform, error_of, running_platform
@@ -93,6 +94,19 @@ async def customer_key(platform: Platform, limits: dict[str, Any]) -> str:
         deployed = await c.post("/v1/apps", json=package(source).deploy_body())
         assert deployed.status_code == 201, deployed.text
     return str(key.json()["key"])
+
+
+async def slots_held(platform: Platform, count: int) -> bool:
+    """Whether customers hold `count` slots of their concurrency caps (in the module's own
+    Redis, which only its tests use): a check for `eventually`."""
+    client = redis.asyncio.Redis.from_url(str(platform.settings.redis_url))
+    try:
+        pattern = f"{platform.settings.redis_prefix}limits:*:inflight"
+        held = sum([await client.zcard(key) async for key in client.scan_iter(match=pattern)])
+    finally:
+        await client.aclose()
+    assert held == count, f"{held} slots held"
+    return True
 
 
 def customer_client(platform: Platform, key: str, url: str | None = None) -> httpx.AsyncClient:
@@ -194,16 +208,16 @@ async def test_the_concurrency_cap_holds_and_is_released_after_timeouts_disconne
         )
         assert [r.status_code for r in timed_out] == [504, 504]
         assert (await c.post("/v1/run/limited/hold", json={"seconds": 0})).status_code == 200
-        # ... and when callers leave.
+        # ... and when callers leave (well before their calls would have ended).
         left = [
             asyncio.create_task(c.post("/v1/run/limited/hold", json={"seconds": 1.5}))
             for _ in range(2)
         ]
-        await asyncio.sleep(0.5)
+        await eventually(lambda: slots_held(platform, 2), within_s=0.5)
         for task in left:
             task.cancel()
         await asyncio.gather(*left, return_exceptions=True)
-        await asyncio.sleep(0.3)
+        await eventually(lambda: slots_held(platform, 0), within_s=0.3)
         again = await asyncio.gather(
             *(c.post("/v1/run/limited/hold", json={"seconds": 0}) for _ in range(2))
         )
