@@ -6,15 +6,13 @@ target; jobs accepted before the outage each run once, with their result."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import signal
 import time
 from collections.abc import AsyncIterator
 
 import pytest
 from kit import CHAOS_APP, RECOVERY_S, first_success, job_outcomes, spawn_jobs
-from stack import Platform, running_platform, with_nats
+from stack import Platform, kill_nats, running_platform, with_nats
 
 from kiln.devstack.nats import EmbeddedNats
 from kiln.settings import Settings
@@ -37,9 +35,7 @@ async def platform_on_own_nats(
 
 
 async def _outage(server: EmbeddedNats, seconds: float) -> None:
-    assert server.process is not None
-    os.kill(server.process.pid, signal.SIGKILL)
-    await asyncio.to_thread(server.process.wait, 10)
+    await asyncio.to_thread(kill_nats, server)
     await asyncio.sleep(seconds)  # the outage itself: what the test is about
     server.start(30)  # from the main thread (its parent-death signal); returns once it answers
 
