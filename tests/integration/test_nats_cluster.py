@@ -168,16 +168,15 @@ async def kill_leader(nc: NATS, cluster: NatsCluster, stream: str) -> tuple[str,
 async def test_killing_stream_leaders_loses_no_call_job_or_usage_second(
     platform: Platform, cluster: NatsCluster
 ) -> None:
+    async def serving() -> bool:  # the app's replicas serve
+        return (await platform.call("clustered/echo", json={"x": 0})).status_code == 200
+
     subjects = Subjects(platform.settings.namespace)
     load = Load()
     numbers = itertools.count()
     nc = await nats.connect(**connect_options(platform.settings))
     engine = create_engine(platform.settings, application_name="kiln-test")
     try:
-
-        async def serving() -> bool:  # the app's replicas serve
-            return (await platform.call("clustered/echo", json={"x": 0})).status_code == 200
-
         await eventually(serving, within_s=60, every_s=0.1)
         workers = [
             *(asyncio.create_task(load.caller(platform, numbers)) for _ in range(CLIENTS)),
