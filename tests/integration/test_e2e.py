@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -18,15 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import nats
 import psutil
 import pytest
 from eventually import eventually
 from stack import BODY_LIMIT, Platform, error_of
 
-from kiln._nats import connect_options
 from kiln.functions.package import package
-from kiln.wire import Subjects
 
 pytestmark = [pytest.mark.integration, pytest.mark.unsandboxed]
 
@@ -103,22 +99,6 @@ async def call(platform: Platform, target: str, **kwargs: Any) -> httpx.Response
     return await platform.call(target, **kwargs)
 
 
-async def ready_beat(platform: Platform, target: str) -> None:
-    """Until a ready replica of `target` heartbeats: the router hears it as this test does."""
-    listed = await eventually(lambda: platform.ready_replicas(target), within_s=10)
-    ready = {replica["id"] for replica in listed}
-    nc = await nats.connect(**connect_options(platform.settings))
-    try:
-        beats = await nc.subscribe(Subjects(platform.settings.namespace).all_replica_heartbeats)
-        async with asyncio.timeout(10):
-            async for msg in beats.messages:
-                beat = json.loads(msg.data)
-                if beat["state"] == "ready" and beat["replica_id"] in ready:
-                    return
-    finally:
-        await nc.close()
-
-
 # The happy path ---------------------------------------------------------------------------------
 
 
@@ -160,7 +140,8 @@ async def test_calls_to_a_serving_function_do_not_wake_the_scheduler(
     """Demand hints are for functions without a ready replica; each one costs the scheduler a
     reconcile pass, so a busy warm function must not send them (its queue is the signal)."""
     assert (await call(platform, "hello/shout", json={"text": "warm"})).status_code == 200
-    await ready_beat(platform, "hello/shout")
+    # Recorded ready from a heartbeat, which the router hears as the scheduler does.
+    await eventually(lambda: platform.ready_replicas("hello/shout"), within_s=10)
     async with platform.demand_hints() as hints:
         for i in range(4):  # spaced wider than the router's hint interval
             assert (await call(platform, "hello/shout", json={"text": f"{i}"})).status_code == 200
