@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from kiln._clock import FakeClock
 from kiln.db.enums import NodeState, ReplicaState
@@ -177,6 +177,28 @@ def make_scheduler(
         lease_s=lease_s, signing_key=KEY, clock=clock, records=cast(Any, records),
     )  # fmt: skip
     return scheduler, nc
+
+
+class Ordered(NamedTuple):
+    clock: FakeClock
+    function: FunctionRow
+    records: Records
+    scheduler: Scheduler
+    nc: Nats
+    start: dict[str, Any]
+
+
+async def one_replica_ordered() -> Ordered:
+    """A scheduler on a fake clock with one node and one function (`min_replicas=1`), which
+    has just ordered the function's first replica started (`start`: the order)."""
+    clock = FakeClock()
+    function = function_row(min_replicas=1)
+    records = Records(functions={function.id: function})
+    scheduler, nc = make_scheduler(clock, records)
+    await scheduler.observer.on_node(node_beat("n1"))
+    await scheduler.reconcile()
+    [start] = nc.ops("start")
+    return Ordered(clock, function, records, scheduler, nc, start)
 
 
 def _sealed(subject: str, data: bytes, headers: dict[str, str] | None) -> Any:

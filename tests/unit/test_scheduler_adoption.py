@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import uuid
 
-from scheduler_fakes import Records, Row, function_row, make_scheduler, node_beat, replica_beat
+from scheduler_fakes import (
+    Records,
+    Row,
+    function_row,
+    make_scheduler,
+    node_beat,
+    one_replica_ordered,
+    replica_beat,
+)
 
 from kiln._clock import FakeClock
 from kiln.db.enums import ReplicaState
@@ -82,13 +90,7 @@ async def test_heartbeats_without_a_live_row_of_that_function_adopt_nothing() ->
 
 
 async def test_a_replica_this_scheduler_started_is_not_adopted_twice() -> None:
-    clock = FakeClock()
-    function = function_row(min_replicas=1)
-    records = Records(functions={function.id: function})
-    scheduler, nc = make_scheduler(clock, records)
-    await scheduler.observer.on_node(node_beat("n1"))
-    await scheduler.reconcile()
-    [start] = nc.ops("start")
+    _clock, function, _records, scheduler, _nc, start = await one_replica_ordered()
     launched = scheduler.cluster.replicas[start["replica_id"]]
     await scheduler.observer.on_replica(replica_beat(start["replica_id"], function))
     assert scheduler.cluster.replicas[start["replica_id"]] is launched

@@ -13,6 +13,7 @@ from scheduler_fakes import (
     function_row,
     make_scheduler,
     node_beat,
+    one_replica_ordered,
     replica_beat,
 )
 
@@ -98,13 +99,7 @@ async def test_a_crash_looping_function_is_restarted_later_and_later_until_it_wo
 
 
 async def test_a_drained_replica_exiting_is_no_crash() -> None:
-    clock = FakeClock()
-    function = function_row(min_replicas=1)
-    records = Records(functions={function.id: function})
-    scheduler, nc = make_scheduler(clock, records)
-    await scheduler.observer.on_node(node_beat("n1"))
-    await scheduler.reconcile()
-    [start] = nc.ops("start")
+    _clock, function, records, scheduler, nc, start = await one_replica_ordered()
     event = exit_event(start["replica_id"], function, exit_code=1, requested=True)
     await scheduler.observer.on_exit(event)
     assert records.replicas[start["replica_id"]].state == ReplicaState.STOPPED

@@ -14,9 +14,9 @@ from scheduler_fakes import (
     SUBJECTS,
     Nats,
     Records,
-    function_row,
     make_scheduler,
     node_beat,
+    one_replica_ordered,
     replica_beat,
 )
 
@@ -120,13 +120,7 @@ def test_nothing_is_judged_until_the_scheduler_has_listened_for_a_whole_timeout(
 
 
 async def test_a_lost_node_is_recorded_its_replicas_written_off_and_replaced_elsewhere() -> None:
-    clock = FakeClock()
-    function = function_row(min_replicas=1)
-    records = Records(functions={function.id: function})
-    scheduler, nc = make_scheduler(clock, records)
-    await scheduler.observer.on_node(node_beat("n1"))
-    await scheduler.reconcile()
-    [start] = nc.ops("start")
+    clock, function, records, scheduler, nc, start = await one_replica_ordered()
     replica_id, started_at = start["replica_id"], clock.wall()
     [(node_id, _)] = nc.commands
     other = "n2" if node_id == "n1" else "n1"
