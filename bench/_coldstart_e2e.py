@@ -294,7 +294,9 @@ def _wait_uploaded(home: Path, keys: list[str], timeout_s: float = 1800) -> None
             servers=[services["nats_url"]], user_credentials=services.get("nats_creds")
         )
         subjects = Subjects("kiln")
-        shared = SharedSnapshots(nc.jetstream(), subjects.snapshot_bucket, subjects.snapshot_leases)
+        shared = SharedSnapshots(
+            nc.jetstream(), subjects.snapshot_bucket, subjects.snapshot_leases, replicas=1
+        )
         deadline = time.monotonic() + timeout_s
         try:
             for key in keys:

@@ -70,7 +70,7 @@ class Client:
     """One HTTP session with one Kiln. Use it as a context manager, or keep it and `close()`."""
 
     def __init__(
-        self, *, url: str, api_key: str, timeout_s: float = 600.0, connect_timeout_s: float = 5.0
+        self, *, url: str, api_key: str, timeout_s: float, connect_timeout_s: float
     ) -> None:
         import httpx
 

@@ -18,7 +18,7 @@ __all__ = ["CodeStore"]
 
 
 class CodeStore:
-    def __init__(self, js: JetStreamContext, subjects: Subjects, *, replicas: int = 1) -> None:
+    def __init__(self, js: JetStreamContext, subjects: Subjects, *, replicas: int) -> None:
         self.js = js
         self.bucket = subjects.code_bucket
         self.replicas = replicas

@@ -28,22 +28,20 @@ MAX_RESULT_BYTES = 1 << 30
 
 class PayloadStore:
     """Each function's payloads, in a bucket of its own (a replica's credentials reach only its
-    function's). Platform processes create a bucket on first use; a replica (`create=False`)
-    finds it made by its node agent. Objects are written and read with kiln.objects, which a
-    replica's NATS account allows."""
+    function's). Platform processes create a bucket on first use with `replicas` copies
+    (`KILN_STREAM_REPLICAS`); a replica (`replicas=None`) creates none: it finds its bucket made
+    by its node agent. Objects are written and read with kiln.objects, which a replica's NATS
+    account allows."""
 
-    def __init__(
-        self, js: JetStreamContext, subjects: Subjects, *, create: bool = True, replicas: int = 1
-    ) -> None:
+    def __init__(self, js: JetStreamContext, subjects: Subjects, *, replicas: int | None) -> None:
         self.js = js
         self.subjects = subjects
-        self.create = create
         self.replicas = replicas
         self._made: set[uuid.UUID] = set()
 
     async def _bucket(self, function_id: uuid.UUID) -> str:
         bucket = self.subjects.payload_bucket(function_id)
-        if self.create and function_id not in self._made:
+        if self.replicas is not None and function_id not in self._made:
             await object_store(self.js, PAYLOADS, bucket, replicas=self.replicas)
             self._made.add(function_id)
         return bucket

@@ -55,14 +55,16 @@ BLOCK_BALANCE = "balance"
 BLOCK_SPEND_CAP = "spend_cap"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BillingRules:
+    """The settings billing acts on (`billing_rules` reads them; their defaults are Settings')."""
+
     prices: Mapping[str, int]
     tiers: Mapping[str, TierLimits]
     stripe: bool  # meter events and refills go to Stripe
-    meter_event: str = "kiln_replica_ms"
-    refill_max_failures: int = 3
-    min_charge_s: int = 0  # a replica is billed at least this long (0: no minimum)
+    meter_event: str
+    refill_max_failures: int
+    min_charge_s: int  # a replica is billed at least this long (0: no minimum)
 
 
 def billing_rules(settings: Settings) -> BillingRules:

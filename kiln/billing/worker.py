@@ -59,7 +59,7 @@ class BillingWorker:
         metrics: BillingMetrics | None = None,
         *,
         usage_secret: str | None = None,
-        stream_replicas: int = 1,
+        stream_replicas: int,
     ) -> None:
         """`usage_secret`: the platform's signing key; with it, only reports that carry its MAC
         are charged (kiln.metering). `stream_replicas`: `KILN_STREAM_REPLICAS`."""

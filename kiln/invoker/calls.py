@@ -64,7 +64,7 @@ class CallRunner:
         self.on_poison = on_poison
         self.function_id = function_id
         # Its node agent made the function's payload bucket; a replica may not create one.
-        self.payloads = PayloadStore(nc.jetstream(), subjects, create=False)
+        self.payloads = PayloadStore(nc.jetstream(), subjects, replicas=None)
         self._running: dict[_Key, asyncio.Task[None]] = {}
         self._cancelled: set[_Key] = set()
         self._credits: dict[_Key, StreamCredits] = {}

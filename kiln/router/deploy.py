@@ -119,7 +119,7 @@ class Deployer:
         subjects: Subjects,
         code: CodeStore,
         *,
-        max_replicas: int = 1000,
+        max_replicas: int,
     ) -> None:
         self.sessions = sessions
         self.js = js

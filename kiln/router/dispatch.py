@@ -210,9 +210,7 @@ def _give_up(call: _Call) -> None:
 
 
 class Dispatcher:
-    def __init__(
-        self, nc: NATS, subjects: Subjects, *, seals: Seals, stream_replicas: int = 1
-    ) -> None:
+    def __init__(self, nc: NATS, subjects: Subjects, *, seals: Seals, stream_replicas: int) -> None:
         """`seals`: what calls and demand hints are sealed with, and heartbeats checked
         with (kiln.seal). `stream_replicas`: copies of the payload buckets it makes."""
         self.nc = nc

@@ -55,7 +55,7 @@ class Leadership:
         ttl_s: float,
         on_change: Callable[[], None] = lambda: None,
         seals: Seals | None = None,
-        replicas: int = 1,
+        replicas: int,
         clock: Clock = SYSTEM_CLOCK,
         kv: KeyValue | None = None,
     ) -> None:

@@ -73,7 +73,7 @@ class Scheduler:
         *,
         lease_s: float | None = None,
         signing_key: str | None = None,
-        stream_replicas: int = 1,
+        stream_replicas: int,
         clock: Clock = SYSTEM_CLOCK,
         records: ClusterRecords | None = None,
     ) -> None:

@@ -36,7 +36,7 @@ _log = logging.getLogger(__name__)
 
 class SharedSnapshots:
     def __init__(
-        self, js: JetStreamContext, bucket: str, lease_bucket: str, *, replicas: int = 1
+        self, js: JetStreamContext, bucket: str, lease_bucket: str, *, replicas: int
     ) -> None:
         self.js = js
         self.replicas = replicas

@@ -61,6 +61,7 @@ async def scheduler(platform: Platform) -> AsyncIterator[tuple[Scheduler, Callab
     acting = Scheduler(
         nc, session_factory(engine), settings.namespace,
         lease_s=LEASE_S, signing_key=settings.snapshot_signing_key,
+        stream_replicas=settings.stream_replicas,
     )  # fmt: skip
     stop = asyncio.Event()
     task = asyncio.create_task(acting.run(stop))

@@ -48,7 +48,7 @@ asyncio.run(main())
 async def candidate(
     nc: NATS, bucket: str, name: str, seals: Seals | None = None
 ) -> AsyncIterator[Leadership]:
-    lead = Leadership(nc.jetstream(), bucket, name, ttl_s=TTL_S, seals=seals)
+    lead = Leadership(nc.jetstream(), bucket, name, ttl_s=TTL_S, seals=seals, replicas=1)
     stop = asyncio.Event()
     task = asyncio.create_task(lead.run(stop))
     try:

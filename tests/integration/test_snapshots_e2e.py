@@ -182,7 +182,9 @@ async def test_a_tampered_snapshot_is_never_loaded_and_is_baked_again(
     before = set(snapshot_dirs(platform))
     nc = await nats.connect(**connect_options(platform.settings))
     subjects = Subjects(platform.settings.namespace)
-    shared = SharedSnapshots(nc.jetstream(), subjects.snapshot_bucket, subjects.snapshot_leases)
+    shared = SharedSnapshots(
+        nc.jetstream(), subjects.snapshot_bucket, subjects.snapshot_leases, replicas=1
+    )
     try:
         first = await cold_call(platform, "tamper/Tm.run", "Tm")
 

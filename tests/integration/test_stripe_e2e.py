@@ -190,6 +190,7 @@ def _worker(platform: Platform, engine: AsyncEngine) -> BillingWorker:
         session_factory(engine),
         platform.settings.namespace,
         billing_rules(platform.settings),
+        stream_replicas=1,
     )
 
 
@@ -500,7 +501,13 @@ async def test_a_minimum_charge_bills_a_short_replica_up_to_the_minimum_once(
 ) -> None:
     customer_id, _ = await new_customer(platform, tier="enterprise")
     rules = replace(billing_rules(platform.settings), min_charge_s=60)
-    worker = BillingWorker(_NoNats(), session_factory(engine), platform.settings.namespace, rules)  # type: ignore[arg-type]
+    worker = BillingWorker(
+        _NoNats(),  # type: ignore[arg-type]
+        session_factory(engine),
+        platform.settings.namespace,
+        rules,
+        stream_replicas=1,
+    )
     start = time.time() - 100
     short = replace(_interval(customer_id, str(uuid.uuid4()), "none",
                               datetime.fromtimestamp(start, UTC), 12.5, 3),

@@ -175,6 +175,7 @@ def make_scheduler(
     scheduler = Scheduler(
         cast(Any, nc), cast(Any, None), NS,
         lease_s=lease_s, signing_key=KEY, clock=clock, records=cast(Any, records),
+        stream_replicas=1,
     )  # fmt: skip
     return scheduler, nc
 

@@ -35,7 +35,7 @@ def reply(subject: str, body: bytes) -> Msg:
 
 async def test_a_reply_without_the_calls_token_or_function_is_ignored() -> None:
     subjects = Subjects("t")
-    dispatcher = Dispatcher(cast(Any, _NoNats()), subjects, seals=Seals(None))
+    dispatcher = Dispatcher(cast(Any, _NoNats()), subjects, seals=Seals(None), stream_replicas=1)
     function, other = uuid.uuid4(), uuid.uuid4()
     headers = CallHeaders(
         "7", dispatcher.router_id, "application/json", time.time() + 5, 5.0, token="a1b2"
@@ -85,7 +85,7 @@ async def test_an_unanswered_call_is_published_again_with_its_message_id_until_s
 ) -> None:
     box: list[Dispatcher] = []
     nc = _SilentStream(box, answer_after=2)  # two publishes go unanswered
-    dispatcher = Dispatcher(cast(Any, nc), Subjects("t"), seals=Seals(None))
+    dispatcher = Dispatcher(cast(Any, nc), Subjects("t"), seals=Seals(None), stream_replicas=1)
     box.append(dispatcher)
     order = CallOrder(
         function_id=uuid.uuid4(), content_type="application/json", method=None, timeout_s=5.0,
@@ -110,7 +110,7 @@ async def test_an_unanswered_call_is_published_again_with_its_message_id_until_s
 
 async def test_a_call_whose_answer_was_lost_fails_when_its_replica_says_it_runs_nothing() -> None:
     subjects = Subjects("t")
-    dispatcher = Dispatcher(cast(Any, _NoNats()), subjects, seals=Seals(None))
+    dispatcher = Dispatcher(cast(Any, _NoNats()), subjects, seals=Seals(None), stream_replicas=1)
     function, replica = uuid.uuid4(), uuid.uuid4()
     calls = {}
     for call_id in ("a", "b"):

@@ -484,11 +484,11 @@ async def test_a_replica_in_its_functions_account_reaches_its_own_and_nothing_el
     await platform.publish(subjects.drain(replica), b"")
     assert (await _received(orders)).subject == subjects.drain(replica)
     # Its payloads, written and read (in several chunks) without a consumer.
-    payloads = PayloadStore(worker.jetstream(timeout=WAIT_S), subjects, create=False)
+    payloads = PayloadStore(worker.jetstream(timeout=WAIT_S), subjects, replicas=None)
     body = os.urandom(300_000)
     name = await payloads.put(mine, body)
     assert await payloads.get(mine, name) == body
-    assert await PayloadStore(js, subjects).take(mine, name) == body
+    assert await PayloadStore(js, subjects, replicas=1).take(mine, name) == body
     # Whether a job was cancelled before it started: a direct get of the cancellation bucket.
     await ensure_job_streams(js, subjects.ns, replicas=1)
     await (await js.key_value(subjects.job_cancels_bucket)).put("job-1", b"1")

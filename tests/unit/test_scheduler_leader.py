@@ -80,7 +80,7 @@ def leads(lease: Leadership) -> bool:
 def candidate(name: str, clock: FakeClock, bucket: Bucket, changes: list[str]) -> Leadership:
     return Leadership(
         cast(Any, None), "lease", name, ttl_s=TTL_S, clock=clock, kv=cast(Any, bucket),
-        seals=Seals("k" * 40), on_change=lambda: changes.append(name),
+        seals=Seals("k" * 40), on_change=lambda: changes.append(name), replicas=1,
     )  # fmt: skip
 
 
@@ -161,7 +161,7 @@ async def test_a_new_leader_adopts_and_waits_for_the_old_leaders_last_orders() -
         assert scheduler.leadership is not None
         scheduler.leadership = Leadership(
             cast(Any, None), "lease", str(id(scheduler)), ttl_s=TTL_S, clock=clock,
-            kv=cast(Any, bucket), on_change=scheduler._on_leadership,
+            kv=cast(Any, bucket), on_change=scheduler._on_leadership, replicas=1,
         )  # fmt: skip
 
     async def beat(replicas: list[str]) -> None:
