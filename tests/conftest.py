@@ -73,6 +73,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "unsandboxed: the module's `platform` runs its replicas unsandboxed"
     )
+    config.addinivalue_line(
+        "markers",
+        "without_scheduler(lease_s): the module's `platform` has no scheduler (its tests run "
+        "their own, with that lease)",
+    )
 
 
 @dataclass(frozen=True)
@@ -301,13 +306,19 @@ async def platform(
     marked `unsandboxed`: for tests that meet their functions through files on the host or
     signal replica processes by pid, both of which a sandbox hides.
     tests/integration/test_sandbox_e2e.py covers the sandbox; the snapshot and standby tests
-    cold-start in it. A module with a platform of its own defines its own `platform`."""
+    cold-start in it. A module marked `without_scheduler(lease_s)` gets none: its tests run
+    schedulers of their own. A module with a platform of its own defines its own `platform`."""
     from stack import running_platform
 
     if request.node.get_closest_marker("unsandboxed"):
         settings = settings.replace(sandbox=SandboxMode.OFF)
+    unscheduled = request.node.get_closest_marker("without_scheduler")
+    if unscheduled:
+        settings = settings.replace(scheduler_lease_s=unscheduled.kwargs["lease_s"])
     home = tmp_path_factory.mktemp("platform-home")
-    async with running_platform(settings, home, stop_apps=True) as running:
+    async with running_platform(
+        settings, home, scheduler=not unscheduled, stop_apps=True
+    ) as running:
         yield running
 
 

@@ -8,20 +8,16 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 from eventually import eventually
 from kit import RETRYABLE
-from stack import Platform, Service, running_platform
-
-from kiln.settings import Settings
-
-pytestmark = pytest.mark.integration
+from stack import Platform, Service
 
 LEASE_S = 2.0
+pytestmark = [pytest.mark.integration, pytest.mark.without_scheduler(lease_s=LEASE_S)]
 _GONE = ("lost", "stopped", "failed")
 APP = """
 import time
@@ -44,16 +40,6 @@ def hold(seconds: float) -> str:
 def later() -> str:
     return "later"
 """
-
-
-@pytest.fixture(scope="module", name="platform")
-async def platform_without_scheduler(
-    settings: Settings, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Platform]:
-    home = tmp_path_factory.mktemp("chaos-kills")
-    leased = settings.replace(scheduler_lease_s=LEASE_S)
-    async with running_platform(leased, home, scheduler=False, stop_apps=True) as running:
-        yield running
 
 
 def service(platform: Platform, module: str, home: Path, **env: str) -> Service:

@@ -12,16 +12,14 @@ from pathlib import Path
 import nats
 import pytest
 from eventually import eventually
-from stack import Platform, running_platform
+from stack import Platform
 
 from kiln._nats import connect_options
 from kiln.db.session import create_engine, session_factory
 from kiln.scheduler.scheduler import Scheduler
-from kiln.settings import Settings
-
-pytestmark = pytest.mark.integration
 
 LEASE_S = 2.0
+pytestmark = [pytest.mark.integration, pytest.mark.without_scheduler(lease_s=LEASE_S)]
 STEADY = "failover/steady"
 
 APP = """
@@ -39,16 +37,6 @@ def steady() -> str:
 def later() -> str:
     return "later"
 """
-
-
-@pytest.fixture(scope="module", name="platform")
-async def platform_without_scheduler(
-    settings: Settings, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Platform]:
-    home = tmp_path_factory.mktemp("failover-home")
-    lease = settings.replace(scheduler_lease_s=LEASE_S)
-    async with running_platform(lease, home, scheduler=False, stop_apps=True) as running:
-        yield running
 
 
 @asynccontextmanager

@@ -37,7 +37,7 @@ async def main() -> None:
     creds = sys.argv[4] or None
     nc = await nats.connect(servers=sys.argv[1].split(","), user_credentials=creds)
     lead = Leadership(nc.jetstream(), sys.argv[2], "doomed", ttl_s=float(sys.argv[3]),
-                      on_change=lambda: print("leads", flush=True))
+                      on_change=lambda: print("leads", flush=True), replicas=1)
     await lead.run(asyncio.Event())
 
 asyncio.run(main())
