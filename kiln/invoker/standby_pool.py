@@ -239,8 +239,7 @@ class StandbyPool:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for standbys in self.ready.values():
             for standby in standbys:
-                with contextlib.suppress(ProcessLookupError):
-                    standby.process.kill()
+                kill_group(standby.process)
                 await standby.process.wait()
         self.ready.clear()
         if self._watchers:  # the killed standbys' sandboxes go; assigned ones wait no longer
@@ -376,12 +375,10 @@ class StandbyPool:
         except TimeoutError:
             line = b""
         except BaseException:  # cancelled (the pool is closing): the process must not outlive it
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
+            kill_group(process)
             raise
         if line != READY:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
+            kill_group(process)
             await process.wait()
             raise RuntimeError(f"it exited with status {process.returncode} before it was ready")
         standby = Standby(device, flavour, process, niced=bool(nice), box=box)
@@ -409,5 +406,16 @@ class StandbyPool:
 
 
 def _stop(standby: Standby) -> None:
+    kill_group(standby.process)  # reaped by its transport
+
+
+def kill_group(process: asyncio.subprocess.Process) -> None:
+    """SIGKILL a standby's whole process group (it leads one of its own). Under a sandbox, a
+    kill of bwrap alone can leave its child in the new namespaces waiting forever for a go
+    that never comes (blocked on bwrap's eventfd, before its own parent-death signal is set):
+    seen as orphans with no children."""
     with contextlib.suppress(ProcessLookupError):
-        standby.process.kill()  # reaped by its transport
+        process.kill()
+    if process.pid > 0:  # never 0: that would be this process's own group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)

@@ -478,6 +478,9 @@ async def test_a_replica_in_its_functions_account_reaches_its_own_and_nothing_el
     # Its heartbeat reaches the platform; what the platform sends it reaches it.
     beats = await platform.subscribe(subjects.all_replica_heartbeats)
     orders = await worker.subscribe(subjects.replica(replica))
+    # Both subscriptions in place at the server (a PING answered after each SUB) before
+    # anything is sent to them.
+    await platform.flush()
     await worker.flush()
     await worker.publish(subjects.replica_heartbeat(replica), b"beat")
     assert (await _received(beats)).data == b"beat"

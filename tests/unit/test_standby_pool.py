@@ -21,7 +21,7 @@ OTHER_ENV = Flavour.of(["transformers.models.gpt2.modeling_gpt2"], {"MODE": "x"}
 
 @dataclass
 class FakeProcess:
-    pid: int = 0
+    pid: int = -1  # no process group for the pool to kill
     returncode: int | None = None
 
     def kill(self) -> None:
@@ -147,7 +147,7 @@ def _no_real_processes(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_a_standby_still_starting_when_the_pool_closes_is_killed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    started = FakeProcess(pid=4242)
+    started = FakeProcess()
     never = asyncio.Event()
     spawned = asyncio.Event()
 
