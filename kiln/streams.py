@@ -13,9 +13,12 @@ read the names without loading it.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, ParamSpec, TypeVar
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -29,6 +32,7 @@ __all__ = [
     "CODE",
     "DECLARED",
     "FUNCTION_CALLS",
+    "JETSTREAM_WAIT_S",
     "JOB_CANCELS",
     "JOB_EVENTS",
     "JOB_RECORDER",
@@ -269,7 +273,47 @@ DECLARED: tuple[Stream | Consumer | Bucket, ...] = (
 
 # Making them -------------------------------------------------------------------------------------
 
+# JetStream answers nothing for a few seconds while a cluster elects its meta leader (after it
+# starts, or a member dies): making a stream or bucket is retried this long before it fails.
+JETSTREAM_WAIT_S = 30.0
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
+
+def _patient(make: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
+    """`make`, retried through what a leader election or a reconnect answers (a timeout, no
+    responders, 503) for JETSTREAM_WAIT_S, with the reconnect backoff between tries."""
+
+    @functools.wraps(make)
+    async def patiently(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        import nats.errors
+        from nats.js.errors import ServiceUnavailableError
+
+        from kiln._nats import reconnect_delay
+
+        retryable = (
+            nats.errors.TimeoutError,
+            nats.errors.NoRespondersError,
+            nats.errors.ConnectionReconnectingError,
+            ServiceUnavailableError,
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + JETSTREAM_WAIT_S
+        attempt = 0
+        while True:
+            try:
+                return await make(*args, **kwargs)
+            except retryable:
+                pause = reconnect_delay(attempt)
+                if loop.time() + pause >= deadline:
+                    raise
+                await asyncio.sleep(pause)
+                attempt += 1
+
+    return patiently
+
+
+@_patient
 async def ensure_stream(
     js: JetStreamContext,
     stream: Stream,
@@ -287,6 +331,7 @@ async def ensure_stream(
         await js.update_stream(config)
 
 
+@_patient
 async def ensure_consumer(
     js: JetStreamContext, consumer: Consumer, ns: str, function_hex: str = ""
 ) -> str:
@@ -306,6 +351,7 @@ async def ensure_consumer(
     return name
 
 
+@_patient
 async def key_value(
     js: JetStreamContext,
     bucket: Bucket,
@@ -338,6 +384,7 @@ async def key_value(
     return found
 
 
+@_patient
 async def object_store(
     js: JetStreamContext,
     bucket: Bucket,
