@@ -11,7 +11,6 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from eventually import eventually
 from stack import Platform, running_platform
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -124,10 +123,10 @@ async def test_an_open_session_keeps_its_replica_past_the_idle_timeout(
     async with session(platform) as ws:
         await ws.recv()
         first = await _pid(ws)
-        # A call beside the session (concurrency=1) starts a second replica, then idle. Agent's
-        # idle_timeout is 1 s: once that one is drained, ours would have been too.
-        assert (await platform.call("voice/Agent.ping")).json() == "pong"
-        await eventually(lambda: one_left(platform), within_s=30)
+        # The window under test: Agent's idle_timeout is 1 s, so a replica with no session
+        # would have been drained by now. (A second replica as a marker drew the scheduler into
+        # starting a third while this one stayed busy: no cleaner event shows "not drained".)
+        await asyncio.sleep(2.5)
         assert await _pid(ws) == first
         replicas = await platform.replicas("voice/Agent")
         assert [r["state"] for r in replicas] == ["ready"]
@@ -169,12 +168,6 @@ async def test_an_idle_session_is_closed_and_a_closed_one_frees_its_slot(
     async with session(platform, "/v1/ws/voice/Agent.echo?name=bob") as ws:
         assert await asyncio.wait_for(ws.recv(), 30) == "hello bob"
         await ws.close()
-
-
-async def one_left(platform: Platform) -> bool:
-    live = await platform.replicas("voice/Agent")
-    assert len(live) == 1, live
-    return True
 
 
 async def _pid(ws: ClientConnection) -> str:
