@@ -12,10 +12,14 @@ import enum
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
 from kiln.errors import InvalidSpec
 from kiln.functions.signature import format_signature
+from kiln.functions.tasks import Task
+
+TaskName = Literal["chat", "completions", "embeddings", "image"]
+_TASKS = tuple(t.value for t in Task)
 
 __all__ = [
     "Hook",
@@ -45,10 +49,12 @@ class HookKind(enum.StrEnum):
 class Hook:
     kind: HookKind
     snap: bool = False
+    task: str | None = None  # methods: the inference task served (kiln.functions.tasks.Task)
 
     @property
     def label(self) -> str:
-        return f"@kiln.{self.kind.value}({'snap=True' if self.snap else ''})"
+        option = "snap=True" if self.snap else f'task="{self.task}"' if self.task else ""
+        return f"@kiln.{self.kind.value}({option})"
 
 
 @dataclass(frozen=True)
@@ -86,10 +92,21 @@ def exit(fn: _F | None = None, /) -> _F | Callable[[_F], _F]:
 @overload
 def method(fn: _F, /) -> _F: ...
 @overload
-def method(fn: None = None, /) -> Callable[[_F], _F]: ...
-def method(fn: _F | None = None, /) -> _F | Callable[[_F], _F]:
-    """Mark a method of an `@app.cls` class as an entry point, called as `APP/Class.method`."""
-    return _decorator(fn, Hook(HookKind.METHOD))
+def method(fn: None = None, /, *, task: TaskName | None = None) -> Callable[[_F], _F]: ...
+def method(fn: _F | None = None, /, *, task: TaskName | None = None) -> _F | Callable[[_F], _F]:
+    """Mark a method of an `@app.cls` class as an entry point, called as `APP/Class.method`.
+
+    With `task=` it also serves that task behind the OpenAI-compatible routes, as the model
+    named after the app: "chat" and "completions" methods take a `kiln.ChatRequest` or
+    `kiln.CompletionRequest` and yield text deltas (optionally ending with a `kiln.Finish`);
+    "embeddings" returns `kiln.Embeddings` for a `kiln.EmbeddingsRequest`; "image" returns
+    `kiln.Images` for a `kiln.ImageRequest`."""
+    if task is not None and task not in _TASKS:
+        raise InvalidSpec(
+            f"task={task!r} is not valid for @kiln.method(): expected one of "
+            f"{', '.join(repr(t) for t in _TASKS)}."
+        )
+    return _decorator(fn, Hook(HookKind.METHOD, task=task))
 
 
 @overload

@@ -9,13 +9,15 @@ from typing import Any
 
 from kiln.errors import InvalidSpec
 from kiln.functions.spec import CallKind, CallSpec
+from kiln.functions.tasks import GENERATOR_TASKS, Task
 
 __all__ = ["call_spec", "format_signature"]
 
 
 def call_spec(name: str, fn: Callable[..., Any], *, method: bool) -> CallSpec:
     """The `CallSpec` of a function, or of a method (its signature then omits `self`)."""
-    if getattr(getattr(fn, "__kiln_hook__", None), "kind", None) == "websocket":
+    hook = getattr(fn, "__kiln_hook__", None)
+    if getattr(hook, "kind", None) == "websocket":
         _check_websocket(name, fn, method=method)
         kind, is_async = CallKind.WEBSOCKET, True
     elif inspect.isasyncgenfunction(fn):
@@ -25,7 +27,33 @@ def call_spec(name: str, fn: Callable[..., Any], *, method: bool) -> CallSpec:
     else:
         kind, is_async = CallKind.FUNCTION, inspect.iscoroutinefunction(fn)
     signature = format_signature(fn, drop_first=method)
-    return CallSpec(name=name, kind=kind, is_async=is_async, signature=signature)
+    task = getattr(hook, "task", None)
+    if task is not None:
+        _check_task(name, fn, task, kind, signature)
+    return CallSpec(name=name, kind=kind, is_async=is_async, signature=signature, task=task)
+
+
+def _check_task(name: str, fn: Callable[..., Any], task: str, kind: CallKind, shown: str) -> None:
+    streams = Task(task) in GENERATOR_TASKS
+    if streams and kind is not CallKind.GENERATOR:
+        raise InvalidSpec(
+            f'@kiln.method(task="{task}") {name}{shown} must be a generator: yield the text as '
+            "it is made (str deltas), optionally ending with a kiln.Finish."
+        )
+    if not streams and kind is not CallKind.FUNCTION:
+        raise InvalidSpec(
+            f'@kiln.method(task="{task}") {name}{shown} must return its result (one value), '
+            "not yield it."
+        )
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    required = [
+        p for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if not params or len(required) > 1 or params[0].kind is inspect.Parameter.KEYWORD_ONLY:
+        raise InvalidSpec(
+            f'@kiln.method(task="{task}") {name}{shown} must take exactly one argument, the '
+            f"validated request: def {name}(self, request)."
+        )
 
 
 def _check_websocket(name: str, fn: Callable[..., Any], *, method: bool) -> None:

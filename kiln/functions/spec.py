@@ -77,6 +77,9 @@ class CallSpec:
     # The Python signature without `self`, e.g. "(text: str, loud: bool = False) -> str", shown
     # when a call's arguments do not match.
     signature: str = "()"
+    # The inference task the entry serves behind the OpenAI-compatible routes
+    # (`kiln.functions.tasks.Task`'s value), or None for an ordinary entry point.
+    task: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,6 +95,10 @@ class FunctionSpec:
         if self.kind is UnitKind.FUNCTION:
             return self.entries.get(self.name) if method is None else None
         return self.entries.get(method) if method is not None else None
+
+    def tasks(self) -> dict[str, str]:
+        """The entries that serve an inference task: method (or function name) to task."""
+        return {key: entry.task for key, entry in self.entries.items() if entry.task}
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -119,6 +126,7 @@ class FunctionSpec:
                     kind=CallKind(entry["kind"]),
                     is_async=entry["is_async"],
                     signature=entry["signature"],
+                    task=entry.get("task"),
                 )
                 for key, entry in data["entries"].items()
             },

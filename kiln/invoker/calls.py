@@ -252,7 +252,10 @@ class CallRunner:
         return self.subjects.reply(call.router, self.function_id, call.call_id, call.token)
 
     async def reply_error(self, call: CallHeaders, error: KilnError) -> None:
-        body = json.dumps({"code": error.code, "message": error.message, "status": error.status})
+        reply = {"code": error.code, "message": error.message, "status": error.status}
+        if isinstance(error.fields.get("param"), str):  # the request field at fault
+            reply["param"] = error.fields["param"]
+        body = json.dumps(reply)
         await self.nc.publish(
             self.reply_subject(call),
             body.encode(),

@@ -21,6 +21,7 @@ from kiln.errors import InvalidArguments, NotFound, UnserializableResult
 from kiln.functions.hooks import lifecycle
 from kiln.functions.session import Session
 from kiln.functions.spec import FunctionSpec, UnitKind
+from kiln.functions.tasks import Embeddings, Finish, Images, Task, request_from_wire
 
 __all__ = ["Encoded", "Target", "build_target"]
 
@@ -86,7 +87,7 @@ class Target:
         signature = self._signatures.get(label)
         if signature is None:
             signature = self._signatures[label] = _signature(fn)
-        args, kwargs = _decode(label, signature, body, content_type)
+        args, kwargs = self._task_request(method, *_decode(label, signature, body, content_type))
         return _encode(label, await self._run(fn, *args, **kwargs))
 
     async def stream(
@@ -100,7 +101,7 @@ class Target:
         signature = self._signatures.get(label)
         if signature is None:
             signature = self._signatures[label] = _signature(fn)
-        args, kwargs = _decode(label, signature, body, content_type)
+        args, kwargs = self._task_request(method, *_decode(label, signature, body, content_type))
         if inspect.isasyncgenfunction(fn):
             agen = fn(*args, **kwargs)
             try:
@@ -130,6 +131,24 @@ class Target:
                 self.executor.submit(steps.close)
             except RuntimeError:  # the executor is shut down: the replica is exiting
                 threading.Thread(target=steps.close, daemon=True).start()
+
+    def _task_request(
+        self, method: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """A task method's one argument as its request object (the router sends a JSON
+        object; `kiln.functions.tasks` says what it holds)."""
+        entry = self.spec.entry(method)
+        if entry is None or entry.task is None:
+            return args, kwargs
+        given = [*args, *kwargs.values()]
+        if len(given) != 1 or not isinstance(given[0], dict):
+            raise InvalidArguments(
+                f"{method} serves the {entry.task!r} task: it takes one JSON object, the request"
+            )
+        try:
+            return (request_from_wire(Task(entry.task), given[0]),), {}
+        except (TypeError, ValueError) as exc:
+            raise InvalidArguments(f"the {entry.task} request is not valid: {exc}") from None
 
     async def session(self, method: str | None, session: Session) -> None:
         """Run a WebSocket handler with its session, until it returns."""
@@ -211,7 +230,12 @@ def _decode(
     return args, kwargs
 
 
+_TASK_OUTPUTS = (Finish, Embeddings, Images)
+
+
 def _encode_chunk(label: str, item: Any) -> bytes:
+    if isinstance(item, _TASK_OUTPUTS):
+        item = item.to_wire()
     if isinstance(item, bytes | bytearray | memoryview):
         return json.dumps(base64.b64encode(item).decode()).encode()
     try:
@@ -224,6 +248,8 @@ def _encode_chunk(label: str, item: Any) -> bytes:
 
 
 def _encode(label: str, result: Any) -> Encoded:
+    if isinstance(result, _TASK_OUTPUTS):
+        result = result.to_wire()
     if isinstance(result, bytes | bytearray | memoryview):
         return Encoded(bytes(result), BYTES)
     try:

@@ -652,6 +652,9 @@ def _remote_error(data: bytes) -> KilnError:
     try:
         error = json.loads(data)
         cls = _REMOTE_ERRORS.get(error["code"], InternalError)
+        param = error.get("param")
+        if isinstance(param, str):
+            return cls(str(error["message"]), param=param)
         return cls(str(error["message"]))
     except (ValueError, KeyError, TypeError):
         return InternalError("a replica sent an unreadable error")
