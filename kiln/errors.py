@@ -29,6 +29,7 @@ __all__ = [
     "InvalidRequest",
     "InvalidSpec",
     "KilnError",
+    "ModelNotFound",
     "NotFound",
     "PayloadTooLarge",
     "PaymentRequired",
@@ -214,6 +215,12 @@ class PermissionDenied(KilnError):
 class NotFound(KilnError):
     status = 404
     code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    """An OpenAI-compatible route's `model` names no deployment the caller may use."""
+
+    code = "model_not_found"
 
 
 class RequestTimeout(KilnError):

@@ -106,6 +106,9 @@ class Invocation(Base):
     bytes_in: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default=sa.text("0"))
     bytes_out: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default=sa.text("0"))
     cold_start: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+    # Calls through the OpenAI-compatible routes: the tokens read and written (analytics only).
+    prompt_tokens: Mapped[int | None]
+    completion_tokens: Mapped[int | None]
 
     __table_args__ = (
         sa.Index(None, "function_id", "started_at"),

@@ -47,7 +47,9 @@ def _check_task(name: str, fn: Callable[..., Any], task: str, kind: CallKind, sh
         )
     params = list(inspect.signature(fn).parameters.values())[1:]
     required = [
-        p for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        p
+        for p in params
+        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     ]
     if not params or len(required) > 1 or params[0].kind is inspect.Parameter.KEYWORD_ONLY:
         raise InvalidSpec(

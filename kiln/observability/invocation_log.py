@@ -60,6 +60,8 @@ class CallRecord:
     bytes_in: int = 0
     bytes_out: int = 0
     cold_start: bool = False
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
     def record(self) -> tuple[Any, ...]:
         """The row, in the order of `COLUMNS`, in the types asyncpg's COPY writes."""
@@ -81,13 +83,15 @@ class CallRecord:
             self.bytes_in,
             self.bytes_out,
             self.cold_start,
+            self.prompt_tokens,
+            self.completion_tokens,
         )
 
 
 COLUMNS = (
     "customer_id", "function_id", "version_id", "replica_id", "call_id", "request_id", "method",
     "kind", "status", "error_code", "started_at", "queue_wait_ms", "duration_ms", "execution_ms",
-    "bytes_in", "bytes_out", "cold_start",
+    "bytes_in", "bytes_out", "cold_start", "prompt_tokens", "completion_tokens",
 )  # fmt: skip
 
 

@@ -28,6 +28,7 @@ from kiln.router.abuse import SCOPE_CUSTOMER, AbuseSignals, list_abuse
 from kiln.router.errors import handle_exception, handle_http_exception
 from kiln.router.function_logs import function_logs
 from kiln.router.metrics import CONTENT_TYPE_LATEST, RouterMetrics
+from kiln.router.openai import OPENAI_ROUTES
 from kiln.router.openapi import openapi_document
 from kiln.router.run import run
 from kiln.router.services import services
@@ -91,6 +92,7 @@ ROUTES = [
     Route("/v1/billing/revenue", billing_reports.revenue, methods=["GET"]),
     Route("/v1/billing/topups", billing.create_topup, methods=["POST"]),
     Route("/v1/billing/stripe/webhook", billing.stripe_webhook, methods=["POST"]),
+    *OPENAI_ROUTES,
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),

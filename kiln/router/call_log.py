@@ -33,6 +33,7 @@ class CallWatch:
         "started_at",
         "started_loop",
         "svc",
+        "tokens",
         "trace",
     )  # fmt: skip
 
@@ -60,6 +61,11 @@ class CallWatch:
         self.started_at = time.time() - (now - self.started_loop)
         self.trace = CallTrace()
         self.done = False
+        self.tokens: tuple[int, int] | None = None  # (prompt, completion): OpenAI routes
+
+    def count_tokens(self, prompt: int, completion: int) -> None:
+        """The tokens the call read and wrote, recorded with its outcome."""
+        self.tokens = (prompt, completion)
 
     def succeeded(self, bytes_out: int) -> None:
         self._finish(InvocationStatus.SUCCEEDED, None, bytes_out)
@@ -111,5 +117,7 @@ class CallWatch:
                 bytes_in=self.bytes_in,
                 bytes_out=bytes_out,
                 cold_start=trace.cold,
+                prompt_tokens=None if self.tokens is None else self.tokens[0],
+                completion_tokens=None if self.tokens is None else self.tokens[1],
             )
         )

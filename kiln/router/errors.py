@@ -14,7 +14,14 @@ from starlette.responses import JSONResponse, Response
 from kiln.db.session import database_unreachable
 from kiln.errors import InternalError, InvalidRequest, KilnError, NotFound, Unavailable
 
-__all__ = ["error_response", "handle_exception", "handle_http_exception", "request_id"]
+__all__ = [
+    "as_kiln_error",
+    "error_headers",
+    "error_response",
+    "handle_exception",
+    "handle_http_exception",
+    "request_id",
+]
 
 _log = logging.getLogger(__name__)
 _SAY_UNREACHABLE_EVERY_S = 60.0
@@ -45,30 +52,40 @@ def _new_request_id() -> str:
     return f"{_REQUEST_ID_PREFIX}{next(_request_numbers):08x}"
 
 
-def error_response(request: HTTPConnection, error: KilnError) -> Response:
-    rid = request_id(request)
-    headers = {"X-Request-Id": rid}
+def error_headers(request: HTTPConnection, error: KilnError) -> dict[str, str]:
+    headers = {"X-Request-Id": request_id(request)}
     if error.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(error.retry_after)))
     extra = error.fields.get("headers")
     if isinstance(extra, dict):  # e.g. a 429's X-RateLimit-*
         headers.update(extra)
-    return JSONResponse(error.to_body(rid), status_code=error.status, headers=headers)
+    return headers
+
+
+def error_response(request: HTTPConnection, error: KilnError) -> Response:
+    body = error.to_body(request_id(request))
+    return JSONResponse(body, status_code=error.status, headers=error_headers(request, error))
 
 
 async def handle_exception(request: Request, exc: Exception) -> Response:
+    return error_response(request, as_kiln_error(request, exc))
+
+
+def as_kiln_error(request: HTTPConnection, exc: Exception) -> KilnError:
+    """The answer to an exception: itself when it is a KilnError, 503 when PostgreSQL is away,
+    else a 500 that shows nothing of the bug (which is logged with the request id)."""
     if isinstance(exc, KilnError):
-        return error_response(request, exc)
+        return exc
     if database_unreachable(exc):  # PostgreSQL is away (a restart): the caller may retry
         now = time.monotonic()
         if now - _said_unreachable[0] > _SAY_UNREACHABLE_EVERY_S:  # not once per request
             _said_unreachable[0] = now
             _log.warning("answering 503: PostgreSQL is unreachable (%s: %s)",
                          type(exc).__name__, exc)  # fmt: skip
-        return error_response(request, Unavailable("the database is unreachable", retry_after=1))
+        return Unavailable("the database is unreachable", retry_after=1)
     # Anything else is a bug in Kiln: log it with the request id, show nothing of it.
-    _log.exception("unhandled error in request %s", request_id(request))
-    return error_response(request, InternalError(repr(exc)))
+    _log.exception("unhandled error in request %s", request_id(request), exc_info=exc)
+    return InternalError(repr(exc))
 
 
 async def handle_http_exception(request: Request, exc: Exception) -> Response:

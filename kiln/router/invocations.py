@@ -77,5 +77,7 @@ def _view(row: Any) -> InvocationView:
             "bytes_in": row["bytes_in"],
             "bytes_out": row["bytes_out"],
             "cold_start": row["cold_start"],
+            "prompt_tokens": row["prompt_tokens"],
+            "completion_tokens": row["completion_tokens"],
         }
     )

@@ -30,7 +30,7 @@ from kiln.router.stream_response import stream_response
 from kiln.router.streams import CallAbandoned
 from kiln.router.validation import read_body, storable_text
 
-__all__ = ["call_slot", "read_body", "resolve_entry", "run"]
+__all__ = ["DisconnectWatch", "call_slot", "read_body", "resolve_entry", "run", "watch_disconnect"]
 
 JSON = "application/json"
 BYTES = "application/octet-stream"
@@ -41,7 +41,7 @@ _MAYBE_JSON = ("", "application/x-www-form-urlencoded", "text/plain")
 _WATCH_AFTER_S = 0.05
 
 
-class _DisconnectWatch:
+class DisconnectWatch:
     """Calls `on_gone` if the client disconnects while the call runs."""
 
     def __init__(self, request: Request, on_gone: Callable[[], None]) -> None:
@@ -64,9 +64,9 @@ class _DisconnectWatch:
                 return
 
 
-def _watch_now(request: Request) -> Callable[[Callable[[], None]], Callable[[], None]]:
+def watch_disconnect(request: Request) -> Callable[[Callable[[], None]], Callable[[], None]]:
     def watch(on_gone: Callable[[], None]) -> Callable[[], None]:
-        watcher = _DisconnectWatch(request, on_gone)
+        watcher = DisconnectWatch(request, on_gone)
         watcher.start()
         return watcher.stop
 
@@ -128,7 +128,7 @@ async def run(request: Request) -> Response:
                 watch.failed(exc.code)
                 raise
             response = await stream_response(
-                request, stream, rid, _watch_now(request), watch, on_end=slot.aclose
+                request, stream, rid, watch_disconnect(request), watch, on_end=slot.aclose
             )
             exits.pop_all()  # the stream's end releases the slot (or it was released already)
             return response
@@ -182,7 +182,7 @@ async def _sync_call(
         if not call.done():
             call.set_exception(CallAbandoned())
 
-    disconnect = _DisconnectWatch(request, gone)
+    disconnect = DisconnectWatch(request, gone)
     timer = asyncio.get_running_loop().call_later(_WATCH_AFTER_S, disconnect.start)
     try:
         result = await call

@@ -195,6 +195,8 @@ class InvocationView(View):
     bytes_in: int
     bytes_out: int
     cold_start: bool
+    prompt_tokens: int | None
+    completion_tokens: int | None
 
 
 class Invocations(View):

@@ -1,0 +1,139 @@
+"""Calling a task method for an OpenAI-compatible route: the same path as `POST /v1/run`
+(billing's 402, the customer's concurrency slot and rate limit, the invocation log, the
+dispatcher) with the validated request as the method's one argument.
+
+A task call is either answered once (`call`: embeddings, images) or streamed (`open`: chat and
+completions, whose methods are generators, even when the client asked for one JSON answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+
+from kiln.db.enums import InvocationKind
+from kiln.errors import KilnError
+from kiln.functions.tasks import Task, to_wire
+from kiln.router.auth import Principal
+from kiln.router.call_log import CallWatch
+from kiln.router.call_order import CallOrder
+from kiln.router.errors import request_id
+from kiln.router.openai.models import resolve_model
+from kiln.router.openai.requests import model_of
+from kiln.router.run import DisconnectWatch, call_slot, read_body
+from kiln.router.services import RouterServices, services
+from kiln.router.streams import CallAbandoned, CallStream
+from kiln.router.validation import parse_json
+
+__all__ = ["OpenStream", "TaskCall", "read_task_call"]
+
+_JSON = "application/json"
+_WATCH_AFTER_S = 0.05
+
+
+@dataclass
+class OpenStream:
+    """A streaming task call in progress: read `stream`, record the outcome on `watch`, and
+    call `release` once it is over (it frees the customer's slot)."""
+
+    stream: CallStream
+    watch: CallWatch
+    release: Callable[[], Awaitable[None]]
+
+
+@dataclass
+class TaskCall:
+    """A validated request on its way to the method of the deployment `model` names."""
+
+    svc: RouterServices
+    principal: Principal
+    request: Request
+    body: Any  # the decoded JSON body
+    started: float  # the event loop's time when the request came in
+
+    async def _order(
+        self, task: Task, wire: dict[str, Any], kind: InvocationKind
+    ) -> tuple[CallOrder, CallWatch, bytes]:
+        svc = self.svc
+        svc.billing.check(self.principal.customer_id)  # 402 before any work
+        route, method = await resolve_model(svc, self.principal, model_of(self.body), task)
+        payload = json.dumps([wire], separators=(",", ":")).encode()
+        rid = request_id(self.request)
+        watch = CallWatch(
+            svc, self.principal, route, method or "", kind, rid, len(payload),
+            started_loop=self.started,
+        )  # fmt: skip
+        order = CallOrder(
+            route.function_id, _JSON, method, route.timeout_s, route.startup_timeout_s, rid,
+            route.generation, watch.trace,
+        )  # fmt: skip
+        return order, watch, payload
+
+    def _slot(self, order: CallOrder) -> contextlib.AbstractAsyncContextManager[None]:
+        return call_slot(self.svc, self.principal, order.startup_timeout_s + order.timeout_s + 30)
+
+    async def call(self, task: Task, request: Any, tokens: Callable[[Any], tuple[int, int]]) -> Any:
+        """Call a method that answers once; its decoded result. `tokens(result)` counts what it
+        read and wrote, for the invocation log."""
+        order, watch, payload = await self._order(task, to_wire(request), InvocationKind.SYNC)
+        async with self._slot(order):
+            try:
+                call = await self.svc.dispatcher.submit(order, payload)
+            except KilnError as exc:
+                watch.failed(exc.code)
+                raise
+
+            def gone() -> None:  # the caller left: stop waiting, and have the replica stop
+                if not call.done():
+                    call.set_exception(CallAbandoned())
+
+            disconnect = DisconnectWatch(self.request, gone)
+            timer = asyncio.get_running_loop().call_later(_WATCH_AFTER_S, disconnect.start)
+            try:
+                result = await call
+            except CallAbandoned:
+                watch.cancelled()
+                raise
+            except KilnError as exc:
+                watch.failed(exc.code)
+                raise
+            finally:
+                timer.cancel()
+                disconnect.stop()
+        try:
+            decoded = json.loads(result.body)
+            watch.count_tokens(*tokens(decoded))
+        except (ValueError, KeyError, TypeError):
+            watch.failed("unserializable_result", len(result.body))
+            raise
+        watch.succeeded(len(result.body))
+        return decoded
+
+    async def open(self, task: Task, request: Any, *, streamed: bool) -> OpenStream:
+        """Start a generator method; the customer's slot is held until `release`."""
+        kind = InvocationKind.STREAM if streamed else InvocationKind.SYNC
+        order, watch, payload = await self._order(task, to_wire(request), kind)
+        slot = contextlib.AsyncExitStack()
+        await slot.enter_async_context(self._slot(order))
+        try:
+            stream = await self.svc.dispatcher.open_stream(order, payload)
+        except BaseException as exc:
+            watch.failed(exc.code if isinstance(exc, KilnError) else "internal_error")
+            await slot.aclose()
+            raise
+        return OpenStream(stream, watch, slot.aclose)
+
+
+async def read_task_call(request: Request) -> TaskCall:
+    """Authenticate the caller and read the JSON body of an OpenAI route."""
+    started = asyncio.get_running_loop().time()
+    svc = services(request)
+    principal = await svc.auth.authenticate(request, count=False)  # counted with its slot
+    raw = await read_body(request, svc.settings.max_request_bytes)
+    return TaskCall(svc, principal, request, parse_json(raw), started)
