@@ -19,6 +19,7 @@ class GpuType:
     name: str
     # Micro-units of the platform's currency per hour, per GPU (KILN_GPU_PRICES overrides).
     price_per_hour: int
+    memory_gb: int  # of one card, as sold (what a model must fit in)
     # The words of NVML's name that identify it ("NVIDIA A100-SXM4-80GB" → A100 and 80GB).
     nvml_words: tuple[str, ...] = ()
 
@@ -28,15 +29,15 @@ class GpuType:
 
 
 GPUS: tuple[GpuType, ...] = (
-    GpuType("T4", 600_000),
-    GpuType("L4", 800_000),
-    GpuType("A10G", 1_100_000),
-    GpuType("A100", 2_500_000),
-    GpuType("A100-80GB", 3_400_000, ("A100", "80GB")),
-    GpuType("L40S", 1_900_000),
-    GpuType("H100", 3_900_000),
-    GpuType("H200", 4_500_000),
-    GpuType("B200", 6_250_000),
+    GpuType("T4", 600_000, 16),
+    GpuType("L4", 800_000, 24),
+    GpuType("A10G", 1_100_000, 24),
+    GpuType("A100", 2_500_000, 40),
+    GpuType("A100-80GB", 3_400_000, 80, ("A100", "80GB")),
+    GpuType("L40S", 1_900_000, 48),
+    GpuType("H100", 3_900_000, 80),
+    GpuType("H200", 4_500_000, 141),
+    GpuType("B200", 6_250_000, 180),
 )
 GPU_TYPES: tuple[str, ...] = tuple(gpu.name for gpu in GPUS)
 # An hour of one CPU slot (slot kind "none").

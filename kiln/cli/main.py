@@ -18,6 +18,7 @@ import typer
 from kiln._version import __version__
 from kiln.cli.access import customers_app, keys_app
 from kiln.cli.billing import billing_app
+from kiln.cli.catalog import catalog_app
 from kiln.cli.observe import calls, logs
 from kiln.cli.output import JsonFlag, echo_json, echo_table
 from kiln.errors import ConfigError, KilnError
@@ -35,6 +36,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(customers_app, name="customers")
 app.add_typer(keys_app, name="keys")
 app.add_typer(billing_app, name="billing")
+app.add_typer(catalog_app, name="catalog")
 app.command()(logs)
 app.command()(calls)
 

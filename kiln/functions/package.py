@@ -29,7 +29,14 @@ from kiln.functions.app import App
 from kiln.functions.loader import import_app, module_files
 from kiln.functions.tree import is_local, is_secret, skip_dir
 
-__all__ = ["MAX_FILE_BYTES", "MAX_PACKAGE_BYTES", "Package", "package", "unpack"]
+__all__ = [
+    "MAX_FILE_BYTES",
+    "MAX_PACKAGE_BYTES",
+    "Package",
+    "archive_of",
+    "package",
+    "unpack",
+]
 
 MiB = 1024 * 1024
 MAX_FILE_BYTES = 50 * MiB
@@ -121,20 +128,29 @@ def _walk(top: Path, root: Path) -> list[Path]:
 
 
 def _archive(entries: list[tuple[str, Path]]) -> bytes:
+    return archive_of(
+        [
+            (relative, file.read_bytes(), 0o755 if file.stat().st_mode & stat.S_IXUSR else 0o644)
+            for relative, file in entries
+        ]
+    )
+
+
+def archive_of(files: list[tuple[str, bytes, int]]) -> bytes:
+    """The deterministic tar.gz of `(relative path, content, mode)` entries, in their order."""
     buffer = io.BytesIO()
     # The gzip header holds a timestamp and a file name; both fixed, or the digest would vary.
     with (
         gzip.GzipFile(filename="", mode="wb", fileobj=buffer, mtime=0) as compressed,
         tarfile.open(fileobj=compressed, mode="w", format=tarfile.PAX_FORMAT) as tar,
     ):
-        for relative, file in entries:
-            data = file.read_bytes()
+        for relative, data, mode in files:
             info = tarfile.TarInfo(relative)
             info.size = len(data)
             info.mtime = 0
             info.uid = info.gid = 0
             info.uname = info.gname = ""
-            info.mode = 0o755 if file.stat().st_mode & stat.S_IXUSR else 0o644
+            info.mode = mode
             tar.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
 

@@ -23,7 +23,15 @@ from kiln._health import Health
 from kiln._service import open_health
 from kiln.errors import KilnError
 from kiln.observability.nats import NatsMetrics
-from kiln.router import access, billing, billing_reports, control, invocations, jobs
+from kiln.router import (
+    access,
+    billing,
+    billing_reports,
+    control,
+    deployments,
+    invocations,
+    jobs,
+)
 from kiln.router.abuse import SCOPE_CUSTOMER, AbuseSignals, list_abuse
 from kiln.router.errors import handle_exception, handle_http_exception
 from kiln.router.function_logs import function_logs
@@ -93,6 +101,11 @@ ROUTES = [
     Route("/v1/billing/topups", billing.create_topup, methods=["POST"]),
     Route("/v1/billing/stripe/webhook", billing.stripe_webhook, methods=["POST"]),
     *OPENAI_ROUTES,
+    Route("/v1/catalog", deployments.catalog, methods=["GET"]),
+    Route("/v1/deployments", deployments.create_deployment, methods=["POST"]),
+    Route("/v1/deployments", deployments.list_deployments, methods=["GET"]),
+    Route("/v1/deployments/{deployment_id}", deployments.get_deployment, methods=["GET"]),
+    Route("/v1/deployments/{deployment_id}", deployments.delete_deployment, methods=["DELETE"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),

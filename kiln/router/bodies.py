@@ -15,6 +15,7 @@ import uuid
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    ConfigDict,
     Field,
     StrictBool,
     StrictInt,
@@ -39,6 +40,7 @@ __all__ = [
     "CustomerBody",
     "CustomerPatch",
     "DeployBody",
+    "DeploymentBody",
     "FunctionPatch",
     "KeyBody",
     "KeysQuery",
@@ -258,6 +260,42 @@ class FunctionPatch(Patch):
     target_concurrency: _Setting = 0
     timeout: _Setting = 0
     startup_timeout: _Setting = 0
+
+
+class DeploymentBody(Body):
+    """`POST /v1/deployments`: a catalog entry deployed as an app. Absent fields take the
+    entry's defaults (model, GPU) or the platform's (scaling)."""
+
+    missing: ClassVar[str] = "a deployment needs {missing}; see GET /v1/catalog for the entries"
+    unknown: ClassVar[str] = "unknown field {first!r}; fields are {known}"
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    catalog: Annotated[
+        StrictStr,
+        Field(description="The catalog entry's slug, such as chat."),
+        Expect("the slug of a catalog entry (GET /v1/catalog), such as 'chat'"),
+    ]
+    name: Annotated[
+        StrictStr,
+        Field(pattern=r"^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$", description="The app's name."),
+        Expect(
+            "1 to 63 lowercase letters, digits and hyphens, starting with a letter and not "
+            "ending with a hyphen, such as 'my-chat'"
+        ),
+    ]
+    model: Annotated[
+        StrictStr | None,
+        Field(min_length=1, max_length=512, description="A Hugging Face id or a model folder."),
+        Expect("a Hugging Face model id or the path of a model folder on the nodes"),
+    ] = None
+    gpu: Annotated[
+        StrictStr | None,
+        Field(min_length=1, max_length=32, description="A GPU type, or none for CPU."),
+        Expect("a GPU type such as 'L4' or 'H100', or 'none'"),
+    ] = None
+    min_replicas: _Setting | None = None
+    max_replicas: _Setting | None = None
+    idle_timeout: _Setting | None = None
 
 
 class CallsQuery(Query):

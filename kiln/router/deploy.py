@@ -66,6 +66,8 @@ class DeployRequest:
     functions: list[FunctionSpec]
     archive: bytes
     reset_scaling: bool = False
+    # A catalog deployment's origin ({"slug", "model", "task"}), kept with its version.
+    catalog: dict[str, str] | None = None
 
     @classmethod
     def from_json(cls, data: Any) -> DeployRequest:
@@ -182,6 +184,7 @@ class Deployer:
                 spec={
                     "entrypoint": request.entrypoint,
                     "functions": [f.to_dict() for f in request.functions],
+                    **({"catalog": request.catalog} if request.catalog else {}),
                 },
             )
             session.add(version)

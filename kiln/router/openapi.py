@@ -57,6 +57,35 @@ _IDEMPOTENCY = {
     "description": "The same key and request give the same job.",
     "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
 }
+_OBJECT = {"application/json": {"schema": {"type": "object"}}}
+_OPENAI_BODY = {
+    "description": "OpenAI's request body for this route, as OpenAI's API reference describes "
+    "it; what Kiln does not support is refused by name (docs/api.md).",
+    "required": True,
+    "content": _OBJECT,
+}
+_OPENAI_ERROR = {
+    "description": "An error in OpenAI's shape.",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/OpenAIError"}}},
+}
+_OPENAI_ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+            "required": ["message", "type", "param", "code"],
+        }
+    },
+    "required": ["error"],
+}
+_SSE_OR_JSON = {**_OBJECT, "text/event-stream": {"schema": {"type": "string"}}}
+_DEPLOYMENT = _path("deployment_id")
 _ARGUMENTS = {
     "description": "The function's own arguments: a JSON object (keyword arguments) or array "
     "(positional ones), or raw bytes for a one-parameter function.",
@@ -77,6 +106,8 @@ class _Op:
     media: dict[str, Any] | None = None  # the answer's content when no `answer` model says it
     public: bool = False
     arguments: bool = False  # the body is the user function's arguments (`_ARGUMENTS`)
+    openai: bool = False  # an OpenAI-compatible route: OpenAI's error shape
+    openai_body: bool = False  # ... with OpenAI's request body (`_OPENAI_BODY`)
 
 
 _OPS: dict[str, dict[str, _Op]] = {
@@ -163,6 +194,34 @@ _OPS: dict[str, dict[str, _Op]] = {
         summary="What a function's replicas printed and logged, as NDJSON.",
         params=(_APP, _NAME), query=b.LogsQuery,
         media={"application/x-ndjson": {"schema": {"type": "string"}}})},
+    "/v1/chat/completions": {"post": _Op(
+        summary="OpenAI's chat completions, by a deployment's chat method; SSE when stream.",
+        media=_SSE_OR_JSON, openai=True, openai_body=True)},
+    "/v1/completions": {"post": _Op(
+        summary="OpenAI's (legacy) completions; SSE when stream.", media=_SSE_OR_JSON,
+        openai=True, openai_body=True)},
+    "/v1/embeddings": {"post": _Op(summary="OpenAI's embeddings.", media=_OBJECT, openai=True,
+                                   openai_body=True)},
+    "/v1/images/generations": {"post": _Op(
+        summary="OpenAI's image generation (b64_json).", media=_OBJECT, openai=True,
+        openai_body=True)},
+    "/v1/models": {"get": _Op(summary="The deployments the key may call, with their task.",
+                              media=_OBJECT, openai=True)},
+    "/v1/models/{model}": {"get": _Op(summary="One of them, by name or alias.",
+                                      params=(_path("model"),), media=_OBJECT, openai=True)},
+    "/v1/catalog": {"get": _Op(summary="The model catalog's entries, with GPUs and prices.",
+                               media=_OBJECT)},
+    "/v1/deployments": {
+        "get": _Op(summary="The caller's catalog deployments.", media=_OBJECT),
+        "post": _Op(summary="Deploy a catalog entry as an app; 200 when unchanged.", ok="201",
+                    also=("200",), body=b.DeploymentBody, media=_OBJECT),
+    },
+    "/v1/deployments/{deployment_id}": {
+        "get": _Op(summary="One catalog deployment, by id or name.", params=(_DEPLOYMENT,),
+                   media=_OBJECT),
+        "delete": _Op(summary="Remove a catalog deployment (its app).", params=(_DEPLOYMENT,),
+                      ok="204"),
+    },
     "/healthz": {"get": _Op(summary="Liveness (no key needed).", public=True)},
     "/readyz": {"get": _Op(summary="Readiness (no key needed).", public=True)},
     "/metrics": {"get": _Op(summary="Prometheus metrics.",
@@ -221,8 +280,14 @@ def _operation(op: _Op, refs: dict[type[BaseModel], Any], defs: dict[str, Any]) 
     operation: dict[str, Any] = {
         "summary": op.summary,
         "parameters": params,
-        "responses": {op.ok: ok, **{status: ok for status in op.also}, "default": _ERROR},
+        "responses": {
+            op.ok: ok,
+            **{status: ok for status in op.also},
+            "default": _OPENAI_ERROR if op.openai else _ERROR,
+        },
     }
+    if op.openai_body:
+        operation["requestBody"] = _OPENAI_BODY
     if op.body is not None:
         operation["requestBody"] = {
             "required": True,
@@ -255,7 +320,7 @@ def openapi_document() -> dict[str, Any]:
         "info": {"title": "Kiln", "version": __version__},
         "components": {
             "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
-            "schemas": {**defs, "Error": _ERROR_SCHEMA},
+            "schemas": {**defs, "Error": _ERROR_SCHEMA, "OpenAIError": _OPENAI_ERROR_SCHEMA},
         },
         "security": [{"apiKey": []}],
         "paths": paths,
