@@ -130,16 +130,12 @@ class TransformersEmbeddings:
                 f"{self.max_length} tokens per input; shorten or split it.",
                 param="input",
             )
-        if not any(mask for mask in self._content_mask(ids)):
+        special = set(self.tokenizer.all_special_ids)  # [CLS], [SEP]: the tokenizer's own
+        if all(token in special for token in ids):
             raise kiln.InvalidArguments(
                 f"input[{index}] is empty: there is nothing to embed.", param="input"
             )
         return ids
-
-    def _content_mask(self, ids: list[int]) -> list[int]:
-        """1 for each token that is the text's own, 0 for the ones the tokenizer added."""
-        special = set(self.tokenizer.all_special_ids)
-        return [0 if token in special else 1 for token in ids]
 
     # Batching ----------------------------------------------------------------------------------
 

@@ -381,11 +381,10 @@ def test_the_sampler_leaves_one_token_and_top_p_narrows_the_choice() -> None:
 # Text: snapshots -------------------------------------------------------------------------------
 
 
-def test_what_load_builds_survives_a_snapshot(chat: TransformersText, chat_dir: Path) -> None:
-    """The snap hook keeps only what a snapshot can capture; a restored instance serves."""
-    cls = type(chat)
-    baked = loaded(cls)
-    captured = capture(dict(vars(baked)))
+def restored(cls: type[Any]) -> Any:
+    """A started instance whose snap state went through a snapshot's capture and rebuild (in
+    memory): what a replica restored from a snapshot holds."""
+    captured = capture(dict(vars(loaded(cls))))
     storages = {slot.name: slot.storage for slot in captured.storages}
 
     class InPlace:
@@ -395,13 +394,14 @@ def test_what_load_builds_survives_a_snapshot(chat: TransformersText, chat_dir: 
         def storage(self, kind: str, name: str) -> torch.UntypedStorage:
             return storages[name]
 
-    restored = cls()
-    vars(restored).update(rebuild(captured.graph, InPlace()))
-    started(restored)
+    engine = cls()
+    vars(engine).update(rebuild(captured.graph, InPlace()))
+    return started(engine)
 
-    assert run(restored.chat(chat_request(max_tokens=20))) == run(
-        chat.chat(chat_request(max_tokens=20))
-    )
+
+def test_a_text_engine_restored_from_a_snapshot_serves(chat: TransformersText) -> None:
+    request = chat_request(max_tokens=20)
+    assert run(restored(type(chat)).chat(request)) == run(chat.chat(request))
 
 
 # Embeddings ------------------------------------------------------------------------------------
@@ -519,6 +519,17 @@ async def test_an_empty_input_is_refused(embeddings: TransformersEmbeddings) -> 
     assert refused.value.fields == {"param": "input"}
 
 
+async def test_an_embeddings_engine_restored_from_a_snapshot_serves(
+    embeddings: TransformersEmbeddings,
+) -> None:
+    request = kiln.EmbeddingsRequest(input=("restored",))
+    engine = restored(type(embeddings))
+    try:
+        assert await engine.embed(request) == await embeddings.embed(request)
+    finally:
+        await engine.stop()
+
+
 def test_a_sentence_transformers_model_reads_what_it_was_trained_for(
     embedding_dir: Path, tmp_path: Path
 ) -> None:
@@ -558,6 +569,11 @@ def test_images_come_back_as_pngs_of_the_size_asked_for(image: DiffusersImage) -
         return bytes(png)
 
     assert seeded(5) == seeded(5)
+
+
+def test_an_image_engine_restored_from_a_snapshot_serves(image: DiffusersImage) -> None:
+    request = kiln.ImageRequest(prompt="a lighthouse", size="16x16", seed=1)
+    assert restored(type(image)).generate(request) == image.generate(request)
 
 
 def test_a_size_the_pipeline_cannot_make_is_refused(image: DiffusersImage) -> None:
