@@ -90,7 +90,7 @@ class TransformersEmbeddings:
 
     @kiln.exit()
     async def stop(self) -> None:
-        if self._batcher is not None:
+        if getattr(self, "_batcher", None) is not None:  # None too when `start` never ran
             self._batcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._batcher

@@ -104,7 +104,8 @@ class TransformersText:
     pad: int | None
     uses_vllm: bool
     # Set by `start`.
-    vllm: VllmEngine | None
+    # A class default: the exit hook runs after a failed start too.
+    vllm: VllmEngine | None = None
     generations: set[Generation]  # the generate() calls running now
 
     @kiln.enter(snap=True)

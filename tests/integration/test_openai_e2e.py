@@ -10,16 +10,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+import sqlalchemy as sa
 from eventually import eventually
 from models import CHAT_CONTEXT, tiny_chat_model, tiny_embedding_model
+from sqlalchemy.ext.asyncio import AsyncEngine
 from stack import Platform
 
+from kiln.db.models import Replica
+from kiln.db.models_access import DEFAULT_CUSTOMER_ID
 from kiln.settings import Settings
 
 pytestmark = [pytest.mark.integration]
@@ -54,11 +60,17 @@ class Painter:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    top = tmp_path_factory.mktemp("models")
-    tiny_chat_model(top / "chat")
-    tiny_embedding_model(top / "embed")
-    return top
+def models() -> Iterator[Path]:
+    """The model folders, readable by the sandboxes' unprivileged users, as an operator makes a
+    node's model folders: pytest's temporary folders are its user's alone, and transformers
+    writes model.safetensors readable by its owner only."""
+    with tempfile.TemporaryDirectory(prefix="kiln-models-") as name:
+        top = Path(name)
+        tiny_chat_model(top / "chat")
+        tiny_embedding_model(top / "embed")
+        for path in [top, *top.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        yield top
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +127,7 @@ async def test_the_catalog_lists_entries_with_prices_and_deploys_apps(
     assert chat["task"] == "chat"
     assert chat["tasks"] == ["chat", "completions"]
     assert {"gpu": "H100", "price_per_hour_micros": 3_900_000} in chat["gpus"]
-    assert "T4" not in [g["gpu"] for g in chat["gpus"]]  # 16 GB: the default model needs more
+    assert "none" not in [g["gpu"] for g in chat["gpus"]]  # a language model wants a GPU
     assert by_slug["embeddings"]["gpus"][0] == {"gpu": "none", "price_per_hour_micros": 50_000}
     assert chat["example"]["route"] == "/v1/chat/completions"
     assert [d["name"] for d in listed] == ["tiny-chat", "tiny-embed"]  # not the painter app
@@ -358,8 +370,10 @@ async def test_a_function_key_reaches_only_its_own_model(
 ) -> None:
     async with platform.client() as client:
         made = await client.post(
-            "/v1/keys", json={"kind": "function", "function": "tiny-embed/Embeddings"}
-        )
+            "/v1/keys",
+            json={"kind": "function", "function": "tiny-embed/Embeddings",
+                  "customer_id": str(DEFAULT_CUSTOMER_ID)},
+        )  # fmt: skip
     assert made.status_code == 201, made.text
     async with openai.AsyncOpenAI(
         base_url=deployed["chat"]["base_url"], api_key=made.json()["key"], max_retries=0
@@ -371,7 +385,7 @@ async def test_a_function_key_reaches_only_its_own_model(
 
 
 async def test_a_catalog_deployment_scales_to_zero_and_answers_from_its_snapshot(
-    oai: openai.AsyncOpenAI, platform: Platform
+    oai: openai.AsyncOpenAI, platform: Platform, engine: AsyncEngine
 ) -> None:
     await oai.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=2)
     await eventually(
@@ -381,8 +395,22 @@ async def test_a_catalog_deployment_scales_to_zero_and_answers_from_its_snapshot
         model="tiny-chat", messages=MESSAGES, max_tokens=4, **greedy()
     )
     assert len(answered.choices[0].message.content or "") == 4
-    replicas = await platform.ready_replicas("tiny-chat/Chat")
-    assert [r["origin"] for r in replicas] == ["snapshot"]
+
+    async def logged() -> dict[str, Any]:
+        async with platform.client() as client:
+            calls = (await client.get("/v1/functions/tiny-chat/Chat/calls")).json()["calls"]
+        found = [c for c in calls if c["request_id"] == answered.id.removeprefix("chatcmpl-")]
+        assert found, "not yet written"
+        row: dict[str, Any] = found[0]
+        return row
+
+    row = await eventually(logged, within_s=15, what="the call's row in the invocation log")
+    assert row["cold_start"] is True
+    async with engine.connect() as conn:
+        origin = await conn.scalar(
+            sa.select(Replica.origin).where(Replica.id == uuid.UUID(row["replica_id"]))
+        )
+    assert origin == "snapshot"
 
 
 async def test_catalog_deployments_are_apps_removed_over_http(platform: Platform) -> None:
