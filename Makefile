@@ -31,10 +31,12 @@ pytest: setup
 test: lint typecheck pytest
 
 # The main job: the whole platform in the foreground (embedded services unless KILN_*_URL are
-# set), with examples/hello.py deployed and called once cold and several times warm.
+# set), with examples/hello.py deployed and called once cold and several times warm, and the
+# catalog's chat entry (a small model built on the spot) called through OpenAI's client.
 demo: setup
 	$(BIN)/kiln demo examples/hello.py \
-		--call 'shout={"text": "hello from kiln"}' --call 'Greeter.greet={"name": "Ada"}'
+		--call 'shout={"text": "hello from kiln"}' --call 'Greeter.greet={"name": "Ada"}' \
+		--chat-model tiny
 
 dev: setup
 	$(BIN)/kiln dev

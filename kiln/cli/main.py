@@ -83,19 +83,37 @@ def demo(
         list[str] | None, typer.Option(help="NAME=JSON: an entry point to time, repeatable.")
     ] = None,
     port: Annotated[int | None, typer.Option(help="Router port.")] = None,
+    chat_model: Annotated[
+        str | None,
+        typer.Option(
+            help="Also deploy the catalog's chat entry with this model (a Hugging Face id, a "
+            "folder, or `tiny`: a small random model built here) and time its first token "
+            "through OpenAI's client."
+        ),
+    ] = None,
 ) -> None:
     """Run `kiln dev`, deploy FILE, time one cold and several warm calls of each --call."""
-    from kiln.cli.demo import parse_calls, run_demo
+    from kiln.cli.demo import TINY, chat_model_folder, parse_calls, run_demo
     from kiln.cli.dev import run_dev
 
     calls = parse_calls(call or [])
     settings = load_settings()
     if port is not None:
         settings = settings.replace(port=port)
+    if chat_model == TINY:
+        from kiln.catalog.tiny import tiny_chat_model
+
+        chat_model = str(tiny_chat_model(chat_model_folder(settings)))
+    if chat_model is not None and Path(chat_model).is_dir():  # sandboxes must be shown it
+        folder = Path(chat_model).resolve()
+        settings = settings.replace(sandbox_share=(*settings.sandbox_share, folder))
+        chat_model = str(folder)
     run_dev(
         settings,
         echo=typer.echo,
-        after_ready=lambda running, key: run_demo(running, key, file, calls, typer.echo),
+        after_ready=lambda running, key: run_demo(
+            running, key, file, calls, typer.echo, chat_model=chat_model
+        ),
     )
 
 

@@ -62,14 +62,13 @@ class Painter:
 @pytest.fixture(scope="module")
 def models() -> Iterator[Path]:
     """The model folders, readable by the sandboxes' unprivileged users, as an operator makes a
-    node's model folders: pytest's temporary folders are its user's alone, and transformers
-    writes model.safetensors readable by its owner only."""
+    node's model folders (pytest's temporary folders are its user's alone; the builders open
+    up their own)."""
     with tempfile.TemporaryDirectory(prefix="kiln-models-") as name:
         top = Path(name)
         tiny_chat_model(top / "chat")
         tiny_embedding_model(top / "embed")
-        for path in [top, *top.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
+        top.chmod(0o755)
         yield top
 
 
