@@ -90,10 +90,11 @@ class TransformersEmbeddings:
 
     @kiln.exit()
     async def stop(self) -> None:
-        if getattr(self, "_batcher", None) is not None:  # None too when `start` never ran
-            self._batcher.cancel()
+        batcher: asyncio.Task[None] | None = getattr(self, "_batcher", None)  # no `start`: none
+        if batcher is not None:
+            batcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._batcher
+                await batcher
 
     @kiln.method(task="embeddings")
     async def embed(self, request: kiln.EmbeddingsRequest) -> kiln.Embeddings:
