@@ -262,6 +262,12 @@ class FunctionPatch(Patch):
     startup_timeout: _Setting = 0
 
 
+_MaybeSetting = Annotated[
+    Annotated[StrictInt, Field(ge=0, le=INT4)] | None,
+    Expect("an integer >= 0", beyond=(("less_than_equal", f"an integer from 0 to {INT4}"),)),
+]
+
+
 class DeploymentBody(Body):
     """`POST /v1/deployments`: a catalog entry deployed as an app. Absent fields take the
     entry's defaults (model, GPU) or the platform's (scaling)."""
@@ -293,9 +299,9 @@ class DeploymentBody(Body):
         Field(min_length=1, max_length=32, description="A GPU type, or none for CPU."),
         Expect("a GPU type such as 'L4' or 'H100', or 'none'"),
     ] = None
-    min_replicas: _Setting | None = None
-    max_replicas: _Setting | None = None
-    idle_timeout: _Setting | None = None
+    min_replicas: _MaybeSetting = None
+    max_replicas: _MaybeSetting = None
+    idle_timeout: _MaybeSetting = None
 
 
 class CallsQuery(Query):

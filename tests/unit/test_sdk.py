@@ -22,7 +22,16 @@ def raises(message: str) -> Any:
 def test_public_surface() -> None:
     assert kiln.__all__ == [
         "App",
+        "ChatRequest",
+        "CompletionRequest",
+        "Embeddings",
+        "EmbeddingsRequest",
+        "Finish",
+        "ImageRequest",
+        "Images",
+        "InvalidArguments",
         "Job",
+        "Message",
         "RemoteError",
         "RemoteFunction",
         "Session",
