@@ -443,3 +443,37 @@ async def test_requests_in_flight_at_once_all_stream(oai: openai.AsyncOpenAI) ->
 
     answers = await asyncio.gather(*(one(i) for i in range(4)))
     assert all(len(a) == 6 for a in answers)
+
+
+async def test_another_customer_pays_first_and_never_reaches_these_models(
+    platform: Platform, deployed: dict[str, Any]
+) -> None:
+    async with platform.client() as operator:
+        customer = (await operator.post("/v1/customers", json={"name": "Other"})).json()
+        made = await operator.post(
+            "/v1/keys", json={"kind": "account", "customer_id": customer["id"]}
+        )
+    assert made.status_code == 201, made.text
+    async with openai.AsyncOpenAI(
+        base_url=deployed["chat"]["base_url"], api_key=made.json()["key"], max_retries=0
+    ) as other:
+        with pytest.raises(openai.APIStatusError) as unpaid:
+            await other.chat.completions.create(model="tiny-chat", messages=MESSAGES)
+        assert unpaid.value.status_code == 402
+        assert isinstance(unpaid.value.body, dict)
+        assert unpaid.value.body["type"] == "insufficient_quota"
+        async with platform.client() as operator:
+            paid = await operator.post(
+                "/v1/billing/credits",
+                json={"customer_id": customer["id"], "amount_micros": 10**8},
+            )
+        assert paid.status_code == 201, paid.text
+
+        async def refused_as_unknown() -> bool:
+            with pytest.raises(openai.NotFoundError) as missing:
+                await other.chat.completions.create(model="tiny-chat", messages=MESSAGES)
+            assert refusal(missing.value)[:2] == (404, "model")
+            return True
+
+        await eventually(refused_as_unknown, within_s=10, what="the paid customer's 404")
+        assert (await other.models.list()).data == []
