@@ -23,7 +23,9 @@ from eventually import eventually
 from models import CHAT_CONTEXT, tiny_chat_model, tiny_embedding_model
 from sqlalchemy.ext.asyncio import AsyncEngine
 from stack import Platform
+from typer.testing import CliRunner, Result
 
+from kiln.cli.main import app as cli
 from kiln.db.models import Replica
 from kiln.db.models_access import DEFAULT_CUSTOMER_ID
 from kiln.settings import Settings
@@ -477,3 +479,40 @@ async def test_another_customer_pays_first_and_never_reaches_these_models(
 
         await eventually(refused_as_unknown, within_s=10, what="the paid customer's 404")
         assert (await other.models.list()).data == []
+
+
+async def test_kiln_catalog_lists_and_deploys_and_the_app_is_an_app(
+    platform: Platform, models: Path, tmp_path: Path
+) -> None:
+    env = {"KILN_URL": platform.url, "KILN_API_KEY": platform.key, "KILN_HOME": str(tmp_path)}
+
+    def kiln_cli(*args: str) -> Result:
+        # In a thread: the CLI's client blocks, and the platform serves on this event loop.
+        return CliRunner().invoke(cli, list(args), env=env)
+
+    listed = await asyncio.to_thread(kiln_cli, "catalog", "list")
+    assert listed.exit_code == 0, listed.output
+    header, *rows = listed.output.splitlines()
+    assert header.split() == ["SLUG", "TASKS", "DEFAULT", "MODEL", "GPUS", "PRICE"]
+    embeddings = next(r for r in rows if r.startswith("embeddings "))
+    assert "sentence-transformers/all-MiniLM-L6-v2" in embeddings
+    assert embeddings.endswith("from 0.05 usd/h")
+    deployed = await asyncio.to_thread(
+        kiln_cli, "catalog", "deploy", "embeddings", "--name", "cli-embed",
+        "--model", str(models / "embed"), "--max", "1", "--idle-timeout", "30",
+    )  # fmt: skip
+    assert deployed.exit_code == 0, deployed.output
+    assert deployed.output.splitlines()[1:3] == [
+        f"  base_url: {platform.url}/v1",
+        "  model:    cli-embed",
+    ]
+    ps = await asyncio.to_thread(kiln_cli, "ps", "--json")
+    (function,) = [f for f in json.loads(ps.output) if f["app"] == "cli-embed"]
+    assert (function["name"], function["max_replicas"], function["idle_timeout"]) == (
+        "Embeddings", 1, 30,
+    )  # fmt: skip
+    stopped = await asyncio.to_thread(kiln_cli, "stop", "cli-embed")
+    assert stopped.exit_code == 0, stopped.output
+    async with platform.client() as client:
+        names = [d["name"] for d in (await client.get("/v1/deployments")).json()["data"]]
+    assert "cli-embed" not in names
