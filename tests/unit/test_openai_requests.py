@@ -330,3 +330,80 @@ def test_a_task_method_called_with_a_wrong_body_says_what_it_takes() -> None:
     with pytest.raises(KilnError, match=r"embed serves the 'embeddings' task: it takes one JSON"):
         asyncio.run(run())
     target.executor.shutdown()
+
+
+class _Stream:
+    """A replica's stream that sends `chunks`, then fails with `error`."""
+
+    def __init__(self, chunks: list[bytes], error: KilnError) -> None:
+        self.chunks = chunks
+        self.error = error
+        self.abandoned = False
+
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.chunks:
+            return self.chunks.pop(0)
+        raise self.error
+
+    def abandon(self) -> None:
+        self.abandoned = True
+
+
+class _Watch:
+    def __init__(self) -> None:
+        self.outcome: tuple[str, Any] | None = None
+
+    def count_tokens(self, prompt: int, completion: int) -> None:
+        raise AssertionError("a failed stream counts no tokens")
+
+    def succeeded(self, sent: int) -> None:
+        self.outcome = ("succeeded", sent)
+
+    def failed(self, code: str, sent: int = 0) -> None:
+        self.outcome = ("failed", code)
+
+    def cancelled(self, sent: int = 0) -> None:
+        self.outcome = ("cancelled", sent)
+
+
+def test_an_error_after_the_stream_began_is_a_data_event_then_done() -> None:
+    from kiln.errors import FunctionTimeout
+    from kiln.router.openai.calls import OpenStream
+    from kiln.router.openai.chat import _events
+
+    released = []
+
+    async def release() -> None:
+        released.append(True)
+
+    stream = _Stream([b'" world"'], FunctionTimeout("the stream did not finish in time"))
+    watch = _Watch()
+    opened = OpenStream(stream, watch, release)  # type: ignore[arg-type]
+
+    async def read() -> list[bytes]:
+        outcome = _Outcome()
+        events = _events(opened, _Shape(True, "m", "r"), b'"hello"', "hello", outcome, True)
+        return [event async for event in events]
+
+    events = asyncio.run(read())
+    data = [json.loads(e.removeprefix(b"data: ")) for e in events[:-1]]
+    assert [d["choices"][0]["delta"] for d in data[:3]] == [
+        {"role": "assistant", "content": ""},
+        {"content": "hello"},
+        {"content": " world"},
+    ]
+    assert data[3] == {
+        "error": {
+            "message": "The call did not finish within its timeout.",
+            "type": "server_error",
+            "param": None,
+            "code": "timeout",
+        }
+    }
+    assert events[-1] == b"data: [DONE]\n\n"
+    assert watch.outcome == ("failed", "timeout")
+    assert stream.abandoned
+    assert released == [True]
