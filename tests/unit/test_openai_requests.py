@@ -14,6 +14,7 @@ import pytest
 
 import kiln
 from kiln.errors import (
+    FunctionTimeout,
     InternalError,
     InvalidRequest,
     InvalidSpec,
@@ -26,7 +27,8 @@ from kiln.functions.hooks import TaskName
 from kiln.functions.spec import FunctionSpec
 from kiln.functions.tasks import Task, request_from_wire, to_wire
 from kiln.invoker.target import build_target
-from kiln.router.openai.chat import _item, _Outcome, _Shape
+from kiln.router.openai.calls import OpenStream
+from kiln.router.openai.chat import _events, _item, _Outcome, _Shape
 from kiln.router.openai.errors import openai_body
 from kiln.router.openai.requests import (
     chat_call,
@@ -370,10 +372,6 @@ class _Watch:
 
 
 def test_an_error_after_the_stream_began_is_a_data_event_then_done() -> None:
-    from kiln.errors import FunctionTimeout
-    from kiln.router.openai.calls import OpenStream
-    from kiln.router.openai.chat import _events
-
     released = []
 
     async def release() -> None:
