@@ -78,9 +78,11 @@ class TaskCall:
     def _slot(self, order: CallOrder) -> contextlib.AbstractAsyncContextManager[None]:
         return call_slot(self.svc, self.principal, order.startup_timeout_s + order.timeout_s + 30)
 
-    async def call(self, task: Task, request: Any, tokens: Callable[[Any], tuple[int, int]]) -> Any:
+    async def call(
+        self, task: Task, request: Any, tokens: Callable[[Any], tuple[int, int]] | None = None
+    ) -> Any:
         """Call a method that answers once; its decoded result. `tokens(result)` counts what it
-        read and wrote, for the invocation log."""
+        read and wrote, for the invocation log (none for tasks that count no tokens)."""
         order, watch, payload = await self._order(task, to_wire(request), InvocationKind.SYNC)
         async with self._slot(order):
             try:
@@ -108,7 +110,8 @@ class TaskCall:
                 disconnect.stop()
         try:
             decoded = json.loads(result.body)
-            watch.count_tokens(*tokens(decoded))
+            if tokens is not None:
+                watch.count_tokens(*tokens(decoded))
         except (ValueError, KeyError, TypeError):
             watch.failed("unserializable_result", len(result.body))
             raise

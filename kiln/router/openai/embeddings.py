@@ -63,7 +63,7 @@ async def embeddings(request: Request) -> Response:
 async def images(request: Request) -> Response:
     call = await read_task_call(request)
     asked = image_call(call.body)
-    result = images_from_wire(await call.call(Task.IMAGE, asked.request, lambda _: (0, 0)))
+    result = images_from_wire(await call.call(Task.IMAGE, asked.request))
     return JSONResponse(
         {"created": int(time.time()), "data": [{"b64_json": image} for image in result]}
     )
