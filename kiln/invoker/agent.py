@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -528,7 +529,19 @@ class NodeAgent:
         its flavour is for (modules may read it as they are imported)."""
         home = self.workdir / ".standby"
         home.mkdir(parents=True, exist_ok=True)
-        return {**dict(flavour.env), **self._platform_env(home, device)}
+        return {**self._threads_env(), **dict(flavour.env), **self._platform_env(home, device)}
+
+    def _threads_env(self) -> dict[str, str]:
+        """How a replica's CPU thread pools behave unless its function's env says otherwise.
+        Idle OpenMP threads (torch's, NumPy's) sleep instead of spinning: a replica shares its
+        cores with the router, NATS, standbys and other replicas, and spinning threads took
+        most of a CPU replica's time while it streamed (bench/openai.py). Under a CPU cap
+        (KILN_SANDBOX_CPUS) the pools are as wide as the cap, not as the node."""
+        env = {"OMP_WAIT_POLICY": "PASSIVE"}
+        cpus = self.sandboxes.cpus if self.sandboxes is not None else None
+        if cpus is not None:
+            env["OMP_NUM_THREADS"] = str(max(1, math.ceil(cpus)))
+        return env
 
     def _replica_env(
         self,
@@ -538,7 +551,7 @@ class NodeAgent:
         indices: list[int],
         home: Path | None = None,
     ) -> dict[str, str]:
-        env = function_env(launch)
+        env = {**self._threads_env(), **function_env(launch)}
         devices = "" if kind == "none" else ",".join(map(str, indices))
         env.update(self._platform_env(directory, devices, kiln_home=home))
         return env

@@ -192,6 +192,8 @@ def test_errors_take_openais_shape(error: KilnError, kind: str) -> None:
 
 def test_a_streamed_chunk_is_openais() -> None:
     shape = _Shape(True, "m", "req1")
+    for text in ("plain", 'quo"ted\n', "h\u00e9", "\x00"):  # a delta is spliced in as it came
+        assert shape.delta(json.dumps(text).encode()) == shape.chunk(text)
     role = json.loads(shape.chunk(None, role=True).removeprefix(b"data: "))
     assert role["id"] == "chatcmpl-req1"
     assert role["object"] == "chat.completion.chunk"
@@ -383,7 +385,7 @@ def test_an_error_after_the_stream_began_is_a_data_event_then_done() -> None:
 
     async def read() -> list[bytes]:
         outcome = _Outcome()
-        events = _events(opened, _Shape(True, "m", "r"), b'"hello"', "hello", outcome, True)
+        events = _events(opened, _Shape(True, "m", "r"), b'"hello"', outcome, True)
         return [event async for event in events]
 
     events = asyncio.run(read())

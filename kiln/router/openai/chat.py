@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +87,7 @@ class _Shape:
         self.model = model
         self.id = ("chatcmpl-" if chat else "cmpl-") + call_id
         self.created = int(time.time())
+        self._envelope: tuple[bytes, bytes] | None = None
 
     def _base(self, streamed: bool) -> dict[str, Any]:
         if self.chat:
@@ -100,6 +101,16 @@ class _Shape:
             "model": self.model,
             "system_fingerprint": None,
         }
+
+    def delta(self, raw: bytes) -> bytes:
+        """The chunk of one text delta that arrives as a JSON string (`"hel"`): spliced into
+        the chunk as it is, neither decoded nor encoded again (the hot path of a stream)."""
+        envelope = self._envelope
+        if envelope is None:
+            marker = self.chunk("\x00")
+            head, _, tail = marker.rpartition(b'"\\u0000"')
+            envelope = self._envelope = (head, tail)
+        return envelope[0] + raw + envelope[1]
 
     def chunk(self, text: str | None, *, role: bool = False, finish: str | None = None) -> bytes:
         if self.chat:
@@ -160,7 +171,8 @@ async def _answer(
             return JSONResponse(shape.answer(text, outcome))
         # The status is decided by the first item: an error before it is an error answer.
         first = await anext(opened.stream, None)
-        first_text = None if first is None else _item(first, outcome)
+        if first is not None and not _is_text(first):
+            _item(first, outcome)  # the Finish already (no text), or an item to refuse
     except BaseException as exc:
         _failed(opened, exc)
         await _close(opened)
@@ -168,7 +180,7 @@ async def _answer(
     finally:
         stop_watching()
     return StreamingResponse(
-        _events(opened, shape, first, first_text, outcome, usage),
+        _events(opened, shape, first, outcome, usage),
         media_type="text/event-stream",
         headers={"X-Request-Id": opened.watch.request_id, **_SSE_HEADERS},
     )
@@ -208,25 +220,28 @@ async def _events(
     opened: OpenStream,
     shape: _Shape,
     first: bytes | None,
-    first_text: str | None,
     outcome: _Outcome,
     usage: bool,
 ) -> AsyncIterator[bytes]:
     sent = 0
-    chunk: Callable[..., bytes] = shape.chunk
     try:
         if shape.chat:
-            yield chunk(None, role=True)
-        if first_text:
-            yield chunk(first_text)
-            sent += len(first_text)
+            yield shape.chunk(None, role=True)
         if first is not None:
+            if _is_text(first):
+                outcome.deltas += 1
+                if first != _EMPTY:
+                    yield shape.delta(first)
+                    sent += len(first) - 2
             async for data in opened.stream:
-                text = _item(data, outcome)
-                if text:
-                    yield chunk(text)
-                    sent += len(text)
-        yield chunk(None if shape.chat else "", finish=outcome.reason)
+                if _is_text(data):
+                    outcome.deltas += 1
+                    if data != _EMPTY:
+                        yield shape.delta(data)
+                        sent += len(data) - 2
+                else:
+                    _item(data, outcome)
+        yield shape.chunk(None if shape.chat else "", finish=outcome.reason)
         if usage:
             yield shape.usage_chunk(outcome)
         yield _DONE
@@ -241,3 +256,11 @@ async def _events(
         raise  # the client left (Starlette cancels the response): the finally stops the call
     finally:
         await _close(opened)
+
+
+_EMPTY = b'""'
+
+
+def _is_text(chunk: bytes) -> bool:
+    """Whether a chunk is a text delta: a JSON string (the replica sends compact JSON)."""
+    return chunk[:1] == b'"'
