@@ -20,11 +20,11 @@ import openai
 import pytest
 import sqlalchemy as sa
 from eventually import eventually
-from models import CHAT_CONTEXT, tiny_chat_model, tiny_embedding_model
 from sqlalchemy.ext.asyncio import AsyncEngine
 from stack import Platform
 from typer.testing import CliRunner, Result
 
+from kiln.catalog.tiny import CHAT_CONTEXT, tiny_chat_model, tiny_embedding_model
 from kiln.cli.main import app as cli
 from kiln.db.models import Replica
 from kiln.db.models_access import DEFAULT_CUSTOMER_ID

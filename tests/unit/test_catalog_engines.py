@@ -24,13 +24,13 @@ from typing import Any
 import pytest
 import torch
 from eventually import eventually
-from models import EMBEDDING_MAX_LENGTH, tiny_chat_model, tiny_embedding_model
 
 import kiln
 from kiln.catalog._sampling import Detokenizer, Penalties, Sampler, StopScanner
 from kiln.catalog.embeddings import TransformersEmbeddings
 from kiln.catalog.image import DiffusersImage
 from kiln.catalog.text import TransformersText
+from kiln.catalog.tiny import EMBEDDING_MAX_LENGTH, tiny_chat_model, tiny_embedding_model
 from kiln.functions.hooks import lifecycle
 from kiln.snapshots.capture import capture, rebuild
 
@@ -545,7 +545,7 @@ def test_a_sentence_transformers_model_reads_what_it_was_trained_for(
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> DiffusersImage:
     pytest.importorskip("diffusers", reason="the image engine needs diffusers")
-    from models import tiny_image_pipeline
+    from kiln.catalog.tiny import tiny_image_pipeline
 
     directory = tiny_image_pipeline(tmp_path_factory.mktemp("image"))
     engine: DiffusersImage = started(
