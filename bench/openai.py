@@ -65,8 +65,8 @@ HERE = Path(__file__).resolve().parent
 
 # Random GPT-2s: on a CPU about 5M parameters (a decoding step of several ms on 2 cores); on a
 # GPU GPT-2 small's shape, so that vLLM's step is not all overhead.
-CPU_SHAPE = {"n_layer": 6, "n_embd": 256, "n_head": 4}
-GPU_SHAPE = {"n_layer": 12, "n_embd": 768, "n_head": 12}
+CPU_SHAPE = {"layers": 6, "width": 256, "heads": 4}
+GPU_SHAPE = {"layers": 12, "width": 768, "heads": 12}
 MESSAGES = [
     {"role": "user", "content": "Write a short story about a lighthouse keeper who finds a map."}
 ]
@@ -124,32 +124,9 @@ class Setup:
 
 def build_chat_model(directory: Path, shape: dict[str, int]) -> Path:
     """A random GPT-2 of `shape` with the tiny chat model's tokenizer, chat template and output
-    layer's trick (only letters, spaces and punctuation get logits other than 0, far above it:
-    it never writes EOS, and each token is one character)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    tiny = tiny_chat_model(directory / "tiny")
-    tokenizer = AutoTokenizer.from_pretrained(tiny)
-    small: Any = AutoModelForCausalLM.from_pretrained(tiny)
-    written = small.lm_head.weight.abs().sum(dim=1).nonzero().flatten()
-    config = GPT2Config.from_pretrained(tiny)
-    for key, value in shape.items():
-        setattr(config, key, value)
-    torch.manual_seed(0)
-    model: Any = GPT2LMHeadModel(config).eval()  # type: ignore[no-untyped-call]
-    with torch.no_grad():
-        weight = model.lm_head.weight
-        scaled = torch.randn(
-            len(written), weight.shape[1], generator=torch.Generator().manual_seed(1)
-        )
-        weight.zero_()
-        weight[written] = scaled * 3.0
-    model.generation_config = small.generation_config
-    out = directory / "chat"
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    layer (only letters, spaces and punctuation get logits other than 0, far above it: it never
+    writes EOS, and each token is one character)."""
+    return tiny_chat_model(directory / "chat", **shape)
 
 
 def parameters(directory: Path) -> int:
@@ -162,12 +139,6 @@ def parameters(directory: Path) -> int:
             for name in file.keys():  # noqa: SIM118 - a safe_open handle is not a dict
                 total += math.prod(file.get_slice(name).get_shape())
     return total
-
-
-def readable(top: Path) -> None:
-    """Let the sandboxes' users read the models: transformers writes weights 0600."""
-    for path in [top, *top.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def engine_class(slug: str, model: Path, **more: Any) -> type[Any]:
@@ -745,7 +716,7 @@ def main() -> None:
         else:
             chat_model = args.model.resolve()
         embed_model = tiny_embedding_model(models / "embed")
-        readable(models)
+        models.chmod(0o755)
         work.chmod(0o755)  # the sandboxes reach the models through it
         share = [models] if args.model is None else [models, chat_model]
         asyncio.run(run(args, Setup(chat_model, embed_model, share, work), stack))

@@ -37,8 +37,9 @@ EMBEDDING_MAX_LENGTH = 64
 _WRITTEN = string.ascii_letters + " .,"
 
 
-def tiny_chat_model(directory: Path) -> Path:
-    """A two-layer GPT-2 with a 256-token context and a chat template, in `directory`.
+def tiny_chat_model(directory: Path, *, layers: int = 2, width: int = 64, heads: int = 4) -> Path:
+    """A GPT-2 (two layers, 64 wide, by default) with a 256-token context and a chat template,
+    in `directory`.
 
     Its output layer is its own (not tied to the embedding) and gives every token other than
     `_WRITTEN`'s characters a logit of 0, far below theirs: it never writes EOS, so it runs
@@ -52,9 +53,9 @@ def tiny_chat_model(directory: Path) -> Path:
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=CHAT_CONTEXT,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
+        n_embd=width,
+        n_layer=layers,
+        n_head=heads,
         bos_token_id=eos,
         eos_token_id=eos,
         pad_token_id=pad,
