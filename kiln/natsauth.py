@@ -109,6 +109,7 @@ KILN_EXPORTS: tuple[tuple[str, str], ...] = (
     ("$JS.ACK.>", "Singleton"),
     ("$JS.API.DIRECT.GET.>", "Singleton"),
     ("$O.>", "Singleton"),
+    ("$KV.>", "Singleton"),
     ("*.reply.>", "Singleton"),
     ("*.accepted.>", "Singleton"),
     ("*.hb.replica.*", "Singleton"),

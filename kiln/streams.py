@@ -37,6 +37,7 @@ __all__ = [
     "JOB_EVENTS",
     "JOB_RECORDER",
     "JOB_RESULTS",
+    "JOB_STARTS",
     "LOGS",
     "PAYLOADS",
     "PUBLISH_RETRY_S",
@@ -227,6 +228,14 @@ JOB_CANCELS = Bucket(
     ttl_s=25 * 3600.0,
     direct=True,
 )
+JOB_STARTS = Bucket(
+    name="<ns>_job_starts",
+    kind="key-value",
+    purpose="how many attempts of each job started, by `<function>.<job>` (a delivery lost on "
+    "its way through a leader election started none, and is no lost attempt)",
+    ttl_s=25 * 3600.0,
+    direct=True,
+)
 PAYLOADS = Bucket(
     name="<ns>_payloads_<function>",
     kind="object",
@@ -267,7 +276,8 @@ SCHEDULER_LEASE = Bucket(
 DECLARED: tuple[Stream | Consumer | Bucket, ...] = (
     CALLS, JOB_EVENTS, USAGE, LOGS,
     FUNCTION_CALLS, JOB_RECORDER, USAGE_BILLING,
-    JOB_CANCELS, PAYLOADS, JOB_RESULTS, CODE, SNAPSHOTS, SNAPSHOT_BAKES, SCHEDULER_LEASE,
+    JOB_CANCELS, JOB_STARTS, PAYLOADS, JOB_RESULTS, CODE, SNAPSHOTS, SNAPSHOT_BAKES,
+    SCHEDULER_LEASE,
 )  # fmt: skip
 
 
@@ -436,10 +446,11 @@ async def _match(js: JetStreamContext, stream: str, *, replicas: int, direct: bo
 
 
 async def ensure_job_streams(js: JetStreamContext, ns: str, *, replicas: int) -> None:
-    """The job events stream and the cancellations bucket (the router and the job recorder
-    make them on start)."""
+    """The job events stream and the cancellations and starts buckets (the router and the job
+    recorder make them on start)."""
     await ensure_stream(js, JOB_EVENTS, ns, replicas=replicas)
     await key_value(js, JOB_CANCELS, JOB_CANCELS.named(ns), replicas=replicas)
+    await key_value(js, JOB_STARTS, JOB_STARTS.named(ns), replicas=replicas)
 
 
 async def ensure_function_buckets(

@@ -209,6 +209,11 @@ class Subjects:
         return streams.JOB_CANCELS.named(self.ns)
 
     @property
+    def job_starts_bucket(self) -> str:
+        """Key-value bucket: the attempts of each job that started."""
+        return streams.JOB_STARTS.named(self.ns)
+
+    @property
     def job_events_stream(self) -> str:
         return streams.JOB_EVENTS.named(self.ns)
 

@@ -75,6 +75,7 @@ def _jetstream(subjects: Subjects, function_id: uuid.UUID) -> tuple[str, ...]:
     payloads = subjects.payload_bucket(function_id)
     results = subjects.job_results_bucket(function_id)
     cancels = subjects.job_cancels_bucket
+    starts = subjects.job_starts_bucket
     return (
         f"$JS.API.CONSUMER.MSG.NEXT.{calls}.{consumer}",
         f"$JS.ACK.{calls}.{consumer}.>",
@@ -84,6 +85,9 @@ def _jetstream(subjects: Subjects, function_id: uuid.UUID) -> tuple[str, ...]:
         f"$O.{results}.>",
         # Whether a job was cancelled before it started: one key-value read by name.
         f"$JS.API.DIRECT.GET.KV_{cancels}.$KV.{cancels}.*",
+        # How many attempts of its own function's jobs started: read, and counted up.
+        f"$JS.API.DIRECT.GET.KV_{starts}.$KV.{starts}.{function_id.hex}.*",
+        f"$KV.{starts}.{function_id.hex}.*",
     )
 
 

@@ -21,7 +21,7 @@ import time
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from kiln._jetstream import MSG_ID, PUBLISH_RETRY_S, publish_durably
 from kiln.errors import KilnError, WorkerLost
@@ -37,6 +37,12 @@ __all__ = ["JobRunner", "retry_delay_s"]
 _log = logging.getLogger("kiln.replica")
 # Results up to this size travel in the job event (as base64) and are stored in PostgreSQL.
 _INLINE_RESULT_BYTES = 512 * 1024
+# Counting a job's started attempts: a compare-and-set, tried again when another delivery of the
+# job counted first; each write waits out a leader election for this long at most.
+_START_COUNT_TRIES = 3
+_START_COUNT_S = 10.0
+_EXPECTED_REVISION = "Nats-Expected-Last-Subject-Sequence"
+_WRONG_REVISION = 10071  # JetStream's "wrong last sequence"
 _PROGRESS_EVERY_S = CALL_ACK_WAIT_S / 3  # well within the queue's ack wait
 _RECORD_OUTCOME_S = 600.0
 
@@ -77,11 +83,11 @@ class JobRunner:
 
     async def _run(self, msg: Msg, call: CallHeaders) -> None:
         job = call.call_id
-        attempt = msg.metadata.num_delivered
         attempts = self.calls.spec.resources.retries + 1
         if await self._cancelled(job):
             await msg.ack()
             return
+        attempt = await self._next_attempt(job, msg.metadata.num_delivered)
         if attempt > attempts:  # earlier attempts died with their replicas
             await self._finish(msg, JobEvent(
                 job, JobEventKind.FAILED, attempt - 1, self.replica, final=True,
@@ -165,6 +171,50 @@ class JobRunner:
         # Through a leader election or a reconnect, for `within_s`; then the caller (the job's
         # run) fails, and the job is delivered again.
         await publish_durably(self.js, subject, body, headers=headers, within_s=within_s)
+
+    async def _next_attempt(self, job: str, delivered: int) -> int:
+        """The number of the attempt this delivery makes: one more than the attempts that
+        started before it, as the job-starts bucket counts them (and counted up here). A
+        delivery can be lost on its way to a replica while a leader election moves the queue's
+        consumer; it comes again, delivered twice but started never, and is no lost attempt.
+        Where the bucket cannot be read or written, deliveries are counted instead."""
+        bucket = self.subjects.job_starts_bucket
+        subject = f"$KV.{bucket}.{self.calls.function_id.hex}.{job}"
+        for _ in range(_START_COUNT_TRIES):
+            try:
+                started, revision = await self._started(bucket, subject)
+                if started + 1 > self.calls.spec.resources.retries + 1:
+                    return started + 1  # no attempt left to start: not counted
+                await publish_durably(
+                    self.js,
+                    subject,
+                    str(started + 1).encode(),
+                    headers={
+                        MSG_ID: f"{self.calls.function_id.hex}:{job}:start:{delivered}",
+                        _EXPECTED_REVISION: str(revision),
+                    },
+                    within_s=_START_COUNT_S,
+                )
+                return started + 1
+            except APIError as exc:
+                if exc.err_code != _WRONG_REVISION:
+                    _log.warning("job %s: its starts could not be counted: %s", job, exc)
+                    return delivered
+                # Another delivery of the job counted meanwhile: count again.
+            except Exception as exc:  # noqa: BLE001 - NATS away: count deliveries as before
+                _log.warning("job %s: its starts could not be counted: %s", job, exc)
+                return delivered
+        return delivered
+
+    async def _started(self, bucket: str, subject: str) -> tuple[int, int]:
+        """The attempts of a job that started, and the revision of that count (0: none)."""
+        try:
+            entry = await self.js.get_msg(f"KV_{bucket}", subject=subject, direct=True)
+        except NotFoundError:
+            return 0, 0
+        if (entry.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+            return 0, entry.seq or 0
+        return int(entry.data or b"0"), entry.seq or 0
 
     async def _cancelled(self, job: str) -> bool:
         """Whether the job's key is in the cancellation bucket (read by direct get: a replica's

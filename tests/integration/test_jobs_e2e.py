@@ -13,16 +13,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 import sqlalchemy as sa
 from eventually import eventually
 from stack import Platform, error_of, running_platform
 
 import kiln
+from kiln._nats import connect_options
 from kiln.db.enums import CallStatus
 from kiln.db.models import Call
 from kiln.db.session import create_engine
 from kiln.settings import SandboxMode, Settings
+from kiln.wire import Subjects
 
 pytestmark = pytest.mark.integration
 
@@ -134,6 +137,16 @@ async def test_a_job_runs_and_its_result_is_kept(platform: Platform) -> None:
         assert "result" not in big
         data = await client.get(big["result_url"])
     assert data.content == b"z" * (2 * 1024 * 1024)
+    # The attempt was counted as started (a redelivery that started none is no lost attempt).
+    nc = await nats.connect(**connect_options(platform.settings))
+    try:
+        starts = await nc.jetstream().key_value(
+            Subjects(platform.settings.namespace).job_starts_bucket
+        )
+        (key,) = [k for k in await starts.keys() if k.endswith(f".{call_id}")]
+        assert (await starts.get(key)).value == b"1"
+    finally:
+        await nc.close()
 
 
 async def test_a_repeated_spawn_with_its_key_is_the_same_job(platform: Platform) -> None:
