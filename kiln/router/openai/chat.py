@@ -227,20 +227,14 @@ async def _events(
     try:
         if shape.chat:
             yield shape.chunk(None, role=True)
-        if first is not None:
-            if _is_text(first):
+        async for data in _after(first, opened.stream):
+            if _is_text(data):
                 outcome.deltas += 1
-                if first != _EMPTY:
-                    yield shape.delta(first)
-                    sent += len(first) - 2
-            async for data in opened.stream:
-                if _is_text(data):
-                    outcome.deltas += 1
-                    if data != _EMPTY:
-                        yield shape.delta(data)
-                        sent += len(data) - 2
-                else:
-                    _item(data, outcome)
+                if data != _EMPTY:
+                    yield shape.delta(data)
+                    sent += len(data) - 2
+            else:
+                _item(data, outcome)  # the Finish (again, when it came first: no matter)
         yield shape.chunk(None if shape.chat else "", finish=outcome.reason)
         if usage:
             yield shape.usage_chunk(outcome)
@@ -259,6 +253,15 @@ async def _events(
 
 
 _EMPTY = b'""'
+
+
+async def _after(first: bytes | None, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """`first`, then the rest of the stream; nothing when the stream ended before `first`."""
+    if first is None:
+        return
+    yield first
+    async for data in rest:
+        yield data
 
 
 def _is_text(chunk: bytes) -> bool:
