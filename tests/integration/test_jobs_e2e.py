@@ -292,7 +292,9 @@ async def test_a_finished_jobs_result_expires(settings: Settings, tmp_path: Path
         async def dropped() -> bool:
             async with engine.connect() as conn:
                 query = sa.select(Call.status, Call.result).where(Call.id == call_id)
-                row = (await conn.execute(query)).one()
+                row = (await conn.execute(query)).first()
+            if row is None:  # forgotten a TTL after it expired (a slow check sees that)
+                return True
             assert (row.status, row.result) == (CallStatus.EXPIRED, None), row
             return True
 
