@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import kiln
-from kiln.catalog.text import context_length
-from kiln.errors import InvalidSpec
+from kiln.catalog.text import context_length, require_model_id
 
 if TYPE_CHECKING:
     import torch
@@ -65,11 +64,7 @@ class TransformersEmbeddings:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        if not self.model_id:
-            raise InvalidSpec(
-                f"{type(self).__name__}.model_id is empty: set it to a Hugging Face model id "
-                "or a local model directory."
-            )
+        require_model_id(self)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_id)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = AutoModel.from_pretrained(self.model_id, dtype="auto").to(device).eval()

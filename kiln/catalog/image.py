@@ -19,7 +19,7 @@ import threading
 from typing import Any, ClassVar
 
 import kiln
-from kiln.errors import InvalidSpec
+from kiln.catalog.text import require_model_id
 
 __all__ = ["DiffusersImage"]
 
@@ -42,11 +42,7 @@ class DiffusersImage:
         import torch
         from diffusers import AutoPipelineForText2Image
 
-        if not self.model_id:
-            raise InvalidSpec(
-                f"{type(self).__name__}.model_id is empty: set it to a Hugging Face model id "
-                "or a local model directory."
-            )
+        require_model_id(self)
         gpu = torch.cuda.is_available()
         pipeline = AutoPipelineForText2Image.from_pretrained(  # type: ignore[no-untyped-call]
             self.model_id, dtype=torch.float16 if gpu else torch.float32

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from kiln.catalog._sampling import Generation
     from kiln.catalog._vllm import VllmEngine
 
-__all__ = ["TransformersText", "context_length"]
+__all__ = ["TransformersText", "context_length", "require_model_id"]
 
 _log = logging.getLogger("kiln.catalog")
 
@@ -50,6 +50,17 @@ PLAIN_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n"
     "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
 )
+
+
+def require_model_id(engine: object) -> str:
+    """The engine's `model_id`; `InvalidSpec` when its class left it empty."""
+    model_id: str = getattr(engine, "model_id", "")
+    if not model_id:
+        raise InvalidSpec(
+            f"{type(engine).__name__}.model_id is empty: set it to a Hugging Face model id or a "
+            "local model directory."
+        )
+    return model_id
 
 
 def context_length(config: Any, tokenizer: Any, *, fallback: int = FALLBACK_CONTEXT) -> int:
@@ -114,11 +125,7 @@ class TransformersText:
 
         from kiln.catalog import _vllm
 
-        if not self.model_id:
-            raise InvalidSpec(
-                f"{type(self).__name__}.model_id is empty: set it to a Hugging Face model id "
-                "or a local model directory."
-            )
+        require_model_id(self)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_id)
         config = AutoConfig.from_pretrained(self.model_id)
         self.context = context_length(config, self.tokenizer)

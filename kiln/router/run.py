@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -30,7 +31,14 @@ from kiln.router.stream_response import stream_response
 from kiln.router.streams import CallAbandoned
 from kiln.router.validation import read_body, storable_text
 
-__all__ = ["DisconnectWatch", "call_slot", "read_body", "resolve_entry", "run", "watch_disconnect"]
+__all__ = [
+    "abandoned_if_gone",
+    "call_slot",
+    "read_body",
+    "resolve_entry",
+    "run",
+    "watch_disconnect",
+]
 
 JSON = "application/json"
 BYTES = "application/octet-stream"
@@ -71,6 +79,26 @@ def watch_disconnect(request: Request) -> Callable[[Callable[[], None]], Callabl
         return watcher.stop
 
     return watch
+
+
+@contextlib.contextmanager
+def abandoned_if_gone(request: Request, call: asyncio.Future[Any]) -> Iterator[None]:
+    """While inside, a client that disconnects fails `call` with `CallAbandoned`: its caller
+    stops waiting, and the dispatcher has the replica stop the call. The body is read, so the
+    next message from the client can only be its disconnect; most calls finish before it would
+    matter, so the watch starts only after a moment."""
+
+    def gone() -> None:
+        if not call.done():
+            call.set_exception(CallAbandoned())
+
+    disconnect = DisconnectWatch(request, gone)
+    timer = asyncio.get_running_loop().call_later(_WATCH_AFTER_S, disconnect.start)
+    try:
+        yield
+    finally:
+        timer.cancel()
+        disconnect.stop()
 
 
 def classify(body: bytes, content_type: str) -> tuple[bytes, str]:
@@ -175,26 +203,15 @@ async def _sync_call(
         watch.failed(exc.code)
         raise
 
-    # The body is read, so the next message from the client can only be its disconnect: stop
-    # waiting for a caller who left, and have the replica stop the call (the dispatcher tells
-    # it). Most calls finish before it would matter, so the watch starts only after a moment.
-    def gone() -> None:
-        if not call.done():
-            call.set_exception(CallAbandoned())
-
-    disconnect = DisconnectWatch(request, gone)
-    timer = asyncio.get_running_loop().call_later(_WATCH_AFTER_S, disconnect.start)
     try:
-        result = await call
+        with abandoned_if_gone(request, call):
+            result = await call
     except CallAbandoned:
         watch.cancelled()
         return Response(status_code=499)
     except KilnError as exc:
         watch.failed(exc.code)
         raise
-    finally:
-        timer.cancel()
-        disconnect.stop()
     watch.succeeded(len(result.body))
     return Response(
         result.body,

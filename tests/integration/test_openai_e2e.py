@@ -245,6 +245,25 @@ async def test_images_from_a_method_of_the_developers_own(oai: openai.AsyncOpenA
     assert images[0] != images[1]
 
 
+async def logged_call(platform: Platform, completion_id: str) -> dict[str, Any]:
+    """The invocation log's row of a chat completion (its id is `chatcmpl-<request id>`),
+    once the writer has written it."""
+    request_id = completion_id.removeprefix("chatcmpl-")
+
+    async def logged() -> dict[str, Any]:
+        async with platform.client() as client:
+            calls = (await client.get("/v1/functions/tiny-chat/Chat/calls")).json()["calls"]
+        found = [c for c in calls if c["request_id"] == request_id]
+        assert found, "not yet written"
+        row: dict[str, Any] = found[0]
+        return row
+
+    row: dict[str, Any] = await eventually(
+        logged, within_s=15, what="the call's row in the invocation log"
+    )
+    return row
+
+
 def refusal(error: openai.APIStatusError) -> tuple[int, str | None, str]:
     body = error.body
     assert isinstance(body, dict)
@@ -354,15 +373,7 @@ async def test_token_counts_reach_the_invocation_log(
     )
     assert done.usage is not None
 
-    async def logged() -> dict[str, Any]:
-        async with platform.client() as client:
-            calls = (await client.get("/v1/functions/tiny-chat/Chat/calls")).json()["calls"]
-        found = [c for c in calls if c["request_id"] == done.id.removeprefix("chatcmpl-")]
-        assert found, "not yet written"
-        row: dict[str, Any] = found[0]
-        return row
-
-    row = await eventually(logged, within_s=15, what="the call's row in the invocation log")
+    row = await logged_call(platform, done.id)
     assert (row["prompt_tokens"], row["completion_tokens"]) == (done.usage.prompt_tokens, 5)
 
 
@@ -397,15 +408,7 @@ async def test_a_catalog_deployment_scales_to_zero_and_answers_from_its_snapshot
     )
     assert len(answered.choices[0].message.content or "") == 4
 
-    async def logged() -> dict[str, Any]:
-        async with platform.client() as client:
-            calls = (await client.get("/v1/functions/tiny-chat/Chat/calls")).json()["calls"]
-        found = [c for c in calls if c["request_id"] == answered.id.removeprefix("chatcmpl-")]
-        assert found, "not yet written"
-        row: dict[str, Any] = found[0]
-        return row
-
-    row = await eventually(logged, within_s=15, what="the call's row in the invocation log")
+    row = await logged_call(platform, answered.id)
     assert row["cold_start"] is True
     async with engine.connect() as conn:
         origin = await conn.scalar(

@@ -26,7 +26,7 @@ from kiln.router.call_order import CallOrder
 from kiln.router.errors import request_id
 from kiln.router.openai.models import resolve_model
 from kiln.router.openai.requests import model_of
-from kiln.router.run import DisconnectWatch, call_slot, read_body
+from kiln.router.run import abandoned_if_gone, call_slot, read_body
 from kiln.router.services import RouterServices, services
 from kiln.router.streams import CallAbandoned, CallStream
 from kiln.router.validation import parse_json
@@ -34,7 +34,6 @@ from kiln.router.validation import parse_json
 __all__ = ["OpenStream", "TaskCall", "read_task_call"]
 
 _JSON = "application/json"
-_WATCH_AFTER_S = 0.05
 
 
 @dataclass
@@ -91,23 +90,15 @@ class TaskCall:
                 watch.failed(exc.code)
                 raise
 
-            def gone() -> None:  # the caller left: stop waiting, and have the replica stop
-                if not call.done():
-                    call.set_exception(CallAbandoned())
-
-            disconnect = DisconnectWatch(self.request, gone)
-            timer = asyncio.get_running_loop().call_later(_WATCH_AFTER_S, disconnect.start)
             try:
-                result = await call
+                with abandoned_if_gone(self.request, call):
+                    result = await call
             except CallAbandoned:
                 watch.cancelled()
                 raise
             except KilnError as exc:
                 watch.failed(exc.code)
                 raise
-            finally:
-                timer.cancel()
-                disconnect.stop()
         try:
             decoded = json.loads(result.body)
             if tokens is not None:
