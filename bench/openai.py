@@ -71,6 +71,8 @@ MESSAGES = [
     {"role": "user", "content": "Write a short story about a lighthouse keeper who finds a map."}
 ]
 STREAMS = (1, 8)
+# So that a round holds as many first tokens at 1 stream as at 8 (a median of a few is noise).
+STREAMS_PER_ROUND = 8
 # Kiln's own processes: what it adds to the engine's.
 PLATFORM = ("server", "nats", "postgres", "redis")
 # The processes of a Kiln (or vLLM) server, by a word of their command lines.
@@ -211,6 +213,18 @@ def inprocess_stream(engine: Any, request: kiln.ChatRequest, go: threading.Barri
     return Stream(first - started, tokens, last - first, prompt)
 
 
+def in_process(
+    engine: Any, request: kiln.ChatRequest, width: int
+) -> Callable[[int], Awaitable[Batch]]:
+    """`n` streams of the engine in this process, its torch thread pool `width` wide."""
+
+    def batch(n: int) -> Batch:
+        torch_threads(width)
+        return inprocess_batch(engine, request, n)
+
+    return lambda n: asyncio.to_thread(batch, n)
+
+
 def inprocess_batch(engine: Any, request: kiln.ChatRequest, n: int) -> Batch:
     """`n` streams at once, each stepped by a thread of its own (as a replica's call threads
     step theirs)."""
@@ -313,13 +327,15 @@ class Target:
 
 
 async def measure_chat(targets: list[Target], rounds: int) -> None:
-    """Every target at every stream count, once to warm up, then `rounds` times interleaved."""
+    """Every target at every stream count, once to warm up, then `rounds` times interleaved;
+    a round runs `STREAMS_PER_ROUND` streams a target at each stream count (8 batches of 1
+    stream, one of 8), the targets taking turns batch by batch."""
     for n in STREAMS:
         for t in targets:
             await t.run(n)
     for _ in range(rounds):
         for n in STREAMS:
-            for t in targets:
+            for t in [*targets] * max(1, STREAMS_PER_ROUND // n):
                 before, started = cpu_usage(t.server), time.perf_counter()
                 t.batches.setdefault(n, []).append(await t.run(n))
                 elapsed = time.perf_counter() - started
@@ -398,9 +414,9 @@ def verdict(ok: bool) -> str:
 
 
 def chat_table(targets: list[Target], *, ttft_target_ms: float | None, ratio: float) -> None:
-    print(f"\n{'target':<14} {'streams':>7} {'TTFT p50':>9} {'TTFT p90':>9} {'tok/s p50':>10} "
+    print(f"\n{'target':<22} {'streams':>7} {'TTFT p50':>9} {'TTFT p90':>9} {'tok/s p50':>10} "
           f"{'tok/s p10':>10} {'aggregate':>10}")  # fmt: skip
-    print(f"{'':<14} {'':>7} {'ms':>9} {'ms':>9} {'/stream':>10} {'/stream':>10} {'tok/s':>10}")
+    print(f"{'':<22} {'':>7} {'ms':>9} {'ms':>9} {'/stream':>10} {'/stream':>10} {'tok/s':>10}")
     stats: dict[tuple[str, int], tuple[float, float, float]] = {}
     for n in STREAMS:
         for t in targets:
@@ -409,7 +425,7 @@ def chat_table(targets: list[Target], *, ttft_target_ms: float | None, ratio: fl
             rates = [s.rate for s in streams]
             aggregate = statistics.median(b.aggregate for b in t.batches[n])
             stats[(t.name, n)] = (statistics.median(ttft), statistics.median(rates), aggregate)
-            print(f"{t.name:<14} {n:>7} {statistics.median(ttft):>9.1f} "
+            print(f"{t.name:<22} {n:>7} {statistics.median(ttft):>9.1f} "
                   f"{percentile(ttft, 0.9):>9.1f} {statistics.median(rates):>10.1f} "
                   f"{percentile(rates, 0.1):>10.1f} {aggregate:>10.1f}")  # fmt: skip
     base, kiln_ = targets[0].name, targets[1].name
@@ -596,6 +612,10 @@ async def run(args: argparse.Namespace, setup: Setup, stack: contextlib.ExitStac
         prompt = (await client_stream(client, CHAT, 1)).prompt_tokens
         print(f"\nchat: {model}; prompt {prompt} tokens, max_tokens {args.max_tokens}, "
               f"temperature 0; {args.rounds} rounds after a warm-up")  # fmt: skip
+        width = replica_threads(proc.pid)
+        print(f"  torch's thread pool: {torch_threads()} by default in this process; "
+              f"{width or 'as wide as the machine'} in Kiln's replica (the node agent's "
+              f"OMP_NUM_THREADS)")  # fmt: skip
         if vllm_target is not None:
             await measure_chat([kiln_target], args.rounds)
             chat_table([vllm_target, kiln_target], ttft_target_ms=None, ratio=0.9)
@@ -609,13 +629,20 @@ async def run(args: argparse.Namespace, setup: Setup, stack: contextlib.ExitStac
                 messages=tuple(kiln.Message(role="user", content=m["content"]) for m in MESSAGES),
                 max_tokens=args.max_tokens, temperature=0,
             )  # fmt: skip
-            inprocess = Target(
-                "in-process", lambda n: asyncio.to_thread(inprocess_batch, chat, request, n)
-            )
-            await measure_chat([inprocess, kiln_target], args.rounds)
+            # The engine as the replica runs it (its thread pool as wide), which the targets
+            # compare with; and, where that differs, as this process runs it by default.
+            default = torch_threads()
+            widths = [replica_threads(proc.pid) or default]
+            widths += [default] if widths[0] != default else []
+            inprocess = [
+                Target(f"in-process, {w} thread{'s' * (w > 1)}", in_process(chat, request, w))
+                for w in widths
+            ]
+            await measure_chat([inprocess[0], kiln_target, *inprocess[1:]], args.rounds)
             chat.stop()
-            chat_table([inprocess, kiln_target], ttft_target_ms=5.0, ratio=0.95)
-            chat_cpu([inprocess, kiln_target])
+            torch_threads(default)
+            chat_table([inprocess[0], kiln_target, *inprocess[1:]], ttft_target_ms=5.0, ratio=0.95)
+            chat_cpu([inprocess[0], kiln_target, *inprocess[1:]])
             print(f"\nvLLM comparison skipped: {skipped}.")
 
         batched, single = loaded[:2]
@@ -666,6 +693,29 @@ def model_context(model: Path) -> int:
     from kiln.catalog.text import context_length
 
     return context_length(AutoConfig.from_pretrained(model), AutoTokenizer.from_pretrained(model))
+
+
+def torch_threads(width: int | None = None) -> int:
+    """The width of this process's torch thread pool, set to `width` first if given."""
+    import torch
+
+    if width is not None:
+        torch.set_num_threads(width)
+    return int(torch.get_num_threads())
+
+
+def replica_threads(server: int) -> int | None:
+    """The thread pool width (OMP_NUM_THREADS) the node agent gave the replicas under `server`
+    (the catalog's entries set none of their own); None when it left the pool as wide as the
+    machine."""
+    import psutil
+
+    for proc in psutil.Process(server).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "kiln.invoker.replica" in " ".join(proc.cmdline()):
+                width = proc.environ().get("OMP_NUM_THREADS")
+                return int(width) if width else None
+    return None
 
 
 def started(cls: type[Any]) -> Any:

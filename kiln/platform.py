@@ -116,7 +116,7 @@ async def serve_platform(
                 stream_replicas=settings.stream_replicas,
             )  # fmt: skip
             parts.append(start_part(exits, acting.run, "kiln-scheduler", within_s=within_s))
-        node_agent = NodeAgent(settings, nc)
+        node_agent = NodeAgent(settings, nc, shares_host=True)
         link.on_reconnected(node_agent.on_nats_reconnected)
         parts.append(start_part(exits, node_agent.run, "kiln-node-agent", within_s=within_s))
         also = [

@@ -120,8 +120,11 @@ class _Slots:
 
 
 class NodeAgent:
-    def __init__(self, settings: Settings, nc: NATS) -> None:
+    def __init__(self, settings: Settings, nc: NATS, *, shares_host: bool = False) -> None:
         self.settings = settings
+        # Whether the platform's own processes (router, NATS, PostgreSQL...) run on this host
+        # too, as under `kiln dev`: replicas' thread pools then leave them a core.
+        self.shares_host = shares_host
         self.nc = nc
         self.subjects = Subjects(settings.namespace)
         self.node_id = settings.node_id or socket.gethostname().split(".")[0]
@@ -536,11 +539,18 @@ class NodeAgent:
         Idle OpenMP threads (torch's, NumPy's) sleep instead of spinning: a replica shares its
         cores with the router, NATS, standbys and other replicas, and spinning threads took
         most of a CPU replica's time while it streamed (bench/openai.py). Under a CPU cap
-        (KILN_SANDBOX_CPUS) the pools are as wide as the cap, not as the node."""
+        (KILN_SANDBOX_CPUS) the pools are as wide as the cap, not as the node. On a host the
+        platform shares (`kiln dev`) they leave it one core: a pool as wide as the machine
+        waits at every step for whichever of its threads the router or NATS preempted, which
+        cost a CPU replica a quarter of its tokens per second on 2 cores (bench/openai.py)."""
         env = {"OMP_WAIT_POLICY": "PASSIVE"}
         cpus = self.sandboxes.cpus if self.sandboxes is not None else None
-        if cpus is not None:
-            env["OMP_NUM_THREADS"] = str(max(1, math.ceil(cpus)))
+        width = math.ceil(cpus) if cpus is not None else None
+        if self.shares_host:
+            spare = len(os.sched_getaffinity(0)) - 1
+            width = spare if width is None else min(width, spare)
+        if width is not None:
+            env["OMP_NUM_THREADS"] = str(max(1, width))
         return env
 
     def _replica_env(
