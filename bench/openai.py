@@ -2,9 +2,10 @@
 
 1. chat: time to first token and tokens per second of streamed chat completions through Kiln
    (the catalog's chat entry, called with OpenAI's own client) against the same engine class
-   instantiated here, its hooks run by hand and its `chat` generator iterated directly, at 1
-   and 8 concurrent streams. Targets: first token at most 5 ms later at p50; streaming
-   throughput at least 0.95x of in-process.
+   instantiated here, its hooks run by hand, its torch thread pool as wide as the replica's,
+   and its `chat` generator iterated directly, at 1 and 8 concurrent streams (and, where
+   torch's default pool is wider, the engine with that pool too). Targets: first token at
+   most 5 ms later at p50; streaming throughput at least 0.95x of in-process.
 2. embeddings: requests per second of concurrent single-input requests through Kiln and
    in-process, with the engine's batching (the catalog's) and without it (the same engine
    with `max_batch = 1`, deployed as an app of its own with the catalog's concurrency).
@@ -19,7 +20,7 @@ replicas where the machine allows), the model folder shown to the sandboxes as a
 would (KILN_SANDBOX_SHARE). The chat model is a random GPT-2 built here with the byte
 tokenizer and chat template of `kiln.catalog.tiny`'s chat model, wide enough that a decoding
 step costs real time on a CPU, and it writes until `max_tokens` (it never writes EOS), so
-every stream has the same length. Measurements alternate round by round, so drift on a busy
+every stream has the same length. Measurements alternate batch by batch, so drift on a busy
 machine hits both sides alike.
 
 On a machine with fewer cores than busy processes (client, router, NATS, replica) the wall

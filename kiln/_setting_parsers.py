@@ -244,3 +244,12 @@ def _api_key(raw: str) -> str:
             "or mistyped, copy it again"
         )
     return raw.strip()
+
+
+def _mail_from(raw: str) -> str:
+    from email.utils import parseaddr
+
+    _, address = parseaddr(raw)
+    if "@" not in address or "\n" in raw or "\r" in raw:
+        raise ValueError("expected a sender address such as Kiln <kiln@example.com>")
+    return raw.strip()

@@ -31,6 +31,7 @@ from kiln._setting_parsers import (
     _host,
     _http_url,
     _int_range,
+    _mail_from,
     _meter_event,
     _modules,
     _namespace,
@@ -157,6 +158,8 @@ class Settings:
     currency: str = "usd"
     refill_max_failures: int = 3
     min_charge_s: int = 0
+    smtp_url: str | None = dataclasses.field(default=None, repr=False)
+    mail_from: str = "Kiln <kiln@localhost>"
 
     @property
     def stripe_enabled(self) -> bool:
@@ -667,6 +670,21 @@ SETTINGS: tuple[SettingSpec, ...] = (
         _int_range(0, 86_400),
         "a replica is billed for at least this many seconds, however briefly it ran (0: no "
         "minimum)",
+    ),
+    SettingSpec(
+        "KILN_SMTP_URL",
+        "smtp_url",
+        _url(("smtp", "smtps"), "smtp://user:password@mail.example.com:587"),
+        "the SMTP server the console's mail goes through (smtp:// upgrades with STARTTLS when "
+        "offered; smtps:// is TLS from the start)",
+        secret=True,
+        unset="each message is written to a file under `$KILN_HOME/mail/` and its link logged",
+    ),
+    SettingSpec(
+        "KILN_MAIL_FROM",
+        "mail_from",
+        _mail_from,
+        "the sender of the console's mail",
     ),
     SettingSpec(
         "KILN_METRICS_PORT",

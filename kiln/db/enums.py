@@ -18,9 +18,11 @@ __all__ = [
     "InvocationKind",
     "InvocationStatus",
     "LedgerKind",
+    "MailPurpose",
     "NodeState",
     "ReplicaState",
     "ScalingSetting",
+    "UserRole",
     "WebhookState",
 ]
 
@@ -137,3 +139,20 @@ class PaymentStatus(enum.StrEnum):
 class OutboxKind(enum.StrEnum):
     METER_EVENT = "meter_event"  # usage, for Stripe Billing meters
     REFILL = "refill"  # an off-session PaymentIntent for an auto-refill
+
+
+class UserRole(enum.StrEnum):
+    """What a console user is: the owner or a member of one customer, or an operator of the
+    whole platform (who belongs to no customer)."""
+
+    OWNER = "owner"  # everything the customer has, its members and its money included
+    MEMBER = "member"  # the customer's deployments, keys and logs; not its members or money
+    OPERATOR = "operator"
+
+
+class MailPurpose(enum.StrEnum):
+    """What a link sent by mail does when followed (each link works once)."""
+
+    VERIFY = "verify"  # confirms a new user's address
+    RESET = "reset"  # sets a new password
+    INVITE = "invite"  # joins a customer as a member

@@ -16,6 +16,7 @@ from kiln.db.models_billing import (
 )
 from kiln.db.models_calls import Call, Invocation
 from kiln.db.models_compute import Node, Replica
+from kiln.db.models_console import ConsoleSession, MailToken, User
 
 __all__ = [
     "ApiKey",
@@ -23,15 +24,18 @@ __all__ = [
     "AppVersion",
     "Base",
     "Call",
+    "ConsoleSession",
     "Customer",
     "DailySpend",
     "Function",
     "Invocation",
     "LedgerEntry",
+    "MailToken",
     "Node",
     "Payment",
     "Replica",
     "StripeEvent",
     "StripeOutbox",
     "UsageEvent",
+    "User",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 
 from kiln.apikeys import mint_key
 from kiln.billing.ledger import Changes, billing_rules, refresh_block
-from kiln.db.enums import ApiKeyKind
+from kiln.db.enums import ApiKeyKind, CustomerTier
 from kiln.db.models import ApiKey, App, Customer, Function
 from kiln.db.session import transaction
 from kiln.errors import InvalidRequest, NotFound, PermissionDenied
@@ -45,6 +45,7 @@ from kiln.router.views import (
 from kiln.tiers import TierLimits, with_overrides
 
 __all__ = [
+    "CustomerMaker",
     "create_customer",
     "create_key",
     "get_customer",
@@ -90,18 +91,35 @@ def _customer_view(customer: Customer, tiers: Mapping[str, TierLimits], keys: in
 # Customers -------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class CustomerMaker:
+    """Makes customers: `POST /v1/customers` and the console's registration."""
+
+    svc: RouterServices
+
+    async def add(
+        self, session: AsyncSession, name: str, tier: CustomerTier, changes: Changes
+    ) -> uuid.UUID:
+        customer = Customer(name=name, tier=tier)
+        session.add(customer)
+        await session.flush()
+        await _billing_check(self.svc, session, customer.id, changes)
+        return customer.id
+
+    async def announce(self, changes: Changes) -> None:
+        await announce(self.svc, changes)
+
+
 async def create_customer(request: Request) -> Response:
     svc = services(request)
     await _operator(request)
     body = await read_model(request, CustomerBody)
+    maker = CustomerMaker(svc)
     async with transaction(svc.sessions) as session:
-        customer = Customer(name=body.name, tier=body.tier)
-        session.add(customer)
-        await session.flush()
-        await _billing_check(svc, session, customer.id, changes := Changes())
-        await session.refresh(customer)
+        customer_id = await maker.add(session, body.name, body.tier, changes := Changes())
+        customer = await session.get_one(Customer, customer_id, populate_existing=True)
         view = _customer_view(customer, svc.settings.tier_limits, 0)
-    await announce(svc, changes)
+    await maker.announce(changes)
     return JSONResponse(dump(view), status_code=201)
 
 

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln._health import Health
 from kiln._service import open_health
+from kiln.console.routes import console_mount
 from kiln.errors import KilnError
 from kiln.observability.nats import NatsMetrics
 from kiln.router import (
@@ -110,6 +111,7 @@ ROUTES = [
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
+    console_mount(),
 ]
 
 

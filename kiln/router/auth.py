@@ -37,9 +37,12 @@ from kiln.router.limits import Limiter
 from kiln.seal import Seals
 from kiln.tiers import TierLimits
 
-__all__ = ["SCOPE_CUSTOMER", "Authenticator", "Principal"]
+__all__ = ["SCOPE_CONSOLE", "SCOPE_CUSTOMER", "Authenticator", "Principal"]
 
 SCOPE_CUSTOMER = "kiln.customer"  # (customer id, tier) of the request's key, in the ASGI scope
+# The principal of a console user calling the API in-process (kiln.console.web.api). Only code
+# in this process can put it in a scope: no header or cookie of a request reaches it.
+SCOPE_CONSOLE = "kiln.console_principal"
 
 _log = logging.getLogger(__name__)
 _CACHE_TTL_S = 5.0
@@ -103,11 +106,13 @@ class Authenticator:
 
     async def authenticate(self, conn: HTTPConnection, *, count: bool = True) -> Principal:
         """The key's principal; with `count`, the request is also counted against the
-        customer's limits (calls count when they take a slot: `Limiter.call_slot`)."""
-        principal = await self._principal(conn)
+        customer's limits (calls count when they take a slot: `Limiter.call_slot`). A console
+        user's request is not counted: a person clicking is not a client's traffic."""
+        console: Principal | None = conn.scope.get(SCOPE_CONSOLE)
+        principal = console if console is not None else await self._principal(conn)
         if principal.customer_id is not None:  # refusals from here on are the customer's
             conn.scope[SCOPE_CUSTOMER] = (str(principal.customer_id), principal.tier or "")
-        if count and self.limiter is not None and principal.limits is not None:
+        if count and console is None and self.limiter is not None and principal.limits is not None:
             assert principal.tier is not None
             await self.limiter.admit(str(principal.customer_id), principal.tier, principal.limits)
         return principal
@@ -244,12 +249,12 @@ class Authenticator:
                 "this account is disabled; ask the platform's operator",
                 customer=(str(key.customer_id), tier.value),
             )
-        return self._principal_of(
+        return self.principal_for(
             key.id, key.kind, key.customer_id, key.function_id,
             tier.value if tier is not None else None, overrides,
         )  # fmt: skip
 
-    def _principal_of(
+    def principal_for(
         self,
         key_id: uuid.UUID,
         kind: ApiKeyKind,

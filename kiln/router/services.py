@@ -21,6 +21,7 @@ from kiln.settings import Settings
 
 if TYPE_CHECKING:
     from kiln.billing.stripe_gateway import StripeGateway
+    from kiln.console.web import Console
     from kiln.observability.invocation_log import InvocationLog
     from kiln.router.abuse import AbuseSignals
 
@@ -42,6 +43,7 @@ class RouterServices:
     health: Health
     link: NatsLink
     stripe: StripeGateway | None = None  # None: payments are not set up
+    console: Console | None = None  # set once the rest is open (it uses the rest)
 
 
 def services(conn: HTTPConnection) -> RouterServices:

@@ -4,15 +4,22 @@ application's lifespan, so that it all closes in reverse order when the router s
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 from kiln._health import Health
 from kiln._service import open_database, open_nats, open_redis, push_bounded
 from kiln.billing.stripe_gateway import StripeGateway
 from kiln.codestore import CodeStore
+from kiln.console.accounts import Accounts
+from kiln.console.mail import Mailer
+from kiln.console.sessions import SessionStore
+from kiln.console.throttle import Throttle
+from kiln.console.web import Console
 from kiln.db.session import session_factory
 from kiln.observability.invocation_log import InvocationLog, InvocationLogMetrics
 from kiln.observability.nats import NatsMetrics, NatsProcess
 from kiln.router.abuse import AbuseSignals
+from kiln.router.access import CustomerMaker
 from kiln.router.auth import Authenticator
 from kiln.router.billing_gate import BillingGate
 from kiln.router.catalog import Catalog
@@ -22,7 +29,7 @@ from kiln.router.limits import Limiter
 from kiln.router.metrics import RouterMetrics
 from kiln.router.services import RouterServices
 from kiln.seal import Seals
-from kiln.settings import Settings, Switch
+from kiln.settings import Environment, Settings, Switch
 from kiln.streams import CALLS, LOGS, USAGE, ensure_job_streams, ensure_stream
 from kiln.wire import Subjects
 
@@ -103,7 +110,7 @@ async def open_services(
     if settings.stripe_enabled:
         stripe = StripeGateway(settings)
         push_bounded(exits, stripe.close, "the Stripe client")
-    return RouterServices(
+    svc = RouterServices(
         abuse=AbuseSignals(redis, settings.redis_prefix, metrics.count_customer_rejection),
         settings=settings,
         sessions=sessions,
@@ -123,4 +130,18 @@ async def open_services(
         health=health,
         link=link,
         stripe=stripe,
+    )
+    svc.console = open_console(svc, redis)
+    return svc
+
+
+def open_console(svc: RouterServices, redis: Any) -> Console:
+    """The web console's parts. Its cookies are Secure wherever the platform is served over
+    HTTPS, that is everywhere but `kiln dev` and the tests (plain HTTP on loopback)."""
+    settings = svc.settings
+    return Console(
+        accounts=Accounts(svc.sessions, Mailer(settings), CustomerMaker(svc)),
+        sessions=SessionStore(svc.sessions),
+        throttle=Throttle(redis, settings.redis_prefix),
+        secure_cookies=settings.env is Environment.PRODUCTION,
     )

@@ -25,17 +25,20 @@ TABLES = {
     "app_versions",
     "apps",
     "calls",
+    "console_sessions",
     "customers",
     "daily_spend",
     "functions",
     "invocations",
     "ledger_entries",
+    "mail_tokens",
     "nodes",
     "payments",
     "replicas",
     "stripe_events",
     "stripe_outbox",
     "usage_events",
+    "users",
 }
 MAX_IDENTIFIER = 63  # PostgreSQL truncates longer names, which would break name-based migrations
 
@@ -146,9 +149,12 @@ def test_uuid_primary_keys_are_generated_in_python() -> None:
         "apps",
         "app_versions",
         "calls",
+        "console_sessions",
         "customers",
         "functions",
+        "mail_tokens",
         "replicas",
+        "users",
     }
     for column in uuid_pks:
         assert column.default is not None

@@ -1,0 +1,25 @@
+"""The console's routes, mounted at `/console` by the router."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from kiln.console.pages.accounts import ACCOUNT_ROUTES
+from kiln.console.pages.home import HOME_ROUTES
+from kiln.console.pages.keys import KEY_ROUTES
+
+__all__ = ["console_mount"]
+
+_STATIC = Path(__file__).parent / "static"
+
+
+def console_mount() -> Mount:
+    routes: list[BaseRoute] = [
+        Route(path, handler, methods=methods)
+        for path, handler, methods in [*HOME_ROUTES, *ACCOUNT_ROUTES, *KEY_ROUTES]
+    ]
+    routes.append(Mount("/static", StaticFiles(directory=_STATIC), name="console-static"))
+    return Mount("/console", routes=routes)

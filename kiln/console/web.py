@@ -1,0 +1,271 @@
+"""What every console page uses: who is signed in, the checks a form passes before anything it
+asks is done (the `Origin` header, then the CSRF token), rendering a template, and calling the
+platform's own JSON API in-process as the signed-in user.
+
+Calling the API, rather than querying tables, keeps one set of rules: what a console user may
+see and change is exactly what an account key of their customer may (an operator's, what an
+operator key may), so another customer's deployment, key or log is a 404 here as it is there.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from starlette.datastructures import FormData
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.types import Message
+
+from kiln.console.accounts import Accounts
+from kiln.console.sessions import COOKIE, SessionStore, SignedIn
+from kiln.console.throttle import Throttle
+from kiln.db.enums import ApiKeyKind
+from kiln.errors import PermissionDenied, RemoteError
+from kiln.router.auth import SCOPE_CONSOLE, Principal
+from kiln.router.services import services
+
+__all__ = [
+    "ANON_CSRF_COOKIE",
+    "Console",
+    "SignInFirst",
+    "api",
+    "checked_form",
+    "console",
+    "render",
+    "signed_in",
+]
+
+ANON_CSRF_COOKIE = "kiln_csrf"  # the CSRF token of forms shown to nobody signed in yet
+_TEMPLATES = Path(__file__).parent / "templates"
+_ENV = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(_TEMPLATES),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+def money(micros: int, currency: str = "usd") -> str:
+    """An amount of micro-units as people read it: $1,234.56 (other currencies: 1,234.56 EUR)."""
+    amount = f"{abs(micros) / 1_000_000:,.2f}"
+    sign = "-" if micros < 0 else ""
+    return f"{sign}${amount}" if currency == "usd" else f"{sign}{amount} {currency.upper()}"
+
+
+_ENV.globals["money"] = money
+
+
+@dataclass(frozen=True)
+class Console:
+    """The console's parts, opened with the router's services."""
+
+    accounts: Accounts
+    sessions: SessionStore
+    throttle: Throttle
+    secure_cookies: bool  # Secure cookies: everywhere but `kiln dev` and the tests
+
+
+def console(request: Request) -> Console:
+    found = services(request).console
+    assert found is not None
+    return found
+
+
+class SignInFirst(Exception):
+    """Raised by a page that needs a signed-in user; answered with a redirect to sign in."""
+
+    def __init__(self, after: str) -> None:
+        self.after = after
+
+
+async def signed_in(request: Request, *, optional: bool = False) -> SignedIn | None:
+    """The request's signed-in user (cached on the request); `SignInFirst` when there is
+    none, unless `optional`."""
+    if "console_user" not in request.scope:
+        token = request.cookies.get(COOKIE, "")
+        request.scope["console_user"] = (
+            await console(request).sessions.find(token) if token else None
+        )
+    user: SignedIn | None = request.scope["console_user"]
+    if user is None and not optional:
+        raise SignInFirst(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
+    return user
+
+
+async def user_of(request: Request) -> SignedIn:
+    user = await signed_in(request)
+    assert user is not None
+    return user
+
+
+def own_origin(request: Request) -> set[str]:
+    """The origins a form of this console may be posted from: the one the request reached,
+    and the platform's public URL when one is set."""
+    origins = {f"{request.url.scheme}://{request.url.netloc}"}
+    public = services(request).settings.url
+    if public:
+        parts = urllib.parse.urlsplit(public)
+        origins.add(f"{parts.scheme}://{parts.netloc}")
+    return origins
+
+
+async def checked_form(request: Request, user: SignedIn | None) -> FormData:
+    """The posted form, once its `Origin` (or, lacking one, `Referer`) is this console's and
+    its CSRF token is the session's (or, before sign-in, the CSRF cookie's)."""
+    origin = request.headers.get("origin")
+    if origin is None and (referer := request.headers.get("referer")):
+        parts = urllib.parse.urlsplit(referer)
+        origin = f"{parts.scheme}://{parts.netloc}"
+    if origin not in own_origin(request):
+        raise PermissionDenied(
+            "this form was posted from another site (its Origin is not this console's)"
+        )
+    form = await request.form(max_files=0, max_fields=50)
+    sent = form.get("csrf")
+    expected = user.csrf if user is not None else request.cookies.get(ANON_CSRF_COOKIE, "")
+    if not isinstance(sent, str) or not expected or not secrets.compare_digest(sent, expected):
+        raise PermissionDenied(
+            "this form's security token is missing or stale: reload the page and send it again"
+        )
+    return form
+
+
+def field(form: FormData, name: str) -> str:
+    value = form.get(name)
+    return value if isinstance(value, str) else ""
+
+
+def render(
+    request: Request,
+    template: str,
+    user: SignedIn | None = None,
+    /,
+    *,
+    status: int = 200,
+    **context: Any,
+) -> Response:
+    """A page. Forms on pages for nobody signed in get the CSRF cookie's token."""
+    csrf = user.csrf if user is not None else request.cookies.get(ANON_CSRF_COOKIE) or ""
+    fresh = user is None and not csrf
+    if fresh:
+        csrf = secrets.token_urlsafe(24)
+    html = _ENV.get_template(template).render(
+        user=user, csrf=csrf, path=request.url.path, base_url=base_url(request), **context
+    )
+    response = HTMLResponse(html, status_code=status, headers=_PAGE_HEADERS)
+    if fresh:
+        response.set_cookie(
+            ANON_CSRF_COOKIE, csrf, httponly=True, samesite="strict",
+            secure=console(request).secure_cookies, path="/console",
+        )  # fmt: skip
+    return response
+
+
+# No framing by other sites, no sniffing, no referrer leaving the console with tokens in it,
+# and scripts only from the console itself.
+_PAGE_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+    ),
+}
+
+
+def base_url(request: Request) -> str:
+    """The platform's public URL, or the one this request reached."""
+    public = services(request).settings.url
+    return (public or f"{request.url.scheme}://{request.url.netloc}").rstrip("/")
+
+
+def redirect(to: str) -> Response:
+    return RedirectResponse(to, status_code=303)
+
+
+# The API, in-process -----------------------------------------------------------------------
+
+
+def principal_of(request: Request, user: SignedIn) -> Principal:
+    """The API principal a console user acts as: an account key of their customer, or an
+    operator key."""
+    if user.operator:
+        return Principal(user.session_id, ApiKeyKind.OPERATOR, None, None)
+    return services(request).auth.principal_for(
+        user.session_id, ApiKeyKind.ACCOUNT, user.customer_id, None, user.tier,
+        user.limit_overrides,
+    )  # fmt: skip
+
+
+async def api(
+    request: Request,
+    user: SignedIn,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    query: dict[str, str] | None = None,
+) -> Any:
+    """Call the router's own API as `user`; the decoded JSON answer. An error answer is raised
+    as the `KilnError` the handler raised."""
+    encoded = b"" if body is None else json.dumps(body).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": request.url.scheme,
+        "server": request.scope.get("server"),
+        "client": request.scope.get("client"),
+        "root_path": "",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": urllib.parse.urlencode(query or {}).encode(),
+        "headers": [
+            (b"host", request.headers.get("host", "localhost").encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(encoded)).encode()),
+            (b"x-request-id", request.headers.get("x-request-id", "").encode()),
+        ],
+        "app": request.app,
+        "state": request.scope.get("state", {}),
+        SCOPE_CONSOLE: principal_of(request, user),
+    }
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": encoded, "more_body": False}
+
+    status = 500
+    chunks: list[bytes] = []
+
+    async def send(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await request.app.router(scope, receive, send)
+    raw = b"".join(chunks)
+    if status >= 400:  # a handler that answered an error itself rather than raising it
+        error = json.loads(raw or b"{}").get("error", {})
+        raise RemoteError(
+            status=status,
+            code=str(error.get("code", "error")),
+            message=str(error.get("message", "the request failed")),
+        )
+    return json.loads(raw) if raw else None
