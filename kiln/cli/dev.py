@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import threading
@@ -98,6 +99,8 @@ def run_dev(
                 config_path = running.config_file
                 known_key = read_config(config_path).api_key
                 api_key = asyncio.run(bootstrap.ensure_operator_key(running, known_key))
+                operator_password = asyncio.run(bootstrap.ensure_console_operator(running))
+                _echo_mail(echo)
                 url = f"http://{running.host}:{running.port}"
                 write_config(
                     config_path,
@@ -119,6 +122,8 @@ def run_dev(
 
                 def ready() -> None:
                     _print_banner(echo, running, embedded, url, time.monotonic() - started)
+                    _print_console(echo, running, url, operator_password)
+                    echo("Press Ctrl-C to stop.")
 
                 then = None if after_ready is None else after_ready(running, api_key)
                 _loop.run(_serve(running, stack, shutdown, ready, then))
@@ -126,6 +131,36 @@ def run_dev(
         except KeyboardInterrupt:
             pass
     echo("kiln dev: stopped")
+
+
+class _Echo(logging.Handler):
+    def __init__(self, echo: Callable[[str], None]) -> None:
+        super().__init__(logging.INFO)
+        self.echo = echo
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.echo(f"kiln dev: {record.getMessage()}")
+
+
+def _echo_mail(echo: Callable[[str], None]) -> None:
+    """Print each mail the console writes to a file, with its link: without an SMTP server,
+    this is how the person at the terminal confirms an address or resets a password."""
+    mail = logging.getLogger("kiln.console.mail")
+    mail.setLevel(logging.INFO)
+    mail.addHandler(_Echo(echo))
+
+
+def _print_console(
+    echo: Callable[[str], None], settings: Settings, url: str, password: str | None
+) -> None:
+    from kiln.db.bootstrap import CONSOLE_OPERATOR
+
+    echo(f"  Console     {url}/console/")
+    if password is not None:
+        echo(f"              operator {CONSOLE_OPERATOR}, password {password}  (shown once)")
+    else:
+        echo(f"              operator {CONSOLE_OPERATOR}  (forgot its password? \"Forgot your "
+             f"password\" mails a link to {settings.home / 'mail'})")  # fmt: skip
 
 
 async def _serve(
@@ -194,4 +229,3 @@ def _print_banner(
     echo(f"  Router      {url}")
     echo(f"  Config      {settings.config_file}  (router URL and an operator API key)")
     echo(f"  Data        {settings.dev_dir}")
-    echo("Press Ctrl-C to stop.")

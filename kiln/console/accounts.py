@@ -18,7 +18,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -271,29 +270,6 @@ class Accounts:
                 Member(u.email, u.name, u.role, u.verified_at is not None, u.disabled_at is None)
                 for u in users
             ]
-
-    # Operators ----------------------------------------------------------------------------
-
-    async def ensure_operator(self, email: str, password: str) -> bool:
-        """An operator user with this address, confirmed, unless one exists; whether it made
-        one (`kiln dev` prints the password only then)."""
-        email = _checked_email(email)
-        hashed = await passwords.hash_password(password)
-        async with transaction(self.sessions) as session:
-            made = await session.execute(
-                insert(User)
-                .values(
-                    id=uuid.uuid4(),
-                    role=UserRole.OPERATOR,
-                    email=email,
-                    name="Operator",
-                    password_hash=hashed,
-                    verified_at=sa.func.now(),
-                )
-                .on_conflict_do_nothing(index_elements=[User.email])
-                .returning(User.id)
-            )
-            return made.first() is not None
 
 
 def _checked_email(raw: str) -> str:

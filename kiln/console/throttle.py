@@ -27,6 +27,19 @@ class Rule:
     window_s: int
 
 
+# Count an attempt and start the window with the first one, atomically (an EXPIRE lost after
+# the INCR would lock the subject out for good); Redis before 7 has no EXPIRE ... NX.
+_COUNT = """
+local attempts = redis.call('INCR', KEYS[1])
+local ttl = redis.call('TTL', KEYS[1])
+if ttl < 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+  ttl = tonumber(ARGV[1])
+end
+return {attempts, ttl}
+"""
+
+
 class Throttle:
     def __init__(self, redis: Any, prefix: str) -> None:
         self.redis = redis
@@ -50,11 +63,7 @@ class Throttle:
     async def _count(self, key: str, rule: Rule) -> int:
         """Seconds to wait before the next attempt is let in (0: let this one in)."""
         try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.incr(key)
-                pipe.expire(key, rule.window_s, nx=True)
-                pipe.ttl(key)
-                attempts, _, ttl = await pipe.execute()
+            attempts, ttl = await self.redis.eval(_COUNT, 1, key, rule.window_s)
         except Exception as exc:  # noqa: BLE001 - Redis away: count in this router instead
             self._trouble.failed(exc)
             return self._count_here(key, rule)

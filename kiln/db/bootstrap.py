@@ -1,17 +1,24 @@
 """First-run records a fresh installation needs: the operator key that `kiln dev` hands to the
-CLI through config.toml."""
+CLI through config.toml, and the operator user that signs in to its console."""
 
 from __future__ import annotations
 
+import secrets
+import uuid
+
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
 
 from kiln.apikeys import hash_key, mint_key, parse_key
-from kiln.db.enums import ApiKeyKind
-from kiln.db.models import ApiKey
+from kiln.db.enums import ApiKeyKind, UserRole
+from kiln.db.models import ApiKey, User
 from kiln.db.session import create_engine, session_factory, transaction
 from kiln.settings import Settings
 
-__all__ = ["ensure_operator_key"]
+__all__ = ["CONSOLE_OPERATOR", "ensure_console_operator", "ensure_operator_key"]
+
+# The console user `kiln dev` makes: an operator of the whole platform.
+CONSOLE_OPERATOR = "operator@kiln.local"
 
 
 async def ensure_operator_key(settings: Settings, known_key: str | None) -> str:
@@ -42,5 +49,33 @@ async def ensure_operator_key(settings: Settings, known_key: str | None) -> str:
                 )
             )
             return minted.plaintext
+    finally:
+        await engine.dispose()
+
+
+async def ensure_console_operator(settings: Settings) -> str | None:
+    """Make the console's operator user (`CONSOLE_OPERATOR`) unless it exists; its password
+    when it was made now (to be shown once), else None."""
+    from kiln.console.passwords import hash_password
+
+    password = secrets.token_urlsafe(12)
+    hashed = await hash_password(password)
+    engine = create_engine(settings, application_name="kiln-bootstrap")
+    try:
+        async with transaction(session_factory(engine)) as session:
+            made = await session.execute(
+                insert(User)
+                .values(
+                    id=uuid.uuid4(),
+                    role=UserRole.OPERATOR,
+                    email=CONSOLE_OPERATOR,
+                    name="Operator",
+                    password_hash=hashed,
+                    verified_at=sa.func.now(),
+                )
+                .on_conflict_do_nothing(index_elements=[User.email])
+                .returning(User.id)
+            )
+            return password if made.first() is not None else None
     finally:
         await engine.dispose()

@@ -203,3 +203,34 @@ def test_failed_start_reports_the_error_and_stops_the_servers(tmp_path: Path) ->
     assert "Traceback" not in failed.output
     # NATS and Redis were started (the database was external) and stopped again.
     assert failed.server_pids() == [None, None]
+
+
+def test_the_console_its_operator_and_mail_links(dev: DevProcess) -> None:
+    """`kiln dev` prints the console's URL and its operator's password (once); mail without an
+    SMTP server goes to a file, and kiln dev prints its link."""
+    import re
+
+    import httpx
+
+    dev.wait_for("Press Ctrl-C to stop.")
+    url = f"http://127.0.0.1:{dev.port}"
+    assert f"Console     {url}/console/" in dev.output
+    found = re.search(r"operator (\S+), password (\S+)  \(shown once\)", dev.output)
+    assert found is not None, dev.output
+    email, password = found.groups()
+    with httpx.Client(base_url=url, headers={"Origin": url}) as browser:
+        page = browser.get("/console/login")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert csrf is not None
+        signed_in = browser.post(
+            "/console/login",
+            data={"csrf": csrf.group(1), "email": email, "password": password, "next": ""},
+        )
+        assert signed_in.status_code == 303
+        home = browser.get("/console/")
+        assert home.status_code == 200
+        assert "operator" in home.text
+        asked = browser.post("/console/forgot", data={"csrf": csrf.group(1), "email": email})
+        assert asked.status_code == 200
+    dev.wait_for(f"its link: {url}/console/reset?token=")
+    assert list((dev.home / "mail").glob("*-reset-operator@kiln.local.eml"))

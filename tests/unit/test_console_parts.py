@@ -74,7 +74,7 @@ async def test_without_smtp_mail_is_a_file_with_its_link(tmp_path: Path) -> None
 
 
 class _NoRedis:
-    def pipeline(self, **_: Any) -> Any:
+    async def eval(self, *_: Any) -> Any:
         raise ConnectionError("Redis is away")
 
 
