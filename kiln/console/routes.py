@@ -8,6 +8,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from kiln.console.pages.accounts import ACCOUNT_ROUTES
+from kiln.console.pages.deployments import DEPLOYMENT_ROUTES
 from kiln.console.pages.home import HOME_ROUTES
 from kiln.console.pages.keys import KEY_ROUTES
 
@@ -19,7 +20,12 @@ _STATIC = Path(__file__).parent / "static"
 def console_mount() -> Mount:
     routes: list[BaseRoute] = [
         Route(path, handler, methods=methods)
-        for path, handler, methods in [*HOME_ROUTES, *ACCOUNT_ROUTES, *KEY_ROUTES]
+        for path, handler, methods in [
+            *HOME_ROUTES,
+            *ACCOUNT_ROUTES,
+            *KEY_ROUTES,
+            *DEPLOYMENT_ROUTES,
+        ]
     ]
     routes.append(Mount("/static", StaticFiles(directory=_STATIC), name="console-static"))
     return Mount("/console", routes=routes)

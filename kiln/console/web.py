@@ -1,15 +1,9 @@
 """What every console page uses: who is signed in, the checks a form passes before anything it
-asks is done (the `Origin` header, then the CSRF token), rendering a template, and calling the
-platform's own JSON API in-process as the signed-in user.
-
-Calling the API, rather than querying tables, keeps one set of rules: what a console user may
-see and change is exactly what an account key of their customer may (an operator's, what an
-operator key may), so another customer's deployment, key or log is a 404 here as it is there.
-"""
+asks is done (the `Origin` header, then the CSRF token), and rendering a template (Jinja2,
+autoescaped, with headers that keep other sites from framing or scripting the page)."""
 
 from __future__ import annotations
 
-import json
 import secrets
 import urllib.parse
 from dataclasses import dataclass
@@ -20,21 +14,17 @@ import jinja2
 from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
-from starlette.types import Message
 
 from kiln.console.accounts import Accounts
 from kiln.console.sessions import COOKIE, SessionStore, SignedIn
 from kiln.console.throttle import Throttle
-from kiln.db.enums import ApiKeyKind
-from kiln.errors import PermissionDenied, RemoteError
-from kiln.router.auth import SCOPE_CONSOLE, Principal
+from kiln.errors import PermissionDenied
 from kiln.router.services import services
 
 __all__ = [
     "ANON_CSRF_COOKIE",
     "Console",
     "SignInFirst",
-    "api",
     "checked_form",
     "console",
     "render",
@@ -190,82 +180,3 @@ def base_url(request: Request) -> str:
 
 def redirect(to: str) -> Response:
     return RedirectResponse(to, status_code=303)
-
-
-# The API, in-process -----------------------------------------------------------------------
-
-
-def principal_of(request: Request, user: SignedIn) -> Principal:
-    """The API principal a console user acts as: an account key of their customer, or an
-    operator key."""
-    if user.operator:
-        return Principal(user.session_id, ApiKeyKind.OPERATOR, None, None)
-    return services(request).auth.principal_for(
-        user.session_id, ApiKeyKind.ACCOUNT, user.customer_id, None, user.tier,
-        user.limit_overrides,
-    )  # fmt: skip
-
-
-async def api(
-    request: Request,
-    user: SignedIn,
-    method: str,
-    path: str,
-    body: Any = None,
-    *,
-    query: dict[str, str] | None = None,
-) -> Any:
-    """Call the router's own API as `user`; the decoded JSON answer. An error answer is raised
-    as the `KilnError` the handler raised."""
-    encoded = b"" if body is None else json.dumps(body).encode()
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": request.url.scheme,
-        "server": request.scope.get("server"),
-        "client": request.scope.get("client"),
-        "root_path": "",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": urllib.parse.urlencode(query or {}).encode(),
-        "headers": [
-            (b"host", request.headers.get("host", "localhost").encode()),
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(encoded)).encode()),
-            (b"x-request-id", request.headers.get("x-request-id", "").encode()),
-        ],
-        "app": request.app,
-        "state": request.scope.get("state", {}),
-        SCOPE_CONSOLE: principal_of(request, user),
-    }
-    sent = False
-
-    async def receive() -> Message:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": encoded, "more_body": False}
-
-    status = 500
-    chunks: list[bytes] = []
-
-    async def send(message: Message) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-        elif message["type"] == "http.response.body":
-            chunks.append(message.get("body", b""))
-
-    await request.app.router(scope, receive, send)
-    raw = b"".join(chunks)
-    if status >= 400:  # a handler that answered an error itself rather than raising it
-        error = json.loads(raw or b"{}").get("error", {})
-        raise RemoteError(
-            status=status,
-            code=str(error.get("code", "error")),
-            message=str(error.get("message", "the request failed")),
-        )
-    return json.loads(raw) if raw else None

@@ -91,6 +91,7 @@ ROUTES = [
     Route("/v1/functions/{app}/{name}", control.patch_function, methods=["PATCH"]),
     Route("/v1/functions/{app}/{name}/replicas", control.list_replicas, methods=["GET"]),
     Route("/v1/functions/{app}/{name}/calls", invocations.list_calls, methods=["GET"]),
+    Route("/v1/functions/{app}/{name}/stats", invocations.function_stats, methods=["GET"]),
     Route("/v1/functions/{app}/{name}/logs", function_logs, methods=["GET"]),
     Route("/v1/abuse", list_abuse, methods=["GET"]),
     Route("/v1/billing/balance", billing.balance, methods=["GET"]),

@@ -324,6 +324,12 @@ class CallsQuery(Query):
     ] = None
 
 
+class StatsQuery(Query):
+    """`GET /v1/functions/APP/NAME/stats`."""
+
+    hours: Annotated[int, Field(ge=1, le=24 * 31), Expect("a whole number of hours, 1 to 744")] = 24
+
+
 def _flag(value: Any) -> Any:
     return False if value == "" else value
 

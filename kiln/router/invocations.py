@@ -1,25 +1,33 @@
 """`GET /v1/functions/APP/FN/calls`: a function's recent calls from the invocation log, for
-its owner."""
+its owner; `GET /v1/functions/APP/FN/stats`: their counts and latency percentiles by hour."""
 
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from kiln.db.enums import InvocationStatus
 from kiln.db.models import Invocation
 from kiln.db.session import transaction
-from kiln.router.bodies import CallsQuery
+from kiln.router.bodies import CallsQuery, StatsQuery
 from kiln.router.control import control_principal, owned_function
 from kiln.router.services import services
 from kiln.router.validation import read_query
-from kiln.router.views import Invocations, InvocationView, dump
+from kiln.router.views import (
+    CallStats,
+    FunctionStats,
+    HourStats,
+    Invocations,
+    InvocationView,
+    dump,
+)
 
-__all__ = ["list_calls"]
+__all__ = ["function_stats", "list_calls"]
 
 
 async def list_calls(request: Request) -> Response:
@@ -81,3 +89,52 @@ def _view(row: Any) -> InvocationView:
             "completion_tokens": row["completion_tokens"],
         }
     )
+
+
+def _aggregates(table: Any) -> list[Any]:
+    failed = table.status == InvocationStatus.FAILED
+    return [
+        sa.func.count().label("requests"),
+        sa.func.count().filter(failed).label("errors"),
+        sa.func.count().filter(table.cold_start).label("cold_starts"),
+        *(
+            sa.func.percentile_cont(q).within_group(table.duration_ms).label(f"p{round(q * 100)}")
+            for q in (0.5, 0.95, 0.99)
+        ),
+    ]
+
+
+def _stats(row: Any) -> dict[str, Any]:
+    def ms(value: float | None) -> float | None:
+        return None if value is None else round(float(value), 1)
+
+    return {
+        "requests": row.requests,
+        "errors": row.errors,
+        "cold_starts": row.cold_starts,
+        "p50_ms": ms(row.p50),
+        "p95_ms": ms(row.p95),
+        "p99_ms": ms(row.p99),
+    }
+
+
+async def function_stats(request: Request) -> Response:
+    """`GET /v1/functions/APP/FN/stats?hours=24`: the function's calls in the last `hours`
+    (1 to 744), in total and by hour: requests, failures, cold starts, and the p50, p95 and p99
+    of their duration."""
+    svc = services(request)
+    principal = await control_principal(request)
+    hours = read_query(request, StatsQuery).hours
+    table = Invocation.__table__.c
+    since = datetime.now(UTC) - timedelta(hours=hours)
+    async with transaction(svc.sessions) as session:
+        function = await owned_function(session, request, principal)
+        where = [table.function_id == function.id, table.started_at >= since]
+        total = (await session.execute(sa.select(*_aggregates(table)).where(*where))).one()
+        hour = sa.func.date_trunc("hour", table.started_at).label("hour")
+        rows = await session.execute(
+            sa.select(hour, *_aggregates(table)).where(*where).group_by(hour).order_by(hour)
+        )
+        by_hour = [HourStats(hour=row.hour.isoformat(), **_stats(row)) for row in rows]
+    view = FunctionStats(hours=hours, total=CallStats(**_stats(total)), by_hour=by_hour)
+    return JSONResponse(dump(view))

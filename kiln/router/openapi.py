@@ -190,6 +190,9 @@ _OPS: dict[str, dict[str, _Op]] = {
     "/v1/functions/{app}/{name}/calls": {"get": _Op(
         summary="A function's recent calls from the invocation log, newest first.",
         params=(_APP, _NAME), query=b.CallsQuery, answer=v.Invocations)},
+    "/v1/functions/{app}/{name}/stats": {"get": _Op(
+        summary="A function's calls in the last hours: counts and latency percentiles by hour.",
+        params=(_APP, _NAME), query=b.StatsQuery, answer=v.FunctionStats)},
     "/v1/functions/{app}/{name}/logs": {"get": _Op(
         summary="What a function's replicas printed and logged, as NDJSON.",
         params=(_APP, _NAME), query=b.LogsQuery,

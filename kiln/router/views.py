@@ -204,6 +204,28 @@ class Invocations(View):
     next_before: int | None
 
 
+class CallStats(View):
+    """Calls over a span of time: how many, how many failed or started a replica, and how long
+    they took (ms from the router taking the call to its answer)."""
+
+    requests: int
+    errors: int
+    cold_starts: int
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+
+
+class HourStats(CallStats):
+    hour: Time  # the hour's start
+
+
+class FunctionStats(View):
+    hours: int
+    total: CallStats
+    by_hour: list[HourStats] = Field(description="Hours with calls, oldest first.")
+
+
 # Jobs ----------------------------------------------------------------------------------------
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
+from kiln.console.api import api
 from kiln.console.pages.page import page
-from kiln.console.web import api, render, user_of
+from kiln.console.web import render, user_of
 
 __all__ = ["HOME_ROUTES"]
 

@@ -8,8 +8,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from kiln.console.api import api
 from kiln.console.pages.page import page, refusal
-from kiln.console.web import api, checked_form, field, render, user_of
+from kiln.console.web import checked_form, field, render, user_of
 from kiln.errors import KilnError
 
 __all__ = ["KEY_ROUTES"]
