@@ -101,17 +101,21 @@ async def api(
     *,
     query: dict[str, str] | None = None,
 ) -> Any:
-    """Call the API as `user`; the decoded JSON answer (None for an empty one). A refusal is
-    raised as the handler raised it (a `KilnError`), or as a `RemoteError` when the handler
-    answered it itself."""
+    """Call the API as `user`; the decoded JSON answer (None for an empty one; the bytes of
+    one that is not JSON, such as CSV). A refusal is raised as the handler raised it (a
+    `KilnError`), or as a `RemoteError` when the handler answered it itself."""
     encoded = b"" if body is None else json.dumps(body).encode()
     status = 500
+    json_answer = True
     chunks: list[bytes] = []
 
     async def send(message: Message) -> None:
-        nonlocal status
+        nonlocal status, json_answer
         if message["type"] == "http.response.start":
             status = message["status"]
+            for name, value in message.get("headers", []):
+                if name.lower() == b"content-type":
+                    json_answer = value.startswith(b"application/json")
         elif message["type"] == "http.response.body":
             chunks.append(message.get("body", b""))
 
@@ -120,6 +124,8 @@ async def api(
     raw = b"".join(chunks)
     if status >= 400:
         raise _refusal(status, raw)
+    if not json_answer:
+        return raw
     return json.loads(raw) if raw else None
 
 

@@ -8,6 +8,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from kiln.console.pages.accounts import ACCOUNT_ROUTES
+from kiln.console.pages.billing import BILLING_ROUTES
 from kiln.console.pages.deployments import DEPLOYMENT_ROUTES
 from kiln.console.pages.home import HOME_ROUTES
 from kiln.console.pages.keys import KEY_ROUTES
@@ -25,6 +26,7 @@ def console_mount() -> Mount:
             *ACCOUNT_ROUTES,
             *KEY_ROUTES,
             *DEPLOYMENT_ROUTES,
+            *BILLING_ROUTES,
         ]
     ]
     routes.append(Mount("/static", StaticFiles(directory=_STATIC), name="console-static"))

@@ -2,6 +2,8 @@
 package through `KILN_STRIPE_API_BASE`: customers, PaymentIntents (saved cards that pay or are
 declined), Checkout Sessions, Billing meter events, idempotency keys, injected failures, and
 webhook events signed with Stripe's real scheme (`t=…,v1=HMAC-SHA256(secret, "t.body")`).
+A Checkout Session's URL is a page of its own: a browser that presses its "Pay" button pays,
+the fake delivers Stripe's events to `webhook_to` (a Kiln router) and goes to the success URL.
 
 It records what it received so tests can compare it with Kiln's ledger.
 """
@@ -26,7 +28,7 @@ import uvicorn
 from eventually import eventually
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from kiln.devstack.ports import pick_port
@@ -56,6 +58,7 @@ class FakeStripe:
     _ids: itertools.count[int] = field(default_factory=itertools.count)
     _instance: str = field(default_factory=lambda: secrets.token_hex(4))
     _events: itertools.count[int] = field(default_factory=itertools.count)
+    webhook_to: str = ""  # the Kiln router a paid Checkout page tells
 
     def _id(self, prefix: str) -> str:
         # Unique across fakes: one database may see several in a test session.
@@ -64,6 +67,8 @@ class FakeStripe:
     async def handle(self, request: Request) -> Response:
         form = dict(parse_qsl((await request.body()).decode(), keep_blank_values=True))
         path = request.url.path
+        if path.startswith("/pay/"):
+            return await self._checkout_page(request, path.removeprefix("/pay/"))
         self.requests.append((path, form))
         if self.fail_next > 0:
             self.fail_next -= 1
@@ -90,12 +95,12 @@ class FakeStripe:
         if path == "/v1/checkout/sessions":
             sid = self._id("cs")
             session = {
-                "id": sid, "object": "checkout.session", "url": f"https://checkout.fake/{sid}",
+                "id": sid, "object": "checkout.session", "url": f"{self.url}/pay/{sid}",
                 "customer": form.get("customer"), "payment_status": "unpaid",
                 "client_reference_id": form.get("client_reference_id"),
                 "metadata": {"kiln_payment": form.get("metadata[kiln_payment]")},
                 "amount_total": int(form.get("line_items[0][price_data][unit_amount]", "0")),
-                "payment_intent": None,
+                "payment_intent": None, "success_url": form.get("success_url"),
             }  # fmt: skip
             self.sessions[sid] = session
             return 200, session
@@ -111,6 +116,21 @@ class FakeStripe:
             self.meter_events.setdefault(identifier, event)  # Stripe keeps the first
             return 200, event
         return 404, {"error": {"type": "invalid_request_error", "message": f"no route {path}"}}
+
+    async def _checkout_page(self, request: Request, session_id: str) -> Response:
+        session = self.sessions.get(session_id)
+        if session is None:
+            return HTMLResponse("<h1>No such checkout</h1>", 404)
+        if request.method == "GET":
+            amount = session["amount_total"] / 100
+            return HTMLResponse(
+                f"<!doctype html><title>Fake Stripe Checkout</title><h1>Pay ${amount:.2f}</h1>"
+                f'<form method="post"><button type="submit">Pay</button></form>'
+            )
+        for event in self.complete_checkout(session_id):
+            delivered = await self.deliver(self.webhook_to, event)
+            assert delivered.status_code == 200, delivered.text
+        return RedirectResponse(session["success_url"], 303)
 
     def _payment_intent(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
         pid = self._id("pi")

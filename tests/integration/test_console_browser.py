@@ -1,77 +1,21 @@
-"""The console in a real headless Chromium (Debian's `chromium`, driven by Playwright; never a
-downloaded browser): register, confirm through the mailed link, see the dashboard; make a key,
-see it once, revoke it and see the API refuse it; a form sent without its CSRF token is
-refused; the pages work at phone width. Every page visited is saved as a screenshot (to
-$CONSOLE_SCREENSHOTS when set: docs/console/ holds the current ones)."""
+"""The console in a real headless Chromium (tests/integration/browser.py): register, confirm
+through the mailed link, see the dashboard; make a key, see it once, revoke it and see the API
+refuse it; a form sent without its CSRF token is refused; the pages work at phone width and by
+keyboard. Every page visited is saved as a screenshot."""
 
 from __future__ import annotations
 
-import os
-import re
-import secrets
-import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
+from browser import chromium, shots, signed_up, snap
 from eventually import eventually
+from playwright.async_api import Browser, expect
 from stack import Platform
-from test_console_accounts import PASSWORD, mailed_link
 
 pytestmark = [pytest.mark.integration]
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-if CHROMIUM is None:
-    pytest.skip(
-        "the console's browser tests need Chromium: install Debian's package "
-        "(apt-get install chromium); Playwright drives it, no browser is downloaded",
-        allow_module_level=True,
-    )
-
-from playwright.async_api import Browser, Page, async_playwright, expect  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-async def chromium() -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM)
-        try:
-            yield browser
-        finally:
-            await browser.close()
-
-
-@pytest.fixture
-def shots(tmp_path: Path) -> Path:
-    folder = Path(os.environ.get("CONSOLE_SCREENSHOTS") or tmp_path / "screenshots")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-async def snap(page: Page, shots: Path, name: str) -> None:
-    await page.screenshot(path=shots / f"{name}.png", full_page=True)
-
-
-async def signed_up(platform: Platform, chromium: Browser, shots: Path, **context: Any) -> Page:
-    """A new customer registered, confirmed and signed in, through the pages."""
-    email = f"browser-{secrets.token_hex(4)}@example.com"
-    page = await (await chromium.new_context(**context)).new_page()
-    await page.goto(f"{platform.url}/console/")
-    await expect(page).to_have_url(re.compile(r"/console/login"))
-    await page.get_by_role("link", name="Create an account").click()
-    await page.get_by_label("Your name").fill("Ada Lovelace")
-    await page.get_by_label("Organisation").fill("Analytical Engines")
-    await page.get_by_label("Email").fill(email)
-    await page.get_by_label("Password").fill(PASSWORD)
-    await snap(page, shots, "register")
-    await page.get_by_role("button", name="Create account").click()
-    await expect(page.get_by_role("heading", name="Check your mail")).to_be_visible()
-    await page.goto(await mailed_link(platform, email, "verify"))
-    await page.get_by_role("button", name="Confirm and sign in").click()
-    await expect(page.get_by_role("heading", name="Analytical Engines")).to_be_visible()
-    return page
+__all__ = ["chromium", "shots"]  # fixtures, used by name
 
 
 async def test_sign_up_confirm_and_dashboard(
