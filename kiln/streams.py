@@ -55,6 +55,7 @@ __all__ = [
     "ensure_stream",
     "key_value",
     "object_store",
+    "queue_depth",
 ]
 
 # How long a publish into a stream is retried (kiln._jetstream.publish_durably): a stream
@@ -466,3 +467,17 @@ async def ensure_function_buckets(
         replicas=replicas,
         ttl_s=result_ttl_s,
     )
+
+
+async def queue_depth(js: JetStreamContext, ns: str, function_hex: str) -> int:
+    """Calls in a function's queue that no replica has finished: pending plus unacked (0 when
+    its consumer does not exist yet)."""
+    from nats.js.errors import NotFoundError
+
+    try:
+        info = await js.consumer_info(
+            CALLS.named(ns), FUNCTION_CALLS.named(function_hex), timeout=2
+        )
+    except NotFoundError:
+        return 0
+    return int(info.num_pending or 0) + int(info.num_ack_pending or 0)

@@ -9,9 +9,11 @@ from starlette.staticfiles import StaticFiles
 
 from kiln.console.pages.accounts import ACCOUNT_ROUTES
 from kiln.console.pages.billing import BILLING_ROUTES
+from kiln.console.pages.catalog import CATALOG_ROUTES
 from kiln.console.pages.deployments import DEPLOYMENT_ROUTES
 from kiln.console.pages.home import HOME_ROUTES
 from kiln.console.pages.keys import KEY_ROUTES
+from kiln.console.pages.operator import OPERATOR_ROUTES
 
 __all__ = ["console_mount"]
 
@@ -27,6 +29,8 @@ def console_mount() -> Mount:
             *KEY_ROUTES,
             *DEPLOYMENT_ROUTES,
             *BILLING_ROUTES,
+            *CATALOG_ROUTES,
+            *OPERATOR_ROUTES,
         ]
     ]
     routes.append(Mount("/static", StaticFiles(directory=_STATIC), name="console-static"))

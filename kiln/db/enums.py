@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 
 __all__ = [
+    "LIVE_REPLICA_STATES",
     "ApiKeyKind",
     "AppState",
     "CallStatus",
@@ -87,6 +88,15 @@ class ReplicaState(enum.StrEnum):
     STOPPED = "stopped"
     FAILED = "failed"
     LOST = "lost"
+
+
+# A replica in one of these states holds its slot (and is billed); the others have ended.
+LIVE_REPLICA_STATES = (
+    ReplicaState.STARTING,
+    ReplicaState.RESTORING,
+    ReplicaState.READY,
+    ReplicaState.DRAINING,
+)
 
 
 class CallStatus(enum.StrEnum):

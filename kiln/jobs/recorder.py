@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kiln._tasks import cancel_and_wait
 from kiln._trouble import Trouble
-from kiln.db.enums import CallStatus, ReplicaState, WebhookState
+from kiln.db.enums import LIVE_REPLICA_STATES, CallStatus, WebhookState
 from kiln.db.models import App, Call, Function, Invocation, Replica
 from kiln.db.session import transaction
 from kiln.errors import WorkerLost
@@ -57,7 +57,6 @@ _WEBHOOK_CLAIM_S = 60.0
 # A job whose lost verdict waits, run this much longer than its function's timeout: its own
 # outcome is not coming (its replica's last report was lost with NATS).
 _LOST_VERDICT_GRACE_S = 600.0
-_ALIVE = (ReplicaState.STARTING, ReplicaState.RESTORING, ReplicaState.READY, ReplicaState.DRAINING)
 
 
 class JobRecorder:
@@ -220,7 +219,7 @@ class JobRecorder:
             overdue = call.started_at is not None and now - call.started_at > timedelta(
                 seconds=timeout_s + _LOST_VERDICT_GRACE_S
             )
-            if state in _ALIVE and not overdue:
+            if state in LIVE_REPLICA_STATES and not overdue:
                 continue
             finish(call, CallStatus.FAILED, now, self.ttl_s, webhooks=True)
             if call.body_ref is not None:
@@ -303,7 +302,7 @@ async def _live_runners(
     if not runners:
         return set()
     rows = await session.scalars(
-        sa.select(Replica.id).where(Replica.id.in_(runners), Replica.state.in_(_ALIVE))
+        sa.select(Replica.id).where(Replica.id.in_(runners), Replica.state.in_(LIVE_REPLICA_STATES))
     )
     return set(rows)
 

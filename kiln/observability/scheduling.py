@@ -11,17 +11,12 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from kiln.db.enums import NodeState, ReplicaState
+from kiln.db.enums import LIVE_REPLICA_STATES, NodeState, ReplicaState
 
 __all__ = ["LIVE_STATES", "SchedulingMetrics"]
 
 # The states of the replicas the scheduler tracks; stopped, failed and lost ones it forgets.
-LIVE_STATES = (
-    ReplicaState.STARTING,
-    ReplicaState.RESTORING,
-    ReplicaState.READY,
-    ReplicaState.DRAINING,
-)
+LIVE_STATES = LIVE_REPLICA_STATES
 
 
 class SchedulingMetrics:

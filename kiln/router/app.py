@@ -32,6 +32,7 @@ from kiln.router import (
     deployments,
     invocations,
     jobs,
+    nodes,
 )
 from kiln.router.abuse import SCOPE_CUSTOMER, AbuseSignals, list_abuse
 from kiln.router.errors import handle_exception, handle_http_exception
@@ -94,6 +95,8 @@ ROUTES = [
     Route("/v1/functions/{app}/{name}/stats", invocations.function_stats, methods=["GET"]),
     Route("/v1/functions/{app}/{name}/logs", function_logs, methods=["GET"]),
     Route("/v1/abuse", list_abuse, methods=["GET"]),
+    Route("/v1/nodes", nodes.list_nodes, methods=["GET"]),
+    Route("/v1/queues", nodes.list_queues, methods=["GET"]),
     Route("/v1/billing/balance", billing.balance, methods=["GET"]),
     Route("/v1/billing/settings", billing.patch_settings, methods=["PATCH"]),
     Route("/v1/billing/credits", billing.credit, methods=["POST"]),

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from kiln.db.enums import ReplicaState, ScalingSetting
+from kiln.db.enums import LIVE_REPLICA_STATES, ReplicaState, ScalingSetting
 from kiln.db.models import App, AppVersion, Function, Replica
 from kiln.db.session import transaction
 from kiln.errors import InvalidRequest, NotFound, PermissionDenied
@@ -45,10 +45,6 @@ __all__ = [
     "owned_function",
     "patch_function",
 ]
-
-_LIVE_REPLICA_STATES = (
-    ReplicaState.STARTING, ReplicaState.RESTORING, ReplicaState.READY, ReplicaState.DRAINING,
-)  # fmt: skip
 
 
 async def control_principal(request: Request) -> Principal:
@@ -151,7 +147,7 @@ def _function_view(
 def _live_count() -> sa.ScalarSelect[int]:
     return (
         sa.select(sa.func.count())
-        .where(Replica.function_id == Function.id, Replica.state.in_(_LIVE_REPLICA_STATES))
+        .where(Replica.function_id == Function.id, Replica.state.in_(LIVE_REPLICA_STATES))
         .scalar_subquery()
     )
 
@@ -316,7 +312,7 @@ async def list_replicas(request: Request) -> Response:
         function = await _one(session, query, request, app)
         replicas = await session.scalars(
             sa.select(Replica)
-            .where(Replica.function_id == function.id, Replica.state.in_(_LIVE_REPLICA_STATES))
+            .where(Replica.function_id == function.id, Replica.state.in_(LIVE_REPLICA_STATES))
             .order_by(Replica.started_at)
         )
         now = datetime.now(UTC)

@@ -149,6 +149,10 @@ _OPS: dict[str, dict[str, _Op]] = {
         summary="Replace a key with a new one.", params=(_KEY,), ok="201", answer=v.RotatedKey)},
     "/v1/abuse": {"get": _Op(summary="Customers refused most often (operator keys).",
                              query=b.AbuseQuery, answer=v.AbuseReport)},
+    "/v1/nodes": {"get": _Op(summary="Nodes, their GPUs and replicas (operator keys).",
+                             answer=v.NodeList)},
+    "/v1/queues": {"get": _Op(summary="Each active function's queued calls (operator keys).",
+                              answer=v.QueueList)},
     "/v1/billing/balance": {"get": _Op(summary="Balance, spend, cap, auto-refill and block.",
                                        query=b.AccountQuery, answer=v.Account)},
     "/v1/billing/settings": {"patch": _Op(

@@ -18,6 +18,7 @@ from kiln.db.enums import (
     InvocationKind,
     InvocationStatus,
     LedgerKind,
+    NodeState,
     ReplicaState,
 )
 from kiln.router.validation import View
@@ -257,6 +258,42 @@ class CallView(View):
 
 
 # Abuse and billing ---------------------------------------------------------------------------
+
+
+class NodeReplica(View):
+    id: str
+    function: str  # APP/NAME
+    customer_id: str
+    state: ReplicaState
+    gpu_indices: list[int]
+    in_flight: int
+
+
+class NodeView(View):
+    id: str
+    hostname: str
+    state: NodeState
+    gpu_type: str | None = Field(description="null for a CPU-only host")
+    gpu_count: int
+    gpus_used: int
+    cpu_slots: int
+    last_heartbeat_at: Time | None
+    replicas: list[NodeReplica]
+
+
+class NodeList(View):
+    nodes: list[NodeView]
+
+
+class QueueView(View):
+    function: str  # APP/NAME
+    customer_id: str
+    queued: int = Field(description="Calls waiting or running that no replica has finished.")
+    replicas: int
+
+
+class QueueList(View):
+    queues: list[QueueView]
 
 
 class AbuseCount(View):

@@ -23,8 +23,6 @@ import uuid
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
 
 from kiln._clock import Clock
 from kiln.db.enums import ReplicaState
@@ -40,12 +38,11 @@ from kiln.wire import (
     ProcessOrigin,
     ReplicaHeartbeat,
     Subjects,
-    consumer_name,
     decode,
     decode_own,
 )
 
-__all__ = ["ADOPTED_STARTUP_TIMEOUT_S", "Observer", "queue_depth"]
+__all__ = ["ADOPTED_STARTUP_TIMEOUT_S", "Observer"]
 
 _log = logging.getLogger("kiln.scheduler")
 # An adopted replica's function settings are not read for it: the most a function may take.
@@ -189,12 +186,3 @@ class Observer:
             )  # fmt: skip
         if not await self.records.set_origin(report.replica_id, function_id, origin):
             self.cluster.remember_origin(report.replica_id, function_id, origin)
-
-
-async def queue_depth(js: JetStreamContext, subjects: Subjects, function_id: uuid.UUID) -> int:
-    """Calls in the function's queue that no replica has finished: pending plus unacked."""
-    try:
-        info = await js.consumer_info(subjects.calls_stream, consumer_name(function_id), timeout=2)
-    except NotFoundError:
-        return 0
-    return int(info.num_pending or 0) + int(info.num_ack_pending or 0)

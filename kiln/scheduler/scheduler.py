@@ -38,7 +38,7 @@ from kiln.scheduler.act import Orders
 from kiln.scheduler.backoff import CrashLoops
 from kiln.scheduler.cluster import ClusterView
 from kiln.scheduler.leader import Leadership
-from kiln.scheduler.observe import Observer, queue_depth
+from kiln.scheduler.observe import Observer
 from kiln.scheduler.reconcile import (
     ADOPTION_WINDOW_S,
     TAKEOVER_SETTLE_S,
@@ -50,6 +50,7 @@ from kiln.scheduler.reconcile import (
 )
 from kiln.scheduler.records import ClusterRecords, FunctionRow
 from kiln.seal import Seals
+from kiln.streams import queue_depth
 from kiln.wire import Subjects
 
 __all__ = ["Scheduler"]
@@ -251,7 +252,7 @@ class Scheduler:
         if waiting and not turn.current:
             pending = waiting
         else:
-            pending = await queue_depth(self.js, self.subjects, function.id)
+            pending = await queue_depth(self.js, self.subjects.ns, function.id.hex)
             self.cluster.pending[function.id] = pending
         now = self.clock.monotonic()
         held = self.crash_loops.holds(function.id, now) or now < self.settle_until

@@ -5,6 +5,7 @@ keyboard. Every page visited is saved as a screenshot."""
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import httpx
@@ -13,6 +14,8 @@ from browser import chromium, shots, signed_up, snap
 from eventually import eventually
 from playwright.async_api import Browser, expect
 from stack import Platform
+
+from kiln.functions.package import package
 
 pytestmark = [pytest.mark.integration]
 __all__ = ["chromium", "shots"]  # fixtures, used by name
@@ -78,3 +81,59 @@ async def test_pages_fit_a_phone(platform: Platform, chromium: Browser, shots: P
     # By keyboard: the first Tab reaches the skip link, which leads to the content.
     await page.keyboard.press("Tab")
     await expect(page.get_by_role("link", name="Skip to content")).to_be_focused()
+
+
+async def test_a_deployment_its_replica_and_its_logs_live(
+    platform: Platform, chromium: Browser, shots: Path, tmp_path: Path
+) -> None:
+    """Deployed with a key made on the keys page; scaled up from its page, whose replicas
+    panel then shows the replica arrive, and a call's log line arrives on the logs panel; the
+    dashboard's running cost moves while the replica runs."""
+    page = await signed_up(platform, chromium, shots)
+    await page.get_by_role("link", name="API keys").click()
+    await page.get_by_role("button", name="Create key").click()
+    secret = await page.locator("#new-key").inner_text()
+    name = f"live-{secrets.token_hex(3)}"
+    (tmp_path / "live_app.py").write_text(LIVE_APP.format(name=name))
+    async with httpx.AsyncClient(
+        base_url=platform.url, headers={"Authorization": f"Bearer {secret}"}, timeout=60
+    ) as api:
+        customer_id = (await api.get("/v1/billing/balance")).json()["customer_id"]
+        async with platform.client() as operator:
+            await operator.post(
+                "/v1/billing/credits", json={"customer_id": customer_id, "amount_micros": 10**8}
+            )
+        deployed = await api.post("/v1/apps", json=package(tmp_path / "live_app.py").deploy_body())
+        assert deployed.status_code in (200, 201), deployed.text
+
+        await page.get_by_role("link", name="Deployments").click()
+        await page.get_by_role("link", name=f"{name}/hello").click()
+        await expect(page.get_by_role("heading", name=f"{name}/hello")).to_be_visible()
+        await page.get_by_label("Min replicas").fill("1")
+        await page.get_by_role("button", name="Save scaling").click()
+        await expect(page.get_by_role("status")).to_contain_text("Scaling saved")
+        await expect(page.locator("[data-field=replicas]")).to_contain_text(
+            "1 ready", timeout=60_000
+        )
+        answer = await api.post(f"/v1/run/{name}/hello", json={"who": "Ada"})
+        assert answer.json() == "hello Ada"
+        await expect(page.locator(".logs")).to_contain_text("saying hello to Ada", timeout=20_000)
+        await snap(page, shots, "deployment")
+
+    await page.get_by_role("link", name="Dashboard").click()
+    await expect(page.locator("[data-field=replicas]")).to_have_text("1")
+    await expect(page.locator("[data-field=hourly]")).not_to_have_text("$0.00")
+    await snap(page, shots, "dashboard-running")
+
+
+LIVE_APP = """
+import kiln
+
+app = kiln.App("{name}")
+
+
+@app.function(min_replicas=0, max_replicas=1)
+def hello(who: str) -> str:
+    print(f"saying hello to {{who}}")
+    return f"hello {{who}}"
+"""

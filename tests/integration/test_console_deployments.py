@@ -162,3 +162,30 @@ async def test_another_customers_deployment_is_not_found(
         assert tampered.status_code == 404
     async with customer.api(platform) as api:
         assert (await api.get(f"/v1/functions/{target}")).status_code == 200
+
+
+async def test_catalog_entries_deploy_from_the_form(platform: Platform, customer: Customer) -> None:
+    browser = customer.browser
+    page = await browser.get("/console/catalog")
+    assert page.status_code == 200
+    for slug in ("chat", "completions", "embeddings", "image"):
+        assert f'name="catalog" value="{slug}"' in page.text
+    assert re.search(r"<td>L4</td><td>\$[\d.]+</td>", page.text)  # a price per hour
+    bad = await post_form(
+        browser, "/console/catalog", {"catalog": "embeddings", "name": "Not A Name", "gpu": "none"}
+    )
+    assert "1 to 63 lowercase letters" in bad.text
+    name = f"emb-{secrets.token_hex(3)}"
+    made = await post_form(
+        browser, "/console/catalog",
+        {"catalog": "embeddings", "name": name, "model": "/models/minilm", "gpu": "none",
+         "min_replicas": "0", "max_replicas": "1", "idle_timeout": "60"},
+    )  # fmt: skip
+    assert made.status_code == 303
+    assert made.headers["location"] == "/console/deployments"
+    listed = await browser.get("/console/deployments")
+    assert f"{name}/Embeddings" in listed.text
+    async with customer.api(platform) as api:
+        deployment = (await api.get(f"/v1/deployments/{name}")).json()
+    assert deployment["served_model"] == "/models/minilm"
+    assert deployment["idle_timeout"] == 60
