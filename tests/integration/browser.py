@@ -10,6 +10,7 @@ import re
 import secrets
 import shutil
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ from test_console_accounts import PASSWORD, mailed_link
 if TYPE_CHECKING:
     from playwright.async_api import Browser, Page
 
-__all__ = ["chromium", "shots", "signed_up", "snap"]
+__all__ = ["chromium", "new_operator", "shots", "signed_up", "snap"]
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -73,3 +74,32 @@ async def signed_up(platform: Platform, chromium: Browser, shots: Path, **contex
     await page.get_by_role("button", name="Confirm and sign in").click()
     await expect(page.get_by_role("heading", name="Analytical Engines")).to_be_visible()
     return page
+
+
+async def new_operator(platform: Platform) -> tuple[str, str]:
+    """An operator user of its own (address, password), as `kiln dev` makes its one."""
+    import uuid
+
+    from kiln.console.passwords import hash_password
+    from kiln.db.enums import UserRole
+    from kiln.db.models import User
+    from kiln.db.session import create_engine, session_factory, transaction
+
+    email = f"operator-{secrets.token_hex(3)}@kiln.local"
+    password = secrets.token_urlsafe(12)
+    engine = create_engine(platform.settings)
+    try:
+        async with transaction(session_factory(engine)) as session:
+            session.add(
+                User(
+                    id=uuid.uuid4(),
+                    role=UserRole.OPERATOR,
+                    email=email,
+                    name="Operator",
+                    password_hash=await hash_password(password),
+                    verified_at=datetime.now(UTC),
+                )
+            )
+    finally:
+        await engine.dispose()
+    return email, password

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from browser import chromium, shots, signed_up, snap
+from browser import chromium, new_operator, shots, signed_up, snap
 from eventually import eventually
 from playwright.async_api import Browser, expect
 from stack import Platform
@@ -137,3 +137,31 @@ def hello(who: str) -> str:
     print(f"saying hello to {{who}}")
     return f"hello {{who}}"
 """
+
+
+async def test_the_other_pages(platform: Platform, chromium: Browser, shots: Path) -> None:
+    """The catalog and members pages a customer sees, and the operators' pages."""
+    page = await signed_up(platform, chromium, shots)
+    await page.get_by_role("link", name="Catalog", exact=True).click()
+    await expect(
+        page.get_by_role("button", name="Deploy Chat with an instruction-tuned language model")
+    ).to_be_visible()
+    await snap(page, shots, "catalog")
+    await page.get_by_role("link", name="Members").click()
+    await expect(page.get_by_role("heading", name="Invite a member")).to_be_visible()
+    await snap(page, shots, "members")
+    await page.get_by_role("link", name="Deployments").click()
+    await snap(page, shots, "deployments")
+
+    email, password = await new_operator(platform)
+    operator = await (await chromium.new_context()).new_page()
+    await operator.goto(f"{platform.url}/console/login")
+    await operator.get_by_label("Email").fill(email)
+    await operator.get_by_label("Password").fill(password)
+    await operator.get_by_role("button", name="Sign in").click()
+    await expect(operator.get_by_role("heading", name="Customers")).to_be_visible()
+    await expect(operator.get_by_role("cell", name="Analytical Engines").first).to_be_visible()
+    await snap(operator, shots, "operator-customers")
+    await operator.get_by_role("link", name="Nodes").click()
+    await expect(operator.get_by_role("heading", name="Queues")).to_be_visible()
+    await snap(operator, shots, "operator-nodes")
