@@ -31,7 +31,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
+db_app = typer.Typer(
+    help="The database: schema migrations and the first console operator.", no_args_is_help=True
+)
 app.add_typer(db_app, name="db")
 app.add_typer(customers_app, name="customers")
 app.add_typer(keys_app, name="keys")
@@ -139,6 +141,23 @@ def db_downgrade(
     settings = client_settings()
     migrate.downgrade(settings, revision)
     typer.echo(f"database at {migrate.current(settings) or 'base'}")
+
+
+@db_app.command("operator")
+def db_operator(
+    email: Annotated[str, typer.Argument(help="The operator's address, e.g. ops@example.com.")],
+) -> None:
+    """Make a console operator user (for a platform's first one; `kiln dev` makes its own) and
+    print its password, this once."""
+    import asyncio
+
+    from kiln.db.bootstrap import ensure_console_operator
+
+    password = asyncio.run(ensure_console_operator(client_settings(), email))
+    if password is None:
+        typer.echo(f'{email} already has a console account; "Forgot your password?" resets it')
+        raise typer.Exit(1)
+    typer.echo(f"operator {email.strip().lower()} made; password {password} (shown once)")
 
 
 @db_app.command("current")

@@ -13,6 +13,7 @@ from kiln.apikeys import hash_key, mint_key, parse_key
 from kiln.db.enums import ApiKeyKind, UserRole
 from kiln.db.models import ApiKey, User
 from kiln.db.session import create_engine, session_factory, transaction
+from kiln.errors import InvalidRequest
 from kiln.settings import Settings
 
 __all__ = ["CONSOLE_OPERATOR", "ensure_console_operator", "ensure_operator_key"]
@@ -53,10 +54,15 @@ async def ensure_operator_key(settings: Settings, known_key: str | None) -> str:
         await engine.dispose()
 
 
-async def ensure_console_operator(settings: Settings) -> str | None:
-    """Make the console's operator user (`CONSOLE_OPERATOR`) unless it exists; its password
-    when it was made now (to be shown once), else None."""
+async def ensure_console_operator(settings: Settings, email: str = CONSOLE_OPERATOR) -> str | None:
+    """Make a console operator user with this address unless it exists; its password when it
+    was made now (to be shown once), else None."""
+    from kiln.console.accounts import email_problem, normal_email
     from kiln.console.passwords import hash_password
+
+    email = normal_email(email)
+    if (problem := email_problem(email)) is not None:
+        raise InvalidRequest(problem)
 
     password = secrets.token_urlsafe(12)
     hashed = await hash_password(password)
@@ -68,7 +74,7 @@ async def ensure_console_operator(settings: Settings) -> str | None:
                 .values(
                     id=uuid.uuid4(),
                     role=UserRole.OPERATOR,
-                    email=CONSOLE_OPERATOR,
+                    email=email,
                     name="Operator",
                     password_hash=hashed,
                     verified_at=sa.func.now(),

@@ -32,8 +32,8 @@ def test_upgrade_current_downgrade(tmp_path: Path, fresh_database: Callable[[], 
     assert kiln(tmp_path, "db", "current", KILN_DATABASE_URL=url).stdout == "base\n"
     upgraded = kiln(tmp_path, "db", "upgrade", KILN_DATABASE_URL=url)
     assert upgraded.returncode == 0, upgraded.stderr
-    assert upgraded.stdout == "database at 0009\n"
-    assert kiln(tmp_path, "db", "current", KILN_DATABASE_URL=url).stdout == "0009\n"
+    assert upgraded.stdout == "database at 0010\n"
+    assert kiln(tmp_path, "db", "current", KILN_DATABASE_URL=url).stdout == "0010\n"
     downgraded = kiln(tmp_path, "db", "downgrade", "base", KILN_DATABASE_URL=url)
     assert downgraded.returncode == 0, downgraded.stderr
     assert downgraded.stdout == "database at base\n"
@@ -46,7 +46,7 @@ def test_database_url_comes_from_config_toml(
     write_config(tmp_path / "config.toml", ClientConfig(services={"database_url": url}))
     result = kiln(tmp_path, "db", "upgrade")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "database at 0009\n"
+    assert result.stdout == "database at 0010\n"
 
 
 def test_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
@@ -80,3 +80,18 @@ def test_bad_config_toml_value_is_named(tmp_path: Path) -> None:
         "postgresql:// or postgres:// or postgresql+asyncpg:// URL such as "
         "postgresql://127.0.0.1:5432/kiln.\n"
     )
+
+
+def test_the_first_console_operator(tmp_path: Path, fresh_database: Callable[[], str]) -> None:
+    url = fresh_database()
+    assert kiln(tmp_path, "db", "upgrade", KILN_DATABASE_URL=url).returncode == 0
+    made = kiln(tmp_path, "db", "operator", "Ops@Example.com", KILN_DATABASE_URL=url)
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.startswith("operator ops@example.com made; password ")
+    assert made.stdout.endswith(" (shown once)\n")
+    again = kiln(tmp_path, "db", "operator", "ops@example.com", KILN_DATABASE_URL=url)
+    assert again.returncode == 1
+    assert "already has a console account" in again.stdout
+    bad = kiln(tmp_path, "db", "operator", "ops", KILN_DATABASE_URL=url)
+    assert bad.returncode == 1
+    assert bad.stderr == "error: 'ops' is not an email address (name@example.com)\n"
