@@ -28,9 +28,9 @@ _STREAM_BUFFER = 64
 
 
 def principal_of(request: Request, user: SignedIn) -> Principal:
-    """The API principal a console user acts as: an account key of their customer, or an
-    operator key."""
-    if user.operator:
+    """The API principal a console user acts as: an account key of their customer (for an
+    operator viewing a customer, of that customer), or an operator key."""
+    if user.customer_id is None:
         return Principal(user.session_id, ApiKeyKind.OPERATOR, None, None)
     return services(request).auth.principal_for(
         user.session_id, ApiKeyKind.ACCOUNT, user.customer_id, None, user.tier,

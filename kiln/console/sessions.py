@@ -9,6 +9,7 @@ disabled user or customer has no working session.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import secrets
 import uuid
@@ -22,9 +23,12 @@ from kiln.db.enums import CustomerStatus, UserRole
 from kiln.db.models import ConsoleSession, Customer, User
 from kiln.db.session import transaction
 
-__all__ = ["COOKIE", "SESSION_TTL", "SessionStore", "SignedIn", "token_hash"]
+__all__ = ["COOKIE", "SESSION_TTL", "VIEWING_COOKIE", "SessionStore", "SignedIn", "token_hash"]
 
 COOKIE = "kiln_session"
+# The customer an operator is looking at. It needs no protection: only an operator's session
+# reads it, and an operator may see every customer.
+VIEWING_COOKIE = "kiln_viewing"
 SESSION_TTL = timedelta(days=14)
 # How stale `last_seen_at` may get before a request writes it again.
 _SEEN_EVERY = timedelta(minutes=5)
@@ -52,6 +56,8 @@ class SignedIn:
     tier: str | None
     limit_overrides: dict[str, object] | None
     csrf: str
+    # An operator looking at a customer's pages: `customer_*` are then that customer's.
+    viewing: bool = False
 
     @property
     def operator(self) -> bool:
@@ -59,7 +65,13 @@ class SignedIn:
 
     @property
     def owner(self) -> bool:
-        return self.role is UserRole.OWNER
+        """Whether the user may change the customer's money and members: its owner, or an
+        operator viewing it."""
+        return self.role is UserRole.OWNER or self.viewing
+
+    @property
+    def acts_for_customer(self) -> bool:
+        return self.customer_id is not None
 
 
 class SessionStore:
@@ -121,6 +133,26 @@ class SessionStore:
             tier=customer.tier.value if customer is not None else None,
             limit_overrides=customer.limit_overrides if customer is not None else None,
             csrf=found.csrf,
+        )
+
+    async def viewing(self, user: SignedIn, customer_id: str) -> SignedIn:
+        """An operator's session looking at the customer `customer_id` (the operator's own
+        view when there is no such customer)."""
+        try:
+            wanted = uuid.UUID(customer_id)
+        except ValueError:
+            return user
+        async with transaction(self.sessions) as session:
+            customer = await session.get(Customer, wanted)
+        if customer is None:
+            return user
+        return dataclasses.replace(
+            user,
+            customer_id=customer.id,
+            customer_name=customer.name,
+            tier=customer.tier.value,
+            limit_overrides=customer.limit_overrides,
+            viewing=True,
         )
 
     async def revoke(self, session_id: uuid.UUID) -> None:

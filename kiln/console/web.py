@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from kiln.console.accounts import Accounts
-from kiln.console.sessions import COOKIE, SessionStore, SignedIn
+from kiln.console.sessions import COOKIE, VIEWING_COOKIE, SessionStore, SignedIn
 from kiln.console.throttle import Throttle
 from kiln.errors import PermissionDenied
 from kiln.router.services import services
@@ -80,9 +80,11 @@ async def signed_in(request: Request, *, optional: bool = False) -> SignedIn | N
     none, unless `optional`."""
     if "console_user" not in request.scope:
         token = request.cookies.get(COOKIE, "")
-        request.scope["console_user"] = (
-            await console(request).sessions.find(token) if token else None
-        )
+        found = await console(request).sessions.find(token) if token else None
+        viewing = request.cookies.get(VIEWING_COOKIE)
+        if found is not None and found.operator and viewing:
+            found = await console(request).sessions.viewing(found, viewing)
+        request.scope["console_user"] = found
     user: SignedIn | None = request.scope["console_user"]
     if user is None and not optional:
         raise SignInFirst(request.url.path + (f"?{request.url.query}" if request.url.query else ""))

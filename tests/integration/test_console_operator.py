@@ -13,7 +13,7 @@ import httpx
 import pytest
 from eventually import eventually
 from stack import Platform
-from test_console_accounts import fresh_email, post_form, register
+from test_console_accounts import csrf_of, fresh_email, post_form, register
 
 from kiln.db.bootstrap import CONSOLE_OPERATOR, ensure_console_operator
 
@@ -119,3 +119,33 @@ async def test_customers_users_are_kept_out(platform: Platform) -> None:
             refused = await user.get(path)
             assert refused.status_code == 403
             assert "for the platform&#39;s operators" in refused.text
+
+
+async def test_an_operator_views_a_customer_and_acts_for_it(
+    platform: Platform, operator: httpx.AsyncClient
+) -> None:
+    email = fresh_email()
+    async with httpx.AsyncClient(base_url=platform.url, headers={"Origin": platform.url}) as owner:
+        await register(platform, owner, email)
+        await post_form(owner, "/console/keys", {"action": "create", "name": "theirs"})
+        assert (await owner.get("/console/billing")).status_code == 200
+    async with platform.client() as api:
+        listed = (await api.get("/v1/customers")).json()["customers"]
+    customer = next(c for c in listed if c["name"] == f"Org {email}")
+    viewed = await post_form(
+        operator, "/console/operator", {"action": "view", "customer": customer["id"]}
+    )
+    assert viewed.status_code == 303
+    assert viewed.headers["location"] == "/console/"
+    home = await operator.get("/console/")
+    assert home.status_code == 200
+    assert f"Viewing <strong>Org {email}</strong> as an operator" in home.text
+    keys = await operator.get("/console/keys")
+    assert "theirs" in keys.text  # the customer's keys
+    billing = await operator.get("/console/billing")
+    assert billing.status_code == 200
+    back = await operator.post(
+        "/console/operator", data={"csrf": csrf_of(keys), "action": "unview"}
+    )
+    assert back.status_code == 303
+    assert (await operator.get("/console/")).headers["location"] == "/console/operator"

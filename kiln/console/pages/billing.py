@@ -38,8 +38,8 @@ def micros_of(raw: str, name: str) -> int | None:
 
 async def _owner(request: Request) -> Any:
     user = await user_of(request)
-    if user.operator:
-        raise PermissionDenied("operators have no balance: open a customer from Customers")
+    if user.customer_id is None:
+        raise PermissionDenied("operators have no balance: view a customer from Customers")
     if not user.owner:
         raise PermissionDenied("only the organisation's owner sees and changes its billing")
     return user

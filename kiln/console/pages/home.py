@@ -45,7 +45,7 @@ async def _running(request: Request, user: SignedIn) -> dict[str, Any]:
 @page
 async def dashboard(request: Request) -> Response:
     user = await user_of(request)
-    if user.operator:
+    if user.customer_id is None:  # an operator, viewing no customer
         return redirect("/console/operator")
     month = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     account, functions, usage, entries, running = await asyncio.gather(

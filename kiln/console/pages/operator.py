@@ -1,6 +1,7 @@
-"""For operators: customers and their tiers (create, change the tier, disable and enable), the
-customers refused most (abuse signals), revenue by tier over 30 days, and the nodes with their
-GPUs and replicas beside each function's queue. All through the API with operator rights."""
+"""For operators: customers and their tiers (create, change the tier, disable and enable, view
+a customer's own pages and act for it), the customers refused most (abuse signals), revenue by
+tier over 30 days, and the nodes with their GPUs and replicas beside each function's queue. All
+through the API with operator rights (a viewed customer's pages, with that customer's)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from starlette.responses import Response
 
 from kiln.console.api import api
 from kiln.console.pages.page import page, refusal
-from kiln.console.web import checked_form, field, render, user_of
+from kiln.console.sessions import VIEWING_COOKIE
+from kiln.console.web import checked_form, console, field, redirect, render, user_of
 from kiln.db.enums import CustomerTier
 from kiln.errors import KilnError, PermissionDenied
 
@@ -51,6 +53,8 @@ async def customers(request: Request) -> Response:
     notice = error = None
     if request.method == "POST":
         form = await checked_form(request, user)
+        if field(form, "action") in ("view", "unview"):
+            return _view(request, field(form, "customer"), field(form, "action") == "view")
         try:
             notice = await _act(request, user, form)
         except KilnError as exc:
@@ -72,6 +76,20 @@ async def customers(request: Request) -> Response:
         names=names, by_tier=sorted(by_tier.items()), tiers=[t.value for t in CustomerTier],
         notice=notice, error=error,
     )  # fmt: skip
+
+
+def _view(request: Request, customer: str, start: bool) -> Response:
+    """Look at a customer's pages as the customer sees them (and act for it), or stop."""
+    if not start:
+        response = redirect("/console/operator")
+        response.delete_cookie(VIEWING_COOKIE, path="/console")
+        return response
+    response = redirect("/console/")
+    response.set_cookie(
+        VIEWING_COOKIE, customer, httponly=True, samesite="lax",
+        secure=console(request).secure_cookies, path="/console",
+    )  # fmt: skip
+    return response
 
 
 @page
