@@ -165,3 +165,16 @@ async def test_the_other_pages(platform: Platform, chromium: Browser, shots: Pat
     await operator.get_by_role("link", name="Nodes").click()
     await expect(operator.get_by_role("heading", name="Queues")).to_be_visible()
     await snap(operator, shots, "operator-nodes")
+
+
+async def test_another_customers_deployment_is_not_found(
+    platform: Platform, chromium: Browser, shots: Path, tmp_path: Path
+) -> None:
+    name = f"theirs-{secrets.token_hex(3)}"
+    await platform.deploy_source(tmp_path, "theirs.py", LIVE_APP.format(name=name))
+    page = await signed_up(platform, chromium, shots)
+    answer = await page.goto(f"{platform.url}/console/deployments/{name}/hello")
+    assert answer is not None
+    assert answer.status == 404
+    await expect(page.get_by_role("alert")).to_contain_text(f"not found in app '{name}'")
+    await snap(page, shots, "not-found")
