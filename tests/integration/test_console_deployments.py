@@ -73,7 +73,10 @@ async def customer(platform: Platform, tmp_path: Path) -> AsyncIterator[Customer
                 "/v1/apps", json=package(tmp_path / "echo_app.py").deploy_body()
             )
             assert deployed.status_code in (200, 201), deployed.text
-        yield found
+            try:
+                yield found
+            finally:  # a minimum the test set would keep a replica through later modules
+                await api.delete(f"/v1/apps/{app}")
 
 
 async def test_list_page_stats_logs_scaling_and_stop(
