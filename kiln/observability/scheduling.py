@@ -13,10 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from kiln.db.enums import LIVE_REPLICA_STATES, NodeState, ReplicaState
 
-__all__ = ["LIVE_STATES", "SchedulingMetrics"]
-
-# The states of the replicas the scheduler tracks; stopped, failed and lost ones it forgets.
-LIVE_STATES = LIVE_REPLICA_STATES
+__all__ = ["SchedulingMetrics"]
 
 
 class SchedulingMetrics:
@@ -103,7 +100,8 @@ class SchedulingMetrics:
 
     def replica_states(self, states: Iterable[ReplicaState]) -> None:
         """Count `states` (one per tracked replica); every live state gets a value, 0 too."""
-        counts = dict.fromkeys(LIVE_STATES, 0)
+        # The states of the replicas the scheduler tracks; it forgets the ended ones.
+        counts = dict.fromkeys(LIVE_REPLICA_STATES, 0)
         for state in states:
             if state in counts:
                 counts[state] += 1

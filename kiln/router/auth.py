@@ -40,7 +40,7 @@ from kiln.tiers import TierLimits
 __all__ = ["SCOPE_CONSOLE", "SCOPE_CUSTOMER", "Authenticator", "Principal"]
 
 SCOPE_CUSTOMER = "kiln.customer"  # (customer id, tier) of the request's key, in the ASGI scope
-# The principal of a console user calling the API in-process (kiln.console.web.api). Only code
+# The principal of a console user calling the API in-process (kiln.console.api). Only code
 # in this process can put it in a scope: no header or cookie of a request reaches it.
 SCOPE_CONSOLE = "kiln.console_principal"
 

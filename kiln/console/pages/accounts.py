@@ -21,6 +21,7 @@ from kiln.console.web import (
     signed_in,
     user_of,
 )
+from kiln.db.models_console import EMAIL_CHARS
 from kiln.errors import KilnError, PermissionDenied
 
 __all__ = ["ACCOUNT_ROUTES"]
@@ -69,7 +70,7 @@ async def login(request: Request) -> Response:
             return redirect(after)
         return render(request, "login.html", after=after, email="", error=None)
     form = await checked_form(request, None)
-    email = field(form, "email").strip().lower()
+    email = field(form, "email").strip().lower()[:EMAIL_CHARS]
     after = _safe_next(field(form, "next"))
     parts = console(request)
     try:
@@ -130,7 +131,7 @@ async def forgot(request: Request) -> Response:
     if request.method == "GET":
         return render(request, "forgot.html", email="", error=None)
     form = await checked_form(request, None)
-    email = field(form, "email").strip().lower()
+    email = field(form, "email").strip().lower()[:EMAIL_CHARS]
     parts = console(request)
     try:
         await parts.throttle.attempt(
