@@ -18,7 +18,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from kiln.console.accounts import Accounts
 from kiln.console.sessions import COOKIE, VIEWING_COOKIE, SessionStore, SignedIn
 from kiln.console.throttle import Throttle
-from kiln.errors import PermissionDenied
+from kiln.errors import InvalidRequest, PermissionDenied
 from kiln.router.services import services
 
 __all__ = [
@@ -132,6 +132,21 @@ async def checked_form(request: Request, user: SignedIn | None) -> FormData:
 def field(form: FormData, name: str) -> str:
     value = form.get(name)
     return value if isinstance(value, str) else ""
+
+
+def whole_numbers(form: FormData, names: tuple[str, ...]) -> dict[str, int]:
+    """The form's fields `names` that were filled in, as integers (an API body's scaling
+    fields); `InvalidRequest` naming one that is not a whole number."""
+    numbers = {}
+    for name in names:
+        raw = field(form, name).strip()
+        if not raw:
+            continue
+        try:
+            numbers[name] = int(raw)
+        except ValueError:
+            raise InvalidRequest(f"{name}={raw!r} is not a whole number") from None
+    return numbers
 
 
 def render(

@@ -52,15 +52,19 @@ __all__ = [
     "list_customers",
     "list_keys",
     "patch_customer",
+    "require_operator",
     "revoke_key",
     "rotate_key",
 ]
 
 
-async def _operator(request: Request) -> Principal:
+async def require_operator(
+    request: Request, refusal: str = "managing customers needs an operator key"
+) -> Principal:
+    """The caller's principal, which must be an operator's; 403 with `refusal` otherwise."""
     principal = await services(request).auth.authenticate(request)
     if principal.kind is not ApiKeyKind.OPERATOR:
-        raise PermissionDenied("managing customers needs an operator key")
+        raise PermissionDenied(refusal)
     return principal
 
 
@@ -112,7 +116,7 @@ class CustomerMaker:
 
 async def create_customer(request: Request) -> Response:
     svc = services(request)
-    await _operator(request)
+    await require_operator(request)
     body = await read_model(request, CustomerBody)
     maker = CustomerMaker(svc)
     async with transaction(svc.sessions) as session:
@@ -125,7 +129,7 @@ async def create_customer(request: Request) -> Response:
 
 async def list_customers(request: Request) -> Response:
     svc = services(request)
-    await _operator(request)
+    await require_operator(request)
     async with transaction(svc.sessions) as session:
         rows = await session.execute(
             sa.select(Customer, _active_keys()).order_by(Customer.created_at)
@@ -138,7 +142,7 @@ async def list_customers(request: Request) -> Response:
 
 async def get_customer(request: Request) -> Response:
     svc = services(request)
-    await _operator(request)
+    await require_operator(request)
     customer_id = _customer_id(request.path_params["customer_id"])
     async with transaction(svc.sessions) as session:
         row = (
@@ -156,7 +160,7 @@ async def patch_customer(request: Request) -> Response:
     """Change a customer's tier, or disable (enable) it: `{"tier": "pro"}`,
     `{"status": "disabled"}`."""
     svc = services(request)
-    await _operator(request)
+    await require_operator(request)
     customer_id = _customer_id(request.path_params["customer_id"])
     patch = await read_model(request, CustomerPatch)
     sent = patch.model_fields_set

@@ -130,11 +130,18 @@ async def function_stats(request: Request) -> Response:
     async with transaction(svc.sessions) as session:
         function = await owned_function(session, request, principal)
         where = [table.function_id == function.id, table.started_at >= since]
-        total = (await session.execute(sa.select(*_aggregates(table)).where(*where))).one()
-        hour = sa.func.date_trunc("hour", table.started_at).label("hour")
-        rows = await session.execute(
-            sa.select(hour, *_aggregates(table)).where(*where).group_by(hour).order_by(hour)
-        )
-        by_hour = [HourStats(hour=row.hour.isoformat(), **_stats(row)) for row in rows]
+        hour = sa.func.date_trunc("hour", table.started_at)
+        # One pass over the rows: by hour, and the whole span (the row whose hour is NULL,
+        # there even when no call was made).
+        rows = (
+            await session.execute(
+                sa.select(hour.label("hour"), *_aggregates(table))
+                .where(*where)
+                .group_by(sa.func.grouping_sets(hour, sa.text("()")))
+                .order_by(hour.nulls_last())
+            )
+        ).all()
+        *hourly, total = rows
+        by_hour = [HourStats(hour=row.hour.isoformat(), **_stats(row)) for row in hourly]
     view = FunctionStats(hours=hours, total=CallStats(**_stats(total)), by_hour=by_hour)
     return JSONResponse(dump(view))

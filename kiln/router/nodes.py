@@ -11,10 +11,10 @@ import sqlalchemy as sa
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from kiln.db.enums import LIVE_REPLICA_STATES, ApiKeyKind, AppState
+from kiln.db.enums import LIVE_REPLICA_STATES, AppState
 from kiln.db.models import App, Function, Node, Replica
 from kiln.db.session import transaction
-from kiln.errors import PermissionDenied
+from kiln.router.access import require_operator
 from kiln.router.services import RouterServices, services
 from kiln.router.views import NodeList, NodeReplica, NodeView, QueueList, QueueView, dump
 from kiln.streams import queue_depth
@@ -23,11 +23,8 @@ __all__ = ["list_nodes", "list_queues"]
 
 
 async def _operator(request: Request) -> RouterServices:
-    svc = services(request)
-    principal = await svc.auth.authenticate(request)
-    if principal.kind is not ApiKeyKind.OPERATOR:
-        raise PermissionDenied("nodes and queues are for operator keys")
-    return svc
+    await require_operator(request, "nodes and queues are for operator keys")
+    return services(request)
 
 
 async def list_nodes(request: Request) -> Response:

@@ -9,9 +9,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from kiln.console.api import api
+from kiln.console.pages.deployments import SCALING
 from kiln.console.pages.page import page, refusal
-from kiln.console.web import checked_form, field, redirect, render, user_of
-from kiln.errors import InvalidRequest, KilnError
+from kiln.console.web import checked_form, field, redirect, render, user_of, whole_numbers
+from kiln.errors import KilnError
 
 __all__ = ["CATALOG_ROUTES"]
 
@@ -23,14 +24,7 @@ def _deployment(form: Any) -> dict[str, Any]:
     for name in ("model", "gpu"):
         if value := field(form, name).strip():
             body[name] = value
-    for name in ("min_replicas", "max_replicas", "idle_timeout"):
-        raw = field(form, name).strip()
-        if raw:
-            try:
-                body[name] = int(raw)
-            except ValueError:
-                raise InvalidRequest(f"{name}={raw!r} is not a whole number") from None
-    return body
+    return body | whole_numbers(form, SCALING)
 
 
 @page

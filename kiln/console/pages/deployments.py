@@ -16,12 +16,23 @@ from starlette.responses import Response, StreamingResponse
 from kiln.console.api import api, api_lines
 from kiln.console.charts import bars
 from kiln.console.pages.page import page, refusal
-from kiln.console.web import base_url, checked_form, field, redirect, render, user_of
-from kiln.errors import InvalidRequest, KilnError
+from kiln.console.web import (
+    base_url,
+    checked_form,
+    field,
+    redirect,
+    render,
+    user_of,
+    whole_numbers,
+)
+from kiln.errors import KilnError
 from kiln.functions.gpu import gpu_request
 from kiln.router.services import services
 
-__all__ = ["DEPLOYMENT_ROUTES", "hourly_micros"]
+__all__ = ["DEPLOYMENT_ROUTES", "SCALING", "hourly_micros"]
+
+# The scaling fields the deployment and catalog forms send, as the API names them.
+SCALING = ("min_replicas", "max_replicas", "idle_timeout")
 
 # How often a live replicas panel reads them again (the page itself never polls).
 _REPLICAS_EVERY_S = 2.0
@@ -75,7 +86,9 @@ async def deployment(request: Request) -> Response:
             await api(request, user, "DELETE", f"/v1/apps/{request.path_params['app']}")
             return redirect("/console/deployments")
         try:
-            await api(request, user, "PATCH", f"/v1/functions/{target}", _scaling(form))
+            await api(
+                request, user, "PATCH", f"/v1/functions/{target}", whole_numbers(form, SCALING)
+            )
             notice = "Scaling saved: it applies now."
         except KilnError as exc:
             error = refusal(exc)[1]
@@ -107,20 +120,6 @@ async def deployment(request: Request) -> Response:
         charts=charts, served=served, notice=notice, error=error,
         endpoint=f"{base_url(request)}/v1/run/{target}", base=base_url(request),
     )  # fmt: skip
-
-
-def _scaling(form: Any) -> dict[str, int]:
-    """The scaling form's fields as the API's PATCH body; a field left empty is unchanged."""
-    body = {}
-    for name in ("min_replicas", "max_replicas", "idle_timeout"):
-        raw = field(form, name).strip()
-        if not raw:
-            continue
-        try:
-            body[name] = int(raw)
-        except ValueError:
-            raise InvalidRequest(f"{name}={raw!r} is not a whole number") from None
-    return body
 
 
 def _event(data: dict[str, Any]) -> bytes:

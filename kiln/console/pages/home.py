@@ -25,21 +25,26 @@ __all__ = ["HOME_ROUTES"]
 _LIVE_EVERY_S = 2.0
 
 
-async def _running(request: Request, user: SignedIn) -> dict[str, Any]:
-    """What the customer's replicas cost an hour now, how many run, and today's spend."""
+def _running(request: Request, functions: list[dict[str, Any]], account: Any) -> dict[str, str]:
+    """What the customer's replicas cost an hour now, how many run, today's spend and the
+    balance, as the dashboard shows them."""
+    prices = dict(services(request).settings.gpu_prices)
+    hourly = sum(hourly_micros(prices, f["gpu"], f["replicas"]) for f in functions)
+    currency = account["currency"]
+    return {
+        "hourly": money(hourly, currency),
+        "replicas": str(sum(f["replicas"] for f in functions)),
+        "spent_today": money(account["spent_today_micros"], currency),
+        "balance": money(account["balance_micros"], currency),
+    }
+
+
+async def _read_running(request: Request, user: SignedIn) -> dict[str, str]:
     functions, account = await asyncio.gather(
         api(request, user, "GET", "/v1/functions"),
         api(request, user, "GET", "/v1/billing/balance"),
     )
-    prices = dict(services(request).settings.gpu_prices)
-    hourly = sum(hourly_micros(prices, f["gpu"], f["replicas"]) for f in functions["functions"])
-    currency = account["currency"]
-    return {
-        "hourly": money(hourly, currency),
-        "replicas": str(sum(f["replicas"] for f in functions["functions"])),
-        "spent_today": money(account["spent_today_micros"], currency),
-        "balance": money(account["balance_micros"], currency),
-    }
+    return _running(request, functions["functions"], account)
 
 
 @page
@@ -48,7 +53,7 @@ async def dashboard(request: Request) -> Response:
     if user.customer_id is None:  # an operator, viewing no customer
         return redirect("/console/operator")
     month = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    account, functions, usage, entries, running = await asyncio.gather(
+    account, functions, usage, entries = await asyncio.gather(
         api(request, user, "GET", "/v1/billing/balance"),
         api(request, user, "GET", "/v1/functions"),
         api(
@@ -63,8 +68,8 @@ async def dashboard(request: Request) -> Response:
             },
         ),
         api(request, user, "GET", "/v1/billing/transactions", query={"limit": "8"}),
-        _running(request, user),
     )
+    running = _running(request, functions["functions"], account)
     rows = usage["rows"]
     return render(
         request, "dashboard.html", user, account=account, functions=functions["functions"],
@@ -78,7 +83,7 @@ async def dashboard(request: Request) -> Response:
 async def live(request: Request) -> Response:
     """The dashboard's running cost, replicas and spend, sent whenever they change."""
     user = await user_of(request)
-    first = await _running(request, user)
+    first = await _read_running(request, user)
 
     async def events() -> AsyncIterator[bytes]:
         shown, now = None, first
@@ -87,7 +92,7 @@ async def live(request: Request) -> Response:
                 shown = now
                 yield b"data: %s\n\n" % json.dumps(now).encode()
             await asyncio.sleep(_LIVE_EVERY_S)
-            now = await _running(request, user)
+            now = await _read_running(request, user)
 
     headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
