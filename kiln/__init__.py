@@ -19,6 +19,7 @@ from kiln.functions.app import App
 from kiln.functions.hooks import enter, exit, method, websocket
 from kiln.functions.session import Session, SessionClosed
 from kiln.functions.tasks import (
+    Audio,
     ChatRequest,
     CompletionRequest,
     Embeddings,
@@ -27,11 +28,16 @@ from kiln.functions.tasks import (
     ImageRequest,
     Images,
     Message,
+    Segment,
+    SpeechRequest,
+    Transcription,
+    TranscriptionRequest,
 )
 from kiln.remote import Job, RemoteError, RemoteFunction, lookup
 
 __all__ = [
     "App",
+    "Audio",
     "ChatRequest",
     "CompletionRequest",
     "Embeddings",
@@ -44,8 +50,12 @@ __all__ = [
     "Message",
     "RemoteError",
     "RemoteFunction",
+    "Segment",
     "Session",
     "SessionClosed",
+    "SpeechRequest",
+    "Transcription",
+    "TranscriptionRequest",
     "__version__",
     "enter",
     "exit",

@@ -102,6 +102,38 @@ ENTRIES: dict[str, Entry] = {
                 "body": {"prompt": "a lighthouse at dawn, watercolour", "size": "512x512"},
             },
         ),
+        Entry(
+            slug="stt",
+            title="Transcribe speech to text (Whisper)",
+            task=Task.TRANSCRIPTION,
+            tasks=(Task.TRANSCRIPTION,),
+            engine="kiln.catalog.speech:TransformersTranscription",
+            class_name="Transcriber",
+            default_model="openai/whisper-large-v3-turbo",
+            memory_gb=4,
+            default_gpu="L4",
+            concurrency=4,
+            example={
+                "route": "/v1/audio/transcriptions",
+                "body": {"file": "@speech.wav", "response_format": "verbose_json"},
+            },
+        ),
+        Entry(
+            slug="tts",
+            title="Speak text aloud, streamed phrase by phrase (MMS VITS voices)",
+            task=Task.SPEECH,
+            tasks=(Task.SPEECH,),
+            engine="kiln.catalog.speech:TransformersSpeech",
+            class_name="Speaker",
+            default_model="facebook/mms-tts-eng",
+            memory_gb=2,
+            default_gpu="L4",
+            concurrency=4,
+            example={
+                "route": "/v1/audio/speech",
+                "body": {"input": "Hello from Kiln.", "voice": "alloy", "response_format": "wav"},
+            },
+        ),
     )
 }
 

@@ -22,6 +22,8 @@ __all__ = [
     "tiny_chat_model",
     "tiny_embedding_model",
     "tiny_image_pipeline",
+    "tiny_speech_model",
+    "tiny_whisper_model",
 ]
 
 # Renders [{"role": "user", "content": "hi"}] as "<|user|>hi\n<|assistant|>" (with the
@@ -189,6 +191,131 @@ def tiny_image_pipeline(directory: Path) -> Path:
     )
     directory.mkdir(parents=True, exist_ok=True)
     pipeline.save_pretrained(directory)
+    return _readable(directory)
+
+
+# Whisper's special tokens, in the order its tokenizer and generation config name them.
+_WHISPER_SPECIALS = (
+    "<|startoftranscript|>", "<|en|>", "<|fr|>", "<|translate|>", "<|transcribe|>",
+    "<|startoflm|>", "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>",
+)  # fmt: skip
+WHISPER_NEW_TOKENS = 20  # what the tiny recogniser writes for any piece of speech
+
+
+def tiny_whisper_model(directory: Path) -> Path:
+    """A Whisper (two encoder and two decoder layers, 64 wide) with a byte tokenizer, English
+    and French, in `directory`, with its processor (80 mel bins).
+
+    Like the chat model, it writes only `_WRITTEN`'s characters and never EOS: each piece of
+    speech reads as `WHISPER_NEW_TOKENS` characters of readable nonsense."""
+    import torch
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
+
+    vocab = {char: index for index, char in enumerate(sorted(ByteLevel.alphabet()))}
+    eos = vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = WhisperTokenizer(vocab=vocab, merges=[], pad_token="<|endoftext|>")  # noqa: S106
+    tokenizer.add_special_tokens({"additional_special_tokens": list(_WHISPER_SPECIALS)})
+    found: list[int] = tokenizer.convert_tokens_to_ids(list(_WHISPER_SPECIALS))  # type: ignore[assignment]
+    ids = dict(zip(_WHISPER_SPECIALS, found, strict=True))
+    config = WhisperConfig(
+        vocab_size=len(tokenizer),
+        num_mel_bins=80,
+        encoder_layers=2,
+        decoder_layers=2,
+        d_model=64,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_target_positions=WHISPER_NEW_TOKENS + 4,  # the prompt's four tokens, then the text
+        decoder_start_token_id=ids["<|startoftranscript|>"],
+        eos_token_id=eos,
+        pad_token_id=eos,
+        bos_token_id=eos,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model: Any = WhisperForConditionalGeneration(config).eval()  # type: ignore[no-untyped-call]
+    written = [vocab[char] for char in _WRITTEN.replace(" ", "Ġ")]
+    with torch.no_grad():
+        weight = model.proj_out.weight
+        scaled = torch.randn(
+            len(written), weight.shape[1], generator=torch.Generator().manual_seed(1)
+        )
+        weight.zero_()
+        weight[written] = scaled * 3.0
+    model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
+        decoder_start_token_id=ids["<|startoftranscript|>"],
+        eos_token_id=eos,
+        pad_token_id=eos,
+        bos_token_id=eos,
+        lang_to_id={"<|en|>": ids["<|en|>"], "<|fr|>": ids["<|fr|>"]},
+        task_to_id={"translate": ids["<|translate|>"], "transcribe": ids["<|transcribe|>"]},
+        no_timestamps_token_id=ids["<|notimestamps|>"],
+        prev_sot_token_id=ids["<|startofprev|>"],
+        is_multilingual=True,
+    )
+    features = WhisperFeatureExtractor(feature_size=80)  # type: ignore[no-untyped-call]
+    processor = WhisperProcessor(feature_extractor=features, tokenizer=tokenizer)  # type: ignore[no-untyped-call]
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return _readable(directory)
+
+
+def tiny_speech_model(directory: Path) -> Path:
+    """A VITS text-to-speech model (two layers, 32 wide, 16 kHz) that reads lowercase letters,
+    digits and punctuation, in `directory`. Its voice is noise shaped by random weights."""
+    import json
+
+    import torch
+    from transformers import VitsConfig, VitsModel, VitsTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    symbols = ["<pad>", *(" " + string.ascii_lowercase + string.digits + ".,!?'-")]
+    (directory / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(symbols)}))
+    tokenizer = VitsTokenizer(
+        vocab_file=str(directory / "vocab.json"),
+        pad_token="<pad>",  # noqa: S106
+        unk_token="<pad>",  # noqa: S106
+        add_blank=True,
+        normalize=True,
+        phonemize=False,
+        language=None,
+    )
+    config = VitsConfig(
+        vocab_size=len(symbols),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        ffn_dim=64,
+        flow_size=32,
+        spectrogram_bins=65,
+        upsample_initial_channel=32,
+        upsample_rates=[8, 8, 2, 2],
+        upsample_kernel_sizes=[16, 16, 4, 4],
+        resblock_kernel_sizes=[3],
+        resblock_dilation_sizes=[[1, 3, 5]],
+        prior_encoder_num_flows=2,
+        prior_encoder_num_wavenet_layers=2,
+        posterior_encoder_num_wavenet_layers=2,
+        duration_predictor_num_flows=2,
+        duration_predictor_filter_channels=32,
+        depth_separable_num_layers=2,
+        sampling_rate=16_000,
+    )
+    torch.manual_seed(0)
+    model: Any = VitsModel(config).eval()  # type: ignore[no-untyped-call]
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
     return _readable(directory)
 
 

@@ -16,10 +16,12 @@ from typing import Any, Literal, TypeVar, overload
 
 from kiln.errors import InvalidSpec
 from kiln.functions.signature import format_signature
-from kiln.functions.tasks import Task
+from kiln.functions.tasks import SESSION_TASKS, Task
 
-TaskName = Literal["chat", "completions", "embeddings", "image"]
-_TASKS = tuple(t.value for t in Task)
+TaskName = Literal["chat", "completions", "embeddings", "image", "transcription", "speech"]
+SessionTaskName = Literal["realtime"]
+_TASKS = tuple(t.value for t in Task if t not in SESSION_TASKS)
+_SESSION_TASKS = tuple(t.value for t in Task if t in SESSION_TASKS)
 
 __all__ = [
     "Hook",
@@ -100,7 +102,9 @@ def method(fn: _F | None = None, /, *, task: TaskName | None = None) -> _F | Cal
     named after the app: "chat" and "completions" methods take a `kiln.ChatRequest` or
     `kiln.CompletionRequest` and yield text deltas (optionally ending with a `kiln.Finish`);
     "embeddings" returns `kiln.Embeddings` for a `kiln.EmbeddingsRequest`; "image" returns
-    `kiln.Images` for a `kiln.ImageRequest`."""
+    `kiln.Images` for a `kiln.ImageRequest`; "transcription" returns a `kiln.Transcription`
+    for a `kiln.TranscriptionRequest`; "speech" yields `kiln.Audio` for a
+    `kiln.SpeechRequest`."""
     if task is not None and task not in _TASKS:
         raise InvalidSpec(
             f"task={task!r} is not valid for @kiln.method(): expected one of "
@@ -112,12 +116,22 @@ def method(fn: _F | None = None, /, *, task: TaskName | None = None) -> _F | Cal
 @overload
 def websocket(fn: _F, /) -> _F: ...
 @overload
-def websocket(fn: None = None, /) -> Callable[[_F], _F]: ...
-def websocket(fn: _F | None = None, /) -> _F | Callable[[_F], _F]:
+def websocket(fn: None = None, /, *, task: SessionTaskName | None = None) -> Callable[[_F], _F]: ...
+def websocket(
+    fn: _F | None = None, /, *, task: SessionTaskName | None = None
+) -> _F | Callable[[_F], _F]:
     """Mark an `async def handler(session)` (a method of an `@app.cls` class, or a function
     under `@app.function`) as a WebSocket handler, opened as `WS /v1/ws/APP/NAME`. It gets a
-    `kiln.Session` and runs for as long as the session lasts."""
-    return _decorator(fn, Hook(HookKind.WEBSOCKET))
+    `kiln.Session` and runs for as long as the session lasts.
+
+    With `task="realtime"` it also serves `WS /v1/realtime?model=APP`, where clients speak
+    OpenAI's Realtime protocol (the handler speaks it too: `kiln.catalog.realtime`)."""
+    if task is not None and task not in _SESSION_TASKS:
+        raise InvalidSpec(
+            f"task={task!r} is not valid for @kiln.websocket(): expected one of "
+            f"{', '.join(repr(t) for t in _SESSION_TASKS)}."
+        )
+    return _decorator(fn, Hook(HookKind.WEBSOCKET, task=task))
 
 
 def hook_of(obj: object) -> Hook | None:

@@ -28,7 +28,7 @@ def call_spec(name: str, fn: Callable[..., Any], *, method: bool) -> CallSpec:
         kind, is_async = CallKind.FUNCTION, inspect.iscoroutinefunction(fn)
     signature = format_signature(fn, drop_first=method)
     task = getattr(hook, "task", None)
-    if task is not None:
+    if task is not None and kind is not CallKind.WEBSOCKET:
         _check_task(name, fn, task, kind, signature)
     return CallSpec(name=name, kind=kind, is_async=is_async, signature=signature, task=task)
 
@@ -37,8 +37,13 @@ def _check_task(name: str, fn: Callable[..., Any], task: str, kind: CallKind, sh
     streams = Task(task) in GENERATOR_TASKS
     if streams and kind is not CallKind.GENERATOR:
         raise InvalidSpec(
-            f'@kiln.method(task="{task}") {name}{shown} must be a generator: yield the text as '
-            "it is made (str deltas), optionally ending with a kiln.Finish."
+            f'@kiln.method(task="{task}") {name}{shown} must be a generator: '
+            + (
+                "yield kiln.Audio pieces as they are synthesised."
+                if task == Task.SPEECH
+                else "yield the text as it is made (str deltas), optionally ending with a "
+                "kiln.Finish."
+            )
         )
     if not streams and kind is not CallKind.FUNCTION:
         raise InvalidSpec(

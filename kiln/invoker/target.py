@@ -21,7 +21,14 @@ from kiln.errors import InvalidArguments, NotFound, UnserializableResult
 from kiln.functions.hooks import lifecycle
 from kiln.functions.session import Session
 from kiln.functions.spec import FunctionSpec, UnitKind
-from kiln.functions.tasks import Embeddings, Finish, Images, Task, request_from_wire
+from kiln.functions.tasks import (
+    Embeddings,
+    Finish,
+    Images,
+    Task,
+    Transcription,
+    request_from_wire,
+)
 
 __all__ = ["Encoded", "Target", "build_target"]
 
@@ -102,8 +109,13 @@ class Target:
         if signature is None:
             signature = self._signatures[label] = _signature(fn)
         args, kwargs = self._task_request(method, *_decode(label, signature, body, content_type))
+        speech = self._speech_format(method, args)
         if inspect.isasyncgenfunction(fn):
             agen = fn(*args, **kwargs)
+            if speech is not None:
+                from kiln.functions.audio_codec import encoded_speech_async
+
+                agen = encoded_speech_async(agen, speech)
             try:
                 async for item in agen:
                     yield _encode_chunk(label, item)
@@ -115,6 +127,10 @@ class Target:
             raise UnserializableResult(
                 f"{label} is declared a generator but returned {type(made).__name__}"
             )
+        if speech is not None:
+            from kiln.functions.audio_codec import encoded_speech
+
+            made = encoded_speech(made, speech)
         steps = _Steps(made)
         loop = asyncio.get_running_loop()
         try:
@@ -149,6 +165,13 @@ class Target:
             return (request_from_wire(Task(entry.task), given[0]),), {}
         except (TypeError, ValueError) as exc:
             raise InvalidArguments(f"the {entry.task} request is not valid: {exc}") from None
+
+    def _speech_format(self, method: str | None, args: tuple[Any, ...]) -> str | None:
+        """The format a speech method's audio is encoded in on its way out; None for others."""
+        entry = self.spec.entry(method)
+        if entry is None or entry.task != Task.SPEECH or not args:
+            return None
+        return str(args[0].response_format)
 
     async def session(self, method: str | None, session: Session) -> None:
         """Run a WebSocket handler with its session, until it returns."""
@@ -230,7 +253,7 @@ def _decode(
     return args, kwargs
 
 
-_TASK_OUTPUTS = (Finish, Embeddings, Images)
+_TASK_OUTPUTS = (Finish, Embeddings, Images, Transcription)
 
 
 def _encode_chunk(label: str, item: Any) -> bytes:

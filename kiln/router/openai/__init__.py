@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from starlette.routing import Route
 
+from kiln.router.openai.audio import speech, transcriptions
 from kiln.router.openai.chat import chat_completions, completions
 from kiln.router.openai.embeddings import embeddings, images
 from kiln.router.openai.models import get_model, list_models
@@ -18,6 +19,8 @@ OPENAI_ROUTES = [
     Route("/v1/completions", completions, methods=["POST"]),
     Route("/v1/embeddings", embeddings, methods=["POST"]),
     Route("/v1/images/generations", images, methods=["POST"]),
+    Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
+    Route("/v1/audio/speech", speech, methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/v1/models/{model:path}", get_model, methods=["GET"]),
 ]

@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from kiln.db.enums import InvocationKind
-from kiln.errors import KilnError
+from kiln.errors import InvalidRequest, KilnError
 from kiln.functions.tasks import Task, to_wire
 from kiln.router.auth import Principal
 from kiln.router.call_log import CallWatch
@@ -31,7 +33,7 @@ from kiln.router.services import RouterServices, services
 from kiln.router.streams import CallAbandoned, CallStream
 from kiln.router.validation import parse_json
 
-__all__ = ["OpenStream", "TaskCall", "read_task_call"]
+__all__ = ["OpenStream", "TaskCall", "read_form_call", "read_task_call"]
 
 _JSON = "application/json"
 
@@ -44,6 +46,18 @@ class OpenStream:
     stream: CallStream
     watch: CallWatch
     release: Callable[[], Awaitable[None]]
+
+    def failed(self, exc: BaseException, sent: int = 0) -> None:
+        """Record how the call ended early: the client left, or an error."""
+        if isinstance(exc, CallAbandoned | asyncio.CancelledError | GeneratorExit):
+            self.watch.cancelled(sent)
+        else:
+            self.watch.failed(exc.code if isinstance(exc, KilnError) else "internal_error", sent)
+
+    async def close(self) -> None:
+        """Stop the call if it still runs and free the customer's slot."""
+        self.stream.abandon()  # does nothing once the stream has ended
+        await self.release()
 
 
 @dataclass
@@ -131,3 +145,39 @@ async def read_task_call(request: Request) -> TaskCall:
     principal = await svc.auth.authenticate(request, count=False)  # counted with its slot
     raw = await read_body(request, svc.settings.max_request_bytes)
     return TaskCall(svc, principal, request, parse_json(raw), started)
+
+
+async def read_form_call(request: Request, *, max_file_bytes: int) -> tuple[TaskCall, bytes, str]:
+    """Authenticate the caller and read the `multipart/form-data` body of an upload route: its
+    text fields become the call's body; its one file (`file`) is returned with its name."""
+    started = asyncio.get_running_loop().time()
+    svc = services(request)
+    principal = await svc.auth.authenticate(request, count=False)
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise InvalidRequest(
+            "the body must be multipart/form-data, with the audio in a part named 'file'"
+        )
+    raw = await read_body(request, min(svc.settings.max_request_bytes, max_file_bytes + 65_536))
+
+    async def body() -> AsyncGenerator[bytes, None]:
+        yield raw
+
+    try:
+        form = await MultiPartParser(
+            request.headers, body(), max_files=1, max_fields=32, max_part_size=65_536
+        ).parse()
+    except MultiPartException as exc:
+        raise InvalidRequest(f"the form could not be read: {exc.message}") from None
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidRequest("file is required: the audio to transcribe", param="file")
+        content = await upload.read(max_file_bytes + 1)
+        fields: dict[str, list[str]] = {}
+        for key, value in form.multi_items():
+            if isinstance(value, str):
+                fields.setdefault(key.removesuffix("[]"), []).append(value)
+    finally:
+        await form.close()
+    text = {key: values if len(values) > 1 else values[0] for key, values in fields.items()}
+    return TaskCall(svc, principal, request, text, started), content, upload.filename or "file"

@@ -14,7 +14,6 @@ The client leaving stops the call: the replica closes the generator after its cu
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -31,7 +30,6 @@ from kiln.router.openai.calls import OpenStream, read_task_call
 from kiln.router.openai.errors import openai_errors, sse_error
 from kiln.router.openai.requests import chat_call, completion_call
 from kiln.router.run import watch_disconnect
-from kiln.router.streams import CallAbandoned
 
 __all__ = ["chat_completions", "completions"]
 
@@ -174,8 +172,8 @@ async def _answer(
         if first is not None and not _is_text(first):
             _item(first, outcome)  # the Finish already (no text), or an item to refuse
     except BaseException as exc:
-        _failed(opened, exc)
-        await _close(opened)
+        opened.failed(exc)
+        await opened.close()
         raise
     finally:
         stop_watching()
@@ -202,18 +200,6 @@ async def _joined(opened: OpenStream, outcome: _Outcome) -> str:
 def _counts(outcome: _Outcome) -> tuple[int, int]:
     usage = outcome.usage
     return usage["prompt_tokens"], usage["completion_tokens"]
-
-
-def _failed(opened: OpenStream, exc: BaseException, sent: int = 0) -> None:
-    if isinstance(exc, CallAbandoned | asyncio.CancelledError | GeneratorExit):
-        opened.watch.cancelled(sent)
-    else:
-        opened.watch.failed(exc.code if isinstance(exc, KilnError) else "internal_error", sent)
-
-
-async def _close(opened: OpenStream) -> None:
-    opened.stream.abandon()  # does nothing once the stream has ended
-    await opened.release()
 
 
 async def _events(
@@ -246,10 +232,10 @@ async def _events(
         yield sse_error(exc)
         yield _DONE
     except BaseException as exc:
-        _failed(opened, exc, sent)
+        opened.failed(exc, sent)
         raise  # the client left (Starlette cancels the response): the finally stops the call
     finally:
-        await _close(opened)
+        await opened.close()
 
 
 _EMPTY = b'""'

@@ -27,6 +27,9 @@ ROUTE_OF = {
     Task.COMPLETIONS: "/v1/completions",
     Task.EMBEDDINGS: "/v1/embeddings",
     Task.IMAGE: "/v1/images/generations",
+    Task.TRANSCRIPTION: "/v1/audio/transcriptions",
+    Task.SPEECH: "/v1/audio/speech",
+    Task.REALTIME: "WS /v1/realtime",
 }
 
 
