@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kiln.catalog.voice import PARTS
 from kiln.errors import NotFound
 from kiln.functions.tasks import Task
 from kiln.gpus import GPUS
@@ -132,6 +133,25 @@ ENTRIES: dict[str, Entry] = {
             example={
                 "route": "/v1/audio/speech",
                 "body": {"input": "Hello from Kiln.", "voice": "alloy", "response_format": "wav"},
+            },
+        ),
+        Entry(
+            slug="voice-agent",
+            title="A voice agent over OpenAI's Realtime protocol (VAD, Whisper, chat, voice)",
+            task=Task.REALTIME,
+            tasks=(Task.REALTIME,),
+            engine="kiln.catalog.voice:VoiceAgent",
+            class_name="VoiceAgent",
+            default_model=",".join(f"{part}={model}" for part, model in PARTS.items()),
+            memory_gb=16,
+            default_gpu="L4",
+            concurrency=4,
+            example={
+                "route": "WS /v1/realtime",
+                "body": {
+                    "type": "session.update",
+                    "session": {"audio": {"output": {"voice": "alloy"}}},
+                },
             },
         ),
     )

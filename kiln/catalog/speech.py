@@ -44,6 +44,23 @@ def _device_and_dtype() -> tuple[str, Any]:
     return "cpu", torch.float32
 
 
+def _fold_parametrizations(model: Any) -> None:
+    """Compute parametrized weights once (VITS's vocoder keeps its convolutions under weight
+    norm) and keep the results as plain parameters: the same outputs for inference, and a model
+    a snapshot can hold (parametrized modules do not pickle)."""
+    from torch.nn.utils import parametrize
+
+    for module in model.modules():
+        for name in list(getattr(module, "parametrizations", {}) or {}):
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        # weight_norm also leaves a hook for loading old checkpoints: a local function.
+        hooks = module._load_state_dict_pre_hooks
+        for key, hook in list(hooks.items()):
+            name = getattr(getattr(hook, "hook", hook), "__qualname__", "")
+            if "_weight_norm_compat_hook" in name:
+                del hooks[key]
+
+
 class TransformersTranscription:
     """A Whisper-family speech recogniser serving `transcription`. Subclass it with `model_id`
     set."""
@@ -185,6 +202,7 @@ class TransformersSpeech:
         self.model = (
             AutoModelForTextToWaveform.from_pretrained(model_id, dtype=dtype).to(device).eval()
         )
+        _fold_parametrizations(self.model)
         config = self.model.config
         self.sample_rate = int(getattr(config, "sampling_rate", 16_000))
         self.speakers = int(getattr(config, "num_speakers", 1) or 1)

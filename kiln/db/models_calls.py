@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Mapped, mapped_column
 
 from kiln.db.base import Base, Timestamps, int_default, str_enum, uuid_pk
@@ -109,6 +111,8 @@ class Invocation(Base):
     # Calls through the OpenAI-compatible routes: the tokens read and written (analytics only).
     prompt_tokens: Mapped[int | None]
     completion_tokens: Mapped[int | None]
+    # Real-time voice sessions: each answer's timings (`kiln.catalog.realtime.response.Turn`).
+    voice_turns: Mapped[list[dict[str, Any]] | None] = mapped_column(postgresql.JSONB)
 
     __table_args__ = (
         sa.Index(None, "function_id", "started_at"),

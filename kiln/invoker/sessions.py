@@ -41,6 +41,8 @@ class ReplicaSession(Session):
         self._wake = asyncio.Event()
         self._closed: SessionClosed | None = None  # the client closed
         self.ended = False  # we closed (or answered the client's close)
+        # A handler may send from several tasks at once; each frame needs its own number.
+        self._sending = asyncio.Lock()
 
     @property
     def params(self) -> Mapping[str, str]:
@@ -87,9 +89,10 @@ class ReplicaSession(Session):
             event, data = Event.BINARY, bytes(message)
         else:
             raise TypeError(f"a session sends str or bytes, not {type(message).__name__}")
-        await self._credits.wait_for(self._sent)
-        await self._nc.publish(self._reply, data, headers=stream_event(event, self._sent))
-        self._sent += 1
+        async with self._sending:
+            await self._credits.wait_for(self._sent)
+            await self._nc.publish(self._reply, data, headers=stream_event(event, self._sent))
+            self._sent += 1
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         if self.ended:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -62,6 +63,7 @@ class CallRecord:
     cold_start: bool = False
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    voice_turns: list[dict[str, Any]] | None = None
 
     def record(self) -> tuple[Any, ...]:
         """The row, in the order of `COLUMNS`, in the types asyncpg's COPY writes."""
@@ -85,6 +87,7 @@ class CallRecord:
             self.cold_start,
             self.prompt_tokens,
             self.completion_tokens,
+            None if self.voice_turns is None else json.dumps(self.voice_turns),
         )
 
 
@@ -92,6 +95,7 @@ COLUMNS = (
     "customer_id", "function_id", "version_id", "replica_id", "call_id", "request_id", "method",
     "kind", "status", "error_code", "started_at", "queue_wait_ms", "duration_ms", "execution_ms",
     "bytes_in", "bytes_out", "cold_start", "prompt_tokens", "completion_tokens",
+    "voice_turns",
 )  # fmt: skip
 
 

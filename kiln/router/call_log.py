@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from kiln.db.enums import InvocationKind, InvocationStatus
 from kiln.observability.invocation_log import CallRecord
@@ -35,6 +36,7 @@ class CallWatch:
         "svc",
         "tokens",
         "trace",
+        "voice_turns",
     )  # fmt: skip
 
     def __init__(
@@ -62,6 +64,7 @@ class CallWatch:
         self.trace = CallTrace()
         self.done = False
         self.tokens: tuple[int, int] | None = None  # (prompt, completion): OpenAI routes
+        self.voice_turns: list[dict[str, Any]] | None = None  # WS /v1/realtime
 
     def count_tokens(self, prompt: int, completion: int) -> None:
         """The tokens the call read and wrote, recorded with its outcome."""
@@ -119,5 +122,6 @@ class CallWatch:
                 cold_start=trace.cold,
                 prompt_tokens=None if self.tokens is None else self.tokens[0],
                 completion_tokens=None if self.tokens is None else self.tokens[1],
+                voice_turns=self.voice_turns,
             )
         )

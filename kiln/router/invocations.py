@@ -87,6 +87,7 @@ def _view(row: Any) -> InvocationView:
             "cold_start": row["cold_start"],
             "prompt_tokens": row["prompt_tokens"],
             "completion_tokens": row["completion_tokens"],
+            "voice_turns": row["voice_turns"],
         }
     )
 

@@ -82,11 +82,42 @@ class RouterMetrics:
             ["tier", "kind"],
             registry=self.registry,
         )
+        self.voice_turn_seconds = Histogram(
+            "kiln_voice_turn_seconds",
+            "Real-time voice turns: time from the end of the user's speech to each stage "
+            "(transcript, first_token, first_audio), by function.",
+            ["app", "function", "stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.voice_turns = Counter(
+            "kiln_voice_turns",
+            "Real-time voice answers finished, by function and how they ended (completed, "
+            "cancelled, failed).",
+            ["app", "function", "status"],
+            registry=self.registry,
+        )
+        self.voice_barge_ins = Counter(
+            "kiln_voice_barge_ins",
+            "Real-time voice answers the user interrupted by speaking, by function.",
+            by_function,
+            registry=self.registry,
+        )
 
         # `labels()` takes a lock and builds a tuple; the warm path reuses the children.
         self._requests_by: dict[tuple[str, int], Any] = {}
         self._calls_by: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
         self._counted_by: dict[tuple[str, str, str, str, str], Any] = {}
+
+    def observe_voice_turn(
+        self, app: str, function: str, status: str, stages: dict[str, float], barge_in: bool
+    ) -> None:
+        """One answer of a real-time voice session: its stages' latencies in seconds."""
+        self.voice_turns.labels(app, function, status).inc()
+        for stage, seconds in stages.items():
+            self.voice_turn_seconds.labels(app, function, stage).observe(seconds)
+        if barge_in:
+            self.voice_barge_ins.labels(app, function).inc()
 
     def count_request(self, family: str, status: int) -> None:
         child = self._requests_by.get((family, status))

@@ -198,6 +198,7 @@ class InvocationView(View):
     cold_start: bool
     prompt_tokens: int | None
     completion_tokens: int | None
+    voice_turns: list[dict[str, Any]] | None = None
 
 
 class Invocations(View):

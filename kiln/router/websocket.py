@@ -15,7 +15,9 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Awaitable, Callable
 
+from starlette.responses import Response
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from kiln.db.enums import InvocationKind
@@ -31,14 +33,32 @@ from kiln.router.services import RouterServices, services
 from kiln.router.streams import CallStream
 from kiln.wire import Event
 
-__all__ = ["ws_session"]
+__all__ = ["Bridge", "serve_session", "ws_session"]
 
 _log = logging.getLogger(__name__)
 # After the client leaves, how long the handler has to see the close and return.
 _GOODBYE_S = 5.0
 
 
+Resolve = Callable[
+    [WebSocket, RouterServices, Principal], Awaitable[tuple[FunctionRoute, str | None]]
+]
+Refusal = Callable[[WebSocket, KilnError], Response]
+
+
 async def ws_session(websocket: WebSocket) -> None:
+    await serve_session(websocket, resolve=_resolve, refusal=error_response)
+
+
+async def serve_session(
+    websocket: WebSocket,
+    *,
+    resolve: Resolve,
+    refusal: Refusal,
+    bridge: type[Bridge] | None = None,
+) -> None:
+    """Authenticate, find the handler (`resolve`), wait for a replica to hold the session, then
+    carry frames until it ends. A refusal before the upgrade is `refusal`'s HTTP answer."""
     svc = services(websocket)
     rid = request_id(websocket)
     started = asyncio.get_running_loop().time()
@@ -49,9 +69,9 @@ async def ws_session(websocket: WebSocket) -> None:
             # The session holds one of the customer's in-flight slots for its whole life.
             hold_s = svc.settings.ws_max_session_s + 600
             await exits.enter_async_context(call_slot(svc, principal, hold_s))
-            route, method = await _resolve(websocket, svc, principal)
+            route, method = await resolve(websocket, svc, principal)
             watch = CallWatch(
-                svc, principal, route, method, InvocationKind.WEBSOCKET, rid, 0,
+                svc, principal, route, method or "", InvocationKind.WEBSOCKET, rid, 0,
                 started_loop=started,
             )  # fmt: skip
             body = json.dumps({"params": dict(websocket.query_params)}).encode()
@@ -65,23 +85,23 @@ async def ws_session(websocket: WebSocket) -> None:
         except KilnError as exc:
             if watch is not None:
                 watch.failed(exc.code)
-            await websocket.send_denial_response(error_response(websocket, exc))
+            await websocket.send_denial_response(refusal(websocket, exc))
             return
         await websocket.accept(headers=[(b"x-request-id", rid.encode())])
-        bridge = _Bridge(websocket, svc, link)
+        carrier = (bridge or Bridge)(websocket, svc, link, watch)
         try:
-            await bridge.run()
+            await carrier.run()
         finally:
-            watch.bytes_in = bridge.bytes_in
-            if bridge.error_code is None:
-                watch.succeeded(bridge.bytes_out)
+            watch.bytes_in = carrier.bytes_in
+            if carrier.error_code is None:
+                watch.succeeded(carrier.bytes_out)
             else:
-                watch.failed(bridge.error_code, bridge.bytes_out)
+                watch.failed(carrier.error_code, carrier.bytes_out)
 
 
 async def _resolve(
     websocket: WebSocket, svc: RouterServices, principal: Principal
-) -> tuple[FunctionRoute, str]:
+) -> tuple[FunctionRoute, str | None]:
     app = websocket.path_params["app"]
     full = websocket.path_params["name"]
     route, entry, method = await resolve_entry(svc, principal, app, full)
@@ -104,14 +124,18 @@ async def _wait_taken(link: CallStream) -> None:
         link.future.result()  # raises: no capacity in time, queue down...
 
 
-class _Bridge:
+class Bridge:
     """Carries frames between the client's WebSocket and the replica until either side closes
-    or the session goes idle."""
+    or the session goes idle. A subclass may look at the replica's text frames on their way
+    (`seen`), to count what a protocol's events report."""
 
-    def __init__(self, websocket: WebSocket, svc: RouterServices, link: CallStream) -> None:
+    def __init__(
+        self, websocket: WebSocket, svc: RouterServices, link: CallStream, watch: CallWatch
+    ) -> None:
         self.ws = websocket
         self.svc = svc
         self.link = link
+        self.watch = watch
         self.loop = asyncio.get_running_loop()
         self.last_frame = self.loop.time()
         self.sent = 0  # client frames sent to the replica
@@ -172,9 +196,13 @@ class _Bridge:
             self.last_frame = self.loop.time()
             self.bytes_out += len(data)
             if kind == Event.TEXT:
+                self.seen(data)
                 await self.ws.send_text(data.decode())
             else:
                 await self.ws.send_bytes(data)
+
+    def seen(self, text: bytes) -> None:
+        """A text frame from the replica, on its way to the client."""
 
     async def _idle(self) -> None:
         limit = self.svc.settings.ws_idle_timeout_s

@@ -5,12 +5,13 @@ limits, the invocation log, scaling and cold starts from snapshots."""
 
 from __future__ import annotations
 
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from kiln.router.openai.audio import speech, transcriptions
 from kiln.router.openai.chat import chat_completions, completions
 from kiln.router.openai.embeddings import embeddings, images
 from kiln.router.openai.models import get_model, list_models
+from kiln.router.openai.realtime import realtime
 
 __all__ = ["OPENAI_ROUTES"]
 
@@ -21,6 +22,7 @@ OPENAI_ROUTES = [
     Route("/v1/images/generations", images, methods=["POST"]),
     Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
     Route("/v1/audio/speech", speech, methods=["POST"]),
+    WebSocketRoute("/v1/realtime", realtime),
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/v1/models/{model:path}", get_model, methods=["GET"]),
 ]
