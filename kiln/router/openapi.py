@@ -64,6 +64,34 @@ _OPENAI_BODY = {
     "required": True,
     "content": _OBJECT,
 }
+_UPLOAD_BODY = {
+    "description": "OpenAI's form for this route: the recording as `file` and the other fields "
+    "as text (docs/api.md).",
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file", "model"],
+                "properties": {
+                    "file": {"type": "string", "format": "binary"},
+                    "model": {"type": "string"},
+                    "language": {"type": "string"},
+                    "prompt": {"type": "string"},
+                    "response_format": {
+                        "type": "string",
+                        "enum": ["json", "text", "srt", "verbose_json", "vtt"],
+                    },
+                    "temperature": {"type": "number"},
+                },
+            }
+        }
+    },
+}
+_AUDIO = {
+    media: {"schema": {"type": "string", "format": "binary"}}
+    for media in ("audio/mpeg", "audio/ogg", "audio/aac", "audio/flac", "audio/wav", "audio/pcm")
+}
 _OPENAI_ERROR = {
     "description": "An error in OpenAI's shape.",
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/OpenAIError"}}},
@@ -108,6 +136,7 @@ class _Op:
     arguments: bool = False  # the body is the user function's arguments (`_ARGUMENTS`)
     openai: bool = False  # an OpenAI-compatible route: OpenAI's error shape
     openai_body: bool = False  # ... with OpenAI's request body (`_OPENAI_BODY`)
+    upload: bool = False  # ... as a multipart form with a file (`_UPLOAD_BODY`)
 
 
 _OPS: dict[str, dict[str, _Op]] = {
@@ -212,6 +241,14 @@ _OPS: dict[str, dict[str, _Op]] = {
     "/v1/images/generations": {"post": _Op(
         summary="OpenAI's image generation (b64_json).", media=_OBJECT, openai=True,
         openai_body=True)},
+    "/v1/audio/transcriptions": {"post": _Op(
+        summary="OpenAI's transcriptions: JSON, text, SRT, WebVTT or verbose JSON with segments.",
+        media={**_OBJECT, "text/plain": {"schema": {"type": "string"}},
+               "text/vtt": {"schema": {"type": "string"}}}, openai=True, upload=True)},
+    "/v1/audio/speech": {"post": _Op(
+        summary="OpenAI's speech, streamed as it is synthesised; SSE with stream_format sse.",
+        media={**_AUDIO, "text/event-stream": {"schema": {"type": "string"}}}, openai=True,
+        openai_body=True)},
     "/v1/models": {"get": _Op(summary="The deployments the key may call, with their task.",
                               media=_OBJECT, openai=True)},
     "/v1/models/{model}": {"get": _Op(summary="One of them, by name or alias.",
@@ -295,6 +332,8 @@ def _operation(op: _Op, refs: dict[type[BaseModel], Any], defs: dict[str, Any]) 
     }
     if op.openai_body:
         operation["requestBody"] = _OPENAI_BODY
+    if op.upload:
+        operation["requestBody"] = _UPLOAD_BODY
     if op.body is not None:
         operation["requestBody"] = {
             "required": True,

@@ -23,9 +23,9 @@ from kiln.errors import (
     PaymentRequired,
     RateLimited,
 )
-from kiln.functions.hooks import TaskName
+from kiln.functions.hooks import SessionTaskName, TaskName
 from kiln.functions.spec import FunctionSpec
-from kiln.functions.tasks import Task, request_from_wire, to_wire
+from kiln.functions.tasks import SESSION_TASKS, Task, request_from_wire, to_wire
 from kiln.invoker.target import build_target
 from kiln.router.openai.calls import OpenStream
 from kiln.router.openai.chat import _events, _item, _Outcome, _Shape
@@ -218,7 +218,8 @@ def test_a_streamed_chunk_is_openais() -> None:
 
 
 def test_the_task_names_are_the_tasks() -> None:
-    assert set(get_args(TaskName)) == {t.value for t in Task}
+    assert set(get_args(TaskName)) == {t.value for t in Task if t not in SESSION_TASKS}
+    assert set(get_args(SessionTaskName)) == {t.value for t in SESSION_TASKS}
 
 
 def test_task_methods_are_checked_at_decoration() -> None:

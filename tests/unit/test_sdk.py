@@ -22,6 +22,7 @@ def raises(message: str) -> Any:
 def test_public_surface() -> None:
     assert kiln.__all__ == [
         "App",
+        "Audio",
         "ChatRequest",
         "CompletionRequest",
         "Embeddings",
@@ -34,8 +35,12 @@ def test_public_surface() -> None:
         "Message",
         "RemoteError",
         "RemoteFunction",
+        "Segment",
         "Session",
         "SessionClosed",
+        "SpeechRequest",
+        "Transcription",
+        "TranscriptionRequest",
         "__version__",
         "enter",
         "exit",
