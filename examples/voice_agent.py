@@ -5,8 +5,10 @@ Then open ws://127.0.0.1:8000/v1/ws/voice/Agent.talk?voice=calm with
 `Authorization: Bearer $KILN_API_KEY`, send 20 ms frames of 16 kHz 16-bit mono PCM (640 bytes)
 as binary messages, and text messages for control ("bye" ends the call).
 
-The "model" here is a stand-in that halves the volume of each frame; a real agent would run
-speech recognition, a language model and speech synthesis in `talk`.
+The "model" here is a stand-in that halves the volume of each frame: this file shows the
+WebSocket plumbing. The real pipeline (voice activity detection, Whisper, a chat model, a voice,
+barge-in) is the catalog's `voice-agent` (`kiln catalog deploy voice-agent --name voice`), spoken
+to over OpenAI's Realtime protocol; `examples/voice_client.py` talks to it.
 """
 
 import array

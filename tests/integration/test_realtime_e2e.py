@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
+import wave
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +32,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from kiln.catalog.tiny import tiny_chat_model, tiny_speech_model, tiny_whisper_model
-from kiln.functions.audio import Pacer, frames
+from kiln.functions.audio import Pacer, frames, read_wav
 from kiln.functions.audio_codec import decode
 from kiln.settings import Settings
 
@@ -130,6 +134,16 @@ class Call:
 
     def kinds(self) -> list[str]:
         return [event["type"] for _, event in self.events]
+
+
+def wav_of(pcm: bytes, rate: int) -> bytes:
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(pcm)
+    return buffer.getvalue()
 
 
 def frames_of(pcm: bytes, rate: int) -> Iterator[bytes]:
@@ -424,3 +438,26 @@ async def test_turn_timings_reach_prometheus_and_the_invocation_log(
 
     turns = await eventually(logged, within_s=20, what="the session's row with its turns")
     assert turns[0] == {"status": "completed", **turn}
+
+
+async def test_the_example_client_talks_to_the_agent_with_a_wav_file(
+    platform: Platform, deployed: dict[str, Any], tmp_path: Path
+) -> None:
+    question = tmp_path / "question.wav"
+    question.write_bytes(wav_of(speech("Is it going to rain?", 16_000), 16_000))
+    env = {**os.environ, "KILN_URL": platform.url, "KILN_API_KEY": platform.key}
+    client = Path(__file__).parents[2] / "examples" / "voice_client.py"
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(client), "--model", "voice", str(question),
+         "--out", str(tmp_path / "answer.wav"), "--max-tokens", "12"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("you said:   ")
+    assert any(line.startswith("first audio ") for line in lines)
+    assert any(line.startswith("agent said: ") for line in lines)
+    answer = read_wav((tmp_path / "answer.wav").read_bytes())
+    assert answer.sample_rate == 24_000
+    assert answer.duration_s > 0.1
