@@ -54,7 +54,8 @@ async def talk(model: str, speech: Pcm, out: Path, max_tokens: int | None) -> No
             "max_output_tokens": "inf" if max_tokens is None else max_tokens,
         }
         await ws.send(json.dumps({"type": "session.update", "session": update}))
-        ended: dict[str, float] = {}
+        sent_at: list[float] = []  # when each 20 ms frame left
+        speech_ended: float | None = None
 
         async def microphone() -> None:
             pacer = Pacer(speech.sample_rate, lead_s=0.0)
@@ -65,18 +66,21 @@ async def talk(model: str, speech: Pcm, out: Path, max_tokens: int | None) -> No
                 audio = base64.b64encode(frame).decode()
                 await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
                 pacer.sending(frame)
-                if pacer.sent >= len(speech.data) and "speech" not in ended:
-                    ended["speech"] = time.monotonic()
+                sent_at.append(time.monotonic())
 
         sending = asyncio.ensure_future(microphone())
         async for message in ws:
             event = json.loads(message)
             kind = event["type"]
-            if kind == "conversation.item.input_audio_transcription.completed":
+            if kind == "input_audio_buffer.speech_stopped":
+                # When the frame holding the end of speech (as the server heard it) left here.
+                frame = min(len(sent_at) - 1, event["audio_end_ms"] // 20)
+                speech_ended = sent_at[frame] if frame >= 0 else time.monotonic()
+            elif kind == "conversation.item.input_audio_transcription.completed":
                 print(f"you said:   {event['transcript']}")
             elif kind == "response.output_audio.delta":
-                if not answer and "speech" in ended:
-                    waited = (time.monotonic() - ended["speech"]) * 1000
+                if not answer and speech_ended is not None:
+                    waited = (time.monotonic() - speech_ended) * 1000
                     print(f"first audio {waited:.0f} ms after the end of your speech")
                 answer += base64.b64decode(event["delta"])
             elif kind == "response.output_audio_transcript.done":

@@ -326,6 +326,14 @@ async def test_manual_turns_commit_create_and_cancel(call: Call) -> None:
     await call.send("response.cancel")
     assert (await call.next("error"))["error"]["code"] == "response_cancel_not_active"
 
+    # Without server VAD the buffer holds at most 30 s: the append past it is refused.
+    second = base64.b64encode(b"\x00" * 48_000).decode()
+    for _ in range(31):
+        await call.send("input_audio_buffer.append", audio=second)
+    full = (await call.next("error"))["error"]
+    assert (full["code"], full["param"]) == ("input_audio_buffer_full", "audio")
+    assert "holds at most 30 s: commit or clear it" in full["message"]
+
 
 @pytest.mark.parametrize(
     ("event", "code", "param", "words"),

@@ -29,9 +29,10 @@ from kiln.catalog.realtime.events import OUTPUT_RATE, new_id
 from kiln.functions.audio import SAMPLE_BYTES, Pacer, Pcm, frames
 from kiln.functions.audio_codec import Resampler
 
-__all__ = ["FRAME_MS", "Response", "Spoken", "Turn"]
+__all__ = ["FRAME_MS", "LEAD_S", "Response", "Spoken", "Turn"]
 
 FRAME_MS = 40
+LEAD_S = 0.1  # audio the client may hold ahead of what it plays
 _END = object()
 
 
@@ -139,19 +140,23 @@ class Response:
         )
         thread.start()
         splitter = PhraseSplitter()
-        while (delta := await deltas.get()) is not _END:
-            if isinstance(delta, BaseException):
-                raise delta
-            if not isinstance(delta, str):
-                continue  # the Finish
-            if self.turn.first_token is None:
-                self.turn.first_token = loop.time()
-            self.tokens += 1
-            for phrase in splitter.feed(delta):
+        try:
+            while (delta := await deltas.get()) is not _END:
+                if isinstance(delta, BaseException):
+                    raise delta
+                if not isinstance(delta, str):
+                    continue  # the Finish
+                if self.turn.first_token is None:
+                    self.turn.first_token = loop.time()
+                self.tokens += 1
+                for phrase in splitter.feed(delta):
+                    phrases.put_nowait(phrase)
+            for phrase in splitter.flush():
                 phrases.put_nowait(phrase)
-        for phrase in splitter.flush():
-            phrases.put_nowait(phrase)
-        phrases.put_nowait(_END)
+        finally:
+            # The speaker stops at the end of the phrases, even when generation failed (the
+            # error is then raised where `run` awaits this task).
+            phrases.put_nowait(_END)
 
     def _generate(
         self, loop: asyncio.AbstractEventLoop, deltas: asyncio.Queue[object], request: Any
@@ -219,9 +224,6 @@ class Response:
             )
             pacer.sending(frame)
             self.sent_ms += _ms(len(frame))
-
-
-LEAD_S = 0.1  # audio the client may hold ahead of what it plays
 
 
 def _ms(pcm_bytes: int) -> float:

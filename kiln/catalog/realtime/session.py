@@ -362,7 +362,23 @@ class RealtimeSession:
         self.pending = asyncio.ensure_future(self._transcribe(item_id, pcm, turn))
 
     async def _transcribe(self, item_id: str, pcm: bytes, turn: Turn) -> str:
-        text = await self._recognise(pcm)
+        try:
+            text = await self._recognise(pcm)
+        except Exception as exc:  # noqa: BLE001 - the session outlives a failed transcript
+            _log.exception("transcription failed")
+            await self.send(
+                {
+                    "type": "conversation.item.input_audio_transcription.failed",
+                    "item_id": item_id,
+                    "content_index": 0,
+                    "error": {
+                        "type": "server_error",
+                        "code": "transcription_failed",
+                        "message": str(exc)[:200],
+                    },
+                }
+            )
+            return ""
         turn.transcribed = self.loop.time()
         item = self.items.get(item_id)
         if item is not None:
