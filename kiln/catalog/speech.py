@@ -109,6 +109,10 @@ class TransformersTranscription:
         pcm = decode(request.file, sample_rate=RECOGNISER_RATE, filename=request.filename)
         samples = np.frombuffer(pcm.data, dtype="<i2").astype(np.float32) / 32768.0
         pieces = speech_pieces(samples, RECOGNISER_RATE)
+        if language is None and pieces and self.languages:
+            # Once for the whole recording (from its first piece), so that every piece is read
+            # in the same language and the answer can say which.
+            language = self.detect_language(samples[pieces[0][0] : pieces[0][1]])
         texts = self.recognise_batch(
             [samples[a:b] for a, b in pieces],
             language=language,
@@ -139,6 +143,19 @@ class TransformersTranscription:
                 param="language",
             )
         return code
+
+    def detect_language(self, samples: Any) -> str:
+        """The language Whisper hears in a piece of speech (float32 at 16 kHz), by its code."""
+        import torch
+
+        model = self.model
+        features = self.processor(
+            samples, sampling_rate=RECOGNISER_RATE, return_tensors="pt"
+        ).input_features.to(model.device, model.dtype)
+        with self._turns, torch.inference_mode():
+            token = int(model.detect_language(features)[0])
+        codes = {index: code for code, index in self.languages.items()}
+        return codes.get(token, "")
 
     def recognise(self, samples: Any, *, language: str | None = None, prompt: str = "") -> str:
         """The text of one piece of speech (float32 at 16 kHz, at most 30 s)."""
@@ -197,11 +214,10 @@ class TransformersSpeech:
         from transformers import AutoModelForTextToWaveform, AutoTokenizer
 
         model_id = require_model_id(self)
-        device, dtype = _device_and_dtype()
+        device, _ = _device_and_dtype()
         self.tokenizer = AutoTokenizer.from_pretrained(model_id)
-        self.model = (
-            AutoModelForTextToWaveform.from_pretrained(model_id, dtype=dtype).to(device).eval()
-        )
+        # In float32 on a GPU too: the voices are small, and VITS's flows lose too much in half.
+        self.model = AutoModelForTextToWaveform.from_pretrained(model_id).to(device).eval()
         _fold_parametrizations(self.model)
         config = self.model.config
         self.sample_rate = int(getattr(config, "sampling_rate", 16_000))

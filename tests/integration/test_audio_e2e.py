@@ -200,6 +200,7 @@ async def test_speech_becomes_text_again_in_mp3(oai: openai.AsyncOpenAI) -> None
     )
     assert heard.duration > 0.2
     assert heard.text
+    assert heard.language in ("en", "fr")  # detected: the request named none
 
 
 def refused(response: Any) -> tuple[int, str | None, str]:
