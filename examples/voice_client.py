@@ -21,13 +21,12 @@ import asyncio
 import base64
 import json
 import time
-import wave
 from pathlib import Path
 
 from websockets.asyncio.client import connect
 
 from kiln.client import client_settings
-from kiln.functions.audio import Pacer, Pcm, frames, read_wav
+from kiln.functions.audio import Pacer, Pcm, frames, read_wav, wav_header
 
 RATE = 24_000
 
@@ -41,7 +40,8 @@ def load(path: Path) -> Pcm:
     return decode(path.read_bytes(), sample_rate=RATE, filename=path.name)
 
 
-async def talk(model: str, speech: Pcm, out: Path, max_tokens: int | None) -> None:
+async def talk(model: str, speech: Pcm, max_tokens: int | None) -> bytes:
+    """The agent's spoken answer to `speech` (24 kHz PCM16 mono)."""
     settings = client_settings()
     if not settings.url or not settings.api_key:
         raise SystemExit("no Kiln to talk to: start `kiln dev`, or set KILN_URL and KILN_API_KEY")
@@ -90,12 +90,7 @@ async def talk(model: str, speech: Pcm, out: Path, max_tokens: int | None) -> No
             elif kind == "response.done":
                 break
         sending.cancel()
-    with wave.open(str(out), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(RATE)
-        wav.writeframes(bytes(answer))
-    print(f"saved {len(answer) / 2 / RATE:.1f} s of the answer to {out}")
+    return bytes(answer)
 
 
 def main() -> None:
@@ -105,7 +100,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("answer.wav"), help="where to save")
     parser.add_argument("--max-tokens", type=int, help="the longest answer, in tokens")
     args = parser.parse_args()
-    asyncio.run(talk(args.model, load(args.wav), args.out, args.max_tokens))
+    answer = asyncio.run(talk(args.model, load(args.wav), args.max_tokens))
+    args.out.write_bytes(wav_header(RATE, samples=len(answer) // 2) + answer)
+    print(f"saved {len(answer) / 2 / RATE:.1f} s of the answer to {args.out}")
 
 
 if __name__ == "__main__":

@@ -66,13 +66,7 @@ def tiny_chat_model(directory: Path, *, layers: int = 2, width: int = 64, heads:
     torch.manual_seed(0)
     model: Any = GPT2LMHeadModel(config).eval()  # type: ignore[no-untyped-call]
     written = [tokenizer(char, add_special_tokens=False)["input_ids"][0] for char in _WRITTEN]
-    with torch.no_grad():
-        weight = model.lm_head.weight
-        scaled = torch.randn(
-            len(written), weight.shape[1], generator=torch.Generator().manual_seed(1)
-        )
-        weight.zero_()
-        weight[written] = scaled * 3.0
+    _writes_only(model.lm_head.weight, written)
     model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
         bos_token_id=eos, eos_token_id=eos, pad_token_id=pad
     )
@@ -244,14 +238,7 @@ def tiny_whisper_model(directory: Path) -> Path:
     )
     torch.manual_seed(0)
     model: Any = WhisperForConditionalGeneration(config).eval()  # type: ignore[no-untyped-call]
-    written = [vocab[char] for char in _WRITTEN.replace(" ", "Ġ")]
-    with torch.no_grad():
-        weight = model.proj_out.weight
-        scaled = torch.randn(
-            len(written), weight.shape[1], generator=torch.Generator().manual_seed(1)
-        )
-        weight.zero_()
-        weight[written] = scaled * 3.0
+    _writes_only(model.proj_out.weight, [vocab[char] for char in _WRITTEN.replace(" ", "Ġ")])
     model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
         decoder_start_token_id=ids["<|startoftranscript|>"],
         eos_token_id=eos,
@@ -317,6 +304,19 @@ def tiny_speech_model(directory: Path) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return _readable(directory)
+
+
+def _writes_only(weight: Any, written: list[int]) -> None:
+    """Give an output layer's rows random weights for the `written` tokens only (every other
+    token's logit is 0, far below theirs)."""
+    import torch
+
+    with torch.no_grad():
+        scaled = torch.randn(
+            len(written), weight.shape[1], generator=torch.Generator().manual_seed(1)
+        )
+        weight.zero_()
+        weight[written] = scaled * 3.0
 
 
 def _byte_tokenizer(**specials: Any) -> Any:

@@ -236,18 +236,22 @@ class SpeechEncoder:
             self._container = None
 
 
+def _audio(piece: Any) -> Audio:
+    if not isinstance(piece, Audio):
+        raise UnserializableResult(
+            "a speech method yields kiln.Audio (PCM16 samples and their rate), not "
+            f"{type(piece).__name__}"
+        )
+    return piece
+
+
 def encoded_speech(pieces: Iterator[Any], response_format: str) -> Iterator[bytes]:
     """A speech method's `Audio` pieces as the bytes of `response_format`, each piece's as soon
     as it is encoded; the method's generator is closed with this one."""
     encoder = SpeechEncoder(response_format)
     try:
         for piece in pieces:
-            if not isinstance(piece, Audio):
-                raise UnserializableResult(
-                    f"a speech method yields kiln.Audio (PCM16 samples and their rate), not "
-                    f"{type(piece).__name__}"
-                )
-            if out := encoder.feed(piece):
+            if out := encoder.feed(_audio(piece)):
                 yield out
         if out := encoder.finish():
             yield out
@@ -265,12 +269,7 @@ async def encoded_speech_async(
     encoder = SpeechEncoder(response_format)
     try:
         async for piece in pieces:
-            if not isinstance(piece, Audio):
-                raise UnserializableResult(
-                    f"a speech method yields kiln.Audio (PCM16 samples and their rate), not "
-                    f"{type(piece).__name__}"
-                )
-            if out := encoder.feed(piece):
+            if out := encoder.feed(_audio(piece)):
                 yield out
         if out := encoder.finish():
             yield out

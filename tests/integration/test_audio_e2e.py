@@ -8,12 +8,10 @@ With random weights the words are nonsense; what is checked is everything around
 from __future__ import annotations
 
 import array
-import io
 import re
 import shutil
 import subprocess
 import tempfile
-import wave
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ import pytest
 from stack import Platform
 
 from kiln.catalog.tiny import WHISPER_NEW_TOKENS, tiny_speech_model, tiny_whisper_model
-from kiln.functions.audio import Pcm, read_wav
+from kiln.functions.audio import Pcm, read_wav, wav_header
 from kiln.settings import Settings
 
 pytestmark = [pytest.mark.integration]
@@ -52,13 +50,12 @@ def two_sentences_with_a_pause(top: Path) -> tuple[bytes, float, float]:
     second = spoken("Tomorrow it will rain.", top / "b.wav")
     rate = first.sample_rate
     silence = b"\x00\x00" * int(rate * 1.5)
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(first.data + silence + second.data)
-    return buffer.getvalue(), first.duration_s, first.duration_s + len(silence) / 2 / rate
+    data = first.data + silence + second.data
+    return (
+        wav_header(rate, samples=len(data) // 2) + data,
+        first.duration_s,
+        first.duration_s + len(silence) / 2 / rate,
+    )
 
 
 @pytest.fixture(scope="module")

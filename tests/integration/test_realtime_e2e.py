@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 import os
 import shutil
@@ -20,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import wave
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from kiln.catalog.tiny import tiny_chat_model, tiny_speech_model, tiny_whisper_model
-from kiln.functions.audio import Pacer, frames, read_wav
+from kiln.functions.audio import Pacer, Pcm, frames, read_wav, wav_header
 from kiln.functions.audio_codec import decode
 from kiln.settings import Settings
 
@@ -137,17 +135,10 @@ class Call:
 
 
 def wav_of(pcm: bytes, rate: int) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(pcm)
-    return buffer.getvalue()
+    return wav_header(rate, samples=len(pcm) // 2) + pcm
 
 
 def frames_of(pcm: bytes, rate: int) -> Iterator[bytes]:
-    from kiln.functions.audio import Pcm
 
     return frames(Pcm(pcm, rate), 20)
 

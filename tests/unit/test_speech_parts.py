@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import io
 import math
-import wave
 
 import pytest
 
 from kiln.catalog._pauses import speech_pieces
 from kiln.catalog._phrases import PhraseSplitter, phrases
 from kiln.errors import InvalidArguments, InvalidRequest
-from kiln.functions.audio import read_wav
+from kiln.functions.audio import read_wav, wav_header
 from kiln.functions.tasks import (
     Audio,
     Segment,
@@ -38,13 +37,7 @@ def tone(seconds: float, rate: int, *, hz: float = 440.0, level: float = 0.5) ->
 
 
 def wav(pcm: bytes, rate: int) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(pcm)
-    return buffer.getvalue()
+    return wav_header(rate, samples=len(pcm) // 2) + pcm
 
 
 # Phrases -----------------------------------------------------------------------------------------
