@@ -31,6 +31,8 @@ from kiln.db.models import (
     DailySpend,
     LedgerEntry,
     Payment,
+    PeriodRequests,
+    Plan,
     StripeOutbox,
     UsageEvent,
 )
@@ -121,7 +123,23 @@ async def charge_usage(
     )
     if inserted is None:
         return False  # charged before
-    cost = cost_micros(rules.prices, report.gpu_type, report.gpu_count, duration_ms)
+    plan = (
+        await session.execute(
+            sa.select(Plan)
+            .join(Customer, Customer.plan == Plan.name)
+            .where(Customer.id == customer_id)
+        )
+    ).scalar_one()
+    prices = {**rules.prices, **plan.gpu_prices} if plan.gpu_prices else rules.prices
+    gpu_cost = cost_micros(prices, report.gpu_type, report.gpu_count, duration_ms)
+    billed = await _billed_requests(session, customer_id, start, max(0, report.calls), plan)
+    request_cost = billed * plan.request_price_micros
+    cost = gpu_cost + request_cost
+    await session.execute(
+        sa.update(UsageEvent)
+        .where(UsageEvent.id == report.event_id)
+        .values(gpu_cost_micros=gpu_cost, billed_requests=billed, request_cost_micros=request_cost)
+    )
     # The debit locks the customer's row until commit: crossings are seen by one charge only.
     customer = (
         await session.execute(
@@ -138,7 +156,8 @@ async def charge_usage(
             amount_micros=-cost,
             balance_after_micros=customer.balance_micros,
             usage_event_id=report.event_id,
-            description=f"{duration_ms} ms of {report.gpu_count}x {report.gpu_type}",
+            description=f"{duration_ms} ms of {report.gpu_count}x {report.gpu_type}"
+            + (f", {billed} requests" if billed else ""),
         )
     )
     spent = await _add_spend(session, customer_id, _utc_day(end), cost)
@@ -170,6 +189,28 @@ async def charge_usage(
     totals[1] += cost
     changes.charged += 1
     return True
+
+
+async def _billed_requests(
+    session: AsyncSession, customer_id: uuid.UUID, start: datetime, calls: int, plan: Plan
+) -> int:
+    """Count `calls` in the customer's period; how many of them are past the plan's included
+    requests (and so charged at its request price)."""
+    if calls == 0:
+        return 0
+    period = f"{start.year:04d}-{start.month:02d}"
+    after = await session.scalar(
+        insert(PeriodRequests)
+        .values(customer_id=customer_id, period=period, requests=calls)
+        .on_conflict_do_update(
+            index_elements=[PeriodRequests.customer_id, PeriodRequests.period],
+            set_={"requests": PeriodRequests.requests + calls},
+        )
+        .returning(PeriodRequests.requests)
+    )
+    before = int(after or calls) - calls
+    free = max(0, plan.included_requests - before)
+    return max(0, calls - free) if plan.request_price_micros else 0
 
 
 async def _charge_minimum(

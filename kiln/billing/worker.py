@@ -15,6 +15,7 @@ import json
 import logging
 import time
 import uuid
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from nats.aio.client import Client as NATS
@@ -34,6 +35,7 @@ from kiln.billing.ledger import (
     charge_usage,
     refresh_block,
 )
+from kiln.billing.plans import charge_due_fees
 from kiln.db.models import Customer
 from kiln.db.session import transaction
 from kiln.metering import USAGE_MAC, usage_mac
@@ -90,10 +92,27 @@ class BillingWorker:
     async def _sweep(self) -> None:
         while True:
             try:
+                await self.charge_fees()
+            except Exception:  # noqa: BLE001 - tried again at the next sweep
+                _log.exception("charging plan fees failed")
+            try:
                 await self.sweep_blocks()
             except Exception:  # noqa: BLE001 - tried again at the next sweep
                 _log.exception("sweeping billing blocks failed")
             await asyncio.sleep(_SWEEP_S)
+
+    async def charge_fees(self, now: datetime | None = None) -> int:
+        """Charge the current period's plan fees that are due (a batch at a time); how many."""
+        now = now or datetime.now(UTC)
+        total = 0
+        while True:
+            changes = Changes()
+            async with transaction(self.sessions) as session:
+                charged = await charge_due_fees(session, now, self.rules, changes)
+            await announce_blocks(self.nc, self.subjects, changes, seals=self.seals)
+            total += charged
+            if charged == 0:
+                return total
 
     async def _consume(self, sub: JetStreamContext.PullSubscription) -> None:
         trouble = Trouble(_log, "fetching usage reports")

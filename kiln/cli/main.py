@@ -16,7 +16,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from kiln._version import __version__
-from kiln.cli.access import customers_app, keys_app
+from kiln.cli.access import customers_app, keys_app, plans_app
 from kiln.cli.billing import billing_app
 from kiln.cli.catalog import catalog_app
 from kiln.cli.observe import calls, logs
@@ -36,6 +36,7 @@ db_app = typer.Typer(
 )
 app.add_typer(db_app, name="db")
 app.add_typer(customers_app, name="customers")
+app.add_typer(plans_app, name="plans")
 app.add_typer(keys_app, name="keys")
 app.add_typer(billing_app, name="billing")
 app.add_typer(catalog_app, name="catalog")

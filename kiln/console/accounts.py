@@ -47,10 +47,9 @@ class Customers(Protocol):
     """Makes customers the way the control API does (kiln.router.access.CustomerMaker): the
     console's registration and `POST /v1/customers` share it."""
 
-    async def add(
-        self, session: AsyncSession, name: str, tier: CustomerTier, changes: Changes
-    ) -> uuid.UUID:
-        """A new customer, in the caller's transaction; billing blocks it sets go to `changes`."""
+    async def add(self, session: AsyncSession, name: str, plan: str, changes: Changes) -> uuid.UUID:
+        """A new customer on `plan`, in the caller's transaction; billing blocks it sets go to
+        `changes`."""
 
     async def announce(self, changes: Changes) -> None:
         """Tell the routers about the blocks in `changes`, once committed."""
@@ -99,7 +98,7 @@ class Accounts:
         try:
             async with transaction(self.sessions) as session:
                 customer_id = await self.customers.add(
-                    session, organisation[:200], CustomerTier.FREE, changes
+                    session, organisation[:200], CustomerTier.FREE.value, changes
                 )
                 user = User(
                     customer_id=customer_id,

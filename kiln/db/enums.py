@@ -133,6 +133,9 @@ class LedgerKind(enum.StrEnum):
     REFUND = "refund"
     ADJUSTMENT = "adjustment"
     REFILL = "refill"
+    FEE = "fee"  # a plan's monthly fee, charged at the start of each period
+    PRORATION = "proration"  # a plan change within a period: the old fee's unused part back,
+    # the new one's for the rest of the period
 
 
 class PaymentKind(enum.StrEnum):

@@ -56,6 +56,12 @@ class Customer(Timestamps, Base):
     billing_block: Mapped[str | None] = mapped_column(sa.String(16))
     # Per-customer overrides of the tier's request limits; NULL means the tier's defaults.
     limit_overrides: Mapped[dict[str, Any] | None]
+    # The plan the customer pays by (its tier above is the plan's, kept beside it for the
+    # routers' limits), and since when: a change within a period prorates from then.
+    plan: Mapped[str] = mapped_column(
+        sa.ForeignKey("plans.name", ondelete="RESTRICT"), default="free", server_default="free"
+    )
+    plan_since: Mapped[datetime | None]
 
     __table_args__ = (
         sa.CheckConstraint("spend_cap_micros >= 0", name="spend_cap_nonnegative"),

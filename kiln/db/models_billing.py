@@ -7,12 +7,62 @@ from datetime import date, datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Mapped, mapped_column
 
 from kiln.db.base import Base, CreatedAt, Timestamps, int_default, str_enum
-from kiln.db.enums import LedgerKind, OutboxKind, PaymentKind, PaymentStatus
+from kiln.db.enums import CustomerTier, LedgerKind, OutboxKind, PaymentKind, PaymentStatus
 
-__all__ = ["DailySpend", "LedgerEntry", "Payment", "StripeEvent", "StripeOutbox", "UsageEvent"]
+__all__ = [
+    "DailySpend",
+    "LedgerEntry",
+    "Payment",
+    "PeriodRequests",
+    "Plan",
+    "StripeEvent",
+    "StripeOutbox",
+    "UsageEvent",
+]
+
+
+class PeriodRequests(Base):
+    """Calls a customer made in a billing period (a calendar month, "YYYY-MM"), counted as
+    their usage is charged: what a plan's included requests are measured against."""
+
+    __tablename__ = "period_requests"
+
+    customer_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("customers.id", ondelete="RESTRICT"), primary_key=True
+    )
+    period: Mapped[str] = mapped_column(sa.String(7), primary_key=True)
+    requests: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+
+
+class Plan(Timestamps, Base):
+    """What a customer pays: a monthly fee, a price per request, GPU prices per hour where they
+    differ from the platform's, requests included each month, and the limits of a tier
+    (`KILN_TIER_LIMITS`'s, with each customer's own overrides). The tiers' names are the three
+    default plans'."""
+
+    __tablename__ = "plans"
+
+    name: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    title: Mapped[str] = mapped_column(sa.String(200), default="", server_default="")
+    # Whose limits (and prepayment rule) the plan's customers get: KILN_TIER_LIMITS's.
+    tier: Mapped[CustomerTier] = mapped_column(str_enum(CustomerTier, "tier"))
+    monthly_fee_micros: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    request_price_micros: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    included_requests: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    # GPU type (or "none") to micro-units per hour, where the plan's differ from the platform's.
+    gpu_prices: Mapped[dict[str, Any]] = mapped_column(
+        postgresql.JSONB, default=dict, server_default=sa.text("'{}'::jsonb")
+    )
+
+    __table_args__ = (
+        sa.CheckConstraint("monthly_fee_micros >= 0", name="fee_nonnegative"),
+        sa.CheckConstraint("request_price_micros >= 0", name="request_price_nonnegative"),
+        sa.CheckConstraint("included_requests >= 0", name="included_nonnegative"),
+    )
 
 
 class UsageEvent(Base):
@@ -39,6 +89,12 @@ class UsageEvent(Base):
     duration_ms: Mapped[int]
     calls: Mapped[int] = int_default(0)  # calls the replica took in the interval
     received_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+    # What the interval was charged, by part (its ledger entry holds the sum): the replica time
+    # at the plan's GPU price, and its calls past the plan's included requests at the plan's
+    # request price. NULL for intervals charged before plans.
+    gpu_cost_micros: Mapped[int | None] = mapped_column(sa.BigInteger)
+    billed_requests: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    request_cost_micros: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
 
     __table_args__ = (
         sa.Index(None, "customer_id", "period_start"),

@@ -23,7 +23,8 @@ from starlette.responses import JSONResponse, Response
 
 from kiln.apikeys import mint_key
 from kiln.billing.ledger import Changes, billing_rules, refresh_block
-from kiln.db.enums import ApiKeyKind, CustomerTier
+from kiln.billing.plans import change_plan, charge_period_fee, period_of, plan_named
+from kiln.db.enums import ApiKeyKind
 from kiln.db.models import ApiKey, App, Customer, Function
 from kiln.db.session import transaction
 from kiln.errors import InvalidRequest, NotFound, PermissionDenied
@@ -83,6 +84,7 @@ def _customer_view(customer: Customer, tiers: Mapping[str, TierLimits], keys: in
     return CustomerView(
         id=str(customer.id),
         name=customer.name,
+        plan=customer.plan,
         tier=customer.tier,
         status=customer.status,
         created_at=customer.created_at.isoformat(),
@@ -101,12 +103,16 @@ class CustomerMaker:
 
     svc: RouterServices
 
-    async def add(
-        self, session: AsyncSession, name: str, tier: CustomerTier, changes: Changes
-    ) -> uuid.UUID:
-        customer = Customer(name=name, tier=tier)
+    async def add(self, session: AsyncSession, name: str, plan: str, changes: Changes) -> uuid.UUID:
+        """A customer on `plan` (its tier is the plan's), whose fee for the rest of this period
+        is charged now: a prepaid customer pays it before calling."""
+        now = datetime.now(UTC)
+        chosen = await plan_named(session, plan)
+        customer = Customer(name=name, tier=chosen.tier, plan=chosen.name, plan_since=now)
         session.add(customer)
         await session.flush()
+        rules = billing_rules(self.svc.settings)
+        await charge_period_fee(session, customer, period_of(now), rules, changes)
         await _billing_check(self.svc, session, customer.id, changes)
         return customer.id
 
@@ -118,9 +124,13 @@ async def create_customer(request: Request) -> Response:
     svc = services(request)
     await require_operator(request)
     body = await read_model(request, CustomerBody)
+    if {"plan", "tier"} <= body.model_fields_set:
+        raise InvalidRequest("send plan or tier, not both: a plan says its tier", param="plan")
     maker = CustomerMaker(svc)
     async with transaction(svc.sessions) as session:
-        customer_id = await maker.add(session, body.name, body.tier, changes := Changes())
+        # A tier alone names its default plan (the plans named after the tiers).
+        plan = body.plan if "plan" in body.model_fields_set else body.tier.value
+        customer_id = await maker.add(session, body.name, plan, changes := Changes())
         customer = await session.get_one(Customer, customer_id, populate_existing=True)
         view = _customer_view(customer, svc.settings.tier_limits, 0)
     await maker.announce(changes)
@@ -164,12 +174,18 @@ async def patch_customer(request: Request) -> Response:
     customer_id = _customer_id(request.path_params["customer_id"])
     patch = await read_model(request, CustomerPatch)
     sent = patch.model_fields_set
+    if {"plan", "tier"} <= sent:
+        raise InvalidRequest("send plan or tier, not both: a plan says its tier", param="plan")
+    changes = Changes()
     async with transaction(svc.sessions) as session:
         customer = await session.get(Customer, customer_id, with_for_update=True)
         if customer is None:
             raise NotFound(f"customer {customer_id} not found")
-        if "tier" in sent:
-            customer.tier = patch.tier
+        if sent & {"plan", "tier"}:
+            # A tier alone names its default plan; either way the fees are prorated from now.
+            plan = patch.plan if "plan" in sent else patch.tier.value
+            rules = billing_rules(svc.settings)
+            await change_plan(session, customer_id, plan, datetime.now(UTC), rules, changes)
         if "limits" in sent:
             # Checked against the tier now, so a bad override never reaches the routers.
             try:
@@ -182,7 +198,7 @@ async def patch_customer(request: Request) -> Response:
         if "status" in sent:
             customer.status = patch.status
         await session.flush()
-        await _billing_check(svc, session, customer_id, changes := Changes())
+        await _billing_check(svc, session, customer_id, changes)
         await session.refresh(customer)
         keys = await session.scalar(sa.select(_active_keys()).where(Customer.id == customer_id))
         view = _customer_view(customer, svc.settings.tier_limits, keys or 0)

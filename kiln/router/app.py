@@ -33,6 +33,7 @@ from kiln.router import (
     invocations,
     jobs,
     nodes,
+    plans,
 )
 from kiln.router.abuse import SCOPE_CUSTOMER, AbuseSignals, list_abuse
 from kiln.router.errors import handle_exception, handle_http_exception
@@ -77,6 +78,10 @@ ROUTES = [
     Route("/v1/customers", access.list_customers, methods=["GET"]),
     Route("/v1/customers/{customer_id}", access.get_customer, methods=["GET"]),
     Route("/v1/customers/{customer_id}", access.patch_customer, methods=["PATCH"]),
+    Route("/v1/plans", plans.list_plans, methods=["GET"]),
+    Route("/v1/plans", plans.create_plan, methods=["POST"]),
+    Route("/v1/plans/{name}", plans.get_plan, methods=["GET"]),
+    Route("/v1/plans/{name}", plans.patch_plan, methods=["PATCH"]),
     Route("/v1/keys", access.create_key, methods=["POST"]),
     Route("/v1/keys", access.list_keys, methods=["GET"]),
     Route("/v1/keys/{key_id}", access.revoke_key, methods=["DELETE"]),

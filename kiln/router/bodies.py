@@ -92,10 +92,21 @@ CustomerName = Annotated[
 Tier = Annotated[CustomerTier, Expect(f"one of {', '.join(t.value for t in CustomerTier)}")]
 
 
+PlanName = Annotated[
+    StrictStr,
+    StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]*$"),
+    Expect("1 to 64 lowercase letters, digits, '-' or '_', such as 'pro' or 'startup-2027'"),
+]
+Micros = Annotated[
+    StrictInt, Field(ge=0, le=10**15), Expect("whole micro-units from 0 (1 USD = 1,000,000)")
+]
+
+
 class CustomerBody(Body):
     """`POST /v1/customers`."""
 
     name: CustomerName
+    plan: PlanName = "free"  # or a tier, which names its default plan
     tier: Tier = CustomerTier.FREE
 
 
@@ -124,9 +135,10 @@ class CustomerPatch(Patch):
     """`PATCH /v1/customers/ID`: any of these; `limits` are checked against the tier."""
 
     not_object: ClassVar[str] = "send a JSON object"
-    empty: ClassVar[str] = "cannot change nothing; changeable: tier, status, name, limits"
+    empty: ClassVar[str] = "cannot change nothing; changeable: plan, tier, status, name, limits"
     unknown: ClassVar[str] = "cannot change {unknown}; changeable: {known}"
 
+    plan: PlanName = "free"
     tier: Tier = CustomerTier.FREE
     status: Annotated[CustomerStatus, Expect("active or disabled")] = CustomerStatus.ACTIVE
     name: CustomerName = "-"
@@ -139,6 +151,48 @@ class CustomerPatch(Patch):
             + ", got {value!r}"
         ),
     ] = None
+
+
+class PlanBody(Body):
+    """`POST /v1/plans`: a plan; what it leaves out is free (no fee, no per-request price,
+    the platform's GPU prices). Its customers get the limits of `tier`."""
+
+    name: PlanName
+    title: Annotated[
+        StrictStr, StringConstraints(max_length=200), Expect("at most 200 characters")
+    ] = ""
+    tier: Tier = CustomerTier.FREE
+    monthly_fee_micros: Micros = 0
+    request_price_micros: Micros = 0
+    included_requests: Annotated[StrictInt, Field(ge=0), Expect("a whole number from 0")] = 0
+    gpu_prices: Annotated[
+        dict[str, Micros],
+        Expect("an object of GPU types (or 'none') to micro-units per hour, each from 0"),
+    ] = Field(default_factory=dict)
+
+
+class PlanPatch(Patch):
+    """`PATCH /v1/plans/NAME`: any of these; customers on the plan pay the new prices from now
+    on (fees already charged stay as they were)."""
+
+    not_object: ClassVar[str] = "send a JSON object"
+    empty: ClassVar[str] = (
+        "cannot change nothing; changeable: title, tier, monthly_fee_micros, "
+        "request_price_micros, included_requests, gpu_prices"
+    )
+    unknown: ClassVar[str] = "cannot change {unknown}; changeable: {known}"
+
+    title: Annotated[
+        StrictStr, StringConstraints(max_length=200), Expect("at most 200 characters")
+    ] = ""
+    tier: Tier = CustomerTier.FREE
+    monthly_fee_micros: Micros = 0
+    request_price_micros: Micros = 0
+    included_requests: Annotated[StrictInt, Field(ge=0), Expect("a whole number from 0")] = 0
+    gpu_prices: Annotated[
+        dict[str, Micros],
+        Expect("an object of GPU types (or 'none') to micro-units per hour, each from 0"),
+    ] = Field(default_factory=dict)
 
 
 class KeyBody(Body):

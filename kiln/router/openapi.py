@@ -165,8 +165,21 @@ _OPS: dict[str, dict[str, _Op]] = {
     "/v1/customers/{customer_id}": {
         "get": _Op(summary="One customer (operator keys).", params=(_CUSTOMER,),
                    answer=v.CustomerView),
-        "patch": _Op(summary="Change a customer's tier, limits, name or status.",
+        "patch": _Op(summary="Change a customer's plan (fees prorated from now), tier, limits, "
+                     "name or status.",
                      params=(_CUSTOMER,), body=b.CustomerPatch, answer=v.CustomerView),
+    },
+    "/v1/plans": {
+        "get": _Op(summary="The plans: fees, prices, included requests and limits.",
+                   answer=v.PlanList),
+        "post": _Op(summary="Create a plan (operator keys).", ok="201", body=b.PlanBody,
+                    answer=v.PlanView),
+    },
+    "/v1/plans/{name}": {
+        "get": _Op(summary="One plan.", params=(_path("name"),), answer=v.PlanView),
+        "patch": _Op(summary="Change a plan's prices or tier (operator keys); fees already "
+                     "charged stay.", params=(_path("name"),), body=b.PlanPatch,
+                     answer=v.PlanView),
     },
     "/v1/keys": {
         "get": _Op(summary="List API keys.", query=b.KeysQuery, answer=v.KeyList),

@@ -69,9 +69,28 @@ class Limits(View):
     prepaid: bool
 
 
+class PlanView(View):
+    name: str
+    title: str
+    tier: CustomerTier = Field(description="Whose limits the plan's customers get.")
+    monthly_fee_micros: int
+    request_price_micros: int
+    included_requests: int = Field(description="Requests each month without the request price.")
+    gpu_prices: dict[str, int] = Field(
+        description="Micro-units per hour where the plan's differ from the platform's."
+    )
+    limits: Limits = Field(description="The tier's limits (each customer may have overrides).")
+    customers: int
+
+
+class PlanList(View):
+    plans: list[PlanView]
+
+
 class CustomerView(View):
     id: str
     name: str
+    plan: str
     tier: CustomerTier
     status: CustomerStatus
     created_at: Time

@@ -64,9 +64,9 @@ async def make_customer(platform: Platform, name: str, tier: str = "enterprise")
         key = await operator.post(
             "/v1/keys", json={"kind": "account", "customer_id": customer["id"], "name": "main"}
         )
-        # Prepaid tiers call nothing before money comes in.
+        # Prepaid tiers call nothing before money comes in (pro's $500 fee, and some).
         paid = await operator.post(
-            "/v1/billing/credits", json={"customer_id": customer["id"], "amount_micros": 10**8}
+            "/v1/billing/credits", json={"customer_id": customer["id"], "amount_micros": 10**9}
         )
         assert paid.status_code == 201, paid.text
     assert key.status_code == 201, key.text
@@ -240,10 +240,12 @@ async def test_the_cli_manages_customers_and_keys(platform: Platform, tmp_path: 
 
     created = await asyncio.to_thread(kiln, "customers", "create", "Fjord", "--tier", "pro")
     assert created.exit_code == 0, created.output
-    customer_id, name, tier, status = created.output.split()[:4]
-    assert (name, tier, status) == ("Fjord", "pro", "active")
+    customer_id, name, plan, tier, status = created.output.split()[:5]
+    assert (name, plan, tier, status) == ("Fjord", "pro", "pro", "active")
     moved = await asyncio.to_thread(kiln, "customers", "set-tier", customer_id, "enterprise")
-    assert moved.output.split()[2] == "enterprise"
+    assert moved.output.split()[2:4] == ["enterprise", "enterprise"]
+    planned = await asyncio.to_thread(kiln, "customers", "set-plan", customer_id, "free")
+    assert planned.output.split()[2:4] == ["free", "free"]
     made = await asyncio.to_thread(kiln, "keys", "create", "--customer", customer_id)
     assert made.exit_code == 0, made.output
     key = made.stdout.strip().splitlines()[-1]
@@ -261,6 +263,9 @@ async def test_the_cli_manages_customers_and_keys(platform: Platform, tmp_path: 
     bad = await asyncio.to_thread(kiln, "customers", "set-tier", customer_id, "gold")
     assert isinstance(bad.exception, RemoteError)
     assert "tier='gold' is not valid: expected one of free, pro, enterprise" in str(bad.exception)
+    unknown = await asyncio.to_thread(kiln, "customers", "set-plan", customer_id, "gold")
+    assert isinstance(unknown.exception, RemoteError)
+    assert "plan 'gold' not found; the plans are" in str(unknown.exception)
 
 
 async def test_a_tier_caps_the_replicas_of_each_function(

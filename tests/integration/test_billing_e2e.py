@@ -111,23 +111,39 @@ async def test_a_replicas_time_is_reported_and_charged_once(
         assert abs(sum(e.duration_ms for e in events) - lifetime_ms) <= len(events)
         assert lifetime_ms > 6000  # it lived through its idle timeout
 
-        # Each report is one ledger entry at the CPU slot's price; the balance follows.
+        # Each report is one ledger entry at the CPU slot's price, plus the enterprise plan's
+        # $0.01 for each call the interval took; the balance follows (with the plan's monthly
+        # fee, once the billing service has charged it).
         prices = platform.settings.gpu_prices
-        expected = [-cost_micros(prices, "none", e.gpu_count, e.duration_ms) for e in events]
+        expected = [
+            -cost_micros(prices, "none", e.gpu_count, e.duration_ms) - 10_000 * e.calls
+            for e in events
+        ]
+        assert sum(e.calls for e in events) == 1
         async with engine.connect() as conn:
             entries = (
                 await conn.execute(
                     sa.select(LedgerEntry.amount_micros, LedgerEntry.usage_event_id)
-                    .where(LedgerEntry.customer_id == customer_id)
+                    .where(
+                        LedgerEntry.customer_id == customer_id,
+                        LedgerEntry.kind == LedgerKind.USAGE,
+                    )
                     .order_by(LedgerEntry.id)
                 )
             ).all()
-            balance = await conn.scalar(
-                sa.select(Customer.balance_micros).where(Customer.id == customer_id)
+            every = (
+                sa.select(sa.func.sum(LedgerEntry.amount_micros))
+                .where(LedgerEntry.customer_id == customer_id)
+                .scalar_subquery()
             )
+            balance, every = (  # one statement: one snapshot, whatever the billing does
+                await conn.execute(
+                    sa.select(Customer.balance_micros, every).where(Customer.id == customer_id)
+                )
+            ).one()
         assert sorted(a for a, _ in entries) == sorted(expected)
         assert {event_id for _, event_id in entries} == {e.id for e in events}
-        assert balance == sum(expected) < 0
+        assert balance == every <= sum(expected) < 0
 
         # The same report delivered again (a new message, signed, the same event id) is not
         # charged; a new report sent after it (the marker) is: once it is, the replay was read.

@@ -80,8 +80,8 @@ async def customer_key(platform: Platform, limits: dict[str, Any]) -> str:
         customer = (await operator.post("/v1/customers", json={"name": "c", "tier": "pro"})).json()
         patched = await operator.patch(f"/v1/customers/{customer['id']}", json={"limits": limits})
         assert patched.status_code == 200, patched.text
-        paid = await operator.post(  # a prepaid tier: no calls before money comes in
-            "/v1/billing/credits", json={"customer_id": customer["id"], "amount_micros": 10**8}
+        paid = await operator.post(  # a prepaid tier: no calls before money comes in (the fee)
+            "/v1/billing/credits", json={"customer_id": customer["id"], "amount_micros": 10**9}
         )
         assert paid.status_code == 201, paid.text
         key = await operator.post(

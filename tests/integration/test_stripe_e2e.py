@@ -60,11 +60,23 @@ async def platform(
         yield running
 
 
+# Plans of the tiers' limits without their monthly fees, so that a balance is what a test pays in
+# and uses: prepaid with pro's limits; invoiced with enterprise's, at its $0.01 a request.
+PLANS: dict[str, dict[str, Any]] = {
+    "pro": {"name": "metered", "tier": "pro"},
+    "enterprise": {"name": "invoiced", "tier": "enterprise", "request_price_micros": 10_000},
+}
+
+
 async def new_customer(platform: Platform, tier: str = "pro", credit: int = 0) -> tuple[str, str]:
-    """(customer id, account key)."""
+    """(customer id, account key), on the fee-less plan of `tier` (`PLANS`)."""
     async with platform.client() as operator:
+        made = await operator.post("/v1/plans", json=PLANS[tier])
+        assert made.status_code in (201, 409), made.text
         customer = (
-            await operator.post("/v1/customers", json={"name": "Payer", "tier": tier})
+            await operator.post(
+                "/v1/customers", json={"name": "Payer", "plan": PLANS[tier]["name"]}
+            )
         ).json()
         key = (
             await operator.post("/v1/keys", json={"kind": "account", "customer_id": customer["id"]})
@@ -383,19 +395,20 @@ async def test_usage_and_revenue_reports_add_up_to_the_ledger(
     ]
     assert await _worker(platform, engine).record(reports) == 4
     h100 = platform.settings.gpu_prices["H100"]
+    cent = 10_000  # the enterprise plan's price of a request
     window = {"since": "2026-03-01", "until": "2026-03-03"}
     async with platform.client() as c:
         c.headers["Authorization"] = f"Bearer {key}"
         daily = (await c.get("/v1/billing/usage", params=window)).json()["rows"]
         assert sorted(daily, key=lambda r: (r["period"], r["function"] != f1)) == [
             {"period": "2026-03-01T00:00:00Z", "function": f1, "gpu_type": "H100",
-             "replica_seconds": 5400.0, "calls": 15, "cost_micros": h100 * 3 // 2},
+             "replica_seconds": 5400.0, "calls": 15, "cost_micros": h100 * 3 // 2 + 15 * cent},
             {"period": "2026-03-01T00:00:00Z", "function": f2, "gpu_type": "none",
              "replica_seconds": 60.0, "calls": 2,
-             "cost_micros": platform.settings.gpu_prices["none"] // 60},
+             "cost_micros": platform.settings.gpu_prices["none"] // 60 + 2 * cent},
             {"period": "2026-03-02T00:00:00Z", "function": f1, "gpu_type": "A10G",
              "replica_seconds": 900.0, "calls": 1,
-             "cost_micros": platform.settings.gpu_prices["A10G"] // 4},
+             "cost_micros": platform.settings.gpu_prices["A10G"] // 4 + cent},
         ]  # fmt: skip
         hourly = (
             await c.get("/v1/billing/usage", params={**window, "granularity": "hour",
@@ -460,7 +473,8 @@ async def test_the_daily_spend_cap_blocks_calls_until_raised_or_the_day_is_over(
         await worker.record([_just_ended(customer_id, 1800)])
         account = (await c.get("/v1/billing/balance")).json()
         assert account["blocked"] == "spend_cap"
-        assert account["spent_today_micros"] == 3_900_000 * 3 // 2
+        # An hour and a half of H100, and the enterprise plan's $0.01 for each interval's call.
+        assert account["spent_today_micros"] == 3_900_000 * 3 // 2 + 2 * 10_000
         # The router heard of it: calls are refused before any lookup of the function.
         refused = await eventually(lambda: _refused(c), within_s=20)
         assert "daily spend cap" in error_of(refused)["message"]

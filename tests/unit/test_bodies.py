@@ -37,9 +37,9 @@ CASES: list[tuple[type[Body], Any, type[KilnError], str]] = [
      "description=['\\ud800'] is not valid: expected text without NUL characters or unpaired "
      "surrogates"),
     (bodies.CustomerPatch, {}, InvalidRequest,
-     "cannot change nothing; changeable: tier, status, name, limits"),
+     "cannot change nothing; changeable: plan, tier, status, name, limits"),
     (bodies.CustomerPatch, {"colour": 1, "age": 2}, InvalidRequest,
-     "cannot change age, colour; changeable: tier, status, name, limits"),
+     "cannot change age, colour; changeable: plan, tier, status, name, limits"),
     (bodies.CustomerPatch, {"status": "gone"}, InvalidRequest,
      "status='gone' is not valid: expected active or disabled"),
     (bodies.KeyBody, {"kind": "root"}, InvalidRequest,

@@ -34,6 +34,8 @@ TABLES = {
     "mail_tokens",
     "nodes",
     "payments",
+    "period_requests",
+    "plans",
     "replicas",
     "stripe_events",
     "stripe_outbox",
