@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from kiln.billing.ledger import BillingRules, Changes, refresh_block
 from kiln.db.enums import LedgerKind
 from kiln.db.models import Customer, LedgerEntry, Plan
+from kiln.db.models_access import DEFAULT_CUSTOMER_ID
 from kiln.errors import NotFound
 
 __all__ = [
@@ -124,7 +125,10 @@ async def charge_period_fee(
     changes: Changes,
 ) -> bool:
     """Charge the customer's plan fee for `period` once; whether it was charged now. The
-    customer's row must be locked (`with_for_update`)."""
+    customer's row must be locked (`with_for_update`). The platform's own customer (its
+    functions) pays no fee."""
+    if customer.id == DEFAULT_CUSTOMER_ID:
+        return False
     plan = await plan_named(session, customer.plan)
     since = customer.plan_since or customer.created_at
     amount = _part(plan.monthly_fee_micros, period.share(since))
@@ -196,6 +200,7 @@ async def charge_due_fees(
         .join(Plan, Plan.name == Customer.plan)
         .where(
             Plan.monthly_fee_micros > 0,
+            Customer.id != DEFAULT_CUSTOMER_ID,
             Customer.created_at < period.end,
             ~sa.exists().where(LedgerEntry.external_id == charged_key),
         )
