@@ -9,10 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from alembic.script import ScriptDirectory
 
 from kiln.config_file import ClientConfig, write_config
+from kiln.db.migrate import migrations_dir
 
 pytestmark = pytest.mark.integration
+
+# The newest migration, which `kiln db upgrade` reaches.
+HEAD = ScriptDirectory(str(migrations_dir())).get_current_head()
 
 
 def kiln(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -32,8 +37,8 @@ def test_upgrade_current_downgrade(tmp_path: Path, fresh_database: Callable[[], 
     assert kiln(tmp_path, "db", "current", KILN_DATABASE_URL=url).stdout == "base\n"
     upgraded = kiln(tmp_path, "db", "upgrade", KILN_DATABASE_URL=url)
     assert upgraded.returncode == 0, upgraded.stderr
-    assert upgraded.stdout == "database at 0011\n"
-    assert kiln(tmp_path, "db", "current", KILN_DATABASE_URL=url).stdout == "0011\n"
+    assert upgraded.stdout == f"database at {HEAD}\n"
+    assert kiln(tmp_path, "db", "current", KILN_DATABASE_URL=url).stdout == f"{HEAD}\n"
     downgraded = kiln(tmp_path, "db", "downgrade", "base", KILN_DATABASE_URL=url)
     assert downgraded.returncode == 0, downgraded.stderr
     assert downgraded.stdout == "database at base\n"
@@ -46,7 +51,7 @@ def test_database_url_comes_from_config_toml(
     write_config(tmp_path / "config.toml", ClientConfig(services={"database_url": url}))
     result = kiln(tmp_path, "db", "upgrade")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "database at 0011\n"
+    assert result.stdout == f"database at {HEAD}\n"
 
 
 def test_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:

@@ -132,14 +132,18 @@ async def test_the_api_fuzzed_from_its_openapi_document(platform: Platform, tmp_
         document = (await client.get("/openapi.json")).json()
         customer = await client.post("/v1/customers", json={"name": "fuzzed", "tier": "pro"})
         assert customer.status_code == 201, customer.text
+        plan = await client.post("/v1/plans", json={"name": "fuzzed"})
+        assert plan.status_code == 201, plan.text
     # Random data cannot make an archive match its digest: one real deploy body goes in too.
     seeds = {"POST /v1/apps": package(app_file).deploy_body()}
-    # A real customer, so that a change to it is validated (a malformed id is 404 before).
+    # A real customer and plan, so that a change to them is validated (an unknown one is 404
+    # before).
     # The deployed function's calls and replicas, so their queries reach the database (not its
     # settings: a fuzzed min_replicas would start replicas).
     function = {"app": "fuzzed", "name": "echo"}
     pinned = {
         "/v1/customers/{customer_id}": {"customer_id": customer.json()["id"]},
+        "/v1/plans/{name}": {"name": "fuzzed"},
         "/v1/functions/{app}/{name}/calls": function,
         "/v1/functions/{app}/{name}/replicas": function,
     }
@@ -157,7 +161,7 @@ async def test_the_api_fuzzed_from_its_openapi_document(platform: Platform, tmp_
         for method, operation in methods.items()
         if "$ref" in str(operation.get("requestBody", ""))
     ]
-    assert len(with_body) == 9, with_body
+    assert len(with_body) == 11, with_body
     stuck = {
         name: sorted(outcome.statuses[name])
         for name in with_body
