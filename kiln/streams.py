@@ -291,14 +291,20 @@ _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 
+# JetStream's answer when a replicated stream cannot be placed because a peer is offline (a
+# server restarting, a cluster still forming): it passes like an election does.
+_NO_PEERS_FOR_PLACEMENT = 10005
+
+
 def _patient(make: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
     """`make`, retried through what a leader election or a reconnect answers (a timeout, no
-    responders, 503) for JETSTREAM_WAIT_S, with the reconnect backoff between tries."""
+    responders, 503, no peers for placement) for JETSTREAM_WAIT_S, with the reconnect backoff
+    between tries."""
 
     @functools.wraps(make)
     async def patiently(*args: _P.args, **kwargs: _P.kwargs) -> _T:
         import nats.errors
-        from nats.js.errors import ServiceUnavailableError
+        from nats.js.errors import BadRequestError, ServiceUnavailableError
 
         from kiln._nats import reconnect_delay
 
@@ -314,7 +320,9 @@ def _patient(make: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
         while True:
             try:
                 return await make(*args, **kwargs)
-            except retryable:
+            except (*retryable, BadRequestError) as exc:
+                if isinstance(exc, BadRequestError) and exc.err_code != _NO_PEERS_FOR_PLACEMENT:
+                    raise
                 pause = reconnect_delay(attempt)
                 if loop.time() + pause >= deadline:
                     raise

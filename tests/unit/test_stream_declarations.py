@@ -8,6 +8,7 @@ from typing import Any, cast
 
 import nats.errors
 import pytest
+from nats.js.errors import BadRequestError
 
 from kiln import streams
 from kiln.wire import Subjects, consumer_name
@@ -60,3 +61,40 @@ async def test_an_election_that_outlasts_the_wait_fails(monkeypatch: pytest.Monk
     with pytest.raises(nats.errors.TimeoutError):
         await streams.ensure_stream(cast(Any, _Electing(silent=10**6)), streams.USAGE, "ns",
                                     replicas=1)  # fmt: skip
+
+
+class _PeerOffline:
+    """JetStream while a peer of a replicated stream is offline: no placement, `times` times,
+    then a refusal of another kind."""
+
+    def __init__(self, times: int, then: Exception | None = None) -> None:
+        self.times = times
+        self.then = then
+        self.asked = 0
+
+    def _refusal(self) -> Exception | None:
+        if self.asked <= self.times:
+            return BadRequestError(err_code=10005, description="no suitable peers for placement")
+        return self.then
+
+    async def add_stream(self, config: Any) -> None:
+        self.asked += 1
+        if (refusal := self._refusal()) is not None:
+            raise refusal
+
+    async def update_stream(self, config: Any) -> None:  # tried when adding fails
+        if (refusal := self._refusal()) is not None:
+            raise refusal
+
+
+async def test_making_a_stream_waits_for_an_offline_peer_but_not_for_a_bad_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("kiln._nats.reconnect_delay", lambda attempt: 0.01)
+    js = _PeerOffline(times=2)
+    await streams.ensure_stream(cast(Any, js), streams.USAGE, "ns", replicas=3)
+    assert js.asked == 3
+    refused = _PeerOffline(times=0, then=BadRequestError(err_code=10052, description="bad"))
+    with pytest.raises(BadRequestError):
+        await streams.ensure_stream(cast(Any, refused), streams.USAGE, "ns", replicas=3)
+    assert refused.asked == 1
