@@ -153,22 +153,27 @@ class CustomerPatch(Patch):
     ] = None
 
 
+PlanTitle = Annotated[
+    StrictStr, StringConstraints(max_length=200), Expect("at most 200 characters")
+]
+Requests = Annotated[StrictInt, Field(ge=0), Expect("a whole number from 0")]
+GpuPrices = Annotated[
+    dict[str, Micros],
+    Expect("an object of GPU types (or 'none') to micro-units per hour, each from 0"),
+]
+
+
 class PlanBody(Body):
     """`POST /v1/plans`: a plan; what it leaves out is free (no fee, no per-request price,
     the platform's GPU prices). Its customers get the limits of `tier`."""
 
     name: PlanName
-    title: Annotated[
-        StrictStr, StringConstraints(max_length=200), Expect("at most 200 characters")
-    ] = ""
+    title: PlanTitle = ""
     tier: Tier = CustomerTier.FREE
     monthly_fee_micros: Micros = 0
     request_price_micros: Micros = 0
-    included_requests: Annotated[StrictInt, Field(ge=0), Expect("a whole number from 0")] = 0
-    gpu_prices: Annotated[
-        dict[str, Micros],
-        Expect("an object of GPU types (or 'none') to micro-units per hour, each from 0"),
-    ] = Field(default_factory=dict)
+    included_requests: Requests = 0
+    gpu_prices: GpuPrices = Field(default_factory=dict)
 
 
 class PlanPatch(Patch):
@@ -182,17 +187,12 @@ class PlanPatch(Patch):
     )
     unknown: ClassVar[str] = "cannot change {unknown}; changeable: {known}"
 
-    title: Annotated[
-        StrictStr, StringConstraints(max_length=200), Expect("at most 200 characters")
-    ] = ""
+    title: PlanTitle = ""
     tier: Tier = CustomerTier.FREE
     monthly_fee_micros: Micros = 0
     request_price_micros: Micros = 0
-    included_requests: Annotated[StrictInt, Field(ge=0), Expect("a whole number from 0")] = 0
-    gpu_prices: Annotated[
-        dict[str, Micros],
-        Expect("an object of GPU types (or 'none') to micro-units per hour, each from 0"),
-    ] = Field(default_factory=dict)
+    included_requests: Requests = 0
+    gpu_prices: GpuPrices = Field(default_factory=dict)
 
 
 class KeyBody(Body):
