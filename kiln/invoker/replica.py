@@ -72,6 +72,10 @@ _UNSEALED = (
 )
 # How often the replica re-checks its pull requests (most top-ups happen as calls finish).
 _TOP_UP_EVERY_S = 1.0
+# How long an exiting replica waits for the messages it still has on their way (the cold-start
+# report is written off the path to the first call, and a replica with a short idle timeout can
+# be told to drain before it is out).
+_LAST_REPORTS_S = 10.0
 
 
 class Replica:
@@ -429,6 +433,8 @@ class Replica:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self.cold_start.sealing), 30)
         await cancel_and_wait(heartbeat, shipping)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=_LAST_REPORTS_S)
         if self.output is not None:  # the last lines (the @exit hooks' too)
             self.output.uninstall()
             with contextlib.suppress(Exception):
