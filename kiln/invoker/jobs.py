@@ -42,6 +42,11 @@ _INLINE_RESULT_BYTES = 512 * 1024
 _START_COUNT_TRIES = 3
 _START_COUNT_S = 10.0
 _EXPECTED_REVISION = "Nats-Expected-Last-Subject-Sequence"
+# A delivery whose start cannot be counted (the bucket's stream mid-election) comes back after
+# this long, and so on up to this many deliveries beyond the job's attempts; past that,
+# deliveries are counted instead, so a job cannot circle forever.
+_COUNT_AGAIN_S = 2.0
+_UNCOUNTED_DELIVERIES = 20
 _WRONG_REVISION = 10071  # JetStream's "wrong last sequence"
 _PROGRESS_EVERY_S = CALL_ACK_WAIT_S / 3  # well within the queue's ack wait
 _RECORD_OUTCOME_S = 600.0
@@ -83,11 +88,14 @@ class JobRunner:
 
     async def _run(self, msg: Msg, call: CallHeaders) -> None:
         job = call.call_id
-        attempts = self.calls.spec.resources.retries + 1
+        attempts = self._attempts
         if await self._cancelled(job):
             await msg.ack()
             return
         attempt = await self._next_attempt(job, msg.metadata.num_delivered)
+        if attempt is None:  # its starts are out of reach for now: this delivery comes again
+            await msg.nak(delay=_COUNT_AGAIN_S)
+            return
         if attempt > attempts:  # earlier attempts died with their replicas
             await self._finish(msg, JobEvent(
                 job, JobEventKind.FAILED, attempt - 1, self.replica, final=True,
@@ -172,18 +180,21 @@ class JobRunner:
         # run) fails, and the job is delivered again.
         await publish_durably(self.js, subject, body, headers=headers, within_s=within_s)
 
-    async def _next_attempt(self, job: str, delivered: int) -> int:
+    async def _next_attempt(self, job: str, delivered: int) -> int | None:
         """The number of the attempt this delivery makes: one more than the attempts that
         started before it, as the job-starts bucket counts them (and counted up here). A
         delivery can be lost on its way to a replica while a leader election moves the queue's
         consumer; it comes again, delivered twice but started never, and is no lost attempt.
-        Where the bucket cannot be read or written, deliveries are counted instead."""
+        None where the bucket cannot be read or written now (counting deliveries instead would
+        take such lost deliveries for attempts that died); after many such deliveries,
+        deliveries are counted."""
+        uncounted = delivered if delivered > self._attempts + _UNCOUNTED_DELIVERIES else None
         bucket = self.subjects.job_starts_bucket
         subject = f"$KV.{bucket}.{self.calls.function_id.hex}.{job}"
         for _ in range(_START_COUNT_TRIES):
             try:
                 started, revision = await self._started(bucket, subject)
-                if started + 1 > self.calls.spec.resources.retries + 1:
+                if started + 1 > self._attempts:
                     return started + 1  # no attempt left to start: not counted
                 await publish_durably(
                     self.js,
@@ -199,12 +210,16 @@ class JobRunner:
             except APIError as exc:
                 if exc.err_code != _WRONG_REVISION:
                     _log.warning("job %s: its starts could not be counted: %s", job, exc)
-                    return delivered
+                    return uncounted
                 # Another delivery of the job counted meanwhile: count again.
-            except Exception as exc:  # noqa: BLE001 - NATS away: count deliveries as before
+            except Exception as exc:  # noqa: BLE001 - NATS away: the delivery comes again
                 _log.warning("job %s: its starts could not be counted: %s", job, exc)
-                return delivered
-        return delivered
+                return uncounted
+        return uncounted
+
+    @property
+    def _attempts(self) -> int:
+        return self.calls.spec.resources.retries + 1
 
     async def _started(self, bucket: str, subject: str) -> tuple[int, int]:
         """The attempts of a job that started, and the revision of that count (0: none)."""
