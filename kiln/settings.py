@@ -158,6 +158,8 @@ class Settings:
     currency: str = "usd"
     refill_max_failures: int = 3
     min_charge_s: int = 0
+    invoice_grace_days: int = 14
+    invoice_close_delay_s: float = 3600.0
     smtp_url: str | None = dataclasses.field(default=None, repr=False)
     mail_from: str = "Kiln <kiln@localhost>"
 
@@ -670,6 +672,20 @@ SETTINGS: tuple[SettingSpec, ...] = (
         _int_range(0, 86_400),
         "a replica is billed for at least this many seconds, however briefly it ran (0: no "
         "minimum)",
+    ),
+    SettingSpec(
+        "KILN_INVOICE_GRACE_DAYS",
+        "invoice_grace_days",
+        _int_range(0, 365),
+        "days an issued invoice may stay unpaid (its payment retried meanwhile) before the "
+        "customer is blocked as an empty balance blocks; paying lifts the block",
+    ),
+    SettingSpec(
+        "KILN_INVOICE_CLOSE_DELAY_S",
+        "invoice_close_delay_s",
+        _seconds(0, 7 * 86_400),
+        "how long after a billing period ends the billing service closes it into invoices "
+        "(usage reported late still lands in it)",
     ),
     SettingSpec(
         "KILN_SMTP_URL",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,10 +25,11 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from kiln.billing.prices import cost_micros
-from kiln.db.enums import LedgerKind, OutboxKind, PaymentKind, PaymentStatus
+from kiln.db.enums import InvoiceStatus, LedgerKind, OutboxKind, PaymentKind, PaymentStatus
 from kiln.db.models import (
     Customer,
     DailySpend,
+    Invoice,
     LedgerEntry,
     Payment,
     PeriodRequests,
@@ -43,6 +44,7 @@ from kiln.wire import UsageReport
 
 __all__ = [
     "BLOCK_BALANCE",
+    "BLOCK_INVOICE",
     "BLOCK_SPEND_CAP",
     "BillingRules",
     "Changes",
@@ -50,11 +52,13 @@ __all__ = [
     "charge_usage",
     "credit_payment",
     "fail_payment",
+    "post_entry",
     "refresh_block",
 ]
 
 BLOCK_BALANCE = "balance"
 BLOCK_SPEND_CAP = "spend_cap"
+BLOCK_INVOICE = "invoice"  # an invoice unpaid past the grace period
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +71,8 @@ class BillingRules:
     meter_event: str
     refill_max_failures: int
     min_charge_s: int  # a replica is billed at least this long (0: no minimum)
+    currency: str = "usd"
+    invoice_grace_s: float = 14 * 86_400.0  # an open invoice older than this blocks
 
 
 def billing_rules(settings: Settings) -> BillingRules:
@@ -77,6 +83,8 @@ def billing_rules(settings: Settings) -> BillingRules:
         meter_event=settings.stripe_meter_event,
         refill_max_failures=settings.refill_max_failures,
         min_charge_s=settings.min_charge_s,
+        currency=settings.currency,
+        invoice_grace_s=settings.invoice_grace_days * 86_400.0,
     )
 
 
@@ -332,12 +340,31 @@ async def _block_for(
         return None  # the platform's own functions
     if customer.spend_cap_micros is not None and spent_today >= customer.spend_cap_micros:
         return BLOCK_SPEND_CAP
+    if await _invoice_overdue(session, customer.id, rules):
+        return BLOCK_INVOICE
     limits = _limits(customer, rules)
     if limits is None or not limits.prepaid or customer.balance_micros > 0:
         return None
     if await _refill_pending(session, customer.id):
         return None  # money is on its way; the overdraft stays bounded by one refill's wait
     return BLOCK_BALANCE
+
+
+async def _invoice_overdue(
+    session: AsyncSession, customer_id: uuid.UUID, rules: BillingRules
+) -> bool:
+    """Whether an invoice of the customer's is still unpaid past the grace period."""
+    due_before = datetime.now(UTC) - timedelta(seconds=rules.invoice_grace_s)
+    overdue = await session.scalar(
+        sa.select(Invoice.id)
+        .where(
+            Invoice.customer_id == customer_id,
+            Invoice.status == InvoiceStatus.OPEN,
+            Invoice.issued_at < due_before,
+        )
+        .limit(1)
+    )
+    return overdue is not None
 
 
 async def _set_block(
@@ -365,6 +392,39 @@ async def refresh_block(
         return
     spent = await _spent_on(session, customer_id, _utc_day(datetime.now(UTC)))
     await _set_block(session, customer, rules, changes, spent_today=spent)
+
+
+async def post_entry(
+    session: AsyncSession,
+    customer: Customer,
+    *,
+    kind: LedgerKind,
+    amount: int,
+    external_id: str,
+    description: str,
+    invoice_id: uuid.UUID | None = None,
+) -> bool:
+    """Move `amount` on the customer's balance with a ledger entry, unless `external_id` was
+    posted before; whether it was new. The customer's row is locked by the caller."""
+    exists = await session.scalar(
+        sa.select(LedgerEntry.id).where(LedgerEntry.external_id == external_id)
+    )
+    if exists is not None:
+        return False
+    customer.balance_micros += amount
+    session.add(
+        LedgerEntry(
+            customer_id=customer.id,
+            kind=kind,
+            amount_micros=amount,
+            balance_after_micros=customer.balance_micros,
+            external_id=external_id,
+            description=description,
+            invoice_id=invoice_id,
+        )
+    )
+    await session.flush()
+    return True
 
 
 async def credit_payment(

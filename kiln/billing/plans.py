@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from kiln.billing.ledger import BillingRules, Changes, refresh_block
+from kiln.billing.ledger import BillingRules, Changes, post_entry, refresh_block
 from kiln.db.enums import LedgerKind
 from kiln.db.models import Customer, LedgerEntry, Plan
 from kiln.db.models_access import DEFAULT_CUSTOMER_ID
@@ -86,37 +86,6 @@ def _part(amount: int, share: tuple[int, int]) -> int:
     return amount * part // whole if whole else 0
 
 
-async def _post(
-    session: AsyncSession,
-    customer: Customer,
-    *,
-    kind: LedgerKind,
-    amount: int,
-    external_id: str,
-    description: str,
-) -> bool:
-    """Move `amount` on the customer's balance with a ledger entry, unless `external_id` was
-    posted before; whether it was new. The customer's row is locked by the caller."""
-    exists = await session.scalar(
-        sa.select(LedgerEntry.id).where(LedgerEntry.external_id == external_id)
-    )
-    if exists is not None:
-        return False
-    customer.balance_micros += amount
-    session.add(
-        LedgerEntry(
-            customer_id=customer.id,
-            kind=kind,
-            amount_micros=amount,
-            balance_after_micros=customer.balance_micros,
-            external_id=external_id,
-            description=description,
-        )
-    )
-    await session.flush()
-    return True
-
-
 async def charge_period_fee(
     session: AsyncSession,
     customer: Customer,
@@ -134,7 +103,7 @@ async def charge_period_fee(
     amount = _part(plan.monthly_fee_micros, period.share(since))
     if amount == 0:
         return False  # a free plan (or no time left in the period): nothing to enter
-    charged = await _post(
+    charged = await post_entry(
         session, customer, kind=LedgerKind.FEE, amount=-amount,
         external_id=f"fee:{customer.id}:{period.label}",
         description=f"{plan.title or plan.name} plan, {period.label}",
@@ -168,13 +137,13 @@ async def change_plan(
     back = _part(old.monthly_fee_micros, rest)
     due = _part(new.monthly_fee_micros, rest)
     if back:
-        await _post(
+        await post_entry(
             session, customer, kind=LedgerKind.PRORATION, amount=back,
             external_id=f"proration:{customer.id}:{change}:back",
             description=f"{old.title or old.name} plan unused from {now:%Y-%m-%d %H:%M} UTC",
         )  # fmt: skip
     if due:
-        await _post(
+        await post_entry(
             session, customer, kind=LedgerKind.PRORATION, amount=-due,
             external_id=f"proration:{customer.id}:{change}:due",
             description=f"{new.title or new.name} plan from {now:%Y-%m-%d %H:%M} UTC",

@@ -9,11 +9,22 @@ from collections.abc import Mapping
 
 from kiln.gpus import default_prices
 
-__all__ = ["DEFAULT_PRICES", "cost_micros", "parse_prices"]
+__all__ = ["DEFAULT_PRICES", "cost_micros", "micros_per_minor", "parse_prices"]
 
 # Micro-units per hour per GPU (per CPU slot for "none"), from the GPU catalogue.
 DEFAULT_PRICES: Mapping[str, int] = default_prices()
 _MS_PER_HOUR = 3_600_000
+_MICROS = 1_000_000
+# ISO currencies without a minor unit: amounts in them are whole units.
+_ZERO_DECIMAL = frozenset(
+    ("bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv",
+     "xaf", "xof", "xpf")
+)  # fmt: skip
+
+
+def micros_per_minor(currency: str) -> int:
+    """Micro-units in the currency's smallest unit (a cent for usd): what money is paid in."""
+    return _MICROS if currency.lower() in _ZERO_DECIMAL else _MICROS // 100
 
 
 def cost_micros(prices: Mapping[str, int], gpu_type: str, gpu_count: int, duration_ms: int) -> int:

@@ -14,29 +14,19 @@ from typing import Any
 
 import stripe
 
+from kiln.billing.prices import micros_per_minor
 from kiln.settings import Settings
 
 __all__ = ["Charge", "StripeGateway", "construct_event", "micros_to_minor", "minor_to_micros"]
 
-# ISO currencies without a minor unit: Stripe amounts in them are whole units.
-_ZERO_DECIMAL = frozenset(
-    ("bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv",
-     "xaf", "xof", "xpf")
-)  # fmt: skip
-_MICROS = 1_000_000
-
-
-def _micros_per_minor(currency: str) -> int:
-    return _MICROS if currency in _ZERO_DECIMAL else _MICROS // 100
-
 
 def micros_to_minor(micros: int, currency: str) -> int:
     """Stripe's `amount` (cents for usd) for a whole number of minor units' worth of micros."""
-    return micros // _micros_per_minor(currency)
+    return micros // micros_per_minor(currency)
 
 
 def minor_to_micros(amount: int, currency: str) -> int:
-    return amount * _micros_per_minor(currency)
+    return amount * micros_per_minor(currency)
 
 
 @dataclass(frozen=True)

@@ -136,6 +136,7 @@ class LedgerKind(enum.StrEnum):
     FEE = "fee"  # a plan's monthly fee, charged at the start of each period
     PRORATION = "proration"  # a plan change within a period: the old fee's unused part back,
     # the new one's for the rest of the period
+    PAYMENT = "payment"  # an invoice paid (through Stripe, or recorded by an operator)
 
 
 class PaymentKind(enum.StrEnum):
@@ -152,6 +153,8 @@ class PaymentStatus(enum.StrEnum):
 class OutboxKind(enum.StrEnum):
     METER_EVENT = "meter_event"  # usage, for Stripe Billing meters
     REFILL = "refill"  # an off-session PaymentIntent for an auto-refill
+    INVOICE = "invoice"  # a finalised invoice, issued as a Stripe invoice
+    INVOICE_PAYMENT = "invoice_payment"  # an attempt to collect an open invoice
 
 
 class UserRole(enum.StrEnum):
@@ -169,3 +172,28 @@ class MailPurpose(enum.StrEnum):
     VERIFY = "verify"  # confirms a new user's address
     RESET = "reset"  # sets a new password
     INVITE = "invite"  # joins a customer as a member
+
+
+class InvoiceStatus(enum.StrEnum):
+    DRAFT = "draft"  # only inside the transaction that closes the period: never seen outside
+    OPEN = "open"  # finalised, waiting for its payment
+    PAID = "paid"
+
+
+class Settlement(enum.StrEnum):
+    """How an invoice is paid: collected (a postpaid plan: Stripe or a transfer) or already paid
+    from the prepaid balance the charges were debited from (the invoice is a statement)."""
+
+    COLLECT = "collect"
+    BALANCE = "balance"
+
+
+class InvoiceLineKind(enum.StrEnum):
+    FEE = "fee"  # the plan's monthly fee
+    PRORATION = "proration"  # a plan change within the period
+    GPU = "gpu"  # replica time of one GPU type (or CPU slots)
+    MINIMUM = "minimum"  # replica time charged up to the minimum charge
+    REQUESTS = "requests"  # requests past the plan's included ones
+    ADJUSTMENT = "adjustment"  # an operator's credit or debit
+    REFUND = "refund"
+    ROUNDING = "rounding"  # the total down to a whole cent

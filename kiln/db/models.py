@@ -19,6 +19,7 @@ from kiln.db.models_billing import (
 from kiln.db.models_calls import Call, Invocation
 from kiln.db.models_compute import Node, Replica
 from kiln.db.models_console import ConsoleSession, MailToken, User
+from kiln.db.models_invoices import Invoice, InvoiceCounter, InvoiceLine, PeriodClose
 
 __all__ = [
     "ApiKey",
@@ -31,10 +32,14 @@ __all__ = [
     "DailySpend",
     "Function",
     "Invocation",
+    "Invoice",
+    "InvoiceCounter",
+    "InvoiceLine",
     "LedgerEntry",
     "MailToken",
     "Node",
     "Payment",
+    "PeriodClose",
     "PeriodRequests",
     "Plan",
     "Replica",

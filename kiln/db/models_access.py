@@ -71,7 +71,9 @@ class Customer(Timestamps, Base):
         ),
         sa.CheckConstraint("refill_threshold_micros >= 0", name="refill_threshold_nonnegative"),
         sa.CheckConstraint("refill_amount_micros > 0", name="refill_amount_positive"),
-        sa.CheckConstraint("billing_block IN ('balance', 'spend_cap')", name="billing_block_known"),
+        sa.CheckConstraint(
+            "billing_block IN ('balance', 'spend_cap', 'invoice')", name="billing_block_known"
+        ),
     )
 
 

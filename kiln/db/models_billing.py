@@ -126,16 +126,28 @@ class LedgerEntry(CreatedAt, Base):
     # The payment provider's id (a Stripe event or payment intent) for credits it caused.
     external_id: Mapped[str | None] = mapped_column(sa.String(255), unique=True)
     description: Mapped[str] = mapped_column(sa.Text, default="", server_default="")
+    # The invoice that bills it (NULL: not yet invoiced, or a payment, which no invoice bills).
+    invoice_id: Mapped[uuid.UUID | None] = mapped_column(
+        sa.ForeignKey("invoices.id", ondelete="RESTRICT")
+    )
 
     __table_args__ = (
         sa.Index(None, "customer_id", "created_at"),
+        sa.Index(None, "invoice_id"),
+        # What a close looks for: a customer's entries no invoice has taken yet.
+        sa.Index(
+            "ix_ledger_entries_uninvoiced",
+            "customer_id",
+            postgresql_where=sa.text("invoice_id IS NULL"),
+        ),
         # A usage charge without its event could be charged twice; only usage has an event.
         sa.CheckConstraint(
             "(kind = 'usage') = (usage_event_id IS NOT NULL)", name="usage_has_event"
         ),
         sa.CheckConstraint("kind <> 'usage' OR amount_micros <= 0", name="usage_is_debit"),
         sa.CheckConstraint(
-            "kind NOT IN ('topup', 'refill') OR amount_micros > 0", name="topup_is_credit"
+            "kind NOT IN ('topup', 'refill', 'payment') OR amount_micros > 0",
+            name="topup_is_credit",
         ),
     )
 

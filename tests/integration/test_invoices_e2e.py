@@ -1,0 +1,282 @@
+"""Closing billing periods into invoices (issue 25) on a real PostgreSQL: the brief's month to
+the cent, a month with a plan change midway, a close run twice or killed halfway giving one
+invoice per customer with gapless numbers, invoices that cannot be changed once issued, and
+late usage billed on the next invoice.
+
+Test months are in 2031: the platform's billing service closes ended periods by itself, and a
+customer created (as far as the database knows) in the future is in none of them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy as sa
+from eventually import eventually
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
+from stack import Platform
+from test_plans_e2e import calls, customer_on, worker
+
+from kiln.billing.invoices import close_customer, close_period
+from kiln.billing.ledger import Changes, billing_rules
+from kiln.billing.plans import change_plan, charge_period_fee, period_of
+from kiln.db.enums import InvoiceLineKind, InvoiceStatus, Settlement
+from kiln.db.models import Customer, Invoice, InvoiceLine, LedgerEntry
+from kiln.db.session import session_factory, transaction
+from kiln.wire import UsageReport
+
+pytestmark = [pytest.mark.integration]
+
+USD = 1_000_000
+MARCH = datetime(2031, 3, 1, tzinfo=UTC)
+APRIL = datetime(2031, 4, 1, tzinfo=UTC)
+CLOSED_AT = datetime(2031, 4, 1, 2, tzinfo=UTC)
+
+
+async def lines_of(engine: AsyncEngine, invoice_id: uuid.UUID) -> list[tuple[str, int, int]]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            sa.select(InvoiceLine.kind, InvoiceLine.quantity, InvoiceLine.amount_micros)
+            .where(InvoiceLine.invoice_id == invoice_id)
+            .order_by(InvoiceLine.position)
+        )
+        return [(str(kind), int(quantity), int(amount)) for kind, quantity, amount in rows]
+
+
+async def billed(engine: AsyncEngine, invoice_id: uuid.UUID) -> int:
+    """What the ledger entries the invoice took add up to, as a charge."""
+    async with engine.connect() as conn:
+        total = await conn.scalar(
+            sa.select(sa.func.sum(LedgerEntry.amount_micros)).where(
+                LedgerEntry.invoice_id == invoice_id
+            )
+        )
+    return -int(total or 0)
+
+
+async def invoices_of(engine: AsyncEngine, customer_id: uuid.UUID) -> list[Invoice]:
+    async with transaction(session_factory(engine)) as session:
+        found = await session.scalars(
+            sa.select(Invoice).where(Invoice.customer_id == customer_id).order_by(Invoice.period)
+        )
+        return list(found)
+
+
+async def close(
+    platform: Platform, engine: AsyncEngine, customer_id: uuid.UUID, moment: datetime = MARCH
+) -> Invoice:
+    summary = await close_period(
+        session_factory(engine), period_of(moment), billing_rules(platform.settings),
+        customer_id=customer_id, now=CLOSED_AT,
+    )  # fmt: skip
+    (invoice,) = [i for i in await invoices_of(engine, customer_id) if i.period == summary.period]
+    return invoice
+
+
+def gpu_time(customer_id: uuid.UUID, start: datetime, seconds: float, gpu: str) -> UsageReport:
+    replica = str(uuid.uuid4())
+    return UsageReport(
+        event_id=f"{replica}:1", replica_id=replica, customer_id=str(customer_id),
+        function_id=str(uuid.uuid4()), gpu_type=gpu, gpu_count=1,
+        period_start=start.timestamp(), period_end=start.timestamp() + seconds,
+    )  # fmt: skip
+
+
+async def test_the_briefs_enterprise_month_is_invoiced_at_2864_dollars_50(
+    platform: Platform, engine: AsyncEngine
+) -> None:
+    customer_id = await customer_on(engine, "enterprise", MARCH)
+    rules = billing_rules(platform.settings)
+    async with transaction(session_factory(engine)) as session:
+        customer = await session.get_one(Customer, customer_id, with_for_update=True)
+        await charge_period_fee(session, customer, period_of(MARCH), rules, Changes())
+    reports = [calls(customer_id, MARCH.replace(day=1 + i % 28), 1215) for i in range(30)]
+    await worker(platform, engine).record(reports)
+
+    invoice = await close(platform, engine, customer_id)
+    assert invoice.total_micros == 2_864_500_000
+    assert (invoice.status, invoice.settlement) == (InvoiceStatus.OPEN, Settlement.COLLECT)
+    assert await lines_of(engine, invoice.id) == [
+        (InvoiceLineKind.FEE, 1, 2_500 * USD),
+        (InvoiceLineKind.REQUESTS, 36_450, 364_500_000),
+    ]
+    assert await billed(engine, invoice.id) == invoice.total_micros
+
+
+async def test_a_month_with_a_plan_change_midway_is_one_invoice_with_its_prorations(
+    platform: Platform, engine: AsyncEngine
+) -> None:
+    customer_id = await customer_on(engine, "pro", MARCH)
+    rules = billing_rules(platform.settings)
+    midway = datetime(2031, 3, 16, tzinfo=UTC)
+    async with transaction(session_factory(engine)) as session:
+        await change_plan(session, customer_id, "enterprise", midway, rules, Changes())
+    await worker(platform, engine).record(
+        [gpu_time(customer_id, MARCH.replace(day=3), 3600, "H100"),
+         gpu_time(customer_id, MARCH.replace(day=20), 1800, "H100"),
+         gpu_time(customer_id, MARCH.replace(day=21), 60, "A10G")]
+    )  # fmt: skip
+
+    invoice = await close(platform, engine, customer_id)
+    lines = await lines_of(engine, invoice.id)
+    kinds = [kind for kind, _, _ in lines]
+    assert kinds[:3] == [InvoiceLineKind.FEE, InvoiceLineKind.PRORATION, InvoiceLineKind.PRORATION]
+    gpu = {quantity: amount for kind, quantity, amount in lines if kind == InvoiceLineKind.GPU}
+    assert set(gpu) == {5_400_000, 60_000}  # GPU-milliseconds by type: H100's two, A10G's one
+    month, rest = 31 * 86_400, 16 * 86_400
+    fees = 500 * USD - 500 * USD * rest // month + 2_500 * USD * rest // month
+    plan_lines = (InvoiceLineKind.FEE, InvoiceLineKind.PRORATION)
+    assert sum(amount for kind, _, amount in lines if kind in plan_lines) == fees
+    # Whole cents, and exactly what the ledger says (the rounding credit is in it too).
+    assert invoice.total_micros % 10_000 == 0
+    assert sum(amount for _, _, amount in lines) == invoice.total_micros
+    assert await billed(engine, invoice.id) == invoice.total_micros
+
+
+async def test_closing_again_changes_nothing_and_late_usage_goes_on_the_next_invoice(
+    platform: Platform, engine: AsyncEngine
+) -> None:
+    customer_id = await customer_on(engine, "enterprise", MARCH)
+    recorder = worker(platform, engine)
+    await recorder.record([calls(customer_id, MARCH.replace(day=9), 100)])
+    first = await close(platform, engine, customer_id)
+    again = await close(platform, engine, customer_id)
+    assert (again.id, again.number) == (first.id, first.number)
+    # Reported after March closed, for March: on April's invoice, not lost, not twice.
+    await recorder.record([calls(customer_id, MARCH.replace(day=30), 7)])
+    await recorder.record([calls(customer_id, APRIL.replace(day=2), 3)])
+    april = await close(platform, engine, customer_id, APRIL)
+    assert (InvoiceLineKind.REQUESTS, 10, 100_000) in await lines_of(engine, april.id)
+    assert first.total_micros == 100 * 10_000
+    assert (first.number or 0) < (april.number or 0)
+
+
+async def test_a_prepaid_customers_invoice_is_a_statement_paid_from_the_balance(
+    platform: Platform, engine: AsyncEngine
+) -> None:
+    customer_id = await customer_on(engine, "pro", MARCH)
+    rules = billing_rules(platform.settings)
+    async with transaction(session_factory(engine)) as session:
+        customer = await session.get_one(Customer, customer_id, with_for_update=True)
+        await charge_period_fee(session, customer, period_of(MARCH), rules, Changes())
+    invoice = await close(platform, engine, customer_id)
+    assert (invoice.settlement, invoice.status) == (Settlement.BALANCE, InvoiceStatus.PAID)
+    assert invoice.total_micros == 500 * USD
+
+
+async def test_nothing_to_bill_makes_no_invoice(platform: Platform, engine: AsyncEngine) -> None:
+    customer_id = await customer_on(engine, "free", MARCH)
+    async with transaction(session_factory(engine)) as session:
+        invoice, made = await close_customer(
+            session, customer_id, period_of(MARCH), billing_rules(platform.settings), Changes(),
+            now=CLOSED_AT,
+        )  # fmt: skip
+    assert (invoice, made) == (None, False)
+    assert await invoices_of(engine, customer_id) == []
+
+
+async def test_an_issued_invoice_cannot_be_changed(platform: Platform, engine: AsyncEngine) -> None:
+    customer_id = await customer_on(engine, "enterprise", MARCH)
+    await worker(platform, engine).record([calls(customer_id, MARCH, 5)])
+    invoice = await close(platform, engine, customer_id)
+    tries = [
+        sa.update(Invoice).where(Invoice.id == invoice.id).values(total_micros=1),
+        sa.update(Invoice).where(Invoice.id == invoice.id).values(status=InvoiceStatus.DRAFT,
+                                                                   number=None),
+        sa.delete(Invoice).where(Invoice.id == invoice.id),
+        sa.update(InvoiceLine).where(InvoiceLine.invoice_id == invoice.id).values(
+            amount_micros=0),
+        sa.insert(InvoiceLine).values(invoice_id=invoice.id, position=99, kind="adjustment",
+                                      description="x", quantity=1, unit="item", amount_micros=-1),
+    ]  # fmt: skip
+    for statement in tries:
+        with pytest.raises(DBAPIError, match="final"):
+            async with engine.begin() as conn:
+                await conn.execute(statement)
+    # Its payment and delivery may change.
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.update(Invoice).where(Invoice.id == invoice.id).values(mailed_to="a@b.example")
+        )
+
+
+KILLABLE_CLOSE = """
+import asyncio, os, sys
+from datetime import datetime, UTC
+from kiln.billing.invoices import close_period
+from kiln.billing.ledger import billing_rules
+from kiln.billing.plans import period_of
+from kiln.db.session import create_engine, session_factory
+from kiln.settings import Settings
+
+async def main():
+    settings = Settings.from_env(os.environ)
+    engine = create_engine(settings, application_name="kiln-close")
+    print("closing", flush=True)
+    await close_period(session_factory(engine), period_of(datetime(2031, 5, 2, tzinfo=UTC)),
+                       billing_rules(settings), now=datetime(2031, 6, 1, 2, tzinfo=UTC))
+    print("closed", flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_close_killed_halfway_and_run_again_gives_one_invoice_each_without_gaps(
+    platform: Platform, engine: AsyncEngine
+) -> None:
+    may = datetime(2031, 5, 1, tzinfo=UTC)
+    customers = [await customer_on(engine, "enterprise", may) for _ in range(200)]
+    await worker(platform, engine).record(
+        [calls(c, may.replace(day=5), 1 + i) for i, c in enumerate(customers)]
+    )
+    env = {**os.environ, "KILN_DATABASE_URL": platform.settings.require("database_url"),
+           "KILN_HOME": str(platform.settings.home)}  # fmt: skip
+
+    async def made() -> int:
+        async with engine.connect() as conn:
+            count = await conn.scalar(
+                sa.select(sa.func.count()).select_from(Invoice).where(Invoice.period == "2031-05")
+            )
+        return int(count or 0)
+
+    async def some_made() -> bool:
+        return await made() > 0
+
+    process = await asyncio.create_subprocess_exec(  # a close of its own, killed mid-way
+        sys.executable, "-c", KILLABLE_CLOSE, env=env, stdout=subprocess.DEVNULL
+    )
+    try:
+        await eventually(some_made, within_s=60)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(process.wait(), 10)
+    halfway = await made()
+    assert 0 < halfway < len(customers), "the kill came too late to test anything"
+
+    rerun = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", KILLABLE_CLOSE, env=env, stderr=subprocess.PIPE
+    )
+    _, stderr = await asyncio.wait_for(rerun.communicate(), 120)
+    assert rerun.returncode == 0, stderr.decode()
+    invoices = {i.customer_id: i for c in customers for i in await invoices_of(engine, c)}
+    assert len(invoices) == len(customers)  # one each
+    for index, customer_id in enumerate(customers):
+        invoice = invoices[customer_id]
+        assert invoice.total_micros == (1 + index) * 10_000  # its requests at $0.01
+        assert await billed(engine, invoice.id) == invoice.total_micros
+    async with engine.connect() as conn:
+        numbers = list(await conn.scalars(sa.select(Invoice.number).order_by(Invoice.number)))
+        loose = await conn.scalar(
+            sa.select(sa.func.count())
+            .select_from(LedgerEntry)
+            .where(LedgerEntry.customer_id.in_(customers), LedgerEntry.invoice_id.is_(None))
+        )
+    assert numbers == list(range(1, len(numbers) + 1))  # every invoice ever: no gaps
+    assert loose == 0  # every entry on exactly one invoice
