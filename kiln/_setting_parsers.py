@@ -253,3 +253,10 @@ def _mail_from(raw: str) -> str:
     if "@" not in address or "\n" in raw or "\r" in raw:
         raise ValueError("expected a sender address such as Kiln <kiln@example.com>")
     return raw.strip()
+
+
+def _one_line(raw: str) -> str:
+    text = raw.strip()
+    if not text or len(text) > 300 or any(c in text for c in "\r\n"):
+        raise ValueError("expected one line of text, at most 300 characters")
+    return text

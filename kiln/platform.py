@@ -24,6 +24,7 @@ from kiln._service import (
     push_bounded,
     start_part,
 )
+from kiln.billing.invoice_worker import invoice_worker
 from kiln.billing.ledger import billing_rules
 from kiln.billing.outbox import OutboxWorker
 from kiln.billing.stripe_gateway import StripeGateway
@@ -101,6 +102,8 @@ async def serve_platform(
                 stream_replicas=settings.stream_replicas,
             )  # fmt: skip
             parts.append(start_part(exits, worker.run, "kiln-billing", within_s=within_s))
+            invoicing = invoice_worker(settings, nc, sessions, rules, billing_metrics)
+            parts.append(start_part(exits, invoicing.run, "kiln-invoices", within_s=within_s))
         if billing and settings.stripe_enabled:
             gateway = StripeGateway(settings)
             push_bounded(exits, gateway.close, "the Stripe client")

@@ -37,6 +37,7 @@ from kiln._setting_parsers import (
     _namespace,
     _node_gpus,
     _node_id,
+    _one_line,
     _operator_seed,
     _path,
     _paths,
@@ -160,6 +161,7 @@ class Settings:
     min_charge_s: int = 0
     invoice_grace_days: int = 14
     invoice_close_delay_s: float = 3600.0
+    invoice_issuer: str = "Kiln"
     smtp_url: str | None = dataclasses.field(default=None, repr=False)
     mail_from: str = "Kiln <kiln@localhost>"
 
@@ -686,6 +688,12 @@ SETTINGS: tuple[SettingSpec, ...] = (
         _seconds(0, 7 * 86_400),
         "how long after a billing period ends the billing service closes it into invoices "
         "(usage reported late still lands in it)",
+    ),
+    SettingSpec(
+        "KILN_INVOICE_ISSUER",
+        "invoice_issuer",
+        _one_line,
+        "who invoices are from, as printed on them (your company's name and address)",
     ),
     SettingSpec(
         "KILN_SMTP_URL",

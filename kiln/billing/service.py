@@ -1,5 +1,6 @@
 """The billing service on its own, as production runs it beside the routers (`python -m
-kiln.billing`): the billing worker (usage → ledger) and, with Stripe set up, the outbox worker
+kiln.billing`): the billing worker (usage → ledger), the invoice worker (periods closed into
+invoices, mailed, overdue ones blocking) and, with Stripe set up, the outbox worker
 (ledger → Stripe), with Prometheus metrics on `KILN_METRICS_PORT`. Any number of copies may run:
 they share the usage stream's consumer and claim outbox rows with SKIP LOCKED.
 
@@ -22,6 +23,7 @@ from kiln._service import (
     push_bounded,
     run_service,
 )
+from kiln.billing.invoice_worker import invoice_worker
 from kiln.billing.ledger import billing_rules
 from kiln.billing.outbox import OutboxWorker
 from kiln.billing.stripe_gateway import StripeGateway
@@ -57,7 +59,8 @@ async def serve_billing(settings: Settings, stop: asyncio.Event) -> None:
                 nc, sessions, settings.namespace, rules, metrics,
                 usage_secret=settings.snapshot_signing_key,
                 stream_replicas=settings.stream_replicas,
-            ).run(stop)
+            ).run(stop),
+            invoice_worker(settings, nc, sessions, rules, metrics).run(stop),
         ]  # fmt: skip
         if settings.stripe_enabled:
             gateway = StripeGateway(settings)

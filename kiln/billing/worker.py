@@ -29,6 +29,7 @@ from kiln._tasks import cancel_and_wait
 from kiln._trouble import Trouble
 from kiln.billing.ledger import (
     BLOCK_BALANCE,
+    BLOCK_INVOICE,
     BLOCK_SPEND_CAP,
     BillingRules,
     Changes,
@@ -197,7 +198,7 @@ class BillingWorker:
                 .group_by(Customer.billing_block)
             )
             counts = {str(reason): int(count) for reason, count in rows}
-        for reason in (BLOCK_BALANCE, BLOCK_SPEND_CAP):
+        for reason in (BLOCK_BALANCE, BLOCK_SPEND_CAP, BLOCK_INVOICE):
             self.metrics.blocked_customers.labels(reason).set(counts.get(reason, 0))
         await announce_blocks(self.nc, self.subjects, changes, seals=self.seals)
 

@@ -1,4 +1,4 @@
-"""Mail the console sends (address checks, password resets, invitations): through the SMTP
+"""Mail Kiln sends (address checks, password resets, invitations, invoices): through the SMTP
 server `KILN_SMTP_URL` names, or, without one, as a file per message under
 `$KILN_HOME/mail/`, its link also logged, so that `kiln dev` works with no mail server.
 
@@ -24,18 +24,26 @@ from urllib.parse import unquote, urlsplit
 from kiln.errors import Unavailable
 from kiln.settings import Settings
 
-__all__ = ["Mail", "Mailer"]
+__all__ = ["Attachment", "Mail", "Mailer"]
 
 _log = logging.getLogger("kiln.console.mail")
 
 
 @dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content: bytes
+    mime_type: str  # "application/pdf"
+
+
+@dataclass(frozen=True, kw_only=True)
 class Mail:
     to: str
     subject: str
     text: str  # the body, plain text
-    link: str  # the one link it carries (logged beside a file, for `kiln dev`)
-    kind: str  # a word for the file's name: "verify", "reset", "invite"
+    kind: str  # a word for the file's name: "verify", "reset", "invite", "invoice"
+    link: str | None = None  # the one link it carries (logged beside a file, for `kiln dev`)
+    attachments: tuple[Attachment, ...] = ()
 
 
 class Mailer:
@@ -67,6 +75,11 @@ class Mailer:
         message["Date"] = formatdate(localtime=False)
         message["Message-ID"] = make_msgid(domain="kiln")
         message.set_content(mail.text)
+        for attached in mail.attachments:
+            main, _, sub = attached.mime_type.partition("/")
+            message.add_attachment(
+                attached.content, maintype=main, subtype=sub, filename=attached.filename
+            )
         return message
 
     def _write(self, message: EmailMessage, mail: Mail) -> Path:
@@ -77,8 +90,9 @@ class Mailer:
         path.write_bytes(bytes(message))
         path.chmod(0o600)
         _log.info(
-            "mail to %s (%s) written to %s; its link: %s", mail.to, mail.subject, path, mail.link
-        )
+            "mail to %s (%s) written to %s%s", mail.to, mail.subject, path,
+            f"; its link: {mail.link}" if mail.link else "",
+        )  # fmt: skip
         return path
 
     def _submit(self, message: EmailMessage) -> None:

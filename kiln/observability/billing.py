@@ -41,7 +41,7 @@ class BillingMetrics:
         )
         self.blocked_customers = Gauge(
             "kiln_billing_blocked_customers",
-            "Customers whose calls get 402, by reason (balance, spend_cap).",
+            "Customers whose calls get 402, by reason (balance, spend_cap, invoice).",
             ["reason"],
             registry=self.registry,
         )
@@ -58,5 +58,23 @@ class BillingMetrics:
             "Usage charged, in micro-units of KILN_CURRENCY, by the customer's tier and the "
             "replica's GPU type.",
             ["tier", "gpu"],
+            registry=self.registry,
+        )
+        self.invoices = Counter(
+            "kiln_billing_invoices",
+            "Invoices issued by period closes, by how they are settled (collect: to be paid; "
+            "balance: a prepaid customer's statement).",
+            ["settlement"],
+            registry=self.registry,
+        )
+        self.invoiced = Counter(
+            "kiln_billing_invoiced_micros",
+            "What issued invoices total, in micro-units of KILN_CURRENCY, by settlement.",
+            ["settlement"],
+            registry=self.registry,
+        )
+        self.invoices_overdue = Gauge(
+            "kiln_billing_invoices_overdue",
+            "Open invoices past KILN_INVOICE_GRACE_DAYS (their customers are blocked).",
             registry=self.registry,
         )
