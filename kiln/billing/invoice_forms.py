@@ -110,6 +110,7 @@ def to_json(document: InvoiceDocument, *, with_lines: bool = True) -> dict[str, 
         "payment_reference": invoice.payment_reference,
         "payment_attempts": invoice.payment_attempts,
         "payment_error": invoice.payment_error,
+        "payment_url": invoice.payment_url,
         "mailed_at": _stamp(invoice.mailed_at),
         "stripe_invoice_id": invoice.stripe_invoice_id,
     }

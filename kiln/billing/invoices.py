@@ -58,6 +58,7 @@ __all__ = [
     "close_period",
     "invoice_name",
     "payment_failed",
+    "queue_collection",
     "record_payment",
 ]
 
@@ -385,9 +386,17 @@ async def payment_failed(
     if invoice.payment_attempts > len(PAYMENT_RETRY_DAYS):
         return None
     at = now + timedelta(days=PAYMENT_RETRY_DAYS[invoice.payment_attempts - 1])
-    identifier = f"invoice:{invoice.id}:pay:{invoice.payment_attempts + 1}"
-    await _queue(session, OutboxKind.INVOICE_PAYMENT, identifier, invoice, at)
+    await queue_collection(session, invoice, attempt=invoice.payment_attempts + 1, at=at)
     return at
+
+
+async def queue_collection(
+    session: AsyncSession, invoice: Invoice, *, attempt: int, at: datetime
+) -> None:
+    """Queue collection attempt number `attempt` of the invoice for `at` (once: its identifier,
+    the idempotency key Stripe sees, names the attempt)."""
+    identifier = f"invoice:{invoice.id}:pay:{attempt}"
+    await _queue(session, OutboxKind.INVOICE_PAYMENT, identifier, invoice, at)
 
 
 def invoice_name(invoice: Invoice) -> str:

@@ -1,5 +1,6 @@
 """The Stripe outbox worker: sends what the ledger queued for Stripe (meter events, refill
-charges) until Stripe acknowledges each, and acts on the answers.
+charges, invoices and the attempts to collect them) until Stripe acknowledges each, and acts on
+the answers.
 
 Rows are claimed with `FOR UPDATE SKIP LOCKED`, so several workers never send one row at the
 same time; a row is marked sent in the transaction that claimed it. A crash between Stripe's
@@ -21,11 +22,13 @@ import stripe
 from nats.aio.client import Client as NATS
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from kiln.billing.invoices import invoice_name, payment_failed, queue_collection, record_payment
 from kiln.billing.ledger import BillingRules, Changes, credit_payment, fail_payment
+from kiln.billing.prices import split_minor
 from kiln.billing.stripe_gateway import StripeGateway
 from kiln.billing.worker import announce_blocks
-from kiln.db.enums import OutboxKind
-from kiln.db.models import Customer, Payment, StripeOutbox
+from kiln.db.enums import InvoiceStatus, OutboxKind
+from kiln.db.models import Customer, Invoice, InvoiceLine, Payment, StripeOutbox
 from kiln.db.session import transaction
 from kiln.observability.billing import BillingMetrics
 from kiln.seal import Seals
@@ -120,6 +123,10 @@ class OutboxWorker:
                         int(row.payload["value"]),
                         int(row.payload["timestamp"]),
                     )
+                elif row.kind is OutboxKind.INVOICE:
+                    await self._issue(session, row, stripe_customer)
+                elif row.kind is OutboxKind.INVOICE_PAYMENT:
+                    await self._collect(session, row, changes)
                 else:
                     await self._refill(session, row, stripe_customer, changes)
         except (stripe.StripeError, OSError) as exc:
@@ -159,6 +166,58 @@ class OutboxWorker:
             await fail_payment(session, payment.id, charge.error or charge.status, self.rules,
                                changes)  # fmt: skip
         # Otherwise (processing, requires_action) Stripe's webhook settles it.
+
+    async def _issue(self, session: AsyncSession, row: StripeOutbox, stripe_customer: str) -> None:
+        """Issue the invoice in Stripe, then ask for its first payment."""
+        invoice = await session.get(
+            Invoice, uuid.UUID(row.payload["invoice_id"]), with_for_update=True
+        )
+        if invoice is None or invoice.status is not InvoiceStatus.OPEN:
+            return  # paid meanwhile (an operator recorded it): nothing to collect
+        if invoice.stripe_invoice_id is None:
+            lines = list(
+                await session.scalars(
+                    sa.select(InvoiceLine)
+                    .where(InvoiceLine.invoice_id == invoice.id)
+                    .order_by(InvoiceLine.position)
+                )
+            )
+            cents = split_minor([line.amount_micros for line in lines], invoice.currency)
+            items = [(line.description, amount) for line, amount in zip(lines, cents, strict=True)]
+            issued = await self.gateway.issue_invoice(
+                str(invoice.id), stripe_customer,
+                title=f"Kiln invoice {invoice_name(invoice)} for {invoice.period}", lines=items,
+            )  # fmt: skip
+            invoice.stripe_invoice_id = issued.id
+            invoice.payment_url = issued.payment_url
+            await session.flush()
+        await queue_collection(session, invoice, attempt=1, at=datetime.now(UTC))
+
+    async def _collect(self, session: AsyncSession, row: StripeOutbox, changes: Changes) -> None:
+        """One attempt to collect an open invoice; a failure schedules the next."""
+        invoice = await session.get(
+            Invoice, uuid.UUID(row.payload["invoice_id"]), with_for_update=True
+        )
+        if invoice is None or invoice.status is not InvoiceStatus.OPEN:
+            return
+        if invoice.stripe_invoice_id is None:
+            return  # issued first; its issue queues this attempt again
+        customer = await session.get(Customer, invoice.customer_id)
+        assert customer is not None
+        now = datetime.now(UTC)
+        error = await self.gateway.pay_invoice(
+            invoice.stripe_invoice_id,
+            f"{row.identifier}",
+            payment_method=customer.payment_method_id,
+        )
+        if error is None:
+            reference = invoice.stripe_invoice_id
+            await record_payment(session, invoice.id, reference, self.rules, changes, now=now)
+            return
+        following = await payment_failed(session, invoice, error, now=now)
+        then = f"the next on {following:%Y-%m-%d}" if following else "no attempt left"
+        _log.warning("invoice %s: payment attempt %d failed (%s); %s", invoice_name(invoice),
+                     invoice.payment_attempts, error, then)  # fmt: skip
 
     async def _measure(self) -> None:
         async with transaction(self.sessions) as session:

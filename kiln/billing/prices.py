@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 from kiln.gpus import default_prices
 
-__all__ = ["DEFAULT_PRICES", "cost_micros", "micros_per_minor", "parse_prices"]
+__all__ = ["DEFAULT_PRICES", "cost_micros", "micros_per_minor", "parse_prices", "split_minor"]
 
 # Micro-units per hour per GPU (per CPU slot for "none"), from the GPU catalogue.
 DEFAULT_PRICES: Mapping[str, int] = default_prices()
@@ -32,6 +32,22 @@ def cost_micros(prices: Mapping[str, int], gpu_type: str, gpu_count: int, durati
     down to the micro-unit: a report never costs more than its time)."""
     per_hour = prices.get(gpu_type, prices.get("none", 0))
     return per_hour * max(1, gpu_count) * max(0, duration_ms) // _MS_PER_HOUR
+
+
+def split_minor(amounts: list[int], currency: str) -> list[int]:
+    """Amounts in micro-units as whole minor units (cents) that add up to exactly their total
+    (itself whole minor units): each rounded down, and the cents left over go to the amounts
+    that lost the most (largest remainders)."""
+    unit = micros_per_minor(currency)
+    total, rest = divmod(sum(amounts), unit)
+    if rest:
+        raise ValueError(f"the amounts add up to {sum(amounts)} micro-units: not whole {unit}s")
+    floors = [amount // unit for amount in amounts]
+    short = total - sum(floors)
+    losers = sorted(range(len(amounts)), key=lambda i: floors[i] * unit - amounts[i])
+    for i in losers[:short]:
+        floors[i] += 1
+    return floors
 
 
 def parse_prices(raw: str) -> dict[str, int]:

@@ -2,8 +2,9 @@
 
 A usage interval counts in the hour or day its start falls in (an interval lasts at most a few
 seconds, so that is where its time was spent); its cost is the ledger entry that charged it, so
-a report adds up to the balance's history to the micro-unit. Revenue is by each customer's
-current tier.
+a report adds up to the balance's history to the micro-unit. Revenue from the ledger is by
+each customer's current tier; revenue from invoices is by the plan each invoice was issued
+under, and monthly recurring revenue is what today's customers' plan fees add up to.
 """
 
 from __future__ import annotations
@@ -20,10 +21,19 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from kiln.db.enums import LedgerKind
-from kiln.db.models import App, Customer, Function, LedgerEntry, UsageEvent
+from kiln.db.enums import CustomerStatus, InvoiceStatus, LedgerKind
+from kiln.db.models import App, Customer, Function, Invoice, LedgerEntry, Plan, UsageEvent
+from kiln.db.models_access import DEFAULT_CUSTOMER_ID
 
-__all__ = ["Granularity", "UsageQuery", "revenue_rows", "to_csv", "usage_rows"]
+__all__ = [
+    "Granularity",
+    "UsageQuery",
+    "monthly_recurring_revenue",
+    "plan_revenue_rows",
+    "revenue_rows",
+    "to_csv",
+    "usage_rows",
+]
 
 GROUPS = ("function", "gpu_type")
 
@@ -132,6 +142,59 @@ async def revenue_rows(
         }
         for row in rows
     ]
+
+
+async def plan_revenue_rows(
+    session: AsyncSession, *, since: str | None = None, until: str | None = None
+) -> list[dict[str, Any]]:
+    """For operators, from the invoices issued: by period (YYYY-MM, from `since` to `until`
+    inclusive) and the plan each customer was on at the close, the invoices, what they total,
+    what was paid and what is still owed. Statements of prepaid balances count as paid."""
+    paid = Invoice.status == InvoiceStatus.PAID
+    query = (
+        sa.select(
+            Invoice.period,
+            Invoice.plan,
+            sa.func.count().label("invoices"),
+            sa.func.sum(Invoice.total_micros).label("invoiced"),
+            sa.func.coalesce(sa.func.sum(sa.case((paid, Invoice.total_micros))), 0).label("paid"),
+        )
+        .where(Invoice.status != InvoiceStatus.DRAFT)
+        .group_by(Invoice.period, Invoice.plan)
+        .order_by(Invoice.period, Invoice.plan)
+    )
+    if since is not None:
+        query = query.where(Invoice.period >= since)
+    if until is not None:
+        query = query.where(Invoice.period <= until)
+    return [
+        {
+            "period": row.period,
+            "plan": row.plan,
+            "invoices": int(row.invoices),
+            "invoiced_micros": int(row.invoiced),
+            "paid_micros": int(row.paid),
+            "outstanding_micros": int(row.invoiced) - int(row.paid),
+        }
+        for row in await session.execute(query)
+    ]
+
+
+async def monthly_recurring_revenue(session: AsyncSession) -> dict[str, tuple[int, int]]:
+    """By plan with a fee: (what its active customers' monthly fees add up to, how many they
+    are). The platform's own customer pays none."""
+    rows = await session.execute(
+        sa.select(Plan.name, sa.func.count(Customer.id), sa.func.sum(Plan.monthly_fee_micros))
+        .join(Customer, Customer.plan == Plan.name)
+        .where(
+            Plan.monthly_fee_micros > 0,
+            Customer.status == CustomerStatus.ACTIVE,
+            Customer.id != DEFAULT_CUSTOMER_ID,
+        )
+        .group_by(Plan.name)
+        .order_by(Plan.name)
+    )
+    return {str(name): (int(total or 0), int(count)) for name, count, total in rows}
 
 
 def to_csv(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:

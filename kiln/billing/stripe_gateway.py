@@ -17,7 +17,14 @@ import stripe
 from kiln.billing.prices import micros_per_minor
 from kiln.settings import Settings
 
-__all__ = ["Charge", "StripeGateway", "construct_event", "micros_to_minor", "minor_to_micros"]
+__all__ = [
+    "Charge",
+    "IssuedInvoice",
+    "StripeGateway",
+    "construct_event",
+    "micros_to_minor",
+    "minor_to_micros",
+]
 
 
 def micros_to_minor(micros: int, currency: str) -> int:
@@ -37,6 +44,14 @@ class Charge:
     status: str  # succeeded, processing, requires_action, requires_payment_method, canceled…
     client_secret: str | None = None
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class IssuedInvoice:
+    """A Stripe invoice Kiln issued: its id and the page where it can be paid."""
+
+    id: str
+    payment_url: str | None
 
 
 class _HTTPXClient(stripe.HTTPXClient):
@@ -144,6 +159,63 @@ class StripeGateway:
                 error=exc.user_message or str(exc),
             )
         return Charge(str(intent.id), str(intent.status), intent.client_secret)
+
+    async def issue_invoice(
+        self,
+        invoice_id: str,
+        stripe_customer: str,
+        *,
+        title: str,
+        lines: list[tuple[str, int]],
+    ) -> IssuedInvoice:
+        """A finalised Stripe invoice for Kiln's `invoice_id`, one item per line (description,
+        amount in minor units), collected by charging the customer. Every step carries a key
+        derived from the invoice, so a retry after a failure anywhere makes the same invoice.
+        Kiln asks for each payment itself (`pay_invoice`): Stripe does not advance it."""
+        options = {"idempotency_key": f"invoice:{invoice_id}:create"}
+        metadata = {"kiln_invoice": invoice_id}
+        draft = await self._client.v1.invoices.create_async(
+            {
+                "customer": stripe_customer, "currency": self.currency,
+                "collection_method": "charge_automatically", "auto_advance": False,
+                "pending_invoice_items_behavior": "exclude", "description": title,
+                "metadata": metadata,
+            },
+            options,  # type: ignore[arg-type]
+        )  # fmt: skip
+        assert draft.id is not None
+        for position, (description, amount) in enumerate(lines, start=1):
+            await self._client.v1.invoice_items.create_async(
+                {
+                    "customer": stripe_customer, "invoice": draft.id, "amount": amount,
+                    "currency": self.currency, "description": description, "metadata": metadata,
+                },
+                {"idempotency_key": f"invoice:{invoice_id}:line:{position}"},
+            )  # fmt: skip
+        final = await self._client.v1.invoices.finalize_invoice_async(
+            draft.id,
+            {"auto_advance": False},
+            {"idempotency_key": f"invoice:{invoice_id}:finalize"},
+        )
+        return IssuedInvoice(str(final.id), final.hosted_invoice_url)
+
+    async def pay_invoice(
+        self, stripe_invoice: str, attempt_key: str, *, payment_method: str | None = None
+    ) -> str | None:
+        """Try to collect a finalised invoice now; None when it was paid, else why not (a
+        declined card, no way to pay). Other trouble raises, to be tried again as it is."""
+        params: dict[str, Any] = {}
+        if payment_method is not None:
+            params["payment_method"] = payment_method
+        try:
+            paid = await self._client.v1.invoices.pay_async(
+                stripe_invoice,
+                params,  # type: ignore[arg-type]
+                {"idempotency_key": attempt_key},
+            )
+        except (stripe.CardError, stripe.InvalidRequestError) as exc:
+            return exc.user_message or str(exc)
+        return None if paid.status == "paid" else f"the invoice is {paid.status}"
 
     async def meter_event(
         self, identifier: str, stripe_customer: str, value: int, timestamp: int

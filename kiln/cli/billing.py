@@ -13,10 +13,10 @@ import typer
 
 from kiln.cli.output import JsonFlag, echo_json
 
-__all__ = ["billing_app", "parse_amount"]
+__all__ = ["Csv", "Customer", "billing_app", "money", "parse_amount"]
 
 billing_app = typer.Typer(
-    help="Balances, top-ups, usage reports and revenue.", no_args_is_help=True
+    help="Balances, top-ups, usage reports, invoices and revenue.", no_args_is_help=True
 )
 
 _MICROS = Decimal(1_000_000)
@@ -41,7 +41,7 @@ def parse_amount(raw: str) -> int:
     return int(micros)
 
 
-def _money(micros: int | None) -> str:
+def money(micros: int | None) -> str:
     if micros is None:
         return "-"
     return f"{Decimal(micros) / _MICROS:,.2f}"
@@ -76,12 +76,12 @@ def _rows(path: str, params: dict[str, Any], *, csv: bool) -> list[dict[str, Any
 
 def _show_account(account: dict[str, Any]) -> None:
     currency = account["currency"].upper()
-    typer.echo(f"balance      {_money(account['balance_micros'])} {currency}")
-    typer.echo(f"spent today  {_money(account['spent_today_micros'])} {currency}"
-               f" (cap {_money(account['spend_cap_micros'])})")  # fmt: skip
+    typer.echo(f"balance      {money(account['balance_micros'])} {currency}")
+    typer.echo(f"spent today  {money(account['spent_today_micros'])} {currency}"
+               f" (cap {money(account['spend_cap_micros'])})")  # fmt: skip
     refill = (
-        f"below {_money(account['refill_threshold_micros'])}, add "
-        f"{_money(account['refill_amount_micros'])}"
+        f"below {money(account['refill_threshold_micros'])}, add "
+        f"{money(account['refill_amount_micros'])}"
         if account["refill_threshold_micros"] is not None
         else "off"
     )
@@ -171,8 +171,8 @@ def transactions(
         echo_json(answer["transactions"])
         return
     for t in answer["transactions"]:
-        typer.echo(f"{t['created_at'][:19]}  {t['kind']:<10} {_money(t['amount_micros']):>12}  "
-                   f"{_money(t['balance_after_micros']):>12}  {t['description']}")  # fmt: skip
+        typer.echo(f"{t['created_at'][:19]}  {t['kind']:<10} {money(t['amount_micros']):>12}  "
+                   f"{money(t['balance_after_micros']):>12}  {t['description']}")  # fmt: skip
 
 
 @billing_app.command("report")
@@ -191,7 +191,7 @@ def report(
     for row in _rows("/v1/billing/usage", params, csv=csv):
         labels = "  ".join(str(row[k]) for k in ("function", "gpu_type") if k in row)
         typer.echo(f"{row['period'][:16]}  {labels:<40} {row['replica_seconds']:>12.1f} s "
-                   f"{row['calls']:>8} calls {_money(row['cost_micros']):>12}")  # fmt: skip
+                   f"{row['calls']:>8} calls {money(row['cost_micros']):>12}")  # fmt: skip
 
 
 @billing_app.command("revenue")
@@ -205,5 +205,5 @@ def revenue(
     params = _params(None, granularity=granularity, since=since, until=until)
     for row in _rows("/v1/billing/revenue", params, csv=csv):
         typer.echo(f"{row['period'][:16]}  {row['tier']:<11} {row['customers']:>5} customers "
-                   f"{row['replica_seconds']:>12.1f} s  usage {_money(row['usage_revenue_micros'])}"
-                   f"  paid in {_money(row['payments_micros'])}")  # fmt: skip
+                   f"{row['replica_seconds']:>12.1f} s  usage {money(row['usage_revenue_micros'])}"
+                   f"  paid in {money(row['payments_micros'])}")  # fmt: skip

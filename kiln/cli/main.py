@@ -16,6 +16,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from kiln._version import __version__
+from kiln.cli import invoices as _invoices  # noqa: F401 - its commands join billing_app
 from kiln.cli.access import customers_app, keys_app, plans_app
 from kiln.cli.billing import billing_app
 from kiln.cli.catalog import catalog_app

@@ -46,6 +46,7 @@ class Invoice(Timestamps, Base):
     mailed_at: Mapped[datetime | None]
     mailed_to: Mapped[str | None] = mapped_column(sa.Text)
     stripe_invoice_id: Mapped[str | None] = mapped_column(sa.String(255), unique=True)
+    payment_url: Mapped[str | None] = mapped_column(sa.Text)  # Stripe's page to pay it on
     payment_attempts: Mapped[int] = int_default(0)
     payment_error: Mapped[str | None] = mapped_column(sa.Text)
 

@@ -17,6 +17,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from kiln._version import __version__
 from kiln.router import bodies as b
+from kiln.router import invoice_bodies as ib
 from kiln.router import views as v
 from kiln.router.validation import Body, Query, View
 
@@ -49,7 +50,7 @@ def _path(name: str) -> dict[str, Any]:
 
 
 _APP, _NAME, _CALL = _path("app"), _path("name"), _path("call_id")
-_CUSTOMER, _KEY = _path("customer_id"), _path("key_id")
+_CUSTOMER, _KEY, _INVOICE = _path("customer_id"), _path("key_id"), _path("invoice_id")
 _IDEMPOTENCY = {
     "name": "Idempotency-Key",
     "in": "header",
@@ -131,7 +132,8 @@ class _Op:
     body: type[Body] | None = None
     query: type[Query] | None = None
     answer: type[View] | None = None
-    media: dict[str, Any] | None = None  # the answer's content when no `answer` model says it
+    # The answer's content when no `answer` model says it, or its other forms beside JSON.
+    media: dict[str, Any] | None = None
     public: bool = False
     arguments: bool = False  # the body is the user function's arguments (`_ARGUMENTS`)
     openai: bool = False  # an OpenAI-compatible route: OpenAI's error shape
@@ -212,6 +214,23 @@ _OPS: dict[str, dict[str, _Op]] = {
         query=b.UsageQuery, answer=v.Report)},
     "/v1/billing/revenue": {"get": _Op(summary="Revenue by tier (operator keys).",
                                        query=b.RevenueQuery, answer=v.Report)},
+    "/v1/billing/revenue/plans": {"get": _Op(
+        summary="Invoiced revenue by plan and month, and monthly recurring revenue (operator "
+        "keys).", query=ib.PlanRevenueQuery, answer=ib.PlanRevenue)},
+    "/v1/billing/invoices": {"get": _Op(
+        summary="Invoices, newest first: an account's own; operators see any.",
+        query=ib.InvoicesQuery, answer=ib.InvoiceList)},
+    "/v1/billing/invoices/{invoice_id}": {"get": _Op(
+        summary="One invoice with its lines; format=pdf or csv for the document.",
+        params=(_INVOICE,), query=ib.InvoiceQuery, answer=ib.InvoiceView,
+        media={"application/pdf": {"schema": {"type": "string", "format": "binary"}},
+               "text/csv": {"schema": {"type": "string"}}})},
+    "/v1/billing/invoices/{invoice_id}/payments": {"post": _Op(
+        summary="Record a payment of an open invoice received outside Stripe (operator keys).",
+        params=(_INVOICE,), body=ib.PaymentBody, answer=ib.InvoiceView)},
+    "/v1/billing/close": {"post": _Op(
+        summary="Close a billing period into invoices, for every customer or one (operator "
+        "keys); closing again changes nothing.", body=ib.CloseBody, answer=ib.Closed)},
     "/v1/billing/stripe/webhook": {"post": _Op(
         summary="Stripe's webhook, authenticated by its Stripe-Signature.", public=True,
         answer=v.WebhookReceived)},
@@ -325,10 +344,10 @@ def _operation(op: _Op, refs: dict[type[BaseModel], Any], defs: dict[str, Any]) 
         params += _query_parameters(defs[refs[op.query]["$ref"].rsplit("/", 1)[1]])
     if op.ok == "204":
         ok: dict[str, Any] = {"description": "Done; no body."}
-    elif op.answer is not None:
+    elif op.answer is not None:  # `media` adds other forms of the same answer
         ok = {
             "description": "Success.",
-            "content": {"application/json": {"schema": refs[op.answer]}},
+            "content": {"application/json": {"schema": refs[op.answer]}, **(op.media or {})},
         }
     elif op.media is not None:
         ok = {"description": "Success.", "content": op.media}

@@ -148,6 +148,7 @@ def upgrade() -> None:
         sa.Column("mailed_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("mailed_to", sa.Text(), nullable=True),
         sa.Column("stripe_invoice_id", sa.String(length=255), nullable=True),
+        sa.Column("payment_url", sa.Text(), nullable=True),
         sa.Column("payment_attempts", sa.Integer(), server_default=sa.text("0"), nullable=False),
         sa.Column("payment_error", sa.Text(), nullable=True),
         sa.Column(

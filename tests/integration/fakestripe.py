@@ -1,6 +1,7 @@
 """A small local server that plays Stripe's HTTP API for the tests, reached by the real `stripe`
 package through `KILN_STRIPE_API_BASE`: customers, PaymentIntents (saved cards that pay or are
-declined), Checkout Sessions, Billing meter events, idempotency keys, injected failures, and
+declined), Checkout Sessions, Billing meter events, invoices (items, finalising, paying),
+idempotency keys, injected failures, and
 webhook events signed with Stripe's real scheme (`t=…,v1=HMAC-SHA256(secret, "t.body")`).
 A Checkout Session's URL is a page of its own: a browser that presses its "Pay" button pays,
 the fake delivers Stripe's events to `webhook_to` (a Kiln router) and goes to the success URL.
@@ -52,6 +53,7 @@ class FakeStripe:
     sessions: dict[str, dict[str, Any]] = field(default_factory=dict)
     meter_events: dict[str, dict[str, Any]] = field(default_factory=dict)  # by identifier
     meter_posts: int = 0  # every meter event request, repeats included
+    invoices: dict[str, dict[str, Any]] = field(default_factory=dict)
     requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     fail_next: int = 0  # answer this many requests with a 500
     _idempotent: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
@@ -104,6 +106,8 @@ class FakeStripe:
             }  # fmt: skip
             self.sessions[sid] = session
             return 200, session
+        if path.startswith("/v1/invoices") or path == "/v1/invoiceitems":
+            return self._invoice(path, form)
         if path == "/v1/billing/meter_events":
             self.meter_posts += 1
             identifier = form["identifier"]
@@ -116,6 +120,61 @@ class FakeStripe:
             self.meter_events.setdefault(identifier, event)  # Stripe keeps the first
             return 200, event
         return 404, {"error": {"type": "invalid_request_error", "message": f"no route {path}"}}
+
+    def _invoice(self, path: str, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        """Invoices: created as drafts, items added, finalised (open), paid with the card the
+        payment names, or by the customer on the hosted page (`pay_hosted`)."""
+        if path == "/v1/invoices":
+            iid = self._id("in")
+            self.invoices[iid] = {
+                "id": iid, "object": "invoice", "customer": form.get("customer"),
+                "status": "draft", "currency": form.get("currency"),
+                "auto_advance": form.get("auto_advance"),
+                "collection_method": form.get("collection_method"),
+                "description": form.get("description"),
+                "metadata": {"kiln_invoice": form.get("metadata[kiln_invoice]")},
+                "lines": [], "amount_due": 0, "amount_paid": 0, "hosted_invoice_url": None,
+            }  # fmt: skip
+            return 200, self.invoices[iid]
+        if path == "/v1/invoiceitems":
+            invoice = self.invoices.get(form.get("invoice", ""))
+            if invoice is None or invoice["status"] != "draft":
+                return 400, {"error": {"type": "invalid_request_error",
+                                       "message": "no draft invoice"}}  # fmt: skip
+            item = {"id": self._id("ii"), "object": "invoiceitem", "amount": int(form["amount"]),
+                    "description": form.get("description"), "invoice": invoice["id"]}  # fmt: skip
+            invoice["lines"].append(item)
+            return 200, item
+        iid, _, action = path.removeprefix("/v1/invoices/").partition("/")
+        invoice = self.invoices.get(iid)
+        if invoice is None:
+            return 404, {"error": {"type": "invalid_request_error", "message": "no such invoice"}}
+        if action == "finalize":
+            invoice.update(status="open", amount_due=sum(i["amount"] for i in invoice["lines"]),
+                           hosted_invoice_url=f"{self.url}/invoice/{iid}")  # fmt: skip
+            return 200, invoice
+        if action == "pay":
+            method = form.get("payment_method")
+            if method is None:
+                return 400, {
+                    "error": {
+                        "type": "invalid_request_error",
+                        "code": "invoice_no_payment_method",
+                        "message": "The customer has no default payment method.",
+                    }
+                }
+            if method == DECLINED:
+                return 402, {"error": {"type": "card_error", "code": "card_declined",
+                                       "message": "Your card was declined."}}  # fmt: skip
+            invoice.update(status="paid", amount_paid=invoice["amount_due"])
+            return 200, invoice
+        return 404, {"error": {"type": "invalid_request_error", "message": f"no route {path}"}}
+
+    def pay_hosted(self, invoice_id: str) -> dict[str, Any]:
+        """The customer paid the invoice on its hosted page: the event Stripe sends."""
+        invoice = self.invoices[invoice_id]
+        invoice.update(status="paid", amount_paid=invoice["amount_due"])
+        return self.event("invoice.paid", dict(invoice))
 
     async def _checkout_page(self, request: Request, session_id: str) -> Response:
         session = self.sessions.get(session_id)
