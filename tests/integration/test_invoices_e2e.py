@@ -9,26 +9,34 @@ customer created (as far as the database knows) in the future is in none of them
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from eventually import eventually
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from stack import Platform
-from test_plans_e2e import calls, customer_on, worker
+from test_plans_e2e import _NoNats, balance, calls, customer_on, worker
+from typer.testing import CliRunner, Result
 
+from kiln.billing.invoice_worker import InvoiceWorker, last_ended_period
 from kiln.billing.invoices import close_customer, close_period
 from kiln.billing.ledger import Changes, billing_rules
 from kiln.billing.plans import change_plan, charge_period_fee, period_of
-from kiln.db.enums import InvoiceLineKind, InvoiceStatus, Settlement
-from kiln.db.models import Customer, Invoice, InvoiceLine, LedgerEntry
+from kiln.cli.main import app as cli
+from kiln.console.mail import Mailer
+from kiln.db.enums import CustomerTier, InvoiceLineKind, InvoiceStatus, Settlement
+from kiln.db.models import Customer, Invoice, InvoiceLine, LedgerEntry, PeriodClose, Plan
 from kiln.db.session import session_factory, transaction
 from kiln.wire import UsageReport
 
@@ -280,3 +288,169 @@ async def test_a_close_killed_halfway_and_run_again_gives_one_invoice_each_witho
         )
     assert numbers == list(range(1, len(numbers) + 1))  # every invoice ever: no gaps
     assert loose == 0  # every entry on exactly one invoice
+
+
+async def per_request_plan(engine: AsyncEngine) -> str:
+    """A postpaid plan of $0.01 a request and no fee: a plan of enterprise's limits."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            insert(Plan)
+            .values(name="per-request", tier=CustomerTier.ENTERPRISE, request_price_micros=10_000)
+            .on_conflict_do_nothing(index_elements=[Plan.name])
+        )
+    return "per-request"
+
+
+async def account_key(platform: Platform, customer_id: uuid.UUID) -> str:
+    async with platform.client() as operator:
+        made = await operator.post(
+            "/v1/keys", json={"kind": "account", "customer_id": str(customer_id)}
+        )
+    return str(made.json()["key"])
+
+
+async def test_invoices_over_http_json_csv_and_pdf_each_customer_its_own(
+    platform: Platform, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    # The current period, closed early (a final invoice): HTTP refuses periods to come.
+    now = datetime.now(UTC)
+    month = period_of(now).label
+    plan = await per_request_plan(engine)
+    mine = await customer_on(engine, plan, now)
+    theirs = await customer_on(engine, plan, now)
+    await worker(platform, engine).record([calls(mine, now, 250), calls(theirs, now, 1)])
+    async with platform.client() as operator:
+        closes = [
+            await operator.post(
+                "/v1/billing/close", json={"period": month, "customer_id": str(customer)}
+            )
+            for customer in (mine, mine, theirs)
+        ]
+    assert closes[0].status_code == 200, closes[0].text
+    made = [(c.json()["created"], c.json()["existing"]) for c in closes]
+    assert made == [(1, 0), (0, 1), (1, 0)]
+    (invoice_id,) = closes[0].json()["invoices"]
+
+    async with platform.client() as client:
+        client.headers["Authorization"] = f"Bearer {await account_key(platform, mine)}"
+        listed = (await client.get("/v1/billing/invoices")).json()["invoices"]
+        one = (await client.get(f"/v1/billing/invoices/{invoice_id}")).json()
+        csv = await client.get(f"/v1/billing/invoices/{invoice_id}", params={"format": "csv"})
+        pdf = await client.get(f"/v1/billing/invoices/{invoice_id}", params={"format": "pdf"})
+        others = await client.get("/v1/billing/invoices", params={"customer_id": str(theirs)})
+        bad = await client.get("/v1/billing/invoices", params={"period": "2031-13"})
+        denied = await client.post("/v1/billing/close", json={})
+    assert [i["id"] for i in listed] == [invoice_id]  # only its own
+    assert (one["total_micros"], one["status"]) == (2_500_000, "open")
+    assert one["amount_due_micros"] == 2_500_000
+    assert [(line["kind"], line["quantity"]) for line in one["lines"]] == [("requests", 250)]
+    assert csv.headers["content-type"].startswith("text/csv")
+    assert csv.text.splitlines()[-1].endswith(",total,Total (USD),,,,2.50,2500000")
+    assert others.status_code == 404
+    assert bad.status_code == 400
+    assert (
+        "period='2031-13' is not valid: expected a month as YYYY-MM"
+        in bad.json()["error"]["message"]
+    )
+    assert denied.status_code == 403
+    # The PDF opens: poppler renders its first page.
+    assert pdf.headers["content-type"] == "application/pdf"
+    pdftoppm = shutil.which("pdftoppm")
+    if pdftoppm is None:
+        pytest.skip("pdftoppm is missing: apt-get install poppler-utils")
+    (tmp_path / "invoice.pdf").write_bytes(pdf.content)
+    rendered = await asyncio.create_subprocess_exec(
+        pdftoppm, "-png", "-r", "50", "-f", "1", "-l", "1", str(tmp_path / "invoice.pdf"),
+        str(tmp_path / "page"), stderr=subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(rendered.communicate(), 60)
+    assert rendered.returncode == 0, stderr.decode()
+    (page,) = await asyncio.to_thread(lambda: list(tmp_path.glob("page*.png")))
+    assert page.stat().st_size > 1000
+
+
+async def test_bad_closes_are_refused_by_name(platform: Platform) -> None:
+    async with platform.client() as operator:
+        future = await operator.post("/v1/billing/close", json={"period": "2999-01"})
+        nobody = await operator.post(
+            "/v1/billing/close", json={"period": "2026-01", "customer_id": str(uuid.uuid4())}
+        )
+        odd = await operator.post("/v1/billing/close", json={"period": "March"})
+        unknown = await operator.post(
+            f"/v1/billing/invoices/{uuid.uuid4()}/payments", json={"reference": "wire 1"}
+        )
+    assert future.status_code == 400
+    assert (
+        "period '2999-01' has not begun; close the current one" in future.json()["error"]["message"]
+    )
+    assert nobody.status_code == 404
+    assert odd.status_code == 400
+    assert unknown.status_code == 404
+
+
+async def test_the_cli_closes_lists_and_records_a_payment_and_revenue_follows(
+    platform: Platform, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    now = datetime.now(UTC)
+    month = period_of(now).label
+    customer_id = await customer_on(engine, "enterprise", now)
+    rules = billing_rules(platform.settings)
+    async with transaction(session_factory(engine)) as session:
+        customer = await session.get_one(Customer, customer_id, with_for_update=True)
+        await charge_period_fee(session, customer, period_of(now), rules, Changes())
+    fee = -(await balance(engine, customer_id))
+    env = {"KILN_URL": platform.url, "KILN_API_KEY": platform.key, "KILN_HOME": str(tmp_path)}
+
+    def kiln(*args: str) -> Result:
+        return CliRunner().invoke(cli, list(args), env=env)
+
+    closed = await asyncio.to_thread(
+        kiln, "billing", "close", "--period", month, "--customer", str(customer_id)
+    )
+    assert closed.exit_code == 0, closed.output
+    assert closed.output.startswith(f"{month}: 1 invoices issued, 0 issued before")
+    listed = await asyncio.to_thread(
+        kiln, "billing", "invoices", "--customer", str(customer_id), "--json"
+    )
+    (invoice,) = json.loads(listed.output)
+    assert invoice["total_micros"] == fee - fee % 10_000  # to a whole cent
+    saved = tmp_path / "invoice.csv"
+    got = await asyncio.to_thread(
+        kiln, "billing", "invoices", invoice["id"], "--format", "csv", "-o", str(saved)
+    )
+    assert got.exit_code == 0, got.output
+    assert f"Enterprise plan, {month}" in saved.read_text()
+    paid = await asyncio.to_thread(
+        kiln, "billing", "pay", invoice["id"], "--reference", "wire 2031-07-15"
+    )
+    assert paid.exit_code == 0, paid.output
+    assert paid.output.rstrip().endswith("paid")
+    assert await balance(engine, customer_id) == 0  # the fee, the rounding, the payment
+    revenue = await asyncio.to_thread(
+        kiln, "billing", "plans-revenue", "--since", month, "--until", month
+    )
+    assert revenue.exit_code == 0, revenue.output
+    assert f"{month}  enterprise" in revenue.output
+    assert "MRR " in revenue.output
+
+
+async def test_the_last_ended_period_closes_by_itself_once(
+    platform: Platform, engine: AsyncEngine
+) -> None:
+    invoicing = InvoiceWorker(
+        _NoNats(),  # type: ignore[arg-type]
+        session_factory(engine), billing_rules(platform.settings), Mailer(platform.settings),
+        namespace=platform.settings.namespace, close_delay_s=3600, issuer="Kiln",
+    )  # fmt: skip
+    # Early on 1 January, within the delay: December is not closed yet, November is the last.
+    assert last_ended_period(datetime(2026, 1, 1, 0, 30, tzinfo=UTC), timedelta(hours=1)).label == (
+        "2025-11"
+    )
+    # A period before any customer existed: closed (nobody to bill), and remembered.
+    first = await invoicing.close_due(datetime(2025, 2, 1, 1, 30, tzinfo=UTC))
+    assert first is not None
+    assert (first.period, first.created, first.empty) == ("2025-01", [], 0)
+    assert await invoicing.close_due(datetime(2025, 2, 3, tzinfo=UTC)) is None
+    async with engine.connect() as conn:
+        assert await conn.scalar(sa.select(PeriodClose.invoices).where(
+            PeriodClose.period == "2025-01")) == 0  # fmt: skip
