@@ -21,6 +21,52 @@ from kiln.db.enums import InvoiceLineKind, InvoiceStatus, Settlement
 
 __all__ = ["Invoice", "InvoiceCounter", "InvoiceLine", "PeriodClose"]
 
+# A finalised invoice keeps what it was issued with; its payment and delivery may still change.
+# (Migration 0013 created these; a schema built from the models gets them too.)
+_TRIGGERS = (
+    """
+CREATE FUNCTION kiln_invoice_issued() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        IF OLD.status <> 'draft' THEN
+            RAISE EXCEPTION 'invoice % is final and cannot be deleted', OLD.number
+                USING ERRCODE = 'integrity_constraint_violation';
+        END IF;
+        RETURN OLD;
+    END IF;
+    IF OLD.status <> 'draft' AND (
+        NEW.status = 'draft' OR
+        (NEW.number, NEW.customer_id, NEW.period, NEW.period_start, NEW.period_end,
+         NEW.plan, NEW.settlement, NEW.currency, NEW.total_micros, NEW.issued_at)
+        IS DISTINCT FROM
+        (OLD.number, OLD.customer_id, OLD.period, OLD.period_start, OLD.period_end,
+         OLD.plan, OLD.settlement, OLD.currency, OLD.total_micros, OLD.issued_at)
+    ) THEN
+        RAISE EXCEPTION 'invoice % is final: only its payment and delivery can change', OLD.number
+            USING ERRCODE = 'integrity_constraint_violation';
+    END IF;
+    RETURN NEW;
+END $$""",
+    """CREATE TRIGGER invoices_issued BEFORE UPDATE OR DELETE ON invoices
+    FOR EACH ROW EXECUTE FUNCTION kiln_invoice_issued()""",
+    """
+CREATE FUNCTION kiln_invoice_line_issued() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    line_invoice uuid := CASE WHEN TG_OP = 'INSERT' THEN NEW.invoice_id ELSE OLD.invoice_id END;
+BEGIN
+    IF (SELECT status FROM invoices WHERE id = line_invoice) <> 'draft' THEN
+        RAISE EXCEPTION 'invoice lines of a final invoice cannot change'
+            USING ERRCODE = 'integrity_constraint_violation';
+    END IF;
+    IF TG_OP = 'DELETE' THEN
+        RETURN OLD;
+    END IF;
+    RETURN NEW;
+END $$""",
+    """CREATE TRIGGER invoice_lines_issued BEFORE INSERT OR UPDATE OR DELETE ON invoice_lines
+    FOR EACH ROW EXECUTE FUNCTION kiln_invoice_line_issued()""",
+)
+
 
 class Invoice(Timestamps, Base):
     __tablename__ = "invoices"
@@ -94,3 +140,15 @@ class PeriodClose(Base):
     period: Mapped[str] = mapped_column(sa.String(7), primary_key=True)
     closed_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
     invoices: Mapped[int] = mapped_column(default=0)
+
+
+def _after_create(table: sa.FromClause, statement: str) -> None:
+    ddl = sa.DDL(statement.replace("%", "%%"))  # type: ignore[no-untyped-call] # DDL formats with %
+    sa.event.listen(table, "after_create", ddl)
+
+
+for _statement in _TRIGGERS[:2]:
+    _after_create(Invoice.__table__, _statement)
+for _statement in _TRIGGERS[2:]:
+    _after_create(InvoiceLine.__table__, _statement)
+_after_create(InvoiceCounter.__table__, "INSERT INTO invoice_counter VALUES (1, 0)")

@@ -34,6 +34,8 @@ _MESSAGES = {
     "or `kiln billing topup`) or turn on auto-refill, then call again",
     "spend_cap": "the account reached its daily spend cap: raise the cap "
     "(PATCH /v1/billing/settings) or wait for the next day (UTC)",
+    "invoice": "an invoice of the account is unpaid past its grace period: pay it (its "
+    "payment_url in GET /v1/billing/invoices?status=open), then call again",
 }
 
 

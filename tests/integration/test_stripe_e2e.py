@@ -9,6 +9,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -47,16 +48,25 @@ pytestmark = pytest.mark.integration
 UNIT = 1_000_000  # micro-units in one unit of the currency
 
 
-@pytest.fixture(scope="module")
-async def platform(
+@asynccontextmanager
+async def paying_platform(
     settings: Settings, stripe_fake: FakeStripe, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Platform]:
+    """A platform whose payments go to the fake Stripe, and whose webhooks come from it."""
     paying = settings.replace(
         stripe_api_key=API_KEY,
         stripe_api_base=stripe_fake.url,
         stripe_webhook_secret=WEBHOOK_SECRET,
     )
     async with running_platform(paying, tmp_path_factory.mktemp("stripe-home")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+async def platform(
+    settings: Settings, stripe_fake: FakeStripe, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Platform]:
+    async with paying_platform(settings, stripe_fake, tmp_path_factory) as running:
         yield running
 
 
