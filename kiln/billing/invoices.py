@@ -24,6 +24,7 @@ the grace period blocks the customer (`kiln.billing.ledger`) until it is paid.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ _ONE_BY_ONE = {
 }
 _MINIMUM_SUFFIX = ":minimum"  # the usage event of a minimum charge (kiln.billing.ledger)
 _PAGE = 500  # customers read at a time by a close of everyone
+_LANES = 4  # customers closed at once
 # Told of each committed close's changes (the blocks it set or lifted), to announce them.
 _Announce = Callable[[Changes], Awaitable[None]]
 
@@ -151,21 +153,27 @@ async def close_customer(
         await post_entry(
             session, customer, kind=LedgerKind.ADJUSTMENT, amount=rounding,
             external_id=f"rounding:{invoice.id}", description="invoice total to a whole cent",
-            invoice_id=invoice.id,
+            invoice_id=invoice.id, unseen=True,
         )  # fmt: skip
         lines.append(_line(InvoiceLineKind.ROUNDING, "Rounding to a whole cent", -rounding))
         total -= rounding
     for position, line in enumerate(lines, start=1):
         line.invoice_id, line.position = invoice.id, position
         session.add(line)
+    settled = settlement is Settlement.BALANCE or total <= 0
+    if not settled and rules.stripe:
+        await _queue(session, OutboxKind.INVOICE, f"invoice:{invoice.id}", invoice, now)
+    if rounding and settlement is Settlement.BALANCE:  # a prepaid balance grew: a block may lift
+        await refresh_block(session, customer.id, rules, changes)
     await session.flush()
+    # Last, so that the counter's row is held only for the rest of this transaction: closes of
+    # other customers wait on it for no longer than a commit.
     number = await session.scalar(
         sa.update(InvoiceCounter)
         .where(InvoiceCounter.id == 1)
         .values(last=InvoiceCounter.last + 1)
         .returning(InvoiceCounter.last)
     )
-    settled = settlement is Settlement.BALANCE or total <= 0
     invoice.number = number
     invoice.total_micros = total
     invoice.issued_at = now
@@ -177,9 +185,6 @@ async def close_customer(
         else None
     )
     await session.flush()
-    if not settled and rules.stripe:
-        await _queue(session, OutboxKind.INVOICE, f"invoice:{invoice.id}", invoice, now)
-    await refresh_block(session, customer.id, rules, changes)
     return invoice, True
 
 
@@ -296,19 +301,32 @@ async def close_period(
     while True:
         async with transaction(sessions) as session:
             query = (
-                sa.select(Customer.id)
+                sa.select(Customer.id, Invoice.id)
+                .outerjoin(
+                    Invoice, (Invoice.customer_id == Customer.id) & (Invoice.period == period.label)
+                )
                 .where(Customer.id != DEFAULT_CUSTOMER_ID, Customer.created_at < period.end)
                 .order_by(Customer.id)
                 .limit(_PAGE)
             )
             if after is not None:
                 query = query.where(Customer.id > after)
-            page: Sequence[uuid.UUID] = (await session.scalars(query)).all()
+            page = (await session.execute(query)).all()
         if not page:
             break
-        for each in page:
-            await _close_one(sessions, each, period, rules, now, summary, on_changes)
-        after = page[-1]
+        summary.existing += [invoice_id for _, invoice_id in page if invoice_id is not None]
+        due = [customer for customer, invoice_id in page if invoice_id is None]
+
+        async def close_some(share: Sequence[uuid.UUID]) -> None:
+            for each in share:
+                await _close_one(sessions, each, period, rules, now, summary, on_changes)
+
+        # A few customers at once: each waits mostly on the database, and the transactions
+        # only queue on the invoice counter for their last statement and commit.
+        async with asyncio.TaskGroup() as closing:
+            for lane in range(_LANES):
+                closing.create_task(close_some(due[lane::_LANES]))
+        after = page[-1][0]
     if now >= period.end:
         async with transaction(sessions) as session:
             await session.execute(

@@ -403,14 +403,17 @@ async def post_entry(
     external_id: str,
     description: str,
     invoice_id: uuid.UUID | None = None,
+    unseen: bool = False,
 ) -> bool:
     """Move `amount` on the customer's balance with a ledger entry, unless `external_id` was
-    posted before; whether it was new. The customer's row is locked by the caller."""
-    exists = await session.scalar(
-        sa.select(LedgerEntry.id).where(LedgerEntry.external_id == external_id)
-    )
-    if exists is not None:
-        return False
+    posted before (`unseen`: the caller knows it was not); whether it was new. The customer's
+    row is locked by the caller."""
+    if not unseen:
+        exists = await session.scalar(
+            sa.select(LedgerEntry.id).where(LedgerEntry.external_id == external_id)
+        )
+        if exists is not None:
+            return False
     customer.balance_micros += amount
     session.add(
         LedgerEntry(
