@@ -120,6 +120,7 @@ def _account_view(customer: Customer, spent_today: int, currency: str) -> Accoun
         refill_failures=customer.refill_failures,
         payment_method=customer.payment_method_id is not None,
         blocked=customer.billing_block,
+        plan=customer.plan,
     )
 
 

@@ -339,7 +339,8 @@ class Account(View):
     refill_amount_micros: int | None
     refill_failures: int
     payment_method: bool
-    blocked: str | None = Field(description='null, "balance" or "spend_cap".')
+    blocked: str | None = Field(description='null, "balance", "spend_cap" or "invoice".')
+    plan: str = Field(description="The plan the customer is on (GET /v1/plans/NAME).")
 
 
 class Transaction(View):

@@ -7,17 +7,24 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from browser import chromium, shots, signed_up, snap
 from eventually import eventually
 from fakestripe import API_KEY, WEBHOOK_SECRET, FakeStripe
 from playwright.async_api import Browser, expect
+from sqlalchemy.ext.asyncio import AsyncEngine
 from stack import Platform, running_platform
 from test_console_accounts import PASSWORD, csrf_of, fresh_email, mailed_link, post_form, register
+from test_invoices_e2e import per_request_plan
+from test_plans_e2e import calls, worker
 
+from kiln.billing.plans import period_of
+from kiln.db.models import User
 from kiln.settings import Settings
 
 pytestmark = [pytest.mark.integration]
@@ -42,7 +49,9 @@ async def owner(platform: Platform) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(
         base_url=platform.url, headers={"Origin": platform.url}, timeout=60
     ) as browser:
-        await register(platform, browser, fresh_email())
+        email = fresh_email()
+        await register(platform, browser, email)
+        browser.headers["X-Test-Email"] = email  # which user this is, for the tests
         yield browser
 
 
@@ -74,6 +83,42 @@ async def test_funds_added_through_checkout(
     lines = csv.text.splitlines()
     assert lines[0] == "id,created_at,kind,amount,balance_after,description"
     assert ",topup,25.500000,25.500000," in lines[1]
+
+
+async def test_the_plan_and_the_monthly_invoices_with_their_files(
+    platform: Platform, owner: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    page = await owner.get("/console/billing")
+    assert re.search(r'id="plan">Free<', page.text), page.text[:500]
+    assert "No invoices yet" in page.text
+    async with engine.connect() as conn:
+        customer_id = await conn.scalar(
+            sa.select(User.customer_id).where(User.email == owner.headers["X-Test-Email"])
+        )
+    assert customer_id is not None
+    async with platform.client() as operator:  # on a plan of $0.01 a request, no fee
+        moved = await operator.patch(
+            f"/v1/customers/{customer_id}", json={"plan": await per_request_plan(engine)}
+        )
+        assert moved.status_code == 200, moved.text
+        await worker(platform, engine).record([calls(customer_id, datetime.now(UTC), 420)])
+        closed = await operator.post("/v1/billing/close", json={
+            "period": period_of(datetime.now(UTC)).label, "customer_id": str(customer_id),
+        })  # fmt: skip
+    (invoice_id,) = closed.json()["invoices"]
+    page = await owner.get("/console/billing")
+    row = re.search(r'<table id="invoices">.*?</table>', page.text, flags=re.DOTALL)
+    assert row is not None
+    assert "INV-" in row.group(0)
+    assert "$4.20" in row.group(0)  # 420 requests at $0.01
+    assert "due $4.20" in row.group(0)
+    pdf = await owner.get(f"/console/billing/invoices/{invoice_id}/pdf")
+    csv = await owner.get(f"/console/billing/invoices/{invoice_id}/csv")
+    odd = await owner.get(f"/console/billing/invoices/{invoice_id}/xls")
+    assert pdf.headers["content-type"] == "application/pdf"
+    assert pdf.content.startswith(b"%PDF-")
+    assert csv.text.splitlines()[-1].endswith(",4.20,4200000")
+    assert odd.status_code == 404
 
 
 async def test_refill_and_cap_are_set_and_bad_amounts_refused(owner: httpx.AsyncClient) -> None:

@@ -5,6 +5,7 @@ A customer's user is refused there."""
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -62,6 +63,7 @@ async def test_customers_tiers_and_disabling(
         operator, "/console/operator", {"action": "create", "name": name, "tier": "pro"}
     )
     assert f"Customer {name} created on the pro tier." in made.text
+    assert re.search(r'id="mrr">\$[0-9,]+\.[0-9]{2}<', made.text)  # with pro's $500 in it
     async with platform.client() as api:
         customer = next(
             c for c in (await api.get("/v1/customers")).json()["customers"] if c["name"] == name

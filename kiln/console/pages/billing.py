@@ -1,6 +1,7 @@
-"""Billing, for a customer's owner: the balance, adding funds through Stripe Checkout,
-auto-refill and the spend cap, usage by deployment and GPU type over 30 days, the ledger's
-transactions (and their CSV), and the prices: per hour, billed per second."""
+"""Billing, for a customer's owner: the plan, the balance, adding funds through Stripe
+Checkout, auto-refill and the spend cap, usage by deployment and GPU type over 30 days, the
+monthly invoices (each as PDF and CSV), the ledger's transactions (and their CSV), and the
+prices: per hour, billed per second."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from kiln.console.api import api
 from kiln.console.charts import bars
 from kiln.console.pages.page import page, refusal
 from kiln.console.web import base_url, checked_form, field, render, user_of
-from kiln.errors import InvalidRequest, KilnError, PermissionDenied
+from kiln.errors import InvalidRequest, KilnError, NotFound, PermissionDenied
 from kiln.router.services import services
 
 __all__ = ["BILLING_ROUTES", "micros_of"]
 
 _MICROS = decimal.Decimal(1_000_000)
+_FORMS = {"pdf": "application/pdf", "csv": "text/csv; charset=utf-8"}
 
 
 def micros_of(raw: str, name: str) -> int | None:
@@ -78,6 +80,10 @@ async def billing(request: Request) -> Response:
         except KilnError as exc:
             error = refusal(exc)[1]
     account = await api(request, user, "GET", "/v1/billing/balance")
+    plan = await api(request, user, "GET", f"/v1/plans/{account['plan']}")
+    invoices = (await api(request, user, "GET", "/v1/billing/invoices", query={"limit": "24"}))[
+        "invoices"
+    ]
     usage = (await api(request, user, "GET", "/v1/billing/usage", query={"granularity": "day"}))[
         "rows"
     ]
@@ -102,10 +108,28 @@ async def billing(request: Request) -> Response:
         ),
     ]
     settings = services(request).settings
-    prices = sorted(settings.gpu_prices.items(), key=lambda item: item[1])
+    prices = sorted({**settings.gpu_prices, **plan["gpu_prices"]}.items(), key=lambda item: item[1])
     return render(
         request, "billing.html", user, account=account, entries=entries, charts=charts,
-        prices=prices, payments=settings.stripe_enabled, notice=notice, error=error,
+        prices=prices, payments=settings.stripe_enabled, notice=notice, error=error, plan=plan,
+        invoices=invoices,
+    )  # fmt: skip
+
+
+@page
+async def invoice_file(request: Request) -> Response:
+    """One invoice as its PDF or CSV, for the page's links."""
+    user = await _owner(request)
+    form = request.path_params["form"]
+    if form not in _FORMS:
+        raise NotFound(f"no invoice form {form!r}; the forms are pdf and csv")
+    invoice_id = request.path_params["invoice_id"]
+    content = await api(
+        request, user, "GET", f"/v1/billing/invoices/{invoice_id}", query={"format": form}
+    )
+    return Response(
+        content, media_type=_FORMS[form],
+        headers={"Content-Disposition": f'attachment; filename="kiln-invoice-{invoice_id}.{form}"'},
     )  # fmt: skip
 
 
@@ -134,4 +158,5 @@ async def transactions_csv(request: Request) -> Response:
 BILLING_ROUTES = [
     ("/billing", billing, ["GET", "POST"]),
     ("/billing/transactions.csv", transactions_csv, ["GET"]),
+    ("/billing/invoices/{invoice_id}/{form}", invoice_file, ["GET"]),
 ]

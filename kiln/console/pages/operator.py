@@ -1,6 +1,7 @@
 """For operators: customers and their tiers (create, change the tier, disable and enable, view
 a customer's own pages and act for it), the customers refused most (abuse signals), revenue by
-tier over 30 days, and the nodes with their GPUs and replicas beside each function's queue. All
+tier over 30 days, invoiced revenue by plan and month with the monthly recurring revenue, and
+the nodes with their GPUs and replicas beside each function's queue. All
 through the API with operator rights (a viewed customer's pages, with that customer's)."""
 
 from __future__ import annotations
@@ -59,10 +60,11 @@ async def customers(request: Request) -> Response:
             notice = await _act(request, user, form)
         except KilnError as exc:
             error = refusal(exc)[1]
-    listed, abuse, revenue = await asyncio.gather(
+    listed, abuse, revenue, plans = await asyncio.gather(
         api(request, user, "GET", "/v1/customers"),
         api(request, user, "GET", "/v1/abuse"),
         api(request, user, "GET", "/v1/billing/revenue", query={"granularity": "day"}),
+        api(request, user, "GET", "/v1/billing/revenue/plans"),
     )
     by_tier: dict[str, dict[str, float]] = {}
     for row in revenue["rows"]:
@@ -74,7 +76,7 @@ async def customers(request: Request) -> Response:
     return render(
         request, "operator.html", user, customers=listed["customers"], abuse=abuse,
         names=names, by_tier=sorted(by_tier.items()), tiers=[t.value for t in CustomerTier],
-        notice=notice, error=error,
+        notice=notice, error=error, plans=plans, by_plan=plans["rows"][-12:],
     )  # fmt: skip
 
 
