@@ -26,11 +26,11 @@ __all__ = [
     "PlanRevenueQuery",
 ]
 
-_PERIOD = r"^[0-9]{4}-(0[1-9]|1[0-2])$"
+_PERIOD = r"^2[0-9]{3}-(0[1-9]|1[0-2])$"  # years 2000 to 2999: any real period
 PeriodLabel = Annotated[
     StrictStr | None,
     Field(pattern=_PERIOD, description="A billing period: a calendar month (UTC), YYYY-MM."),
-    Expect("a month as YYYY-MM, such as 2026-03"),
+    Expect("a month as YYYY-MM (years 2000 to 2999), such as 2026-03"),
 ]
 
 
