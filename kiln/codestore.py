@@ -11,7 +11,7 @@ from nats.js.errors import NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
 from kiln.errors import InternalError, NotFound
-from kiln.streams import CODE, object_store
+from kiln.streams import CODE, object_store, patient
 from kiln.wire import Subjects
 
 __all__ = ["CodeStore"]
@@ -29,6 +29,7 @@ class CodeStore:
             self._store = await object_store(self.js, CODE, self.bucket, replicas=self.replicas)
         return self._store
 
+    @patient  # a deploy waits out a leader election (the cluster forming, a server restarting)
     async def put(self, digest: str, archive: bytes) -> None:
         store = await self._open()
         try:

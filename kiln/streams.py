@@ -55,6 +55,7 @@ __all__ = [
     "ensure_stream",
     "key_value",
     "object_store",
+    "patient",
     "queue_depth",
 ]
 
@@ -296,15 +297,19 @@ _T = TypeVar("_T")
 _NO_PEERS_FOR_PLACEMENT = 10005
 
 
-def _patient(make: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
+def patient(make: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
     """`make`, retried through what a leader election or a reconnect answers (a timeout, no
-    responders, 503, no peers for placement) for JETSTREAM_WAIT_S, with the reconnect backoff
-    between tries."""
+    responders, 503, no peers for placement, a publish no stream acknowledged) for
+    JETSTREAM_WAIT_S, with the reconnect backoff between tries. `make` must be safe to repeat."""
 
     @functools.wraps(make)
     async def patiently(*args: _P.args, **kwargs: _P.kwargs) -> _T:
         import nats.errors
-        from nats.js.errors import BadRequestError, ServiceUnavailableError
+        from nats.js.errors import (
+            BadRequestError,
+            NoStreamResponseError,
+            ServiceUnavailableError,
+        )
 
         from kiln._nats import reconnect_delay
 
@@ -313,6 +318,7 @@ def _patient(make: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
             nats.errors.NoRespondersError,
             nats.errors.ConnectionReconnectingError,
             ServiceUnavailableError,
+            NoStreamResponseError,
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + JETSTREAM_WAIT_S
@@ -332,7 +338,7 @@ def _patient(make: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
     return patiently
 
 
-@_patient
+@patient
 async def ensure_stream(
     js: JetStreamContext,
     stream: Stream,
@@ -350,7 +356,7 @@ async def ensure_stream(
         await js.update_stream(config)
 
 
-@_patient
+@patient
 async def ensure_consumer(
     js: JetStreamContext, consumer: Consumer, ns: str, function_hex: str = ""
 ) -> str:
@@ -370,7 +376,7 @@ async def ensure_consumer(
     return name
 
 
-@_patient
+@patient
 async def key_value(
     js: JetStreamContext,
     bucket: Bucket,
@@ -403,7 +409,7 @@ async def key_value(
     return found
 
 
-@_patient
+@patient
 async def object_store(
     js: JetStreamContext,
     bucket: Bucket,
