@@ -10,7 +10,8 @@ A customer's invoice for a period is made in one transaction, with the customer'
 2. its lines are computed from exactly what it took: the plan fee and prorations as entered,
    replica time by GPU type (and minimum charges apart), requests past the plan's included
    ones, adjustments and refunds; the total is their sum, brought down to a whole cent by a
-   `rounding` credit entered in the ledger beside them;
+   `rounding` credit entered in the ledger beside them; a postpaid invoice whose credits
+   outweigh its charges owes nothing and carries the rest of the credit to the next one;
 3. it takes the next number (`invoice_counter`: a rolled-back close gives it back, so numbers
    have no gaps), and is finalised: `open` to be collected (a postpaid plan), or `paid` when its
    charges were already debited from a prepaid balance (a statement) or it owes nothing.
@@ -157,6 +158,12 @@ async def close_customer(
         )  # fmt: skip
         lines.append(_line(InvoiceLineKind.ROUNDING, "Rounding to a whole cent", -rounding))
         total -= rounding
+    if total < 0 and settlement is Settlement.COLLECT:
+        await _carry_credit(session, customer, invoice, -total)
+        lines.append(
+            _line(InvoiceLineKind.ADJUSTMENT, "Credit carried to the next invoice", -total)
+        )
+        total = 0
     for position, line in enumerate(lines, start=1):
         line.invoice_id, line.position = invoice.id, position
         session.add(line)
@@ -186,6 +193,24 @@ async def close_customer(
     )
     await session.flush()
     return invoice, True
+
+
+async def _carry_credit(
+    session: AsyncSession, customer: Customer, invoice: Invoice, credit: int
+) -> None:
+    """A postpaid invoice whose credits outweigh its charges owes nothing, and what is left of
+    the credit goes on the next invoice: it leaves this one (an entry the invoice takes) and
+    comes back beside it (an entry no invoice took yet). The balance does not move."""
+    await post_entry(
+        session, customer, kind=LedgerKind.ADJUSTMENT, amount=-credit,
+        external_id=f"carry:{invoice.id}:out", description="credit carried to the next invoice",
+        invoice_id=invoice.id, unseen=True,
+    )  # fmt: skip
+    await post_entry(
+        session, customer, kind=LedgerKind.ADJUSTMENT, amount=credit,
+        external_id=f"carry:{invoice.id}:in",
+        description=f"credit carried from the invoice of {invoice.period}", unseen=True,
+    )  # fmt: skip
 
 
 def _line(

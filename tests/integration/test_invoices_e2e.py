@@ -31,11 +31,11 @@ from typer.testing import CliRunner, Result
 
 from kiln.billing.invoice_worker import InvoiceWorker, last_ended_period
 from kiln.billing.invoices import close_customer, close_period
-from kiln.billing.ledger import Changes, billing_rules
+from kiln.billing.ledger import Changes, billing_rules, post_entry
 from kiln.billing.plans import change_plan, charge_period_fee, period_of
 from kiln.cli.main import app as cli
 from kiln.console.mail import Mailer
-from kiln.db.enums import CustomerTier, InvoiceLineKind, InvoiceStatus, Settlement
+from kiln.db.enums import CustomerTier, InvoiceLineKind, InvoiceStatus, LedgerKind, Settlement
 from kiln.db.models import Customer, Invoice, InvoiceLine, LedgerEntry, PeriodClose, Plan
 from kiln.db.session import session_factory, transaction
 from kiln.wire import UsageReport
@@ -454,3 +454,24 @@ async def test_the_last_ended_period_closes_by_itself_once(
     async with engine.connect() as conn:
         assert await conn.scalar(sa.select(PeriodClose.invoices).where(
             PeriodClose.period == "2025-01")) == 0  # fmt: skip
+
+
+async def test_a_credit_larger_than_the_month_is_carried_to_the_next_invoice(
+    platform: Platform, engine: AsyncEngine
+) -> None:
+    august = datetime(2031, 8, 1, tzinfo=UTC)
+    customer_id = await customer_on(engine, await per_request_plan(engine), august)
+    recorder = worker(platform, engine)
+    await recorder.record([calls(customer_id, august.replace(day=3), 100)])  # $1.00
+    async with transaction(session_factory(engine)) as session:  # an operator's $5 credit
+        customer = await session.get_one(Customer, customer_id, with_for_update=True)
+        await post_entry(session, customer, kind=LedgerKind.ADJUSTMENT, amount=5 * USD,
+                         external_id=f"goodwill:{customer_id}", description="goodwill")  # fmt: skip
+    august_invoice = await close(platform, engine, customer_id, august)
+    assert (august_invoice.total_micros, august_invoice.status) == (0, InvoiceStatus.PAID)
+    assert (InvoiceLineKind.ADJUSTMENT, 1, 4 * USD) in await lines_of(engine, august_invoice.id)
+    september = datetime(2031, 9, 1, tzinfo=UTC)
+    await recorder.record([calls(customer_id, september.replace(day=2), 700)])  # $7.00
+    september_invoice = await close(platform, engine, customer_id, september)
+    assert september_invoice.total_micros == 3 * USD  # $7 less the $4 carried
+    assert await balance(engine, customer_id) == -3 * USD  # what is owed, and no more
