@@ -56,8 +56,8 @@ from warm_path import start_kiln  # noqa: E402
 
 from kiln.devstack.ports import pick_port  # noqa: E402
 from kiln.functions.package import package  # noqa: E402
-from kiln.snapshots.shared import SharedSnapshots  # noqa: E402
-from kiln.wire import Subjects  # noqa: E402
+from kiln.settings import Settings  # noqa: E402
+from kiln.snapshots.shared import shared_snapshots  # noqa: E402
 
 APP = """
 import os
@@ -293,10 +293,7 @@ def _wait_uploaded(home: Path, keys: list[str], timeout_s: float = 1800) -> None
         nc = await nats.connect(
             servers=[services["nats_url"]], user_credentials=services.get("nats_creds")
         )
-        subjects = Subjects("kiln")
-        shared = SharedSnapshots(
-            nc.jetstream(), subjects.snapshot_bucket, subjects.snapshot_leases, replicas=1
-        )
+        shared = shared_snapshots(Settings.from_env({}), nc.jetstream())
         deadline = time.monotonic() + timeout_s
         try:
             for key in keys:

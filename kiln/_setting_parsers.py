@@ -260,3 +260,10 @@ def _one_line(raw: str) -> str:
     if not text or len(text) > 300 or any(c in text for c in "\r\n"):
         raise ValueError("expected one line of text, at most 300 characters")
     return text
+
+
+def _store_url(raw: str) -> str:
+    from kiln.blobs.opening import parse_store_url
+
+    parse_store_url(raw)
+    return raw.strip()

@@ -43,6 +43,7 @@ from kiln._setting_parsers import (
     _paths,
     _seconds,
     _secret,
+    _store_url,
     _stripe_key,
     _stripe_webhook_secret,
     _tier_limits,
@@ -132,6 +133,8 @@ class Settings:
     node_id: str | None = None
     node_gpus: dict[str, int] | None = None
     snapshots: Switch = Switch.ON
+    store_url: str = "nats://"
+    s3_endpoint_url: str | None = None
     standby_processes: int = 1
     standby_imports: tuple[str, ...] = ("torch",)
     standby_flavours: int = 8
@@ -490,6 +493,21 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "snapshots",
         _choice(Switch),
         "on: classes restore their setup state from snapshots; off: hooks every time",
+    ),
+    SettingSpec(
+        "KILN_STORE_URL",
+        "store_url",
+        _store_url,
+        "where code artifacts and snapshots live: nats:// (JetStream's object store), "
+        "file:///path (a directory every process reaches) or s3://bucket/prefix (S3; "
+        "credentials the standard AWS ways: environment, profile or the instance's role)",
+    ),
+    SettingSpec(
+        "KILN_S3_ENDPOINT_URL",
+        "s3_endpoint_url",
+        _http_url,
+        "an S3-compatible service to use instead of AWS's S3 (MinIO, Ceph, R2, ...)",
+        unset="AWS's S3 in the region the standard AWS settings give",
     ),
     SettingSpec(
         "KILN_STANDBY_PROCESSES",

@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -297,7 +297,7 @@ _T = TypeVar("_T")
 _NO_PEERS_FOR_PLACEMENT = 10005
 
 
-def patient(make: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
+def patient(make: Callable[_P, Awaitable[_T]]) -> Callable[_P, Coroutine[Any, Any, _T]]:
     """`make`, retried through what a leader election or a reconnect answers (a timeout, no
     responders, 503, no peers for placement, a publish no stream acknowledged) for
     JETSTREAM_WAIT_S, with the reconnect backoff between tries. `make` must be safe to repeat."""

@@ -40,7 +40,7 @@ from prometheus_client import CollectorRegistry
 
 from kiln._proc import die_with_parent
 from kiln._tasks import cancel_and_wait
-from kiln.codestore import CodeStore
+from kiln.codestore import code_store
 from kiln.errors import ConfigError
 from kiln.functions.gpu import gpu_request
 from kiln.functions.package import unpack
@@ -137,6 +137,7 @@ class NodeAgent:
         self.egress = _egress(settings, self.sandboxes, self.node_id)
         self._code_fetches: dict[str, asyncio.Task[Path]] = {}
         self._stores_made: set[str] = set()  # functions whose buckets are known to exist
+        self.code = code_store(settings, nc.jetstream())
         self.usage = NodeMeter(nc, self.subjects, secret=settings.snapshot_signing_key)
         self.seals = Seals(settings.snapshot_signing_key)
         self.snapshots = (
@@ -461,8 +462,7 @@ class NodeAgent:
         self._stores_made.add(function_id)
 
     async def _fetch_code(self, digest: str, directory: Path) -> Path:
-        replicas = self.settings.stream_replicas
-        archive = await CodeStore(self.nc.jetstream(), self.subjects, replicas=replicas).get(digest)
+        archive = await self.code.get(digest)
         staging = directory.with_name(f"{directory.name}.{uuid.uuid4().hex}")
         await asyncio.to_thread(unpack, archive, staging)
         (staging / ".complete").touch()

@@ -38,7 +38,7 @@ from kiln.seal import Seals
 from kiln.settings import Settings, Switch
 from kiln.snapshots.imports import module_names
 from kiln.snapshots.manifest import Manifest, Runtime, snapshot_key
-from kiln.snapshots.shared import SharedSnapshots
+from kiln.snapshots.shared import shared_snapshots
 from kiln.snapshots.store import Snapshot, SnapshotCache
 from kiln.wire import MAX_ADVERTISED_SNAPSHOTS, StartReplica, Subjects
 
@@ -71,10 +71,7 @@ class NodeSnapshots:
             settings.home / "snapshots", settings.require("snapshot_signing_key")
         )
         self.seals = Seals(settings.snapshot_signing_key)
-        self.shared = SharedSnapshots(
-            nc.jetstream(), self.subjects.snapshot_bucket, self.subjects.snapshot_leases,
-            replicas=settings.stream_replicas,
-        )  # fmt: skip
+        self.shared = shared_snapshots(settings, nc.jetstream())
         self.runtime = Runtime.current()
         self._fetches: dict[str, asyncio.Task[Snapshot | None]] = {}
         self._bakes: dict[str, tuple[str, Path]] = {}  # replica id -> (key, staging)

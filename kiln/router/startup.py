@@ -9,7 +9,7 @@ from typing import Any
 from kiln._health import Health
 from kiln._service import open_database, open_nats, open_redis, push_bounded
 from kiln.billing.stripe_gateway import StripeGateway
-from kiln.codestore import CodeStore
+from kiln.codestore import code_store
 from kiln.console.accounts import Accounts
 from kiln.console.mail import Mailer
 from kiln.console.sessions import SessionStore
@@ -122,7 +122,7 @@ async def open_services(
             sessions,
             js,
             subjects,
-            CodeStore(js, subjects, replicas=replicas),
+            code_store(settings, js),
             max_replicas=settings.max_replicas,
         ),
         metrics=metrics,

@@ -1,5 +1,6 @@
-"""The shared snapshot store: every node's sealed snapshots, in the JetStream object store, so a
-snapshot baked on one node is fetched (not baked again) by the others.
+"""The shared snapshot store: every node's sealed snapshots, in the blob store `KILN_STORE_URL`
+names (JetStream's object store, a shared directory or S3), so a snapshot baked on one node is
+fetched (not baked again) by the others.
 
 A snapshot is stored as one object per file, `KEY/NAME`; the signature goes up after the data
 files and the manifest last, so a manifest in the store means the whole snapshot is there.
@@ -14,43 +15,40 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from pathlib import Path
 
 from nats.js import JetStreamContext
-from nats.js.errors import (
-    KeyWrongLastSequenceError,
-    NotFoundError,
-    ObjectNotFoundError,
-)
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
-from nats.js.object_store import ObjectStore
 
+from kiln.blobs import Area, BlobStore, open_blob_store
+from kiln.settings import Settings
 from kiln.snapshots.manifest import BAKE_REPORT, GRAPH, MANIFEST, SIGNATURE, Manifest, blob_name
 from kiln.snapshots.store import Snapshot, SnapshotCache
-from kiln.streams import SNAPSHOT_BAKES, SNAPSHOTS, key_value, object_store
+from kiln.streams import SNAPSHOT_BAKES, key_value
+from kiln.wire import Subjects
 
-__all__ = ["SharedSnapshots"]
+__all__ = ["SharedSnapshots", "shared_snapshots"]
 
 _log = logging.getLogger(__name__)
 
 
+def shared_snapshots(settings: Settings, js: JetStreamContext) -> SharedSnapshots:
+    """The snapshot area of the store `KILN_STORE_URL` names, with NATS's bake leases."""
+    return SharedSnapshots(
+        open_blob_store(settings, Area.SNAPSHOTS, js), js,
+        Subjects(settings.namespace).snapshot_leases, replicas=settings.stream_replicas,
+    )  # fmt: skip
+
+
 class SharedSnapshots:
     def __init__(
-        self, js: JetStreamContext, bucket: str, lease_bucket: str, *, replicas: int
+        self, blobs: BlobStore, js: JetStreamContext, lease_bucket: str, *, replicas: int
     ) -> None:
+        self.blobs = blobs
         self.js = js
         self.replicas = replicas
-        self.bucket = bucket
         self.lease_bucket = lease_bucket
-        self._store: ObjectStore | None = None
         self._leases: KeyValue | None = None
-
-    async def _objects(self) -> ObjectStore:
-        if self._store is None:
-            self._store = await object_store(
-                self.js, SNAPSHOTS, self.bucket, replicas=self.replicas
-            )
-        return self._store
 
     async def _lease_kv(self) -> KeyValue:
         if self._leases is None:
@@ -78,45 +76,30 @@ class SharedSnapshots:
     # Snapshots ---------------------------------------------------------------------------------
 
     async def has(self, key: str) -> bool:
-        store = await self._objects()
-        try:
-            await store.get_info(f"{key}/{MANIFEST}")
-        except (ObjectNotFoundError, NotFoundError):
-            return False
-        return True
+        return await self.blobs.has(f"{key}/{MANIFEST}")
 
     async def upload(self, snapshot: Snapshot) -> None:
-        store = await self._objects()
         key = snapshot.manifest.key
         names = [*sorted(snapshot.manifest.files), SIGNATURE, MANIFEST]  # the manifest last
         for name in names:
-            with snapshot.file(name).open("rb") as f:
-                await store.put(f"{key}/{name}", f)
+            await self.blobs.put_file(f"{key}/{name}", snapshot.file(name))
 
     async def fetch(self, key: str, cache: SnapshotCache) -> Snapshot | None:
         """Copy snapshot `key` into the node's cache; None when the store does not have it.
         Raises SnapshotTampered when the copy fails verification (it is then not kept)."""
         if not await self.has(key):
             return None
-        store = await self._objects()
         staging = cache.staging(key)
-        await _get_into(store, f"{key}/{MANIFEST}", staging / MANIFEST)
-        await _get_into(store, f"{key}/{SIGNATURE}", staging / SIGNATURE)
+        await self.blobs.get_into(f"{key}/{MANIFEST}", staging / MANIFEST)
+        await self.blobs.get_into(f"{key}/{SIGNATURE}", staging / SIGNATURE)
         manifest = Manifest.from_json((staging / MANIFEST).read_bytes())
         for name in manifest.files:
-            await _get_into(store, f"{key}/{name}", staging / name)
+            await self.blobs.get_into(f"{key}/{name}", staging / name)
         return cache.adopt(staging, key)
 
     async def delete(self, key: str) -> None:
         """Remove a snapshot (the manifest first, so no one starts fetching a half-deleted
         one)."""
-        store = await self._objects()
         names = [MANIFEST, SIGNATURE, GRAPH, BAKE_REPORT, blob_name("cpu"), blob_name("cuda")]
         for name in names:
-            with contextlib.suppress(ObjectNotFoundError, NotFoundError):
-                await store.delete(f"{key}/{name}")
-
-
-async def _get_into(store: ObjectStore, name: str, path: Path) -> None:
-    with path.open("wb") as f:
-        await store.get(name, writeinto=f)
+            await self.blobs.delete(f"{key}/{name}")

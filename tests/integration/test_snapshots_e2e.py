@@ -19,7 +19,7 @@ from kiln._nats import connect_options
 from kiln.db.models import Function, Replica
 from kiln.db.session import create_engine
 from kiln.functions.package import package
-from kiln.snapshots.shared import SharedSnapshots
+from kiln.snapshots.shared import shared_snapshots
 from kiln.wire import ReplicaHeartbeat, Subjects, affinity_id, decode
 
 pytestmark = pytest.mark.integration
@@ -181,10 +181,7 @@ async def test_a_tampered_snapshot_is_never_loaded_and_is_baked_again(
     await platform.deploy(app_file)
     before = set(snapshot_dirs(platform))
     nc = await nats.connect(**connect_options(platform.settings))
-    subjects = Subjects(platform.settings.namespace)
-    shared = SharedSnapshots(
-        nc.jetstream(), subjects.snapshot_bucket, subjects.snapshot_leases, replicas=1
-    )
+    shared = shared_snapshots(platform.settings, nc.jetstream())
     try:
         first = await cold_call(platform, "tamper/Tm.run", "Tm")
 
