@@ -263,7 +263,7 @@ def _one_line(raw: str) -> str:
 
 
 def _store_url(raw: str) -> str:
-    from kiln.blobs.opening import parse_store_url
+    from kiln._store_urls import parse_store_url
 
     parse_store_url(raw)
     return raw.strip()

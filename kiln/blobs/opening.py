@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import unquote, urlsplit
 
+from kiln._store_urls import StoreUrl, parse_store_url
 from kiln.blobs.base import Area, BlobStore
 
 if TYPE_CHECKING:
@@ -16,35 +13,6 @@ if TYPE_CHECKING:
     from kiln.settings import Settings
 
 __all__ = ["StoreUrl", "open_blob_store", "parse_store_url"]
-
-# S3's bucket names: 3 to 63 lowercase letters, digits, dots and hyphens.
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_EXAMPLES = "nats://, file:///var/lib/kiln/store or s3://my-bucket/kiln"
-
-
-@dataclass(frozen=True)
-class StoreUrl:
-    scheme: str  # nats, file or s3
-    path: Path | None = None  # file://
-    bucket: str = ""  # s3://
-    prefix: str = ""
-
-
-def parse_store_url(raw: str) -> StoreUrl:
-    """`raw` as a store, or ValueError saying what is allowed."""
-    split = urlsplit(raw.strip())
-    if split.scheme == "nats" and not split.netloc and split.path in ("", "/"):
-        return StoreUrl("nats")
-    if split.scheme == "file" and not split.netloc and split.path.startswith("/"):
-        return StoreUrl("file", path=Path(unquote(split.path)))
-    if split.scheme == "s3":
-        if not _BUCKET.match(split.netloc or ""):
-            raise ValueError(
-                f"s3://{split.netloc}: a bucket name is 3 to 63 lowercase letters, digits, dots "
-                "and hyphens, such as s3://my-bucket/kiln"
-            )
-        return StoreUrl("s3", bucket=split.netloc, prefix=unquote(split.path).strip("/"))
-    raise ValueError(f"expected {_EXAMPLES}")
 
 
 def open_blob_store(settings: Settings, area: Area, js: JetStreamContext | None) -> BlobStore:

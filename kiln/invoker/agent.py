@@ -40,7 +40,7 @@ from prometheus_client import CollectorRegistry
 
 from kiln._proc import die_with_parent
 from kiln._tasks import cancel_and_wait
-from kiln.codestore import code_store
+from kiln.codestore import CodeStore, code_store
 from kiln.errors import ConfigError
 from kiln.functions.gpu import gpu_request
 from kiln.functions.package import unpack
@@ -137,7 +137,7 @@ class NodeAgent:
         self.egress = _egress(settings, self.sandboxes, self.node_id)
         self._code_fetches: dict[str, asyncio.Task[Path]] = {}
         self._stores_made: set[str] = set()  # functions whose buckets are known to exist
-        self.code = code_store(settings, nc.jetstream())
+        self._code_store: CodeStore | None = None
         self.usage = NodeMeter(nc, self.subjects, secret=settings.snapshot_signing_key)
         self.seals = Seals(settings.snapshot_signing_key)
         self.snapshots = (
@@ -462,7 +462,9 @@ class NodeAgent:
         self._stores_made.add(function_id)
 
     async def _fetch_code(self, digest: str, directory: Path) -> Path:
-        archive = await self.code.get(digest)
+        if self._code_store is None:
+            self._code_store = code_store(self.settings, self.nc.jetstream())
+        archive = await self._code_store.get(digest)
         staging = directory.with_name(f"{directory.name}.{uuid.uuid4().hex}")
         await asyncio.to_thread(unpack, archive, staging)
         (staging / ".complete").touch()
