@@ -46,8 +46,27 @@ resource "aws_db_instance" "postgres" {
   iam_database_authentication_enabled = true
   performance_insights_enabled        = true
   performance_insights_kms_key_id     = var.kms_key_arn
-  monitoring_interval                 = 0
+  monitoring_interval                 = 60
+  monitoring_role_arn                 = aws_iam_role.rds_monitoring.arn
   enabled_cloudwatch_logs_exports     = ["postgresql", "upgrade"]
+}
+
+# Enhanced monitoring: the database host's own metrics (memory, I/O, processes) every minute.
+resource "aws_iam_role" "rds_monitoring" {
+  name = "${var.name}-rds-monitoring"
+  assume_role_policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [{
+      Effect    = "Allow"
+      Principal = { Service = "monitoring.rds.amazonaws.com" }
+      Action    = "sts:AssumeRole"
+    }]
+  })
+}
+
+resource "aws_iam_role_policy_attachment" "rds_monitoring" {
+  role       = aws_iam_role.rds_monitoring.name
+  policy_arn = "arn:aws:iam::aws:policy/service-role/AmazonRDSEnhancedMonitoringRole"
 }
 
 resource "aws_elasticache_subnet_group" "this" {
