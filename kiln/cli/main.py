@@ -20,6 +20,7 @@ from kiln.cli import invoices as _invoices  # noqa: F401 - its commands join bil
 from kiln.cli.access import customers_app, keys_app, plans_app
 from kiln.cli.billing import billing_app
 from kiln.cli.catalog import catalog_app
+from kiln.cli.nats import nats_app
 from kiln.cli.observe import calls, logs
 from kiln.cli.output import JsonFlag, echo_json, echo_table
 from kiln.errors import ConfigError, KilnError
@@ -41,6 +42,7 @@ app.add_typer(plans_app, name="plans")
 app.add_typer(keys_app, name="keys")
 app.add_typer(billing_app, name="billing")
 app.add_typer(catalog_app, name="catalog")
+app.add_typer(nats_app, name="nats")
 app.command()(logs)
 app.command()(calls)
 
