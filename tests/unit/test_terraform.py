@@ -80,3 +80,46 @@ def test_checkov_finds_nothing_beyond_the_justified_skips() -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "Failed checks: 0" in done.stdout
+
+
+def _render(workdir: Path, expression: str) -> str:
+    """A template rendered by Terraform itself (`terraform console`)."""
+    done = subprocess.run(
+        [_terraform(), "console"], cwd=workdir, input=expression, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert (lines[0], lines[-1]) == ("<<EOT", "EOT"), done.stdout[:500]
+    return "\n".join(lines[1:-1]) + "\n"
+
+
+SECRETS = (
+    'templatefile("templates/secrets.py.tftpl", {region = "us-east-1", user = "kiln", '
+    'kiln_secret_arn = "arn:k", database_secret_arn = "arn:d", database_host = "db.internal", '
+    'redis_secret_arn = "arn:r", redis_host = "redis.internal", stripe_secret_arn = "arn:s", '
+    'nats_creds_secret_arn = "arn:n"})'
+)
+
+
+def test_the_hosts_boot_files_render_to_valid_python_and_cloud_init(workdir: Path) -> None:
+    yaml = pytest.importorskip("yaml")
+    script = _render(workdir, SECRETS)
+    compile(script, "secrets.py", "exec")  # a syntax error here would stop every host
+    assert '"@db.internal:5432/kiln?sslmode=require"' in script
+    watcher = _render(workdir, 'templatefile("templates/lifecycle.py.tftpl", {group = "g"})')
+    compile(watcher, "lifecycle.py", "exec")
+    cloud_init = _render(workdir, (
+        'templatefile("templates/kiln-service.yaml.tftpl", {part = "router", user = "kiln", '
+        'package = "kiln[aws]==1.0", settings = {KILN_ENV = "production"}, '
+        'secrets_script = "cHJpbnQoKQ==", stop_timeout_s = 45, start_now = true, '
+        'extra_commands = [["echo", "hi"]], extra_files = {"/x" = "eA=="}})'
+    ))  # fmt: skip
+    assert cloud_init.startswith("#cloud-config\n")
+    parsed = yaml.safe_load(cloud_init)
+    unit = next(f for f in parsed["write_files"] if f["path"].endswith("kiln-router.service"))
+    assert "ExecStart=/opt/kiln/bin/python -m kiln.router" in unit["content"]
+    assert ["systemctl", "enable", "--now", "kiln-router.service"] in parsed["runcmd"]
+    assert "KILN_ENV=production" in next(
+        f["content"] for f in parsed["write_files"] if f["path"] == "/etc/kiln/settings.env"
+    )
