@@ -153,7 +153,10 @@ async def _snap_state(
     if "path" in answer:
         try:
             with record.phase("restore"):
-                state, size = await asyncio.to_thread(_restore, Path(answer["path"]), private)
+                state, size, steps = await asyncio.to_thread(
+                    _restore, Path(answer["path"]), private
+                )
+            record.phases.update({f"restore_{step}": seconds for step, seconds in steps.items()})
             target.adopt(state)
             record.origin, record.snapshot_bytes = Origin.SNAPSHOT, size
             return
@@ -202,12 +205,12 @@ async def _ask_quietly(
     return answer
 
 
-def _restore(directory: Path, private: bool) -> tuple[dict[str, Any], int]:
+def _restore(directory: Path, private: bool) -> tuple[dict[str, Any], int, dict[str, float]]:
     from kiln.snapshots.restore import restore_state
     from kiln.snapshots.store import Snapshot
 
     restored = restore_state(Snapshot.at(directory), private=private)
-    return restored.state, restored.tensor_bytes
+    return restored.state, restored.tensor_bytes, restored.steps
 
 
 def _needs(record: ColdStart, staging: Path) -> tuple[str, ...]:

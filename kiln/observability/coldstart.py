@@ -13,7 +13,13 @@ PHASES = (
     "schedule",  # demand seen by the scheduler -> a node agent took the order
     "assign",  # the agent's order -> the replica process running (a standby, or a fresh one)
     "code_load",  # fetch, unpack and import the function's code
-    "restore",  # snapshot bytes into memory (or GPU memory)
+    "restore",  # snapshot bytes into memory (or GPU memory); its steps follow
+    "restore_graph_read",  # graph.pkl off the disk
+    "restore_cpu_pages",  # the CPU blob mapped, its pages faulted in (or read privately)
+    "restore_gpu_alloc",  # device allocations, one per CUDA storage
+    "restore_gpu_copy",  # the CUDA blob through the pinned staging ring
+    "restore_unpickle",  # the object graph rebuilt around the storages
+    "restore_gpu_sync",  # the last copies landing
     "snap_hooks",  # @enter(snap=True) hooks, when no snapshot served
     "bake",  # writing the snapshot after those hooks
     "enter",  # the plain @enter() hooks

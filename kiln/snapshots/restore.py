@@ -18,14 +18,16 @@ CUDA storages are restored by `kiln.snapshots.cuda`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
 import mmap
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ from kiln.snapshots.capture import rebuild
 from kiln.snapshots.manifest import GRAPH, blob_name
 from kiln.snapshots.store import Snapshot
 
-__all__ = ["Restored", "restore_state"]
+__all__ = ["STEPS", "Restored", "restore_state"]
 
 _READ_CHUNK = 64 * 1024 * 1024
 _READERS = 8
@@ -46,12 +48,25 @@ _POPULATE_CHUNK = 32 * 1024 * 1024
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
 
+# The steps of a restore, in order, each timed (`Restored.steps`): what the cold-start report
+# calls `restore_<step>` beside `restore`, their sum.
+STEPS = (
+    "graph_read",  # graph.pkl off the disk
+    "cpu_pages",  # the CPU blob mapped and its pages faulted in (or read into private buffers)
+    "gpu_alloc",  # one device allocation per CUDA storage
+    "gpu_copy",  # the CUDA blob through the pinned staging ring to the device
+    "unpickle",  # the object graph rebuilt around the storages
+    "gpu_sync",  # waiting for the last copies to land
+)
+
+
 @dataclass(frozen=True)
 class Restored:
     state: dict[str, Any]
     tensor_bytes: int
     seconds: float
     mode: str  # "mapped" or "copied"
+    steps: dict[str, float] = field(default_factory=dict)  # STEPS that ran, in seconds
 
 
 class _CpuStorages:
@@ -166,25 +181,46 @@ def restore_state(snapshot: Snapshot, *, private: bool = False) -> Restored:
 
 def _restore_state(snapshot: Snapshot, *, private: bool) -> Restored:
     started = time.perf_counter()
-    graph = snapshot.file(GRAPH).read_bytes()
+    steps = _Steps()
+    with steps.timing("graph_read"):
+        graph = snapshot.file(GRAPH).read_bytes()
     devices: dict[str, Any] = {}
     if blob_name("cuda") in snapshot.manifest.files:
         from kiln.snapshots.cuda import CudaStorages
 
-        devices["cuda"] = CudaStorages(snapshot.file(blob_name("cuda")))
+        cuda = CudaStorages(snapshot.file(blob_name("cuda")))
+        steps.seconds.update(gpu_alloc=cuda.alloc_s, gpu_copy=cuda.copy_s)
+        devices["cuda"] = cuda
     if blob_name("cpu") in snapshot.manifest.files:
-        devices["cpu"] = _CpuStorages(snapshot.file(blob_name("cpu")), private=private)
-    state = rebuild(graph, _ByDevice(devices))
+        with steps.timing("cpu_pages"):
+            devices["cpu"] = _CpuStorages(snapshot.file(blob_name("cpu")), private=private)
+    with steps.timing("unpickle"):
+        state = rebuild(graph, _ByDevice(devices))
     if not isinstance(state, dict):
         raise SnapshotError("the snapshot's object graph is not an instance's attributes")
     if "cuda" in devices:
-        devices["cuda"].synchronize()
+        with steps.timing("gpu_sync"):
+            devices["cuda"].synchronize()
     return Restored(
         state=state,
         tensor_bytes=snapshot.manifest.tensor_bytes,
         seconds=time.perf_counter() - started,
         mode="copied" if private else "mapped",
+        steps={step: steps.seconds[step] for step in STEPS if step in steps.seconds},
     )
+
+
+class _Steps:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timing(self, step: str) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[step] = time.perf_counter() - began
 
 
 class _ByDevice:

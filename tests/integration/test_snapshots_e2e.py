@@ -159,7 +159,8 @@ async def test_a_class_is_baked_on_its_first_cold_start_and_restored_on_the_next
         metrics = (await client.get("/metrics")).text
     counted = [line for line in metrics.splitlines() if line.startswith("kiln_cold_starts_total")]
     assert 'kiln_cold_starts_total{origin="snapshot",process="standby"} 1.0' in counted, counted
-    for phase in ("schedule", "assign", "code_load", "restore", "enter", "first_call"):
+    for phase in ("schedule", "assign", "code_load", "restore", "restore_cpu_pages",
+                  "restore_unpickle", "enter", "first_call"):  # fmt: skip
         assert f'kiln_cold_start_phase_seconds_count{{phase="{phase}"}}' in metrics, phase
 
 

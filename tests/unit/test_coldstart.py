@@ -134,6 +134,9 @@ async def test_a_hit_restores_without_running_the_snap_hooks(
     assert record.snapshot_bytes == (32 * 4 + 4) * 4
     assert "restore" in record.phases
     assert "snap_hooks" not in record.phases
+    steps = {"restore_graph_read", "restore_cpu_pages", "restore_unpickle"}
+    assert steps <= set(record.phases)  # the restore broken down, for the report and the log
+    assert sum(record.phases[step] for step in steps) <= record.phases["restore"]
     torch.manual_seed(0)
     assert torch.equal(restored.instance.net.weight, torch.nn.Linear(32, 4).weight)
     assert restored.instance.table == {"rows": [1, 2, 3]}

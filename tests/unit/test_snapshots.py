@@ -145,6 +145,10 @@ def test_everything_comes_back_bit_for_bit(cache: SnapshotCache, private: bool) 
     assert tensors["transposed"][3, 2].item() == 42.0
     ids = torch.tensor([[1, 2, 3]])
     assert torch.equal(model(ids), holder.model(ids))
+    # Each step of a CPU restore timed, in order; together no longer than the whole.
+    assert list(restored.steps) == ["graph_read", "cpu_pages", "unpickle"]
+    assert all(seconds >= 0 for seconds in restored.steps.values())
+    assert sum(restored.steps.values()) <= restored.seconds
 
 
 @pytest.mark.parametrize("private", [False, True], ids=["mapped", "copied"])
