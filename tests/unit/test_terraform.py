@@ -113,13 +113,15 @@ def test_the_hosts_boot_files_render_to_valid_python_and_cloud_init(workdir: Pat
         'templatefile("templates/kiln-service.yaml.tftpl", {part = "router", user = "kiln", '
         'package = "kiln[aws]==1.0", settings = {KILN_ENV = "production"}, '
         'secrets_script = "cHJpbnQoKQ==", stop_timeout_s = 45, start_now = true, '
-        'extra_commands = [["echo", "hi"]], extra_files = {"/x" = "eA=="}})'
+        'extra_commands = [["echo", "hi"]], extra_files = {"/x" = "eA=="}, '
+        'packages = ["python3-venv", "bubblewrap"]})'
     ))  # fmt: skip
     assert cloud_init.startswith("#cloud-config\n")
     parsed = yaml.safe_load(cloud_init)
     unit = next(f for f in parsed["write_files"] if f["path"].endswith("kiln-router.service"))
     assert "ExecStart=/opt/kiln/bin/python -m kiln.router" in unit["content"]
     assert ["systemctl", "enable", "--now", "kiln-router.service"] in parsed["runcmd"]
+    assert parsed["packages"] == ["python3-venv", "bubblewrap"]
     assert "KILN_ENV=production" in next(
         f["content"] for f in parsed["write_files"] if f["path"] == "/etc/kiln/settings.env"
     )

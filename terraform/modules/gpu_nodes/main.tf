@@ -61,5 +61,7 @@ module "group" {
     UNIT
   }
   extra_commands = [["systemctl", "enable", "--now", "kiln-lifecycle.service"]]
-  kms_key_arn    = var.kms_key_arn
+  # Replicas run sandboxed (bubblewrap, and iptables for their egress rules): docs/security.md.
+  os_packages = ["bubblewrap", "iptables"]
+  kms_key_arn = var.kms_key_arn
 }

@@ -25,6 +25,7 @@ locals {
     start_now      = var.start_now
     extra_commands = var.extra_commands
     extra_files    = { for path, content in var.extra_files : path => base64encode(content) }
+    packages       = concat(["python3-venv"], var.os_packages)
   })
 }
 

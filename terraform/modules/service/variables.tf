@@ -147,3 +147,9 @@ variable "termination_hook_timeout_s" {
   type        = number
   default     = null
 }
+
+variable "os_packages" {
+  description = "More Debian/Ubuntu packages the host needs (beside python3-venv)."
+  type        = list(string)
+  default     = []
+}
