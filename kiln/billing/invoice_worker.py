@@ -146,24 +146,40 @@ class InvoiceWorker:
         return summary
 
     async def mail_due(self) -> int:
-        """Mail the invoices not mailed yet (a batch); how many were sent."""
+        """Mail the invoices not mailed yet, each in a transaction of its own (its row locked
+        while it is sent, so two services never both send it); how many were sent. One that
+        fails is logged and tried again at the next sweep; the others go on."""
         sent = 0
+        passed_over: set[uuid.UUID] = set()
         while True:
             async with transaction(self.sessions) as session:
-                invoices = list(
-                    await session.scalars(
-                        sa.select(Invoice)
-                        .where(Invoice.status != InvoiceStatus.DRAFT, Invoice.mailed_at.is_(None))
-                        .order_by(Invoice.number)
-                        .limit(_MAIL_BATCH)
-                        .with_for_update(skip_locked=True)
-                    )
+                query = (
+                    sa.select(Invoice.id)
+                    .where(Invoice.status != InvoiceStatus.DRAFT, Invoice.mailed_at.is_(None))
+                    .order_by(Invoice.number)
+                    .limit(_MAIL_BATCH)
                 )
-                for invoice in invoices:
-                    if not await self._mail(session, invoice):
-                        return sent  # the mail server is away: the next sweep tries again
-                    sent += 1
-            if len(invoices) < _MAIL_BATCH:
+                if passed_over:
+                    query = query.where(Invoice.id.not_in(passed_over))
+                due = list(await session.scalars(query))
+            for invoice_id in due:
+                try:
+                    async with transaction(self.sessions) as session:
+                        invoice = await session.scalar(
+                            sa.select(Invoice)
+                            .where(Invoice.id == invoice_id, Invoice.mailed_at.is_(None))
+                            .with_for_update(skip_locked=True)
+                        )
+                        if invoice is None:
+                            passed_over.add(invoice_id)  # another service has it
+                            continue
+                        if not await self._mail(session, invoice):
+                            return sent  # the mail server is away: the next sweep tries again
+                        sent += 1
+                except Exception:  # noqa: BLE001 - this invoice next sweep; the others now
+                    _log.exception("mailing invoice %s failed", invoice_id)
+                    passed_over.add(invoice_id)
+            if len(due) < _MAIL_BATCH:
                 return sent
 
     async def _mail(self, session: AsyncSession, invoice: Invoice) -> bool:

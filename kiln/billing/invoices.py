@@ -26,6 +26,7 @@ the grace period blocks the customer (`kiln.billing.ledger`) until it is paid.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from kiln.billing.ledger import BillingRules, Changes, post_entry, refresh_block
+from kiln.billing.ledger import BillingRules, Changes, limits_of, post_entry, refresh_block
 from kiln.billing.plans import Period
 from kiln.billing.prices import micros_per_minor
 from kiln.db.enums import InvoiceLineKind, InvoiceStatus, LedgerKind, OutboxKind, Settlement
@@ -52,6 +53,8 @@ from kiln.db.models import (
 from kiln.db.models_access import DEFAULT_CUSTOMER_ID
 from kiln.db.session import transaction
 from kiln.errors import Conflict, NotFound
+
+_log = logging.getLogger("kiln.billing.invoices")
 
 __all__ = [
     "PAYMENT_RETRY_DAYS",
@@ -91,6 +94,7 @@ class CloseSummary:
     created: list[uuid.UUID] = field(default_factory=list)
     existing: list[uuid.UUID] = field(default_factory=list)
     empty: int = 0
+    failed: list[uuid.UUID] = field(default_factory=list)  # customers whose close failed
 
 
 def _moment() -> sa.ColumnElement[datetime]:
@@ -124,7 +128,7 @@ async def close_customer(
     )
     if existing is not None:
         return existing, False
-    limits = rules.tiers.get(customer.tier.value)
+    limits = limits_of(customer, rules)  # its own overrides decide, as they do for blocks
     settlement = Settlement.BALANCE if limits is not None and limits.prepaid else Settlement.COLLECT
     invoice = Invoice(
         customer_id=customer.id, period=period.label, period_start=period.start,
@@ -344,7 +348,11 @@ async def close_period(
 
         async def close_some(share: Sequence[uuid.UUID]) -> None:
             for each in share:
-                await _close_one(sessions, each, period, rules, now, summary, on_changes)
+                try:
+                    await _close_one(sessions, each, period, rules, now, summary, on_changes)
+                except Exception:  # noqa: BLE001 - the others are closed; this one next time
+                    _log.exception("closing %s for customer %s failed", period.label, each)
+                    summary.failed.append(each)
 
         # A few customers at once: each waits mostly on the database, and the transactions
         # only queue on the invoice counter for their last statement and commit.
@@ -352,7 +360,7 @@ async def close_period(
             for lane in range(_LANES):
                 closing.create_task(close_some(due[lane::_LANES]))
         after = page[-1][0]
-    if now >= period.end:
+    if now >= period.end and not summary.failed:  # else the next sweep tries again
         async with transaction(sessions) as session:
             await session.execute(
                 insert(PeriodClose)

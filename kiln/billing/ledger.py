@@ -52,6 +52,7 @@ __all__ = [
     "charge_usage",
     "credit_payment",
     "fail_payment",
+    "limits_of",
     "post_entry",
     "refresh_block",
 ]
@@ -310,7 +311,8 @@ async def _queue(
     )
 
 
-def _limits(customer: Customer, rules: BillingRules) -> TierLimits | None:
+def limits_of(customer: Customer, rules: BillingRules) -> TierLimits | None:
+    """The customer's limits: its tier's, with its own overrides (`prepaid` among them)."""
     tier = rules.tiers.get(customer.tier.value)
     if tier is None:
         return None
@@ -342,7 +344,7 @@ async def _block_for(
         return BLOCK_SPEND_CAP
     if await _invoice_overdue(session, customer.id, rules):
         return BLOCK_INVOICE
-    limits = _limits(customer, rules)
+    limits = limits_of(customer, rules)
     if limits is None or not limits.prepaid or customer.balance_micros > 0:
         return None
     if await _refill_pending(session, customer.id):

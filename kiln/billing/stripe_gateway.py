@@ -213,7 +213,13 @@ class StripeGateway:
                 params,  # type: ignore[arg-type]
                 {"idempotency_key": attempt_key},
             )
-        except (stripe.CardError, stripe.InvalidRequestError) as exc:
+        except stripe.CardError as exc:
+            return exc.user_message or str(exc)
+        except stripe.InvalidRequestError as exc:
+            # Paid already (its webhook late or lost), or no way to pay it: Stripe's invoice says.
+            current = await self._client.v1.invoices.retrieve_async(stripe_invoice)
+            if current.status == "paid":
+                return None
             return exc.user_message or str(exc)
         return None if paid.status == "paid" else f"the invoice is {paid.status}"
 

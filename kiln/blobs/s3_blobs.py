@@ -109,39 +109,52 @@ class S3Blobs:
 
     def download(self, name: str, path: Path, *, streams: int | None = None) -> int:
         """Read the blob into `path` with up to `streams` ranged GETs at once (one: a single
-        stream); its size."""
-        size = int(self._head(name)["ContentLength"])
+        stream); its size. Every range is of the same version of the object (its ETag); on any
+        failure the file is removed, never left with holes."""
+        head = self._head(name)
+        size, etag = int(head["ContentLength"]), str(head["ETag"])
         ranges = [
             (start, min(size, start + self.part_bytes) - 1)
             for start in range(0, size, self.part_bytes)
         ]
-        with path.open("wb") as f:
-            os.ftruncate(f.fileno(), size)
-            if not ranges:
-                return 0
-            lanes = max(1, min(streams or self.streams, len(ranges)))
-            if lanes == 1 and len(ranges) > 1:
-                self._read_range(name, f.fileno(), 0, size - 1, whole=True)
-                return size
-            with ThreadPoolExecutor(lanes, thread_name_prefix="kiln-s3-read") as pool:
-                for done in [
-                    pool.submit(self._read_range, name, f.fileno(), a, b) for a, b in ranges
-                ]:
-                    done.result()
+        lanes = max(1, min(streams or self.streams, len(ranges) or 1))
+        try:
+            with path.open("wb") as f:
+                os.ftruncate(f.fileno(), size)
+                if lanes == 1:
+                    if size:
+                        self._read_range(name, etag, f.fileno(), 0, size - 1, whole=True)
+                    return size
+                with ThreadPoolExecutor(lanes, thread_name_prefix="kiln-s3-read") as pool:
+                    reads = [
+                        pool.submit(self._read_range, name, etag, f.fileno(), a, b)
+                        for a, b in ranges
+                    ]
+                    try:
+                        for read in reads:
+                            read.result()
+                    except BaseException:
+                        pool.shutdown(wait=True, cancel_futures=True)
+                        raise
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         return size
 
     def _read_range(
-        self, name: str, fd: int, first: int, last: int, *, whole: bool = False
+        self, name: str, etag: str, fd: int, first: int, last: int, *, whole: bool = False
     ) -> None:
-        asked: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key(name)}
+        asked: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key(name), "IfMatch": etag}
         if not whole:
             asked["Range"] = f"bytes={first}-{last}"
         body = self._client.get_object(**asked)["Body"]
         offset = first
         try:
             for piece in body.iter_chunks(_WRITE_BYTES):
-                os.pwrite(fd, piece, offset)
-                offset += len(piece)
+                view = memoryview(piece)
+                while view:  # pwrite may write less than asked (a full disk says so)
+                    written = os.pwrite(fd, view, offset)
+                    view, offset = view[written:], offset + written
         finally:
             body.close()
         if offset != last + 1:

@@ -97,6 +97,10 @@ def close(
     closed = _request("POST", "/v1/billing/close", json=body).json()
     typer.echo(f"{closed['period']}: {closed['created']} invoices issued, {closed['existing']} "
                f"issued before, {closed['empty']} customers with nothing to bill")  # fmt: skip
+    if closed["failed"]:
+        typer.echo(f"{closed['failed']} customers could not be closed (see the router's log); "
+                   "run the close again", err=True)  # fmt: skip
+        raise typer.Exit(1)
 
 
 @billing_app.command("pay")

@@ -137,6 +137,7 @@ class Closed(View):
     created: int = Field(description="Invoices issued by this close.")
     existing: int = Field(description="Invoices issued for the period before: unchanged.")
     empty: int = Field(description="Customers with nothing to bill.")
+    failed: int = Field(description="Customers whose close failed (logged); close again.")
     invoices: list[uuid.UUID] = Field(description="The ids of the invoices issued now.")
 
 

@@ -138,7 +138,7 @@ async def close(request: Request) -> Response:
     )  # fmt: skip
     closed = Closed(
         period=summary.period, created=len(summary.created), existing=len(summary.existing),
-        empty=summary.empty, invoices=summary.created,
+        empty=summary.empty, failed=len(summary.failed), invoices=summary.created,
     )  # fmt: skip
     return JSONResponse(dump(closed))
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 
 from nats.js import JetStreamContext
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from kiln.blobs import Area, BlobStore, open_blob_store
+from kiln.errors import SnapshotTampered
 from kiln.settings import Settings
 from kiln.snapshots.manifest import BAKE_REPORT, GRAPH, MANIFEST, SIGNATURE, Manifest, blob_name
 from kiln.snapshots.store import Snapshot, SnapshotCache
@@ -90,12 +92,20 @@ class SharedSnapshots:
         if not await self.has(key):
             return None
         staging = cache.staging(key)
-        await self.blobs.get_into(f"{key}/{MANIFEST}", staging / MANIFEST)
-        await self.blobs.get_into(f"{key}/{SIGNATURE}", staging / SIGNATURE)
-        manifest = Manifest.from_json((staging / MANIFEST).read_bytes())
-        for name in manifest.files:
-            await self.blobs.get_into(f"{key}/{name}", staging / name)
-        return cache.adopt(staging, key)
+        try:
+            await self.blobs.get_into(f"{key}/{MANIFEST}", staging / MANIFEST)
+            await self.blobs.get_into(f"{key}/{SIGNATURE}", staging / SIGNATURE)
+            manifest = Manifest.from_json((staging / MANIFEST).read_bytes())
+            # The manifest is not yet verified (adopting it is): a name must stay in staging.
+            for name in manifest.files:
+                if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+                    raise SnapshotTampered(f"snapshot {key} names a file {name!r}")
+            for name in manifest.files:
+                await self.blobs.get_into(f"{key}/{name}", staging / name)
+            return cache.adopt(staging, key)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # gigabytes, perhaps: never left behind
+            raise
 
     async def delete(self, key: str) -> None:
         """Remove a snapshot (the manifest first, so no one starts fetching a half-deleted

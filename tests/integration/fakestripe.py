@@ -149,6 +149,11 @@ class FakeStripe:
         invoice = self.invoices.get(iid)
         if invoice is None:
             return 404, {"error": {"type": "invalid_request_error", "message": "no such invoice"}}
+        if action == "":
+            return 200, invoice
+        if action == "pay" and invoice["status"] == "paid":
+            return 400, {"error": {"type": "invalid_request_error", "code": "invoice_already_paid",
+                                   "message": "Invoice is already paid"}}  # fmt: skip
         if action == "finalize":
             invoice.update(status="open", amount_due=sum(i["amount"] for i in invoice["lines"]),
                            hosted_invoice_url=f"{self.url}/invoice/{iid}")  # fmt: skip

@@ -475,3 +475,32 @@ async def test_a_credit_larger_than_the_month_is_carried_to_the_next_invoice(
     september_invoice = await close(platform, engine, customer_id, september)
     assert september_invoice.total_micros == 3 * USD  # $7 less the $4 carried
     assert await balance(engine, customer_id) == -3 * USD  # what is owed, and no more
+
+
+async def test_a_customer_whose_close_fails_stops_no_other_and_the_period_stays_open(
+    platform: Platform, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kiln.billing.invoices as invoices
+
+    october = datetime(2031, 10, 1, tzinfo=UTC)
+    broken = await customer_on(engine, "enterprise", october)
+    fine = await customer_on(engine, "enterprise", october)
+    await worker(platform, engine).record([calls(broken, october, 1), calls(fine, october, 2)])
+    original = invoices.close_customer
+
+    async def failing(session: object, customer_id: uuid.UUID, *args: object, **kw: object):  # type: ignore[no-untyped-def]
+        if customer_id == broken:
+            raise RuntimeError("the database said no")
+        return await original(session, customer_id, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(invoices, "close_customer", failing)
+    summary = await close_period(
+        session_factory(engine), period_of(october), billing_rules(platform.settings),
+        now=datetime(2031, 11, 1, 2, tzinfo=UTC),
+    )  # fmt: skip
+    assert broken in summary.failed
+    assert [i.total_micros for i in await invoices_of(engine, fine)] == [20_000]
+    async with engine.connect() as conn:  # not remembered as closed: the next sweep retries
+        assert await conn.scalar(
+            sa.select(PeriodClose.period).where(PeriodClose.period == "2031-10")
+        ) is None  # fmt: skip

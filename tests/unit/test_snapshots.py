@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import struct
@@ -426,3 +427,30 @@ def test_hard_links_to_a_snapshot_cost_no_rehash(cache: SnapshotCache, tmp_path:
     shutil.rmtree(shown)
     cache.open(snapshot.manifest.key)
     assert stamp.read_text() == before  # nothing was found changed, nothing restamped
+
+
+async def test_a_fetch_refuses_a_manifest_that_names_a_file_outside_its_snapshot(
+    cache: SnapshotCache, tmp_path: Path
+) -> None:
+    """The store is not trusted: a manifest (not yet verified while the files come down) that
+    names `../x` writes nothing outside the staging directory, and nothing is left behind."""
+    import json
+
+    from kiln.blobs.file_blobs import FileBlobs
+    from kiln.errors import SnapshotTampered
+    from kiln.snapshots.shared import SharedSnapshots
+
+    snapshot = bake_and_seal(cache, make_holder())
+    blobs = FileBlobs(tmp_path / "store")
+    shared = SharedSnapshots(blobs, None, "leases", replicas=1)  # type: ignore[arg-type]
+    await shared.upload(snapshot)
+    key = snapshot.manifest.key
+    raw = json.loads(await blobs.get_bytes(f"{key}/manifest.json"))
+    raw["files"]["../../escaped"] = next(iter(raw["files"].values()))
+    await blobs.put_bytes(f"{key}/manifest.json", json.dumps(raw).encode())
+    await blobs.put_bytes("escaped", b"not a weight")
+    elsewhere = SnapshotCache(tmp_path / "other-node", secrets.token_urlsafe(32))
+    with pytest.raises(SnapshotTampered, match=re.escape("names a file '../../escaped'")):
+        await shared.fetch(key, elsewhere)
+    assert not list((tmp_path / "other-node").rglob("escaped"))
+    assert not list((tmp_path / "other-node" / ".staging").iterdir())  # no half copy left

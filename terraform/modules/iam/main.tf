@@ -65,17 +65,14 @@ data "aws_iam_policy_document" "tier" {
     }
   }
 
+  # Listing the bucket (Kiln's own) is what makes S3 answer 404 rather than 403 for a key
+  # that is not there: how a store tells "not yet uploaded" from "not allowed".
   dynamic "statement" {
     for_each = contains(keys(local.s3), each.key) ? [1] : []
     content {
-      sid       = "ListOwnPrefix"
+      sid       = "ListTheBucket"
       actions   = ["s3:ListBucket"]
       resources = ["arn:aws:s3:::${var.bucket}"]
-      condition {
-        test     = "StringLike"
-        variable = "s3:prefix"
-        values   = ["${var.prefix}/*"]
-      }
     }
   }
 
