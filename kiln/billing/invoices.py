@@ -294,7 +294,13 @@ async def _lines(session: AsyncSession, invoice_id: uuid.UUID) -> list[InvoiceLi
 
 
 async def _queue(
-    session: AsyncSession, kind: OutboxKind, identifier: str, invoice: Invoice, at: datetime
+    session: AsyncSession,
+    kind: OutboxKind,
+    identifier: str,
+    invoice: Invoice,
+    at: datetime,
+    *,
+    out_of_band: bool = False,
 ) -> None:
     await session.execute(
         insert(StripeOutbox)
@@ -302,7 +308,10 @@ async def _queue(
             kind=kind,
             identifier=identifier,
             customer_id=invoice.customer_id,
-            payload={"invoice_id": str(invoice.id)},
+            payload={
+                "invoice_id": str(invoice.id),
+                **({"out_of_band": True} if out_of_band else {}),
+            },
             next_attempt_at=at,
         )
         .on_conflict_do_nothing(index_elements=[StripeOutbox.identifier])
@@ -400,9 +409,12 @@ async def record_payment(
     changes: Changes,
     *,
     now: datetime,
+    outside_stripe: bool = False,
 ) -> bool:
-    """The invoice was paid (Stripe said so, or an operator received it): mark it paid and
-    credit the customer once; whether this call did. Paying lifts a block it caused."""
+    """The invoice was paid (Stripe said so, or an operator received it: `outside_stripe`):
+    mark it paid and credit the customer once; whether this call did. Paying lifts a block it
+    caused. A Stripe invoice paid outside Stripe is marked so there too (through the outbox),
+    so Stripe neither charges it nor lets it be paid twice."""
     invoice = await session.get(Invoice, invoice_id, with_for_update=True)
     if invoice is None:
         raise NotFound(f"invoice {invoice_id} not found")
@@ -422,6 +434,9 @@ async def record_payment(
     invoice.payment_reference = reference[:255]
     invoice.payment_error = None
     await session.flush()
+    if outside_stripe and invoice.stripe_invoice_id is not None:
+        await _queue(session, OutboxKind.INVOICE_PAYMENT, f"invoice:{invoice.id}:out-of-band",
+                     invoice, now, out_of_band=True)  # fmt: skip
     await refresh_block(session, customer.id, rules, changes)
     return True
 

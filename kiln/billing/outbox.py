@@ -194,10 +194,15 @@ class OutboxWorker:
         await queue_collection(session, invoice, attempt=1, at=datetime.now(UTC))
 
     async def _collect(self, session: AsyncSession, row: StripeOutbox, changes: Changes) -> None:
-        """One attempt to collect an open invoice; a failure schedules the next."""
+        """One attempt to collect an open invoice; a failure schedules the next. Or, for an
+        invoice paid outside Stripe, telling Stripe so."""
         invoice = await session.get(
             Invoice, uuid.UUID(row.payload["invoice_id"]), with_for_update=True
         )
+        if invoice is not None and row.payload.get("out_of_band"):
+            if invoice.stripe_invoice_id is not None:
+                await self.gateway.mark_paid_outside(invoice.stripe_invoice_id, row.identifier)
+            return
         if invoice is None or invoice.status is not InvoiceStatus.OPEN:
             return
         if invoice.stripe_invoice_id is None:

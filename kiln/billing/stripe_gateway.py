@@ -223,6 +223,18 @@ class StripeGateway:
             return exc.user_message or str(exc)
         return None if paid.status == "paid" else f"the invoice is {paid.status}"
 
+    async def mark_paid_outside(self, stripe_invoice: str, key: str) -> None:
+        """The invoice was paid outside Stripe (a transfer Kiln recorded): Stripe marks it paid
+        and collects nothing. One already paid stays as it is."""
+        try:
+            await self._client.v1.invoices.pay_async(
+                stripe_invoice, {"paid_out_of_band": True}, {"idempotency_key": key}
+            )
+        except stripe.InvalidRequestError:
+            current = await self._client.v1.invoices.retrieve_async(stripe_invoice)
+            if current.status != "paid":
+                raise
+
     async def meter_event(
         self, identifier: str, stripe_customer: str, value: int, timestamp: int
     ) -> None:

@@ -152,7 +152,7 @@ async def pay_invoice(request: Request) -> Response:
     async with transaction(svc.sessions) as session:
         await record_payment(
             session, invoice_id, body.reference, billing_rules(svc.settings), changes,
-            now=datetime.now(UTC),
+            now=datetime.now(UTC), outside_stripe=True,
         )  # fmt: skip
     await announce(svc, changes)
     async with transaction(svc.sessions) as session:

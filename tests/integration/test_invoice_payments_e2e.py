@@ -199,6 +199,10 @@ async def test_an_invoice_unpaid_past_the_grace_period_blocks_until_it_is_paid(
         )
     assert paid.status_code == 200, paid.text
     assert paid.json()["status"] == "paid"
+    # Stripe is told, so its page no longer takes a second payment of it.
+    stripe_id = paid.json()["stripe_invoice_id"]
+    await eventually(lambda: stripe_fake.invoices[stripe_id].get("paid_out_of_band"), within_s=30)
+    assert stripe_fake.invoices[stripe_id]["status"] == "paid"
     async with engine.connect() as conn:
         block = await conn.scalar(
             sa.select(Customer.billing_block).where(Customer.id == uuid.UUID(customer_id))
