@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -39,18 +40,25 @@ class InvoiceDocument:
         return invoice_name(self.invoice)
 
 
-async def load_document(session: AsyncSession, invoice_id: uuid.UUID) -> InvoiceDocument | None:
-    """A finalised invoice with what its forms show (None: no such invoice)."""
+async def load_document(
+    session: AsyncSession, invoice_id: uuid.UUID, *, with_lines: bool = True
+) -> InvoiceDocument | None:
+    """A finalised invoice with what its forms show (None: no such invoice); a listing needs
+    no lines."""
     invoice = await session.get(Invoice, invoice_id)
     if invoice is None or invoice.status is InvoiceStatus.DRAFT:
         return None
     customer = await session.get(Customer, invoice.customer_id)
     plan = await session.get(Plan, invoice.plan)
-    lines = await session.scalars(
-        sa.select(InvoiceLine)
-        .where(InvoiceLine.invoice_id == invoice_id)
-        .order_by(InvoiceLine.position)
-    )
+    lines: Sequence[InvoiceLine] = []
+    if with_lines:
+        lines = (
+            await session.scalars(
+                sa.select(InvoiceLine)
+                .where(InvoiceLine.invoice_id == invoice_id)
+                .order_by(InvoiceLine.position)
+            )
+        ).all()
     return InvoiceDocument(
         invoice=invoice,
         customer_name=customer.name if customer is not None else str(invoice.customer_id),

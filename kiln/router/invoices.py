@@ -5,6 +5,7 @@ Stripe) and `GET /v1/billing/revenue/plans` (invoiced revenue by plan and month,
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -73,7 +74,9 @@ async def list_invoices(request: Request) -> Response:
         query = query.where(Invoice.number < asked.before)
     async with transaction(svc.sessions) as session:
         ids = list(await session.scalars(query.order_by(Invoice.number.desc()).limit(asked.limit)))
-        documents = [await load_document(session, invoice_id) for invoice_id in ids]
+        documents = [
+            await load_document(session, invoice_id, with_lines=False) for invoice_id in ids
+        ]
     views = [
         InvoiceView(**to_json(document, with_lines=False))
         for document in documents
@@ -96,7 +99,8 @@ async def get_invoice(request: Request) -> Response:
         raise NotFound(f"invoice {str(invoice_id)!r} not found")
     filename = f"{document.name}-{document.invoice.period}"
     if asked.format == "pdf":
-        pdf = to_pdf(document, issuer=svc.settings.invoice_issuer)
+        # Laying out a PDF takes milliseconds of CPU: off the event loop.
+        pdf = await asyncio.to_thread(to_pdf, document, issuer=svc.settings.invoice_issuer)
         return Response(
             pdf, media_type="application/pdf",
             headers={"content-disposition": f'inline; filename="{filename}.pdf"'},
