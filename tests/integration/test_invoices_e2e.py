@@ -240,7 +240,7 @@ async def test_a_close_killed_halfway_and_run_again_gives_one_invoice_each_witho
     platform: Platform, engine: AsyncEngine
 ) -> None:
     may = datetime(2031, 5, 1, tzinfo=UTC)
-    customers = [await customer_on(engine, "enterprise", may) for _ in range(200)]
+    customers = [await customer_on(engine, "enterprise", may) for _ in range(120)]
     await worker(platform, engine).record(
         [calls(c, may.replace(day=5), 1 + i) for i, c in enumerate(customers)]
     )
