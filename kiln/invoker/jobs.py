@@ -47,6 +47,13 @@ _EXPECTED_REVISION = "Nats-Expected-Last-Subject-Sequence"
 # deliveries are counted instead, so a job cannot circle forever.
 _COUNT_AGAIN_S = 2.0
 _UNCOUNTED_DELIVERIES = 20
+# A delivery of a job whose attempts all started is not yet proof that they died: after NATS
+# was away longer than the queue's ack wait, the job comes again at once, while the replica
+# running it (alive, its progress acks lost with the connection) is still reconnecting to
+# report its outcome and ack. Such deliveries are counted too, and come back after this long,
+# until this many were seen; only then is the last attempt taken for lost (about 12 s more).
+_SUSPECT_AGAIN_S = CALL_ACK_WAIT_S
+_SUSPECT_DELIVERIES = 2
 _WRONG_REVISION = 10071  # JetStream's "wrong last sequence"
 _PROGRESS_EVERY_S = CALL_ACK_WAIT_S / 3  # well within the queue's ack wait
 _RECORD_OUTCOME_S = 600.0
@@ -96,9 +103,12 @@ class JobRunner:
         if attempt is None:  # its starts are out of reach for now: this delivery comes again
             await msg.nak(delay=_COUNT_AGAIN_S)
             return
+        if attempts < attempt <= attempts + _SUSPECT_DELIVERIES:
+            await msg.nak(delay=_SUSPECT_AGAIN_S)  # its holder has this long to ack it
+            return
         if attempt > attempts:  # earlier attempts died with their replicas
             await self._finish(msg, JobEvent(
-                job, JobEventKind.FAILED, attempt - 1, self.replica, final=True,
+                job, JobEventKind.FAILED, attempts, self.replica, final=True,
                 error_code=WorkerLost.code,
                 error_message=f"the replica running the job stopped in each of its {attempts} "
                 "attempts",
@@ -187,15 +197,16 @@ class JobRunner:
         consumer; it comes again, delivered twice but started never, and is no lost attempt.
         None where the bucket cannot be read or written now (counting deliveries instead would
         take such lost deliveries for attempts that died); after many such deliveries,
-        deliveries are counted."""
+        deliveries are counted. Beyond the job's attempts, the count goes on for the deliveries
+        that suspect its last attempt lost (`_SUSPECT_DELIVERIES`)."""
         uncounted = delivered if delivered > self._attempts + _UNCOUNTED_DELIVERIES else None
         bucket = self.subjects.job_starts_bucket
         subject = f"$KV.{bucket}.{self.calls.function_id.hex}.{job}"
         for _ in range(_START_COUNT_TRIES):
             try:
                 started, revision = await self._started(bucket, subject)
-                if started + 1 > self._attempts:
-                    return started + 1  # no attempt left to start: not counted
+                if started + 1 > self._attempts + _SUSPECT_DELIVERIES:
+                    return started + 1  # taken for lost: not counted
                 await publish_durably(
                     self.js,
                     subject,
