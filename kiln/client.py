@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from kiln.config_file import apply_client_config
@@ -21,6 +21,7 @@ from kiln.settings import Settings
 
 if TYPE_CHECKING:
     import httpx
+    from websockets.sync.client import ClientConnection
 
 __all__ = ["Client", "client_settings", "connect"]
 
@@ -121,6 +122,36 @@ class Client:
                         raise _remote_error(200, item["error"])
                     yield item
         except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+
+    def websocket(self, path: str, params: Mapping[str, str]) -> ClientConnection:
+        """A WebSocket session at `path` (such as a pod's terminal), open once the server
+        accepted it; a refusal raises RemoteError like any answer."""
+        from urllib.parse import urlencode
+
+        from websockets.exceptions import InvalidHandshake, InvalidStatus
+        from websockets.sync.client import connect as open_websocket
+
+        base = self.url.rstrip("/").replace("http://", "ws://", 1).replace("https://", "wss://", 1)
+        url = f"{base}{path}?{urlencode(dict(params))}" if params else f"{base}{path}"
+        try:
+            return open_websocket(
+                url,
+                additional_headers={"Authorization": self._http.headers["Authorization"]},
+                open_timeout=self._http.timeout.read,
+                max_size=None,
+            )
+        except InvalidStatus as exc:
+            response = exc.response
+            try:
+                error = json.loads(response.body or b"{}")["error"]
+                raise _remote_error(response.status_code, error) from None
+            except (ValueError, KeyError, TypeError):
+                raise RemoteError(
+                    status=response.status_code, code="unknown",
+                    message=(response.body or b"").decode(errors="replace")[:500],
+                ) from None  # fmt: skip
+        except (OSError, InvalidHandshake, TimeoutError) as exc:
             raise self._unreachable(exc) from exc
 
     def _unreachable(self, exc: Exception) -> Unavailable:

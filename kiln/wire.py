@@ -48,6 +48,7 @@ __all__ = [
     "JOB_ROUTER",
     "REPLICA_LOST_AFTER_S",
     "SESSION_WINDOW",
+    "TERMINAL_METHOD",
     "WIRE_VERSION",
     "CallHeaders",
     "Event",
@@ -118,6 +119,8 @@ class Event(enum.StrEnum):
 # The `router` of a job's CallHeaders: no router waits for it; its outcome goes to the job
 # events stream (JobEvent), and its message is acked only when it is done.
 JOB_ROUTER = "job"
+# The method a pod's terminal session carries (kiln.invoker.pod_host serves it).
+TERMINAL_METHOD = "kiln.terminal"
 
 
 class JobEventKind(enum.StrEnum):
@@ -343,6 +346,12 @@ class Subjects:
     def all_session_frames(self, replica_id: uuid.UUID) -> str:
         return f"{self.ns}.replica.{replica_id.hex}.in.>"
 
+    def pod_sessions(self, replica_id: uuid.UUID) -> str:
+        """Where a router opens a terminal (or a forwarded port's connection) on a pod's
+        replica: core NATS, repeated until the replica says it took it, since a pod's replica
+        takes no calls from the function's queue."""
+        return f"{self.ns}.replica.{replica_id.hex}.open"
+
     def replica_control(self, replica_id: uuid.UUID) -> str:
         """Where routers send a replica `StreamControl`s for the calls it runs."""
         return f"{self.ns}.replica.{replica_id.hex}.ctl"
@@ -432,6 +441,7 @@ class ReplicaHeartbeat:
     idle_since: float | None  # epoch seconds; None while busy
     error: str | None = None
     calls: int = 0  # taken since it started (its node agent puts them in usage reports)
+    pod_id: str | None = None  # it is this pod's (kiln.db.models_pods): outside the autoscaler
 
 
 class Origin(enum.StrEnum):
@@ -504,6 +514,8 @@ class StartReplica:
     received_at: float = 0.0  # epoch seconds: when the node agent got the order
     snapshot_key: str | None = None  # set by the node agent for a class it can snapshot
     customer_id: str = ""  # who is billed for the replica's time (UsageReport)
+    pod_id: str | None = None  # a pod's or a shell's replica: it serves terminals, no calls
+    pod_kind: str = ""  # kiln.db.enums.PodKind: "shell" ends with its first terminal
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 
 __all__ = [
+    "ACTIVE_POD_STATES",
     "LIVE_REPLICA_STATES",
     "ApiKeyKind",
     "AppState",
@@ -21,6 +22,8 @@ __all__ = [
     "LedgerKind",
     "MailPurpose",
     "NodeState",
+    "PodKind",
+    "PodState",
     "ReplicaState",
     "ScalingSetting",
     "UserRole",
@@ -88,6 +91,22 @@ class ReplicaState(enum.StrEnum):
     STOPPED = "stopped"
     FAILED = "failed"
     LOST = "lost"
+
+
+class PodKind(enum.StrEnum):
+    SHELL = "shell"  # `kiln shell`: a fresh replica of a function, gone when its terminal ends
+    POD = "pod"  # a reserved slot that runs until stopped
+
+
+class PodState(enum.StrEnum):
+    STARTING = "starting"  # wants its slot: the scheduler starts (or restarts) its replica
+    RUNNING = "running"  # its replica is ready
+    STOPPED = "stopped"  # its slot was given back; it may start again
+    ENDED = "ended"  # a shell whose terminal ended (or whose replica did): never again
+
+
+# A pod in one of these states wants a replica.
+ACTIVE_POD_STATES = (PodState.STARTING, PodState.RUNNING)
 
 
 # A replica in one of these states holds its slot (and is billed); the others have ended.

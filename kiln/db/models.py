@@ -20,6 +20,7 @@ from kiln.db.models_calls import Call, Invocation
 from kiln.db.models_compute import Node, Replica
 from kiln.db.models_console import ConsoleSession, MailToken, User
 from kiln.db.models_invoices import Invoice, InvoiceCounter, InvoiceLine, PeriodClose
+from kiln.db.models_pods import Pod
 
 __all__ = [
     "ApiKey",
@@ -42,6 +43,7 @@ __all__ = [
     "PeriodClose",
     "PeriodRequests",
     "Plan",
+    "Pod",
     "Replica",
     "StripeEvent",
     "StripeOutbox",

@@ -266,7 +266,12 @@ class NodeAgent:
             await self.nc.publish(msg.reply, json.dumps(reply).encode())
 
     async def start_replica(self, launch: StartReplica) -> dict[str, Any]:
-        key = self.snapshots.key_for(launch) if self.snapshots is not None else None
+        # A pod's replica builds no instance: no snapshot to fetch for it.
+        key = (
+            self.snapshots.key_for(launch)
+            if self.snapshots is not None and launch.pod_id is None
+            else None
+        )
         launch = replace(launch, received_at=time.time(), snapshot_key=key)
         gpu = launch.spec["resources"]["gpu"]
         need = self.needs.started(launch, key)

@@ -13,7 +13,7 @@ import json
 import logging
 import traceback
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -25,7 +25,7 @@ from kiln.errors import (
     KilnError,
     ResultTooLarge,
 )
-from kiln.functions.session import SessionClosed
+from kiln.functions.session import Session, SessionClosed
 from kiln.functions.spec import CallKind, FunctionSpec
 from kiln.invoker.output import in_call
 from kiln.invoker.sessions import ReplicaSession
@@ -42,6 +42,7 @@ _JSON = "application/json"
 _RESULT_JSON: dict[str, str] = {H.EVENT: Event.RESULT}
 
 _Key = tuple[str, str]  # (router, call id): what routers' messages refer to
+SessionHandler = Callable[[Session], Awaitable[None]]
 
 
 class CallRunner:
@@ -51,7 +52,7 @@ class CallRunner:
         subjects: Subjects,
         spec: FunctionSpec,
         replica_id: uuid.UUID,
-        target: Target,
+        target: Target | None,
         *,
         function_id: uuid.UUID,
         on_poison: Callable[[str], None],
@@ -60,7 +61,7 @@ class CallRunner:
         self.subjects = subjects
         self.spec = spec
         self.replica_id = replica_id
-        self.target = target
+        self.target = target  # None in a pod's replica: it runs sessions of its own handlers
         self.on_poison = on_poison
         self.function_id = function_id
         # Its node agent made the function's payload bucket; a replica may not create one.
@@ -127,6 +128,7 @@ class CallRunner:
     async def compute(self, call: CallHeaders, body: bytes) -> Encoded:
         """Run a plain call under its timeout: its encoded result, or a KilnError to send (the
         customer's exception as FunctionError)."""
+        assert self.target is not None
         deadline = asyncio.timeout(call.timeout_s)
         try:
             async with deadline:
@@ -178,6 +180,7 @@ class CallRunner:
 
     async def _stream(self, call: CallHeaders, body: bytes) -> None:
         """Run a generator and stream what it yields; its timeout covers the whole stream."""
+        assert self.target is not None
         key = (call.router, call.call_id)
         credits = self._credits[key] = StreamCredits(call.window)
         deadline = asyncio.timeout(call.timeout_s)
@@ -205,9 +208,9 @@ class CallRunner:
         finally:
             self._credits.pop(key, None)
 
-    async def _session(self, call: CallHeaders, body: bytes) -> None:
-        """Run a WebSocket handler for as long as the session lasts (at most the call's
-        timeout: the router's maximum session length); close it when the handler returns."""
+    def open_session(self, call: CallHeaders, body: bytes) -> ReplicaSession:
+        """The session of `call`, ready for the client's frames (a pod's replica opens it
+        before it tells the router it took the call, so no early frame is dropped)."""
         key = (call.router, call.call_id)
         try:
             params = json.loads(body or b"{}").get("params", {})
@@ -220,11 +223,41 @@ class CallRunner:
             credits=credits,
             params={str(k): str(v) for k, v in params.items()},
         )
+        return session
+
+    async def run_session(
+        self, call: CallHeaders, session: ReplicaSession, handler: SessionHandler
+    ) -> None:
+        """Run an opened session with `handler` instead of the function's (a pod's terminal),
+        until it ends or its caller cancels it."""
+        key = (call.router, call.call_id)
+        with self.cancellable(key), in_call(f"{call.router}-{call.call_id}", call.request_id):
+            try:
+                await self._serve_session(call, session, handler)
+            except asyncio.CancelledError:
+                if not self.cancelled_by_caller(key):
+                    raise
+                _log.info("session %s cancelled: its caller left", call.call_id)
+
+    async def _session(self, call: CallHeaders, body: bytes) -> None:
+        await self._serve_session(call, self.open_session(call, body))
+
+    async def _serve_session(
+        self, call: CallHeaders, session: ReplicaSession, handler: SessionHandler | None = None
+    ) -> None:
+        """Run a WebSocket handler (the function's, or `handler`) for as long as the session
+        lasts (at most the call's timeout: the router's maximum session length); close it
+        when the handler returns."""
+        key = (call.router, call.call_id)
         code, reason = 1000, ""
         deadline = asyncio.timeout(call.timeout_s)
         try:
             async with deadline:
-                await self.target.session(call.method, session)
+                if handler is not None:
+                    await handler(session)
+                else:
+                    assert self.target is not None
+                    await self.target.session(call.method, session)
         except SessionClosed:
             pass  # the client left and the handler let it show
         except TimeoutError as exc:

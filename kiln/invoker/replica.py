@@ -47,6 +47,7 @@ from kiln.invoker.credentials import replica_inbox
 from kiln.invoker.feed import CallFeed
 from kiln.invoker.jobs import JobRunner
 from kiln.invoker.output import CallContextFilter, FunctionOutput
+from kiln.invoker.pod_host import PodHost
 from kiln.invoker.target import Target, build_target
 from kiln.seal import FunctionSealer
 from kiln.settings import Settings
@@ -150,6 +151,9 @@ class Replica:
         drain_sub = await self.nc.subscribe(self.subjects.drain(self.replica_id), cb=self._on_drain)
         code = 0
         try:
+            if self.launch.pod_id is not None:
+                await self._host_pod()
+                return code
             record = self.cold_start
             if self.launch.received_at:  # from the agent's order to this process running
                 record.phases["assign"] = max(0.0, time.time() - self.launch.received_at)
@@ -183,6 +187,30 @@ class Replica:
         finally:
             await self._finish(heartbeat, drain_sub, shipping)
         return code
+
+    async def _host_pod(self) -> None:
+        """A pod's or a shell's replica: terminals in this sandbox, no instance, no queue."""
+        assert self.nc is not None
+        self.calls = CallRunner(
+            self.nc, self.subjects, self.spec, self.replica_id, None,
+            function_id=self.function_id, on_poison=self._poison,
+        )  # fmt: skip
+        await self.calls.start()
+        code_dir = self.settings.home / "code" / self.launch.artifact_digest
+        host = PodHost(
+            self.nc, self.subjects, self.launch, self.calls, sealer=self.sealer,
+            code_dir=code_dir, accept=self._accept, track=self._track, drain=self.request_drain,
+        )  # fmt: skip
+        await host.start()
+        self.ready_at = time.time()
+        self.state = ReplicaState.READY
+        self.idle_since = self.ready_at
+        await self._beat()
+        await host.serve(self.draining)
+        if self.in_flight:  # a pod stopped with its terminals open: they are hung up
+            for task in list(self.in_flight):
+                task.cancel()
+            await asyncio.wait(set(self.in_flight), timeout=10)
 
     def _snapshot_link(self) -> SnapshotLink | None:
         if self.launch.snapshot_key is None or self.spec.resources.snapshot == "off":
@@ -265,9 +293,12 @@ class Replica:
                 await self.feed.top_up()
 
     def _start_call(self, msg: Msg) -> None:
-        self.idle_since = None
         self._busy += 1
-        task = asyncio.create_task(self._handle(msg))
+        self._track(asyncio.create_task(self._handle(msg)))
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        """`task` runs a call: the replica is busy until it ends."""
+        self.idle_since = None
         self.in_flight.add(task)
 
         def done(finished: asyncio.Task[None]) -> None:
@@ -465,6 +496,7 @@ class Replica:
             idle_since=self.idle_since,
             error=self.error,
             calls=self.calls_taken,
+            pod_id=self.launch.pod_id,
         )
         await self._publish(self.subjects.replica_heartbeat(self.replica_id), encode(beat))
 

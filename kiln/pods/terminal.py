@@ -19,6 +19,7 @@ import pty
 import shutil
 import signal
 import struct
+import sys
 import termios
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,6 +42,19 @@ def _setsid() -> str:
     if found is None:
         raise RuntimeError("setsid (util-linux) is missing: install util-linux")
     return found
+
+
+# Run between `setsid` and the command: signals the parent ignores (a replica ignores SIGINT,
+# and an ignored signal stays ignored across exec) are the defaults again, so Ctrl-C reaches
+# the command; then the command replaces it.
+_DEFAULT_SIGNALS = """
+import os, signal, sys
+for name in ("SIGINT", "SIGQUIT", "SIGTSTP", "SIGTTIN", "SIGTTOU", "SIGHUP", "SIGPIPE",
+             "SIGTERM", "SIGCHLD"):
+    signal.signal(getattr(signal, name), signal.SIG_DFL)
+signal.pthread_sigmask(signal.SIG_SETMASK, [])
+os.execvp(sys.argv[1], sys.argv[1:])
+"""
 
 
 class Terminal:
@@ -69,7 +83,8 @@ class Terminal:
             _set_size(slave, cols, rows)
             os.set_blocking(master, False)
             process = await asyncio.create_subprocess_exec(
-                _setsid(), "--ctty", "--", *argv, stdin=slave, stdout=slave, stderr=slave,
+                _setsid(), "--ctty", "--", sys.executable, "-I", "-S", "-c", _DEFAULT_SIGNALS,
+                *argv, stdin=slave, stdout=slave, stderr=slave,
                 env=dict(env), cwd=cwd,
             )  # fmt: skip
         except BaseException:

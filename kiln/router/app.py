@@ -35,6 +35,7 @@ from kiln.router import (
     jobs,
     nodes,
     plans,
+    pods,
 )
 from kiln.router.abuse import SCOPE_CUSTOMER, AbuseSignals, list_abuse
 from kiln.router.errors import handle_exception, handle_http_exception
@@ -74,6 +75,11 @@ async def openapi(request: Request) -> Response:
 ROUTES = [
     Route("/v1/run/{app}/{name}", run, methods=["POST"]),
     WebSocketRoute("/v1/ws/{app}/{name}", ws_session),
+    Route("/v1/pods", pods.create_pod, methods=["POST"]),
+    Route("/v1/pods", pods.list_pods, methods=["GET"]),
+    Route("/v1/pods/{pod_id}", pods.get_pod, methods=["GET"]),
+    Route("/v1/pods/{pod_id}", pods.delete_pod, methods=["DELETE"]),
+    WebSocketRoute("/v1/pods/{pod_id}/terminal", pods.pod_terminal),
     Route("/v1/spawn/{app}/{name}", jobs.spawn, methods=["POST"]),
     Route("/v1/customers", access.create_customer, methods=["POST"]),
     Route("/v1/customers", access.list_customers, methods=["GET"]),

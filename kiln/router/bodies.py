@@ -46,6 +46,7 @@ __all__ = [
     "KeysQuery",
     "LogsQuery",
     "OperatorSettingsPatch",
+    "PodBody",
     "RevenueQuery",
     "SettingsPatch",
     "SpawnQuery",
@@ -603,3 +604,29 @@ class UsageQuery(_Window):
 
 class RevenueQuery(_Window):
     """`GET /v1/billing/revenue` (operators)."""
+
+
+class PodBody(Body):
+    """`POST /v1/pods`: a shell (`{"shell": "APP/FN"}`), a fresh replica of the function with a
+    terminal, gone when the terminal ends."""
+
+    missing: ClassVar[str] = "a pod needs {missing}"
+    unknown: ClassVar[str] = "unknown field {first!r}; fields are {known}"
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    shell: Annotated[
+        StrictStr,
+        Field(
+            pattern=r"^[^/\s]{1,63}/[^/\s]{1,200}$",
+            description="The function (APP/NAME) whose code, environment and GPU it gets.",
+        ),
+        Expect("a deployed function as APP/NAME, such as 'hello/shout'"),
+    ]
+    name: Annotated[
+        StrictStr | None,
+        Field(pattern=r"^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$", description="The pod's name."),
+        Expect(
+            "1 to 63 lowercase letters, digits and hyphens, starting with a letter and not "
+            "ending with a hyphen, such as 'my-pod'"
+        ),
+    ] = None

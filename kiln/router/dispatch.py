@@ -97,6 +97,8 @@ _PUBACK_WAIT_S = 5.0
 _REPUBLISH_WAIT_S = 2.0
 # A replica idle this long while a call it took has no answer: the answer was lost.
 _ANSWER_LOST_AFTER_S = REPLICA_LOST_AFTER_S
+# How often a session on a pod's replica is opened again until the replica says it took it.
+_POD_OPEN_AGAIN_S = 0.5
 _HEADER_ROOM = 8 * 1024
 
 
@@ -323,6 +325,17 @@ class Dispatcher:
         assert call.stream is not None
         return call.stream
 
+    async def open_pod_session(
+        self, order: CallOrder, body: bytes, replica_id: uuid.UUID
+    ) -> CallStream:
+        """Open a session (a terminal) on a pod's replica, which takes nothing from its
+        function's queue: the call goes to the replica itself, again every
+        `_POD_OPEN_AGAIN_S` until it says it took it (it may still be starting), up to the
+        order's startup timeout."""
+        call = await self._publish(order, body, window=SESSION_WINDOW, replica_id=replica_id)
+        assert call.stream is not None
+        return call.stream
+
     async def send_frame(self, stream: CallStream, kind: Event, seq: int, data: bytes) -> None:
         """One of the client's frames (or its close) to the replica holding the session."""
         assert stream.replica_id is not None
@@ -331,7 +344,9 @@ class Dispatcher:
         )
         await self.nc.publish(subject, data, headers=stream_event(kind, seq))
 
-    async def _publish(self, order: CallOrder, body: bytes, *, window: int) -> _Call:
+    async def _publish(
+        self, order: CallOrder, body: bytes, *, window: int, replica_id: uuid.UUID | None = None
+    ) -> _Call:
         # Unique within this router, whose id is in the reply subject; a counter spares the
         # urandom system call that uuid4 makes on every request.
         call_id = f"{next(self._call_ids):x}"
@@ -371,6 +386,8 @@ class Dispatcher:
             )
         self._calls[call_id] = call
         future.add_done_callback(functools.partial(self._forget, call_id))
+        if replica_id is not None:
+            return self._open_on(call, order.function_id, body, headers, replica_id)
         call.set_deadline(min(_PUBACK_WAIT_S, order.startup_timeout_s))
         # A plain publish whose reply subject is our inbox: the PubAck arrives like any
         # reply, without the per-request inbox, future and timer of a JetStream request.
@@ -387,6 +404,31 @@ class Dispatcher:
         except Exception as exc:  # noqa: BLE001 - NATS down or closing: the caller may retry
             call.fail(Unavailable("the call queue is unreachable", retry_after=1))
             _log.warning("publishing call %s failed: %s", call_id, exc)
+        return call
+
+    def _open_on(
+        self,
+        call: _Call,
+        function_id: uuid.UUID,
+        body: bytes,
+        call_headers: CallHeaders,
+        replica_id: uuid.UUID,
+    ) -> _Call:
+        subject = self.subjects.pod_sessions(replica_id)
+        headers = self._seal(function_id, subject, call_headers.to_headers())
+        call.phase = _Phase.QUEUED  # nothing stores it: it waits for the replica to say so
+        call.set_deadline(call.accept_by - time.time())
+        loop = asyncio.get_running_loop()
+
+        def again() -> None:
+            if call.future.done() or call.phase is not _Phase.QUEUED:
+                return
+            task = asyncio.ensure_future(self.nc.publish(subject, body, headers=headers))
+            self._controls.add(task)
+            task.add_done_callback(self._controls.discard)
+            loop.call_later(_POD_OPEN_AGAIN_S, again)
+
+        again()
         return call
 
     def _unconfirmed(self, call: _Call) -> None:
@@ -453,6 +495,12 @@ class Dispatcher:
         task = asyncio.ensure_future(self.nc.publish(subject, encode(control)))
         self._controls.add(task)
         task.add_done_callback(self._controls.discard)
+
+    async def wake_scheduler(self, function_id: uuid.UUID) -> None:
+        """A pod of the function wants its replica (or gave it back): a pass now, not at the
+        scheduler's next period."""
+        subject = self.subjects.demand(function_id)
+        await self.nc.publish(subject, b"", headers=self.seals.platform(subject, b""))
 
     async def _hint_demand(self, function_id: uuid.UUID) -> None:
         """Wake the scheduler when the function has no ready replica (scale from zero without
@@ -612,7 +660,7 @@ class Dispatcher:
         if beat.in_flight == 0 and replica in self._running_on:
             self._replies_lost(replica, now)
         ready = self._ready.setdefault(function, {})
-        if beat.state == ReplicaState.READY:
+        if beat.state == ReplicaState.READY and beat.pod_id is None:  # a pod's takes no calls
             ready[replica] = now
         else:  # draining or gone: it vouches for its function no longer
             ready.pop(replica, None)

@@ -298,6 +298,16 @@ _OPS: dict[str, dict[str, _Op]] = {
         "delete": _Op(summary="Remove a catalog deployment (its app).", params=(_DEPLOYMENT,),
                       ok="204"),
     },
+    "/v1/pods": {
+        "get": _Op(summary="The caller's pods and shells that have not ended.", media=_OBJECT),
+        "post": _Op(summary="Start a shell: a fresh replica of a function with a terminal "
+                    "(WS /v1/pods/ID/terminal).", ok="201", body=b.PodBody, media=_OBJECT),
+    },
+    "/v1/pods/{pod_id}": {
+        "get": _Op(summary="One pod.", params=(_path("pod_id"),), media=_OBJECT),
+        "delete": _Op(summary="End a pod: its replica stops, its terminals are hung up.",
+                      params=(_path("pod_id"),), ok="204"),
+    },
     "/healthz": {"get": _Op(summary="Liveness (no key needed).", public=True)},
     "/readyz": {"get": _Op(summary="Readiness (no key needed).", public=True)},
     "/metrics": {"get": _Op(summary="Prometheus metrics.",

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 
 from starlette.responses import Response
@@ -56,9 +57,12 @@ async def serve_session(
     resolve: Resolve,
     refusal: Refusal,
     bridge: type[Bridge] | None = None,
+    pod: Callable[[WebSocket], uuid.UUID] | None = None,
 ) -> None:
     """Authenticate, find the handler (`resolve`), wait for a replica to hold the session, then
-    carry frames until it ends. A refusal before the upgrade is `refusal`'s HTTP answer."""
+    carry frames until it ends. A refusal before the upgrade is `refusal`'s HTTP answer.
+    `pod`: the session is opened on this replica (a pod's, which `resolve` found), not put in
+    the function's queue."""
     svc = services(websocket)
     rid = request_id(websocket)
     started = asyncio.get_running_loop().time()
@@ -80,7 +84,10 @@ async def serve_session(
                 svc.settings.ws_max_session_s, route.startup_timeout_s, rid, route.generation,
                 watch.trace,
             )  # fmt: skip
-            link = await svc.dispatcher.open_session(order, body)
+            if pod is not None:
+                link = await svc.dispatcher.open_pod_session(order, body, pod(websocket))
+            else:
+                link = await svc.dispatcher.open_session(order, body)
             await _wait_taken(link)
         except KilnError as exc:
             if watch is not None:

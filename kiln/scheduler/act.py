@@ -24,6 +24,7 @@ from kiln.functions.gpu import gpu_request
 from kiln.metering import close_lost_usage
 from kiln.scheduler.cluster import ClusterView, TrackedReplica
 from kiln.scheduler.placement import place
+from kiln.scheduler.pods import PodRow
 from kiln.scheduler.reconcile import LostReplica
 from kiln.scheduler.records import ClusterRecords, FunctionRow
 from kiln.seal import Seals
@@ -70,14 +71,17 @@ class Orders:
         answer: dict[str, object] = json.loads(reply.data)
         return answer
 
-    async def launch(self, function: FunctionRow, *, requested_at: float) -> bool:
+    async def launch(
+        self, function: FunctionRow, *, requested_at: float, pod: PodRow | None = None
+    ) -> bool:
         """Start one replica of `function` on the best node that takes it; False when none
-        does now (the demand waits in the queue). `requested_at`: when its demand was seen."""
+        does now (the demand waits in the queue). `requested_at`: when its demand was seen.
+        `pod`: the replica is this pod's, with the id its row names."""
         candidates = self.cluster.placeable(self.clock.monotonic())
         affinity = affinity_id(function.digest, f"{function.app}/{function.name}")
         kind, count = gpu_request(function.gpu)
         launch = StartReplica(
-            replica_id=str(uuid.uuid4()),
+            replica_id=str(pod.replica_id if pod is not None else uuid.uuid4()),
             function_id=str(function.id),
             version_id=str(function.version_id),
             generation=function.generation,
@@ -90,6 +94,8 @@ class Orders:
             gpu_type=kind,
             gpu_count=count,
             requested_at=requested_at,
+            pod_id=str(pod.id) if pod is not None else None,
+            pod_kind=pod.kind.value if pod is not None else "",
         )
         while (placement := place(function.gpu, candidates, affinity)) is not None:
             view = self.cluster.placement[placement.node_id]
@@ -110,6 +116,8 @@ class Orders:
             _log.info("placed replica %s of %s/%s on %s (%s)", replica_id, function.app,
                       function.name, placement.node_id, placement.reason)  # fmt: skip
             await self.records.record_replica(launch, placement.node_id, reply)
+            if pod is not None:
+                await self.records.pod_launched(pod, placement.node_id)
             if (early := self.cluster.early_origins.pop(replica_id, None)) is not None:
                 await self.records.set_origin(replica_id, *early)
             return True

@@ -45,6 +45,13 @@ class TrackedReplica:
     launch: StartReplica | None = None  # as the node agent took it (its billable start)
 
     @property
+    def pod_id(self) -> str | None:
+        """The pod it serves (outside the autoscaler), as ordered or as it says itself."""
+        if self.launch is not None:
+            return self.launch.pod_id
+        return self.beat.pod_id if self.beat is not None else None
+
+    @property
     def state(self) -> ReplicaState:
         if self.draining:
             return ReplicaState.DRAINING

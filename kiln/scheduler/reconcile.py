@@ -109,7 +109,8 @@ class Turnover:
 def turnover(function: FunctionRow, replicas: Iterable[TrackedReplica]) -> Turnover:
     """Old versions drain once idle or once a replica of the current version is ready (a drain
     finishes what it holds); new replicas take the demand."""
-    mine = [r for r in replicas if r.function_id == str(function.id)]
+    # A pod's replica is its own (kiln.scheduler.pods): never counted, retired or drained here.
+    mine = [r for r in replicas if r.function_id == str(function.id) and r.pod_id is None]
     version = str(function.version_id)
     current = [r for r in mine if r.version_id == version and r.serving]
     current_ready = any(r.ready for r in current)
@@ -172,7 +173,7 @@ def room_for(
     same kind of slot, its function has nothing waiting and keeps its minimum without it, so
     waiting demand does not starve behind replicas that only wait for their idle timeout.
     `now` is epoch seconds."""
-    replicas = list(replicas)
+    replicas = [r for r in replicas if r.pod_id is None]  # a pod holds its slot
     live: dict[str, int] = {}
     for tracked in replicas:
         if tracked.serving:

@@ -14,9 +14,20 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kiln._clock import SYSTEM_CLOCK, Clock
-from kiln.db.enums import AppState, CallStatus, NodeState, ReplicaState
-from kiln.db.models import App, AppVersion, Call, Customer, Function, Node, Replica, UsageEvent
+from kiln.db.enums import ACTIVE_POD_STATES, AppState, CallStatus, NodeState, PodState, ReplicaState
+from kiln.db.models import (
+    App,
+    AppVersion,
+    Call,
+    Customer,
+    Function,
+    Node,
+    Pod,
+    Replica,
+    UsageEvent,
+)
 from kiln.db.session import transaction
+from kiln.scheduler.pods import PodRow
 from kiln.scheduler.policy import Scaling
 from kiln.wire import NodeHeartbeat, Origin, StartReplica
 
@@ -109,6 +120,49 @@ class ClusterRecords:
                     billing_block=block,
                 )  # fmt: skip
         return result
+
+    async def load_pods(self) -> list[PodRow]:
+        """The pods that want a replica."""
+        async with transaction(self.sessions) as session:
+            rows = await session.scalars(sa.select(Pod).where(Pod.state.in_(ACTIVE_POD_STATES)))
+            return [_pod_row(pod) for pod in rows]
+
+    async def pod_launched(self, pod: PodRow, node_id: str) -> None:
+        await self._update_pod(pod, node_id=node_id)
+
+    async def pod_ready(self, pod: PodRow) -> None:
+        await self._update_pod(pod, state=PodState.RUNNING, started_at=self._now())
+
+    async def pod_gone(self, pod: PodRow, *, error: str | None = None) -> None:
+        """Its replica ended: a shell ends with it; a pod starts again with a new replica."""
+        if pod.shell:
+            await self._update_pod(pod, state=PodState.ENDED, ended_at=self._now(), error=error)
+        else:
+            await self._update_pod(
+                pod, state=PodState.STARTING, replica_id=uuid.uuid4(), node_id=None, error=error
+            )
+
+    async def pod_blocked(self, pod: PodRow, why: str) -> None:
+        """Billing blocks its owner: a shell ends, a pod stops (it may be started again)."""
+        now = self._now()
+        if pod.shell:
+            await self._update_pod(pod, state=PodState.ENDED, ended_at=now, error=why)
+        else:
+            await self._update_pod(pod, state=PodState.STOPPED, stopped_at=now, error=why)
+
+    async def _update_pod(self, pod: PodRow, **values: object) -> None:
+        """Only the replica the row still names: a customer's stop or delete since this pass
+        loaded it is not undone."""
+        async with transaction(self.sessions) as session:
+            await session.execute(
+                sa.update(Pod)
+                .where(
+                    Pod.id == pod.id,
+                    Pod.replica_id == pod.replica_id,
+                    Pod.state.in_(ACTIVE_POD_STATES),
+                )
+                .values(**values)
+            )
 
     async def oldest_queued_job_s(self) -> float:
         """Age in seconds of the oldest async job still queued, 0 when none. By the database's
@@ -270,3 +324,14 @@ def _with_live_settings(spec: dict[str, object], function: Function) -> dict[str
         timeout_s=function.timeout_s,
     )
     return {**spec, "resources": resources}
+
+
+def _pod_row(pod: Pod) -> PodRow:
+    return PodRow(
+        id=pod.id,
+        kind=pod.kind,
+        state=pod.state,
+        function_id=pod.function_id,
+        replica_id=pod.replica_id,
+        launched=pod.node_id is not None,
+    )

@@ -39,6 +39,7 @@ from kiln.scheduler.backoff import CrashLoops
 from kiln.scheduler.cluster import ClusterView
 from kiln.scheduler.leader import Leadership
 from kiln.scheduler.observe import Observer
+from kiln.scheduler.pods import plan_pods
 from kiln.scheduler.reconcile import (
     ADOPTION_WINDOW_S,
     TAKEOVER_SETTLE_S,
@@ -62,6 +63,8 @@ _DRAIN_S = 5.0
 _JOB_AGE_EVERY_S = 5.0
 # Grace for an idle replica drained to make room, or one whose function is gone.
 _IDLE_GRACE_S = 30.0
+# A stopped pod's terminals are hung up; its replica has this long to exit.
+_POD_STOP_GRACE_S = 10.0
 
 
 class Scheduler:
@@ -214,6 +217,35 @@ class Scheduler:
             self.scheduling.oldest_queued_job.set(await self.records.oldest_queued_job_s())
         for orphan in orphans(list(self.cluster.replicas.values()), functions):
             await self.orders.drain(orphan, grace_s=_IDLE_GRACE_S)
+        await self._reconcile_pods(functions)
+
+    async def _reconcile_pods(self, functions: dict[uuid.UUID, FunctionRow]) -> None:
+        """Every active pod with its replica (kiln.scheduler.pods)."""
+        blocked = frozenset(f.id for f in functions.values() if f.billing_block is not None)
+        plan = plan_pods(
+            await self.records.load_pods(), self.cluster.replicas, blocked=blocked,
+            judged=self.swept,
+        )  # fmt: skip
+        for pod in plan.blocked:
+            await self.records.pod_blocked(pod, "billing blocks its owner (see GET "
+                                           "/v1/billing/balance)")  # fmt: skip
+        for pod in plan.gone:
+            await self.records.pod_gone(pod)
+        for pod, tracked in plan.ready:
+            await self.records.pod_ready(pod)
+            if not tracked.recorded_ready:
+                await self.orders.mark_ready(tracked)
+        now = self.clock.monotonic()
+        for pod in plan.start:
+            function = functions.get(pod.function_id)
+            if function is None or now < self.settle_until:
+                continue
+            if self.crash_loops.holds(function.id, now):
+                continue  # its replicas keep failing: the backoff holds the pod's too
+            if not await self.orders.launch(function, requested_at=self.clock.wall(), pod=pod):
+                self.scheduling.placement_failures.labels(function.gpu).inc()
+        for tracked in plan.stop:
+            await self.orders.drain(tracked, grace_s=_POD_STOP_GRACE_S)
 
     async def _judge_silence(self, now: float) -> None:
         # Heartbeats this scheduler missed while its own link to NATS was down say nothing

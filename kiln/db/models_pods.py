@@ -1,0 +1,62 @@
+"""Pods and shells: replicas a customer reserves (`/v1/pods`), outside the autoscaler.
+
+A row is what the customer asked for; the scheduler gives each active one a replica of its
+function, started with `replica_id` (chosen before the start, so a router can address the
+replica's terminal without waiting for the scheduler), and never scales it down or drains it
+for room. A shell ends with its first terminal; a pod runs until it is stopped.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import Mapped, mapped_column
+
+from kiln.db.base import Base, Timestamps, int_default, str_enum, uuid_pk
+from kiln.db.enums import PodKind, PodState
+
+__all__ = ["Pod"]
+
+
+class Pod(Timestamps, Base):
+    __tablename__ = "pods"
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    customer_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("customers.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(sa.String(64))
+    kind: Mapped[PodKind] = mapped_column(str_enum(PodKind, "kind"))
+    # What it runs: the code, environment, secrets and GPU request of this function.
+    function_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("functions.id", ondelete="CASCADE"), index=True
+    )
+    state: Mapped[PodState] = mapped_column(
+        str_enum(PodState, "state"), default=PodState.STARTING, server_default="starting"
+    )
+    # Its current (or last) replica; a new one for every start.
+    replica_id: Mapped[uuid.UUID] = mapped_column(default=uuid.uuid4)
+    node_id: Mapped[str | None] = mapped_column(sa.String(128))
+    ports: Mapped[list[int]] = mapped_column(
+        postgresql.ARRAY(sa.Integer), default=list, server_default="{}"
+    )
+    volume_gb: Mapped[int] = int_default(0)
+    started_at: Mapped[datetime | None]  # when its replica became ready
+    stopped_at: Mapped[datetime | None]
+    ended_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(sa.Text)  # why it ended or stopped, if not asked
+
+    __table_args__ = (
+        sa.Index(None, "state"),
+        sa.Index(
+            "uq_pods_customer_name_live",
+            "customer_id",
+            "name",
+            unique=True,
+            postgresql_where=sa.text("state <> 'ended'"),
+        ),
+        sa.CheckConstraint("volume_gb >= 0", name="volume_gb_nonnegative"),
+    )

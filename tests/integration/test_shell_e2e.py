@@ -1,0 +1,216 @@
+"""`kiln shell` on the real stack, in the sandbox: a shell is a fresh replica of a function
+reached only through the router; its terminal is a real PTY (the window's size, Ctrl-C,
+the function's environment), the command's exit status comes back, the replica goes when
+the terminal ends and its time is billed like any replica's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+import sqlalchemy as sa
+from eventually import eventually
+from sqlalchemy.ext.asyncio import AsyncEngine
+from stack import Platform, error_of
+from typer.testing import CliRunner, Result
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+
+from kiln.cli.main import app as cli
+from kiln.db.models import Pod, UsageEvent
+
+pytestmark = pytest.mark.integration
+
+WORK = """
+import kiln
+
+app = kiln.App("workbench")
+
+
+@app.function(gpu="none", env={"GREETING": "hello from the function"})
+def work(x: int) -> int:
+    return x
+"""
+
+
+@pytest.fixture(scope="module", name="deployed")
+async def deployed_app(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> Platform:
+    await platform.deploy_source(tmp_path_factory.mktemp("workbench"), "workbench.py", WORK)
+    return platform
+
+
+async def new_shell(platform: Platform) -> dict[str, Any]:
+    async with platform.client() as client:
+        response = await client.post("/v1/pods", json={"shell": "workbench/work"})
+    assert response.status_code == 201, response.text
+    pod: dict[str, Any] = response.json()
+    return pod
+
+
+def terminal(platform: Platform, pod: dict[str, Any], **params: str) -> connect:
+    query = f"?{urlencode(params)}" if params else ""
+    url = platform.url.replace("http://", "ws://") + pod["terminal"] + query
+    return connect(url, additional_headers={"Authorization": f"Bearer {platform.key}"},
+                   open_timeout=120)  # fmt: skip
+
+
+class Screen:
+    """What a terminal printed, read until something appears."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.text = ""
+        self.exit: int | None = None
+
+    async def until(self, wanted: str, *, within_s: float = 30) -> str:
+        try:
+            return await asyncio.wait_for(self._until(wanted), within_s)
+        except TimeoutError:
+            raise AssertionError(f"no {wanted!r} within {within_s} s: {self.text!r}") from None
+
+    async def _until(self, wanted: str) -> str:
+        while wanted not in self.text:
+            message = await self.ws.recv()
+            if isinstance(message, bytes):
+                self.text += message.decode(errors="replace")
+            else:
+                self.exit = int(json.loads(message)["code"])
+                if wanted not in self.text:
+                    raise AssertionError(f"exited {self.exit} before {wanted!r}: {self.text}")
+        return self.text
+
+    async def exit_status(self, *, within_s: float = 30) -> int:
+        async with asyncio.timeout(within_s):
+            while self.exit is None:
+                message = await self.ws.recv()
+                if isinstance(message, bytes):
+                    self.text += message.decode(errors="replace")
+                else:
+                    self.exit = int(json.loads(message)["code"])
+        return self.exit
+
+
+async def pod_row(engine: AsyncEngine, pod_id: str) -> Pod:
+    async with engine.connect() as conn:
+        row = (await conn.execute(sa.select(Pod).where(Pod.id == uuid.UUID(pod_id)))).one()
+    return row  # type: ignore[return-value]
+
+
+async def test_a_command_runs_in_the_functions_environment_and_returns_its_status(
+    deployed: Platform, engine: AsyncEngine
+) -> None:
+    pod = await new_shell(deployed)
+    assert (pod["kind"], pod["function"], pod["state"]) == ("shell", "workbench/work", "starting")
+    opened = time.monotonic()
+    command = "echo $GREETING; tty; stty size; exit 3"
+    async with terminal(deployed, pod, cmd=command, cols="100", rows="30") as ws:
+        screen = Screen(ws)
+        assert await screen.exit_status(within_s=120) == 3
+    lifetime = time.monotonic() - opened
+    lines = [line.strip() for line in screen.text.splitlines()]
+    assert lines[0] == "hello from the function"
+    assert lines[1].startswith("/dev/pts/")  # a real terminal
+    assert lines[2] == "30 100"  # of the size asked for
+
+    # The shell ended with its terminal: its row, its replica, and its billed time.
+    async def ended() -> Any:
+        row = await pod_row(engine, pod["id"])
+        return row if row.state.value == "ended" else None
+
+    row = await eventually(ended, within_s=30)
+    replica = str(row.replica_id)
+
+    async def billed() -> list[Any]:
+        async with engine.connect() as conn:
+            events = (
+                await conn.execute(
+                    sa.select(UsageEvent).where(UsageEvent.replica_id == row.replica_id)
+                )
+            ).all()
+        replicas = await deployed.replicas("workbench/work")
+        return list(events) if events and replica not in {r["id"] for r in replicas} else []
+
+    events = await eventually(billed, within_s=60)
+    seconds = sum(e.duration_ms for e in events) / 1000
+    assert 0 < seconds <= lifetime + 5, (seconds, lifetime)
+
+
+async def test_an_interactive_shell_resizes_takes_ctrl_c_and_exits_with_its_status(
+    deployed: Platform,
+) -> None:
+    pod = await new_shell(deployed)
+    async with terminal(deployed, pod) as ws:
+        screen = Screen(ws)
+        await ws.send(b"stty size; echo sized\r")
+        await screen.until("24 80")
+        await ws.send(json.dumps({"type": "resize", "cols": 132, "rows": 43}))
+        await ws.send(b"stty size\r")
+        await screen.until("43 132")
+        await ws.send(b"echo sleep-$((1+1)); sleep 600; echo slept\r")
+        await screen.until("sleep-2")  # the command runs: the terminal is the line's again
+        await ws.send(b"\x03")  # Ctrl-C ends the sleep, not the shell
+        await ws.send(b"echo after-$((6*7))\r")
+        await screen.until("after-42")
+        await ws.send(b"exit 7\r")
+        assert await screen.exit_status() == 7
+    assert "\nslept" not in screen.text  # only as typed: the sleep was interrupted
+
+
+async def test_kiln_shell_cmd_exits_with_the_commands_status(
+    deployed: Platform, tmp_path: Path
+) -> None:
+    env = {"KILN_URL": deployed.url, "KILN_API_KEY": deployed.key, "KILN_HOME": str(tmp_path)}
+
+    def kiln_cli(*args: str) -> Result:
+        return CliRunner().invoke(cli, list(args), env=env)
+
+    result = await asyncio.to_thread(
+        kiln_cli, "shell", "workbench/work", "--cmd", "echo from-cli; exit 5"
+    )
+    assert result.exit_code == 5, result.output
+    assert "from-cli" in result.output
+
+
+async def test_shells_are_refused_by_name_and_kept_from_other_customers(
+    deployed: Platform,
+) -> None:
+    async with deployed.client() as client:
+        missing = await client.post("/v1/pods", json={"shell": "workbench/nothing"})
+        assert missing.status_code == 404, missing.text
+        bad = await client.post("/v1/pods", json={"shell": "no-slash"})
+        assert bad.status_code == 400
+        assert "shell=" in error_of(bad)["message"]
+        customer = await client.post(
+            "/v1/customers", json={"name": "other-shell-co", "tier": "enterprise"}
+        )
+        key = await client.post(
+            "/v1/keys", json={"kind": "account", "customer_id": customer.json()["id"]}
+        )
+        other_key = key.json()["key"]
+    pod = await new_shell(deployed)
+    headers = {"Authorization": f"Bearer {other_key}"}
+    async with deployed.client() as client:
+        seen = await client.get(f"/v1/pods/{pod['id']}", headers=headers)
+        assert seen.status_code == 404
+        listed = await client.get("/v1/pods", headers=headers)
+        assert listed.json()["data"] == []
+    url = deployed.url.replace("http://", "ws://") + pod["terminal"]
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(url, additional_headers=headers, open_timeout=30):
+            pass
+    assert refused.value.response.status_code == 404
+    with pytest.raises(InvalidStatus) as sized:
+        async with terminal(deployed, pod, cols="0"):
+            pass
+    assert sized.value.response.status_code == 400
+    async with deployed.client() as client:
+        gone = await client.delete(f"/v1/pods/{pod['id']}")
+        assert gone.status_code == 204
+        after = await client.get(f"/v1/pods/{pod['id']}")
+        assert after.json()["state"] == "ended"
