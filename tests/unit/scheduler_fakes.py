@@ -77,6 +77,9 @@ class Records:
     async def oldest_queued_job_s(self) -> float:
         return 0.0
 
+    async def load_pods(self) -> list[Any]:
+        return []  # the reconcile loop's pods are kiln.scheduler.pods' (test_scheduler_pods)
+
     async def minimums(self) -> dict[str, int]:
         return {str(f.id): f.min_replicas for f in self.functions.values()}
 
