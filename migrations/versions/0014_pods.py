@@ -64,13 +64,13 @@ def upgrade() -> None:
             ["customers.id"],
             name=op.f("fk_pods_customer_id_customers"),
             ondelete="CASCADE",
-        ),  # fmt: skip
+        ),
         sa.ForeignKeyConstraint(
             ["function_id"],
             ["functions.id"],
             name=op.f("fk_pods_function_id_functions"),
             ondelete="CASCADE",
-        ),  # fmt: skip
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_pods")),
     )
     op.create_index(op.f("ix_pods_customer_id"), "pods", ["customer_id"])
