@@ -39,10 +39,9 @@ def shell(
     ] = None,
 ) -> None:
     """Open a terminal in a fresh replica of APP/NAME (its code, environment and GPU)."""
-    from kiln.cli.main import client_settings
     from kiln.client import connect
 
-    with connect(settings=client_settings()) as client:
+    with connect() as client:
         pod = client.request("POST", "/v1/pods", json={"shell": target}).json()
         size = shutil.get_terminal_size()
         params = {

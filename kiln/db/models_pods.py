@@ -52,7 +52,7 @@ class Pod(Timestamps, Base):
     __table_args__ = (
         sa.Index(None, "state"),
         sa.Index(
-            "uq_pods_customer_name_live",
+            "ix_pods_customer_name_live",
             "customer_id",
             "name",
             unique=True,

@@ -77,7 +77,7 @@ def upgrade() -> None:
     op.create_index(op.f("ix_pods_function_id"), "pods", ["function_id"])
     op.create_index(op.f("ix_pods_state"), "pods", ["state"])
     op.create_index(
-        "uq_pods_customer_name_live", "pods", ["customer_id", "name"], unique=True,
+        "ix_pods_customer_name_live", "pods", ["customer_id", "name"], unique=True,
         postgresql_where=sa.text("state <> 'ended'"),
     )  # fmt: skip
 

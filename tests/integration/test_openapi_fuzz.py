@@ -161,7 +161,7 @@ async def test_the_api_fuzzed_from_its_openapi_document(platform: Platform, tmp_
         for method, operation in methods.items()
         if "$ref" in str(operation.get("requestBody", ""))
     ]
-    assert len(with_body) == 13, with_body
+    assert len(with_body) == 14, with_body
     stuck = {
         name: sorted(outcome.statuses[name])
         for name in with_body

@@ -33,6 +33,7 @@ TABLES = {
     "invoice_counter",
     "invoice_lines",
     "invoices",
+    "pods",
     "ledger_entries",
     "mail_tokens",
     "nodes",
@@ -160,6 +161,7 @@ def test_uuid_primary_keys_are_generated_in_python() -> None:
         "functions",
         "invoices",
         "mail_tokens",
+        "pods",
         "replicas",
         "users",
     }
