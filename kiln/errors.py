@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "AppImportError",
+    "BadGateway",
     "ConfigError",
     "Conflict",
     "DevStackBusy",
@@ -287,6 +288,18 @@ class StreamBroken(KilnError):
 
     status = 502
     code = "stream_broken"
+
+
+class BadGateway(KilnError):
+    """A pod's own server, reached through a forwarded port, did not answer: its message is
+    about the customer's program, not Kiln's internals, and is shown."""
+
+    status = 502
+    code = "bad_gateway"
+
+    @property
+    def public_message(self) -> str:
+        return self.message
 
 
 class Unavailable(KilnError):

@@ -49,6 +49,7 @@ __all__ = [
     "REPLICA_LOST_AFTER_S",
     "SESSION_WINDOW",
     "TERMINAL_METHOD",
+    "TUNNEL_METHOD",
     "WIRE_VERSION",
     "CallHeaders",
     "Event",
@@ -121,6 +122,8 @@ class Event(enum.StrEnum):
 JOB_ROUTER = "job"
 # The method a pod's terminal session carries (kiln.invoker.pod_host serves it).
 TERMINAL_METHOD = "kiln.terminal"
+# ... and one of its forwarded ports' connections (kiln.pods.tunnel).
+TUNNEL_METHOD = "kiln.tunnel"
 
 
 class JobEventKind(enum.StrEnum):

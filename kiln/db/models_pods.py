@@ -34,6 +34,7 @@ class Pod(Timestamps, Base):
     function_id: Mapped[uuid.UUID] = mapped_column(
         sa.ForeignKey("functions.id", ondelete="CASCADE"), index=True
     )
+    gpu: Mapped[str | None] = mapped_column(sa.String(32))  # its own request; None: its function's
     state: Mapped[PodState] = mapped_column(
         str_enum(PodState, "state"), default=PodState.STARTING, server_default="starting"
     )

@@ -28,8 +28,9 @@ from kiln.functions.session import Session
 from kiln.invoker.calls import CallRunner
 from kiln.invoker.sessions import ReplicaSession
 from kiln.pods.terminal_session import TerminalRequest, login_env, serve_terminal
+from kiln.pods.tunnel import serve_tunnel
 from kiln.seal import FunctionSealer
-from kiln.wire import CallHeaders, H, StartReplica, Subjects
+from kiln.wire import TUNNEL_METHOD, CallHeaders, H, StartReplica, Subjects
 
 __all__ = ["SHELL_ATTACH_S", "PodHost"]
 
@@ -101,6 +102,11 @@ class PodHost:
         self._taken[key] = None
         while len(self._taken) > _REMEMBERED:
             del self._taken[next(iter(self._taken))]
+        if call.method == TUNNEL_METHOD:
+            session = self.calls.open_session(call, msg.data)
+            self.track(asyncio.create_task(self._tunnel(call, session)))
+            await self.accept(call)
+            return
         if self.shell and self._opened.is_set():
             await self.calls.reply_error(call, Conflict(
                 "this shell's terminal is already open: a shell has one terminal"
@@ -117,6 +123,17 @@ class PodHost:
         finally:
             if self.shell:
                 self.drain()  # the shell ends with its terminal
+
+    async def _tunnel(self, call: CallHeaders, session: ReplicaSession) -> None:
+        async def connect(opened: Session) -> None:
+            try:
+                port = int(opened.params.get("port", ""))
+            except ValueError:
+                await opened.close(1011, "no port was given")
+                return
+            await serve_tunnel(opened, port)
+
+        await self.calls.run_session(call, session, connect)
 
     async def _terminal(self, call: CallHeaders, session: Session) -> None:
         request = TerminalRequest(session.params)

@@ -324,9 +324,11 @@ class Sandboxes:
             args = [
                 self.bwrap, *userns, "--unshare-ipc", "--unshare-pid", "--unshare-uts",
                 "--unshare-cgroup-try", "--die-with-parent", "--hostname", "kiln",
-                # the sandbox's own /tmp (and /var/tmp), not the host's
-                "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",  # noqa: S108
-                "--dir", "/var/tmp",  # noqa: S108
+                # the sandbox's own /tmp (and /var/tmp), not the host's, writable by its
+                # programs as a /tmp is (sticky), not by root only
+                "--proc", "/proc", "--dev", "/dev",
+                "--perms", "1777", "--tmpfs", "/tmp",  # noqa: S108
+                "--perms", "1777", "--dir", "/var/tmp",  # noqa: S108
                 "--perms", "1777", "--tmpfs", "/dev/shm",  # noqa: S108 - semaphores, shared memory
             ]  # fmt: skip
             for path in self._system_paths():

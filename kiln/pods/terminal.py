@@ -151,7 +151,8 @@ class Terminal:
 
     async def close(self, grace_s: float = 2.0) -> int:
         """End the session: SIGHUP to its process group (a terminal hung up), SIGKILL after
-        `grace_s`; its exit status."""
+        `grace_s`; its exit status. Once the command has exited, only the terminal is closed:
+        what it left running in the background is left alone."""
         if self.process.returncode is None:
             self._signal_group(signal.SIGHUP)
             try:

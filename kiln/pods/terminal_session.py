@@ -6,7 +6,8 @@ The protocol, for any WebSocket client:
 - a text frame from the client is a JSON control: `{"type": "resize", "cols": C, "rows": R}`;
 - binary frames to the client are the terminal's output, as the programs wrote it;
 - when the command exits, one text frame `{"type": "exit", "code": N}` (N as a shell gives
-  it: 128 plus the signal for a command a signal ended), then a normal close (1000).
+  it: 128 plus the signal for a command a signal ended), then a normal close (1000); programs
+  it left in the background go on (a pod's server started from its terminal, say).
 
 The session's parameters (the WebSocket URL's query) choose the command and the window:
 `cmd` (run with `/bin/sh -c`; without it, an interactive login shell), `cols`, `rows`, `term`.
@@ -30,6 +31,8 @@ from kiln.pods.terminal import Terminal
 __all__ = ["TerminalRequest", "serve_terminal"]
 
 _MAX_COLS = 1000
+# After the command exits, how long its last output has to arrive.
+_LAST_OUTPUT_S = 0.5
 _MAX_ROWS = 500
 
 
@@ -81,19 +84,26 @@ async def serve_terminal(
     )  # fmt: skip
     output = asyncio.ensure_future(_output(terminal, session))
     typing = asyncio.ensure_future(_input(terminal, session))
+    exited = asyncio.ensure_future(terminal.wait())
     try:
-        await asyncio.wait({output, typing}, return_when=asyncio.FIRST_COMPLETED)
-        if output.done() and output.exception() is None:
-            code = await terminal.wait()
+        await asyncio.wait({output, typing, exited}, return_when=asyncio.FIRST_COMPLETED)
+        if exited.done() or (output.done() and output.exception() is None):
+            # The command ended. A program it left running in the background may hold the
+            # terminal open for ever (the terminal never reads as closed): what the command
+            # wrote is sent if it comes within the grace, and the session ends with the
+            # command, as `docker exec` does, not with its last holder.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(output), _LAST_OUTPUT_S)
+            code = await exited
             typing.cancel()
             with contextlib.suppress(SessionClosed):
                 await session.send(json.dumps({"type": "exit", "code": code}))
             return code
         return await terminal.close()
     finally:
-        for task in (output, typing):
+        for task in (output, typing, exited):
             task.cancel()
-        await asyncio.gather(output, typing, return_exceptions=True)
+        await asyncio.gather(output, typing, exited, return_exceptions=True)
         await terminal.close()
 
 

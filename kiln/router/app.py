@@ -35,6 +35,7 @@ from kiln.router import (
     jobs,
     nodes,
     plans,
+    pod_ports,
     pods,
 )
 from kiln.router.abuse import SCOPE_CUSTOMER, AbuseSignals, list_abuse
@@ -72,6 +73,9 @@ async def openapi(request: Request) -> Response:
     return JSONResponse(openapi_document())
 
 
+# A pod's forwarded port answers whatever the pod's server answers.
+_ANY = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
 ROUTES = [
     Route("/v1/run/{app}/{name}", run, methods=["POST"]),
     WebSocketRoute("/v1/ws/{app}/{name}", ws_session),
@@ -79,7 +83,12 @@ ROUTES = [
     Route("/v1/pods", pods.list_pods, methods=["GET"]),
     Route("/v1/pods/{pod_id}", pods.get_pod, methods=["GET"]),
     Route("/v1/pods/{pod_id}", pods.delete_pod, methods=["DELETE"]),
+    Route("/v1/pods/{pod_id}/stop", pods.stop_pod, methods=["POST"]),
+    Route("/v1/pods/{pod_id}/start", pods.start_pod, methods=["POST"]),
     WebSocketRoute("/v1/pods/{pod_id}/terminal", pods.pod_terminal),
+    WebSocketRoute("/v1/pods/{pod_id}/tunnel/{port}", pod_ports.tunnel),
+    Route("/v1/pods/{pod_id}/ports/{port}/{path:path}", pod_ports.forward_http, methods=_ANY),
+    WebSocketRoute("/v1/pods/{pod_id}/ports/{port}/{path:path}", pod_ports.forward_websocket),
     Route("/v1/spawn/{app}/{name}", jobs.spawn, methods=["POST"]),
     Route("/v1/customers", access.create_customer, methods=["POST"]),
     Route("/v1/customers", access.list_customers, methods=["GET"]),

@@ -47,6 +47,7 @@ __all__ = [
     "LogsQuery",
     "OperatorSettingsPatch",
     "PodBody",
+    "PodEnvironment",
     "RevenueQuery",
     "SettingsPatch",
     "SpawnQuery",
@@ -59,6 +60,8 @@ INT4 = 2**31 - 1  # PostgreSQL's `integer`
 MICROS = 2**62  # a balance's bound: far beyond any money, well inside a `bigint`
 MIN_TOPUP_MICROS = 1_000_000  # one unit of the currency
 MAX_TOPUP_MICROS = 100_000 * 1_000_000
+MAX_POD_PORTS = 10
+MAX_POD_VOLUME_GB = 10_000
 _TEN_YEARS_S = 10 * 365 * 86400
 ABUSE_BUCKET_S = 60  # abuse counters' resolution, and the shortest window asked of them
 ABUSE_KEEP_S = 2 * 3600  # how long they are kept: the longest window
@@ -606,22 +609,40 @@ class RevenueQuery(_Window):
     """`GET /v1/billing/revenue` (operators)."""
 
 
-class PodBody(Body):
-    """`POST /v1/pods`: a shell (`{"shell": "APP/FN"}`), a fresh replica of the function with a
-    terminal, gone when the terminal ends."""
+class PodEnvironment(Body):
+    """What a pod runs: a deployed app's code, environment and secrets."""
 
-    missing: ClassVar[str] = "a pod needs {missing}"
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    unknown: ClassVar[str] = "unknown environment field {first!r}; fields are {known}"
+
+    app: Annotated[
+        StrictStr,
+        Field(min_length=1, max_length=63, description="A deployed app of the caller's."),
+        Expect("the name of one of your deployed apps (GET /v1/apps)"),
+    ]
+
+
+class PodBody(Body):
+    """`POST /v1/pods`: a shell (`{"shell": "APP/FN"}`, a fresh replica of the function with a
+    terminal, gone when the terminal ends) or a pod (`{"environment": {"app": APP}, "gpu",
+    "ports", "volume_gb", "name"}`, a slot held until it is stopped)."""
+
     unknown: ClassVar[str] = "unknown field {first!r}; fields are {known}"
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     shell: Annotated[
-        StrictStr,
+        StrictStr | None,
         Field(
             pattern=r"^[^/\s]{1,63}/[^/\s]{1,200}$",
-            description="The function (APP/NAME) whose code, environment and GPU it gets.",
+            description="A shell in a fresh replica of this function (APP/NAME).",
         ),
         Expect("a deployed function as APP/NAME, such as 'hello/shout'"),
-    ]
+    ] = None
+    environment: Annotated[
+        PodEnvironment | None,
+        Field(description="What the pod runs: a deployed app's code and environment."),
+        Expect('{"app": APP}, one of your deployed apps (GET /v1/apps)'),
+    ] = None
     name: Annotated[
         StrictStr | None,
         Field(pattern=r"^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$", description="The pod's name."),
@@ -630,3 +651,31 @@ class PodBody(Body):
             "ending with a hyphen, such as 'my-pod'"
         ),
     ] = None
+    gpu: Annotated[
+        StrictStr | None,
+        Field(min_length=1, max_length=32, description="GPUs such as 'H100:2', or 'none'."),
+        Expect("'none', 'any' or a GPU type, optionally with a count, such as 'H100:2'"),
+    ] = None
+    ports: Annotated[
+        tuple[Annotated[StrictInt, Field(ge=1024, le=65535)], ...],
+        Field(max_length=MAX_POD_PORTS, description="Ports forwarded at /v1/pods/ID/ports/PORT/."),
+        Expect(
+            f"at most {MAX_POD_PORTS} port numbers from 1024 to 65535 (ports below 1024 are "
+            "reserved: a pod's programs run unprivileged)"
+        ),
+    ] = ()
+    volume_gb: Annotated[
+        StrictInt,
+        Field(ge=0, le=MAX_POD_VOLUME_GB, description="A volume kept across stop and start."),
+        Expect(f"a whole number of GB from 0 to {MAX_POD_VOLUME_GB}"),
+    ] = 0
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> PodBody:
+        if (self.shell is None) == (self.environment is None):
+            raise InvalidRequest(
+                'a pod needs exactly one of shell (APP/NAME) or environment ({"app": APP})'
+            )
+        if len(set(self.ports)) != len(self.ports):
+            raise InvalidRequest(f"ports={self.ports} is not valid: a port is named twice")
+        return self

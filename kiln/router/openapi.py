@@ -300,13 +300,26 @@ _OPS: dict[str, dict[str, _Op]] = {
     },
     "/v1/pods": {
         "get": _Op(summary="The caller's pods and shells that have not ended.", media=_OBJECT),
-        "post": _Op(summary="Start a shell: a fresh replica of a function with a terminal "
-                    "(WS /v1/pods/ID/terminal).", ok="201", body=b.PodBody, media=_OBJECT),
+        "post": _Op(summary="Start a shell (a fresh replica of a function with a terminal) or "
+                    "a pod (a slot held until stopped).", ok="201", body=b.PodBody,
+                    media=_OBJECT),
     },
     "/v1/pods/{pod_id}": {
         "get": _Op(summary="One pod.", params=(_path("pod_id"),), media=_OBJECT),
         "delete": _Op(summary="End a pod: its replica stops, its terminals are hung up.",
                       params=(_path("pod_id"),), ok="204"),
+    },
+    "/v1/pods/{pod_id}/stop": {"post": _Op(
+        summary="Stop a pod: its GPUs are given back, the pod and its volume stay.",
+        params=(_path("pod_id"),), media=_OBJECT)},
+    "/v1/pods/{pod_id}/start": {"post": _Op(
+        summary="Start a stopped pod again.", params=(_path("pod_id"),), media=_OBJECT)},
+    "/v1/pods/{pod_id}/ports/{port}/{path}": {
+        method: _Op(summary="A request to the server on a forwarded port of the pod (its whole "
+                    "path kept); its answer is the server's.",
+                    params=(_path("pod_id"), _path("port"), _path("path")),
+                    media={"*/*": {"schema": {}}})
+        for method in ("get", "post", "put", "patch", "delete", "options")
     },
     "/healthz": {"get": _Op(summary="Liveness (no key needed).", public=True)},
     "/readyz": {"get": _Op(summary="Readiness (no key needed).", public=True)},

@@ -15,14 +15,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.websockets import WebSocket
 
-from kiln.db.enums import ACTIVE_POD_STATES, PodKind, PodState
-from kiln.db.models import App, Function, Pod
+from kiln.db.enums import ACTIVE_POD_STATES, AppState, NodeState, PodKind, PodState
+from kiln.db.models import App, Function, Node, Pod
 from kiln.db.session import transaction
 from kiln.errors import Conflict, InvalidRequest, KilnError, NotFound
+from kiln.functions.gpu import gpu_request, parse_gpu
 from kiln.pods.terminal_session import TerminalRequest
 from kiln.router.auth import Principal
 from kiln.router.bodies import PodBody
@@ -35,7 +37,18 @@ from kiln.router.validation import parse_json, storable_text, validated
 from kiln.router.websocket import serve_session
 from kiln.wire import TERMINAL_METHOD
 
-__all__ = ["create_pod", "delete_pod", "get_pod", "list_pods", "pod_terminal"]
+__all__ = [
+    "create_pod",
+    "delete_pod",
+    "get_pod",
+    "list_pods",
+    "pod_id_of",
+    "pod_not_found",
+    "pod_terminal",
+    "pods_owned_by",
+    "start_pod",
+    "stop_pod",
+]
 
 
 async def create_pod(request: Request) -> Response:
@@ -44,16 +57,32 @@ async def create_pod(request: Request) -> Response:
     principal = await control_principal(request)
     body = validated(PodBody, parse_json(await read_body(request, svc.settings.max_request_bytes)))
     svc.billing.check(principal.customer_id)  # 402: a pod is billed from its start
-    app, _, name = body.shell.partition("/")
-    route = await svc.catalog.resolve(principal.owner_id, app, name)
+    if body.shell is not None:
+        kind = PodKind.SHELL
+        app, _, name = body.shell.partition("/")
+        function_id = (await svc.catalog.resolve(principal.owner_id, app, name)).function_id
+    else:
+        assert body.environment is not None
+        kind = PodKind.POD
+        function_id = await _environment(svc, principal.owner_id, body.environment.app)
+    gpu = None
+    if body.gpu is not None:
+        try:
+            gpu = parse_gpu(body.gpu)
+        except ValueError as exc:
+            raise InvalidRequest(f"gpu={body.gpu!r} is not valid: {exc}", param="gpu") from None
+        await _capacity_for(svc, gpu)
     pod = Pod(
         id=uuid.uuid4(),
         customer_id=principal.owner_id,
-        name=body.name or f"shell-{secrets.token_hex(3)}",
-        kind=PodKind.SHELL,
-        function_id=route.function_id,
+        name=body.name or f"{kind.value}-{secrets.token_hex(3)}",
+        kind=kind,
+        function_id=function_id,
+        gpu=gpu,
         state=PodState.STARTING,
         replica_id=uuid.uuid4(),
+        ports=list(body.ports),
+        volume_gb=body.volume_gb,
     )
     async with transaction(svc.sessions) as session:
         taken = await session.scalar(
@@ -66,8 +95,93 @@ async def create_pod(request: Request) -> Response:
         if taken is not None:
             raise Conflict(f"a pod named {pod.name!r} exists already: choose another name")
         session.add(pod)
-    await svc.dispatcher.wake_scheduler(route.function_id)
+    await svc.dispatcher.wake_scheduler(function_id)
     return JSONResponse(await _view(svc, pod.id, principal), status_code=201)
+
+
+async def stop_pod(request: Request) -> Response:
+    """`POST /v1/pods/ID/stop`: its replica stops and its slot is given back; the pod (and its
+    volume) stays, to be started again."""
+    svc = services(request)
+    principal = await control_principal(request)
+    pod_id = pod_id_of(request)
+    async with transaction(svc.sessions) as session:
+        pod = await _locked(session, pod_id, principal)
+        if pod.kind == PodKind.SHELL:
+            raise Conflict("a shell cannot be stopped, only ended: DELETE /v1/pods/ID")
+        if pod.state not in ACTIVE_POD_STATES:
+            raise Conflict(f"pod {pod_id} is {pod.state.value} already")
+        pod.state, pod.stopped_at = PodState.STOPPED, datetime.now(UTC)
+        function_id = pod.function_id
+    await svc.dispatcher.wake_scheduler(function_id)
+    return JSONResponse(await _view(svc, pod_id, principal))
+
+
+async def start_pod(request: Request) -> Response:
+    """`POST /v1/pods/ID/start`: a stopped pod gets a new replica."""
+    svc = services(request)
+    principal = await control_principal(request)
+    svc.billing.check(principal.customer_id)
+    pod_id = pod_id_of(request)
+    async with transaction(svc.sessions) as session:
+        pod = await _locked(session, pod_id, principal)
+        if pod.state != PodState.STOPPED:
+            raise Conflict(f"pod {pod_id} is {pod.state.value}: only a stopped pod starts")
+        pod.state, pod.replica_id, pod.node_id = PodState.STARTING, uuid.uuid4(), None
+        pod.error = None
+        function_id = pod.function_id
+    await svc.dispatcher.wake_scheduler(function_id)
+    return JSONResponse(await _view(svc, pod_id, principal))
+
+
+async def _locked(session: AsyncSession, pod_id: uuid.UUID, principal: Principal) -> Pod:
+    pod = await session.scalar(
+        sa.select(Pod).where(Pod.id == pod_id, *pods_owned_by(principal)).with_for_update()
+    )
+    if pod is None:
+        raise pod_not_found(pod_id)
+    return pod
+
+
+async def _environment(svc: RouterServices, owner_id: uuid.UUID, app: str) -> uuid.UUID:
+    """The function whose code, environment and secrets a pod of `app` runs with: the app's
+    first by name."""
+    async with transaction(svc.sessions) as session:
+        function_id = await session.scalar(
+            sa.select(Function.id)
+            .join(App, App.id == Function.app_id)
+            .where(App.customer_id == owner_id, App.name == app, App.state == AppState.ACTIVE)
+            .order_by(Function.name)
+            .limit(1)
+        )
+    if function_id is None:
+        raise NotFound(f"app {app!r} not found; GET /v1/apps lists yours", param="environment")
+    return function_id
+
+
+async def _capacity_for(svc: RouterServices, gpu: str) -> None:
+    """400 unless some node could hold `gpu`, naming what the nodes have."""
+    kind, count = gpu_request(gpu)
+    async with transaction(svc.sessions) as session:
+        nodes = (
+            await session.execute(
+                sa.select(Node.gpu_type, Node.gpu_count, Node.cpu_slots).where(
+                    Node.state == NodeState.READY
+                )
+            )
+        ).all()
+    fits = any(
+        (kind == "none" and cpu > 0)
+        or (kind != "none" and (kind == "any" or kind == gpu_type) and (gpus or 0) >= count)
+        for gpu_type, gpus, cpu in nodes
+    )
+    if fits:
+        return
+    have = sorted({f"{t} x{n}" for t, n, _ in nodes if t} | {"CPU slots" for *_, c in nodes if c})
+    raise InvalidRequest(
+        f"gpu={gpu!r}: no node has that; the nodes have {', '.join(have) or 'nothing yet'}",
+        param="gpu",
+    )
 
 
 async def list_pods(request: Request) -> Response:
@@ -85,20 +199,20 @@ async def list_pods(request: Request) -> Response:
 async def get_pod(request: Request) -> Response:
     svc = services(request)
     principal = await control_principal(request)
-    return JSONResponse(await _view(svc, _pod_id(request), principal))
+    return JSONResponse(await _view(svc, pod_id_of(request), principal))
 
 
 async def delete_pod(request: Request) -> Response:
     """`DELETE /v1/pods/ID`: it ends; its replica stops (a terminal open on it is hung up)."""
     svc = services(request)
     principal = await control_principal(request)
-    pod_id = _pod_id(request)
+    pod_id = pod_id_of(request)
     async with transaction(svc.sessions) as session:
         pod = await session.scalar(
-            sa.select(Pod).where(Pod.id == pod_id, *_owned(principal)).with_for_update()
+            sa.select(Pod).where(Pod.id == pod_id, *pods_owned_by(principal)).with_for_update()
         )
         if pod is None:
-            raise _not_found(pod_id)
+            raise pod_not_found(pod_id)
         if pod.state != PodState.ENDED:
             pod.state = PodState.ENDED
             pod.ended_at = datetime.now(UTC)
@@ -110,8 +224,9 @@ async def delete_pod(request: Request) -> Response:
 async def pod_terminal(websocket: WebSocket) -> None:
     """`WS /v1/pods/ID/terminal` (kiln.pods.terminal_session has the protocol)."""
     await serve_session(
-        websocket, resolve=_resolve_terminal, refusal=error_response, pod=_terminal_replica
-    )
+        websocket, resolve=_resolve_terminal, refusal=error_response,
+        pod=lambda ws: ws.state.pod_target,
+    )  # fmt: skip
 
 
 async def _resolve_terminal(
@@ -120,35 +235,30 @@ async def _resolve_terminal(
     if principal.function_id is not None:
         raise NotFound("a function-scoped key reaches no pod")
     TerminalRequest(websocket.query_params)  # 400 before the upgrade for a bad size
-    pod_id = _pod_id(websocket)
+    pod_id = pod_id_of(websocket)
     async with transaction(svc.sessions) as session:
         row = (
             await session.execute(
                 sa.select(Pod, App.name, Function.name)
                 .join(Function, Function.id == Pod.function_id)
                 .join(App, App.id == Function.app_id)
-                .where(Pod.id == pod_id, *_owned(principal))
+                .where(Pod.id == pod_id, *pods_owned_by(principal))
             )
         ).one_or_none()
     if row is None:
-        raise _not_found(pod_id)
+        raise pod_not_found(pod_id)
     pod, app, name = row
     if pod.state not in ACTIVE_POD_STATES:
         raise Conflict(f"pod {pod_id} is {pod.state.value}: start it first")
     route = await svc.catalog.resolve(pod.customer_id, app, name)
-    websocket.state.pod_replica = pod.replica_id
+    websocket.state.pod_target = (pod.replica_id, dict(websocket.query_params))
     return route, TERMINAL_METHOD
-
-
-def _terminal_replica(websocket: WebSocket) -> uuid.UUID:
-    replica: uuid.UUID = websocket.state.pod_replica
-    return replica
 
 
 # Rows and views ------------------------------------------------------------------------------
 
 
-def _owned(principal: Principal) -> tuple[Any, ...]:
+def pods_owned_by(principal: Principal) -> tuple[Any, ...]:
     """Operators see every pod; a customer only its own."""
     if principal.customer_id is None:
         return ()
@@ -160,7 +270,7 @@ def _pods(principal: Principal) -> sa.Select[Pod, str, str, str]:
         sa.select(Pod, App.name, Function.name, Function.gpu)
         .join(Function, Function.id == Pod.function_id)
         .join(App, App.id == Function.app_id)
-        .where(*_owned(principal))
+        .where(*pods_owned_by(principal))
     )
 
 
@@ -168,7 +278,7 @@ async def _view(svc: RouterServices, pod_id: uuid.UUID, principal: Principal) ->
     async with transaction(svc.sessions) as session:
         row = (await session.execute(_pods(principal).where(Pod.id == pod_id))).one_or_none()
     if row is None:
-        raise _not_found(pod_id)
+        raise pod_not_found(pod_id)
     pod, app, name, gpu = row
     return _dump(pod, app, name, gpu)
 
@@ -183,19 +293,22 @@ def _dump(pod: Pod, app: str, name: str, gpu: str) -> dict[str, Any]:
         "name": pod.name,
         "kind": pod.kind.value,
         "function": f"{app}/{name}",
-        "gpu": gpu,
+        "gpu": pod.gpu or gpu,
+        "ports": list(pod.ports),
+        "volume_gb": pod.volume_gb,
         "state": pod.state.value,
         "replica_id": str(pod.replica_id),
         "node_id": pod.node_id,
         "created_at": moment(pod.created_at),
         "started_at": moment(pod.started_at),
+        "stopped_at": moment(pod.stopped_at),
         "ended_at": moment(pod.ended_at),
         "error": pod.error,
         "terminal": f"/v1/pods/{pod.id}/terminal",
     }
 
 
-def _pod_id(connection: HTTPConnection) -> uuid.UUID:
+def pod_id_of(connection: HTTPConnection) -> uuid.UUID:
     text = str(connection.path_params["pod_id"])
     if not storable_text(text):
         raise InvalidRequest(f"pod_id={text!r} is not valid: expected a pod's id")
@@ -205,5 +318,5 @@ def _pod_id(connection: HTTPConnection) -> uuid.UUID:
         raise NotFound(f"pod {text!r} not found; GET /v1/pods lists yours") from None
 
 
-def _not_found(pod_id: uuid.UUID) -> KilnError:
+def pod_not_found(pod_id: uuid.UUID) -> KilnError:
     return NotFound(f"pod {pod_id} not found; GET /v1/pods lists yours")

@@ -34,7 +34,7 @@ from kiln.router.services import RouterServices, services
 from kiln.router.streams import CallStream
 from kiln.wire import Event
 
-__all__ = ["Bridge", "serve_session", "ws_session"]
+__all__ = ["Bridge", "serve_session", "wait_taken", "ws_session"]
 
 _log = logging.getLogger(__name__)
 # After the client leaves, how long the handler has to see the close and return.
@@ -57,12 +57,12 @@ async def serve_session(
     resolve: Resolve,
     refusal: Refusal,
     bridge: type[Bridge] | None = None,
-    pod: Callable[[WebSocket], uuid.UUID] | None = None,
+    pod: Callable[[WebSocket], tuple[uuid.UUID, dict[str, str]]] | None = None,
 ) -> None:
     """Authenticate, find the handler (`resolve`), wait for a replica to hold the session, then
     carry frames until it ends. A refusal before the upgrade is `refusal`'s HTTP answer.
-    `pod`: the session is opened on this replica (a pod's, which `resolve` found), not put in
-    the function's queue."""
+    `pod`: the session is opened on this replica (a pod's, which `resolve` found) with these
+    parameters, not put in the function's queue."""
     svc = services(websocket)
     rid = request_id(websocket)
     started = asyncio.get_running_loop().time()
@@ -78,17 +78,19 @@ async def serve_session(
                 svc, principal, route, method or "", InvocationKind.WEBSOCKET, rid, 0,
                 started_loop=started,
             )  # fmt: skip
-            body = json.dumps({"params": dict(websocket.query_params)}).encode()
+            target = pod(websocket) if pod is not None else None
+            params = target[1] if target is not None else dict(websocket.query_params)
+            body = json.dumps({"params": params}).encode()
             order = CallOrder(
                 route.function_id, "application/json", method or None,
                 svc.settings.ws_max_session_s, route.startup_timeout_s, rid, route.generation,
                 watch.trace,
             )  # fmt: skip
-            if pod is not None:
-                link = await svc.dispatcher.open_pod_session(order, body, pod(websocket))
+            if target is not None:
+                link = await svc.dispatcher.open_pod_session(order, body, target[0])
             else:
                 link = await svc.dispatcher.open_session(order, body)
-            await _wait_taken(link)
+            await wait_taken(link)
         except KilnError as exc:
             if watch is not None:
                 watch.failed(exc.code)
@@ -120,7 +122,7 @@ async def _resolve(
     return route, method
 
 
-async def _wait_taken(link: CallStream) -> None:
+async def wait_taken(link: CallStream) -> None:
     """Until a replica holds the session; raises the call's error if it fails first."""
     taken = asyncio.ensure_future(link.taken.wait())
     try:

@@ -31,6 +31,7 @@ class PodRow:
     function_id: uuid.UUID
     replica_id: uuid.UUID
     launched: bool  # its current replica was ordered (its row names the node)
+    gpu: str | None = None  # its own GPU request, instead of its function's
 
     @property
     def shell(self) -> bool:

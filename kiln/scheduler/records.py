@@ -5,6 +5,7 @@ decides; this module only records. The times it writes come from the scheduler's
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -66,6 +67,11 @@ class FunctionRow:
             target_concurrency=self.target_concurrency,
             idle_timeout_s=self.idle_timeout_s,
         )
+
+    def with_gpu(self, gpu: str) -> FunctionRow:
+        """The same function on other GPUs (a pod's own request)."""
+        resources = {**dict(self.spec.get("resources", {})), "gpu": gpu}  # type: ignore[call-overload]
+        return dataclasses.replace(self, gpu=gpu, spec={**self.spec, "resources": resources})
 
     def blocked_scaling(self, serving: int) -> Scaling:
         """While billing blocks the owner: no new replicas, and each one stops as soon as it
@@ -334,4 +340,5 @@ def _pod_row(pod: Pod) -> PodRow:
         function_id=pod.function_id,
         replica_id=pod.replica_id,
         launched=pod.node_id is not None,
+        gpu=pod.gpu,
     )

@@ -242,6 +242,8 @@ class Scheduler:
                 continue
             if self.crash_loops.holds(function.id, now):
                 continue  # its replicas keep failing: the backoff holds the pod's too
+            if pod.gpu is not None:  # the pod's own GPUs, with its function's code
+                function = function.with_gpu(pod.gpu)
             if not await self.orders.launch(function, requested_at=self.clock.wall(), pod=pod):
                 self.scheduling.placement_failures.labels(function.gpu).inc()
         for tracked in plan.stop:

@@ -32,6 +32,7 @@ def upgrade() -> None:
         sa.Column("name", sa.String(length=64), nullable=False),
         sa.Column("kind", _closed("kind", "shell", "pod"), nullable=False),
         sa.Column("function_id", sa.Uuid(), nullable=False),
+        sa.Column("gpu", sa.String(length=32), nullable=True),
         sa.Column(
             "state",
             _closed("state", "starting", "running", "stopped", "ended"),

@@ -1,11 +1,15 @@
-"""`kiln shell` on the real stack, in the sandbox: a shell is a fresh replica of a function
-reached only through the router; its terminal is a real PTY (the window's size, Ctrl-C,
-the function's environment), the command's exit status comes back, the replica goes when
-the terminal ends and its time is billed like any replica's."""
+"""Shells and pods on the real stack, in the sandbox, reached only through the router.
+
+A shell is a fresh replica of a function: its terminal is a real PTY (the window's size,
+Ctrl-C, the function's environment), the command's exit status comes back, the replica goes
+when the terminal ends and its time is billed like any replica's. A pod holds its replica
+until it is stopped: servers started in it answer through the router on its forwarded ports
+(HTTP, WebSocket, a raw TCP tunnel), and stop and start give it a new replica."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -20,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from stack import Platform, error_of
 from typer.testing import CliRunner, Result
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from kiln.cli.main import app as cli
 from kiln.db.models import Pod, UsageEvent
@@ -152,8 +156,9 @@ async def test_an_interactive_shell_resizes_takes_ctrl_c_and_exits_with_its_stat
         await ws.send(json.dumps({"type": "resize", "cols": 132, "rows": 43}))
         await ws.send(b"stty size\r")
         await screen.until("43 132")
-        await ws.send(b"echo sleep-$((1+1)); sleep 600; echo slept\r")
-        await screen.until("sleep-2")  # the command runs: the terminal is the line's again
+        # Printed by the sleep's own process: by then it is the terminal's foreground job.
+        await ws.send(b"sh -c 'echo sleep-$((1+1)); exec sleep 600'; echo slept\r")
+        await screen.until("sleep-2\r\n")
         await ws.send(b"\x03")  # Ctrl-C ends the sleep, not the shell
         await ws.send(b"echo after-$((6*7))\r")
         await screen.until("after-42")
@@ -214,3 +219,117 @@ async def test_shells_are_refused_by_name_and_kept_from_other_customers(
         assert gone.status_code == 204
         after = await client.get(f"/v1/pods/{pod['id']}")
         assert after.json()["state"] == "ended"
+
+
+# Two servers a pod runs: HTTP on 8765 (it says what it was asked), a WebSocket echo on 8766.
+SERVERS = r"""
+import http.server, sys, threading
+from websockets.sync.server import serve
+
+class Echo(http.server.BaseHTTPRequestHandler):
+    def _answer(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        text = (f"{self.command} {self.path} auth={self.headers.get('Authorization')} "
+                f"prefix={self.headers.get('X-Forwarded-Prefix')} body={body.decode()}")
+        self.send_response(201 if self.command == "POST" else 200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(text)))
+        self.end_headers()
+        self.wfile.write(text.encode())
+    do_GET = do_POST = _answer
+
+def echo(ws):
+    for message in ws:
+        ws.send("echo:" + message if isinstance(message, str) else message[::-1])
+
+threading.Thread(target=serve(echo, "127.0.0.1", 8766).serve_forever, daemon=True).start()
+http.server.HTTPServer(("127.0.0.1", 8765), Echo).serve_forever()
+"""
+
+
+async def test_a_pods_ports_answer_through_the_router_and_stop_and_start_renew_it(
+    deployed: Platform, engine: AsyncEngine
+) -> None:
+    async with deployed.client() as client:
+        made = await client.post("/v1/pods", json={
+            "environment": {"app": "workbench"}, "ports": [8765, 8766], "name": "box",
+        })  # fmt: skip
+        assert made.status_code == 201, made.text
+        pod = made.json()
+        assert (pod["kind"], pod["name"], pod["ports"]) == ("pod", "box", [8765, 8766])
+        again = await client.post("/v1/pods", json={"environment": {"app": "workbench"},
+                                                    "name": "box"})  # fmt: skip
+        assert again.status_code == 409
+    # Start the servers so that they outlive the terminal (a session of their own).
+    script = "cat > /tmp/servers.py <<'EOF'\n" + SERVERS + "\nEOF\n"
+    start = script + (
+        "setsid -f python3 /tmp/servers.py >/tmp/servers.log 2>&1 </dev/null\n"
+        "for i in $(seq 100); do python3 -c 'import socket; "
+        'socket.create_connection(("127.0.0.1", 8766))\' 2>/dev/null && exit 0; sleep 0.1; done\n'
+        "cat /tmp/servers.log; exit 1"
+    )
+    async with terminal(deployed, pod, cmd=start) as ws:
+        screen = Screen(ws)
+        assert await screen.exit_status(within_s=120) == 0, screen.text
+    base = f"/v1/pods/{pod['id']}/ports"
+    async with deployed.client() as client:
+
+        async def answering() -> Any:
+            got = await client.get(f"{base}/8765/hello?x=1")
+            assert got.status_code == 200, got.text
+            return got
+
+        got = await eventually(answering, within_s=30)
+        assert got.text == (f"GET {base}/8765/hello?x=1 auth=None prefix={base}/8765 body=")
+        posted = await client.post(f"{base}/8765/form", content=b"a=1")
+        assert (posted.status_code, posted.text.split(" ")[0]) == (201, "POST")
+        assert posted.text.endswith("body=a=1")
+        missing = await client.get(f"{base}/9999/")
+        assert missing.status_code == 404
+        assert "its ports: 8765, 8766" in error_of(missing)["message"]
+    url = deployed.url.replace("http://", "ws://")
+    headers = {"Authorization": f"Bearer {deployed.key}"}
+    async with connect(f"{url}{base}/8766/socket", additional_headers=headers) as ws:
+        await ws.send("hi")
+        assert await ws.recv() == "echo:hi"
+        await ws.send(b"abc")
+        assert await ws.recv() == b"cba"
+    async with connect(f"{url}/v1/pods/{pod['id']}/tunnel/8765", additional_headers=headers) as raw:
+        await raw.send(b"GET /raw HTTP/1.0\r\n\r\n")
+        answer = b""
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                answer += await raw.recv()  # type: ignore[operator]
+    assert answer.startswith(b"HTTP/1.0 200")
+    assert answer.endswith(b"GET /raw auth=None prefix=None body=")
+
+    # Stopped: its replica goes; its ports answer 409; started: a new replica, fresh.
+    async with deployed.client() as client:
+        stopped = await client.post(f"/v1/pods/{pod['id']}/stop")
+        assert stopped.json()["state"] == "stopped"
+        assert (await client.get(f"{base}/8765/x")).status_code == 409
+        first = pod["replica_id"]
+
+        async def gone() -> bool:
+            return first not in {r["id"] for r in await deployed.replicas("workbench/work")}
+
+        await eventually(gone, within_s=30)
+        started = await client.post(f"/v1/pods/{pod['id']}/start")
+        assert started.json()["replica_id"] != first
+        assert (await client.post(f"/v1/pods/{pod['id']}/start")).status_code == 409
+
+        async def running() -> bool:
+            view: dict[str, str] = (await client.get(f"/v1/pods/{pod['id']}")).json()
+            return view["state"] == "running"
+
+        await eventually(running, within_s=60)
+        # The billed time of the first replica: its whole life, once.
+        async with engine.connect() as conn:
+            seconds = await conn.scalar(
+                sa.select(sa.func.sum(UsageEvent.duration_ms)).where(
+                    UsageEvent.replica_id == uuid.UUID(first)
+                )
+            )
+        assert seconds is not None
+        assert seconds > 0
+        assert (await client.delete(f"/v1/pods/{pod['id']}")).status_code == 204
