@@ -23,6 +23,7 @@ from kiln.cli.catalog import catalog_app
 from kiln.cli.nats import nats_app
 from kiln.cli.observe import calls, logs
 from kiln.cli.output import JsonFlag, echo_json, echo_table
+from kiln.cli.pods import pods_app
 from kiln.cli.shell import shell
 from kiln.errors import ConfigError, KilnError
 from kiln.settings import Settings
@@ -44,6 +45,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(billing_app, name="billing")
 app.add_typer(catalog_app, name="catalog")
 app.add_typer(nats_app, name="nats")
+app.add_typer(pods_app, name="pods")
 app.command()(logs)
 app.command()(shell)
 app.command()(calls)

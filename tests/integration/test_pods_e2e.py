@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -27,6 +29,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from kiln.cli.main import app as cli
+from kiln.cli.pods import forward_port
+from kiln.client import connect as kiln_client
 from kiln.db.models import Pod, UsageEvent
 
 pytestmark = pytest.mark.integration
@@ -180,6 +184,23 @@ async def test_kiln_shell_cmd_exits_with_the_commands_status(
     )
     assert result.exit_code == 5, result.output
     assert "from-cli" in result.output
+    # A pod, by the same commands: made, listed, a command in it, removed.
+    made = await asyncio.to_thread(kiln_cli, "pods", "create", "--app", "workbench", "--name",
+                                   "cli-pod", "--port", "9000")  # fmt: skip
+    assert made.exit_code == 0, made.output
+    assert made.output.startswith("pod cli-pod (")
+    assert f"{deployed.url}/v1/pods/" in made.output
+    listed = await asyncio.to_thread(kiln_cli, "pods", "ls")
+    header, *rows = listed.output.splitlines()
+    assert header.split() == ["NAME", "ID", "KIND", "STATE", "GPU", "PORTS", "FUNCTION"]
+    (row,) = [r.split() for r in rows if r.startswith("cli-pod ")]
+    assert (row[2], row[4], row[5], row[6]) == ("pod", "none", "9000", "workbench/work")
+    ran = await asyncio.to_thread(kiln_cli, "pods", "ssh", "cli-pod", "--cmd", "exit 4")
+    assert ran.exit_code == 4, ran.output
+    removed = await asyncio.to_thread(kiln_cli, "pods", "rm", "cli-pod")
+    assert removed.output.strip() == "pod cli-pod ended"
+    unknown = await asyncio.to_thread(kiln_cli, "pods", "stop", "cli-pod")
+    assert unknown.exit_code != 0
 
 
 async def test_shells_are_refused_by_name_and_kept_from_other_customers(
@@ -303,6 +324,23 @@ async def test_a_pods_ports_answer_through_the_router_and_stop_and_start_renew_i
     assert answer.startswith(b"HTTP/1.0 200")
     assert answer.endswith(b"GET /raw auth=None prefix=None body=")
 
+    # `kiln pods forward`: a local port carried to the pod's, whatever the path.
+    listener = socket.create_server(("127.0.0.1", 0))
+    local = listener.getsockname()[1]
+    stop_forwarding = threading.Event()
+    with kiln_client(url=deployed.url, api_key=deployed.key) as sync_client:
+        forwarding = threading.Thread(
+            target=forward_port, args=(sync_client, pod["id"], 8765, listener, stop_forwarding)
+        )
+        forwarding.start()
+        try:
+            fetched = await asyncio.to_thread(_http_get, local, "/any/path")
+        finally:
+            stop_forwarding.set()
+            await asyncio.to_thread(forwarding.join, 10)
+    assert fetched.startswith(b"HTTP/1.0 200")
+    assert fetched.endswith(b"GET /any/path auth=None prefix=None body=")
+
     # Stopped: its replica goes; its ports answer 409; started: a new replica, fresh.
     async with deployed.client() as client:
         stopped = await client.post(f"/v1/pods/{pod['id']}/stop")
@@ -333,3 +371,13 @@ async def test_a_pods_ports_answer_through_the_router_and_stop_and_start_renew_i
         assert seconds is not None
         assert seconds > 0
         assert (await client.delete(f"/v1/pods/{pod['id']}")).status_code == 204
+
+
+def _http_get(port: int, path: str) -> bytes:
+    """A whole HTTP/1.0 exchange on 127.0.0.1:`port`."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        answer = b""
+        while data := conn.recv(65536):
+            answer += data
+    return answer
