@@ -519,6 +519,7 @@ class StartReplica:
     customer_id: str = ""  # who is billed for the replica's time (UsageReport)
     pod_id: str | None = None  # a pod's or a shell's replica: it serves terminals, no calls
     pod_kind: str = ""  # kiln.db.enums.PodKind: "shell" ends with its first terminal
+    volume_gb: int = 0  # a pod's volume: a directory on the node kept across its replicas
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,8 @@ class Pod(Timestamps, Base):
     # Its current (or last) replica; a new one for every start.
     replica_id: Mapped[uuid.UUID] = mapped_column(default=uuid.uuid4)
     node_id: Mapped[str | None] = mapped_column(sa.String(128))
+    # The node its volume lives on (since its first start), until the pod ends and it goes.
+    volume_node_id: Mapped[str | None] = mapped_column(sa.String(128))
     ports: Mapped[list[int]] = mapped_column(
         postgresql.ARRAY(sa.Integer), default=list, server_default="{}"
     )

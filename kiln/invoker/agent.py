@@ -250,6 +250,9 @@ class NodeAgent:
             op = command.pop("op")
             if op == "start":
                 reply: dict[str, Any] = await self.start_replica(StartReplica(**command))
+            elif op == "drop_volume":
+                await self.drop_volume(str(command["pod_id"]))
+                reply = {"ok": True}
             elif op == "stop":
                 task = asyncio.create_task(
                     self.stop_replica(command["replica_id"], command["grace_s"])
@@ -310,25 +313,36 @@ class NodeAgent:
             self._function_stores(launch.function_id),
             self._function_account(launch.function_id),
         )
+        # A pod's volume is its home: bound into a box made for it (a standby's box was made
+        # without it), so no standby takes such a replica.
+        volume = await self._volume(launch)
         if self.sandboxes is None:
             directory = self.workdir / launch.replica_id
             directory.mkdir(parents=True, exist_ok=True)
             launch_file = directory / "launch.json"
             self._write_launch(launch_file, launch)
-            env = self._replica_env(launch, directory, kind, indices)
-            standby = self.standbys.take(device, need, holder=launch.replica_id)
+            env = self._replica_env(launch, directory, kind, indices, volume=volume)
+            standby = (
+                self.standbys.take(device, need, holder=launch.replica_id)
+                if volume is None
+                else None
+            )
             if standby is not None and await self._assign(standby, launch_file, directory, env):
                 return standby.process, None
             return await self._start_process(launch_file, directory, env), None
         # Sandboxed: the code is shown to the replica read-only in its box, with its launch
         # file; it writes only in its own work directory.
-        standby = self.standbys.take(device, need, holder=launch.replica_id)
+        standby = (
+            self.standbys.take(device, need, holder=launch.replica_id) if volume is None else None
+        )
         box = standby.box if standby is not None and standby.box is not None else None
         if box is None:
             box = self.sandboxes.make(f"replica-{launch.replica_id}")
         try:
             launch_file = self._fill_box(box, launch, code)
-            env = self._replica_env(launch, box.work, kind, indices, home=box.ro)
+            if volume is not None:  # each replica has a uid of its own: the volume is its
+                await asyncio.to_thread(_chown_tree, volume, box.uid)
+            env = self._replica_env(launch, box.work, kind, indices, home=box.ro, volume=volume)
             box.limit_memory(launch.spec["resources"].get("memory_mb"))
             if standby is not None and await self._assign(standby, launch_file, box.work, env):
                 return standby.process, box
@@ -337,7 +351,10 @@ class NodeAgent:
                 box = self.sandboxes.make(f"replica-{launch.replica_id}")
                 launch_file = self._fill_box(box, launch, code)
                 box.limit_memory(launch.spec["resources"].get("memory_mb"))
-            return await self._start_process(launch_file, box.work, env, box, device), box
+            process = await self._start_process(
+                launch_file, box.work, env, box, device, volumes=(volume,) if volume else ()
+            )
+            return process, box
         except BaseException:
             self.sandboxes.remove(box)
             raise
@@ -361,11 +378,15 @@ class NodeAgent:
         env: dict[str, str],
         box: Box | None = None,
         device: str = "",
+        *,
+        volumes: tuple[Path, ...] = (),
     ) -> asyncio.subprocess.Process:
         command = [sys.executable, "-m", "kiln.invoker.replica", str(launch_file)]
         fds: list[int] = []
         if box is not None and self.sandboxes is not None:
-            command, fds = self.sandboxes.command(box, command, devices=gpu_devices(device))
+            command, fds = self.sandboxes.command(
+                box, command, devices=gpu_devices(device), writable=volumes
+            )
             preexec = self.sandboxes.preexec(box, nice=0, parent_pid=os.getpid())
         else:
             # Its agent died (a crash, a SIGKILL): nobody meters it or can stop it any more, so
@@ -567,11 +588,29 @@ class NodeAgent:
         kind: str,
         indices: list[int],
         home: Path | None = None,
+        volume: Path | None = None,
     ) -> dict[str, str]:
         env = {**self._threads_env(), **function_env(launch)}
         devices = "" if kind == "none" else ",".join(map(str, indices))
-        env.update(self._platform_env(directory, devices, kiln_home=home))
+        env.update(self._platform_env(volume or directory, devices, kiln_home=home))
+        if volume is not None:
+            env["POD_VOLUME"] = str(volume)
         return env
+
+    async def _volume(self, launch: StartReplica) -> Path | None:
+        """The pod's volume on this node (made at its first start), or None."""
+        if launch.pod_id is None or launch.volume_gb <= 0:
+            return None
+        path = self._volume_path(launch.pod_id)
+        await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
+        return path
+
+    def _volume_path(self, pod_id: str) -> Path:
+        return self.settings.home / "node" / "volumes" / str(uuid.UUID(pod_id))
+
+    async def drop_volume(self, pod_id: str) -> None:
+        """An ended pod's volume goes."""
+        await asyncio.to_thread(shutil.rmtree, self._volume_path(pod_id), True)
 
     def _platform_env(
         self, home: Path, devices: str, kiln_home: Path | None = None
@@ -750,3 +789,11 @@ def _memory_budget(settings: Settings) -> int:
         return settings.standby_memory_mb * 2**20
     total, _ = memory_info()
     return total // 4 if total else 8 * 2**30
+
+
+def _chown_tree(root: Path, uid: int) -> None:
+    """`root` and everything in it owned by `uid` (a pod's new replica has a new uid)."""
+    os.chown(root, uid, uid)
+    for parent, dirs, files in os.walk(root):
+        for name in (*dirs, *files):
+            os.lchown(os.path.join(parent, name), uid, uid)

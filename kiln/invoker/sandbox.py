@@ -295,7 +295,12 @@ class Sandboxes:
     # Starting a process in a box -----------------------------------------------------------------
 
     def command(
-        self, box: Box, argv: list[str], *, devices: Iterable[str] = ()
+        self,
+        box: Box,
+        argv: list[str],
+        *,
+        devices: Iterable[str] = (),
+        writable: Iterable[Path] = (),
     ) -> tuple[list[str], list[int]]:
         """bubblewrap's command line running `argv` in `box`, and the descriptors the child must
         inherit (then the caller closes them): the seccomp filter, and every bound directory
@@ -350,6 +355,8 @@ class Sandboxes:
                 fds.append(_data_fd(text.encode()))
                 args += ["--perms", "0644", "--ro-bind-data", str(fds[-1]), f"/etc/{name}"]
             args += bind(box.ro) + bind(box.work, writable=True)
+            for path in writable:  # a pod's volume, at its own path
+                args += bind(path, writable=True)
             devices = list(devices)
             for device in devices:
                 args += ["--dev-bind", device, device]

@@ -78,6 +78,9 @@ class Orders:
         does now (the demand waits in the queue). `requested_at`: when its demand was seen.
         `pod`: the replica is this pod's, with the id its row names."""
         candidates = self.cluster.placeable(self.clock.monotonic())
+        if pod is not None and pod.volume_node is not None:
+            # Its volume lives on one node: it starts there, or waits for room there.
+            candidates = [node for node in candidates if node.node_id == pod.volume_node]
         affinity = affinity_id(function.digest, f"{function.app}/{function.name}")
         kind, count = gpu_request(function.gpu)
         launch = StartReplica(
@@ -96,6 +99,7 @@ class Orders:
             requested_at=requested_at,
             pod_id=str(pod.id) if pod is not None else None,
             pod_kind=pod.kind.value if pod is not None else "",
+            volume_gb=pod.volume_gb if pod is not None else 0,
         )
         while (placement := place(function.gpu, candidates, affinity)) is not None:
             view = self.cluster.placement[placement.node_id]

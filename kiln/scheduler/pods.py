@@ -32,6 +32,8 @@ class PodRow:
     replica_id: uuid.UUID
     launched: bool  # its current replica was ordered (its row names the node)
     gpu: str | None = None  # its own GPU request, instead of its function's
+    volume_gb: int = 0
+    volume_node: str | None = None  # where its volume lives: its replicas start there
 
     @property
     def shell(self) -> bool:

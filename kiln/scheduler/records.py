@@ -133,8 +133,35 @@ class ClusterRecords:
             rows = await session.scalars(sa.select(Pod).where(Pod.state.in_(ACTIVE_POD_STATES)))
             return [_pod_row(pod) for pod in rows]
 
+    async def volumes_to_drop(self) -> list[tuple[uuid.UUID, str]]:
+        """(pod, node) of ended pods whose volume is still on a node."""
+        async with transaction(self.sessions) as session:
+            rows = await session.execute(
+                sa.select(Pod.id, Pod.volume_node_id).where(
+                    Pod.state == PodState.ENDED, Pod.volume_node_id.is_not(None)
+                )
+            )
+            return [(pod_id, str(node)) for pod_id, node in rows]
+
+    async def volume_dropped(self, pod_id: uuid.UUID) -> None:
+        async with transaction(self.sessions) as session:
+            await session.execute(
+                sa.update(Pod).where(Pod.id == pod_id).values(volume_node_id=None)
+            )
+
+    async def pod_volume_lost(self, pod: PodRow) -> None:
+        """Its volume's node is lost: it starts elsewhere, with an empty volume."""
+        await self._update_pod(
+            pod, volume_node_id=None,
+            error=f"its volume was on node {pod.volume_node}, which was lost: it starts with "
+            "an empty one",
+        )  # fmt: skip
+
     async def pod_launched(self, pod: PodRow, node_id: str) -> None:
-        await self._update_pod(pod, node_id=node_id)
+        if pod.volume_gb:
+            await self._update_pod(pod, node_id=node_id, volume_node_id=node_id)
+        else:
+            await self._update_pod(pod, node_id=node_id)
 
     async def pod_ready(self, pod: PodRow) -> None:
         await self._update_pod(pod, state=PodState.RUNNING, started_at=self._now())
@@ -341,4 +368,6 @@ def _pod_row(pod: Pod) -> PodRow:
         replica_id=pod.replica_id,
         launched=pod.node_id is not None,
         gpu=pod.gpu,
+        volume_gb=pod.volume_gb,
+        volume_node=pod.volume_node_id,
     )

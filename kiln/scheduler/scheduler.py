@@ -230,6 +230,8 @@ class Scheduler:
             await self.records.pod_blocked(pod, "billing blocks its owner (see GET "
                                            "/v1/billing/balance)")  # fmt: skip
         for pod in plan.gone:
+            _log.info("pod %s: its replica %s ended (%s)", pod.id, pod.replica_id,
+                      "the shell ends" if pod.shell else "it starts again")  # fmt: skip
             await self.records.pod_gone(pod)
         for pod, tracked in plan.ready:
             await self.records.pod_ready(pod)
@@ -240,6 +242,9 @@ class Scheduler:
             function = functions.get(pod.function_id)
             if function is None or now < self.settle_until:
                 continue
+            if pod.volume_node is not None and pod.volume_node in self.cluster.lost_nodes:
+                await self.records.pod_volume_lost(pod)  # the next pass starts it elsewhere
+                continue
             if self.crash_loops.holds(function.id, now):
                 continue  # its replicas keep failing: the backoff holds the pod's too
             if pod.gpu is not None:  # the pod's own GPUs, with its function's code
@@ -248,6 +253,15 @@ class Scheduler:
                 self.scheduling.placement_failures.labels(function.gpu).inc()
         for tracked in plan.stop:
             await self.orders.drain(tracked, grace_s=_POD_STOP_GRACE_S)
+        for pod_id, node_id in await self.records.volumes_to_drop():
+            if node_id in self.cluster.lost_nodes:
+                await self.records.volume_dropped(pod_id)  # it went with its node
+            elif self.cluster.knows_node(node_id):
+                reply = await self.orders.command(
+                    node_id, {"op": "drop_volume", "pod_id": str(pod_id)}
+                )
+                if reply.get("ok"):
+                    await self.records.volume_dropped(pod_id)
 
     async def _judge_silence(self, now: float) -> None:
         # Heartbeats this scheduler missed while its own link to NATS was down say nothing

@@ -41,6 +41,7 @@ def upgrade() -> None:
         ),
         sa.Column("replica_id", sa.Uuid(), nullable=False),
         sa.Column("node_id", sa.String(length=128), nullable=True),
+        sa.Column("volume_node_id", sa.String(length=128), nullable=True),
         sa.Column("ports", postgresql.ARRAY(sa.Integer()), server_default="{}", nullable=False),
         sa.Column("volume_gb", sa.Integer(), server_default=sa.text("0"), nullable=False),
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),

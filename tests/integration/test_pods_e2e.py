@@ -274,6 +274,7 @@ async def test_a_pods_ports_answer_through_the_router_and_stop_and_start_renew_i
     async with deployed.client() as client:
         made = await client.post("/v1/pods", json={
             "environment": {"app": "workbench"}, "ports": [8765, 8766], "name": "box",
+            "volume_gb": 1,
         })  # fmt: skip
         assert made.status_code == 201, made.text
         pod = made.json()
@@ -341,6 +342,13 @@ async def test_a_pods_ports_answer_through_the_router_and_stop_and_start_renew_i
     assert fetched.startswith(b"HTTP/1.0 200")
     assert fetched.endswith(b"GET /any/path auth=None prefix=None body=")
 
+    # Its volume is its home, kept across stop and start on its node.
+    async with terminal(deployed, pod, cmd='echo kept > ~/note.txt; echo "$POD_VOLUME"') as ws:
+        kept = Screen(ws)
+        assert await kept.exit_status() == 0, kept.text
+    volume = Path(kept.text.strip())
+    assert volume == deployed.settings.home / "node" / "volumes" / pod["id"]
+
     # Stopped: its replica goes; its ports answer 409; started: a new replica, fresh.
     async with deployed.client() as client:
         stopped = await client.post(f"/v1/pods/{pod['id']}/stop")
@@ -361,6 +369,12 @@ async def test_a_pods_ports_answer_through_the_router_and_stop_and_start_renew_i
             return view["state"] == "running"
 
         await eventually(running, within_s=60)
+        async with terminal(
+            deployed, pod, cmd="cat ~/note.txt; test -e /tmp/servers.py || echo fresh"
+        ) as ws:
+            after = Screen(ws)
+            assert await after.exit_status() == 0
+        assert after.text.split() == ["kept", "fresh"]  # the volume stayed; /tmp is new
         # The billed time of the first replica: its whole life, once.
         async with engine.connect() as conn:
             seconds = await conn.scalar(
@@ -371,6 +385,11 @@ async def test_a_pods_ports_answer_through_the_router_and_stop_and_start_renew_i
         assert seconds is not None
         assert seconds > 0
         assert (await client.delete(f"/v1/pods/{pod['id']}")).status_code == 204
+
+    async def dropped() -> bool:
+        return not await asyncio.to_thread(volume.exists)
+
+    await eventually(dropped, within_s=30)  # an ended pod's volume goes from its node
 
 
 def _http_get(port: int, path: str) -> bytes:

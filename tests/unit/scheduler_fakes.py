@@ -80,6 +80,9 @@ class Records:
     async def load_pods(self) -> list[Any]:
         return []  # the reconcile loop's pods are kiln.scheduler.pods' (test_scheduler_pods)
 
+    async def volumes_to_drop(self) -> list[Any]:
+        return []
+
     async def minimums(self) -> dict[str, int]:
         return {str(f.id): f.min_replicas for f in self.functions.values()}
 
