@@ -74,9 +74,10 @@ def test_client_error_body_shows_the_message() -> None:
     [
         c
         for c in all_errors()
-        # A function's own error is its owner's to read; a RemoteError is an answer the client
-        # met, never served.
-        if c.status >= 500 and not issubclass(c, errors.FunctionError | errors.RemoteError)
+        # A function's own error (and its pod's server's) is its owner's to read; a
+        # RemoteError is an answer the client met, never served.
+        if c.status >= 500
+        and not issubclass(c, errors.FunctionError | errors.RemoteError | errors.BadGateway)
     ],
 )
 def test_server_error_body_hides_internals(cls: type[KilnError]) -> None:
@@ -86,6 +87,15 @@ def test_server_error_body_hides_internals(cls: type[KilnError]) -> None:
     assert body["error"]["request_id"] == "req_2"
     assert secret not in body["error"]["message"]
     assert body["error"]["message"]
+
+
+def test_a_pods_server_failing_is_said_to_its_owner() -> None:
+    body = errors.BadGateway("nothing listens on port 8765 in the pod").to_body("req_3")
+    assert body["error"] == {
+        "code": "bad_gateway",
+        "message": "nothing listens on port 8765 in the pod",
+        "request_id": "req_3",
+    }
 
 
 def test_retry_after_and_fields_are_kept() -> None:
