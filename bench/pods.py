@@ -123,7 +123,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
         home.mkdir()
-        port = pick_port()
+        port = pick_port([], set())
         kiln, key = start_kiln(home, port)
         try:
             url = f"http://127.0.0.1:{port}"
@@ -138,12 +138,13 @@ def main() -> None:
             ws_url = url.replace("http://", "ws://") + pod["terminal"]
             # The server's files: at / for direct and forwarded requests, and under the
             # router's prefix (the path it keeps) for requests through the router.
+            www = "/tmp/www"  # noqa: S108 - the pod's own /tmp, in its sandbox
             start = (
-                f"mkdir -p /tmp/www{prefix} && head -c {size} /dev/urandom > /tmp/www/blob && "
-                f"echo ok > /tmp/www/ping && ln -s /tmp/www/blob /tmp/www/ping /tmp/www{prefix}/"
-                f" && setsid -f python3 -m http.server {PORT} --bind 127.0.0.1 --directory "
-                "/tmp/www >/dev/null 2>&1 </dev/null && sleep 1 && echo started"
-            )  # noqa: S108 - the pod's own /tmp, in its sandbox
+                f"mkdir -p {www}{prefix} && head -c {size} /dev/urandom > {www}/blob && "
+                f"echo ok > {www}/ping && ln -s {www}/blob {www}/ping {www}{prefix}/ && "
+                f"setsid -f python3 -m http.server {PORT} --bind 127.0.0.1 --directory {www} "
+                ">/dev/null 2>&1 </dev/null && sleep 1 && echo started"
+            )
             started = time.perf_counter()
             out = asyncio.run(run_command(ws_url, key, start))
             if "started" not in out:
