@@ -1,10 +1,11 @@
 """A pod's (or a shell's) replica: it takes no calls from its function's queue and builds no
-instance of the function; it serves terminals in its sandbox, with its function's code,
-environment, secrets and GPUs.
+instance of the function; it serves terminals (`kiln.pods.terminal_session`) and its forwarded
+ports' connections (`kiln.pods.tunnel`) in its sandbox, with its function's code, environment,
+secrets and GPUs.
 
-A router opens a terminal with a call message on `ns.replica.<rid>.open` (core NATS), sent
-again until the replica says it took it (the `accepted` message every call gets), so a router
-may open one while the replica still starts. From there it is a session like a WebSocket
+A router opens either with a call message on `ns.replica.<rid>.open` (core NATS), sent again
+until the replica says it took it (the `accepted` message every call gets), so a router may
+open one while the replica still starts. From there it is a session like a WebSocket
 handler's (`kiln.invoker.calls`). A shell's replica serves one terminal and then drains: the
 shell ends with it; one nobody opened within `SHELL_ATTACH_S` drains too (its router died).
 """
