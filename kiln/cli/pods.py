@@ -100,18 +100,19 @@ def list_pods(as_json: JsonFlag = False) -> None:
 @pods_app.command("stop")
 def stop(pod: PodArg) -> None:
     """Give the pod's GPUs back; the pod and its volume stay."""
-    with _client() as client:
-        found = _pod(client, pod)
-        view = client.request("POST", f"/v1/pods/{found['id']}/stop").json()
-    typer.echo(f"pod {view['name']} is {view['state']}")
+    _change(pod, "stop")
 
 
 @pods_app.command("start")
 def start(pod: PodArg) -> None:
     """Start a stopped pod again."""
+    _change(pod, "start")
+
+
+def _change(pod: str, action: str) -> None:
     with _client() as client:
         found = _pod(client, pod)
-        view = client.request("POST", f"/v1/pods/{found['id']}/start").json()
+        view = client.request("POST", f"/v1/pods/{found['id']}/{action}").json()
     typer.echo(f"pod {view['name']} is {view['state']}")
 
 

@@ -21,20 +21,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import h11
-import sqlalchemy as sa
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.websockets import WebSocket
 
-from kiln.db.enums import ACTIVE_POD_STATES
-from kiln.db.models import App, Function, Pod
-from kiln.db.session import transaction
-from kiln.errors import BadGateway, Conflict, KilnError, NotFound
+from kiln.errors import BadGateway, KilnError
 from kiln.router.auth import Principal
 from kiln.router.call_order import CallOrder
 from kiln.router.catalog import FunctionRoute
 from kiln.router.errors import error_response, request_id
-from kiln.router.pods import pod_id_of, pod_not_found, pods_owned_by
+from kiln.router.pods import active_pod, pod_id_of
 from kiln.router.run import read_body
 from kiln.router.services import RouterServices, services
 from kiln.router.streams import CallStream
@@ -308,27 +304,7 @@ async def _resolve_port(
     svc: RouterServices, principal: Principal, connection: HTTPConnection
 ) -> tuple[FunctionRoute, uuid.UUID, int]:
     """The pod's function, its replica and the port, for a caller that owns the pod."""
-    if principal.function_id is not None:
-        raise NotFound("a function-scoped key reaches no pod")
-    pod_id = pod_id_of(connection)
     text = str(connection.path_params["port"])
     port = int(text) if text.isdigit() and len(text) <= 5 else 0
-    async with transaction(svc.sessions) as session:
-        row = (
-            await session.execute(
-                sa.select(Pod, App.name, Function.name)
-                .join(Function, Function.id == Pod.function_id)
-                .join(App, App.id == Function.app_id)
-                .where(Pod.id == pod_id, *pods_owned_by(principal))
-            )
-        ).one_or_none()
-    if row is None:
-        raise pod_not_found(pod_id)
-    pod, app, name = row
-    if port not in pod.ports:
-        ports = ", ".join(map(str, pod.ports)) or "none"
-        raise NotFound(f"pod {pod_id} forwards no port {text}; its ports: {ports}")
-    if pod.state not in ACTIVE_POD_STATES:
-        raise Conflict(f"pod {pod_id} is {pod.state.value}: start it first")
-    route = await svc.catalog.resolve(pod.customer_id, app, name)
+    pod, route = await active_pod(svc, principal, pod_id_of(connection), port=port)
     return route, pod.replica_id, port

@@ -38,6 +38,7 @@ from kiln.router.websocket import serve_session
 from kiln.wire import TERMINAL_METHOD
 
 __all__ = [
+    "active_pod",
     "create_pod",
     "delete_pod",
     "get_pod",
@@ -232,30 +233,38 @@ async def pod_terminal(websocket: WebSocket) -> None:
 async def _resolve_terminal(
     websocket: WebSocket, svc: RouterServices, principal: Principal
 ) -> tuple[FunctionRoute, str | None]:
-    if principal.function_id is not None:
-        raise NotFound("a function-scoped key reaches no pod")
     TerminalRequest(websocket.query_params)  # 400 before the upgrade for a bad size
-    pod_id = pod_id_of(websocket)
-    async with transaction(svc.sessions) as session:
-        row = (
-            await session.execute(
-                sa.select(Pod, App.name, Function.name)
-                .join(Function, Function.id == Pod.function_id)
-                .join(App, App.id == Function.app_id)
-                .where(Pod.id == pod_id, *pods_owned_by(principal))
-            )
-        ).one_or_none()
-    if row is None:
-        raise pod_not_found(pod_id)
-    pod, app, name = row
-    if pod.state not in ACTIVE_POD_STATES:
-        raise Conflict(f"pod {pod_id} is {pod.state.value}: start it first")
-    route = await svc.catalog.resolve(pod.customer_id, app, name)
+    pod, route = await active_pod(svc, principal, pod_id_of(websocket))
     websocket.state.pod_target = (pod.replica_id, dict(websocket.query_params))
     return route, TERMINAL_METHOD
 
 
 # Rows and views ------------------------------------------------------------------------------
+
+
+async def active_pod(
+    svc: RouterServices, principal: Principal, pod_id: uuid.UUID, *, port: int | None = None
+) -> tuple[Pod, FunctionRoute]:
+    """The caller's pod and its function's route, for a session on its replica: 404 when it
+    is not the caller's (or, given `port`, does not forward it), 409 unless it is active."""
+    if principal.function_id is not None:
+        raise NotFound("a function-scoped key reaches no pod")
+    async with transaction(svc.sessions) as session:
+        row = (await session.execute(
+            sa.select(Pod, App.name, Function.name)
+            .join(Function, Function.id == Pod.function_id)
+            .join(App, App.id == Function.app_id)
+            .where(Pod.id == pod_id, *pods_owned_by(principal))
+        )).one_or_none()  # fmt: skip
+    if row is None:
+        raise pod_not_found(pod_id)
+    pod, app, name = row
+    if port is not None and port not in pod.ports:
+        ports = ", ".join(map(str, pod.ports)) or "none"
+        raise NotFound(f"pod {pod_id} forwards no port {port}; its ports: {ports}")
+    if pod.state not in ACTIVE_POD_STATES:
+        raise Conflict(f"pod {pod_id} is {pod.state.value}: start it first")
+    return pod, await svc.catalog.resolve(pod.customer_id, app, name)
 
 
 def pods_owned_by(principal: Principal) -> tuple[Any, ...]:
