@@ -156,6 +156,7 @@ class LedgerKind(enum.StrEnum):
     PRORATION = "proration"  # a plan change within a period: the old fee's unused part back,
     # the new one's for the rest of the period
     PAYMENT = "payment"  # an invoice paid (through Stripe, or recorded by an operator)
+    STORAGE = "storage"  # a pod's volume, per GB-hour
 
 
 class PaymentKind(enum.StrEnum):
@@ -216,3 +217,4 @@ class InvoiceLineKind(enum.StrEnum):
     ADJUSTMENT = "adjustment"  # an operator's credit or debit
     REFUND = "refund"
     ROUNDING = "rounding"  # the total down to a whole cent
+    STORAGE = "storage"  # pods' volumes, per GB-hour

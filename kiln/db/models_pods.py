@@ -51,6 +51,23 @@ class Pod(Timestamps, Base):
     stopped_at: Mapped[datetime | None]
     ended_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(sa.Text)  # why it ended or stopped, if not asked
+    # Stopped after this long with no terminal or port traffic (None: never).
+    auto_stop_s: Mapped[int | None]
+    active_at: Mapped[datetime | None]  # its last terminal or port traffic, as its replica said
+    reminded_at: Mapped[datetime | None]  # the owners were told it sits idle (once an idle spell)
+    # Volume storage charged so far: the sweep charges what its lifetime's GB-hours cost less
+    # this, so rounding never drifts and a repeated sweep charges nothing.
+    storage_charged_micros: Mapped[int] = mapped_column(
+        sa.BigInteger, default=0, server_default=sa.text("0")
+    )
+    image: Mapped[str | None] = mapped_column(sa.String(512))  # a container image to run
+    # Python requirements installed for it (by the node, into an environment it keeps).
+    requirements: Mapped[list[str]] = mapped_column(
+        postgresql.ARRAY(sa.Text), default=list, server_default="{}"
+    )
+    # Where its volume is parked in the store (moved off its node while stopped), else None.
+    volume_key: Mapped[str | None] = mapped_column(sa.Text)
+    failures: Mapped[int] = int_default(0)  # its replicas' failed starts in a row
 
     __table_args__ = (
         sa.Index(None, "state"),
@@ -62,4 +79,5 @@ class Pod(Timestamps, Base):
             postgresql_where=sa.text("state <> 'ended'"),
         ),
         sa.CheckConstraint("volume_gb >= 0", name="volume_gb_nonnegative"),
+        sa.CheckConstraint("auto_stop_s IS NULL OR auto_stop_s > 0", name="auto_stop_positive"),
     )
