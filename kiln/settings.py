@@ -162,6 +162,7 @@ class Settings:
     currency: str = "usd"
     refill_max_failures: int = 3
     min_charge_s: int = 0
+    volume_price_gb_hour: int = 140  # micro-units: about $0.10 a GB a month
     invoice_grace_days: int = 14
     invoice_close_delay_s: float = 3600.0
     invoice_issuer: str = "Kiln"
@@ -692,6 +693,13 @@ SETTINGS: tuple[SettingSpec, ...] = (
         _int_range(0, 86_400),
         "a replica is billed for at least this many seconds, however briefly it ran (0: no "
         "minimum)",
+    ),
+    SettingSpec(
+        "KILN_VOLUME_PRICE_GB_HOUR",
+        "volume_price_gb_hour",
+        _int_range(0, 100_000_000),
+        "what a pod's volume costs per GB-hour of its size, in micro-units, charged from its "
+        "creation until it is deleted, stopped or not (0: free)",
     ),
     SettingSpec(
         "KILN_INVOICE_GRACE_DAYS",

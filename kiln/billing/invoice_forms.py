@@ -87,6 +87,8 @@ def quantity(line: InvoiceLine) -> str:
         return f"{Decimal(line.quantity) / 1000:,.3f} s"
     if line.unit == "requests":
         return f"{line.quantity:,}"
+    if line.unit == "gb_s":
+        return f"{Decimal(line.quantity) / 3600:,.2f} GB-h"
     return str(line.quantity)
 
 

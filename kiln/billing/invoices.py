@@ -47,6 +47,8 @@ from kiln.db.models import (
     InvoiceLine,
     LedgerEntry,
     PeriodClose,
+    Pod,
+    StorageCharge,
     StripeOutbox,
     UsageEvent,
 )
@@ -238,7 +240,10 @@ async def _lines(session: AsyncSession, invoice_id: uuid.UUID) -> list[InvoiceLi
     requests charged."""
     entries = await session.execute(
         sa.select(LedgerEntry.kind, LedgerEntry.amount_micros, LedgerEntry.description)
-        .where(LedgerEntry.invoice_id == invoice_id, LedgerEntry.kind != LedgerKind.USAGE)
+        .where(
+            LedgerEntry.invoice_id == invoice_id,
+            LedgerEntry.kind.not_in((LedgerKind.USAGE, LedgerKind.STORAGE)),
+        )
         .order_by(LedgerEntry.created_at, LedgerEntry.id)
     )
     singles = [
@@ -286,11 +291,32 @@ async def _lines(session: AsyncSession, invoice_id: uuid.UUID) -> list[InvoiceLi
                 unit="requests",
             )
         )
+    storage = await session.execute(
+        sa.select(
+            Pod.name,
+            StorageCharge.gb,
+            sa.func.sum(sa.extract("epoch", StorageCharge.period_end - StorageCharge.period_start)),
+            sa.func.sum(-LedgerEntry.amount_micros),
+        )
+        .select_from(LedgerEntry)
+        .join(StorageCharge, StorageCharge.ledger_entry_id == LedgerEntry.id)
+        .join(Pod, Pod.id == StorageCharge.pod_id)
+        .where(LedgerEntry.invoice_id == invoice_id)
+        .group_by(Pod.id, Pod.name, StorageCharge.gb)
+        .order_by(Pod.name, Pod.id)
+    )
+    volumes = [
+        _line(
+            InvoiceLineKind.STORAGE, f"Volume of pod {name}, {gb} GB", int(cost),
+            quantity=round(gb * seconds), unit="gb_s",
+        )  # fmt: skip
+        for name, gb, seconds, cost in storage
+    ]
     fees = [
         line for line in singles if line.kind in (InvoiceLineKind.FEE, InvoiceLineKind.PRORATION)
     ]
     others = [line for line in singles if line not in fees]
-    return [*fees, *time_lines, *others]
+    return [*fees, *time_lines, *volumes, *others]
 
 
 async def _queue(

@@ -74,6 +74,7 @@ class BillingRules:
     min_charge_s: int  # a replica is billed at least this long (0: no minimum)
     currency: str = "usd"
     invoice_grace_s: float = 14 * 86_400.0  # an open invoice older than this blocks
+    volume_price_gb_hour: int = 0  # micro-units for a GB of a pod's volume for an hour
 
 
 def billing_rules(settings: Settings) -> BillingRules:
@@ -86,6 +87,7 @@ def billing_rules(settings: Settings) -> BillingRules:
         min_charge_s=settings.min_charge_s,
         currency=settings.currency,
         invoice_grace_s=settings.invoice_grace_days * 86_400.0,
+        volume_price_gb_hour=settings.volume_price_gb_hour,
     )
 
 

@@ -37,6 +37,7 @@ from kiln.billing.ledger import (
     refresh_block,
 )
 from kiln.billing.plans import charge_due_fees
+from kiln.billing.storage import charge_storage
 from kiln.db.models import Customer
 from kiln.db.session import transaction
 from kiln.metering import USAGE_MAC, usage_mac
@@ -97,6 +98,10 @@ class BillingWorker:
             except Exception:  # noqa: BLE001 - tried again at the next sweep
                 _log.exception("charging plan fees failed")
             try:
+                await self.charge_storage()
+            except Exception:  # noqa: BLE001 - tried again at the next sweep
+                _log.exception("charging pods' volume storage failed")
+            try:
                 await self.sweep_blocks()
             except Exception:  # noqa: BLE001 - tried again at the next sweep
                 _log.exception("sweeping billing blocks failed")
@@ -110,6 +115,19 @@ class BillingWorker:
             changes = Changes()
             async with transaction(self.sessions) as session:
                 charged = await charge_due_fees(session, now, self.rules, changes)
+            await announce_blocks(self.nc, self.subjects, changes, seals=self.seals)
+            total += charged
+            if charged == 0:
+                return total
+
+    async def charge_storage(self, now: datetime | None = None) -> int:
+        """Charge pods' volume storage that is due (kiln.billing.storage); how many volumes."""
+        now = now or datetime.now(UTC)
+        total = 0
+        while True:
+            changes = Changes()
+            async with transaction(self.sessions) as session:
+                charged = await charge_storage(session, now, self.rules, changes)
             await announce_blocks(self.nc, self.subjects, changes, seals=self.seals)
             total += charged
             if charged == 0:

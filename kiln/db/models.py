@@ -20,7 +20,7 @@ from kiln.db.models_calls import Call, Invocation
 from kiln.db.models_compute import Node, Replica
 from kiln.db.models_console import ConsoleSession, MailToken, User
 from kiln.db.models_invoices import Invoice, InvoiceCounter, InvoiceLine, PeriodClose
-from kiln.db.models_pods import Pod
+from kiln.db.models_pods import Pod, StorageCharge
 
 __all__ = [
     "ApiKey",
@@ -45,6 +45,7 @@ __all__ = [
     "Plan",
     "Pod",
     "Replica",
+    "StorageCharge",
     "StripeEvent",
     "StripeOutbox",
     "UsageEvent",

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from kiln.db.base import Base, Timestamps, int_default, str_enum, uuid_pk
 from kiln.db.enums import PodKind, PodState
 
-__all__ = ["Pod"]
+__all__ = ["Pod", "StorageCharge"]
 
 
 class Pod(Timestamps, Base):
@@ -55,11 +55,8 @@ class Pod(Timestamps, Base):
     auto_stop_s: Mapped[int | None]
     active_at: Mapped[datetime | None]  # its last terminal or port traffic, as its replica said
     reminded_at: Mapped[datetime | None]  # the owners were told it sits idle (once an idle spell)
-    # Volume storage charged so far: the sweep charges what its lifetime's GB-hours cost less
-    # this, so rounding never drifts and a repeated sweep charges nothing.
-    storage_charged_micros: Mapped[int] = mapped_column(
-        sa.BigInteger, default=0, server_default=sa.text("0")
-    )
+    # Its volume's storage is charged up to here (None: from its creation).
+    storage_charged_until: Mapped[datetime | None]
     image: Mapped[str | None] = mapped_column(sa.String(512))  # a container image to run
     # Python requirements installed for it (by the node, into an environment it keeps).
     requirements: Mapped[list[str]] = mapped_column(
@@ -81,3 +78,22 @@ class Pod(Timestamps, Base):
         sa.CheckConstraint("volume_gb >= 0", name="volume_gb_nonnegative"),
         sa.CheckConstraint("auto_stop_s IS NULL OR auto_stop_s > 0", name="auto_stop_positive"),
     )
+
+
+class StorageCharge(Base):
+    """What a `storage` ledger entry charged for: a pod's volume of `gb` over a period, so
+    that invoices show GB-hours per pod."""
+
+    __tablename__ = "storage_charges"
+
+    ledger_entry_id: Mapped[int] = mapped_column(
+        sa.BigInteger, sa.ForeignKey("ledger_entries.id", ondelete="RESTRICT"), primary_key=True
+    )
+    pod_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("pods.id", ondelete="RESTRICT"), index=True
+    )
+    gb: Mapped[int]
+    period_start: Mapped[datetime]
+    period_end: Mapped[datetime]
+
+    __table_args__ = (sa.CheckConstraint("period_end > period_start", name="forward"),)

@@ -37,10 +37,7 @@ def upgrade() -> None:
     op.add_column("pods", sa.Column("active_at", sa.DateTime(timezone=True), nullable=True))
     op.add_column("pods", sa.Column("reminded_at", sa.DateTime(timezone=True), nullable=True))
     op.add_column(
-        "pods",
-        sa.Column(
-            "storage_charged_micros", sa.BigInteger(), server_default=sa.text("0"), nullable=False
-        ),
+        "pods", sa.Column("storage_charged_until", sa.DateTime(timezone=True), nullable=True)
     )
     op.add_column("pods", sa.Column("image", sa.String(length=512), nullable=True))
     op.add_column(
@@ -58,9 +55,31 @@ def upgrade() -> None:
     )
     _check("ledger_entries", "kind", "kind", (*_LEDGER_KINDS, "storage"))
     _check("invoice_lines", "kind", "kind", (*_LINE_KINDS, "storage"))
+    op.create_table(
+        "storage_charges",
+        sa.Column("ledger_entry_id", sa.BigInteger(), nullable=False),
+        sa.Column("pod_id", sa.Uuid(), nullable=False),
+        sa.Column("gb", sa.Integer(), nullable=False),
+        sa.Column("period_start", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("period_end", sa.DateTime(timezone=True), nullable=False),
+        sa.CheckConstraint("period_end > period_start", name=op.f("ck_storage_charges_forward")),
+        sa.ForeignKeyConstraint(
+            ["ledger_entry_id"],
+            ["ledger_entries.id"],
+            name=op.f("fk_storage_charges_ledger_entry_id_ledger_entries"),
+            ondelete="RESTRICT",
+        ),
+        sa.ForeignKeyConstraint(
+            ["pod_id"], ["pods.id"], name=op.f("fk_storage_charges_pod_id_pods"),
+            ondelete="RESTRICT",
+        ),  # fmt: skip
+        sa.PrimaryKeyConstraint("ledger_entry_id", name=op.f("pk_storage_charges")),
+    )
+    op.create_index(op.f("ix_storage_charges_pod_id"), "storage_charges", ["pod_id"])
 
 
 def downgrade() -> None:
+    op.drop_table("storage_charges")
     # Storage charged stays charged: its entries become adjustments that say what they were.
     op.execute(
         "UPDATE ledger_entries SET kind = 'adjustment', description = 'volume storage' || "
@@ -74,7 +93,7 @@ def downgrade() -> None:
     _check("ledger_entries", "kind", "kind", _LEDGER_KINDS)
     op.drop_constraint(op.f("ck_pods_auto_stop_positive"), "pods", type_="check")
     for column in (
-        "failures", "volume_key", "requirements", "image", "storage_charged_micros",
+        "failures", "volume_key", "requirements", "image", "storage_charged_until",
         "reminded_at", "active_at", "auto_stop_s",
     ):  # fmt: skip
         op.drop_column("pods", column)

@@ -35,8 +35,27 @@ from kiln.billing.ledger import Changes, billing_rules, post_entry
 from kiln.billing.plans import change_plan, charge_period_fee, period_of
 from kiln.cli.main import app as cli
 from kiln.console.mail import Mailer
-from kiln.db.enums import CustomerTier, InvoiceLineKind, InvoiceStatus, LedgerKind, Settlement
-from kiln.db.models import Customer, Invoice, InvoiceLine, LedgerEntry, PeriodClose, Plan
+from kiln.db.enums import (
+    CustomerTier,
+    InvoiceLineKind,
+    InvoiceStatus,
+    LedgerKind,
+    PodKind,
+    PodState,
+    Settlement,
+)
+from kiln.db.models import (
+    App,
+    AppVersion,
+    Customer,
+    Function,
+    Invoice,
+    InvoiceLine,
+    LedgerEntry,
+    PeriodClose,
+    Plan,
+    Pod,
+)
 from kiln.db.session import session_factory, transaction
 from kiln.wire import UsageReport
 
@@ -504,3 +523,55 @@ async def test_a_customer_whose_close_fails_stops_no_other_and_the_period_stays_
         assert await conn.scalar(
             sa.select(PeriodClose.period).where(PeriodClose.period == "2031-10")
         ) is None  # fmt: skip
+
+
+async def _pod_with_volume(
+    engine: AsyncEngine, customer_id: uuid.UUID, created: datetime, gb: int
+) -> uuid.UUID:
+    """A pod of `gb` on a function of its customer's, created at `created`."""
+    async with transaction(session_factory(engine)) as session:
+        app = App(customer_id=customer_id, name=f"env-{uuid.uuid4().hex[:8]}")
+        version = AppVersion(version=1, source_digest="0" * 64, artifact_key="code/0")
+        app.versions.append(version)
+        app.current_version = version
+        function = Function(name="base", current_version=version)
+        app.functions.append(function)
+        session.add(app)
+        await session.flush()
+        pod = Pod(
+            customer_id=customer_id, name="notebook", kind=PodKind.POD, function_id=function.id,
+            volume_gb=gb, created_at=created, state=PodState.STOPPED,
+        )  # fmt: skip
+        session.add(pod)
+        await session.flush()
+        return pod.id
+
+
+async def test_a_volume_is_charged_per_gb_hour_once_and_invoiced_with_its_gb_hours(
+    platform: Platform, engine: AsyncEngine
+) -> None:
+    customer_id = await customer_on(engine, "enterprise", MARCH)
+    billing = worker(platform, engine)
+    price = billing.rules.volume_price_gb_hour
+    assert price > 0  # the default prices storage
+    created = MARCH + timedelta(days=2, minutes=10)
+    pod_id = await _pod_with_volume(engine, customer_id, created, 10)
+
+    # Its whole hours are charged as they pass, each once however often the sweep runs.
+    assert await billing.charge_storage(created + timedelta(minutes=59)) == 0
+    assert await billing.charge_storage(created + timedelta(hours=2, minutes=30)) == 1
+    assert await billing.charge_storage(created + timedelta(hours=2, minutes=31)) == 0
+    assert await balance(engine, customer_id) == -2 * 10 * price
+    # It ends 3 h 20 min after its creation: the rest is charged to the millisecond, once.
+    async with transaction(session_factory(engine)) as session:
+        pod = await session.get_one(Pod, pod_id)
+        pod.state, pod.ended_at = PodState.ENDED, created + timedelta(hours=3, minutes=20)
+    assert await billing.charge_storage(created + timedelta(hours=5)) == 1
+    assert await billing.charge_storage(created + timedelta(hours=9)) == 0
+    assert await balance(engine, customer_id) == -(10 * price * 200 // 60)
+
+    invoice = await close(platform, engine, customer_id)
+    lines = await lines_of(engine, invoice.id)
+    assert lines[0] == (InvoiceLineKind.STORAGE, 10 * 200 * 60, 10 * price * 200 // 60)
+    assert [kind for kind, *_ in lines[1:]] in ([], [InvoiceLineKind.ROUNDING])
+    assert await billed(engine, invoice.id) == invoice.total_micros
