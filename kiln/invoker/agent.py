@@ -54,6 +54,7 @@ from kiln.invoker.sandbox import Box, Sandboxes, bwrap_path, gpu_devices, link_t
 from kiln.invoker.standby import Assignment
 from kiln.invoker.standby_pool import Standby, StandbyPool, memory_info
 from kiln.invoker.usage import NodeMeter
+from kiln.invoker.volumes import Volumes
 from kiln.observability.gpu import GpuTelemetry
 from kiln.seal import Seals
 from kiln.settings import EgressMode, SandboxMode, Settings
@@ -155,6 +156,7 @@ class NodeAgent:
         # What this agent exports (the node agent service serves it; `kiln dev` adds it to the
         # router's /metrics).
         self.metrics_registry = CollectorRegistry()
+        self.volumes = Volumes(settings.home / "node" / "volumes")
         self.standbys = StandbyPool(
             env_for=self._standby_env,
             directory=self.workdir / ".standby",
@@ -222,6 +224,7 @@ class NodeAgent:
                 return_exceptions=True,
             )
             await self.standbys.close()
+            await self.volumes.close()  # their replicas are gone: nothing holds them now
             if self.snapshots is not None:
                 await self.snapshots.close()
             await cancel_and_wait(closing)
@@ -315,7 +318,11 @@ class NodeAgent:
         )
         # A pod's volume is its home: bound into a box made for it (a standby's box was made
         # without it), so no standby takes such a replica.
-        volume = await self._volume(launch)
+        volume = (
+            await self.volumes.prepare(str(launch.pod_id), launch.volume_gb, uid=None)
+            if self._has_volume(launch) and self.sandboxes is None
+            else None
+        )
         if self.sandboxes is None:
             directory = self.workdir / launch.replica_id
             directory.mkdir(parents=True, exist_ok=True)
@@ -333,15 +340,19 @@ class NodeAgent:
         # Sandboxed: the code is shown to the replica read-only in its box, with its launch
         # file; it writes only in its own work directory.
         standby = (
-            self.standbys.take(device, need, holder=launch.replica_id) if volume is None else None
+            None
+            if self._has_volume(launch)
+            else self.standbys.take(device, need, holder=launch.replica_id)
         )
         box = standby.box if standby is not None and standby.box is not None else None
         if box is None:
             box = self.sandboxes.make(f"replica-{launch.replica_id}")
         try:
             launch_file = self._fill_box(box, launch, code)
-            if volume is not None:  # each replica has a uid of its own: the volume is its
-                await asyncio.to_thread(_chown_tree, volume, box.uid)
+            if self._has_volume(launch):  # each replica has a uid of its own: the volume is its
+                volume = await self.volumes.prepare(
+                    str(launch.pod_id), launch.volume_gb, uid=box.uid
+                )
             env = self._replica_env(launch, box.work, kind, indices, home=box.ro, volume=volume)
             box.limit_memory(launch.spec["resources"].get("memory_mb"))
             if standby is not None and await self._assign(standby, launch_file, box.work, env):
@@ -597,20 +608,13 @@ class NodeAgent:
             env["POD_VOLUME"] = str(volume)
         return env
 
-    async def _volume(self, launch: StartReplica) -> Path | None:
-        """The pod's volume on this node (made at its first start), or None."""
-        if launch.pod_id is None or launch.volume_gb <= 0:
-            return None
-        path = self._volume_path(launch.pod_id)
-        await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
-        return path
-
-    def _volume_path(self, pod_id: str) -> Path:
-        return self.settings.home / "node" / "volumes" / str(uuid.UUID(pod_id))
+    @staticmethod
+    def _has_volume(launch: StartReplica) -> bool:
+        return launch.pod_id is not None and launch.volume_gb > 0
 
     async def drop_volume(self, pod_id: str) -> None:
         """An ended pod's volume goes."""
-        await asyncio.to_thread(shutil.rmtree, self._volume_path(pod_id), True)
+        await self.volumes.drop(pod_id)
 
     def _platform_env(
         self, home: Path, devices: str, kiln_home: Path | None = None
@@ -789,11 +793,3 @@ def _memory_budget(settings: Settings) -> int:
         return settings.standby_memory_mb * 2**20
     total, _ = memory_info()
     return total // 4 if total else 8 * 2**30
-
-
-def _chown_tree(root: Path, uid: int) -> None:
-    """`root` and everything in it owned by `uid` (a pod's new replica has a new uid)."""
-    os.chown(root, uid, uid)
-    for parent, dirs, files in os.walk(root):
-        for name in (*dirs, *files):
-            os.lchown(os.path.join(parent, name), uid, uid)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import threading
 import time
@@ -342,12 +343,21 @@ async def test_a_pods_ports_answer_through_the_router_and_stop_and_start_renew_i
     assert fetched.startswith(b"HTTP/1.0 200")
     assert fetched.endswith(b"GET /any/path auth=None prefix=None body=")
 
-    # Its volume is its home, kept across stop and start on its node.
-    async with terminal(deployed, pod, cmd='echo kept > ~/note.txt; echo "$POD_VOLUME"') as ws:
+    # Its volume is its home, kept across stop and start on its node, and of the size asked
+    # for (where the agent can mount one: root, with loop devices).
+    sized = (
+        "echo kept > ~/note.txt; fallocate -l 2G ~/big 2>&1 | grep -c 'No space left'; "
+        'rm -f ~/big; df -B1M --output=size ~ | tail -1; echo "$POD_VOLUME"'
+    )
+    async with terminal(deployed, pod, cmd=sized) as ws:
         kept = Screen(ws)
         assert await kept.exit_status() == 0, kept.text
-    volume = Path(kept.text.strip())
+    refused, size_mb, path = kept.text.split()
+    volume = Path(path)
     assert volume == deployed.settings.home / "node" / "volumes" / pod["id"]
+    if os.geteuid() == 0 and Path("/dev/loop-control").exists():
+        assert refused == "1"  # 2 GB do not fit in a volume of 1
+        assert 900 < int(size_mb) <= 1024
 
     # Stopped: its replica goes; its ports answer 409; started: a new replica, fresh.
     async with deployed.client() as client:

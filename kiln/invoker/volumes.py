@@ -1,0 +1,162 @@
+"""Pods' volumes on a node: a directory per pod under `$KILN_HOME/node/volumes/`, the home of
+the pod's replicas, kept across its stops and starts until the pod is deleted.
+
+Where the agent may mount file systems (it runs as root, with loop devices and `mkfs.ext4`), a
+volume is an ext4 file system in a sparse image file of the pod's `volume_gb`, loop-mounted on
+its directory: the size is enforced (a full volume says "No space left on device" to the
+pod's programs, not to the node's), and the bytes it holds are only the ones written. Elsewhere
+(an unprivileged `kiln dev`) the volume is a plain directory and its size is not enforced; the
+agent says so once.
+
+Mounts outlive the replicas (a pod starting again on the node finds its volume mounted) but
+not the agent: `close` unmounts them, and the next start mounts the image again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+__all__ = ["Volumes"]
+
+_log = logging.getLogger("kiln.agent.volumes")
+_GIB = 1024**3
+_COMMAND_TIMEOUT_S = 60.0
+
+
+class Volumes:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._mounted: set[Path] = set()
+        self._refusal: str | None = None  # why sizes are not enforced here, once known
+        # One change at a time (two starts of a pod cannot race); the work is blocking file
+        # system calls and short commands, done in a thread.
+        self._lock = asyncio.Lock()
+
+    def path(self, pod_id: str) -> Path:
+        return self.root / str(uuid.UUID(pod_id))
+
+    def _image(self, pod_id: str) -> Path:
+        return self.root / f"{uuid.UUID(pod_id)}.img"
+
+    async def prepare(self, pod_id: str, gb: int, uid: int | None) -> Path:
+        """The pod's volume, mounted (made at its first start), everything in it owned by `uid`
+        (each replica runs as a uid of its own; None: the agent's, unsandboxed)."""
+        async with self._lock:
+            return await asyncio.to_thread(self._prepare, pod_id, gb, uid)
+
+    async def drop(self, pod_id: str) -> None:
+        """An ended pod's volume goes, bytes and all."""
+        async with self._lock:
+            await asyncio.to_thread(self._drop, pod_id)
+
+    async def close(self) -> None:
+        """Unmount every volume this agent mounted (their replicas are gone with it)."""
+        async with self._lock:
+            for path in list(self._mounted):
+                await asyncio.to_thread(self._unmount, path)
+
+    def _prepare(self, pod_id: str, gb: int, uid: int | None) -> Path:
+        path, image = self.path(pod_id), self._image(pod_id)
+        path.mkdir(parents=True, exist_ok=True)
+        if path.is_mount():
+            self._mounted.add(path)  # mounted by this agent's predecessor
+        elif image.exists() or (self._enforceable() and not _has_files(path)):
+            self._mount(image, path, gb)
+        if uid is not None:
+            _chown_tree(path, uid)
+        return path
+
+    def _drop(self, pod_id: str) -> None:
+        path = self.path(pod_id)
+        self._unmount(path)
+        shutil.rmtree(path, ignore_errors=True)
+        self._image(pod_id).unlink(missing_ok=True)
+
+    def _enforceable(self) -> bool:
+        if self._refusal is None:
+            missing = [tool for tool in ("mkfs.ext4", "mount", "umount") if not shutil.which(tool)]
+            if os.geteuid() != 0:
+                self._refusal = "the node agent is not root"
+            elif missing:
+                self._refusal = f"{', '.join(missing)} not found (apt-get install e2fsprogs mount)"
+            elif not Path("/dev/loop-control").exists():
+                self._refusal = "this host has no loop devices"
+            else:
+                self._refusal = ""
+            if self._refusal:
+                _log.warning("pods' volume sizes are not enforced on this node: %s", self._refusal)
+        return not self._refusal
+
+    def _mount(self, image: Path, path: Path, gb: int) -> None:
+        made = not image.exists()
+        if made:
+            with open(image, "wb") as sparse:  # no bytes written: one hole of the whole size
+                sparse.truncate(max(1, gb) * _GIB)
+            # No blocks reserved for root (the pod's programs are not root), and the inode
+            # tables initialised lazily by the kernel: making 100 GB takes as long as 1 GB.
+            lazily = "lazy_itable_init=1,lazy_journal_init=1"
+            failed = _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", lazily, str(image)])
+            if failed:
+                image.unlink(missing_ok=True)
+                self._give_up(f"mkfs.ext4 failed: {failed}")
+                return
+        failed = _run(["mount", "-o", "loop,nosuid,nodev", str(image), str(path)])
+        if failed:
+            if not made:  # its bytes are in there: never start it on an empty directory
+                raise OSError(f"the volume {image.name} cannot be mounted: {failed}")
+            image.unlink(missing_ok=True)
+            self._give_up(f"mount failed: {failed}")
+            return
+        self._mounted.add(path)
+        if made:
+            _clear_lost_found(path)
+
+    def _give_up(self, why: str) -> None:
+        self._refusal = why
+        _log.warning("pods' volume sizes are not enforced on this node: %s", why)
+
+    def _unmount(self, path: Path) -> None:
+        if path.is_mount():
+            failed = _run(["umount", str(path)])
+            if failed:  # something still holds it open: detach it now, freed when let go
+                _log.warning("volume %s busy (%s): detached lazily", path.name, failed)
+                _run(["umount", "-l", str(path)])
+        self._mounted.discard(path)
+
+
+def _run(argv: list[str]) -> str:
+    """Run a short system command; its error ("" if it succeeded)."""
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, check=False, timeout=_COMMAND_TIMEOUT_S
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc) or type(exc).__name__
+    return "" if done.returncode == 0 else (done.stderr.strip() or f"exit {done.returncode}")
+
+
+def _has_files(path: Path) -> bool:
+    """A volume made as a plain directory before sizes were enforced keeps being one."""
+    return any(path.iterdir())
+
+
+def _clear_lost_found(path: Path) -> None:
+    """ext4's `lost+found` is root's and of no use to a pod's programs; a fresh volume is
+    empty, as a directory volume is."""
+    lost = path / "lost+found"
+    if lost.is_dir() and not any(lost.iterdir()):
+        lost.rmdir()
+
+
+def _chown_tree(root: Path, uid: int) -> None:
+    """`root` and everything in it owned by `uid` (a pod's new replica has a new uid)."""
+    os.chown(root, uid, uid)
+    for parent, dirs, files in os.walk(root):
+        for name in (*dirs, *files):
+            os.lchown(os.path.join(parent, name), uid, uid)
