@@ -148,6 +148,7 @@ class Settings:
     max_replicas: int = 1000
     ws_idle_timeout_s: float = 300.0
     ws_max_session_s: float = 3600.0
+    pod_idle_reminder_s: float = 3 * 3600.0
     job_result_ttl_s: float = 7 * 24 * 3600.0
     invocation_log: Switch = Switch.ON
     invocation_retention_s: float = 30 * 24 * 3600.0
@@ -602,6 +603,14 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "ws_max_session_s",
         _seconds(1, 86_400),
         "the longest a WebSocket session lasts; then it is closed with 1001",
+    ),
+    SettingSpec(
+        "KILN_POD_IDLE_REMINDER_S",
+        "pod_idle_reminder_s",
+        _seconds(0, 30 * 86_400),
+        "a running pod with no terminal or port traffic for this long has its owners mailed "
+        "once (what it costs an hour, how to stop it), again only after traffic and a new "
+        "idle spell (0: never)",
     ),
     SettingSpec(
         "KILN_JOB_RESULT_TTL_S",

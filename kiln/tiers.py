@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-__all__ = ["DEFAULT_TIERS", "TierLimits", "parse_tier_limits", "with_overrides"]
+__all__ = ["DEFAULT_TIERS", "ZERO_ALLOWED", "TierLimits", "parse_tier_limits", "with_overrides"]
 
 
 @dataclass(frozen=True)
@@ -24,13 +24,20 @@ class TierLimits:
     burst: int | None = None  # requests at once; default a minute's worth
     # Calls need a positive prepaid balance (else 402); False: usage is invoiced afterwards.
     prepaid: bool = True
+    # Pods and shells at once (starting or running), and the GPUs they hold together. The
+    # free tier's are these defaults: one pod with one GPU, enough to try a notebook on a GPU
+    # as Modal's and RunPod's new accounts can, paid from the prepaid balance like any replica,
+    # while more (and multi-GPU pods) wait for a paid tier, as their GPU quotas do.
+    max_pods: int = 1
+    max_pod_gpus: int = 1
 
     @property
     def burst_size(self) -> int:
         return self.burst if self.burst is not None else self.per_minute
 
     def describe(self) -> str:
-        """`10/min, 1,000/day, 10,000/month, 2 at once, 1 replica, prepaid`, for the docs."""
+        """`10/min, 1,000/day, 10,000/month, 2 at once, 1 replica, 1 pod with 1 GPU, prepaid`,
+        for the docs."""
         parts = [f"{self.per_minute:,}/min"]
         if self.burst is not None:
             parts.append(f"bursts of {self.burst:,}")
@@ -40,6 +47,9 @@ class TierLimits:
         )
         replicas = "replica" if self.max_replicas == 1 else "replicas"
         parts += [f"{self.concurrent:,} at once", f"{self.max_replicas:,} {replicas}"]
+        pods = "pod" if self.max_pods == 1 else "pods"
+        gpus = "GPU" if self.max_pod_gpus == 1 else "GPUs"
+        parts.append(f"{self.max_pods:,} {pods} with {self.max_pod_gpus:,} {gpus}")
         parts.append("prepaid" if self.prepaid else "invoiced")
         return ", ".join(parts)
 
@@ -47,14 +57,18 @@ class TierLimits:
 DEFAULT_TIERS: Mapping[str, TierLimits] = {
     "free": TierLimits(per_minute=10, per_day=1_000, per_month=10_000, concurrent=2,
                        max_replicas=1),
+    # A team's pods: one 8-GPU node's worth.
     "pro": TierLimits(per_minute=100, per_day=10_000, per_month=100_000, concurrent=20,
-                      max_replicas=10),
+                      max_replicas=10, max_pods=10, max_pod_gpus=8),
     "enterprise": TierLimits(per_minute=1_000, per_day=100_000, per_month=None, concurrent=200,
-                             max_replicas=100, prepaid=False),
+                             max_replicas=100, prepaid=False, max_pods=100, max_pod_gpus=64),
 }  # fmt: skip
 _FIELDS = (
-    "per_minute", "per_day", "per_month", "concurrent", "max_replicas", "burst", "prepaid"
+    "per_minute", "per_day", "per_month", "concurrent", "max_replicas", "burst", "prepaid",
+    "max_pods", "max_pod_gpus",
 )  # fmt: skip
+# Limits that may be 0 (none at all: a customer kept from pods, or from GPUs in them).
+ZERO_ALLOWED = frozenset({"max_pods", "max_pod_gpus"})
 
 
 def parse_tier_limits(raw: str) -> dict[str, TierLimits]:
@@ -82,10 +96,11 @@ def with_overrides(limits: TierLimits, changes: Any) -> TierLimits:
                 raise ValueError(f"prepaid={value!r} is not valid: expected true or false")
             continue
         nullable = name in ("per_day", "per_month", "burst")
+        least = 0 if name in ZERO_ALLOWED else 1
         ok = (value is None and nullable) or (
-            isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            isinstance(value, int) and not isinstance(value, bool) and value >= least
         )
         if not ok:
-            allowed = "an integer >= 1" + (" or null (no limit)" if nullable else "")
+            allowed = f"an integer >= {least}" + (" or null (no limit)" if nullable else "")
             raise ValueError(f"{name}={value!r} is not valid: expected {allowed}")
     return replace(limits, **changes)

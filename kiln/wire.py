@@ -38,8 +38,8 @@ import hashlib
 import json
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TypeVar, cast
 
 from kiln import streams
 
@@ -445,6 +445,10 @@ class ReplicaHeartbeat:
     error: str | None = None
     calls: int = 0  # taken since it started (its node agent puts them in usage reports)
     pod_id: str | None = None  # it is this pod's (kiln.db.models_pods): outside the autoscaler
+    # A pod's replica: when its terminals or forwarded ports last carried a byte either way
+    # (epoch seconds), for the pod's auto-stop and idle reminder. Later fields have defaults,
+    # so a beat without them still decodes.
+    active_at: float | None = None
 
 
 class Origin(enum.StrEnum):
@@ -520,6 +524,10 @@ class StartReplica:
     pod_id: str | None = None  # a pod's or a shell's replica: it serves terminals, no calls
     pod_kind: str = ""  # kiln.db.enums.PodKind: "shell" ends with its first terminal
     volume_gb: int = 0  # a pod's volume: a directory on the node kept across its replicas
+    # A pod's Python requirements, installed by its node into an environment it keeps for
+    # every pod that asks for the same (kiln.invoker.environments).
+    requirements: list[str] = field(default_factory=list)
+    environment: str = ""  # set by the node agent: that environment's directory
 
 
 @dataclass(frozen=True)
@@ -546,8 +554,20 @@ def encode(message: Any) -> bytes:
     return json.dumps(asdict(message), separators=(",", ":")).encode()
 
 
+_FIELD_NAMES: dict[type, frozenset[str]] = {}  # by wire dataclass, for decode
+
+
 def decode(kind: type[_T], data: bytes) -> _T:
-    return kind(**json.loads(data))
+    """A wire dataclass from its JSON. Fields it does not declare are dropped: a message
+    grows only by fields with defaults, so one from a newer sender (in a rolling upgrade)
+    still reads, and one from an older sender gets the defaults."""
+    values = json.loads(data)
+    if isinstance(values, dict):
+        known = _FIELD_NAMES.get(kind)
+        if known is None:
+            known = _FIELD_NAMES[kind] = frozenset(f.name for f in fields(cast(Any, kind)))
+        values = {name: value for name, value in values.items() if name in known}
+    return kind(**values)
 
 
 def decode_own(kind: type[_T], subject: str, data: bytes) -> _T:

@@ -7,7 +7,9 @@ time, each sweep (every 30 s):
 - every issued invoice is mailed to its customer's owners once, its PDF attached (through
   `KILN_SMTP_URL`, or into `$KILN_HOME/mail/`);
 - an invoice still open `KILN_INVOICE_GRACE_DAYS` after it was issued blocks its customer as
-  an empty balance does; paying it lifts the block.
+  an empty balance does; paying it lifts the block;
+- the owners of a pod idle for `KILN_POD_IDLE_REMINDER_S` are mailed once an idle spell
+  (kiln.billing.pod_reminders).
 
 Any number of billing services may sweep at once: closes lock each customer's row, mail claims
 its invoices with SKIP LOCKED.
@@ -29,6 +31,7 @@ from kiln.billing.invoice_forms import load_document, money, to_pdf
 from kiln.billing.invoices import CloseSummary, close_period
 from kiln.billing.ledger import BLOCK_INVOICE, BillingRules, Changes, refresh_block
 from kiln.billing.plans import Period, period_of
+from kiln.billing.pod_reminders import PodReminders
 from kiln.billing.worker import announce_blocks
 from kiln.console.mail import Attachment, Mail, Mailer
 from kiln.db.enums import InvoiceStatus, Settlement, UserRole
@@ -61,10 +64,12 @@ def invoice_worker(
     metrics: BillingMetrics,
 ) -> InvoiceWorker:
     """The worker as a billing process runs it, from the settings."""
+    mailer = Mailer(settings)
     return InvoiceWorker(
-        nc, sessions, rules, Mailer(settings), namespace=settings.namespace,
+        nc, sessions, rules, mailer, namespace=settings.namespace,
         close_delay_s=settings.invoice_close_delay_s, issuer=settings.invoice_issuer,
         metrics=metrics, signing_key=settings.snapshot_signing_key,
+        reminders=PodReminders(sessions, mailer, rules, after_s=settings.pod_idle_reminder_s),
     )  # fmt: skip
 
 
@@ -81,7 +86,9 @@ class InvoiceWorker:
         issuer: str,
         metrics: BillingMetrics | None = None,
         signing_key: str | None = None,
+        reminders: PodReminders | None = None,
     ) -> None:
+        """`reminders`: idle pods' reminders, sent at each sweep (None: none)."""
         self.nc = nc
         self.sessions = sessions
         self.rules = rules
@@ -91,6 +98,7 @@ class InvoiceWorker:
         self.issuer = issuer
         self.metrics = metrics or BillingMetrics()
         self.seals = Seals(signing_key)
+        self.reminders = reminders
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -98,6 +106,7 @@ class InvoiceWorker:
                 (self.close_due, "closing the last period"),
                 (self.mail_due, "mailing invoices"),
                 (self.block_overdue, "blocking overdue invoices"),
+                (self.remind_idle_pods, "reminding the owners of idle pods"),
             ):
                 try:
                     await step()
@@ -105,6 +114,9 @@ class InvoiceWorker:
                     _log.exception("%s failed", what)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), _SWEEP_S)
+
+    async def remind_idle_pods(self) -> int:
+        return await self.reminders.remind_due() if self.reminders is not None else 0
 
     async def announce(self, changes: Changes) -> None:
         await announce_blocks(self.nc, self.subjects, changes, seals=self.seals)

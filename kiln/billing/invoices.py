@@ -307,9 +307,12 @@ async def _lines(session: AsyncSession, invoice_id: uuid.UUID) -> list[InvoiceLi
     )
     volumes = [
         _line(
-            InvoiceLineKind.STORAGE, f"Volume of pod {name}, {gb} GB", int(cost),
-            quantity=round(gb * seconds), unit="gb_s",
-        )  # fmt: skip
+            InvoiceLineKind.STORAGE,
+            f"Volume of pod {name}, {gb} GB",
+            int(cost),
+            quantity=round(gb * seconds),
+            unit="gb_s",
+        )
         for name, gb, seconds, cost in storage
     ]
     fees = [

@@ -46,13 +46,13 @@ def storage_cost(price_gb_hour: int, gb: int, start: datetime, end: datetime) ->
 
 
 async def charge_storage(
-    session: AsyncSession, now: datetime, rules: BillingRules, changes: Changes, *, limit: int = 500
+    session: AsyncSession, now: datetime, rules: BillingRules, changes: Changes, *, limit: int = 100
 ) -> int:
     """Charge the storage due on up to `limit` volumes (pods another transaction holds wait for
     the next sweep); how many volumes were charged."""
     since = sa.func.coalesce(Pod.storage_charged_until, Pod.created_at)
     due = (
-        sa.select(Pod)
+        sa.select(Pod.id, Pod.customer_id)
         .where(
             Pod.volume_gb > 0,
             sa.or_(
@@ -62,10 +62,16 @@ async def charge_storage(
         )
         .order_by(since)
         .limit(limit)
-        .with_for_update(skip_locked=True)
     )
     count = 0
-    for pod in list(await session.scalars(due)):
+    for pod_id, customer_id in (await session.execute(due)).all():
+        # The customer's row first, then the pod's: the order every pod change locks in.
+        customer = await session.get(Customer, customer_id, with_for_update=True)
+        pod = await session.scalar(
+            sa.select(Pod).where(Pod.id == pod_id).with_for_update(skip_locked=True)
+        )
+        if customer is None or pod is None:  # another sweep holds it: the next one charges
+            continue
         period = storage_due(pod.created_at, pod.storage_charged_until, pod.ended_at, now)
         if period is None:
             continue
@@ -75,8 +81,6 @@ async def charge_storage(
         count += 1
         if amount == 0:  # storage is free here: nothing to enter
             continue
-        customer = await session.get(Customer, pod.customer_id, with_for_update=True)
-        assert customer is not None  # a pod's customer is kept (the foreign key cascades)
         external_id = f"storage:{pod.id}:{int(end.timestamp() * 1000)}"
         posted = await post_entry(
             session, customer, kind=LedgerKind.STORAGE, amount=-amount, external_id=external_id,
@@ -90,9 +94,12 @@ async def charge_storage(
         assert entry_id is not None
         session.add(
             StorageCharge(
-                ledger_entry_id=entry_id, pod_id=pod.id, gb=pod.volume_gb,
-                period_start=start, period_end=end,
-            )  # fmt: skip
+                ledger_entry_id=entry_id,
+                pod_id=pod.id,
+                gb=pod.volume_gb,
+                period_start=start,
+                period_end=end,
+            )
         )
         await refresh_block(session, customer.id, rules, changes)
     return count

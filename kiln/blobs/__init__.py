@@ -15,6 +15,13 @@ signature and sha256 of every snapshot file), never trusted for having been ther
 from __future__ import annotations
 
 from kiln.blobs.base import Area, BlobMissing, BlobStore
-from kiln.blobs.opening import open_blob_store, parse_store_url
+from kiln.blobs.opening import open_blob_store, parks_volumes, parse_store_url
 
-__all__ = ["Area", "BlobMissing", "BlobStore", "open_blob_store", "parse_store_url"]
+__all__ = [
+    "Area",
+    "BlobMissing",
+    "BlobStore",
+    "open_blob_store",
+    "parks_volumes",
+    "parse_store_url",
+]

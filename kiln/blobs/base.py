@@ -13,6 +13,7 @@ __all__ = ["Area", "BlobMissing", "BlobStore"]
 class Area(enum.StrEnum):
     CODE = "code"
     SNAPSHOTS = "snapshots"
+    VOLUMES = "volumes"  # stopped pods' volumes, parked to move between nodes (file:// and s3://)
 
 
 class BlobMissing(LookupError):

@@ -12,7 +12,14 @@ if TYPE_CHECKING:
 
     from kiln.settings import Settings
 
-__all__ = ["StoreUrl", "open_blob_store", "parse_store_url"]
+__all__ = ["StoreUrl", "open_blob_store", "parks_volumes", "parse_store_url"]
+
+
+def parks_volumes(settings: Settings) -> bool:
+    """Whether stopped pods' volumes go to the store (so that they may start on another node):
+    with a file:// or s3:// store, not NATS's (its object store is sized for code and
+    snapshots, not for disks)."""
+    return parse_store_url(settings.store_url).scheme in ("file", "s3")
 
 
 def open_blob_store(settings: Settings, area: Area, js: JetStreamContext | None) -> BlobStore:
@@ -35,6 +42,8 @@ def open_blob_store(settings: Settings, area: Area, js: JetStreamContext | None)
     from kiln.blobs.nats_blobs import NatsBlobs
     from kiln.wire import Subjects
 
+    if area is Area.VOLUMES:
+        raise ValueError("pods' volumes are parked only in a file:// or s3:// store")
     assert js is not None, "the nats:// store needs a JetStream context"
     subjects = Subjects(settings.namespace)
     if area is Area.CODE:

@@ -59,20 +59,38 @@ def _show(pod: dict[str, Any]) -> tuple[str, ...]:
 
 @pods_app.command("create")
 def create(
-    app: Annotated[str, typer.Option("--app", help="A deployed app: its code and environment.")],
+    app: Annotated[
+        str | None, typer.Option("--app", help="A deployed app: its code and environment.")
+    ] = None,
+    pip: Annotated[
+        list[str] | None,
+        typer.Option("--pip", help="A Python requirement its node installs (repeatable)."),
+    ] = None,
     gpu: Annotated[str | None, typer.Option("--gpu", help="GPUs, such as H100:2, or none.")] = None,
     port: Annotated[
         list[int] | None, typer.Option("--port", help="A port to forward (repeatable).")
     ] = None,
     volume_gb: Annotated[int, typer.Option("--volume-gb", help="A volume kept across stops.")] = 0,
+    auto_stop_hours: Annotated[
+        float | None,
+        typer.Option("--auto-stop-hours", help="Stop it after this long without traffic."),
+    ] = None,
     name: Annotated[str | None, typer.Option("--name", help="The pod's name.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Start a pod; it holds its GPUs (and is billed) until it is stopped."""
-    body: dict[str, Any] = {"environment": {"app": app}, "ports": port or [],
+    """Start a pod; it holds its GPUs (and is billed) until it is stopped. Its environment is
+    an app's (--app), Python requirements (--pip), or both."""
+    environment: dict[str, Any] = {}
+    if app is not None:
+        environment["app"] = app
+    if pip:
+        environment["requirements"] = pip
+    body: dict[str, Any] = {"environment": environment, "ports": port or [],
                             "volume_gb": volume_gb}  # fmt: skip
     if gpu is not None:
         body["gpu"] = gpu
+    if auto_stop_hours is not None:
+        body["auto_stop_hours"] = auto_stop_hours
     if name is not None:
         body["name"] = name
     with _client() as client:

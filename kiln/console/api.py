@@ -12,7 +12,7 @@ import urllib.parse
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.types import Message
 
 from kiln.console.sessions import SignedIn
@@ -27,7 +27,7 @@ __all__ = ["api", "api_lines", "principal_of"]
 _STREAM_BUFFER = 64
 
 
-def principal_of(request: Request, user: SignedIn) -> Principal:
+def principal_of(request: HTTPConnection, user: SignedIn) -> Principal:
     """The API principal a console user acts as: an account key of their customer (for an
     operator viewing a customer, of that customer), or an operator key."""
     if user.customer_id is None:

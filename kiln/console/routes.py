@@ -14,6 +14,7 @@ from kiln.console.pages.deployments import DEPLOYMENT_ROUTES
 from kiln.console.pages.home import HOME_ROUTES
 from kiln.console.pages.keys import KEY_ROUTES
 from kiln.console.pages.operator import OPERATOR_ROUTES
+from kiln.console.pages.pods import POD_ROUTES
 
 __all__ = ["console_mount"]
 
@@ -28,6 +29,7 @@ def console_mount() -> Mount:
             *ACCOUNT_ROUTES,
             *KEY_ROUTES,
             *DEPLOYMENT_ROUTES,
+            *POD_ROUTES,
             *BILLING_ROUTES,
             *CATALOG_ROUTES,
             *OPERATOR_ROUTES,

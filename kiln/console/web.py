@@ -12,7 +12,7 @@ from typing import Any
 
 import jinja2
 from starlette.datastructures import FormData
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from kiln.console.accounts import Accounts
@@ -28,6 +28,7 @@ __all__ = [
     "checked_form",
     "console",
     "render",
+    "sent_from_here",
     "signed_in",
 ]
 
@@ -62,7 +63,7 @@ class Console:
     secure_cookies: bool  # Secure cookies: everywhere but `kiln dev` and the tests
 
 
-def console(request: Request) -> Console:
+def console(request: HTTPConnection) -> Console:
     found = services(request).console
     assert found is not None
     return found
@@ -75,9 +76,9 @@ class SignInFirst(Exception):
         self.after = after
 
 
-async def signed_in(request: Request, *, optional: bool = False) -> SignedIn | None:
+async def signed_in(request: HTTPConnection, *, optional: bool = False) -> SignedIn | None:
     """The request's signed-in user (cached on the request); `SignInFirst` when there is
-    none, unless `optional`."""
+    none, unless `optional`. A WebSocket's handshake carries the cookie too."""
     if "console_user" not in request.scope:
         token = request.cookies.get(COOKIE, "")
         found = await console(request).sessions.find(token) if token else None
@@ -97,10 +98,11 @@ async def user_of(request: Request) -> SignedIn:
     return user
 
 
-def own_origin(request: Request) -> set[str]:
+def own_origin(request: HTTPConnection) -> set[str]:
     """The origins a form of this console may be posted from: the one the request reached,
     and the platform's public URL when one is set."""
-    origins = {f"{request.url.scheme}://{request.url.netloc}"}
+    scheme = {"ws": "http", "wss": "https"}.get(request.url.scheme, request.url.scheme)
+    origins = {f"{scheme}://{request.url.netloc}"}
     public = services(request).settings.url
     if public:
         parts = urllib.parse.urlsplit(public)
@@ -108,14 +110,23 @@ def own_origin(request: Request) -> set[str]:
     return origins
 
 
-async def checked_form(request: Request, user: SignedIn | None) -> FormData:
-    """The posted form, once its `Origin` (or, lacking one, `Referer`) is this console's and
-    its CSRF token is the session's (or, before sign-in, the CSRF cookie's)."""
+def sent_from_here(request: HTTPConnection) -> bool:
+    """Whether a browser sent the request from one of the platform's own pages: its `Origin`
+    (lacking one, its `Referer`'s) is the platform's, or, lacking both, the browser said
+    `Sec-Fetch-Site: same-origin` (a header no page can set)."""
     origin = request.headers.get("origin")
     if origin is None and (referer := request.headers.get("referer")):
         parts = urllib.parse.urlsplit(referer)
         origin = f"{parts.scheme}://{parts.netloc}"
-    if origin not in own_origin(request):
+    if origin is None:
+        return request.headers.get("sec-fetch-site") == "same-origin"
+    return origin in own_origin(request)
+
+
+async def checked_form(request: Request, user: SignedIn | None) -> FormData:
+    """The posted form, once it was sent from this console's pages (`sent_from_here`) and
+    its CSRF token is the session's (or, before sign-in, the CSRF cookie's)."""
+    if not sent_from_here(request):
         raise PermissionDenied(
             "this form was posted from another site (its Origin is not this console's)"
         )

@@ -40,12 +40,14 @@ from prometheus_client import CollectorRegistry
 
 from kiln._proc import die_with_parent
 from kiln._tasks import cancel_and_wait
+from kiln.blobs import Area, BlobStore, open_blob_store
 from kiln.codestore import CodeStore, code_store
 from kiln.errors import ConfigError
 from kiln.functions.gpu import gpu_request
 from kiln.functions.package import unpack
 from kiln.invoker.credentials import ReplicaCredentials
 from kiln.invoker.egress import Egress
+from kiln.invoker.environments import Environments
 from kiln.invoker.flavours import Flavour
 from kiln.invoker.inventory import node_slots
 from kiln.invoker.node_snapshots import NodeSnapshots
@@ -157,6 +159,8 @@ class NodeAgent:
         # router's /metrics).
         self.metrics_registry = CollectorRegistry()
         self.volumes = Volumes(settings.home / "node" / "volumes")
+        self._volumes_store: BlobStore | None = None  # where stopped pods' volumes are parked
+        self.environments = Environments(settings.home / "node" / "envs")
         self.standbys = StandbyPool(
             env_for=self._standby_env,
             directory=self.workdir / ".standby",
@@ -225,6 +229,7 @@ class NodeAgent:
             )
             await self.standbys.close()
             await self.volumes.close()  # their replicas are gone: nothing holds them now
+            await self.environments.close()
             if self.snapshots is not None:
                 await self.snapshots.close()
             await cancel_and_wait(closing)
@@ -254,8 +259,14 @@ class NodeAgent:
             if op == "start":
                 reply: dict[str, Any] = await self.start_replica(StartReplica(**command))
             elif op == "drop_volume":
-                await self.drop_volume(str(command["pod_id"]))
+                await self.drop_volume(str(command["pod_id"]), command.get("parked"))
                 reply = {"ok": True}
+            elif op in ("park_volume", "restore_volume"):
+                # Minutes for a large volume: answered when done, other commands meanwhile.
+                task = asyncio.create_task(self._move_volume(msg, op, command))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                return
             elif op == "stop":
                 task = asyncio.create_task(
                     self.stop_replica(command["replica_id"], command["grace_s"])
@@ -279,6 +290,10 @@ class NodeAgent:
             else None
         )
         launch = replace(launch, received_at=time.time(), snapshot_key=key)
+        if launch.pod_id is not None and launch.requirements:
+            # Built while the replica starts (it waits for it), for every pod that asks alike.
+            built = await self.environments.ensure(launch.requirements)
+            launch = replace(launch, environment=str(built))
         gpu = launch.spec["resources"]["gpu"]
         need = self.needs.started(launch, key)
         slot = self.slots.take(gpu, prefer=lambda index: self.needs.prefer_gpu(str(index), need))
@@ -316,8 +331,9 @@ class NodeAgent:
             self._function_stores(launch.function_id),
             self._function_account(launch.function_id),
         )
-        # A pod's volume is its home: bound into a box made for it (a standby's box was made
-        # without it), so no standby takes such a replica.
+        # A pod's volume is its home and its environment is the node's: both are bound into a
+        # box made for it (a standby's box was made without them), so no standby takes it.
+        own_box = self._has_volume(launch) or bool(launch.environment)
         volume = (
             await self.volumes.prepare(str(launch.pod_id), launch.volume_gb, uid=None)
             if self._has_volume(launch) and self.sandboxes is None
@@ -330,20 +346,14 @@ class NodeAgent:
             self._write_launch(launch_file, launch)
             env = self._replica_env(launch, directory, kind, indices, volume=volume)
             standby = (
-                self.standbys.take(device, need, holder=launch.replica_id)
-                if volume is None
-                else None
+                None if own_box else self.standbys.take(device, need, holder=launch.replica_id)
             )
             if standby is not None and await self._assign(standby, launch_file, directory, env):
                 return standby.process, None
             return await self._start_process(launch_file, directory, env), None
         # Sandboxed: the code is shown to the replica read-only in its box, with its launch
         # file; it writes only in its own work directory.
-        standby = (
-            None
-            if self._has_volume(launch)
-            else self.standbys.take(device, need, holder=launch.replica_id)
-        )
+        standby = None if own_box else self.standbys.take(device, need, holder=launch.replica_id)
         box = standby.box if standby is not None and standby.box is not None else None
         if box is None:
             box = self.sandboxes.make(f"replica-{launch.replica_id}")
@@ -363,7 +373,13 @@ class NodeAgent:
                 launch_file = self._fill_box(box, launch, code)
                 box.limit_memory(launch.spec["resources"].get("memory_mb"))
             process = await self._start_process(
-                launch_file, box.work, env, box, device, volumes=(volume,) if volume else ()
+                launch_file,
+                box.work,
+                env,
+                box,
+                device,
+                volumes=(volume,) if volume else (),
+                environment=Path(launch.environment) if launch.environment else None,
             )
             return process, box
         except BaseException:
@@ -391,12 +407,17 @@ class NodeAgent:
         device: str = "",
         *,
         volumes: tuple[Path, ...] = (),
+        environment: Path | None = None,
     ) -> asyncio.subprocess.Process:
         command = [sys.executable, "-m", "kiln.invoker.replica", str(launch_file)]
         fds: list[int] = []
         if box is not None and self.sandboxes is not None:
             command, fds = self.sandboxes.command(
-                box, command, devices=gpu_devices(device), writable=volumes
+                box,
+                command,
+                devices=gpu_devices(device),
+                writable=volumes,
+                readable=(environment,) if environment is not None else (),
             )
             preexec = self.sandboxes.preexec(box, nice=0, parent_pid=os.getpid())
         else:
@@ -606,15 +627,46 @@ class NodeAgent:
         env.update(self._platform_env(volume or directory, devices, kiln_home=home))
         if volume is not None:
             env["POD_VOLUME"] = str(volume)
+        if launch.environment:  # the pod's own Python first: `python`, `pip`, its programs
+            env["VIRTUAL_ENV"] = launch.environment
+            env["PATH"] = f"{launch.environment}/bin:{env['PATH']}"
         return env
 
     @staticmethod
     def _has_volume(launch: StartReplica) -> bool:
         return launch.pod_id is not None and launch.volume_gb > 0
 
-    async def drop_volume(self, pod_id: str) -> None:
-        """An ended pod's volume goes."""
+    async def drop_volume(self, pod_id: str, parked: str | None = None) -> None:
+        """An ended pod's volume goes, and its parked copy `parked` from the store."""
         await self.volumes.drop(pod_id)
+        if parked:
+            await self._volume_store().delete(parked)
+
+    async def _move_volume(self, msg: Msg, op: str, command: dict[str, Any]) -> None:
+        """`park_volume`: a stopped pod's volume to the store as `blob` (then the copy it
+        replaces, `previous`, goes); `restore_volume`: the parked copy `blob` onto this node."""
+        pod_id, blob = str(command["pod_id"]), str(command["blob"])
+        try:
+            if op == "park_volume":
+                if any(r.launch.pod_id == pod_id for r in self.replicas.values()):
+                    raise RuntimeError(f"pod {pod_id} has a replica here: it is not stopped")
+                await self.volumes.park(pod_id, blob, self._volume_store())
+                if command.get("previous"):
+                    await self._volume_store().delete(str(command["previous"]))
+            else:
+                await self.volumes.restore(pod_id, blob, self._volume_store())
+            reply: dict[str, Any] = {"ok": True}
+        except Exception as exc:  # noqa: BLE001 - the scheduler hears why, and tries again
+            _log.exception("%s of pod %s failed", op, pod_id)
+            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        if msg.reply:
+            with contextlib.suppress(nats.errors.Error):
+                await self.nc.publish(msg.reply, json.dumps(reply).encode())
+
+    def _volume_store(self) -> BlobStore:
+        if self._volumes_store is None:
+            self._volumes_store = open_blob_store(self.settings, Area.VOLUMES, None)
+        return self._volumes_store
 
     def _platform_env(
         self, home: Path, devices: str, kiln_home: Path | None = None

@@ -8,6 +8,11 @@ until the replica says it took it (the `accepted` message every call gets), so a
 open one while the replica still starts. From there it is a session like a WebSocket
 handler's (`kiln.invoker.calls`). A shell's replica serves one terminal and then drains: the
 shell ends with it; one nobody opened within `SHELL_ATTACH_S` drains too (its router died).
+
+`active_at` is when a terminal or a forwarded connection last carried a frame either way (or
+the replica started): an open terminal nobody types in is idle. The replica's heartbeats carry
+it; the scheduler stops a pod idle past its `auto_stop_s`, the billing service mails a
+reminder (kiln.billing.pod_reminders).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 from nats.aio.client import Client as NATS
@@ -71,6 +77,10 @@ class PodHost:
         self.replica_id = calls.replica_id
         self._taken: dict[tuple[str, str], None] = {}
         self._opened = asyncio.Event()
+        self.active_at = time.time()  # epoch seconds: its last terminal or port traffic
+
+    def _touch(self) -> None:
+        self.active_at = time.time()
 
     async def start(self) -> None:
         await self.nc.subscribe(self.subjects.pod_sessions(self.replica_id), cb=self._on_open)
@@ -132,12 +142,37 @@ class PodHost:
             except ValueError:
                 await opened.close(1011, "no port was given")
                 return
-            await serve_tunnel(opened, port)
+            await serve_tunnel(_Watched(opened, self._touch), port)
 
         await self.calls.run_session(call, session, connect)
 
     async def _terminal(self, call: CallHeaders, session: Session) -> None:
         request = TerminalRequest(session.params)
         env = login_env(os.environ)
-        code = await serve_terminal(session, request, env=env, cwd=self.code_dir)
+        watched = _Watched(session, self._touch)
+        code = await serve_terminal(watched, request, env=env, cwd=self.code_dir)
         _log.info("terminal %s ended with status %d", call.call_id, code)
+
+
+class _Watched(Session):
+    """A session whose every frame, either way, counts as its pod's traffic."""
+
+    def __init__(self, inner: Session, touch: Callable[[], None]) -> None:
+        self._inner = inner
+        self._touch = touch
+
+    @property
+    def params(self) -> Mapping[str, str]:
+        return self._inner.params
+
+    async def receive(self) -> str | bytes:
+        message = await self._inner.receive()
+        self._touch()
+        return message
+
+    async def send(self, message: str | bytes) -> None:
+        await self._inner.send(message)
+        self._touch()
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        await self._inner.close(code, reason)

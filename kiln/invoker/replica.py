@@ -44,6 +44,7 @@ from kiln.functions.spec import FunctionSpec
 from kiln.invoker.calls import CallRunner
 from kiln.invoker.coldstart import ColdStart, SnapshotLink, build_instance, classify_process
 from kiln.invoker.credentials import replica_inbox
+from kiln.invoker.environments import wait_for_environment
 from kiln.invoker.feed import CallFeed
 from kiln.invoker.jobs import JobRunner
 from kiln.invoker.output import CallContextFilter, FunctionOutput
@@ -118,6 +119,7 @@ class Replica:
         self._accepts: dict[str, list[tuple[str, str]]] = {}
         self._accepts_written: dict[str, asyncio.Future[None]] = {}
         self.calls: CallRunner | None = None
+        self.pod_host: PodHost | None = None  # a pod's or a shell's replica
         self.calls_taken = 0  # in its heartbeats (its node agent shows them in usage)
         self.jobs: JobRunner | None = None
         self._replica_str = str(self.replica_id)
@@ -191,13 +193,15 @@ class Replica:
     async def _host_pod(self) -> None:
         """A pod's or a shell's replica: terminals in this sandbox, no instance, no queue."""
         assert self.nc is not None
+        if self.launch.environment:  # its requirements, which its node installs meanwhile
+            await wait_for_environment(Path(self.launch.environment))
         self.calls = CallRunner(
             self.nc, self.subjects, self.spec, self.replica_id, None,
             function_id=self.function_id, on_poison=self._poison,
         )  # fmt: skip
         await self.calls.start()
         code_dir = self.settings.home / "code" / self.launch.artifact_digest
-        host = PodHost(
+        host = self.pod_host = PodHost(
             self.nc, self.subjects, self.launch, self.calls, sealer=self.sealer,
             code_dir=code_dir, accept=self._accept, track=self._track, drain=self.request_drain,
         )  # fmt: skip
@@ -497,6 +501,7 @@ class Replica:
             error=self.error,
             calls=self.calls_taken,
             pod_id=self.launch.pod_id,
+            active_at=self.pod_host.active_at if self.pod_host is not None else None,
         )
         await self._publish(self.subjects.replica_heartbeat(self.replica_id), encode(beat))
 

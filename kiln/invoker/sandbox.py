@@ -301,6 +301,7 @@ class Sandboxes:
         *,
         devices: Iterable[str] = (),
         writable: Iterable[Path] = (),
+        readable: Iterable[Path] = (),
     ) -> tuple[list[str], list[int]]:
         """bubblewrap's command line running `argv` in `box`, and the descriptors the child must
         inherit (then the caller closes them): the seccomp filter, and every bound directory
@@ -357,6 +358,8 @@ class Sandboxes:
             args += bind(box.ro) + bind(box.work, writable=True)
             for path in writable:  # a pod's volume, at its own path
                 args += bind(path, writable=True)
+            for path in readable:  # a pod's Python environment, built by the node
+                args += bind(path)
             devices = list(devices)
             for device in devices:
                 args += ["--dev-bind", device, device]

@@ -10,6 +10,12 @@ agent says so once.
 
 Mounts outlive the replicas (a pod starting again on the node finds its volume mounted) but
 not the agent: `close` unmounts them, and the next start mounts the image again.
+
+With a file:// or s3:// store, a stopped pod's volume is parked there (`park`): unmounted and
+put as a sparse tar of its image (only the blocks written travel), so that the pod may start
+on any node, which restores it (`restore`) before the pod starts there. The parking node keeps
+its image as a cache, marked with the name of the copy it equals: a restore there of that same
+copy downloads nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import shutil
 import subprocess
 import uuid
 from pathlib import Path
+
+from kiln.blobs.base import BlobStore
 
 __all__ = ["Volumes"]
 
@@ -34,9 +42,9 @@ class Volumes:
         self.root = root
         self._mounted: set[Path] = set()
         self._refusal: str | None = None  # why sizes are not enforced here, once known
-        # One change at a time (two starts of a pod cannot race); the work is blocking file
-        # system calls and short commands, done in a thread.
-        self._lock = asyncio.Lock()
+        # One change at a time per pod (two starts of a pod cannot race, nor a start and its
+        # parking); the work is blocking file system calls and commands, done in a thread.
+        self._locks: dict[str, asyncio.Lock] = {}
 
     def path(self, pod_id: str) -> Path:
         return self.root / str(uuid.UUID(pod_id))
@@ -44,22 +52,80 @@ class Volumes:
     def _image(self, pod_id: str) -> Path:
         return self.root / f"{uuid.UUID(pod_id)}.img"
 
+    def _marker(self, pod_id: str) -> Path:
+        """Names the parked copy this node's volume equals, if it does."""
+        return self.root / f"{uuid.UUID(pod_id)}.parked"
+
+    def _lock(self, pod_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(str(uuid.UUID(pod_id)), asyncio.Lock())
+
     async def prepare(self, pod_id: str, gb: int, uid: int | None) -> Path:
         """The pod's volume, mounted (made at its first start), everything in it owned by `uid`
         (each replica runs as a uid of its own; None: the agent's, unsandboxed)."""
-        async with self._lock:
+        async with self._lock(pod_id):
             return await asyncio.to_thread(self._prepare, pod_id, gb, uid)
+
+    async def restore(self, pod_id: str, blob: str, store: BlobStore) -> None:
+        """This node's copy of the pod's volume made the parked copy `blob` (nothing to do
+        when it is that copy already)."""
+        async with self._lock(pod_id):
+            await self._restore(pod_id, blob, store)
+
+    async def park(self, pod_id: str, blob: str, store: BlobStore) -> None:
+        """Put a copy of the stopped pod's volume in `store` as `blob`; this node keeps its own
+        as a cache of that copy. Raises if the volume is not here."""
+        async with self._lock(pod_id):
+            archive = self.root / f".{uuid.UUID(pod_id)}.{uuid.uuid4().hex}.tar"
+            try:
+                await asyncio.to_thread(self._pack, pod_id, archive)
+                await store.put_file(blob, archive)
+            finally:
+                await asyncio.to_thread(archive.unlink, True)
+            await asyncio.to_thread(self._marker(pod_id).write_text, blob)
 
     async def drop(self, pod_id: str) -> None:
         """An ended pod's volume goes, bytes and all."""
-        async with self._lock:
+        async with self._lock(pod_id):
             await asyncio.to_thread(self._drop, pod_id)
 
     async def close(self) -> None:
         """Unmount every volume this agent mounted (their replicas are gone with it)."""
-        async with self._lock:
-            for path in list(self._mounted):
+        for path in list(self._mounted):
+            async with self._lock(path.name):
                 await asyncio.to_thread(self._unmount, path)
+
+    async def _restore(self, pod_id: str, blob: str, store: BlobStore) -> None:
+        marker = self._marker(pod_id)
+        if await asyncio.to_thread(_read, marker) == blob:
+            return  # this node's copy is that one
+        archive = self.root / f".{uuid.UUID(pod_id)}.{uuid.uuid4().hex}.tar"
+        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+        try:
+            await store.get_into(blob, archive)
+            await asyncio.to_thread(self._unpack, pod_id, archive)
+        finally:
+            await asyncio.to_thread(archive.unlink, True)
+        await asyncio.to_thread(marker.write_text, blob)
+
+    def _pack(self, pod_id: str, archive: Path) -> None:
+        path, image = self.path(pod_id), self._image(pod_id)
+        if image.exists():
+            self._unmount(path)  # a consistent image: nothing writes to it while it is read
+            member = image.name
+        elif path.is_dir():
+            member = path.name
+        else:
+            raise FileNotFoundError(f"pod {pod_id} has no volume on this node")
+        failed = _run(["tar", "--sparse", "-cf", str(archive), "-C", str(self.root), member])
+        if failed:
+            raise OSError(f"the volume of pod {pod_id} could not be packed: {failed}")
+
+    def _unpack(self, pod_id: str, archive: Path) -> None:
+        """This node's copy replaced by the archive's (an image, or a plain directory)."""
+        self._drop(pod_id)
+        failed = _run(["tar", "-xf", str(archive), "-C", str(self.root)])
+        if failed:
+            raise OSError(f"the parked volume of pod {pod_id} could not be unpacked: {failed}")
 
     def _prepare(self, pod_id: str, gb: int, uid: int | None) -> Path:
         path, image = self.path(pod_id), self._image(pod_id)
@@ -77,6 +143,7 @@ class Volumes:
         self._unmount(path)
         shutil.rmtree(path, ignore_errors=True)
         self._image(pod_id).unlink(missing_ok=True)
+        self._marker(pod_id).unlink(missing_ok=True)
 
     def _enforceable(self) -> bool:
         if self._refusal is None:
@@ -139,6 +206,13 @@ def _run(argv: list[str]) -> str:
     except (OSError, subprocess.TimeoutExpired) as exc:
         return str(exc) or type(exc).__name__
     return "" if done.returncode == 0 else (done.stderr.strip() or f"exit {done.returncode}")
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
 
 
 def _has_files(path: Path) -> bool:

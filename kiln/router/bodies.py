@@ -11,13 +11,16 @@ past them is a 400 rather than a database error.
 from __future__ import annotations
 
 import dataclasses
+import math
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
 
+from packaging.requirements import InvalidRequirement, Requirement
 from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    StrictFloat,
     StrictInt,
     StrictStr,
     StringConstraints,
@@ -30,7 +33,7 @@ from kiln.db.enums import ApiKeyKind, CustomerStatus, CustomerTier, InvocationKi
 from kiln.errors import InvalidRequest, InvalidSpec, NotFound
 from kiln.router.moments import Moment, MomentOrSpan
 from kiln.router.validation import Body, Expect, Patch, Query
-from kiln.tiers import TierLimits
+from kiln.tiers import ZERO_ALLOWED, TierLimits
 
 __all__ = [
     "AbuseQuery",
@@ -62,6 +65,9 @@ MIN_TOPUP_MICROS = 1_000_000  # one unit of the currency
 MAX_TOPUP_MICROS = 100_000 * 1_000_000
 MAX_POD_PORTS = 10
 MAX_POD_VOLUME_GB = 10_000
+MAX_AUTO_STOP_HOURS = 24 * 365
+MAX_POD_REQUIREMENTS = 100
+MAX_POD_GPUS = 16
 _TEN_YEARS_S = 10 * 365 * 86400
 ABUSE_BUCKET_S = 60  # abuse counters' resolution, and the shortest window asked of them
 ABUSE_KEEP_S = 2 * 3600  # how long they are kept: the longest window
@@ -123,7 +129,8 @@ def _limits_schema(schema: dict[str, Any]) -> None:
         elif "None" in str(field.type):
             properties[field.name] = {"type": ["integer", "null"], "minimum": 1}
         else:
-            properties[field.name] = {"type": "integer", "minimum": 1}
+            least = 0 if field.name in ZERO_ALLOWED else 1
+            properties[field.name] = {"type": "integer", "minimum": least}
     schema.clear()
     schema.update(
         {
@@ -610,16 +617,54 @@ class RevenueQuery(_Window):
 
 
 class PodEnvironment(Body):
-    """What a pod runs: a deployed app's code, environment and secrets."""
+    """What a pod runs: a deployed app's code, environment and secrets, and Python requirements
+    its node installs for it (without an app, Kiln's own environment: `kiln.pods.base_app`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     unknown: ClassVar[str] = "unknown environment field {first!r}; fields are {known}"
 
     app: Annotated[
-        StrictStr,
+        StrictStr | None,
         Field(min_length=1, max_length=63, description="A deployed app of the caller's."),
         Expect("the name of one of your deployed apps (GET /v1/apps)"),
-    ]
+    ] = None
+    requirements: Annotated[
+        tuple[Annotated[StrictStr, Field(min_length=1, max_length=200)], ...],
+        Field(
+            max_length=MAX_POD_REQUIREMENTS,
+            description="Python requirements (PEP 508, such as 'jupyterlab>=4'), installed from "
+            "wheels by the pod's node.",
+        ),
+        Expect(
+            f"a list of at most {MAX_POD_REQUIREMENTS} Python requirements of up to 200 "
+            'characters, such as ["jupyterlab>=4", "numpy"]'
+        ),
+    ] = ()
+
+    @model_validator(mode="after")
+    def _requirements(self) -> PodEnvironment:
+        if self.app is None and not self.requirements:
+            raise InvalidRequest(
+                'environment={} is not valid: expected {"app": APP}, {"requirements": [...]} '
+                "or both",
+                param="environment",
+            )
+        for text in self.requirements:
+            try:
+                parsed = Requirement(text)
+            except InvalidRequirement as exc:
+                raise InvalidRequest(
+                    f"requirements: {text!r} is not a Python requirement ({exc}); expected a "
+                    "name with optional extras, versions and markers, such as 'numpy>=2'",
+                    param="requirements",
+                ) from None
+            if parsed.url is not None:
+                raise InvalidRequest(
+                    f"requirements: {text!r} names a URL; pods install packages by name from "
+                    "the platform's package index only",
+                    param="requirements",
+                )
+        return self
 
 
 class PodBody(Body):
@@ -640,8 +685,8 @@ class PodBody(Body):
     ] = None
     environment: Annotated[
         PodEnvironment | None,
-        Field(description="What the pod runs: a deployed app's code and environment."),
-        Expect('{"app": APP}, one of your deployed apps (GET /v1/apps)'),
+        Field(description="What the pod runs: an app's code and environment, requirements."),
+        Expect('{"app": APP} (one of your deployed apps), {"requirements": [...]} or both'),
     ] = None
     name: Annotated[
         StrictStr | None,
@@ -656,6 +701,11 @@ class PodBody(Body):
         Field(min_length=1, max_length=32, description="GPUs such as 'H100:2', or 'none'."),
         Expect("'none', 'any' or a GPU type, optionally with a count, such as 'H100:2'"),
     ] = None
+    gpu_count: Annotated[
+        StrictInt | None,
+        Field(ge=1, le=MAX_POD_GPUS, description="How many of `gpu` (else 1, or its ':N')."),
+        Expect(f"a whole number of GPUs from 1 to {MAX_POD_GPUS}"),
+    ] = None
     ports: Annotated[
         tuple[Annotated[StrictInt, Field(ge=1024, le=65535)], ...],
         Field(max_length=MAX_POD_PORTS, description="Ports forwarded at /v1/pods/ID/ports/PORT/."),
@@ -669,13 +719,48 @@ class PodBody(Body):
         Field(ge=0, le=MAX_POD_VOLUME_GB, description="A volume kept across stop and start."),
         Expect(f"a whole number of GB from 0 to {MAX_POD_VOLUME_GB}"),
     ] = 0
+    auto_stop_hours: Annotated[
+        StrictFloat | None,
+        Field(
+            gt=0,
+            le=MAX_AUTO_STOP_HOURS,
+            description="Stop the pod after this many hours without terminal or port traffic.",
+        ),
+        Expect(f"a number of hours above 0 and at most {MAX_AUTO_STOP_HOURS}, such as 2 or 0.5"),
+    ] = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> PodBody:
         if (self.shell is None) == (self.environment is None):
             raise InvalidRequest(
-                'a pod needs exactly one of shell (APP/NAME) or environment ({"app": APP})'
+                "a pod needs exactly one of shell (APP/NAME) or environment "
+                '({"app": APP}, {"requirements": [...]} or both)'
             )
         if len(set(self.ports)) != len(self.ports):
             raise InvalidRequest(f"ports={self.ports} is not valid: a port is named twice")
+        if self.gpu_count is not None and (self.gpu is None or ":" in self.gpu):
+            raise InvalidRequest(
+                f"gpu_count={self.gpu_count} needs a gpu type without a count of its own, such "
+                f'as {{"gpu": "H100", "gpu_count": {self.gpu_count}}}',
+                param="gpu_count",
+            )
+        if self.shell is not None and self.auto_stop_hours is not None:
+            raise InvalidRequest(
+                "auto_stop_hours is for pods: a shell ends with its terminal",
+                param="auto_stop_hours",
+            )
         return self
+
+    @property
+    def gpus(self) -> str | None:
+        """`gpu` with `gpu_count` folded in, as GPU requests are written ('H100:2')."""
+        if self.gpu is None or self.gpu_count is None:
+            return self.gpu
+        return f"{self.gpu}:{self.gpu_count}"
+
+    @property
+    def auto_stop_s(self) -> int | None:
+        """`auto_stop_hours` in whole seconds (at least one), as the row keeps it."""
+        if self.auto_stop_hours is None:
+            return None
+        return max(1, math.ceil(self.auto_stop_hours * 3600))

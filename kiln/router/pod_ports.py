@@ -7,8 +7,9 @@ Over `/ports/`, the router speaks HTTP/1.1 to the pod's server on that connectio
 request per connection, and streams the answer back; a WebSocket there is opened to the pod's
 server with websockets' own protocol code and relayed message by message. The request keeps
 its whole path, so a server that lives under a base URL (Jupyter's `--ServerApp.base_url`)
-builds its links right; `X-Forwarded-Prefix` names the prefix. The caller's `Authorization`
-never reaches the pod.
+builds its links right; `X-Forwarded-Prefix` names the prefix. Who may open a port, and what
+of the caller's headers the pod's server gets (never its `Authorization` nor Kiln's cookies),
+is `kiln.router.pod_access`'s.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from kiln.router.auth import Principal
 from kiln.router.call_order import CallOrder
 from kiln.router.catalog import FunctionRoute
 from kiln.router.errors import error_response, request_id
+from kiln.router.pod_access import pod_header, port_caller, sets_kiln_cookie
 from kiln.router.pods import active_pod, pod_id_of
 from kiln.router.run import read_body
 from kiln.router.services import RouterServices, services
@@ -65,7 +67,7 @@ async def tunnel(websocket: WebSocket) -> None:
 async def forward_http(request: Request) -> Response:
     """`/v1/pods/ID/ports/PORT/...`: one HTTP request to the pod's server."""
     svc = services(request)
-    principal = await svc.auth.authenticate(request)
+    principal = await port_caller(request)
     route, replica, port = await _resolve_port(svc, principal, request)
     body = await read_body(request, svc.settings.max_request_bytes)
     link = await _Link.open(svc, route, replica, port, request_id(request))
@@ -83,11 +85,12 @@ async def forward_http(request: Request) -> Response:
     except BaseException:
         await link.close()
         raise
-    headers = [(k, v) for k, v in answer.headers if k.lower() not in _HOP]
-    return StreamingResponse(
-        _answer_body(conn, link, port), status_code=answer.status_code,
-        headers={k.decode("latin-1"): v.decode("latin-1") for k, v in headers},
+    response = StreamingResponse(_answer_body(conn, link, port), status_code=answer.status_code)
+    response.raw_headers.extend(  # as a list: a server may send several Set-Cookie
+        (k, v) for k, v in answer.headers
+        if k.lower() not in _HOP and not (k.lower() == b"set-cookie" and sets_kiln_cookie(v))
     )  # fmt: skip
+    return response
 
 
 async def forward_websocket(websocket: WebSocket) -> None:
@@ -98,7 +101,7 @@ async def forward_websocket(websocket: WebSocket) -> None:
 
     svc = services(websocket)
     try:
-        principal = await svc.auth.authenticate(websocket, count=False)
+        principal = await port_caller(websocket)
         route, replica, port = await _resolve_port(svc, principal, websocket)
         link = await _Link.open(svc, route, replica, port, request_id(websocket))
     except KilnError as exc:
@@ -108,9 +111,11 @@ async def forward_websocket(websocket: WebSocket) -> None:
         protocol = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}{_target(websocket)}"),
                                   max_size=None)  # fmt: skip
         handshake = protocol.connect()
-        for name in ("origin", "cookie", "sec-websocket-protocol"):
-            if (value := websocket.headers.get(name)) is not None:
-                handshake.headers[name] = value
+        for name, value in websocket.headers.raw:
+            if name.lower() in (b"origin", b"cookie", b"sec-websocket-protocol") and (
+                sent := pod_header(websocket, name, value, port)
+            ):
+                handshake.headers[name.decode("latin-1")] = sent.decode("latin-1")
         protocol.send_request(handshake)
         await link.send(b"".join(protocol.data_to_send()))
         response: WsResponse | None = None
@@ -289,7 +294,10 @@ def _target(connection: HTTPConnection) -> str:
 
 def _upstream_headers(connection: HTTPConnection, port: int) -> list[tuple[bytes, bytes]]:
     prefix = connection.url.path.split("/ports/", 1)[0] + f"/ports/{port}"
-    kept = [(k, v) for k, v in connection.headers.raw if k.lower() not in _HOP]
+    kept = [
+        (k, sent) for k, v in connection.headers.raw
+        if k.lower() not in _HOP and (sent := pod_header(connection, k, v, port)) is not None
+    ]  # fmt: skip
     return [
         (b"host", f"127.0.0.1:{port}".encode()),
         *kept,

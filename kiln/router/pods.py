@@ -25,12 +25,15 @@ from kiln.db.models import App, Function, Node, Pod
 from kiln.db.session import transaction
 from kiln.errors import Conflict, InvalidRequest, KilnError, NotFound
 from kiln.functions.gpu import gpu_request, parse_gpu
+from kiln.pods.base_app import APP_FILE, POD_APP, package_base_app
 from kiln.pods.terminal_session import TerminalRequest
 from kiln.router.auth import Principal
 from kiln.router.bodies import PodBody
 from kiln.router.catalog import FunctionRoute
-from kiln.router.control import control_principal
+from kiln.router.control import control_principal, replica_cap
+from kiln.router.deploy import DeployRequest
 from kiln.router.errors import error_response
+from kiln.router.pod_limits import check_pod_room, locked_limits
 from kiln.router.run import read_body
 from kiln.router.services import RouterServices, services
 from kiln.router.validation import parse_json, storable_text, validated
@@ -58,6 +61,14 @@ async def create_pod(request: Request) -> Response:
     principal = await control_principal(request)
     body = validated(PodBody, parse_json(await read_body(request, svc.settings.max_request_bytes)))
     svc.billing.check(principal.customer_id)  # 402: a pod is billed from its start
+    gpu = None
+    if body.gpus is not None:
+        try:
+            gpu = parse_gpu(body.gpus)
+        except ValueError as exc:
+            raise InvalidRequest(f"gpu={body.gpus!r} is not valid: {exc}", param="gpu") from None
+        await _capacity_for(svc, gpu)
+    requirements: list[str] = []
     if body.shell is not None:
         kind = PodKind.SHELL
         app, _, name = body.shell.partition("/")
@@ -65,14 +76,9 @@ async def create_pod(request: Request) -> Response:
     else:
         assert body.environment is not None
         kind = PodKind.POD
-        function_id = await _environment(svc, principal.owner_id, body.environment.app)
-    gpu = None
-    if body.gpu is not None:
-        try:
-            gpu = parse_gpu(body.gpu)
-        except ValueError as exc:
-            raise InvalidRequest(f"gpu={body.gpu!r} is not valid: {exc}", param="gpu") from None
-        await _capacity_for(svc, gpu)
+        requirements = list(body.environment.requirements)
+        app = body.environment.app or await _base_app(svc, principal)
+        function_id = await _environment(svc, principal.owner_id, app)
     pod = Pod(
         id=uuid.uuid4(),
         customer_id=principal.owner_id,
@@ -84,8 +90,11 @@ async def create_pod(request: Request) -> Response:
         replica_id=uuid.uuid4(),
         ports=list(body.ports),
         volume_gb=body.volume_gb,
+        requirements=requirements,
+        auto_stop_s=body.auto_stop_s,
     )
     async with transaction(svc.sessions) as session:
+        limits = await locked_limits(session, svc.settings.tier_limits, principal)
         taken = await session.scalar(
             sa.select(Pod.id).where(
                 Pod.customer_id == pod.customer_id,
@@ -95,6 +104,8 @@ async def create_pod(request: Request) -> Response:
         )
         if taken is not None:
             raise Conflict(f"a pod named {pod.name!r} exists already: choose another name")
+        await check_pod_room(session, limits, customer_id=pod.customer_id,
+                             function_id=function_id, gpu=gpu)  # fmt: skip
         session.add(pod)
     await svc.dispatcher.wake_scheduler(function_id)
     return JSONResponse(await _view(svc, pod.id, principal), status_code=201)
@@ -125,11 +136,15 @@ async def start_pod(request: Request) -> Response:
     svc.billing.check(principal.customer_id)
     pod_id = pod_id_of(request)
     async with transaction(svc.sessions) as session:
+        # The customer's row first, the pod's second: the order every pod check locks in.
+        limits = await locked_limits(session, svc.settings.tier_limits, principal)
         pod = await _locked(session, pod_id, principal)
         if pod.state != PodState.STOPPED:
             raise Conflict(f"pod {pod_id} is {pod.state.value}: only a stopped pod starts")
+        await check_pod_room(session, limits, customer_id=pod.customer_id,
+                             function_id=pod.function_id, gpu=pod.gpu)  # fmt: skip
         pod.state, pod.replica_id, pod.node_id = PodState.STARTING, uuid.uuid4(), None
-        pod.error = None
+        pod.error, pod.failures = None, 0  # started by hand: its failed starts count anew
         function_id = pod.function_id
     await svc.dispatcher.wake_scheduler(function_id)
     return JSONResponse(await _view(svc, pod_id, principal))
@@ -158,6 +173,28 @@ async def _environment(svc: RouterServices, owner_id: uuid.UUID, app: str) -> uu
     if function_id is None:
         raise NotFound(f"app {app!r} not found; GET /v1/apps lists yours", param="environment")
     return function_id
+
+
+async def _base_app(svc: RouterServices, principal: Principal) -> str:
+    """The app of pods that name none (`kiln.pods.base_app`), deployed into the caller's
+    account unless it is there."""
+    async with transaction(svc.sessions) as session:
+        there = await session.scalar(
+            sa.select(App.id).where(
+                App.customer_id == principal.owner_id,
+                App.name == POD_APP,
+                App.state == AppState.ACTIVE,
+            )
+        )
+    if there is None:
+        app, digest, archive = package_base_app()
+        deploy = DeployRequest(
+            app=app.name, digest=digest, entrypoint=APP_FILE, functions=app.spec(),
+            archive=archive,
+        )  # fmt: skip
+        await svc.deployer.deploy(principal.owner_id, deploy, cap=replica_cap(svc, principal))
+        svc.catalog.invalidate()
+    return POD_APP
 
 
 async def _capacity_for(svc: RouterServices, gpu: str) -> None:
@@ -305,6 +342,7 @@ def _dump(pod: Pod, app: str, name: str, gpu: str) -> dict[str, Any]:
         "gpu": pod.gpu or gpu,
         "ports": list(pod.ports),
         "volume_gb": pod.volume_gb,
+        "requirements": list(pod.requirements),
         "state": pod.state.value,
         "replica_id": str(pod.replica_id),
         "node_id": pod.node_id,
@@ -313,6 +351,8 @@ def _dump(pod: Pod, app: str, name: str, gpu: str) -> dict[str, Any]:
         "stopped_at": moment(pod.stopped_at),
         "ended_at": moment(pod.ended_at),
         "error": pod.error,
+        "auto_stop_hours": pod.auto_stop_s / 3600 if pod.auto_stop_s is not None else None,
+        "active_at": moment(pod.active_at),
         "terminal": f"/v1/pods/{pod.id}/terminal",
     }
 

@@ -67,6 +67,8 @@ class Limits(View):
     max_replicas: int
     burst: int = Field(description="Requests at once (a minute's worth unless set).")
     prepaid: bool
+    max_pods: int = Field(description="Pods and shells starting or running at once.")
+    max_pod_gpus: int = Field(description="GPUs those pods hold together.")
 
 
 class PlanView(View):

@@ -6,7 +6,9 @@ any call, so it waits for capacity; the upgrade is accepted once a replica holds
 session stays pinned to that replica for its life. Frames flow both ways over NATS, numbered
 and paced by credits (`kiln.router.streams`, `kiln.invoker.sessions`). Close codes the client
 sees: the handler's own, 1001 after `KILN_WS_IDLE_TIMEOUT_S` without a frame or at
-`KILN_WS_MAX_SESSION_S`, 1011 when the replica dies or the handler fails.
+`KILN_WS_MAX_SESSION_S`, 1011 when the replica dies or the handler fails. A pod's sessions
+(its terminals, its tunnels) have no idle timeout: an ssh left open must survive, and the
+pod's own auto-stop (`auto_stop_hours`) is their idle policy.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.responses import Response
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -97,7 +100,8 @@ async def serve_session(
             await websocket.send_denial_response(refusal(websocket, exc))
             return
         await websocket.accept(headers=[(b"x-request-id", rid.encode())])
-        carrier = (bridge or Bridge)(websocket, svc, link, watch)
+        idle_s = None if target is not None else svc.settings.ws_idle_timeout_s
+        carrier = (bridge or Bridge)(websocket, svc, link, watch, idle_s=idle_s)
         try:
             await carrier.run()
         finally:
@@ -139,9 +143,17 @@ class Bridge:
     (`seen`), to count what a protocol's events report."""
 
     def __init__(
-        self, websocket: WebSocket, svc: RouterServices, link: CallStream, watch: CallWatch
+        self,
+        websocket: WebSocket,
+        svc: RouterServices,
+        link: CallStream,
+        watch: CallWatch,
+        *,
+        idle_s: float | None,
     ) -> None:
+        """`idle_s`: the session closes after this long without a frame (None: never)."""
         self.ws = websocket
+        self.idle_s = idle_s
         self.svc = svc
         self.link = link
         self.watch = watch
@@ -155,11 +167,15 @@ class Bridge:
     async def run(self) -> None:
         inbound = asyncio.ensure_future(self._from_client())
         outbound = asyncio.ensure_future(self._from_replica())
-        idle = asyncio.ensure_future(self._idle())
+        # Without an idle limit, a future nothing completes: the others end the session.
+        idle: asyncio.Future[None] = (
+            asyncio.ensure_future(self._idle())
+            if self.idle_s is not None
+            else self.loop.create_future()
+        )
+        waiters: set[asyncio.Future[Any]] = {inbound, outbound, idle}
         try:
-            done, _ = await asyncio.wait(
-                {inbound, outbound, idle}, return_when=asyncio.FIRST_COMPLETED
-            )
+            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in (inbound, outbound, idle):
                 task.cancel()
@@ -214,7 +230,8 @@ class Bridge:
         """A text frame from the replica, on its way to the client."""
 
     async def _idle(self) -> None:
-        limit = self.svc.settings.ws_idle_timeout_s
+        assert self.idle_s is not None
+        limit = self.idle_s
         while (left := self.last_frame + limit - self.loop.time()) > 0:  # noqa: ASYNC110 - a deadline that frames move
             await asyncio.sleep(left)
 

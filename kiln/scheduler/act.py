@@ -100,6 +100,7 @@ class Orders:
             pod_id=str(pod.id) if pod is not None else None,
             pod_kind=pod.kind.value if pod is not None else "",
             volume_gb=pod.volume_gb if pod is not None else 0,
+            requirements=list(pod.requirements) if pod is not None else [],
         )
         while (placement := place(function.gpu, candidates, affinity)) is not None:
             view = self.cluster.placement[placement.node_id]

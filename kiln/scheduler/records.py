@@ -28,7 +28,7 @@ from kiln.db.models import (
     UsageEvent,
 )
 from kiln.db.session import transaction
-from kiln.scheduler.pods import PodRow
+from kiln.scheduler.pods import PodRow, broken_error, failed_error, idle_error
 from kiln.scheduler.policy import Scaling
 from kiln.wire import NodeHeartbeat, Origin, StartReplica
 
@@ -128,10 +128,26 @@ class ClusterRecords:
         return result
 
     async def load_pods(self) -> list[PodRow]:
-        """The pods that want a replica."""
+        """The pods that want a replica, each with why its current replica failed to start
+        if it did (its row: failed, never ready)."""
+        failed = sa.and_(
+            Replica.id == Pod.replica_id,
+            Replica.state == ReplicaState.FAILED,
+            Replica.ready_at.is_(None),
+        )
         async with transaction(self.sessions) as session:
-            rows = await session.scalars(sa.select(Pod).where(Pod.state.in_(ACTIVE_POD_STATES)))
-            return [_pod_row(pod) for pod in rows]
+            rows = await session.execute(
+                sa.select(Pod, Replica.id, Replica.error)
+                .outerjoin(Replica, failed)
+                .where(Pod.state.in_(ACTIVE_POD_STATES))
+            )
+            return [
+                dataclasses.replace(
+                    _pod_row(pod),
+                    failure=None if replica is None else _reason(error),
+                )
+                for pod, replica, error in rows
+            ]
 
     async def volumes_to_drop(self) -> list[tuple[uuid.UUID, str]]:
         """(pod, node) of ended pods whose volume is still on a node."""
@@ -164,7 +180,35 @@ class ClusterRecords:
             await self._update_pod(pod, node_id=node_id)
 
     async def pod_ready(self, pod: PodRow) -> None:
-        await self._update_pod(pod, state=PodState.RUNNING, started_at=self._now())
+        await self._update_pod(pod, state=PodState.RUNNING, started_at=self._now(), failures=0)
+
+    async def pod_failed(self, pod: PodRow) -> None:
+        """Its replica failed to start: a shell ends; a pod tries again, one more failure."""
+        error = failed_error(pod)
+        if pod.shell:
+            await self._update_pod(pod, state=PodState.ENDED, ended_at=self._now(), error=error)
+        else:
+            await self._update_pod(
+                pod, state=PodState.STARTING, replica_id=uuid.uuid4(), node_id=None,
+                failures=pod.failures + 1, error=error,
+            )  # fmt: skip
+
+    async def pod_broken(self, pod: PodRow) -> None:
+        """Its replicas failed to start MAX_POD_FAILURES times in a row: it stops."""
+        await self._update_pod(
+            pod, state=PodState.STOPPED, stopped_at=self._now(), failures=pod.failures + 1,
+            error=broken_error(pod),
+        )  # fmt: skip
+
+    async def pod_idle(self, pod: PodRow) -> None:
+        """No traffic for its auto_stop_s: it stops, as POST /v1/pods/ID/stop stops it."""
+        await self._update_pod(
+            pod, state=PodState.STOPPED, stopped_at=self._now(), error=idle_error(pod)
+        )
+
+    async def pod_active(self, pod: PodRow, at: float) -> None:
+        """Its last terminal or port traffic (epoch seconds), as its replica said."""
+        await self._update_pod(pod, active_at=datetime.fromtimestamp(at, UTC))
 
     async def pod_gone(self, pod: PodRow, *, error: str | None = None) -> None:
         """Its replica ended: a shell ends with it; a pod starts again with a new replica."""
@@ -367,7 +411,19 @@ def _pod_row(pod: Pod) -> PodRow:
         function_id=pod.function_id,
         replica_id=pod.replica_id,
         launched=pod.node_id is not None,
+        name=pod.name,
+        failures=pod.failures,
+        auto_stop_s=pod.auto_stop_s,
+        started_at=pod.started_at.timestamp() if pod.started_at is not None else None,
+        active_at=pod.active_at.timestamp() if pod.active_at is not None else None,
         gpu=pod.gpu,
         volume_gb=pod.volume_gb,
         volume_node=pod.volume_node_id,
+        requirements=tuple(pod.requirements),
     )
+
+
+def _reason(error: str | None, limit: int = 500) -> str:
+    """A failed replica's error as a pod's `error` quotes it: one line, at most `limit`."""
+    text = " ".join((error or "it exited before it was ready").split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -224,7 +224,7 @@ class Scheduler:
         blocked = frozenset(f.id for f in functions.values() if f.billing_block is not None)
         plan = plan_pods(
             await self.records.load_pods(), self.cluster.replicas, blocked=blocked,
-            judged=self.swept,
+            judged=self.swept, now=self.clock.wall(),
         )  # fmt: skip
         for pod in plan.blocked:
             await self.records.pod_blocked(pod, "billing blocks its owner (see GET "
@@ -233,6 +233,20 @@ class Scheduler:
             _log.info("pod %s: its replica %s ended (%s)", pod.id, pod.replica_id,
                       "the shell ends" if pod.shell else "it starts again")  # fmt: skip
             await self.records.pod_gone(pod)
+        for pod in plan.failed:
+            _log.warning("pod %s: its replica %s failed to start: %s", pod.id, pod.replica_id,
+                         pod.failure)  # fmt: skip
+            await self.records.pod_failed(pod)
+        for pod in plan.broken:
+            _log.warning("pod %s stops: its replicas failed to start %d times in a row", pod.id,
+                         pod.failures + 1)  # fmt: skip
+            await self.records.pod_broken(pod)
+        for pod in plan.idle:
+            _log.info("pod %s stops: no terminal or port traffic for %d s", pod.id,
+                      pod.auto_stop_s)  # fmt: skip
+            await self.records.pod_idle(pod)  # the next pass drains its replica
+        for pod, at in plan.active:
+            await self.records.pod_active(pod, at)
         for pod, tracked in plan.ready:
             await self.records.pod_ready(pod)
             if not tracked.recorded_ready:

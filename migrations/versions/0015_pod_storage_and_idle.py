@@ -42,9 +42,7 @@ def upgrade() -> None:
     op.add_column("pods", sa.Column("image", sa.String(length=512), nullable=True))
     op.add_column(
         "pods",
-        sa.Column(
-            "requirements", postgresql.ARRAY(sa.Text()), server_default="{}", nullable=False
-        ),
+        sa.Column("requirements", postgresql.ARRAY(sa.Text()), server_default="{}", nullable=False),
     )
     op.add_column("pods", sa.Column("volume_key", sa.Text(), nullable=True))
     op.add_column(
@@ -70,9 +68,11 @@ def upgrade() -> None:
             ondelete="RESTRICT",
         ),
         sa.ForeignKeyConstraint(
-            ["pod_id"], ["pods.id"], name=op.f("fk_storage_charges_pod_id_pods"),
+            ["pod_id"],
+            ["pods.id"],
+            name=op.f("fk_storage_charges_pod_id_pods"),
             ondelete="RESTRICT",
-        ),  # fmt: skip
+        ),
         sa.PrimaryKeyConstraint("ledger_entry_id", name=op.f("pk_storage_charges")),
     )
     op.create_index(op.f("ix_storage_charges_pod_id"), "storage_charges", ["pod_id"])

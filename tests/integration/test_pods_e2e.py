@@ -10,21 +10,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
+import re
+import secrets
 import socket
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from eventually import eventually
 from sqlalchemy.ext.asyncio import AsyncEngine
 from stack import Platform, error_of
+from test_console_accounts import fresh_email, post_form, register
 from typer.testing import CliRunner, Result
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -32,7 +40,12 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from kiln.cli.main import app as cli
 from kiln.cli.pods import forward_port
 from kiln.client import connect as kiln_client
+from kiln.db.bootstrap import ensure_console_operator
 from kiln.db.models import Pod, UsageEvent
+from kiln.errors import KilnError
+from kiln.functions.package import package
+from kiln.router.bodies import PodBody
+from kiln.router.validation import validated
 
 pytestmark = pytest.mark.integration
 
@@ -46,6 +59,10 @@ app = kiln.App("workbench")
 def work(x: int) -> int:
     return x
 """
+
+
+# Where pods' volumes are file systems of their size (the agent is root, with loop devices).
+LOOP_DEVICES = Path("/dev/loop-control").exists()
 
 
 @pytest.fixture(scope="module", name="deployed")
@@ -187,7 +204,8 @@ async def test_kiln_shell_cmd_exits_with_the_commands_status(
     assert "from-cli" in result.output
     # A pod, by the same commands: made, listed, a command in it, removed.
     made = await asyncio.to_thread(kiln_cli, "pods", "create", "--app", "workbench", "--name",
-                                   "cli-pod", "--port", "9000")  # fmt: skip
+                                   "cli-pod", "--port", "9000", "--pip", "tabulate",
+                                   "--auto-stop-hours", "2")  # fmt: skip
     assert made.exit_code == 0, made.output
     assert made.output.startswith("pod cli-pod (")
     assert f"{deployed.url}/v1/pods/" in made.output
@@ -196,8 +214,13 @@ async def test_kiln_shell_cmd_exits_with_the_commands_status(
     assert header.split() == ["NAME", "ID", "KIND", "STATE", "GPU", "PORTS", "FUNCTION"]
     (row,) = [r.split() for r in rows if r.startswith("cli-pod ")]
     assert (row[2], row[4], row[5], row[6]) == ("pod", "none", "9000", "workbench/work")
-    ran = await asyncio.to_thread(kiln_cli, "pods", "ssh", "cli-pod", "--cmd", "exit 4")
-    assert ran.exit_code == 4, ran.output
+    ran = await asyncio.to_thread(
+        kiln_cli, "pods", "ssh", "cli-pod", "--cmd", 'python -c "import tabulate" && exit 4'
+    )
+    assert ran.exit_code == 4, ran.output  # its requirement was there (else: exit 1)
+    shown = await asyncio.to_thread(kiln_cli, "pods", "ls", "--json")
+    (mine,) = [p for p in json.loads(shown.output) if p["name"] == "cli-pod"]
+    assert (mine["requirements"], mine["auto_stop_hours"]) == (["tabulate"], 2.0)
     removed = await asyncio.to_thread(kiln_cli, "pods", "rm", "cli-pod")
     assert removed.output.strip() == "pod cli-pod ended"
     unknown = await asyncio.to_thread(kiln_cli, "pods", "stop", "cli-pod")
@@ -252,9 +275,13 @@ class Echo(http.server.BaseHTTPRequestHandler):
     def _answer(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         text = (f"{self.command} {self.path} auth={self.headers.get('Authorization')} "
+                f"cookie={self.headers.get('Cookie')} "
                 f"prefix={self.headers.get('X-Forwarded-Prefix')} body={body.decode()}")
         self.send_response(201 if self.command == "POST" else 200)
         self.send_header("Content-Type", "text/plain")
+        self.send_header("Set-Cookie", "kiln_session=planted; Path=/")
+        self.send_header("Set-Cookie", "theirs=2; Path=/")
+        self.send_header("Set-Cookie", "also=3; Path=/")
         self.send_header("Content-Length", str(len(text)))
         self.end_headers()
         self.wfile.write(text.encode())
@@ -303,7 +330,16 @@ async def test_a_pods_ports_answer_through_the_router_and_stop_and_start_renew_i
             return got
 
         got = await eventually(answering, within_s=30)
-        assert got.text == (f"GET {base}/8765/hello?x=1 auth=None prefix={base}/8765 body=")
+        assert (
+            got.text == f"GET {base}/8765/hello?x=1 auth=None cookie=None prefix={base}/8765 body="
+        )
+        # Kiln's cookies stay out of the pod, the pod's own pass both ways; the pod cannot set
+        # Kiln's.
+        cookies = await client.get(f"{base}/8765/c", headers={
+            "Cookie": "kiln_session=s3cret; theirs=1; kiln_viewing=x; kiln_csrf=y",
+        })  # fmt: skip
+        assert " cookie=theirs=1 " in cookies.text
+        assert cookies.headers.get_list("set-cookie") == ["theirs=2; Path=/", "also=3; Path=/"]
         posted = await client.post(f"{base}/8765/form", content=b"a=1")
         assert (posted.status_code, posted.text.split(" ")[0]) == (201, "POST")
         assert posted.text.endswith("body=a=1")
@@ -324,7 +360,7 @@ async def test_a_pods_ports_answer_through_the_router_and_stop_and_start_renew_i
             while True:
                 answer += await raw.recv()  # type: ignore[operator]
     assert answer.startswith(b"HTTP/1.0 200")
-    assert answer.endswith(b"GET /raw auth=None prefix=None body=")
+    assert answer.endswith(b"GET /raw auth=None cookie=None prefix=None body=")
 
     # `kiln pods forward`: a local port carried to the pod's, whatever the path.
     listener = socket.create_server(("127.0.0.1", 0))
@@ -341,7 +377,7 @@ async def test_a_pods_ports_answer_through_the_router_and_stop_and_start_renew_i
             stop_forwarding.set()
             await asyncio.to_thread(forwarding.join, 10)
     assert fetched.startswith(b"HTTP/1.0 200")
-    assert fetched.endswith(b"GET /any/path auth=None prefix=None body=")
+    assert fetched.endswith(b"GET /any/path auth=None cookie=None prefix=None body=")
 
     # Its volume is its home, kept across stop and start on its node, and of the size asked
     # for (where the agent can mount one: root, with loop devices).
@@ -355,7 +391,7 @@ async def test_a_pods_ports_answer_through_the_router_and_stop_and_start_renew_i
     refused, size_mb, path = kept.text.split()
     volume = Path(path)
     assert volume == deployed.settings.home / "node" / "volumes" / pod["id"]
-    if os.geteuid() == 0 and Path("/dev/loop-control").exists():
+    if os.geteuid() == 0 and LOOP_DEVICES:
         assert refused == "1"  # 2 GB do not fit in a volume of 1
         assert 900 < int(size_mb) <= 1024
 
@@ -410,3 +446,267 @@ def _http_get(port: int, path: str) -> bytes:
         while data := conn.recv(65536):
             answer += data
     return answer
+
+
+async def test_a_pod_of_requirements_gets_them_from_its_node_over_the_platforms_python(
+    deployed: Platform,
+) -> None:
+    """No app named: the customer's `pod-env` app carries it; its node builds an environment
+    of the requirements (wheels only) that the pod's `python` and `pip` are."""
+    async with deployed.client() as client:
+        made = await client.post("/v1/pods", json={
+            "environment": {"requirements": ["tabulate"]}, "name": "reqs",
+        })  # fmt: skip
+        assert made.status_code == 201, made.text
+        pod = made.json()
+        assert (pod["function"], pod["requirements"]) == ("pod-env/environment", ["tabulate"])
+        apps = (await client.get("/v1/apps")).json()["apps"]
+        assert "pod-env" in {a["name"] for a in apps}
+    check = (
+        'python -c "import tabulate, kiln; print(tabulate.tabulate([[1, 2]]))"; '
+        'test "$(command -v python)" = "$VIRTUAL_ENV/bin/python" && echo own-python; '
+        "touch $VIRTUAL_ENV/x 2>/dev/null || echo read-only"
+    )
+    async with terminal(deployed, pod, cmd=check) as ws:
+        screen = Screen(ws)
+        assert await screen.exit_status(within_s=120) == 0, screen.text
+    assert "-  -\n1  2\n-  -" in screen.text.replace("\r\n", "\n")
+    assert "own-python" in screen.text
+    assert "read-only" in screen.text  # the environment is the node's, shared, not the pod's
+    async with deployed.client() as client:
+        assert (await client.delete(f"/v1/pods/{pod['id']}")).status_code == 204
+
+
+async def test_requirements_are_refused_by_name() -> None:
+    """Each refusal says what is wrong and what is allowed (no platform needed for these)."""
+
+    def refusal(environment: Any) -> str:
+        with pytest.raises(KilnError) as caught:
+            validated(PodBody, {"environment": environment})
+        return caught.value.message
+
+    assert refusal({}) == (
+        'environment={} is not valid: expected {"app": APP}, {"requirements": [...]} or both'
+    )
+    assert refusal({"requirements": ["numpy>>2"]}).startswith(
+        "requirements: 'numpy>>2' is not a Python requirement ("
+    )
+    assert refusal({"requirements": ["evil @ https://example.com/evil.whl"]}) == (
+        "requirements: 'evil @ https://example.com/evil.whl' names a URL; pods install "
+        "packages by name from the platform's package index only"
+    )
+    assert refusal({"requirements": "numpy"}) == (
+        "environment='numpy' is not valid: expected {\"app\": APP} (one of your deployed apps), "
+        '{"requirements": [...]} or both'
+    )
+
+
+# A browser's way in: the console's session cookie, for the pods of the user's own customer.
+
+
+@dataclass
+class Lab:
+    """A customer signed up in the console (`browser` holds its session and sends the
+    platform's Origin, as its pages do), its key, and its pod forwarding port 8888."""
+
+    browser: httpx.AsyncClient
+    key: str
+    pod: dict[str, Any]
+
+    @property
+    def base(self) -> str:
+        return f"/v1/pods/{self.pod['id']}/ports/8888"
+
+    def ws_url(self, platform: Platform, path: str) -> str:
+        return platform.url.replace("http://", "ws://") + self.base + path
+
+    def cookies(self) -> str:
+        """The browser's cookies as its Cookie header (Kiln's and the pod's)."""
+        return "; ".join(f"{c.name}={c.value}" for c in self.browser.cookies.jar)
+
+
+@pytest.fixture(scope="module", name="lab")
+async def customer_lab(
+    platform: Platform, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Lab]:
+    async with httpx.AsyncClient(
+        base_url=platform.url, headers={"Origin": platform.url}, timeout=60
+    ) as browser:
+        await register(platform, browser, fresh_email())
+        made = await post_form(browser, "/console/keys", {"action": "create", "name": "lab"})
+        found = re.search(r'<code id="new-key">([^<]+)</code>', made.text)
+        assert found is not None
+        key = found.group(1)
+        source = tmp_path_factory.mktemp("lab") / "workbench.py"
+        source.write_text(WORK)
+        async with httpx.AsyncClient(
+            base_url=platform.url, headers={"Authorization": f"Bearer {key}"}, timeout=60
+        ) as api:
+            customer_id = (await api.get("/v1/billing/balance")).json()["customer_id"]
+            async with platform.client() as operator:
+                credited = await operator.post("/v1/billing/credits", json={
+                    "customer_id": customer_id, "amount_micros": 10**8,
+                })  # fmt: skip
+                assert credited.status_code == 201, credited.text
+            deployed = await api.post("/v1/apps", json=package(source).deploy_body())
+            assert deployed.status_code in (200, 201), deployed.text
+            pod = await api.post("/v1/pods", json={
+                "environment": {"app": "workbench"}, "ports": [8888], "name": "lab",
+            })  # fmt: skip
+            assert pod.status_code == 201, pod.text
+            try:
+                yield Lab(browser, key, pod.json())
+            finally:
+                await api.delete(f"/v1/pods/{pod.json()['id']}")
+
+
+SIGN_IN = (
+    "sign in to the console to open a pod's port, or pass an API key as "
+    "`Authorization: Bearer kiln_...`"
+)
+ELSEWHERE = {"Origin": "https://elsewhere.example"}
+
+
+async def test_a_console_session_opens_its_customers_pod_ports_from_its_own_pages(
+    deployed: Platform, lab: Lab
+) -> None:
+    platform = deployed
+    listed = await lab.browser.get("/console/pods")
+    assert f'href="{lab.base}/"' in listed.text
+
+    # Signed in, from the platform's pages: through to the pod (where nothing listens yet).
+    got = await lab.browser.get(f"{lab.base}/")
+    assert (got.status_code, error_of(got)["code"]) == (502, "bad_gateway"), got.text
+    posted = await lab.browser.post(f"{lab.base}/form", content=b"x")
+    assert posted.status_code == 502, posted.text
+
+    # Nobody signed in, a session that ended, and a page of another site.
+    async with httpx.AsyncClient(base_url=platform.url, timeout=60) as anyone:
+        nobody = await anyone.get(f"{lab.base}/")
+        assert (nobody.status_code, error_of(nobody)["message"]) == (401, SIGN_IN)
+        anyone.cookies.set("kiln_session", "x" * 43)
+        ended = await anyone.get(f"{lab.base}/")
+        assert ended.status_code == 401
+        assert error_of(ended)["message"].startswith("your console session has ended: sign in")
+    forged = await lab.browser.post(f"{lab.base}/form", content=b"x", headers=ELSEWHERE)
+    assert forged.status_code == 403
+    assert error_of(forged)["message"] == (
+        "this request came from another site (its Origin is not the platform's): a pod's port "
+        "takes the console's session only from the platform's own pages; or pass an API key "
+        "as `Authorization: Bearer kiln_...`"
+    )
+    with pytest.raises(InvalidStatus) as hijacked:
+        async with connect(lab.ws_url(platform, "/socket"), open_timeout=30,
+                           additional_headers={"Cookie": lab.cookies(), **ELSEWHERE}):  # fmt: skip
+            pass
+    assert hijacked.value.response.status_code == 403
+
+    # Another customer's user does not see the pod. Nor does an operator's session: a
+    # customer's pages must not run with an operator's rights. It opens the platform's own
+    # pods (made with an operator key).
+    async with httpx.AsyncClient(
+        base_url=platform.url, headers={"Origin": platform.url}, timeout=60
+    ) as other:
+        await register(platform, other, fresh_email())
+        assert (await other.get(f"{lab.base}/")).status_code == 404
+    email = fresh_email()
+    password = await ensure_console_operator(platform.settings, email)
+    assert password is not None
+    async with platform.client() as client:
+        made = await client.post("/v1/pods", json={
+            "environment": {"app": "workbench"}, "ports": [8888], "name": "operators",
+        })  # fmt: skip
+        assert made.status_code == 201, made.text
+    own = made.json()["id"]
+    async with httpx.AsyncClient(
+        base_url=platform.url, headers={"Origin": platform.url}, timeout=60
+    ) as operator:
+        signed = await post_form(operator, "/console/login", {"email": email, "password": password})
+        assert signed.status_code == 303
+        assert (await operator.get(f"{lab.base}/")).status_code == 404
+        reached = await operator.get(f"/v1/pods/{own}/ports/8888/")
+        assert reached.status_code == 502, reached.text
+    async with platform.client() as client:
+        assert (await client.delete(f"/v1/pods/{own}")).status_code == 204
+
+
+async def test_jupyter_through_the_router_with_a_key_and_with_the_console_session(
+    platform: Platform, lab: Lab
+) -> None:
+    missing = [m for m in ("jupyter_server", "ipykernel") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(
+            f"{' and '.join(missing)} not installed (the pod runs the platform's Python): "
+            "`make setup` or `.venv/bin/pip install -e '.[test]'` installs them"
+        )
+    token = secrets.token_hex(16)
+    start = (
+        "export JUPYTER_RUNTIME_DIR=/tmp/jupyter JUPYTER_DATA_DIR=/tmp/jupyter "
+        "JUPYTER_CONFIG_DIR=/tmp/jupyter IPYTHONDIR=/tmp/ipython\n"
+        "setsid -f python3 -m jupyter_server --allow-root --ServerApp.ip=127.0.0.1 "
+        f"--ServerApp.port=8888 --ServerApp.port_retries=0 --ServerApp.base_url={lab.base}/ "
+        f"--IdentityProvider.token={token} --ServerApp.root_dir=/tmp "
+        ">/tmp/jupyter.log 2>&1 </dev/null\n"
+        "for i in $(seq 300); do python3 -c 'import socket; "
+        'socket.create_connection(("127.0.0.1", 8888))\' 2>/dev/null && exit 0; sleep 0.1; done\n'
+        "cat /tmp/jupyter.log; exit 1"
+    )
+    async with terminal(platform, lab.pod, cmd=start) as ws:
+        screen = Screen(ws)
+        assert await screen.exit_status(within_s=60) == 0, screen.text
+
+    # A script: the API key for Kiln, Jupyter's token in the URL (the key's header stays out).
+    key = {"Authorization": f"Bearer {lab.key}"}
+    async with httpx.AsyncClient(base_url=platform.url, headers=key, timeout=60) as api:
+        status = await api.get(f"{lab.base}/api/status", params={"token": token})
+        assert status.status_code == 200, status.text
+        assert "started" in status.json()
+        kernel = await api.post(
+            f"{lab.base}/api/kernels", params={"token": token}, json={"name": "python3"}
+        )
+        assert kernel.status_code == 201, kernel.text
+    channels = lab.ws_url(platform, f"/api/kernels/{kernel.json()['id']}/channels")
+    async with connect(f"{channels}?token={token}", open_timeout=30, additional_headers=key) as ws:
+        assert await run_in_kernel(ws, "1+1") == "2"
+
+    # A browser: the console's session for Kiln; Jupyter's token once, then its own login
+    # cookie and its XSRF token (cookie and header), all passed through untouched.
+    browser = lab.browser
+    host = httpx.URL(platform.url).host
+    browser.cookies.set("_xsrf", "xsrf-from-the-page", domain=host, path=f"{lab.base}/")
+    signed = await browser.get(f"{lab.base}/api/status", params={"token": token})
+    assert signed.status_code == 200, signed.text
+    assert any(c.name.startswith("username-") for c in browser.cookies.jar)  # Jupyter's login
+    unguarded = await browser.post(f"{lab.base}/api/kernels", json={"name": "python3"})
+    assert unguarded.status_code == 403  # Jupyter's own XSRF check, without its header
+    kernel = await browser.post(
+        f"{lab.base}/api/kernels",
+        json={"name": "python3"},
+        headers={"X-XSRFToken": "xsrf-from-the-page"},
+    )
+    assert kernel.status_code == 201, kernel.text
+    channels = lab.ws_url(platform, f"/api/kernels/{kernel.json()['id']}/channels")
+    async with connect(channels, open_timeout=30, additional_headers={
+        "Cookie": lab.cookies(), "Origin": platform.url,
+    }) as ws:  # fmt: skip
+        assert await run_in_kernel(ws, "1+1") == "2"
+
+
+async def run_in_kernel(ws: ClientConnection, code: str) -> str:
+    """Execute `code` on a Jupyter kernel's channels: its result as text."""
+    msg_id = uuid.uuid4().hex
+    header = {"msg_id": msg_id, "msg_type": "execute_request", "username": "kiln", "version": "5.3",
+              "session": uuid.uuid4().hex, "date": datetime.now(UTC).isoformat()}  # fmt: skip
+    content = {"code": code, "silent": False, "store_history": False, "user_expressions": {},
+               "allow_stdin": False, "stop_on_error": True}  # fmt: skip
+    await ws.send(json.dumps({"header": header, "parent_header": {}, "metadata": {},
+                              "content": content, "channel": "shell", "buffers": []}))  # fmt: skip
+    async with asyncio.timeout(60):
+        while True:
+            message = json.loads(await ws.recv())
+            if message.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            if message["msg_type"] == "error":
+                raise AssertionError(message["content"])
+            if message["msg_type"] == "execute_result":
+                return str(message["content"]["data"]["text/plain"])

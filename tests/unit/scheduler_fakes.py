@@ -9,12 +9,13 @@ import asyncio
 import json
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any, NamedTuple, cast
 
 from kiln._clock import FakeClock
-from kiln.db.enums import NodeState, ReplicaState
+from kiln.db.enums import NodeState, PodState, ReplicaState
+from kiln.scheduler.pods import PodRow, broken_error, failed_error, idle_error
 from kiln.scheduler.records import FunctionRow
 from kiln.scheduler.scheduler import Scheduler
 from kiln.seal import Seals
@@ -55,6 +56,7 @@ class Row:
     state: ReplicaState = ReplicaState.STARTING
     error: str | None = None
     stopped: bool = False
+    ready: bool = False  # it was recorded ready once
 
 
 @dataclass
@@ -68,6 +70,11 @@ class Records:
     swept: list[list[str]] = field(default_factory=list)
     load_gate: asyncio.Event | None = None  # load_functions waits for it when set
     launched: asyncio.Event = field(default_factory=asyncio.Event)  # a replica was recorded
+    # Active pods by id, as load_pods gives them; `pod_errors` what the scheduler wrote in
+    # each pod's `error`, `pods_stopped` the pods it stopped.
+    pods: dict[uuid.UUID, PodRow] = field(default_factory=dict)
+    pod_errors: dict[uuid.UUID, str] = field(default_factory=dict)
+    pods_stopped: set[uuid.UUID] = field(default_factory=set)
 
     async def load_functions(self) -> dict[uuid.UUID, FunctionRow]:
         if self.load_gate is not None:
@@ -77,8 +84,52 @@ class Records:
     async def oldest_queued_job_s(self) -> float:
         return 0.0
 
-    async def load_pods(self) -> list[Any]:
-        return []  # the reconcile loop's pods are kiln.scheduler.pods' (test_scheduler_pods)
+    async def load_pods(self) -> list[PodRow]:
+        """Each with its current replica's failed start, as the row of that replica says."""
+        loaded = []
+        for pod in self.pods.values():
+            row = self.replicas.get(str(pod.replica_id))
+            failed = row is not None and row.state == ReplicaState.FAILED and not row.ready
+            failure = (row.error or "it exited before it was ready") if failed and row else None
+            loaded.append(replace(pod, failure=failure))
+        return loaded
+
+    def _pod(self, pod: PodRow) -> PodRow | None:
+        """The pod's row while it still names `pod`'s replica (kiln.scheduler.records)."""
+        row = self.pods.get(pod.id)
+        return row if row is not None and row.replica_id == pod.replica_id else None
+
+    async def pod_launched(self, pod: PodRow, node_id: str) -> None:
+        if (row := self._pod(pod)) is not None:
+            self.pods[pod.id] = replace(row, launched=True)
+
+    async def pod_ready(self, pod: PodRow) -> None:
+        if (row := self._pod(pod)) is not None:
+            self.pods[pod.id] = replace(row, state=PodState.RUNNING, failures=0)
+
+    async def pod_active(self, pod: PodRow, at: float) -> None:
+        if (row := self._pod(pod)) is not None:
+            self.pods[pod.id] = replace(row, active_at=at)
+
+    async def pod_failed(self, pod: PodRow) -> None:
+        if (row := self._pod(pod)) is not None:
+            self.pod_errors[pod.id] = failed_error(pod)
+            self.pods[pod.id] = replace(
+                row, state=PodState.STARTING, replica_id=uuid.uuid4(), launched=False,
+                failures=pod.failures + 1,
+            )  # fmt: skip
+
+    async def pod_broken(self, pod: PodRow) -> None:
+        await self._stopped(pod, broken_error(pod))
+
+    async def pod_idle(self, pod: PodRow) -> None:
+        await self._stopped(pod, idle_error(pod))
+
+    async def _stopped(self, pod: PodRow, error: str) -> None:
+        if self._pod(pod) is not None:
+            del self.pods[pod.id]
+            self.pod_errors[pod.id] = error
+            self.pods_stopped.add(pod.id)
 
     async def volumes_to_drop(self) -> list[Any]:
         return []
@@ -131,6 +182,7 @@ class Records:
         row.state = state
         row.error = error or row.error
         row.stopped = row.stopped or stopped
+        row.ready = row.ready or ready
 
 
 Reply = Callable[[str, dict[str, Any]], dict[str, object]]
@@ -229,21 +281,29 @@ def replica_beat(
     state: ReplicaState = ReplicaState.READY,
     in_flight: int = 0,
     idle_since: float | None = None,
+    pod_id: uuid.UUID | None = None,
+    active_at: float | None = None,
 ) -> Any:
     beat = ReplicaHeartbeat(
         replica_id=replica_id, function_id=str(function.id), version_id=str(function.version_id),
         node_id=node_id, state=state.value, in_flight=in_flight, idle_since=idle_since,
+        pod_id=str(pod_id) if pod_id is not None else None, active_at=active_at,
     )  # fmt: skip
     subject, body = SUBJECTS.replica_heartbeat(uuid.UUID(replica_id)), encode(beat)
     return _sealed(subject, body, SEALS.function(function.id, subject, body))
 
 
 def exit_event(
-    replica_id: str, function: FunctionRow, *, exit_code: int, requested: bool = False
+    replica_id: str,
+    function: FunctionRow,
+    *,
+    exit_code: int,
+    requested: bool = False,
+    error: str | None = None,
 ) -> Any:
     body = json.dumps({
         "replica_id": replica_id, "function_id": str(function.id),
-        "exit_code": exit_code, "requested": requested,
+        "exit_code": exit_code, "requested": requested, **({"error": error} if error else {}),
     }).encode()  # fmt: skip
     subject = SUBJECTS.replica_events
     return _sealed(subject, body, SEALS.platform(subject, body))

@@ -115,6 +115,14 @@ CASES: list[tuple[type[Body], Any, type[KilnError], str]] = [
     (bodies.SpawnQuery, {"webhook": "ftp://example.com"}, InvalidRequest,
      "webhook='ftp://example.com' is not valid: expected an http:// or https:// URL of at "
      "most 2048 characters"),
+    (bodies.PodBody, {"environment": {"app": "a"}, "auto_stop_hours": 0}, InvalidRequest,
+     "auto_stop_hours=0 is not valid: expected a number of hours above 0 and at most 8760, "
+     "such as 2 or 0.5"),
+    (bodies.PodBody, {"environment": {"app": "a"}, "auto_stop_hours": "2"}, InvalidRequest,
+     "auto_stop_hours='2' is not valid: expected a number of hours above 0 and at most 8760, "
+     "such as 2 or 0.5"),
+    (bodies.PodBody, {"shell": "a/b", "auto_stop_hours": 1}, InvalidRequest,
+     "auto_stop_hours is for pods: a shell ends with its terminal"),
 ]  # fmt: skip
 
 
@@ -148,6 +156,9 @@ def test_what_a_body_accepts() -> None:
     assert logs.since is not None
     assert validated(bodies.UsageQuery, {"group_by": "gpu_type, none"}).groups() == ["gpu_type"]
     assert validated(bodies.TransactionsQuery, {"limit": "7"}).limit == 7
+    for hours, seconds in ((2, 7200), (0.5, 1800), (0.001, 4), (None, None)):
+        pod = validated(bodies.PodBody, {"environment": {"app": "a"}, "auto_stop_hours": hours})
+        assert pod.auto_stop_s == seconds  # whole seconds, at least one
 
 
 def _models() -> list[type[Body]]:

@@ -34,6 +34,7 @@ TABLES = {
     "invoice_lines",
     "invoices",
     "pods",
+    "storage_charges",
     "ledger_entries",
     "mail_tokens",
     "nodes",

@@ -23,7 +23,7 @@ def agent(tmp_path: Path, *, shares_host: bool = False) -> NodeAgent:
 
 
 def launch(env: dict[str, str]) -> Any:
-    return SimpleNamespace(spec={"resources": {"env": env}})
+    return SimpleNamespace(spec={"resources": {"env": env}}, environment="")
 
 
 def test_idle_openmp_threads_sleep_unless_the_function_says_otherwise(tmp_path: Path) -> None:

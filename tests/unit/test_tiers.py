@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from kiln.router.limits import _LocalLimiter
+from kiln.router.pod_limits import pod_limit_refusal
 from kiln.tiers import DEFAULT_TIERS, TierLimits, parse_tier_limits, with_overrides
 
 NOW = datetime(2026, 11, 22, tzinfo=UTC)
@@ -68,3 +69,40 @@ def test_prepaid_tiers_and_overrides() -> None:
     assert not with_overrides(DEFAULT_TIERS["pro"], {"prepaid": False}).prepaid
     with pytest.raises(ValueError, match=r"prepaid=1 is not valid: expected true or false"):
         with_overrides(DEFAULT_TIERS["pro"], {"prepaid": 1})
+
+
+def test_pod_caps_per_tier_and_their_overrides() -> None:
+    free, pro, enterprise = (DEFAULT_TIERS[t] for t in ("free", "pro", "enterprise"))
+    assert [(t.max_pods, t.max_pod_gpus) for t in (free, pro, enterprise)] == [
+        (1, 1), (10, 8), (100, 64)
+    ]  # fmt: skip
+    assert free.describe().endswith(", 1 replica, 1 pod with 1 GPU, prepaid")
+    kept_out = with_overrides(pro, {"max_pods": 0, "max_pod_gpus": 0})  # none at all
+    assert (kept_out.max_pods, kept_out.max_pod_gpus) == (0, 0)
+    with pytest.raises(
+        ValueError, match=r"^max_pod_gpus=-1 is not valid: expected an integer >= 0$"
+    ):
+        with_overrides(pro, {"max_pod_gpus": -1})
+    assert parse_tier_limits('{"free": {"max_pods": 3}}')["free"].max_pods == 3
+
+
+def test_a_pod_past_the_caps_is_refused_naming_the_limit_the_count_and_the_way_out() -> None:
+    free = DEFAULT_TIERS["free"]
+    assert pod_limit_refusal(free, held=[], gpu="H100") is None
+    assert pod_limit_refusal(free, held=[0], gpu="none") == (
+        "pod limit reached: this account may have 1 active pod (starting or running; shells "
+        "count) and has 1; stop or delete one (`kiln pods ls` lists them), or ask an operator "
+        "to raise its max_pods"
+    )
+    assert pod_limit_refusal(free, held=[], gpu="H100:2") == (
+        "pod GPU limit reached: this account's active pods may hold 1 GPU at once; they hold 0 "
+        "and this one asks for 2 (gpu='H100:2'); stop one, ask for fewer GPUs, or ask an "
+        "operator to raise its max_pod_gpus"
+    )
+    pro = DEFAULT_TIERS["pro"]
+    assert pod_limit_refusal(pro, held=[4, 0, 2, 1], gpu="any") is None  # 8 of 8
+    assert pod_limit_refusal(pro, held=[4, 0, 2, 2], gpu="none") is None  # CPU pods hold none
+    refused = pod_limit_refusal(pro, held=[4, 0, 2, 2], gpu="A10G")
+    assert refused is not None
+    assert refused.startswith("pod GPU limit reached: this account's active pods may hold 8 "
+                              "GPUs at once; they hold 8 and this one asks for 1")  # fmt: skip

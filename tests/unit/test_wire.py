@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
@@ -59,6 +60,17 @@ def test_a_streaming_calls_window_and_its_events_sequence_numbers_travel() -> No
 def test_heartbeat_round_trip() -> None:
     beat = ReplicaHeartbeat("r", "f", "v", "node", "ready", 2, None, None)
     assert decode(ReplicaHeartbeat, encode(beat)) == beat
+
+
+def test_a_message_from_an_older_or_a_newer_sender_still_decodes() -> None:
+    """A message grows only by fields with defaults: an older sender's lacks them (they take
+    their defaults), a newer sender's has fields this version does not know (dropped)."""
+    beat = ReplicaHeartbeat("r", "f", "v", "node", "ready", 0, None, pod_id="p", active_at=5.0)
+    older = json.loads(encode(beat))
+    del older["active_at"]
+    assert decode(ReplicaHeartbeat, json.dumps(older).encode()).active_at is None
+    newer = {**json.loads(encode(beat)), "gpu_load": 0.5}
+    assert decode(ReplicaHeartbeat, json.dumps(newer).encode()) == beat
 
 
 def test_subjects_live_under_the_namespace() -> None:
