@@ -29,6 +29,7 @@ from kiln.billing.ledger import billing_rules
 from kiln.billing.outbox import OutboxWorker
 from kiln.billing.stripe_gateway import StripeGateway
 from kiln.billing.worker import BillingWorker
+from kiln.blobs import parks_volumes
 from kiln.db.session import session_factory
 from kiln.devstack.ports import is_free
 from kiln.errors import DevStackError
@@ -116,7 +117,7 @@ async def serve_platform(
             acting = Scheduler(
                 nc, sessions, settings.namespace, cold_starts,
                 lease_s=settings.scheduler_lease_s, signing_key=settings.snapshot_signing_key,
-                stream_replicas=settings.stream_replicas,
+                stream_replicas=settings.stream_replicas, parks_volumes=parks_volumes(settings),
             )  # fmt: skip
             parts.append(start_part(exits, acting.run, "kiln-scheduler", within_s=within_s))
         node_agent = NodeAgent(settings, nc, shares_host=True)

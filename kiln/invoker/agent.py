@@ -261,6 +261,9 @@ class NodeAgent:
             elif op == "drop_volume":
                 await self.drop_volume(str(command["pod_id"]), command.get("parked"))
                 reply = {"ok": True}
+            elif op == "delete_parked":
+                await self._volume_store().delete(str(command["blob"]))
+                reply = {"ok": True}
             elif op in ("park_volume", "restore_volume"):
                 # Minutes for a large volume: answered when done, other commands meanwhile.
                 task = asyncio.create_task(self._move_volume(msg, op, command))
@@ -643,16 +646,14 @@ class NodeAgent:
             await self._volume_store().delete(parked)
 
     async def _move_volume(self, msg: Msg, op: str, command: dict[str, Any]) -> None:
-        """`park_volume`: a stopped pod's volume to the store as `blob` (then the copy it
-        replaces, `previous`, goes); `restore_volume`: the parked copy `blob` onto this node."""
+        """`park_volume`: a stopped pod's volume to the store as `blob`; `restore_volume`: the
+        parked copy `blob` onto this node."""
         pod_id, blob = str(command["pod_id"]), str(command["blob"])
         try:
             if op == "park_volume":
                 if any(r.launch.pod_id == pod_id for r in self.replicas.values()):
                     raise RuntimeError(f"pod {pod_id} has a replica here: it is not stopped")
                 await self.volumes.park(pod_id, blob, self._volume_store())
-                if command.get("previous"):
-                    await self._volume_store().delete(str(command["previous"]))
             else:
                 await self.volumes.restore(pod_id, blob, self._volume_store())
             reply: dict[str, Any] = {"ok": True}

@@ -342,6 +342,8 @@ def _dump(pod: Pod, app: str, name: str, gpu: str) -> dict[str, Any]:
         "gpu": pod.gpu or gpu,
         "ports": list(pod.ports),
         "volume_gb": pod.volume_gb,
+        # In the store (moved off its node while stopped): the pod may start on any node.
+        "volume_parked": pod.volume_node_id is None and pod.volume_key is not None,
         "requirements": list(pod.requirements),
         "state": pod.state.value,
         "replica_id": str(pod.replica_id),

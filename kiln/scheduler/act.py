@@ -57,13 +57,15 @@ class Orders:
         self.clock = clock
         self.signing_key = signing_key  # the platform's, for the MAC of usage it closes
 
-    async def command(self, node_id: str, command: dict[str, object]) -> dict[str, object]:
+    async def command(
+        self, node_id: str, command: dict[str, object], *, within_s: float = COMMAND_TIMEOUT_S
+    ) -> dict[str, object]:
         subject, body = self.subjects.node_command(node_id), json.dumps(command).encode()
         try:
             reply = await self.nc.request(
                 subject,
                 body,
-                timeout=COMMAND_TIMEOUT_S,
+                timeout=within_s,
                 headers=self.seals.platform(subject, body),
             )
         except Exception as exc:  # noqa: BLE001 - an unreachable node is an answer too

@@ -56,6 +56,7 @@ class PodRow:
     volume_gb: int = 0
     volume_node: str | None = None  # where its volume lives: its replicas start there
     requirements: tuple[str, ...] = ()  # Python requirements its node installs for it
+    volume_key: str | None = None  # its volume's copy parked in the store (pod_volumes)
     name: str = ""
     # Its current replica ended without ever being ready, and why (its row's error): a failed
     # start. None while it runs, or when it ended otherwise.

@@ -149,28 +149,16 @@ class ClusterRecords:
                 for pod, replica, error in rows
             ]
 
-    async def volumes_to_drop(self) -> list[tuple[uuid.UUID, str]]:
-        """(pod, node) of ended pods whose volume is still on a node."""
-        async with transaction(self.sessions) as session:
-            rows = await session.execute(
-                sa.select(Pod.id, Pod.volume_node_id).where(
-                    Pod.state == PodState.ENDED, Pod.volume_node_id.is_not(None)
-                )
-            )
-            return [(pod_id, str(node)) for pod_id, node in rows]
-
-    async def volume_dropped(self, pod_id: uuid.UUID) -> None:
-        async with transaction(self.sessions) as session:
-            await session.execute(
-                sa.update(Pod).where(Pod.id == pod_id).values(volume_node_id=None)
-            )
-
     async def pod_volume_lost(self, pod: PodRow) -> None:
-        """Its volume's node is lost: it starts elsewhere, with an empty volume."""
+        """Its volume's node is lost: it starts elsewhere, from the copy parked at its last stop
+        if there is one (kiln.scheduler.pod_volumes), else with an empty volume."""
+        start = (
+            "from the copy of its volume parked when it last stopped (what it wrote since is "
+            "lost)" if pod.volume_key else "with an empty one"
+        )  # fmt: skip
         await self._update_pod(
             pod, volume_node_id=None,
-            error=f"its volume was on node {pod.volume_node}, which was lost: it starts with "
-            "an empty one",
+            error=f"its volume was on node {pod.volume_node}, which was lost: it starts {start}",
         )  # fmt: skip
 
     async def pod_launched(self, pod: PodRow, node_id: str) -> None:
@@ -420,6 +408,7 @@ def _pod_row(pod: Pod) -> PodRow:
         volume_gb=pod.volume_gb,
         volume_node=pod.volume_node_id,
         requirements=tuple(pod.requirements),
+        volume_key=pod.volume_key,
     )
 
 

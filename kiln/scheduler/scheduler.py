@@ -39,6 +39,7 @@ from kiln.scheduler.backoff import CrashLoops
 from kiln.scheduler.cluster import ClusterView
 from kiln.scheduler.leader import Leadership
 from kiln.scheduler.observe import Observer
+from kiln.scheduler.pod_volumes import PodVolumes, VolumeRecords
 from kiln.scheduler.pods import plan_pods
 from kiln.scheduler.reconcile import (
     ADOPTION_WINDOW_S,
@@ -80,13 +81,15 @@ class Scheduler:
         stream_replicas: int,
         clock: Clock = SYSTEM_CLOCK,
         records: ClusterRecords | None = None,
+        parks_volumes: bool = False,
     ) -> None:
         """`lease_s`: take part in leader election with a lease this long (several schedulers
         may then run; one acts). None: act alone, unconditionally. `signing_key`: the
         platform's, for the MAC of the usage it writes for lost nodes and the seals of what it
         sends and hears (kiln.seal). `stream_replicas`: copies of the lease bucket. `clock`:
         where every time it reads comes from. `records`: where it keeps its rows (by default
-        in `sessions`' database)."""
+        in `sessions`' database). `parks_volumes`: stopped pods' volumes go to the store
+        (kiln.scheduler.pod_volumes)."""
         self.nc = nc
         self.clock = clock
         self.seals = Seals(signing_key)
@@ -105,6 +108,10 @@ class Scheduler:
         self.orders = Orders(
             nc, subjects=self.subjects, cluster=self.cluster, records=self.records,
             seals=self.seals, clock=clock, signing_key=signing_key,
+        )  # fmt: skip
+        self.volumes = PodVolumes(
+            VolumeRecords(sessions) if records is None else None,
+            cluster=self.cluster, command=self.orders.command, clock=clock, parks=parks_volumes,
         )  # fmt: skip
         # Every function as the last full pass loaded it: a hinted pass starts from these rows,
         # so a cold start waits for the node agent, not for the database.
@@ -172,6 +179,7 @@ class Scheduler:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake_or_stop(stop), _PERIOD_S)
         finally:
+            await self.volumes.close()  # a move cut short is done again by the next leader
             if lease is not None:  # it gives the lease up on `stop`, or when cancelled
                 if not stop.is_set():
                     lease.cancel()
@@ -263,19 +271,14 @@ class Scheduler:
                 continue  # its replicas keep failing: the backoff holds the pod's too
             if pod.gpu is not None:  # the pod's own GPUs, with its function's code
                 function = function.with_gpu(pod.gpu)
+            if pod.volume_gb and pod.volume_node is None and pod.volume_key is not None:
+                await self.volumes.restore(pod, function.gpu)  # its volume first, then it
+                continue
             if not await self.orders.launch(function, requested_at=self.clock.wall(), pod=pod):
                 self.scheduling.placement_failures.labels(function.gpu).inc()
         for tracked in plan.stop:
             await self.orders.drain(tracked, grace_s=_POD_STOP_GRACE_S)
-        for pod_id, node_id in await self.records.volumes_to_drop():
-            if node_id in self.cluster.lost_nodes:
-                await self.records.volume_dropped(pod_id)  # it went with its node
-            elif self.cluster.knows_node(node_id):
-                reply = await self.orders.command(
-                    node_id, {"op": "drop_volume", "pod_id": str(pod_id)}
-                )
-                if reply.get("ok"):
-                    await self.records.volume_dropped(pod_id)
+        await self.volumes.sweep()
 
     async def _judge_silence(self, now: float) -> None:
         # Heartbeats this scheduler missed while its own link to NATS was down say nothing

@@ -13,6 +13,7 @@ import contextlib
 import logging
 
 from kiln._service import open_database, open_health, open_metrics, open_nats, run_service
+from kiln.blobs import parks_volumes
 from kiln.db.session import session_factory
 from kiln.observability.coldstart import ColdStartMetrics
 from kiln.observability.nats import NatsMetrics, NatsProcess
@@ -47,6 +48,7 @@ async def serve_scheduler(settings: Settings, stop: asyncio.Event) -> None:
             lease_s=settings.scheduler_lease_s,
             signing_key=settings.snapshot_signing_key,
             stream_replicas=settings.stream_replicas,
+            parks_volumes=parks_volumes(settings),
         )
         _log.info("scheduler running (lease %g s)", settings.scheduler_lease_s)
         await scheduler.run(stop)

@@ -6,16 +6,19 @@ snapshot's files under the bucket's prefix."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
 from eventually import eventually
-from stack import Platform, running_platform
+from stack import Platform, extra_node, running_platform
+from test_pods_e2e import WORK, Screen, terminal
 from test_snapshots_e2e import SNAPPY, cold_call
 
 from kiln._nats import connect_options
@@ -167,3 +170,57 @@ async def test_a_platform_keeps_its_code_and_snapshots_in_s3(
     second = await cold_call(s3_platform, "s3snap/Model.run", "Model")
     assert second["origin"] == "snapshot"
     assert second["built_in"] == first["built_in"]
+
+
+async def test_a_stopped_pods_volume_moves_through_s3_and_outlives_its_node(
+    s3_platform: Platform, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Two nodes of one GPU each: the pod's volume is parked in S3 when it stops; its node then
+    goes, and the pod starts on the other node, its files restored there from S3."""
+    await s3_platform.deploy_source(tmp_path_factory.mktemp("workbench"), "workbench.py", WORK)
+    nodes = {name: contextlib.AsyncExitStack() for name in ("node-a", "node-b")}
+    try:
+        for name, stack in nodes.items():
+            await stack.enter_async_context(
+                extra_node(s3_platform, tmp_path / name, name, {"H100": 1})
+            )
+        async with s3_platform.client() as client:
+
+            async def created() -> dict[str, Any]:  # once the scheduler has heard of the nodes
+                made = await client.post("/v1/pods", json={
+                    "environment": {"app": "workbench"}, "gpu": "H100", "volume_gb": 1,
+                    "name": "mover",
+                })  # fmt: skip
+                assert made.status_code == 201, made.text
+                return dict(made.json())
+
+            pod = await eventually(created, within_s=30)
+            async with terminal(s3_platform, pod, cmd="echo moved > ~/kept.txt") as ws:
+                assert await Screen(ws).exit_status(within_s=120) == 0
+            first = (await client.get(f"/v1/pods/{pod['id']}")).json()["node_id"]
+            assert (await client.post(f"/v1/pods/{pod['id']}/stop")).status_code == 200
+
+            async def parked() -> bool:
+                view = (await client.get(f"/v1/pods/{pod['id']}")).json()
+                return bool(view["volume_parked"])
+
+            await eventually(parked, within_s=60)
+            await nodes[first].aclose()  # its node goes, its copy of the volume with it
+
+            async def gone() -> bool:
+                listed = (await client.get("/v1/nodes")).json()["nodes"]
+                return {n["id"]: n["state"] for n in listed}[first] != "ready"
+
+            await eventually(gone, within_s=60)
+            assert (await client.post(f"/v1/pods/{pod['id']}/start")).status_code == 200
+            async with terminal(s3_platform, pod, cmd="cat ~/kept.txt") as ws:
+                screen = Screen(ws)
+                assert await screen.exit_status(within_s=120) == 0, screen.text
+            assert screen.text.strip() == "moved"
+            view = (await client.get(f"/v1/pods/{pod['id']}")).json()
+            assert view["node_id"] not in (None, first)
+            assert not view["volume_parked"]
+            assert (await client.delete(f"/v1/pods/{pod['id']}")).status_code == 204
+    finally:
+        for stack in nodes.values():
+            await stack.aclose()

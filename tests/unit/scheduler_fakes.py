@@ -131,9 +131,6 @@ class Records:
             self.pod_errors[pod.id] = error
             self.pods_stopped.add(pod.id)
 
-    async def volumes_to_drop(self) -> list[Any]:
-        return []
-
     async def minimums(self) -> dict[str, int]:
         return {str(f.id): f.min_replicas for f in self.functions.values()}
 
