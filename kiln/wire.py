@@ -500,6 +500,8 @@ class NodeHeartbeat:
     # how many such standbys (at most MAX_READY_FOR functions): placement prefers nodes whose
     # cold start imports nothing.
     ready_for: dict[str, int] = field(default_factory=dict)
+    containers: bool = False  # it runs container pods (Docker)
+    gpu_containers: bool = False  # with GPUs (the NVIDIA container toolkit)
 
 
 @dataclass(frozen=True)
@@ -528,6 +530,7 @@ class StartReplica:
     # every pod that asks for the same (kiln.invoker.environments).
     requirements: list[str] = field(default_factory=list)
     environment: str = ""  # set by the node agent: that environment's directory
+    image: str = ""  # a container pod's image, run by the node agent beside the replica
 
 
 @dataclass(frozen=True)

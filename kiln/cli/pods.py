@@ -66,6 +66,9 @@ def create(
         list[str] | None,
         typer.Option("--pip", help="A Python requirement its node installs (repeatable)."),
     ] = None,
+    image: Annotated[
+        str | None, typer.Option("--image", help="A container image (nodes with Docker).")
+    ] = None,
     gpu: Annotated[str | None, typer.Option("--gpu", help="GPUs, such as H100:2, or none.")] = None,
     port: Annotated[
         list[int] | None, typer.Option("--port", help="A port to forward (repeatable).")
@@ -79,14 +82,15 @@ def create(
     as_json: JsonFlag = False,
 ) -> None:
     """Start a pod; it holds its GPUs (and is billed) until it is stopped. Its environment is
-    an app's (--app), Python requirements (--pip), or both."""
-    environment: dict[str, Any] = {}
-    if app is not None:
-        environment["app"] = app
-    if pip:
-        environment["requirements"] = pip
-    body: dict[str, Any] = {"environment": environment, "ports": port or [],
-                            "volume_gb": volume_gb}  # fmt: skip
+    an app's (--app), Python requirements (--pip), or both; or it runs a container (--image)."""
+    body: dict[str, Any] = {"ports": port or [], "volume_gb": volume_gb}
+    if image is not None:
+        body["image"] = image
+    if app is not None or pip or image is None:
+        body["environment"] = {
+            **({"app": app} if app is not None else {}),
+            **({"requirements": pip} if pip else {}),
+        }
     if gpu is not None:
         body["gpu"] = gpu
     if auto_stop_hours is not None:

@@ -45,6 +45,7 @@ from kiln.codestore import CodeStore, code_store
 from kiln.errors import ConfigError
 from kiln.functions.gpu import gpu_request
 from kiln.functions.package import unpack
+from kiln.invoker.containers import Containers, docker_support
 from kiln.invoker.credentials import ReplicaCredentials
 from kiln.invoker.egress import Egress
 from kiln.invoker.environments import Environments
@@ -159,6 +160,8 @@ class NodeAgent:
         # router's /metrics).
         self.metrics_registry = CollectorRegistry()
         self.volumes = Volumes(settings.home / "node" / "volumes")
+        self.containers = Containers(node_id=self.node_id, on_exit=self._container_exited)
+        self.docker = (False, False)  # runs containers, GPU containers: found at the start
         self._volumes_store: BlobStore | None = None  # where stopped pods' volumes are parked
         self.environments = Environments(settings.home / "node" / "envs")
         self.standbys = StandbyPool(
@@ -208,6 +211,7 @@ class NodeAgent:
         if self.snapshots is not None:
             await self.snapshots.start()
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.docker = await asyncio.to_thread(docker_support)
         self.needs.load()
         self._plan_standbys()
         sub = await self.nc.subscribe(self.subjects.node_command(self.node_id), cb=self._on_command)
@@ -228,6 +232,7 @@ class NodeAgent:
                 return_exceptions=True,
             )
             await self.standbys.close()
+            await self.containers.close()
             await self.volumes.close()  # their replicas are gone: nothing holds them now
             await self.environments.close()
             if self.snapshots is not None:
@@ -336,7 +341,7 @@ class NodeAgent:
         )
         # A pod's volume is its home and its environment is the node's: both are bound into a
         # box made for it (a standby's box was made without them), so no standby takes it.
-        own_box = self._has_volume(launch) or bool(launch.environment)
+        own_box = self._has_volume(launch) or bool(launch.environment) or bool(launch.image)
         volume = (
             await self.volumes.prepare(str(launch.pod_id), launch.volume_gb, uid=None)
             if self._has_volume(launch) and self.sandboxes is None
@@ -353,7 +358,13 @@ class NodeAgent:
             )
             if standby is not None and await self._assign(standby, launch_file, directory, env):
                 return standby.process, None
-            return await self._start_process(launch_file, directory, env), None
+            if launch.image:
+                await self._container(launch, directory, None, kind, indices, volume)
+            try:
+                return await self._start_process(launch_file, directory, env), None
+            except BaseException:
+                await self.containers.stop(launch.replica_id)
+                raise
         # Sandboxed: the code is shown to the replica read-only in its box, with its launch
         # file; it writes only in its own work directory.
         standby = None if own_box else self.standbys.take(device, need, holder=launch.replica_id)
@@ -375,6 +386,8 @@ class NodeAgent:
                 box = self.sandboxes.make(f"replica-{launch.replica_id}")
                 launch_file = self._fill_box(box, launch, code)
                 box.limit_memory(launch.spec["resources"].get("memory_mb"))
+            if launch.image:
+                await self._container(launch, box.work, box.uid, kind, indices, volume)
             process = await self._start_process(
                 launch_file,
                 box.work,
@@ -386,8 +399,31 @@ class NodeAgent:
             )
             return process, box
         except BaseException:
+            await self.containers.stop(launch.replica_id)
             self.sandboxes.remove(box)
             raise
+
+    async def _container(
+        self,
+        launch: StartReplica,
+        gateway_dir: Path,
+        uid: int | None,
+        kind: str,
+        indices: list[int],
+        volume: Path | None,
+    ) -> None:
+        """A container pod's container, run beside its replica (kiln.invoker.containers)."""
+        await self.containers.start(
+            launch.replica_id, launch.image, gateway_dir=gateway_dir, gateway_uid=uid,
+            gpus=indices if kind != "none" else [], volume=volume, env=function_env(launch),
+            memory_mb=launch.spec["resources"].get("memory_mb"),
+        )  # fmt: skip
+
+    def _container_exited(self, replica_id: str) -> None:
+        """A container pod's container ended by itself: its replica goes (the pod restarts)."""
+        task = asyncio.create_task(self.stop_replica(replica_id, grace_s=0))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _assign(
         self, standby: Standby, launch_file: Path, directory: Path, env: dict[str, str]
@@ -689,6 +725,7 @@ class NodeAgent:
 
     async def _watch(self, running: _Running) -> None:
         code = await running.process.wait()
+        await self.containers.stop(running.launch.replica_id)
         # The replica's time ends with its process, before the clean-up of its box.
         self.usage.stopped(running.launch.replica_id, time.time())
         error = self._close_box(running)
@@ -770,6 +807,8 @@ class NodeAgent:
             standbys=self._ready_standbys(),
             ready_for=self.needs.ready_for(),
             snapshots=self.snapshots.affinities() if self.snapshots is not None else [],
+            containers=self.docker[0],
+            gpu_containers=self.docker[1],
         )
         with contextlib.suppress(Exception):
             await self._publish(self.subjects.node_heartbeat(self.node_id), encode(beat))

@@ -33,6 +33,7 @@ from kiln.db.enums import PodKind
 from kiln.errors import Conflict
 from kiln.functions.session import Session
 from kiln.invoker.calls import CallRunner
+from kiln.invoker.containers import GATEWAY_SOCKET
 from kiln.invoker.sessions import ReplicaSession
 from kiln.pods.terminal_session import TerminalRequest, login_env, serve_terminal
 from kiln.pods.tunnel import serve_tunnel
@@ -74,6 +75,9 @@ class PodHost:
         self.track = track
         self.drain = drain
         self.shell = launch.pod_kind == PodKind.SHELL
+        # A container pod's: what its terminals run and its ports are is in its container,
+        # reached through its node agent (kiln.invoker.containers).
+        self.gateway = Path.cwd() / GATEWAY_SOCKET if launch.image else None
         self.replica_id = calls.replica_id
         self._taken: dict[tuple[str, str], None] = {}
         self._opened = asyncio.Event()
@@ -142,7 +146,7 @@ class PodHost:
             except ValueError:
                 await opened.close(1011, "no port was given")
                 return
-            await serve_tunnel(_Watched(opened, self._touch), port)
+            await serve_tunnel(_Watched(opened, self._touch), port, gateway=self.gateway)
 
         await self.calls.run_session(call, session, connect)
 
@@ -150,7 +154,9 @@ class PodHost:
         request = TerminalRequest(session.params)
         env = login_env(os.environ)
         watched = _Watched(session, self._touch)
-        code = await serve_terminal(watched, request, env=env, cwd=self.code_dir)
+        code = await serve_terminal(
+            watched, request, env=env, cwd=self.code_dir, gateway=self.gateway
+        )
         _log.info("terminal %s ended with status %d", call.call_id, code)
 
 

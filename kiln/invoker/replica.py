@@ -43,6 +43,7 @@ from kiln.functions.loader import load_app, resolve
 from kiln.functions.spec import FunctionSpec
 from kiln.invoker.calls import CallRunner
 from kiln.invoker.coldstart import ColdStart, SnapshotLink, build_instance, classify_process
+from kiln.invoker.containers import CONTAINER_START_S, GATEWAY_SOCKET
 from kiln.invoker.credentials import replica_inbox
 from kiln.invoker.environments import wait_for_environment
 from kiln.invoker.feed import CallFeed
@@ -50,6 +51,7 @@ from kiln.invoker.jobs import JobRunner
 from kiln.invoker.output import CallContextFilter, FunctionOutput
 from kiln.invoker.pod_host import PodHost
 from kiln.invoker.target import Target, build_target
+from kiln.pods.container_exec import wait_for_container
 from kiln.seal import FunctionSealer
 from kiln.settings import Settings
 from kiln.wire import (
@@ -195,6 +197,8 @@ class Replica:
         assert self.nc is not None
         if self.launch.environment:  # its requirements, which its node installs meanwhile
             await wait_for_environment(Path(self.launch.environment))
+        if self.launch.image:  # its container, which its node pulls and runs meanwhile
+            await wait_for_container(Path.cwd() / GATEWAY_SOCKET, within_s=CONTAINER_START_S)
         self.calls = CallRunner(
             self.nc, self.subjects, self.spec, self.replica_id, None,
             function_id=self.function_id, on_poison=self._poison,

@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -34,6 +35,8 @@ _MAX_COLS = 1000
 # After the command exits, how long its last output has to arrive.
 _LAST_OUTPUT_S = 0.5
 _MAX_ROWS = 500
+# A container's login shell: bash where the image has it, else its sh.
+_CONTAINER_SHELL = "command -v bash >/dev/null 2>&1 && exec bash -l; exec sh -l"
 
 
 class TerminalRequest:
@@ -45,7 +48,11 @@ class TerminalRequest:
         self.cmd = params.get("cmd") or None
         self.term = params.get("term") or "xterm-256color"
 
-    def argv(self) -> list[str]:
+    def argv(self, *, gateway: Path | None = None) -> list[str]:
+        """The command; with a container pod's `gateway`, run in its container through it."""
+        if gateway is not None:
+            inner = ["/bin/sh", "-c", self.cmd if self.cmd is not None else _CONTAINER_SHELL]
+            return [sys.executable, "-m", "kiln.pods.container_exec", str(gateway), *inner]
         if self.cmd is not None:
             return ["/bin/sh", "-c", self.cmd]
         shell = shutil.which("bash") or "/bin/sh"
@@ -69,13 +76,19 @@ def _dimension(params: Mapping[str, str], name: str, default: int, most: int) ->
 
 
 async def serve_terminal(
-    session: Session, request: TerminalRequest, *, env: Mapping[str, str], cwd: Path
+    session: Session,
+    request: TerminalRequest,
+    *,
+    env: Mapping[str, str],
+    cwd: Path,
+    gateway: Path | None = None,
 ) -> int:
     """Run the requested command on a terminal of its own and carry it over `session` until
     the command exits (its status is sent and returned) or the client leaves (the terminal is
-    hung up; its status is returned)."""
+    hung up; its status is returned). `gateway`: a container pod's (the command runs in its
+    container)."""
     terminal = await Terminal.start(
-        request.argv(),
+        request.argv(gateway=gateway),
         env={**env, "TERM": request.term, "COLUMNS": str(request.cols),
              "LINES": str(request.rows)},
         cwd=cwd if os.path.isdir(cwd) else None,  # noqa: ASYNC240 - one stat of a local dir

@@ -12,17 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path
 
 from kiln.functions.session import Session, SessionClosed
+from kiln.pods.container_exec import connect_in_container
 
 __all__ = ["serve_tunnel"]
 
 _READ_BYTES = 64 * 1024
 
 
-async def serve_tunnel(session: Session, port: int) -> None:
+async def serve_tunnel(session: Session, port: int, *, gateway: Path | None = None) -> None:
+    """`gateway`: a container pod's, through which the port is reached in its container."""
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        if gateway is None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        else:
+            sock = await connect_in_container(gateway, port)
+            reader, writer = await asyncio.open_connection(sock=sock)
     except OSError:
         await session.close(1011, f"nothing listens on port {port} in the pod")
         return

@@ -688,6 +688,18 @@ class PodBody(Body):
         Field(description="What the pod runs: an app's code and environment, requirements."),
         Expect('{"app": APP} (one of your deployed apps), {"requirements": [...]} or both'),
     ] = None
+    image: Annotated[
+        StrictStr | None,
+        Field(
+            pattern=r"^[a-z0-9][a-z0-9._/:@+-]{0,254}$",
+            description="A container image to run (on nodes with Docker), such as "
+            "'pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime'.",
+        ),
+        Expect(
+            "a container image reference such as 'ubuntu:24.04' or "
+            "'ghcr.io/org/image@sha256:...' (lowercase, up to 255 characters)"
+        ),
+    ] = None
     name: Annotated[
         StrictStr | None,
         Field(pattern=r"^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$", description="The pod's name."),
@@ -731,10 +743,10 @@ class PodBody(Body):
 
     @model_validator(mode="after")
     def _one_kind(self) -> PodBody:
-        if (self.shell is None) == (self.environment is None):
+        if sum(x is not None for x in (self.shell, self.environment, self.image)) != 1:
             raise InvalidRequest(
-                "a pod needs exactly one of shell (APP/NAME) or environment "
-                '({"app": APP}, {"requirements": [...]} or both)'
+                "a pod needs exactly one of shell (APP/NAME), environment "
+                '({"app": APP}, {"requirements": [...]} or both) or image (a container image)'
             )
         if len(set(self.ports)) != len(self.ports):
             raise InvalidRequest(f"ports={self.ports} is not valid: a port is named twice")

@@ -73,6 +73,10 @@ async def create_pod(request: Request) -> Response:
         kind = PodKind.SHELL
         app, _, name = body.shell.partition("/")
         function_id = (await svc.catalog.resolve(principal.owner_id, app, name)).function_id
+    elif body.image is not None:
+        kind = PodKind.POD
+        await _containers_for(svc, gpu)
+        function_id = await _environment(svc, principal.owner_id, await _base_app(svc, principal))
     else:
         assert body.environment is not None
         kind = PodKind.POD
@@ -91,6 +95,7 @@ async def create_pod(request: Request) -> Response:
         ports=list(body.ports),
         volume_gb=body.volume_gb,
         requirements=requirements,
+        image=body.image,
         auto_stop_s=body.auto_stop_s,
     )
     async with transaction(svc.sessions) as session:
@@ -195,6 +200,23 @@ async def _base_app(svc: RouterServices, principal: Principal) -> str:
         await svc.deployer.deploy(principal.owner_id, deploy, cap=replica_cap(svc, principal))
         svc.catalog.invalidate()
     return POD_APP
+
+
+async def _containers_for(svc: RouterServices, gpu: str | None) -> None:
+    """400 unless some ready node runs container pods (with GPUs, when `gpu` asks for some)."""
+    gpus = gpu is not None and gpu_request(gpu)[0] != "none"
+    async with transaction(svc.sessions) as session:
+        labels = (
+            await session.scalars(sa.select(Node.labels).where(Node.state == NodeState.READY))
+        ).all()
+    if any(n.get("containers") and (n.get("gpu_containers") or not gpus) for n in labels):
+        return
+    needs = "Docker and the NVIDIA container toolkit" if gpus else "Docker"
+    raise InvalidRequest(
+        f"image: no node runs container pods{' with GPUs' if gpus else ''} (nodes need {needs}); "
+        'run a pod of an environment instead, {"environment": {"requirements": [...]}}',
+        param="image",
+    )
 
 
 async def _capacity_for(svc: RouterServices, gpu: str) -> None:
@@ -345,6 +367,7 @@ def _dump(pod: Pod, app: str, name: str, gpu: str) -> dict[str, Any]:
         # In the store (moved off its node while stopped): the pod may start on any node.
         "volume_parked": pod.volume_node_id is None and pod.volume_key is not None,
         "requirements": list(pod.requirements),
+        "image": pod.image,
         "state": pod.state.value,
         "replica_id": str(pod.replica_id),
         "node_id": pod.node_id,

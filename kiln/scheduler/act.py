@@ -83,6 +83,9 @@ class Orders:
         if pod is not None and pod.volume_node is not None:
             # Its volume lives on one node: it starts there, or waits for room there.
             candidates = [node for node in candidates if node.node_id == pod.volume_node]
+        if pod is not None and pod.image:  # a container: on a node that runs them
+            gpus = gpu_request(function.gpu)[0] != "none"
+            candidates = [n for n in candidates if n.containers and (n.gpu_containers or not gpus)]
         affinity = affinity_id(function.digest, f"{function.app}/{function.name}")
         kind, count = gpu_request(function.gpu)
         launch = StartReplica(
@@ -103,6 +106,7 @@ class Orders:
             pod_kind=pod.kind.value if pod is not None else "",
             volume_gb=pod.volume_gb if pod is not None else 0,
             requirements=list(pod.requirements) if pod is not None else [],
+            image=(pod.image or "") if pod is not None else "",
         )
         while (placement := place(function.gpu, candidates, affinity)) is not None:
             view = self.cluster.placement[placement.node_id]

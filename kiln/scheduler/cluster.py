@@ -113,6 +113,8 @@ class ClusterView:
             standbys=dict(beat.standbys),
             snapshots=frozenset(beat.snapshots),
             ready_for=dict(beat.ready_for),
+            containers=beat.containers,
+            gpu_containers=beat.gpu_containers,
         )
 
     def hear_replica(self, tracked: TrackedReplica, beat: ReplicaHeartbeat, *, now: float) -> None:

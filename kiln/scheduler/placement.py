@@ -29,6 +29,8 @@ class NodeView:
     snapshots: frozenset[str] = frozenset()  # kiln.wire.affinity_id of the snapshots it caches
     # affinity id -> ready standbys there that imported everything that function needs
     ready_for: dict[str, int] = field(default_factory=dict)
+    containers: bool = False  # it runs container pods
+    gpu_containers: bool = False  # with GPUs
 
     def take(self, kind: str, count: int, affinity: str | None = None) -> None:
         self.free[kind] = self.free.get(kind, 0) - count

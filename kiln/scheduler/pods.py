@@ -57,6 +57,7 @@ class PodRow:
     volume_node: str | None = None  # where its volume lives: its replicas start there
     requirements: tuple[str, ...] = ()  # Python requirements its node installs for it
     volume_key: str | None = None  # its volume's copy parked in the store (pod_volumes)
+    image: str | None = None  # a container image it runs (on nodes with Docker)
     name: str = ""
     # Its current replica ended without ever being ready, and why (its row's error): a failed
     # start. None while it runs, or when it ended otherwise.

@@ -254,6 +254,7 @@ class ClusterRecords:
             "gpu_count": sum(v for k, v in beat.slots.items() if k != "none"),
             "cpu_slots": beat.slots.get("none", 0),
             "last_heartbeat_at": self._now(),
+            "labels": {"containers": beat.containers, "gpu_containers": beat.gpu_containers},
         }
         # An upsert: every scheduler, leading or standing by, records the nodes it hears (and a
         # node heard again is ready again).
@@ -409,6 +410,7 @@ def _pod_row(pod: Pod) -> PodRow:
         volume_node=pod.volume_node_id,
         requirements=tuple(pod.requirements),
         volume_key=pod.volume_key,
+        image=pod.image,
     )
 
 

@@ -15,7 +15,9 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -44,6 +46,7 @@ from kiln.db.bootstrap import ensure_console_operator
 from kiln.db.models import Pod, UsageEvent
 from kiln.errors import KilnError
 from kiln.functions.package import package
+from kiln.invoker.containers import docker_support
 from kiln.router.bodies import PodBody
 from kiln.router.validation import validated
 
@@ -495,6 +498,18 @@ async def test_requirements_are_refused_by_name() -> None:
         "requirements: 'evil @ https://example.com/evil.whl' names a URL; pods install "
         "packages by name from the platform's package index only"
     )
+    with pytest.raises(KilnError) as both:
+        validated(PodBody, {"image": "ubuntu:24.04", "environment": {"app": "x"}})
+    assert both.value.message == (
+        "a pod needs exactly one of shell (APP/NAME), environment "
+        '({"app": APP}, {"requirements": [...]} or both) or image (a container image)'
+    )
+    with pytest.raises(KilnError) as bad_image:
+        validated(PodBody, {"image": "Not An Image"})
+    assert bad_image.value.message == (
+        "image='Not An Image' is not valid: expected a container image reference such as "
+        "'ubuntu:24.04' or 'ghcr.io/org/image@sha256:...' (lowercase, up to 255 characters)"
+    )
     assert refusal({"requirements": "numpy"}) == (
         "environment='numpy' is not valid: expected {\"app\": APP} (one of your deployed apps), "
         '{"requirements": [...]} or both'
@@ -710,3 +725,82 @@ async def run_in_kernel(ws: ClientConnection, code: str) -> str:
                 raise AssertionError(message["content"])
             if message["msg_type"] == "execute_result":
                 return str(message["content"]["data"]["text/plain"])
+
+
+def _container_image(tmp: Path) -> str:
+    """A small image made here (no registry is needed): busybox as its whole root."""
+    busybox = shutil.which("busybox")
+    if busybox is None or not docker_support()[0]:
+        pytest.skip(
+            "container pods need a Docker daemon and a static busybox to make a test image "
+            "(apt-get install docker.io busybox-static; dockerd running)"
+        )
+    root = tmp / "rootfs"
+    (root / "bin").mkdir(parents=True)
+    (root / "tmp").mkdir()
+    shutil.copy(busybox, root / "bin" / "busybox")
+    for tool in ("sh", "echo", "cat", "mkdir", "httpd", "hostname", "sleep", "ls"):
+        (root / "bin" / tool).symlink_to("busybox")
+    archive = tmp / "rootfs.tar"
+    subprocess.run(["tar", "-C", str(root), "-cf", str(archive), "."], check=True)
+    subprocess.run(
+        ["docker", "import", "--change", 'CMD ["sh"]', str(archive), "kiln-test/busybox:pods"],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return "kiln-test/busybox:pods"
+
+
+async def test_a_container_pod_runs_its_image_with_a_terminal_ports_and_a_volume(
+    deployed: Platform, tmp_path: Path
+) -> None:
+    image = await asyncio.to_thread(_container_image, tmp_path)
+    async with deployed.client() as client:
+        made = await client.post("/v1/pods", json={
+            "image": image, "ports": [8080], "volume_gb": 1, "name": "boxed",
+        })  # fmt: skip
+        assert made.status_code == 201, made.text
+        pod = made.json()
+        assert (pod["image"], pod["function"]) == (image, "pod-env/environment")
+    base = f"/v1/pods/{pod['id']}/ports/8080"
+    # In the container: its own root (busybox's, not the host's), the volume at /workspace,
+    # and a server whose port the router reaches.
+    serve = (
+        f"mkdir -p /www{base} && echo served > /www{base}/index.html && httpd -p 8080 -h /www; "
+        "ls /usr 2>&1 | head -1; echo kept > /workspace/note; cat /workspace/note; exit 6"
+    )
+    async with terminal(deployed, pod, cmd=serve) as ws:
+        screen = Screen(ws)
+        assert await screen.exit_status(within_s=120) == 6, screen.text
+    assert "No such file or directory" in screen.text  # no /usr: the image's root, not the host's
+    assert "kept" in screen.text
+    async with deployed.client() as client:
+
+        async def answering() -> str:
+            got = await client.get(f"{base}/index.html")
+            assert got.status_code == 200, got.text
+            return got.text
+
+        assert await eventually(answering, within_s=30) == "served\n"
+        # An interactive shell in the container: its prompt, a command, its exit status.
+        async with terminal(deployed, pod) as ws:
+            shell = Screen(ws)
+            await shell.until("# ")  # its prompt: it reads what is typed from here
+            await ws.send(b"echo in-$((1+1))-containers; exit 4\r")
+            assert await shell.exit_status(within_s=30) == 4, shell.text
+        assert "in-2-containers" in shell.text  # what it printed, not what was typed
+        assert (await client.delete(f"/v1/pods/{pod['id']}")).status_code == 204
+
+        # An image its node cannot run: the pod's replica fails to start, and the pod says why.
+        missing = await client.post("/v1/pods", json={"image": "kiln-test/none:missing"})
+        assert missing.status_code == 201, missing.text
+
+        async def refused() -> str:
+            view = (await client.get(f"/v1/pods/{missing.json()['id']}")).json()
+            assert view["error"], view
+            return str(view["error"])
+
+        error = await eventually(refused, within_s=60)
+        assert error.startswith("its replica failed to start (1 in a row; at 3 it stops): ")
+        assert "the pod's image could not be run: " in error
+        assert (await client.delete(f"/v1/pods/{missing.json()['id']}")).status_code == 204
