@@ -46,6 +46,7 @@ from kiln import streams
 __all__ = [
     "HEARTBEAT_INTERVAL_S",
     "JOB_ROUTER",
+    "POD_SESSION_S",
     "REPLICA_LOST_AFTER_S",
     "SESSION_WINDOW",
     "TERMINAL_METHOD",
@@ -122,6 +123,9 @@ class Event(enum.StrEnum):
 JOB_ROUTER = "job"
 # The method a pod's terminal session carries (kiln.invoker.pod_host serves it).
 TERMINAL_METHOD = "kiln.terminal"
+# How long a pod's terminal or forwarded connection may last: a week (an ssh left open must
+# outlive any function's session limit; the pod's auto-stop is what bounds an idle one).
+POD_SESSION_S = 7 * 86_400.0
 # ... and one of its forwarded ports' connections (kiln.pods.tunnel).
 TUNNEL_METHOD = "kiln.tunnel"
 

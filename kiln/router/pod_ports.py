@@ -37,7 +37,7 @@ from kiln.router.run import read_body
 from kiln.router.services import RouterServices, services
 from kiln.router.streams import CallStream
 from kiln.router.websocket import serve_session, wait_taken
-from kiln.wire import TUNNEL_METHOD, Event
+from kiln.wire import POD_SESSION_S, TUNNEL_METHOD, Event
 
 __all__ = ["forward_http", "forward_websocket", "tunnel"]
 
@@ -46,7 +46,6 @@ _HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
     b"trailer", b"transfer-encoding", b"upgrade", b"host", b"authorization", b"content-length",
 })  # fmt: skip
-_SESSION_S = 3600.0  # how long one forwarded connection may last
 
 
 async def tunnel(websocket: WebSocket) -> None:
@@ -216,7 +215,7 @@ class _Link:
         cls, svc: RouterServices, route: FunctionRoute, replica: uuid.UUID, port: int, rid: str
     ) -> _Link:
         order = CallOrder(
-            route.function_id, "application/json", TUNNEL_METHOD, _SESSION_S,
+            route.function_id, "application/json", TUNNEL_METHOD, POD_SESSION_S,
             route.startup_timeout_s, rid, route.generation,
         )  # fmt: skip
         body = json.dumps({"params": {"port": str(port)}}).encode()

@@ -7,8 +7,9 @@ session stays pinned to that replica for its life. Frames flow both ways over NA
 and paced by credits (`kiln.router.streams`, `kiln.invoker.sessions`). Close codes the client
 sees: the handler's own, 1001 after `KILN_WS_IDLE_TIMEOUT_S` without a frame or at
 `KILN_WS_MAX_SESSION_S`, 1011 when the replica dies or the handler fails. A pod's sessions
-(its terminals, its tunnels) have no idle timeout: an ssh left open must survive, and the
-pod's own auto-stop (`auto_stop_hours`) is their idle policy.
+(its terminals, its tunnels) have no idle timeout and last up to a week (`POD_SESSION_S`),
+not `KILN_WS_MAX_SESSION_S`: an ssh left open must survive, and the pod's own auto-stop
+(`auto_stop_hours`) is their idle policy.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from kiln.router.errors import error_response, request_id
 from kiln.router.run import call_slot, resolve_entry
 from kiln.router.services import RouterServices, services
 from kiln.router.streams import CallStream
-from kiln.wire import Event
+from kiln.wire import POD_SESSION_S, Event
 
 __all__ = ["Bridge", "serve_session", "wait_taken", "ws_session"]
 
@@ -74,8 +75,8 @@ async def serve_session(
         try:
             principal = await svc.auth.authenticate(websocket, count=False)
             # The session holds one of the customer's in-flight slots for its whole life.
-            hold_s = svc.settings.ws_max_session_s + 600
-            await exits.enter_async_context(call_slot(svc, principal, hold_s))
+            longest = POD_SESSION_S if pod is not None else svc.settings.ws_max_session_s
+            await exits.enter_async_context(call_slot(svc, principal, longest + 600))
             route, method = await resolve(websocket, svc, principal)
             watch = CallWatch(
                 svc, principal, route, method or "", InvocationKind.WEBSOCKET, rid, 0,
@@ -86,7 +87,7 @@ async def serve_session(
             body = json.dumps({"params": params}).encode()
             order = CallOrder(
                 route.function_id, "application/json", method or None,
-                svc.settings.ws_max_session_s, route.startup_timeout_s, rid, route.generation,
+                longest, route.startup_timeout_s, rid, route.generation,
                 watch.trace,
             )  # fmt: skip
             if target is not None:
