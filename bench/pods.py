@@ -113,6 +113,22 @@ def download_rate(base: str, path: str, headers: dict[str, str], size: int) -> f
     return size / elapsed / 1e6
 
 
+async def tunnel_rate(ws_url: str, key: str, size: int) -> float:
+    """MB/s of one HTTP/1.0 download over `WS /v1/pods/ID/tunnel/PORT` with an asyncio
+    WebSocket client: the router's tunnel without `kiln pods forward`'s local side."""
+    headers = {"Authorization": f"Bearer {key}"}
+    async with connect(ws_url, additional_headers=headers, max_size=None, compression=None) as ws:
+        started = time.perf_counter()
+        await ws.send(b"GET /blob HTTP/1.0\r\n\r\n")
+        got = 0
+        async for message in ws:
+            got += len(message)
+        elapsed = time.perf_counter() - started
+    if got < size:
+        raise RuntimeError(f"the tunnel gave {got} bytes, expected {size} and headers")
+    return size / elapsed / 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", type=int, default=300, help="keystrokes timed")
@@ -170,6 +186,9 @@ def main() -> None:
                 small = fetch_times(base, f"{path}/ping", args.small, auth)
                 rate = download_rate(base, f"{path}/blob", auth, size)
                 rows.append((name, ms(small, 0.5), ms(small, 0.99), rate))
+            tunnel_url = f"{url.replace('http://', 'ws://')}/v1/pods/{pod['id']}/tunnel/{PORT}"
+            rows.append(("router WS /tunnel (asyncio client)", float("nan"), float("nan"),
+                         asyncio.run(tunnel_rate(tunnel_url, key, size))))  # fmt: skip
             stop.set()
             client.close()
         finally:

@@ -140,6 +140,9 @@ class Client:
                 additional_headers={"Authorization": self._http.headers["Authorization"]},
                 open_timeout=self._http.timeout.read,
                 max_size=None,
+                # No per-message deflate: a terminal's keystrokes gain nothing from it, and a
+                # tunnel's bytes (often compressed already) would be squeezed at tens of MB/s.
+                compression=None,
             )
         except InvalidStatus as exc:
             response = exc.response
