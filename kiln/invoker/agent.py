@@ -162,6 +162,7 @@ class NodeAgent:
         self.volumes = Volumes(settings.home / "node" / "volumes")
         self.containers = Containers(node_id=self.node_id, on_exit=self._container_exited)
         self.docker = (False, False)  # runs containers, GPU containers: found at the start
+        self._starting: set[str] = set()  # replicas whose start is under way
         self._volumes_store: BlobStore | None = None  # where stopped pods' volumes are parked
         self.environments = Environments(settings.home / "node" / "envs")
         self.standbys = StandbyPool(
@@ -212,6 +213,8 @@ class NodeAgent:
             await self.snapshots.start()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.docker = await asyncio.to_thread(docker_support)
+        if self.docker[0]:  # what a crashed predecessor left running holds GPUs and volumes
+            await self.containers.remove_stale()
         self.needs.load()
         self._plan_standbys()
         sub = await self.nc.subscribe(self.subjects.node_command(self.node_id), cb=self._on_command)
@@ -263,13 +266,10 @@ class NodeAgent:
             op = command.pop("op")
             if op == "start":
                 reply: dict[str, Any] = await self.start_replica(StartReplica(**command))
-            elif op == "drop_volume":
-                await self.drop_volume(str(command["pod_id"]), command.get("parked"))
-                reply = {"ok": True}
             elif op == "delete_parked":
                 await self._volume_store().delete(str(command["blob"]))
                 reply = {"ok": True}
-            elif op in ("park_volume", "restore_volume"):
+            elif op in ("park_volume", "restore_volume", "drop_volume"):
                 # Minutes for a large volume: answered when done, other commands meanwhile.
                 task = asyncio.create_task(self._move_volume(msg, op, command))
                 self._tasks.add(task)
@@ -291,6 +291,19 @@ class NodeAgent:
             await self.nc.publish(msg.reply, json.dumps(reply).encode())
 
     async def start_replica(self, launch: StartReplica) -> dict[str, Any]:
+        if launch.replica_id in self.replicas or launch.replica_id in self._starting:
+            # A retried order whose first answer was late: that replica is on its way.
+            return {"ok": False, "error": f"replica {launch.replica_id} is here already"}
+        if launch.pod_id is not None and self.volumes.busy(launch.pod_id):
+            return {"ok": False, "error": f"the volume of pod {launch.pod_id} is being moved "
+                    f"on {self.node_id}: the start is tried again"}  # fmt: skip
+        self._starting.add(launch.replica_id)
+        try:
+            return await self._start_replica(launch)
+        finally:
+            self._starting.discard(launch.replica_id)
+
+    async def _start_replica(self, launch: StartReplica) -> dict[str, Any]:
         # A pod's replica builds no instance: no snapshot to fetch for it.
         key = (
             self.snapshots.key_for(launch)
@@ -312,6 +325,8 @@ class NodeAgent:
             process, box = await self._spawn(launch, kind, indices, need)
         except Exception as exc:  # noqa: BLE001 - whatever failed, the slot goes back
             self.slots.give_back(kind, indices)
+            if launch.pod_id is not None:
+                self.volumes.release(launch.pod_id, launch.replica_id)
             return {"ok": False, "error": f"could not start the replica: {exc}"}
         self.usage.start(launch)  # its time runs from its slot (received_at), not its process
         running = _Running(launch, process, kind, indices, box=box)
@@ -343,7 +358,9 @@ class NodeAgent:
         # box made for it (a standby's box was made without them), so no standby takes it.
         own_box = self._has_volume(launch) or bool(launch.environment) or bool(launch.image)
         volume = (
-            await self.volumes.prepare(str(launch.pod_id), launch.volume_gb, uid=None)
+            await self.volumes.prepare(
+                str(launch.pod_id), launch.volume_gb, uid=None, holder=launch.replica_id
+            )
             if self._has_volume(launch) and self.sandboxes is None
             else None
         )
@@ -375,7 +392,7 @@ class NodeAgent:
             launch_file = self._fill_box(box, launch, code)
             if self._has_volume(launch):  # each replica has a uid of its own: the volume is its
                 volume = await self.volumes.prepare(
-                    str(launch.pod_id), launch.volume_gb, uid=box.uid
+                    str(launch.pod_id), launch.volume_gb, uid=box.uid, holder=launch.replica_id
                 )
             env = self._replica_env(launch, box.work, kind, indices, home=box.ro, volume=volume)
             box.limit_memory(launch.spec["resources"].get("memory_mb"))
@@ -683,10 +700,13 @@ class NodeAgent:
 
     async def _move_volume(self, msg: Msg, op: str, command: dict[str, Any]) -> None:
         """`park_volume`: a stopped pod's volume to the store as `blob`; `restore_volume`: the
-        parked copy `blob` onto this node."""
-        pod_id, blob = str(command["pod_id"]), str(command["blob"])
+        parked copy `blob` onto this node; `drop_volume`: an ended pod's, here and its parked
+        copy `parked`."""
+        pod_id, blob = str(command["pod_id"]), str(command.get("blob") or "")
         try:
-            if op == "park_volume":
+            if op == "drop_volume":
+                await self.drop_volume(pod_id, command.get("parked"))
+            elif op == "park_volume":
                 if any(r.launch.pod_id == pod_id for r in self.replicas.values()):
                     raise RuntimeError(f"pod {pod_id} has a replica here: it is not stopped")
                 await self.volumes.park(pod_id, blob, self._volume_store())
@@ -725,7 +745,13 @@ class NodeAgent:
 
     async def _watch(self, running: _Running) -> None:
         code = await running.process.wait()
-        await self.containers.stop(running.launch.replica_id)
+        launch = running.launch
+        try:
+            await self.containers.stop(launch.replica_id)
+        except Exception:  # noqa: BLE001 - the rest of the clean-up (usage, slots) goes on
+            _log.exception("removing the container of replica %s failed", launch.replica_id)
+        if launch.pod_id is not None:
+            self.volumes.release(launch.pod_id, launch.replica_id)
         # The replica's time ends with its process, before the clean-up of its box.
         self.usage.stopped(running.launch.replica_id, time.time())
         error = self._close_box(running)

@@ -75,7 +75,9 @@ def docker_support() -> tuple[bool, bool]:
 @dataclass
 class _Container:
     name: str
-    started: asyncio.Task[int]  # the container's pid once it runs
+    # Once it runs, its network namespace (a descriptor held from its start: a connection
+    # enters that one, never that of a process that took the pid of a container gone since).
+    started: asyncio.Task[int]
     server: asyncio.Server | None = None
     execs: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -135,8 +137,25 @@ class Containers:
         container.started.cancel()
         for task in list(container.execs):
             task.cancel()
-        await asyncio.gather(container.started, *container.execs, return_exceptions=True)
-        await _docker("rm", "--force", container.name)
+        results = await asyncio.gather(container.started, *container.execs, return_exceptions=True)
+        if isinstance(results[0], int):
+            os.close(results[0])
+        for _ in range(3):
+            failed = await _docker("rm", "--force", container.name)
+            if not failed or "No such container" in failed:
+                return
+            _log.warning("removing container %s: %s", container.name, failed)
+        raise RuntimeError(f"container {container.name} could not be removed: {failed}")
+
+    async def remove_stale(self) -> None:
+        """Remove the containers this node's agent ran before it restarted: their replicas
+        went with it, and they hold GPUs and volumes the new agent hands out."""
+        listed = await _docker_output(
+            "ps", "--all", "--quiet", "--filter", f"label=kiln.node={self.node_id}"
+        )
+        for container in listed.split():
+            _log.warning("removing container %s, left by this node's previous agent", container)
+            await _docker("rm", "--force", container)
 
     async def close(self) -> None:
         for replica_id in list(self._running):
@@ -148,9 +167,10 @@ class Containers:
             raise RuntimeError(f"the pod's image could not be run: {failed}")
         name = argv[argv.index("--name") + 1]
         pid = await _docker_output("inspect", "--format", "{{.State.Pid}}", name)
+        namespace = os.open(f"/proc/{int(pid)}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         task = asyncio.create_task(self._watch(replica_id, name))
         self._running[replica_id].execs.add(task)
-        return int(pid)
+        return namespace
 
     async def _watch(self, replica_id: str, name: str) -> None:
         await _docker("wait", name, within_s=None)
@@ -167,14 +187,14 @@ class Containers:
         try:
             request = json.loads(await reader.readline())
             try:
-                pid = await asyncio.shield(container.started)
+                namespace = await asyncio.shield(container.started)
             except Exception as exc:  # noqa: BLE001 - told to the replica, which fails with it
                 await _answer(writer, {"error": str(exc)})
                 return
             if request.get("op") == "ready":
                 await _answer(writer, {"ok": True})
             elif request.get("op") == "connect":
-                await self._connect(pid, int(request["port"]), writer)
+                await self._connect(namespace, int(request["port"]), writer)
             elif request.get("op") == "exec":
                 await self._exec(container.name, request, writer)
             else:
@@ -185,9 +205,9 @@ class Containers:
             container.execs.discard(task)
             writer.close()
 
-    async def _connect(self, pid: int, port: int, writer: asyncio.StreamWriter) -> None:
+    async def _connect(self, namespace: int, port: int, writer: asyncio.StreamWriter) -> None:
         try:
-            sock = await asyncio.to_thread(_connect_in, pid, port)
+            sock = await asyncio.to_thread(_connect_in, namespace, port)
         except OSError as exc:
             await _answer(writer, {"error": f"127.0.0.1:{port} in the pod: {exc}"})
             return
@@ -233,19 +253,18 @@ async def _answer(
         socket.send_fds(own, [data], [fd])
 
 
-def _connect_in(pid: int, port: int) -> socket.socket:
-    """A TCP connection to 127.0.0.1:`port` made inside the network namespace of process
-    `pid`, from a thread of its own (a namespace is a thread's: the agent's other threads
-    stay where they are, and this one ends with the connection made)."""
+def _connect_in(namespace: int, port: int) -> socket.socket:
+    """A TCP connection to 127.0.0.1:`port` made inside the network namespace `namespace` (a
+    descriptor of it), from a thread of its own (a namespace is a thread's: the agent's other
+    threads stay where they are, and this one ends with the connection made)."""
     result: list[socket.socket | BaseException] = []
 
     def enter_and_connect() -> None:
         try:
             libc = ctypes.CDLL(None, use_errno=True)
-            with open(f"/proc/{pid}/ns/net", "rb") as namespace:
-                if libc.setns(namespace.fileno(), _CLONE_NEWNET) != 0:
-                    errno = ctypes.get_errno()
-                    raise OSError(errno, f"setns: {os.strerror(errno)}")
+            if libc.setns(namespace, _CLONE_NEWNET) != 0:
+                errno = ctypes.get_errno()
+                raise OSError(errno, f"setns: {os.strerror(errno)}")
             result.append(socket.create_connection(("127.0.0.1", port), _CONNECT_TIMEOUT_S))
         except BaseException as exc:  # noqa: BLE001 - carried to the caller's thread
             result.append(exc)

@@ -18,9 +18,11 @@ is ready (`wait_for_environment`). A failed build is tried again by the next pod
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 import site
 import subprocess
@@ -64,8 +66,11 @@ class Environments:
         return path
 
     async def close(self) -> None:
-        """Wait for the builds under way, briefly (pip cannot be interrupted mid-thread; a
-        build left unfinished is made again next time)."""
+        """Stop the builds under way (their commands are killed; a build left unfinished is
+        made again next time)."""
+        for process in list(_RUNNING):
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
         if self._builds:
             await asyncio.wait(list(self._builds.values()), timeout=5.0)
 
@@ -91,16 +96,18 @@ def _build(path: Path, requirements: list[str]) -> None:
         _log.warning("environment %s failed: %s", path.name, message)
         (path / _FAILED).write_text(message)
         return
-    (path / _READY).write_text(output[-_TAIL_CHARS:])
+    # Ready, and nothing of pip's output: the directory is shown to pods.
+    (path / _READY).write_text(f"{len(output)} bytes of pip output\n")
     _log.info("environment %s built in %.1f s: %s", path.name,
               time.monotonic() - started, " ".join(requirements))  # fmt: skip
 
 
 def _install(path: Path, requirements: list[str]) -> str:
     """Make the virtual environment and install `requirements` into it; pip's output."""
-    _run([sys.executable, "-m", "venv", "--without-pip", str(path)], "python -m venv")
+    env = _pip_env(path)
+    _run([sys.executable, "-m", "venv", "--without-pip", str(path)], "python -m venv", env)
     where = "import sysconfig; print(sysconfig.get_path('purelib'))"
-    packages = Path(_run([str(path / "bin" / "python"), "-c", where], "python").strip())
+    packages = Path(_run([str(path / "bin" / "python"), "-c", where], "python", env).strip())
     # The platform's packages after the environment's own: `import kiln` works, and what the
     # pod asked for wins over the platform's version of it.
     platform = [p for p in site.getsitepackages() if Path(p).is_dir()]
@@ -114,20 +121,49 @@ def _install(path: Path, requirements: list[str]) -> str:
         [str(path / "bin" / "python"), "-m", "pip", "install", "--no-input",
          "--disable-pip-version-check", "--only-binary", ":all:", "-r", str(listed)],
         "pip install",
+        env,
     )  # fmt: skip
 
 
-def _run(argv: list[str], what: str) -> str:
+# What pip may see of the agent's environment: its configuration, proxies and certificates,
+# never the platform's secrets (pip expands `${NAME}` in a requirements file, and what it
+# prints reaches the pod).
+_PASSED = ("PATH", "LANG", "LC_ALL", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE")
+_PASSED_PREFIXES = ("PIP_",)
+_PROXIES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
+
+
+def _pip_env(path: Path) -> dict[str, str]:
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name in _PASSED or name in _PROXIES or name.startswith(_PASSED_PREFIXES)
+    }
+    env["HOME"] = str(path)  # pip's cache and its user configuration are the build's own
+    env["PIP_NO_CACHE_DIR"] = "1"
+    return env
+
+
+# The builds' commands under way, killed when their agent stops (a thread cannot be).
+_RUNNING: set[subprocess.Popen[str]] = set()
+
+
+def _run(argv: list[str], what: str, env: dict[str, str]) -> str:
+    process = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    _RUNNING.add(process)
     try:
-        done = subprocess.run(
-            argv, capture_output=True, text=True, check=False, timeout=BUILD_TIMEOUT_S
-        )
+        output, _ = process.communicate(timeout=BUILD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
         raise EnvironmentFailed(f"{what} took more than {BUILD_TIMEOUT_S:.0f} s") from None
-    output = done.stdout + done.stderr
-    if done.returncode != 0:
+    finally:
+        _RUNNING.discard(process)
+    if process.returncode != 0:
         tail = output[-_TAIL_CHARS:]
-        raise EnvironmentFailed(f"{what} failed (exit {done.returncode}):\n{tail}")
+        raise EnvironmentFailed(f"{what} failed (exit {process.returncode}):\n{tail}")
     return output
 
 

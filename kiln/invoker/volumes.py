@@ -35,6 +35,7 @@ __all__ = ["Volumes"]
 _log = logging.getLogger("kiln.agent.volumes")
 _GIB = 1024**3
 _COMMAND_TIMEOUT_S = 60.0
+_MOVE_TIMEOUT_S = 3600.0  # packing or unpacking a large volume
 
 
 class Volumes:
@@ -45,6 +46,9 @@ class Volumes:
         # One change at a time per pod (two starts of a pod cannot race, nor a start and its
         # parking); the work is blocking file system calls and commands, done in a thread.
         self._locks: dict[str, asyncio.Lock] = {}
+        # The replicas using each pod's volume here: it is not parked, restored or dropped
+        # under them (a start still being set up counts from its `prepare`).
+        self._holders: dict[str, set[str]] = {}
 
     def path(self, pod_id: str) -> Path:
         return self.root / str(uuid.UUID(pod_id))
@@ -59,22 +63,47 @@ class Volumes:
     def _lock(self, pod_id: str) -> asyncio.Lock:
         return self._locks.setdefault(str(uuid.UUID(pod_id)), asyncio.Lock())
 
-    async def prepare(self, pod_id: str, gb: int, uid: int | None) -> Path:
+    async def prepare(self, pod_id: str, gb: int, uid: int | None, *, holder: str) -> Path:
         """The pod's volume, mounted (made at its first start), everything in it owned by `uid`
-        (each replica runs as a uid of its own; None: the agent's, unsandboxed)."""
+        (each replica runs as a uid of its own; None: the agent's, unsandboxed), held by the
+        replica `holder` until `release`."""
         async with self._lock(pod_id):
-            return await asyncio.to_thread(self._prepare, pod_id, gb, uid)
+            self._holders.setdefault(self._key(pod_id), set()).add(holder)
+            try:
+                return await asyncio.to_thread(self._prepare, pod_id, gb, uid)
+            except BaseException:
+                self.release(pod_id, holder)
+                raise
+
+    def release(self, pod_id: str, holder: str) -> None:
+        """The replica `holder` no longer uses the volume (it exited, or never started)."""
+        held = self._holders.get(self._key(pod_id))
+        if held is not None:
+            held.discard(holder)
+
+    def busy(self, pod_id: str) -> bool:
+        """A move or a drop of the volume is under way here."""
+        return self._lock(pod_id).locked()
+
+    def _key(self, pod_id: str) -> str:
+        return str(uuid.UUID(pod_id))
+
+    def _unheld(self, pod_id: str, what: str) -> None:
+        if self._holders.get(self._key(pod_id)):
+            raise RuntimeError(f"the volume of pod {pod_id} is in use here: not {what}")
 
     async def restore(self, pod_id: str, blob: str, store: BlobStore) -> None:
         """This node's copy of the pod's volume made the parked copy `blob` (nothing to do
         when it is that copy already)."""
         async with self._lock(pod_id):
+            self._unheld(pod_id, "restored")
             await self._restore(pod_id, blob, store)
 
     async def park(self, pod_id: str, blob: str, store: BlobStore) -> None:
         """Put a copy of the stopped pod's volume in `store` as `blob`; this node keeps its own
         as a cache of that copy. Raises if the volume is not here."""
         async with self._lock(pod_id):
+            self._unheld(pod_id, "parked")
             archive = self.root / f".{uuid.UUID(pod_id)}.{uuid.uuid4().hex}.tar"
             try:
                 await asyncio.to_thread(self._pack, pod_id, archive)
@@ -86,6 +115,7 @@ class Volumes:
     async def drop(self, pod_id: str) -> None:
         """An ended pod's volume goes, bytes and all."""
         async with self._lock(pod_id):
+            self._unheld(pod_id, "dropped")
             await asyncio.to_thread(self._drop, pod_id)
 
     async def close(self) -> None:
@@ -96,7 +126,7 @@ class Volumes:
 
     async def _restore(self, pod_id: str, blob: str, store: BlobStore) -> None:
         marker = self._marker(pod_id)
-        if await asyncio.to_thread(_read, marker) == blob:
+        if await asyncio.to_thread(self._cached, pod_id, blob):
             return  # this node's copy is that one
         archive = self.root / f".{uuid.UUID(pod_id)}.{uuid.uuid4().hex}.tar"
         await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
@@ -107,28 +137,42 @@ class Volumes:
             await asyncio.to_thread(archive.unlink, True)
         await asyncio.to_thread(marker.write_text, blob)
 
+    def _cached(self, pod_id: str, blob: str) -> bool:
+        """This node holds the parked copy `blob` as it was parked: marked so, and there."""
+        there = self._image(pod_id).exists() or self.path(pod_id).is_dir()
+        return there and _read(self._marker(pod_id)) == blob
+
     def _pack(self, pod_id: str, archive: Path) -> None:
         path, image = self.path(pod_id), self._image(pod_id)
         if image.exists():
             self._unmount(path)  # a consistent image: nothing writes to it while it is read
+            # A mount elsewhere (a container's mount namespace) keeps the file system, and its
+            # loop device, alive after ours is gone: then it may still change.
+            if _run(["losetup", "--associated", str(image)], want_output=True):
+                raise OSError(f"the volume of pod {pod_id} is still mounted somewhere")
             member = image.name
         elif path.is_dir():
             member = path.name
         else:
             raise FileNotFoundError(f"pod {pod_id} has no volume on this node")
-        failed = _run(["tar", "--sparse", "-cf", str(archive), "-C", str(self.root), member])
+        failed = _run(
+            ["tar", "--sparse", "-cf", str(archive), "-C", str(self.root), member],
+            within_s=_MOVE_TIMEOUT_S,
+        )
         if failed:
             raise OSError(f"the volume of pod {pod_id} could not be packed: {failed}")
 
     def _unpack(self, pod_id: str, archive: Path) -> None:
         """This node's copy replaced by the archive's (an image, or a plain directory)."""
         self._drop(pod_id)
-        failed = _run(["tar", "-xf", str(archive), "-C", str(self.root)])
+        failed = _run(["tar", "-xf", str(archive), "-C", str(self.root)], within_s=_MOVE_TIMEOUT_S)
         if failed:
             raise OSError(f"the parked volume of pod {pod_id} could not be unpacked: {failed}")
 
     def _prepare(self, pod_id: str, gb: int, uid: int | None) -> Path:
         path, image = self.path(pod_id), self._image(pod_id)
+        # Once a replica uses it, this copy is no longer the parked one it may have been.
+        self._marker(pod_id).unlink(missing_ok=True)
         path.mkdir(parents=True, exist_ok=True)
         if path.is_mount():
             self._mounted.add(path)  # mounted by this agent's predecessor
@@ -197,14 +241,21 @@ class Volumes:
         self._mounted.discard(path)
 
 
-def _run(argv: list[str]) -> str:
-    """Run a short system command; its error ("" if it succeeded)."""
+def _run(
+    argv: list[str], *, within_s: float = _COMMAND_TIMEOUT_S, want_output: bool = False
+) -> str:
+    """Run a system command; its error ("" if it succeeded), or with `want_output` what it
+    printed (an error raises)."""
     try:
-        done = subprocess.run(
-            argv, capture_output=True, text=True, check=False, timeout=_COMMAND_TIMEOUT_S
-        )
+        done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=within_s)
     except (OSError, subprocess.TimeoutExpired) as exc:
+        if want_output:
+            raise OSError(f"{argv[0]}: {exc}") from None
         return str(exc) or type(exc).__name__
+    if want_output:
+        if done.returncode != 0:
+            raise OSError(f"{argv[0]}: {done.stderr.strip() or done.returncode}")
+        return done.stdout.strip()
     return "" if done.returncode == 0 else (done.stderr.strip() or f"exit {done.returncode}")
 
 

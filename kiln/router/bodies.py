@@ -650,6 +650,13 @@ class PodEnvironment(Body):
                 param="environment",
             )
         for text in self.requirements:
+            if "$" in text or not text.isprintable():
+                raise InvalidRequest(
+                    f"requirements: {text!r} has a '$' or a character that does not print; "
+                    "expected a name with optional extras, versions and markers, such as "
+                    "'numpy>=2'",
+                    param="requirements",
+                )
             try:
                 parsed = Requirement(text)
             except InvalidRequirement as exc:

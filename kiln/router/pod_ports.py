@@ -26,7 +26,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.websockets import WebSocket
 
-from kiln.errors import BadGateway, KilnError
+from kiln.errors import BadGateway, KilnError, PermissionDenied
 from kiln.router.auth import Principal
 from kiln.router.call_order import CallOrder
 from kiln.router.catalog import FunctionRoute
@@ -46,6 +46,9 @@ _HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
     b"trailer", b"transfer-encoding", b"upgrade", b"host", b"authorization", b"content-length",
 })  # fmt: skip
+# Never from a pod's server: a page under the router's origin must not take it over (a
+# service worker scoped to `/` would see every console request) or wipe its storage.
+_NOT_FROM_POD = frozenset({b"service-worker-allowed", b"clear-site-data"})
 
 
 async def tunnel(websocket: WebSocket) -> None:
@@ -68,6 +71,11 @@ async def forward_http(request: Request) -> Response:
     svc = services(request)
     principal = await port_caller(request)
     route, replica, port = await _resolve_port(svc, principal, request)
+    if request.headers.get("service-worker") == "script":
+        raise PermissionDenied(
+            "a pod's page cannot register a service worker: it would serve this router's "
+            "origin, console included"
+        )
     body = await read_body(request, svc.settings.max_request_bytes)
     link = await _Link.open(svc, route, replica, port, request_id(request))
     try:
@@ -87,7 +95,8 @@ async def forward_http(request: Request) -> Response:
     response = StreamingResponse(_answer_body(conn, link, port), status_code=answer.status_code)
     response.raw_headers.extend(  # as a list: a server may send several Set-Cookie
         (k, v) for k, v in answer.headers
-        if k.lower() not in _HOP and not (k.lower() == b"set-cookie" and sets_kiln_cookie(v))
+        if k.lower() not in _HOP and k.lower() not in _NOT_FROM_POD
+        and not (k.lower() == b"set-cookie" and sets_kiln_cookie(v))
     )  # fmt: skip
     return response
 

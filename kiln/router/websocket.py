@@ -74,9 +74,12 @@ async def serve_session(
     async with contextlib.AsyncExitStack() as exits:
         try:
             principal = await svc.auth.authenticate(websocket, count=False)
-            # The session holds one of the customer's in-flight slots for its whole life.
+            # A function's session holds one of the customer's in-flight slots for its whole
+            # life. A pod's does not: the pod's slot is its own (max_pods caps them), and a
+            # week-long hold would outlive a router that crashed under it.
             longest = POD_SESSION_S if pod is not None else svc.settings.ws_max_session_s
-            await exits.enter_async_context(call_slot(svc, principal, longest + 600))
+            if pod is None:
+                await exits.enter_async_context(call_slot(svc, principal, longest + 600))
             route, method = await resolve(websocket, svc, principal)
             watch = CallWatch(
                 svc, principal, route, method or "", InvocationKind.WEBSOCKET, rid, 0,

@@ -23,18 +23,30 @@ from kiln.db.enums import NodeState, ReplicaState
 from kiln.functions.gpu import gpu_request
 from kiln.metering import close_lost_usage
 from kiln.scheduler.cluster import ClusterView, TrackedReplica
-from kiln.scheduler.placement import place
+from kiln.scheduler.placement import NodeView, place
 from kiln.scheduler.pods import PodRow
 from kiln.scheduler.reconcile import LostReplica
 from kiln.scheduler.records import ClusterRecords, FunctionRow
 from kiln.seal import Seals
 from kiln.wire import StartReplica, Subjects, affinity_id
 
-__all__ = ["COMMAND_TIMEOUT_S", "Orders"]
+__all__ = ["COMMAND_TIMEOUT_S", "Orders", "pod_nodes"]
 
 _log = logging.getLogger("kiln.scheduler")
 COMMAND_TIMEOUT_S = 5.0
 _STATES_SEEN = (ReplicaState.STARTING, ReplicaState.RESTORING, ReplicaState.DRAINING)
+
+
+def pod_nodes(nodes: list[NodeView], pod: PodRow, gpu: str) -> list[NodeView]:
+    """The nodes that may run the pod's replica: the one its volume lives on, if it does (it
+    starts there, or waits for room there); for a container, one that runs them (with GPUs,
+    when `gpu` asks for some)."""
+    if pod.volume_node is not None:
+        nodes = [node for node in nodes if node.node_id == pod.volume_node]
+    if pod.image:
+        gpus = gpu_request(gpu)[0] != "none"
+        nodes = [n for n in nodes if n.containers and (n.gpu_containers or not gpus)]
+    return nodes
 
 
 class Orders:
@@ -80,12 +92,8 @@ class Orders:
         does now (the demand waits in the queue). `requested_at`: when its demand was seen.
         `pod`: the replica is this pod's, with the id its row names."""
         candidates = self.cluster.placeable(self.clock.monotonic())
-        if pod is not None and pod.volume_node is not None:
-            # Its volume lives on one node: it starts there, or waits for room there.
-            candidates = [node for node in candidates if node.node_id == pod.volume_node]
-        if pod is not None and pod.image:  # a container: on a node that runs them
-            gpus = gpu_request(function.gpu)[0] != "none"
-            candidates = [n for n in candidates if n.containers and (n.gpu_containers or not gpus)]
+        if pod is not None:
+            candidates = pod_nodes(candidates, pod, function.gpu)
         affinity = affinity_id(function.digest, f"{function.app}/{function.name}")
         kind, count = gpu_request(function.gpu)
         launch = StartReplica(

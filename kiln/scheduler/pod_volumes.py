@@ -9,8 +9,8 @@ may be another. A parked copy also outlives its node: a pod whose node is lost s
 from the copy of its last stop. An ended pod's volume is dropped from its node and its parked
 copy, and cached images, from every node.
 
-Parking and restoring take as long as the bytes take: each runs as a task of its own, its
-result recorded when it ends, while the reconcile loop goes on without that pod.
+Parking, restoring and dropping take as long as the bytes take: each runs as a task of its
+own, its result recorded when it ends, while the reconcile loop goes on without that pod.
 
 `volume_node_id` set means the node's copy is the pod's volume (the parked one, if any, may be
 older); unset with a `volume_key`, the parked copy is.
@@ -31,6 +31,7 @@ from kiln._clock import Clock
 from kiln.db.enums import ACTIVE_POD_STATES, PodState
 from kiln.db.models import Pod
 from kiln.db.session import transaction
+from kiln.scheduler.act import pod_nodes
 from kiln.scheduler.cluster import ClusterView
 from kiln.scheduler.placement import place
 from kiln.scheduler.pods import PodRow
@@ -155,7 +156,8 @@ class PodVolumes:
         if self.records is None:
             return
         for ended in await self.records.ended():
-            await self._drop(ended)
+            if ended.pod_id not in self._moves and self._may_try(ended.pod_id):
+                self._start(ended.pod_id, self._drop(ended))
         if not self.parks:
             return
         held = {tracked.pod_id for tracked in self.cluster.replicas.values()}
@@ -172,7 +174,8 @@ class PodVolumes:
         it (one with room for `gpu`), then the next pass launches it there."""
         if self.records is None or pod.id in self._moves or not self._may_try(pod.id):
             return
-        placement = place(gpu, self.cluster.placeable(self.clock.monotonic()))
+        nodes = pod_nodes(self.cluster.placeable(self.clock.monotonic()), pod, gpu)
+        placement = place(gpu, nodes)
         if placement is None:
             return  # no room anywhere now: it waits, as a launch would
         self._start(pod.id, self._restore(pod, placement.node_id))
@@ -240,12 +243,14 @@ class PodVolumes:
         if ended.parked is not None:
             nodes |= set(self.cluster.placement)
         command = {"op": "drop_volume", "pod_id": str(ended.pod_id), "parked": ended.parked}
-        done = True
+        done, confirmed = True, False
         for node_id in nodes - set(self.cluster.lost_nodes):
             if not self.cluster.knows_node(node_id):
                 done = False  # not heard from yet (a scheduler that just started): later
                 continue
-            reply = await self.command(node_id, command)
+            reply = await self.command(node_id, command, within_s=MOVE_TIMEOUT_S)
+            confirmed = confirmed or bool(reply.get("ok"))
             done = done and bool(reply.get("ok"))
-        if done:
+        # A parked copy is gone only once a node deleted it from the store.
+        if done and (ended.parked is None or confirmed):
             await self.records.dropped(ended.pod_id)

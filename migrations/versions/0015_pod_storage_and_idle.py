@@ -39,6 +39,8 @@ def upgrade() -> None:
     op.add_column(
         "pods", sa.Column("storage_charged_until", sa.DateTime(timezone=True), nullable=True)
     )
+    # Storage is billed from this upgrade on: volumes that existed before it were free then.
+    op.execute("UPDATE pods SET storage_charged_until = coalesce(ended_at, now())")
     op.add_column("pods", sa.Column("image", sa.String(length=512), nullable=True))
     op.add_column(
         "pods",

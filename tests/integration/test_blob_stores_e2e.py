@@ -209,7 +209,7 @@ async def test_a_stopped_pods_volume_moves_through_s3_and_outlives_its_node(
 
             async def gone() -> bool:
                 listed = (await client.get("/v1/nodes")).json()["nodes"]
-                return {n["id"]: n["state"] for n in listed}[first] != "ready"
+                return bool({n["id"]: n["state"] for n in listed}[first] != "ready")
 
             await eventually(gone, within_s=60)
             assert (await client.post(f"/v1/pods/{pod['id']}/start")).status_code == 200

@@ -135,7 +135,12 @@ async def test_the_api_fuzzed_from_its_openapi_document(platform: Platform, tmp_
         plan = await client.post("/v1/plans", json={"name": "fuzzed"})
         assert plan.status_code == 201, plan.text
     # Random data cannot make an archive match its digest: one real deploy body goes in too.
-    seeds = {"POST /v1/apps": package(app_file).deploy_body()}
+    seeds = {
+        "POST /v1/apps": package(app_file).deploy_body(),
+        # A pod's body is one of three shapes, each with rules of its own: one that passes them
+        # (a shell of a function that is not there: 404).
+        "POST /v1/pods": {"shell": "fuzzed/nothing"},
+    }
     # A real customer and plan, so that a change to them is validated (an unknown one is 404
     # before).
     # The deployed function's calls and replicas, so their queries reach the database (not its

@@ -346,6 +346,9 @@ async def test_a_pods_ports_answer_through_the_router_and_stop_and_start_renew_i
         posted = await client.post(f"{base}/8765/form", content=b"a=1")
         assert (posted.status_code, posted.text.split(" ")[0]) == (201, "POST")
         assert posted.text.endswith("body=a=1")
+        worker = await client.get(f"{base}/8765/sw.js", headers={"Service-Worker": "script"})
+        assert worker.status_code == 403  # no pod page may take the router's origin over
+        assert error_of(worker)["message"].startswith("a pod's page cannot register a service")
         missing = await client.get(f"{base}/9999/")
         assert missing.status_code == 404
         assert "its ports: 8765, 8766" in error_of(missing)["message"]
@@ -804,3 +807,45 @@ async def test_a_container_pod_runs_its_image_with_a_terminal_ports_and_a_volume
         assert error.startswith("its replica failed to start (1 in a row; at 3 it stops): ")
         assert "the pod's image could not be run: " in error
         assert (await client.delete(f"/v1/pods/{missing.json()['id']}")).status_code == 204
+
+
+async def test_pods_asking_for_what_no_node_has_or_reserved_ports_are_refused_by_name(
+    deployed: Platform,
+) -> None:
+    async def refusal(body: dict[str, Any]) -> tuple[int, str]:
+        async with deployed.client() as client:
+            answer = await client.post("/v1/pods", json={"environment": {"app": "workbench"},
+                                                         **body})  # fmt: skip
+        return answer.status_code, str(error_of(answer)["message"])
+
+    assert await refusal({"gpu": "H100"}) == (
+        400,
+        "gpu='H100': no node has that; the nodes have CPU slots",
+    )
+    assert await refusal({"gpu": "H100", "gpu_count": 8}) == (
+        400,
+        "gpu='H100:8': no node has that; the nodes have CPU slots",
+    )
+    assert await refusal({"gpu": "H100", "gpu_count": 64}) == (
+        400,
+        "gpu_count=64 is not valid: expected a whole number of GPUs from 1 to 16",
+    )
+    status, message = await refusal({"gpu": "Z9000"})
+    assert (status, message.startswith("gpu='Z9000' is not valid: ")) == (400, True), message
+    for ports in ([80], [70000]):
+        status, message = await refusal({"ports": ports})
+        assert status == 400
+        assert message.endswith(
+            "expected at most 10 port numbers from 1024 to 65535 (ports below 1024 are "
+            "reserved: a pod's programs run unprivileged)"
+        ), message
+    assert await refusal({"ports": [8000, 8000]}) == (
+        400,
+        "ports=(8000, 8000) is not valid: a port is named twice",
+    )
+    assert await refusal({"environment": {"requirements": ["x; os_name == '${KILN_KEY}'"]}}) == (
+        400,
+        "requirements: \"x; os_name == '${KILN_KEY}'\" has a '$' or a character that does "
+        "not print; expected a name with optional extras, versions and markers, such as "
+        "'numpy>=2'",
+    )
