@@ -30,9 +30,11 @@ class Pod(Timestamps, Base):
     )
     name: Mapped[str] = mapped_column(sa.String(64))
     kind: Mapped[PodKind] = mapped_column(str_enum(PodKind, "kind"))
-    # What it runs: the code, environment, secrets and GPU request of this function.
-    function_id: Mapped[uuid.UUID] = mapped_column(
-        sa.ForeignKey("functions.id", ondelete="CASCADE"), index=True
+    # What it runs: the code, environment, secrets and GPU request of this function. An app
+    # is not deleted while pods that have not ended use it; an ended pod's row outlives its
+    # app (its storage charges name it), with no function.
+    function_id: Mapped[uuid.UUID | None] = mapped_column(
+        sa.ForeignKey("functions.id", ondelete="SET NULL"), index=True
     )
     gpu: Mapped[str | None] = mapped_column(sa.String(32))  # its own request; None: its function's
     state: Mapped[PodState] = mapped_column(

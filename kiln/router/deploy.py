@@ -28,10 +28,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kiln.codestore import CodeStore
-from kiln.db.enums import FunctionKind
-from kiln.db.models import App, AppVersion, Function
+from kiln.db.enums import FunctionKind, PodState
+from kiln.db.models import App, AppVersion, Function, Pod
 from kiln.db.session import transaction
-from kiln.errors import InvalidRequest, InvalidSpec, NotFound
+from kiln.errors import Conflict, InvalidRequest, InvalidSpec, NotFound
 from kiln.functions.options import parse_options
 from kiln.functions.spec import FunctionSpec, Resources, UnitKind
 from kiln.router.bodies import DeployBody
@@ -253,6 +253,18 @@ class Deployer:
             ids = list(
                 await session.scalars(sa.select(Function.id).where(Function.app_id == app.id))
             )
+            pods = list(
+                await session.scalars(
+                    sa.select(Pod.name)
+                    .where(Pod.function_id.in_(ids), Pod.state != PodState.ENDED)
+                    .order_by(Pod.name)
+                )
+            )
+            if pods:
+                raise Conflict(
+                    f"app {name!r} is the environment of pods that have not ended: "
+                    f"{', '.join(pods)}; end them first (kiln pods rm NAME)"
+                )
             # Functions first: they reference versions, which the app's cascade also removes.
             await session.execute(sa.delete(Function).where(Function.app_id == app.id))
             await session.delete(app)

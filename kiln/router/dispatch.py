@@ -496,9 +496,11 @@ class Dispatcher:
         self._controls.add(task)
         task.add_done_callback(self._controls.discard)
 
-    async def wake_scheduler(self, function_id: uuid.UUID) -> None:
+    async def wake_scheduler(self, function_id: uuid.UUID | None) -> None:
         """A pod of the function wants its replica (or gave it back): a pass now, not at the
-        scheduler's next period."""
+        scheduler's next period (None: an ended pod whose app is gone, nothing to do)."""
+        if function_id is None:
+            return
         subject = self.subjects.demand(function_id)
         await self.nc.publish(subject, b"", headers=self.seals.platform(subject, b""))
 

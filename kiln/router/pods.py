@@ -146,6 +146,8 @@ async def start_pod(request: Request) -> Response:
         pod = await _locked(session, pod_id, principal)
         if pod.state != PodState.STOPPED:
             raise Conflict(f"pod {pod_id} is {pod.state.value}: only a stopped pod starts")
+        if pod.function_id is None:  # not while it was stopped (deploy.delete_app refuses)
+            raise Conflict(f"pod {pod_id}'s app was deleted: it cannot start")
         await check_pod_room(session, limits, customer_id=pod.customer_id,
                              function_id=pod.function_id, gpu=pod.gpu)  # fmt: skip
         pod.state, pod.replica_id, pod.node_id = PodState.STARTING, uuid.uuid4(), None
@@ -333,11 +335,12 @@ def pods_owned_by(principal: Principal) -> tuple[Any, ...]:
     return (Pod.customer_id == principal.customer_id,)
 
 
-def _pods(principal: Principal) -> sa.Select[Pod, str, str, str]:
+def _pods(principal: Principal) -> sa.Select[Pod, str | None, str | None, str | None]:
+    """With the function each runs (none for an ended pod whose app was deleted since)."""
     return (
         sa.select(Pod, App.name, Function.name, Function.gpu)
-        .join(Function, Function.id == Pod.function_id)
-        .join(App, App.id == Function.app_id)
+        .outerjoin(Function, Function.id == Pod.function_id)
+        .outerjoin(App, App.id == Function.app_id)
         .where(*pods_owned_by(principal))
     )
 
@@ -351,7 +354,7 @@ async def _view(svc: RouterServices, pod_id: uuid.UUID, principal: Principal) ->
     return _dump(pod, app, name, gpu)
 
 
-def _dump(pod: Pod, app: str, name: str, gpu: str) -> dict[str, Any]:
+def _dump(pod: Pod, app: str | None, name: str | None, gpu: str | None) -> dict[str, Any]:
     def moment(value: datetime | None) -> str | None:
         return value.isoformat() if value is not None else None
 
@@ -360,7 +363,7 @@ def _dump(pod: Pod, app: str, name: str, gpu: str) -> dict[str, Any]:
         "object": "pod",
         "name": pod.name,
         "kind": pod.kind.value,
-        "function": f"{app}/{name}",
+        "function": f"{app}/{name}" if app is not None else None,
         "gpu": pod.gpu or gpu,
         "ports": list(pod.ports),
         "volume_gb": pod.volume_gb,

@@ -139,7 +139,7 @@ class ClusterRecords:
             rows = await session.execute(
                 sa.select(Pod, Replica.id, Replica.error)
                 .outerjoin(Replica, failed)
-                .where(Pod.state.in_(ACTIVE_POD_STATES))
+                .where(Pod.state.in_(ACTIVE_POD_STATES), Pod.function_id.is_not(None))
             )
             return [
                 dataclasses.replace(
@@ -392,12 +392,19 @@ def _with_live_settings(spec: dict[str, object], function: Function) -> dict[str
     return {**spec, "resources": resources}
 
 
+def _function_of(pod: Pod) -> uuid.UUID:
+    """An active pod's function: its app cannot be deleted under it (kiln.router.deploy)."""
+    if pod.function_id is None:
+        raise ValueError(f"pod {pod.id} is active without a function")
+    return pod.function_id
+
+
 def _pod_row(pod: Pod) -> PodRow:
     return PodRow(
         id=pod.id,
         kind=pod.kind,
         state=pod.state,
-        function_id=pod.function_id,
+        function_id=_function_of(pod),
         replica_id=pod.replica_id,
         launched=pod.node_id is not None,
         name=pod.name,

@@ -55,6 +55,14 @@ def upgrade() -> None:
     )
     _check("ledger_entries", "kind", "kind", (*_LEDGER_KINDS, "storage"))
     _check("invoice_lines", "kind", "kind", (*_LINE_KINDS, "storage"))
+    # An ended pod's row outlives its app (its storage charges name it); a live pod's app is
+    # not deleted (the router refuses).
+    op.drop_constraint(op.f("fk_pods_function_id_functions"), "pods", type_="foreignkey")
+    op.alter_column("pods", "function_id", nullable=True)
+    op.create_foreign_key(
+        op.f("fk_pods_function_id_functions"), "pods", "functions", ["function_id"], ["id"],
+        ondelete="SET NULL",
+    )  # fmt: skip
     op.create_table(
         "storage_charges",
         sa.Column("ledger_entry_id", sa.BigInteger(), nullable=False),
@@ -82,6 +90,13 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("storage_charges")
+    op.execute("DELETE FROM pods WHERE function_id IS NULL")
+    op.drop_constraint(op.f("fk_pods_function_id_functions"), "pods", type_="foreignkey")
+    op.alter_column("pods", "function_id", nullable=False)
+    op.create_foreign_key(
+        op.f("fk_pods_function_id_functions"), "pods", "functions", ["function_id"], ["id"],
+        ondelete="CASCADE",
+    )  # fmt: skip
     # Storage charged stays charged: its entries become adjustments that say what they were.
     op.execute(
         "UPDATE ledger_entries SET kind = 'adjustment', description = 'volume storage' || "

@@ -490,7 +490,16 @@ async def test_a_pod_of_requirements_gets_them_from_its_node_over_the_platforms_
     assert "own-python" in screen.text
     assert "read-only" in screen.text  # the environment is the node's, shared, not the pod's
     async with deployed.client() as client:
+        # Its app is not deleted under it; once it ended, the app goes and its row stays.
+        kept = await client.delete("/v1/apps/pod-env")
+        assert (kept.status_code, error_of(kept)["message"]) == (409, (
+            "app 'pod-env' is the environment of pods that have not ended: reqs; end them "
+            "first (kiln pods rm NAME)"
+        ))  # fmt: skip
         assert (await client.delete(f"/v1/pods/{pod['id']}")).status_code == 204
+        assert (await client.delete("/v1/apps/pod-env")).status_code == 204
+        ended = (await client.get(f"/v1/pods/{pod['id']}")).json()
+        assert (ended["state"], ended["function"]) == ("ended", None)
 
 
 async def test_requirements_are_refused_by_name() -> None:
