@@ -15,6 +15,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
@@ -49,6 +50,8 @@ from kiln.wire import Subjects, UsageReport, decode
 __all__ = ["BillingWorker", "announce_blocks"]
 
 _log = logging.getLogger("kiln.billing")
+# A sweep's charge: one batch in the caller's transaction; how many it charged.
+_Charge = Callable[[AsyncSession, datetime, BillingRules, Changes], Awaitable[int]]
 _BATCH = 256
 _SWEEP_S = 30.0
 
@@ -109,25 +112,20 @@ class BillingWorker:
 
     async def charge_fees(self, now: datetime | None = None) -> int:
         """Charge the current period's plan fees that are due (a batch at a time); how many."""
-        now = now or datetime.now(UTC)
-        total = 0
-        while True:
-            changes = Changes()
-            async with transaction(self.sessions) as session:
-                charged = await charge_due_fees(session, now, self.rules, changes)
-            await announce_blocks(self.nc, self.subjects, changes, seals=self.seals)
-            total += charged
-            if charged == 0:
-                return total
+        return await self._in_batches(charge_due_fees, now or datetime.now(UTC))
 
     async def charge_storage(self, now: datetime | None = None) -> int:
         """Charge pods' volume storage that is due (kiln.billing.storage); how many volumes."""
-        now = now or datetime.now(UTC)
+        return await self._in_batches(charge_storage, now or datetime.now(UTC))
+
+    async def _in_batches(self, charge: _Charge, now: datetime) -> int:
+        """`charge` a batch per transaction, announcing the blocks each changed, until one
+        charges nothing; how many in all."""
         total = 0
         while True:
             changes = Changes()
             async with transaction(self.sessions) as session:
-                charged = await charge_storage(session, now, self.rules, changes)
+                charged = await charge(session, now, self.rules, changes)
             await announce_blocks(self.nc, self.subjects, changes, seals=self.seals)
             total += charged
             if charged == 0:

@@ -28,13 +28,14 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kiln._clock import Clock
-from kiln.db.enums import ACTIVE_POD_STATES, PodState
+from kiln.db.enums import PodState
 from kiln.db.models import Pod
 from kiln.db.session import transaction
 from kiln.scheduler.act import pod_nodes
 from kiln.scheduler.cluster import ClusterView
 from kiln.scheduler.placement import place
 from kiln.scheduler.pods import PodRow
+from kiln.scheduler.records import update_live_pod
 
 __all__ = ["MOVE_TIMEOUT_S", "PodVolumes", "VolumeRecords"]
 
@@ -106,16 +107,7 @@ class VolumeRecords:
 
     async def restored(self, pod: PodRow, node_id: str) -> None:
         """Its parked volume is on `node_id` now: its replica starts there."""
-        async with transaction(self.sessions) as session:
-            await session.execute(
-                sa.update(Pod)
-                .where(
-                    Pod.id == pod.id,
-                    Pod.replica_id == pod.replica_id,
-                    Pod.state.in_(ACTIVE_POD_STATES),
-                )
-                .values(volume_node_id=node_id, error=None)
-            )
+        await update_live_pod(self.sessions, pod, volume_node_id=node_id, error=None)
 
     async def move_failed(self, pod_id: uuid.UUID, error: str) -> None:
         async with transaction(self.sessions) as session:

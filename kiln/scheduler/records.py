@@ -216,18 +216,7 @@ class ClusterRecords:
             await self._update_pod(pod, state=PodState.STOPPED, stopped_at=now, error=why)
 
     async def _update_pod(self, pod: PodRow, **values: object) -> None:
-        """Only the replica the row still names: a customer's stop or delete since this pass
-        loaded it is not undone."""
-        async with transaction(self.sessions) as session:
-            await session.execute(
-                sa.update(Pod)
-                .where(
-                    Pod.id == pod.id,
-                    Pod.replica_id == pod.replica_id,
-                    Pod.state.in_(ACTIVE_POD_STATES),
-                )
-                .values(**values)
-            )
+        await update_live_pod(self.sessions, pod, **values)
 
     async def oldest_queued_job_s(self) -> float:
         """Age in seconds of the oldest async job still queued, 0 when none. By the database's
@@ -390,6 +379,23 @@ def _with_live_settings(spec: dict[str, object], function: Function) -> dict[str
         timeout_s=function.timeout_s,
     )
     return {**spec, "resources": resources}
+
+
+async def update_live_pod(
+    sessions: async_sessionmaker[AsyncSession], pod: PodRow, **values: object
+) -> None:
+    """Change the pod's row only while it still names the replica `pod` was loaded with and is
+    active: a customer's stop or delete since the pass loaded it is not undone."""
+    async with transaction(sessions) as session:
+        await session.execute(
+            sa.update(Pod)
+            .where(
+                Pod.id == pod.id,
+                Pod.replica_id == pod.replica_id,
+                Pod.state.in_(ACTIVE_POD_STATES),
+            )
+            .values(**values)
+        )
 
 
 def _function_of(pod: Pod) -> uuid.UUID:
